@@ -1,0 +1,173 @@
+"""``qctfea``: one command per pipeline step, so every step runs by hand too.
+
+Examples::
+
+    qctfea synth --out data/P01/M00 --patient P01 --timepoint M00 --months 0
+    qctfea ingest data/P01/M00/dicom --out-image ct.nii.gz --out-json scan.json
+    qctfea calibrate ct.nii.gz --labels labels.nii.gz --out-density density.nii.gz ...
+    mpiexec -n 2 qctfea solve compression --mesh mesh.xdmf --materials materials.npz ...
+
+Step parameters are given with ``--params`` as a JSON object or ``@file.yaml``
+(the same keys as the corresponding section of a cohort config, see
+``config/README.md``); unknown keys are refused. Errors a user can act on
+are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qctfea.provenance import QctfeaError
+
+
+def _params(text: str | None) -> dict:
+    if not text:
+        return {}
+    if text.startswith("@"):
+        import yaml
+
+        return yaml.safe_load(Path(text[1:]).read_text()) or {}
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise QctfeaError(f"--params is not valid JSON: {exc}") from exc
+
+
+def _ctx(a) -> str:
+    return f"patient {a.patient}, timepoint {a.timepoint}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qctfea", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="step", required=True)
+
+    def add(name, help_):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--patient", default="?", help="pseudonymous patient id (for messages)")
+        s.add_argument("--timepoint", default="?", help="timepoint id (for messages)")
+        s.add_argument("--params", help="step parameters: JSON object or @file.yaml")
+        return s
+
+    s = add("synth", "write one synthetic demo scan (DICOM series + side files)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--months", type=float, required=True)
+    s.add_argument("--seed", type=int, default=2021)
+
+    s = add("ingest", "DICOM series (or NIfTI/NRRD/MHA) -> ct.nii.gz (HU) + scan.json")
+    s.add_argument("source")
+    s.add_argument("--out-image", required=True)
+    s.add_argument("--out-json", required=True)
+    s.add_argument("--series-uid")
+
+    s = add("calibrate", "HU -> K2HPO4 density (mg/cm³) by phantom or fixed calibration")
+    s.add_argument("ct")
+    s.add_argument("--labels", required=True)
+    s.add_argument("--label", type=int, default=23)
+    s.add_argument("--out-density", required=True)
+    s.add_argument("--out-json", required=True)
+    s.add_argument("--out-png", required=True)
+
+    s = add("mask", "label map -> vertebra parts (body, posterior, trabecular ROI)")
+    s.add_argument("ct")
+    s.add_argument("--labels", required=True)
+    s.add_argument("--out-parts", required=True)
+    s.add_argument("--out-json", required=True)
+
+    s = add("screws", "screw trajectories from landmarks, with breach check")
+    s.add_argument("--landmarks", required=True)
+    s.add_argument("--parts", required=True)
+    s.add_argument("--out-json", required=True)
+
+    s = add("bmd", "trabecular, integral, around-screw vBMD and areal BMD")
+    s.add_argument("--density", required=True)
+    s.add_argument("--parts", required=True)
+    s.add_argument("--screws", required=True)
+    s.add_argument("--out-json", required=True)
+
+    s = add("mesh", "bone + screws -> tetrahedral mesh (CGAL) with cell tags")
+    s.add_argument("--parts", required=True)
+    s.add_argument("--screws", required=True)
+    s.add_argument("--out-mesh", required=True)
+    s.add_argument("--out-json", required=True)
+
+    s = add("materials", "density -> element Young's moduli (volume-integrated)")
+    s.add_argument("--mesh", required=True)
+    s.add_argument("--density", required=True)
+    s.add_argument("--screws", required=True)
+    s.add_argument("--out-npz", required=True)
+    s.add_argument("--out-json", required=True)
+
+    s = add("solve", "linear FE load case (run under mpiexec -n N)")
+    s.add_argument("case", choices=["compression", "pullout"])
+    s.add_argument("--side", choices=["left", "right"])
+    s.add_argument("--mesh", required=True)
+    s.add_argument("--materials", required=True)
+    s.add_argument("--vertebra", required=True, help="vertebra.json from the mask step")
+    s.add_argument("--screws", required=True)
+    s.add_argument("--out-json", required=True)
+    s.add_argument("--solver-params", help="PETSc options: JSON object or @file.yaml")
+
+    s = sub.add_parser("aggregate", help="per-scan JSONs -> longitudinal table (CSV)")
+    s.add_argument("--samples", required=True, help="sample sheet (TSV)")
+    s.add_argument("--results", required=True, help="results/<cohort> folder")
+    s.add_argument("--out-csv", required=True)
+
+    s = sub.add_parser("stats", help="longitudinal table -> changes, correlations, figures")
+    s.add_argument("long_csv")
+    s.add_argument("--out-dir", required=True)
+    return p
+
+
+def run(a) -> None:
+    from qctfea import steps
+
+    prm = _params(getattr(a, "params", None))
+    if a.step == "synth":
+        steps.synth_scan(a.out, a.patient, a.timepoint, a.months, a.seed, prm)
+    elif a.step == "ingest":
+        steps.ingest(a.source, a.out_image, a.out_json, _ctx(a), a.series_uid)
+    elif a.step == "calibrate":
+        steps.calibrate(a.ct, a.labels, a.out_density, a.out_json, a.out_png, prm, _ctx(a),
+                        a.label)
+    elif a.step == "mask":
+        steps.mask(a.ct, a.labels, a.out_parts, a.out_json, prm, _ctx(a))
+    elif a.step == "screws":
+        steps.plan_screws(a.landmarks, a.parts, a.out_json, prm, _ctx(a))
+    elif a.step == "bmd":
+        steps.bmd(a.density, a.parts, a.screws, a.out_json, prm, _ctx(a))
+    elif a.step == "mesh":
+        steps.mesh(a.parts, a.screws, a.out_mesh, a.out_json, prm, _ctx(a))
+    elif a.step == "materials":
+        steps.materials(a.mesh, a.density, a.screws, a.out_npz, a.out_json, prm, _ctx(a))
+    elif a.step == "solve":
+        if a.case == "pullout" and not a.side:
+            raise QctfeaError("solve pullout needs --side left or --side right")
+        steps.solve(a.case, a.mesh, a.materials, a.vertebra, a.screws, a.out_json, prm,
+                    _params(a.solver_params), _ctx(a), a.side)
+    elif a.step == "aggregate":
+        from qctfea import cohort, samples
+
+        rows = [{**r, "dxa": samples.dxa_value(r["dxa"])}
+                for r in samples.read_sample_sheet(a.samples).to_dict("records")]
+        cohort.aggregate(rows, a.results, a.out_csv)
+    elif a.step == "stats":
+        from qctfea import cohort
+
+        cohort.statistics(a.long_csv, a.out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except QctfeaError as exc:
+        print(f"qctfea {args.step}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Provenance and safe output writing shared by every step.
+
+Every JSON a step writes carries what produced it (library versions, the
+parameters, checksums of the inputs) and is written to a temporary name and
+renamed when complete, so that a killed job never leaves a file that looks
+finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qctfea import __version__
+
+
+class QctfeaError(RuntimeError):
+    """An error a user can act on: it names the input and what to change."""
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, or of every file (sorted) under a directory."""
+    h = hashlib.sha256()
+    p = Path(path)
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose numbers matter for reproducibility."""
+    out = {"qctfea": __version__, "python": platform.python_version()}
+    for name in ("numpy", "scipy", "pandas", "pydicom", "SimpleITK", "meshio", "pygalmesh"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = str(getattr(mod, "__version__", getattr(mod, "Version", "?")))
+    if "dolfinx" in sys.modules:
+        out["dolfinx"] = sys.modules["dolfinx"].__version__
+    if "petsc4py" in sys.modules:
+        out["petsc4py"] = sys.modules["petsc4py"].__version__
+    return out
+
+
+def provenance(step: str, params: Any = None, inputs: dict[str, Any] | None = None) -> dict:
+    """The block every JSON output carries under the key ``provenance``."""
+    return {
+        "step": step,
+        "created_unix": round(time.time(), 3),
+        "versions": library_versions(),
+        "parameters": _jsonable(params) if params is not None else {},
+        "inputs": {
+            k: {"path": str(v), "sha256": file_sha256(v)} for k, v in (inputs or {}).items()
+        },
+    }
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename onto it only on success."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    # Keep the real suffix so writers that choose a format by suffix still work.
+    tmp_named = tmp_path.with_name(tmp_path.name + "".join(target.suffixes))
+    tmp_path.unlink()
+    try:
+        yield tmp_named
+        os.replace(tmp_named, target)
+    finally:
+        if tmp_named.exists():
+            tmp_named.unlink()
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file, with an error naming the file when it is not valid."""
+    p = Path(path)
+    if not p.is_file():
+        raise QctfeaError(f"{p}: file not found")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise QctfeaError(f"{p}: not valid JSON ({exc}); regenerate or fix this file") from exc

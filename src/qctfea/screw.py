@@ -1,0 +1,131 @@
+"""Pedicle screws: trajectories from landmarks, breach check, rasterisation.
+
+A screw is a titanium cylinder (default 6.5 mm x 40 mm, E = 110 GPa,
+nu = 0.3) on the line from the entry landmark towards the target landmark.
+Its inserted part runs from the entry point ``length_mm`` deep into the
+bone; a head of ``head_length_mm`` stays outside the bone, behind the entry
+point, and is where the pullout displacement is applied. Coordinates are the
+scan's physical coordinates (mm).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from qctfea.provenance import QctfeaError
+
+SIDES = ("left", "right")
+
+
+@dataclass
+class ScrewSpec:
+    diameter_mm: float = 6.5
+    length_mm: float = 40.0  #: inserted length, from the entry point
+    head_length_mm: float = 6.0  #: part outside the bone, loaded in pullout
+    youngs_modulus_mpa: float = 110000.0  #: titanium alloy
+    poisson_ratio: float = 0.3
+
+
+@dataclass
+class Screw:
+    side: str
+    entry_mm: np.ndarray
+    axis: np.ndarray  #: unit vector from the entry into the bone
+    spec: ScrewSpec
+
+    @property
+    def tip_mm(self) -> np.ndarray:
+        return self.entry_mm + self.spec.length_mm * self.axis
+
+    @property
+    def head_end_mm(self) -> np.ndarray:
+        return self.entry_mm - self.spec.head_length_mm * self.axis
+
+    def axial_radial(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Depth along the axis (0 at entry, > 0 in bone) and distance from the axis."""
+        rel = np.asarray(pts, float) - self.entry_mm
+        s = rel @ self.axis
+        radial = np.linalg.norm(rel - np.outer(s, self.axis), axis=1)
+        return s, radial
+
+    def contains(self, pts: np.ndarray, pad_mm: float = 0.0) -> np.ndarray:
+        """Points inside the screw (head included), optionally padded radially."""
+        s, rad = self.axial_radial(pts)
+        return (
+            (rad <= self.spec.diameter_mm / 2 + pad_mm)
+            & (s >= -self.spec.head_length_mm)
+            & (s <= self.spec.length_mm)
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "side": self.side,
+            "entry_mm": self.entry_mm.tolist(),
+            "axis": self.axis.tolist(),
+            "tip_mm": self.tip_mm.tolist(),
+            "head_end_mm": self.head_end_mm.tolist(),
+            **asdict(self.spec),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Screw:
+        spec = ScrewSpec(**{k: d[k] for k in asdict(ScrewSpec()) if k in d})
+        return cls(d["side"], np.asarray(d["entry_mm"], float), np.asarray(d["axis"], float), spec)
+
+
+def screws_from_landmarks(landmarks: dict, spec: ScrewSpec, context: str = "") -> list[Screw]:
+    """One screw per side on the entry->target line."""
+    screws = []
+    for side in SIDES:
+        if side not in landmarks:
+            raise QctfeaError(f"{context}: landmarks have no '{side}' entry; give entry_mm and "
+                              "target_mm for both sides")
+        try:
+            e = np.asarray(landmarks[side]["entry_mm"], float)
+            t = np.asarray(landmarks[side]["target_mm"], float)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QctfeaError(f"{context}: landmarks['{side}'] needs entry_mm and target_mm as "
+                              f"3 numbers each ({exc})") from exc
+        if e.shape != (3,) or t.shape != (3,) or np.linalg.norm(t - e) < 1.0:
+            raise QctfeaError(f"{context}: landmarks['{side}']: entry and target must be distinct "
+                              "3-D points (mm)")
+        screws.append(Screw(side, e, (t - e) / np.linalg.norm(t - e), spec))
+    return screws
+
+
+def breach_report(screw: Screw, inside_bone, step_mm: float = 0.25) -> dict:
+    """Length of the inserted screw surface line outside the bone (warning when > 0).
+
+    ``inside_bone(points) -> bool array`` tells whether points (mm) are bone.
+    Eight lines on the screw surface and the axis are sampled along the
+    inserted length.
+    """
+    s = np.arange(0.0, screw.spec.length_mm + 1e-9, step_mm)
+    a = screw.axis
+    u = np.cross(a, [1.0, 0, 0] if abs(a[0]) < 0.9 else [0, 1.0, 0])
+    u /= np.linalg.norm(u)
+    v = np.cross(a, u)
+    worst = 0.0
+    axis_out = 0.0
+    for k, ang in enumerate([None, *np.linspace(0, 2 * np.pi, 8, endpoint=False)]):
+        off = 0 if ang is None else screw.spec.diameter_mm / 2 * (np.cos(ang) * u + np.sin(ang) * v)
+        pts = screw.entry_mm + np.outer(s, a) + off
+        out = ~inside_bone(pts)
+        length = float(out.sum() * step_mm)
+        if k == 0:
+            axis_out = length
+        worst = max(worst, length)
+    return {"axis_outside_bone_mm": axis_out, "max_surface_outside_bone_mm": worst}
+
+
+def warn_breach(screw: Screw, report: dict, context: str, tolerance_mm: float = 1.0) -> None:
+    if report["max_surface_outside_bone_mm"] > tolerance_mm:
+        warnings.warn(
+            f"{context}: {screw.side} screw breaches the cortex: "
+            f"{report['max_surface_outside_bone_mm']:.1f} mm of its surface lies outside bone "
+            f"(axis {report['axis_outside_bone_mm']:.1f} mm); check the landmarks",
+            stacklevel=2,
+        )

@@ -1,0 +1,315 @@
+"""One function per pipeline step, on paths: what the CLI and the workflow call.
+
+Each step reads its inputs, calls the science modules, and writes its outputs
+atomically with a JSON record of what it did (parameters, versions, input
+checksums, seconds). Parameters come from the cohort config's sections (see
+``config/README.md``); :func:`params_from` turns a section into the step's
+dataclass and refuses unknown keys.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from qctfea.provenance import QctfeaError, atomic_path, provenance, read_json, write_json
+
+
+def params_from(cls, section: dict | None, where: str = ""):
+    """Dataclass ``cls`` from a config section; unknown keys are an error naming them."""
+    section = dict(section or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise QctfeaError(f"config section '{where}': unknown key(s) {unknown}; "
+                          f"allowed: {sorted(known)}")
+    for f in fields(cls):
+        if f.name in section and isinstance(section[f.name], list):
+            section[f.name] = type(getattr(cls(), f.name))(section[f.name])
+    return cls(**section)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _write_image(img: sitk.Image, path) -> None:
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(img, str(tmp), True)
+
+
+def _like(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(ref)
+    return img
+
+
+# --- synth --------------------------------------------------------------------------------
+
+
+def synth_scan(out_dir, patient: str, timepoint: str, months: float, seed: int,
+               synth_cfg: dict | None = None) -> None:
+    from qctfea.synth import SynthParams, generate_scan
+
+    p = params_from(SynthParams, synth_cfg, "demo.synth")
+    t0 = time.perf_counter()
+    generate_scan(out_dir, patient, timepoint, months, seed=seed, params=p)
+    _log(f"[synth] {patient} {timepoint}: wrote {out_dir} in {time.perf_counter() - t0:.1f} s")
+
+
+# --- ingest -------------------------------------------------------------------------------
+
+
+def ingest(source, out_image, out_json, context: str, series_uid: str | None = None) -> None:
+    from qctfea import dicomio
+
+    dicomio.ingest(source, out_image, out_json, context=context, series_uid=series_uid)
+
+
+# --- calibrate ----------------------------------------------------------------------------
+
+
+def calibrate(ct_path, labels_path, out_density, out_json, out_png, cfg: dict,
+              context: str, label: int) -> None:
+    """HU image -> density image (mg/cm³), by phantom or fixed calibration."""
+    from qctfea import calibration as cal_mod
+    from qctfea.masks import resample_labels_to
+
+    t0 = time.perf_counter()
+    ct = sitk.ReadImage(str(ct_path), sitk.sitkFloat32)
+    hu = sitk.GetArrayFromImage(ct)
+    cfg = dict(cfg or {})
+    method = cfg.pop("method", "phantom")
+    if method == "phantom":
+        labels = resample_labels_to(sitk.ReadImage(str(labels_path)), ct, context)
+        patient_mask = sitk.GetArrayFromImage(labels) == label
+        spec = params_from(cal_mod.PhantomSpec, cfg.get("phantom"), "calibration.phantom")
+        cal = cal_mod.phantom_calibration(hu, ct.GetSpacing(), patient_mask, spec, context)
+    elif method == "fixed":
+        if "slope" not in cfg or "intercept" not in cfg:
+            raise QctfeaError(f"{context}: calibration method 'fixed' needs calibration.slope "
+                              "and calibration.intercept in the cohort config")
+        cal = cal_mod.fixed_calibration(cfg["slope"], cfg["intercept"])
+    else:
+        raise QctfeaError(f"{context}: calibration.method must be 'phantom' or 'fixed', "
+                          f"not {method!r}")
+    _write_image(_like(cal.apply(hu), ct), out_density)
+    with atomic_path(out_png) as tmp:
+        cal_mod.plot_calibration(cal, tmp, title=f"{context}: {cal.method} calibration")
+    write_json(out_json, {
+        **asdict(cal),
+        "model": "density_mg_cm3 = intercept + slope * HU",
+        "seconds": time.perf_counter() - t0,
+        "provenance": provenance("calibrate", {"method": method, **cfg},
+                                 {"ct": ct_path}),
+    })
+    _log(f"[calibrate] {context}: slope {cal.slope:.4f}, intercept {cal.intercept:.2f}, "
+         f"R² {cal.r2:.5f} ({cal.method})")
+
+
+# --- mask ---------------------------------------------------------------------------------
+
+
+def mask(ct_path, labels_path, out_parts, out_json, cfg: dict, context: str) -> None:
+    """Vertebra parts label image (1 body, 2 posterior) and its QC record."""
+    from qctfea import masks
+
+    p = params_from(masks.MaskParams, cfg, "mask")
+    ct = sitk.ReadImage(str(ct_path), sitk.sitkFloat32)
+    labels = masks.resample_labels_to(sitk.ReadImage(str(labels_path)), ct, context)
+    lab = sitk.GetArrayFromImage(labels)
+    parts = masks.vertebra_parts(lab, ct.GetSpacing(), p, context)
+    out = np.zeros(lab.shape, np.uint8)
+    out[parts["body"]] = masks.BODY
+    out[parts["posterior"]] = masks.POSTERIOR
+    out[parts["trabecular"]] = masks.TRABECULAR
+    _write_image(_like(out, ct), out_parts)
+    vox_mm3 = float(np.prod(ct.GetSpacing()))
+    from scipy import ndimage
+
+    write_json(out_json, {
+        "label": p.label,
+        "vertebra_volume_cm3": float(parts["vertebra"].sum() * vox_mm3 / 1000),
+        "body_volume_cm3": float(parts["body"].sum() * vox_mm3 / 1000),
+        "trabecular_roi_volume_cm3": float(parts["trabecular"].sum() * vox_mm3 / 1000),
+        "components_in_label": int(ndimage.label(lab == p.label)[1]),
+        "contact_with_other_labels_voxels": masks.contact_with_neighbours(
+            lab, parts["vertebra"], p.label),
+        **masks.body_axis(ct, parts["body"]),
+        "provenance": provenance("mask", p, {"labels": labels_path}),
+    })
+    _log(f"[mask] {context}: vertebra {parts['vertebra'].sum() * vox_mm3 / 1000:.1f} cm³, "
+         f"body {parts['body'].sum() * vox_mm3 / 1000:.1f} cm³")
+
+
+# --- screws -------------------------------------------------------------------------------
+
+
+def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str) -> None:
+    from qctfea import screw as screw_mod
+    from qctfea.masks import voxel_centres_mm  # noqa: F401  (same coordinate convention)
+
+    spec = params_from(screw_mod.ScrewSpec, cfg, "screw")
+    lm = read_json(landmarks_path)
+    screws = screw_mod.screws_from_landmarks(lm, spec, f"{context} ({landmarks_path})")
+    parts = sitk.ReadImage(str(parts_path))
+    arr = sitk.GetArrayFromImage(parts) > 0
+
+    def inside(pts):
+        idx = np.array([parts.TransformPhysicalPointToIndex(p.tolist()) for p in pts])
+        ok = np.all((idx >= 0) & (idx < np.array(parts.GetSize())), axis=1)
+        res = np.zeros(len(pts), bool)
+        res[ok] = arr[idx[ok, 2], idx[ok, 1], idx[ok, 0]]
+        return res
+
+    out = []
+    for sc in screws:
+        rep = screw_mod.breach_report(sc, inside)
+        screw_mod.warn_breach(sc, rep, context)
+        out.append({**sc.to_dict(), "breach": rep})
+    write_json(out_json, {"screws": out,
+                          "provenance": provenance("screws", spec, {"landmarks": landmarks_path})})
+    _log(f"[screws] {context}: " + ", ".join(
+        f"{s['side']} breach {s['breach']['max_surface_outside_bone_mm']:.1f} mm" for s in out))
+
+
+def load_screws(path) -> list:
+    from qctfea.screw import Screw
+
+    return [Screw.from_dict(d) for d in read_json(path)["screws"]]
+
+
+# --- bmd ----------------------------------------------------------------------------------
+
+
+def bmd(density_path, parts_path, screws_path, out_json, cfg: dict, context: str) -> None:
+    from qctfea import bmd as bmd_mod
+    from qctfea import masks
+
+    p = params_from(bmd_mod.BmdParams, cfg, "bmd")
+    dens = sitk.ReadImage(str(density_path), sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(dens)
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(parts_path)))
+    parts = {"vertebra": lab > 0, "body": np.isin(lab, (masks.BODY, masks.TRABECULAR)),
+             "trabecular": lab == masks.TRABECULAR}
+    res = bmd_mod.measure_bmd(arr, dens, parts, load_screws(screws_path), p)
+    write_json(out_json, {**res, "provenance": provenance(
+        "bmd", p, {"density": density_path, "parts": parts_path})})
+    _log(f"[bmd] {context}: trabecular {res['trabecular_vbmd_mg_cm3']:.1f} mg/cm³, around screw "
+         + ", ".join(f"{k} {v:.1f}" for k, v in res["around_screw_vbmd_mg_cm3"].items())
+         + f", aBMD {res['areal_bmd_g_cm2']:.3f} g/cm²")
+
+
+# --- mesh ---------------------------------------------------------------------------------
+
+
+def mesh(parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str) -> None:
+    from qctfea import meshing
+
+    p = params_from(meshing.MeshParams, cfg, "mesh")
+    parts = sitk.ReadImage(str(parts_path))
+    pts, cells, tags, rep = meshing.generate_mesh(parts, load_screws(screws_path), p)
+    meshing.write_mesh(out_mesh, pts, cells, tags)
+    write_json(out_json, {**rep, "provenance": provenance("mesh", p, {"parts": parts_path})})
+    _log(f"[mesh] {context}: done")
+
+
+# --- materials ----------------------------------------------------------------------------
+
+
+def materials(mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict,
+              context: str) -> None:
+    from qctfea import materials as mat
+    from qctfea import meshing
+
+    p = params_from(mat.MaterialParams, cfg, "materials")
+    t0 = time.perf_counter()
+    pts, cells, tags = meshing.read_mesh(mesh_path)
+    dens = sitk.ReadImage(str(density_path), sitk.sitkFloat32)
+    e_img = mat.modulus_mpa(sitk.GetArrayFromImage(dens), p).astype(np.float32)
+    E = mat.element_moduli(pts, cells, e_img, dens, p.sampling, p.subdivision_levels)
+    nu = np.full(len(cells), p.poisson_bone)
+    screws = {s.side: s for s in load_screws(screws_path)}
+    for side, tag in meshing.TAG_SCREW.items():
+        sel = tags == tag
+        if side in screws:
+            E[sel] = screws[side].spec.youngs_modulus_mpa
+            nu[sel] = screws[side].spec.poisson_ratio
+    centroids = pts[cells].mean(axis=1)
+    with atomic_path(out_npz) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, youngs_mpa=E, poisson=nu, tags=tags, centroids_mm=centroids)
+    bone = np.isin(tags, meshing.BONE_TAGS)
+    write_json(out_json, {
+        "law": p.law,
+        "source": mat.LAWS[p.law][3],
+        "bone_cells": int(bone.sum()),
+        "bone_modulus_mpa": {
+            "min": float(E[bone].min()), "median": float(np.median(E[bone])),
+            "max": float(E[bone].max()),
+            "at_floor": int((E[bone] <= p.e_floor_mpa * (1 + 1e-9)).sum()),
+        },
+        "seconds": time.perf_counter() - t0,
+        "provenance": provenance("materials", p, {"mesh": mesh_path, "density": density_path}),
+    })
+    _log(f"[materials] {context}: bone E median {np.median(E[bone]):.0f} MPa "
+         f"({p.law}, {p.sampling})")
+
+
+# --- solve (MPI) --------------------------------------------------------------------------
+
+
+def solve(case: str, mesh_path, materials_path, mask_json, screws_path, out_json,
+          loads_cfg: dict, solver_cfg: dict, context: str, side: str | None = None) -> dict:
+    """Run one load case; call under ``mpiexec -n N``: every rank runs this."""
+    from mpi4py import MPI
+
+    from qctfea.fea import elasticity, loadcases
+
+    comm = MPI.COMM_WORLD
+    t0 = time.perf_counter()
+    lp = params_from(loadcases.LoadParams, loads_cfg, "loads")
+    mesh, tags = elasticity.read_mesh(mesh_path, comm)
+    npz = np.load(materials_path)
+    model = elasticity.ElasticModel(mesh, npz["youngs_mpa"], npz["poisson"])
+    axis_info = read_json(mask_json)
+    opts = dict(solver_cfg or {})
+    if case == "compression":
+        res = loadcases.solve_compression(model, tags, npz["tags"], axis_info, lp, opts)
+    elif case == "pullout":
+        screws = {s.side: s for s in load_screws(screws_path)}
+        if side not in screws:
+            raise QctfeaError(f"{context}: no {side!r} screw in {screws_path}")
+        res = loadcases.solve_pullout(model, tags, npz["tags"], npz["centroids_mm"], axis_info,
+                                      screws[side], lp, opts)
+    else:
+        raise QctfeaError(f"unknown load case {case!r}; use compression or pullout")
+    res["seconds"]["total"] = time.perf_counter() - t0
+    res["solver_options"] = {**elasticity.DEFAULT_PETSC_OPTIONS, **opts}
+    if comm.rank == 0:
+        write_json(out_json, {**res, "provenance": provenance(
+            f"solve_{case}", lp, {"mesh": mesh_path, "materials": materials_path})})
+        _log(f"[solve] {context} {case}{' ' + side if side else ''}: "
+             f"stiffness {res['stiffness_n_per_mm']:.0f} N/mm, strength {res['strength_n']:.0f} N, "
+             f"{res['ksp_iterations']} CG iterations, {res['n_dofs']} dofs, {comm.size} rank(s)")
+    comm.barrier()
+    return res
+
+
+def context_of(patient: str, timepoint: str) -> str:
+    return f"patient {patient}, timepoint {timepoint}"
+
+
+def _capture_warnings() -> None:
+    warnings.simplefilter("default")
+
+
+def config_section(config: dict[str, Any], name: str) -> dict:
+    return dict(config.get(name) or {})

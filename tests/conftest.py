@@ -1,0 +1,60 @@
+"""Shared fixtures: one small synthetic scan processed once per session."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "real"
+
+
+def venv_bin(name: str) -> str:
+    """An executable of the running interpreter's environment (mpiexec, snakemake, qctfea)."""
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else (shutil.which(name) or name)
+
+
+@pytest.fixture(scope="session")
+def demo_scan(tmp_path_factory):
+    """Synthetic scan P01/M12 run through ingest -> calibrate -> mask -> screws -> bmd."""
+    from qctfea import steps
+
+    root = tmp_path_factory.mktemp("scan")
+    src = root / "P01" / "M12"
+    truth = __import__("qctfea.synth", fromlist=["generate_scan"]).generate_scan(
+        src, "P01", "M12", 12.0, seed=7)
+    r = root / "results"
+    ctx = "patient P01, timepoint M12"
+    steps.ingest(src / "dicom", r / "ct.nii.gz", r / "scan.json", ctx)
+    steps.calibrate(r / "ct.nii.gz", src / "labels.nii.gz", r / "density.nii.gz",
+                    r / "calibration.json", r / "calibration.png", {}, ctx, 23)
+    steps.mask(r / "ct.nii.gz", src / "labels.nii.gz", r / "vertebra.nii.gz",
+               r / "vertebra.json", {}, ctx)
+    steps.plan_screws(src / "landmarks.json", r / "vertebra.nii.gz", r / "screws.json", {}, ctx)
+    steps.bmd(r / "density.nii.gz", r / "vertebra.nii.gz", r / "screws.json", r / "bmd.json",
+              {}, ctx)
+    return {"src": src, "results": r, "truth": truth, "context": ctx}
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_scan):
+    """Coarse mesh + materials of the demo scan."""
+    from qctfea import steps
+
+    r = demo_scan["results"]
+    ctx = demo_scan["context"]
+    steps.mesh(r / "vertebra.nii.gz", r / "screws.json", r / "mesh.xdmf", r / "mesh.json",
+               {"voxel_mm": 0.6, "bone_cell_size_mm": 3.5, "screw_cell_size_mm": 2.0}, ctx)
+    steps.materials(r / "mesh.xdmf", r / "density.nii.gz", r / "screws.json",
+                    r / "materials.npz", r / "materials.json", {}, ctx)
+    return demo_scan
+
+
+def run(cmd, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, **kw)

@@ -1,0 +1,353 @@
+"""Tests of qctfea.cohort: every statistic against an independent computation."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from qctfea import cohort
+from qctfea.provenance import QctfeaError
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _fake_scan(trab: float, screw_l: float, screw_r: float, f_l: float, f_r: float) -> dict:
+    """Per-scan JSON contents as the pipeline writes them."""
+    prov = {"step": "fake"}
+    comp = {"stiffness_n_per_mm": 20 * trab, "strength_n": 40 * trab, "n_dofs": 3000,
+            "ksp_iterations": 50, "mpi_ranks": 1, "n_cells": 1000, "provenance": prov}
+    return {
+        "bmd.json": {"trabecular_vbmd_mg_cm3": trab, "integral_vbmd_mg_cm3": 1.5 * trab,
+                     "areal_bmd_g_cm2": trab / 100.0,
+                     "around_screw_vbmd_mg_cm3": {"left": screw_l, "right": screw_r},
+                     "provenance": prov},
+        "compression.json": comp,
+        "pullout_left.json": {"stiffness_n_per_mm": 10 * f_l / 100, "strength_n": f_l,
+                              "n_dofs": 2000, "ksp_iterations": 31, "provenance": prov},
+        "pullout_right.json": {"stiffness_n_per_mm": 10 * f_r / 100, "strength_n": f_r,
+                               "n_dofs": 2000, "ksp_iterations": 33, "provenance": prov},
+        "mesh.json": {"n_cells": 1000, "n_vertices": 300, "min_dihedral_deg": 12.0},
+        "calibration.json": {"slope": 0.8, "intercept": -1.0, "r2": 0.999},
+    }
+
+
+def _write_scan(root: Path, patient: str, timepoint: str, files: dict) -> None:
+    d = root / patient / timepoint
+    d.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (d / name).write_text(json.dumps(content))
+
+
+def _row(patient: str, timepoint: str, months: float, **metrics: float) -> dict:
+    return {"patient": patient, "timepoint": timepoint, "months": months, **metrics}
+
+
+# --------------------------------------------------------------------------- scan_row / table
+
+
+def test_scan_row_flattens_and_averages_sides() -> None:
+    f = _fake_scan(150.0, 200.0, 220.0, 900.0, 1100.0)
+    row = cohort.scan_row(
+        "P01", "M12", 12, f["bmd.json"], f["compression.json"],
+        {"left": f["pullout_left.json"], "right": f["pullout_right.json"]},
+        f["mesh.json"], f["calibration.json"], None,
+    )
+    assert list(row) == cohort.COLUMNS
+    assert row["around_screw_vbmd_mg_cm3"] == pytest.approx(210.0)
+    assert row["pullout_strength_n"] == pytest.approx(1000.0)
+    assert row["pullout_stiffness_n_per_mm"] == pytest.approx(100.0)
+    assert math.isnan(row["dxa_areal_bmd_g_cm2"])
+    assert row["areal_bmd_g_cm2"] == pytest.approx(1.5)  # CT value when no DXA
+    assert row["compression_strength_n"] == pytest.approx(6000.0)
+    assert row["pullout_iterations_left"] == 31 and row["pullout_iterations_right"] == 33
+    assert row["mesh_cells"] == 1000 and row["n_dofs"] == 3000
+    with_dxa = cohort.scan_row(
+        "P01", "M12", 12, f["bmd.json"], f["compression.json"],
+        {"left": f["pullout_left.json"], "right": f["pullout_right.json"]},
+        f["mesh.json"], f["calibration.json"], 0.9,
+    )
+    assert with_dxa["areal_bmd_g_cm2"] == 0.9 and with_dxa["ct_areal_bmd_g_cm2"] == 1.5
+
+
+def test_scan_row_missing_key_names_file() -> None:
+    f = _fake_scan(150.0, 200.0, 220.0, 900.0, 1100.0)
+    del f["pullout_right.json"]["strength_n"]
+    with pytest.raises(QctfeaError, match=r"pullout_right\.json.*strength_n"):
+        cohort.scan_row(
+            "P01", "M12", 12, f["bmd.json"], f["compression.json"],
+            {"left": f["pullout_left.json"], "right": f["pullout_right.json"]},
+            f["mesh.json"], f["calibration.json"], None,
+        )
+
+
+def test_longitudinal_table_sorts_and_rejects_duplicates() -> None:
+    rows = [_row("B", "M12", 12, x=1.0), _row("A", "M24", 24, x=2.0),
+            _row("A", "M00", 0, x=3.0), _row("B", "M00", 0, x=4.0)]
+    df = cohort.longitudinal_table(rows)
+    assert list(zip(df["patient"], df["timepoint"], strict=True)) == [
+        ("A", "M00"), ("A", "M24"), ("B", "M00"), ("B", "M12")]
+    with pytest.raises(QctfeaError, match=r"B M12 \(2 rows\)"):
+        cohort.longitudinal_table([*rows, _row("B", "M12", 12.1, x=5.0)])
+
+
+# --------------------------------------------------------------------------- change
+
+
+def test_change_from_baseline_hand_numbers() -> None:
+    df = cohort.longitudinal_table([
+        _row("A", "M00", 0, v=200.0), _row("A", "M12", 12, v=180.0),
+        _row("A", "M24", 24, v=150.0),
+        _row("B", "M12", 12, v=50.0), _row("B", "M24", 24, v=55.0),  # baseline is M12
+        _row("C", "M00", 0, v=0.0), _row("C", "M12", 12, v=10.0),
+    ])
+    out = cohort.change_from_baseline(df, ["v"]).set_index(["patient", "timepoint"])
+    assert out.loc[("A", "M00"), "change_pct"] == 0.0
+    assert out.loc[("A", "M12"), "change_abs"] == pytest.approx(-20.0)
+    assert out.loc[("A", "M12"), "change_pct"] == pytest.approx(-10.0)
+    assert out.loc[("A", "M24"), "change_pct"] == pytest.approx(-25.0)
+    assert out.loc[("B", "M24"), "baseline_value"] == 50.0
+    assert out.loc[("B", "M24"), "change_pct"] == pytest.approx(10.0)
+    assert out.loc[("C", "M12"), "change_abs"] == 10.0
+    assert math.isnan(out.loc[("C", "M12"), "change_pct"])  # zero baseline
+    assert list(cohort.change_from_baseline(df, ["v"]).columns) == cohort.CHANGE_COLUMNS
+
+
+def _exact_wilcoxon_two_sided(d: np.ndarray) -> float:
+    """Exact two-sided signed-rank p by enumerating all 2^n sign assignments."""
+    ranks = stats.rankdata(np.abs(d))
+    w_obs = ranks[d > 0].sum()
+    w_all = np.array([sum(r for r, s in zip(ranks, signs, strict=True) if s)
+                      for signs in itertools.product([0, 1], repeat=len(d))])
+    p_low = np.mean(w_all <= w_obs + 1e-12)
+    p_high = np.mean(w_all >= w_obs - 1e-12)
+    return min(1.0, 2.0 * min(p_low, p_high))
+
+
+def test_paired_tests_against_hand_formulas_and_nan_handling() -> None:
+    base = {"P1": 100.0, "P2": 120.0, "P3": 90.0, "P4": 110.0, "P5": 105.0, "P6": 95.0}
+    follow = {"P1": 104.0, "P2": 121.5, "P3": 97.0, "P4": 108.0, "P5": 115.0, "P6": np.nan}
+    rows = [_row(p, "M00", 0, v=b) for p, b in base.items()]
+    rows += [_row(p, "M24", 24, v=f) for p, f in follow.items() if p != "P5"]
+    rows.append(_row("P5", "M24", 23.5, v=follow["P5"]))
+    rows.append(_row("P7", "M24", 24, v=130.0))  # no baseline: excluded
+    df = cohort.longitudinal_table(rows)
+    res = cohort.paired_change_tests(df, ["v"])
+    assert list(res.columns) == cohort.PAIRED_COLUMNS
+    assert len(res) == 1
+    r = res.iloc[0]
+    assert r["timepoint"] == "M24" and r["months"] == 24.0
+    # Pairs: P1..P5 (P6 NaN at follow-up, P7 lacks the baseline).
+    b = np.array([100.0, 120.0, 90.0, 110.0, 105.0])
+    f = np.array([104.0, 121.5, 97.0, 108.0, 115.0])
+    d = f - b
+    n = 5
+    assert r["n_pairs"] == n
+    assert r["mean_baseline"] == pytest.approx(b.sum() / n)
+    assert r["mean_followup"] == pytest.approx(f.sum() / n)
+    assert r["mean_change"] == pytest.approx(d.sum() / n)
+    assert r["mean_change_pct"] == pytest.approx(sum(100 * d / b) / n)
+    sd = math.sqrt(sum((d - d.mean()) ** 2) / (n - 1))
+    assert r["sd_change"] == pytest.approx(sd)
+    t_hand = d.mean() / (sd / math.sqrt(n))
+    assert r["t"] == pytest.approx(t_hand)
+    assert r["p_ttest"] == pytest.approx(2 * stats.t.sf(abs(t_hand), n - 1))
+    # d = [4, 1.5, 7, -2, 10]: distinct |d|, no zeros -> exact distribution.
+    assert r["p_wilcoxon"] == pytest.approx(_exact_wilcoxon_two_sided(d))
+    # By hand: ranks of |d| are 3,1,4,2,5, W- = 2; subsets of {1..5} with sum <= 2: {}, {1}, {2}.
+    assert r["p_wilcoxon"] == pytest.approx(2 * 3 / 32)
+
+
+def test_wilcoxon_exact_hand_value() -> None:
+    # d = [1, 2, 3, 4, 5, -6]: W- = 6; P(W- <= 6) over 64 sign patterns = 14/64.
+    d = np.array([1.0, 2.0, 3.0, 4.0, 5.0, -6.0])
+    assert _exact_wilcoxon_two_sided(d) == pytest.approx(2 * 14 / 64)
+    rows = [_row(f"P{i}", "M00", 0, v=10.0) for i in range(6)]
+    rows += [_row(f"P{i}", "M12", 12, v=10.0 + di) for i, di in enumerate(d)]
+    r = cohort.paired_change_tests(cohort.longitudinal_table(rows), ["v"]).iloc[0]
+    assert r["p_wilcoxon"] == pytest.approx(2 * 14 / 64)
+
+
+def test_paired_tests_degenerate_cases() -> None:
+    rows = [_row("A", "M00", 0, v=1.0, w=1.0), _row("A", "M12", 12, v=2.0, w=1.0),
+            _row("B", "M00", 0, v=1.0, w=2.0), _row("B", "M12", 12, v=np.nan, w=2.0)]
+    res = cohort.paired_change_tests(cohort.longitudinal_table(rows), ["v", "w"])
+    v = res[res["metric"] == "v"].iloc[0]
+    assert v["n_pairs"] == 1 and v["mean_change"] == 1.0
+    assert math.isnan(v["t"]) and math.isnan(v["p_wilcoxon"]) and math.isnan(v["sd_change"])
+    w = res[res["metric"] == "w"].iloc[0]  # all differences zero
+    assert w["n_pairs"] == 2 and w["mean_change"] == 0.0
+    assert math.isnan(w["p_wilcoxon"]) and math.isnan(w["t"])
+
+
+# --------------------------------------------------------------------------- correlation
+
+
+def test_pearson_against_hand_formula() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=20)
+    y = 0.6 * x + rng.normal(size=20)
+    x[4] = np.nan
+    y[11] = np.nan
+    res = cohort.pearson_with_ci(x, y)
+    keep = ~(np.isnan(x) | np.isnan(y))
+    xs, ys = x[keep], y[keep]
+    n = len(xs)
+    assert res["n"] == n == 18
+    cov = np.sum((xs - xs.mean()) * (ys - ys.mean())) / (n - 1)
+    r_hand = cov / (np.std(xs, ddof=1) * np.std(ys, ddof=1))
+    assert res["r"] == pytest.approx(r_hand, rel=1e-12)
+    t = r_hand * math.sqrt((n - 2) / (1 - r_hand**2))
+    assert res["p"] == pytest.approx(2 * stats.t.sf(abs(t), n - 2), rel=1e-9)
+    z, se = math.atanh(r_hand), 1 / math.sqrt(n - 3)
+    assert res["ci_low"] == pytest.approx(math.tanh(z - 1.959963984540054 * se))
+    assert res["ci_high"] == pytest.approx(math.tanh(z + 1.959963984540054 * se))
+    # Spearman = Pearson of ranks (no ties here).
+    rx, ry = stats.rankdata(xs), stats.rankdata(ys)
+    rho = np.corrcoef(rx, ry)[0, 1]
+    assert res["rho_spearman"] == pytest.approx(rho)
+    ts = rho * math.sqrt((n - 2) / (1 - rho**2))
+    assert res["p_spearman"] == pytest.approx(2 * stats.t.sf(abs(ts), n - 2), rel=1e-9)
+
+
+def test_fisher_ci_published_example() -> None:
+    # r = 0.5, n = 50 -> 95 % CI (0.2575, 0.6833): by hand, atanh(0.5) = 0.549306,
+    # se = 1/sqrt(47) = 0.145865, 1.959964 * se = 0.285890, tanh(0.263416) = 0.25749,
+    # tanh(0.835196) = 0.68326.
+    z, se = math.atanh(0.5), 1 / math.sqrt(47)
+    assert math.tanh(z - 1.959964 * se) == pytest.approx(0.25749, abs=1e-5)
+    assert math.tanh(z + 1.959964 * se) == pytest.approx(0.68326, abs=1e-5)
+    # Construct data with r exactly 0.5, n = 50: y = 0.5 x + sqrt(0.75) e, x _|_ e.
+    rng = np.random.default_rng(0)
+    a, e = rng.normal(size=(2, 50))
+    x = (a - a.mean()) / a.std()
+    e = e - e.mean()
+    e = e - (e @ x) / (x @ x) * x
+    e /= e.std()
+    y = 0.5 * x + math.sqrt(0.75) * e
+    res = cohort.pearson_with_ci(x, y)
+    assert res["r"] == pytest.approx(0.5, abs=1e-12)
+    assert res["ci_low"] == pytest.approx(0.25749, abs=1e-5)
+    assert res["ci_high"] == pytest.approx(0.68326, abs=1e-5)
+    # 90 % interval uses z_0.95 = 1.644854.
+    res90 = cohort.pearson_with_ci(x, y, alpha=0.10)
+    assert res90["ci_low"] == pytest.approx(math.tanh(z - 1.644854 * se), abs=1e-6)
+
+
+def test_pearson_small_and_constant() -> None:
+    r3 = cohort.pearson_with_ci([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
+    assert r3["n"] == 3 and r3["r"] == pytest.approx(0.5)
+    assert math.isnan(r3["ci_low"]) and math.isnan(r3["ci_high"])
+    r2 = cohort.pearson_with_ci([1.0, 2.0, np.nan], [1.0, 3.0, 2.0])
+    assert r2["n"] == 2 and all(math.isnan(r2[k]) for k in r2 if k != "n")
+    rc = cohort.pearson_with_ci([1.0, 1.0, 1.0, 1.0], [1.0, 3.0, 2.0, 4.0])
+    assert rc["n"] == 4 and all(math.isnan(rc[k]) for k in rc if k != "n")
+
+
+def test_correlation_table_per_timepoint() -> None:
+    rows = []
+    for i in range(6):
+        rows.append(_row(f"P{i}", "M00", 0, out=2.0 * i + (i % 2), a=float(i), b=float(i**2)))
+        rows.append(_row(f"P{i}", "M12", 12, out=float(-i), a=float(i), b=float(i % 3)))
+    df = cohort.longitudinal_table(rows)
+    tab = cohort.correlation_table(df, {"out": ["a", "b"]})
+    assert list(tab.columns) == cohort.CORRELATION_COLUMNS
+    assert list(zip(tab["timepoint"], tab["predictor"], strict=True)) == [
+        ("M00", "a"), ("M00", "b"), ("M12", "a"), ("M12", "b")]
+    m12a = tab[(tab["timepoint"] == "M12") & (tab["predictor"] == "a")].iloc[0]
+    assert m12a["r"] == pytest.approx(-1.0) and m12a["n"] == 6
+    m00 = df[df["timepoint"] == "M00"]
+    expect = np.corrcoef(m00["a"], m00["out"])[0, 1]
+    got = tab[(tab["timepoint"] == "M00") & (tab["predictor"] == "a")].iloc[0]["r"]
+    assert got == pytest.approx(expect)
+    with pytest.raises(QctfeaError, match="nope"):
+        cohort.correlation_table(df, {"out": ["nope"]})
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+def _cohort_dir(root: Path) -> list[dict]:
+    samples = []
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        p = f"P{i:02d}"
+        for tp, months in (("M00", 0.0), ("M12", 12.0), ("M24", 24.0)):
+            trab = 120.0 + 10 * i - months / 4 + rng.normal()
+            screw = 180.0 + 15 * i - months / 3
+            f = 600.0 + 4 * screw + months + rng.normal(scale=5)
+            _write_scan(root, p, tp, _fake_scan(trab, screw - 5, screw + 5, f - 20, f + 20))
+            samples.append({"patient": p, "timepoint": tp, "months": months,
+                            "dxa": 0.9 + 0.01 * i if tp == "M00" else (None if i else np.nan)})
+    return samples
+
+
+def test_aggregate_reads_jsons_and_writes_csv(tmp_path: Path) -> None:
+    res_dir = tmp_path / "results"
+    samples = _cohort_dir(res_dir)
+    out_csv = tmp_path / "tables" / "long.csv"
+    df = cohort.aggregate(samples, res_dir, out_csv)
+    assert out_csv.is_file() and len(df) == 15
+    assert not list(out_csv.parent.glob(".*part*"))
+    back = pd.read_csv(out_csv, dtype={"patient": str, "timepoint": str})
+    assert list(back.columns) == cohort.COLUMNS
+    raw = json.loads((res_dir / "P03" / "M12" / "bmd.json").read_text())
+    pl = json.loads((res_dir / "P03" / "M12" / "pullout_left.json").read_text())
+    pr = json.loads((res_dir / "P03" / "M12" / "pullout_right.json").read_text())
+    row = back[(back["patient"] == "P03") & (back["timepoint"] == "M12")].iloc[0]
+    assert row["trabecular_vbmd_mg_cm3"] == pytest.approx(raw["trabecular_vbmd_mg_cm3"])
+    assert row["pullout_strength_n"] == pytest.approx((pl["strength_n"] + pr["strength_n"]) / 2)
+    assert row["areal_bmd_g_cm2"] == pytest.approx(raw["areal_bmd_g_cm2"])  # no DXA at M12
+    base = back[(back["patient"] == "P03") & (back["timepoint"] == "M00")].iloc[0]
+    assert base["areal_bmd_g_cm2"] == pytest.approx(0.93)  # DXA at M00
+
+
+def test_aggregate_missing_or_bad_file_names_it(tmp_path: Path) -> None:
+    res_dir = tmp_path / "results"
+    samples = _cohort_dir(res_dir)
+    (res_dir / "P02" / "M24" / "pullout_left.json").unlink()
+    with pytest.raises(QctfeaError) as err:
+        cohort.aggregate(samples, res_dir, tmp_path / "long.csv")
+    msg = str(err.value)
+    assert "P02" in msg and "M24" in msg and "pullout_left.json" in msg
+    assert not (tmp_path / "long.csv").exists()
+    (res_dir / "P02" / "M24" / "pullout_left.json").write_text("{}")
+    (res_dir / "P01" / "M12" / "mesh.json").write_text("{not json")
+    with pytest.raises(QctfeaError, match=r"P01.*M12.*mesh\.json"):
+        cohort.aggregate(samples, res_dir, tmp_path / "long.csv")
+
+
+def test_statistics_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    res_dir = tmp_path / "results"
+    samples = _cohort_dir(res_dir)
+    long_csv = tmp_path / "long.csv"
+    df = cohort.aggregate(samples, res_dir, long_csv)
+    out = tmp_path / "stats"
+    summary = cohort.statistics(long_csv, out)
+    for name in ("correlations.csv", "changes.csv", "change_from_baseline.csv",
+                 "summary.json", "pullout_scatter.png"):
+        assert (out / name).is_file(), name
+    assert (out / "pullout_scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "qctfea statistics" in capsys.readouterr().err
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["headlines"] == summary["headlines"]
+    assert summary["n_patients"] == 5 and summary["n_scans"] == 15
+    changes = pd.read_csv(out / "changes.csv")
+    assert set(changes["timepoint"]) == {"M12", "M24"}
+    c = changes[(changes["metric"] == "pullout_strength_n") & (changes["timepoint"] == "M24")]
+    b = df[df["timepoint"] == "M00"].set_index("patient")["pullout_strength_n"]
+    f = df[df["timepoint"] == "M24"].set_index("patient")["pullout_strength_n"]
+    pct = (100 * (f - b) / b).mean()
+    assert c.iloc[0]["mean_change_pct"] == pytest.approx(pct)
+    head = [h for h in summary["headlines"] if h.startswith("pullout_strength_n:")]
+    assert head and f"{pct:+.1f} % at 24 months" in head[0] and "n = 5 pairs" in head[0]
+    assert any("pullout strength vs around-screw vBMD at M24: r = " in h
+               for h in summary["headlines"])
+    corr = pd.read_csv(out / "correlations.csv")
+    assert len(corr) == 3 * 6

@@ -1,0 +1,333 @@
+"""Tests of the ingest step (qctfea.dicomio) on tiny synthetic DICOM series.
+
+Expected values are computed here from the DICOM definitions (pixel position
+= ImagePositionPatient + column * column spacing * row cosine + row * row
+spacing * column cosine; HU = stored * slope + intercept), not from the code
+under test.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from qctfea.dicomio import ScanInfo, ingest, read_dicom_series
+from qctfea.provenance import QctfeaError
+
+CT_SOP = "1.2.840.10008.5.1.4.1.1.2"
+ROWS, COLS, NZ = 4, 5, 6
+ROW_SPACING, COL_SPACING = 0.7, 0.6  # PixelSpacing = [row spacing, column spacing]
+CONTEXT = "patient P01, timepoint M12"
+SECRETS = ["Doe", "SECRET123", "ACC999", "Secret Hospital", "19600101"]
+
+
+@dataclass
+class Series:
+    """What was written, for computing expectations."""
+
+    folder: Path
+    series_uid: str
+    study_uid: str
+    positions: list[np.ndarray] = field(default_factory=list)  # per written slice
+    stored: list[np.ndarray] = field(default_factory=list)  # stored int16 per slice
+    slopes: list[float] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    sop_uids: list[str] = field(default_factory=list)
+
+
+def _stored(k: int, offset: int) -> np.ndarray:
+    """Distinct stored values per voxel: 1000 + 100 k + 3 * (row * COLS + col) + offset."""
+    return (np.arange(ROWS * COLS).reshape(ROWS, COLS) * 3 + 100 * k + 1000 + offset).astype(
+        np.int16
+    )
+
+
+def _write_slice(path: Path, series: Series, position, iop, pixels, instance, slope, desc):
+    meta = FileMetaDataset()
+    sop_uid = generate_uid()
+    meta.MediaStorageSOPClassUID = CT_SOP
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = CT_SOP
+    ds.SOPInstanceUID = sop_uid
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "SECRET123"
+    ds.PatientBirthDate = "19600101"
+    ds.AccessionNumber = "ACC999"
+    ds.InstitutionName = "Secret Hospital"
+    ds.StudyInstanceUID = series.study_uid
+    ds.SeriesInstanceUID = series.series_uid
+    ds.Modality = "CT"
+    ds.Manufacturer = "ACME"
+    ds.KVP = 120
+    ds.ConvolutionKernel = "B30f"
+    ds.SliceThickness = 1.0
+    ds.SeriesDescription = desc
+    ds.InstanceNumber = int(instance)
+    ds.ImagePositionPatient = [float(v) for v in position]
+    ds.ImageOrientationPatient = [float(v) for v in iop]
+    ds.PixelSpacing = [ROW_SPACING, COL_SPACING]
+    ds.Rows, ds.Columns = ROWS, COLS
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleSlope = slope
+    ds.RescaleIntercept = -1024
+    ds.PixelData = pixels.astype("<i2").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    series.sop_uids.append(sop_uid)
+
+
+def write_series(
+    folder: Path,
+    seed: int = 0,
+    *,
+    iop=(1, 0, 0, 0, 1, 0),
+    normal=(0, 0, 1),
+    origin=(-10.0, 20.0, -50.0),
+    step: float = 1.0,
+    skip=(),
+    offset: int = 0,
+    slopes=None,
+    desc: str = "Test CT",
+    strays: bool = True,
+    shear=(0.0, 0.0, 0.0),
+) -> Series:
+    """Write NZ slices at origin + k*step*normal in shuffled order under random names."""
+    rng = np.random.default_rng(seed)
+    series = Series(folder, generate_uid(), generate_uid())
+    ks = [k for k in range(NZ) if k not in skip]
+    instances = rng.permutation(len(ks)) + 1
+    for n, idx in enumerate(rng.permutation(len(ks))):
+        k = ks[idx]
+        pos = np.asarray(origin) + k * step * np.asarray(normal) + k * np.asarray(shear)
+        slope = 1.0 if slopes is None else slopes[k]
+        path = folder / f"{rng.integers(16**8):08x}"
+        _write_slice(path, series, pos, iop, _stored(k, offset), instances[n], slope, desc)
+        series.positions.append(pos)
+        series.stored.append(_stored(k, offset))
+        series.slopes.append(slope)
+        series.files.append(path)
+    if strays:
+        (folder / "notes.txt").write_text("not an image\n")
+        sr = Dataset()
+        sr.PatientName = "Doe^Jane"
+        sr.PatientID = "SECRET123"
+        sr.Modality = "SR"
+        sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR: no pixel data
+        sr.SOPInstanceUID = generate_uid()
+        sr.file_meta = FileMetaDataset()
+        sr.file_meta.MediaStorageSOPClassUID = sr.SOPClassUID
+        sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPInstanceUID
+        sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        (folder / "sub").mkdir(exist_ok=True)
+        sr.save_as(folder / "sub" / "report.dcm", enforce_file_format=True)
+    return series
+
+
+def _sorted_by(series: Series, normal) -> list[int]:
+    return sorted(range(len(series.positions)), key=lambda n: series.positions[n] @ normal)
+
+
+@pytest.fixture
+def series(tmp_path: Path) -> Series:
+    return write_series(tmp_path / "dicom")
+
+
+def test_hu_spacing_origin_and_counts(series: Series) -> None:
+    image, info = read_dicom_series(series.folder, context=CONTEXT)
+    order = _sorted_by(series, np.array([0, 0, 1]))
+    expected = np.stack([series.stored[n].astype(np.float64) - 1024 for n in order])
+    arr = sitk.GetArrayFromImage(image)
+    assert arr.dtype == np.float32
+    assert arr.shape == (NZ, ROWS, COLS)
+    np.testing.assert_array_equal(arr, expected)
+    # a known voxel by hand: slice at z = -50 + 2, row 1, column 3
+    assert arr[2, 1, 3] == 1000 + 100 * 2 + 3 * (1 * COLS + 3) - 1024
+    assert image.GetSize() == (COLS, ROWS, NZ)
+    np.testing.assert_allclose(image.GetSpacing(), (0.6, 0.7, 1.0), rtol=1e-9)
+    np.testing.assert_allclose(image.GetOrigin(), (-10.0, 20.0, -50.0))
+    assert info.size == (COLS, ROWS, NZ) and info.n_slices == NZ
+    assert info.n_files_read == NZ and info.n_files_skipped == 2
+    assert (info.modality, info.manufacturer, info.kvp) == ("CT", "ACME", 120.0)
+    assert info.convolution_kernel == "B30f" and info.slice_thickness_mm == 1.0
+    assert (info.rescale_slope, info.rescale_intercept) == (1.0, -1024.0)
+    assert not info.rescale_varies_per_slice
+    np.testing.assert_allclose(info.direction, np.eye(3).ravel())
+
+
+def test_index_to_physical_point_matches_dicom(series: Series) -> None:
+    image, _ = read_dicom_series(series.folder, context=CONTEXT)
+    order = _sorted_by(series, np.array([0, 0, 1]))
+    i, j, k = 3, 2, 4  # column, row, slice
+    n = order[k]
+    expected = series.positions[n] + np.array([i * COL_SPACING, j * ROW_SPACING, 0.0])
+    np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((i, j, k)), expected)
+    assert image[i, j, k] == series.stored[n][j, i] - 1024
+
+
+def test_rotated_orientation_physical_points(tmp_path: Path) -> None:
+    # rows run along +y, columns along -x; slice normal = row x col = +z
+    s = write_series(tmp_path / "rot", seed=1, iop=(0, 1, 0, -1, 0, 0), normal=(0, 0, 1))
+    image, _ = read_dicom_series(s.folder, context=CONTEXT)
+    order = _sorted_by(s, np.array([0, 0, 1]))
+    for i, j, k in [(0, 0, 0), (4, 3, 5), (2, 1, 3)]:
+        n = order[k]
+        expected = s.positions[n] + i * COL_SPACING * np.array([0, 1, 0]) + j * ROW_SPACING * (
+            np.array([-1, 0, 0])
+        )
+        np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((i, j, k)), expected)
+        assert image[i, j, k] == s.stored[n][j, i] - 1024
+        assert image.TransformPhysicalPointToIndex(tuple(expected)) == (i, j, k)
+
+
+def test_coronal_stack_sorted_along_normal(tmp_path: Path) -> None:
+    # coronal: rows along +x, columns along -z, normal = +y; slices written at y = 30 - k,
+    # so the first slice along the normal is the one at y = 30 - (NZ - 1)
+    s = write_series(
+        tmp_path / "cor", seed=2, iop=(1, 0, 0, 0, 0, -1), normal=(0, -1, 0), origin=(5, 30, 7)
+    )
+    image, _ = read_dicom_series(s.folder, context=CONTEXT)
+    np.testing.assert_allclose(image.GetOrigin(), (5, 30 - (NZ - 1), 7))
+    np.testing.assert_allclose(image.GetSpacing(), (0.6, 0.7, 1.0))
+    order = _sorted_by(s, np.array([0, 1, 0]))
+    i, j, k = 1, 3, 2
+    n = order[k]
+    expected = s.positions[n] + np.array([i * COL_SPACING, 0, -j * ROW_SPACING])
+    np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((i, j, k)), expected)
+    assert image[i, j, k] == s.stored[n][j, i] - 1024
+
+
+def test_two_series_need_series_uid(tmp_path: Path) -> None:
+    a = write_series(tmp_path / "d", seed=3)
+    b = write_series(tmp_path / "d" / "second", seed=4, offset=500, desc="Other", strays=False)
+    with pytest.raises(QctfeaError) as err:
+        read_dicom_series(tmp_path / "d", context=CONTEXT)
+    msg = str(err.value)
+    assert a.series_uid in msg and b.series_uid in msg
+    assert "series_uid" in msg and CONTEXT in msg and str(tmp_path / "d") in msg
+    image, info = read_dicom_series(tmp_path / "d", series_uid=b.series_uid, context=CONTEXT)
+    order = _sorted_by(b, np.array([0, 0, 1]))
+    expected = np.stack([b.stored[n].astype(float) - 1024 for n in order])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+    assert info.series_description == "Other"
+    assert info.n_files_read == NZ and info.n_files_skipped == NZ + 2
+
+
+def test_missing_slice_is_an_error_naming_context(tmp_path: Path) -> None:
+    s = write_series(tmp_path / "gap", seed=5, skip=(3,))
+    with pytest.raises(QctfeaError) as err:
+        read_dicom_series(s.folder, context=CONTEXT)
+    msg = str(err.value)
+    assert CONTEXT in msg and str(s.folder) in msg
+    assert "2 mm" in msg and "not uniform" in msg
+
+
+def test_duplicate_slice_dropped_with_warning(series: Series) -> None:
+    shutil.copy(series.files[0], series.folder / "copy_of_a_slice")
+    with pytest.warns(UserWarning, match="duplicate"):
+        image, info = read_dicom_series(series.folder, context=CONTEXT)
+    assert image.GetSize() == (COLS, ROWS, NZ) and info.n_slices == NZ
+    assert info.n_files_read == NZ + 1 and info.n_files_skipped == 2
+
+
+def test_per_slice_rescale(tmp_path: Path) -> None:
+    slopes = [1.0, 1.0, 2.0, 1.0, 1.0, 1.0]
+    s = write_series(tmp_path / "resc", seed=6, slopes=slopes)
+    image, info = read_dicom_series(s.folder, context=CONTEXT)
+    arr = sitk.GetArrayFromImage(image)
+    assert arr[2, 0, 0] == (1000 + 200) * 2.0 - 1024
+    assert arr[1, 0, 0] == (1000 + 100) * 1.0 - 1024
+    assert info.rescale_varies_per_slice and info.rescale_slope == 1.0
+
+
+def test_gantry_tilt_is_rejected(tmp_path: Path) -> None:
+    s = write_series(tmp_path / "tilt", seed=7, shear=(0.0, 0.3, 0.0))
+    with pytest.raises(QctfeaError, match="sideways") as err:
+        read_dicom_series(s.folder, context=CONTEXT)
+    assert CONTEXT in str(err.value)
+
+
+def test_no_images_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("nothing here")
+    with pytest.raises(QctfeaError) as err:
+        read_dicom_series(tmp_path / "empty", context=CONTEXT)
+    assert CONTEXT in str(err.value) and "1 not DICOM" in str(err.value)
+
+
+def test_ingest_outputs_hold_no_identifiers(series: Series, tmp_path: Path, capsys) -> None:
+    out_img, out_json = tmp_path / "out" / "ct.nii.gz", tmp_path / "out" / "ct.json"
+    info = ingest(series.folder, out_img, out_json, context=CONTEXT)
+    assert isinstance(info, ScanInfo)
+    assert sorted(p.name for p in out_img.parent.iterdir()) == ["ct.json", "ct.nii.gz"]
+    json_text = out_json.read_text()
+    raw = out_img.read_bytes()
+    blobs = [json_text.encode(), raw, gzip.decompress(raw), capsys.readouterr().err.encode()]
+    forbidden = SECRETS + [series.series_uid, series.study_uid, *series.sop_uids]
+    for blob in blobs:
+        for secret in forbidden:
+            assert secret.encode() not in blob, secret
+    record = json.loads(json_text)
+    assert record["scan"]["size"] == [COLS, ROWS, NZ]
+    assert record["scan"]["n_files_skipped"] == 2
+    assert record["provenance"]["step"] == "ingest"
+    assert record["provenance"]["parameters"]["n_source_files"] == NZ + 2
+    written = sitk.ReadImage(str(out_img))
+    assert written.GetPixelID() == sitk.sitkFloat32
+    direct, _ = read_dicom_series(series.folder, context=CONTEXT)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(direct))
+    np.testing.assert_allclose(written.GetOrigin(), (-10.0, 20.0, -50.0), atol=1e-4)
+    np.testing.assert_allclose(written.GetSpacing(), (0.6, 0.7, 1.0), atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_image_file_round_trip(tmp_path: Path, suffix: str) -> None:
+    rng = np.random.default_rng(8)
+    arr = rng.normal(200, 300, size=(3, 4, 5)).astype(np.float32)
+    src = sitk.GetImageFromArray(arr)
+    src.SetSpacing((0.5, 0.6, 0.8))
+    src.SetOrigin((1.0, -2.0, 3.0))
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    rot = np.array([[c, -s_, 0], [s_, c, 0], [0, 0, 1]])
+    src.SetDirection(tuple(rot.ravel()))
+    src_path = tmp_path / f"scan{suffix}"
+    sitk.WriteImage(src, str(src_path))
+    info = ingest(src_path, tmp_path / "o.nii.gz", tmp_path / "o.json", context=CONTEXT)
+    out = sitk.ReadImage(str(tmp_path / "o.nii.gz"))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(out), arr, rtol=0, atol=0)
+    np.testing.assert_allclose(out.GetSpacing(), (0.5, 0.6, 0.8), atol=1e-6)
+    np.testing.assert_allclose(out.GetOrigin(), (1.0, -2.0, 3.0), atol=1e-5)
+    np.testing.assert_allclose(out.GetDirection(), rot.ravel(), atol=1e-5)
+    assert info.size == (5, 4, 3) and info.n_slices == 3
+    # NIfTI stores spacing as float32, hence approx
+    spacing = json.loads((tmp_path / "o.json").read_text())["scan"]["spacing_mm"]
+    assert spacing == pytest.approx([0.5, 0.6, 0.8], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("iop", "normal"),
+    [((0, 1, 0, -1, 0, 0), (0, 0, 1)), ((1, 0, 0, 0, 0, -1), (0, -1, 0))],
+)
+def test_geometry_agrees_with_simpleitk_gdcm_reader(tmp_path: Path, iop, normal) -> None:
+    """Independent check: SimpleITK's own DICOM (GDCM) reader gives the same image."""
+    s = write_series(tmp_path / "x", seed=9, iop=iop, normal=normal, strays=False)
+    image, _ = read_dicom_series(s.folder, context=CONTEXT)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(s.folder), s.series_uid))
+    ref = sitk.Cast(reader.Execute(), sitk.sitkFloat32)
+    np.testing.assert_allclose(image.GetOrigin(), ref.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(image.GetSpacing(), ref.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(image.GetDirection(), ref.GetDirection(), atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(ref))

@@ -1,0 +1,129 @@
+"""Mechanics verification: closed forms, and 1 vs 2 MPI ranks on a vertebra model."""
+import json
+import sys
+
+import dolfinx_solver  # noqa: F401  (before dolfinx or petsc4py)
+import numpy as np
+import pytest
+
+from conftest import REPO, run, venv_bin
+
+
+def _box_model(E, nu, L=10.0, W=4.0, n=(4, 4, 10)):
+    import dolfinx_solver  # noqa: F401
+    import dolfinx
+    from mpi4py import MPI
+
+    from qctfea.fea.elasticity import ElasticModel
+
+    mesh = dolfinx.mesh.create_box(MPI.COMM_WORLD, [[0, 0, 0], [W, W, L]], list(n),
+                                   dolfinx.mesh.CellType.tetrahedron)
+    ncell = mesh.topology.index_map(3).size_global
+    return ElasticModel(mesh, np.full(ncell, E), np.full(ncell, nu)), mesh
+
+
+def _top_bottom_dofs(model, mesh, L):
+    import dolfinx
+
+    top = dolfinx.mesh.locate_entities_boundary(mesh, 2, lambda x: np.isclose(x[2], L))
+    bot = dolfinx.mesh.locate_entities_boundary(mesh, 2, lambda x: np.isclose(x[2], 0.0))
+    return (dolfinx.fem.locate_dofs_topological(model.V, 2, top),
+            dolfinx.fem.locate_dofs_topological(model.V, 2, bot))
+
+
+def test_prism_uniaxial_stiffness_closed_form():
+    """Clamped ends with nu = 0 give exactly uniaxial strain: k = E A / L."""
+    import dolfinx
+
+    E, L, W, d = 1500.0, 10.0, 4.0, 0.05
+    model, mesh = _box_model(E, 0.0, L, W)
+    top, bot = _top_bottom_dofs(model, mesh, L)
+    bcs = [dolfinx.fem.dirichletbc(np.zeros(3), bot, model.V),
+           dolfinx.fem.dirichletbc(np.array([0, 0, -d]), top, model.V)]
+    info = model.solve(bcs)
+    force = model.reaction(top, np.array([0, 0, -1.0]))
+    assert force / d == pytest.approx(E * W * W / L, rel=5e-3)
+    assert info.iterations < 100
+
+
+def test_two_materials_in_series_closed_form():
+    """Bottom half E1, top half E2 (nu = 0): 1/k = L1/(E1 A) + L2/(E2 A)."""
+    import dolfinx
+    from mpi4py import MPI
+
+    from qctfea.fea.elasticity import ElasticModel
+
+    L, W, d, E1, E2 = 10.0, 4.0, 0.05, 500.0, 110000.0
+    mesh = dolfinx.mesh.create_box(MPI.COMM_WORLD, [[0, 0, 0], [W, W, L]], [3, 3, 10],
+                                   dolfinx.mesh.CellType.tetrahedron)
+    # E by original cell index, from the cell midpoints computed in the original order.
+    n_local = mesh.topology.index_map(3).size_local
+    mid = dolfinx.mesh.compute_midpoints(mesh, 3, np.arange(n_local, dtype=np.int32))
+    orig = np.asarray(mesh.topology.original_cell_index)[:n_local]
+    ncell = mesh.topology.index_map(3).size_global
+    E_orig = np.zeros(ncell)
+    E_orig[orig] = np.where(mid[:, 2] < L / 2, E1, E2)
+    E_orig = mesh.comm.allreduce(E_orig, op=MPI.SUM)
+    model = ElasticModel(mesh, E_orig, np.zeros(ncell))
+    top, bot = _top_bottom_dofs(model, mesh, L)
+    bcs = [dolfinx.fem.dirichletbc(np.zeros(3), bot, model.V),
+           dolfinx.fem.dirichletbc(np.array([0, 0, -d]), top, model.V)]
+    model.solve(bcs)
+    force = model.reaction(top, np.array([0, 0, -1.0]))
+    A = W * W
+    k = 1.0 / (L / 2 / (E1 * A) + L / 2 / (E2 * A))
+    assert force / d == pytest.approx(k, rel=5e-3)
+
+
+def test_nonconvergence_raises_with_reason():
+    import dolfinx
+
+    from qctfea.provenance import QctfeaError
+
+    model, mesh = _box_model(1000.0, 0.3)
+    top, bot = _top_bottom_dofs(model, mesh, 10.0)
+    bcs = [dolfinx.fem.dirichletbc(np.zeros(3), bot, model.V),
+           dolfinx.fem.dirichletbc(np.array([0, 0, -0.1]), top, model.V)]
+    with pytest.raises(QctfeaError, match="DIVERGED_MAX_IT"):
+        model.solve(bcs, {"ksp_max_it": 2, "pc_type": "jacobi"})
+
+
+def test_weighted_quantile():
+    from qctfea.fea.loadcases import weighted_quantile
+
+    v = np.array([5.0, 1.0, 3.0, 2.0])
+    w = np.array([1.0, 1.0, 1.0, 1.0])
+    assert weighted_quantile(v, w, 0.5) == 2.0
+    assert weighted_quantile(v, w, 0.76) == 5.0
+    assert weighted_quantile(v, np.array([0.0, 0.0, 0.0, 1.0]), 0.5) == 2.0
+
+
+@pytest.mark.slow
+def test_vertebra_solves_agree_on_1_and_2_ranks(demo_model, tmp_path):
+    """Compression and pullout on the demo vertebra with 1 and 2 MPI ranks: 1e-6 relative."""
+    r = demo_model["results"]
+    out = {}
+    for n in (1, 2):
+        for case, side in (("compression", None), ("pullout", "left")):
+            o = tmp_path / f"{case}_{n}.json"
+            cmd = [venv_bin("mpiexec"), "-n", str(n), sys.executable, "-m", "qctfea.cli",
+                   "solve", case, "--mesh", str(r / "mesh.xdmf"),
+                   "--materials", str(r / "materials.npz"), "--vertebra",
+                   str(r / "vertebra.json"), "--screws", str(r / "screws.json"),
+                   "--out-json", str(o)]
+            if side:
+                cmd += ["--side", side]
+            p = run(cmd, cwd=REPO, timeout=300)
+            assert p.returncode == 0, p.stderr[-3000:]
+            out[case, n] = json.loads(o.read_text())
+    for case in ("compression", "pullout"):
+        a, b = out[case, 1], out[case, 2]
+        assert b["mpi_ranks"] == 2
+        for key in ("stiffness_n_per_mm", "strength_n"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), (case, key)
+    # Physically plausible (SCIENCE.md anchors): osteoporotic vertebra and screw.
+    c = out["compression", 1]
+    assert 500 < c["strength_n"] < 8000
+    assert 1e3 < c["stiffness_n_per_mm"] < 1e5
+    p = out["pullout", 1]
+    assert 50 < p["strength_n"] < 3000

@@ -1,0 +1,83 @@
+"""Imaging chain on a synthetic scan, checked against the generator's ground truth."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from qctfea.calibration import fit_line
+from qctfea.provenance import QctfeaError, read_json
+
+
+def test_calibration_recovers_true_slope(demo_scan):
+    cal = read_json(demo_scan["results"] / "calibration.json")
+    true = demo_scan["truth"]["calibration"]
+    assert cal["method"] == "phantom"
+    assert len(cal["rods"]) == 5
+    assert abs(cal["slope"] - true["slope"]) / true["slope"] < 0.02
+    assert abs(cal["intercept"] - true["intercept"]) < 3.0
+    assert cal["r2"] > 0.999
+
+
+def test_trabecular_vbmd_matches_truth(demo_scan):
+    bmd = read_json(demo_scan["results"] / "bmd.json")
+    truth = demo_scan["truth"]["trabecular_vbmd_mg_cm3"]
+    assert abs(bmd["trabecular_vbmd_mg_cm3"] - truth) < 5.0
+    # Around the screw includes pedicle cortex: denser than trabecular bone.
+    for side in ("left", "right"):
+        assert bmd["around_screw_vbmd_mg_cm3"][side] > bmd["trabecular_vbmd_mg_cm3"]
+    assert 0.3 < bmd["areal_bmd_g_cm2"] < 1.5
+
+
+def test_fit_line_closed_form():
+    hu = np.array([-5.0, 60.0, 130.0, 200.0])
+    slope, intercept, r2 = fit_line(hu, 2.5 + 0.75 * hu)
+    assert slope == pytest.approx(0.75, rel=1e-12)
+    assert intercept == pytest.approx(2.5, rel=1e-12)
+    assert r2 == pytest.approx(1.0)
+
+
+def test_body_axis_and_volume(demo_scan):
+    v = read_json(demo_scan["results"] / "vertebra.json")
+    anat = demo_scan["truth"]["anatomy"]
+    # Body height from the mask vs the generator's body height (voxel-centre extent).
+    assert abs(v["height_mm"] - anat["body_height"]) < 2.5
+    assert v["superior_axis"][2] > 0.99
+    body_true = np.pi * anat["body_half_width"] * anat["body_half_depth"] * anat["body_height"]
+    assert abs(v["body_volume_cm3"] * 1000 - body_true) / body_true < 0.1
+
+
+def test_screws_inside_bone(demo_scan):
+    s = read_json(demo_scan["results"] / "screws.json")
+    lm = json.loads((demo_scan["src"] / "landmarks.json").read_text())
+    for sc in s["screws"]:
+        assert sc["breach"]["axis_outside_bone_mm"] < 1.0
+        assert np.allclose(sc["entry_mm"], lm[sc["side"]]["entry_mm"])
+        assert np.linalg.norm(np.subtract(sc["tip_mm"], sc["entry_mm"])) == pytest.approx(40.0)
+
+
+def test_no_patient_identifiers_in_outputs(demo_scan):
+    import pydicom
+
+    ds = pydicom.dcmread(next((demo_scan["src"] / "dicom").iterdir()))
+    secrets = [str(ds.PatientName), str(ds.PatientID), str(ds.AccessionNumber),
+               str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID)]
+    for f in demo_scan["results"].iterdir():
+        if f.suffix in (".json", ".png"):
+            data = f.read_bytes()
+            for s in secrets:
+                assert s.encode() not in data, f"{s} leaked into {f.name}"
+    img = sitk.ReadImage(str(demo_scan["results"] / "ct.nii.gz"))
+    for k in img.GetMetaDataKeys():
+        for s in secrets:
+            assert s not in img.GetMetaData(k)
+
+
+def test_wrong_label_names_context(demo_scan):
+    from qctfea import steps
+
+    r = demo_scan["results"]
+    with pytest.raises(QctfeaError, match=r"patient P01, timepoint M12.*label 28.*\[23\]"):
+        steps.mask(r / "ct.nii.gz", demo_scan["src"] / "labels.nii.gz", r / "x.nii.gz",
+                   r / "x.json", {"label": 28}, demo_scan["context"])
+    assert not (r / "x.nii.gz").exists() and not (r / "x.json").exists()

@@ -1,0 +1,21 @@
+# Synthetic demo cohort: one DICOM series (+ labels, landmarks, DXA, truth) per scan.
+# Only active when the cohort config has a `demo:` section.
+if "demo" in CCFG:
+
+    rule generate_demo_scan:
+        output:
+            dicom=directory("resources/{cohort}/{patient}/{timepoint}/dicom"),
+            labels="resources/{cohort}/{patient}/{timepoint}/labels.nii.gz",
+            landmarks="resources/{cohort}/{patient}/{timepoint}/landmarks.json",
+            dxa="resources/{cohort}/{patient}/{timepoint}/dxa.json",
+            truth="resources/{cohort}/{patient}/{timepoint}/truth.json",
+        params:
+            months=get_months,
+            seed=CCFG.get("demo", {}).get("seed", 2021),
+            synth=CCFG.get("demo", {}).get("synth", {}),
+        log:
+            "logs/{cohort}/{patient}/{timepoint}/generate_demo_scan.log",
+        conda:
+            "../../envs/qctfea.yaml"
+        script:
+            "../scripts/generate_demo_scan.py"

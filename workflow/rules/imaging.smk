@@ -1,0 +1,84 @@
+# Imaging: ingest, calibrate, mask, screws, BMD (one job per patient x timepoint).
+
+
+rule ingest_scan:
+    input:
+        get_image,
+    output:
+        image=f"{RES}/{{patient}}/{{timepoint}}/ct.nii.gz",
+        json=f"{RES}/{{patient}}/{{timepoint}}/scan.json",
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/ingest_scan.log",
+    conda:
+        "../../envs/qctfea.yaml"
+    script:
+        "../scripts/ingest_scan.py"
+
+
+rule calibrate_density:
+    input:
+        ct=rules.ingest_scan.output.image,
+        labels=get_labels,
+    output:
+        density=f"{RES}/{{patient}}/{{timepoint}}/density.nii.gz",
+        json=f"{RES}/{{patient}}/{{timepoint}}/calibration.json",
+        png=report(f"{RES}/{{patient}}/{{timepoint}}/calibration.png", category="QC"),
+    params:
+        cfg=CCFG.get("calibration", {}),
+        label=CCFG.get("mask", {}).get("label", 23),
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/calibrate_density.log",
+    conda:
+        "../../envs/qctfea.yaml"
+    script:
+        "../scripts/calibrate_density.py"
+
+
+rule extract_vertebra:
+    input:
+        ct=rules.ingest_scan.output.image,
+        labels=get_labels,
+    output:
+        parts=f"{RES}/{{patient}}/{{timepoint}}/vertebra.nii.gz",
+        json=f"{RES}/{{patient}}/{{timepoint}}/vertebra.json",
+    params:
+        cfg=CCFG.get("mask", {}),
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/extract_vertebra.log",
+    conda:
+        "../../envs/qctfea.yaml"
+    script:
+        "../scripts/extract_vertebra.py"
+
+
+rule plan_screws:
+    input:
+        landmarks=get_landmarks,
+        parts=rules.extract_vertebra.output.parts,
+    output:
+        f"{RES}/{{patient}}/{{timepoint}}/screws.json",
+    params:
+        cfg=CCFG.get("screw", {}),
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/plan_screws.log",
+    conda:
+        "../../envs/qctfea.yaml"
+    script:
+        "../scripts/plan_screws.py"
+
+
+rule measure_bmd:
+    input:
+        density=rules.calibrate_density.output.density,
+        parts=rules.extract_vertebra.output.parts,
+        screws=rules.plan_screws.output[0],
+    output:
+        f"{RES}/{{patient}}/{{timepoint}}/bmd.json",
+    params:
+        cfg=CCFG.get("bmd", {}),
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/measure_bmd.log",
+    conda:
+        "../../envs/qctfea.yaml"
+    script:
+        "../scripts/measure_bmd.py"

@@ -1,0 +1,40 @@
+# FE model: conforming tetrahedral mesh of bone + screws, element materials.
+
+
+rule mesh_vertebra:
+    input:
+        parts=rules.extract_vertebra.output.parts,
+        screws=rules.plan_screws.output[0],
+    output:
+        mesh=f"{RES}/{{patient}}/{{timepoint}}/mesh.xdmf",
+        h5=f"{RES}/{{patient}}/{{timepoint}}/mesh.h5",
+        json=f"{RES}/{{patient}}/{{timepoint}}/mesh.json",
+    params:
+        cfg=CCFG.get("mesh", {}),
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/mesh_vertebra.log",
+    benchmark:
+        f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/mesh_vertebra.tsv"
+    conda:
+        "../../envs/qctfea.yaml"
+    script:
+        "../scripts/mesh_vertebra.py"
+
+
+rule assign_materials:
+    input:
+        mesh=rules.mesh_vertebra.output.mesh,
+        h5=rules.mesh_vertebra.output.h5,
+        density=rules.calibrate_density.output.density,
+        screws=rules.plan_screws.output[0],
+    output:
+        npz=f"{RES}/{{patient}}/{{timepoint}}/materials.npz",
+        json=f"{RES}/{{patient}}/{{timepoint}}/materials.json",
+    params:
+        cfg=CCFG.get("materials", {}),
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/assign_materials.log",
+    conda:
+        "../../envs/qctfea.yaml"
+    script:
+        "../scripts/assign_materials.py"

@@ -1,0 +1,7 @@
+"""Rule aggregate_cohort: per-scan JSONs -> results/<cohort>/tables/longitudinal.csv."""
+from qctfea import cohort, samples
+from qctfea.workflow_glue import run_step
+
+sm = snakemake  # noqa: F821
+rows = [{**r, "dxa": samples.dxa_value(r["dxa"])} for r in sm.params.samples]
+run_step(sm, lambda: cohort.aggregate(rows, sm.params.results, sm.output[0]))

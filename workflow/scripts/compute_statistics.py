@@ -1,0 +1,8 @@
+"""Rule compute_statistics: paired changes, correlations, summary, scatter figure."""
+from pathlib import Path
+
+from qctfea import cohort
+from qctfea.workflow_glue import run_step
+
+sm = snakemake  # noqa: F821
+run_step(sm, lambda: cohort.statistics(sm.input[0], Path(sm.output.summary).parent))

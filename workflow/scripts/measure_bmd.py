@@ -1,0 +1,7 @@
+"""Rule measure_bmd: trabecular, integral, around-screw vBMD and areal BMD."""
+from qctfea import steps
+from qctfea.workflow_glue import context, run_step
+
+sm = snakemake  # noqa: F821
+run_step(sm, lambda: steps.bmd(sm.input.density, sm.input.parts, sm.input.screws, sm.output[0],
+                               sm.params.cfg, context(sm.wildcards)))
