@@ -50,9 +50,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 say "installing pinned requirements (pygalmesh compiles against CGAL: about 5 minutes the first time)"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -r requirements.txt
-"$VENV/bin/python" -m pip install -q --no-deps -e .
+quiet() { grep -v -e "^WARNING: Location" -e "^$" || true; }
+"$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | quiet
+"$VENV/bin/python" -m pip install -q -r requirements.txt 2>&1 | quiet
+"$VENV/bin/python" -m pip install -q --no-deps -e . 2>&1 | quiet
 "$VENV/bin/python" -c 'import dolfinx_solver, dolfinx, pygalmesh, snakemake; print("[env] dolfinx", dolfinx.__version__, "| pygalmesh", pygalmesh.__version__)'
 rm -f "$VENV"/.qctfea-env-*
 touch "$stamp"

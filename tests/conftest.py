@@ -56,5 +56,7 @@ def demo_model(demo_scan):
 
 
 def run(cmd, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The environment's bin (mpiexec, qctfea, snakemake) first on PATH, as `make` does.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, **kw)

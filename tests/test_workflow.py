@@ -10,7 +10,7 @@ from conftest import REPO, run, venv_bin
 
 def _job_counts(cohorts_dir, cohort, workdir):
     p = run([venv_bin("snakemake"), "-n", "--snakefile", str(REPO / "Snakefile"),
-             "--directory", str(workdir), "--config", f"cohort={cohort}",
+             "--directory", str(workdir), "--configfile", str(REPO / "config" / "config.yaml"), "--config", f"cohort={cohort}",
              f"cohorts_dir={cohorts_dir}"], cwd=REPO, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     text = p.stdout + p.stderr
@@ -57,7 +57,7 @@ def test_end_to_end_tiny_cohort(tmp_path):
     """2 patients x 2 timepoints through every rule, solves on 2 MPI ranks."""
     cd = _cohort(tmp_path, "tiny", 2)
     p = run([venv_bin("snakemake"), "--cores", "2", "--snakefile", str(REPO / "Snakefile"),
-             "--directory", str(tmp_path), "--config", "cohort=tiny", f"cohorts_dir={cd}",
+             "--directory", str(tmp_path), "--configfile", str(REPO / "config" / "config.yaml"), "--config", "cohort=tiny", f"cohorts_dir={cd}",
              "--show-failed-logs"], cwd=REPO, timeout=1500)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     res = tmp_path / "results" / "tiny"
