@@ -65,13 +65,11 @@ def labelled_grid(
     if idx.size == 0:
         raise QctfeaError("vertebra mask is empty")
     # Physical bounding box of the vertebra and the screws.
-    corners = []
-    for k in idx.min(0), idx.max(0):
-        for c in np.array(np.meshgrid([idx.min(0)[2], idx.max(0)[2]],
-                                      [idx.min(0)[1], idx.max(0)[1]],
-                                      [idx.min(0)[0], idx.max(0)[0]])).T.reshape(-1, 3):
-            corners.append(parts_img.TransformContinuousIndexToPhysicalPoint(c.astype(float).tolist()))
-        del k
+    lo_i, hi_i = idx.min(0), idx.max(0)  # z, y, x
+    corners = [
+        parts_img.TransformContinuousIndexToPhysicalPoint([float(x), float(y), float(z)])
+        for z in (lo_i[0], hi_i[0]) for y in (lo_i[1], hi_i[1]) for x in (lo_i[2], hi_i[2])
+    ]
     for sc in screws:
         r = sc.spec.diameter_mm / 2
         for p in (sc.head_end_mm, sc.tip_mm):

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import sys
 import time
-import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -154,7 +152,6 @@ def mask(ct_path, labels_path, out_parts, out_json, cfg: dict, context: str) -> 
 
 def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str) -> None:
     from qctfea import screw as screw_mod
-    from qctfea.masks import voxel_centres_mm  # noqa: F401  (same coordinate convention)
 
     spec = params_from(screw_mod.ScrewSpec, cfg, "screw")
     lm = read_json(landmarks_path)
@@ -301,15 +298,3 @@ def solve(case: str, mesh_path, materials_path, mask_json, screws_path, out_json
              f"{res['ksp_iterations']} CG iterations, {res['n_dofs']} dofs, {comm.size} rank(s)")
     comm.barrier()
     return res
-
-
-def context_of(patient: str, timepoint: str) -> str:
-    return f"patient {patient}, timepoint {timepoint}"
-
-
-def _capture_warnings() -> None:
-    warnings.simplefilter("default")
-
-
-def config_section(config: dict[str, Any], name: str) -> dict:
-    return dict(config.get(name) or {})
