@@ -100,31 +100,50 @@ def test_weighted_quantile():
 
 @pytest.mark.slow
 def test_vertebra_solves_agree_on_1_and_2_ranks(demo_model, tmp_path):
-    """Compression and pullout on the demo vertebra with 1 and 2 MPI ranks: 1e-6 relative."""
+    """Compression and pullout, linear and nonlinear, on the demo vertebra with 1 and 2
+    MPI ranks: stiffness and strength agree to 1e-6 relative."""
     r = demo_model["results"]
     out = {}
-    for n in (1, 2):
-        for case, side in (("compression", None), ("pullout", "left")):
-            o = tmp_path / f"{case}_{n}.json"
-            cmd = [venv_bin("mpiexec"), "-n", str(n), sys.executable, "-m", "qctfea.cli",
-                   "solve", case, "--mesh", str(r / "mesh.xdmf"),
-                   "--materials", str(r / "materials.npz"), "--vertebra",
-                   str(r / "vertebra.json"), "--screws", str(r / "screws.json"),
-                   "--out-json", str(o)]
-            if side:
-                cmd += ["--side", side]
-            p = run(cmd, cwd=REPO, timeout=300)
-            assert p.returncode == 0, p.stderr[-3000:]
-            out[case, n] = json.loads(o.read_text())
+    for analysis in ("linear", "nonlinear"):
+        for n in (1, 2):
+            for case, side in (("compression", None), ("pullout", "left")):
+                o = tmp_path / f"{analysis}_{case}_{n}.json"
+                cmd = [venv_bin("mpiexec"), "-n", str(n), sys.executable, "-m", "qctfea.cli",
+                       "solve", case, "--mesh", str(r / "mesh.xdmf"),
+                       "--materials", str(r / "materials.npz"), "--vertebra",
+                       str(r / "vertebra.json"), "--screws", str(r / "screws.json"),
+                       "--out-json", str(o), "--params", json.dumps({"analysis": analysis})]
+                if side:
+                    cmd += ["--side", side]
+                if (analysis, n) == ("nonlinear", 2):
+                    cmd += ["--out-curve", str(tmp_path / f"{case}.csv"),
+                            "--out-plot", str(tmp_path / f"{case}.png"),
+                            "--out-fields", str(tmp_path / f"{case}_fields.xdmf")]
+                p = run(cmd, cwd=REPO, timeout=300)
+                assert p.returncode == 0, p.stderr[-3000:]
+                out[analysis, case, n] = json.loads(o.read_text())
+    for analysis in ("linear", "nonlinear"):
+        for case in ("compression", "pullout"):
+            a, b = out[analysis, case, 1], out[analysis, case, 2]
+            assert b["mpi_ranks"] == 2 and a["analysis"] == analysis
+            for key in ("stiffness_n_per_mm", "strength_n"):
+                assert b[key] == pytest.approx(a[key], rel=1e-6), (analysis, case, key)
     for case in ("compression", "pullout"):
-        a, b = out[case, 1], out[case, 2]
-        assert b["mpi_ranks"] == 2
-        for key in ("stiffness_n_per_mm", "strength_n"):
-            assert b[key] == pytest.approx(a[key], rel=1e-6), (case, key)
+        lin, nl = out["linear", case, 1], out["nonlinear", case, 1]
+        # The nonlinear probe increment is elastic: its slope is the linear stiffness.
+        assert nl["stiffness_n_per_mm"] == pytest.approx(lin["stiffness_n_per_mm"], rel=0.02)
+        assert nl["increments"] >= 3 and nl["newton_iterations"] >= nl["increments"]
+        assert nl["offset_yield_n"] == nl["strength_n"] <= nl["peak_force_n"] + 1e-9
+        curve = np.loadtxt(tmp_path / f"{case}.csv", delimiter=",", skiprows=1)
+        assert curve.shape[0] == nl["increments"] + 1
+        assert (tmp_path / f"{case}.png").stat().st_size > 1000
+        assert (tmp_path / f"{case}_fields.h5").stat().st_size > 1000
+        text = (tmp_path / f"{case}_fields.xdmf").read_text()
+        for name in ("displacement_mm", "von_mises_mpa", "plastic_strain", "yielded"):
+            assert name in text
     # Physically plausible (SCIENCE.md anchors): osteoporotic vertebra and screw.
-    c = out["compression", 1]
+    c = out["nonlinear", "compression", 1]
     assert 500 < c["strength_n"] < 8000
     assert 1e3 < c["stiffness_n_per_mm"] < 1e5
-    p = out["pullout", 1]
-    # Bonded linear pullout overestimates cadaver values (see README, known limits).
-    assert 50 < p["strength_n"] < 6000
+    p = out["nonlinear", "pullout", 1]
+    assert 100 < p["strength_n"] < 3000

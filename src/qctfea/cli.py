@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-npz", required=True)
     s.add_argument("--out-json", required=True)
 
-    s = add("solve", "linear FE load case (run under mpiexec -n N)")
+    s = add("solve", "FE load case, linear or nonlinear (run under mpiexec -n N)")
     s.add_argument("case", choices=["compression", "pullout"])
     s.add_argument("--side", choices=["left", "right"])
     s.add_argument("--mesh", required=True)
@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--screws", required=True)
     s.add_argument("--out-json", required=True)
     s.add_argument("--solver-params", help="PETSc options: JSON object or @file.yaml")
+    s.add_argument("--out-curve", help="force-displacement curve (CSV)")
+    s.add_argument("--out-plot", help="force-displacement curve (PNG)")
+    s.add_argument("--out-fields", help="fields for ParaView (XDMF; an .h5 is written beside)")
 
     s = sub.add_parser("aggregate", help="per-scan JSONs -> longitudinal table (CSV)")
     s.add_argument("--samples", required=True, help="sample sheet (TSV)")
@@ -146,7 +149,8 @@ def run(a) -> None:
         if a.case == "pullout" and not a.side:
             raise QctfeaError("solve pullout needs --side left or --side right")
         steps.solve(a.case, a.mesh, a.materials, a.vertebra, a.screws, a.out_json, prm,
-                    _params(a.solver_params), _ctx(a), a.side)
+                    _params(a.solver_params), _ctx(a), a.side, a.out_curve, a.out_plot,
+                    a.out_fields)
     elif a.step == "aggregate":
         from qctfea import cohort, samples
 

@@ -66,9 +66,20 @@ class MaterialParams:
     ash_slope: float = 1.22  #: rho_ash = ash_intercept + ash_slope * rho_QCT (g/cm³)
     ash_intercept: float = 0.0523
     e_floor_mpa: float = 1.0
+    #: yield stress relation (uniaxial compressive yield, MPa) for the nonlinear analysis:
+    #: a preset name with a yield law, or "none" (bone stays elastic)
+    yield_law: str = "kopperdahl2002"
+    yield_floor_mpa: float = 0.1
     poisson_bone: float = 0.3
     sampling: str = "integrated"  #: "integrated" (volume mean) or "centroid"
     subdivision_levels: int = 2  #: 8**levels sub-tets per element
+
+
+def _law_density(density_mg_cm3, kind: str, params: MaterialParams) -> np.ndarray:
+    rho = np.asarray(density_mg_cm3, float) / 1000.0
+    if kind == "ash":
+        rho = params.ash_intercept + params.ash_slope * rho
+    return np.clip(rho, 0.0, None)
 
 
 def modulus_mpa(density_mg_cm3: np.ndarray, params: MaterialParams) -> np.ndarray:
@@ -76,11 +87,26 @@ def modulus_mpa(density_mg_cm3: np.ndarray, params: MaterialParams) -> np.ndarra
     if params.law not in LAWS:
         raise QctfeaError(f"unknown material law '{params.law}'; choose one of {sorted(LAWS)}")
     e_fn, _, kind, _ = LAWS[params.law]
-    rho = np.asarray(density_mg_cm3, float) / 1000.0
-    if kind == "ash":
-        rho = params.ash_intercept + params.ash_slope * rho
-    rho = np.clip(rho, 0.0, None)
-    return np.maximum(e_fn(rho), params.e_floor_mpa)
+    return np.maximum(e_fn(_law_density(density_mg_cm3, kind, params)), params.e_floor_mpa)
+
+
+def yield_mpa(density_mg_cm3: np.ndarray, params: MaterialParams) -> np.ndarray:
+    """Yield stress (MPa) from QCT density (mg/cm³) by ``params.yield_law``; inf = no yield.
+
+    Floored at ``yield_floor_mpa`` so that near-empty elements do not lose all
+    shear stiffness at zero load. Keyak 1998 has no yield below ash density
+    0.2 g/cm³ (infinity here): with it, osteoporotic trabecular bone never
+    yields and strength comes from the denser bone alone.
+    """
+    if params.yield_law == "none":
+        return np.full(np.shape(density_mg_cm3), np.inf)
+    law = LAWS.get(params.yield_law)
+    if law is None or law[1] is None:
+        with_yield = sorted(k for k, v in LAWS.items() if v[1] is not None)
+        raise QctfeaError(f"materials.yield_law '{params.yield_law}' has no yield relation; "
+                          f"choose one of {with_yield} or 'none'")
+    _, y_fn, kind, _ = law
+    return np.maximum(y_fn(_law_density(density_mg_cm3, kind, params)), params.yield_floor_mpa)
 
 
 def _subdivide(levels: int) -> np.ndarray:

@@ -129,6 +129,28 @@ def tet_quality(points: np.ndarray, cells: np.ndarray) -> dict[str, np.ndarray]:
     return {"volume": vol, "min_dihedral_deg": min_dih, "radius_ratio": 3 * r_in / r_circ}
 
 
+def _restore_labels(centroids: np.ndarray, out_tags: np.ndarray, vol: np.ndarray,
+                    h: float) -> np.ndarray:
+    """Map CGAL's subdomain numbers back to the image labels.
+
+    The medit output renumbers subdomains consecutively (labels {1, 3} come back
+    as {1, 2}), so each output subdomain takes the label that most of its cell
+    centroids fall on in the labelled grid (x, y, z order, voxel i at i*h).
+    """
+    idx = np.clip(np.rint(centroids / h).astype(int), 0, np.array(vol.shape) - 1)
+    under = vol[idx[:, 0], idx[:, 1], idx[:, 2]]
+    mapping = {}
+    for k in np.unique(out_tags):
+        vals = under[(out_tags == k) & (under > 0)]
+        if len(vals) == 0:
+            raise QctfeaError(f"mesh subdomain {k} lies outside every labelled region")
+        mapping[int(k)] = int(np.bincount(vals).argmax())
+    if len(set(mapping.values())) != len(mapping):
+        raise QctfeaError(f"two mesh subdomains map to the same label: {mapping}; "
+                          "lower mesh.voxel_mm or the cell sizes")
+    return np.vectorize(mapping.__getitem__, otypes=[np.int32])(out_tags)
+
+
 def generate_mesh(
     parts_img: sitk.Image, screws: list[Screw], params: MeshParams, log=sys.stderr
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
@@ -170,6 +192,7 @@ def generate_mesh(
             cells, tags = block.data.astype(np.int64), np.asarray(data, np.int32)
     if cells is None or len(cells) == 0:
         raise QctfeaError("CGAL produced no tetrahedra; check the mask and mesh sizes")
+    tags = _restore_labels(m.points[cells].mean(axis=1), tags, vol, h)
     # CGAL places voxel i's centre at i*h: shift into scan coordinates.
     points = m.points.astype(np.float64) + lo
     used = np.unique(cells)

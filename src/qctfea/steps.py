@@ -232,6 +232,11 @@ def materials(mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict
     dens = sitk.ReadImage(str(density_path), sitk.sitkFloat32)
     e_img = mat.modulus_mpa(sitk.GetArrayFromImage(dens), p).astype(np.float32)
     E = mat.element_moduli(pts, cells, e_img, dens, p.sampling, p.subdivision_levels)
+    # Yield stress from the element's mean density (the yield laws are not averaged
+    # voxel by voxel: Keyak's has no yield, i.e. infinity, below a threshold).
+    rho = mat.element_moduli(pts, cells, sitk.GetArrayFromImage(dens).astype(np.float32), dens,
+                             p.sampling, p.subdivision_levels)
+    sy = mat.yield_mpa(rho, p)
     nu = np.full(len(cells), p.poisson_bone)
     screws = {s.side: s for s in load_screws(screws_path)}
     for side, tag in meshing.TAG_SCREW.items():
@@ -239,10 +244,12 @@ def materials(mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict
         if side in screws:
             E[sel] = screws[side].spec.youngs_modulus_mpa
             nu[sel] = screws[side].spec.poisson_ratio
+            sy[sel] = np.inf  # the screw stays elastic
     centroids = pts[cells].mean(axis=1)
     with atomic_path(out_npz) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, youngs_mpa=E, poisson=nu, tags=tags, centroids_mm=centroids)
+            np.savez_compressed(fh, youngs_mpa=E, poisson=nu, yield_mpa=sy, tags=tags,
+                                centroids_mm=centroids)
     bone = np.isin(tags, meshing.BONE_TAGS)
     write_json(out_json, {
         "law": p.law,
@@ -252,6 +259,13 @@ def materials(mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict
             "min": float(E[bone].min()), "median": float(np.median(E[bone])),
             "max": float(E[bone].max()),
             "at_floor": int((E[bone] <= p.e_floor_mpa * (1 + 1e-9)).sum()),
+        },
+        "yield_law": p.yield_law,
+        "bone_yield_mpa": {  # null: no yield (infinite yield stress)
+            k: (float(v) if np.isfinite(v) else None) for k, v in (
+                ("min", sy[bone].min()), ("median", np.median(sy[bone])), ("max", sy[bone].max()))
+        } | {
+            "no_yield": int((~np.isfinite(sy[bone])).sum()),
         },
         "seconds": time.perf_counter() - t0,
         "provenance": provenance("materials", p, {"mesh": mesh_path, "density": density_path}),
@@ -264,37 +278,122 @@ def materials(mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict
 
 
 def solve(case: str, mesh_path, materials_path, mask_json, screws_path, out_json,
-          loads_cfg: dict, solver_cfg: dict, context: str, side: str | None = None) -> dict:
-    """Run one load case; call under ``mpiexec -n N``: every rank runs this."""
+          loads_cfg: dict, solver_cfg: dict, context: str, side: str | None = None,
+          out_curve=None, out_plot=None, out_fields=None) -> dict:
+    """Run one load case; call under ``mpiexec -n N``: every rank runs this.
+
+    Writes the result JSON and, when given, the force-displacement curve (CSV and
+    PNG) and the fields for ParaView (XDMF + HDF5: displacement, von Mises stress,
+    and for the nonlinear analysis plastic strain and yielded elements).
+    """
     from mpi4py import MPI
 
-    from qctfea.fea import elasticity, loadcases
+    from qctfea.fea import elasticity, loadcases, plasticity
 
     comm = MPI.COMM_WORLD
     t0 = time.perf_counter()
     lp = params_from(loadcases.LoadParams, loads_cfg, "loads")
     mesh, tags = elasticity.read_mesh(mesh_path, comm)
     npz = np.load(materials_path)
-    model = elasticity.ElasticModel(mesh, npz["youngs_mpa"], npz["poisson"])
+    if lp.analysis == "nonlinear":
+        if "yield_mpa" not in npz:
+            raise QctfeaError(f"{context}: {materials_path} has no yield stresses; rerun the "
+                              "materials step (rule assign_materials)")
+        model = plasticity.PlasticModel(mesh, npz["youngs_mpa"], npz["poisson"],
+                                        npz["yield_mpa"], lp.hardening_ratio)
+    else:
+        model = elasticity.ElasticModel(mesh, npz["youngs_mpa"], npz["poisson"])
     axis_info = read_json(mask_json)
     opts = dict(solver_cfg or {})
+    what = f"{context} {case}{' ' + side if side else ''}"
+    progress = (lambda m: _log(f"[solve] {what}:{m}")) if comm.rank == 0 else None
+    if progress:
+        progress(f" {lp.analysis} analysis, {model.n_dofs()} dofs, {comm.size} rank(s)")
     if case == "compression":
-        res = loadcases.solve_compression(model, tags, npz["tags"], axis_info, lp, opts)
+        res = loadcases.solve_compression(model, tags, npz["tags"], axis_info, lp, opts,
+                                          progress=progress)
     elif case == "pullout":
         screws = {s.side: s for s in load_screws(screws_path)}
         if side not in screws:
             raise QctfeaError(f"{context}: no {side!r} screw in {screws_path}")
         res = loadcases.solve_pullout(model, tags, npz["tags"], npz["centroids_mm"], axis_info,
-                                      screws[side], lp, opts)
+                                      screws[side], lp, opts, progress=progress)
     else:
         raise QctfeaError(f"unknown load case {case!r}; use compression or pullout")
+    if out_fields:
+        _write_fields(model, out_fields, comm)
     res["seconds"]["total"] = time.perf_counter() - t0
-    res["solver_options"] = {**elasticity.DEFAULT_PETSC_OPTIONS, **opts}
+    res["solver_options"] = {**(plasticity.NONLINEAR_PETSC_OPTIONS if lp.analysis == "nonlinear"
+                                else elasticity.DEFAULT_PETSC_OPTIONS), **opts}
     if comm.rank == 0:
+        if out_curve:
+            write_curve_csv(res["curve"], out_curve)
+        if out_plot:
+            plot_curve(res, out_plot, what)
         write_json(out_json, {**res, "provenance": provenance(
             f"solve_{case}", lp, {"mesh": mesh_path, "materials": materials_path})})
-        _log(f"[solve] {context} {case}{' ' + side if side else ''}: "
-             f"stiffness {res['stiffness_n_per_mm']:.0f} N/mm, strength {res['strength_n']:.0f} N, "
-             f"{res['ksp_iterations']} CG iterations, {res['n_dofs']} dofs, {comm.size} rank(s)")
+        extra = (f" ({res['strength_rule']} rule; {res['stop_reason']}), "
+                 f"{res['increments']} increments, {res['newton_iterations']} Newton"
+                 if lp.analysis == "nonlinear" else "")
+        _log(f"[solve] {what}: stiffness {res['stiffness_n_per_mm']:.0f} N/mm, "
+             f"strength {res['strength_n']:.0f} N, {res['ksp_iterations']} CG iterations"
+             f"{extra}, {res['n_dofs']} dofs, {comm.size} rank(s), "
+             f"{res['seconds']['total']:.1f} s")
     comm.barrier()
     return res
+
+
+def _write_fields(model, out_fields, comm) -> None:
+    """XDMF + HDF5 written in a scratch folder, then both moved into place (atomic)."""
+    import shutil
+    import tempfile
+
+    out = Path(out_fields)
+    tmpdir = None
+    if comm.rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = tempfile.mkdtemp(prefix=f".{out.stem}.", dir=out.parent)
+    tmpdir = comm.bcast(tmpdir, root=0)
+    model.write_fields(Path(tmpdir) / out.name)
+    comm.barrier()
+    if comm.rank == 0:
+        h5 = out.with_suffix(".h5")
+        (Path(tmpdir) / h5.name).replace(h5)
+        (Path(tmpdir) / out.name).replace(out)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    comm.barrier()
+
+
+def write_curve_csv(curve: list[dict], path) -> None:
+    import csv
+
+    keys = list(curve[0])
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(curve)
+
+
+def plot_curve(res: dict, path, title: str) -> None:
+    """Force-displacement curve with the strength marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = [p["displacement_mm"] for p in res["curve"]]
+    f = [p["force_n"] for p in res["curve"]]
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
+    ax.plot(d, f, "o-", ms=3, lw=1.5)
+    ax.axhline(res["strength_n"], color="C3", ls="--", lw=1,
+               label=f"strength {res['strength_n']:.0f} N")
+    ax.set_xlabel("displacement (mm)")
+    ax.set_ylabel("force (N)")
+    ax.set_title(f"{title} ({res.get('analysis', 'linear')})", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,4 +1,4 @@
-# MPI-parallel linear FE solves (DOLFINx/PETSc). `resources.mpi` is the launcher:
+# MPI-parallel FE solves (DOLFINx/PETSc), linear or elasto-plastic (loads.analysis). `resources.mpi` is the launcher:
 # "mpiexec" locally (the environment's MPICH), "srun --mpi=pmi2" on SLURM.
 # `tasks` MPI ranks per solve come from the cohort config (mpi.tasks).
 
@@ -11,7 +11,11 @@ rule solve_compression:
         vertebra=rules.extract_vertebra.output.json,
         screws=rules.plan_screws.output[0],
     output:
-        f"{RES}/{{patient}}/{{timepoint}}/compression.json",
+        json=f"{RES}/{{patient}}/{{timepoint}}/compression.json",
+        curve=f"{RES}/{{patient}}/{{timepoint}}/compression_curve.csv",
+        plot=f"{RES}/{{patient}}/{{timepoint}}/compression_curve.png",
+        fields=f"{RES}/{{patient}}/{{timepoint}}/compression_fields.xdmf",
+        fields_h5=f"{RES}/{{patient}}/{{timepoint}}/compression_fields.h5",
     params:
         loads=section("loads"),
         solver=section("solver"),
@@ -29,7 +33,8 @@ rule solve_compression:
         "{resources.mpi} -n {resources.tasks} qctfea solve compression"
         " --patient {wildcards.patient} --timepoint {wildcards.timepoint}"
         " --mesh {input.mesh} --materials {input.materials} --vertebra {input.vertebra}"
-        " --screws {input.screws} --out-json {output}"
+        " --screws {input.screws} --out-json {output.json} --out-curve {output.curve}"
+        " --out-plot {output.plot} --out-fields {output.fields}"
         " --params '{params.loads}' --solver-params '{params.solver}' > {log} 2>&1"
 
 
@@ -41,7 +46,11 @@ rule solve_pullout:
         vertebra=rules.extract_vertebra.output.json,
         screws=rules.plan_screws.output[0],
     output:
-        f"{RES}/{{patient}}/{{timepoint}}/pullout_{{side}}.json",
+        json=f"{RES}/{{patient}}/{{timepoint}}/pullout_{{side}}.json",
+        curve=f"{RES}/{{patient}}/{{timepoint}}/pullout_{{side}}_curve.csv",
+        plot=f"{RES}/{{patient}}/{{timepoint}}/pullout_{{side}}_curve.png",
+        fields=f"{RES}/{{patient}}/{{timepoint}}/pullout_{{side}}_fields.xdmf",
+        fields_h5=f"{RES}/{{patient}}/{{timepoint}}/pullout_{{side}}_fields.h5",
     params:
         loads=section("loads"),
         solver=section("solver"),
@@ -59,5 +68,6 @@ rule solve_pullout:
         "{resources.mpi} -n {resources.tasks} qctfea solve pullout --side {wildcards.side}"
         " --patient {wildcards.patient} --timepoint {wildcards.timepoint}"
         " --mesh {input.mesh} --materials {input.materials} --vertebra {input.vertebra}"
-        " --screws {input.screws} --out-json {output}"
+        " --screws {input.screws} --out-json {output.json} --out-curve {output.curve}"
+        " --out-plot {output.plot} --out-fields {output.fields}"
         " --params '{params.loads}' --solver-params '{params.solver}' > {log} 2>&1"

@@ -204,6 +204,19 @@ class ElasticModel:
         r.destroy()
         return self.mesh.comm.allreduce(local, MPI.SUM)
 
+    def write_fields(self, path) -> None:
+        """Displacement (P1) and element von Mises stress (MPa) to XDMF (ParaView)."""
+        V0 = dolfinx.fem.functionspace(self.mesh, ("DG", 0))
+        vm = dolfinx.fem.Function(V0, name="von_mises_mpa")
+        s = ufl.dev(self.sigma(self.u))
+        vm.interpolate(dolfinx.fem.Expression(ufl.sqrt(1.5 * ufl.inner(s, s)),
+                                              V0.element.interpolation_points))
+        self.u.name = "displacement_mm"
+        with dolfinx.io.XDMFFile(self.mesh.comm, str(path), "w") as f:
+            f.write_mesh(self.mesh)
+            f.write_function(self.u)
+            f.write_function(vm)
+
     def cell_strains(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per owned cell: strain tensor (n, 3, 3), volume, original cell index."""
         mesh = self.mesh

@@ -23,6 +23,13 @@ within ``shell_mm`` of the screw's surface over its inserted length (the
 region of the around-screw vBMD). With F1 the reaction at the applied
 displacement and e_q the volume-weighted (1 - fraction) quantile of the
 effective strain there, strength = F1 * yield_strain / e_q.
+
+**Nonlinear** (``analysis: nonlinear``, the study's method; see
+:mod:`qctfea.fea.plasticity`): the same boundary conditions, elasto-plastic
+bone (von Mises, the material's yield stress), the displacement raised in
+increments to ``compression_max_strain`` x body height (compression) or
+``pullout_max_displacement_mm`` (pullout); strength = the peak of the
+force-displacement curve; stiffness = the initial (first increment) slope.
 """
 
 from __future__ import annotations
@@ -53,6 +60,28 @@ class LoadParams:
     failed_fraction_compression: float = 0.02
     failed_fraction_pullout: float = 0.02
     shell_mm: float = 2.0
+    #: "linear" (stiffness + the strain-criterion estimate) or "nonlinear" (elasto-plastic)
+    analysis: str = "nonlinear"
+    compression_max_strain: float = 0.02  #: nonlinear: max displacement / body height
+    pullout_max_displacement_mm: float = 0.5  #: nonlinear: max screw head displacement
+    increments: int = 25  #: nonlinear: base increments to the maximum displacement
+    min_increment_fraction: float = 1.0 / 64  #: nonlinear: smallest step / base step
+    newton_rtol: float = 1.0e-6  #: nonlinear: residual tolerance relative to internal force
+    newton_max_it: int = 15
+    hardening_ratio: float = 0.0  #: nonlinear: H / E (0 = perfectly plastic)
+    stop_drop_fraction: float = 0.05  #: nonlinear: stop once F < (1 - this) * peak
+    plateau_tangent_ratio: float = 0.02  #: nonlinear: stop once dF/dd < this * initial slope
+    strength_rule: str = "offset"  #: nonlinear: "offset" (offset yield) or "peak" (max force)
+    offset_strain: float = 0.002  #: nonlinear: offset = this x body height / screw length
+
+    def nonlinear(self):
+        from qctfea.fea.plasticity import NonlinearParams
+
+        return NonlinearParams(
+            increments=self.increments, min_increment_fraction=self.min_increment_fraction,
+            newton_rtol=self.newton_rtol, newton_max_it=self.newton_max_it,
+            hardening_ratio=self.hardening_ratio, stop_drop_fraction=self.stop_drop_fraction,
+            plateau_tangent_ratio=self.plateau_tangent_ratio, strength_rule=self.strength_rule)
 
 
 def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
@@ -120,8 +149,8 @@ def strength_estimate(model: ElasticModel, force: float, region_cells_mask_fn, f
     }
 
 
-def solve_compression(model: ElasticModel, cell_tags, cell_tag_by_orig: np.ndarray,
-                      axis_info: dict, params: LoadParams, petsc_options=None) -> dict:
+def compression_dofs(model: ElasticModel, cell_tags, axis_info: dict, params: LoadParams):
+    """Superior and inferior endplate node sets, the superior axis and the body height."""
     mesh = model.mesh
     facets, h, hmin, hmax, axis = _endplate_dofs(model, cell_tags, axis_info)
     sup = facets[h >= hmax - params.endplate_depth_mm]
@@ -131,6 +160,71 @@ def solve_compression(model: ElasticModel, cell_tags, cell_tag_by_orig: np.ndarr
     n_sup, n_inf = _count(mesh.comm, sup_dofs, n_owned), _count(mesh.comm, inf_dofs, n_owned)
     if n_sup == 0 or n_inf == 0:
         raise QctfeaError("compression: no endplate nodes found; check the mesh and body axis")
+    return sup_dofs, inf_dofs, axis, n_sup, n_inf, float(hmax - hmin)
+
+
+def _solver_summary(info) -> dict:
+    return {
+        "ksp_iterations": info.iterations,
+        "converged_reason": info.converged_reason,
+        "residual_norm": info.residual_norm,
+        "n_dofs": info.n_dofs,
+        "n_cells": info.n_cells,
+        "mpi_ranks": info.mpi_ranks,
+        "seconds": info.seconds,
+    }
+
+
+def _nonlinear_summary(nl) -> dict:
+    d = nl.as_dict()
+    return {
+        "stiffness_n_per_mm": nl.initial_stiffness_n_per_mm,
+        "strength_n": nl.strength_n,
+        "strength_rule": nl_params_rule(nl),
+        "peak_force_n": nl.peak_force_n,
+        "offset_yield_n": nl.offset_yield_n,
+        "offset_yield_displacement_mm": nl.offset_yield_displacement_mm,
+        "displacement_at_peak_mm": nl.displacement_at_peak_mm,
+        "peak_reached": nl.peak_reached,
+        "stop_reason": nl.stop_reason,
+        "increments": nl.increments,
+        "step_cuts": nl.step_cuts,
+        "newton_iterations": nl.newton_iterations,
+        "newton_iterations_per_increment": d["newton_iterations_per_increment"],
+        "ksp_iterations": nl.ksp_iterations,
+        "n_dofs": nl.n_dofs,
+        "n_cells": nl.n_cells,
+        "mpi_ranks": nl.mpi_ranks,
+        "seconds": nl.seconds,
+        "curve": d["curve"],
+    }
+
+
+def nl_params_rule(nl) -> str:
+    return nl.rule
+
+
+def _check_analysis(params: LoadParams) -> None:
+    if params.analysis not in ("linear", "nonlinear"):
+        raise QctfeaError(f"loads.analysis must be 'linear' or 'nonlinear', not "
+                          f"{params.analysis!r}")
+
+
+def solve_compression(model: ElasticModel, cell_tags, cell_tag_by_orig: np.ndarray,
+                      axis_info: dict, params: LoadParams, petsc_options=None,
+                      progress=None) -> dict:
+    _check_analysis(params)
+    sup_dofs, inf_dofs, axis, n_sup, n_inf, height = compression_dofs(
+        model, cell_tags, axis_info, params)
+    common = {"load_case": "compression", "analysis": params.analysis,
+              "superior_nodes": n_sup, "inferior_nodes": n_inf, "body_height_mm": height}
+    if params.analysis == "nonlinear":
+        dmax = params.compression_max_strain * height
+        offset = params.offset_strain * height
+        nl = model.run([(inf_dofs, None)], (sup_dofs, None), -axis, dmax, params.nonlinear(),
+                       offset, petsc_options, progress=progress)
+        return {**common, "max_displacement_mm": dmax, "offset_displacement_mm": offset,
+                **_nonlinear_summary(nl)}
     d = params.displacement_mm
     bcs = [
         dolfinx.fem.dirichletbc(np.zeros(3), inf_dofs, model.V),
@@ -142,27 +236,21 @@ def solve_compression(model: ElasticModel, cell_tags, cell_tag_by_orig: np.ndarr
         model, force, lambda orig: cell_tag_by_orig[orig] == TAG_BODY,
         params.failed_fraction_compression, params.yield_strain)
     return {
-        "load_case": "compression",
+        **common,
         "displacement_mm": d,
         "reaction_force_n": force,
         "stiffness_n_per_mm": force / d,
         "strength_n": st["strength_n"],
         "strength_criterion": st,
-        "superior_nodes": n_sup,
-        "inferior_nodes": n_inf,
-        "ksp_iterations": info.iterations,
-        "converged_reason": info.converged_reason,
-        "residual_norm": info.residual_norm,
-        "n_dofs": info.n_dofs,
-        "n_cells": info.n_cells,
-        "mpi_ranks": info.mpi_ranks,
-        "seconds": info.seconds,
+        "curve": [{"displacement_mm": 0.0, "force_n": 0.0},
+                  {"displacement_mm": d, "force_n": force}],
+        **_solver_summary(info),
     }
 
 
-def solve_pullout(model: ElasticModel, cell_tags, cell_tag_by_orig: np.ndarray,
-                  cell_centroid_by_orig: np.ndarray, axis_info: dict, screw: Screw,
-                  params: LoadParams, petsc_options=None) -> dict:
+def pullout_dofs(model: ElasticModel, cell_tags, axis_info: dict, screw: Screw,
+                 params: LoadParams):
+    """Endplate node set (held), the screw head face node set and the pull direction."""
     mesh = model.mesh
     facets, h, hmin, hmax, _ = _endplate_dofs(model, cell_tags, axis_info)
     ends = facets[(h >= hmax - params.endplate_depth_mm) | (h <= hmin + params.endplate_depth_mm)]
@@ -176,8 +264,24 @@ def solve_pullout(model: ElasticModel, cell_tags, cell_tag_by_orig: np.ndarray,
     n_head = _count(mesh.comm, head_dofs, n_owned)
     if n_head == 0:
         raise QctfeaError(f"pullout {screw.side}: no screw head nodes found")
+    return end_dofs, head_dofs, -screw.axis, n_head
+
+
+def solve_pullout(model: ElasticModel, cell_tags, cell_tag_by_orig: np.ndarray,
+                  cell_centroid_by_orig: np.ndarray, axis_info: dict, screw: Screw,
+                  params: LoadParams, petsc_options=None, progress=None) -> dict:
+    _check_analysis(params)
+    end_dofs, head_dofs, pull, n_head = pullout_dofs(model, cell_tags, axis_info, screw, params)
+    common = {"load_case": "pullout", "side": screw.side, "analysis": params.analysis,
+              "head_nodes": n_head}
+    if params.analysis == "nonlinear":
+        dmax = params.pullout_max_displacement_mm
+        offset = params.offset_strain * screw.spec.length_mm
+        nl = model.run([(end_dofs, None)], (head_dofs, None), pull, dmax, params.nonlinear(),
+                       offset, petsc_options, progress=progress)
+        return {**common, "max_displacement_mm": dmax, "offset_displacement_mm": offset,
+                **_nonlinear_summary(nl)}
     d = params.displacement_mm
-    pull = -screw.axis  # away from the bone
     bcs = [
         dolfinx.fem.dirichletbc(np.zeros(3), end_dofs, model.V),
         dolfinx.fem.dirichletbc(d * pull, head_dofs, model.V),
@@ -194,19 +298,13 @@ def solve_pullout(model: ElasticModel, cell_tags, cell_tag_by_orig: np.ndarray,
     st = strength_estimate(model, force, region, params.failed_fraction_pullout,
                            params.yield_strain)
     return {
-        "load_case": "pullout",
-        "side": screw.side,
+        **common,
         "displacement_mm": d,
         "reaction_force_n": force,
         "stiffness_n_per_mm": force / d,
         "strength_n": st["strength_n"],
         "strength_criterion": st,
-        "head_nodes": n_head,
-        "ksp_iterations": info.iterations,
-        "converged_reason": info.converged_reason,
-        "residual_norm": info.residual_norm,
-        "n_dofs": info.n_dofs,
-        "n_cells": info.n_cells,
-        "mpi_ranks": info.mpi_ranks,
-        "seconds": info.seconds,
+        "curve": [{"displacement_mm": 0.0, "force_n": 0.0},
+                  {"displacement_mm": d, "force_n": force}],
+        **_solver_summary(info),
     }

@@ -1,0 +1,258 @@
+"""Nonlinear mechanics verification (issue 5): each against an independent answer.
+
+* elasto-plastic bar: yield force = yield stress x area, flat plateau (perfect
+  plasticity), hardening slope = the closed-form elasto-plastic tangent;
+* offset-yield rule on the bar's curve;
+* patch test on a distorted mesh (elastic and fully plastic uniform states);
+* a cylinder bonded in an elastic block and pulled out: stiffness converges
+  under refinement to a refined reference;
+* 1 vs 2 MPI ranks identical to 1e-6 (bar here; vertebra in test_fea).
+"""
+import json
+import sys
+
+import dolfinx_solver  # noqa: F401  (before dolfinx or petsc4py)
+import numpy as np
+import pytest
+
+from conftest import REPO, run, venv_bin
+
+L, W = 10.0, 4.0
+E, NU, SY = 1000.0, 0.3, 2.0
+
+
+def _bar(hardening=0.0, n=(3, 3, 8)):
+    import dolfinx
+    from mpi4py import MPI
+
+    from qctfea.fea.plasticity import PlasticModel
+
+    mesh = dolfinx.mesh.create_box(MPI.COMM_WORLD, [[0, 0, 0], [W, W, L]], list(n),
+                                   dolfinx.mesh.CellType.tetrahedron)
+    nc = mesh.topology.index_map(3).size_global
+    return PlasticModel(mesh, np.full(nc, E), np.full(nc, NU), np.full(nc, SY), hardening), mesh
+
+
+def _uniaxial_supports(m, mesh):
+    """Rollers: bottom z = 0 and top z-displaced (free lateral contraction), rigid modes pinned."""
+    import dolfinx
+
+    top = dolfinx.mesh.locate_entities_boundary(mesh, 2, lambda x: np.isclose(x[2], L))
+    bot = dolfinx.mesh.locate_entities_boundary(mesh, 2, lambda x: np.isclose(x[2], 0))
+    o = dolfinx.mesh.locate_entities_boundary(
+        mesh, 0, lambda x: np.isclose(x[0], 0) & np.isclose(x[1], 0) & np.isclose(x[2], 0))
+    ox = dolfinx.mesh.locate_entities_boundary(
+        mesh, 0, lambda x: np.isclose(x[0], W) & np.isclose(x[1], 0) & np.isclose(x[2], 0))
+    fixed = [(dolfinx.fem.locate_dofs_topological(m.V.sub(2), 2, bot), 2),
+             (dolfinx.fem.locate_dofs_topological(m.V, 0, o), None),
+             (dolfinx.fem.locate_dofs_topological(m.V.sub(1), 0, ox), 1)]
+    loaded = (dolfinx.fem.locate_dofs_topological(m.V.sub(2), 2, top), 2)
+    return fixed, loaded
+
+
+def _run_bar(hardening=0.0, rule="peak", dmax=0.05, increments=10):
+    from qctfea.fea.plasticity import NonlinearParams
+
+    m, mesh = _bar(hardening)
+    fixed, loaded = _uniaxial_supports(m, mesh)
+    p = NonlinearParams(increments=increments, strength_rule=rule, plateau_tangent_ratio=-1.0,
+                        stop_drop_fraction=1.0)
+    return m, m.run(fixed, loaded, np.array([0, 0, -1.0]), dmax, p,
+                    offset_displacement=0.002 * L)
+
+
+def test_bar_yield_force_and_flat_plateau():
+    """Perfect plasticity: F_y = sigma_y A (within 1 %), then flat; k0 = E A / L."""
+    _, r = _run_bar()
+    A = W * W
+    assert r.initial_stiffness_n_per_mm == pytest.approx(E * A / L, rel=5e-3)
+    post = [p for p in r.curve if p.displacement_mm > 1.2 * SY / E * L]
+    assert len(post) >= 5
+    for p in post:
+        assert p.force_n == pytest.approx(SY * A, rel=1e-2)
+    assert r.strength_n == pytest.approx(SY * A, rel=1e-2)
+    # Flat: the last increments differ by far less than one elastic step.
+    assert abs(post[-1].force_n - post[0].force_n) < 1e-3 * SY * A
+    assert all(p.newton_iterations <= 5 for p in r.curve)
+
+
+def test_bar_hardening_slope_closed_form():
+    """Linear hardening H = h E: post-yield slope = A/L * E H / (E + H)."""
+    h = 0.1
+    _, r = _run_bar(hardening=h)
+    A, H = W * W, h * E
+    post = [p for p in r.curve if p.displacement_mm > 1.2 * SY / E * L]
+    slope = (post[-1].force_n - post[0].force_n) / (post[-1].displacement_mm
+                                                   - post[0].displacement_mm)
+    assert slope == pytest.approx(A / L * E * H / (E + H), rel=1e-2)
+    d = r.curve[-1].displacement_mm
+    assert r.curve[-1].force_n == pytest.approx(SY * A + A / L * E * H / (E + H)
+                                                * (d - SY / E * L), rel=1e-3)
+
+
+def test_bar_offset_rule():
+    """The 0.2 % offset line crosses the plateau at sigma_y A and stops the run there."""
+    _, r = _run_bar(rule="offset", increments=20)
+    assert r.offset_yield_n == pytest.approx(SY * W * W, rel=1e-2)
+    assert r.strength_n == r.offset_yield_n
+    assert r.offset_yield_displacement_mm == pytest.approx((SY / E + 0.002) * L, rel=2e-2)
+    assert r.stop_reason == "offset yield point reached"
+    assert r.curve[-1].displacement_mm < 0.05  # stopped early
+
+
+def test_softening_is_refused():
+    from qctfea.provenance import QctfeaError
+
+    with pytest.raises(QctfeaError, match="softening is not supported"):
+        _bar(hardening=-0.05)
+
+
+def _distorted_box():
+    """Unit-cube-like box whose interior nodes are moved randomly (up to 30 % of h)."""
+    import dolfinx
+    from mpi4py import MPI
+
+    mesh = dolfinx.mesh.create_box(MPI.COMM_SELF, [[0, 0, 0], [4, 4, 4]], [4, 4, 4],
+                                   dolfinx.mesh.CellType.tetrahedron)
+    x = mesh.geometry.x
+    inner = np.all((x > 1e-9) & (x < 4 - 1e-9), axis=1)
+    rng = np.random.default_rng(3)
+    x[inner] += rng.uniform(-0.3, 0.3, size=(inner.sum(), 3))
+    return mesh
+
+
+def _patch_bcs(model):
+    import dolfinx
+
+    facets = dolfinx.mesh.exterior_facet_indices(model.mesh.topology)
+    return dolfinx.fem.locate_dofs_topological(model.V, 2, facets)
+
+
+def test_patch_test_distorted_mesh_elastic_and_plastic():
+    """Linear boundary displacement u = G x on a distorted mesh: the FE solution is exact
+    everywhere (elastic), and the fully plastic uniform state has q = sigma_y everywhere."""
+    import dolfinx
+
+    from qctfea.fea.elasticity import ElasticModel
+    from qctfea.fea.plasticity import PlasticModel
+
+    mesh = _distorted_box()
+    mesh.topology.create_connectivity(2, 3)
+    nc = mesh.topology.index_map(3).size_global
+    G = np.array([[1.0, 0.3, 0.0], [0.1, -0.5, 0.2], [0.0, 0.4, 0.7]]) * 1e-3
+    model = ElasticModel(mesh, np.full(nc, E), np.full(nc, NU))
+    dofs = _patch_bcs(model)
+    g = dolfinx.fem.Function(model.V)
+    g.interpolate(lambda x: G @ x)
+    model.solve([dolfinx.fem.dirichletbc(g, dofs)])
+    exact = dolfinx.fem.Function(model.V)
+    exact.interpolate(lambda x: G @ x)
+    err = np.abs(model.u.x.array - exact.x.array).max()
+    assert err < 1e-8 * np.abs(exact.x.array).max()
+
+    # Plastic: pure shear-like deviatoric loading far past yield, uniform state.
+    # Plastic: the exact (homogeneous) displacement G x applied in 5 increments. The
+    # uniform state must be exact on the distorted mesh: q = sigma_y in every element and
+    # the internal force vanishes at every interior node (equilibrium).
+    pm = PlasticModel(mesh, np.full(nc, E), np.full(nc, NU), np.full(nc, SY))
+    gd = dolfinx.fem.Function(pm.V)
+    Gp = 5.0 * G
+    gd.interpolate(lambda x: Gp @ x)
+    steps = 5
+    for _ in range(steps):
+        pm.du.x.array[:] = gd.x.array / steps
+        pm.return_mapping()
+        pm.commit()
+    q = pm.von_mises()
+    eps = 0.5 * (Gp + Gp.T)
+    dev = eps - np.trace(eps) / 3 * np.eye(3)
+    mu = E / (2 * (1 + NU))
+    q_el = np.sqrt(1.5) * 2 * mu * np.linalg.norm(dev)
+    assert q_el > 1.5 * SY  # the state is far past yield
+    np.testing.assert_allclose(q, SY, rtol=1e-10)
+    # Equilibrium of the uniform plastic state on the distorted mesh: interior residual ~ 0.
+    import dolfinx.fem.petsc
+    from petsc4py import PETSc
+
+    b = dolfinx.fem.petsc.assemble_vector(pm.f_internal)
+    b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+    arr = b.getArray().reshape(-1, 3).copy()
+    arr[dofs] = 0.0
+    assert np.abs(arr).max() < 1e-9 * SY
+
+
+def _cylinder_in_block_stiffness(cell_mm: float) -> tuple[float, int]:
+    """A titanium cylinder bonded 20 mm deep into a 1 GPa block, pulled out: stiffness."""
+    import dolfinx
+    import SimpleITK as sitk
+    from mpi4py import MPI
+
+    from qctfea.fea.elasticity import ElasticModel, boundary_facets_of_tags, facet_midpoints
+    from qctfea.masks import BODY
+    from qctfea.meshing import TAG_SCREW, MeshParams, generate_mesh, write_mesh
+    from qctfea.screw import Screw, ScrewSpec
+
+    import tempfile
+
+    img = sitk.Image([40, 40, 60], sitk.sitkUInt8) + BODY  # 20 x 20 x 30 mm at 0.5 mm
+    img.SetSpacing([0.5, 0.5, 0.5])
+    spec = ScrewSpec(diameter_mm=6.0, length_mm=20.0, head_length_mm=5.0)
+    top = 59 * 0.5
+    screw = Screw("left", np.array([9.75, 9.75, top]), np.array([0.0, 0.0, -1.0]), spec)
+    params = MeshParams(voxel_mm=0.25, bone_cell_size_mm=cell_mm, screw_cell_size_mm=cell_mm,
+                        facet_distance_mm=0.05, margin_mm=0.0, seed=1)
+    pts, cells, tags, _ = generate_mesh(img, [screw], params, log=open("/dev/null", "w"))
+    with tempfile.TemporaryDirectory() as td:
+        write_mesh(f"{td}/m.xdmf", pts, cells, tags)
+        with dolfinx.io.XDMFFile(MPI.COMM_SELF, f"{td}/m.xdmf", "r") as f:
+            mesh = f.read_mesh(name="mesh")
+            ct = f.read_meshtags(mesh, name="cell_tags")
+    mesh.topology.create_connectivity(2, 3)
+    E_c = np.where(tags == TAG_SCREW["left"], 110000.0, 1000.0)
+    model = ElasticModel(mesh, E_c, np.full(len(tags), 0.3))
+    zmin = pts[:, 2].min()
+    bot = dolfinx.mesh.locate_entities_boundary(mesh, 2, lambda x: x[2] < zmin + 0.2)
+    sf = boundary_facets_of_tags(mesh, ct, [TAG_SCREW["left"]])
+    s, _ = screw.axial_radial(facet_midpoints(mesh, sf))
+    head = sf[s <= s.min() + 0.2]
+    bd = dolfinx.fem.locate_dofs_topological(model.V, 2, bot)
+    hd = dolfinx.fem.locate_dofs_topological(model.V, 2, head)
+    d = 0.01
+    model.solve([dolfinx.fem.dirichletbc(np.zeros(3), bd, model.V),
+                 dolfinx.fem.dirichletbc(np.array([0, 0, d]), hd, model.V)])
+    return model.reaction(hd, np.array([0, 0, 1.0])) / d, len(cells)
+
+
+@pytest.mark.slow
+def test_cylinder_pullout_converges_to_refined_reference():
+    sizes = [4.0, 2.0, 1.0]
+    ks = [_cylinder_in_block_stiffness(h) for h in sizes]
+    k_ref, n_ref = _cylinder_in_block_stiffness(0.7)
+    errs = [abs(k - k_ref) / k_ref for k, _ in ks]
+    print("cylinder pullout stiffness", [(h, round(k), n) for h, (k, n) in zip(sizes, ks)],
+          "reference", round(k_ref), n_ref, "relative errors", errs)
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 0.02
+
+
+def test_nonlinear_bar_same_on_1_and_2_ranks(tmp_path):
+    script = tmp_path / "bar.py"
+    script.write_text(f"""
+import sys, json
+sys.path.insert(0, {str(REPO / 'tests')!r})
+import dolfinx_solver
+from mpi4py import MPI
+import numpy as np
+from test_plasticity import _run_bar
+_, r = _run_bar(hardening=0.05)
+if MPI.COMM_WORLD.rank == 0:
+    json.dump([p.force_n for p in r.curve], open(sys.argv[1], 'w'))
+""")
+    out = {}
+    for n in (1, 2):
+        o = tmp_path / f"f{n}.json"
+        p = run([venv_bin("mpiexec"), "-n", str(n), sys.executable, str(script), str(o)],
+                cwd=REPO, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        out[n] = np.array(json.loads(o.read_text()))
+    np.testing.assert_allclose(out[2], out[1], rtol=1e-6)
