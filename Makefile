@@ -16,7 +16,11 @@ demo: env
 	@start=$$(date +%s); \
 	snakemake --cores $(CORES) --config cohort=demo --printshellcmds --show-failed-logs; \
 	rc=$$?; echo "[demo] workflow finished in $$(( $$(date +%s) - start )) s (exit $$rc)"; \
-	[ $$rc = 0 ] && echo "[demo] results: results/demo/tables/longitudinal.csv, results/demo/stats/"; exit $$rc
+	[ $$rc = 0 ] || exit $$rc; \
+	snakemake --config cohort=demo --report results/demo/report.html > logs/demo/report.log 2>&1; \
+	rc=$$?; [ $$rc = 0 ] || { tail -20 logs/demo/report.log; exit $$rc; }; \
+	echo "[demo] results: results/demo/{tables,stats,figures}/, summary page results/demo/report/summary.html"; \
+	echo "[demo] Snakemake report (figures, tables, method of every rule): results/demo/report.html"
 
 demo-study: env
 	snakemake --cores $(CORES) --config cohort=demo-study --show-failed-logs

@@ -76,6 +76,22 @@ def test_scan_row_flattens_and_averages_sides() -> None:
     assert with_dxa["areal_bmd_g_cm2"] == 0.9 and with_dxa["ct_areal_bmd_g_cm2"] == 1.5
 
 
+def test_scan_row_source_and_keys_it_does_not_use() -> None:
+    f = _fake_scan(150.0, 200.0, 220.0, 900.0, 1100.0)
+    # Keys another analysis may add are ignored; iteration counts are optional.
+    f["compression.json"].update(analysis="nonlinear", curve=[{"u": 0, "f": 0}],
+                                 newton_iterations=12)
+    del f["pullout_right.json"]["ksp_iterations"]
+    row = cohort.scan_row(
+        "P01", "M12", 12, f["bmd.json"], f["compression.json"],
+        {"left": f["pullout_left.json"], "right": f["pullout_right.json"]},
+        f["mesh.json"], f["calibration.json"], None,
+    )
+    assert list(row) == cohort.COLUMNS
+    assert row["areal_bmd_source"] == "ct" and math.isnan(row["pullout_iterations_right"])
+    assert row["compression_strength_n"] == pytest.approx(6000.0)
+
+
 def test_scan_row_missing_key_names_file() -> None:
     f = _fake_scan(150.0, 200.0, 220.0, 900.0, 1100.0)
     del f["pullout_right.json"]["strength_n"]
@@ -104,16 +120,18 @@ def test_change_from_baseline_hand_numbers() -> None:
     df = cohort.longitudinal_table([
         _row("A", "M00", 0, v=200.0), _row("A", "M12", 12, v=180.0),
         _row("A", "M24", 24, v=150.0),
-        _row("B", "M12", 12, v=50.0), _row("B", "M24", 24, v=55.0),  # baseline is M12
+        _row("B", "M12", 12, v=50.0), _row("B", "M24", 24, v=55.0),  # no baseline scan
         _row("C", "M00", 0, v=0.0), _row("C", "M12", 12, v=10.0),
     ])
     out = cohort.change_from_baseline(df, ["v"]).set_index(["patient", "timepoint"])
+    assert (out["baseline_timepoint"] == "M00").all()
     assert out.loc[("A", "M00"), "change_pct"] == 0.0
     assert out.loc[("A", "M12"), "change_abs"] == pytest.approx(-20.0)
     assert out.loc[("A", "M12"), "change_pct"] == pytest.approx(-10.0)
     assert out.loc[("A", "M24"), "change_pct"] == pytest.approx(-25.0)
-    assert out.loc[("B", "M24"), "baseline_value"] == 50.0
-    assert out.loc[("B", "M24"), "change_pct"] == pytest.approx(10.0)
+    # B has no M00 scan: no change from baseline (not a change from its M12 scan).
+    assert math.isnan(out.loc[("B", "M24"), "baseline_value"])
+    assert math.isnan(out.loc[("B", "M24"), "change_abs"])
     assert out.loc[("C", "M12"), "change_abs"] == 10.0
     assert math.isnan(out.loc[("C", "M12"), "change_pct"])  # zero baseline
     assert list(cohort.change_from_baseline(df, ["v"]).columns) == cohort.CHANGE_COLUMNS
@@ -162,6 +180,9 @@ def test_paired_tests_against_hand_formulas_and_nan_handling() -> None:
     assert r["p_wilcoxon"] == pytest.approx(_exact_wilcoxon_two_sided(d))
     # By hand: ranks of |d| are 3,1,4,2,5, W- = 2; subsets of {1..5} with sum <= 2: {}, {1}, {2}.
     assert r["p_wilcoxon"] == pytest.approx(2 * 3 / 32)
+    # One follow-up: Holm leaves p as is. The table says who was not paired.
+    assert r["p_ttest_holm"] == pytest.approx(r["p_ttest"])
+    assert r["n_patients"] == 7 and r["patients_not_paired"] == "P6;P7"
 
 
 def test_wilcoxon_exact_hand_value() -> None:
@@ -330,14 +351,16 @@ def test_statistics_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     df = cohort.aggregate(samples, res_dir, long_csv)
     out = tmp_path / "stats"
     summary = cohort.statistics(long_csv, out)
-    for name in ("correlations.csv", "changes.csv", "change_from_baseline.csv",
-                 "summary.json", "pullout_scatter.png"):
+    for name in cohort.STAT_FILES.values():
         assert (out / name).is_file(), name
-    assert (out / "pullout_scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "qctfea statistics" in capsys.readouterr().err
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["headlines"] == summary["headlines"]
     assert summary["n_patients"] == 5 and summary["n_scans"] == 15
+    assert summary["missing_scans"] == []
+    # DXA only at M00 in this cohort: the areal BMD source per timepoint says so.
+    assert summary["areal_bmd_source"] == {"M00": "clinical DXA", "M12": "CT-derived",
+                                           "M24": "CT-derived"}
     changes = pd.read_csv(out / "changes.csv")
     assert set(changes["timepoint"]) == {"M12", "M24"}
     c = changes[(changes["metric"] == "pullout_strength_n") & (changes["timepoint"] == "M24")]
@@ -345,9 +368,159 @@ def test_statistics_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     f = df[df["timepoint"] == "M24"].set_index("patient")["pullout_strength_n"]
     pct = (100 * (f - b) / b).mean()
     assert c.iloc[0]["mean_change_pct"] == pytest.approx(pct)
-    head = [h for h in summary["headlines"] if h.startswith("pullout_strength_n:")]
-    assert head and f"{pct:+.1f} % at 24 months" in head[0] and "n = 5 pairs" in head[0]
-    assert any("pullout strength vs around-screw vBMD at M24: r = " in h
-               for h in summary["headlines"])
+    head = [h for h in summary["headlines"]
+            if h.startswith("Pullout strength") and "to M24" in h]
+    assert head and f"{abs(pct):.1f} % from M00 to M24" in head[0]
+    assert "n = 5 pairs" in head[0] and "Holm" in head[0] and "mixed model (15 scans" in head[0]
+    corr_lines = [h for h in summary["headlines"] if h.startswith("At M24, pullout strength")]
+    assert corr_lines and "Steiger z = " in corr_lines[0] and "Williams t(2) = " in corr_lines[0]
+    assert summary["headlines"][0].startswith("Data: 15 of 15 planned scans")
     corr = pd.read_csv(out / "correlations.csv")
-    assert len(corr) == 3 * 6
+    assert len(corr) == 3 * 2 * 4
+    m00 = corr[(corr["timepoint"] == "M00") & (corr["predictor"] == "areal_bmd_g_cm2")]
+    assert set(m00["predictor_source"]) == {"clinical DXA"} and set(m00["n"]) == {5}
+    mm = pd.read_csv(out / "mixed_models.csv")
+    assert set(mm["model"]) == {"timepoint", "linear"}
+    assert (mm["n_obs"] == 15).all() or "dxa" in " ".join(mm["metric"])
+
+
+# --------------------------------------------------------------------------- missing follow-up
+
+
+def _missing_followup_table() -> pd.DataFrame:
+    """6 patients x M00/M12/M24; P3 lacks M12, P5's M24 value is NaN; DXA except P2 M24."""
+    rng = np.random.default_rng(8)
+    rows = []
+    for i in range(6):
+        for tp, m in (("M00", 0.0), ("M12", 12.0), ("M24", 24.0)):
+            if (i, tp) == (3, "M12"):
+                continue
+            screw = 170 + 12 * i + 0.5 * m + rng.normal(scale=3)
+            rows.append(_row(
+                f"P{i}", tp, m, pullout_strength_n=300 + 9 * screw + rng.normal(scale=50),
+                compression_strength_n=3000 + 20 * i + 10 * m + rng.normal(scale=40),
+                around_screw_vbmd_mg_cm3=screw, trabecular_vbmd_mg_cm3=screw / 2 + rng.normal(),
+                integral_vbmd_mg_cm3=screw * 0.8 + rng.normal(),
+                ct_areal_bmd_g_cm2=0.5 + screw / 1000 + rng.normal(scale=0.01),
+                dxa_areal_bmd_g_cm2=np.nan if (i, tp) == (2, "M24")
+                else 0.7 + screw / 800 + rng.normal(scale=0.02)))
+    df = cohort.longitudinal_table(rows)
+    df.loc[(df["patient"] == "P5") & (df["timepoint"] == "M24"), "pullout_strength_n"] = np.nan
+    return df
+
+
+def test_missing_followup_tables_say_what_was_used() -> None:
+    df = _missing_followup_table()
+    assert cohort.missing_scans(df) == [("P3", "M12")]
+    metrics = ["pullout_strength_n", "dxa_areal_bmd_g_cm2"]
+    wide = cohort.wide_table(df, metrics).set_index("patient")
+    assert wide.loc["P3", "n_scans"] == 2 and wide.loc["P3", "timepoints_missing"] == "M12"
+    assert math.isnan(wide.loc["P3", "pullout_strength_n_M12"])
+    p1 = df[df["patient"] == "P1"].set_index("timepoint")["pullout_strength_n"]
+    assert wide.loc["P1", "pullout_strength_n_M24_change"] == pytest.approx(p1["M24"] - p1["M00"])
+    assert wide.loc["P1", "pullout_strength_n_M24_change_pct"] == pytest.approx(
+        100 * (p1["M24"] - p1["M00"]) / p1["M00"])
+    summ = cohort.summary_by_timepoint(df, metrics)
+    m12 = summ[(summ["metric"] == "pullout_strength_n") & (summ["quantity"] == "value")
+               & (summ["timepoint"] == "M12")].iloc[0]
+    vals = df.loc[df["timepoint"] == "M12", "pullout_strength_n"].to_numpy()
+    assert m12["n"] == 5 and m12["n_missing"] == 1
+    assert m12["mean"] == pytest.approx(vals.mean())
+    assert m12["sd"] == pytest.approx(vals.std(ddof=1))
+    assert m12["median"] == pytest.approx(np.median(vals))
+    assert m12["mean_sd"] == f"{vals.mean():.0f} ± {vals.std(ddof=1):.0f}"
+    m24 = summ[(summ["metric"] == "pullout_strength_n") & (summ["quantity"] == "change_pct")
+               & (summ["timepoint"] == "M24")].iloc[0]
+    assert m24["n"] == 5 and m24["n_missing"] == 1  # P5's M24 value is NaN
+    t1 = cohort.baseline_characteristics(df, metrics).set_index("characteristic")
+    assert t1.loc["scans (present of planned)", "mean_sd"] == "17 of 18; missing P3 M12"
+    assert t1.loc["clinical DXA at baseline", "n"] == 6
+    base = df.loc[df["timepoint"] == "M00", "pullout_strength_n"]
+    assert t1.loc["pullout strength at M00", "mean"] == pytest.approx(base.mean())
+    assert t1.loc["pullout strength at M00", "q1"] == pytest.approx(np.percentile(base, 25))
+
+
+def test_missing_followup_tests_count_pairs() -> None:
+    df = _missing_followup_table()
+    ch = cohort.paired_change_tests(df, ["pullout_strength_n"]).set_index("timepoint")
+    assert ch.loc["M12", "n_pairs"] == 5 and ch.loc["M12", "patients_not_paired"] == "P3"
+    assert ch.loc["M24", "n_pairs"] == 5 and ch.loc["M24", "patients_not_paired"] == "P5"
+    # Holm over the two follow-ups, by hand.
+    p = ch["p_ttest"].to_numpy()
+    lo, hi = sorted(p)
+    adj = {lo: min(1, 2 * lo), hi: min(1, max(2 * lo, hi))}
+    assert ch["p_ttest_holm"].to_numpy() == pytest.approx([adj[v] for v in p])
+    # The paired t on the 5 pairs, by hand.
+    v = df.pivot(index="patient", columns="timepoint", values="pullout_strength_n")
+    d = (v["M12"] - v["M00"]).dropna().to_numpy()
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+    assert ch.loc["M12", "t"] == pytest.approx(t)
+    fr = cohort.friedman_tests(df, ["pullout_strength_n"]).iloc[0]
+    assert fr["n_complete"] == 4 and fr["patients_excluded"] == "P3;P5"
+    assert fr["chi2"] == pytest.approx(stats.friedmanchisquare(
+        *v.dropna()[["M00", "M12", "M24"]].to_numpy().T).statistic)
+
+
+def test_missing_followup_mixed_model_keeps_every_scan() -> None:
+    from qctfea import stats as st
+
+    df = _missing_followup_table()
+    mm = cohort.mixed_models(df, ["pullout_strength_n"])
+    tp = mm[mm["model"] == "timepoint"].set_index("term")
+    assert list(tp.index) == ["Intercept [M00]", "M12 - M00", "M24 - M00"]
+    assert (tp["n_obs"] == 16).all() and (tp["n_patients"] == 6).all()  # 17 scans, 1 NaN
+    assert (tp["n_patients_complete"] == 4).all()
+    sub = df.dropna(subset=["pullout_strength_n"])
+    X = np.column_stack([np.ones(len(sub)), sub["timepoint"] == "M12",
+                         sub["timepoint"] == "M24"]).astype(float)
+    fit = st.random_intercept_lmm(sub["pullout_strength_n"], X, sub["patient"])
+    assert tp["estimate"].to_numpy() == pytest.approx(fit.beta)
+    assert tp.loc["M24 - M00", "df"] == 16 - 6 - 2
+    lin = mm[(mm["model"] == "linear") & (mm["term"] == "months")].iloc[0]
+    assert lin["n_obs"] == 16 and lin["estimate"] > 0
+
+
+def test_missing_followup_correlations_and_comparison() -> None:
+    from qctfea import stats as st
+
+    df = _missing_followup_table()
+    corr = cohort.correlation_table(df, cohort.DEFAULT_CORRELATIONS)
+    areal = corr[(corr["predictor"] == "areal_bmd_g_cm2")
+                 & (corr["outcome"] == "pullout_strength_n")].set_index("timepoint")
+    assert (areal["predictor_source"] == "clinical DXA").all()
+    # M24: P2 has no DXA and P5 no pullout value -> 4 pairs; M12: P3 missing -> 5.
+    assert areal.loc["M24", "n"] == 4 and areal.loc["M12", "n"] == 5
+    comp = cohort.compare_correlations(df).set_index(["timepoint", "outcome", "predictor_qct"])
+    row = comp.loc[("M24", "pullout_strength_n", "around_screw_vbmd_mg_cm3")]
+    sub = df[df["timepoint"] == "M24"][["pullout_strength_n", "around_screw_vbmd_mg_cm3",
+                                       "dxa_areal_bmd_g_cm2"]].dropna()
+    r = np.corrcoef(sub.to_numpy().T)
+    assert row["n"] == 4
+    assert row["r_qct"] == pytest.approx(r[0, 1]) and row["r_areal"] == pytest.approx(r[0, 2])
+    r12, r13, r23 = r[0, 1], r[0, 2], r[1, 2]
+    assert row["steiger_z"] == pytest.approx(st.steiger_z(r12, r13, r23, 4)["statistic"])
+    assert row["williams_t"] == pytest.approx(st.williams_t(r12, r13, r23, 4)["statistic"])
+    # Without any DXA the CT-derived areal BMD is used, and said so.
+    no_dxa = df.assign(dxa_areal_bmd_g_cm2=np.nan)
+    c2 = cohort.correlation_table(no_dxa, {"pullout_strength_n": ["areal_bmd_g_cm2"]})
+    assert set(c2["predictor_source"]) == {"CT-derived"}
+    m00 = no_dxa[no_dxa["timepoint"] == "M00"]
+    assert c2.iloc[0]["r"] == pytest.approx(np.corrcoef(m00["ct_areal_bmd_g_cm2"],
+                                                        m00["pullout_strength_n"])[0, 1])
+
+
+def test_statistics_and_tables_with_missing_followup(tmp_path: Path) -> None:
+    df = _missing_followup_table()
+    long_csv = tmp_path / "tables" / "longitudinal.csv"
+    long_csv.parent.mkdir()
+    df.to_csv(long_csv, index=False)
+    paths = cohort.tables(long_csv, tmp_path / "tables")
+    assert {p.name for p in paths.values()} == set(cohort.TABLE_FILES.values())
+    s = cohort.statistics(long_csv, tmp_path / "stats")
+    assert s["missing_scans"] == [{"patient": "P3", "timepoint": "M12"}]
+    assert s["n_scans"] == 17 and s["n_scans_planned"] == 18
+    data = s["headlines"][0]
+    assert "17 of 18 planned scans" in data and "missing P3 M12" in data
+    assert "the mixed models all 17 scans" in data
+    m12 = [h for h in s["headlines"] if h.startswith("Pullout strength") and "to M12" in h][0]
+    assert "n = 5 pairs; not paired: P3" in m12 and "mixed model (16 scans of 6 patients)" in m12

@@ -118,9 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", required=True, help="results/<cohort> folder")
     s.add_argument("--out-csv", required=True)
 
-    s = sub.add_parser("stats", help="longitudinal table -> changes, correlations, figures")
+    s = sub.add_parser("stats", help="longitudinal table -> paired tests, Friedman, mixed "
+                       "models, correlations, summary.json")
     s.add_argument("long_csv")
     s.add_argument("--out-dir", required=True)
+
+    s = sub.add_parser("tables", help="longitudinal table -> wide table, change from "
+                       "baseline, summary per timepoint, Table 1")
+    s.add_argument("long_csv")
+    s.add_argument("--out-dir", required=True)
+
+    s = sub.add_parser("figures", help="longitudinal table -> spaghetti and scatter figures")
+    s.add_argument("long_csv")
+    s.add_argument("--out-dir", required=True)
+
+    s = sub.add_parser("montage", help="per-scan PNGs -> QC montage (PNG + SVG)")
+    s.add_argument("--results", required=True, help="results/<cohort> folder")
+    s.add_argument("--picture", default="calibration.png", help="per-scan file name")
+    s.add_argument("--out-png", required=True)
+    s.add_argument("--out-svg", required=True)
+
+    s = sub.add_parser("summary-page", help="tables, stats, figures -> self-contained HTML")
+    s.add_argument("--results", required=True, help="results/<cohort> folder")
+    s.add_argument("--out-html", required=True)
     return p
 
 
@@ -161,6 +181,37 @@ def run(a) -> None:
         from qctfea import cohort
 
         cohort.statistics(a.long_csv, a.out_dir)
+    elif a.step in ("tables", "figures", "montage", "summary-page"):
+        _cohort_step(a)
+
+
+def _cohort_step(a) -> None:
+    """The cohort-level steps after ``stats`` (tables, figures, QC montage, summary page)."""
+    from qctfea import cohort, figures, report
+
+    if a.step == "tables":
+        cohort.tables(a.long_csv, a.out_dir)
+    elif a.step == "figures":
+        figures.cohort_figures(a.long_csv, a.out_dir)
+    elif a.step == "montage":
+        root = Path(a.results)
+        entries = [(f.parent.parent.name, f.parent.name, f)
+                   for f in sorted(root.glob(f"*/*/{a.picture}"))]
+        if not entries:
+            raise QctfeaError(f"no {root}/<patient>/<timepoint>/{a.picture} found")
+        df = cohort.read_long_table(root / "tables" / "longitudinal.csv")
+        figures.qc_montage(entries, {"png": a.out_png, "svg": a.out_svg}, a.picture,
+                           [str(t) for t in cohort.timepoint_months(df).index])
+    else:
+        root = Path(a.results)
+        pngs = sorted((root / "figures").glob("*.png"))
+        report.summary_page(
+            root / "stats" / "summary.json",
+            {k: root / "tables" / v for k, v in cohort.TABLE_FILES.items()},
+            {k: root / "stats" / v for k, v in cohort.STAT_FILES.items()},
+            [f for f in pngs if not f.stem.startswith("qc_")]
+            + [f for f in pngs if f.stem.startswith("qc_")],
+            a.out_html, root.name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,19 +1,28 @@
-"""Cohort aggregation and longitudinal statistics.
+"""Cohort aggregation, longitudinal tables and statistics.
 
 The per-scan steps of the pipeline leave JSON files in
 ``results/<cohort>/<patient>/<timepoint>/`` (``bmd.json``, ``compression.json``,
 ``pullout_left.json``, ``pullout_right.json``, ``mesh.json``, ``calibration.json``).
-This module flattens them into one long table (one row per patient x timepoint),
-and computes from that table:
+This module flattens them into one long table (one row per patient x timepoint)
+and derives from it, without assuming complete data:
 
-* change from baseline per patient (absolute and percent), where a patient's
-  baseline is its earliest scan;
-* paired tests of each follow-up timepoint against the cohort baseline
-  timepoint (paired t test and Wilcoxon signed-rank test), using only the
-  patients that have a non-missing value at both timepoints;
-* Pearson correlations with Fisher-z confidence intervals (and Spearman rank
-  correlations) between FE outcomes and densitometric predictors, per timepoint;
-* a short JSON summary with headline sentences and a scatter figure.
+* tables (:func:`tables`): change from the cohort baseline per patient (long
+  and wide), a summary per timepoint (n, mean +/- SD, median [IQR]) and the
+  baseline characteristics (Table 1);
+* statistics (:func:`statistics`): each follow-up against baseline (paired t
+  and Wilcoxon signed-rank, Holm-corrected over the follow-ups of a metric;
+  only patients with both values are paired and the table says how many and
+  who was left out), Friedman across all timepoints (complete cases), a
+  random-intercept linear mixed model per metric (REML; keeps every available
+  scan), Pearson/Spearman correlations per timepoint and the comparison of the
+  QCT and areal-BMD correlations with the outcome (Williams' t, Steiger's z);
+* a ``summary.json`` with headline sentences that carry their numbers.
+
+The baseline timepoint is the one with the smallest (median) months in the
+cohort. Areal BMD in the statistics is the clinical DXA value from the sample
+sheet at a timepoint where any scan has one (scans without it drop out of that
+analysis), else the CT-derived one; every output says which it used.
+The statistics themselves live in :mod:`qctfea.stats`.
 """
 
 from __future__ import annotations
@@ -21,15 +30,14 @@ from __future__ import annotations
 import math
 import os
 import sys
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from qctfea import stats as st
 from qctfea.provenance import QctfeaError, atomic_path, provenance, read_json, write_json
 
 #: Columns of the long table, in order.
@@ -45,6 +53,7 @@ COLUMNS: list[str] = [
     "ct_areal_bmd_g_cm2",
     "dxa_areal_bmd_g_cm2",
     "areal_bmd_g_cm2",
+    "areal_bmd_source",
     "compression_stiffness_n_per_mm",
     "compression_strength_n",
     "pullout_stiffness_left_n_per_mm",
@@ -64,30 +73,58 @@ COLUMNS: list[str] = [
     "pullout_iterations_right",
 ]
 
-#: Metrics tested for change from baseline by :func:`statistics`.
+#: Metrics summarised, tested for change and modelled (all-missing ones are skipped).
 DEFAULT_METRICS: list[str] = [
+    "pullout_strength_n",
+    "pullout_stiffness_n_per_mm",
+    "compression_strength_n",
+    "compression_stiffness_n_per_mm",
+    "around_screw_vbmd_mg_cm3",
     "trabecular_vbmd_mg_cm3",
     "integral_vbmd_mg_cm3",
-    "around_screw_vbmd_mg_cm3",
-    "areal_bmd_g_cm2",
-    "compression_stiffness_n_per_mm",
-    "compression_strength_n",
-    "pullout_stiffness_n_per_mm",
-    "pullout_strength_n",
+    "ct_areal_bmd_g_cm2",
+    "dxa_areal_bmd_g_cm2",
 ]
+
+#: The resolved areal BMD (clinical DXA where present, else CT-derived; see module doc).
+AREAL = "areal_bmd_g_cm2"
 
 #: Outcome -> predictors correlated per timepoint by :func:`statistics`.
 DEFAULT_CORRELATIONS: dict[str, list[str]] = {
     "pullout_strength_n": [
         "around_screw_vbmd_mg_cm3",
         "trabecular_vbmd_mg_cm3",
-        "areal_bmd_g_cm2",
+        "integral_vbmd_mg_cm3",
+        AREAL,
     ],
     "compression_strength_n": [
+        "around_screw_vbmd_mg_cm3",
         "trabecular_vbmd_mg_cm3",
         "integral_vbmd_mg_cm3",
-        "areal_bmd_g_cm2",
+        AREAL,
     ],
+}
+
+#: Outcome -> QCT predictors whose correlation is compared with the areal BMD one.
+DEFAULT_COMPARISONS: dict[str, list[str]] = {
+    "pullout_strength_n": ["around_screw_vbmd_mg_cm3", "trabecular_vbmd_mg_cm3"],
+    "compression_strength_n": ["trabecular_vbmd_mg_cm3", "integral_vbmd_mg_cm3"],
+}
+
+#: Metric -> (label, unit) for tables, figures and sentences.
+METRIC_INFO: dict[str, tuple[str, str]] = {
+    "pullout_strength_n": ("pullout strength", "N"),
+    "pullout_stiffness_n_per_mm": ("pullout stiffness", "N/mm"),
+    "compression_strength_n": ("compression strength", "N"),
+    "compression_stiffness_n_per_mm": ("compression stiffness", "N/mm"),
+    "around_screw_vbmd_mg_cm3": ("vBMD around the screw", "mg/cm³"),
+    "trabecular_vbmd_mg_cm3": ("trabecular vBMD", "mg/cm³"),
+    "integral_vbmd_mg_cm3": ("integral vBMD", "mg/cm³"),
+    "ct_areal_bmd_g_cm2": ("CT-derived areal BMD", "g/cm²"),
+    "dxa_areal_bmd_g_cm2": ("clinical DXA areal BMD", "g/cm²"),
+    AREAL: ("areal BMD", "g/cm²"),
+    "calibration_r2": ("calibration R²", ""),
+    "mesh_cells": ("mesh elements", ""),
 }
 
 #: Per-scan input files read by :func:`aggregate`.
@@ -105,6 +142,7 @@ CHANGE_COLUMNS: list[str] = [
     "patient",
     "timepoint",
     "months",
+    "baseline_timepoint",
     "baseline_value",
     "value",
     "change_abs",
@@ -124,6 +162,46 @@ PAIRED_COLUMNS: list[str] = [
     "t",
     "p_ttest",
     "p_wilcoxon",
+    "p_ttest_holm",
+    "p_wilcoxon_holm",
+    "n_patients",
+    "patients_not_paired",
+]
+
+FRIEDMAN_COLUMNS: list[str] = [
+    "metric",
+    "timepoints",
+    "k",
+    "n_complete",
+    "n_patients",
+    "chi2",
+    "df",
+    "p",
+    "patients_excluded",
+]
+
+MIXED_COLUMNS: list[str] = [
+    "metric",
+    "model",
+    "term",
+    "estimate",
+    "se",
+    "df",
+    "t",
+    "p",
+    "ci_low",
+    "ci_high",
+    "p_z",
+    "n_obs",
+    "n_patients",
+    "n_patients_complete",
+    "var_patient",
+    "var_residual",
+    "icc",
+    "reml_loglik",
+    "converged",
+    "boundary",
+    "note",
 ]
 
 CORRELATION_COLUMNS: list[str] = [
@@ -131,6 +209,7 @@ CORRELATION_COLUMNS: list[str] = [
     "months",
     "outcome",
     "predictor",
+    "predictor_source",
     "n",
     "r",
     "p",
@@ -140,14 +219,67 @@ CORRELATION_COLUMNS: list[str] = [
     "p_spearman",
 ]
 
-_LABELS: dict[str, str] = {
-    "pullout_strength_n": "pullout strength",
-    "compression_strength_n": "compression strength",
-    "around_screw_vbmd_mg_cm3": "around-screw vBMD",
-    "trabecular_vbmd_mg_cm3": "trabecular vBMD",
-    "integral_vbmd_mg_cm3": "integral vBMD",
-    "areal_bmd_g_cm2": "areal BMD",
-}
+COMPARISON_COLUMNS: list[str] = [
+    "timepoint",
+    "months",
+    "outcome",
+    "predictor_qct",
+    "predictor_areal",
+    "areal_source",
+    "n",
+    "r_qct",
+    "r_areal",
+    "r_qct_areal",
+    "williams_t",
+    "df",
+    "p_williams",
+    "p_williams_greater",
+    "steiger_z",
+    "p_steiger",
+    "p_steiger_greater",
+]
+
+SUMMARY_COLUMNS: list[str] = [
+    "metric",
+    "quantity",
+    "timepoint",
+    "months",
+    "n",
+    "n_missing",
+    "mean",
+    "sd",
+    "ci_low",
+    "ci_high",
+    "median",
+    "q1",
+    "q3",
+    "min",
+    "max",
+    "mean_sd",
+    "median_iqr",
+]
+
+BASELINE_COLUMNS: list[str] = [
+    "characteristic",
+    "unit",
+    "n",
+    "mean",
+    "sd",
+    "median",
+    "q1",
+    "q3",
+    "mean_sd",
+    "median_iqr",
+]
+
+
+def label(metric: str) -> str:
+    """Human-readable name of a metric column."""
+    return METRIC_INFO.get(metric, (metric, ""))[0]
+
+
+def unit(metric: str) -> str:
+    return METRIC_INFO.get(metric, ("", ""))[1]
 
 
 # --------------------------------------------------------------------------- rows
@@ -166,6 +298,13 @@ def _num(d: Mapping[str, Any], key: str, what: str) -> float:
         return float(value)
     except (TypeError, ValueError) as exc:
         raise QctfeaError(f"{what}: key {key!r} is not a number ({value!r})") from exc
+
+
+def _num_opt(d: Mapping[str, Any], key: str, what: str) -> float:
+    """Like :func:`_num` for diagnostic keys: NaN when the key is absent."""
+    if isinstance(d, Mapping) and key not in d:
+        return math.nan
+    return _num(d, key, what)
 
 
 def _opt_float(value: Any) -> float:
@@ -199,8 +338,11 @@ def scan_row(
     """Flatten the per-scan results of one patient x timepoint into one row.
 
     ``pullout`` maps ``"left"`` and ``"right"`` to the pullout result dicts.
-    ``areal_bmd_g_cm2`` is the DXA value when given, otherwise the CT-derived one.
-    Raises :class:`QctfeaError` naming the input and key when a value is missing.
+    ``areal_bmd_g_cm2`` is the DXA value when given, otherwise the CT-derived
+    one (``areal_bmd_source`` says which). Keys the row does not use (for
+    example those of a nonlinear analysis) are ignored; solver iteration counts
+    are NaN when absent. Raises :class:`QctfeaError` naming the input and key
+    when a value the tables need is missing.
     """
     screw = bmd.get("around_screw_vbmd_mg_cm3") if isinstance(bmd, Mapping) else None
     if not isinstance(screw, Mapping):
@@ -230,6 +372,7 @@ def scan_row(
         "ct_areal_bmd_g_cm2": ct_areal,
         "dxa_areal_bmd_g_cm2": dxa,
         "areal_bmd_g_cm2": ct_areal if math.isnan(dxa) else dxa,
+        "areal_bmd_source": "ct" if math.isnan(dxa) else "dxa",
         "compression_stiffness_n_per_mm": _num(
             compression, "stiffness_n_per_mm", "compression.json"
         ),
@@ -245,10 +388,10 @@ def scan_row(
         "calibration_r2": _num(calibration, "r2", "calibration.json"),
         "mesh_cells": _num(mesh, "n_cells", "mesh.json"),
         "mesh_vertices": _num(mesh, "n_vertices", "mesh.json"),
-        "n_dofs": _num(compression, "n_dofs", "compression.json"),
-        "compression_iterations": _num(compression, "ksp_iterations", "compression.json"),
-        "pullout_iterations_left": _num(pl, "ksp_iterations", "pullout_left.json"),
-        "pullout_iterations_right": _num(pr, "ksp_iterations", "pullout_right.json"),
+        "n_dofs": _num_opt(compression, "n_dofs", "compression.json"),
+        "compression_iterations": _num_opt(compression, "ksp_iterations", "compression.json"),
+        "pullout_iterations_left": _num_opt(pl, "ksp_iterations", "pullout_left.json"),
+        "pullout_iterations_right": _num_opt(pr, "ksp_iterations", "pullout_right.json"),
     }
 
 
@@ -278,7 +421,23 @@ def longitudinal_table(rows: list[dict]) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-# --------------------------------------------------------------------------- changes
+def read_long_table(long_csv: str | os.PathLike) -> pd.DataFrame:
+    """Read and check a long table CSV written by :func:`aggregate`."""
+    long_csv = Path(long_csv)
+    if not long_csv.is_file():
+        raise QctfeaError(f"{long_csv}: long table not found; run the aggregate step first")
+    try:
+        df = pd.read_csv(long_csv, dtype={"patient": str, "timepoint": str,
+                                          "areal_bmd_source": str})
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise QctfeaError(f"{long_csv}: cannot read the long table ({exc})") from exc
+    df = longitudinal_table(df.to_dict("records"))
+    if df.empty:
+        raise QctfeaError(f"{long_csv}: long table has no rows")
+    return df
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 def _check_metrics(df: pd.DataFrame, metrics: Sequence[str]) -> None:
@@ -287,161 +446,354 @@ def _check_metrics(df: pd.DataFrame, metrics: Sequence[str]) -> None:
         raise QctfeaError(f"long table lacks the metric column(s) {missing}")
 
 
+def timepoint_months(df: pd.DataFrame) -> pd.Series:
+    """Nominal months of each timepoint label (median over patients), ascending."""
+    return df.groupby("timepoint")["months"].median().sort_values(kind="mergesort")
+
+
+_timepoint_months = timepoint_months  # backward-compatible name
+
+
+def baseline_timepoint(df: pd.DataFrame) -> str:
+    """The cohort's baseline: the timepoint with the smallest (median) months."""
+    return str(timepoint_months(df).index[0])
+
+
+def available_metrics(df: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
+    """The metrics that are columns of ``df`` with at least one finite value."""
+    out = []
+    for m in metrics:
+        if m in df.columns and np.isfinite(pd.to_numeric(df[m], errors="coerce")).any():
+            out.append(m)
+    return out
+
+
+def missing_scans(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(patient, timepoint) pairs of the cohort grid that have no row, sorted."""
+    present = set(zip(df["patient"], df["timepoint"], strict=True))
+    tps = list(timepoint_months(df).index)
+    return [(p, t) for p in sorted(df["patient"].unique()) for t in tps if (p, t) not in present]
+
+
+def with_resolved_areal(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Copy of ``df`` whose ``areal_bmd_g_cm2`` is, per timepoint, the clinical DXA
+    value where any scan of that timepoint has one (NaN for scans without), else
+    the CT-derived one. Returns the frame and ``{timepoint: "clinical DXA" | "CT-derived"}``.
+    """
+    out = df.copy()
+    dxa = (pd.to_numeric(out["dxa_areal_bmd_g_cm2"], errors="coerce")
+           if "dxa_areal_bmd_g_cm2" in out.columns else pd.Series(np.nan, index=out.index))
+    if "ct_areal_bmd_g_cm2" in out.columns:
+        ct = pd.to_numeric(out["ct_areal_bmd_g_cm2"], errors="coerce")
+    elif AREAL in out.columns:
+        ct = pd.to_numeric(out[AREAL], errors="coerce")
+    else:
+        ct = pd.Series(np.nan, index=out.index)
+    sources: dict[str, str] = {}
+    values = pd.Series(np.nan, index=out.index, dtype=float)
+    for tp in timepoint_months(out).index:
+        sel = out["timepoint"] == tp
+        if dxa[sel].notna().any():
+            values[sel] = dxa[sel]
+            sources[str(tp)] = "clinical DXA"
+        else:
+            values[sel] = ct[sel]
+            sources[str(tp)] = "CT-derived"
+    out[AREAL] = values
+    return out, sources
+
+
+def _values(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """patient x timepoint matrix of one metric (columns in timepoint order)."""
+    tps = list(timepoint_months(df).index)
+    wide = df.pivot(index="patient", columns="timepoint", values=metric)
+    return wide.reindex(columns=tps).astype(float)
+
+
+def _fmt_num(x: float) -> str:
+    """A number with 3-4 significant digits, as in a paper's table."""
+    if not math.isfinite(x):
+        return "n/a"
+    a = abs(x)
+    digits = 0 if a >= 100 else 1 if a >= 10 else 2 if a >= 1 else 3
+    return f"{x:.{digits}f}"
+
+
+def _mean_sd(d: Mapping[str, float]) -> str:
+    if d["n"] == 0:
+        return "n/a"
+    if not math.isfinite(d["sd"]):
+        return _fmt_num(d["mean"])
+    return f"{_fmt_num(d['mean'])} ± {_fmt_num(d['sd'])}"
+
+
+def _median_iqr(d: Mapping[str, float]) -> str:
+    if d["n"] == 0:
+        return "n/a"
+    return f"{_fmt_num(d['median'])} [{_fmt_num(d['q1'])}, {_fmt_num(d['q3'])}]"
+
+
+# --------------------------------------------------------------------------- tables
+
+
 def change_from_baseline(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Per-patient change of each metric from that patient's earliest scan.
+    """Per-patient change of each metric from that patient's scan at the cohort baseline.
 
     Long format, one row per metric x patient x timepoint (the baseline row
     included, with zero change): ``metric, patient, timepoint, months,
-    baseline_value, value, change_abs, change_pct``. ``change_pct`` is
-    ``100 * (value - baseline) / baseline`` (NaN when the baseline is 0 or NaN).
+    baseline_timepoint, baseline_value, value, change_abs, change_pct``.
+    ``change_pct`` is ``100 * (value - baseline) / baseline`` (NaN when the
+    baseline is 0 or NaN); a patient without a baseline scan has NaN changes.
     """
     _check_metrics(df, metrics)
     if df.empty:
         return pd.DataFrame(columns=CHANGE_COLUMNS)
+    base_tp = baseline_timepoint(df)
     data = df.sort_values(["patient", "months"], kind="mergesort")
-    base_idx = data.groupby("patient", sort=False)["months"].idxmin()
-    base = data.loc[base_idx.values].set_index("patient")
+    base = df[df["timepoint"] == base_tp].set_index("patient")
     parts = []
     for metric in metrics:
         value = data[metric].astype(float).to_numpy()
-        b = base.loc[data["patient"], metric].astype(float).to_numpy()
+        b = base[metric].astype(float).reindex(data["patient"]).to_numpy()
         change = value - b
         with np.errstate(divide="ignore", invalid="ignore"):
             pct = np.where(b != 0, 100.0 * change / b, np.nan)
-        parts.append(
-            pd.DataFrame(
-                {
-                    "metric": metric,
-                    "patient": data["patient"].to_numpy(),
-                    "timepoint": data["timepoint"].to_numpy(),
-                    "months": data["months"].astype(float).to_numpy(),
-                    "baseline_value": b,
-                    "value": value,
-                    "change_abs": change,
-                    "change_pct": pct,
-                }
-            )
-        )
+        parts.append(pd.DataFrame({
+            "metric": metric,
+            "patient": data["patient"].to_numpy(),
+            "timepoint": data["timepoint"].to_numpy(),
+            "months": data["months"].astype(float).to_numpy(),
+            "baseline_timepoint": base_tp,
+            "baseline_value": b,
+            "value": value,
+            "change_abs": change,
+            "change_pct": pct,
+        }))
     return pd.concat(parts, ignore_index=True)[CHANGE_COLUMNS]
 
 
-def _timepoint_months(df: pd.DataFrame) -> pd.Series:
-    """Nominal months of each timepoint label (median over patients), ascending."""
-    return df.groupby("timepoint")["months"].median().sort_values(kind="mergesort")
+def wide_table(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """One row per patient: each metric at each timepoint, and for each follow-up
+    the absolute and percent change from the patient's baseline scan.
+
+    Columns: ``patient, n_scans, timepoints_missing, months_<tp>...,
+    <metric>_<tp>..., <metric>_<tp>_change, <metric>_<tp>_change_pct`` (follow-ups).
+    """
+    _check_metrics(df, metrics)
+    tps = [str(t) for t in timepoint_months(df).index]
+    base_tp = tps[0]
+    patients = sorted(df["patient"].unique())
+    out = pd.DataFrame({"patient": patients})
+    have = df.groupby("patient")["timepoint"].apply(set)
+    out["n_scans"] = [len(have[p]) for p in patients]
+    out["timepoints_missing"] = [";".join(t for t in tps if t not in have[p]) for p in patients]
+    months = df.pivot(index="patient", columns="timepoint", values="months").reindex(
+        index=patients, columns=tps)
+    for tp in tps:
+        out[f"months_{tp}"] = months[tp].to_numpy()
+    for metric in metrics:
+        v = _values(df, metric).reindex(index=patients)
+        for tp in tps:
+            out[f"{metric}_{tp}"] = v[tp].to_numpy()
+        b = v[base_tp].to_numpy()
+        for tp in tps[1:]:
+            ch = v[tp].to_numpy() - b
+            with np.errstate(divide="ignore", invalid="ignore"):
+                pct = np.where(b != 0, 100.0 * ch / b, np.nan)
+            out[f"{metric}_{tp}_change"] = ch
+            out[f"{metric}_{tp}_change_pct"] = pct
+    return out
+
+
+def summary_by_timepoint(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """n, missing, mean, SD, 95 % CI of the mean, median [IQR], range per metric x timepoint.
+
+    ``quantity`` is ``value`` (the metric) or ``change_pct`` (percent change from
+    the patient's baseline scan, follow-ups only). ``n_missing`` counts the
+    cohort's patients without a value.
+    """
+    _check_metrics(df, metrics)
+    tpm = timepoint_months(df)
+    n_pat = df["patient"].nunique()
+    cfb = change_from_baseline(df, metrics)
+    rows = []
+    for metric in metrics:
+        for quantity in ("value", "change_pct"):
+            for i, (tp, months) in enumerate(tpm.items()):
+                if quantity == "change_pct" and i == 0:
+                    continue
+                if quantity == "value":
+                    vals = df.loc[df["timepoint"] == tp, metric]
+                else:
+                    sel = (cfb["metric"] == metric) & (cfb["timepoint"] == tp)
+                    vals = cfb.loc[sel, "change_pct"]
+                d = st.describe(vals)
+                rows.append({"metric": metric, "quantity": quantity, "timepoint": tp,
+                             "months": float(months), **d, "n_missing": n_pat - d["n"],
+                             "mean_sd": _mean_sd(d), "median_iqr": _median_iqr(d)})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def baseline_characteristics(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Table 1: the cohort at its baseline timepoint (counts, then each metric)."""
+    tpm = timepoint_months(df)
+    base_tp = str(tpm.index[0])
+    base = df[df["timepoint"] == base_tp]
+    n_pat = df["patient"].nunique()
+    missing = missing_scans(df)
+
+    def count_row(name: str, n: int, text: str) -> dict:
+        return {"characteristic": name, "unit": "", "n": n, "mean": np.nan, "sd": np.nan,
+                "median": np.nan, "q1": np.nan, "q3": np.nan, "mean_sd": text,
+                "median_iqr": ""}
+
+    rows = [
+        count_row("patients", n_pat, str(n_pat)),
+        count_row("scans (present of planned)", len(df),
+                  f"{len(df)} of {n_pat * len(tpm)}"
+                  + (f"; missing {', '.join(f'{p} {t}' for p, t in missing)}" if missing else "")),
+        count_row("timepoints", len(tpm),
+                  ", ".join(f"{t} ({m:g} months)" for t, m in tpm.items())),
+        count_row(f"patients with a baseline scan ({base_tp})", base["patient"].nunique(),
+                  str(base["patient"].nunique())),
+    ]
+    if "dxa_areal_bmd_g_cm2" in df.columns:
+        n_dxa = int(pd.to_numeric(base["dxa_areal_bmd_g_cm2"], errors="coerce").notna().sum())
+        rows.append(count_row("clinical DXA at baseline", n_dxa, f"{n_dxa} of {len(base)}"))
+    for metric in [*metrics, "calibration_r2"]:
+        if metric not in df.columns:
+            continue
+        d = st.describe(base[metric])
+        rows.append({"characteristic": f"{label(metric)} at {base_tp}", "unit": unit(metric),
+                     "n": d["n"], "mean": d["mean"], "sd": d["sd"], "median": d["median"],
+                     "q1": d["q1"], "q3": d["q3"], "mean_sd": _mean_sd(d),
+                     "median_iqr": _median_iqr(d)})
+    return pd.DataFrame(rows, columns=BASELINE_COLUMNS)
+
+
+# --------------------------------------------------------------------------- tests over time
 
 
 def paired_change_tests(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """Paired tests of each follow-up timepoint against the baseline timepoint.
 
-    The baseline timepoint is the one with the smallest (median) months in the
-    cohort; every other timepoint is a follow-up. For each metric and follow-up
-    only patients with non-NaN values at both timepoints are paired (``n_pairs``).
-    ``t``/``p_ttest`` are the paired t test (NaN if fewer than 2 pairs or zero
-    variance of the differences); ``p_wilcoxon`` is the two-sided Wilcoxon
-    signed-rank p (NaN if fewer than 2 pairs or all differences zero).
+    For each metric and follow-up only patients with non-NaN values at both
+    timepoints are paired (``n_pairs``; the others are listed in
+    ``patients_not_paired``). ``t``/``p_ttest`` are the paired t test,
+    ``p_wilcoxon`` the two-sided Wilcoxon signed-rank p (see
+    :func:`qctfea.stats.paired_tests`); ``*_holm`` are Holm-adjusted over the
+    follow-ups of that metric and test.
     """
     _check_metrics(df, metrics)
     if df.empty:
         return pd.DataFrame(columns=PAIRED_COLUMNS)
-    tp_months = _timepoint_months(df)
-    base_tp = tp_months.index[0]
-    base = df[df["timepoint"] == base_tp].set_index("patient")
+    tpm = timepoint_months(df)
+    patients = sorted(df["patient"].unique())
     out = []
     for metric in metrics:
-        for tp, months in tp_months.iloc[1:].items():
-            follow = df[df["timepoint"] == tp].set_index("patient")
-            joined = pd.concat(
-                [base[metric].astype(float).rename("b"), follow[metric].astype(float).rename("f")],
-                axis=1,
-                join="inner",
-            ).dropna()
-            b = joined["b"].to_numpy()
-            f = joined["f"].to_numpy()
-            out.append({"metric": metric, "timepoint": tp, "months": float(months),
-                        **_paired_stats(b, f)})
+        v = _values(df, metric).reindex(index=patients)
+        block = []
+        for tp, months in tpm.iloc[1:].items():
+            pair = v[[tpm.index[0], tp]].dropna()
+            res = st.paired_tests(pair.iloc[:, 0].to_numpy(), pair.iloc[:, 1].to_numpy())
+            left_out = [p for p in patients if p not in pair.index]
+            block.append({"metric": metric, "timepoint": tp, "months": float(months), **res,
+                          "n_patients": len(patients), "patients_not_paired": ";".join(left_out)})
+        if block:
+            for key in ("p_ttest", "p_wilcoxon"):
+                adj = st.holm([b[key] for b in block])
+                for b, a in zip(block, adj, strict=True):
+                    b[f"{key}_holm"] = float(a)
+        out.extend(block)
     return pd.DataFrame(out, columns=PAIRED_COLUMNS)
 
 
-def _paired_stats(b: np.ndarray, f: np.ndarray) -> dict[str, float]:
-    """Descriptives, paired t and Wilcoxon for paired arrays without NaN."""
-    n = len(b)
-    d = f - b
-    nan = math.nan
-    res: dict[str, float] = {
-        "n_pairs": n,
-        "mean_baseline": float(np.mean(b)) if n else nan,
-        "mean_followup": float(np.mean(f)) if n else nan,
-        "mean_change": float(np.mean(d)) if n else nan,
-        "mean_change_pct": nan,
-        "sd_change": float(np.std(d, ddof=1)) if n >= 2 else nan,
-        "t": nan,
-        "p_ttest": nan,
-        "p_wilcoxon": nan,
-    }
-    if n:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            pct = np.where(b != 0, 100.0 * d / b, np.nan)
-        if np.isfinite(pct).any():
-            res["mean_change_pct"] = float(np.nanmean(pct))
-    if n >= 2:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if res["sd_change"] > 0:
-                tt = stats.ttest_rel(f, b)
-                res["t"] = float(tt.statistic)
-                res["p_ttest"] = float(tt.pvalue)
-            if np.any(d != 0):
-                try:
-                    res["p_wilcoxon"] = float(stats.wilcoxon(f, b).pvalue)
-                except ValueError:
-                    res["p_wilcoxon"] = nan
-    return res
+def friedman_tests(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Friedman test of each metric across all timepoints, complete cases only."""
+    _check_metrics(df, metrics)
+    tps = [str(t) for t in timepoint_months(df).index]
+    rows = []
+    for metric in metrics:
+        v = _values(df, metric)
+        complete = v.dropna()
+        res = st.friedman(complete.to_numpy()) if len(tps) else {
+            "n": 0, "k": 0, "chi2": np.nan, "df": np.nan, "p": np.nan}
+        rows.append({"metric": metric, "timepoints": ";".join(tps), "k": len(tps),
+                     "n_complete": len(complete), "n_patients": len(v),
+                     "chi2": res["chi2"], "df": res["df"], "p": res["p"],
+                     "patients_excluded": ";".join(p for p in v.index if p not in complete.index)})
+    return pd.DataFrame(rows, columns=FRIEDMAN_COLUMNS)
+
+
+def _lmm_rows(metric: str, model: str, sub: pd.DataFrame, X: np.ndarray, terms: list[str],
+              n_complete: int) -> list[dict]:
+    base = {"metric": metric, "model": model, "n_obs": len(sub),
+            "n_patients": sub["patient"].nunique(), "n_patients_complete": n_complete}
+    try:
+        fit = st.random_intercept_lmm(sub[metric].to_numpy(), X, sub["patient"], terms)
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        return [{**base, "term": t, "note": f"not fitted: {exc}"} for t in terms]
+    lo, hi = fit.ci()
+    rows = []
+    for i, term in enumerate(terms):
+        rows.append({
+            **base, "term": term, "estimate": fit.beta[i], "se": fit.se[i], "df": fit.df,
+            "t": fit.t[i], "p": fit.p[i], "ci_low": lo[i], "ci_high": hi[i], "p_z": fit.p_z[i],
+            "var_patient": fit.var_group, "var_residual": fit.var_resid, "icc": fit.icc,
+            "reml_loglik": fit.reml_loglik, "converged": fit.converged,
+            "boundary": fit.boundary,
+            "note": "patient variance at 0 (boundary): equals ordinary least squares"
+            if fit.boundary else "",
+        })
+    return rows
+
+
+def mixed_models(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Random-intercept linear mixed models per metric, fitted by REML on every scan.
+
+    Two models: ``timepoint`` (metric ~ timepoint as a factor; terms
+    ``Intercept [<baseline>]`` and ``<tp> - <baseline>``: the change at each
+    follow-up) and ``linear`` (metric ~ months; term ``months``: change per
+    month). Patients with a missing timepoint keep their other scans.
+    """
+    _check_metrics(df, metrics)
+    tps = [str(t) for t in timepoint_months(df).index]
+    rows: list[dict] = []
+    for metric in metrics:
+        sub = df[["patient", "timepoint", "months", metric]].copy()
+        sub[metric] = pd.to_numeric(sub[metric], errors="coerce")
+        sub = sub[np.isfinite(sub[metric])].reset_index(drop=True)
+        n_complete = int((sub.groupby("patient")["timepoint"].nunique() == len(tps)).sum())
+        present = [t for t in tps if (sub["timepoint"] == t).any()]
+        if not present:
+            rows.append({"metric": metric, "model": "timepoint", "term": "",
+                         "n_obs": 0, "n_patients": 0, "n_patients_complete": 0,
+                         "note": "not fitted: no values"})
+            continue
+        ref = present[0]
+        X = np.column_stack([np.ones(len(sub))]
+                            + [(sub["timepoint"] == t).to_numpy(float) for t in present[1:]])
+        terms = [f"Intercept [{ref}]"] + [f"{t} - {ref}" for t in present[1:]]
+        rows += _lmm_rows(metric, "timepoint", sub, X, terms, n_complete)
+        X = np.column_stack([np.ones(len(sub)), sub["months"].to_numpy(float)])
+        rows += _lmm_rows(metric, "linear", sub, X, ["Intercept", "months"], n_complete)
+    return pd.DataFrame(rows, columns=MIXED_COLUMNS)
 
 
 # --------------------------------------------------------------------------- correlation
 
 
-def pearson_with_ci(x: Any, y: Any, alpha: float = 0.05) -> dict[str, float]:
-    """Pearson r with two-sided p and Fisher-z CI, plus Spearman rho and p.
+pearson_with_ci = st.pearson_with_ci  # backward-compatible name
 
-    Pairs with a NaN in either variable are dropped. With fewer than 3 pairs
-    or a constant variable every statistic is NaN (``n`` is still reported);
-    with exactly 3 pairs the CI is NaN. The CI is
-    ``tanh(atanh(r) +- z_{1-alpha/2} / sqrt(n - 3))``.
-    """
-    xa = np.asarray(x, dtype=float).ravel()
-    ya = np.asarray(y, dtype=float).ravel()
-    if xa.shape != ya.shape:
-        raise QctfeaError(f"pearson_with_ci: x and y differ in length ({len(xa)} vs {len(ya)})")
-    keep = np.isfinite(xa) & np.isfinite(ya)
-    xa, ya = xa[keep], ya[keep]
-    n = int(len(xa))
-    nan = math.nan
-    out: dict[str, float] = {
-        "n": n, "r": nan, "p": nan, "ci_low": nan, "ci_high": nan,
-        "rho_spearman": nan, "p_spearman": nan,
-    }
-    if n < 3 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
-        return out
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pr = stats.pearsonr(xa, ya)
-        sr = stats.spearmanr(xa, ya)
-    r = float(np.clip(pr.statistic, -1.0, 1.0))
-    out["r"] = r
-    out["p"] = float(pr.pvalue)
-    out["rho_spearman"] = float(sr.statistic)
-    out["p_spearman"] = float(sr.pvalue)
-    if n > 3:
-        zcrit = float(stats.norm.ppf(1.0 - alpha / 2.0))
-        if abs(r) >= 1.0:
-            out["ci_low"] = out["ci_high"] = r
-        else:
-            z = math.atanh(r)
-            se = 1.0 / math.sqrt(n - 3)
-            out["ci_low"] = math.tanh(z - zcrit * se)
-            out["ci_high"] = math.tanh(z + zcrit * se)
-    return out
+
+def _source(predictor: str, sources: Mapping[str, str], tp: str) -> str:
+    if predictor == AREAL:
+        return sources.get(tp, "")
+    if predictor == "dxa_areal_bmd_g_cm2":
+        return "clinical DXA"
+    if predictor == "ct_areal_bmd_g_cm2":
+        return "CT-derived"
+    return "QCT" if "vbmd" in predictor else ""
 
 
 def correlation_table(
@@ -449,23 +801,61 @@ def correlation_table(
 ) -> pd.DataFrame:
     """Pearson/Spearman correlation of each outcome with each predictor, per timepoint.
 
-    One row per timepoint (ordered by months) x outcome x predictor with the
-    columns ``timepoint, months, outcome, predictor, n, r, p, ci_low, ci_high,
-    rho_spearman, p_spearman``.
+    One row per timepoint (ordered by months) x outcome x predictor. The
+    predictor ``areal_bmd_g_cm2`` is the resolved areal BMD of
+    :func:`with_resolved_areal`; ``predictor_source`` says which was used.
     """
+    data, sources = with_resolved_areal(df) if not df.empty else (df, {})
     cols = [c for o, ps in outcome_predictors.items() for c in (o, *ps)]
-    _check_metrics(df, cols)
-    if df.empty:
+    _check_metrics(data, cols)
+    if data.empty:
         return pd.DataFrame(columns=CORRELATION_COLUMNS)
     out = []
-    for tp, months in _timepoint_months(df).items():
-        sub = df[df["timepoint"] == tp]
+    for tp, months in timepoint_months(data).items():
+        sub = data[data["timepoint"] == tp]
         for outcome, predictors in outcome_predictors.items():
             for predictor in predictors:
-                res = pearson_with_ci(sub[predictor], sub[outcome])
+                res = st.pearson_with_ci(sub[predictor], sub[outcome])
                 out.append({"timepoint": tp, "months": float(months), "outcome": outcome,
-                            "predictor": predictor, **res})
+                            "predictor": predictor,
+                            "predictor_source": _source(predictor, sources, str(tp)), **res})
     return pd.DataFrame(out, columns=CORRELATION_COLUMNS)
+
+
+def compare_correlations(
+    df: pd.DataFrame, comparisons: dict[str, list[str]] | None = None
+) -> pd.DataFrame:
+    """Is the outcome's correlation with a QCT predictor larger than with areal BMD?
+
+    Per timepoint, on the scans with all three values: r(outcome, QCT),
+    r(outcome, areal), r(QCT, areal), Williams' t (df = n - 3) and Steiger's z
+    for the two dependent correlations; ``p_*`` two-sided, ``p_*_greater`` for
+    H1: r(QCT) > r(areal).
+    """
+    comparisons = DEFAULT_COMPARISONS if comparisons is None else comparisons
+    data, sources = with_resolved_areal(df)
+    _check_metrics(data, [c for o, ps in comparisons.items() for c in (o, *ps)])
+    out = []
+    for tp, months in timepoint_months(data).items():
+        sub = data[data["timepoint"] == tp]
+        for outcome, predictors in comparisons.items():
+            for pred in predictors:
+                trio = sub[[outcome, pred, AREAL]].apply(pd.to_numeric, errors="coerce").dropna()
+                n = len(trio)
+                row = {"timepoint": tp, "months": float(months), "outcome": outcome,
+                       "predictor_qct": pred, "predictor_areal": AREAL,
+                       "areal_source": sources.get(str(tp), ""), "n": n}
+                r = np.full((3, 3), np.nan)
+                if n >= 3 and (trio.std(ddof=0) > 0).all():
+                    r = np.corrcoef(trio.to_numpy().T)
+                r_q, r_a, r_qa = float(r[0, 1]), float(r[0, 2]), float(r[1, 2])
+                w = st.williams_t(r_q, r_a, r_qa, n)
+                s = st.steiger_z(r_q, r_a, r_qa, n)
+                out.append({**row, "r_qct": r_q, "r_areal": r_a, "r_qct_areal": r_qa,
+                            "williams_t": w["statistic"], "df": w["df"], "p_williams": w["p"],
+                            "p_williams_greater": w["p_greater"], "steiger_z": s["statistic"],
+                            "p_steiger": s["p"], "p_steiger_greater": s["p_greater"]})
+    return pd.DataFrame(out, columns=COMPARISON_COLUMNS)
 
 
 # --------------------------------------------------------------------------- I/O steps
@@ -529,143 +919,248 @@ def aggregate(
     return df
 
 
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+#: File names written by :func:`tables` (in the tables folder).
+TABLE_FILES: dict[str, str] = {
+    "wide": "wide.csv",
+    "change_from_baseline": "change_from_baseline.csv",
+    "summary_by_timepoint": "summary_by_timepoint.csv",
+    "baseline_characteristics": "baseline_characteristics.csv",
+}
+
+#: File names written by :func:`statistics` (in the stats folder).
+STAT_FILES: dict[str, str] = {
+    "changes": "changes.csv",
+    "friedman": "friedman.csv",
+    "mixed_models": "mixed_models.csv",
+    "correlations": "correlations.csv",
+    "correlation_comparison": "correlation_comparison.csv",
+    "summary": "summary.json",
+}
+
+
+def tables(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
+           metrics: Sequence[str] | None = None) -> dict[str, Path]:
+    """Wide table, change from baseline, summary per timepoint and Table 1 as CSV.
+
+    Metrics without any value (e.g. DXA in a cohort without it) are left out.
+    Returns ``{name: path}`` of the files written (see :data:`TABLE_FILES`).
+    """
+    df = read_long_table(long_csv)
+    metrics = available_metrics(df, list(metrics or DEFAULT_METRICS))
+    out = Path(out_dir)
+    frames = {
+        "wide": wide_table(df, metrics),
+        "change_from_baseline": change_from_baseline(df, metrics),
+        "summary_by_timepoint": summary_by_timepoint(df, metrics),
+        "baseline_characteristics": baseline_characteristics(df, metrics),
+    }
+    paths = {}
+    for name, frame in frames.items():
+        paths[name] = out / TABLE_FILES[name]
+        _write_csv(frame, paths[name])
+    missing = missing_scans(df)
+    print(f"qctfea tables: {len(df)} scans, {df['patient'].nunique()} patients, "
+          f"missing {[f'{p} {t}' for p, t in missing] or 'none'} -> {out}", file=sys.stderr)
+    return paths
+
+
 def _fmt_p(p: float) -> str:
     if not math.isfinite(p):
         return "n/a"
     return "< 0.001" if p < 0.001 else f"= {p:.3f}" if p < 0.1 else f"= {p:.2f}"
 
 
-def _fmt_r(row: Mapping[str, Any]) -> str:
-    r, lo, hi = row["r"], row["ci_low"], row["ci_high"]
-    if not math.isfinite(r):
-        return f"r = n/a (n = {int(row['n'])})"
-    ci = f" (95 % CI {lo:.2f} to {hi:.2f})" if math.isfinite(lo) else ""
-    return f"r = {r:.2f}{ci}, p {_fmt_p(row['p'])}, n = {int(row['n'])}"
+def _fmt_r(r: float) -> str:
+    return f"{r:.2f}" if math.isfinite(r) else "n/a"
 
 
-def _headlines(
-    changes: pd.DataFrame, corr: pd.DataFrame, tp_months: pd.Series
-) -> list[str]:
-    """Short sentences, each with its numbers."""
-    lines: list[str] = []
-    if len(tp_months) > 1:
-        last_tp = tp_months.index[-1]
-        for metric in ("pullout_strength_n", "compression_strength_n",
-                       "around_screw_vbmd_mg_cm3", "trabecular_vbmd_mg_cm3", "areal_bmd_g_cm2"):
-            sel = changes[(changes["metric"] == metric) & (changes["timepoint"] == last_tp)]
-            if sel.empty:
-                continue
-            c = sel.iloc[0]
-            pct = c["mean_change_pct"]
-            pct_s = f"{pct:+.1f} %" if math.isfinite(pct) else "n/a"
-            lines.append(
-                f"{metric}: {pct_s} at {c['months']:g} months vs baseline "
-                f"(n = {int(c['n_pairs'])} pairs, paired t p {_fmt_p(c['p_ttest'])}, "
-                f"Wilcoxon p {_fmt_p(c['p_wilcoxon'])})"
-            )
-    tps = list(dict.fromkeys([tp_months.index[0], tp_months.index[-1]])) if len(tp_months) else []
+def _cap(s: str) -> str:
+    return s if s.startswith("vBMD") else s[:1].upper() + s[1:]
+
+
+def _fmt_est(values: Sequence[float]) -> list[str]:
+    """Numbers shown with about 3 significant digits of the largest of them."""
+    finite = [abs(v) for v in values if math.isfinite(v) and v != 0]
+    decimals = max(0, 2 - math.floor(math.log10(max(finite)))) if finite else 0
+    return [f"{v:.{decimals}f}" if math.isfinite(v) else "n/a" for v in values]
+
+
+def _data_sentence(df: pd.DataFrame, tpm: pd.Series) -> str:
+    n_pat = df["patient"].nunique()
+    planned = n_pat * len(tpm)
+    missing = missing_scans(df)
+    s = (f"Data: {len(df)} of {planned} planned scans ({n_pat} patients x {len(tpm)} "
+         f"timepoints: {', '.join(map(str, tpm.index))})")
+    if not missing:
+        return s + "; none missing."
+    complete = n_pat - len({p for p, _ in missing})
+    return (s + f"; missing {', '.join(f'{p} {t}' for p, t in missing)}. Paired tests use the "
+            f"patients with both scans (n per test in stats/changes.csv), the mixed models all "
+            f"{len(df)} scans, the Friedman test the {complete} patients with every timepoint.")
+
+
+def _change_sentence(metric: str, c: Mapping[str, Any], base_tp: str,
+                     lmm: pd.DataFrame) -> str:
+    pct = c["mean_change_pct"]
+    verb = ("rose" if pct > 0 else "fell" if pct < 0 else "did not change") \
+        if math.isfinite(pct) else "changed by n/a"
+    amount = f" {abs(pct):.1f} %" if math.isfinite(pct) and pct != 0 else ""
+    left = f"; not paired: {c['patients_not_paired'].replace(';', ', ')}" \
+        if isinstance(c["patients_not_paired"], str) and c["patients_not_paired"] else ""
+    s = (f"{_cap(label(metric))} {verb}{amount} from {base_tp} to {c['timepoint']} "
+         f"({c['months']:g} months; mean of per-patient changes, n = {int(c['n_pairs'])} pairs"
+         f"{left}): paired t p {_fmt_p(c['p_ttest'])} (Holm {_fmt_p(c['p_ttest_holm'])}), "
+         f"Wilcoxon p {_fmt_p(c['p_wilcoxon'])} (Holm {_fmt_p(c['p_wilcoxon_holm'])})")
+    sel = lmm[(lmm["metric"] == metric) & (lmm["model"] == "timepoint")
+              & (lmm["term"] == f"{c['timepoint']} - {base_tp}")]
+    if not sel.empty and math.isfinite(float(sel.iloc[0]["estimate"])):
+        m = sel.iloc[0]
+        est, lo, hi = _fmt_est([float(m["estimate"]), float(m["ci_low"]), float(m["ci_high"])])
+        sign = "+" if float(m["estimate"]) >= 0 else ""
+        s += (f"; mixed model ({int(m['n_obs'])} scans of {int(m['n_patients'])} patients): "
+              f"{sign}{est} {unit(metric)} (95 % CI {lo} to {hi}), p {_fmt_p(m['p'])}")
+    return s + "."
+
+
+def _friedman_sentence(metric: str, f: Mapping[str, Any]) -> str:
+    if not math.isfinite(f["chi2"]):
+        return ""
+    return (f"{_cap(label(metric))} across {f['timepoints'].replace(';', ', ')}: Friedman "
+            f"chi2({f['df']:g}) = {f['chi2']:.2f}, p {_fmt_p(f['p'])} "
+            f"(n = {int(f['n_complete'])} patients with every timepoint).")
+
+
+def _corr_sentence(tp: str, outcome: str, pred: str, corr: pd.DataFrame,
+                   comp: pd.DataFrame) -> str:
+    def one(predictor: str) -> tuple[str, float]:
+        sel = corr[(corr["timepoint"] == tp) & (corr["outcome"] == outcome)
+                   & (corr["predictor"] == predictor)]
+        if sel.empty:
+            return "", math.nan
+        r = sel.iloc[0]
+        name = (f"{r['predictor_source']} areal BMD" if predictor == AREAL
+                else label(predictor))
+        ci = (f"95 % CI {r['ci_low']:.2f} to {r['ci_high']:.2f}, "
+              if math.isfinite(r["ci_low"]) else "")
+        return (f"{name} at r = {_fmt_r(r['r'])} ({ci}p {_fmt_p(r['p'])}, n = {int(r['n'])}; "
+                f"Spearman rho = {_fmt_r(r['rho_spearman'])})"), float(r["r"])
+
+    a, _ = one(pred)
+    b, _ = one(AREAL)
+    if not a:
+        return ""
+    s = f"At {tp}, {label(outcome)} correlated with {a}"
+    if b:
+        s += f" and with {b}"
+    sel = comp[(comp["timepoint"] == tp) & (comp["outcome"] == outcome)
+               & (comp["predictor_qct"] == pred)]
+    if not sel.empty and math.isfinite(float(sel.iloc[0]["steiger_z"])):
+        c = sel.iloc[0]
+        tag = "DXA" if c["areal_source"] == "clinical DXA" else "CT aBMD"
+        s += (f"; r(QCT) = {_fmt_r(c['r_qct'])} vs r({tag}) = {_fmt_r(c['r_areal'])} on "
+              f"n = {int(c['n'])}: Williams t({c['df']:g}) = {c['williams_t']:.2f}, "
+              f"p {_fmt_p(c['p_williams'])}; Steiger z = {c['steiger_z']:.2f}, "
+              f"p {_fmt_p(c['p_steiger'])} (two-sided; one-sided for r(QCT) > r({tag}): "
+              f"p {_fmt_p(c['p_steiger_greater'])})")
+    return s + "."
+
+
+def headlines(df: pd.DataFrame, changes: pd.DataFrame, friedman_: pd.DataFrame,
+              lmm: pd.DataFrame, corr: pd.DataFrame, comp: pd.DataFrame) -> list[str]:
+    """Short sentences, each carrying its numbers (what, how much, test, p, n)."""
+    tpm = timepoint_months(df)
+    base_tp = str(tpm.index[0])
+    lines = [_data_sentence(df, tpm)]
+    strengths = ["pullout_strength_n", "compression_strength_n"]
+    others = ["around_screw_vbmd_mg_cm3", "trabecular_vbmd_mg_cm3", "dxa_areal_bmd_g_cm2",
+              "ct_areal_bmd_g_cm2"]
+    for metric in strengths + others:
+        rows = changes[changes["metric"] == metric]
+        if metric in others:
+            rows = rows.tail(1)  # last follow-up only
+        for _, c in rows.iterrows():
+            lines.append(_change_sentence(metric, c, base_tp, lmm))
+        if metric in strengths:
+            f = friedman_[friedman_["metric"] == metric]
+            if not f.empty and (s := _friedman_sentence(metric, f.iloc[0])):
+                lines.append(s)
+    tps = list(dict.fromkeys([str(t) for t in tpm.index]))
     for tp in tps:
-        for outcome, predictors in DEFAULT_CORRELATIONS.items():
-            sub = corr[(corr["timepoint"] == tp) & (corr["outcome"] == outcome)]
-            if sub.empty:
-                continue
-            parts = []
-            for predictor in predictors:
-                row = sub[sub["predictor"] == predictor]
-                if row.empty:
-                    continue
-                label = _LABELS.get(predictor, predictor)
-                if not parts:
-                    prefix = f"{_LABELS.get(outcome, outcome)} vs {label} at {tp}: "
-                else:
-                    prefix = f"vs {label}: "
-                parts.append(prefix + _fmt_r(row.iloc[0]))
-            if parts:
-                lines.append("; ".join(parts))
+        if s := _corr_sentence(tp, "pullout_strength_n", "around_screw_vbmd_mg_cm3", corr, comp):
+            lines.append(s)
+    last = tps[-1] if tps else None
+    if last and (s := _corr_sentence(last, "compression_strength_n", "trabecular_vbmd_mg_cm3",
+                                     corr, comp)):
+        lines.append(s)
     return lines
 
 
-def _scatter(df: pd.DataFrame, corr: pd.DataFrame, tp_months: pd.Series, out_png: Path) -> None:
-    """Two-panel scatter of pullout strength vs around-screw vBMD and areal BMD."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
+               metrics: Sequence[str] | None = None) -> dict:
+    """Paired tests, Friedman, mixed models, correlations and their comparison.
 
-    fig = Figure(figsize=(10, 4.5), constrained_layout=True)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2, sharey=True)
-    colours = [f"C{i % 10}" for i in range(len(tp_months))]
-    for ax, predictor in zip(axes, ("around_screw_vbmd_mg_cm3", "areal_bmd_g_cm2"), strict=True):
-        for colour, tp in zip(colours, tp_months.index, strict=True):
-            sub = df[df["timepoint"] == tp]
-            row = corr[(corr["timepoint"] == tp) & (corr["outcome"] == "pullout_strength_n")
-                       & (corr["predictor"] == predictor)]
-            r = float(row["r"].iloc[0]) if not row.empty else math.nan
-            n = int(row["n"].iloc[0]) if not row.empty else 0
-            r_s = f"r = {r:.2f}" if math.isfinite(r) else "r = n/a"
-            ax.scatter(sub[predictor], sub["pullout_strength_n"], color=colour,
-                       label=f"{tp} ({r_s}, n = {n})", alpha=0.8, edgecolors="none")
-        unit = "mg/cm$^3$" if predictor.endswith("mg_cm3") else "g/cm$^2$"
-        ax.set_xlabel(f"{_LABELS[predictor]} ({unit})")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("pullout strength (N, mean of sides)")
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=150)
-
-
-def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
-    """Change-from-baseline, paired tests, correlations, summary and scatter figure.
-
-    Writes ``correlations.csv``, ``changes.csv`` (paired tests),
-    ``change_from_baseline.csv``, ``summary.json`` and ``pullout_scatter.png``
-    in ``out_dir`` and returns the summary dict.
+    Writes the files of :data:`STAT_FILES` in ``out_dir`` and returns the summary
+    dict (also ``summary.json``): cohort size, missing scans, areal-BMD source
+    per timepoint, the headline sentences and the output paths.
     """
     long_csv = Path(long_csv)
     out = Path(out_dir)
-    if not long_csv.is_file():
-        raise QctfeaError(f"{long_csv}: long table not found; run the aggregate step first")
-    try:
-        df = pd.read_csv(long_csv, dtype={"patient": str, "timepoint": str})
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise QctfeaError(f"{long_csv}: cannot read the long table ({exc})") from exc
-    df = longitudinal_table(df.to_dict("records"))
-    if df.empty:
-        raise QctfeaError(f"{long_csv}: long table has no rows")
-    metrics = DEFAULT_METRICS
+    df = read_long_table(long_csv)
+    metrics = available_metrics(df, list(metrics or DEFAULT_METRICS))
+    tpm = timepoint_months(df)
     print(
         f"qctfea statistics: {len(df)} scans, {df['patient'].nunique()} patients, "
-        f"{df['timepoint'].nunique()} timepoints -> {out}",
+        f"{len(tpm)} timepoints, metrics {metrics} -> {out}",
         file=sys.stderr,
     )
-    cfb = change_from_baseline(df, metrics)
-    changes = paired_change_tests(df, metrics)
-    corr = correlation_table(df, DEFAULT_CORRELATIONS)
-    tp_months = _timepoint_months(df)
-
-    files = {
-        "correlations": out / "correlations.csv",
-        "changes": out / "changes.csv",
-        "change_from_baseline": out / "change_from_baseline.csv",
+    _, sources = with_resolved_areal(df)
+    frames = {
+        "changes": paired_change_tests(df, metrics),
+        "friedman": friedman_tests(df, metrics),
+        "mixed_models": mixed_models(df, metrics),
+        "correlations": correlation_table(df, DEFAULT_CORRELATIONS),
+        "correlation_comparison": compare_correlations(df, DEFAULT_COMPARISONS),
     }
-    for name, frame in (("correlations", corr), ("changes", changes),
-                        ("change_from_baseline", cfb)):
-        with atomic_path(files[name]) as tmp:
-            frame.to_csv(tmp, index=False)
-    png = out / "pullout_scatter.png"
-    _scatter(df, corr, tp_months, png)
-
+    paths = {}
+    for name, frame in frames.items():
+        paths[name] = out / STAT_FILES[name]
+        _write_csv(frame, paths[name])
+    missing = missing_scans(df)
     summary = {
         "n_patients": int(df["patient"].nunique()),
         "n_scans": int(len(df)),
-        "timepoints": {str(k): float(v) for k, v in tp_months.items()},
-        "baseline_timepoint": str(tp_months.index[0]),
-        "headlines": _headlines(changes, corr, tp_months),
-        "outputs": {**{k: str(v) for k, v in files.items()}, "pullout_scatter": str(png)},
+        "n_scans_planned": int(df["patient"].nunique() * len(tpm)),
+        "timepoints": {str(k): float(v) for k, v in tpm.items()},
+        "baseline_timepoint": str(tpm.index[0]),
+        "missing_scans": [{"patient": p, "timepoint": t} for p, t in missing],
+        "metrics": metrics,
+        "areal_bmd_source": sources,
+        "methods": {
+            "paired": "each follow-up vs baseline: paired t test and Wilcoxon signed-rank "
+                      "(two-sided) on patients with both scans; Holm over the follow-ups of "
+                      "a metric",
+            "friedman": "Friedman test across all timepoints, patients with every timepoint",
+            "mixed_models": "metric ~ timepoint (factor) and metric ~ months, random intercept "
+                            "per patient, REML; t tests with between-within df; every scan used",
+            "correlations": "Pearson r (95 % CI by Fisher z) and Spearman rho per timepoint",
+            "comparison": "Williams' t (df n-3) and Steiger's z (pooled r) for "
+                          "r(outcome, QCT) vs r(outcome, areal BMD), same scans",
+        },
+        "headlines": headlines(df, frames["changes"], frames["friedman"],
+                               frames["mixed_models"], frames["correlations"],
+                               frames["correlation_comparison"]),
+        "outputs": {k: str(v) for k, v in paths.items()},
         "provenance": provenance(
             "statistics",
-            {"metrics": metrics, "correlations": DEFAULT_CORRELATIONS},
+            {"metrics": metrics, "correlations": DEFAULT_CORRELATIONS,
+             "comparisons": DEFAULT_COMPARISONS},
             {"long_table": long_csv},
         ),
     }
-    write_json(out / "summary.json", summary)
+    write_json(out / STAT_FILES["summary"], summary)
     return summary

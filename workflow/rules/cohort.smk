@@ -1,4 +1,20 @@
-# Cohort level: longitudinal table, statistics and figures.
+# Cohort level: long table -> tables, statistics, figures, QC montage, summary page.
+# Everything here works on the scans the sample sheet lists: a patient without a
+# timepoint simply has no row, and every output says what it used.
+from qctfea.cohort import STAT_FILES, TABLE_FILES
+from qctfea.figures import SCATTER_PREDICTORS, SPAGHETTI_METRICS, figure_files
+
+# Per-scan pictures shown in the QC montages: {kind: file name in <patient>/<timepoint>/}.
+# Add a kind here when a per-scan rule writes another PNG.
+QC_PICTURES = {"calibration": "calibration.png"}
+FIGURES = figure_files(f"{RES}/figures")
+
+
+def _by_months():
+    """(patient, timepoint) of every scan, and the timepoints in months order."""
+    scans = [(str(p), str(t)) for p, t in SAMPLES.index]
+    months = SAMPLES.reset_index(drop=True).groupby("timepoint")["months"].median()
+    return scans, [str(t) for t in months.sort_values(kind="mergesort").index]
 
 
 rule aggregate_cohort:
@@ -10,7 +26,11 @@ rule aggregate_cohort:
         calibration=scan_outputs("calibration.json"),
         dxa=get_dxa_files,
     output:
-        report(f"{RES}/tables/longitudinal.csv", category="Tables"),
+        report(
+            f"{RES}/tables/longitudinal.csv",
+            caption="../report/longitudinal.rst",
+            category="Tables",
+        ),
     params:
         samples=SAMPLES.reset_index(drop=True).to_dict("records"),
         results=RES,
@@ -22,17 +42,123 @@ rule aggregate_cohort:
         "../scripts/aggregate_cohort.py"
 
 
+rule cohort_tables:
+    input:
+        rules.aggregate_cohort.output[0],
+    output:
+        **{
+            name: report(
+                f"{RES}/tables/{fname}", caption=f"../report/{name}.rst", category="Tables"
+            )
+            for name, fname in TABLE_FILES.items()
+        },
+    log:
+        f"logs/{COHORT}/cohort_tables.log",
+    conda:
+        "../../envs/qctfea.yaml"
+    script:
+        "../scripts/cohort_tables.py"
+
+
 rule compute_statistics:
     input:
         rules.aggregate_cohort.output[0],
     output:
-        correlations=report(f"{RES}/stats/correlations.csv", category="Statistics"),
-        changes=report(f"{RES}/stats/changes.csv", category="Statistics"),
-        summary=f"{RES}/stats/summary.json",
-        scatter=report(f"{RES}/stats/pullout_scatter.png", category="Figures"),
+        **{
+            name: report(
+                f"{RES}/stats/{fname}",
+                caption=f"../report/{name}.rst",
+                category="Statistical tests",
+            )
+            for name, fname in STAT_FILES.items()
+            if name != "summary"
+        },
+        summary=f"{RES}/stats/{STAT_FILES['summary']}",
     log:
         f"logs/{COHORT}/compute_statistics.log",
     conda:
         "../../envs/qctfea.yaml"
     script:
         "../scripts/compute_statistics.py"
+
+
+rule cohort_figures:
+    input:
+        rules.aggregate_cohort.output[0],
+    output:
+        png=[
+            report(
+                FIGURES[f"spaghetti_{m}"]["png"],
+                caption="../report/spaghetti.rst",
+                category="Figures",
+                subcategory="Change over time",
+                labels={"figure": "spaghetti", "metric": m},
+            )
+            for m in SPAGHETTI_METRICS
+        ]
+        + [
+            report(
+                FIGURES[f"scatter_pullout_{p}"]["png"],
+                caption="../report/scatter.rst",
+                category="Figures",
+                subcategory="Pullout strength vs BMD",
+                labels={"figure": "scatter", "predictor": p},
+            )
+            for p in SCATTER_PREDICTORS
+        ],
+        svg=[f["svg"] for f in FIGURES.values()],
+    log:
+        f"logs/{COHORT}/cohort_figures.log",
+    conda:
+        "../../envs/qctfea.yaml"
+    script:
+        "../scripts/cohort_figures.py"
+
+
+rule qc_montage:
+    input:
+        lambda wc: scan_outputs(QC_PICTURES[wc.kind]),
+    output:
+        png=report(
+            f"{RES}/figures/qc_{{kind}}.png",
+            caption="../report/qc_montage.rst",
+            category="QC",
+            labels={"figure": "montage", "picture": "{kind}"},
+        ),
+        svg=f"{RES}/figures/qc_{{kind}}.svg",
+    params:
+        scans=lambda wc: _by_months()[0],
+        timepoints=lambda wc: _by_months()[1],
+    wildcard_constraints:
+        kind="|".join(QC_PICTURES),
+    log:
+        f"logs/{COHORT}/qc_montage_{{kind}}.log",
+    conda:
+        "../../envs/qctfea.yaml"
+    script:
+        "../scripts/qc_montage.py"
+
+
+rule summary_page:
+    input:
+        summary=rules.compute_statistics.output.summary,
+        tables=list(rules.cohort_tables.output),
+        stats=list(rules.compute_statistics.output),
+        figures=rules.cohort_figures.output.png,
+        qc=[f"{RES}/figures/qc_{kind}.png" for kind in QC_PICTURES],
+    output:
+        report(
+            f"{RES}/report/summary.html",
+            caption="../report/summary_page.rst",
+            category="Summary",
+        ),
+    params:
+        cohort=COHORT,
+        tables={k: f"{RES}/tables/{v}" for k, v in TABLE_FILES.items()},
+        stats={k: f"{RES}/stats/{v}" for k, v in STAT_FILES.items()},
+    log:
+        f"logs/{COHORT}/summary_page.log",
+    conda:
+        "../../envs/qctfea.yaml"
+    script:
+        "../scripts/summary_page.py"

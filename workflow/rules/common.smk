@@ -70,4 +70,5 @@ def get_final_outputs(wildcards):
         f"{RES}/stats/correlations.csv",
         f"{RES}/stats/changes.csv",
         f"{RES}/stats/summary.json",
+        f"{RES}/report/summary.html",
     ]

@@ -1,4 +1,4 @@
-"""Rule compute_statistics: paired changes, correlations, summary, scatter figure."""
+"""Rule compute_statistics: paired tests, Friedman, mixed models, correlations, summary.json."""
 from pathlib import Path
 
 from qctfea import cohort

@@ -3,8 +3,12 @@
 **Compression.** The inferior endplate is fixed; the superior endplate is
 displaced by ``displacement_mm`` along the body's inferior direction (a rigid,
 bonded platen: all components prescribed). Endplates are the exterior facets
-of vertebral-body cells whose midpoints lie within ``endplate_depth_mm`` of
-the body's extreme along its superior axis (from the mask step).
+of vertebral-body cells that face along the body's superior axis (outward
+normal within ``endplate_angle_deg`` of +axis, or of -axis for the inferior
+one) and lie in the top (bottom) ``endplate_zone_fraction`` of the body's
+height along that axis (from the mask step). Selecting by orientation takes
+the whole endplate whatever the tilt of the vertebra in the scanner, so the
+same surface is loaded at every timepoint.
 Stiffness = reaction / displacement (N/mm).
 
 **Pullout (per side).** Both endplates are fixed. The screw head's end face
@@ -54,7 +58,8 @@ from qctfea.screw import Screw
 @dataclass
 class LoadParams:
     displacement_mm: float = 0.1
-    endplate_depth_mm: float = 1.0
+    endplate_angle_deg: float = 45.0  #: endplate facets: normal within this of the axis
+    endplate_zone_fraction: float = 0.25  #: endplate facets: in this top/bottom part of the body
     head_face_mm: float = 0.5
     yield_strain: float = 0.007
     failed_fraction_compression: float = 0.02
@@ -99,16 +104,34 @@ def effective_strain(strains: np.ndarray) -> np.ndarray:
     return np.abs(ev).max(axis=1)
 
 
-def _endplate_dofs(model: ElasticModel, cell_tags, axis_info: dict):
+def _endplate_dofs(model: ElasticModel, cell_tags, axis_info: dict, params: LoadParams):
+    """Superior and inferior endplate facets of the body (see the module docstring)."""
     mesh = model.mesh
     axis = np.asarray(axis_info["superior_axis"], float)
+    axis = axis / np.linalg.norm(axis)
     c = np.asarray(axis_info["centroid_mm"], float)
     facets = boundary_facets_of_tags(mesh, cell_tags, [TAG_BODY])
-    h = (facet_midpoints(mesh, facets) - c) @ axis if len(facets) else np.zeros(0)
+    mid = facet_midpoints(mesh, facets) if len(facets) else np.zeros((0, 3))
+    h = (mid - c) @ axis
     comm = mesh.comm
     hmax = comm.allreduce(h.max() if len(h) else -np.inf, MPI.MAX)
     hmin = comm.allreduce(h.min() if len(h) else np.inf, MPI.MIN)
-    return facets, h, hmin, hmax, axis
+    cosang = np.zeros(len(facets))
+    if len(facets):
+        x = mesh.geometry.x
+        g = dolfinx.mesh.entities_to_geometry(mesh, 2, facets)
+        nrm = np.cross(x[g[:, 1]] - x[g[:, 0]], x[g[:, 2]] - x[g[:, 0]])
+        nrm /= np.linalg.norm(nrm, axis=1)[:, None]
+        f2c = mesh.topology.connectivity(2, 3)
+        cells = np.array([f2c.links(f)[0] for f in facets], dtype=np.int32)
+        cmid = dolfinx.mesh.compute_midpoints(mesh, 3, cells)
+        nrm *= np.sign(np.einsum("ij,ij->i", nrm, mid - cmid))[:, None]  # outward
+        cosang = nrm @ axis
+    zone = params.endplate_zone_fraction * (hmax - hmin)
+    cmin = np.cos(np.radians(params.endplate_angle_deg))
+    sup = facets[(h >= hmax - zone) & (cosang >= cmin)]
+    inf = facets[(h <= hmin + zone) & (cosang <= -cmin)]
+    return sup, inf, axis, float(hmax - hmin)
 
 
 def _dofs(model, facets):
@@ -152,15 +175,13 @@ def strength_estimate(model: ElasticModel, force: float, region_cells_mask_fn, f
 def compression_dofs(model: ElasticModel, cell_tags, axis_info: dict, params: LoadParams):
     """Superior and inferior endplate node sets, the superior axis and the body height."""
     mesh = model.mesh
-    facets, h, hmin, hmax, axis = _endplate_dofs(model, cell_tags, axis_info)
-    sup = facets[h >= hmax - params.endplate_depth_mm]
-    inf = facets[h <= hmin + params.endplate_depth_mm]
+    sup, inf, axis, height = _endplate_dofs(model, cell_tags, axis_info, params)
     sup_dofs, inf_dofs = _dofs(model, sup), _dofs(model, inf)
     n_owned = model.V.dofmap.index_map.size_local
     n_sup, n_inf = _count(mesh.comm, sup_dofs, n_owned), _count(mesh.comm, inf_dofs, n_owned)
     if n_sup == 0 or n_inf == 0:
         raise QctfeaError("compression: no endplate nodes found; check the mesh and body axis")
-    return sup_dofs, inf_dofs, axis, n_sup, n_inf, float(hmax - hmin)
+    return sup_dofs, inf_dofs, axis, n_sup, n_inf, height
 
 
 def _solver_summary(info) -> dict:
@@ -252,8 +273,8 @@ def pullout_dofs(model: ElasticModel, cell_tags, axis_info: dict, screw: Screw,
                  params: LoadParams):
     """Endplate node set (held), the screw head face node set and the pull direction."""
     mesh = model.mesh
-    facets, h, hmin, hmax, _ = _endplate_dofs(model, cell_tags, axis_info)
-    ends = facets[(h >= hmax - params.endplate_depth_mm) | (h <= hmin + params.endplate_depth_mm)]
+    sup, inf, _, _ = _endplate_dofs(model, cell_tags, axis_info, params)
+    ends = np.concatenate([sup, inf])
     tag = TAG_SCREW[screw.side]
     sf = boundary_facets_of_tags(mesh, cell_tags, [tag])
     s, _ = screw.axial_radial(facet_midpoints(mesh, sf)) if len(sf) else (np.zeros(0), None)

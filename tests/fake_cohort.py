@@ -1,0 +1,97 @@
+"""Per-scan result files of a cohort without running the image/FE steps.
+
+``write_results`` reads a sample sheet and writes, for each of its rows,
+``results/<cohort>/<patient>/<timepoint>/`` with the JSON files the cohort
+rules read (as the pipeline writes them, plus keys those rules must ignore)
+and a small ``calibration.png``. Values follow a treatment-like trend with
+noise, deterministic per (patient, months).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+COHORTS = REPO / "tests" / "cohorts"
+
+#: The cohort rules (run on existing per-scan results with --allowed-rules).
+COHORT_RULES = ["aggregate_cohort", "cohort_tables", "compute_statistics", "cohort_figures",
+                "qc_montage", "summary_page"]
+
+
+def fake_scan(i: int, months: float, rng: np.random.Generator) -> dict[str, dict]:
+    trab = 80.0 + 12.0 * i + 0.45 * months + rng.normal(scale=2.0)
+    screw_l = 170.0 + 14.0 * i + 0.40 * months + rng.normal(scale=3.0)
+    screw_r = screw_l + rng.normal(scale=4.0)
+    f_l = 300.0 + 9.0 * screw_l + rng.normal(scale=60.0)
+    f_r = 300.0 + 9.0 * screw_r + rng.normal(scale=60.0)
+    comp = 40.0 * trab + rng.normal(scale=150.0)
+    prov = {"step": "fake"}
+    return {
+        "bmd.json": {"trabecular_vbmd_mg_cm3": trab, "integral_vbmd_mg_cm3": 1.7 * trab + 10,
+                     "areal_bmd_g_cm2": 0.45 + trab / 600 + rng.normal(scale=0.01),
+                     "around_screw_vbmd_mg_cm3": {"left": screw_l, "right": screw_r},
+                     "provenance": prov},
+        "compression.json": {"stiffness_n_per_mm": 10 * comp, "strength_n": comp,
+                             "n_dofs": 3000, "ksp_iterations": 40, "n_cells": 1000,
+                             "analysis": "linear", "curve": [{"u": 0.0, "f": 0.0}],
+                             "provenance": prov},
+        "pullout_left.json": {"stiffness_n_per_mm": 12 * f_l, "strength_n": f_l, "n_dofs": 3000,
+                              "ksp_iterations": 30, "strength_rule": "peak", "provenance": prov},
+        "pullout_right.json": {"stiffness_n_per_mm": 12 * f_r, "strength_n": f_r,
+                               "n_dofs": 3000, "provenance": prov},  # no ksp_iterations
+        "mesh.json": {"n_cells": 1000 + i, "n_vertices": 300},
+        "calibration.json": {"slope": 0.8, "intercept": -3.0, "r2": 0.9999},
+    }
+
+
+def _png(path: Path, text: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2.4, 1.8), dpi=60)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot([0, 1, 2], [0, 1, 2], "o-")
+    ax.set_title(text, fontsize=8)
+    fig.savefig(path, format="png")
+
+
+def write_results(workdir: Path, cohort: str, sheet: pd.DataFrame, seed: int = 3) -> Path:
+    """Write the per-scan files of every row of ``sheet`` under ``workdir/results/<cohort>``."""
+    res = workdir / "results" / cohort
+    patients = sorted(sheet["patient"].unique())
+    for _, row in sheet.iterrows():
+        i = patients.index(row["patient"])
+        rng = np.random.default_rng([seed, i, int(float(row["months"]))])
+        d = res / row["patient"] / row["timepoint"]
+        d.mkdir(parents=True, exist_ok=True)
+        for name, content in fake_scan(i, float(row["months"]), rng).items():
+            (d / name).write_text(json.dumps(content))
+        _png(d / "calibration.png", f"{row['patient']} {row['timepoint']}")
+    return res
+
+
+def setup_cohort(workdir: Path, name: str = "missing-followup") -> tuple[Path, pd.DataFrame]:
+    """Copy ``tests/cohorts/<name>`` to ``workdir/cohorts`` and write its per-scan results.
+
+    Returns the cohorts folder (for ``--config cohorts_dir=...``) and the sheet.
+    """
+    cohorts = workdir / "cohorts"
+    shutil.copytree(COHORTS / name, cohorts / name)
+    sheet = pd.read_csv(cohorts / name / "samples.tsv", sep="\t", dtype=str).fillna("")
+    write_results(workdir, name, sheet)
+    return cohorts, sheet
+
+
+def snakemake_args(workdir: Path, cohorts: Path, name: str) -> list[str]:
+    """Common arguments: this repository's Snakefile, run in ``workdir`` on cohort ``name``."""
+    return ["--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(REPO / "config" / "config.yaml"),
+            "--config", f"cohort={name}", f"cohorts_dir={cohorts}",
+            "--allowed-rules", *COHORT_RULES]

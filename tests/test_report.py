@@ -1,0 +1,188 @@
+"""The cohort rules on a cohort with a missing follow-up, and both reports in Chromium.
+
+One module-scoped run: the per-scan result files of ``tests/cohorts/missing-followup``
+(P03 has no M12 scan, P02 M24 has no DXA) are written by ``tests/fake_cohort.py``;
+Snakemake runs only the cohort-level rules on them (``--allowed-rules``), then
+``snakemake --report``. The browser test opens the summary page and the Snakemake
+report in headless Chromium (Debian's ``chromium``; CI installs it and sets
+QCTFEA_REQUIRE_CHROMIUM=1 so that a missing browser fails instead of skipping).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import fake_cohort as fc
+from browser import IMAGES_JS, SNAKEMAKE_IMAGES_JS, Chromium, find_chromium
+from conftest import REPO, run, venv_bin
+
+NAME = "missing-followup"
+#: Where the browser test keeps its screenshots (stable path; results/ is git-ignored).
+ARTIFACTS = REPO / "results" / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def cohort_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    work = tmp_path_factory.mktemp("cohort-rules")
+    cohorts, sheet = fc.setup_cohort(work, NAME)
+    args = fc.snakemake_args(work, cohorts, NAME)
+    p = run([venv_bin("snakemake"), "--cores", "2", *args, "--",
+             f"results/{NAME}/report/summary.html"], cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    report = work / "results" / NAME / "report.html"
+    p = run([venv_bin("snakemake"), "--report", str(report), *args], cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return {"work": work, "res": work / "results" / NAME, "sheet": sheet, "report": report}
+
+
+def test_cohort_rules_run_with_a_missing_followup(cohort_run: dict) -> None:
+    res = cohort_run["res"]
+    long = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
+    assert len(long) == len(cohort_run["sheet"]) == 14
+    assert not ((long["patient"] == "P03") & (long["timepoint"] == "M12")).any()
+    src = long.set_index(["patient", "timepoint"])["areal_bmd_source"]
+    assert src[("P02", "M24")] == "ct" and src[("P01", "M24")] == "dxa"
+    for name in ("wide.csv", "change_from_baseline.csv", "summary_by_timepoint.csv",
+                 "baseline_characteristics.csv"):
+        assert (res / "tables" / name).is_file(), name
+    summary = json.loads((res / "stats" / "summary.json").read_text())
+    assert summary["missing_scans"] == [{"patient": "P03", "timepoint": "M12"}]
+    assert "missing P03 M12" in summary["headlines"][0]
+    changes = pd.read_csv(res / "stats" / "changes.csv").fillna("")
+    pull = changes[changes["metric"] == "pullout_strength_n"].set_index("timepoint")
+    assert pull.loc["M12", "n_pairs"] == 4 and pull.loc["M12", "patients_not_paired"] == "P03"
+    assert pull.loc["M24", "n_pairs"] == 5 and pull.loc["M24", "patients_not_paired"] == ""
+    mm = pd.read_csv(res / "stats" / "mixed_models.csv")
+    assert (mm.loc[mm["metric"] == "pullout_strength_n", "n_obs"] == 14).all()
+    fr = pd.read_csv(res / "stats" / "friedman.csv").set_index("metric")
+    assert fr.loc["pullout_strength_n", "n_complete"] == 4
+    assert fr.loc["pullout_strength_n", "patients_excluded"] == "P03"
+    corr = pd.read_csv(res / "stats" / "correlations.csv")
+    areal = corr[(corr["outcome"] == "pullout_strength_n")
+                 & (corr["predictor"] == "areal_bmd_g_cm2")].set_index("timepoint")
+    assert areal.loc["M24", "n"] == 4 and areal.loc["M24", "predictor_source"] == "clinical DXA"
+    assert areal.loc["M12", "n"] == 4
+    figs = res / "figures"
+    for stem in ("spaghetti_pullout_strength_n", "scatter_pullout_areal_bmd_g_cm2",
+                 "qc_calibration"):
+        assert (figs / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert ET.parse(figs / f"{stem}.svg").getroot().tag.endswith("svg")
+    assert len(list(figs.glob("*.png"))) == len(list(figs.glob("*.svg"))) == 13
+    page = (res / "report" / "summary.html").read_text()
+    assert "Missing scans: P03 M12" in page and "not paired: P03" in page
+    assert not re.search(r"""(src|href)=["'](?!data:|#)""", page), "external resource"
+
+
+def test_figures_edge_cases(tmp_path: Path) -> None:
+    from qctfea import figures
+    from qctfea.provenance import QctfeaError
+
+    df = pd.DataFrame({"patient": ["A", "A"], "timepoint": ["M00", "M12"], "months": [0.0, 12.0],
+                       "pullout_strength_n": [1.0, 2.0]})
+    paths = {"png": tmp_path / "s.png", "svg": tmp_path / "s.svg"}
+    figures.spaghetti(df, "dxa_areal_bmd_g_cm2", paths)  # no such data: a "no data" panel
+    assert "no clinical DXA areal BMD" in paths["svg"].read_text()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(QctfeaError, match=r"patient A, timepoint M12: cannot read .*bad\.png"):
+        figures.qc_montage([("A", "M12", bad)], paths)
+
+
+def _rule_names() -> list[str]:
+    names = []
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        names += re.findall(r"^\s*rule\s+(\w+)\s*:", smk.read_text(), flags=re.M)
+    names += re.findall(r"^rule\s+(\w+)\s*:", (REPO / "Snakefile").read_text(), flags=re.M)
+    return names
+
+
+def _report_var(html: str, script_id: str, name: str) -> object:
+    """A JSON variable of Snakemake's report template (``<script id=...>var name = ...;``)."""
+    m = re.search(rf'<script id="{script_id}">\s*var {name} = (.*?);\s*</script>', html,
+                  flags=re.S)
+    assert m, f"{name} not found in the report"
+    return json.loads(m.group(1))
+
+
+def test_snakemake_report_describes_every_rule_and_holds_the_results(cohort_run: dict) -> None:
+    html = cohort_run["report"].read_text()
+    desc = _report_var(html, "workflow-desc", "workflow_desc")
+    rules = _rule_names()
+    assert {"ingest_scan", "solve_pullout", "compute_statistics", "summary_page"} <= set(rules)
+    undescribed = [r for r in rules if f"<dt>{r}</dt>" not in desc]
+    assert not undescribed, (f"rules without a method description in "
+                             f"workflow/report/workflow.rst: {undescribed}")
+    results = _report_var(html, "results", "results")
+    cats = _report_var(html, "categories", "categories")
+    assert {"Summary", "Tables", "Statistical tests", "Figures", "QC"} <= set(cats)
+    files = {Path(k).name for k in results}
+    assert {"summary.html", "longitudinal.csv", "changes.csv", "mixed_models.csv",
+            "correlation_comparison.csv", "baseline_characteristics.csv",
+            "spaghetti_pullout_strength_n.png", "qc_calibration.png"} <= files
+    assert all(r["caption"] for r in results.values() if "/stats/" in r["filename"]
+               or "/figures/" in r["filename"]), "a result without caption"
+
+
+def _chromium() -> str:
+    exe = find_chromium()
+    if exe is None:
+        if os.environ.get("QCTFEA_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium not found but QCTFEA_REQUIRE_CHROMIUM is set (CI)")
+        pytest.skip("chromium not installed (apt-get install chromium); CI installs it")
+    return exe
+
+
+def test_reports_render_in_headless_chromium(cohort_run: dict, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    exe = _chromium()
+    summary = cohort_run["res"] / "report" / "summary.html"
+    n_pngs = len(list((cohort_run["res"] / "figures").glob("*.png")))
+    shots = {}
+    with Chromium(exe, tmp_path / "profile") as browser:
+        browser.open(summary.as_uri())
+        images = browser.evaluate(IMAGES_JS)
+        assert browser.errors() == []
+        assert len(images) == n_pngs == 13
+        bad = [i for i in images if i["width"] <= 0 or i["height"] <= 0 or i["shown"] <= 0]
+        assert not bad, f"figures that did not render: {bad}"
+        assert browser.evaluate("document.querySelectorAll('ol.headlines li').length") >= 5
+        text = browser.evaluate("document.body.innerText")
+        assert "Missing scans: P03 M12" in text and "Steiger z = " in text
+        shots["summary"] = browser.screenshot(tmp_path / "summary_page.png")
+
+        browser.open(cohort_run["report"].as_uri())
+        browser.evaluate("new Promise(r => setTimeout(r, 300))")
+        assert browser.evaluate(
+            "document.querySelector('#loading-screen').style.display") == "none"
+        assert browser.evaluate("document.querySelector('#app').children.length") > 0
+        assert "Method of every rule" in browser.evaluate("document.body.innerText")
+        shown = browser.evaluate(SNAKEMAKE_IMAGES_JS)
+        assert len(shown) >= n_pngs  # (per-scan pictures are in it when their rule ran)
+        bad = [i for i in shown if i["width"] <= 0]
+        assert not bad, f"report figures that did not render: {bad}"
+        # Leave the pullout spaghetti plot on screen for the screenshot.
+        browser.evaluate("""(() => { const k = Object.keys(results).find(
+            p => p.endsWith('spaghetti_pullout_strength_n.png'));
+            app.setView({content: 'img', contentPath: results[k].data_uri, resultPath: k});
+            return k; })()""")
+        browser.evaluate("new Promise(r => setTimeout(r, 300))")
+        shots["snakemake_report"] = browser.screenshot(tmp_path / "snakemake_report.png",
+                                                       full_page=False)
+        assert browser.errors() == []
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for name, path in shots.items():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+        dest = ARTIFACTS / f"browser_{name}.png"
+        shutil.copy(path, dest)
+        kept.append(str(dest))
+    with capsys.disabled():
+        print(f"\n[browser test] screenshots: {', '.join(kept)}")
