@@ -123,7 +123,8 @@ rule qc_montage:
             f"{RES}/figures/qc_{{kind}}.png",
             caption="../report/qc_montage.rst",
             category="QC",
-            labels={"figure": "montage", "picture": "{kind}"},
+            subcategory="Montages",
+            labels={"picture": "{kind}"},
         ),
         svg=f"{RES}/figures/qc_{{kind}}.svg",
     params:
