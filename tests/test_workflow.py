@@ -46,10 +46,67 @@ def test_dry_run_expands_patients_x_timepoints(tmp_path):
     assert three["total"] - two["total"] == 2 * (len(per_scan) + 2)
 
 
+PER_SCAN = ["generate_demo_scan", "ingest_scan", "calibrate_density", "extract_vertebra",
+            "plan_screws", "measure_bmd", "mesh_vertebra", "assign_materials", "solve_compression"]
+
+
 def test_study_cohort_dry_run_lists_63_scans(tmp_path):
+    """21 patients x 3 timepoints: every per-scan job 63 times, pullout twice per scan."""
     counts = _job_counts(REPO / "config" / "cohorts", "demo-study", tmp_path)
-    assert counts["solve_compression"] == 63
+    for rule in PER_SCAN:
+        assert counts[rule] == 63, rule
     assert counts["solve_pullout"] == 126
+
+
+def test_lint_is_clean():
+    """`snakemake --lint` from the repository root prints no lints."""
+    for extra in ([], ["--config", "cohort=demo-study"]):
+        p = run([venv_bin("snakemake"), "--lint", *extra], cwd=REPO, timeout=300)
+        out = p.stdout + p.stderr
+        assert p.returncode == 0 and "Lints for" not in out, out[-4000:]
+        assert "Congratulations, your workflow is in a good condition!" in out
+
+
+def _dry_run_error(tmp_path, edit):
+    """Dry-run a copy of the tiny cohort after edit(cohort_dir); the failure message."""
+    cd = _cohort(tmp_path, "bad", 2)
+    edit(cd / "bad")
+    p = run([venv_bin("snakemake"), "-n", "--snakefile", str(REPO / "Snakefile"),
+             "--directory", str(tmp_path), "--configfile", str(REPO / "config" / "config.yaml"),
+             "--config", "cohort=bad", f"cohorts_dir={cd}"], cwd=REPO, timeout=300)
+    assert p.returncode != 0
+    return p.stdout + p.stderr
+
+
+def test_sample_sheet_errors_name_line_and_column(tmp_path):
+    def edit(d):
+        sheet = d / "samples.tsv"
+        lines = sheet.read_text().splitlines()
+        header = lines[0].split("\t")
+        row = lines[2].split("\t")  # line 3 of the file: P01 M12
+        row[header.index("months")] = "twelve"
+        row[header.index("patient")] = "P 01"
+        lines[2] = "\t".join(row)
+        lines[4] = "\t".join(c if h != "landmarks" else "" for h, c in
+                             zip(header, lines[4].split("\t")))
+        sheet.write_text("\n".join(lines) + "\n")
+
+    msg = _dry_run_error(tmp_path, edit)
+    assert "invalid cohort input" in msg, msg[-3000:]
+    assert "samples.tsv, line 3, column months: 'twelve'" in msg, msg[-3000:]
+    assert "samples.tsv, line 3, column patient: 'P 01'" in msg, msg[-3000:]
+    assert "samples.tsv, line 5, column landmarks" in msg, msg[-3000:]
+    assert "line 2," not in msg and "line 4," not in msg  # the good rows are not blamed
+
+
+def test_cohort_config_errors_name_the_key(tmp_path):
+    def edit(d):
+        cfg = (d / "config.yaml").read_text()
+        (d / "config.yaml").write_text(cfg + "meshh:\n  voxel_mm: 0.5\nmpi:\n  tasks: two\n")
+
+    msg = _dry_run_error(tmp_path, edit)
+    assert "config.yaml, key meshh: unknown key; allowed:" in msg, msg[-3000:]
+    assert "config.yaml, key mpi.tasks: 'two' is not of type 'integer'" in msg, msg[-3000:]
 
 
 @pytest.mark.slow

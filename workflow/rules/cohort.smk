@@ -10,13 +10,6 @@ QC_PICTURES = {"calibration": "calibration.png"}
 FIGURES = figure_files(f"{RES}/figures")
 
 
-def _by_months():
-    """(patient, timepoint) of every scan, and the timepoints in months order."""
-    scans = [(str(p), str(t)) for p, t in SAMPLES.index]
-    months = SAMPLES.reset_index(drop=True).groupby("timepoint")["months"].median()
-    return scans, [str(t) for t in months.sort_values(kind="mergesort").index]
-
-
 rule aggregate_cohort:
     input:
         bmd=scan_outputs("bmd.json"),
@@ -33,11 +26,12 @@ rule aggregate_cohort:
         ),
     params:
         samples=SAMPLES.reset_index(drop=True).to_dict("records"),
-        results=RES,
+        # results/<cohort>, where the per-scan JSONs are: from the output, not hard-coded.
+        results=lambda wc, output: str(Path(output[0]).parent.parent),
     log:
         f"logs/{COHORT}/aggregate_cohort.log",
     conda:
-        "../../envs/qctfea.yaml"
+        "../../envs/cohort.yaml"
     script:
         "../scripts/aggregate_cohort.py"
 
@@ -55,7 +49,7 @@ rule cohort_tables:
     log:
         f"logs/{COHORT}/cohort_tables.log",
     conda:
-        "../../envs/qctfea.yaml"
+        "../../envs/cohort.yaml"
     script:
         "../scripts/cohort_tables.py"
 
@@ -77,7 +71,7 @@ rule compute_statistics:
     log:
         f"logs/{COHORT}/compute_statistics.log",
     conda:
-        "../../envs/qctfea.yaml"
+        "../../envs/cohort.yaml"
     script:
         "../scripts/compute_statistics.py"
 
@@ -110,7 +104,7 @@ rule cohort_figures:
     log:
         f"logs/{COHORT}/cohort_figures.log",
     conda:
-        "../../envs/qctfea.yaml"
+        "../../envs/cohort.yaml"
     script:
         "../scripts/cohort_figures.py"
 
@@ -128,14 +122,14 @@ rule qc_montage:
         ),
         svg=f"{RES}/figures/qc_{{kind}}.svg",
     params:
-        scans=lambda wc: _by_months()[0],
-        timepoints=lambda wc: _by_months()[1],
+        scans=lambda wc: scans_by_months()[0],
+        timepoints=lambda wc: scans_by_months()[1],
     wildcard_constraints:
         kind="|".join(QC_PICTURES),
     log:
         f"logs/{COHORT}/qc_montage_{{kind}}.log",
     conda:
-        "../../envs/qctfea.yaml"
+        "../../envs/cohort.yaml"
     script:
         "../scripts/qc_montage.py"
 
@@ -160,6 +154,6 @@ rule summary_page:
     log:
         f"logs/{COHORT}/summary_page.log",
     conda:
-        "../../envs/qctfea.yaml"
+        "../../envs/cohort.yaml"
     script:
         "../scripts/summary_page.py"

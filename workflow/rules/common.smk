@@ -3,9 +3,46 @@ import json
 from pathlib import Path
 
 import yaml
-from snakemake.utils import validate
+from jsonschema import Draft202012Validator
+from snakemake.exceptions import WorkflowError
 
 from qctfea.samples import read_sample_sheet
+
+SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
+
+
+def check_schema(where, records, schema_name, kind):
+    """Validate (label, record) pairs against workflow/schemas/<schema_name>; one error lists
+    every violation as '<where><label>, <kind> <name>: <problem> (<meaning>)'."""
+    schema = yaml.safe_load((SCHEMAS / schema_name).read_text())
+    props = schema.get("properties", {})
+    problems = []
+    for label, record in records:
+        for e in Draft202012Validator(schema).iter_errors(record):
+            path = [str(k) for k in e.absolute_path]
+            if e.validator == "required":
+                path, msg = [e.message.split("'")[1]], "missing"
+            elif e.validator == "additionalProperties":
+                extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
+                path, msg = path + [", ".join(extra)], (
+                    f"unknown {kind}; allowed: {', '.join(sorted(e.schema.get('properties', {})))}")
+            else:
+                msg = e.message
+            name = ".".join(path) or "(top level)"
+            meaning = props.get(path[0], {}).get("description") if path else None
+            problems.append(f"{where}{label}, {kind} {name}: {msg}"
+                            + (f" ({meaning})" if meaning else ""))
+    if problems:
+        raise WorkflowError("invalid cohort input:\n  " + "\n  ".join(problems))
+
+
+def sheet_records(path):
+    """(line label, row dict) of a tab-separated sample sheet; # comments and blank lines skipped."""
+    rows = [(n, line.split("\t")) for n, line in enumerate(Path(path).read_text().splitlines(), 1)
+            if line.strip() and not line.startswith("#")]
+    header = [c.strip() for c in rows[0][1]] if rows else []
+    return [(f", line {n}", dict(zip(header, (c.strip() for c in cells)))) for n, cells in rows[1:]]
+
 
 COHORT = config["cohort"]
 COHORT_DIR = Path(config.get("cohorts_dir", "config/cohorts")) / COHORT
@@ -15,8 +52,11 @@ if not (COHORT_DIR / "config.yaml").is_file():
         f"{sorted(p.name for p in COHORT_DIR.parent.iterdir() if p.is_dir())}"
     )
 CCFG = yaml.safe_load((COHORT_DIR / "config.yaml").read_text()) or {}
-validate(CCFG, "../schemas/cohort.schema.yaml")
-SAMPLES = read_sample_sheet(COHORT_DIR / CCFG.get("samples", "samples.tsv"))
+check_schema(COHORT_DIR / "config.yaml", [("", CCFG)], "cohort.schema.yaml", "key")
+SHEET = COHORT_DIR / CCFG.get("samples", "samples.tsv")
+if SHEET.is_file():
+    check_schema(SHEET, sheet_records(SHEET), "samples.schema.yaml", "column")
+SAMPLES = read_sample_sheet(SHEET)
 SAMPLES = SAMPLES.set_index(["patient", "timepoint"], drop=False)
 RES = f"results/{COHORT}"
 TASKS = int(CCFG.get("mpi", {}).get("tasks", 1))
@@ -62,6 +102,13 @@ def get_dxa_files(wildcards):
 
 def scan_outputs(name):
     return [f"{RES}/{p}/{t}/{name}" for p, t in SAMPLES.index]
+
+
+def scans_by_months():
+    """(patient, timepoint) of every scan, and the timepoints in months order."""
+    scans = [(str(p), str(t)) for p, t in SAMPLES.index]
+    months = SAMPLES.reset_index(drop=True).groupby("timepoint")["months"].median()
+    return scans, [str(t) for t in months.sort_values(kind="mergesort").index]
 
 
 def get_final_outputs(wildcards):

@@ -16,6 +16,6 @@ if "demo" in CCFG:
         log:
             "logs/{cohort}/{patient}/{timepoint}/generate_demo_scan.log",
         conda:
-            "../../envs/qctfea.yaml"
+            "../../envs/imaging.yaml"
         script:
             "../scripts/generate_demo_scan.py"

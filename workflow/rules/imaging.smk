@@ -10,7 +10,7 @@ rule ingest_scan:
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/ingest_scan.log",
     conda:
-        "../../envs/qctfea.yaml"
+        "../../envs/imaging.yaml"
     script:
         "../scripts/ingest_scan.py"
 
@@ -29,7 +29,7 @@ rule calibrate_density:
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/calibrate_density.log",
     conda:
-        "../../envs/qctfea.yaml"
+        "../../envs/imaging.yaml"
     script:
         "../scripts/calibrate_density.py"
 
@@ -46,7 +46,7 @@ rule extract_vertebra:
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/extract_vertebra.log",
     conda:
-        "../../envs/qctfea.yaml"
+        "../../envs/imaging.yaml"
     script:
         "../scripts/extract_vertebra.py"
 
@@ -62,7 +62,7 @@ rule plan_screws:
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/plan_screws.log",
     conda:
-        "../../envs/qctfea.yaml"
+        "../../envs/imaging.yaml"
     script:
         "../scripts/plan_screws.py"
 
@@ -79,6 +79,6 @@ rule measure_bmd:
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/measure_bmd.log",
     conda:
-        "../../envs/qctfea.yaml"
+        "../../envs/imaging.yaml"
     script:
         "../scripts/measure_bmd.py"

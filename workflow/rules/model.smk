@@ -11,12 +11,14 @@ rule mesh_vertebra:
         json=f"{RES}/{{patient}}/{{timepoint}}/mesh.json",
     params:
         cfg=CCFG.get("mesh", {}),
+    resources:
+        mem_mb=4000,
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/mesh_vertebra.log",
     benchmark:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/mesh_vertebra.tsv"
     conda:
-        "../../envs/qctfea.yaml"
+        "../../envs/model.yaml"
     script:
         "../scripts/mesh_vertebra.py"
 
@@ -32,9 +34,11 @@ rule assign_materials:
         json=f"{RES}/{{patient}}/{{timepoint}}/materials.json",
     params:
         cfg=CCFG.get("materials", {}),
+    resources:
+        mem_mb=4000,
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/assign_materials.log",
     conda:
-        "../../envs/qctfea.yaml"
+        "../../envs/model.yaml"
     script:
         "../scripts/assign_materials.py"

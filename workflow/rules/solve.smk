@@ -1,6 +1,7 @@
 # MPI-parallel FE solves (DOLFINx/PETSc), linear or elasto-plastic (loads.analysis). `resources.mpi` is the launcher:
 # "mpiexec" locally (the environment's MPICH), "srun --mpi=pmi2" on SLURM.
-# `tasks` MPI ranks per solve come from the cohort config (mpi.tasks).
+# `tasks` MPI ranks per solve come from the cohort config (mpi.tasks); threads=tasks books
+# the cores locally. The SLURM profile sets mpi, cpus_per_task=1 and runtime (profiles/slurm).
 
 
 rule solve_compression:
@@ -23,12 +24,13 @@ rule solve_compression:
     resources:
         mpi="mpiexec",
         tasks=TASKS,
+        mem_mb=4000,
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/solve_compression.log",
     benchmark:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/solve_compression.tsv"
     conda:
-        "../../envs/qctfea.yaml"
+        "../../envs/fea.yaml"
     shell:
         "{resources.mpi} -n {resources.tasks} qctfea solve compression"
         " --patient {wildcards.patient} --timepoint {wildcards.timepoint}"
@@ -58,12 +60,13 @@ rule solve_pullout:
     resources:
         mpi="mpiexec",
         tasks=TASKS,
+        mem_mb=4000,
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/solve_pullout_{{side}}.log",
     benchmark:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/solve_pullout_{{side}}.tsv"
     conda:
-        "../../envs/qctfea.yaml"
+        "../../envs/fea.yaml"
     shell:
         "{resources.mpi} -n {resources.tasks} qctfea solve pullout --side {wildcards.side}"
         " --patient {wildcards.patient} --timepoint {wildcards.timepoint}"
