@@ -36,7 +36,7 @@ MARK = "# qctfea test cluster (tests/test_slurm.py); removed when the tests end"
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
 DAEMONS = ["munged", "slurmctld", "slurmd"]
 CLIENTS = ["sbatch", "squeue", "srun", "sinfo", "scontrol", "scancel"]
-COHORT = "tiny"
+COHORT = "mystudy"
 RTOL = 1e-6
 
 
@@ -224,15 +224,42 @@ def _checkout_copy(dst: Path) -> Path:
     return dst
 
 
-def _add_cohort_as_readme_says(repo: Path, name: str) -> None:
-    """README "Adding a cohort": config/cohorts/<name>/config.yaml and samples.tsv, nothing else."""
-    from qctfea.samples import demo_sheet
+@pytest.fixture(scope="module")
+def study_data(tmp_path_factory):
+    """A user's scans outside the checkout: 2 patients x 2 timepoints written by `qctfea synth`
+    (DICOM series with a phantom, VerSe-style label map, screw landmarks)."""
+    root = tmp_path_factory.mktemp("data") / "mystudy"
+    qctfea = str(Path(sys.executable).parent / "qctfea")
+    for i, patient in enumerate(("S001", "S002")):
+        for tp, months in (("M00", 0), ("M12", 12)):
+            p = subprocess.run([qctfea, "synth", "--patient", patient, "--timepoint", tp,
+                                "--months", str(months), "--seed", str(11 + i),
+                                "--out", str(root / patient / tp)],
+                               capture_output=True, text=True, env=_env())
+            assert p.returncode == 0, p.stderr
+    return root
 
+
+def _add_cohort_as_readme_says(repo: Path, name: str, data: Path) -> None:
+    """README "Adding a cohort", example: config/cohorts/<name>/config.yaml and samples.tsv
+    pointing at the scans in `data`, nothing else. Settings as the README's example, with the
+    tiny test cohort's coarse mesh and linear screening to keep the test short."""
     d = repo / "config" / "cohorts" / name
     d.mkdir(parents=True)
-    shutil.copy(REPO / "tests" / "cohorts" / "tiny" / "config.yaml", d / "config.yaml")
-    demo_sheet(["P01", "P02"], {"M00": 0, "M12": 12}, f"resources/{name}").to_csv(
-        d / "samples.tsv", sep="\t", index=False)
+    (d / "config.yaml").write_text(
+        "samples: samples.tsv\n"
+        "calibration:\n  method: phantom\n"
+        "mask:\n  label: 23\n"
+        "mpi:\n  tasks: 2\n"
+        "mesh:\n  voxel_mm: 0.6\n  bone_cell_size_mm: 3.5\n  screw_cell_size_mm: 2.0\n"
+        "loads:\n  analysis: linear\n")
+    rows = ["patient\ttimepoint\tmonths\timage\tlabels\tlandmarks\tdxa"]
+    for pdir in sorted(data.iterdir()):
+        for tp, months in (("M00", 0), ("M12", 12)):
+            s = pdir / tp
+            rows.append(f"{pdir.name}\t{tp}\t{months}\t{s}/dicom\t{s}/labels.nii.gz\t"
+                        f"{s}/landmarks.json\t0.81")
+    (d / "samples.tsv").write_text("\n".join(rows) + "\n")
 
 
 def _snakemake(repo: Path, args: list[str], log: Path, timeout: int) -> subprocess.CompletedProcess:
@@ -245,13 +272,13 @@ def _snakemake(repo: Path, args: list[str], log: Path, timeout: int) -> subproce
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
+def local_run(tmp_path_factory, study_data):
     """The tiny cohort, added per README, run with `snakemake --profile local` from the root."""
     repo = _checkout_copy(tmp_path_factory.mktemp("local-checkout"))
-    _add_cohort_as_readme_says(repo, COHORT)
+    _add_cohort_as_readme_says(repo, COHORT, study_data)
     log = repo.parent / "snakemake-local.log"
     p = _snakemake(repo, ["--profile", "local", "--config", f"cohort={COHORT}"], log, 1500)
-    return {"repo": repo, "proc": p, "log": log}
+    return {"repo": repo, "proc": p, "log": log, "data": study_data}
 
 
 def _numbers(obj, prefix=""):
@@ -294,7 +321,7 @@ def test_slurm_profile_runs_workflow_like_local(slurm_cluster, local_run, tmp_pa
     2 MPI ranks through srun, results equal to the local run's."""
     assert local_run["proc"].returncode == 0, local_run["log"].read_text()[-5000:]
     repo = _checkout_copy(tmp_path / "checkout")
-    _add_cohort_as_readme_says(repo, COHORT)
+    _add_cohort_as_readme_says(repo, COHORT, local_run["data"])
     log = repo.parent / "snakemake-slurm.log"
     # The test cluster has no accounting database: no account, status from squeue.
     t0 = time.time()
@@ -323,10 +350,16 @@ def test_slurm_profile_runs_workflow_like_local(slurm_cluster, local_run, tmp_pa
     # MPI jobs: --ntasks=2 with 1 CPU per task (cpus_per_task in the profile) on one node.
     assert all(j[3] == "2" and j[2] == "1" for j in solves), solves
     assert all(j[3] == "1" for j in jobs.values() if j not in solves), q.stdout
-    srun_lines = [ln for f in (repo / ".snakemake" / "slurm_logs").rglob("*.log")
-                  if "rule_solve_" in str(f) for ln in f.read_text().splitlines()
-                  if ln.startswith("srun --mpi=pmi2 -n 2 qctfea solve")]
-    assert len(srun_lines) == 12, "solve commands in the SLURM job logs"
+    # Each solve job's SLURM log shows the command it ran inside its allocation.
+    srun_lines = {}
+    for f in (repo / ".snakemake" / "slurm_logs").rglob("*.log"):
+        if "rule_solve_" in str(f):
+            cmds = [ln for ln in f.read_text().splitlines()
+                    if re.search(r"(^|Shell command: )srun --mpi=pmi2 -n 2 qctfea solve ", ln)]
+            if cmds:
+                srun_lines[f] = cmds[0].removeprefix("Shell command: ")
+    assert len(srun_lines) == 12, ("solve commands in the SLURM job logs", srun_lines)
+    srun_lines = sorted(srun_lines.values())
 
     # Same numbers as the local run.
     loc = local_run["repo"] / "results" / COHORT

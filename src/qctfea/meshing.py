@@ -54,6 +54,10 @@ class MeshParams:
     cell_radius_edge_ratio: float = 3.0
     margin_mm: float = 2.0  #: grid margin around vertebra and screws
     seed: int = 0  #: CGAL random seed (same seed, same mesh)
+    #: CGAL's sliver perturbation. Off by default: make_mesh_3 limits it by wall time (the
+    #: refinement's), so with it the same input gives meshes that differ by a few cells from
+    #: run to run and machine to machine. Sliver exudation (always on) is not time-limited.
+    perturb: bool = False
 
 
 def labelled_grid(
@@ -180,8 +184,9 @@ def generate_mesh(
             max_circumradius_edge_ratio=params.cell_radius_edge_ratio,
             lloyd=False,
             odt=False,
-            perturb=True,
+            perturb=params.perturb,
             exude=True,
+            exude_time_limit=0.0,  # no wall-time limit: the same input gives the same mesh
             verbose=False,
             seed=params.seed,
         )
