@@ -8,6 +8,10 @@ import pytest
 from conftest import REPO, run, venv_bin
 
 
+PER_SCAN = ["generate_demo_scan", "ingest_scan", "calibrate_density", "extract_vertebra",
+            "plan_screws", "measure_bmd", "mesh_vertebra", "assign_materials", "solve_compression"]
+
+
 def _job_counts(cohorts_dir, cohort, workdir):
     p = run([venv_bin("snakemake"), "-n", "--snakefile", str(REPO / "Snakefile"),
              "--directory", str(workdir), "--configfile", str(REPO / "config" / "config.yaml"), "--config", f"cohort={cohort}",
@@ -35,19 +39,12 @@ def test_dry_run_expands_patients_x_timepoints(tmp_path):
     two = _job_counts(cd, "c", tmp_path / "a")
     cd = _cohort(tmp_path / "b", "c", 3)
     three = _job_counts(cd, "c", tmp_path / "b")
-    per_scan = ["generate_demo_scan", "ingest_scan", "calibrate_density", "extract_vertebra",
-                "plan_screws", "measure_bmd", "mesh_vertebra", "assign_materials",
-                "solve_compression"]
-    for rule in per_scan:
+    for rule in PER_SCAN:
         assert two[rule] == 4 and three[rule] == 6, rule
     assert two["solve_pullout"] == 8 and three["solve_pullout"] == 12
     assert two["aggregate_cohort"] == three["aggregate_cohort"] == 1
     # One more patient adds only that patient's jobs (2 timepoints) and nothing else.
-    assert three["total"] - two["total"] == 2 * (len(per_scan) + 2)
-
-
-PER_SCAN = ["generate_demo_scan", "ingest_scan", "calibrate_density", "extract_vertebra",
-            "plan_screws", "measure_bmd", "mesh_vertebra", "assign_materials", "solve_compression"]
+    assert three["total"] - two["total"] == 2 * (len(PER_SCAN) + 2)
 
 
 def test_study_cohort_dry_run_lists_63_scans(tmp_path):
