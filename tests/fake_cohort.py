@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 COHORTS = REPO / "tests" / "cohorts"
 
 #: The cohort rules (run on existing per-scan results with --allowed-rules).
-COHORT_RULES = ["aggregate_cohort", "cohort_tables", "compute_statistics", "cohort_figures",
+COHORT_RULES = ["aggregate_cohort", "record_exclusions", "cohort_tables", "compute_statistics", "cohort_figures",
                 "qc_montage", "summary_page"]
 
 

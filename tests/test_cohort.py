@@ -524,3 +524,14 @@ def test_statistics_and_tables_with_missing_followup(tmp_path: Path) -> None:
     assert "the mixed models all 17 scans" in data
     m12 = [h for h in s["headlines"] if h.startswith("Pullout strength") and "to M12" in h][0]
     assert "n = 5 pairs; not paired: P3" in m12 and "mixed model (16 scans of 6 patients)" in m12
+
+
+def test_exclusions_round_trip_and_need_a_reason(tmp_path: Path) -> None:
+    entries = [{"patient": "P1", "timepoint": "M12", "months": 12.0, "reason": "motion"}]
+    cohort.write_exclusions(entries, tmp_path / "ex.csv")
+    assert cohort.read_exclusions(tmp_path / "ex.csv") == entries
+    cohort.write_exclusions([], tmp_path / "none.csv")
+    assert cohort.read_exclusions(tmp_path / "none.csv") == []
+    with pytest.raises(QctfeaError, match="patient P1, timepoint M12 has no reason"):
+        cohort.write_exclusions([{**entries[0], "reason": " "}], tmp_path / "bad.csv")
+    assert not (tmp_path / "bad.csv").exists()

@@ -81,6 +81,56 @@ def test_cohort_rules_run_with_a_missing_followup(cohort_run: dict) -> None:
     assert not re.search(r"""(src|href)=["'](?!data:|#)""", page), "external resource"
 
 
+def test_excluded_scan_is_listed_with_its_reason(tmp_path: Path) -> None:
+    """A scan excluded in the cohort config gets no jobs, is not counted as missing, and is
+    named with its reason in tables/exclusions.csv, summary.json, the headline and the page."""
+    cohorts, sheet = fc.setup_cohort(tmp_path, NAME)
+    cfg = cohorts / NAME / "config.yaml"
+    cfg.write_text(cfg.read_text() + "exclude:\n  - patient: P01\n    timepoint: M24\n"
+                   "    reason: motion artefact at L4\n")
+    args = fc.snakemake_args(tmp_path, cohorts, NAME)
+    p = run([venv_bin("snakemake"), "--cores", "2", *args, "--",
+             f"results/{NAME}/report/summary.html"], cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    res = tmp_path / "results" / NAME
+    ex = pd.read_csv(res / "tables" / "exclusions.csv", dtype=str)
+    assert ex.to_dict("records") == [{"patient": "P01", "timepoint": "M24", "months": "24.0",
+                                      "reason": "motion artefact at L4"}]
+    long = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
+    assert len(long) == len(sheet) - 1 == 13
+    assert not ((long["patient"] == "P01") & (long["timepoint"] == "M24")).any()
+    summary = json.loads((res / "stats" / "summary.json").read_text())
+    assert summary["missing_scans"] == [{"patient": "P03", "timepoint": "M12"}]
+    assert [(e["patient"], e["timepoint"], e["reason"]) for e in summary["excluded_scans"]] \
+        == [("P01", "M24", "motion artefact at L4")]
+    data = summary["headlines"][0]
+    assert "13 of 15 planned scans" in data
+    assert "excluded by the cohort config: P01 M24 (motion artefact at L4)" in data
+    assert "missing P03 M12" in data and "missing P01" not in data
+    page = (res / "report" / "summary.html").read_text()
+    assert "motion artefact at L4" in page and "Missing scans: P03 M12." in page
+
+
+def test_exclusion_of_an_unknown_scan_is_an_error(tmp_path: Path) -> None:
+    cohorts, _ = fc.setup_cohort(tmp_path, NAME)
+    cfg = cohorts / NAME / "config.yaml"
+    cfg.write_text(cfg.read_text() + "exclude:\n  - patient: P09\n    reason: withdrew\n"
+                   "  - patient: P01\n    timepoint: M24\n")
+    p = run([venv_bin("snakemake"), "-n", *fc.snakemake_args(tmp_path, cohorts, NAME)],
+            cwd=REPO, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "config.yaml, key exclude.1.reason: missing" in out, out[-3000:]
+    cfg.write_text(cfg.read_text().replace("    timepoint: M24\n", "    timepoint: M24\n"
+                                           "    reason: motion\n"))
+    p = run([venv_bin("snakemake"), "-n", *fc.snakemake_args(tmp_path, cohorts, NAME)],
+            cwd=REPO, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "config.yaml, key exclude.0: patient P09 is not in the sample sheet" in out, \
+        out[-3000:]
+
+
 def test_figures_edge_cases(tmp_path: Path) -> None:
     from qctfea import figures
     from qctfea.provenance import QctfeaError

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "models, correlations, summary.json")
     s.add_argument("long_csv")
     s.add_argument("--out-dir", required=True)
+    s.add_argument("--exclusions", help="exclusions CSV (patient, timepoint, months, reason) "
+                   "of scans the cohort config leaves out; named in summary.json")
 
     s = sub.add_parser("tables", help="longitudinal table -> wide table, change from "
                        "baseline, summary per timepoint, Table 1")
@@ -180,7 +182,7 @@ def run(a) -> None:
     elif a.step == "stats":
         from qctfea import cohort
 
-        cohort.statistics(a.long_csv, a.out_dir)
+        cohort.statistics(a.long_csv, a.out_dir, exclusions_csv=a.exclusions)
     elif a.step in ("tables", "figures", "montage", "summary-page"):
         _cohort_step(a)
 

@@ -990,18 +990,51 @@ def _fmt_est(values: Sequence[float]) -> list[str]:
     return [f"{v:.{decimals}f}" if math.isfinite(v) else "n/a" for v in values]
 
 
-def _data_sentence(df: pd.DataFrame, tpm: pd.Series) -> str:
+def _data_sentence(df: pd.DataFrame, tpm: pd.Series,
+                   excluded: Sequence[Mapping[str, Any]] = ()) -> str:
     n_pat = df["patient"].nunique()
     planned = n_pat * len(tpm)
-    missing = missing_scans(df)
+    gone = {(e["patient"], e["timepoint"]) for e in excluded}
+    missing = [m for m in missing_scans(df) if m not in gone]
     s = (f"Data: {len(df)} of {planned} planned scans ({n_pat} patients x {len(tpm)} "
          f"timepoints: {', '.join(map(str, tpm.index))})")
-    if not missing:
-        return s + "; none missing."
-    complete = n_pat - len({p for p, _ in missing})
-    return (s + f"; missing {', '.join(f'{p} {t}' for p, t in missing)}. Paired tests use the "
+    if excluded:
+        s += "; excluded by the cohort config: " + ", ".join(
+            f"{e['patient']} {e['timepoint']} ({e['reason']})" for e in excluded)
+    if missing:
+        s += f"; missing {', '.join(f'{p} {t}' for p, t in missing)}"
+    absent = {p for p, _ in missing_scans(df)}
+    if not absent:
+        return s + ("; none missing." if not excluded else ".")
+    complete = n_pat - len(absent)
+    return (s + f". Paired tests use the "
             f"patients with both scans (n per test in stats/changes.csv), the mixed models all "
             f"{len(df)} scans, the Friedman test the {complete} patients with every timepoint.")
+
+
+#: Columns of tables/exclusions.csv (scans the cohort config excludes, with the reason).
+EXCLUSION_COLUMNS = ["patient", "timepoint", "months", "reason"]
+
+
+def write_exclusions(entries: Sequence[Mapping[str, Any]], out_csv: str | os.PathLike) -> pd.DataFrame:
+    """Write the scans excluded by the cohort config (``exclude:``) with their reasons."""
+    df = pd.DataFrame([{c: e.get(c) for c in EXCLUSION_COLUMNS} for e in entries],
+                      columns=EXCLUSION_COLUMNS)
+    for e in entries:
+        if not str(e.get("reason") or "").strip():
+            raise QctfeaError(f"exclusion of patient {e.get('patient')}, timepoint "
+                              f"{e.get('timepoint')} has no reason; say why it is excluded")
+    _write_csv(df, Path(out_csv))
+    return df
+
+
+def read_exclusions(path: str | os.PathLike | None) -> list[dict]:
+    """Entries of an exclusions CSV (none when path is None)."""
+    if path is None:
+        return []
+    df = pd.read_csv(path, dtype={"patient": str, "timepoint": str, "reason": str})
+    return [{"patient": r.patient, "timepoint": r.timepoint, "months": float(r.months),
+             "reason": r.reason} for r in df.itertuples()]
 
 
 def _change_sentence(metric: str, c: Mapping[str, Any], base_tp: str,
@@ -1071,11 +1104,12 @@ def _corr_sentence(tp: str, outcome: str, pred: str, corr: pd.DataFrame,
 
 
 def headlines(df: pd.DataFrame, changes: pd.DataFrame, friedman_: pd.DataFrame,
-              lmm: pd.DataFrame, corr: pd.DataFrame, comp: pd.DataFrame) -> list[str]:
+              lmm: pd.DataFrame, corr: pd.DataFrame, comp: pd.DataFrame,
+              excluded: Sequence[Mapping[str, Any]] = ()) -> list[str]:
     """Short sentences, each carrying its numbers (what, how much, test, p, n)."""
     tpm = timepoint_months(df)
     base_tp = str(tpm.index[0])
-    lines = [_data_sentence(df, tpm)]
+    lines = [_data_sentence(df, tpm, excluded)]
     strengths = ["pullout_strength_n", "compression_strength_n"]
     others = ["around_screw_vbmd_mg_cm3", "trabecular_vbmd_mg_cm3", "dxa_areal_bmd_g_cm2",
               "ct_areal_bmd_g_cm2"]
@@ -1101,12 +1135,14 @@ def headlines(df: pd.DataFrame, changes: pd.DataFrame, friedman_: pd.DataFrame,
 
 
 def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
-               metrics: Sequence[str] | None = None) -> dict:
+               metrics: Sequence[str] | None = None,
+               exclusions_csv: str | os.PathLike | None = None) -> dict:
     """Paired tests, Friedman, mixed models, correlations and their comparison.
 
     Writes the files of :data:`STAT_FILES` in ``out_dir`` and returns the summary
-    dict (also ``summary.json``): cohort size, missing scans, areal-BMD source
-    per timepoint, the headline sentences and the output paths.
+    dict (also ``summary.json``): cohort size, missing scans, scans excluded by the
+    cohort config (``exclusions_csv``, see :func:`write_exclusions`) with their reasons,
+    areal-BMD source per timepoint, the headline sentences and the output paths.
     """
     long_csv = Path(long_csv)
     out = Path(out_dir)
@@ -1130,7 +1166,9 @@ def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
     for name, frame in frames.items():
         paths[name] = out / STAT_FILES[name]
         _write_csv(frame, paths[name])
-    missing = missing_scans(df)
+    excluded = read_exclusions(exclusions_csv)
+    gone = {(e["patient"], e["timepoint"]) for e in excluded}
+    missing = [m for m in missing_scans(df) if m not in gone]
     summary = {
         "n_patients": int(df["patient"].nunique()),
         "n_scans": int(len(df)),
@@ -1138,6 +1176,7 @@ def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
         "timepoints": {str(k): float(v) for k, v in tpm.items()},
         "baseline_timepoint": str(tpm.index[0]),
         "missing_scans": [{"patient": p, "timepoint": t} for p, t in missing],
+        "excluded_scans": excluded,
         "metrics": metrics,
         "areal_bmd_source": sources,
         "methods": {
@@ -1153,13 +1192,14 @@ def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
         },
         "headlines": headlines(df, frames["changes"], frames["friedman"],
                                frames["mixed_models"], frames["correlations"],
-                               frames["correlation_comparison"]),
+                               frames["correlation_comparison"], excluded),
         "outputs": {k: str(v) for k, v in paths.items()},
         "provenance": provenance(
             "statistics",
             {"metrics": metrics, "correlations": DEFAULT_CORRELATIONS,
              "comparisons": DEFAULT_COMPARISONS},
-            {"long_table": long_csv},
+            {"long_table": long_csv, **({"exclusions": exclusions_csv} if exclusions_csv
+                                        else {})},
         ),
     }
     write_json(out / STAT_FILES["summary"], summary)

@@ -161,7 +161,12 @@ def summary_page(
                      + ". Paired tests use the patients with both scans (n pairs below); the "
                      "mixed models use every available scan; the Friedman test uses the "
                      "patients with every timepoint.</p>")
-    else:
+    excluded = summary.get("excluded_scans", [])
+    if excluded:
+        parts.append('<p class="note">Excluded by the cohort config (not analysed):</p>')
+        parts.append(html_table(pd.DataFrame(excluded, columns=["patient", "timepoint",
+                                                                "months", "reason"]), None))
+    if not missing and not excluded:
         parts.append("<p>Every patient has every timepoint.</p>")
     parts.append("<p>Areal BMD in the correlations: "
                  + _esc("; ".join(f"{k}: {v}" for k, v in src.items())) + ".</p>")

@@ -36,6 +36,23 @@ rule aggregate_cohort:
         "../scripts/aggregate_cohort.py"
 
 
+rule record_exclusions:
+    output:
+        report(
+            f"{RES}/tables/exclusions.csv",
+            caption="../report/exclusions.rst",
+            category="Tables",
+        ),
+    params:
+        excluded=EXCLUDED,
+    log:
+        f"logs/{COHORT}/record_exclusions.log",
+    conda:
+        "../../envs/cohort.yaml"
+    script:
+        "../scripts/record_exclusions.py"
+
+
 rule cohort_tables:
     input:
         rules.aggregate_cohort.output[0],
@@ -56,7 +73,8 @@ rule cohort_tables:
 
 rule compute_statistics:
     input:
-        rules.aggregate_cohort.output[0],
+        long=rules.aggregate_cohort.output[0],
+        exclusions=rules.record_exclusions.output[0],
     output:
         **{
             name: report(

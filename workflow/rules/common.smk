@@ -21,7 +21,7 @@ def check_schema(where, records, schema_name, kind):
         for e in Draft202012Validator(schema).iter_errors(record):
             path = [str(k) for k in e.absolute_path]
             if e.validator == "required":
-                path, msg = [e.message.split("'")[1]], "missing"
+                path, msg = path + [e.message.split("'")[1]], "missing"
             elif e.validator == "additionalProperties":
                 extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
                 path, msg = path + [", ".join(extra)], (
@@ -44,6 +44,24 @@ def sheet_records(path):
     return [(f", line {n}", dict(zip(header, (c.strip() for c in cells)))) for n, cells in rows[1:]]
 
 
+def exclusions(samples, entries, where):
+    """The sheet's scans named by the cohort config's `exclude` entries, with their reasons;
+    an entry that matches no scan of the sheet is an error naming it."""
+    out = []
+    for i, e in enumerate(entries):
+        rows = samples[(samples["patient"] == str(e["patient"]))
+                       & ((samples["timepoint"] == str(e["timepoint"])) if "timepoint" in e
+                          else True)]
+        if rows.empty:
+            raise WorkflowError(
+                f"{where}, key exclude.{i}: patient {e['patient']}"
+                + (f", timepoint {e['timepoint']}" if "timepoint" in e else "")
+                + " is not in the sample sheet; correct the ids or remove the entry")
+        out += [{"patient": r.patient, "timepoint": r.timepoint, "months": float(r.months),
+                 "reason": e["reason"]} for r in rows.itertuples()]
+    return out
+
+
 COHORT = config["cohort"]
 COHORT_DIR = Path(config.get("cohorts_dir", "config/cohorts")) / COHORT
 if not (COHORT_DIR / "config.yaml").is_file():
@@ -58,6 +76,10 @@ if SHEET.is_file():
     check_schema(SHEET, sheet_records(SHEET), "samples.schema.yaml", "column")
 SAMPLES = read_sample_sheet(SHEET)
 SAMPLES = SAMPLES.set_index(["patient", "timepoint"], drop=False)
+EXCLUDED = exclusions(SAMPLES, CCFG.get("exclude") or [], COHORT_DIR / "config.yaml")
+SAMPLES = SAMPLES.drop(index=[(e["patient"], e["timepoint"]) for e in EXCLUDED])
+if SAMPLES.empty:
+    raise WorkflowError(f"{COHORT_DIR / 'config.yaml'}: `exclude` leaves no scan to analyse")
 RES = f"results/{COHORT}"
 TASKS = int(CCFG.get("mpi", {}).get("tasks", 1))
 SIDES = ["left", "right"]

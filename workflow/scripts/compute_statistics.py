@@ -5,4 +5,5 @@ from qctfea import cohort
 from qctfea.workflow_glue import run_step
 
 sm = snakemake  # noqa: F821
-run_step(sm, lambda: cohort.statistics(sm.input[0], Path(sm.output.summary).parent))
+run_step(sm, lambda: cohort.statistics(sm.input.long, Path(sm.output.summary).parent,
+                                       exclusions_csv=sm.input.exclusions))
