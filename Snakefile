@@ -22,3 +22,13 @@ include: "workflow/rules/cohort.smk"
 rule all:
     input:
         get_final_outputs,
+
+
+# After a failed run (e.g. with --keep-going): one line per failed job, naming the scan and
+# its error, in logs/<cohort>/failures.txt; a successful run removes a stale one.
+onerror:
+    write_failure_summary(log, FAILURES)
+
+
+onsuccess:
+    Path(FAILURES).unlink(missing_ok=True)

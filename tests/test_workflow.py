@@ -139,3 +139,30 @@ def test_end_to_end_tiny_cohort(tmp_path):
                 data = f.read_bytes()
                 assert str(ds.PatientName).encode() not in data, f
                 assert str(ds.PatientID).encode() not in data, f
+
+
+def test_keep_going_isolates_a_bad_scan_and_names_it(tmp_path):
+    """With --keep-going one scan whose image folder holds no DICOM fails only its own jobs;
+    the other scan completes, and logs/<cohort>/failures.txt names the scan and its error."""
+    cd = _cohort(tmp_path, "kg", 2, timepoints=(("M00", 0),))
+    bad = tmp_path / "not-a-series"
+    bad.mkdir()
+    (bad / "notes.txt").write_text("not DICOM\n")
+    sheet = cd / "kg" / "samples.tsv"
+    df = pd.read_csv(sheet, sep="\t", dtype=str)
+    df.loc[df["patient"] == "P02", "image"] = str(bad)
+    df.to_csv(sheet, sep="\t", index=False)
+    targets = [f"results/kg/{p}/M00/bmd.json" for p in ("P01", "P02")]
+    p = run([venv_bin("snakemake"), "--cores", "2", "--keep-going", "--snakefile",
+             str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+             str(REPO / "config" / "config.yaml"), "--config", "cohort=kg",
+             f"cohorts_dir={cd}", "--", *targets], cwd=REPO, timeout=600)
+    assert p.returncode != 0
+    assert (tmp_path / targets[0]).is_file()  # the good scan went all the way
+    assert not (tmp_path / "results/kg/P02/M00/ct.nii.gz").exists()
+    lines = (tmp_path / "logs/kg/failures.txt").read_text().splitlines()
+    assert lines[0].startswith("1 failed job(s)"), lines
+    assert lines[1].startswith("patient P02, timepoint M00: rule ingest_scan: ERROR: ")
+    assert str(bad) in lines[1] and "no DICOM image slices found" in lines[1]
+    assert "failures (logs/kg/failures.txt)" in p.stderr
+    assert not list((tmp_path / "results").rglob("*.part*")), "half-written files left"

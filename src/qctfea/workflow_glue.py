@@ -7,6 +7,7 @@ object and call :mod:`qctfea.steps`.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import traceback
 import warnings
@@ -40,3 +41,45 @@ def run_step(snakemake, fn: Callable[[], None]) -> None:
 
 def context(wildcards) -> str:
     return f"patient {wildcards.patient}, timepoint {wildcards.timepoint}"
+
+
+def failed_jobs(main_log: str | Path) -> list[dict]:
+    """The failed jobs of a Snakemake run, from its main log: rule, the scan (patient and
+    timepoint, read from the rule's log path logs/<cohort>/<patient>/<timepoint>/...) and
+    the error the rule's log ends with (the step's ``ERROR:`` line, else its last line)."""
+    text = Path(main_log).read_text(errors="replace")
+    out = []
+    for m in re.finditer(r"^Error in rule (\w+):\n((?:[ \t]+.*\n?)*)", text, flags=re.M):
+        rule, block = m.group(1), m.group(2)
+        lm = re.search(r"^\s*log: (\S+)", block, flags=re.M)
+        log = Path(lm.group(1)) if lm else None
+        parts = log.parts if log else ()
+        scan = (f"patient {parts[2]}, timepoint {parts[3]}"
+                if len(parts) >= 5 and parts[0] == "logs" else "cohort level")
+        error = "(no log)"
+        if log and log.is_file():
+            lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()
+                     if ln.strip()]
+            errors = [ln for ln in lines if ln.startswith("ERROR:")]
+            error = (errors[-1] if errors else lines[-1] if lines else "(empty log)")
+        out.append({"rule": rule, "scan": scan, "log": str(log) if log else "", "error": error})
+    return out
+
+
+def write_failure_summary(main_log, out: str | Path) -> list[dict]:
+    """Write (and print) one line per failed job: scan, rule, error, log. The one place a
+    user reads after ``snakemake --keep-going``: every other scan's results are complete.
+    ``main_log``: Snakemake's log file (the ``log`` of an onerror handler: a path or a list
+    of them)."""
+    logs = [main_log] if isinstance(main_log, (str, Path)) else list(main_log)
+    main_log = next((str(p) for p in logs if Path(p).is_file()), None)
+    if main_log is None:
+        return []
+    jobs = failed_jobs(main_log)
+    lines = [f"{len(jobs)} failed job(s); full log: {main_log}"]
+    lines += [f"{j['scan']}: rule {j['rule']}: {j['error']} (log: {j['log']})" for j in jobs]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("\n".join(lines) + "\n")
+    print("\n[qctfea] failures (" + str(out) + "):\n  " + "\n  ".join(lines),
+          file=sys.stderr, flush=True)
+    return jobs

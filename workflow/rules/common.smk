@@ -7,6 +7,7 @@ from jsonschema import Draft202012Validator
 from snakemake.exceptions import WorkflowError
 
 from qctfea.samples import read_sample_sheet
+from qctfea.workflow_glue import write_failure_summary
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
 
@@ -81,6 +82,7 @@ SAMPLES = SAMPLES.drop(index=[(e["patient"], e["timepoint"]) for e in EXCLUDED])
 if SAMPLES.empty:
     raise WorkflowError(f"{COHORT_DIR / 'config.yaml'}: `exclude` leaves no scan to analyse")
 RES = f"results/{COHORT}"
+FAILURES = f"logs/{COHORT}/failures.txt"
 TASKS = int(CCFG.get("mpi", {}).get("tasks", 1))
 SIDES = ["left", "right"]
 
