@@ -441,6 +441,8 @@ def _write_dicom_series(
         ds.PatientBirthDate = "19480312"
         ds.PatientSex = "F"
         ds.AccessionNumber = f"ACC{int(r.integers(10**5, 10**6))}"
+        ds.InstitutionName = "Synthetic General Hospital"
+        ds.ReferringPhysicianName = "Referrer^Synthetic"
         ds.StudyDate = ds.SeriesDate = study_date.strftime("%Y%m%d")
         ds.StudyDescription = "LUMBAR SPINE QCT"
         ds.SeriesDescription = "L-spine 1.0 B30f"
