@@ -1,6 +1,12 @@
 """The Snakemake workflow: dry-run expansion, and one end-to-end run on a tiny cohort."""
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -106,14 +112,27 @@ def test_cohort_config_errors_name_the_key(tmp_path):
     assert "config.yaml, key mpi.tasks: 'two' is not of type 'integer'" in msg, msg[-3000:]
 
 
-@pytest.mark.slow
-def test_end_to_end_tiny_cohort(tmp_path):
-    """2 patients x 2 timepoints through every rule, solves on 2 MPI ranks."""
-    cd = _cohort(tmp_path, "tiny", 2)
-    p = run([venv_bin("snakemake"), "--cores", "2", "--snakefile", str(REPO / "Snakefile"),
-             "--directory", str(tmp_path), "--configfile", str(REPO / "config" / "config.yaml"), "--config", "cohort=tiny", f"cohorts_dir={cd}",
+def _tiny_args(workdir, cd):
+    return ["--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(REPO / "config" / "config.yaml"), "--config", "cohort=tiny",
+            f"cohorts_dir={cd}"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny cohort (2 patients x 2 timepoints) through every rule, uninterrupted."""
+    work = tmp_path_factory.mktemp("tiny")
+    cd = _cohort(work, "tiny", 2)
+    p = run([venv_bin("snakemake"), "--cores", "2", *_tiny_args(work, cd),
              "--show-failed-logs"], cwd=REPO, timeout=1500)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    return work
+
+
+@pytest.mark.slow
+def test_end_to_end_tiny_cohort(tiny_run):
+    """2 patients x 2 timepoints through every rule, solves on 2 MPI ranks."""
+    tmp_path = tiny_run
     res = tmp_path / "results" / "tiny"
     df = pd.read_csv(res / "tables" / "longitudinal.csv")
     assert len(df) == 4
@@ -180,3 +199,45 @@ def test_keep_going_isolates_a_bad_scan_and_names_it(tmp_path):
     assert str(bad) in lines[1] and "no DICOM image slices found" in lines[1]
     assert "failures (logs/kg/failures.txt)" in p.stderr
     assert not list((tmp_path / "results").rglob("*.part*")), "half-written files left"
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_results(tiny_run, tmp_path):
+    """kill -9 of the whole workflow while meshes or solves are running leaves nothing that
+    looks finished; the rerun (--rerun-incomplete) gives the uninterrupted run's tables."""
+    cd = _cohort(tmp_path, "tiny", 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([venv_bin("snakemake"), "--cores", "2", *_tiny_args(tmp_path, cd)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    logs = tmp_path / "logs" / "tiny"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        running = [f for f in logs.rglob("*.log")
+                   if f.name.startswith(("mesh_vertebra", "solve_"))] if logs.exists() else []
+        if any(f.name.startswith("solve_") for f in running):
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert proc.poll() is None, "the workflow ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    res = tmp_path / "results" / "tiny"
+    assert not (res / "tables" / "longitudinal.csv").exists()
+    # Outputs of the jobs that were running are either absent or under temporary names.
+    for f in res.rglob("*.json"):
+        json_text = f.read_text()
+        assert json_text.rstrip().endswith("}"), f"truncated {f}"
+    # What a user does after a killed run: release Snakemake's lock, rerun what is incomplete.
+    p = run([venv_bin("snakemake"), "--unlock", *_tiny_args(tmp_path, cd)], cwd=REPO,
+            timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run([venv_bin("snakemake"), "--cores", "2", "--rerun-incomplete",
+             *_tiny_args(tmp_path, cd)], cwd=REPO, timeout=1500)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    for rel in ("tables/longitudinal.csv", "stats/changes.csv", "stats/correlations.csv",
+                "tables/wide.csv"):
+        a = (tiny_run / "results" / "tiny" / rel).read_bytes()
+        b = (res / rel).read_bytes()
+        assert a == b, f"{rel} differs from the uninterrupted run"
