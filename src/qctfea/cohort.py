@@ -468,9 +468,12 @@ def available_metrics(df: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
     return out
 
 
-def missing_scans(df: pd.DataFrame) -> list[tuple[str, str]]:
-    """(patient, timepoint) pairs of the cohort grid that have no row, sorted."""
+def missing_scans(df: pd.DataFrame,
+                  excluded: Sequence[Mapping[str, Any]] = ()) -> list[tuple[str, str]]:
+    """(patient, timepoint) pairs of the cohort grid that have no row, sorted; scans the
+    cohort config excluded (``excluded`` entries, see :func:`read_exclusions`) not counted."""
     present = set(zip(df["patient"], df["timepoint"], strict=True))
+    present |= {(e["patient"], e["timepoint"]) for e in excluded}
     tps = list(timepoint_months(df).index)
     return [(p, t) for p in sorted(df["patient"].unique()) for t in tps if (p, t) not in present]
 
@@ -994,8 +997,7 @@ def _data_sentence(df: pd.DataFrame, tpm: pd.Series,
                    excluded: Sequence[Mapping[str, Any]] = ()) -> str:
     n_pat = df["patient"].nunique()
     planned = n_pat * len(tpm)
-    gone = {(e["patient"], e["timepoint"]) for e in excluded}
-    missing = [m for m in missing_scans(df) if m not in gone]
+    missing = missing_scans(df, excluded)
     s = (f"Data: {len(df)} of {planned} planned scans ({n_pat} patients x {len(tpm)} "
          f"timepoints: {', '.join(map(str, tpm.index))})")
     if excluded:
@@ -1018,12 +1020,12 @@ EXCLUSION_COLUMNS = ["patient", "timepoint", "months", "reason"]
 
 def write_exclusions(entries: Sequence[Mapping[str, Any]], out_csv: str | os.PathLike) -> pd.DataFrame:
     """Write the scans excluded by the cohort config (``exclude:``) with their reasons."""
-    df = pd.DataFrame([{c: e.get(c) for c in EXCLUSION_COLUMNS} for e in entries],
-                      columns=EXCLUSION_COLUMNS)
     for e in entries:
         if not str(e.get("reason") or "").strip():
             raise QctfeaError(f"exclusion of patient {e.get('patient')}, timepoint "
                               f"{e.get('timepoint')} has no reason; say why it is excluded")
+    df = pd.DataFrame([{c: e.get(c) for c in EXCLUSION_COLUMNS} for e in entries],
+                      columns=EXCLUSION_COLUMNS)
     _write_csv(df, Path(out_csv))
     return df
 
@@ -1167,8 +1169,7 @@ def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
         paths[name] = out / STAT_FILES[name]
         _write_csv(frame, paths[name])
     excluded = read_exclusions(exclusions_csv)
-    gone = {(e["patient"], e["timepoint"]) for e in excluded}
-    missing = [m for m in missing_scans(df) if m not in gone]
+    missing = missing_scans(df, excluded)
     summary = {
         "n_patients": int(df["patient"].nunique()),
         "n_scans": int(len(df)),

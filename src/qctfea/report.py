@@ -164,8 +164,7 @@ def summary_page(
     excluded = summary.get("excluded_scans", [])
     if excluded:
         parts.append('<p class="note">Excluded by the cohort config (not analysed):</p>')
-        parts.append(html_table(pd.DataFrame(excluded, columns=["patient", "timepoint",
-                                                                "months", "reason"]), None))
+        parts.append(html_table(pd.DataFrame(excluded, columns=cohort.EXCLUSION_COLUMNS)))
     if not missing and not excluded:
         parts.append("<p>Every patient has every timepoint.</p>")
     parts.append("<p>Areal BMD in the correlations: "
