@@ -19,6 +19,17 @@ def venv_bin(name: str) -> str:
     return str(cand) if cand.exists() else (shutil.which(name) or name)
 
 
+def imaging_steps(src: Path, r: Path, ctx: str) -> None:
+    """ingest -> calibrate -> mask of a synthetic scan folder ``src`` into ``r``."""
+    from qctfea import steps
+
+    steps.ingest(src / "dicom", r / "ct.nii.gz", r / "scan.json", ctx)
+    steps.calibrate(r / "ct.nii.gz", src / "labels.nii.gz", r / "density.nii.gz",
+                    r / "calibration.json", r / "calibration.png", {}, ctx, 23)
+    steps.mask(r / "ct.nii.gz", src / "labels.nii.gz", r / "vertebra.nii.gz",
+               r / "vertebra.json", {}, ctx)
+
+
 @pytest.fixture(scope="session")
 def demo_scan(tmp_path_factory):
     """Synthetic scan P01/M12 run through ingest -> calibrate -> mask -> screws -> bmd."""
@@ -30,11 +41,7 @@ def demo_scan(tmp_path_factory):
         src, "P01", "M12", 12.0, seed=7)
     r = root / "results"
     ctx = "patient P01, timepoint M12"
-    steps.ingest(src / "dicom", r / "ct.nii.gz", r / "scan.json", ctx)
-    steps.calibrate(r / "ct.nii.gz", src / "labels.nii.gz", r / "density.nii.gz",
-                    r / "calibration.json", r / "calibration.png", {}, ctx, 23)
-    steps.mask(r / "ct.nii.gz", src / "labels.nii.gz", r / "vertebra.nii.gz",
-               r / "vertebra.json", {}, ctx)
+    imaging_steps(src, r, ctx)
     steps.plan_screws(src / "landmarks.json", r / "vertebra.nii.gz", r / "screws.json", {}, ctx)
     steps.bmd(r / "density.nii.gz", r / "vertebra.nii.gz", r / "screws.json", r / "bmd.json",
               {}, ctx)

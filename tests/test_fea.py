@@ -133,19 +133,21 @@ def test_vertebra_solves_agree_on_1_and_2_ranks(demo_model, tmp_path):
         # The nonlinear probe increment is elastic: its slope is the linear stiffness.
         assert nl["stiffness_n_per_mm"] == pytest.approx(lin["stiffness_n_per_mm"], rel=0.02)
         assert nl["increments"] >= 3 and nl["newton_iterations"] >= nl["increments"]
-        assert nl["offset_yield_n"] == nl["strength_n"] <= nl["peak_force_n"] + 1e-9
+        assert nl["strength_rule"] == "peak" and nl["strength_n"] == nl["peak_force_n"]
+        if nl["offset_yield_n"] is not None:
+            assert nl["offset_yield_n"] <= nl["peak_force_n"] + 1e-9
         curve = np.loadtxt(tmp_path / f"{case}.csv", delimiter=",", skiprows=1)
         assert curve.shape[0] == nl["increments"] + 1
         assert (tmp_path / f"{case}.png").stat().st_size > 1000
         assert (tmp_path / f"{case}_fields.h5").stat().st_size > 1000
         text = (tmp_path / f"{case}_fields.xdmf").read_text()
-        for name in ("displacement_mm", "von_mises_mpa", "plastic_strain", "yielded"):
+        for name in ("displacement_mm", "von_mises_mpa", "damage", "failed", "yielded"):
             assert name in text
     # Physically plausible (SCIENCE.md anchors): osteoporotic vertebra and screw.
     c = out["nonlinear", "compression", 1]
     assert 500 < c["strength_n"] < 8000
     assert 1e3 < c["stiffness_n_per_mm"] < 1e5
     p = out["nonlinear", "pullout", 1]
-    # Order of magnitude only: the bonded, thread-less screw gives pullout strengths above the
-    # cadaver range (README, Known limits), so the SCIENCE.md anchor is not asserted here.
-    assert 100 < p["strength_n"] < 6000
+    # Osteoporotic cadaver screws 0.37 +/- 0.14 kN, normal 0.97 +/- 0.4 kN, a healthy-bone
+    # FE model about 1.8 kN (SCIENCE.md): an osteoporotic model stays below the healthy one.
+    assert 150 < p["strength_n"] < 1800

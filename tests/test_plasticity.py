@@ -21,7 +21,7 @@ L, W = 10.0, 4.0
 E, NU, SY = 1000.0, 0.3, 2.0
 
 
-def _bar(hardening=0.0, n=(3, 3, 8)):
+def _bar(hardening=0.0, n=(3, 3, 8), constitutive="plasticity"):
     import dolfinx
     from mpi4py import MPI
 
@@ -30,7 +30,8 @@ def _bar(hardening=0.0, n=(3, 3, 8)):
     mesh = dolfinx.mesh.create_box(MPI.COMM_WORLD, [[0, 0, 0], [W, W, L]], list(n),
                                    dolfinx.mesh.CellType.tetrahedron)
     nc = mesh.topology.index_map(3).size_global
-    return PlasticModel(mesh, np.full(nc, E), np.full(nc, NU), np.full(nc, SY), hardening), mesh
+    return PlasticModel(mesh, np.full(nc, E), np.full(nc, NU), np.full(nc, SY), hardening,
+                        constitutive), mesh
 
 
 def _uniaxial_supports(m, mesh):
@@ -50,20 +51,24 @@ def _uniaxial_supports(m, mesh):
     return fixed, loaded
 
 
-def _run_bar(hardening=0.0, rule="peak", dmax=0.05, increments=10):
+def _run_bar(hardening=0.0, rule="peak", dmax=0.05, increments=10, constitutive="plasticity",
+             tension=False, **failure):
     from qctfea.fea.plasticity import NonlinearParams
 
-    m, mesh = _bar(hardening)
+    m, mesh = _bar(hardening, constitutive=constitutive)
     fixed, loaded = _uniaxial_supports(m, mesh)
+    failure = {"failure_strain": None, "tensile_strength_ratio": None, **failure}
     p = NonlinearParams(increments=increments, strength_rule=rule, plateau_tangent_ratio=-1.0,
-                        stop_drop_fraction=1.0)
-    return m, m.run(fixed, loaded, np.array([0, 0, -1.0]), dmax, p,
+                        stop_drop_fraction=1.0, **failure)
+    return m, m.run(fixed, loaded, np.array([0, 0, 1.0 if tension else -1.0]), dmax, p,
                     offset_displacement=0.002 * L)
 
 
-def test_bar_yield_force_and_flat_plateau():
-    """Perfect plasticity: F_y = sigma_y A (within 1 %), then flat; k0 = E A / L."""
-    _, r = _run_bar()
+@pytest.mark.parametrize("constitutive", ["plasticity", "damage"])
+def test_bar_yield_force_and_flat_plateau(constitutive):
+    """Perfect plasticity and the stress-capped damage model: F_y = sigma_y A (within 1 %),
+    then flat; k0 = E A / L."""
+    _, r = _run_bar(constitutive=constitutive)
     A = W * W
     assert r.initial_stiffness_n_per_mm == pytest.approx(E * A / L, rel=5e-3)
     post = [p for p in r.curve if p.displacement_mm > 1.2 * SY / E * L]
@@ -100,6 +105,44 @@ def test_bar_offset_rule():
     assert r.curve[-1].displacement_mm < 0.05  # stopped early
 
 
+def test_damage_bar_crushes_at_the_failure_strain():
+    """Damage model, uniaxial compression: capped at sigma_y A; once the strain passes the
+    crushing strain every element fails at once and keeps residual_fraction of its
+    stiffness: F = r E (d / L) A exactly (a uniform state); strength = sigma_y A."""
+    eps_f, res = 0.003, 0.01
+    m, r = _run_bar(constitutive="damage", failure_strain=eps_f, residual_fraction=res)
+    A = W * W
+    assert r.strength_n == pytest.approx(SY * A, rel=1e-2)
+    before = [p for p in r.curve if 1.2 * SY / E * L < p.displacement_mm <= eps_f * L]
+    assert before and all(p.force_n == pytest.approx(SY * A, rel=1e-2) for p in before)
+    last = r.curve[-1]
+    assert last.displacement_mm > eps_f * L
+    assert last.force_n == pytest.approx(res * E * last.displacement_mm / L * A, rel=1e-6)
+    nc = m.mesh.topology.index_map(3).size_global
+    assert last.failed_cells == nc
+
+
+def test_damage_bar_cracks_in_tension():
+    """Damage model, uniaxial tension: an element cracks when its maximum principal stress
+    passes tensile_strength_ratio x sigma_y; the peak is that stress x A (within the
+    increment) and the cracked bar carries r E (d / L) A."""
+    ratio, res = 0.5, 0.01
+    _, r = _run_bar(constitutive="damage", tension=True, tensile_strength_ratio=ratio,
+                    residual_fraction=res)
+    A = W * W
+    step_force = E * (0.05 / 10) / L * A
+    assert ratio * SY * A <= r.strength_n <= ratio * SY * A + step_force
+    last = r.curve[-1]
+    assert last.force_n == pytest.approx(res * E * last.displacement_mm / L * A, rel=1e-6)
+
+
+def test_damage_with_hardening_is_refused():
+    from qctfea.provenance import QctfeaError
+
+    with pytest.raises(QctfeaError, match="hardening_ratio must be 0"):
+        _bar(hardening=0.1, constitutive="damage")
+
+
 def test_softening_is_refused():
     from qctfea.provenance import QctfeaError
 
@@ -128,7 +171,8 @@ def _patch_bcs(model):
     return dolfinx.fem.locate_dofs_topological(model.V, 2, facets)
 
 
-def test_patch_test_distorted_mesh_elastic_and_plastic():
+@pytest.mark.parametrize("constitutive", ["plasticity", "damage"])
+def test_patch_test_distorted_mesh_elastic_and_plastic(constitutive):
     """Linear boundary displacement u = G x on a distorted mesh: the FE solution is exact
     everywhere (elastic), and the fully plastic uniform state has q = sigma_y everywhere."""
     import dolfinx
@@ -154,7 +198,8 @@ def test_patch_test_distorted_mesh_elastic_and_plastic():
     # Plastic: the exact (homogeneous) displacement G x applied in 5 increments. The
     # uniform state must be exact on the distorted mesh: q = sigma_y in every element and
     # the internal force vanishes at every interior node (equilibrium).
-    pm = PlasticModel(mesh, np.full(nc, E), np.full(nc, NU), np.full(nc, SY))
+    pm = PlasticModel(mesh, np.full(nc, E), np.full(nc, NU), np.full(nc, SY),
+                      constitutive=constitutive)
     gd = dolfinx.fem.Function(pm.V)
     Gp = 5.0 * G
     gd.interpolate(lambda x: Gp @ x)

@@ -15,7 +15,10 @@ from conftest import REPO, run, venv_bin
 
 
 PER_SCAN = ["generate_demo_scan", "ingest_scan", "calibrate_density", "extract_vertebra",
-            "plan_screws", "measure_bmd", "mesh_vertebra", "assign_materials", "solve_compression"]
+            "measure_bmd", "assign_materials", "solve_compression"]
+#: The FE model (screws, mesh) is built once per patient, at baseline; follow-ups are
+#: registered to it (registration.enabled, the default).
+PER_PATIENT = ["plan_screws", "mesh_vertebra"]
 
 
 def _job_counts(cohorts_dir, cohort, workdir):
@@ -47,10 +50,13 @@ def test_dry_run_expands_patients_x_timepoints(tmp_path):
     three = _job_counts(cd, "c", tmp_path / "b")
     for rule in PER_SCAN:
         assert two[rule] == 4 and three[rule] == 6, rule
+    for rule in PER_PATIENT:
+        assert two[rule] == 2 and three[rule] == 3, rule
+    assert two["register_to_baseline"] == 2 and three["register_to_baseline"] == 3
     assert two["solve_pullout"] == 8 and three["solve_pullout"] == 12
     assert two["aggregate_cohort"] == three["aggregate_cohort"] == 1
     # One more patient adds only that patient's jobs (2 timepoints) and nothing else.
-    assert three["total"] - two["total"] == 2 * (len(PER_SCAN) + 2)
+    assert three["total"] - two["total"] == 2 * (len(PER_SCAN) + 2) + len(PER_PATIENT) + 1
 
 
 def test_study_cohort_dry_run_lists_63_scans(tmp_path):
@@ -58,6 +64,9 @@ def test_study_cohort_dry_run_lists_63_scans(tmp_path):
     counts = _job_counts(REPO / "config" / "cohorts", "demo-study", tmp_path)
     for rule in PER_SCAN:
         assert counts[rule] == 63, rule
+    for rule in PER_PATIENT:
+        assert counts[rule] == 21, rule
+    assert counts["register_to_baseline"] == 42
     assert counts["solve_pullout"] == 126
 
 

@@ -29,7 +29,8 @@ class BmdParams:
 
 
 def around_screw_vbmd(
-    density_zyx: np.ndarray, image: sitk.Image, vertebra: np.ndarray, screw: Screw, shell_mm: float
+    density_zyx: np.ndarray, image: sitk.Image, vertebra: np.ndarray, screw: Screw, shell_mm: float,
+    context: str = "",
 ) -> tuple[float, int]:
     """Mean density (mg/cm³) and voxel count of bone in the screw + shell cylinder."""
     idx = np.argwhere(vertebra)
@@ -37,7 +38,8 @@ def around_screw_vbmd(
     s, rad = screw.axial_radial(pts)
     sel = (rad <= screw.spec.diameter_mm / 2 + shell_mm) & (s >= 0) & (s <= screw.spec.length_mm)
     if sel.sum() == 0:
-        raise QctfeaError(f"no bone voxels around the {screw.side} screw; check the landmarks")
+        raise QctfeaError(f"{context}: no bone voxels around the {screw.side} screw; check the "
+                          "landmarks and that the screws were planned on this scan's vertebra")
     vals = density_zyx[tuple(idx[sel].T)]
     return float(vals.mean()), int(sel.sum())
 
@@ -63,8 +65,9 @@ def measure_bmd(
     parts: dict[str, np.ndarray],
     screws: list[Screw],
     params: BmdParams,
+    context: str = "",
 ) -> dict:
-    """All BMD measures of one scan."""
+    """All BMD measures of one scan (``context`` names the scan in errors)."""
     out = {
         "trabecular_vbmd_mg_cm3": float(density_zyx[parts["trabecular"]].mean()),
         "trabecular_roi_voxels": int(parts["trabecular"].sum()),
@@ -73,7 +76,8 @@ def measure_bmd(
         "around_screw_voxels": {},
     }
     for sc in screws:
-        m, n = around_screw_vbmd(density_zyx, image, parts["vertebra"], sc, params.shell_mm)
+        m, n = around_screw_vbmd(density_zyx, image, parts["vertebra"], sc, params.shell_mm,
+                                 context)
         out["around_screw_vbmd_mg_cm3"][sc.side] = m
         out["around_screw_voxels"][sc.side] = n
     a = areal_bmd(density_zyx, image, parts["vertebra"])

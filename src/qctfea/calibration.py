@@ -87,7 +87,8 @@ def find_rods(
     if n < 2:
         raise QctfeaError(
             f"{context}: no calibration phantom found (only {n} object(s) above -500 HU in the "
-            "z-averaged scan); use a fixed calibration in the cohort config or check the scan"
+            "z-averaged scan); for a scan without a phantom set calibration.method: fixed with "
+            "calibration.slope and calibration.intercept in the cohort config, or check the scan"
         )
     patient_ids = set(np.unique(lab[patient_mask_zyx.any(axis=0)])) - {0}
     sizes = ndimage.sum(np.ones_like(lab), lab, index=np.arange(1, n + 1))
@@ -145,9 +146,12 @@ def phantom_calibration(
         [r["mean_hu"] for r in rods], [r["density_mg_cm3"] for r in rods]
     )
     if not r2 >= spec.fail_r2:
+        fit = ", ".join(f"{r['mean_hu']:.0f} HU -> {r['density_mg_cm3']:g}" for r in rods)
         raise QctfeaError(
-            f"{context}: phantom calibration R² = {r2:.3f} is below {spec.fail_r2}; "
-            "check the phantom definition (rod densities) or use a fixed calibration"
+            f"{context}: phantom calibration R² = {r2:.3f} is below "
+            f"calibration.phantom.fail_r2 = {spec.fail_r2} (rods, mean HU -> mg/cm³: {fit}); "
+            "check the phantom definition (calibration.phantom.rod_densities_mg_cm3) or use a "
+            "fixed calibration"
         )
     if r2 < spec.warn_r2:
         warnings.warn(f"{context}: phantom calibration R² = {r2:.4f} < {spec.warn_r2}", stacklevel=2)

@@ -87,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--screws", required=True)
     s.add_argument("--out-json", required=True)
 
+    s = add("register", "follow-up onto baseline (rigid, on the vertebra) -> density on the "
+                        "baseline grid, transform, QC JSON and picture")
+    s.add_argument("--baseline-density", required=True)
+    s.add_argument("--baseline-parts", required=True)
+    s.add_argument("--density", required=True)
+    s.add_argument("--parts", required=True)
+    s.add_argument("--out-density", required=True)
+    s.add_argument("--out-json", required=True)
+    s.add_argument("--out-tfm", required=True)
+    s.add_argument("--out-png", required=True)
+
     s = add("mesh", "bone + screws -> tetrahedral mesh (CGAL) with cell tags")
     s.add_argument("--parts", required=True)
     s.add_argument("--screws", required=True)
@@ -163,6 +174,9 @@ def run(a) -> None:
         steps.plan_screws(a.landmarks, a.parts, a.out_json, prm, _ctx(a))
     elif a.step == "bmd":
         steps.bmd(a.density, a.parts, a.screws, a.out_json, prm, _ctx(a))
+    elif a.step == "register":
+        steps.register(a.baseline_density, a.baseline_parts, a.density, a.parts, a.out_density,
+                       a.out_json, a.out_tfm, a.out_png, prm, _ctx(a))
     elif a.step == "mesh":
         steps.mesh(a.parts, a.screws, a.out_mesh, a.out_json, prm, _ctx(a))
     elif a.step == "materials":

@@ -870,8 +870,9 @@ def aggregate(
     """Read the per-scan JSONs of every sample and write the long table CSV.
 
     ``sample_rows`` are dicts with ``patient``, ``timepoint``, ``months`` and an
-    optional ``dxa`` (areal BMD in g/cm2, or None/NaN). Files are read from
-    ``results_dir/<patient>/<timepoint>/``. A missing or unreadable file raises
+    optional ``dxa`` (areal BMD in g/cm2, or None/NaN) and ``model_timepoint`` (whose mesh
+    the scan's model used; default its own). Files are read from
+    ``results_dir/<patient>/<timepoint>/`` (the mesh's from the model timepoint). A missing or unreadable file raises
     :class:`QctfeaError` naming the file, the patient and the timepoint.
     """
     if not sample_rows:
@@ -891,9 +892,11 @@ def aggregate(
         if not math.isfinite(months):
             raise QctfeaError(f"aggregate: {where}: months is not a finite number")
         scan_dir = root / patient / timepoint
+        # A follow-up registered to baseline uses the baseline's mesh.
+        model_dir = root / patient / str(sample.get("model_timepoint") or timepoint)
         data: dict[str, Any] = {}
         for key, name in SCAN_FILES.items():
-            path = scan_dir / name
+            path = (model_dir if key == "mesh" else scan_dir) / name
             try:
                 data[key] = read_json(path)
             except QctfeaError as exc:

@@ -20,12 +20,22 @@ phantom are all located in that frame.  This module
 * writes the image as NIfTI and a JSON record of the technical metadata plus
   provenance.
 
+Bad files in the folder: a file that is not a usable image slice (not DICOM,
+e.g. a stray ``notes.txt``; a DICOM object without pixel data, e.g. a report;
+a multi-frame or colour image; no usable geometry) is skipped with one warning
+that names the skipped files and why.  A *damaged* DICOM file (the Part 10
+``DICM`` marker or an image SOP class, but the header or the pixel data cut
+short, as left by an interrupted copy) is refused with an error naming it:
+skipping it would silently drop a slice, so the file must be replaced or
+removed.
+
 Privacy: nothing identifying is ever written or logged.  :class:`ScanInfo`
 holds technical fields only; the written image is rebuilt from the voxel array
 so no header metadata is carried over; no UID (series, study, instance), file
 name or source path reaches the outputs or the progress messages.  Only the
 error raised when a folder holds several series lists SeriesInstanceUIDs,
-because the user needs them to choose.
+because the user needs them to choose; errors and warnings about one file name
+that file, because the user must find it.
 """
 
 from __future__ import annotations
@@ -62,6 +72,14 @@ INPLANE_TOL_FRACTION = 0.05
 # Elements larger than this are read only when used, so pixel data of series
 # that are not selected are never loaded.
 _DEFER_SIZE = 1024
+#: SOP classes of single-frame images (CT, MR, secondary capture): such a file
+#: without pixel data was cut short.
+_IMAGE_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4",
+                      "1.2.840.10008.5.1.4.1.1.7")
+#: Skip reason of a DICOM file whose header or pixel data is cut short: refused.
+DAMAGED = "damaged or truncated DICOM"
+#: Files named at most in the skipped-files warning and the damaged-files error.
+_MAX_NAMED = 5
 
 
 @dataclass
@@ -149,6 +167,16 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
     return (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
 
 
+def _is_part10(path: Path) -> bool:
+    """True when the file carries the DICOM Part 10 marker ``DICM`` after its preamble."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def _read_header(path: Path) -> tuple[_Slice | None, str]:
     """Read one file; return the usable slice or None and the reason it was skipped."""
     try:
@@ -156,12 +184,17 @@ def _read_header(path: Path) -> tuple[_Slice | None, str]:
             # pydicom's warnings about odd values may quote them (names, IDs).
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_SIZE)
-    except Exception:  # anything unreadable is simply not DICOM
-        return None, "not DICOM"
+    except Exception:  # unreadable: not DICOM, unless it says it is one
+        return None, DAMAGED if _is_part10(path) else "not DICOM"
     try:
         if "PixelData" not in ds:
             # force=True "parses" any file; real DICOM objects carry a SOP Class UID.
-            return None, ("no pixel data" if "SOPClassUID" in ds else "not DICOM")
+            # An image object (or a Part 10 file) without it is cut short.
+            meta = getattr(ds, "file_meta", None) or {}
+            sop = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "") or "")
+            if sop in _IMAGE_SOP_CLASSES or "Rows" in ds or (not sop and _is_part10(path)):
+                return None, DAMAGED
+            return None, ("no pixel data" if sop else "not DICOM")
         frames = ds.get("NumberOfFrames")
         samples = ds.get("SamplesPerPixel")
         if (frames not in (None, "") and int(frames) > 1) or (
@@ -223,6 +256,13 @@ def _slice_hu(sl: _Slice, where: str) -> np.ndarray:
             stored = sl.ds.pixel_array
     except Exception as exc:
         syntax = getattr(getattr(sl.ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        short = _short_pixel_data(sl)
+        if short:
+            raise QctfeaError(
+                f"{where}: {sl.path} is truncated (its pixel data has {short[0]} of the "
+                f"{short[1]} bytes Rows x Columns x BitsAllocated need); replace it with a "
+                "complete copy (copy or export the series again)"
+            ) from exc
         raise QctfeaError(
             f"{where}: cannot decode the pixel data of {sl.path} (transfer syntax {syntax}: "
             f"{type(exc).__name__}); install a pydicom decoder plugin (pylibjpeg, "
@@ -235,6 +275,26 @@ def _slice_hu(sl: _Slice, where: str) -> np.ndarray:
         )
     slope, intercept = _rescale(sl.ds)
     return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def _short_pixel_data(sl: _Slice) -> tuple[int, int] | None:
+    """(bytes present, bytes needed) when uncompressed pixel data is cut short, else None."""
+    try:
+        syntax = sl.ds.file_meta.TransferSyntaxUID
+        if syntax.is_compressed:
+            return None
+        need = sl.rows * sl.columns * ((int(sl.ds.BitsAllocated) + 7) // 8)
+        have = len(sl.ds.PixelData)
+    except Exception:
+        return None
+    return (have, need) if have < need else None
+
+
+def _named(paths: list[Path], folder: Path) -> str:
+    """At most ``_MAX_NAMED`` file names relative to ``folder``, and how many more."""
+    names = [str(p.relative_to(folder)) for p in paths[:_MAX_NAMED]]
+    more = len(paths) - len(names)
+    return ", ".join(names) + (f" and {more} more" if more else "")
 
 
 def _describe_series(uid: str, slices: list[_Slice]) -> str:
@@ -328,7 +388,9 @@ def read_dicom_series(
     ----------
     directory:
         Folder searched recursively; files that are not DICOM, have no pixel
-        data or no usable geometry are skipped and counted.
+        data or no usable geometry are skipped and counted, with one warning
+        naming them.  Damaged DICOM files (header or pixel data cut short) are
+        refused, naming them: skipping one would drop a slice.
     series_uid:
         SeriesInstanceUID to read when the folder holds several series.
     context:
@@ -349,7 +411,8 @@ def read_dicom_series(
     QctfeaError
         With the context, the folder and what to change, when the folder holds no
         or several series, slices are missing/irregular, the stack is sheared,
-        the headers are inconsistent or the pixel data cannot be decoded.
+        the headers are inconsistent, a file is damaged or truncated, or the pixel
+        data cannot be decoded.
     """
     folder = Path(directory)
     where = _where(context, folder)
@@ -358,12 +421,21 @@ def read_dicom_series(
     files = _list_files(folder)
     groups: dict[str, list[_Slice]] = {}
     reasons: Counter[str] = Counter()
+    skipped: dict[str, list[Path]] = {}
     for path in files:
         sl, reason = _read_header(path)
         if sl is None:
             reasons[reason] += 1
+            skipped.setdefault(reason, []).append(path)
             continue
         groups.setdefault(str(sl.ds.get("SeriesInstanceUID", "") or ""), []).append(sl)
+    if DAMAGED in skipped:
+        raise QctfeaError(
+            f"{where}: {len(skipped[DAMAGED])} damaged or truncated DICOM file(s): "
+            f"{_named(skipped[DAMAGED], folder)} (the DICOM header is cut short); replace them "
+            "with complete copies (copy or export the series again), or remove them if they "
+            "are not part of the series"
+        )
     if not groups:
         found = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none"
         raise QctfeaError(
@@ -371,6 +443,14 @@ def read_dicom_series(
             "the folder that holds the CT series (single-frame, uncompressed or decodable)"
         )
     _, candidates = _select_series(groups, series_uid, where)
+    if skipped:
+        listing = "; ".join(
+            f"{len(p)} {r}: {_named(p, folder)}" for r, p in sorted(skipped.items()))
+        warnings.warn(
+            f"{where}: skipped {sum(map(len, skipped.values()))} file(s) that are not CT image "
+            f"slices ({listing}); remove them from the folder to silence this warning",
+            stacklevel=2,
+        )
     n_read = len(candidates)
     _check_consistent(candidates, where)
     row, col, normal = _orthonormal_axes(candidates[0].orientation, where)
@@ -564,7 +644,8 @@ def ingest(
             "or a NIfTI/NRRD/MetaImage file in HU"
         )
     else:
-        raise QctfeaError(f"{where}: not found; check the path to the scan")
+        raise QctfeaError(f"{where}: not found; check the path to the scan (image column "
+                          "of the sample sheet)")
 
     label = context or "scan"
     print(f"[ingest] {label}: read {info.n_slices} slices ({kind})", file=sys.stderr)

@@ -50,7 +50,11 @@ def voxel_centres_mm(image: sitk.Image, idx_zyx: np.ndarray) -> np.ndarray:
 
 
 def resample_labels_to(labels: sitk.Image, reference: sitk.Image, context: str = "") -> sitk.Image:
-    """Labels on the reference grid, nearest neighbour; warn when a resampling was needed."""
+    """Labels on the reference grid, nearest neighbour; warn when a resampling was needed.
+
+    An error when the label map has labels but none of them lands on the reference grid
+    (the two images do not overlap: another scan's labels, or a wrong origin/direction).
+    """
     same = (
         labels.GetSize() == reference.GetSize()
         and np.allclose(labels.GetOrigin(), reference.GetOrigin(), atol=1e-3)
@@ -61,8 +65,24 @@ def resample_labels_to(labels: sitk.Image, reference: sitk.Image, context: str =
         return labels
     warnings.warn(f"{context}: label map is on another grid than the CT; resampled "
                   "(nearest neighbour)", stacklevel=2)
-    return sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                         labels.GetPixelID())
+    out = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                        labels.GetPixelID())
+    if sitk.GetArrayViewFromImage(labels).any() and not sitk.GetArrayViewFromImage(out).any():
+        raise QctfeaError(
+            f"{context}: the label map does not overlap the CT: it covers "
+            f"{_bounds(labels)} mm, the CT {_bounds(reference)} mm (physical LPS "
+            "coordinates); give the label map of this scan, or correct its origin/direction"
+        )
+    return out
+
+
+def _bounds(image: sitk.Image) -> str:
+    """Physical bounding box of an image's grid, as text: [min x, y, z] to [max x, y, z]."""
+    size = np.array(image.GetSize()) - 1.0
+    corners = np.array([image.TransformContinuousIndexToPhysicalPoint(
+        (size * np.array(c)).tolist()) for c in np.ndindex(2, 2, 2)])
+    return (f"{np.round(corners.min(axis=0), 1).tolist()} to "
+            f"{np.round(corners.max(axis=0), 1).tolist()}")
 
 
 def _ball(radius_mm: float, spacing_xyz) -> np.ndarray:
@@ -79,6 +99,9 @@ def vertebra_parts(
     vert = labels_zyx == params.label
     if not vert.any():
         present = sorted(int(v) for v in np.unique(labels_zyx) if v != 0)
+        if not present:
+            raise QctfeaError(f"{context}: the label map is empty (every voxel is 0); give the "
+                              "segmentation of this scan (labels column of the sample sheet)")
         raise QctfeaError(
             f"{context}: label {params.label} is not in the label map (labels present: "
             f"{present}); set mask.label in the cohort config"

@@ -51,7 +51,7 @@ def read_sample_sheet(path: str | Path) -> pd.DataFrame:
                                   "id (letters, digits, '-', '_')")
         try:
             m = float(row["months"])
-            if not m >= 0:
+            if not 0 <= m < math.inf:
                 raise ValueError
         except ValueError:
             raise QctfeaError(f"{path}, line {line}, column months: {row['months']!r} is not a "
@@ -59,11 +59,23 @@ def read_sample_sheet(path: str | Path) -> pd.DataFrame:
         for col in ("image", "labels", "landmarks"):
             if not row[col]:
                 raise QctfeaError(f"{path}, line {line}, column {col}: empty")
+        dxa = row["dxa"]
+        if dxa and not dxa.lower().endswith(".json"):
+            try:
+                ok = 0 < float(dxa) < math.inf
+            except ValueError:
+                ok = False
+            if not ok:
+                raise QctfeaError(f"{path}, line {line}, column dxa: {dxa!r} is neither an areal "
+                                  "BMD > 0 in g/cm² nor a .json file; correct it or leave it empty")
     df["months"] = df["months"].astype(float)
     dup = df[df.duplicated(["patient", "timepoint"], keep=False)]
     if len(dup):
-        pairs = sorted(set(zip(dup.patient, dup.timepoint, strict=True)))
-        raise QctfeaError(f"{path}: duplicated patient x timepoint rows: {pairs}")
+        where = "; ".join(
+            f"{p} {t} on lines {', '.join(str(i + 2) for i in g.index)}"
+            for (p, t), g in dup.groupby(["patient", "timepoint"], sort=True))
+        raise QctfeaError(f"{path}: duplicated patient x timepoint rows ({where}); keep one row "
+                          "per scan: remove the extra row or correct its timepoint")
     return df
 
 
@@ -75,7 +87,17 @@ def dxa_value(value: str) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         pass
-    return float(read_json(value)["areal_bmd_g_cm2"])
+    if not Path(value).is_file():
+        raise QctfeaError(f"DXA file {value} (dxa column of the sample sheet) not found; give "
+                          "the areal BMD in g/cm², the path of a JSON file with key "
+                          "areal_bmd_g_cm2, or leave the cell empty")
+    data = read_json(value)
+    try:
+        return float(data["areal_bmd_g_cm2"])
+    except (KeyError, TypeError, ValueError):
+        raise QctfeaError(f"{value}: needs a number under the key 'areal_bmd_g_cm2' (the "
+                          "DXA areal BMD in g/cm²); correct this file or the dxa column of the "
+                          "sample sheet") from None
 
 
 def demo_sheet(patients: list[str], timepoints: dict[str, float], root: str) -> pd.DataFrame:

@@ -4,13 +4,16 @@ Each step reads its inputs, calls the science modules, and writes its outputs
 atomically with a JSON record of what it did (parameters, versions, input
 checksums, seconds). Parameters come from the cohort config's sections (see
 ``config/README.md``); :func:`params_from` turns a section into the step's
-dataclass and refuses unknown keys.
+dataclass and refuses unknown keys. Every step first checks that its input files
+exist (:func:`_need`): a missing one is an error naming the scan, the file and
+the step that writes it, never a reader's traceback.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -49,6 +52,112 @@ def _like(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
     return img
 
 
+#: Input files of the steps: what each is, and what to do when it is missing.
+_INPUTS = {
+    "ct": ("CT image", "run the ingest step first (rule ingest_scan)"),
+    "labels": ("label map", "check the labels column of the sample sheet"),
+    "landmarks": ("landmarks file", "check the landmarks column of the sample sheet"),
+    "parts": ("vertebra parts image", "run the mask step first (rule extract_vertebra)"),
+    "vertebra_json": ("vertebra record", "run the mask step first (rule extract_vertebra)"),
+    "density": ("density image", "run the calibrate step first (rule calibrate_density; for "
+                "a follow-up on the baseline model, rule register_to_baseline)"),
+    "screws": ("screws file", "run the screws step first (rule plan_screws)"),
+    "mesh": ("mesh", "run the mesh step first (rule mesh_vertebra)"),
+    "materials": ("materials file", "run the materials step first (rule assign_materials)"),
+}
+
+
+def _need(context: str, **paths) -> None:
+    """Every input file of a step must exist: else an error naming the scan, the file (which
+    input it is) and what to do. ``None`` paths are not needed; a mesh needs its .h5 too."""
+    for key, path in paths.items():
+        if path is None:
+            continue
+        base = key.removeprefix("baseline_")
+        what, hint = _INPUTS[base]
+        what = f"baseline {what}" if key != base else what
+        files = [Path(path)] + ([Path(path).with_suffix(".h5")] if base == "mesh" else [])
+        for f in files:
+            if not f.is_file():
+                raise QctfeaError(f"{context}: {what} {f} not found; {hint}, or correct the path")
+
+
+def _read_image(path, what: str, context: str, pixel=None) -> sitk.Image:
+    """``sitk.ReadImage`` with an error naming the scan and the file when it is unreadable."""
+    try:
+        return (sitk.ReadImage(str(path)) if pixel is None
+                else sitk.ReadImage(str(path), pixel))
+    except RuntimeError as exc:
+        raise QctfeaError(f"{context}: {what} {path} cannot be read as an image "
+                          f"({str(exc).strip()[-160:]}); check that the file is complete and "
+                          "of the type its suffix says, or rerun the step that wrote it") from exc
+
+
+def _nonfinite(path, arr: np.ndarray) -> np.ndarray:
+    """Mask (z, y, x) of the NaN or infinite voxels of an image read from ``path``.
+
+    ITK's NIfTI reader (before ITK 6) silently turns NaN and ±inf into 0, so for a float
+    NIfTI file they are looked up in the file's own bytes (NIfTI-1 and -2 headers)."""
+    bad = ~np.isfinite(arr)
+    name = str(path).lower()
+    if bad.any() or not name.endswith((".nii", ".nii.gz")):
+        return bad
+    import gzip
+
+    with (gzip.open if name.endswith(".gz") else open)(path, "rb") as fh:
+        head = fh.read(540)
+        if len(head) < 348:
+            return bad
+        for end in "<>":
+            size = int(np.frombuffer(head, f"{end}i4", 1)[0])
+            if size in (348, 540):
+                break
+        else:
+            return bad
+        code, offset = ((np.frombuffer(head, f"{end}i2", 1, 70)[0],
+                         np.frombuffer(head, f"{end}f4", 1, 108)[0]) if size == 348 else
+                        (np.frombuffer(head, f"{end}i2", 1, 12)[0],
+                         np.frombuffer(head, f"{end}i8", 1, 168)[0]))
+        dtype = {16: np.dtype(f"{end}f4"), 64: np.dtype(f"{end}f8")}.get(int(code))
+        if dtype is None:  # integer data cannot hold NaN
+            return bad
+        fh.seek(int(offset))
+        data = np.frombuffer(fh.read(arr.size * dtype.itemsize), dtype)
+    return ~np.isfinite(data).reshape(arr.shape) if data.size == arr.size else bad
+
+
+def _read_ct(path, context: str) -> tuple[sitk.Image, np.ndarray]:
+    """The ingested CT and its HU array; refused when it holds no image (every voxel the
+    same value) or NaN/infinite values, since every later number would be meaningless."""
+    ct = _read_image(path, "CT image", context, sitk.sitkFloat32)
+    hu = sitk.GetArrayFromImage(ct)
+    bad = int(_nonfinite(path, hu).sum())
+    if bad:
+        raise QctfeaError(f"{context}: CT image {path} has {bad} NaN or infinite voxel(s); "
+                          "check the scan given in the image column of the sample sheet")
+    if hu.size == 0 or float(hu.min()) == float(hu.max()):
+        value = f"{float(hu.flat[0]):g} HU" if hu.size else "none"
+        raise QctfeaError(f"{context}: CT image {path} is empty: all {hu.size} voxel(s) have "
+                          f"the same value ({value}); check the scan given in the image column "
+                          "of the sample sheet (a blank or wrong series?) and rerun ingest")
+    return ct, hu
+
+
+def _read_density(path, context: str) -> tuple[sitk.Image, np.ndarray]:
+    """A density image (mg/cm³) and its array; NaN or infinite voxels are refused, as they
+    would become NaN moduli and BMD silently."""
+    dens = _read_image(path, "density image", context, sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(dens)
+    bad = _nonfinite(path, arr)
+    if bad.any():
+        z, y, x = (int(v) for v in np.argwhere(bad)[0])
+        raise QctfeaError(f"{context}: density image {path} has {int(bad.sum())} NaN or "
+                          f"infinite voxel(s) (first at voxel x={x}, y={y}, z={z}); rerun the "
+                          "calibrate step (rule calibrate_density), or repair the image if it "
+                          "was made outside the pipeline")
+    return dens, arr
+
+
 # --- synth --------------------------------------------------------------------------------
 
 
@@ -81,15 +190,17 @@ def calibrate(ct_path, labels_path, out_density, out_json, out_png, cfg: dict,
     from qctfea.masks import resample_labels_to
 
     t0 = time.perf_counter()
-    ct = sitk.ReadImage(str(ct_path), sitk.sitkFloat32)
-    hu = sitk.GetArrayFromImage(ct)
     cfg = dict(cfg or {})
     method = cfg.pop("method", "phantom")
+    _need(context, ct=ct_path, labels=labels_path if method == "phantom" else None)
+    ct, hu = _read_ct(ct_path, context)
     if method == "phantom":
-        labels = resample_labels_to(sitk.ReadImage(str(labels_path)), ct, context)
+        labels = resample_labels_to(_read_image(labels_path, "label map", context), ct,
+                                    f"{context} ({labels_path})")
         patient_mask = sitk.GetArrayFromImage(labels) == label
         spec = params_from(cal_mod.PhantomSpec, cfg.get("phantom"), "calibration.phantom")
-        cal = cal_mod.phantom_calibration(hu, ct.GetSpacing(), patient_mask, spec, context)
+        cal = cal_mod.phantom_calibration(hu, ct.GetSpacing(), patient_mask, spec,
+                                          f"{context} ({ct_path})")
     elif method == "fixed":
         if "slope" not in cfg or "intercept" not in cfg:
             raise QctfeaError(f"{context}: calibration method 'fixed' needs calibration.slope "
@@ -120,10 +231,12 @@ def mask(ct_path, labels_path, out_parts, out_json, cfg: dict, context: str) -> 
     from qctfea import masks
 
     p = params_from(masks.MaskParams, cfg, "mask")
-    ct = sitk.ReadImage(str(ct_path), sitk.sitkFloat32)
-    labels = masks.resample_labels_to(sitk.ReadImage(str(labels_path)), ct, context)
+    _need(context, ct=ct_path, labels=labels_path)
+    ct, _ = _read_ct(ct_path, context)
+    where = f"{context} ({labels_path})"
+    labels = masks.resample_labels_to(_read_image(labels_path, "label map", context), ct, where)
     lab = sitk.GetArrayFromImage(labels)
-    parts = masks.vertebra_parts(lab, ct.GetSpacing(), p, context)
+    parts = masks.vertebra_parts(lab, ct.GetSpacing(), p, where)
     out = np.zeros(lab.shape, np.uint8)
     out[parts["body"]] = masks.BODY
     out[parts["posterior"]] = masks.POSTERIOR
@@ -151,12 +264,17 @@ def mask(ct_path, labels_path, out_parts, out_json, cfg: dict, context: str) -> 
 
 
 def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str) -> None:
+    """Screws from the landmarks, with a breach check against the vertebra parts image: a
+    warning when more than 1 mm of a screw's surface lies outside bone (recorded in the
+    output), an error when its axis does not enter the vertebra at all."""
     from qctfea import screw as screw_mod
 
     spec = params_from(screw_mod.ScrewSpec, cfg, "screw")
+    _need(context, landmarks=landmarks_path, parts=parts_path)
     lm = read_json(landmarks_path)
-    screws = screw_mod.screws_from_landmarks(lm, spec, f"{context} ({landmarks_path})")
-    parts = sitk.ReadImage(str(parts_path))
+    where = f"{context} ({landmarks_path})"
+    screws = screw_mod.screws_from_landmarks(lm, spec, where)
+    parts = _read_image(parts_path, "vertebra parts image", context)
     arr = sitk.GetArrayFromImage(parts) > 0
 
     def inside(pts):
@@ -169,7 +287,13 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str) -
     out = []
     for sc in screws:
         rep = screw_mod.breach_report(sc, inside)
-        screw_mod.warn_breach(sc, rep, context)
+        if rep["axis_outside_bone_mm"] >= spec.length_mm:
+            raise QctfeaError(
+                f"{where}: the {sc.side} screw (entry {np.round(sc.entry_mm, 1).tolist()} mm) "
+                f"does not enter the vertebra of {parts_path} at all; the landmarks must be "
+                "this scan's physical (DICOM LPS) coordinates in mm: check them (RAS instead "
+                "of LPS flips the x and y signs; landmarks of another scan do not fit)")
+        screw_mod.warn_breach(sc, rep, where)
         out.append({**sc.to_dict(), "breach": rep})
     write_json(out_json, {"screws": out,
                           "provenance": provenance("screws", spec, {"landmarks": landmarks_path})})
@@ -191,17 +315,65 @@ def bmd(density_path, parts_path, screws_path, out_json, cfg: dict, context: str
     from qctfea import masks
 
     p = params_from(bmd_mod.BmdParams, cfg, "bmd")
-    dens = sitk.ReadImage(str(density_path), sitk.sitkFloat32)
-    arr = sitk.GetArrayFromImage(dens)
-    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(parts_path)))
+    _need(context, density=density_path, parts=parts_path, screws=screws_path)
+    dens, arr = _read_density(density_path, context)
+    lab = sitk.GetArrayFromImage(_read_image(parts_path, "vertebra parts image", context))
+    if lab.shape != arr.shape:
+        raise QctfeaError(f"{context}: density image {density_path} ({arr.shape[::-1]} voxels) "
+                          f"and vertebra parts image {parts_path} ({lab.shape[::-1]}) are on "
+                          "different grids; give both from the same scan")
     parts = {"vertebra": lab > 0, "body": np.isin(lab, (masks.BODY, masks.TRABECULAR)),
              "trabecular": lab == masks.TRABECULAR}
-    res = bmd_mod.measure_bmd(arr, dens, parts, load_screws(screws_path), p)
+    if not parts["trabecular"].any():
+        raise QctfeaError(f"{context}: vertebra parts image {parts_path} has no trabecular ROI "
+                          f"(label {masks.TRABECULAR}); rerun the mask step (rule "
+                          "extract_vertebra) on this scan's label map")
+    res = bmd_mod.measure_bmd(arr, dens, parts, load_screws(screws_path), p,
+                              f"{context} ({screws_path})")
     write_json(out_json, {**res, "provenance": provenance(
         "bmd", p, {"density": density_path, "parts": parts_path})})
     _log(f"[bmd] {context}: trabecular {res['trabecular_vbmd_mg_cm3']:.1f} mg/cm³, around screw "
          + ", ".join(f"{k} {v:.1f}" for k, v in res["around_screw_vbmd_mg_cm3"].items())
          + f", aBMD {res['areal_bmd_g_cm2']:.3f} g/cm²")
+
+
+# --- registration -------------------------------------------------------------------------
+
+
+def register(fixed_density, fixed_parts, moving_density, moving_parts, out_density, out_json,
+             out_tfm, out_png, cfg: dict, context: str) -> None:
+    """Follow-up (moving) onto baseline (fixed): transform, QC, follow-up density on the
+    baseline grid (the density the baseline model is given at this visit)."""
+    _need(context, baseline_density=fixed_density, baseline_parts=fixed_parts,
+          density=moving_density, parts=moving_parts)
+    from qctfea import registration as reg
+
+    p = params_from(reg.RegistrationParams, cfg, "registration")
+    t0 = time.perf_counter()
+    fixed = sitk.ReadImage(str(fixed_density), sitk.sitkFloat32)
+    fixed_mask = sitk.ReadImage(str(fixed_parts))
+    moving = sitk.ReadImage(str(moving_density), sitk.sitkFloat32)
+    moving_mask = sitk.ReadImage(str(moving_parts))
+    try:
+        tx, info = reg.register_rigid(fixed, fixed_mask, moving, moving_mask, p)
+    except RuntimeError as exc:  # SimpleITK's own failures
+        raise QctfeaError(f"{context}: registration to baseline failed ({exc}); check both "
+                          "scans show the vertebra, or exclude the scan") from exc
+    warning = reg.check_dice(info, p, context)
+    if warning:
+        warnings.warn(warning, stacklevel=1)
+    _write_image(reg.resample_density(moving, fixed, tx), out_density)
+    with atomic_path(out_tfm) as tmp:
+        sitk.WriteTransform(tx, str(tmp))
+    with atomic_path(out_png) as tmp:
+        reg.plot_registration(fixed, fixed_mask, moving_mask, tx, info, tmp, context)
+    write_json(out_json, {**info, "seconds": time.perf_counter() - t0, "warning": warning,
+                          "provenance": provenance("register", p, {
+                              "baseline_density": fixed_density, "baseline_parts": fixed_parts,
+                              "density": moving_density, "parts": moving_parts})})
+    _log(f"[register] {context}: Dice {info['dice_before']:.3f} -> {info['dice_after']:.3f}, "
+         f"rotation {np.round(info['rotation_deg'], 2).tolist()} deg, translation "
+         f"{np.round(info['translation_mm'], 2).tolist()} mm, {info['iterations']} iterations")
 
 
 # --- mesh ---------------------------------------------------------------------------------
@@ -211,7 +383,8 @@ def mesh(parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str) -
     from qctfea import meshing
 
     p = params_from(meshing.MeshParams, cfg, "mesh")
-    parts = sitk.ReadImage(str(parts_path))
+    _need(context, parts=parts_path, screws=screws_path)
+    parts = _read_image(parts_path, "vertebra parts image", context)
     pts, cells, tags, rep = meshing.generate_mesh(parts, load_screws(screws_path), p)
     meshing.write_mesh(out_mesh, pts, cells, tags)
     write_json(out_json, {**rep, "provenance": provenance("mesh", p, {"parts": parts_path})})
@@ -228,14 +401,24 @@ def materials(mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict
 
     p = params_from(mat.MaterialParams, cfg, "materials")
     t0 = time.perf_counter()
+    _need(context, mesh=mesh_path, density=density_path, screws=screws_path)
+    dens, rho_img = _read_density(density_path, context)
     pts, cells, tags = meshing.read_mesh(mesh_path)
-    dens = sitk.ReadImage(str(density_path), sitk.sitkFloat32)
-    e_img = mat.modulus_mpa(sitk.GetArrayFromImage(dens), p).astype(np.float32)
+    e_img = mat.modulus_mpa(rho_img, p).astype(np.float32)
     E = mat.element_moduli(pts, cells, e_img, dens, p.sampling, p.subdivision_levels)
     # Yield stress from the element's mean density (the yield laws are not averaged
     # voxel by voxel: Keyak's has no yield, i.e. infinity, below a threshold).
-    rho = mat.element_moduli(pts, cells, sitk.GetArrayFromImage(dens).astype(np.float32), dens,
+    rho = mat.element_moduli(pts, cells, rho_img.astype(np.float32), dens,
                              p.sampling, p.subdivision_levels)
+    # Negative densities in a few elements (marrow, fat, noise) are normal and floored by the
+    # law; bone whose typical density is not positive means a wrong calibration.
+    bone_rho = rho[np.isin(tags, meshing.BONE_TAGS)]
+    if bone_rho.size and not float(np.median(bone_rho)) > 0:
+        raise QctfeaError(f"{context}: density image {density_path} gives the bone elements of "
+                          f"{mesh_path} a median density of {float(np.median(bone_rho)):.1f} "
+                          "mg/cm³ (not > 0): the calibration is wrong (sign, offset or units); "
+                          "check this scan's calibration.json / calibration section of the "
+                          "cohort config, and that the mesh belongs to this scan")
     sy = mat.yield_mpa(rho, p)
     nu = np.full(len(cells), p.poisson_bone)
     screws = {s.side: s for s in load_screws(screws_path)}
@@ -286,6 +469,8 @@ def solve(case: str, mesh_path, materials_path, mask_json, screws_path, out_json
     PNG) and the fields for ParaView (XDMF + HDF5: displacement, von Mises stress,
     and for the nonlinear analysis plastic strain and yielded elements).
     """
+    _need(context, mesh=mesh_path, materials=materials_path, vertebra_json=mask_json,
+          screws=screws_path if case == "pullout" else None)
     from mpi4py import MPI
 
     from qctfea.fea import elasticity, loadcases, plasticity
@@ -300,7 +485,7 @@ def solve(case: str, mesh_path, materials_path, mask_json, screws_path, out_json
             raise QctfeaError(f"{context}: {materials_path} has no yield stresses; rerun the "
                               "materials step (rule assign_materials)")
         model = plasticity.PlasticModel(mesh, npz["youngs_mpa"], npz["poisson"],
-                                        npz["yield_mpa"], lp.hardening_ratio)
+                                        npz["yield_mpa"], lp.hardening_ratio, lp.constitutive)
     else:
         model = elasticity.ElasticModel(mesh, npz["youngs_mpa"], npz["poisson"])
     axis_info = read_json(mask_json)

@@ -15,7 +15,7 @@ rule aggregate_cohort:
         bmd=scan_outputs("bmd.json"),
         compression=scan_outputs("compression.json"),
         pullout=[f"{RES}/{p}/{t}/pullout_{s}.json" for p, t in SAMPLES.index for s in SIDES],
-        mesh=scan_outputs("mesh.json"),
+        mesh=[f"{RES}/{p}/{model_timepoint(p, t)}/mesh.json" for p, t in SAMPLES.index],
         calibration=scan_outputs("calibration.json"),
         dxa=get_dxa_files,
     output:
@@ -25,7 +25,8 @@ rule aggregate_cohort:
             category="Tables",
         ),
     params:
-        samples=SAMPLES.reset_index(drop=True).to_dict("records"),
+        samples=[{**r, "model_timepoint": model_timepoint(r["patient"], r["timepoint"])}
+                 for r in SAMPLES.reset_index(drop=True).to_dict("records")],
         # results/<cohort>, where the per-scan JSONs are: from the output, not hard-coded.
         results=lambda wc, output: str(Path(output[0]).parent.parent),
     log:

@@ -124,6 +124,33 @@ def get_dxa_files(wildcards):
     return [v for v in SAMPLES["dxa"] if v and not v.replace(".", "", 1).isdigit()]
 
 
+REGISTER = bool((CCFG.get("registration") or {}).get("enabled", True))
+
+
+def baseline_of(patient):
+    """The patient's earliest scan in the sample sheet (after exclusions)."""
+    rows = SAMPLES[SAMPLES["patient"] == str(patient)]
+    return str(rows.sort_values("months", kind="mergesort")["timepoint"].iloc[0])
+
+
+def model_timepoint(patient, timepoint):
+    """Whose FE model (mesh, screws, endplates, ROIs) a scan uses: the baseline's when
+    follow-ups are registered to baseline (registration.enabled), else its own."""
+    return baseline_of(patient) if REGISTER else str(timepoint)
+
+
+def model_file(name):
+    """Input function: a file of the scan's model timepoint."""
+    return lambda w: f"{RES}/{w.patient}/{model_timepoint(w.patient, w.timepoint)}/{name}"
+
+
+def model_density(w):
+    """The density the scan's model is given: a registered follow-up's on the baseline grid."""
+    if model_timepoint(w.patient, w.timepoint) == w.timepoint:
+        return f"{RES}/{w.patient}/{w.timepoint}/density.nii.gz"
+    return f"{RES}/{w.patient}/{w.timepoint}/density_baseline.nii.gz"
+
+
 def scan_outputs(name):
     return [f"{RES}/{p}/{t}/{name}" for p, t in SAMPLES.index]
 

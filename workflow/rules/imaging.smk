@@ -67,11 +67,33 @@ rule plan_screws:
         "../scripts/plan_screws.py"
 
 
-rule measure_bmd:
+rule register_to_baseline:
     input:
+        baseline_density=model_file("density.nii.gz"),
+        baseline_parts=model_file("vertebra.nii.gz"),
         density=rules.calibrate_density.output.density,
         parts=rules.extract_vertebra.output.parts,
-        screws=rules.plan_screws.output[0],
+    output:
+        density=f"{RES}/{{patient}}/{{timepoint}}/density_baseline.nii.gz",
+        json=f"{RES}/{{patient}}/{{timepoint}}/registration.json",
+        tfm=f"{RES}/{{patient}}/{{timepoint}}/registration.tfm",
+        png=report(f"{RES}/{{patient}}/{{timepoint}}/registration.png", category="QC"),
+    params:
+        cfg=CCFG.get("registration", {}),
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/register_to_baseline.log",
+    conda:
+        "../../envs/imaging.yaml"
+    script:
+        "../scripts/register_to_baseline.py"
+
+
+rule measure_bmd:
+    input:
+        # Follow-ups: their density on the baseline grid, measured in the baseline's ROIs.
+        density=model_density,
+        parts=model_file("vertebra.nii.gz"),
+        screws=model_file("screws.json"),
     output:
         f"{RES}/{{patient}}/{{timepoint}}/bmd.json",
     params:

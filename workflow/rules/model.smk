@@ -25,10 +25,11 @@ rule mesh_vertebra:
 
 rule assign_materials:
     input:
-        mesh=rules.mesh_vertebra.output.mesh,
-        h5=rules.mesh_vertebra.output.h5,
-        density=rules.calibrate_density.output.density,
-        screws=rules.plan_screws.output[0],
+        # Follow-ups: the baseline model with this visit's density (see model_timepoint).
+        mesh=model_file("mesh.xdmf"),
+        h5=model_file("mesh.h5"),
+        density=model_density,
+        screws=model_file("screws.json"),
     output:
         npz=f"{RES}/{{patient}}/{{timepoint}}/materials.npz",
         json=f"{RES}/{{patient}}/{{timepoint}}/materials.json",

@@ -6,11 +6,11 @@
 
 rule solve_compression:
     input:
-        mesh=rules.mesh_vertebra.output.mesh,
-        h5=rules.mesh_vertebra.output.h5,
+        mesh=model_file("mesh.xdmf"),
+        h5=model_file("mesh.h5"),
         materials=rules.assign_materials.output.npz,
-        vertebra=rules.extract_vertebra.output.json,
-        screws=rules.plan_screws.output[0],
+        vertebra=model_file("vertebra.json"),
+        screws=model_file("screws.json"),
     output:
         json=f"{RES}/{{patient}}/{{timepoint}}/compression.json",
         curve=f"{RES}/{{patient}}/{{timepoint}}/compression_curve.csv",
@@ -42,11 +42,11 @@ rule solve_compression:
 
 rule solve_pullout:
     input:
-        mesh=rules.mesh_vertebra.output.mesh,
-        h5=rules.mesh_vertebra.output.h5,
+        mesh=model_file("mesh.xdmf"),
+        h5=model_file("mesh.h5"),
         materials=rules.assign_materials.output.npz,
-        vertebra=rules.extract_vertebra.output.json,
-        screws=rules.plan_screws.output[0],
+        vertebra=model_file("vertebra.json"),
+        screws=model_file("screws.json"),
     output:
         json=f"{RES}/{{patient}}/{{timepoint}}/pullout_{{side}}.json",
         curve=f"{RES}/{{patient}}/{{timepoint}}/pullout_{{side}}_curve.csv",

@@ -67,17 +67,25 @@ class LoadParams:
     shell_mm: float = 2.0
     #: "linear" (stiffness + the strain-criterion estimate) or "nonlinear" (elasto-plastic)
     analysis: str = "nonlinear"
-    compression_max_strain: float = 0.02  #: nonlinear: max displacement / body height
-    pullout_max_displacement_mm: float = 0.5  #: nonlinear: max screw head displacement
+    compression_max_strain: float = 0.01  #: nonlinear: max displacement / body height
+    pullout_max_displacement_mm: float = 0.1  #: nonlinear: max screw head displacement
     increments: int = 25  #: nonlinear: base increments to the maximum displacement
-    min_increment_fraction: float = 1.0 / 64  #: nonlinear: smallest step / base step
+    min_increment_fraction: float = 1.0 / 8  #: nonlinear: smallest step / base step
     newton_rtol: float = 1.0e-6  #: nonlinear: residual tolerance relative to internal force
     newton_max_it: int = 15
+    #: nonlinear: "damage" (stress-capped isotropic damage, locking-free on linear
+    #: tetrahedra) or "plasticity" (von Mises return mapping)
+    constitutive: str = "damage"
     hardening_ratio: float = 0.0  #: nonlinear: H / E (0 = perfectly plastic)
     stop_drop_fraction: float = 0.05  #: nonlinear: stop once F < (1 - this) * peak
     plateau_tangent_ratio: float = 0.02  #: nonlinear: stop once dF/dd < this * initial slope
-    strength_rule: str = "offset"  #: nonlinear: "offset" (offset yield) or "peak" (max force)
+    strength_rule: str = "peak"  #: nonlinear: "peak" (max force) or "offset" (offset yield)
     offset_strain: float = 0.002  #: nonlinear: offset = this x body height / screw length
+    #: nonlinear damage: element crushes below this minimum principal strain (null: never)
+    failure_strain: float | None = 0.01
+    #: nonlinear damage: element cracks above this x yield stress in tension (null: never)
+    tensile_strength_ratio: float | None = 0.8
+    residual_fraction: float = 0.01  #: nonlinear damage: stiffness kept by a failed element
 
     def nonlinear(self):
         from qctfea.fea.plasticity import NonlinearParams
@@ -86,7 +94,10 @@ class LoadParams:
             increments=self.increments, min_increment_fraction=self.min_increment_fraction,
             newton_rtol=self.newton_rtol, newton_max_it=self.newton_max_it,
             hardening_ratio=self.hardening_ratio, stop_drop_fraction=self.stop_drop_fraction,
-            plateau_tangent_ratio=self.plateau_tangent_ratio, strength_rule=self.strength_rule)
+            plateau_tangent_ratio=self.plateau_tangent_ratio, strength_rule=self.strength_rule,
+            failure_strain=self.failure_strain,
+            tensile_strength_ratio=self.tensile_strength_ratio,
+            residual_fraction=self.residual_fraction)
 
 
 def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:

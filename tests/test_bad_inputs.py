@@ -1,0 +1,462 @@
+"""Bad inputs: each gives a QctfeaError naming the file, the scan and what to change.
+
+Every test feeds one bad input to the real step (``qctfea.steps``) or library
+function and checks the error (or warning) message for (a) the file or input
+concerned, (b) the patient/timepoint context of steps that take one and (c) the
+fix. The synthetic scan of ``conftest.demo_scan`` is reused; nothing is meshed
+or solved.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from qctfea import cli, steps
+from qctfea.provenance import QctfeaError
+from qctfea.samples import dxa_value, read_sample_sheet
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "verse_tptbox_L3"
+
+
+def _has(err, *parts) -> str:
+    """The error's message, after checking that it holds every part."""
+    msg = str(err.value if hasattr(err, "value") else err)
+    for part in parts:
+        assert str(part) in msg, f"{part!r} not in message: {msg}"
+    return msg
+
+
+def _write_like(arr: np.ndarray, ref_path: Path, out: Path) -> Path:
+    ref = sitk.ReadImage(str(ref_path))
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(ref)
+    sitk.WriteImage(img, str(out), True)
+    return out
+
+
+def _array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+# --- 1. stray and truncated files in a DICOM series ----------------------------------------
+
+
+@pytest.fixture
+def dicom_copy(demo_scan, tmp_path) -> Path:
+    folder = tmp_path / "dicom"
+    shutil.copytree(demo_scan["src"] / "dicom", folder)
+    return folder
+
+
+def test_stray_file_in_series_is_skipped_with_a_warning(demo_scan, dicom_copy, tmp_path):
+    ctx = demo_scan["context"]
+    (dicom_copy / "notes.txt").write_text("scanned on the old console\n")
+    with pytest.warns(UserWarning, match="skipped 1 file") as rec:
+        steps.ingest(dicom_copy, tmp_path / "ct.nii.gz", tmp_path / "scan.json", ctx)
+    msg = _has(next(w.message for w in rec if "skipped" in str(w.message)),
+               ctx, dicom_copy, "1 not DICOM: notes.txt", "remove them from the folder")
+    assert "Traceback" not in msg
+    scan = json.loads((tmp_path / "scan.json").read_text())["scan"]
+    assert scan["n_files_skipped"] == 1 and scan["n_slices"] == scan["n_files_read"]
+    np.testing.assert_array_equal(_array(tmp_path / "ct.nii.gz"),
+                                  _array(demo_scan["results"] / "ct.nii.gz"))
+
+
+@pytest.mark.parametrize("cut", ["pixel data", "header"])
+def test_truncated_dicom_file_is_refused_naming_it(demo_scan, dicom_copy, tmp_path, cut):
+    """Choice (documented in qctfea.dicomio): a truncated slice is an error, not skipped,
+    since skipping it would silently drop a slice from the stack."""
+    ctx = demo_scan["context"]
+    victim = sorted(dicom_copy.glob("*.dcm"))[20]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2] if cut == "pixel data" else data[:700])
+    with pytest.raises(QctfeaError) as err:
+        steps.ingest(dicom_copy, tmp_path / "ct.nii.gz", tmp_path / "scan.json", ctx)
+    _has(err, ctx, victim.name, "truncated", "replace")
+    assert not (tmp_path / "ct.nii.gz").exists() and not (tmp_path / "scan.json").exists()
+
+
+# --- 2. empty images ------------------------------------------------------------------------
+
+
+def _run_calibrate(scan, ct, labels, out: Path, cfg=None, label=23):
+    steps.calibrate(ct, labels, out / "density.nii.gz", out / "calibration.json",
+                    out / "calibration.png", cfg or {}, scan["context"], label)
+
+
+def _run_mask(scan, ct, labels, out: Path, cfg=None):
+    steps.mask(ct, labels, out / "vertebra.nii.gz", out / "vertebra.json", cfg or {},
+               scan["context"])
+
+
+@pytest.mark.parametrize("step", ["calibrate", "mask"])
+def test_ct_with_all_voxels_equal_is_refused(demo_scan, tmp_path, step):
+    r = demo_scan["results"]
+    blank = _write_like(np.zeros_like(_array(r / "ct.nii.gz")), r / "ct.nii.gz",
+                        tmp_path / "blank.nii.gz")
+    run = _run_calibrate if step == "calibrate" else _run_mask
+    with pytest.raises(QctfeaError) as err:
+        run(demo_scan, blank, demo_scan["src"] / "labels.nii.gz", tmp_path)
+    _has(err, demo_scan["context"], blank, "is empty", "same value (0 HU)",
+         "image column of the sample sheet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.nii.gz"]
+
+
+def test_zero_byte_ct_file_is_refused(demo_scan, tmp_path):
+    empty = tmp_path / "ct.nii.gz"
+    empty.write_bytes(b"")
+    with pytest.raises(QctfeaError) as err:
+        _run_calibrate(demo_scan, empty, demo_scan["src"] / "labels.nii.gz", tmp_path,
+                       {"method": "fixed", "slope": 1, "intercept": 0})
+    _has(err, demo_scan["context"], empty, "cannot be read as an image",
+         "check that the file is complete")
+
+
+def test_empty_label_map_is_refused_by_mask(demo_scan, tmp_path):
+    src = demo_scan["src"]
+    blank = _write_like(np.zeros_like(_array(src / "labels.nii.gz")), src / "labels.nii.gz",
+                        tmp_path / "labels.nii.gz")
+    with pytest.raises(QctfeaError) as err:
+        _run_mask(demo_scan, demo_scan["results"] / "ct.nii.gz", blank, tmp_path)
+    _has(err, demo_scan["context"], blank, "label map is empty", "segmentation of this scan")
+
+
+# --- 3. images on grids that do not overlap -------------------------------------------------
+
+
+@pytest.mark.parametrize("step", ["calibrate", "mask"])
+def test_label_map_not_overlapping_the_ct(demo_scan, tmp_path, step):
+    labels = sitk.ReadImage(str(demo_scan["src"] / "labels.nii.gz"))
+    labels.SetOrigin(tuple(np.array(labels.GetOrigin()) + 500.0))
+    far = tmp_path / "labels_far.nii.gz"
+    sitk.WriteImage(labels, str(far), True)
+    run = _run_calibrate if step == "calibrate" else _run_mask
+    with pytest.raises(QctfeaError) as err, pytest.warns(UserWarning, match="another grid"):
+        run(demo_scan, demo_scan["results"] / "ct.nii.gz", far, tmp_path)
+    _has(err, demo_scan["context"], far, "does not overlap the CT",
+         "give the label map of this scan")
+
+
+def test_density_and_parts_on_different_grids(demo_scan, tmp_path):
+    r = demo_scan["results"]
+    parts = sitk.ReadImage(str(r / "vertebra.nii.gz"))
+    small = tmp_path / "vertebra_cropped.nii.gz"
+    sitk.WriteImage(parts[:, :, 5:], str(small), True)
+    with pytest.raises(QctfeaError) as err:
+        steps.bmd(r / "density.nii.gz", small, r / "screws.json", tmp_path / "bmd.json", {},
+                  demo_scan["context"])
+    _has(err, demo_scan["context"], small, r / "density.nii.gz", "different grids",
+         "from the same scan")
+
+
+# --- 4. masks empty after processing (the absent label: test_imaging.py) --------------------
+
+
+def test_vertebra_too_small_for_a_body(demo_scan, tmp_path):
+    src = demo_scan["src"]
+    lab = _array(src / "labels.nii.gz")
+    z, y, x = np.argwhere(lab == 23).mean(axis=0).astype(int)
+    tiny = np.zeros_like(lab)
+    tiny[z - 1:z + 2, y - 1:y + 2, x - 1:x + 2] = 23
+    path = _write_like(tiny, src / "labels.nii.gz", tmp_path / "labels_tiny.nii.gz")
+    with pytest.raises(QctfeaError) as err:
+        _run_mask(demo_scan, demo_scan["results"] / "ct.nii.gz", path, tmp_path)
+    _has(err, demo_scan["context"], path, "no vertebral body found",
+         "lower mask.body_opening_mm")
+
+
+def test_trabecular_roi_empty_after_margin(demo_scan, tmp_path):
+    labels = demo_scan["src"] / "labels.nii.gz"
+    with pytest.raises(QctfeaError) as err:
+        _run_mask(demo_scan, demo_scan["results"] / "ct.nii.gz", labels, tmp_path,
+                  {"trabecular_margin_mm": 30})
+    _has(err, demo_scan["context"], labels, "trabecular ROI is empty",
+         "lower mask.trabecular_margin_mm")
+    assert not (tmp_path / "vertebra.nii.gz").exists()
+
+
+def test_bmd_on_parts_without_trabecular_roi(demo_scan, tmp_path):
+    r = demo_scan["results"]
+    parts = _array(r / "vertebra.nii.gz")
+    parts[parts == 3] = 1
+    path = _write_like(parts, r / "vertebra.nii.gz", tmp_path / "vertebra.nii.gz")
+    with pytest.raises(QctfeaError) as err:
+        steps.bmd(r / "density.nii.gz", path, r / "screws.json", tmp_path / "bmd.json", {},
+                  demo_scan["context"])
+    _has(err, demo_scan["context"], path, "no trabecular ROI", "rerun the mask step")
+    assert not (tmp_path / "bmd.json").exists()
+
+
+# --- 5. screw trajectories leaving the bone -------------------------------------------------
+
+
+def _shifted_landmarks(scan, tmp_path: Path, dz: float) -> Path:
+    lm = json.loads((scan["src"] / "landmarks.json").read_text())
+    for side in ("left", "right"):
+        for key in ("entry_mm", "target_mm"):
+            lm[side][key] = (np.array(lm[side][key]) + [0.0, 0.0, dz]).tolist()
+    path = tmp_path / f"landmarks_{dz:g}.json"
+    path.write_text(json.dumps(lm))
+    return path
+
+
+def test_screw_breaching_the_cortex_warns_naming_the_landmarks(demo_scan, tmp_path):
+    """Landmarks 8 mm too high: the screws leave the bone; a warning per side, and the
+    breach is recorded in screws.json."""
+    lm = _shifted_landmarks(demo_scan, tmp_path, 8.0)
+    out = tmp_path / "screws.json"
+    with pytest.warns(UserWarning, match="breaches the cortex") as rec:
+        steps.plan_screws(lm, demo_scan["results"] / "vertebra.nii.gz", out, {},
+                          demo_scan["context"])
+    msgs = [str(w.message) for w in rec if "breaches" in str(w.message)]
+    assert len(msgs) == 2
+    for side, msg in zip(("left", "right"), msgs, strict=True):
+        _has(msg, demo_scan["context"], lm, f"{side} screw", "outside bone",
+             "check the landmarks")
+    for sc in json.loads(out.read_text())["screws"]:
+        assert sc["breach"]["max_surface_outside_bone_mm"] > 10
+
+
+def test_screw_entirely_outside_the_vertebra_is_refused(demo_scan, tmp_path):
+    lm = _shifted_landmarks(demo_scan, tmp_path, 500.0)
+    parts = demo_scan["results"] / "vertebra.nii.gz"
+    with pytest.raises(QctfeaError) as err:
+        steps.plan_screws(lm, parts, tmp_path / "screws.json", {}, demo_scan["context"])
+    _has(err, demo_scan["context"], lm, parts, "left screw", "does not enter the vertebra",
+         "physical (DICOM LPS) coordinates")
+    assert not (tmp_path / "screws.json").exists()
+
+
+# --- 6. calibration phantom -----------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (REAL / "ct.nii.gz").is_file(), reason="real CT sample not available")
+def test_phantom_not_found_in_real_ct(demo_scan, tmp_path):
+    """The real TPTBox CT has no phantom in view (README of the sample)."""
+    with pytest.raises(QctfeaError) as err:
+        _run_calibrate(demo_scan, REAL / "ct.nii.gz", REAL / "vertebrae.nii.gz", tmp_path,
+                       label=22)
+    _has(err, demo_scan["context"], REAL / "ct.nii.gz", "no calibration phantom found",
+         "calibration.method: fixed")
+    assert not (tmp_path / "density.nii.gz").exists()
+
+
+def test_phantom_fit_below_fail_r2(demo_scan, tmp_path):
+    """Rod densities that do not match the phantom: R² 0.63 < fail_r2 0.90."""
+    ct = demo_scan["results"] / "ct.nii.gz"
+    cfg = {"phantom": {"rod_densities_mg_cm3": [0, 50, 100, 150, 1000]}}
+    with pytest.raises(QctfeaError) as err:
+        _run_calibrate(demo_scan, ct, demo_scan["src"] / "labels.nii.gz", tmp_path, cfg)
+    _has(err, demo_scan["context"], ct, "is below calibration.phantom.fail_r2 = 0.9",
+         "-> 1000", "calibration.phantom.rod_densities_mg_cm3")
+    assert not (tmp_path / "density.nii.gz").exists()
+
+
+def test_phantom_fit_gate_from_config(demo_scan, tmp_path):
+    """The demo fit (R² 0.99998) against a stricter gate set in the cohort config."""
+    ct = demo_scan["results"] / "ct.nii.gz"
+    cfg = {"phantom": {"fail_r2": 0.999999, "warn_r2": 0.9999999}}
+    with pytest.raises(QctfeaError) as err:
+        _run_calibrate(demo_scan, ct, demo_scan["src"] / "labels.nii.gz", tmp_path, cfg)
+    _has(err, demo_scan["context"], ct, "fail_r2 = 0.999999")
+
+
+# --- 7. NaN or negative densities -----------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_mesh(demo_scan, tmp_path) -> Path:
+    """Two bone tetrahedra in the vertebral body: enough for the materials step."""
+    from qctfea import meshing
+
+    c = np.array(json.loads((demo_scan["results"] / "vertebra.json").read_text())["centroid_mm"])
+    pts = c + np.array([[0, 0, 0], [4, 0, 0], [0, 4, 0], [0, 0, 4], [4, 4, 4]], float)
+    path = tmp_path / "mesh" / "mesh.xdmf"
+    meshing.write_mesh(path, pts, np.array([[0, 1, 2, 3], [1, 2, 3, 4]]),
+                       np.full(2, meshing.TAG_BODY))
+    return path
+
+
+def _nan_density(scan, tmp_path: Path, suffix: str = ".nii.gz") -> Path:
+    r = scan["results"]
+    dens = _array(r / "density.nii.gz")
+    dens[10:12, 50:60, 50:60] = np.nan
+    return _write_like(dens, r / "density.nii.gz", tmp_path / f"density_nan{suffix}")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".mha"])
+def test_nan_density_reaching_materials(demo_scan, tiny_mesh, tmp_path, suffix):
+    """NIfTI too: ITK's reader turns NaN into 0 silently, so the step reads the file's bytes."""
+    dens = _nan_density(demo_scan, tmp_path, suffix)
+    out = tmp_path / "materials.npz"
+    with pytest.raises(QctfeaError) as err:
+        steps.materials(tiny_mesh, dens, demo_scan["results"] / "screws.json", out,
+                        tmp_path / "materials.json", {}, demo_scan["context"])
+    _has(err, demo_scan["context"], dens, "200 NaN or infinite voxel(s)",
+         "rerun the calibrate step")
+    assert not out.exists()
+
+
+def test_nan_density_reaching_bmd(demo_scan, tmp_path):
+    dens = _nan_density(demo_scan, tmp_path)
+    r = demo_scan["results"]
+    with pytest.raises(QctfeaError) as err:
+        steps.bmd(dens, r / "vertebra.nii.gz", r / "screws.json", tmp_path / "bmd.json", {},
+                  demo_scan["context"])
+    _has(err, demo_scan["context"], dens, "NaN or infinite", "rerun the calibrate step")
+
+
+def test_negative_bone_density_reaching_materials(demo_scan, tiny_mesh, tmp_path):
+    """A calibration with the wrong sign: every element would silently get the E floor."""
+    r = demo_scan["results"]
+    dens = _write_like(-_array(r / "density.nii.gz"), r / "density.nii.gz",
+                       tmp_path / "density_negative.nii.gz")
+    with pytest.raises(QctfeaError) as err:
+        steps.materials(tiny_mesh, dens, r / "screws.json", tmp_path / "materials.npz",
+                        tmp_path / "materials.json", {}, demo_scan["context"])
+    _has(err, demo_scan["context"], dens, tiny_mesh, "median density of -",
+         "the calibration is wrong", "calibration.json")
+    assert not (tmp_path / "materials.npz").exists()
+
+
+# --- 8. missing input files -----------------------------------------------------------------
+
+
+def _missing_cases(scan, tmp: Path) -> dict:
+    """step -> (call with one missing input, the missing path, the fix named)."""
+    r, src, ctx = scan["results"], scan["src"], scan["context"]
+    gone = tmp / "gone"
+    for name in ("mesh.xdmf", "mesh.h5", "materials.npz"):  # present; screws.json is not
+        (tmp / name).write_text("")
+    return {
+        "calibrate": (lambda: _run_calibrate(scan, gone / "ct.nii.gz", src / "labels.nii.gz",
+                                             tmp),
+                      gone / "ct.nii.gz", "run the ingest step first"),
+        "mask": (lambda: _run_mask(scan, r / "ct.nii.gz", gone / "labels.nii.gz", tmp),
+                 gone / "labels.nii.gz", "check the labels column of the sample sheet"),
+        "plan_screws": (lambda: steps.plan_screws(gone / "landmarks.json", r / "vertebra.nii.gz",
+                                                  tmp / "screws.json", {}, ctx),
+                        gone / "landmarks.json", "check the landmarks column"),
+        "bmd": (lambda: steps.bmd(r / "density.nii.gz", r / "vertebra.nii.gz",
+                                  gone / "screws.json", tmp / "bmd.json", {}, ctx),
+                gone / "screws.json", "run the screws step first"),
+        "mesh": (lambda: steps.mesh(gone / "vertebra.nii.gz", r / "screws.json",
+                                    tmp / "mesh.xdmf", tmp / "mesh.json", {}, ctx),
+                 gone / "vertebra.nii.gz", "run the mask step first"),
+        "materials": (lambda: steps.materials(gone / "mesh.xdmf", r / "density.nii.gz",
+                                              r / "screws.json", tmp / "materials.npz",
+                                              tmp / "materials.json", {}, ctx),
+                      gone / "mesh.xdmf", "run the mesh step first (rule mesh_vertebra)"),
+        "solve": (lambda: steps.solve("compression", gone / "mesh.xdmf", r / "materials.npz",
+                                      r / "vertebra.json", r / "screws.json",
+                                      tmp / "compression.json", {}, {}, ctx),
+                  gone / "mesh.xdmf", "run the mesh step first"),
+        "solve_pullout": (lambda: steps.solve("pullout", tmp / "mesh.xdmf", tmp / "materials.npz",
+                                              r / "vertebra.json", gone / "screws.json",
+                                              tmp / "pullout.json", {}, {}, ctx, "left"),
+                          gone / "screws.json", "run the screws step first"),
+    }
+
+
+@pytest.mark.parametrize("step", ["calibrate", "mask", "plan_screws", "bmd", "mesh",
+                                  "materials", "solve", "solve_pullout"])
+def test_missing_input_file_names_it_and_the_step_to_run(demo_scan, tmp_path, step):
+    call, path, fix = _missing_cases(demo_scan, tmp_path)[step]
+    with pytest.raises(QctfeaError) as err:
+        call()
+    _has(err, demo_scan["context"], f"{path} not found", fix)
+    assert not (tmp_path / "gone").exists()
+
+
+def test_mesh_without_its_h5_names_the_h5(demo_scan, tiny_mesh, tmp_path):
+    r = demo_scan["results"]
+    tiny_mesh.with_suffix(".h5").unlink()
+    with pytest.raises(QctfeaError) as err:
+        steps.materials(tiny_mesh, r / "density.nii.gz", r / "screws.json",
+                        tmp_path / "materials.npz", tmp_path / "materials.json", {},
+                        demo_scan["context"])
+    _has(err, demo_scan["context"], f"mesh {tiny_mesh.with_suffix('.h5')} not found",
+         "run the mesh step first")
+
+
+def test_cli_solve_with_missing_mesh_is_one_line_not_a_traceback(demo_scan, tmp_path, capsys):
+    r = demo_scan["results"]
+    missing = tmp_path / "mesh.xdmf"
+    code = cli.main(["solve", "compression", "--patient", "P01", "--timepoint", "M12",
+                     "--mesh", str(missing), "--materials", str(tmp_path / "materials.npz"),
+                     "--vertebra", str(r / "vertebra.json"), "--screws", str(r / "screws.json"),
+                     "--out-json", str(tmp_path / "compression.json")])
+    err = capsys.readouterr().err
+    assert code == 2
+    _has(err, "qctfea solve: error: patient P01, timepoint M12: mesh", f"{missing} not found",
+         "run the mesh step first")
+    assert "Traceback" not in err and "HDF5" not in err
+
+
+# --- 9. sample sheets -----------------------------------------------------------------------
+
+HEADER = "patient\ttimepoint\tmonths\timage\tlabels\tlandmarks\tdxa\n"
+
+
+def _sheet(tmp_path: Path, rows: list[str]) -> Path:
+    path = tmp_path / "samples.tsv"
+    path.write_text(HEADER + "".join(r + "\n" for r in rows))
+    return path
+
+
+def _row(patient="P01", timepoint="M00", months="0", image="img", labels="lab.nii.gz",
+         landmarks="lm.json", dxa="") -> str:
+    return "\t".join([patient, timepoint, months, image, labels, landmarks, dxa])
+
+
+def test_sample_sheet_duplicate_scan_names_both_lines(tmp_path):
+    sheet = _sheet(tmp_path, [_row(), _row(timepoint="M12", months="12"),
+                              _row(months="0.5")])
+    with pytest.raises(QctfeaError) as err:
+        read_sample_sheet(sheet)
+    _has(err, sheet, "duplicated patient x timepoint rows", "P01 M00 on lines 2, 4",
+         "remove the extra row or correct its timepoint")
+
+
+@pytest.mark.parametrize("column,value,expect", [
+    ("months", "twelve", "line 2, column months: 'twelve' is not a number >= 0"),
+    ("months", "inf", "line 2, column months: 'inf' is not a number >= 0"),
+    ("dxa", "high", "line 2, column dxa: 'high' is neither an areal BMD > 0"),
+    ("dxa", "-0.8", "line 2, column dxa: '-0.8' is neither an areal BMD > 0"),
+    ("patient", "P 01", "line 2, column patient: 'P 01' is not a valid id"),
+])
+def test_sample_sheet_wrong_types_name_line_and_column(tmp_path, column, value, expect):
+    sheet = _sheet(tmp_path, [_row(**{column: value})])
+    with pytest.raises(QctfeaError) as err:
+        read_sample_sheet(sheet)
+    _has(err, sheet, expect)
+
+
+def test_dxa_file_missing_or_without_the_key(tmp_path):
+    with pytest.raises(QctfeaError) as err:
+        dxa_value(str(tmp_path / "dxa.json"))
+    _has(err, tmp_path / "dxa.json", "dxa column of the sample sheet", "not found")
+    (tmp_path / "dxa.json").write_text('{"bmd": 0.8}')
+    with pytest.raises(QctfeaError) as err:
+        dxa_value(str(tmp_path / "dxa.json"))
+    _has(err, tmp_path / "dxa.json", "key 'areal_bmd_g_cm2'")
+
+
+def test_files_named_by_the_sheet_but_missing(demo_scan, tmp_path):
+    """The sheet is read without the files (the demo rule writes them later); each step
+    then names the missing file and the column of the sheet to correct."""
+    ctx = demo_scan["context"]
+    sheet = _sheet(tmp_path, [_row(image=str(tmp_path / "P01" / "dicom"),
+                                   labels=str(tmp_path / "P01" / "labels.nii.gz"))])
+    row = read_sample_sheet(sheet).iloc[0]
+    with pytest.raises(QctfeaError) as err:
+        steps.ingest(row["image"], tmp_path / "ct.nii.gz", tmp_path / "scan.json", ctx)
+    _has(err, ctx, row["image"], "not found", "image column of the sample sheet")
+    with pytest.raises(QctfeaError) as err:
+        _run_mask(demo_scan, demo_scan["results"] / "ct.nii.gz", row["labels"], tmp_path)
+    _has(err, ctx, f"label map {row['labels']} not found", "labels column of the sample sheet")
