@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-tfm", required=True)
     s.add_argument("--out-png", required=True)
 
+    s = sub.add_parser("benchmarks", help="per-rule wall time and peak memory of a workflow "
+                       "run (Snakemake benchmark files) as a markdown table")
+    s.add_argument("--root", required=True, help="benchmarks/<cohort>")
+    s.add_argument("--out-md", required=True)
+    s.add_argument("--out-json")
+
     s = add("mesh", "bone + screws -> tetrahedral mesh (CGAL) with cell tags")
     s.add_argument("--parts", required=True)
     s.add_argument("--screws", required=True)
@@ -174,6 +180,10 @@ def run(a) -> None:
         steps.plan_screws(a.landmarks, a.parts, a.out_json, prm, _ctx(a))
     elif a.step == "bmd":
         steps.bmd(a.density, a.parts, a.screws, a.out_json, prm, _ctx(a))
+    elif a.step == "benchmarks":
+        from qctfea import benchmarks
+
+        print(benchmarks.write_summary(a.root, a.out_md, a.out_json).to_string(index=False))
     elif a.step == "register":
         steps.register(a.baseline_density, a.baseline_parts, a.density, a.parts, a.out_density,
                        a.out_json, a.out_tfm, a.out_png, prm, _ctx(a))

@@ -15,6 +15,8 @@ if "demo" in CCFG:
             synth=CCFG.get("demo", {}).get("synth", {}),
         log:
             "logs/{cohort}/{patient}/{timepoint}/generate_demo_scan.log",
+        benchmark:
+            "benchmarks/{cohort}/{patient}/{timepoint}/generate_demo_scan.tsv"
         conda:
             "../../envs/imaging.yaml"
         script:

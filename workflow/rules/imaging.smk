@@ -9,6 +9,8 @@ rule ingest_scan:
         json=f"{RES}/{{patient}}/{{timepoint}}/scan.json",
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/ingest_scan.log",
+    benchmark:
+        f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/ingest_scan.tsv"
     conda:
         "../../envs/imaging.yaml"
     script:
@@ -28,6 +30,8 @@ rule calibrate_density:
         label=CCFG.get("mask", {}).get("label", 23),
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/calibrate_density.log",
+    benchmark:
+        f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/calibrate_density.tsv"
     conda:
         "../../envs/imaging.yaml"
     script:
@@ -45,6 +49,8 @@ rule extract_vertebra:
         cfg=CCFG.get("mask", {}),
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/extract_vertebra.log",
+    benchmark:
+        f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/extract_vertebra.tsv"
     conda:
         "../../envs/imaging.yaml"
     script:
@@ -61,6 +67,8 @@ rule plan_screws:
         cfg=CCFG.get("screw", {}),
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/plan_screws.log",
+    benchmark:
+        f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/plan_screws.tsv"
     conda:
         "../../envs/imaging.yaml"
     script:
@@ -82,6 +90,8 @@ rule register_to_baseline:
         cfg=CCFG.get("registration", {}),
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/register_to_baseline.log",
+    benchmark:
+        f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/register_to_baseline.tsv"
     conda:
         "../../envs/imaging.yaml"
     script:
@@ -100,6 +110,8 @@ rule measure_bmd:
         cfg=CCFG.get("bmd", {}),
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/measure_bmd.log",
+    benchmark:
+        f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/measure_bmd.tsv"
     conda:
         "../../envs/imaging.yaml"
     script:

@@ -39,6 +39,8 @@ rule assign_materials:
         mem_mb=4000,
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/assign_materials.log",
+    benchmark:
+        f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/assign_materials.tsv"
     conda:
         "../../envs/model.yaml"
     script:
