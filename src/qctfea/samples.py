@@ -20,6 +20,8 @@ Relative paths are relative to the repository root (where Snakemake runs).
 
 from __future__ import annotations
 
+import csv
+
 import math
 import re
 from pathlib import Path
@@ -37,7 +39,14 @@ def read_sample_sheet(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise QctfeaError(f"sample sheet {path} not found")
-    df = pd.read_csv(path, sep="\t", dtype=str, comment="#").fillna("")
+    try:
+        # Tab-separated, no quoting: a quote character is part of the cell.
+        df = pd.read_csv(path, sep="\t", dtype=str, comment="#", quoting=csv.QUOTE_NONE,
+                         keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise QctfeaError(f"sample sheet {path} is not a tab-separated table ({exc}); save it "
+                          "as TSV with one header line") from exc
+    df = df.fillna("")
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise QctfeaError(f"{path}: missing column(s) {missing}; required: {REQUIRED}")
