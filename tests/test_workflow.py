@@ -157,6 +157,20 @@ def test_end_to_end_tiny_cohort(tiny_run):
     assert {"r", "p"} <= set(corr.columns)
     changes = pd.read_csv(res / "stats" / "changes.csv")
     assert (changes["n_pairs"] == 2).all()
+    # Against the generator's truth (read only here, never by the workflow): calibration
+    # slope within 1 %, trabecular vBMD within 2 mg/cm³, follow-ups registered to baseline
+    # within 0.5 mm and 0.5 degrees of the true change of position.
+    from qctfea.validation import GATES, validate_cohort
+
+    val = validate_cohort(res, tmp_path / "resources" / "tiny", df[["patient", "timepoint",
+                                                                     "months"]])
+    print(val.to_string())
+    assert val["registration_max_error_mm"].notna().sum() == 2
+    for col, gate in GATES.items():
+        assert (val[col].dropna().abs() <= gate).all(), col
+    # Follow-ups use the baseline model: same mesh, no mesh of their own.
+    assert (df.groupby("patient")["mesh_cells"].nunique() == 1).all()
+    assert not list(res.glob("*/M12/mesh.xdmf"))
     # No DICOM identifiers (planted by the generator in every header) in any file the
     # workflow wrote: results, logs, benchmarks, Snakemake's own log; .gz files decompressed.
     import gzip

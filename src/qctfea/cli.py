@@ -104,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-md", required=True)
     s.add_argument("--out-json")
 
+    s = sub.add_parser("validate", help="synthetic cohort only: compare calibration, "
+                       "trabecular vBMD and registration with the generator's truth files")
+    s.add_argument("--results", required=True, help="results/<cohort>")
+    s.add_argument("--resources", required=True, help="resources/<cohort> (truth.json files)")
+    s.add_argument("--samples", required=True, help="the cohort's samples.tsv")
+    s.add_argument("--out-csv", required=True)
+    s.add_argument("--out-md", required=True)
+
     s = add("mesh", "bone + screws -> tetrahedral mesh (CGAL) with cell tags")
     s.add_argument("--parts", required=True)
     s.add_argument("--screws", required=True)
@@ -184,6 +192,11 @@ def run(a) -> None:
         from qctfea import benchmarks
 
         print(benchmarks.write_summary(a.root, a.out_md, a.out_json).to_string(index=False))
+    elif a.step == "validate":
+        from qctfea import validation
+
+        validation.write_validation(a.results, a.resources, a.samples, a.out_csv, a.out_md)
+        print(open(a.out_md).read())
     elif a.step == "register":
         steps.register(a.baseline_density, a.baseline_parts, a.density, a.parts, a.out_density,
                        a.out_json, a.out_tfm, a.out_png, prm, _ctx(a))
