@@ -472,6 +472,20 @@ class PlasticModel(ElasticModel):
             r_all = np.sqrt(comm.allreduce(float(arr @ arr), MPI.SUM))
             return force, r_free, r_all
 
+        def tangent_solve() -> int:
+            """Assemble the tangent of the current state and solve A dx = b; PETSc's reason."""
+            t0 = time.perf_counter()
+            A.zeroEntries()
+            dolfinx.fem.petsc.assemble_matrix(A, self.a_tangent, bcs=bcs)
+            A.assemble()
+            sec["assembly"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ksp.setOperators(A)
+            ksp.solve(b, dx)
+            sec["solve"] += time.perf_counter() - t0
+            res.ksp_iterations += int(ksp.getIterationNumber())
+            return ksp.getConvergedReason()
+
         def newton(step: float):
             """Solve one increment of size ``step``; (converged, iterations, force, yielded)."""
             g.value = step * direction if l_comp is None else step * direction[l_comp]
@@ -489,20 +503,12 @@ class PlasticModel(ElasticModel):
                 if it == params.newton_max_it:
                     return False, it, force, yielded
                 t0 = time.perf_counter()
-                A.zeroEntries()
-                dolfinx.fem.petsc.assemble_matrix(A, self.a_tangent, bcs=bcs)
-                A.assemble()
                 dolfinx.fem.petsc.apply_lifting(b, [self.a_tangent], bcs=[bcs],
                                                 x0=[self.du.x.petsc_vec], alpha=-1.0)
                 b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
                 dolfinx.fem.petsc.set_bc(b, bcs, x0=self.du.x.petsc_vec, alpha=-1.0)
                 sec["assembly"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                ksp.setOperators(A)
-                ksp.solve(b, dx)
-                sec["solve"] += time.perf_counter() - t0
-                reason = ksp.getConvergedReason()
-                res.ksp_iterations += int(ksp.getIterationNumber())
+                reason = tangent_solve()
                 if reason < 0 and self.constitutive == "damage" and not self.symmetric_tangent:
                     # Hydrostatic softening makes the exact tangent indefinite: retry this
                     # iteration with its symmetric, positive semi-definite part.
@@ -511,18 +517,7 @@ class PlasticModel(ElasticModel):
                                  "symmetric tangent for this increment")
                     self.symmetric_tangent = True
                     self.return_mapping()
-                    t0 = time.perf_counter()
-                    A.zeroEntries()
-                    dolfinx.fem.petsc.assemble_matrix(A, self.a_tangent, bcs=bcs)
-                    A.assemble()
-                    sec["assembly"] += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    ksp.setOperators(A)
-                    dx.set(0.0)
-                    ksp.solve(b, dx)
-                    sec["solve"] += time.perf_counter() - t0
-                    reason = ksp.getConvergedReason()
-                    res.ksp_iterations += int(ksp.getIterationNumber())
+                    reason = tangent_solve()
                 if reason < 0:
                     if progress:
                         progress(f"  linear solve failed ({reasons.get(reason, reason)}); "
