@@ -60,6 +60,52 @@ LAWS = {
 }
 
 
+def custom_law(spec: dict | None):
+    """E(rho) of a user-defined piecewise power law (config ``materials.custom``).
+
+    ``{"density": "qct" | "ash" | "apparent", "pieces": [{"below": r1, "a": .., "b": ..,
+    "c": ..}, ..., {"a": .., "b": ..}]}``: E = a * rho^b + c (MPa; c defaults to 0) for
+    rho (g/cm³ of the named kind) below ``below``; the last piece has no ``below``. The
+    breakpoints must rise. Returns (E function, density kind).
+    """
+    where = "config section 'materials.custom'"
+    if not isinstance(spec, dict) or not isinstance(spec.get("pieces"), list) \
+            or not spec["pieces"]:
+        raise QctfeaError(f"{where}: materials.law 'custom' needs materials.custom with a "
+                          "non-empty list 'pieces' of {below, a, b, c}; see config/README.md")
+    unknown = sorted(set(spec) - {"density", "pieces"})
+    kind = spec.get("density", "qct")
+    if unknown or kind not in ("qct", "ash", "apparent"):
+        raise QctfeaError(f"{where}: keys are 'density' (qct, ash or apparent) and 'pieces'; "
+                          f"got {sorted(spec)} with density {kind!r}")
+    pieces = []
+    for i, pc in enumerate(spec["pieces"]):
+        last = i == len(spec["pieces"]) - 1
+        ok = isinstance(pc, dict) and not set(pc) - {"below", "a", "b", "c"} \
+            and {"a", "b"} <= set(pc) and (("below" in pc) != last) \
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and np.isfinite(v) for v in pc.values())
+        if not ok:
+            raise QctfeaError(f"{where}: piece {i + 1} {pc!r} must be numbers a, b (and "
+                              "optionally c), with 'below' on every piece but the last")
+        pieces.append((float(pc.get("below", np.inf)), float(pc["a"]), float(pc["b"]),
+                       float(pc.get("c", 0.0))))
+    if any(p1[0] >= p2[0] for p1, p2 in zip(pieces, pieces[1:])):
+        raise QctfeaError(f"{where}: the 'below' breakpoints must rise from piece to piece")
+
+    def e_fn(rho):
+        rho = np.clip(np.asarray(rho, float), 0.0, None)
+        out = np.empty_like(rho)
+        lower = -np.inf
+        for below, a, b, c in pieces:
+            sel = (rho >= lower) & (rho < below)
+            out[sel] = a * rho[sel] ** b + c
+            lower = below
+        return out
+
+    return e_fn, kind
+
+
 @dataclass
 class MaterialParams:
     law: str = "keyak1998"
@@ -73,6 +119,24 @@ class MaterialParams:
     poisson_bone: float = 0.3
     sampling: str = "integrated"  #: "integrated" (volume mean) or "centroid"
     subdivision_levels: int = 2  #: 8**levels sub-tets per element
+    #: user-defined piecewise power law for ``law: custom`` (see :func:`custom_law`)
+    custom: dict | None = None
+    #: 0: every element its own modulus (exact); N > 0: bone moduli grouped into N bins of
+    #: equal width in E, each element taking its bin's mean (Bonemat-style material groups)
+    bins: int = 0
+
+    def __post_init__(self):
+        if self.custom is not None and self.law != "custom":
+            raise QctfeaError(f"materials.custom is given but materials.law is {self.law!r}; "
+                              "set materials.law: custom to use it, or remove it")
+        if self.law == "custom":
+            custom_law(self.custom)
+        elif self.law not in LAWS:
+            raise QctfeaError(f"unknown material law '{self.law}'; choose one of "
+                              f"{sorted(LAWS)} or 'custom'")
+        if self.bins < 0:
+            raise QctfeaError(f"materials.bins must be 0 (exact) or a positive number of "
+                              f"bins, not {self.bins}")
 
 
 def _law_density(density_mg_cm3, kind: str, params: MaterialParams) -> np.ndarray:
@@ -84,10 +148,27 @@ def _law_density(density_mg_cm3, kind: str, params: MaterialParams) -> np.ndarra
 
 def modulus_mpa(density_mg_cm3: np.ndarray, params: MaterialParams) -> np.ndarray:
     """Young's modulus (MPa) from calibrated QCT density (mg/cm³)."""
-    if params.law not in LAWS:
-        raise QctfeaError(f"unknown material law '{params.law}'; choose one of {sorted(LAWS)}")
-    e_fn, _, kind, _ = LAWS[params.law]
+    if params.law == "custom":
+        e_fn, kind = custom_law(params.custom)
+    elif params.law in LAWS:
+        e_fn, _, kind, _ = LAWS[params.law]
+    else:
+        raise QctfeaError(f"unknown material law '{params.law}'; choose one of {sorted(LAWS)} "
+                          "or 'custom'")
     return np.maximum(e_fn(_law_density(density_mg_cm3, kind, params)), params.e_floor_mpa)
+
+
+def bin_moduli(e: np.ndarray, n_bins: int) -> np.ndarray:
+    """Group moduli into ``n_bins`` bins of equal width in E; each value becomes its bin's
+    mean (so the mean modulus is preserved). ``n_bins`` 0 returns ``e`` unchanged."""
+    e = np.asarray(e, float)
+    if n_bins == 0 or e.size == 0 or e.min() == e.max():
+        return e.copy()
+    edges = np.linspace(e.min(), e.max(), n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, e, side="right") - 1, 0, n_bins - 1)
+    sums = np.bincount(idx, weights=e, minlength=n_bins)
+    counts = np.bincount(idx, minlength=n_bins)
+    return (sums / np.maximum(counts, 1))[idx]
 
 
 def yield_mpa(density_mg_cm3: np.ndarray, params: MaterialParams) -> np.ndarray:
