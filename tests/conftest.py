@@ -56,7 +56,8 @@ def demo_model(demo_scan):
     r = demo_scan["results"]
     ctx = demo_scan["context"]
     steps.mesh(r / "vertebra.nii.gz", r / "screws.json", r / "mesh.xdmf", r / "mesh.json",
-               {"voxel_mm": 0.6, "bone_cell_size_mm": 3.5, "screw_cell_size_mm": 2.0}, ctx)
+               {"voxel_mm": 0.6, "bone_cell_size_mm": 3.5, "screw_cell_size_mm": 2.0,
+                "peri_screw_cell_size_mm": 2.0}, ctx)
     steps.materials(r / "mesh.xdmf", r / "density.nii.gz", r / "screws.json",
                     r / "materials.npz", r / "materials.json", {}, ctx)
     return demo_scan

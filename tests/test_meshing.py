@@ -16,7 +16,8 @@ def test_same_input_and_seed_give_the_same_mesh(demo_scan):
     r = demo_scan["results"]
     parts = sitk.ReadImage(str(r / "vertebra.nii.gz"))
     screws = steps.load_screws(r / "screws.json")
-    params = MeshParams(voxel_mm=0.6, bone_cell_size_mm=3.5, screw_cell_size_mm=2.0)
+    params = MeshParams(voxel_mm=0.6, bone_cell_size_mm=3.5, screw_cell_size_mm=2.0,
+                        peri_screw_cell_size_mm=2.0)
     a = generate_mesh(parts, screws, params, log=io.StringIO())
     b = generate_mesh(parts, screws, params, log=io.StringIO())
     for x, y in zip(a[:3], b[:3], strict=True):
@@ -33,7 +34,8 @@ def test_screw_subdomain_volume_matches_the_screw_geometry(demo_scan):
     r = demo_scan["results"]
     parts = sitk.ReadImage(str(r / "vertebra.nii.gz"))
     screws = steps.load_screws(r / "screws.json")
-    params = MeshParams(voxel_mm=0.5, bone_cell_size_mm=3.0, screw_cell_size_mm=1.5)
+    params = MeshParams(voxel_mm=0.5, bone_cell_size_mm=3.0, screw_cell_size_mm=1.5,
+                        peri_screw_cell_size_mm=1.5)
     raw = MeshParams(**{**params.__dict__, "match_screw_volume": False})
     meshes = []
     for p, tol in ((params, 0.03), (raw, None)):

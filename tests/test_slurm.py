@@ -252,6 +252,7 @@ def _add_cohort_as_readme_says(repo: Path, name: str, data: Path) -> None:
         "mask:\n  label: 23\n"
         "mpi:\n  tasks: 2\n"
         "mesh:\n  voxel_mm: 0.6\n  bone_cell_size_mm: 3.5\n  screw_cell_size_mm: 2.0\n"
+        "  peri_screw_cell_size_mm: 2.0\n"
         "loads:\n  analysis: linear\n")
     rows = ["patient\ttimepoint\tmonths\timage\tlabels\tlandmarks\tdxa"]
     for pdir in sorted(data.iterdir()):

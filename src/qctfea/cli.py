@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-json", required=True)
     s.add_argument("--series-uid")
 
-    s = add("calibrate", "HU -> K2HPO4 density (mg/cm³) by phantom or fixed calibration")
+    s = add("calibrate", "HU -> K2HPO4 density (mg/cm³) by phantom, phantomless or fixed "
+                        "calibration")
     s.add_argument("ct")
     s.add_argument("--labels", required=True)
     s.add_argument("--label", type=int, default=23)
@@ -111,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", required=True, help="the cohort's samples.tsv")
     s.add_argument("--out-csv", required=True)
     s.add_argument("--out-md", required=True)
+
+    s = sub.add_parser("mesh-convergence", help="one processed scan meshed at several sizes: "
+                       "linear pullout and compression stiffness per level (markdown + JSON)")
+    s.add_argument("--scan", required=True, help="results/<cohort>/<patient>/<timepoint>")
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--out-md", required=True)
+    s.add_argument("--sizes", type=float, nargs="+", default=[4.5, 3.0, 2.0, 1.5],
+                   help="bone cell sizes (mm); screw cells are half")
+    s.add_argument("--voxel-mm", type=float, default=0.5)
+    s.add_argument("--ranks", type=int, default=2)
 
     s = add("mesh", "bone + screws -> tetrahedral mesh (CGAL) with cell tags")
     s.add_argument("--parts", required=True)
@@ -197,6 +208,10 @@ def run(a) -> None:
 
         validation.write_validation(a.results, a.resources, a.samples, a.out_csv, a.out_md)
         print(open(a.out_md).read())
+    elif a.step == "mesh-convergence":
+        from qctfea import convergence
+
+        convergence.main_cli(a)
     elif a.step == "register":
         steps.register(a.baseline_density, a.baseline_parts, a.density, a.parts, a.out_density,
                        a.out_json, a.out_tfm, a.out_png, prm, _ctx(a))

@@ -42,13 +42,23 @@ from qctfea.screw import Screw
 
 TAG_BODY, TAG_POSTERIOR, TAG_SCREW = 1, 2, {"left": 3, "right": 4}
 BONE_TAGS = (TAG_BODY, TAG_POSTERIOR)
+#: labels of the bone near a screw during meshing only (own cell size); they become the
+#: body and posterior tags again in the mesh
+_PERI = {TAG_BODY: 5, TAG_POSTERIOR: 6}
 
 
 @dataclass
 class MeshParams:
     voxel_mm: float = 0.5  #: grid spacing of the labelled image given to CGAL
-    bone_cell_size_mm: float = 2.5  #: max tetrahedron circumradius in bone
-    screw_cell_size_mm: float = 1.5  #: max circumradius in the screws
+    # Defaults from the mesh-convergence study (docs/mesh_convergence.md): the level whose
+    # stiffnesses are within 3.1 % of the next finer one.
+    bone_cell_size_mm: float = 2.0  #: max tetrahedron circumradius in bone
+    screw_cell_size_mm: float = 1.0  #: max circumradius in the screws
+    #: bone within this distance (mm) of a screw's surface is meshed with
+    #: ``peri_screw_cell_size_mm`` (0: no zone). The pedicle wall around a screw is only a
+    #: few mm thick: coarse cells there make the pullout stiffness mesh-dependent
+    peri_screw_mm: float = 3.0
+    peri_screw_cell_size_mm: float = 0.67  #: max circumradius in the bone near the screws
     facet_distance_mm: float = 0.3  #: max surface approximation error
     facet_angle_deg: float = 25.0  #: min facet angle on surfaces
     cell_radius_edge_ratio: float = 3.0
@@ -62,6 +72,11 @@ class MeshParams:
     #: screw's geometric volume (the faceted cylinder is otherwise inscribed: about -3.5 %
     #: with the default sizes). The shift is at most ``facet_distance_mm``.
     match_screw_volume: bool = True
+    #: gap (mm) kept free of bone around the screw head (the part behind the entry point):
+    #: the head is not bonded to bone, the pullout load enters the bone along the inserted
+    #: length only. 0 keeps whatever bone the head passes through (an entry point inside
+    #: the bone then bonds the loaded head face to bone: mesh-dependent pullout stiffness)
+    head_clearance_mm: float = 1.0
 
 
 def labelled_grid(
@@ -98,6 +113,21 @@ def labelled_grid(
         lab[sitk.GetArrayFromImage(r) >= 0.5] = tag
     zz, yy, xx = np.indices(lab.shape)
     pts = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], 1) * h + lo
+    if params.head_clearance_mm > 0:
+        # The head stands free: no bone around it or behind the entry point (a counterbore
+        # of radius r + clearance), so only the inserted length is bonded to bone.
+        for sc in screws:
+            s_ax, rad = sc.axial_radial(pts)
+            c = params.head_clearance_mm
+            free = ((s_ax < 0) & (s_ax >= -sc.spec.head_length_mm - c)
+                    & (rad <= sc.spec.diameter_mm / 2 + c)).reshape(lab.shape)
+            lab[free] = 0
+    if params.peri_screw_mm > 0:
+        near = np.zeros(lab.shape, bool)
+        for sc in screws:
+            near |= sc.contains(pts, pad_mm=params.peri_screw_mm).reshape(lab.shape)
+        for tag, peri in _PERI.items():
+            lab[near & (lab == tag)] = peri
     for sc in screws:
         inside = sc.contains(pts).reshape(lab.shape)
         lab[inside] = TAG_SCREW[sc.side]
@@ -259,6 +289,9 @@ def generate_mesh(
         for side, tag in TAG_SCREW.items():
             if tag in present:
                 sizes[tag] = params.screw_cell_size_mm
+        for peri in _PERI.values():
+            if peri in present:
+                sizes[peri] = params.peri_screw_cell_size_mm
         # Keywords only: pygalmesh's generate_from_array passes these positionally
         # in the wrong order.
         m = pygalmesh.generate_from_inr(
@@ -284,6 +317,8 @@ def generate_mesh(
     if cells is None or len(cells) == 0:
         raise QctfeaError("CGAL produced no tetrahedra; check the mask and mesh sizes")
     tags = _restore_labels(m.points[cells].mean(axis=1), tags, vol, h)
+    for tag, peri in _PERI.items():
+        tags[tags == peri] = tag
     # CGAL places voxel i's centre at i*h: shift into scan coordinates.
     points = m.points.astype(np.float64) + lo
     used = np.unique(cells)

@@ -10,10 +10,16 @@ timepoint   yes       timepoint id, e.g. ``M00``, ``M12`` (letters, digits, ``-`
 months      yes       months since baseline (number >= 0)
 image       yes       DICOM series folder, or a NIfTI/NRRD/MHA file in HU
 labels      yes       label map holding the target vertebra (NIfTI/NRRD/MHA)
-landmarks   yes       JSON with ``left``/``right`` ``entry_mm`` and ``target_mm``
+landmarks   see note  JSON with ``left``/``right`` ``entry_mm`` and ``target_mm``
 dxa         no        clinical DXA areal BMD: a number (g/cm²) or a JSON file
                       with key ``areal_bmd_g_cm2``; empty when not measured
 ==========  ========  ===============================================================
+
+The landmarks column may be empty or absent when the cohort config plans the
+screws from the vertebra mask (``planning.method: auto``); under the default
+``planning.method: landmarks`` every row needs its landmarks file
+(:func:`read_sample_sheet` with ``planning_method="landmarks"`` refuses a row
+without one, naming its line).
 
 Relative paths are relative to the repository root (where Snakemake runs).
 """
@@ -30,12 +36,25 @@ import pandas as pd
 
 from qctfea.provenance import QctfeaError, read_json
 
-REQUIRED = ["patient", "timepoint", "months", "image", "labels", "landmarks"]
+REQUIRED = ["patient", "timepoint", "months", "image", "labels"]
 _ID = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-def read_sample_sheet(path: str | Path) -> pd.DataFrame:
-    """Read and check a sample sheet; errors name the row and column."""
+def missing_landmarks(where: str) -> str:
+    """The error for a scan without landmarks under ``planning.method: landmarks``;
+    ``where`` names the sheet and line."""
+    return (f"{where}, column landmarks: empty, and planning.method is 'landmarks' (the "
+            "default); give this scan's landmarks JSON (left/right entry_mm and target_mm), or "
+            "set `planning.method: auto` in the cohort config to plan the screws from the "
+            "vertebra mask")
+
+
+def read_sample_sheet(path: str | Path, planning_method: str | None = None) -> pd.DataFrame:
+    """Read and check a sample sheet; errors name the row and column.
+
+    ``planning_method`` is the cohort config's ``planning.method``: with ``"landmarks"`` every
+    row must name a landmarks file; with ``"auto"`` or None (readers that do not plan screws)
+    the landmarks column may be empty or absent (it is then added, empty)."""
     path = Path(path)
     if not path.is_file():
         raise QctfeaError(f"sample sheet {path} not found")
@@ -50,8 +69,9 @@ def read_sample_sheet(path: str | Path) -> pd.DataFrame:
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise QctfeaError(f"{path}: missing column(s) {missing}; required: {REQUIRED}")
-    if "dxa" not in df.columns:
-        df["dxa"] = ""
+    for col in ("landmarks", "dxa"):
+        if col not in df.columns:
+            df[col] = ""
     for i, row in df.iterrows():
         line = i + 2  # header is line 1
         for col in ("patient", "timepoint"):
@@ -65,9 +85,11 @@ def read_sample_sheet(path: str | Path) -> pd.DataFrame:
         except ValueError:
             raise QctfeaError(f"{path}, line {line}, column months: {row['months']!r} is not a "
                               "number >= 0") from None
-        for col in ("image", "labels", "landmarks"):
+        for col in ("image", "labels"):
             if not row[col]:
                 raise QctfeaError(f"{path}, line {line}, column {col}: empty")
+        if planning_method == "landmarks" and not row["landmarks"]:
+            raise QctfeaError(missing_landmarks(f"{path}, line {line}"))
         dxa = row["dxa"]
         if dxa and not dxa.lower().endswith(".json"):
             try:

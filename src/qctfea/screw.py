@@ -96,6 +96,23 @@ def screws_from_landmarks(landmarks: dict, spec: ScrewSpec, context: str = "") -
     return screws
 
 
+def bone_lookup(img):
+    """``inside(points) -> bool array``: whether physical points (mm) fall on a nonzero voxel
+    of the SimpleITK image ``img`` (nearest voxel, through the image's own direction)."""
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(img) > 0
+
+    def inside(pts):
+        idx = np.array([img.TransformPhysicalPointToIndex(p.tolist()) for p in pts])
+        ok = np.all((idx >= 0) & (idx < np.array(img.GetSize())), axis=1)
+        res = np.zeros(len(pts), bool)
+        res[ok] = arr[idx[ok, 2], idx[ok, 1], idx[ok, 0]]
+        return res
+
+    return inside
+
+
 def breach_report(screw: Screw, inside_bone, step_mm: float = 0.25) -> dict:
     """Length of the inserted screw surface line outside the bone (warning when > 0).
 

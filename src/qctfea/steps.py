@@ -229,33 +229,68 @@ def ingest(source, out_image, out_json, context: str, series_uid: str | None = N
 
 def calibrate(ct_path, labels_path, out_density, out_json, out_png, cfg: dict,
               context: str, label: int) -> None:
-    """HU image -> density image (mg/cm³), by phantom or fixed calibration."""
+    """HU image -> density image (mg/cm³), by phantom, phantomless or fixed calibration.
+
+    ``label`` is the target vertebra of the label map. Phantom and phantomless need the
+    label map. A phantom calibration also measures the reference tissues of the
+    phantomless method (``calibration.phantomless`` settings) and records their median HU
+    and phantom-calibrated density under ``tissues`` in calibration.json, from which
+    reference densities for phantomless scans of the same scanner can be derived; a failure
+    there never fails the phantom calibration."""
     from qctfea import calibration as cal_mod
     from qctfea.masks import resample_labels_to
 
     t0 = time.perf_counter()
     cfg = dict(cfg or {})
     method = cfg.pop("method", "phantom")
-    _need(context, ct=ct_path, labels=labels_path if method == "phantom" else None)
+    needs_labels = method in ("phantom", "phantomless")
+    _need(context, ct=ct_path, labels=labels_path if needs_labels else None)
     ct, hu = _read_ct(ct_path, context)
-    if method == "phantom":
+    where = f"{context} ({ct_path})"
+    masks: dict = {}
+    labels_arr = None
+    if needs_labels:
         labels = resample_labels_to(_read_image(labels_path, "label map", context), ct,
                                     f"{context} ({labels_path})")
-        patient_mask = sitk.GetArrayFromImage(labels) == label
+        labels_arr = sitk.GetArrayFromImage(labels)
+    if method == "phantom":
+        patient_mask = labels_arr == label
         spec = params_from(cal_mod.PhantomSpec, cfg.get("phantom"), "calibration.phantom")
-        cal = cal_mod.phantom_calibration(hu, ct.GetSpacing(), patient_mask, spec,
-                                          f"{context} ({ct_path})")
+        tspec = params_from(cal_mod.TissueSpec, cfg.get("phantomless"),
+                            "calibration.phantomless")
+        cal = cal_mod.phantom_calibration(hu, ct.GetSpacing(), patient_mask, spec, where)
+        try:
+            found = cal_mod.find_tissues(hu, ct.GetSpacing(), labels_arr, tspec, where, label,
+                                         masks)
+            cal.tissues = cal_mod.tissue_densities(cal, found)
+        except Exception as exc:  # information only: never fails the phantom calibration
+            masks = {}
+            warnings.warn(f"{where}: reference tissues not measured ({exc})", stacklevel=2)
+    elif method == "phantomless":
+        tspec = params_from(cal_mod.TissueSpec, cfg.get("phantomless"),
+                            "calibration.phantomless")
+        cal = cal_mod.phantomless_calibration(hu, ct.GetSpacing(), labels_arr, tspec, where,
+                                              label, masks)
     elif method == "fixed":
         if "slope" not in cfg or "intercept" not in cfg:
             raise QctfeaError(f"{context}: calibration method 'fixed' needs calibration.slope "
                               "and calibration.intercept in the cohort config")
         cal = cal_mod.fixed_calibration(cfg["slope"], cfg["intercept"])
     else:
-        raise QctfeaError(f"{context}: calibration.method must be 'phantom' or 'fixed', "
-                          f"not {method!r}")
+        raise QctfeaError(f"{context}: calibration.method must be 'phantom', 'phantomless' or "
+                          f"'fixed', not {method!r}")
     _write_image(_like(cal.apply(hu), ct), out_density)
+    # QC slice: the axial slice through the middle of the target vertebra (else the scan's).
+    axis = cal_mod.axial_axis(ct.GetDirection())
+    index = None
+    if labels_arr is not None and (labels_arr == label).any():
+        where_z = np.nonzero((labels_arr == label).any(axis=tuple(a for a in range(3)
+                                                                  if a != axis)))[0]
+        index = int(round(where_z.mean()))
     with atomic_path(out_png) as tmp:
-        cal_mod.plot_calibration(cal, tmp, title=f"{context}: {cal.method} calibration")
+        cal_mod.plot_calibration(cal, tmp, title=f"{context}: {cal.method} calibration",
+                                 hu_zyx=hu if masks else None, masks=masks, axis=axis,
+                                 index=index)
     write_json(out_json, {
         **asdict(cal),
         "model": "density_mg_cm3 = intercept + slope * HU",
@@ -307,27 +342,37 @@ def mask(ct_path, labels_path, out_parts, out_json, cfg: dict, context: str) -> 
 # --- screws -------------------------------------------------------------------------------
 
 
-def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str) -> None:
-    """Screws from the landmarks, with a breach check against the vertebra parts image: a
-    warning when more than 1 mm of a screw's surface lies outside bone (recorded in the
-    output), an error when its axis does not enter the vertebra at all."""
+def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
+                planning: dict | None = None) -> None:
+    """Screws from the landmarks (``planning.method: landmarks``, the default) or planned from
+    the vertebra parts image (``auto``, :mod:`qctfea.planning`; ``landmarks_path`` may then be
+    None and is not read), with a breach check against the parts image: a warning when more
+    than 1 mm of a screw's surface lies outside bone (recorded in the output), an error when
+    its axis does not enter the vertebra at all."""
+    from qctfea import planning as plan_mod
     from qctfea import screw as screw_mod
 
     spec = params_from(screw_mod.ScrewSpec, cfg, "screw")
-    _need(context, landmarks=landmarks_path, parts=parts_path)
-    lm = read_json(landmarks_path)
-    where = f"{context} ({landmarks_path})"
-    screws = screw_mod.screws_from_landmarks(lm, spec, where)
-    parts = _read_image(parts_path, "vertebra parts image", context)
-    arr = sitk.GetArrayFromImage(parts) > 0
-
-    def inside(pts):
-        idx = np.array([parts.TransformPhysicalPointToIndex(p.tolist()) for p in pts])
-        ok = np.all((idx >= 0) & (idx < np.array(parts.GetSize())), axis=1)
-        res = np.zeros(len(pts), bool)
-        res[ok] = arr[idx[ok, 2], idx[ok, 1], idx[ok, 0]]
-        return res
-
+    plan = params_from(plan_mod.PlanParams, planning, "planning")
+    if plan.method == "auto":
+        _need(context, parts=parts_path)
+        parts = _read_image(parts_path, "vertebra parts image", context)
+        where = f"{context} ({parts_path})"
+        screws = plan_mod.plan_from_mask(parts, spec, plan, where)
+        inputs = {"parts": parts_path}
+    else:
+        if landmarks_path is None or str(landmarks_path) == "":
+            raise QctfeaError(f"{context}: no landmarks file (the landmarks column of the sample "
+                              "sheet is empty) and planning.method is 'landmarks'; give this "
+                              "scan's landmarks JSON, or set `planning.method: auto` in the "
+                              "cohort config to plan the screws from the vertebra mask")
+        _need(context, landmarks=landmarks_path, parts=parts_path)
+        lm = read_json(landmarks_path)
+        where = f"{context} ({landmarks_path})"
+        screws = screw_mod.screws_from_landmarks(lm, spec, where)
+        parts = _read_image(parts_path, "vertebra parts image", context)
+        inputs = {"landmarks": landmarks_path}
+    inside = screw_mod.bone_lookup(parts)
     out = []
     for sc in screws:
         rep = screw_mod.breach_report(sc, inside)
@@ -339,8 +384,8 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str) -
                 "of LPS flips the x and y signs; landmarks of another scan do not fit)")
         screw_mod.warn_breach(sc, rep, where)
         out.append({**sc.to_dict(), "breach": rep})
-    write_json(out_json, {"screws": out,
-                          "provenance": provenance("screws", spec, {"landmarks": landmarks_path})})
+    write_json(out_json, {"screws": out, "provenance": provenance(
+        "screws", {**asdict(spec), "planning": asdict(plan)}, inputs)})
     _log(f"[screws] {context}: " + ", ".join(
         f"{s['side']} breach {s['breach']['max_surface_outside_bone_mm']:.1f} mm" for s in out))
 
@@ -423,13 +468,22 @@ def register(fixed_density, fixed_parts, moving_density, moving_parts, out_densi
 # --- mesh ---------------------------------------------------------------------------------
 
 
-def mesh(parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str) -> None:
+def mesh(parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str,
+         out_png=None) -> None:
+    """Conforming tetrahedral mesh of bone and screws (XDMF + JSON report), and optionally
+    the QC picture of cuts through the screws."""
     from qctfea import meshing
 
     p = params_from(meshing.MeshParams, cfg, "mesh")
     _need(context, parts=parts_path, screws=screws_path)
     parts = _read_image(parts_path, "vertebra parts image", context)
-    pts, cells, tags, rep = meshing.generate_mesh(parts, load_screws(screws_path), p)
+    screws = load_screws(screws_path)
+    pts, cells, tags, rep = meshing.generate_mesh(parts, screws, p)
+    if out_png:
+        from qctfea.meshplot import mesh_picture
+
+        with atomic_path(out_png) as tmp:
+            mesh_picture(pts, cells, tags, screws, rep, tmp, title=f"{context}: mesh")
     meshing.write_mesh(out_mesh, pts, cells, tags)
     write_json(out_json, {**rep, "provenance": provenance("mesh", p, {"parts": parts_path})})
     _log(f"[mesh] {context}: done")
@@ -464,6 +518,9 @@ def materials(mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict
                           "check this scan's calibration.json / calibration section of the "
                           "cohort config, and that the mesh belongs to this scan")
     sy = mat.yield_mpa(rho, p)
+    if p.bins:
+        bone_sel = np.isin(tags, meshing.BONE_TAGS)
+        E[bone_sel] = mat.bin_moduli(E[bone_sel], p.bins)
     nu = np.full(len(cells), p.poisson_bone)
     screws = {s.side: s for s in load_screws(screws_path)}
     for side, tag in meshing.TAG_SCREW.items():

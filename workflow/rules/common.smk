@@ -6,18 +6,19 @@ import yaml
 from jsonschema import Draft202012Validator
 from snakemake.exceptions import WorkflowError
 
-from qctfea.samples import read_sample_sheet
+from qctfea.samples import missing_landmarks, read_sample_sheet
 from qctfea.workflow_glue import write_failure_summary
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
 
 
-def check_schema(where, records, schema_name, kind):
+def check_schema(where, records, schema_name, kind, problems=()):
     """Validate (label, record) pairs against workflow/schemas/<schema_name>; one error lists
-    every violation as '<where><label>, <kind> <name>: <problem> (<meaning>)'."""
+    every violation as '<where><label>, <kind> <name>: <problem> (<meaning>)', after the
+    given other problems of the same records."""
     schema = yaml.safe_load((SCHEMAS / schema_name).read_text())
     props = schema.get("properties", {})
-    problems = []
+    problems = list(problems)
     for label, record in records:
         for e in Draft202012Validator(schema).iter_errors(record):
             path = [str(k) for k in e.absolute_path]
@@ -73,9 +74,14 @@ if not (COHORT_DIR / "config.yaml").is_file():
 CCFG = yaml.safe_load((COHORT_DIR / "config.yaml").read_text()) or {}
 check_schema(COHORT_DIR / "config.yaml", [("", CCFG)], "cohort.schema.yaml", "key")
 SHEET = COHORT_DIR / CCFG.get("samples", "samples.tsv")
+#: "landmarks": screws from the sample sheet's landmarks files; "auto": from the vertebra mask
+PLANNING = (CCFG.get("planning") or {}).get("method", "landmarks")
 if SHEET.is_file():
-    check_schema(SHEET, sheet_records(SHEET), "samples.schema.yaml", "column")
-SAMPLES = read_sample_sheet(SHEET)
+    RECORDS = sheet_records(SHEET)
+    check_schema(SHEET, RECORDS, "samples.schema.yaml", "column", [
+        missing_landmarks(f"{SHEET}{label}") for label, row in RECORDS
+        if PLANNING == "landmarks" and not row.get("landmarks")])
+SAMPLES = read_sample_sheet(SHEET, PLANNING)
 SAMPLES = SAMPLES.set_index(["patient", "timepoint"], drop=False)
 EXCLUDED = exclusions(SAMPLES, CCFG.get("exclude") or [], COHORT_DIR / "config.yaml")
 SAMPLES = SAMPLES.drop(index=[(e["patient"], e["timepoint"]) for e in EXCLUDED])
@@ -112,7 +118,8 @@ def get_labels(wildcards):
 
 
 def get_landmarks(wildcards):
-    return sample(wildcards, "landmarks")
+    """The scan's landmarks file; none with planning.method auto (planned from the mask)."""
+    return [] if PLANNING == "auto" else sample(wildcards, "landmarks")
 
 
 def get_months(wildcards):

@@ -65,6 +65,7 @@ rule plan_screws:
         f"{RES}/{{patient}}/{{timepoint}}/screws.json",
     params:
         cfg=CCFG.get("screw", {}),
+        planning=CCFG.get("planning", {}),
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/plan_screws.log",
     benchmark:

@@ -9,6 +9,7 @@ rule mesh_vertebra:
         mesh=f"{RES}/{{patient}}/{{timepoint}}/mesh.xdmf",
         h5=f"{RES}/{{patient}}/{{timepoint}}/mesh.h5",
         json=f"{RES}/{{patient}}/{{timepoint}}/mesh.json",
+        png=report(f"{RES}/{{patient}}/{{timepoint}}/mesh.png", category="QC"),
     params:
         cfg=CCFG.get("mesh", {}),
     resources:

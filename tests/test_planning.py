@@ -1,0 +1,262 @@
+"""Automatic screw planning from the vertebra mask (qctfea.planning)."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from qctfea import steps
+from qctfea.masks import BODY, POSTERIOR, TRABECULAR
+from qctfea.planning import PlanParams, _Grid, plan_from_mask
+from qctfea.provenance import QctfeaError, read_json
+from qctfea.samples import read_sample_sheet
+from qctfea.screw import ScrewSpec, bone_lookup, breach_report
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "verse_tptbox_L3"
+AUTO = PlanParams(method="auto")
+
+
+def _rotation(axis, deg) -> np.ndarray:
+    """Proper rotation matrix about ``axis`` by ``deg`` degrees (Rodrigues)."""
+    k = np.asarray(axis, float) / np.linalg.norm(axis)
+    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    t = np.deg2rad(deg)
+    return np.eye(3) + np.sin(t) * K + (1 - np.cos(t)) * K @ K
+
+
+# Synthetic vertebra, in an anatomical frame q (x patient left, y posterior, z superior; mm,
+# origin at the body centre): an elliptic-cylinder body, two hourglass pedicles converging
+# 10 degrees, narrowest (the isthmus) at WAIST, and a half-ring arch joining them behind the
+# spinal canal. The anatomy is tilted a little against the scanner (ANAT) and the image grid is
+# oblique (GRID_DIR, anisotropic spacing, far from the origin).
+CENTRE = np.array([12.0, -30.0, -400.0])
+ANAT = _rotation([1.0, 0.0, 0.2], 6.0) @ _rotation([0, 0, 1.0], 8.0)
+GRID_DIR = _rotation([1.0, 2.0, 3.0], 25.0)
+SPACING = np.array([0.7, 0.6, 0.9])
+WAIST = {"left": np.array([15.0, 23.0, 4.0]), "right": np.array([-15.0, 23.0, 4.0])}
+PEDICLE_DEG, WAIST_HALF_WIDTH, WAIST_HALF_HEIGHT, FLARE = 10.0, 4.5, 6.5, 0.25
+
+
+def _vertebra_labels(q: np.ndarray, sides=("left", "right")) -> np.ndarray:
+    """Parts labels (0, BODY, POSTERIOR, TRABECULAR) at anatomical points q (..., 3)."""
+    x, y, z = q[..., 0], q[..., 1], q[..., 2]
+    body = ((x / 22) ** 2 + (y / 16) ** 2 <= 1) & (np.abs(z) <= 13)
+    trab = ((x / 19) ** 2 + (y / 13) ** 2 <= 1) & (np.abs(z) <= 10)
+    r = np.hypot(x, y - 31.0)
+    bone = body | ((r >= 10) & (r <= 18) & (y >= 31) & (np.abs(z - 4) <= 8))
+    th = np.deg2rad(PEDICLE_DEG)
+    for side in sides:
+        s = 1.0 if side == "left" else -1.0
+        d = np.array([s * np.sin(th), np.cos(th), 0.0])  # towards posterior
+        e = np.array([d[1], -d[0], 0.0])
+        rel = q - WAIST[side]
+        u, v, w = rel @ d, rel @ e, rel[..., 2]
+        grow = FLARE * np.abs(u)
+        bone |= (((v / (WAIST_HALF_WIDTH + grow)) ** 2 + (w / (WAIST_HALF_HEIGHT + grow)) ** 2
+                  <= 1) & (u >= -14) & (u <= 9))
+    out = np.zeros(x.shape, np.uint8)
+    out[bone] = POSTERIOR
+    out[body] = BODY
+    out[trab] = TRABECULAR
+    return out
+
+
+def synthetic_parts(sides=("left", "right")) -> sitk.Image:
+    """The synthetic vertebra's parts image on an oblique grid (voxel centres)."""
+    size = np.array([140, 150, 110])  # x, y, z
+    mid = CENTRE + ANAT @ np.array([0.0, 14.0, 0.0])
+    origin = mid - GRID_DIR @ (SPACING * (size - 1) / 2)
+    k, j, i = np.meshgrid(*(np.arange(n) for n in size[::-1]), indexing="ij")
+    pts = origin + np.stack([i, j, k], axis=-1) @ (GRID_DIR * SPACING).T
+    img = sitk.GetImageFromArray(_vertebra_labels((pts - CENTRE) @ ANAT, sides))
+    img.SetOrigin(origin.tolist())
+    img.SetSpacing(SPACING.tolist())
+    img.SetDirection(GRID_DIR.ravel().tolist())
+    return img
+
+
+def inside_fn(img: sitk.Image):
+    """Bone look-up (nearest voxel) through SimpleITK's own transform, as the screws step."""
+    return bone_lookup(img)
+
+
+def _line_distance(p, entry, axis) -> float:
+    rel = np.asarray(p) - entry
+    return float(np.linalg.norm(rel - (rel @ axis) * axis))
+
+
+@pytest.fixture(scope="module")
+def synth():
+    img = synthetic_parts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no breach or isthmus warning expected
+        screws = plan_from_mask(img, ScrewSpec(), AUTO, "synthetic")
+    return img, {s.side: s for s in screws}
+
+
+def test_grid_lookup_matches_simpleitk(synth):
+    img, _ = synth
+    grid = _Grid(img, "synthetic")
+    rng = np.random.default_rng(0)
+    pts = CENTRE + ANAT @ np.array([0, 14.0, 0]) + rng.uniform(-35, 35, (3000, 3))
+    assert np.array_equal(grid.in_bone(pts), inside_fn(img)(pts))
+    for p in pts[:20]:  # the crop's continuous index: same as SimpleITK's
+        ci = grid.image.TransformPhysicalPointToContinuousIndex(p.tolist())
+        assert np.allclose(grid.index(p[None])[0][::-1], ci, atol=1e-6)
+
+
+def test_synthetic_screws_through_the_pedicle_isthmus(synth):
+    img, screws = synth
+    inside = inside_fn(img)
+    left_axis = ANAT @ np.array([1.0, 0, 0])
+    lateral = {}
+    for side, sc in screws.items():
+        waist = CENTRE + ANAT @ WAIST[side]
+        assert _line_distance(waist, sc.entry_mm, sc.axis) < 1.0, side
+        info = sc.to_dict()["planning"]
+        assert np.linalg.norm(np.subtract(info["isthmus_centre_mm"], waist)) < 1.5
+        # Section of the waist perpendicular to the anterior axis: an ellipse widened by the
+        # pedicle's 10 degree slant.
+        true_area = np.pi * WAIST_HALF_WIDTH / np.cos(np.deg2rad(PEDICLE_DEG)) * WAIST_HALF_HEIGHT
+        assert info["isthmus_diameter_mm"] == pytest.approx(2 * np.sqrt(true_area / np.pi),
+                                                            abs=0.8)
+        assert info["screw_exceeds_isthmus"] is False
+        rep = breach_report(sc, inside)
+        assert rep["max_surface_outside_bone_mm"] < 1.0, (side, rep)
+        assert rep["axis_outside_bone_mm"] == 0.0
+        assert 25.0 <= sc.spec.length_mm <= 40.0
+        assert sc.spec.length_mm == pytest.approx(40.0)  # entry to anterior cortex > 43 mm
+        assert sc.spec.diameter_mm == 6.5
+        lateral[side] = ((sc.entry_mm - CENTRE) @ left_axis, (sc.tip_mm - CENTRE) @ left_axis)
+        assert 5.0 < info["convergence_deg"] < 25.0
+    # Converging: both tips closer to the mid-sagittal plane than their entries.
+    for side, (entry, tip) in lateral.items():
+        assert abs(tip) < abs(entry), side
+    # The left screw is on the patient's left, LPS +x.
+    assert lateral["left"][0] > 0 > lateral["right"][0]
+    assert (screws["left"].entry_mm - screws["right"].entry_mm)[0] > 20.0
+
+
+def test_convergence_angle_from_config(synth):
+    img, _ = synth
+    screws = plan_from_mask(img, ScrewSpec(), PlanParams(method="auto", convergence_deg=20.0),
+                            "synthetic")
+    sup = ANAT @ np.array([0, 0, 1.0])
+    for sc in screws:
+        assert sc.planning["convergence_deg"] == pytest.approx(20.0, abs=0.01)
+        assert abs(sc.axis @ sup) < 0.1  # parallel to the endplates (within 6 degrees)
+
+
+def test_refusals_name_the_scan_and_the_fix(synth):
+    img, _ = synth
+    with pytest.raises(QctfeaError, match=r"synthetic: no right pedicle found.*"
+                                          r"planning.method: landmarks"):
+        plan_from_mask(synthetic_parts(sides=("left",)), ScrewSpec(), AUTO, "synthetic")
+    with pytest.raises(QctfeaError, match=r"synthetic: the left screw would be .* shorter than "
+                                          r"planning.min_length_mm = 25; lower"):
+        plan_from_mask(img, ScrewSpec(), PlanParams(method="auto", margin_mm=35.0), "synthetic")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        screws = plan_from_mask(img, ScrewSpec(diameter_mm=12.0), AUTO, "synthetic")
+    text = [str(w.message) for w in caught]
+    for side in ("left", "right"):
+        assert any(f"synthetic: the {side} pedicle isthmus is " in t and "less than the 12 mm "
+                   "screw" in t and "screw.diameter_mm" in t for t in text), text
+    assert all(s.planning["screw_exceeds_isthmus"] for s in screws)
+    with pytest.raises(QctfeaError, match=r"config section 'planning': method must be one of"):
+        steps.params_from(PlanParams, {"method": "robot"}, "planning")
+    with pytest.raises(QctfeaError, match=r"unknown key\(s\) \['margn_mm'\]"):
+        steps.params_from(PlanParams, {"margn_mm": 2}, "planning")
+    with pytest.raises(QctfeaError, match=r"target_depth_fraction must be between 0 and 1"):
+        steps.params_from(PlanParams, {"target_depth_fraction": 1.5}, "planning")
+    assert steps.params_from(PlanParams, {"convergence_deg": None}, "planning") == PlanParams()
+
+
+def test_screws_step_auto_and_missing_landmarks(synth, tmp_path):
+    img, _ = synth
+    parts = tmp_path / "vertebra.nii.gz"
+    sitk.WriteImage(img, str(parts), True)
+    out = tmp_path / "screws.json"
+    steps.plan_screws(None, parts, out, {"length_mm": 45.0}, "patient S, timepoint M00",
+                      planning={"method": "auto", "margin_mm": 4})
+    rec = read_json(out)
+    assert [s["side"] for s in rec["screws"]] == ["left", "right"]
+    for s in rec["screws"]:
+        assert s["planning"]["method"] == "auto"
+        assert s["breach"]["max_surface_outside_bone_mm"] < 1.0
+        assert s["length_mm"] == pytest.approx(
+            min(45.0, s["planning"]["available_length_mm"]))
+    assert rec["provenance"]["parameters"]["planning"]["margin_mm"] == 4.0
+    assert "parts" in rec["provenance"]["inputs"]
+    assert steps.load_screws(out)[0].spec.length_mm == rec["screws"][0]["length_mm"]
+    with pytest.raises(QctfeaError, match=r"patient S, timepoint M00: no landmarks file.*"
+                                          r"set `planning.method: auto`"):
+        steps.plan_screws(None, parts, tmp_path / "x.json", {}, "patient S, timepoint M00")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_sample_sheet_landmarks_optional_with_auto(tmp_path):
+    sheet = tmp_path / "samples.tsv"
+    sheet.write_text("patient\ttimepoint\tmonths\timage\tlabels\n"
+                     "P01\tM00\t0\timg\tlab.nii.gz\n")
+    assert read_sample_sheet(sheet, "auto")["landmarks"].tolist() == [""]
+    assert read_sample_sheet(sheet)["landmarks"].tolist() == [""]
+    with pytest.raises(QctfeaError, match=r"samples.tsv, line 2, column landmarks: empty, and "
+                                          r"planning.method is 'landmarks'.*"
+                                          r"set `planning.method: auto`"):
+        read_sample_sheet(sheet, "landmarks")
+    sheet.write_text("patient\ttimepoint\tmonths\timage\tlabels\tlandmarks\n"
+                     "P01\tM00\t0\timg\tlab.nii.gz\tlm.json\n"
+                     "P01\tM12\t12\timg\tlab.nii.gz\t\n")
+    with pytest.raises(QctfeaError, match=r"line 3, column landmarks: empty"):
+        read_sample_sheet(sheet, "landmarks")
+    assert len(read_sample_sheet(sheet, "auto")) == 2
+
+
+def test_demo_vertebra_auto_plan_agrees_with_landmarks(demo_scan):
+    """The demo generator's landmarks run along its pedicles' axes: the automatic plan must
+    enter within 5 mm of their entry and run within 10 degrees of their direction."""
+    parts = sitk.ReadImage(str(demo_scan["results"] / "vertebra.nii.gz"))
+    lm = json.loads((demo_scan["src"] / "landmarks.json").read_text())
+    inside = inside_fn(parts)
+    for sc in plan_from_mask(parts, ScrewSpec(), AUTO, demo_scan["context"]):
+        e = np.array(lm[sc.side]["entry_mm"])
+        t = np.array(lm[sc.side]["target_mm"])
+        axis = (t - e) / np.linalg.norm(t - e)
+        angle = np.degrees(np.arccos(np.clip(axis @ sc.axis, -1, 1)))
+        print(f"demo {sc.side}: entry {np.linalg.norm(sc.entry_mm - e):.2f} mm from the "
+              f"landmark, {angle:.2f} deg from its direction, isthmus centre "
+              f"{_line_distance(sc.planning['isthmus_centre_mm'], e, axis):.2f} mm from its line")
+        assert np.linalg.norm(sc.entry_mm - e) < 5.0
+        assert angle < 10.0
+        assert breach_report(sc, inside)["max_surface_outside_bone_mm"] < 1.0
+
+
+@pytest.mark.skipif(not (REAL / "ct.nii.gz").is_file(), reason="real CT sample not available")
+def test_real_l3_auto_plan(tmp_path):
+    ctx = "real verse_tptbox L3"
+    steps.mask(REAL / "ct.nii.gz", REAL / "vertebrae.nii.gz", tmp_path / "vertebra.nii.gz",
+               tmp_path / "vertebra.json", {"label": 22}, ctx)
+    steps.plan_screws(None, tmp_path / "vertebra.nii.gz", tmp_path / "screws.json", {}, ctx,
+                      planning={"method": "auto"})
+    rec = read_json(tmp_path / "screws.json")
+    left, right = rec["screws"]
+    assert (left["side"], right["side"]) == ("left", "right")
+    assert left["entry_mm"][0] > right["entry_mm"][0]  # LPS +x is the patient's left
+    for s in rec["screws"]:
+        p = s["planning"]
+        print(f"real L3 {s['side']}: length {s['length_mm']:.1f} mm (entry to anterior cortex "
+              f"{p['available_length_mm'] + 3:.1f} mm), convergence {p['convergence_deg']:.1f} "
+              f"deg, isthmus {p['isthmus_diameter_mm']:.1f} mm (equivalent diameter; minor "
+              f"axis {p['isthmus_min_width_mm']:.1f} mm, area {p['isthmus_area_mm2']:.1f} mm², "
+              f"{p['isthmus_depth_behind_body_mm']:.1f} mm behind the body), breach "
+              f"{s['breach']['max_surface_outside_bone_mm']:.2f} mm surface / "
+              f"{s['breach']['axis_outside_bone_mm']:.2f} mm axis")
+        assert s["length_mm"] >= 25.0
+        assert s["breach"]["max_surface_outside_bone_mm"] < 2.0
+        assert 5.0 < p["convergence_deg"] < 30.0
+        assert 6.0 < p["isthmus_diameter_mm"] < 16.0
