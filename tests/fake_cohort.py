@@ -3,7 +3,7 @@
 ``write_results`` reads a sample sheet and writes, for each of its rows,
 ``results/<cohort>/<patient>/<timepoint>/`` with the JSON files the cohort
 rules read (as the pipeline writes them, plus keys those rules must ignore)
-and a small ``calibration.png``. Values follow a treatment-like trend with
+and small ``calibration.png`` and ``roi.png`` pictures. Values follow a treatment-like trend with
 noise, deterministic per (patient, months).
 """
 
@@ -73,7 +73,8 @@ def write_results(workdir: Path, cohort: str, sheet: pd.DataFrame, seed: int = 3
         d.mkdir(parents=True, exist_ok=True)
         for name, content in fake_scan(i, float(row["months"]), rng).items():
             (d / name).write_text(json.dumps(content))
-        _png(d / "calibration.png", f"{row['patient']} {row['timepoint']}")
+        for picture in ("calibration.png", "roi.png"):  # the per-scan QC pictures
+            _png(d / picture, f"{row['patient']} {row['timepoint']}")
     return res
 
 

@@ -72,10 +72,10 @@ def test_cohort_rules_run_with_a_missing_followup(cohort_run: dict) -> None:
     assert areal.loc["M12", "n"] == 4
     figs = res / "figures"
     for stem in ("spaghetti_pullout_strength_n", "scatter_pullout_areal_bmd_g_cm2",
-                 "qc_calibration"):
+                 "qc_calibration", "qc_roi"):
         assert (figs / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert ET.parse(figs / f"{stem}.svg").getroot().tag.endswith("svg")
-    assert len(list(figs.glob("*.png"))) == len(list(figs.glob("*.svg"))) == 13
+    assert len(list(figs.glob("*.png"))) == len(list(figs.glob("*.svg"))) == 14
     page = (res / "report" / "summary.html").read_text()
     assert "Missing scans: P03 M12" in page and "not paired: P03" in page
     assert not re.search(r"""(src|href)=["'](?!data:|#)""", page), "external resource"
@@ -200,7 +200,7 @@ def test_reports_render_in_headless_chromium(cohort_run: dict, tmp_path: Path,
         browser.open(summary.as_uri())
         images = browser.evaluate(IMAGES_JS)
         assert browser.errors() == []
-        assert len(images) == n_pngs == 13
+        assert len(images) == n_pngs == 14
         bad = [i for i in images if i["width"] <= 0 or i["height"] <= 0 or i["shown"] <= 0]
         assert not bad, f"figures that did not render: {bad}"
         assert browser.evaluate("document.querySelectorAll('ol.headlines li').length") >= 5

@@ -76,9 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", required=True)
     s.add_argument("--out-parts", required=True)
     s.add_argument("--out-json", required=True)
+    s.add_argument("--subregions", help="optional sub-region map (VerSe 49/50: the body)")
 
-    s = add("screws", "screw trajectories from landmarks, with breach check")
-    s.add_argument("--landmarks", required=True)
+    s = add("screws", "screw trajectories from landmarks, or planned from the mask "
+                      "(--planning '{\"method\": \"auto\"}'), with breach check")
+    s.add_argument("--landmarks", help="landmarks JSON (not needed with planning method auto)")
+    s.add_argument("--planning", help="planning section: JSON object or @file.yaml")
     s.add_argument("--parts", required=True)
     s.add_argument("--out-json", required=True)
 
@@ -189,14 +192,14 @@ def run(a) -> None:
     if a.step == "synth":
         steps.synth_scan(a.out, a.patient, a.timepoint, a.months, a.seed, prm)
     elif a.step == "ingest":
-        steps.ingest(a.source, a.out_image, a.out_json, _ctx(a), a.series_uid)
+        steps.ingest(a.source, a.out_image, a.out_json, _ctx(a), a.series_uid, cfg=prm)
     elif a.step == "calibrate":
         steps.calibrate(a.ct, a.labels, a.out_density, a.out_json, a.out_png, prm, _ctx(a),
                         a.label)
     elif a.step == "mask":
-        steps.mask(a.ct, a.labels, a.out_parts, a.out_json, prm, _ctx(a))
+        steps.mask(a.ct, a.labels, a.out_parts, a.out_json, prm, _ctx(a), a.subregions)
     elif a.step == "screws":
-        steps.plan_screws(a.landmarks, a.parts, a.out_json, prm, _ctx(a))
+        steps.plan_screws(a.landmarks, a.parts, a.out_json, prm, _ctx(a), _params(a.planning))
     elif a.step == "bmd":
         steps.bmd(a.density, a.parts, a.screws, a.out_json, prm, _ctx(a))
     elif a.step == "benchmarks":

@@ -7,11 +7,16 @@ phantom are all located in that frame.  This module
 
 * reads a folder of DICOM files (searched recursively) with pydicom, keeps the
   single-frame greyscale image objects with pixel data and geometry, groups
-  them by series and refuses to guess when the folder holds more than one
-  series (the caller names one with ``series_uid``);
+  them by series and, when the folder holds more than one series, takes the
+  one named by ``series_uid`` or picked by the rule of :class:`IngestParams`
+  (``series_rule: thinnest_axial``); otherwise it refuses to guess, listing
+  every candidate series (UID, description, orientation, slice spacing,
+  kernel, slice thickness, slice count) so the user can choose;
 * orders the slices by their position along the slice normal (never by file
-  name or InstanceNumber), drops exact duplicate slices, and refuses stacks
-  with missing or irregularly spaced slices or a gantry tilt (shear);
+  name or InstanceNumber), drops exact duplicate slices, refuses a gantry tilt
+  (shear), and refuses stacks with missing or irregularly spaced slices, or
+  (``uneven_spacing: resample``) interpolates them linearly along the slice
+  normal onto a uniform grid, with a warning;
 * applies RescaleSlope/RescaleIntercept slice by slice to obtain HU as float32
   and builds a SimpleITK image whose index-to-physical mapping reproduces the
   DICOM position of every pixel;
@@ -33,18 +38,22 @@ Privacy: nothing identifying is ever written or logged.  :class:`ScanInfo`
 holds technical fields only; the written image is rebuilt from the voxel array
 so no header metadata is carried over; no UID (series, study, instance), file
 name or source path reaches the outputs or the progress messages.  Only the
-error raised when a folder holds several series lists SeriesInstanceUIDs,
-because the user needs them to choose; errors and warnings about one file name
-that file, because the user must find it.
+errors raised when the series to read cannot be chosen list SeriesInstanceUIDs
+(with description, kernel and spacing), because the user needs them to choose;
+errors and warnings about one file name that file, because the user must find
+it.  How the series was chosen is recorded (``ScanInfo.selected_by``) with
+spacing and kernel only, never the UID.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +89,72 @@ _IMAGE_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4",
 DAMAGED = "damaged or truncated DICOM"
 #: Files named at most in the skipped-files warning and the damaged-files error.
 _MAX_NAMED = 5
+#: Values of :attr:`IngestParams.series_rule`.
+SERIES_RULES = ("none", "thinnest_axial")
+#: Values of :attr:`IngestParams.uneven_spacing`.
+UNEVEN_SPACING_ACTIONS = ("refuse", "resample")
+#: Series whose slice spacings differ by at most this (mm) are equally thin.
+SPACING_TIE_MM = 1e-3
+#: Default :attr:`IngestParams.kernel_preference`: bone / sharp reconstruction kernels
+#: (GE BONE/BONEPLUS, Siemens B60/B70 and Br60, Philips D and YB, Canon/Toshiba FC30,
+#: generic "sharp"), most preferred first.
+DEFAULT_KERNEL_PREFERENCE = ("bone", "b60", "b70", "br60", "d", "yb", "fc30", "sharp")
+
+
+@dataclass
+class IngestParams:
+    """Cohort config section ``ingest``: choosing the series and handling uneven slices.
+
+    ``series_rule``
+        ``"none"``: a folder with several image series is refused, listing them
+        (give ``series_uid``).  ``"thinnest_axial"``: among the series, keep the
+        axial ones (slice normal within ``axial_tolerance_deg`` of the patient z
+        axis), then the smallest slice spacing (from the ImagePositionPatient
+        projections on the normal; SliceThickness when the series has one
+        position), then - among those within ``SPACING_TIE_MM`` - the kernel
+        earliest in ``kernel_preference``, then the most slices; a tie after all
+        that is refused, listing the tied series.  An explicit ``series_uid``
+        always wins over the rule; a folder with one series is read as is.
+    ``kernel_preference``
+        Reconstruction kernels, most preferred first.  A bone (sharp) kernel is
+        preferred because QCT finite-element studies reconstruct with one: it
+        keeps the trabecular and cortical detail the density-to-modulus laws
+        were calibrated on, where soft-tissue kernels blur it.  An entry matches
+        a series when one word of its ConvolutionKernel (split at backslashes,
+        spaces, commas, slashes, semicolons and underscores) starts with the
+        entry, ignoring case: ``"b60"`` matches ``B60f``, ``"bone"`` matches
+        ``BONEPLUS``, ``"d"`` matches Philips ``D`` but neither GE ``STANDARD``
+        nor Siemens ``Br40d`` (a plain substring test would).  Series whose
+        kernel matches no entry (or have none) rank last.
+    ``uneven_spacing``
+        ``"refuse"``: missing or irregularly spaced slices are an error naming
+        the gaps.  ``"resample"``: the slices are interpolated linearly along
+        the slice normal onto a uniform grid from the first to the last slice
+        with the median gap as spacing (adjusted so the grid ends exactly on
+        the last slice), with a warning naming the scan, the gaps found and the
+        new spacing.
+    """
+
+    series_rule: str = "none"
+    axial_tolerance_deg: float = 10.0
+    kernel_preference: list[str] = field(
+        default_factory=lambda: list(DEFAULT_KERNEL_PREFERENCE))
+    uneven_spacing: str = "refuse"
+
+    def __post_init__(self) -> None:
+        if self.series_rule not in SERIES_RULES:
+            raise ValueError(f"series_rule {self.series_rule!r} is not one of "
+                             f"{list(SERIES_RULES)}")
+        if self.uneven_spacing not in UNEVEN_SPACING_ACTIONS:
+            raise ValueError(f"uneven_spacing {self.uneven_spacing!r} is not one of "
+                             f"{list(UNEVEN_SPACING_ACTIONS)}")
+        if not 0 <= self.axial_tolerance_deg < 90:
+            raise ValueError(f"axial_tolerance_deg {self.axial_tolerance_deg!r} must be at "
+                             "least 0 and below 90")
+        if not all(isinstance(k, str) and k.strip() for k in self.kernel_preference):
+            raise ValueError(f"kernel_preference {self.kernel_preference!r} must be a list of "
+                             "non-empty strings")
+        self.kernel_preference = [k.strip() for k in self.kernel_preference]
 
 
 @dataclass
@@ -92,7 +167,12 @@ class ScanInfo:
     two add up to the number of files found.  ``rescale_varies_per_slice`` is
     True when slope or intercept differ between slices; ``rescale_slope`` and
     ``rescale_intercept`` are then those of the first slice (each slice was
-    still rescaled with its own values).
+    still rescaled with its own values).  ``selected_by`` says how the series
+    was chosen (``"only series"``, ``"series_uid"``, or the rule with the
+    spacing and kernel that decided, e.g. ``"thinnest_axial: 1 mm, kernel
+    B60f ..."``; ``"image file"`` for an image-file source).  ``resampled`` is
+    True when uneven slices were interpolated onto a uniform grid;
+    ``resample_note`` then says from which gaps to which spacing.
     """
 
     size: tuple[int, int, int]
@@ -111,6 +191,9 @@ class ScanInfo:
     n_files_read: int
     n_files_skipped: int
     rescale_varies_per_slice: bool = False
+    selected_by: str | None = None
+    resampled: bool = False
+    resample_note: str | None = None
 
 
 @dataclass
@@ -297,33 +380,167 @@ def _named(paths: list[Path], folder: Path) -> str:
     return ", ".join(names) + (f" and {more} more" if more else "")
 
 
-def _describe_series(uid: str, slices: list[_Slice]) -> str:
-    """One line per candidate series for the 'choose a series' error."""
-    desc = _opt_str(slices[0].ds, "SeriesDescription") or "(no description)"
-    return f"  series_uid={uid or '(missing)'}  description={desc!r}  slices={len(slices)}"
+@dataclass
+class _SeriesSummary:
+    """What the series rule and the 'choose a series' listing need of one series."""
+
+    uid: str
+    slices: list[_Slice]
+    description: str | None
+    kernel: str | None
+    thickness: float | None
+    orientation: str  # axial, sagittal, coronal, oblique or unknown
+    tilt_deg: float | None  # angle between the slice normal and the patient z axis
+    spacing: float | None  # mm
+    spacing_from: str  # "positions", "SliceThickness" or "unknown"
+    n_positions: int
+
+    @property
+    def axial(self) -> bool:
+        return self.orientation == "axial"
+
+
+def _summarize(uid: str, slices: list[_Slice], axial_tolerance_deg: float) -> _SeriesSummary:
+    """Orientation, slice spacing and kernel of a series, from its headers only."""
+    ds0 = slices[0].ds
+    thickness = _opt_float(ds0, "SliceThickness")
+    normal = np.cross(slices[0].orientation[:3], slices[0].orientation[3:])
+    norm = float(np.linalg.norm(normal))
+    orientation, tilt, spacing, spacing_from, n_positions = "unknown", None, None, "unknown", 0
+    if norm > 0.5:  # else the orientation header is garbage: described as unknown
+        normal = normal / norm
+        angles = np.degrees(np.arccos(np.clip(np.abs(normal), 0.0, 1.0)))  # to x, y, z
+        tilt = float(angles[2])
+        if tilt <= axial_tolerance_deg:
+            orientation = "axial"
+        elif angles[0] <= axial_tolerance_deg:
+            orientation = "sagittal"
+        elif angles[1] <= axial_tolerance_deg:
+            orientation = "coronal"
+        else:
+            orientation = "oblique"
+        proj = np.sort([float(sl.position @ normal) for sl in slices])
+        distinct = proj[np.concatenate([[True], np.diff(proj) > DUPLICATE_TOL_MM])]
+        n_positions = len(distinct)
+        if n_positions > 1:
+            spacing, spacing_from = float(np.median(np.diff(distinct))), "positions"
+    if spacing is None and thickness is not None and thickness > 0:
+        spacing, spacing_from = thickness, "SliceThickness"
+    return _SeriesSummary(uid, slices, _opt_str(ds0, "SeriesDescription"),
+                          _opt_str(ds0, "ConvolutionKernel"), thickness, orientation, tilt,
+                          spacing, spacing_from, n_positions)
+
+
+def _mm(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.4g} mm"
+
+
+def _describe_series(summary: _SeriesSummary) -> str:
+    """One line per candidate series for the 'choose a series' errors: no patient data."""
+    orient = summary.orientation
+    if summary.tilt_deg is not None and orient != "axial":
+        orient += f" ({summary.tilt_deg:.0f} deg from z)"
+    spacing = _mm(summary.spacing)
+    if summary.spacing_from == "SliceThickness":
+        spacing += " (from SliceThickness)"
+    return (
+        f"  series_uid={summary.uid or '(missing)'}"
+        f"  description={summary.description or '(no description)'!r}"
+        f"  orientation={orient}  slice_spacing={spacing}"
+        f"  kernel={summary.kernel or '(none)'!r}"
+        f"  slice_thickness={_mm(summary.thickness)}  slices={len(summary.slices)}"
+    )
+
+
+def _kernel_rank(kernel: str | None, preference: list[str]) -> tuple[int, str | None]:
+    """Index of the earliest preference entry the kernel matches (len when none), and it."""
+    if kernel:
+        words = [w for w in re.split(r"[\\\s,/;_]+", kernel.lower()) if w]
+        for i, entry in enumerate(preference):
+            if any(w.startswith(entry.lower()) for w in words):
+                return i, entry
+    return len(preference), None
+
+
+def _thinnest_axial(
+    summaries: list[_SeriesSummary], params: IngestParams, where: str
+) -> tuple[_SeriesSummary, str]:
+    """Apply ``series_rule: thinnest_axial``; the chosen series and why, or refuse."""
+    n_all = len(summaries)
+    axial = [s for s in summaries if s.axial]
+    if not axial:
+        listing = "\n".join(_describe_series(s) for s in summaries)
+        raise QctfeaError(
+            f"{where}: series_rule thinnest_axial: none of the {n_all} image series is axial "
+            f"(slice normal within {params.axial_tolerance_deg:g} deg of the patient z axis):"
+            f"\n{listing}\nset series_uid to the one to analyse, or raise "
+            "ingest.axial_tolerance_deg"
+        )
+    def spacing(s: _SeriesSummary) -> float:
+        return s.spacing if s.spacing is not None else math.inf
+
+    thin = min(spacing(s) for s in axial)
+    keep = [s for s in axial if spacing(s) == thin or spacing(s) - thin <= SPACING_TIE_MM]
+    ranks = {id(s): _kernel_rank(s.kernel, params.kernel_preference) for s in keep}
+    best_rank = min(r for r, _ in ranks.values())
+    keep = [s for s in keep if ranks[id(s)][0] == best_rank]
+    most = max(s.n_positions for s in keep)
+    keep = [s for s in keep if s.n_positions == most]
+    if len(keep) > 1:
+        listing = "\n".join(_describe_series(s) for s in keep)
+        others = n_all - len(keep)
+        raise QctfeaError(
+            f"{where}: series_rule thinnest_axial cannot choose between {len(keep)} series "
+            f"that are axial with the same slice spacing ({_mm(None if thin == math.inf else thin)}"
+            f", within {SPACING_TIE_MM:g} mm), equally preferred kernels and the same number "
+            f"of slices ({most}):\n{listing}\n"
+            + (f"({others} other series ranked lower.) " if others else "")
+            + "set series_uid to the one to analyse (or move the other series out of the folder)"
+        )
+    chosen = keep[0]
+    _, entry = ranks[id(chosen)]
+    kernel = chosen.kernel or "(none)"
+    why = (f"kernel preference {entry!r}" if entry is not None
+           else "kernel matches no kernel_preference entry")
+    text = _mm(chosen.spacing)
+    if chosen.spacing_from == "SliceThickness":
+        text += " (SliceThickness)"
+    return chosen, (
+        f"thinnest_axial: {text}, kernel {kernel} ({why}), {chosen.n_positions} slices; "
+        f"chosen from {n_all} series, {len(axial)} axial"
+    )
 
 
 def _select_series(
-    groups: dict[str, list[_Slice]], series_uid: str | None, where: str
-) -> tuple[str, list[_Slice]]:
-    """Pick the one series to read, or explain which candidates exist."""
-    listing = "\n".join(
-        _describe_series(uid, s) for uid, s in sorted(groups.items(), key=lambda kv: kv[0])
-    )
+    groups: dict[str, list[_Slice]],
+    series_uid: str | None,
+    where: str,
+    params: IngestParams | None = None,
+) -> tuple[str, list[_Slice], str]:
+    """Pick the one series to read and say how, or explain which candidates exist."""
+    params = params or IngestParams()
+    summaries = [_summarize(uid, s, params.axial_tolerance_deg)
+                 for uid, s in sorted(groups.items(), key=lambda kv: kv[0])]
+    listing = "\n".join(_describe_series(s) for s in summaries)
     if series_uid is not None:
         if series_uid not in groups:
             raise QctfeaError(
                 f"{where}: no image series with series_uid={series_uid!r}; the series "
                 f"found are:\n{listing}\nset series_uid to one of these"
             )
-        return series_uid, groups[series_uid]
-    if len(groups) > 1:
-        raise QctfeaError(
-            f"{where}: the folder holds {len(groups)} image series and it is not clear "
-            f"which one to use:\n{listing}\nset series_uid to the one to analyse "
-            "(or move the other series out of the folder)"
-        )
-    return next(iter(groups.items()))
+        return series_uid, groups[series_uid], "series_uid"
+    if len(groups) == 1:
+        uid, slices = next(iter(groups.items()))
+        return uid, slices, "only series"
+    if params.series_rule == "thinnest_axial":
+        chosen, why = _thinnest_axial(summaries, params, where)
+        return chosen.uid, chosen.slices, why
+    raise QctfeaError(
+        f"{where}: the folder holds {len(groups)} image series and it is not clear "
+        f"which one to use:\n{listing}\nset series_uid to the one to analyse, set "
+        "ingest.series_rule (e.g. thinnest_axial) to choose by rule, or move the other "
+        "series out of the folder"
+    )
 
 
 def _orthonormal_axes(orientation: np.ndarray, where: str) -> tuple[np.ndarray, ...]:
@@ -380,7 +597,10 @@ def _format_gaps(gaps: np.ndarray, proj: np.ndarray, bad: np.ndarray) -> str:
 
 
 def read_dicom_series(
-    directory: str | os.PathLike, series_uid: str | None = None, context: str = ""
+    directory: str | os.PathLike,
+    series_uid: str | None = None,
+    context: str = "",
+    params: IngestParams | None = None,
 ) -> tuple[sitk.Image, ScanInfo]:
     """Read one CT series from a folder of DICOM files into a float32 HU image.
 
@@ -392,9 +612,12 @@ def read_dicom_series(
         naming them.  Damaged DICOM files (header or pixel data cut short) are
         refused, naming them: skipping one would drop a slice.
     series_uid:
-        SeriesInstanceUID to read when the folder holds several series.
+        SeriesInstanceUID to read when the folder holds several series; wins over
+        ``params.series_rule``.
     context:
         Text such as ``"patient P01, timepoint M12"`` put into every error.
+    params:
+        :class:`IngestParams` (default: refuse several series and uneven slices).
 
     Returns
     -------
@@ -410,10 +633,13 @@ def read_dicom_series(
     ------
     QctfeaError
         With the context, the folder and what to change, when the folder holds no
-        or several series, slices are missing/irregular, the stack is sheared,
+        series or several that neither ``series_uid`` nor the series rule decides
+        (listing the candidates), slices are missing/irregular (unless
+        ``uneven_spacing: resample``), the stack is sheared,
         the headers are inconsistent, a file is damaged or truncated, or the pixel
         data cannot be decoded.
     """
+    params = params or IngestParams()
     folder = Path(directory)
     where = _where(context, folder)
     if not folder.is_dir():
@@ -442,7 +668,7 @@ def read_dicom_series(
             f"{where}: no DICOM image slices found ({len(files)} files: {found}); point to "
             "the folder that holds the CT series (single-frame, uncompressed or decodable)"
         )
-    _, candidates = _select_series(groups, series_uid, where)
+    _, candidates, selected_by = _select_series(groups, series_uid, where, params)
     if skipped:
         listing = "; ".join(
             f"{len(p)} {r}: {_named(p, folder)}" for r, p in sorted(skipped.items()))
@@ -495,12 +721,13 @@ def read_dicom_series(
     gaps = np.diff(proj)
     median = float(np.median(gaps))
     bad = np.abs(gaps - median) > SPACING_RTOL * median
-    if bad.any():
+    if bad.any() and params.uneven_spacing == "refuse":
         raise QctfeaError(
             f"{where}: slice spacing is not uniform (median {median:g} mm, tolerance "
             f"{SPACING_RTOL:g} relative) - {_format_gaps(gaps, proj, bad)}; a slice is "
             "probably missing or the series mixes reconstructions: re-export the complete "
-            "series or select another one (series_uid)"
+            "series, select another one (series_uid), or set ingest.uneven_spacing: resample "
+            "to interpolate onto a uniform grid"
         )
     offsets = np.array([s.position - slices[0].position for s in slices])
     inplane = offsets - np.outer(offsets @ normal, normal)
@@ -513,8 +740,22 @@ def read_dicom_series(
         )
 
     row_spacing, col_spacing = slices[0].pixel_spacing
-    slice_spacing = float((proj[-1] - proj[0]) / (len(slices) - 1))
-    volume = np.stack(hu_slices, axis=0)  # (z, y, x)
+    resample_note = None
+    if bad.any():  # uneven_spacing: resample
+        volume, slice_spacing = _resample_uniform(hu_slices, proj, median)
+        resample_note = (
+            f"{len(slices)} slices, {_format_gaps(gaps, proj, bad)} -> {volume.shape[0]} "
+            f"slices at {slice_spacing:g} mm (linear along the slice normal)"
+        )
+        warnings.warn(
+            f"{where}: slice spacing is not uniform (median {median:g} mm) - {resample_note}; "
+            "resampled because ingest.uneven_spacing is resample: interpolated slices carry "
+            "no measured data, check that the gaps are outside the region analysed",
+            stacklevel=2,
+        )
+    else:
+        slice_spacing = float((proj[-1] - proj[0]) / (len(slices) - 1))
+        volume = np.stack(hu_slices, axis=0)  # (z, y, x)
     image = sitk.GetImageFromArray(volume, isVector=False)
     image.SetSpacing((col_spacing, row_spacing, slice_spacing))
     image.SetOrigin(tuple(float(v) for v in slices[0].position))
@@ -534,7 +775,7 @@ def read_dicom_series(
         spacing_mm=tuple(float(v) for v in image.GetSpacing()),  # type: ignore[arg-type]
         origin_mm=tuple(float(v) for v in image.GetOrigin()),  # type: ignore[arg-type]
         direction=tuple(float(v) for v in image.GetDirection()),
-        n_slices=len(slices),
+        n_slices=int(volume.shape[0]),
         modality=modality,
         manufacturer=_opt_str(ds0, "Manufacturer"),
         kvp=_opt_float(ds0, "KVP"),
@@ -546,8 +787,39 @@ def read_dicom_series(
         n_files_read=n_read,
         n_files_skipped=len(files) - n_read,
         rescale_varies_per_slice=len(set(rescales)) > 1,
+        selected_by=selected_by,
+        resampled=resample_note is not None,
+        resample_note=resample_note,
     )
     return image, info
+
+
+def _resample_uniform(
+    hu_slices: list[np.ndarray], proj: np.ndarray, median: float
+) -> tuple[np.ndarray, float]:
+    """Slices at positions ``proj`` (ascending, mm) interpolated linearly onto a uniform grid.
+
+    The grid runs from the first to the last slice; its spacing is the median gap,
+    adjusted to span / round(span / median) so the grid ends on the last slice.
+    A grid position that coincides with an original slice takes that slice.
+    """
+    span = float(proj[-1] - proj[0])
+    n_new = max(int(round(span / median)), 1) + 1
+    spacing = span / (n_new - 1)
+    targets = proj[0] + np.arange(n_new) * spacing
+    targets[-1] = proj[-1]
+    volume = np.empty((n_new, *hu_slices[0].shape), dtype=np.float32)
+    for k, z in enumerate(targets):
+        i = int(np.clip(np.searchsorted(proj, z, side="right") - 1, 0, len(proj) - 2))
+        w = float(np.clip((z - proj[i]) / (proj[i + 1] - proj[i]), 0.0, 1.0))
+        if w <= 1e-9:
+            volume[k] = hu_slices[i]
+        elif w >= 1 - 1e-9:
+            volume[k] = hu_slices[i + 1]
+        else:
+            volume[k] = ((1 - w) * hu_slices[i].astype(np.float64)
+                         + w * hu_slices[i + 1].astype(np.float64))
+    return volume, spacing
 
 
 def _has_image_suffix(path: Path) -> bool:
@@ -592,6 +864,7 @@ def _read_image_file(path: Path, context: str) -> tuple[sitk.Image, ScanInfo]:
         series_description=None,
         n_files_read=1,
         n_files_skipped=0,
+        selected_by="image file",
     )
     return image, info
 
@@ -612,14 +885,17 @@ def ingest(
     out_json: str | os.PathLike,
     context: str = "",
     series_uid: str | None = None,
+    params: IngestParams | None = None,
 ) -> ScanInfo:
     """Run the ingest step: read the scan, write a float32 HU NIfTI and a JSON record.
 
-    ``source`` is a folder of DICOM files (see :func:`read_dicom_series`) or an
-    image file (.nii, .nii.gz, .nrrd, .mha, .mhd) that already holds HU.
-    ``out_image`` must end in .nii.gz (or .nii).  ``out_json`` receives
-    ``{"scan": ScanInfo, "provenance": ...}``; neither output contains patient
-    identifiers, UIDs or the source path.
+    ``source`` is a folder of DICOM files (see :func:`read_dicom_series`; the
+    series by ``series_uid``, else by ``params.series_rule``) or an image file
+    (.nii, .nii.gz, .nrrd, .mha, .mhd) that already holds HU.  ``out_image``
+    must end in .nii.gz (or .nii).  ``out_json`` receives ``{"scan": ScanInfo,
+    "provenance": ...}`` (``scan.selected_by`` and ``scan.resampled`` say how the
+    series was chosen and whether slices were interpolated); neither output
+    contains patient identifiers, UIDs or the source path.
     """
     src = Path(source)
     target = Path(out_image)
@@ -630,7 +906,8 @@ def ingest(
             "out_image a .nii.gz name"
         )
     if src.is_dir():
-        image, info = read_dicom_series(src, series_uid=series_uid, context=context)
+        image, info = read_dicom_series(src, series_uid=series_uid, context=context,
+                                        params=params)
         kind = "dicom_directory"
     elif src.is_file() and _has_image_suffix(src):
         if series_uid is not None:
@@ -662,6 +939,9 @@ def ingest(
         "source_kind": kind,
         "n_source_files": info.n_files_read + info.n_files_skipped,
         "series_uid_given": series_uid is not None,
+        **asdict(params or IngestParams()),
+        "selected_by": info.selected_by,
+        "resampled": info.resampled,
         "spacing_rtol": SPACING_RTOL,
         "output_dtype": "float32",
         "output_units": "HU",

@@ -10,6 +10,10 @@ timepoint   yes       timepoint id, e.g. ``M00``, ``M12`` (letters, digits, ``-`
 months      yes       months since baseline (number >= 0)
 image       yes       DICOM series folder, or a NIfTI/NRRD/MHA file in HU
 labels      yes       label map holding the target vertebra (NIfTI/NRRD/MHA)
+subregions  no        vertebra sub-region map (NIfTI/NRRD/MHA; VerSe/TPTBox: 41-48
+                      posterior elements, 49 body shell, 50 body interior): the
+                      vertebral body is taken from it (``mask.body_subregion_labels``);
+                      empty or absent: found by a morphological opening
 landmarks   see note  JSON with ``left``/``right`` ``entry_mm`` and ``target_mm``
 dxa         no        clinical DXA areal BMD: a number (g/cm²) or a JSON file
                       with key ``areal_bmd_g_cm2``; empty when not measured
@@ -69,7 +73,7 @@ def read_sample_sheet(path: str | Path, planning_method: str | None = None) -> p
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise QctfeaError(f"{path}: missing column(s) {missing}; required: {REQUIRED}")
-    for col in ("landmarks", "dxa"):
+    for col in ("landmarks", "dxa", "subregions"):
         if col not in df.columns:
             df[col] = ""
     for i, row in df.iterrows():

@@ -218,10 +218,19 @@ def synth_scan(out_dir, patient: str, timepoint: str, months: float, seed: int,
 # --- ingest -------------------------------------------------------------------------------
 
 
-def ingest(source, out_image, out_json, context: str, series_uid: str | None = None) -> None:
+def ingest(source, out_image, out_json, context: str, series_uid: str | None = None,
+           cfg: dict | None = None) -> None:
+    """Scan (DICOM folder or HU image file) -> float32 HU NIfTI + scan.json.
+
+    ``cfg`` is the cohort config's ``ingest`` section (:class:`qctfea.dicomio.IngestParams`:
+    which series to take from a folder holding several, what to do with uneven slices);
+    ``series_uid`` names the series explicitly and wins over ``ingest.series_rule``.
+    """
     from qctfea import dicomio
 
-    dicomio.ingest(source, out_image, out_json, context=context, series_uid=series_uid)
+    p = params_from(dicomio.IngestParams, cfg, "ingest")
+    dicomio.ingest(source, out_image, out_json, context=context, series_uid=series_uid,
+                   params=p)
 
 
 # --- calibrate ----------------------------------------------------------------------------
@@ -305,38 +314,65 @@ def calibrate(ct_path, labels_path, out_density, out_json, out_png, cfg: dict,
 # --- mask ---------------------------------------------------------------------------------
 
 
-def mask(ct_path, labels_path, out_parts, out_json, cfg: dict, context: str) -> None:
-    """Vertebra parts label image (1 body, 2 posterior) and its QC record."""
+def mask(ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
+         subregions_path=None) -> None:
+    """Vertebra parts label image (1 body, 2 posterior, 3 trabecular ROI) and its QC record.
+
+    ``cfg``: the ``mask`` section (:class:`qctfea.masks.MaskParams`: target label, or a
+    named convention and level). ``subregions_path``: optional sub-region map (sample-sheet
+    column ``subregions``) from which the vertebral body is taken instead of the opening."""
+    from scipy import ndimage
+
     from qctfea import masks
 
     p = params_from(masks.MaskParams, cfg, "mask")
     _need(context, ct=ct_path, labels=labels_path)
+    if subregions_path is not None and not Path(subregions_path).is_file():
+        raise QctfeaError(f"{context}: sub-region map {subregions_path} not found; check the "
+                          "subregions column of the sample sheet (leave it empty to find the "
+                          "body by opening), or correct the path")
     ct, _ = _read_ct(ct_path, context)
     where = f"{context} ({labels_path})"
     labels = masks.resample_labels_to(_read_image(labels_path, "label map", context), ct, where)
     lab = sitk.GetArrayFromImage(labels)
-    parts = masks.vertebra_parts(lab, ct.GetSpacing(), p, where)
+    sub, sub_where = None, ""
+    if subregions_path is not None:
+        sub_where = f"{context} ({subregions_path})"
+        sub = sitk.GetArrayFromImage(masks.resample_labels_to(
+            _read_image(subregions_path, "sub-region map", context), ct, sub_where))
+    parts = masks.vertebra_parts(lab, ct.GetSpacing(), p, where, sub, sub_where)
+    qc = masks.label_qc(lab, ct.GetSpacing(), p, where)
     out = np.zeros(lab.shape, np.uint8)
     out[parts["body"]] = masks.BODY
     out[parts["posterior"]] = masks.POSTERIOR
     out[parts["trabecular"]] = masks.TRABECULAR
     _write_image(_like(out, ct), out_parts)
     vox_mm3 = float(np.prod(ct.GetSpacing()))
-    from scipy import ndimage
+    inputs = {"labels": labels_path}
+    if subregions_path is not None:
+        inputs["subregions"] = subregions_path
 
     write_json(out_json, {
         "label": p.label,
+        "convention": p.convention,
+        "vertebra": p.vertebra,
+        "body_from": "subregions" if sub is not None else "opening",
         "vertebra_volume_cm3": float(parts["vertebra"].sum() * vox_mm3 / 1000),
         "body_volume_cm3": float(parts["body"].sum() * vox_mm3 / 1000),
         "trabecular_roi_volume_cm3": float(parts["trabecular"].sum() * vox_mm3 / 1000),
+        "trabecular_roi_voxels": int(parts["trabecular"].sum()),
         "components_in_label": int(ndimage.label(lab == p.label)[1]),
         "contact_with_other_labels_voxels": masks.contact_with_neighbours(
             lab, parts["vertebra"], p.label),
+        "label_qc": qc,
         **masks.body_axis(ct, parts["body"]),
-        "provenance": provenance("mask", p, {"labels": labels_path}),
+        "provenance": provenance("mask", p, inputs),
     })
-    _log(f"[mask] {context}: vertebra {parts['vertebra'].sum() * vox_mm3 / 1000:.1f} cm³, "
-         f"body {parts['body'].sum() * vox_mm3 / 1000:.1f} cm³")
+    named = f" ({p.convention} {p.vertebra})" if p.vertebra else ""
+    _log(f"[mask] {context}: label {p.label}{named}, vertebra "
+         f"{parts['vertebra'].sum() * vox_mm3 / 1000:.1f} cm³, body "
+         f"{parts['body'].sum() * vox_mm3 / 1000:.1f} cm³ (from "
+         f"{'subregions' if sub is not None else 'opening'})")
 
 
 # --- screws -------------------------------------------------------------------------------
@@ -399,7 +435,10 @@ def load_screws(path) -> list:
 # --- bmd ----------------------------------------------------------------------------------
 
 
-def bmd(density_path, parts_path, screws_path, out_json, cfg: dict, context: str) -> None:
+def bmd(density_path, parts_path, screws_path, out_json, cfg: dict, context: str,
+        out_png=None) -> None:
+    """Trabecular, integral, around-screw vBMD and CT areal BMD (JSON), and optionally the QC
+    picture of the regions and screws on orthogonal slices."""
     from qctfea import bmd as bmd_mod
     from qctfea import masks
 
@@ -417,8 +456,14 @@ def bmd(density_path, parts_path, screws_path, out_json, cfg: dict, context: str
         raise QctfeaError(f"{context}: vertebra parts image {parts_path} has no trabecular ROI "
                           f"(label {masks.TRABECULAR}); rerun the mask step (rule "
                           "extract_vertebra) on this scan's label map")
-    res = bmd_mod.measure_bmd(arr, dens, parts, load_screws(screws_path), p,
-                              f"{context} ({screws_path})")
+    screws = load_screws(screws_path)
+    res = bmd_mod.measure_bmd(arr, dens, parts, screws, p, f"{context} ({screws_path})")
+    if out_png:
+        from qctfea.roiplot import roi_picture
+
+        with atomic_path(out_png) as tmp:
+            roi_picture(dens, _read_image(parts_path, "vertebra parts image", context), screws,
+                        p.shell_mm, tmp, f"{context}: BMD regions and screws", res)
     write_json(out_json, {**res, "provenance": provenance(
         "bmd", p, {"density": density_path, "parts": parts_path})})
     _log(f"[bmd] {context}: trabecular {res['trabecular_vbmd_mg_cm3']:.1f} mg/cm³, around screw "

@@ -6,7 +6,7 @@ from qctfea.figures import SCATTER_PREDICTORS, SPAGHETTI_METRICS, figure_files
 
 # Per-scan pictures shown in the QC montages: {kind: file name in <patient>/<timepoint>/}.
 # Add a kind here when a per-scan rule writes another PNG.
-QC_PICTURES = {"calibration": "calibration.png"}
+QC_PICTURES = {"calibration": "calibration.png", "roi": "roi.png"}
 FIGURES = figure_files(f"{RES}/figures")
 
 

@@ -113,8 +113,28 @@ def get_image(wildcards):
     return sample(wildcards, "image")
 
 
+def target_label():
+    """The target vertebra's label value: mask.label, or looked up from mask.convention and
+    mask.vertebra (the calibration needs it to find the patient)."""
+    from qctfea.masks import MaskParams
+    from qctfea.provenance import QctfeaError
+    from qctfea.steps import params_from
+
+    try:
+        return params_from(MaskParams, CCFG.get("mask"), "mask").label
+    except QctfeaError as exc:
+        raise WorkflowError(f"{COHORT_DIR / 'config.yaml'}: {exc}") from exc
+
+
 def get_labels(wildcards):
     return sample(wildcards, "labels")
+
+
+def get_subregions(wildcards):
+    """The scan's sub-region map (sample-sheet column subregions); none when the cell is
+    empty or the column absent (the body is then found by opening)."""
+    value = sample(wildcards, "subregions") if "subregions" in SAMPLES.columns else ""
+    return [value] if value else []
 
 
 def get_landmarks(wildcards):

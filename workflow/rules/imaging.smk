@@ -7,6 +7,8 @@ rule ingest_scan:
     output:
         image=f"{RES}/{{patient}}/{{timepoint}}/ct.nii.gz",
         json=f"{RES}/{{patient}}/{{timepoint}}/scan.json",
+    params:
+        cfg=CCFG.get("ingest", {}),
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/ingest_scan.log",
     benchmark:
@@ -27,7 +29,7 @@ rule calibrate_density:
         png=report(f"{RES}/{{patient}}/{{timepoint}}/calibration.png", category="QC"),
     params:
         cfg=CCFG.get("calibration", {}),
-        label=CCFG.get("mask", {}).get("label", 23),
+        label=target_label(),
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/calibrate_density.log",
     benchmark:
@@ -42,6 +44,7 @@ rule extract_vertebra:
     input:
         ct=rules.ingest_scan.output.image,
         labels=get_labels,
+        subregions=get_subregions,  # [] when the sample sheet names none
     output:
         parts=f"{RES}/{{patient}}/{{timepoint}}/vertebra.nii.gz",
         json=f"{RES}/{{patient}}/{{timepoint}}/vertebra.json",
@@ -106,7 +109,8 @@ rule measure_bmd:
         parts=model_file("vertebra.nii.gz"),
         screws=model_file("screws.json"),
     output:
-        f"{RES}/{{patient}}/{{timepoint}}/bmd.json",
+        json=f"{RES}/{{patient}}/{{timepoint}}/bmd.json",
+        png=report(f"{RES}/{{patient}}/{{timepoint}}/roi.png", category="QC"),
     params:
         cfg=CCFG.get("bmd", {}),
     log:

@@ -1,7 +1,11 @@
-"""Rule extract_vertebra: label map -> vertebral body, posterior elements, trabecular ROI."""
+"""Rule extract_vertebra: label map (and optional sub-region map) -> vertebral body,
+posterior elements, trabecular ROI, and the label QC record."""
 from qctfea import steps
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821
+# Named input `subregions`: one file, or none (empty list) when the sample sheet has none.
+sub = sm.input.get("subregions", [])
+sub = sub if isinstance(sub, str) else (sub[0] if len(sub) else None)
 run_step(sm, lambda: steps.mask(sm.input.ct, sm.input.labels, sm.output.parts, sm.output.json,
-                                sm.params.cfg, context(sm.wildcards)))
+                                sm.params.cfg, context(sm.wildcards), subregions_path=sub))

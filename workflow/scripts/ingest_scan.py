@@ -1,7 +1,10 @@
-"""Rule ingest_scan: DICOM series (or volume file) -> ct.nii.gz (HU) + scan.json."""
+"""Rule ingest_scan: DICOM series (or volume file) -> ct.nii.gz (HU) + scan.json.
+
+params.cfg is the cohort config's ``ingest`` section (series rule, uneven slices).
+"""
 from qctfea import steps
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821
 run_step(sm, lambda: steps.ingest(sm.input[0], sm.output.image, sm.output.json,
-                                  context(sm.wildcards)))
+                                  context(sm.wildcards), cfg=sm.params.cfg))

@@ -1,0 +1,271 @@
+"""Label maps (issue 3): named label conventions, the body from a sub-region map, label QC."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from qctfea import masks, steps
+from qctfea.provenance import QctfeaError
+from qctfea.samples import read_sample_sheet
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "verse_tptbox_L3"
+CTX = "patient R01, timepoint M00"
+
+
+def _params(**cfg) -> masks.MaskParams:
+    return steps.params_from(masks.MaskParams, cfg, "mask")
+
+
+def _has(err, *parts) -> str:
+    msg = str(err.value if hasattr(err, "value") else err)
+    for part in parts:
+        assert str(part) in msg, f"{part!r} not in message: {msg}"
+    return msg
+
+
+# --- named conventions ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("convention", "level", "label"), [
+    ("verse", "L4", 23), ("verse", "C1", 1), ("verse", "C7", 7), ("verse", "T1", 8),
+    ("verse", "T12", 19), ("verse", "L1", 20), ("verse", "L5", 24), ("verse", "L6", 25),
+    ("totalsegmentator", "L4", 28), ("totalsegmentator", "L5", 27),
+    ("totalsegmentator", "L1", 31), ("totalsegmentator", "T12", 32),
+    ("totalsegmentator", "T11", 33), ("totalsegmentator", "T1", 43),
+    ("totalsegmentator", "C7", 44), ("totalsegmentator", "C1", 50),
+])
+def test_convention_lookup(convention, level, label):
+    p = _params(convention=convention, vertebra=level)
+    assert (p.label, p.convention, p.vertebra) == (label, convention, level)
+
+
+def test_convention_lookup_variants_and_defaults():
+    assert _params(convention="verse", vertebra="l4").vertebra == "L4"
+    assert _params(convention="totalsegmentator", vertebra="vertebrae_L4").label == 28
+    # An explicit label that agrees is accepted; a label alone names its level.
+    assert _params(convention="verse", vertebra="L3", label=22).label == 22
+    assert _params(convention="totalsegmentator", label=29).vertebra == "L3"
+    # custom (default): the numeric label as before, 23 when not given.
+    assert _params().label == 23 and _params().convention == "custom"
+    assert _params(label=5).label == 5
+
+
+def test_unknown_level_is_refused_with_the_allowed_list():
+    with pytest.raises(QctfeaError) as err:
+        _params(convention="verse", vertebra="L7")
+    _has(err, "config section 'mask'", "mask.vertebra 'L7'", "verse", "allowed:", "C1", "L6")
+    with pytest.raises(QctfeaError) as err:  # TotalSegmentator has no L6
+        _params(convention="totalsegmentator", vertebra="L6")
+    _has(err, "'L6'", "allowed:", "L5")
+    with pytest.raises(QctfeaError) as err:
+        _params(convention="verse")
+    _has(err, "needs mask.vertebra")
+    with pytest.raises(QctfeaError) as err:
+        _params(convention="spineps", vertebra="L4")
+    _has(err, "mask.convention 'spineps'", "custom", "verse", "totalsegmentator")
+    with pytest.raises(QctfeaError) as err:  # would silently take label 23
+        _params(vertebra="L3")
+    _has(err, "mask.vertebra 'L3' needs a named mask.convention", "give mask.label")
+
+
+def test_label_disagreeing_with_convention_is_refused():
+    with pytest.raises(QctfeaError) as err:
+        _params(convention="totalsegmentator", vertebra="L4", label=23)
+    _has(err, "mask.label 23", "mask.vertebra L4", "totalsegmentator L4 = 28")
+    with pytest.raises(QctfeaError) as err:
+        _params(convention="verse", label=90)
+    _has(err, "mask.label 90 is not a vertebra of the verse convention")
+
+
+def test_expected_neighbours():
+    n = masks.expected_neighbours("verse", "L3")
+    assert n == {"above": [("L2", 21)], "below": [("L4", 23)]}
+    assert masks.expected_neighbours("verse", "L5")["below"] == [("L6", 25), ("S1", 26)]
+    assert masks.expected_neighbours("verse", "T12")["below"] == [("T13", 28), ("L1", 20)]
+    assert masks.expected_neighbours("totalsegmentator", "L4") == {
+        "above": [("L3", 29)], "below": [("L5", 27)]}
+    assert masks.expected_neighbours("totalsegmentator", "L5")["below"] == [
+        ("S1", 26), ("sacrum", 25)]
+    assert masks.expected_neighbours("totalsegmentator", "C1")["above"] == []
+    assert masks.expected_neighbours("custom", None) == {}
+
+
+# --- the real sample (VerSe labels and sub-regions) -----------------------------------------
+
+
+needs_real = pytest.mark.skipif(not (REAL / "subregions.nii.gz").is_file(),
+                                reason=f"real sample {REAL} absent")
+
+
+def _mask(tmp_path, name, cfg, labels=None, subregions=None, ct=None):
+    steps.mask(ct or REAL / "ct.nii.gz", labels or REAL / "vertebrae.nii.gz",
+               tmp_path / f"{name}.nii.gz", tmp_path / f"{name}.json", cfg, CTX,
+               subregions_path=subregions)
+    parts = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{name}.nii.gz")))
+    return json.loads((tmp_path / f"{name}.json").read_text()), parts
+
+
+@needs_real
+def test_real_sample_body_from_subregions(tmp_path):
+    cfg = {"convention": "verse", "vertebra": "L3"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same grid, one piece, both neighbours: no warning
+        v, parts = _mask(tmp_path, "sub", cfg, subregions=REAL / "subregions.nii.gz")
+        o, _ = _mask(tmp_path, "open", cfg)
+    assert (v["label"], v["convention"], v["vertebra"]) == (22, "verse", "L3")
+    assert v["body_from"] == "subregions" and o["body_from"] == "opening"
+    # L3 body with its cortical shell (sub-regions 49 + 50): 39.3 cm³ (opening: 32.5 cm³).
+    assert 15 < v["body_volume_cm3"] < 60
+    assert v["body_volume_cm3"] < v["vertebra_volume_cm3"]
+    assert abs(v["body_volume_cm3"] - o["body_volume_cm3"]) / o["body_volume_cm3"] < 0.35
+    # The body is the sub-regions' body: posterior elements (41-48) are all posterior.
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(REAL / "vertebrae.nii.gz")))
+    sub = sitk.GetArrayFromImage(sitk.ReadImage(str(REAL / "subregions.nii.gz")))
+    l3 = lab == 22
+    body = np.isin(parts, (masks.BODY, masks.TRABECULAR))
+    assert not (body & l3 & np.isin(sub, range(41, 49))).any()
+    assert (body == (l3 & np.isin(sub, (49, 50)))).mean() > 0.999
+    assert v["trabecular_roi_voxels"] == int((parts == masks.TRABECULAR).sum()) > 1000
+    assert v["provenance"]["inputs"]["subregions"]["path"].endswith("subregions.nii.gz")
+    qc = v["label_qc"]
+    assert qc["components"] == 1 and qc["largest_component_fraction"] == 1.0
+    assert qc["volume_mm3"] == pytest.approx(v["vertebra_volume_cm3"] * 1000)
+    touching = {c["label"]: c for c in qc["contacts"]}
+    assert {21, 23} <= set(touching)
+    assert touching[21]["level"] == "L2" and touching[23]["level"] == "L4"
+    assert all(c["faces"] > 0 and c["area_mm2"] == pytest.approx(c["faces"] * 1.5 ** 2)
+               for c in touching.values())
+    assert qc["expected_neighbours"]["above"] == {
+        "levels": ["L2"], "labels": [21], "present": True, "touching": True}
+    assert qc["expected_neighbours"]["below"]["labels"] == [23]
+    assert qc["expected_neighbours"]["below"]["touching"] and qc["warnings"] == []
+
+
+@needs_real
+def test_real_sample_body_interior_only(tmp_path):
+    """body_subregion_labels [50]: the interior only, without the cortical shell (49)."""
+    v, _ = _mask(tmp_path, "interior", {"convention": "verse", "vertebra": "L3",
+                                        "body_subregion_labels": [50]},
+                 subregions=REAL / "subregions.nii.gz")
+    assert 15 < v["body_volume_cm3"] < 30
+
+
+@needs_real
+def test_real_sample_wrong_level_names_the_convention(tmp_path):
+    with pytest.raises(QctfeaError) as err:  # TotalSegmentator L3 = 29 is not in a VerSe map
+        _mask(tmp_path, "ts", {"convention": "totalsegmentator", "vertebra": "L3"})
+    _has(err, CTX, "vertebrae.nii.gz", "label 29 (totalsegmentator L3)", "[21, 22, 23]",
+         "mask.convention and mask.vertebra")
+
+
+# --- synthetic label maps -------------------------------------------------------------------
+
+
+def _write(arr: np.ndarray, path: Path, spacing=(1.0, 1.0, 1.0)) -> Path:
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    sitk.WriteImage(img, str(path), True)
+    return path
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    """A 1 mm CT and a label map: target 5 = a 20 x 24 x 24 mm block (a body) plus a
+    separate 10 mm cube fragment; label 4 covers the block's upper face."""
+    rng = np.random.default_rng(0)
+    ct = _write(rng.normal(0, 20, (48, 48, 48)).astype(np.float32), tmp_path / "ct.nii.gz")
+    lab = np.zeros((48, 48, 48), np.uint8)
+    lab[10:30, 8:32, 8:32] = 5
+    lab[30:35, 4:36, 4:36] = 4  # the vertebra above, touching the whole upper face
+    lab[12:22, 36:46, 36:46] = 5  # fragment: 1000 of 12520 voxels
+    return {"ct": ct, "labels": _write(lab, tmp_path / "labels.nii.gz"), "array": lab}
+
+
+def test_fragmented_target_warns_with_component_count(tmp_path, synthetic):
+    with pytest.warns(UserWarning) as rec:
+        v, parts = _mask(tmp_path, "frag", {"label": 5}, labels=synthetic["labels"],
+                         ct=synthetic["ct"])
+    msgs = [str(w.message) for w in rec if "connected pieces" in str(w.message)]
+    assert len(msgs) == 1
+    _has(msgs[0], CTX, synthetic["labels"], "label 5 is in 2 connected pieces", "92.0 %",
+         "< 95 %", "only it is modelled")
+    qc = v["label_qc"]
+    assert qc["components"] == 2 and v["components_in_label"] == 2
+    assert qc["largest_component_fraction"] == pytest.approx(11520 / 12520)
+    assert qc["volume_mm3"] == pytest.approx(12520.0)
+    assert qc["warnings"] == msgs
+    # Contact with label 4: the block's 24 x 24 upper face; 26 x 26 voxels of 4 around it.
+    assert qc["contacts"] == [{"label": 4, "level": None, "voxels": 26 * 26, "faces": 576,
+                               "area_mm2": 576.0}]
+    assert qc["expected_neighbours"] == {}
+    # The model keeps the largest piece only.
+    assert v["vertebra_volume_cm3"] == pytest.approx(11.52)
+    assert not parts[12:22, 36:46, 36:46].any()
+
+
+def test_one_piece_target_does_not_warn(tmp_path, synthetic):
+    lab = synthetic["array"].copy()
+    lab[12:22, 36:46, 36:46] = 0
+    labels = _write(lab, tmp_path / "one.nii.gz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v, _ = _mask(tmp_path, "one", {"label": 5}, labels=labels, ct=synthetic["ct"])
+    assert v["label_qc"]["components"] == 1 and v["label_qc"]["warnings"] == []
+    assert v["body_from"] == "opening"
+
+
+def test_subregions_without_body_label_is_refused(tmp_path, synthetic):
+    sub = np.where(synthetic["array"] == 5, 41, 0).astype(np.uint8)  # posterior only
+    path = _write(sub, tmp_path / "subregions.nii.gz")
+    with pytest.raises(QctfeaError) as err:
+        _mask(tmp_path, "nobody", {"label": 5}, labels=synthetic["labels"],
+              ct=synthetic["ct"], subregions=path)
+    _has(err, CTX, path, "none of the body labels [49, 50]", "inside label 5",
+         "sub-region labels there: [41]", "set mask.body_subregion_labels",
+         "leave the subregions column of the sample sheet empty")
+    assert not (tmp_path / "nobody.nii.gz").exists()
+
+
+def test_subregions_with_custom_body_labels(tmp_path, synthetic):
+    """A sub-region map with its own body label (7), set in mask.body_subregion_labels."""
+    lab = synthetic["array"]
+    sub = np.where(lab == 5, 41, 0).astype(np.uint8)
+    sub[10:30, 8:32, 8:26] = 7
+    path = _write(sub, tmp_path / "subregions.nii.gz")
+    with pytest.warns(UserWarning, match="connected pieces"):
+        v, parts = _mask(tmp_path, "custom", {"label": 5, "body_subregion_labels": [7]},
+                         labels=synthetic["labels"], ct=synthetic["ct"], subregions=path)
+    assert v["body_from"] == "subregions"
+    assert v["body_volume_cm3"] == pytest.approx(20 * 24 * 18 / 1000)
+    assert (parts[10:30, 8:32, 26:32] == masks.POSTERIOR).all()
+
+
+def test_missing_subregions_file_is_refused(tmp_path, synthetic):
+    gone = tmp_path / "gone.nii.gz"
+    with pytest.raises(QctfeaError) as err:
+        _mask(tmp_path, "gone", {"label": 5}, labels=synthetic["labels"], ct=synthetic["ct"],
+              subregions=gone)
+    _has(err, CTX, gone, "sub-region map", "not found", "subregions column")
+
+
+def test_bad_body_subregion_labels_are_refused():
+    for bad in ([], [0], ["50"]):
+        with pytest.raises(QctfeaError, match="body_subregion_labels"):
+            _params(body_subregion_labels=bad)
+
+
+# --- sample sheet ---------------------------------------------------------------------------
+
+
+def test_sample_sheet_subregions_column_is_optional(tmp_path):
+    head = "patient\ttimepoint\tmonths\timage\tlabels"
+    (tmp_path / "a.tsv").write_text(f"{head}\nP1\tM00\t0\tct.nii.gz\tl.nii.gz\n")
+    assert read_sample_sheet(tmp_path / "a.tsv")["subregions"].tolist() == [""]
+    (tmp_path / "b.tsv").write_text(f"{head}\tsubregions\nP1\tM00\t0\tct.nii.gz\tl.nii.gz\t"
+                                    "s.nii.gz\nP1\tM12\t12\tct.nii.gz\tl.nii.gz\t\n")
+    assert read_sample_sheet(tmp_path / "b.tsv")["subregions"].tolist() == ["s.nii.gz", ""]
