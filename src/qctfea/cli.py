@@ -126,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--voxel-mm", type=float, default=0.5)
     s.add_argument("--ranks", type=int, default=2)
 
+    s = sub.add_parser("perf", help="benchmark harness: per-stage seconds, DOFs, iterations, "
+                       "peak memory, triad bandwidth and bandwidth-bound ratio per mesh level "
+                       "and MPI rank count (markdown + JSON)")
+    s.add_argument("--scan", required=True, help="results/<cohort>/<patient>/<timepoint>")
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--out-md", required=True)
+    s.add_argument("--sizes", type=float, nargs="+", default=[4.5, 3.0, 2.0],
+                   help="bone cell sizes (mm); screw cells are half, peri-screw a third")
+    s.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    s.add_argument("--voxel-mm", type=float, default=0.5)
+    s.add_argument("--triad-n", type=int, default=20_000_000,
+                   help="triad array length per rank (doubles)")
+    s.add_argument("--nonlinear-results", default="results/demo",
+                   help="cohort results folder whose nonlinear solve JSONs are summarised")
+
     s = add("mesh", "bone + screws -> tetrahedral mesh (CGAL) with cell tags")
     s.add_argument("--parts", required=True)
     s.add_argument("--screws", required=True)
@@ -215,6 +230,10 @@ def run(a) -> None:
         from qctfea import convergence
 
         convergence.main_cli(a)
+    elif a.step == "perf":
+        from qctfea import perf
+
+        perf.main_cli(a)
     elif a.step == "register":
         steps.register(a.baseline_density, a.baseline_parts, a.density, a.parts, a.out_density,
                        a.out_json, a.out_tfm, a.out_png, prm, _ctx(a))
