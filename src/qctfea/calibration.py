@@ -83,6 +83,25 @@ class PhantomSpec:
     core_fraction: float = 0.6  #: fraction of the rod radius measured (avoids blur)
     warn_r2: float = 0.98
     fail_r2: float = 0.90
+    #: water-equivalent density (mg/cm³) of each rod, in the order of
+    #: ``rod_densities_mg_cm3``, for a K2HPO4-in-water phantom (Mindways Model 3: from the
+    #: phantom's calibration certificate). Given, the fit follows the QCT PRO equations
+    #: (see :func:`k2hpo4_water_fit`); None: a straight line through the rods.
+    water_equivalent_mg_cm3: list[float] | None = None
+    #: rod centres [x, y] in the scan's physical coordinates (mm), in the order of
+    #: ``rod_densities_mg_cm3``; given, the rods are measured there instead of being found
+    rod_centres_mm: list[list[float]] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.rod_densities_mg_cm3)
+        for key in ("water_equivalent_mg_cm3", "rod_centres_mm"):
+            v = getattr(self, key)
+            if v is not None and len(v) != n:
+                raise QctfeaError(f"calibration.phantom.{key} has {len(v)} entries, "
+                                  f"rod_densities_mg_cm3 has {n}: give one per rod, same order")
+        if self.rod_centres_mm is not None and not all(
+                isinstance(c, (list, tuple)) and len(c) == 2 for c in self.rod_centres_mm):
+            raise QctfeaError("calibration.phantom.rod_centres_mm: give [x, y] (mm) per rod")
 
 
 #: Textbook HU of the reference tissues (the basis of the default reference densities).
@@ -166,6 +185,8 @@ class Calibration:
     #: reference tissues measured in the scan (phantomless: the fitted points; phantom: for
     #: information, with their phantom-calibrated density), one dict per tissue
     tissues: list[dict] = field(default_factory=list)
+    #: K2HPO4-in-water phantom: sigma/beta of the QCT PRO equations
+    coefficients: dict = field(default_factory=dict)
 
     def apply(self, hu: np.ndarray) -> np.ndarray:
         return (self.intercept + self.slope * hu).astype(np.float32)
@@ -238,10 +259,63 @@ def find_rods(
             "check rod_diameter_mm / rod densities in the calibration config, or use a "
             "fixed calibration"
         )
-    rods.sort(key=lambda r: r["mean_hu"])
-    for r, rho in zip(rods, sorted(spec.rod_densities_mg_cm3), strict=True):
-        r["density_mg_cm3"] = float(rho)
+    _assign_rod_densities(rods, spec)
     return rods
+
+
+def _assign_rod_densities(rods: list[dict], spec: PhantomSpec) -> None:
+    """Match found rods to the phantom definition by HU order: K2HPO4 density alone, or for
+    a K2HPO4-in-water phantom the expected HU water + 1.5 x K2HPO4 (a typical sigma_ref)."""
+    water = spec.water_equivalent_mg_cm3 or [0.0] * len(spec.rod_densities_mg_cm3)
+    defs = sorted(zip(spec.rod_densities_mg_cm3, water, strict=True),
+                  key=lambda d: d[1] + 1.5 * d[0] if spec.water_equivalent_mg_cm3 else d[0])
+    rods.sort(key=lambda r: r["mean_hu"])
+    for r, (rho, w) in zip(rods, defs, strict=True):
+        r["density_mg_cm3"] = float(rho)
+        if spec.water_equivalent_mg_cm3:
+            r["water_mg_cm3"] = float(w)
+
+
+def rods_at(hu_zyx: np.ndarray, spacing_xyz, centres_px: list[tuple[float, float]],
+            spec: PhantomSpec) -> list[dict]:
+    """Rods measured at given centres (pixel x, y), densities in the definition's order."""
+    sx, sy = spacing_xyz[0], spacing_xyz[1]
+    yy, xx = np.indices(hu_zyx.shape[1:])
+    r_core = spec.core_fraction * spec.rod_diameter_mm / 2
+    rods = []
+    for (cx, cy), rho, w in zip(centres_px, spec.rod_densities_mg_cm3,
+                                spec.water_equivalent_mg_cm3 or [None] * len(centres_px),
+                                strict=True):
+        core = ((xx - cx) * sx) ** 2 + ((yy - cy) * sy) ** 2 <= r_core**2
+        if not core.any():
+            raise QctfeaError(f"calibration.phantom.rod_centres_mm: a rod centre ({cx:.0f}, "
+                              f"{cy:.0f} px) lies outside the image")
+        rod = {"center_px": [float(cx), float(cy)], "area_px": int(core.sum()),
+               "mean_hu": float(hu_zyx[:, core].mean()), "sd_hu": float(hu_zyx[:, core].std()),
+               "density_mg_cm3": float(rho), "given": True}
+        if w is not None:
+            rod["water_mg_cm3"] = float(w)
+        rods.append(rod)
+    return rods
+
+
+def k2hpo4_water_fit(rods: list[dict]) -> tuple[float, float, float, dict]:
+    """Calibration of a K2HPO4-in-water phantom (QCT PRO User Guide, Mindways 2011; as in
+    Bonelab Ogo's MindwaysCalibration): fit ``HU - rho_water = sigma_ref rho_K2HPO4 +
+    beta_ref`` over the rods, then ``sigma_CT = sigma_ref - 0.2174``, ``beta_CT = beta_ref +
+    999.6`` and ``rho_K2HPO4 = (HU - beta_CT) / sigma_CT``. Returns slope, intercept, R² of
+    the rod fit and the coefficients."""
+    k = np.array([r["density_mg_cm3"] for r in rods])
+    lhs = np.array([r["mean_hu"] - r["water_mg_cm3"] for r in rods])
+    sigma_ref, beta_ref, r2 = fit_line(k, lhs)
+    sigma_ct, beta_ct = sigma_ref - 0.2174, beta_ref + 999.6
+    coef = {"sigma_ref": sigma_ref, "beta_ref": beta_ref, "sigma_ct": sigma_ct,
+            "beta_ct": beta_ct, "model": "HU - rho_water = sigma_ref rho_K2HPO4 + beta_ref"}
+    if not sigma_ct > 0:
+        raise QctfeaError(f"K2HPO4-in-water phantom fit gives sigma_CT = {sigma_ct:.4f} (not > "
+                          "0): check calibration.phantom.water_equivalent_mg_cm3 and the rod "
+                          "densities against the phantom's certificate")
+    return 1.0 / sigma_ct, -beta_ct / sigma_ct, r2, coef
 
 
 def phantom_calibration(
@@ -250,13 +324,23 @@ def phantom_calibration(
     patient_mask_zyx: np.ndarray,
     spec: PhantomSpec | None = None,
     context: str = "",
+    rod_centres_px: list[tuple[float, float]] | None = None,
 ) -> Calibration:
-    """Fit the phantom calibration line and apply the R² gates."""
+    """Fit the phantom calibration line and apply the R² gates. Rods are found
+    automatically, or measured at ``rod_centres_px`` (pixel x, y; from
+    ``spec.rod_centres_mm``, converted by the caller who knows the image geometry)."""
     spec = spec or PhantomSpec()
-    rods = find_rods(hu_zyx, spacing_xyz, patient_mask_zyx, spec, context)
-    slope, intercept, r2 = fit_line(
-        [r["mean_hu"] for r in rods], [r["density_mg_cm3"] for r in rods]
-    )
+    if rod_centres_px is not None:
+        rods = rods_at(hu_zyx, spacing_xyz, rod_centres_px, spec)
+    else:
+        rods = find_rods(hu_zyx, spacing_xyz, patient_mask_zyx, spec, context)
+    coef = {}
+    if spec.water_equivalent_mg_cm3:
+        slope, intercept, r2, coef = k2hpo4_water_fit(rods)
+    else:
+        slope, intercept, r2 = fit_line(
+            [r["mean_hu"] for r in rods], [r["density_mg_cm3"] for r in rods]
+        )
     if not r2 >= spec.fail_r2:
         fit = ", ".join(f"{r['mean_hu']:.0f} HU -> {r['density_mg_cm3']:g}" for r in rods)
         raise QctfeaError(
@@ -267,7 +351,8 @@ def phantom_calibration(
         )
     if r2 < spec.warn_r2:
         warnings.warn(f"{context}: phantom calibration R² = {r2:.4f} < {spec.warn_r2}", stacklevel=2)
-    return Calibration(slope=slope, intercept=intercept, r2=r2, method="phantom", rods=rods)
+    return Calibration(slope=slope, intercept=intercept, r2=r2, method="phantom", rods=rods,
+                       coefficients=coef)
 
 
 def axial_axis(direction) -> int:

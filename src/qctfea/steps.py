@@ -267,7 +267,13 @@ def calibrate(ct_path, labels_path, out_density, out_json, out_png, cfg: dict,
         spec = params_from(cal_mod.PhantomSpec, cfg.get("phantom"), "calibration.phantom")
         tspec = params_from(cal_mod.TissueSpec, cfg.get("phantomless"),
                             "calibration.phantomless")
-        cal = cal_mod.phantom_calibration(hu, ct.GetSpacing(), patient_mask, spec, where)
+        centres = None
+        if spec.rod_centres_mm is not None:  # physical (x, y) at the middle slice -> pixels
+            z_mid = ct.TransformIndexToPhysicalPoint([0, 0, ct.GetSize()[2] // 2])[2]
+            centres = [tuple(ct.TransformPhysicalPointToContinuousIndex(
+                [float(x), float(y), z_mid])[:2]) for x, y in spec.rod_centres_mm]
+        cal = cal_mod.phantom_calibration(hu, ct.GetSpacing(), patient_mask, spec, where,
+                                          centres)
         try:
             found = cal_mod.find_tissues(hu, ct.GetSpacing(), labels_arr, tspec, where, label,
                                          masks)

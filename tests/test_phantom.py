@@ -1,0 +1,101 @@
+"""Phantom calibration variants against closed forms: a K2HPO4-in-water phantom (QCT PRO
+equations) and rods measured at centres given in the config (issue 3)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from qctfea.calibration import PhantomSpec, k2hpo4_water_fit, phantom_calibration
+from qctfea.provenance import QctfeaError
+
+# Representative K2HPO4 and water-equivalent densities of a five-rod K2HPO4-in-water phantom
+# (the layout of a Mindways Model 3; a real phantom's values come from its certificate).
+K2HPO4 = [375.8, 157.0, 58.9, -53.4, -51.8]
+WATER = [923.2, 1119.5, 1103.6, 1057.1, 1012.2]
+X_RODS = [22, 41, 60, 79, 98]
+
+
+def _scan(rod_hu):
+    """30 slices of 120 x 120 px (1 mm): a patient disc and, apart from it, a phantom block
+    (-200 HU) with five 12 mm rods of the given HU."""
+    hu = np.full((30, 120, 120), -1000.0)
+    yy, xx = np.indices((120, 120))
+    patient = (xx - 60) ** 2 + (yy - 40) ** 2 <= 25**2
+    hu[:, patient] = 40.0
+    hu[:, 85:116, 8:113] = -200.0
+    for x, v in zip(X_RODS, rod_hu, strict=True):
+        hu[:, (xx - x) ** 2 + (yy - 100) ** 2 <= 6**2] = v
+    mask = np.zeros(hu.shape, bool)
+    mask[:, patient] = True
+    return hu, mask
+
+
+def test_k2hpo4_in_water_phantom_recovers_the_qct_pro_line():
+    sigma_ref, beta_ref = 1.55, -1010.0  # HU - water = sigma_ref K2HPO4 + beta_ref
+    rod_hu = [w + sigma_ref * k + beta_ref for k, w in zip(K2HPO4, WATER, strict=True)]
+    hu, mask = _scan(rod_hu)
+    spec = PhantomSpec(rod_densities_mg_cm3=K2HPO4, water_equivalent_mg_cm3=WATER,
+                       rod_diameter_mm=12.0)
+    cal = phantom_calibration(hu, (1.0, 1.0, 1.0), mask, spec, "patient P, timepoint T")
+    sigma_ct, beta_ct = sigma_ref - 0.2174, beta_ref + 999.6
+    assert cal.slope == pytest.approx(1 / sigma_ct, rel=1e-9)
+    assert cal.intercept == pytest.approx(-beta_ct / sigma_ct, rel=1e-9)
+    assert cal.r2 == pytest.approx(1.0, abs=1e-12)
+    assert cal.coefficients["sigma_ref"] == pytest.approx(sigma_ref, rel=1e-9)
+    # Rods matched to the definition by expected HU, not by K2HPO4 alone (rods D and E).
+    by_x = {round(r["center_px"][0]): r for r in cal.rods}
+    for x, k, w in zip(X_RODS, K2HPO4, WATER, strict=True):
+        assert (by_x[x]["density_mg_cm3"], by_x[x]["water_mg_cm3"]) == (k, w)
+    # A plain straight line through the same rods would be wrong: the water content differs.
+    with pytest.warns(UserWarning, match="R² = 0.92"):
+        plain = phantom_calibration(hu, (1.0, 1.0, 1.0), mask,
+                                    PhantomSpec(rod_densities_mg_cm3=K2HPO4, rod_diameter_mm=12.0))
+    assert plain.r2 < 0.95
+
+
+def test_rods_measured_at_given_centres():
+    a, b = 0.8, -5.0  # density = b + a HU
+    dens = [0.0, 50.0, 100.0, 150.0, 200.0]
+    hu, mask = _scan([(d - b) / a for d in dens])
+    spec = PhantomSpec(rod_densities_mg_cm3=dens, rod_diameter_mm=12.0,
+                       rod_centres_mm=[[x, 100.0] for x in X_RODS])
+    cal = phantom_calibration(hu, (1.0, 1.0, 1.0), mask, spec, "ctx",
+                              [(float(x), 100.0) for x in X_RODS])
+    assert cal.slope == pytest.approx(a, rel=1e-9) and cal.intercept == pytest.approx(b, abs=1e-6)
+    assert all(r["given"] for r in cal.rods)
+
+
+def test_rod_centres_in_physical_coordinates_through_the_step(tmp_path):
+    """steps.calibrate converts rod_centres_mm through the image geometry (origin, spacing)."""
+    from qctfea import steps
+
+    a, b = 0.75, 3.0
+    dens = [0.0, 50.0, 100.0, 150.0, 200.0]
+    hu, mask = _scan([(d - b) / a for d in dens])
+    img = sitk.GetImageFromArray(hu.astype(np.float32))
+    img.SetSpacing((0.5, 0.5, 1.0))
+    img.SetOrigin((-30.0, 12.0, 100.0))
+    lab = sitk.GetImageFromArray(mask.astype(np.uint8) * 23)
+    lab.CopyInformation(img)
+    sitk.WriteImage(img, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(lab, str(tmp_path / "labels.nii.gz"))
+    centres = [[-30.0 + 0.5 * x, 12.0 + 0.5 * 100] for x in X_RODS]
+    cfg = {"method": "phantom", "phantom": {"rod_densities_mg_cm3": dens,
+                                            "rod_diameter_mm": 6.0, "rod_centres_mm": centres}}
+    steps.calibrate(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz", tmp_path / "d.nii.gz",
+                    tmp_path / "c.json", tmp_path / "c.png", cfg, "ctx", 23)
+    import json
+
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["slope"] == pytest.approx(a, rel=1e-6) and c["intercept"] == pytest.approx(b, abs=1e-4)
+
+
+def test_phantom_definition_lengths_are_checked():
+    with pytest.raises(QctfeaError, match="water_equivalent_mg_cm3 has 2 entries"):
+        PhantomSpec(rod_densities_mg_cm3=K2HPO4, water_equivalent_mg_cm3=[1000.0, 1000.0])
+    with pytest.raises(QctfeaError, match=r"rod_centres_mm: give \[x, y\]"):
+        PhantomSpec(rod_densities_mg_cm3=[0.0, 100.0], rod_centres_mm=[[1.0], [2.0]])
+    with pytest.raises(QctfeaError, match="sigma_CT"):
+        k2hpo4_water_fit([{"density_mg_cm3": k, "mean_hu": w - 1000 + 0.1 * k,
+                           "water_mg_cm3": w} for k, w in zip(K2HPO4, WATER, strict=True)])
