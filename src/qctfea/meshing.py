@@ -174,9 +174,8 @@ def _tet_volumes(points: np.ndarray, cells: np.ndarray) -> np.ndarray:
 
 
 def screw_volume_mm3(screw: Screw) -> float:
-    """Geometric volume of the screw (inserted length and head), mm³."""
-    r = screw.spec.diameter_mm / 2
-    return float(np.pi * r * r * (screw.spec.length_mm + screw.spec.head_length_mm))
+    """Geometric volume of the screw (inserted length and head, threads if on), mm³."""
+    return screw.spec.volume_mm3()
 
 
 def match_screw_volume(points: np.ndarray, cells: np.ndarray, tags: np.ndarray, screw: Screw,
@@ -327,7 +326,12 @@ def generate_mesh(
     points, cells = points[used], remap[cells]
     screw_volumes = {}
     for sc in screws:
-        if params.match_screw_volume and TAG_SCREW[sc.side] in tags:
+        if sc.spec.threads and TAG_SCREW[sc.side] in tags:  # no cylinder to match: report
+            meshed = float(np.abs(_tet_volumes(points, cells[tags == TAG_SCREW[sc.side]])).sum())
+            screw_volumes[sc.side] = {"geometry_mm3": screw_volume_mm3(sc),
+                                      "mesh_mm3_before": meshed, "mesh_mm3": meshed,
+                                      "shift_mm": 0.0, "moved_vertices": 0, "refused": "threads"}
+        elif params.match_screw_volume and TAG_SCREW[sc.side] in tags:
             points, screw_volumes[sc.side] = match_screw_volume(
                 points, cells, tags, sc, TAG_SCREW[sc.side], params.facet_distance_mm)
     q = tet_quality(points, cells)

@@ -61,10 +61,11 @@ def screw_planes(screws) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
     a = by.get("left") or screws[0]
     b = by.get("right") or screws[-1]
     n = np.cross(a.axis, b.axis)
-    if np.linalg.norm(n) < 0.05:  # parallel screws: the plane through both entries
-        n = np.cross(a.axis, b.entry_mm - a.entry_mm)
-    if np.linalg.norm(n) < 1e-9:
-        n = np.cross(a.axis, [0.0, 0.0, 1.0])
+    # Parallel screws: the plane through both entries; one screw: any plane along its axis.
+    for other in (b.entry_mm - a.entry_mm, [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]):
+        if np.linalg.norm(n) >= 0.05:
+            break
+        n = np.cross(a.axis, other)
     n /= np.linalg.norm(n)
     origin = (a.entry_mm + b.entry_mm) / 2
     sag_n = np.cross(a.axis, n)

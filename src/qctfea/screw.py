@@ -22,11 +22,36 @@ SIDES = ("left", "right")
 
 @dataclass
 class ScrewSpec:
-    diameter_mm: float = 6.5
+    diameter_mm: float = 6.5  #: outer (major) diameter
     length_mm: float = 40.0  #: inserted length, from the entry point
     head_length_mm: float = 6.0  #: part outside the bone, loaded in pullout
     youngs_modulus_mpa: float = 110000.0  #: titanium alloy
     poisson_ratio: float = 0.3
+    #: threads on the inserted length: a single-start helical V-thread between the core
+    #: and the outer diameter (depth = (outer - core) / 2). Off: a cylinder of the outer
+    #: diameter. Threads need mesh.voxel_mm and cell sizes well below the thread depth.
+    threads: bool = False
+    core_diameter_mm: float = 4.5  #: minor diameter (threads on)
+    thread_pitch_mm: float = 2.75  #: axial distance between crests (threads on)
+
+    def __post_init__(self) -> None:
+        if self.threads and not 0 < self.core_diameter_mm < self.diameter_mm:
+            raise QctfeaError(f"screw.core_diameter_mm ({self.core_diameter_mm}) must lie "
+                              f"between 0 and screw.diameter_mm ({self.diameter_mm})")
+        if self.threads and not self.thread_pitch_mm > 0:
+            raise QctfeaError("screw.thread_pitch_mm must be > 0")
+
+    def volume_mm3(self) -> float:
+        """Geometric volume (inserted length and head). Threaded: the V-thread's radius
+        r = c + d t with t uniform on [0, 1] around any cross-section, so the mean section
+        is pi (c² + c d + d²/3)."""
+        r = self.diameter_mm / 2
+        head = np.pi * r * r * self.head_length_mm
+        if not self.threads:
+            return float(np.pi * r * r * self.length_mm + head)
+        c = self.core_diameter_mm / 2
+        d = r - c
+        return float(np.pi * (c * c + c * d + d * d / 3) * self.length_mm + head)
 
 
 @dataclass
@@ -52,13 +77,31 @@ class Screw:
         return s, radial
 
     def contains(self, pts: np.ndarray, pad_mm: float = 0.0) -> np.ndarray:
-        """Points inside the screw (head included), optionally padded radially."""
+        """Points inside the screw (head included), optionally padded radially. With
+        threads, the radius of the inserted part follows the helical V-thread."""
         s, rad = self.axial_radial(pts)
+        radius = np.full(len(s), self.spec.diameter_mm / 2)
+        if self.spec.threads:
+            radius = np.where(s >= 0, self.thread_radius(pts, s), radius)
         return (
-            (rad <= self.spec.diameter_mm / 2 + pad_mm)
+            (rad <= radius + pad_mm)
             & (s >= -self.spec.head_length_mm)
             & (s <= self.spec.length_mm)
         )
+
+    def thread_radius(self, pts: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """Outer surface radius of the threaded part at the points' depth and angle: the
+        core radius plus the thread depth times a triangle wave of the helix phase."""
+        a = self.axis
+        u = np.cross(a, [1.0, 0, 0] if abs(a[0]) < 0.9 else [0, 1.0, 0])
+        u /= np.linalg.norm(u)
+        v = np.cross(a, u)
+        rel = np.asarray(pts, float) - self.entry_mm
+        theta = np.arctan2(rel @ v, rel @ u)
+        pitch = self.spec.thread_pitch_mm
+        phase = np.mod(s / pitch - theta / (2 * np.pi), 1.0)
+        c = self.spec.core_diameter_mm / 2
+        return c + (self.spec.diameter_mm / 2 - c) * (1.0 - np.abs(2.0 * phase - 1.0))
 
     def to_dict(self) -> dict:
         return {
