@@ -59,6 +59,9 @@ from scipy import ndimage
 from qctfea.provenance import QctfeaError
 
 BODY, POSTERIOR, TRABECULAR = 1, 2, 3  #: part labels (trabecular ROI is inside the body)
+#: end caps (e.g. PMMA embedding of a specimen) in the parts image; not bone
+CAP = 4
+BONE_PARTS = (BODY, POSTERIOR, TRABECULAR)
 
 
 #: Largest connected component of the target label below this volume fraction: warning.
@@ -175,8 +178,23 @@ class MaskParams:
     body_subregion_labels: list = field(default_factory=lambda: [49, 50])
     body_opening_mm: float = 7.0
     trabecular_margin_mm: float = 3.0
+    #: labels that together form the vertebra (e.g. [1, 2]: trabecular and cortical bone of
+    #: a voxel-FE benchmark's label map) instead of the single ``label``
+    bone_labels: list | None = None
+    #: labels of end caps (e.g. PMMA embedding): meshed as their own subdomain with
+    #: ``materials.cap_modulus_mpa``; the compression platens then load the caps' outer faces
+    cap_labels: list | None = None
 
     def __post_init__(self):
+        for key in ("bone_labels", "cap_labels"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, (list, tuple)) or not v or not all(
+                    isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)):
+                raise QctfeaError(f"mask.{key} {v!r} must be a non-empty list of positive "
+                                  "integer labels")
+        if self.bone_labels and self.cap_labels and set(self.bone_labels) & set(self.cap_labels):
+            raise QctfeaError(f"mask.bone_labels {self.bone_labels} and mask.cap_labels "
+                              f"{self.cap_labels} overlap")
         self.label, self.vertebra = resolve_label(self.convention, self.vertebra, self.label)
         labels = self.body_subregion_labels
         if (not isinstance(labels, (list, tuple)) or not labels

@@ -121,6 +121,8 @@ class MaterialParams:
     subdivision_levels: int = 2  #: 8**levels sub-tets per element
     #: user-defined piecewise power law for ``law: custom`` (see :func:`custom_law`)
     custom: dict | None = None
+    cap_modulus_mpa: float = 2500.0  #: end caps (mask.cap_labels): PMMA
+    cap_poisson: float = 0.3
     #: 0: every element its own modulus (exact); N > 0: bone moduli grouped into N bins of
     #: equal width in E, each element taking its bin's mean (Bonemat-style material groups)
     bins: int = 0

@@ -36,15 +36,16 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from qctfea.masks import BODY, POSTERIOR, TRABECULAR
+from qctfea.masks import BODY, CAP, POSTERIOR, TRABECULAR
 from qctfea.provenance import QctfeaError
 from qctfea.screw import Screw
 
 TAG_BODY, TAG_POSTERIOR, TAG_SCREW = 1, 2, {"left": 3, "right": 4}
+TAG_CAP = 5  #: end caps (PMMA), when the mask step found cap labels
 BONE_TAGS = (TAG_BODY, TAG_POSTERIOR)
 #: labels of the bone near a screw during meshing only (own cell size); they become the
 #: body and posterior tags again in the mesh
-_PERI = {TAG_BODY: 5, TAG_POSTERIOR: 6}
+_PERI = {TAG_BODY: 6, TAG_POSTERIOR: 7}
 
 
 @dataclass
@@ -107,7 +108,10 @@ def labelled_grid(
     ref.SetOrigin(lo.tolist())
     ref.SetSpacing([h, h, h])
     lab = np.zeros(n[::-1], np.uint8)  # z, y, x
-    for values, tag in (((BODY, TRABECULAR), TAG_BODY), ((POSTERIOR,), TAG_POSTERIOR)):
+    for values, tag in (((CAP,), TAG_CAP), ((BODY, TRABECULAR), TAG_BODY),
+                        ((POSTERIOR,), TAG_POSTERIOR)):
+        if values == (CAP,) and not (arr == CAP).any():
+            continue
         m = sitk.Cast(sum(parts_img == v for v in values), sitk.sitkFloat32)
         r = sitk.Resample(m, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         lab[sitk.GetArrayFromImage(r) >= 0.5] = tag
@@ -291,6 +295,8 @@ def generate_mesh(
         for peri in _PERI.values():
             if peri in present:
                 sizes[peri] = params.peri_screw_cell_size_mm
+        if TAG_CAP in present:
+            sizes[TAG_CAP] = params.bone_cell_size_mm
         # Keywords only: pygalmesh's generate_from_array passes these positionally
         # in the wrong order.
         m = pygalmesh.generate_from_inr(

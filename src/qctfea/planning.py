@@ -94,7 +94,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from qctfea.masks import BODY, POSTERIOR, TRABECULAR, body_axis
+from qctfea.masks import BONE_PARTS, BODY, POSTERIOR, TRABECULAR, body_axis
 from qctfea.provenance import QctfeaError
 from qctfea.screw import SIDES, Screw, ScrewSpec
 
@@ -163,7 +163,7 @@ class _Grid:
         self.origin = np.array(self.image.GetOrigin(), float)
         self.inverse = np.linalg.inv(self.matrix)
         self.shape = lab.shape
-        self.bone = lab > 0
+        self.bone = np.isin(lab, BONE_PARTS)
         self.body = np.isin(lab, (BODY, TRABECULAR))
         self.posterior = lab == POSTERIOR
         self._posterior_f = self.posterior.astype(np.float32)

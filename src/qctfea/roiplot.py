@@ -68,7 +68,7 @@ def roi_picture(density: sitk.Image, parts: sitk.Image, screws, shell_mm: float,
         s, rad = sc.axial_radial(pts)
         around |= ((rad <= sc.spec.diameter_mm / 2 + shell_mm) & (s >= 0)
                    & (s <= sc.spec.length_mm)).reshape(lab.shape)
-    around &= lab > 0
+    around &= np.isin(lab, (BODY, POSTERIOR, TRABECULAR))
     body = np.isin(lab, (BODY, TRABECULAR))
     centroid = np.argwhere(body).mean(0) if body.any() else np.array(lab.shape) / 2  # z, y, x
     by_side = {sc.side: sc for sc in screws}

@@ -346,9 +346,19 @@ def mask(ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
         sub_where = f"{context} ({subregions_path})"
         sub = sitk.GetArrayFromImage(masks.resample_labels_to(
             _read_image(subregions_path, "sub-region map", context), ct, sub_where))
+    caps = np.isin(lab, p.cap_labels) if p.cap_labels else np.zeros(lab.shape, bool)
+    if p.cap_labels and not caps.any():
+        raise QctfeaError(f"{where}: no voxel carries the end-cap label(s) mask.cap_labels "
+                          f"{p.cap_labels} (labels present: "
+                          f"{sorted(int(v) for v in np.unique(lab) if v)}); correct "
+                          "mask.cap_labels or remove it")
+    if p.bone_labels:  # several labels (e.g. trabecular + cortical) form the vertebra
+        lab = np.where(np.isin(lab, p.bone_labels), p.label,
+                       np.where(lab == p.label, 0, lab)).astype(lab.dtype)
     parts = masks.vertebra_parts(lab, ct.GetSpacing(), p, where, sub, sub_where)
     qc = masks.label_qc(lab, ct.GetSpacing(), p, where)
     out = np.zeros(lab.shape, np.uint8)
+    out[caps] = masks.CAP
     out[parts["body"]] = masks.BODY
     out[parts["posterior"]] = masks.POSTERIOR
     out[parts["trabecular"]] = masks.TRABECULAR
@@ -367,6 +377,7 @@ def mask(ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
         "body_volume_cm3": float(parts["body"].sum() * vox_mm3 / 1000),
         "trabecular_roi_volume_cm3": float(parts["trabecular"].sum() * vox_mm3 / 1000),
         "trabecular_roi_voxels": int(parts["trabecular"].sum()),
+        "caps_volume_cm3": float((out == masks.CAP).sum() * vox_mm3 / 1000),
         "components_in_label": int(ndimage.label(lab == p.label)[1]),
         "contact_with_other_labels_voxels": masks.contact_with_neighbours(
             lab, parts["vertebra"], p.label),
@@ -456,7 +467,8 @@ def bmd(density_path, parts_path, screws_path, out_json, cfg: dict, context: str
         raise QctfeaError(f"{context}: density image {density_path} ({arr.shape[::-1]} voxels) "
                           f"and vertebra parts image {parts_path} ({lab.shape[::-1]}) are on "
                           "different grids; give both from the same scan")
-    parts = {"vertebra": lab > 0, "body": np.isin(lab, (masks.BODY, masks.TRABECULAR)),
+    parts = {"vertebra": np.isin(lab, masks.BONE_PARTS),
+             "body": np.isin(lab, (masks.BODY, masks.TRABECULAR)),
              "trabecular": lab == masks.TRABECULAR}
     if not parts["trabecular"].any():
         raise QctfeaError(f"{context}: vertebra parts image {parts_path} has no trabecular ROI "
@@ -574,6 +586,8 @@ def materials(mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict
         E[bone_sel] = mat.bin_moduli(E[bone_sel], p.bins)
     nu = np.full(len(cells), p.poisson_bone)
     screws = {s.side: s for s in load_screws(screws_path)}
+    caps = tags == meshing.TAG_CAP
+    E[caps], nu[caps], sy[caps] = p.cap_modulus_mpa, p.cap_poisson, np.inf  # caps: elastic
     for side, tag in meshing.TAG_SCREW.items():
         sel = tags == tag
         if side in screws:

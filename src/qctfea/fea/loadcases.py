@@ -50,7 +50,7 @@ from qctfea.fea.elasticity import (
     boundary_facets_of_tags,
     facet_midpoints,
 )
-from qctfea.meshing import BONE_TAGS, TAG_BODY, TAG_SCREW
+from qctfea.meshing import BONE_TAGS, TAG_BODY, TAG_CAP, TAG_SCREW
 from qctfea.provenance import QctfeaError
 from qctfea.screw import Screw
 
@@ -116,12 +116,16 @@ def effective_strain(strains: np.ndarray) -> np.ndarray:
 
 
 def _endplate_dofs(model: ElasticModel, cell_tags, axis_info: dict, params: LoadParams):
-    """Superior and inferior endplate facets of the body (see the module docstring)."""
+    """Superior and inferior endplate facets of the body (see the module docstring); with
+    end caps in the mesh (TAG_CAP), the caps' outer faces instead (the platens load the
+    caps, as in a specimen test)."""
     mesh = model.mesh
     axis = np.asarray(axis_info["superior_axis"], float)
     axis = axis / np.linalg.norm(axis)
     c = np.asarray(axis_info["centroid_mm"], float)
-    facets = boundary_facets_of_tags(mesh, cell_tags, [TAG_BODY])
+    has_caps = mesh.comm.allreduce(int((np.asarray(cell_tags.values) == TAG_CAP).any()),
+                                   MPI.MAX)
+    facets = boundary_facets_of_tags(mesh, cell_tags, [TAG_CAP if has_caps else TAG_BODY])
     mid = facet_midpoints(mesh, facets) if len(facets) else np.zeros((0, 3))
     h = (mid - c) @ axis
     comm = mesh.comm
