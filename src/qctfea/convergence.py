@@ -64,11 +64,29 @@ def _solve(case: str, side: str | None, level_dir: Path, scan: Path, ranks: int)
     return d
 
 
+def mesh_level(scan: Path, d: Path, size: float, voxel_mm: float, materials_cfg: dict | None,
+               ctx: str) -> tuple[float, float, dict]:
+    """Mesh the scan's vertebra and screws at bone cell size ``size`` (screw cells half, bone
+    near the screws a third) into ``d`` and map its materials; returns the seconds of each
+    and the mesh report."""
+    from qctfea import steps
+
+    t0 = time.perf_counter()
+    steps.mesh(scan / "vertebra.nii.gz", scan / "screws.json", d / "mesh.xdmf",
+               d / "mesh.json", {"voxel_mm": voxel_mm, "bone_cell_size_mm": size,
+                                 "screw_cell_size_mm": size / 2,
+                                 "peri_screw_cell_size_mm": size / 3}, ctx)
+    t_mesh = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    steps.materials(d / "mesh.xdmf", scan / "density.nii.gz", scan / "screws.json",
+                    d / "materials.npz", d / "materials.json", dict(materials_cfg or {}), ctx)
+    t_mat = time.perf_counter() - t0
+    return t_mesh, t_mat, json.loads((d / "mesh.json").read_text())
+
+
 def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_mm: float = 0.5,
               ranks: int = 2, materials_cfg: dict | None = None, log=sys.stderr) -> list[dict]:
     """Mesh, map and solve (linear) at each bone cell size; returns one row per level."""
-    from qctfea import steps
-
     scan, out_dir = Path(scan), Path(out_dir)
     for name in ("vertebra.nii.gz", "vertebra.json", "screws.json", "density.nii.gz"):
         if not (scan / name).exists():
@@ -80,17 +98,7 @@ def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_m
         d.mkdir(parents=True, exist_ok=True)
         ctx = f"{scan} at bone cell size {size:g} mm"
         print(f"[convergence] {ctx}: meshing", file=log, flush=True)
-        t0 = time.perf_counter()
-        steps.mesh(scan / "vertebra.nii.gz", scan / "screws.json", d / "mesh.xdmf",
-                   d / "mesh.json", {"voxel_mm": voxel_mm, "bone_cell_size_mm": size,
-                                     "screw_cell_size_mm": size / 2,
-                                     "peri_screw_cell_size_mm": size / 3}, ctx)
-        t_mesh = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        steps.materials(d / "mesh.xdmf", scan / "density.nii.gz", scan / "screws.json",
-                        d / "materials.npz", d / "materials.json", dict(materials_cfg or {}), ctx)
-        t_mat = time.perf_counter() - t0
-        mesh_rep = json.loads((d / "mesh.json").read_text())
+        t_mesh, t_mat, mesh_rep = mesh_level(scan, d, size, voxel_mm, materials_cfg, ctx)
         row = {"bone_cell_size_mm": size, "screw_cell_size_mm": size / 2,
                "peri_screw_cell_size_mm": size / 3, "voxel_mm": voxel_mm,
                "n_cells": mesh_rep["n_cells"], "mesh_s": round(t_mesh, 1),

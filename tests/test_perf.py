@@ -1,0 +1,174 @@
+"""The performance harness's pieces (issue 9): fast, no timing assertions.
+
+The harness itself is a documented command (``qctfea perf``, docs/performance.md), not a test.
+"""
+from __future__ import annotations
+
+import dolfinx_solver  # noqa: F401  (before dolfinx or petsc4py)
+import numpy as np
+import pytest
+
+from qctfea import perf
+
+
+def _tridiagonal(n: int):
+    from petsc4py import PETSc
+
+    A = PETSc.Mat().createAIJ([n, n], nnz=3, comm=PETSc.COMM_SELF)
+    for i in range(n):
+        for j in (i - 1, i, i + 1):
+            if 0 <= j < n:
+                A.setValue(i, j, 2.0 if i == j else -1.0)
+    A.assemble()
+    return A
+
+
+def test_matrix_bytes_hand_count():
+    # 4 x 4 tridiagonal: 4 + 3 + 3 = 10 nonzeros; values 8 B, column indices 4 B,
+    # 5 row pointers of 4 B: 10 * 12 + 5 * 4 = 140 bytes.
+    assert perf.matrix_bytes(10, 4, index_bytes=4) == 140
+    assert perf.matrix_bytes(10, 4, index_bytes=8) == 10 * 16 + 5 * 8
+
+
+def test_bytes_per_iteration_tiny_petsc_matrix_without_multigrid():
+    from petsc4py import PETSc
+
+    A = _tridiagonal(4)
+    pc = PETSc.PC().create(PETSc.COMM_SELF)
+    pc.setType("jacobi")
+    pc.setOperators(A)
+    pc.setUp()
+    bm = perf.bytes_per_iteration(A, pc)
+    ib = bm["index_bytes"]
+    assert (bm["rows"], bm["nnz"]) == (4, 10)
+    assert bm["matrix_bytes"] == 10 * (8 + ib) + 5 * ib
+    assert bm["vector_bytes"] == perf.CG_VECTOR_PASSES * 4 * 8  # 8 vectors of 4 doubles
+    assert bm["mg_operator_bytes"] == 0 and bm["levels"] == []
+    assert bm["bytes_per_iteration"] == 10 * (8 + ib) + 5 * ib + 8 * 4 * 8
+    assert perf.bytes_per_iteration(A, None)["bytes_per_iteration"] == bm["bytes_per_iteration"]
+    A.destroy()
+    pc.destroy()
+
+
+def test_bytes_per_iteration_counts_every_gamg_level():
+    """On a 1-D Laplacian with a tiny coarse limit GAMG builds several levels; each level's
+    operator is counted once (floor), the finest being A itself."""
+    from petsc4py import PETSc
+
+    n = 2000
+    A = _tridiagonal(n)
+    ksp = PETSc.KSP().create(PETSc.COMM_SELF)
+    ksp.setOperators(A)
+    ksp.setType("cg")
+    pc = ksp.getPC()
+    pc.setType("gamg")
+    opts = PETSc.Options()
+    opts["pc_gamg_coarse_eq_limit"] = 10
+    ksp.setFromOptions()
+    ksp.setUp()
+    del opts["pc_gamg_coarse_eq_limit"]
+    bm = perf.bytes_per_iteration(A, pc)
+    ib = bm["index_bytes"]
+    assert len(bm["levels"]) == pc.getMGLevels() >= 2
+    finest = max(bm["levels"], key=lambda r: r["level"])
+    assert (finest["rows"], finest["nnz"]) == (n, 3 * n - 2)
+    assert bm["mg_operator_bytes"] == sum(perf.matrix_bytes(r["nnz"], r["rows"], ib)
+                                          for r in bm["levels"])
+    assert bm["bytes_per_iteration"] == (bm["matrix_bytes"] + bm["vector_bytes"]
+                                         + bm["mg_operator_bytes"])
+    assert bm["sweep_bytes_per_iteration"] > bm["bytes_per_iteration"]
+    # The preconditioner still works after the level walk (no smoother was re-created).
+    b, x = A.createVecs()
+    b.set(1.0)
+    ksp.solve(b, x)
+    assert ksp.getConvergedReason() > 0
+    ksp.destroy()
+    A.destroy()
+
+
+def test_bandwidth_ratio():
+    # 10 iterations x 1e9 bytes at 10 GB/s = 1 s bound; 2.5 s solve -> 2.5
+    assert perf.bandwidth_ratio(2.5, 10, 1e9, 10e9) == pytest.approx(2.5)
+    assert perf.bandwidth_ratio(1.0, 0, 1e9, 10e9) == float("inf")
+
+
+def test_triad_bandwidth_positive_and_bytes_24n():
+    r = perf.triad(n=100_000, repeats=2, block=4096)
+    assert r["bytes"] == 24 * 100_000
+    assert r["bandwidth_gb_s"] > 0
+    assert r["bandwidth_gb_s"] == pytest.approx(r["bytes"] / r["best_s"] / 1e9)
+    assert len(r["times_s"]) == 2 and r["best_s"] == min(r["times_s"])
+
+
+def _fake_result():
+    bm = {"rows": 27060, "nnz": 1000000, "index_bytes": 4, "vector_passes": 8,
+          "matrix_bytes": 12108244, "vector_bytes": 1731840, "mg_operator_bytes": 20000000,
+          "levels": [{"level": 0, "rows": 500, "nnz": 100000, "bytes": 1202004},
+                     {"level": 1, "rows": 27060, "nnz": 1000000, "bytes": 12108244,
+                      "smooth_down": 2, "smooth_up": 2, "interp_nnz": 1, "interp_bytes": 1}],
+          "bytes_per_iteration": 33840084, "sweep_bytes_per_iteration": 90000000}
+    row = {"bone_cell_size_mm": 4.5, "screw_cell_size_mm": 2.25, "peri_screw_cell_size_mm": 1.5,
+           "n_cells": 36251, "mesh_s": 4.4, "materials_s": 3.1, "load_case": "pullout_left",
+           "case": "pullout", "side": "left", "ranks": 2, "n_dofs": 27060,
+           "seconds": {"mesh_read": 0.1, "function_space": 0.02, "assembly": 0.05,
+                       "preconditioner_setup": 0.2, "solve": 0.3, "solve_extra_rtol": 0.25},
+           "iterations": 40, "iterations_extra_rtol": 31, "dofs_per_s": 90200.0,
+           "peak_rss_mb_sum": 540.0, "bytes_model": bm, "bandwidth_ratio": 2.2,
+           "bandwidth_ratio_sweep": 0.9, "bandwidth_ratio_extra_rtol": 2.1, "bound_s": 0.136}
+    tri = {"n_per_rank": 2e7, "bandwidth_gb_s": 10.0}
+    return {"scan": "results/demo/P01/M00", "sizes": [4.5], "ranks": [2], "voxel_mm": 0.5,
+            "machine": {"cpu_model": "Fake CPU", "logical_cpus": 2, "affinity_cpus": 2,
+                        "memory_gb": 16, "platform": "Linux"},
+            "load_average_before": [0.1, 0.1, 0.1], "load_average_after": [1.9, 1.0, 0.5],
+            "harness_wall_s": 60.0,
+            "triad": {"before": {"2": tri}, "after": {"2": tri}, "used_gb_s": {"2": 10.0}},
+            "rows": [row], "nonlinear": {}, "goals": perf.goal_checks([row])}
+
+
+def test_markdown_has_the_table_headers():
+    text = perf.markdown(_fake_result(), "qctfea perf --scan x")
+    for h in ("cells", "DOFs", "mesh s", "materials s", "assembly s", "PC set-up s",
+              "solve s", "iterations (rtol 1e-10)", "iterations (rtol 1e-8)", "DOFs/s",
+              "peak RSS MB", "bandwidth-bound ratio"):
+        assert f"| {h} |" in text, h
+    assert perf.TABLE_HEADER in text
+    assert "| 4.5 / 2.25 / 1.5 | pullout left | 2 | 36251 | 27060 |" in text
+    assert "qctfea perf --scan x" in text and "Fake CPU" in text
+    assert "**contended**" in text  # load 1.9 on 2 CPUs
+    assert "≤ 50 CG iterations at rtol 1e-8" in text and "**met**" in text
+
+
+def test_goal_checks_flags_iteration_growth():
+    base = _fake_result()["rows"][0]
+    fine = {**base, "bone_cell_size_mm": 2.0, "iterations_extra_rtol": 45}
+    g = perf.goal_checks([base, fine])
+    assert g["iterations_at_goal_rtol"]["met"]  # 45 <= 50
+    (pair,) = g["refinement_growth"]
+    assert pair["refinement"] == pytest.approx(2.25)
+    assert not pair["met"]  # 31 -> 45 is +45 %
+
+
+def test_cli_has_perf_subcommand():
+    from qctfea.cli import build_parser
+
+    a = build_parser().parse_args(["perf", "--scan", "s", "--out-dir", "o", "--out-md", "m.md",
+                                   "--sizes", "4.5", "3", "--ranks", "1", "2"])
+    assert a.sizes == [4.5, 3.0] and a.ranks == [1, 2] and a.triad_n == 20_000_000
+
+
+def test_nonlinear_summary(tmp_path):
+    import json
+
+    d = tmp_path / "P01" / "M00"
+    d.mkdir(parents=True)
+    (d / "compression.json").write_text(json.dumps(
+        {"analysis": "nonlinear", "increments": 4, "newton_iterations": 12,
+         "ksp_iterations": 480, "step_cuts": 1, "n_dofs": 100, "seconds": {"solve": 2.0}}))
+    (d / "pullout_left.json").write_text(json.dumps(
+        {"analysis": "nonlinear", "increments": 5, "newton_iterations": 10,
+         "ksp_iterations": 300, "step_cuts": 0, "n_dofs": 100, "seconds": {"solve": 1.0}}))
+    s = perf.nonlinear_summary(tmp_path)
+    assert s["compression"]["newton_per_increment"]["median"] == 3.0
+    assert s["compression"]["ksp_per_newton"]["median"] == 40.0
+    assert s["pullout"]["newton_per_increment"]["median"] == 2.0
+    assert s["pullout"]["models"] == 1 and np.isclose(s["pullout"]["solve_s_total"], 1.0)
