@@ -286,13 +286,7 @@ def worker(mesh_path, materials_path, vertebra_json, screws_path, case: str,
 
     prefix = "qctfea_perf_"
     options = dict(elasticity.DEFAULT_PETSC_OPTIONS)
-    opts = PETSc.Options()
-    for k, val in options.items():
-        opts[prefix + k] = val
-    ksp = PETSc.KSP().create(comm)
-    ksp.setOptionsPrefix(prefix)
-    ksp.setOperators(A)
-    ksp.setFromOptions()
+    ksp = elasticity.make_ksp(comm, A, prefix, options)
     t = time.perf_counter()
     ksp.setUp()
     t = lap("ksp_setup", t)
@@ -347,8 +341,7 @@ def worker(mesh_path, materials_path, vertebra_json, screws_path, case: str,
     t = lap("solve_extra_rtol", t)
     its_extra = int(ksp.getIterationNumber())
     reason_extra = int(ksp.getConvergedReason())
-    for k in options:
-        opts.delValue(prefix + k)
+    elasticity.clear_options(prefix, options)
 
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
     rss_sum = comm.reduce(rss_kb, op=MPI.SUM, root=0)

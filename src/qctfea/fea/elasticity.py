@@ -89,6 +89,26 @@ def cell_values_from_original(mesh, values_by_original_cell: np.ndarray, name: s
     return f
 
 
+def make_ksp(comm, A, prefix: str, options: dict):
+    """A PETSc KSP on operator ``A`` configured from ``options`` (PETSc option names without
+    the leading dash) under the options ``prefix``."""
+    opts = PETSc.Options()
+    for k, val in options.items():
+        opts[prefix + k] = val
+    ksp = PETSc.KSP().create(comm)
+    ksp.setOptionsPrefix(prefix)
+    ksp.setOperators(A)
+    ksp.setFromOptions()
+    return ksp
+
+
+def clear_options(prefix: str, options) -> None:
+    """Remove the options :func:`make_ksp` set under ``prefix`` from PETSc's database."""
+    opts = PETSc.Options()
+    for k in options:
+        opts.delValue(prefix + k)
+
+
 def build_nullspace(V) -> PETSc.NullSpace:
     """Rigid body modes (3 translations, 3 rotations about the centroid), orthonormalised."""
     index_map = V.dofmap.index_map
@@ -161,13 +181,7 @@ class ElasticModel:
         A.setNearNullSpace(build_nullspace(self.V))
         info.seconds["assembly"] = time.perf_counter() - t0
 
-        opts = PETSc.Options()
-        for k, val in {**DEFAULT_PETSC_OPTIONS, **(petsc_options or {})}.items():
-            opts[prefix + k] = val
-        ksp = PETSc.KSP().create(comm)
-        ksp.setOptionsPrefix(prefix)
-        ksp.setOperators(A)
-        ksp.setFromOptions()
+        ksp = make_ksp(comm, A, prefix, {**DEFAULT_PETSC_OPTIONS, **(petsc_options or {})})
         t0 = time.perf_counter()
         ksp.setUp()
         info.seconds["preconditioner_setup"] = time.perf_counter() - t0
@@ -180,8 +194,7 @@ class ElasticModel:
         info.iterations = int(ksp.getIterationNumber())
         info.converged_reason = names.get(reason, str(reason))
         info.residual_norm = float(ksp.getResidualNorm())
-        for k in {**DEFAULT_PETSC_OPTIONS, **(petsc_options or {})}:
-            opts.delValue(prefix + k)
+        clear_options(prefix, {**DEFAULT_PETSC_OPTIONS, **(petsc_options or {})})
         ksp.destroy()
         A.destroy()
         b.destroy()

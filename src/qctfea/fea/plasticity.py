@@ -89,7 +89,13 @@ import ufl
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from qctfea.fea.elasticity import DEFAULT_PETSC_OPTIONS, ElasticModel, build_nullspace
+from qctfea.fea.elasticity import (
+    DEFAULT_PETSC_OPTIONS,
+    ElasticModel,
+    build_nullspace,
+    clear_options,
+    make_ksp,
+)
 from qctfea.provenance import QctfeaError
 
 #: GAMG keeps its prolongators between Newton steps (the sparsity never changes).
@@ -439,18 +445,12 @@ class PlasticModel(ElasticModel):
         b = dolfinx.fem.petsc.create_vector(self.V)
         dx = b.duplicate()
         r = b.duplicate()
-        opts = PETSc.Options()
         all_opts = {**NONLINEAR_PETSC_OPTIONS, **(petsc_options or {})}
         if self.constitutive == "damage":
             # The exact damage tangent is not symmetric: GMRES instead of CG.
             all_opts = {**all_opts, "ksp_type": "gmres", "ksp_gmres_restart": 100,
                         "mg_levels_esteig_ksp_type": "gmres"}
-        for k, val in all_opts.items():
-            opts[prefix + k] = val
-        ksp = PETSc.KSP().create(comm)
-        ksp.setOptionsPrefix(prefix)
-        ksp.setOperators(A)
-        ksp.setFromOptions()
+        ksp = make_ksp(comm, A, prefix, all_opts)
         reasons = {v: k for k, v in vars(PETSc.KSP.ConvergedReason).items() if isinstance(v, int)}
 
         def internal_force():
@@ -611,8 +611,7 @@ class PlasticModel(ElasticModel):
             else:
                 res.stop_reason = "maximum displacement reached while the force still rose"
         finally:
-            for k in all_opts:
-                opts.delValue(prefix + k)
+            clear_options(prefix, all_opts)
             ksp.destroy()
             A.destroy()
             b.destroy()
