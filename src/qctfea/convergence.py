@@ -64,6 +64,16 @@ def _solve(case: str, side: str | None, level_dir: Path, scan: Path, ranks: int)
     return d
 
 
+def check_scan(scan) -> Path:
+    """``scan`` as a Path after checking it is a processed baseline scan folder."""
+    scan = Path(scan)
+    for name in ("vertebra.nii.gz", "vertebra.json", "screws.json", "density.nii.gz"):
+        if not (scan / name).exists():
+            raise QctfeaError(f"{scan / name} is missing: --scan must be a processed scan folder "
+                              "(results/<cohort>/<patient>/<timepoint>) of a baseline scan")
+    return scan
+
+
 def mesh_level(scan: Path, d: Path, size: float, voxel_mm: float, materials_cfg: dict | None,
                ctx: str) -> tuple[float, float, dict]:
     """Mesh the scan's vertebra and screws at bone cell size ``size`` (screw cells half, bone
@@ -87,11 +97,7 @@ def mesh_level(scan: Path, d: Path, size: float, voxel_mm: float, materials_cfg:
 def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_mm: float = 0.5,
               ranks: int = 2, materials_cfg: dict | None = None, log=sys.stderr) -> list[dict]:
     """Mesh, map and solve (linear) at each bone cell size; returns one row per level."""
-    scan, out_dir = Path(scan), Path(out_dir)
-    for name in ("vertebra.nii.gz", "vertebra.json", "screws.json", "density.nii.gz"):
-        if not (scan / name).exists():
-            raise QctfeaError(f"{scan / name} is missing: --scan must be a processed scan folder "
-                              "(results/<cohort>/<patient>/<timepoint>) of a baseline scan")
+    scan, out_dir = check_scan(scan), Path(out_dir)
     rows = []
     for size in sorted(sizes, reverse=True):
         d = out_dir / f"bone_{size:g}mm"

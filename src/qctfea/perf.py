@@ -230,9 +230,7 @@ def worker(mesh_path, materials_path, vertebra_json, screws_path, case: str,
     """Build the pipeline's linear system for ``case`` and time every stage (all ranks)."""
     import dolfinx_solver  # noqa: F401  (orders MPI ahead of the compiled bindings)
     import dolfinx
-    import dolfinx.fem.petsc
     from mpi4py import MPI
-    from petsc4py import PETSc
 
     from qctfea import steps
     from qctfea.fea import elasticity, loadcases
@@ -274,14 +272,7 @@ def worker(mesh_path, materials_path, vertebra_json, screws_path, case: str,
         raise QctfeaError(f"unknown load case {case!r}")
     t = lap("boundary_conditions", t)
 
-    # Assembly exactly as ElasticModel.solve does it.
-    A = dolfinx.fem.petsc.assemble_matrix(model.a, bcs=bcs)
-    A.assemble()
-    b = dolfinx.fem.petsc.assemble_vector(model.L)
-    dolfinx.fem.petsc.apply_lifting(b, [model.a], bcs=[bcs])
-    b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
-    dolfinx.fem.petsc.set_bc(b, bcs)
-    A.setNearNullSpace(elasticity.build_nullspace(model.V))
+    A, b = model.assemble_system(bcs)  # the assembly ElasticModel.solve uses
     t = lap("assembly", t)
 
     prefix = "qctfea_perf_"
@@ -464,13 +455,9 @@ def run_benchmark(scan, out_dir, sizes: list[float], ranks: list[int], voxel_mm:
                   triad_n: int = 20_000_000, nonlinear_root: str | None = None,
                   materials_cfg: dict | None = None, log=sys.stderr) -> dict:
     """The whole harness: triad, then mesh / materials / solves per level; one result dict."""
-    from qctfea.convergence import mesh_level
+    from qctfea.convergence import check_scan, mesh_level
 
-    scan, out_dir = Path(scan), Path(out_dir)
-    for name in ("vertebra.nii.gz", "vertebra.json", "screws.json", "density.nii.gz"):
-        if not (scan / name).exists():
-            raise QctfeaError(f"{scan / name} is missing: --scan must be a processed scan folder "
-                              "(results/<cohort>/<patient>/<timepoint>)")
+    scan, out_dir = check_scan(scan), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     busy_before = cpu_busy()

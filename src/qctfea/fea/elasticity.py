@@ -166,12 +166,9 @@ class ElasticModel:
         im = self.V.dofmap.index_map
         return im.size_global * self.V.dofmap.index_map_bs
 
-    def solve(self, bcs, petsc_options: dict | None = None, prefix: str = "qctfea_") -> SolveInfo:
-        """Assemble and solve; raise :class:`QctfeaError` when CG does not converge."""
-        comm = self.mesh.comm
-        info = SolveInfo(n_dofs=self.n_dofs(), mpi_ranks=comm.size,
-                         n_cells=self.mesh.topology.index_map(3).size_global)
-        t0 = time.perf_counter()
+    def assemble_system(self, bcs):
+        """Stiffness matrix (with the rigid-body near-null space for GAMG) and right-hand side
+        with the Dirichlet conditions ``bcs`` applied."""
         A = dolfinx.fem.petsc.assemble_matrix(self.a, bcs=bcs)
         A.assemble()
         b = dolfinx.fem.petsc.assemble_vector(self.L)
@@ -179,6 +176,15 @@ class ElasticModel:
         b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
         dolfinx.fem.petsc.set_bc(b, bcs)
         A.setNearNullSpace(build_nullspace(self.V))
+        return A, b
+
+    def solve(self, bcs, petsc_options: dict | None = None, prefix: str = "qctfea_") -> SolveInfo:
+        """Assemble and solve; raise :class:`QctfeaError` when CG does not converge."""
+        comm = self.mesh.comm
+        info = SolveInfo(n_dofs=self.n_dofs(), mpi_ranks=comm.size,
+                         n_cells=self.mesh.topology.index_map(3).size_global)
+        t0 = time.perf_counter()
+        A, b = self.assemble_system(bcs)
         info.seconds["assembly"] = time.perf_counter() - t0
 
         ksp = make_ksp(comm, A, prefix, {**DEFAULT_PETSC_OPTIONS, **(petsc_options or {})})
