@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMP_NUM_THREADS ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: env demo demo-study dryrun test lint clean
+.PHONY: env demo demo-study dryrun test lint clean peer-env
 
 env:
 	@bash envs/bootstrap.sh
@@ -31,6 +31,16 @@ dryrun: env
 test: env
 	@echo "[test] running the test suite"
 	python -m pytest -ra --durations=10
+
+# The peer solver for `qctfea peer` (issue 9): parosol-py (GPL-2.0-or-later, bundles ParOSol and
+# OpenMPI) in its own environment, called as a program; never a dependency of qctfea.
+PEER_VENV ?= .peer-venv
+peer-env: env
+	@if [ -x $(PEER_VENV)/bin/python ] && $(PEER_VENV)/bin/python -c "import parosol_py" 2>/dev/null; then \
+	  echo "[peer-env] $(PEER_VENV) has parosol-py"; else \
+	  echo "[peer-env] creating $(PEER_VENV) with parosol-py==0.1.26"; \
+	  $$($(VENV)/bin/python -c "import sys; print(sys.executable)") -m venv $(PEER_VENV) && \
+	  $(PEER_VENV)/bin/pip install --quiet "parosol-py==0.1.26"; fi
 
 clean:
 	rm -rf results logs benchmarks resources .snakemake

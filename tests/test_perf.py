@@ -172,3 +172,32 @@ def test_nonlinear_summary(tmp_path):
     assert s["compression"]["ksp_per_newton"]["median"] == 40.0
     assert s["pullout"]["newton_per_increment"]["median"] == 2.0
     assert s["pullout"]["models"] == 1 and np.isclose(s["pullout"]["solve_s_total"], 1.0)
+
+
+def test_operator_bytes_of_a_blocked_matrix():
+    """BAIJ, block size 3: one column index per 3x3 block, one row pointer per block row."""
+    from petsc4py import PETSc
+
+    # 2 x 2 blocks of 3 x 3, block-diagonal plus one off-diagonal block: 3 blocks, 27 values.
+    A = PETSc.Mat().createBAIJ(size=(6, 6), bsize=3, nnz=2, comm=PETSc.COMM_SELF)
+    blk = np.arange(1.0, 10.0).reshape(3, 3)
+    A.setValuesBlocked([0], [0], blk)
+    A.setValuesBlocked([0], [1], blk)
+    A.setValuesBlocked([1], [1], blk)
+    A.assemble()
+    ib = perf._index_bytes()
+    nnz, rows, nbytes = perf.operator_bytes(A, ib)
+    assert (nnz, rows) == (27, 6)
+    assert nbytes == 27 * 8 + 3 * ib + (2 + 1) * ib
+    # The same matrix as AIJ: one index per value, one pointer per row.
+    B = A.convert("aij", PETSc.Mat())
+    assert perf.operator_bytes(B, ib)[2] == 27 * (8 + ib) + 7 * ib
+    A.destroy()
+    B.destroy()
+
+
+def test_petsc_option_overrides_parse():
+    assert perf.parse_petsc_options(["mg_levels_ksp_max_it=2", "-pc_type = jacobi"]) == {
+        "mg_levels_ksp_max_it": "2", "pc_type": "jacobi"}
+    with pytest.raises(Exception, match="KEY=VALUE"):
+        perf.parse_petsc_options(["mg_levels_ksp_max_it"])

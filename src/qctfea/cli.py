@@ -141,6 +141,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nonlinear-results", default="results/demo",
                    help="cohort results folder whose nonlinear solve JSONs are summarised")
 
+    s = sub.add_parser("peer", help="side by side with ParOSol (parosol-py, its own venv: "
+                       "make peer-env): stiffness and wall time of a vertebral-body specimen "
+                       "with PMMA caps at several voxel / cell sizes (markdown + JSON)")
+    s.add_argument("--scan", required=True, help="results/<cohort>/<patient>/<timepoint>")
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--out-md", required=True,
+                   help="markdown file whose peer section is replaced (or appended)")
+    s.add_argument("--voxel-sizes", type=float, nargs="+", default=[1.5, 1.0, 0.75, 0.5],
+                   help="ParOSol voxel sizes (mm), divisors of 3 mm; include the CT's own")
+    s.add_argument("--cell-sizes", type=float, nargs="+", default=[4.5, 3.0, 2.0, 1.5],
+                   help="our bone cell sizes (mm)")
+    s.add_argument("--ranks", type=int, default=2, help="MPI processes for each tool")
+    s.add_argument("--cap-mm", type=float, default=3.0,
+                   help="PMMA cap thickness beyond the highest / lowest bone (mm)")
+    s.add_argument("--materials", default="",
+                   help="materials section as JSON (law, poisson, cap modulus); default the "
+                        "pipeline's defaults")
+    s.add_argument("--control-density", type=float, default=None,
+                   help="also run the specimen with this one density (mg/cm³) everywhere: a "
+                        "control that separates geometry and end conditions from the E field")
+    s.add_argument("--control-voxel-sizes", type=float, nargs="+", default=None,
+                   help="ParOSol voxel sizes of the control (default --voxel-sizes)")
+    s.add_argument("--control-cell-sizes", type=float, nargs="+", default=None,
+                   help="our bone cell sizes of the control (default --cell-sizes)")
+    s.add_argument("--peer-python", default=None,
+                   help="Python of the environment holding parosol-py (default "
+                        ".peer-venv/bin/python)")
+
+    s = sub.add_parser("throughput", help="cohort wall time and solve time against mesh size "
+                       "from earlier workflow runs' benchmark files (picture + markdown)")
+    s.add_argument("--cohort", action="append", required=True,
+                   help="cohort name (benchmarks/<name>, results/<name>); repeatable")
+    s.add_argument("--benchmarks", default="benchmarks")
+    s.add_argument("--results", default="results")
+    s.add_argument("--perf-json", default=None,
+                   help="perf.json of `qctfea perf`: adds the per-stage cost against DOFs")
+    s.add_argument("--out-png", required=True)
+    s.add_argument("--out-md", required=True,
+                   help="markdown file whose throughput section is replaced (or appended)")
+
     s = add("mesh", "bone + screws -> tetrahedral mesh (CGAL) with cell tags")
     s.add_argument("--parts", required=True)
     s.add_argument("--screws", required=True)
@@ -234,6 +274,14 @@ def run(a) -> None:
         from qctfea import perf
 
         perf.main_cli(a)
+    elif a.step == "throughput":
+        from qctfea import throughput
+
+        throughput.main_cli(a)
+    elif a.step == "peer":
+        from qctfea import peer
+
+        peer.main_cli(a)
     elif a.step == "register":
         steps.register(a.baseline_density, a.baseline_parts, a.density, a.parts, a.out_density,
                        a.out_json, a.out_tfm, a.out_png, prm, _ctx(a))

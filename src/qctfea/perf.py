@@ -109,6 +109,19 @@ def matrix_bytes(nnz: int, rows: int, index_bytes: int = 4, value_bytes: int = V
     return int(nnz) * (value_bytes + index_bytes) + (int(rows) + 1) * index_bytes
 
 
+def operator_bytes(M, index_bytes: int) -> tuple[int, int, int]:
+    """(nnz, rows, bytes of one pass) of a PETSc matrix in its own storage format: AIJ as
+    :func:`matrix_bytes`; BAIJ/SBAIJ with block size bs keeps one column index per bs x bs
+    block and one row pointer per block row."""
+    nnz, n = mat_size(M)
+    mtype = M.getType() or ""
+    bs = int(M.getBlockSize() or 1)
+    if "baij" in mtype and bs > 1:
+        return nnz, n, int(nnz * VALUE_BYTES + (nnz // (bs * bs)) * index_bytes
+                           + (n // bs + 1) * index_bytes)
+    return nnz, n, matrix_bytes(nnz, n, index_bytes)
+
+
 def _index_bytes() -> int:
     from petsc4py import PETSc
 
@@ -130,8 +143,7 @@ def bytes_per_iteration(A, pc=None, vector_passes: int = CG_VECTOR_PASSES) -> di
     not multigrid (or None) contributes nothing.
     """
     ib = _index_bytes()
-    nnz, n = mat_size(A)
-    fine = matrix_bytes(nnz, n, ib)
+    nnz, n, fine = operator_bytes(A, ib)
     vectors = int(vector_passes) * n * VALUE_BYTES
     levels = []
     n_levels = 0
@@ -140,16 +152,16 @@ def bytes_per_iteration(A, pc=None, vector_passes: int = CG_VECTOR_PASSES) -> di
     for lev in range(n_levels):
         smoother = pc.getMGSmoother(lev) if lev > 0 else pc.getMGCoarseSolve()
         A_l = smoother.getOperators()[0]
-        nnz_l, n_l = mat_size(A_l)
-        row = {"level": lev, "rows": n_l, "nnz": nnz_l, "bytes": matrix_bytes(nnz_l, n_l, ib)}
+        nnz_l, n_l, bytes_l = operator_bytes(A_l, ib)
+        row = {"level": lev, "rows": n_l, "nnz": nnz_l, "bytes": bytes_l}
         if lev > 0:
             # One smoother KSP is shared by the down and up sweeps (the default; do not
             # call PCMGGetSmootherUp: it splits them, creating a new, unset-up KSP).
             down = up = int(smoother.getTolerances()[3])
             P = pc.getMGInterpolation(lev)
-            nnz_p, n_p = mat_size(P)
+            nnz_p, _, bytes_p = operator_bytes(P, ib)
             row.update(smooth_down=down, smooth_up=up, interp_nnz=nnz_p,
-                       interp_bytes=matrix_bytes(nnz_p, n_p, ib))
+                       interp_bytes=bytes_p)
         levels.append(row)
     mg = sum(r["bytes"] for r in levels)
     sweep = sum(((r["smooth_down"] + r["smooth_up"] + 1) * r["bytes"] + 2 * r["interp_bytes"])
@@ -226,8 +238,12 @@ def triad_mpi(n: int, repeats: int, out_json: str | None = None) -> dict:
 
 def worker(mesh_path, materials_path, vertebra_json, screws_path, case: str,
            side: str | None, out_json: str, extra_rtol: float = GOAL_RTOL,
-           loads_cfg: dict | None = None, repeats: int = 3) -> dict:
-    """Build the pipeline's linear system for ``case`` and time every stage (all ranks)."""
+           loads_cfg: dict | None = None, repeats: int = 3,
+           petsc_options: dict | None = None, mat_type: str = "aij") -> dict:
+    """Build the pipeline's linear system for ``case`` and time every stage (all ranks).
+
+    ``petsc_options`` override :data:`DEFAULT_PETSC_OPTIONS` (solver variants);
+    ``mat_type`` "baij" converts the assembled matrix to PETSc's 3x3-blocked format."""
     import dolfinx_solver  # noqa: F401  (orders MPI ahead of the compiled bindings)
     import dolfinx
     from mpi4py import MPI
@@ -273,11 +289,20 @@ def worker(mesh_path, materials_path, vertebra_json, screws_path, case: str,
     t = lap("boundary_conditions", t)
 
     A, b = model.assemble_system(bcs)  # the assembly ElasticModel.solve uses
+    P = A
+    if mat_type != "aij":
+        # GAMG coarsens an AIJ matrix only (MatCreateGraph): it keeps the assembled AIJ
+        # as the preconditioning matrix; CG and the fine-level smoother apply the BAIJ copy.
+        from petsc4py import PETSc
+
+        A = P.convert(mat_type, PETSc.Mat())  # a new matrix (out=None converts in place)
     t = lap("assembly", t)
 
     prefix = "qctfea_perf_"
-    options = dict(elasticity.DEFAULT_PETSC_OPTIONS)
+    options = {**elasticity.DEFAULT_PETSC_OPTIONS, **(petsc_options or {})}
     ksp = elasticity.make_ksp(comm, A, prefix, options)
+    if P is not A:
+        ksp.setOperators(A, P)
     t = time.perf_counter()
     ksp.setUp()
     t = lap("ksp_setup", t)
@@ -351,6 +376,8 @@ def worker(mesh_path, materials_path, vertebra_json, screws_path, case: str,
     }
     ksp.destroy()
     A.destroy()
+    if P is not A:
+        P.destroy()
     b.destroy()
     if comm.rank == 0:
         Path(out_json).write_text(json.dumps(res, indent=1))
@@ -737,6 +764,17 @@ def main_cli(a) -> None:
     print(text)
 
 
+def parse_petsc_options(items) -> dict:
+    """``["key=value", ...]`` (no leading dash) to a dict; values stay strings for PETSc."""
+    out = {}
+    for item in items or []:
+        key, sep, val = str(item).partition("=")
+        if not sep or not key.strip():
+            raise QctfeaError(f"PETSc option {item!r}: write KEY=VALUE, e.g. mg_levels_ksp_max_it=1")
+        out[key.strip().lstrip("-")] = val.strip()
+    return out
+
+
 def _main(argv=None) -> int:
     """``python -m qctfea.perf worker|triad`` (run under mpiexec by the harness)."""
     p = argparse.ArgumentParser(prog="python -m qctfea.perf")
@@ -751,6 +789,9 @@ def _main(argv=None) -> int:
     w.add_argument("--out-json", required=True)
     w.add_argument("--extra-rtol", type=float, default=GOAL_RTOL)
     w.add_argument("--repeats", type=int, default=3, help="timed solves (best reported)")
+    w.add_argument("--petsc-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one of DEFAULT_PETSC_OPTIONS (repeatable)")
+    w.add_argument("--mat-type", default="aij", choices=["aij", "baij"])
     t = sub.add_parser("triad")
     t.add_argument("--n", type=int, default=20_000_000)
     t.add_argument("--repeats", type=int, default=5)
@@ -759,7 +800,8 @@ def _main(argv=None) -> int:
     try:
         if a.cmd == "worker":
             worker(a.mesh, a.materials, a.vertebra, a.screws, a.case, a.side, a.out_json,
-                   a.extra_rtol, repeats=a.repeats)
+                   a.extra_rtol, repeats=a.repeats,
+                   petsc_options=parse_petsc_options(a.petsc_option), mat_type=a.mat_type)
         else:
             triad_mpi(a.n, a.repeats, a.out_json)
     except QctfeaError as exc:
