@@ -135,3 +135,12 @@ def test_driver_is_importable_without_parosol():
 
     mod = importlib.import_module("qctfea.peer_driver")
     assert callable(mod.main)
+
+
+def test_voxel_nodes_counts_shared_corners():
+    occ = np.zeros((3, 3, 3), bool)
+    occ[1, 1, 1] = True
+    assert peer.voxel_nodes(occ) == 8
+    occ[1, 1, 2] = True  # a face neighbour shares 4 nodes
+    assert peer.voxel_nodes(occ) == 12
+    assert peer.voxel_nodes(np.ones((2, 3, 4), bool)) == 3 * 4 * 5

@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-png", required=True)
     s.add_argument("--out-md", required=True,
                    help="markdown file whose throughput section is replaced (or appended)")
+    s.add_argument("--out-json", default=None, help="per-cohort numbers and per-solve rows")
 
     s = add("mesh", "bone + screws -> tetrahedral mesh (CGAL) with cell tags")
     s.add_argument("--parts", required=True)

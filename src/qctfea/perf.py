@@ -27,6 +27,9 @@ For one processed scan (``results/<cohort>/<patient>/<timepoint>/``) and each bo
    1e-10); the worker then overrides ``ksp_rtol`` to 1e-8 (``KSPSetTolerances`` on the same
    KSP, the preconditioner kept) and solves again from a zero initial guess, because the issue
    states its iteration goal at 1e-8.
+   Solver variants: ``python -m qctfea.perf worker ... --petsc-option KEY=VALUE`` (repeatable)
+   overrides the defaults, ``--mat-type baij`` applies a 3x3-blocked copy of the operator
+   (GAMG keeps the AIJ matrix to coarsen); ``docs/performance.md`` records the variants tried.
 3. A **STREAM-like triad** ``a = b + s c`` on float64 arrays of ``n`` (default 2e7, 160 MB
    per array, far beyond the caches) is timed by the harness itself, best of 5, every MPI
    rank doing its own triad at the same time (a barrier before each repetition); the
@@ -753,7 +756,9 @@ def main_cli(a) -> None:
     (out_dir / "perf.json").write_text(json.dumps(res, indent=1, default=str))
     cmd = (f"qctfea perf --scan {a.scan} --out-dir {a.out_dir} --out-md {a.out_md} "
            f"--sizes {' '.join(f'{s:g}' for s in a.sizes)} "
-           f"--ranks {' '.join(str(r) for r in a.ranks)}")
+           f"--ranks {' '.join(str(r) for r in a.ranks)}"
+           + (f" --nonlinear-results {a.nonlinear_results}"
+              if a.nonlinear_results != "results/demo" else ""))
     text = markdown(res, cmd)
     out = Path(a.out_md)
     if out.exists() and NOTES_MARK in out.read_text():  # keep the hand-written notes

@@ -181,5 +181,7 @@ def main_cli(a) -> None:
     section = markdown(cohorts, png_rel, cmd)
     Path(a.out_md).parent.mkdir(parents=True, exist_ok=True)
     write_section(Path(a.out_md), section)
-    (out_png.with_suffix(".json")).write_text(json.dumps(cohorts, indent=1))
+    if a.out_json:
+        Path(a.out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out_json).write_text(json.dumps(cohorts, indent=1))
     print(section)
