@@ -47,12 +47,16 @@ def _mpiexec() -> str:
     return found
 
 
-def _solve(case: str, side: str | None, level_dir: Path, scan: Path, ranks: int) -> dict:
+def _solve(case: str, side: str | None, level_dir: Path, scan: Path, ranks: int,
+           loads: dict | None = None) -> dict:
+    """Linear solve of ``level_dir``'s mesh and materials under mpiexec (a fresh process, as
+    the pipeline runs it), with ``scan``'s vertebra.json and screws.json; ``loads`` adds
+    to the loads section. Returns the result JSON with the process's wall time."""
     out = level_dir / (f"{case}_{side}.json" if side else f"{case}.json")
     cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "qctfea.cli", "solve", case,
            "--mesh", str(level_dir / "mesh.xdmf"), "--materials", str(level_dir / "materials.npz"),
            "--vertebra", str(scan / "vertebra.json"), "--screws", str(scan / "screws.json"),
-           "--out-json", str(out), "--params", json.dumps({"analysis": "linear"})]
+           "--out-json", str(out), "--params", json.dumps({**(loads or {}), "analysis": "linear"})]
     if side:
         cmd += ["--side", side]
     t0 = time.perf_counter()

@@ -238,12 +238,6 @@ def prepare_ours(spec: dict, box: dict, d: Path) -> dict:
     return axis
 
 
-def _mpiexec() -> str:
-    from qctfea.convergence import _mpiexec as find
-
-    return find()
-
-
 def run_ours(common: Path, density_path: Path, cell_mm: float, voxel_mm: float, d: Path,
              materials_cfg: dict, ranks: int, height_mm: float, ctx: str) -> dict:
     from qctfea import steps
@@ -258,18 +252,10 @@ def run_ours(common: Path, density_path: Path, cell_mm: float, voxel_mm: float, 
     steps.materials(d / "mesh.xdmf", density_path, common / "screws.json", d / "materials.npz",
                     d / "materials.json", materials_cfg, ctx)
     t_mat = time.perf_counter() - t0
-    out = d / "compression.json"
-    cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "qctfea.cli", "solve",
-           "compression", "--mesh", str(d / "mesh.xdmf"), "--materials",
-           str(d / "materials.npz"), "--vertebra", str(common / "vertebra.json"), "--screws",
-           str(common / "screws.json"), "--out-json", str(out), "--params",
-           json.dumps({"analysis": "linear", "displacement_mm": STRAIN * height_mm})]
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    t_solve = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise QctfeaError(f"peer: our solve failed at {d}:\n{res.stderr[-2000:]}")
-    r = json.loads(out.read_text())
+    from qctfea.convergence import _solve
+
+    r = _solve("compression", None, d, common, ranks, {"displacement_mm": STRAIN * height_mm})
+    t_solve = r["wall_s"]
     rep = json.loads((d / "mesh.json").read_text())
     return {"bone_cell_size_mm": cell_mm, "n_cells": rep["n_cells"], "n_dofs": r["n_dofs"],
             "stiffness_n_per_mm": r["stiffness_n_per_mm"], "ksp_iterations": r["ksp_iterations"],
