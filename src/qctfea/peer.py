@@ -215,27 +215,21 @@ def run_peer(E: np.ndarray, spacing: float, poisson: float, d: Path, py: str, ra
     return r
 
 
-def _write_image(arr: np.ndarray, ref: sitk.Image, path: Path) -> None:
-    img = sitk.GetImageFromArray(arr)
-    img.CopyInformation(ref)
-    sitk.WriteImage(img, str(path), True)
-
-
-def prepare_ours(spec: dict, box: dict, d: Path) -> dict:
+def prepare_ours(spec: dict, box: dict, d: Path) -> None:
     """Parts image (1 body, 4 cap), the axis record and an empty screw list for our steps."""
     from qctfea.masks import BODY, CAP
+    from qctfea.steps import _like, _write_image
 
     d.mkdir(parents=True, exist_ok=True)
     parts = np.zeros(spec["body"].shape, np.uint8)
     parts[spec["caps"]] = CAP
     parts[spec["body"]] = BODY
-    _write_image(parts, spec["reference"], d / "parts.nii.gz")
+    _write_image(_like(parts, spec["reference"]), d / "parts.nii.gz")
     height = float(box["length_mm"][2])
     axis = {"superior_axis": [0.0, 0.0, 1.0], "centroid_mm": box["body_centroid_mm"],
             "height_mm": height, "specimen": "body + PMMA caps (qctfea peer)"}
     (d / "vertebra.json").write_text(json.dumps(axis, indent=1))
     (d / "screws.json").write_text(json.dumps({"screws": []}))
-    return axis
 
 
 def run_ours(common: Path, density_path: Path, cell_mm: float, voxel_mm: float, d: Path,

@@ -29,7 +29,7 @@ from qctfea.provenance import QctfeaError
 
 BEGIN_MARK = "<!-- throughput:begin -->"
 END_MARK = "<!-- throughput:end -->"
-SOLVE_RULES = {"solve_compression": "compression", "solve_pullout": "pullout"}
+SOLVE_RULES = ("solve_compression", "solve_pullout")  #: rule names (sides stripped)
 
 
 def cohort_summary(name: str, bench_root: Path, results_root: Path) -> dict:
@@ -56,7 +56,7 @@ def cohort_summary(name: str, bench_root: Path, results_root: Path) -> dict:
         raise QctfeaError(f"no solve benchmark with a result JSON under {bench_root} and "
                           f"{results_root}; run the workflow for cohort {name!r} first")
     job_s = float(df["wall_s"].sum())
-    solve_s = float(df[df["rule"].isin(list(SOLVE_RULES))]["wall_s"].sum())
+    solve_s = float(df[df["rule"].isin(SOLVE_RULES)]["wall_s"].sum())
     # Core-seconds: a solve job holds its MPI ranks' cores, every other job one core.
     core_s = job_s - solve_s + sum(s["wall_s"] * s["ranks"] for s in solves)
     return {"cohort": name, "scans": int(df["scan"].nunique()), "jobs": int(len(df)),
