@@ -73,6 +73,26 @@ if not (COHORT_DIR / "config.yaml").is_file():
     )
 CCFG = yaml.safe_load((COHORT_DIR / "config.yaml").read_text()) or {}
 check_schema(COHORT_DIR / "config.yaml", [("", CCFG)], "cohort.schema.yaml", "key")
+
+
+def check_calibration():
+    """The calibration settings as the calibrate step will read them: a phantom calibration
+    (the default method) that names no phantom is refused here, before any job runs, with
+    the presets listed (qctfea.calibration.PHANTOM_PRESETS)."""
+    from qctfea.calibration import PhantomSpec, TissueSpec
+    from qctfea.provenance import QctfeaError
+    from qctfea.steps import params_from
+
+    cal = CCFG.get("calibration") or {}
+    try:
+        if cal.get("method", "phantom") == "phantom":
+            params_from(PhantomSpec, cal.get("phantom"), "calibration.phantom").require_defined()
+        params_from(TissueSpec, cal.get("phantomless"), "calibration.phantomless")
+    except QctfeaError as exc:
+        raise WorkflowError(f"{COHORT_DIR / 'config.yaml'}: {exc}") from exc
+
+
+check_calibration()
 SHEET = COHORT_DIR / CCFG.get("samples", "samples.tsv")
 #: "landmarks": screws from the sample sheet's landmarks files; "auto": from the vertebra mask
 PLANNING = (CCFG.get("planning") or {}).get("method", "landmarks")

@@ -11,6 +11,21 @@ the whole endplate whatever the tilt of the vertebra in the scanner, so the
 same surface is loaded at every timepoint.
 Stiffness = reaction / displacement (N/mm).
 
+*Platens* (``platens``). ``fixed`` (default): both platens bonded, every
+displacement component prescribed (lateral motion held). ``free``: the end
+conditions of the published voxel-FE benchmarks: only the axial component is
+prescribed (zero on the inferior platen, ``-displacement`` on the superior
+one) and lateral motion is free, apart from the minimum that removes the
+rigid-body modes left (two lateral translations and the rotation about the
+axis): the inferior platen node nearest its centre is held laterally, and the
+inferior platen node farthest from it is held in the one lateral direction
+perpendicular to the line joining them. The axial direction is then the scan
+axis nearest the body's superior axis (the component the constraint acts on;
+its angle to the body axis is recorded as ``load_axis_tilt_deg``). A prism of
+layers in series (e.g. bone between end caps) under free platens is in
+uniaxial stress, so its stiffness is 1 / sum(L_i / (E_i A)) for any Poisson
+ratio when the layers' ratios nu_i / E_i are equal (``tests/test_specimen.py``).
+
 **Pullout (per side).** Both endplates are fixed. The screw head's end face
 (exterior facets of that screw's cells within ``head_face_mm`` of the head
 end) is displaced by ``displacement_mm`` along the screw axis, away from the
@@ -38,7 +53,7 @@ force-displacement curve; stiffness = the initial (first increment) slope.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dolfinx_solver  # noqa: F401
 import dolfinx
@@ -53,6 +68,12 @@ from qctfea.fea.elasticity import (
 from qctfea.meshing import BONE_TAGS, TAG_BODY, TAG_CAP, TAG_SCREW
 from qctfea.provenance import QctfeaError
 from qctfea.screw import Screw
+
+
+#: load cases of the workflow (``loads.cases``), in the order they are run
+LOAD_CASES = ("compression", "pullout")
+#: compression platen conditions (``loads.platens``)
+PLATENS = ("fixed", "free")
 
 
 @dataclass
@@ -86,6 +107,24 @@ class LoadParams:
     #: nonlinear damage: element cracks above this x yield stress in tension (null: never)
     tensile_strength_ratio: float | None = 0.8
     residual_fraction: float = 0.01  #: nonlinear damage: stiffness kept by a failed element
+    #: load cases the workflow runs: compression always; without "pullout" no screws are
+    #: planned or meshed (a body-only specimen, e.g. a voxel-FE benchmark with end caps)
+    cases: list = field(default_factory=lambda: list(LOAD_CASES))
+    #: compression platens: "fixed" (both platens bonded: every displacement component
+    #: prescribed) or "free" (only the axial component prescribed; lateral motion free apart
+    #: from the minimum that removes rigid-body motion; see the module docstring)
+    platens: str = "fixed"
+
+    def __post_init__(self) -> None:
+        cases = self.cases
+        if (not isinstance(cases, (list, tuple)) or "compression" not in cases
+                or len(set(cases)) != len(cases) or not set(cases) <= set(LOAD_CASES)):
+            raise QctfeaError(f"loads.cases {cases!r}: give a list of {list(LOAD_CASES)} "
+                              "without repeats; compression is always run")
+        self.cases = [c for c in LOAD_CASES if c in cases]
+        if self.platens not in PLATENS:
+            raise QctfeaError(f"loads.platens must be one of {list(PLATENS)}, not "
+                              f"{self.platens!r}")
 
     def nonlinear(self):
         from qctfea.fea.plasticity import NonlinearParams
@@ -199,6 +238,51 @@ def compression_dofs(model: ElasticModel, cell_tags, axis_info: dict, params: Lo
     return sup_dofs, inf_dofs, axis, n_sup, n_inf, height
 
 
+def free_platen_constraints(model: ElasticModel, sup_dofs, inf_dofs, axis: np.ndarray):
+    """Component constraints of free platens (see the module docstring).
+
+    Returns ``(k, e, fixed, loaded, tilt_deg)``: the scan axis index ``k`` nearest the body's
+    superior ``axis``, the unit superior direction ``e`` along it, the ``fixed`` list of
+    ``(unrolled dofs, component)`` held at zero (inferior platen axially, plus the
+    rigid-body pins) and the ``loaded`` ``(unrolled dofs, k)`` of the superior platen."""
+    mesh = model.mesh
+    comm = mesh.comm
+    k = int(np.argmax(np.abs(axis)))
+    e = np.zeros(3)
+    e[k] = np.sign(axis[k])
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(float(axis[k]))))))
+    lateral = [i for i in range(3) if i != k]
+    n_owned = model.V.dofmap.index_map.size_local
+    x = model.V.tabulate_dof_coordinates()
+    own = inf_dofs[inf_dofs < n_owned]
+    total = comm.allreduce(np.asarray(x[own].sum(axis=0), float), MPI.SUM)
+    centre = total / max(1, comm.allreduce(len(own), MPI.SUM))
+
+    def pick(score):
+        """Coordinates of the owned inferior node with the largest score (all ranks)."""
+        best = (score(x[own]).max(), x[own][int(np.argmax(score(x[own])))].tolist()) \
+            if len(own) else (-np.inf, None)
+        return np.asarray(max(comm.allgather(best), key=lambda t: t[0])[1], float)
+
+    p1 = pick(lambda pts: -np.linalg.norm((pts - centre)[:, lateral], axis=1))
+    p2 = pick(lambda pts: np.linalg.norm((pts - p1)[:, lateral], axis=1))
+    r = (p2 - p1)[lateral]
+    # The rotation about the axis moves p2 perpendicular to p1 -> p2: hold that component.
+    c2 = lateral[1] if abs(r[0]) >= abs(r[1]) else lateral[0]
+
+    def at(p):
+        """Local block dofs (owned or ghost) of the node at p."""
+        return np.flatnonzero(np.linalg.norm(x - p, axis=1) < 1e-9)
+
+    def unrolled(block, comp):
+        return (np.asarray(block, np.int32) * 3 + comp).astype(np.int32)
+
+    fixed = [(unrolled(inf_dofs, k), k)]
+    fixed += [(unrolled(at(p1), c), c) for c in lateral]
+    fixed.append((unrolled(at(p2), c2), c2))
+    return k, e, fixed, (unrolled(sup_dofs, k), k), tilt
+
+
 def _solver_summary(info) -> dict:
     return {
         "ksp_iterations": info.iterations,
@@ -240,6 +324,16 @@ def nl_params_rule(nl) -> str:
     return nl.rule
 
 
+def _dirichlet(model: ElasticModel, dofs, component, value):
+    """Dirichlet condition on whole nodes (component None: ``value`` a vector, or 0) or on
+    one displacement component (unrolled dofs; the component of a vector ``value``)."""
+    if component is None:
+        return dolfinx.fem.dirichletbc(np.broadcast_to(np.asarray(value, float), 3).copy(),
+                                       dofs, model.V)
+    v = float(np.asarray(value, float)[component]) if np.ndim(value) else float(value)
+    return dolfinx.fem.dirichletbc(v, dofs, model.V.sub(component))
+
+
 def _check_analysis(params: LoadParams) -> None:
     if params.analysis not in ("linear", "nonlinear"):
         raise QctfeaError(f"loads.analysis must be 'linear' or 'nonlinear', not "
@@ -253,19 +347,27 @@ def solve_compression(model: ElasticModel, cell_tags, cell_tag_by_orig: np.ndarr
     sup_dofs, inf_dofs, axis, n_sup, n_inf, height = compression_dofs(
         model, cell_tags, axis_info, params)
     common = {"load_case": "compression", "analysis": params.analysis,
-              "superior_nodes": n_sup, "inferior_nodes": n_inf, "body_height_mm": height}
+              "superior_nodes": n_sup, "inferior_nodes": n_inf, "body_height_mm": height,
+              "platens": params.platens}
+    # fixed platens: whole nodes (component None) along the body axis; free: one component
+    fixed, loaded = [(inf_dofs, None)], (sup_dofs, None)
+    if params.platens == "free":
+        k, axis, fixed, loaded, tilt = free_platen_constraints(model, sup_dofs, inf_dofs, axis)
+        common |= {"load_axis": "xyz"[k], "load_axis_tilt_deg": tilt}
+        if progress and tilt > 5.0:
+            progress(f" free platens load along the scan's {'xyz'[k]} axis, {tilt:.1f} deg "
+                     "from the body axis")
+    common["load_direction"] = (-axis).tolist()
     if params.analysis == "nonlinear":
         dmax = params.compression_max_strain * height
         offset = params.offset_strain * height
-        nl = model.run([(inf_dofs, None)], (sup_dofs, None), -axis, dmax, params.nonlinear(),
+        nl = model.run(fixed, loaded, -axis, dmax, params.nonlinear(),
                        offset, petsc_options, progress=progress)
         return {**common, "max_displacement_mm": dmax, "offset_displacement_mm": offset,
                 **_nonlinear_summary(nl)}
     d = params.displacement_mm
-    bcs = [
-        dolfinx.fem.dirichletbc(np.zeros(3), inf_dofs, model.V),
-        dolfinx.fem.dirichletbc(-d * axis, sup_dofs, model.V),
-    ]
+    bcs = [_dirichlet(model, dofs, comp, 0.0) for dofs, comp in fixed]
+    bcs.append(_dirichlet(model, loaded[0], loaded[1], -d * axis))
     info = model.solve(bcs, petsc_options)
     force = model.reaction(sup_dofs, -axis)  # compressive force on the superior endplate
     st = strength_estimate(
