@@ -25,7 +25,8 @@ def imaging_steps(src: Path, r: Path, ctx: str) -> None:
 
     steps.ingest(src / "dicom", r / "ct.nii.gz", r / "scan.json", ctx)
     steps.calibrate(r / "ct.nii.gz", src / "labels.nii.gz", r / "density.nii.gz",
-                    r / "calibration.json", r / "calibration.png", {}, ctx, 23)
+                    r / "calibration.json", r / "calibration.png",
+                    {"phantom": {"preset": "demo_k2hpo4"}}, ctx, 23)
     steps.mask(r / "ct.nii.gz", src / "labels.nii.gz", r / "vertebra.nii.gz",
                r / "vertebra.json", {}, ctx)
 

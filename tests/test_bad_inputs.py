@@ -240,7 +240,7 @@ def test_phantom_not_found_in_real_ct(demo_scan, tmp_path):
     """The real TPTBox CT has no phantom in view (README of the sample)."""
     with pytest.raises(QctfeaError) as err:
         _run_calibrate(demo_scan, REAL / "ct.nii.gz", REAL / "vertebrae.nii.gz", tmp_path,
-                       label=22)
+                       {"phantom": {"preset": "demo_k2hpo4"}}, label=22)
     _has(err, demo_scan["context"], REAL / "ct.nii.gz", "no calibration phantom found",
          "calibration.method: fixed")
     assert not (tmp_path / "density.nii.gz").exists()
@@ -260,7 +260,7 @@ def test_phantom_fit_below_fail_r2(demo_scan, tmp_path):
 def test_phantom_fit_gate_from_config(demo_scan, tmp_path):
     """The demo fit (R² 0.99998) against a stricter gate set in the cohort config."""
     ct = demo_scan["results"] / "ct.nii.gz"
-    cfg = {"phantom": {"fail_r2": 0.999999, "warn_r2": 0.9999999}}
+    cfg = {"phantom": {"preset": "demo_k2hpo4", "fail_r2": 0.999999, "warn_r2": 0.9999999}}
     with pytest.raises(QctfeaError) as err:
         _run_calibrate(demo_scan, ct, demo_scan["src"] / "labels.nii.gz", tmp_path, cfg)
     _has(err, demo_scan["context"], ct, "fail_r2 = 0.999999")

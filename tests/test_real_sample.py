@@ -20,8 +20,9 @@ def test_real_l3_imaging_chain_gives_plausible_values(tmp_path):
     t = tmp_path
     steps.ingest(REAL / "ct.nii.gz", t / "ct.nii.gz", t / "scan.json", CTX)
     steps.calibrate(t / "ct.nii.gz", REAL / "vertebrae.nii.gz", t / "density.nii.gz",
-                    t / "calibration.json", t / "calibration.png", {"method": "phantomless"},
-                    CTX, 22)
+                    t / "calibration.json", t / "calibration.png",
+                    {"method": "phantomless", "phantomless": {"model": "tissue_regression"}},
+                    CTX, 22)  # as config/cohorts/verse-l3
     cal = json.loads((t / "calibration.json").read_text())
     used = {x["name"] for x in cal["tissues"] if x["found"]}
     assert cal["method"] == "phantomless" and used == {"fat", "muscle"}  # no air in the crop

@@ -248,7 +248,7 @@ def _add_cohort_as_readme_says(repo: Path, name: str, data: Path) -> None:
     d.mkdir(parents=True)
     (d / "config.yaml").write_text(
         "samples: samples.tsv\n"
-        "calibration:\n  method: phantom\n"
+        "calibration:\n  method: phantom\n  phantom:\n    preset: demo_k2hpo4\n"
         "mask:\n  label: 23\n"
         "mpi:\n  tasks: 2\n"
         "mesh:\n  voxel_mm: 0.6\n  bone_cell_size_mm: 3.5\n  screw_cell_size_mm: 2.0\n"

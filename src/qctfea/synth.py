@@ -23,9 +23,19 @@ density is K2HPO4-equivalent (mg/cm³); trabecular bone is heterogeneous (a
 smooth random field of the patient) and gains density over time like under
 denosumab. The patient lies on a calibration phantom (rods of known K2HPO4
 density in a polyethylene-like block) and moves slightly between scans (a
-rigid change of pose); the phantom stays with the scanner. The HU image is
-rendered on a supersampled grid, blurred by a Gaussian point spread function,
-averaged down to the scan grid and given Gaussian noise.
+rigid change of pose); the phantom stays with the scanner.
+
+Every scan has its own effective energy (a seeded draw in
+:data:`ENERGY_RANGE_KEV`, recorded in truth.json), and its tissues are
+rendered from their mass attenuation at that energy (``qctfea.calibration``:
+ICRU-44 compositions, xraydb coefficients): air -1000 HU, fat (ICRU-44 adipose
+tissue), muscle (ICRU-44 skeletal muscle), the discs (skeletal muscle at
+1.09 g/cm³), and bone and phantom rods as K2HPO4 in water
+(``qctfea.calibration.k2hpo4_hu_per_mg``, the model of the effective-energy
+phantomless calibration): HU = k(E) x density. The true calibration is
+therefore density = HU / k(E), intercept 0. The HU image is rendered on a
+supersampled grid, blurred by a Gaussian point spread function, averaged down
+to the scan grid and given Gaussian noise.
 
 Everything is deterministic from ``(seed, patient id, months)``: a patient's
 anatomy depends only on the seed and the patient id, so adding a patient never
@@ -45,6 +55,10 @@ from scipy import ndimage
 from qctfea.provenance import QctfeaError, atomic_path, provenance, write_json
 
 WATER_HU = 0.0
+#: Effective energies (keV) of the synthetic scans: each scan draws one uniformly (seeded).
+ENERGY_RANGE_KEV = (60.0, 80.0)
+#: Density (g/cm³) of the intervertebral discs, rendered as ICRU-44 skeletal muscle.
+DISC_DENSITY_G_CM3 = 1.09
 
 
 @dataclass
@@ -247,10 +261,9 @@ def _rotation(angles_deg: np.ndarray) -> np.ndarray:
 
 @dataclass
 class ScanPose:
-    """Scan-level randomness: scanner calibration and patient pose."""
+    """Scan-level randomness: effective energy of the scan and patient pose."""
 
-    slope: float  #: true calibration rho = intercept + slope * HU (mg/cm³ per HU)
-    intercept: float
+    energy_kev: float  #: effective energy at which the scan's tissues are rendered
     rotation_deg: np.ndarray
     translation_mm: np.ndarray
     noise_seed: int
@@ -259,12 +272,36 @@ class ScanPose:
     def matrix(self) -> np.ndarray:
         return _rotation(self.rotation_deg)
 
+    @property
+    def hu_per_mg(self) -> float:
+        """HU per mg/cm³ of K2HPO4 (bone, rods) at the scan's effective energy."""
+        from qctfea.calibration import k2hpo4_hu_per_mg
+
+        return float(k2hpo4_hu_per_mg(self.energy_kev))
+
+    @property
+    def slope(self) -> float:
+        """True calibration: density (mg/cm³) = intercept + slope * HU."""
+        return 1.0 / self.hu_per_mg
+
+    intercept = 0.0
+
+    def tissue_hu(self) -> dict[str, float]:
+        """HU of the soft tissues at the scan's effective energy."""
+        from qctfea.calibration import theoretical_hu
+
+        e = self.energy_kev
+        return {"air": -1000.0, "fat": float(theoretical_hu("fat", e)),
+                "muscle": float(theoretical_hu("muscle", e)),
+                "disc": float(theoretical_hu("muscle", e, DISC_DENSITY_G_CM3))}
+
 
 def scan_pose(seed: int, patient: str, months: float, params: SynthParams) -> ScanPose:
     r = _rng(seed, "scan", patient, f"{months:g}")
+    energy = r.uniform(*ENERGY_RANGE_KEV)
+    r.uniform(-8.0, 4.0)  # formerly the intercept: keeps the poses and noise of older versions
     return ScanPose(
-        slope=r.uniform(0.70, 0.84),
-        intercept=r.uniform(-8.0, 4.0),
+        energy_kev=energy,
         rotation_deg=r.uniform(-1, 1, 3) * params.max_rotation_deg,
         translation_mm=r.uniform(-1, 1, 3) * params.max_translation_mm,
         noise_seed=int(r.integers(0, 2**31 - 1)),
@@ -315,18 +352,20 @@ def render_scan(
     block = (np.abs(xx - _CENTRE[0]) <= 62.0) & (yy >= y_ph0) & (yy <= y_ph0 + 22.0)
     hu[block] = params.phantom_block_hu
     rod_x = _CENTRE[0] + np.linspace(-48.0, 48.0, len(params.rod_densities_mg_cm3))
+    k = pose.hu_per_mg
+    tissue = pose.tissue_hu()
     for xr, rho in zip(rod_x, params.rod_densities_mg_cm3, strict=True):
         rod = (xx - xr) ** 2 + (yy - (y_ph0 + 11.0)) ** 2 <= (params.rod_diameter_mm / 2) ** 2
-        hu[rod] = (rho - pose.intercept) / pose.slope
+        hu[rod] = k * rho
     del block
 
     # Torso (moves with the patient): muscle inside, a layer of fat, discs.
     ax_, ay_, az_ = to_anat(xx, yy, zz)
     torso = (ax_ / 150.0) ** 2 + ((ay_ + 20.0) / 102.0) ** 2
-    hu[torso <= 1.0] = -95.0
-    hu[torso <= 0.78] = 45.0
+    hu[torso <= 1.0] = tissue["fat"]
+    hu[torso <= 0.78] = tissue["muscle"]
     disc = ((ax_ / (anat.body_half_width + 0.5)) ** 2 + (ay_ / (anat.body_half_depth + 0.5)) ** 2) <= 1
-    hu[disc] = 85.0
+    hu[disc] = tissue["disc"]
     del torso, disc
 
     # Vertebra: only evaluated in its bounding box.
@@ -334,7 +373,7 @@ def render_scan(
     rho, sd = true_density(anat, months, ax_[inb], ay_[inb], az_[inb])
     bone = sd["all"] <= 0
     vals = hu[inb]
-    vals[bone] = (rho[bone] - pose.intercept) / pose.slope
+    vals[bone] = k * rho[bone]
     hu[inb] = vals
     del ax_, ay_, az_, xx, yy, zz
 
@@ -521,6 +560,11 @@ def generate_scan(
         "months": months,
         "calibration": {"slope": pose.slope, "intercept": pose.intercept,
                         "model": "density_mg_cm3 = intercept + slope * HU"},
+        "effective_energy_kev": pose.energy_kev,
+        "tissue_hu": pose.tissue_hu(),
+        "hu_model": "tissues from ICRU-44 composition and xraydb mass attenuation at the "
+                    "effective energy; bone and rods K2HPO4 in water, HU = density / slope "
+                    "(qctfea.calibration.k2hpo4_hu_per_mg)",
         **truth_vbmd(anat, months),
         "anatomy": asdict(anat),
         "pose": {"rotation_deg": pose.rotation_deg, "translation_mm": pose.translation_mm},
