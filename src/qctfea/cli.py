@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("bmd", "trabecular, integral, around-screw vBMD and areal BMD")
     s.add_argument("--density", required=True)
     s.add_argument("--parts", required=True)
-    s.add_argument("--screws", required=True)
+    s.add_argument("--screws", help="screws.json; omitted: a model without screws "
+                   "(loads.cases without pullout)")
     s.add_argument("--out-json", required=True)
 
     s = add("register", "follow-up onto baseline (rigid, on the vertebra) -> density on the "
@@ -184,14 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("mesh", "bone + screws -> tetrahedral mesh (CGAL) with cell tags")
     s.add_argument("--parts", required=True)
-    s.add_argument("--screws", required=True)
+    s.add_argument("--screws", help="screws.json; omitted: a model without screws "
+                   "(loads.cases without pullout)")
     s.add_argument("--out-mesh", required=True)
     s.add_argument("--out-json", required=True)
 
     s = add("materials", "density -> element Young's moduli (volume-integrated)")
     s.add_argument("--mesh", required=True)
     s.add_argument("--density", required=True)
-    s.add_argument("--screws", required=True)
+    s.add_argument("--screws", help="screws.json; omitted: a model without screws "
+                   "(loads.cases without pullout)")
     s.add_argument("--out-npz", required=True)
     s.add_argument("--out-json", required=True)
 
@@ -201,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mesh", required=True)
     s.add_argument("--materials", required=True)
     s.add_argument("--vertebra", required=True, help="vertebra.json from the mask step")
-    s.add_argument("--screws", required=True)
+    s.add_argument("--screws", help="screws.json; omitted: a model without screws "
+                   "(loads.cases without pullout)")
     s.add_argument("--out-json", required=True)
     s.add_argument("--solver-params", help="PETSc options: JSON object or @file.yaml")
     s.add_argument("--out-curve", help="force-displacement curve (CSV)")
@@ -212,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", required=True, help="sample sheet (TSV)")
     s.add_argument("--results", required=True, help="results/<cohort> folder")
     s.add_argument("--out-csv", required=True)
+    s.add_argument("--cases", default="compression,pullout",
+                   help="load cases run (loads.cases), comma-separated; without pullout no "
+                   "pullout files are read")
 
     s = sub.add_parser("stats", help="longitudinal table -> paired tests, Friedman, mixed "
                        "models, correlations, summary.json")
@@ -228,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("figures", help="longitudinal table -> spaghetti and scatter figures")
     s.add_argument("long_csv")
     s.add_argument("--out-dir", required=True)
+    s.add_argument("--cases", default="compression,pullout",
+                   help="load cases run (loads.cases), comma-separated; without pullout no "
+                   "pullout figures")
 
     s = sub.add_parser("montage", help="per-scan PNGs -> QC montage (PNG + SVG)")
     s.add_argument("--results", required=True, help="results/<cohort> folder")
@@ -301,7 +311,7 @@ def run(a) -> None:
 
         rows = [{**r, "dxa": samples.dxa_value(r["dxa"])}
                 for r in samples.read_sample_sheet(a.samples).to_dict("records")]
-        cohort.aggregate(rows, a.results, a.out_csv)
+        cohort.aggregate(rows, a.results, a.out_csv, cases=a.cases.split(","))
     elif a.step == "stats":
         from qctfea import cohort
 
@@ -317,7 +327,7 @@ def _cohort_step(a) -> None:
     if a.step == "tables":
         cohort.tables(a.long_csv, a.out_dir)
     elif a.step == "figures":
-        figures.cohort_figures(a.long_csv, a.out_dir)
+        figures.cohort_figures(a.long_csv, a.out_dir, cases=a.cases.split(","))
     elif a.step == "montage":
         root = Path(a.results)
         entries = [(f.parent.parent.name, f.parent.name, f)

@@ -127,7 +127,11 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "mesh_cells": ("mesh elements", ""),
 }
 
-#: Per-scan input files read by :func:`aggregate`.
+#: Columns that exist only with screws (``loads.cases`` with pullout): around-screw vBMD
+#: and the pullout results. A cohort without pullout has none of them.
+SCREW_COLUMNS: list[str] = [c for c in COLUMNS if c.startswith(("pullout_", "around_screw_"))]
+
+#: Per-scan input files read by :func:`aggregate` (the pullout ones only with pullout).
 SCAN_FILES: dict[str, str] = {
     "bmd": "bmd.json",
     "compression": "compression.json",
@@ -337,38 +341,23 @@ def scan_row(
 ) -> dict:
     """Flatten the per-scan results of one patient x timepoint into one row.
 
-    ``pullout`` maps ``"left"`` and ``"right"`` to the pullout result dicts.
+    ``pullout`` maps ``"left"`` and ``"right"`` to the pullout result dicts; ``None`` for a
+    model without screws (``loads.cases`` without pullout): the row then has no pullout or
+    around-screw columns (:data:`SCREW_COLUMNS`).
     ``areal_bmd_g_cm2`` is the DXA value when given, otherwise the CT-derived
     one (``areal_bmd_source`` says which). Keys the row does not use (for
     example those of a nonlinear analysis) are ignored; solver iteration counts
     are NaN when absent. Raises :class:`QctfeaError` naming the input and key
     when a value the tables need is missing.
     """
-    screw = bmd.get("around_screw_vbmd_mg_cm3") if isinstance(bmd, Mapping) else None
-    if not isinstance(screw, Mapping):
-        raise QctfeaError("bmd.json: missing object 'around_screw_vbmd_mg_cm3' {left, right}")
-    if not isinstance(pullout, Mapping) or not {"left", "right"} <= set(pullout):
-        raise QctfeaError("pullout: expected results for both 'left' and 'right' screws")
-    pl, pr = pullout["left"], pullout["right"]
-
-    screw_l = _num(screw, "left", "bmd.json around_screw_vbmd_mg_cm3")
-    screw_r = _num(screw, "right", "bmd.json around_screw_vbmd_mg_cm3")
     ct_areal = _num(bmd, "areal_bmd_g_cm2", "bmd.json")
     dxa = _opt_float(dxa_areal_bmd_g_cm2)
-    k_l = _num(pl, "stiffness_n_per_mm", "pullout_left.json")
-    k_r = _num(pr, "stiffness_n_per_mm", "pullout_right.json")
-    f_l = _num(pl, "strength_n", "pullout_left.json")
-    f_r = _num(pr, "strength_n", "pullout_right.json")
-
-    return {
+    row = {
         "patient": str(patient),
         "timepoint": str(timepoint),
         "months": float(months),
         "trabecular_vbmd_mg_cm3": _num(bmd, "trabecular_vbmd_mg_cm3", "bmd.json"),
         "integral_vbmd_mg_cm3": _num(bmd, "integral_vbmd_mg_cm3", "bmd.json"),
-        "around_screw_vbmd_left_mg_cm3": screw_l,
-        "around_screw_vbmd_right_mg_cm3": screw_r,
-        "around_screw_vbmd_mg_cm3": _mean2(screw_l, screw_r),
         "ct_areal_bmd_g_cm2": ct_areal,
         "dxa_areal_bmd_g_cm2": dxa,
         "areal_bmd_g_cm2": ct_areal if math.isnan(dxa) else dxa,
@@ -377,12 +366,6 @@ def scan_row(
             compression, "stiffness_n_per_mm", "compression.json"
         ),
         "compression_strength_n": _num(compression, "strength_n", "compression.json"),
-        "pullout_stiffness_left_n_per_mm": k_l,
-        "pullout_stiffness_right_n_per_mm": k_r,
-        "pullout_strength_left_n": f_l,
-        "pullout_strength_right_n": f_r,
-        "pullout_strength_n": _mean2(f_l, f_r),
-        "pullout_stiffness_n_per_mm": _mean2(k_l, k_r),
         "calibration_slope": _num(calibration, "slope", "calibration.json"),
         "calibration_intercept": _num(calibration, "intercept", "calibration.json"),
         "calibration_r2": _num(calibration, "r2", "calibration.json"),
@@ -390,9 +373,35 @@ def scan_row(
         "mesh_vertices": _num(mesh, "n_vertices", "mesh.json"),
         "n_dofs": _num_opt(compression, "n_dofs", "compression.json"),
         "compression_iterations": _num_opt(compression, "ksp_iterations", "compression.json"),
+    }
+    if pullout is None:
+        return {c: row[c] for c in COLUMNS if c in row}
+    screw = bmd.get("around_screw_vbmd_mg_cm3") if isinstance(bmd, Mapping) else None
+    if not isinstance(screw, Mapping):
+        raise QctfeaError("bmd.json: missing object 'around_screw_vbmd_mg_cm3' {left, right}")
+    if not isinstance(pullout, Mapping) or not {"left", "right"} <= set(pullout):
+        raise QctfeaError("pullout: expected results for both 'left' and 'right' screws")
+    pl, pr = pullout["left"], pullout["right"]
+    screw_l = _num(screw, "left", "bmd.json around_screw_vbmd_mg_cm3")
+    screw_r = _num(screw, "right", "bmd.json around_screw_vbmd_mg_cm3")
+    k_l = _num(pl, "stiffness_n_per_mm", "pullout_left.json")
+    k_r = _num(pr, "stiffness_n_per_mm", "pullout_right.json")
+    f_l = _num(pl, "strength_n", "pullout_left.json")
+    f_r = _num(pr, "strength_n", "pullout_right.json")
+    row |= {
+        "around_screw_vbmd_left_mg_cm3": screw_l,
+        "around_screw_vbmd_right_mg_cm3": screw_r,
+        "around_screw_vbmd_mg_cm3": _mean2(screw_l, screw_r),
+        "pullout_stiffness_left_n_per_mm": k_l,
+        "pullout_stiffness_right_n_per_mm": k_r,
+        "pullout_strength_left_n": f_l,
+        "pullout_strength_right_n": f_r,
+        "pullout_strength_n": _mean2(f_l, f_r),
+        "pullout_stiffness_n_per_mm": _mean2(k_l, k_r),
         "pullout_iterations_left": _num_opt(pl, "ksp_iterations", "pullout_left.json"),
         "pullout_iterations_right": _num_opt(pr, "ksp_iterations", "pullout_right.json"),
     }
+    return {c: row[c] for c in COLUMNS}
 
 
 def longitudinal_table(rows: list[dict]) -> pd.DataFrame:
@@ -799,6 +808,14 @@ def _source(predictor: str, sources: Mapping[str, str], tp: str) -> str:
     return "QCT" if "vbmd" in predictor else ""
 
 
+def present_pairs(df: pd.DataFrame, pairs: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """``{outcome: [predictor, ...]}`` restricted to the columns of the long table: a cohort
+    without pullout (``loads.cases``) has no pullout outcome and no around-screw vBMD."""
+    have = set(df.columns) | {AREAL}
+    out = {o: [p for p in ps if p in have] for o, ps in pairs.items() if o in have}
+    return {o: ps for o, ps in out.items() if ps}
+
+
 def correlation_table(
     df: pd.DataFrame, outcome_predictors: dict[str, list[str]]
 ) -> pd.DataFrame:
@@ -865,9 +882,13 @@ def compare_correlations(
 
 
 def aggregate(
-    sample_rows: list[dict], results_dir: str | os.PathLike, out_csv: str | os.PathLike
+    sample_rows: list[dict], results_dir: str | os.PathLike, out_csv: str | os.PathLike,
+    cases: Sequence[str] = ("compression", "pullout"),
 ) -> pd.DataFrame:
     """Read the per-scan JSONs of every sample and write the long table CSV.
+
+    ``cases`` are the load cases run (``loads.cases``): without ``"pullout"`` no pullout
+    file is read and the table has no pullout or around-screw columns.
 
     ``sample_rows`` are dicts with ``patient``, ``timepoint``, ``months`` and an
     optional ``dxa`` (areal BMD in g/cm2, or None/NaN) and ``model_timepoint`` (whose mesh
@@ -896,6 +917,8 @@ def aggregate(
         model_dir = root / patient / str(sample.get("model_timepoint") or timepoint)
         data: dict[str, Any] = {}
         for key, name in SCAN_FILES.items():
+            if key.startswith("pullout") and "pullout" not in cases:
+                continue
             path = (model_dir if key == "mesh" else scan_dir) / name
             try:
                 data[key] = read_json(path)
@@ -911,7 +934,8 @@ def aggregate(
                 months,
                 data["bmd"],
                 data["compression"],
-                {"left": data["pullout_left"], "right": data["pullout_right"]},
+                ({"left": data["pullout_left"], "right": data["pullout_right"]}
+                 if "pullout" in cases else None),
                 data["mesh"],
                 data["calibration"],
                 None if math.isnan(dxa) else dxa,
@@ -1160,12 +1184,14 @@ def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
         file=sys.stderr,
     )
     _, sources = with_resolved_areal(df)
+    correlations = present_pairs(df, DEFAULT_CORRELATIONS)
+    comparisons = present_pairs(df, DEFAULT_COMPARISONS)
     frames = {
         "changes": paired_change_tests(df, metrics),
         "friedman": friedman_tests(df, metrics),
         "mixed_models": mixed_models(df, metrics),
-        "correlations": correlation_table(df, DEFAULT_CORRELATIONS),
-        "correlation_comparison": compare_correlations(df, DEFAULT_COMPARISONS),
+        "correlations": correlation_table(df, correlations),
+        "correlation_comparison": compare_correlations(df, comparisons),
     }
     paths = {}
     for name, frame in frames.items():
@@ -1200,8 +1226,7 @@ def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
         "outputs": {k: str(v) for k, v in paths.items()},
         "provenance": provenance(
             "statistics",
-            {"metrics": metrics, "correlations": DEFAULT_CORRELATIONS,
-             "comparisons": DEFAULT_COMPARISONS},
+            {"metrics": metrics, "correlations": correlations, "comparisons": comparisons},
             {"long_table": long_csv, **({"exclusions": exclusions_csv} if exclusions_csv
                                         else {})},
         ),

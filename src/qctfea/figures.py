@@ -50,11 +50,21 @@ SCATTER_PREDICTORS: list[str] = [
 FORMATS = ("png", "svg")
 
 
-def figure_files(out_dir: str | os.PathLike) -> dict[str, dict[str, Path]]:
-    """``{figure name: {"png": path, "svg": path}}`` written by :func:`cohort_figures`."""
+def spaghetti_metrics(cases: Sequence[str] = ("compression", "pullout")) -> list[str]:
+    """The metrics with a spaghetti plot: without pullout in ``cases`` (``loads.cases``) no
+    pullout or around-screw ones (a model without screws has none)."""
+    return [m for m in SPAGHETTI_METRICS
+            if "pullout" in cases or not m.startswith(("pullout_", "around_screw_"))]
+
+
+def figure_files(out_dir: str | os.PathLike, cases: Sequence[str] = ("compression", "pullout"),
+                 ) -> dict[str, dict[str, Path]]:
+    """``{figure name: {"png": path, "svg": path}}`` written by :func:`cohort_figures` for
+    the load cases ``cases`` (no pullout figures without pullout)."""
     out = Path(out_dir)
-    names = [f"spaghetti_{m}" for m in SPAGHETTI_METRICS]
-    names += [f"scatter_pullout_{p}" for p in SCATTER_PREDICTORS]
+    names = [f"spaghetti_{m}" for m in spaghetti_metrics(cases)]
+    if "pullout" in cases:
+        names += [f"scatter_pullout_{p}" for p in SCATTER_PREDICTORS]
     return {n: {fmt: out / f"{n}.{fmt}" for fmt in FORMATS} for n in names}
 
 
@@ -156,16 +166,17 @@ def scatter(df: pd.DataFrame, outcome: str, predictor: str, paths: dict[str, Pat
     _save(fig, paths)
 
 
-def cohort_figures(long_csv: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
+def cohort_figures(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
+                   cases: Sequence[str] = ("compression", "pullout")) -> list[Path]:
     """Write every figure of :func:`figure_files` from the long table; return the paths."""
     df = cohort.read_long_table(long_csv)
-    files = figure_files(out_dir)
+    files = figure_files(out_dir, cases)
     written: list[Path] = []
-    for metric in SPAGHETTI_METRICS:
+    for metric in spaghetti_metrics(cases):
         paths = files[f"spaghetti_{metric}"]
         spaghetti(df, metric, paths)
         written += paths.values()
-    for predictor in SCATTER_PREDICTORS:
+    for predictor in SCATTER_PREDICTORS if "pullout" in cases else []:
         paths = files[f"scatter_pullout_{predictor}"]
         scatter(df, "pullout_strength_n", predictor, paths)
         written += paths.values()

@@ -8,19 +8,22 @@ triangle or a quadrilateral), filled by subdomain (body, posterior elements,
 left and right screw) with its edges drawn, so that element sizes, the
 conforming screw-bone interface and the screw's position in the pedicle are
 visible at a glance. The screw axes are overlaid as dashed lines. A third
-panel lists the mesh report (cells, quality, screw volumes).
+panel lists the mesh report (cells, quality, screw volumes). A model without
+screws (``loads.cases`` without pullout) is cut sagittally and coronally
+through its centroid instead.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from qctfea.meshing import TAG_BODY, TAG_POSTERIOR, TAG_SCREW
+from qctfea.meshing import TAG_BODY, TAG_CAP, TAG_POSTERIOR, TAG_SCREW
 
 COLOURS = {TAG_BODY: "#e8c07d", TAG_POSTERIOR: "#c9a0dc", TAG_SCREW["left"]: "#4a7bd0",
-           TAG_SCREW["right"]: "#d05a4a"}
+           TAG_SCREW["right"]: "#d05a4a", TAG_CAP: "#9ecae1"}
 NAMES = {TAG_BODY: "vertebral body", TAG_POSTERIOR: "posterior elements",
-         TAG_SCREW["left"]: "left screw", TAG_SCREW["right"]: "right screw"}
+         TAG_SCREW["left"]: "left screw", TAG_SCREW["right"]: "right screw",
+         TAG_CAP: "end caps"}
 _EDGES = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 
 
@@ -73,6 +76,14 @@ def screw_planes(screws) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
             f"{a.side} screw, sagittal cut": (a.entry_mm, sag_n, a.axis)}
 
 
+def centroid_planes(points: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """A model without screws: sagittal and coronal cuts through the mesh centroid."""
+    c = points.mean(axis=0)
+    z = np.array([0.0, 0.0, 1.0])
+    return {"sagittal cut": (c, np.array([1.0, 0.0, 0.0]), z),
+            "coronal cut": (c, np.array([0.0, 1.0, 0.0]), z)}
+
+
 def mesh_picture(points: np.ndarray, cells: np.ndarray, tags: np.ndarray, screws,
                  report: dict, path, title: str = "") -> None:
     """Write the cut-plane QC picture (PNG) of a mesh with its screws."""
@@ -83,7 +94,7 @@ def mesh_picture(points: np.ndarray, cells: np.ndarray, tags: np.ndarray, screws
     from matplotlib.collections import PolyCollection
     from matplotlib.patches import Patch
 
-    planes = screw_planes(screws)
+    planes = screw_planes(screws) if screws else centroid_planes(points)
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.2),
                              gridspec_kw={"width_ratios": [1.2, 1.2, 0.75]})
     for ax, (name, (origin, normal, first)) in zip(axes, planes.items(), strict=False):
@@ -103,7 +114,7 @@ def mesh_picture(points: np.ndarray, cells: np.ndarray, tags: np.ndarray, screws
             ax.set_ylim(allp[:, 1].min() - 2, allp[:, 1].max() + 2)
         ax.set_aspect("equal")
         ax.set_title(f"{name}: {len(idx)} cells cut", fontsize=9)
-        ax.set_xlabel("mm along the (left) screw axis")
+        ax.set_xlabel("mm along the (left) screw axis" if screws else "mm along the scan z axis")
         ax.set_ylabel("mm")
     ax = axes[-1]
     ax.axis("off")

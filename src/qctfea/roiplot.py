@@ -123,8 +123,9 @@ def roi_picture(density: sitk.Image, parts: sitk.Image, screws, shell_mm: float,
     if values:
         scr = values.get("around_screw_vbmd_mg_cm3", {})
         text += (f"\ntrabecular vBMD {values['trabecular_vbmd_mg_cm3']:.1f} mg/cm³, integral "
-                 f"{values['integral_vbmd_mg_cm3']:.1f}, around the screws "
-                 + ", ".join(f"{k} {v:.1f}" for k, v in scr.items())
+                 f"{values['integral_vbmd_mg_cm3']:.1f}"
+                 + (", around the screws " + ", ".join(f"{k} {v:.1f}" for k, v in scr.items())
+                    if scr else "")
                  + f"; CT areal BMD {values['areal_bmd_g_cm2']:.3f} g/cm²"
                  + " (density window -50..600 mg/cm³)")
     fig.suptitle(text, fontsize=9)

@@ -455,7 +455,8 @@ def load_screws(path) -> list:
 def bmd(density_path, parts_path, screws_path, out_json, cfg: dict, context: str,
         out_png=None) -> None:
     """Trabecular, integral, around-screw vBMD and CT areal BMD (JSON), and optionally the QC
-    picture of the regions and screws on orthogonal slices."""
+    picture of the regions and screws on orthogonal slices. ``screws_path`` None: a model
+    without screws (no around-screw vBMD)."""
     from qctfea import bmd as bmd_mod
     from qctfea import masks
 
@@ -484,8 +485,12 @@ def bmd(density_path, parts_path, screws_path, out_json, cfg: dict, context: str
                         p.shell_mm, tmp, f"{context}: BMD regions and screws", res)
     write_json(out_json, {**res, "provenance": provenance(
         "bmd", p, {"density": density_path, "parts": parts_path})})
+    """The screws of a screws file; none for ``None`` (a model without screws: ``loads.cases``
+    without pullout)."""
     _log(f"[bmd] {context}: trabecular {res['trabecular_vbmd_mg_cm3']:.1f} mg/cm³, around screw "
          + ", ".join(f"{k} {v:.1f}" for k, v in res["around_screw_vbmd_mg_cm3"].items())
+    if path is None:
+        return []
          + f", aBMD {res['areal_bmd_g_cm2']:.3f} g/cm²")
 
 
@@ -534,7 +539,8 @@ def register(fixed_density, fixed_parts, moving_density, moving_parts, out_densi
 def mesh(parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str,
          out_png=None) -> None:
     """Conforming tetrahedral mesh of bone and screws (XDMF + JSON report), and optionally
-    the QC picture of cuts through the screws."""
+    the QC picture of cuts through the screws. ``screws_path`` None: bone (and end caps)
+    only, no screw subdomains."""
     from qctfea import meshing
 
     p = params_from(meshing.MeshParams, cfg, "mesh")

@@ -39,6 +39,12 @@ def run_step(snakemake, fn: Callable[[], None]) -> None:
             stream.close()
 
 
+def optional_input(snakemake, name: str) -> str | None:
+    """A named input that is one file or none (an empty list): its path, or None."""
+    value = snakemake.input.get(name, [])
+    return value if isinstance(value, str) else (value[0] if len(value) else None)
+
+
 def context(wildcards) -> str:
     return f"patient {wildcards.patient}, timepoint {wildcards.timepoint}"
 

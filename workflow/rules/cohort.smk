@@ -2,19 +2,20 @@
 # Everything here works on the scans the sample sheet lists: a patient without a
 # timepoint simply has no row, and every output says what it used.
 from qctfea.cohort import STAT_FILES, TABLE_FILES
-from qctfea.figures import SCATTER_PREDICTORS, SPAGHETTI_METRICS, figure_files
+from qctfea.figures import SCATTER_PREDICTORS, figure_files, spaghetti_metrics
 
 # Per-scan pictures shown in the QC montages: {kind: file name in <patient>/<timepoint>/}.
 # Add a kind here when a per-scan rule writes another PNG.
 QC_PICTURES = {"calibration": "calibration.png", "roi": "roi.png"}
-FIGURES = figure_files(f"{RES}/figures")
+FIGURES = figure_files(f"{RES}/figures", CASES)
 
 
 rule aggregate_cohort:
     input:
         bmd=scan_outputs("bmd.json"),
         compression=scan_outputs("compression.json"),
-        pullout=[f"{RES}/{p}/{t}/pullout_{s}.json" for p, t in SAMPLES.index for s in SIDES],
+        pullout=[f"{RES}/{p}/{t}/pullout_{s}.json" for p, t in SAMPLES.index for s in SIDES]
+        if PULLOUT else [],
         mesh=[f"{RES}/{p}/{model_timepoint(p, t)}/mesh.json" for p, t in SAMPLES.index],
         calibration=scan_outputs("calibration.json"),
         dxa=get_dxa_files,
@@ -29,6 +30,7 @@ rule aggregate_cohort:
                  for r in SAMPLES.reset_index(drop=True).to_dict("records")],
         # results/<cohort>, where the per-scan JSONs are: from the output, not hard-coded.
         results=lambda wc, output: str(Path(output[0]).parent.parent),
+        cases=CASES,
     log:
         f"logs/{COHORT}/aggregate_cohort.log",
     conda:
@@ -107,7 +109,7 @@ rule cohort_figures:
                 subcategory="Change over time",
                 labels={"figure": "spaghetti", "metric": m},
             )
-            for m in SPAGHETTI_METRICS
+            for m in spaghetti_metrics(CASES)
         ]
         + [
             report(
@@ -117,9 +119,11 @@ rule cohort_figures:
                 subcategory="Pullout strength vs BMD",
                 labels={"figure": "scatter", "predictor": p},
             )
-            for p in SCATTER_PREDICTORS
+            for p in (SCATTER_PREDICTORS if PULLOUT else [])
         ],
         svg=[f["svg"] for f in FIGURES.values()],
+    params:
+        cases=CASES,
     log:
         f"logs/{COHORT}/cohort_figures.log",
     conda:

@@ -96,12 +96,16 @@ check_calibration()
 SHEET = COHORT_DIR / CCFG.get("samples", "samples.tsv")
 #: "landmarks": screws from the sample sheet's landmarks files; "auto": from the vertebra mask
 PLANNING = (CCFG.get("planning") or {}).get("method", "landmarks")
+#: load cases run (loads.cases, checked by the schema): compression always; without pullout
+#: no screws are planned or meshed, so the sample sheet needs no landmarks
+CASES = (CCFG.get("loads") or {}).get("cases", ["compression", "pullout"])
+PULLOUT = "pullout" in CASES
 if SHEET.is_file():
     RECORDS = sheet_records(SHEET)
     check_schema(SHEET, RECORDS, "samples.schema.yaml", "column", [
         missing_landmarks(f"{SHEET}{label}") for label, row in RECORDS
-        if PLANNING == "landmarks" and not row.get("landmarks")])
-SAMPLES = read_sample_sheet(SHEET, PLANNING)
+        if PULLOUT and PLANNING == "landmarks" and not row.get("landmarks")])
+SAMPLES = read_sample_sheet(SHEET, PLANNING if PULLOUT else None)
 SAMPLES = SAMPLES.set_index(["patient", "timepoint"], drop=False)
 EXCLUDED = exclusions(SAMPLES, CCFG.get("exclude") or [], COHORT_DIR / "config.yaml")
 SAMPLES = SAMPLES.drop(index=[(e["patient"], e["timepoint"]) for e in EXCLUDED])
@@ -189,6 +193,11 @@ def model_timepoint(patient, timepoint):
 def model_file(name):
     """Input function: a file of the scan's model timepoint."""
     return lambda w: f"{RES}/{w.patient}/{model_timepoint(w.patient, w.timepoint)}/{name}"
+
+
+def model_screws(w):
+    """The screws of the scan's model; none without pullout in loads.cases."""
+    return model_file("screws.json")(w) if PULLOUT else []
 
 
 def model_density(w):

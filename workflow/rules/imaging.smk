@@ -107,7 +107,7 @@ rule measure_bmd:
         # Follow-ups: their density on the baseline grid, measured in the baseline's ROIs.
         density=model_density,
         parts=model_file("vertebra.nii.gz"),
-        screws=model_file("screws.json"),
+        screws=model_screws,  # none without pullout: no around-screw vBMD
     output:
         json=f"{RES}/{{patient}}/{{timepoint}}/bmd.json",
         png=report(f"{RES}/{{patient}}/{{timepoint}}/roi.png", category="QC"),

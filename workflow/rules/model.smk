@@ -4,7 +4,7 @@
 rule mesh_vertebra:
     input:
         parts=rules.extract_vertebra.output.parts,
-        screws=rules.plan_screws.output[0],
+        screws=rules.plan_screws.output[0] if PULLOUT else [],  # none: no screws meshed
     output:
         mesh=f"{RES}/{{patient}}/{{timepoint}}/mesh.xdmf",
         h5=f"{RES}/{{patient}}/{{timepoint}}/mesh.h5",
@@ -30,7 +30,7 @@ rule assign_materials:
         mesh=model_file("mesh.xdmf"),
         h5=model_file("mesh.h5"),
         density=model_density,
-        screws=model_file("screws.json"),
+        screws=model_screws,
     output:
         npz=f"{RES}/{{patient}}/{{timepoint}}/materials.npz",
         json=f"{RES}/{{patient}}/{{timepoint}}/materials.json",

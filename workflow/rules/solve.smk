@@ -1,4 +1,5 @@
-# MPI-parallel FE solves (DOLFINx/PETSc), linear or elasto-plastic (loads.analysis). `resources.mpi` is the launcher:
+# MPI-parallel FE solves (DOLFINx/PETSc), linear or elasto-plastic (loads.analysis), of the
+# load cases in loads.cases. `resources.mpi` is the launcher:
 # "mpiexec" locally (the environment's MPICH), "srun --mpi=pmi2" on SLURM.
 # `tasks` MPI ranks per solve come from the cohort config (mpi.tasks); threads=tasks books
 # the cores locally. The SLURM profile sets mpi, cpus_per_task=1 and runtime (profiles/slurm).
@@ -10,7 +11,7 @@ rule solve_compression:
         h5=model_file("mesh.h5"),
         materials=rules.assign_materials.output.npz,
         vertebra=model_file("vertebra.json"),
-        screws=model_file("screws.json"),
+        screws=model_screws,
     output:
         json=f"{RES}/{{patient}}/{{timepoint}}/compression.json",
         curve=f"{RES}/{{patient}}/{{timepoint}}/compression_curve.csv",
@@ -20,6 +21,7 @@ rule solve_compression:
     params:
         loads=section("loads"),
         solver=section("solver"),
+        screws=lambda w: f"--screws {model_screws(w)}" if PULLOUT else "",
     threads: TASKS
     resources:
         mpi="mpiexec",
@@ -35,11 +37,12 @@ rule solve_compression:
         "{resources.mpi} -n {resources.tasks} qctfea solve compression"
         " --patient {wildcards.patient} --timepoint {wildcards.timepoint}"
         " --mesh {input.mesh} --materials {input.materials} --vertebra {input.vertebra}"
-        " --screws {input.screws} --out-json {output.json} --out-curve {output.curve}"
+        " {params.screws} --out-json {output.json} --out-curve {output.curve}"
         " --out-plot {output.plot} --out-fields {output.fields}"
         " --params '{params.loads}' --solver-params '{params.solver}' > {log} 2>&1"
 
 
+# Only with pullout in loads.cases (the aggregation asks for these results).
 rule solve_pullout:
     input:
         mesh=model_file("mesh.xdmf"),

@@ -4,4 +4,5 @@ from qctfea.workflow_glue import run_step
 
 sm = snakemake  # noqa: F821
 rows = [{**r, "dxa": samples.dxa_value(r["dxa"])} for r in sm.params.samples]
-run_step(sm, lambda: cohort.aggregate(rows, sm.params.results, sm.output[0]))
+run_step(sm, lambda: cohort.aggregate(rows, sm.params.results, sm.output[0],
+                                      cases=sm.params.cases))
