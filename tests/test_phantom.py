@@ -1,6 +1,9 @@
 """Phantom calibration variants against closed forms: a K2HPO4-in-water phantom (QCT PRO
-equations) and rods measured at centres given in the config (issue 3)."""
+equations) and rods measured at centres given in the config (issue 3); the phantom named by
+a preset or its rods, never assumed (issue 16)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +102,78 @@ def test_phantom_definition_lengths_are_checked():
     with pytest.raises(QctfeaError, match="sigma_CT"):
         k2hpo4_water_fit([{"density_mg_cm3": k, "mean_hu": w - 1000 + 0.1 * k,
                            "water_mg_cm3": w} for k, w in zip(K2HPO4, WATER, strict=True)])
+
+
+# --- phantom presets: the phantom is named, never assumed (issue 16) ----------------------
+
+
+def test_presets_define_their_phantoms_and_config_keys_override_them():
+    import yaml
+
+    from qctfea.calibration import PHANTOM_PRESETS
+    from qctfea.synth import SynthParams
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow" / "schemas"
+                             / "cohort.schema.yaml").read_text())
+    enum = schema["properties"]["calibration"]["properties"]["phantom"]["properties"][
+        "preset"]["enum"]
+    assert set(enum) - {None} == set(PHANTOM_PRESETS)
+    for name, p in PHANTOM_PRESETS.items():
+        assert p["source"] and p["material"]
+        spec = PhantomSpec(preset=name, rod_diameter_mm=p["rod_diameter_mm"] or 20.0)
+        assert spec.rod_densities_mg_cm3 == p["rod_densities_mg_cm3"]
+    # Mindways Model 3 rods with their water equivalents (the QCT PRO path).
+    mw = PhantomSpec(preset="mindways_model3", rod_diameter_mm=20.0)
+    assert mw.water_equivalent_mg_cm3 == [1012.25, 1056.95, 1103.57, 1119.52, 923.20]
+    # The demo preset is the generator's phantom.
+    demo = PhantomSpec(preset="demo_k2hpo4")
+    assert demo.rod_densities_mg_cm3 == list(SynthParams().rod_densities_mg_cm3)
+    assert demo.rod_diameter_mm == SynthParams().rod_diameter_mm
+    # A certificate's values override the preset's.
+    cert = PhantomSpec(preset="mindways_model3", rod_diameter_mm=20.0,
+                       rod_densities_mg_cm3=K2HPO4, water_equivalent_mg_cm3=WATER)
+    assert cert.rod_densities_mg_cm3 == K2HPO4 and cert.water_equivalent_mg_cm3 == WATER
+    with pytest.raises(QctfeaError, match="no published rod diameter"):
+        PhantomSpec(preset="qrm_bdc_6")
+    with pytest.raises(QctfeaError, match="not a known phantom.*mindways_model3"):
+        PhantomSpec(preset="mindways")
+
+
+def test_no_phantom_named_is_refused_listing_the_presets(tmp_path):
+    from qctfea import steps
+    from qctfea.calibration import PHANTOM_PRESETS
+
+    with pytest.raises(QctfeaError) as err:
+        PhantomSpec().require_defined()
+    assert "no phantom named" in str(err.value)
+    assert all(name in str(err.value) for name in PHANTOM_PRESETS)
+    hu, mask = _scan([0.0, 60.0, 120.0, 180.0, 240.0])
+    img = sitk.GetImageFromArray(hu.astype(np.float32))
+    sitk.WriteImage(img, str(tmp_path / "ct.nii.gz"))
+    lab = sitk.GetImageFromArray(mask.astype(np.uint8) * 23)
+    lab.CopyInformation(img)
+    sitk.WriteImage(lab, str(tmp_path / "labels.nii.gz"))
+    with pytest.raises(QctfeaError, match="no phantom named.*demo_k2hpo4"):
+        steps.calibrate(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz",
+                        tmp_path / "d.nii.gz", tmp_path / "c.json", tmp_path / "c.png",
+                        {"method": "phantom"}, "ctx", 23)
+    assert not (tmp_path / "d.nii.gz").exists()
+
+
+def test_dry_run_of_a_phantom_cohort_naming_no_phantom_is_refused(tmp_path):
+    """`snakemake -n` of a cohort whose calibration is the default method (phantom) without a
+    phantom: refused while the workflow is parsed, the message listing the presets."""
+    import yaml
+
+    from qctfea.calibration import PHANTOM_PRESETS
+    from test_workflow import _dry_run_error
+
+    def edit(d):
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        cfg.pop("calibration", None)
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    msg = _dry_run_error(tmp_path, edit)
+    assert "config.yaml: calibration.phantom: no phantom named" in msg, msg[-3000:]
+    assert "no phantom named" in msg and "Job stats" not in msg, msg[-3000:]
+    assert all(name in msg for name in PHANTOM_PRESETS), msg[-3000:]
