@@ -156,8 +156,9 @@ def test_refusals_name_the_scan_and_the_fix(synth):
     with pytest.raises(QctfeaError, match=r"synthetic: no right pedicle found.*"
                                           r"planning.method: landmarks"):
         plan_from_mask(synthetic_parts(sides=("left",)), ScrewSpec(), AUTO, "synthetic")
-    with pytest.raises(QctfeaError, match=r"synthetic: the left screw would be .* shorter than "
-                                          r"planning.min_length_mm = 25; lower"):
+    with pytest.raises(QctfeaError, match=r"synthetic: no traditional trajectory through the "
+                                          r"left pedicle leaves room for a screw of at least "
+                                          r"planning.min_length_mm = 25 mm .*; lower"):
         plan_from_mask(img, ScrewSpec(), PlanParams(method="auto", margin_mm=35.0), "synthetic")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -171,8 +172,11 @@ def test_refusals_name_the_scan_and_the_fix(synth):
         steps.params_from(PlanParams, {"method": "robot"}, "planning")
     with pytest.raises(QctfeaError, match=r"unknown key\(s\) \['margn_mm'\]"):
         steps.params_from(PlanParams, {"margn_mm": 2}, "planning")
-    with pytest.raises(QctfeaError, match=r"target_depth_fraction must be between 0 and 1"):
-        steps.params_from(PlanParams, {"target_depth_fraction": 1.5}, "planning")
+    with pytest.raises(QctfeaError, match=r"trajectory must be one of \['traditional', "
+                                          r"'cortical'\]"):
+        steps.params_from(PlanParams, {"trajectory": "freehand"}, "planning")
+    with pytest.raises(QctfeaError, match=r"max_grade must be one of \['A', 'B', 'C', 'D', 'E'\]"):
+        steps.params_from(PlanParams, {"max_grade": "F"}, "planning")
     assert steps.params_from(PlanParams, {"convergence_deg": None}, "planning") == PlanParams()
 
 

@@ -47,35 +47,37 @@ direction matrix, so oblique (non-axial) scans are planned like axial ones.
    a convergent pedicle it is slightly wider than the section perpendicular to
    the pedicle; the minor axis of the ellipse with the same second moments is
    recorded too).
-3. **Aim point** in the body, at the isthmus centre's height, at
-   ``target_depth_fraction`` of the body's depth (posterior to anterior surface,
-   0.5th-99.5th percentiles of the body voxels) from its posterior surface.
-   Laterally it lies half-way between the isthmus centre's sagittal line and
-   the mid-sagittal plane (:data:`AIM_LATERAL_FRACTION`): the screws converge
-   without their tips crossing the midline. For a typical L4 (isthmus centres
-   about 17 mm from the midline, aim point about 33 mm in front of the
-   isthmus) this is a medial convergence of about 15 degrees, within the
-   10-20 degrees of the lumbar pedicles' own transverse angle; one third
-   instead converged by 22-25 degrees on the demo and real vertebrae, more
-   than their pedicles. With ``convergence_deg`` set, the aim point is instead
-   where the line from the isthmus centre at that medial angle (to the
-   sagittal plane, in the body's axial plane) reaches the aim depth.
-4. **Screw.** The screw line passes through the isthmus centre and the aim
-   point; its axis points anteriorly. Followed backwards from the isthmus
-   centre (0.25 mm steps, nearest voxel of the vertebra mask), the axis leaves
-   the bone at the posterior surface. That surface is oblique to the line, so
-   a screw starting there would have part of its thread outside the bone for
-   its first few millimetres (3.5-4 mm of surface on the real L3 sample: a
-   breach warning with no wall breached). The entry is therefore the last
-   point before the axis' exit, going back from the isthmus, at which the
-   screw's whole circumference (radius ``screw.diameter_mm / 2``) is in bone:
-   the screw is seated there, its head outside. (Where there is no such point,
-   a pedicle narrower than the screw, the axis' exit is the entry.) Inserted
-   length: ``min(screw.length_mm, d - margin_mm)``, where ``d`` is the
-   distance from the entry to where the line, followed forwards from the aim
-   point, leaves the bone at the anterior cortex. A side without a pedicle, or
-   a fitted length below ``min_length_mm``, is refused with an error naming
-   the scan and what to change; a screw wider than the isthmus is a warning.
+3. **Midline from the spinal canal.** The canal (:func:`qctfea.placement.find_canal`:
+   the opening enclosed by the vertebral arch behind the body) sets the mid-sagittal
+   plane; without a closed canal in the mask, the body's centroid does. The isthmus
+   search of step 2 runs on either side of that plane.
+4. **Trajectory search** (per side). Lines through the isthmus (its centre, and points
+   up to :data:`OFFSET_MM` from it laterally and vertically) are tried at every
+   combination of the trajectory's medial and cranial angles (:data:`TRAJECTORIES`,
+   :data:`ANGLE_STEP` apart): the traditional trajectory converges 5-25 degrees and
+   runs within 10 degrees of the endplates; the cortical bone trajectory (Santoni et al.,
+   Spine J 2009) enters caudo-medially and aims 5-15 degrees laterally and 15-30 degrees
+   cranially. ``planning.convergence_deg`` fixes the medial angle instead. For each
+   line the screw is seated (going back from the isthmus, the last point before the axis
+   leaves the bone at which the screw's whole circumference is in bone, within one
+   diameter of that exit: the head sits outside, and the screw starts at the bone's
+   surface, not inside the pedicle), its length is ``min(screw.length_mm, d - margin_mm)`` with ``d`` the
+   distance from the entry to where the line leaves the bone in front, and its
+   clearance is the smallest depth of its surface inside the bone beyond its first
+   radius (:class:`qctfea.placement.BoneField`). The line with the largest clearance
+   wins, plus 0.2 x the mean depth of its surface inside the bone (each point's depth
+   counted up to 3 mm: centring where the smallest clearance ties, e.g. a pedicle taller
+   than wide), with small preferences (0.02 per mm and per degree) for longer screws and
+   for the trajectory's nominal angles among near-equal ones: the screw is centred in its
+   pedicle and kept off the canal and the endplates. A line too short
+   (``min_length_mm``) is not a candidate; a side with none is refused with an error
+   naming the scan and what to change. A screw wider than the isthmus is a warning;
+   ``planning.fit_diameter: true`` reduces it to 0.8 x the isthmus width (rounded down
+   to 0.5 mm, at least 4 mm) and records both diameters.
+
+Every screw, planned or from landmarks, is then graded on the Gertzbein-Robbins scale by
+the screws step (:func:`qctfea.placement.grade_screw`); a grade worse than
+``planning.max_grade`` fails the scan.
 
 The screws returned are :class:`PlannedScrew` objects: :class:`~qctfea.screw.Screw`
 with the fitted length in their spec and a ``planning`` record (isthmus centre,
@@ -95,6 +97,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from qctfea.masks import BONE_PARTS, BODY, POSTERIOR, TRABECULAR, body_axis
+from qctfea.placement import (GRADES, BoneField, Frame, canal_record, find_canal,
+                              screw_surface)
 from qctfea.provenance import QctfeaError
 from qctfea.screw import SIDES, Screw, ScrewSpec
 
@@ -103,7 +107,27 @@ PLANE_STEP_MM = 0.5  #: spacing of the isthmus search planes and of their in-pla
 SEARCH_BEHIND_MM = 25.0  #: how far behind the body's posterior surface the isthmus is sought
 LINE_STEP_MM = 0.25  #: step when following the screw line through the bone
 MAX_LINE_MM = 150.0  #: longest distance followed along the screw line
-AIM_LATERAL_FRACTION = 0.5  #: aim point's distance from the mid-plane / the isthmus'
+MAX_BACK_MM = 40.0  #: longest distance followed backwards from the isthmus to the entry
+ANGLE_STEP = 2.5  #: degrees between the trajectory angles tried
+OFFSET_MM = 1.5  #: the screw passes within this distance of the isthmus centre (l and s)
+OFFSET_STEP_MM = 0.75
+CENTRING_CAP_MM = 3.0  #: depths inside the bone beyond this add nothing to the centring term
+CENTRING_WEIGHT = 0.2  #: weight of the mean capped depth (centring) beside the clearance
+FIT_FRACTION = 0.8  #: fit_diameter: screw diameter at most this fraction of the isthmus width
+FIT_STEP_MM = 0.5  #: fitted diameters are rounded down to this step
+MIN_FIT_DIAMETER_MM = 4.0  #: fit_diameter never goes below this
+#: planning.trajectory: angle ranges (degrees) searched, nominal angles preferred among
+#: near-equal clearances, and the screw size used when the screw section gives none
+TRAJECTORIES = {
+    # traditional trajectory: converging 5-25 deg medially, parallel to the endplates
+    "traditional": {"medial_deg": (5.0, 25.0), "cranial_deg": (-10.0, 10.0),
+                    "nominal_medial_deg": 15.0, "nominal_cranial_deg": 0.0,
+                    "diameter_mm": 6.5, "length_mm": 40.0},
+    # cortical bone trajectory: caudo-medial entry at the pars, aimed cranio-laterally
+    "cortical": {"medial_deg": (-15.0, -5.0), "cranial_deg": (15.0, 30.0),
+                 "nominal_medial_deg": -8.0, "nominal_cranial_deg": 25.0,
+                 "diameter_mm": 5.5, "length_mm": 35.0},
+}
 JOIN_FACTOR = 2.0  #: a section this many times the smallest so far: the pedicle has joined the arch
 MIDLINE_MM = 1.0  #: a cross-section this close to the mid-sagittal plane has closed the arch
 START_MM = 3.0  #: a pedicle starts within this distance behind the body's posterior surface
@@ -115,23 +139,40 @@ class PlanParams:
 
     method: str = "landmarks"  #: "landmarks" (sample sheet) or "auto" (from the mask)
     margin_mm: float = 3.0  #: how far the tip stays inside the anterior cortex
-    convergence_deg: float | None = None  #: medial angle to the sagittal plane; None: aim point
-    target_depth_fraction: float = 0.8  #: aim point depth, posterior (0) to anterior (1) surface
+    #: medial angle to the sagittal plane (negative: lateral); None: searched in the
+    #: trajectory's range
+    convergence_deg: float | None = None
     min_length_mm: float = 25.0  #: shorter fitted screws are refused
+    #: "traditional" (converging, 6.5 x 40 mm) or "cortical" (cortical bone trajectory,
+    #: caudo-medial to cranio-lateral, 5.5 x 35 mm); the size applies when the screw
+    #: section gives none
+    trajectory: str = "traditional"
+    #: worst Gertzbein-Robbins grade accepted (A-E); a worse screw fails the scan
+    max_grade: str = "B"
+    #: breach (mm) up to which a screw still counts as fully in bone (grade A)
+    grade_tolerance_mm: float = 0.5
+    #: planned screws: a diameter above 0.8 x the isthmus width is reduced to fit it
+    fit_diameter: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise QctfeaError(f"method must be one of {list(METHODS)}, not {self.method!r}")
         if self.margin_mm < 0:
             raise QctfeaError(f"margin_mm must be >= 0, not {self.margin_mm!r}")
-        if self.convergence_deg is not None and not 0 <= self.convergence_deg < 45:
-            raise QctfeaError("convergence_deg must be in [0, 45) degrees (medial) or null, "
-                              f"not {self.convergence_deg!r}")
-        if not 0 < self.target_depth_fraction < 1:
-            raise QctfeaError("target_depth_fraction must be between 0 and 1, not "
-                              f"{self.target_depth_fraction!r}")
+        if self.convergence_deg is not None and not -45 < self.convergence_deg < 45:
+            raise QctfeaError("convergence_deg must be in (-45, 45) degrees (medial positive, "
+                              f"lateral negative) or null, not {self.convergence_deg!r}")
         if self.min_length_mm <= 0:
             raise QctfeaError(f"min_length_mm must be > 0, not {self.min_length_mm!r}")
+        if self.trajectory not in TRAJECTORIES:
+            raise QctfeaError(f"trajectory must be one of {list(TRAJECTORIES)}, not "
+                              f"{self.trajectory!r}")
+        if self.max_grade not in GRADES:
+            raise QctfeaError(f"max_grade must be one of {list(GRADES)} (Gertzbein-Robbins), "
+                              f"not {self.max_grade!r}")
+        if self.grade_tolerance_mm < 0 or self.grade_tolerance_mm >= 2:
+            raise QctfeaError("grade_tolerance_mm must be in [0, 2) mm, not "
+                              f"{self.grade_tolerance_mm!r}")
 
 
 @dataclass
@@ -195,28 +236,7 @@ class _Grid:
         return ndimage.map_coordinates(self._body_f, self.index(pts).T, order=1) >= 0.5
 
 
-@dataclass
-class _Frame:
-    """Anatomical frame: body centroid and unit axes (patient left, anterior, superior)."""
-
-    centre: np.ndarray
-    left: np.ndarray
-    anterior: np.ndarray
-    superior: np.ndarray
-
-    @property
-    def axes(self) -> np.ndarray:
-        return np.column_stack([self.left, self.anterior, self.superior])
-
-    def to_frame(self, pts: np.ndarray) -> np.ndarray:
-        """(l, a, s) coordinates (mm) of physical points (N, 3)."""
-        return (np.asarray(pts, float) - self.centre) @ self.axes
-
-    def to_physical(self, las: np.ndarray) -> np.ndarray:
-        return self.centre + np.asarray(las, float) @ self.axes.T
-
-
-def anatomical_frame(grid: _Grid, context: str) -> tuple[_Frame, dict]:
+def anatomical_frame(grid: _Grid, context: str) -> tuple[Frame, dict]:
     """The vertebra's anatomical axes and the body's extent along them (see module doc)."""
     body = grid.points(grid.body)
     post = grid.points(grid.posterior)
@@ -236,7 +256,7 @@ def anatomical_frame(grid: _Grid, context: str) -> tuple[_Frame, dict]:
     sup = np.array(body_axis(grid.image, grid.body)["superior_axis"])
     ant = towards_body - (towards_body @ sup) * sup
     ant /= np.linalg.norm(ant)
-    frame = _Frame(cb, np.cross(sup, ant), ant, sup)
+    frame = Frame(cb, np.cross(sup, ant), ant, sup)
     las = frame.to_frame(body)
     a_post, a_ant = np.percentile(las[:, 1], [0.5, 99.5])
     s_lo, s_hi = np.percentile(las[:, 2], [0.5, 99.5])
@@ -246,7 +266,7 @@ def anatomical_frame(grid: _Grid, context: str) -> tuple[_Frame, dict]:
     return frame, ext
 
 
-def _isthmus(grid: _Grid, frame: _Frame, ext: dict, side: str, context: str) -> dict:
+def _isthmus(grid: _Grid, frame: Frame, ext: dict, side: str, context: str) -> dict:
     """The narrowest cross-section of one side's pedicle (see module doc, step 2)."""
     sign = 1.0 if side == "left" else -1.0
     h = PLANE_STEP_MM
@@ -315,97 +335,186 @@ def _isthmus(grid: _Grid, frame: _Frame, ext: dict, side: str, context: str) -> 
     }
 
 
-def _run_in_bone(grid: _Grid, start: np.ndarray, direction: np.ndarray) -> float:
-    """Distance from ``start`` to the last bone sample before the line leaves the bone."""
-    t = np.arange(0.0, MAX_LINE_MM, LINE_STEP_MM)
-    inside = grid.in_bone(start + np.outer(t, direction))
-    out = np.flatnonzero(~inside)
-    return float(t[out[0] - 1]) if len(out) else float(t[-1])
+def _trajectory_axis(frame: Frame, side: str, medial_deg: float, cranial_deg: float
+                     ) -> np.ndarray:
+    """Unit axis (physical) of a screw on ``side`` pointing anteriorly, converging
+    ``medial_deg`` towards the mid-sagittal plane (negative: diverging) and rising
+    ``cranial_deg`` towards superior (negative: caudal)."""
+    sign = 1.0 if side == "left" else -1.0
+    t, c = np.deg2rad(medial_deg), np.deg2rad(cranial_deg)
+    return frame.axes @ np.array([-sign * np.sin(t) * np.cos(c), np.cos(t) * np.cos(c),
+                                  np.sin(c)])
 
 
-def _seated(grid: _Grid, centre: np.ndarray, axis: np.ndarray, radius: float,
-            t_axis: float) -> float:
-    """Distance behind ``centre`` of the screw's entry: the last point, going back from the
-    isthmus towards where the axis leaves the bone (``t_axis``), at which the screw's whole
-    circumference (16 points at ``radius``) is in bone; ``t_axis`` when there is none."""
+def _candidate(field: BoneField, through: np.ndarray, axis: np.ndarray, radius: float,
+               spec_length: float, params: PlanParams) -> dict | None:
+    """One trajectory through ``through``: seated entry, fitted length and clearance (the
+    smallest depth of the screw's surface inside the bone beyond its first radius)."""
+    t = np.arange(0.0, MAX_BACK_MM + 1e-9, LINE_STEP_MM)
     u = np.cross(axis, [1.0, 0, 0] if abs(axis[0]) < 0.9 else [0, 1.0, 0])
     u /= np.linalg.norm(u)
     v = np.cross(axis, u)
     ang = np.linspace(0, 2 * np.pi, 16, endpoint=False)
     ring = radius * (np.outer(np.cos(ang), u) + np.outer(np.sin(ang), v))
-    for t in np.arange(t_axis, -1e-9, -LINE_STEP_MM):
-        if grid.in_bone(centre - t * axis + ring).all():
-            return float(t)
-    return t_axis
+    back = through - np.outer(t, axis)
+    axis_in = field.distance(back) <= 0
+    if not axis_in[0]:
+        return None
+    t_axis = int(np.argmin(axis_in)) if not axis_in.all() else len(t) - 1
+    ring_in = (field.distance((back[: t_axis + 1, None, :] + ring[None]).reshape(-1, 3))
+               .reshape(t_axis + 1, -1) <= 0).all(axis=1)
+    # The seat lies within one diameter of where the axis leaves the bone: a screw is
+    # inserted from the bone surface, it cannot start inside the pedicle.
+    seated = np.flatnonzero(ring_in & (t[: t_axis + 1] >= t[t_axis] - 2 * radius))
+    t_entry = float(t[seated[-1]]) if len(seated) else float(max(t[t_axis] - 2 * radius, 0.0))
+    fwd = field.distance(through + np.outer(np.arange(0.0, MAX_LINE_MM, LINE_STEP_MM), axis))
+    leaves = np.flatnonzero(fwd > 0)
+    t_front = float(leaves[0] * LINE_STEP_MM) if len(leaves) else MAX_LINE_MM
+    entry = through - t_entry * axis
+    available = t_entry + t_front - params.margin_mm
+    length = min(spec_length, available)
+    if length <= 2 * radius:
+        return None
+    pts, depth = screw_surface(entry, axis, radius, length, step=0.5, n_around=16)
+    inside = -field.distance(pts[depth >= radius])
+    clearance = float(inside.min())
+    centring = float(np.clip(inside, 0.0, CENTRING_CAP_MM).mean())
+    return {"entry": entry, "axis": axis, "length": float(length), "available": available,
+            "clearance": clearance, "centring": centring, "exit": through + (t_front + LINE_STEP_MM / 2) * axis}
 
 
 def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
-                   context: str) -> list[Screw]:
+                   context: str, field: BoneField | None = None) -> list[Screw]:
     """Left and right screws planned from a vertebra parts image (see the module doc)."""
     grid = _Grid(parts_img, context)
-    frame, ext = anatomical_frame(grid, context)
-    depth = ext["a_ant"] - ext["a_post"]
-    a_aim = ext["a_post"] + params.target_depth_fraction * depth
+    field = field or bone_field(parts_img)
+    frame, ext, canal = vertebra_frame(grid, field, context)
+    traj = TRAJECTORIES[params.trajectory]
     screws = []
     for side in SIDES:
         isth = _isthmus(grid, frame, ext, side, context)
         c = isth["centre_las"]
-        if params.convergence_deg is None:
-            l_aim = AIM_LATERAL_FRACTION * c[0]
-        else:
-            l_aim = c[0] - np.sign(c[0]) * np.tan(np.deg2rad(params.convergence_deg)) * (
-                a_aim - c[1])
-        if a_aim - c[1] < 1.0:
-            raise QctfeaError(f"{context}: the {side} pedicle isthmus lies in front of the aim "
-                              "point; the parts image is not a vertebra's: check the mask step")
-        aim_las = np.array([l_aim, a_aim, c[2]])
-        axis_las = (aim_las - c) / np.linalg.norm(aim_las - c)
-        centre, aim = frame.to_physical(c), frame.to_physical(aim_las)
-        axis = frame.axes @ axis_las
-        if not grid.in_bone(centre[None])[0]:
+        centre = frame.to_physical(c)
+        if field.distance(centre[None])[0] > 0:
             raise QctfeaError(f"{context}: the centre of the {side} pedicle's narrowest "
                               f"cross-section ({np.round(centre, 1).tolist()} mm) is not bone: "
                               "the pedicle is not a closed tube in the mask; check the label map, "
                               "or give landmarks and set planning.method: landmarks")
-        t_axis = _run_in_bone(grid, centre, -axis)
-        entry = centre - _seated(grid, centre, axis, spec.diameter_mm / 2, t_axis) * axis
-        front = aim if grid.in_bone(aim[None])[0] else centre
-        exit_ = front + (_run_in_bone(grid, front, axis) + LINE_STEP_MM / 2) * axis
-        available = float((exit_ - entry) @ axis) - params.margin_mm
-        length = min(spec.length_mm, available)
-        if length < params.min_length_mm:
-            raise QctfeaError(
-                f"{context}: the {side} screw would be {length:.1f} mm long (entry to anterior "
-                f"cortex {available + params.margin_mm:.1f} mm, less the {params.margin_mm:g} mm "
-                f"margin), shorter than planning.min_length_mm = {params.min_length_mm:g}; "
-                "lower planning.min_length_mm or planning.margin_mm, change "
-                "planning.convergence_deg, or give landmarks and set planning.method: landmarks")
-        exceeds = spec.diameter_mm > isth["diameter_mm"]
+        diameter = spec.diameter_mm
+        fitted = False
+        width = isth["min_width_mm"]
+        if params.fit_diameter and diameter > FIT_FRACTION * width:
+            diameter = max(MIN_FIT_DIAMETER_MM,
+                           np.floor(FIT_FRACTION * width / FIT_STEP_MM) * FIT_STEP_MM)
+            fitted = diameter < spec.diameter_mm
+        exceeds = diameter > width
         if exceeds:
             warnings.warn(
-                f"{context}: the {side} pedicle isthmus is {isth['diameter_mm']:.1f} mm wide "
-                f"(equivalent diameter of its narrowest cross-section), less than the "
-                f"{spec.diameter_mm:g} mm screw: the screw will breach the pedicle wall; choose "
-                "a thinner screw (screw.diameter_mm) or plan this scan with landmarks",
-                stacklevel=2)
-        convergence = float(np.degrees(np.arctan2(-np.sign(c[0]) * axis_las[0], axis_las[1])))
+                f"{context}: the {side} pedicle isthmus is {width:.1f} mm wide (narrowest "
+                f"width of its smallest cross-section), less than the {diameter:g} mm screw: "
+                "the screw may breach the pedicle wall (see its grade); choose a thinner screw "
+                "(screw.diameter_mm), set planning.fit_diameter: true, or plan this scan with "
+                "landmarks", stacklevel=2)
+        medial = params.convergence_deg if params.convergence_deg is not None else None
+        angles_m = ([medial] if medial is not None else
+                    np.arange(traj["medial_deg"][0], traj["medial_deg"][1] + 1e-9, ANGLE_STEP))
+        angles_c = np.arange(traj["cranial_deg"][0], traj["cranial_deg"][1] + 1e-9, ANGLE_STEP)
+        offsets = np.arange(-OFFSET_MM, OFFSET_MM + 1e-9, OFFSET_STEP_MM)
+        best = None
+        tried = 0
+        for dl in offsets:
+            for ds in offsets:
+                through = frame.to_physical(c + np.array([dl, 0.0, ds]))
+                if field.distance(through[None])[0] > 0:
+                    continue
+                for m in angles_m:
+                    for cr in angles_c:
+                        axis = _trajectory_axis(frame, side, float(m), float(cr))
+                        cand = _candidate(field, through, axis, diameter / 2, spec.length_mm,
+                                          params)
+                        tried += 1
+                        if cand is None or cand["length"] < params.min_length_mm:
+                            continue
+                        # Clearance first; among near-equal ones the nominal angles, longer
+                        score = (cand["clearance"] + CENTRING_WEIGHT * cand["centring"]
+                                 + 0.02 * cand["length"]
+                                 - 0.02 * abs(m - traj["nominal_medial_deg"])
+                                 - 0.02 * abs(cr - traj["nominal_cranial_deg"]))
+                        if best is None or score > best[0]:
+                            best = (score, cand, float(m), float(cr), through)
+        if best is None:
+            raise QctfeaError(
+                f"{context}: no {params.trajectory} trajectory through the {side} pedicle "
+                f"leaves room for a screw of at least planning.min_length_mm = "
+                f"{params.min_length_mm:g} mm ({tried} trajectories tried: medial angle "
+                f"{traj['medial_deg']} deg, cranial angle {traj['cranial_deg']} deg, through "
+                f"the isthmus within {OFFSET_MM:g} mm); lower planning.min_length_mm or "
+                "planning.margin_mm, try the other planning.trajectory, or give landmarks and "
+                "set planning.method: landmarks")
+        _, cand, m, cr, through = best
+        axis = cand["axis"]
+        axis_las = frame.axes.T @ axis
         screws.append(PlannedScrew(
-            side, entry, axis, replace(spec, length_mm=float(length)),
+            side, cand["entry"], axis,
+            replace(spec, length_mm=float(cand["length"]), diameter_mm=float(diameter)),
             planning={
                 "method": "auto",
+                "trajectory": params.trajectory,
                 "isthmus_centre_mm": centre.tolist(),
                 "isthmus_depth_behind_body_mm": isth["depth_behind_body_mm"],
                 "isthmus_area_mm2": isth["area_mm2"],
                 "isthmus_diameter_mm": isth["diameter_mm"],
-                "isthmus_min_width_mm": isth["min_width_mm"],
+                "isthmus_min_width_mm": width,
                 "screw_exceeds_isthmus": bool(exceeds),
-                "aim_mm": aim.tolist(),
-                "convergence_deg": convergence,
-                "available_length_mm": available,
-                "anterior_exit_mm": exit_.tolist(),
-                "frame": {"left": frame.left.tolist(), "anterior": frame.anterior.tolist(),
-                          "superior": frame.superior.tolist(),
-                          "body_centroid_mm": frame.centre.tolist(),
-                          "body_depth_mm": float(depth)},
+                "diameter_fitted_to_isthmus": bool(fitted),
+                "diameter_configured_mm": spec.diameter_mm,
+                "through_mm": through.tolist(),
+                "convergence_deg": float(np.degrees(np.arctan2(
+                    -(1.0 if side == "left" else -1.0) * axis_las[0], axis_las[1]))),
+                "cranial_deg": float(np.degrees(np.arcsin(np.clip(axis_las[2], -1, 1)))),
+                "clearance_mm": cand["clearance"],
+                "trajectories_tried": tried,
+                "available_length_mm": cand["available"],
+                "anterior_exit_mm": cand["exit"].tolist(),
+                "frame": frame_record(frame, ext, canal),
             }))
     return screws
+
+
+def bone_field(parts_img: sitk.Image) -> BoneField:
+    """Signed distance to the vertebra (body, posterior elements) of a parts image."""
+    lab = sitk.GetArrayFromImage(parts_img)
+    img = sitk.GetImageFromArray(np.isin(lab, BONE_PARTS).astype(np.uint8))
+    img.CopyInformation(parts_img)
+    return BoneField(img)
+
+
+def vertebra_frame(grid: _Grid, field: BoneField, context: str) -> tuple[Frame, dict, dict]:
+    """Anatomical frame whose mid-sagittal plane passes through the spinal canal (the body's
+    centroid when the canal is not closed in the mask), the body's extent, the canal."""
+    frame, ext = anatomical_frame(grid, context)
+    canal = find_canal(field, frame, ext)
+    if canal["found"]:
+        shift = canal["l_mm"]
+        frame = Frame(frame.to_physical([shift, 0.0, 0.0]), frame.left, frame.anterior,
+                      frame.superior)
+        ext = {**ext, "l_max": ext["l_max"] + abs(shift)}
+        canal = {**canal, "l_mm": 0.0, "grid_l": canal["grid_l"] - shift,
+                 "offset_from_body_centroid_mm": shift}
+    return frame, ext, canal
+
+
+def frame_record(frame: Frame, ext: dict, canal: dict) -> dict:
+    return {"left": frame.left.tolist(), "anterior": frame.anterior.tolist(),
+            "superior": frame.superior.tolist(), "midline_point_mm": frame.centre.tolist(),
+            "body_depth_mm": float(ext["a_ant"] - ext["a_post"]), "canal": canal_record(canal)}
+
+
+def placement_frame(parts_img: sitk.Image, context: str
+                    ) -> tuple[BoneField, Frame, dict, dict]:
+    """Distance field, anatomical frame, canal (with its footprint) and the frame's JSON
+    record of a parts image, for grading screws."""
+    grid = _Grid(parts_img, context)
+    field = bone_field(parts_img)
+    frame, ext, canal = vertebra_frame(grid, field, context)
+    return field, frame, canal, frame_record(frame, ext, canal)

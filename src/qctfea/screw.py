@@ -10,7 +10,6 @@ scan's physical coordinates (mm).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -157,7 +156,8 @@ def bone_lookup(img):
 
 
 def breach_report(screw: Screw, inside_bone, step_mm: float = 0.25) -> dict:
-    """Length of the inserted screw surface line outside the bone (warning when > 0).
+    """Length of the inserted screw surface line outside the bone (recorded beside the
+    Gertzbein-Robbins grade of :mod:`qctfea.placement`, which decides).
 
     ``inside_bone(points) -> bool array`` tells whether points (mm) are bone.
     Eight lines on the screw surface and the axis are sampled along the
@@ -179,13 +179,3 @@ def breach_report(screw: Screw, inside_bone, step_mm: float = 0.25) -> dict:
             axis_out = length
         worst = max(worst, length)
     return {"axis_outside_bone_mm": axis_out, "max_surface_outside_bone_mm": worst}
-
-
-def warn_breach(screw: Screw, report: dict, context: str, tolerance_mm: float = 1.0) -> None:
-    if report["max_surface_outside_bone_mm"] > tolerance_mm:
-        warnings.warn(
-            f"{context}: {screw.side} screw breaches the cortex: "
-            f"{report['max_surface_outside_bone_mm']:.1f} mm of its surface lies outside bone "
-            f"(axis {report['axis_outside_bone_mm']:.1f} mm); check the landmarks",
-            stacklevel=2,
-        )

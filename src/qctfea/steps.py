@@ -396,22 +396,30 @@ def mask(ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
 
 
 def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
-                planning: dict | None = None) -> None:
+                planning: dict | None = None, out_png=None) -> None:
     """Screws from the landmarks (``planning.method: landmarks``, the default) or planned from
     the vertebra parts image (``auto``, :mod:`qctfea.planning`; ``landmarks_path`` may then be
-    None and is not read), with a breach check against the parts image: a warning when more
-    than 1 mm of a screw's surface lies outside bone (recorded in the output), an error when
-    its axis does not enter the vertebra at all."""
+    None and is not read), each graded on the Gertzbein-Robbins scale against the parts image
+    (:mod:`qctfea.placement`). A screw graded worse than ``planning.max_grade`` fails the
+    step with an error naming the scan, side, grade and breach; its QC picture is then kept
+    as ``screws_refused.png`` beside ``out_json``."""
+    from qctfea import placement
     from qctfea import planning as plan_mod
     from qctfea import screw as screw_mod
 
-    spec = params_from(screw_mod.ScrewSpec, cfg, "screw")
+    cfg = dict(cfg or {})
     plan = params_from(plan_mod.PlanParams, planning, "planning")
+    traj = plan_mod.TRAJECTORIES[plan.trajectory]
+    if plan.method == "auto":  # the trajectory's screw size unless the screw section sets one
+        cfg.setdefault("diameter_mm", traj["diameter_mm"])
+        cfg.setdefault("length_mm", traj["length_mm"])
+    spec = params_from(screw_mod.ScrewSpec, cfg, "screw")
+    _need(context, parts=parts_path)
+    parts = _read_image(parts_path, "vertebra parts image", context)
+    field, frame, canal, frame_rec = plan_mod.placement_frame(parts, context)
     if plan.method == "auto":
-        _need(context, parts=parts_path)
-        parts = _read_image(parts_path, "vertebra parts image", context)
         where = f"{context} ({parts_path})"
-        screws = plan_mod.plan_from_mask(parts, spec, plan, where)
+        screws = plan_mod.plan_from_mask(parts, spec, plan, where, field=field)
         inputs = {"parts": parts_path}
     else:
         if landmarks_path is None or str(landmarks_path) == "":
@@ -419,33 +427,69 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
                               "sheet is empty) and planning.method is 'landmarks'; give this "
                               "scan's landmarks JSON, or set `planning.method: auto` in the "
                               "cohort config to plan the screws from the vertebra mask")
-        _need(context, landmarks=landmarks_path, parts=parts_path)
+        _need(context, landmarks=landmarks_path)
         lm = read_json(landmarks_path)
         where = f"{context} ({landmarks_path})"
         screws = screw_mod.screws_from_landmarks(lm, spec, where)
-        parts = _read_image(parts_path, "vertebra parts image", context)
         inputs = {"landmarks": landmarks_path}
     inside = screw_mod.bone_lookup(parts)
     out = []
     for sc in screws:
         rep = screw_mod.breach_report(sc, inside)
-        if rep["axis_outside_bone_mm"] >= spec.length_mm:
+        if rep["axis_outside_bone_mm"] >= sc.spec.length_mm:
             raise QctfeaError(
                 f"{where}: the {sc.side} screw (entry {np.round(sc.entry_mm, 1).tolist()} mm) "
                 f"does not enter the vertebra of {parts_path} at all; the landmarks must be "
                 "this scan's physical (DICOM LPS) coordinates in mm: check them (RAS instead "
                 "of LPS flips the x and y signs; landmarks of another scan do not fit)")
-        screw_mod.warn_breach(sc, rep, where)
-        out.append({**sc.to_dict(), "breach": rep})
-    write_json(out_json, {"screws": out, "provenance": provenance(
+        grade = placement.grade_screw(sc.entry_mm, sc.axis, sc.spec.diameter_mm,
+                                      sc.spec.length_mm, sc.side, field, frame,
+                                      plan.grade_tolerance_mm)
+        if grade["grade"] != "A":
+            warnings.warn(f"{where}: {sc.side} screw grade {grade['grade']} "
+                          f"(Gertzbein-Robbins): {grade['breach_mm']:.1f} mm outside the bone, "
+                          f"{grade['direction']}", stacklevel=2)
+        out.append({**sc.to_dict(), "breach": rep, "placement": grade})
+    refused = [s for s in out if placement.grade_worse(s["placement"]["grade"], plan.max_grade)]
+    png = out_png
+    if refused and out_png is not None:
+        png = Path(out_json).with_name("screws_refused.png")
+    if png is not None:
+        with atomic_path(png) as tmp:
+            placement.plot_placement(field, frame, canal, out, tmp,
+                                     title=f"{context}: {plan.method} screws, "
+                                     f"{plan.trajectory if plan.method == 'auto' else 'landmarks'}")
+    if refused:
+        what = "; ".join(
+            f"{s['side']} screw grade {s['placement']['grade']} (Gertzbein-Robbins): "
+            f"{s['placement']['breach_mm']:.1f} mm outside the bone, "
+            f"{s['placement']['direction']}"
+            + (" (into the spinal canal)" if s["placement"]["direction"] == "medial" else "")
+            for s in refused)
+        other = "cortical" if plan.trajectory == "traditional" else "traditional"
+        raise QctfeaError(
+            f"{where}: screw placement refused, worse than planning.max_grade = "
+            f"{plan.max_grade}: {what}. No strength is computed for a screw outside bone. "
+            "Give landmarks for this scan (planning.method: landmarks and the sample sheet's "
+            f"landmarks column), try planning.trajectory: {other}, a smaller screw "
+            "(screw.diameter_mm, or planning.fit_diameter: true), or exclude the scan "
+            "(exclude: in the cohort config, with the reason)"
+            + (f"; picture: {png}" if png is not None else ""))
+    Path(out_json).with_name("screws_refused.png").unlink(missing_ok=True)
+    write_json(out_json, {"screws": out, "frame": frame_rec, "provenance": provenance(
         "screws", {**asdict(spec), "planning": asdict(plan)}, inputs)})
     _log(f"[screws] {context}: " + ", ".join(
-        f"{s['side']} breach {s['breach']['max_surface_outside_bone_mm']:.1f} mm" for s in out))
+        f"{s['side']} grade {s['placement']['grade']} (breach {s['placement']['breach_mm']:.1f}"
+        f" mm {s['placement']['direction']})" for s in out))
 
 
 def load_screws(path) -> list:
+    """The screws of a screws file; none for ``None`` (a model without screws: ``loads.cases``
+    without pullout)."""
     from qctfea.screw import Screw
 
+    if path is None:
+        return []
     return [Screw.from_dict(d) for d in read_json(path)["screws"]]
 
 
@@ -485,12 +529,8 @@ def bmd(density_path, parts_path, screws_path, out_json, cfg: dict, context: str
                         p.shell_mm, tmp, f"{context}: BMD regions and screws", res)
     write_json(out_json, {**res, "provenance": provenance(
         "bmd", p, {"density": density_path, "parts": parts_path})})
-    """The screws of a screws file; none for ``None`` (a model without screws: ``loads.cases``
-    without pullout)."""
     _log(f"[bmd] {context}: trabecular {res['trabecular_vbmd_mg_cm3']:.1f} mg/cm³, around screw "
          + ", ".join(f"{k} {v:.1f}" for k, v in res["around_screw_vbmd_mg_cm3"].items())
-    if path is None:
-        return []
          + f", aBMD {res['areal_bmd_g_cm2']:.3f} g/cm²")
 
 

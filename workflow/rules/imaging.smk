@@ -65,7 +65,8 @@ rule plan_screws:
         landmarks=get_landmarks,
         parts=rules.extract_vertebra.output.parts,
     output:
-        f"{RES}/{{patient}}/{{timepoint}}/screws.json",
+        json=f"{RES}/{{patient}}/{{timepoint}}/screws.json",
+        png=report(f"{RES}/{{patient}}/{{timepoint}}/screws.png", category="QC"),
     params:
         cfg=CCFG.get("screw", {}),
         planning=CCFG.get("planning", {}),

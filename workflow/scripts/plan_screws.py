@@ -1,10 +1,11 @@
 """Rule plan_screws: screw trajectories from the landmarks or the vertebra mask
-(planning.method), breach check."""
+(planning.method), Gertzbein-Robbins grading and its QC picture; a screw graded worse than
+planning.max_grade fails the scan."""
 from qctfea import steps
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821
 # No landmarks input with planning.method auto: the named input is then an empty list.
 run_step(sm, lambda: steps.plan_screws(sm.input.landmarks or None, sm.input.parts,
-                                       sm.output[0], sm.params.cfg, context(sm.wildcards),
-                                       planning=sm.params.planning))
+                                       sm.output.json, sm.params.cfg, context(sm.wildcards),
+                                       planning=sm.params.planning, out_png=sm.output.png))
