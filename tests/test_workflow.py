@@ -1,4 +1,5 @@
 """The Snakemake workflow: dry-run expansion, and one end-to-end run on a tiny cohort."""
+import json
 import os
 import re
 import shutil
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -264,3 +266,45 @@ def test_killed_run_resumes_to_identical_results(tiny_run, tmp_path):
         a = (tiny_run / "results" / "tiny" / rel).read_bytes()
         b = (res / rel).read_bytes()
         assert a == b, f"{rel} differs from the uninterrupted run"
+
+
+def test_keep_going_leaves_a_scan_with_a_screw_through_the_canal_out_of_the_tables(tmp_path):
+    """P02's left landmark screw runs 9 mm medially, through the spinal canal: the planning
+    gate (rule accept_screws) fails that scan naming patient, timepoint, side, grade, breach
+    and what to do; with --keep-going P01 goes through every rule, the tables hold P01 only
+    with its screws' grades, and tables/exclusions.csv lists P02 with the refusal."""
+    from qctfea.synth import SynthParams, landmarks_world, patient_anatomy, scan_pose
+
+    cd = _cohort(tmp_path, "tiny", 2, timepoints=(("M00", 0),))
+    lm = landmarks_world(patient_anatomy(11, "P02", SynthParams()),
+                         scan_pose(11, "P02", 0.0, SynthParams()))
+    towards_right = np.subtract(lm["right"]["entry_mm"], lm["left"]["entry_mm"])
+    shift = 9.0 * towards_right / np.linalg.norm(towards_right)
+    for key in ("entry_mm", "target_mm"):
+        lm["left"][key] = (np.array(lm["left"][key]) + shift).tolist()
+    bad = tmp_path / "P02_canal_landmarks.json"
+    bad.write_text(json.dumps(lm))
+    sheet = cd / "tiny" / "samples.tsv"
+    df = pd.read_csv(sheet, sep="\t", dtype=str)
+    df.loc[df["patient"] == "P02", "landmarks"] = str(bad)
+    df.to_csv(sheet, sep="\t", index=False)
+    p = run([venv_bin("snakemake"), "--cores", "2", "--keep-going", *_tiny_args(tmp_path, cd)],
+            cwd=REPO, timeout=1500)
+    assert p.returncode != 0
+    res = tmp_path / "results" / "tiny"
+    lines = (tmp_path / "logs/tiny/failures.txt").read_text().splitlines()
+    assert lines[0].startswith("1 failed job(s)"), lines
+    msg = lines[1]
+    assert msg.startswith("patient P02, timepoint M00: rule accept_screws: ERROR: "), msg
+    for part in ("left screw grade", "mm outside the bone, medial (into the spinal canal)",
+                 "planning.max_grade = B", "landmarks", "exclude"):
+        assert part in msg, (part, msg)
+    long = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
+    assert list(long["patient"]) == ["P01"]
+    assert set(long[["screw_grade_left", "screw_grade_right"]].iloc[0]) <= {"A", "B"}
+    assert long["pullout_strength_left_n"].notna().all()
+    excl = pd.read_csv(res / "tables" / "exclusions.csv", dtype=str)
+    assert list(excl["patient"]) == ["P02"] and "screw placement refused" in excl["reason"][0]
+    assert (res / "report" / "summary.html").is_file()
+    assert (res / "P02" / "M00" / "screws.png").is_file()  # the picture of the refusal
+    assert not (res / "P02" / "M00" / "mesh.json").exists()  # nothing ran on those screws

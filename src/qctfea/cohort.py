@@ -71,6 +71,12 @@ COLUMNS: list[str] = [
     "compression_iterations",
     "pullout_iterations_left",
     "pullout_iterations_right",
+    "screw_grade_left",
+    "screw_grade_right",
+    "screw_breach_left_mm",
+    "screw_breach_right_mm",
+    "screw_breach_direction_left",
+    "screw_breach_direction_right",
 ]
 
 #: Metrics summarised, tested for change and modelled (all-missing ones are skipped).
@@ -129,7 +135,8 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
 
 #: Columns that exist only with screws (``loads.cases`` with pullout): around-screw vBMD
 #: and the pullout results. A cohort without pullout has none of them.
-SCREW_COLUMNS: list[str] = [c for c in COLUMNS if c.startswith(("pullout_", "around_screw_"))]
+SCREW_COLUMNS: list[str] = [c for c in COLUMNS
+                            if c.startswith(("pullout_", "around_screw_", "screw_"))]
 
 #: Per-scan input files read by :func:`aggregate` (the pullout ones only with pullout).
 SCAN_FILES: dict[str, str] = {
@@ -138,6 +145,7 @@ SCAN_FILES: dict[str, str] = {
     "pullout_left": "pullout_left.json",
     "pullout_right": "pullout_right.json",
     "mesh": "mesh.json",
+    "screws": "screws.json",
     "calibration": "calibration.json",
 }
 
@@ -401,7 +409,38 @@ def scan_row(
         "pullout_iterations_left": _num_opt(pl, "ksp_iterations", "pullout_left.json"),
         "pullout_iterations_right": _num_opt(pr, "ksp_iterations", "pullout_right.json"),
     }
-    return {c: row[c] for c in COLUMNS}
+    return {c: row[c] for c in COLUMNS if c in row}
+
+
+def placement_columns(screws: Mapping[str, Any]) -> dict:
+    """Each screw's Gertzbein-Robbins grade, breach (mm) and its direction, from the model's
+    screws.json; refused screws are an error (they never reach the tables)."""
+    if screws.get("refused"):
+        raise QctfeaError(f"screws.json: the screws were refused at planning: "
+                          f"{screws['refused']}")
+    out = {}
+    for s in screws.get("screws", []):
+        g = s.get("placement")
+        if not isinstance(g, Mapping):
+            raise QctfeaError(f"screws.json: the {s.get('side')} screw has no placement grade; "
+                              "rerun the planning step (rule plan_screws)")
+        out |= {f"screw_grade_{s['side']}": g["grade"],
+                f"screw_breach_{s['side']}_mm": float(g["breach_mm"]),
+                f"screw_breach_direction_{s['side']}": g["direction"]}
+    return out
+
+
+def refusal_entries(scans: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Exclusion entries (patient, timepoint, months, reason) for the scans whose model's
+    screws were refused at planning; ``scans``: dicts with patient, timepoint, months and
+    the model's ``screws`` file."""
+    out = []
+    for s in scans:
+        data = read_json(s["screws"])
+        if data.get("refused"):
+            out.append({"patient": s["patient"], "timepoint": s["timepoint"],
+                        "months": s["months"], "reason": data["refused"]})
+    return out
 
 
 def longitudinal_table(rows: list[dict]) -> pd.DataFrame:
@@ -917,9 +956,9 @@ def aggregate(
         model_dir = root / patient / str(sample.get("model_timepoint") or timepoint)
         data: dict[str, Any] = {}
         for key, name in SCAN_FILES.items():
-            if key.startswith("pullout") and "pullout" not in cases:
+            if key.startswith(("pullout", "screws")) and "pullout" not in cases:
                 continue
-            path = (model_dir if key == "mesh" else scan_dir) / name
+            path = (model_dir if key in ("mesh", "screws") else scan_dir) / name
             try:
                 data[key] = read_json(path)
             except QctfeaError as exc:
@@ -940,6 +979,8 @@ def aggregate(
                 data["calibration"],
                 None if math.isnan(dxa) else dxa,
             )
+            if "pullout" in cases:
+                row |= placement_columns(data["screws"])
         except QctfeaError as exc:
             raise QctfeaError(f"{where} ({scan_dir}): {exc}") from exc
         rows.append(row)

@@ -396,13 +396,18 @@ def mask(ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
 
 
 def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
-                planning: dict | None = None, out_png=None) -> None:
+                planning: dict | None = None, out_png=None, record_refusal: bool = False
+                ) -> None:
     """Screws from the landmarks (``planning.method: landmarks``, the default) or planned from
     the vertebra parts image (``auto``, :mod:`qctfea.planning`; ``landmarks_path`` may then be
     None and is not read), each graded on the Gertzbein-Robbins scale against the parts image
     (:mod:`qctfea.placement`). A screw graded worse than ``planning.max_grade`` fails the
     step with an error naming the scan, side, grade and breach; its QC picture is then kept
-    as ``screws_refused.png`` beside ``out_json``."""
+    as ``screws_refused.png`` beside ``out_json``. With ``record_refusal`` (the workflow,
+    whose planning checkpoint must finish for the cohort to go on without the scan) the
+    refusal is written into ``out_json`` (key ``refused``) and the picture to ``out_png``
+    instead: :func:`accept_screws` then fails the scan, and :func:`load_screws` refuses to
+    give these screws to any later step."""
     from qctfea import placement
     from qctfea import planning as plan_mod
     from qctfea import screw as screw_mod
@@ -452,7 +457,7 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
         out.append({**sc.to_dict(), "breach": rep, "placement": grade})
     refused = [s for s in out if placement.grade_worse(s["placement"]["grade"], plan.max_grade)]
     png = out_png
-    if refused and out_png is not None:
+    if refused and out_png is not None and not record_refusal:
         png = Path(out_json).with_name("screws_refused.png")
     if png is not None:
         with atomic_path(png) as tmp:
@@ -467,7 +472,7 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
             + (" (into the spinal canal)" if s["placement"]["direction"] == "medial" else "")
             for s in refused)
         other = "cortical" if plan.trajectory == "traditional" else "traditional"
-        raise QctfeaError(
+        error = (
             f"{where}: screw placement refused, worse than planning.max_grade = "
             f"{plan.max_grade}: {what}. No strength is computed for a screw outside bone. "
             "Give landmarks for this scan (planning.method: landmarks and the sample sheet's "
@@ -475,8 +480,13 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
             "(screw.diameter_mm, or planning.fit_diameter: true), or exclude the scan "
             "(exclude: in the cohort config, with the reason)"
             + (f"; picture: {png}" if png is not None else ""))
+        if not record_refusal:
+            raise QctfeaError(error)
+        warnings.warn(f"REFUSED (the scan fails at rule accept_screws): {error}", stacklevel=2)
     Path(out_json).with_name("screws_refused.png").unlink(missing_ok=True)
-    write_json(out_json, {"screws": out, "frame": frame_rec, "provenance": provenance(
+    write_json(out_json, {"screws": out, "frame": frame_rec,
+                          **({"refused": error} if refused else {}),
+                          "provenance": provenance(
         "screws", {**asdict(spec), "planning": asdict(plan)}, inputs)})
     _log(f"[screws] {context}: " + ", ".join(
         f"{s['side']} grade {s['placement']['grade']} (breach {s['placement']['breach_mm']:.1f}"
@@ -485,12 +495,32 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
 
 def load_screws(path) -> list:
     """The screws of a screws file; none for ``None`` (a model without screws: ``loads.cases``
-    without pullout)."""
+    without pullout). Refused screws (a placement worse than planning.max_grade) are an
+    error: no number is computed on them."""
     from qctfea.screw import Screw
 
     if path is None:
         return []
-    return [Screw.from_dict(d) for d in read_json(path)["screws"]]
+    data = read_json(path)
+    if data.get("refused"):
+        raise QctfeaError(f"{path}: these screws were refused at planning, nothing is computed "
+                          f"on them: {data['refused']}")
+    return [Screw.from_dict(d) for d in data["screws"]]
+
+
+def accept_screws(screws_path, out_json, context: str) -> None:
+    """The planning stage's gate: fail the scan whose screws were refused (the refusal's
+    message), else record each side's Gertzbein-Robbins grade and breach."""
+    _need(context, screws=screws_path)
+    data = read_json(screws_path)
+    if data.get("refused"):
+        raise QctfeaError(data["refused"])
+    grades = {s["side"]: {k: s["placement"][k] for k in ("grade", "breach_mm", "direction")}
+              for s in data["screws"]}
+    write_json(out_json, {"screws": grades, "provenance": provenance(
+        "accept_screws", {}, {"screws": screws_path})})
+    _log(f"[accept_screws] {context}: " + ", ".join(
+        f"{k} grade {v['grade']}" for k, v in grades.items()))
 
 
 # --- bmd ----------------------------------------------------------------------------------

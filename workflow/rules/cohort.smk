@@ -14,9 +14,11 @@ rule aggregate_cohort:
     input:
         bmd=scan_outputs("bmd.json"),
         compression=scan_outputs("compression.json"),
-        pullout=[f"{RES}/{p}/{t}/pullout_{s}.json" for p, t in SAMPLES.index for s in SIDES]
-        if PULLOUT else [],
-        mesh=[f"{RES}/{p}/{model_timepoint(p, t)}/mesh.json" for p, t in SAMPLES.index],
+        pullout=lambda w: [f"{RES}/{p}/{t}/pullout_{s}.json" for p, t in kept_scans()
+                           for s in SIDES] if PULLOUT else [],
+        mesh=lambda w: [f"{RES}/{p}/{model_timepoint(p, t)}/mesh.json" for p, t in kept_scans()],
+        screws=lambda w: [f"{RES}/{p}/{model_timepoint(p, t)}/screws.json"
+                          for p, t in kept_scans()] if PULLOUT else [],
         calibration=scan_outputs("calibration.json"),
         dxa=get_dxa_files,
     output:
@@ -26,8 +28,11 @@ rule aggregate_cohort:
             category="Tables",
         ),
     params:
-        samples=[{**r, "model_timepoint": model_timepoint(r["patient"], r["timepoint"])}
-                 for r in SAMPLES.reset_index(drop=True).to_dict("records")],
+        # the kept scans (those whose bmd.json is an input: refused screws leave a scan out)
+        samples=lambda w, input: [
+            {**r, "model_timepoint": model_timepoint(r["patient"], r["timepoint"])}
+            for r in SAMPLES.reset_index(drop=True).to_dict("records")
+            if (str(r["patient"]), str(r["timepoint"])) in scans_of(input.bmd)],
         # results/<cohort>, where the per-scan JSONs are: from the output, not hard-coded.
         results=lambda wc, output: str(Path(output[0]).parent.parent),
         cases=CASES,
@@ -40,6 +45,10 @@ rule aggregate_cohort:
 
 
 rule record_exclusions:
+    input:
+        # every model's screws: a refusal at planning is listed with its message
+        screws=lambda w: [f"{RES}/{p}/{t}/screws.json" for p, t in model_scans()]
+        if PULLOUT else [],
     output:
         report(
             f"{RES}/tables/exclusions.csv",
@@ -48,6 +57,9 @@ rule record_exclusions:
         ),
     params:
         excluded=EXCLUDED,
+        scans=[{"patient": str(p), "timepoint": str(t), "months": float(m),
+                "screws": f"{RES}/{p}/{model_timepoint(p, t)}/screws.json"}
+               for (p, t), m in SAMPLES["months"].items()] if PULLOUT else [],
     log:
         f"logs/{COHORT}/record_exclusions.log",
     conda:
@@ -134,7 +146,7 @@ rule cohort_figures:
 
 rule qc_montage:
     input:
-        lambda wc: scan_outputs(QC_PICTURES[wc.kind]),
+        lambda wc: scan_outputs(QC_PICTURES[wc.kind])(wc),
     output:
         png=report(
             f"{RES}/figures/qc_{{kind}}.png",
@@ -145,8 +157,8 @@ rule qc_montage:
         ),
         svg=f"{RES}/figures/qc_{{kind}}.svg",
     params:
-        scans=lambda wc: scans_by_months()[0],
-        timepoints=lambda wc: scans_by_months()[1],
+        scans=lambda wc, input: scans_of(input),
+        timepoints=timepoints_by_months(),
     wildcard_constraints:
         kind="|".join(QC_PICTURES),
     log:

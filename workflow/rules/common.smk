@@ -200,6 +200,12 @@ def model_screws(w):
     return model_file("screws.json")(w) if PULLOUT else []
 
 
+def model_accepted(w):
+    """The planning gate of the scan's model (rule accept_screws): whatever uses the screws
+    waits for it, so nothing runs on refused screws; none without pullout."""
+    return model_file("placement.json")(w) if PULLOUT else []
+
+
 def model_density(w):
     """The density the scan's model is given: a registered follow-up's on the baseline grid."""
     if model_timepoint(w.patient, w.timepoint) == w.timepoint:
@@ -207,19 +213,55 @@ def model_density(w):
     return f"{RES}/{w.patient}/{w.timepoint}/density_baseline.nii.gz"
 
 
+def model_scans():
+    """(patient, timepoint) of every FE model: the baselines, or every scan without
+    registration."""
+    return sorted({(str(p), model_timepoint(p, t)) for p, t in SAMPLES.index})
+
+
+def refused(patient, timepoint):
+    """Whether the screws of the scan's model were refused at planning (graded worse than
+    planning.max_grade). Reads the planning checkpoint's output: call only from input
+    functions, which then wait for that checkpoint."""
+    if not PULLOUT:
+        return False
+    mt = model_timepoint(patient, timepoint)
+    path = checkpoints.plan_screws.get(patient=str(patient), timepoint=mt).output.json
+    return bool(json.loads(Path(path).read_text()).get("refused"))
+
+
+def kept_scans():
+    """The scans whose results enter the cohort tables: every scan of the sheet (after
+    exclusions) but those whose model's screws were refused (input functions only)."""
+    return [(str(p), str(t)) for p, t in SAMPLES.index if not refused(p, t)]
+
+
 def scan_outputs(name):
-    return [f"{RES}/{p}/{t}/{name}" for p, t in SAMPLES.index]
+    """Input function: a per-scan file of every kept scan."""
+    return lambda w: [f"{RES}/{p}/{t}/{name}" for p, t in kept_scans()]
 
 
-def scans_by_months():
-    """(patient, timepoint) of every scan, and the timepoints in months order."""
-    scans = [(str(p), str(t)) for p, t in SAMPLES.index]
+def scans_of(files):
+    """(patient, timepoint) of per-scan files results/<cohort>/<patient>/<timepoint>/<name>."""
+    return [(Path(f).parent.parent.name, Path(f).parent.name) for f in files]
+
+
+def timepoints_by_months():
+    """The sheet's timepoints in months order."""
     months = SAMPLES.reset_index(drop=True).groupby("timepoint")["months"].median()
-    return scans, [str(t) for t in months.sort_values(kind="mergesort").index]
+    return [str(t) for t in months.sort_values(kind="mergesort").index]
 
 
 def get_final_outputs(wildcards):
-    return [
+    # The planning gate of every model: a refused scan fails here (the tables go on without
+    # it under --keep-going).
+    gates = [f"{RES}/{p}/{t}/placement.json" for p, t in model_scans()] if PULLOUT else []
+    # Every scan's own results, requested here as well as by the tables: the tables wait for
+    # the planning checkpoint before they list theirs, a dry-run shows these jobs anyway.
+    names = ["bmd.json", "compression.json"] + (
+        [f"pullout_{s}.json" for s in SIDES] if PULLOUT else [])
+    per_scan = [f"{RES}/{p}/{t}/{n}" for p, t in SAMPLES.index for n in names]
+    return gates + per_scan + [
         f"{RES}/tables/longitudinal.csv",
         f"{RES}/stats/correlations.csv",
         f"{RES}/stats/changes.csv",

@@ -60,7 +60,10 @@ rule extract_vertebra:
         "../scripts/extract_vertebra.py"
 
 
-rule plan_screws:
+# A checkpoint: a scan whose screws are refused (graded worse than planning.max_grade) still
+# gets its screws.json (with the refusal) and picture, so that the cohort tables can be built
+# without it (--keep-going); rule accept_screws then fails that scan with the message.
+checkpoint plan_screws:
     input:
         landmarks=get_landmarks,
         parts=rules.extract_vertebra.output.parts,
@@ -78,6 +81,19 @@ rule plan_screws:
         "../../envs/imaging.yaml"
     script:
         "../scripts/plan_screws.py"
+
+
+rule accept_screws:
+    input:
+        rules.plan_screws.output.json,
+    output:
+        f"{RES}/{{patient}}/{{timepoint}}/placement.json",
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/accept_screws.log",
+    conda:
+        "../../envs/imaging.yaml"
+    script:
+        "../scripts/accept_screws.py"
 
 
 rule register_to_baseline:
@@ -109,6 +125,7 @@ rule measure_bmd:
         density=model_density,
         parts=model_file("vertebra.nii.gz"),
         screws=model_screws,  # none without pullout: no around-screw vBMD
+        accepted=model_accepted,  # the planning gate: nothing is measured on refused screws
     output:
         json=f"{RES}/{{patient}}/{{timepoint}}/bmd.json",
         png=report(f"{RES}/{{patient}}/{{timepoint}}/roi.png", category="QC"),

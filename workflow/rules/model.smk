@@ -5,6 +5,7 @@ rule mesh_vertebra:
     input:
         parts=rules.extract_vertebra.output.parts,
         screws=rules.plan_screws.output[0] if PULLOUT else [],  # none: no screws meshed
+        accepted=rules.accept_screws.output[0] if PULLOUT else [],  # the planning gate
     output:
         mesh=f"{RES}/{{patient}}/{{timepoint}}/mesh.xdmf",
         h5=f"{RES}/{{patient}}/{{timepoint}}/mesh.h5",

@@ -8,4 +8,5 @@ sm = snakemake  # noqa: F821
 # No landmarks input with planning.method auto: the named input is then an empty list.
 run_step(sm, lambda: steps.plan_screws(sm.input.landmarks or None, sm.input.parts,
                                        sm.output.json, sm.params.cfg, context(sm.wildcards),
-                                       planning=sm.params.planning, out_png=sm.output.png))
+                                       planning=sm.params.planning, out_png=sm.output.png,
+                                       record_refusal=True))

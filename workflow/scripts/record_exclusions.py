@@ -1,6 +1,8 @@
-"""Rule record_exclusions: the cohort config's `exclude` entries -> tables/exclusions.csv."""
+"""Rule record_exclusions: the cohort config's `exclude` entries and the scans whose screws
+were refused at planning -> tables/exclusions.csv."""
 from qctfea import cohort
 from qctfea.workflow_glue import run_step
 
 sm = snakemake  # noqa: F821
-run_step(sm, lambda: cohort.write_exclusions(sm.params.excluded, sm.output[0]))
+run_step(sm, lambda: cohort.write_exclusions(
+    list(sm.params.excluded) + cohort.refusal_entries(sm.params.scans), sm.output[0]))

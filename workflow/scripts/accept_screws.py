@@ -1,0 +1,8 @@
+"""Rule accept_screws: the planning stage's gate. Fails the scan whose screws were refused
+(graded worse than planning.max_grade), naming the scan, side, grade, breach and what to do;
+else records the grades in placement.json."""
+from qctfea import steps
+from qctfea.workflow_glue import context, run_step
+
+sm = snakemake  # noqa: F821
+run_step(sm, lambda: steps.accept_screws(sm.input[0], sm.output[0], context(sm.wildcards)))
