@@ -26,11 +26,12 @@ Phantomless (internal) calibration, for scans without a phantom in view
 (``calibration.phantomless``), two models:
 
 - ``effective_energy`` (default): the effective-energy internal calibration of
-  Michalski et al. (Med Eng Phys 2020;78:55-63, "CT-based internal density
-  calibration for opportunistic skeletal assessment using abdominal CT
-  scans"), with the attenuation physics of :func:`theoretical_hu`. The scan's
-  reference tissues (air, adipose tissue, skeletal muscle, blood where a vessel
-  label says where it is, cortical bone on request) are sampled by
+  Michalski et al. (Med Eng Phys 2020, doi:10.1016/j.medengphy.2020.01.009,
+  "CT-based internal density calibration for opportunistic skeletal assessment
+  using abdominal CT scans"; docs/calibration.md), with the attenuation
+  physics of :func:`theoretical_hu`. The scan's reference tissues (air,
+  adipose tissue, skeletal muscle, blood where a vessel label says where it
+  is, cortical bone on request) are sampled by
   :func:`find_tissues`; for every energy E of a grid (default 40-150 keV in
   0.5 keV steps) each tissue's theoretical HU is computed from its ICRU-44
   composition and density and the mass attenuation coefficients of xraydb
