@@ -47,6 +47,10 @@ def fake_scan(i: int, months: float, rng: np.random.Generator) -> dict[str, dict
                                "n_dofs": 3000, "provenance": prov},  # no ksp_iterations
         "mesh.json": {"n_cells": 1000 + i, "n_vertices": 300},
         "calibration.json": {"slope": 0.8, "intercept": -3.0, "r2": 0.9999},
+        # the planning checkpoint's output (read at baseline: the follow-ups' model)
+        "screws.json": {"screws": [
+            {"side": side, "placement": {"grade": "A", "breach_mm": 0.0, "direction": "none"}}
+            for side in ("left", "right")], "provenance": prov},
     }
 
 
@@ -73,7 +77,8 @@ def write_results(workdir: Path, cohort: str, sheet: pd.DataFrame, seed: int = 3
         d.mkdir(parents=True, exist_ok=True)
         for name, content in fake_scan(i, float(row["months"]), rng).items():
             (d / name).write_text(json.dumps(content))
-        for picture in ("calibration.png", "roi.png"):  # the per-scan QC pictures
+        # the per-scan QC pictures (screws.png: the planning checkpoint's, with screws.json)
+        for picture in ("calibration.png", "roi.png", "screws.png"):
             _png(d / picture, f"{row['patient']} {row['timepoint']}")
     return res
 

@@ -35,6 +35,10 @@ def _fake_scan(trab: float, screw_l: float, screw_r: float, f_l: float, f_r: flo
                                "n_dofs": 2000, "ksp_iterations": 33, "provenance": prov},
         "mesh.json": {"n_cells": 1000, "n_vertices": 300, "min_dihedral_deg": 12.0},
         "calibration.json": {"slope": 0.8, "intercept": -1.0, "r2": 0.999},
+        "screws.json": {"screws": [
+            {"side": "left", "placement": {"grade": "A", "breach_mm": 0.0, "direction": "none"}},
+            {"side": "right", "placement": {"grade": "B", "breach_mm": 1.2,
+                                            "direction": "lateral"}}]},
     }
 
 
@@ -59,7 +63,8 @@ def test_scan_row_flattens_and_averages_sides() -> None:
         {"left": f["pullout_left.json"], "right": f["pullout_right.json"]},
         f["mesh.json"], f["calibration.json"], None,
     )
-    assert list(row) == cohort.COLUMNS
+    # every column but the screws' grades, which aggregate() adds from screws.json
+    assert list(row) == [c for c in cohort.COLUMNS if not c.startswith("screw_")]
     assert row["around_screw_vbmd_mg_cm3"] == pytest.approx(210.0)
     assert row["pullout_strength_n"] == pytest.approx(1000.0)
     assert row["pullout_stiffness_n_per_mm"] == pytest.approx(100.0)
@@ -87,7 +92,7 @@ def test_scan_row_source_and_keys_it_does_not_use() -> None:
         {"left": f["pullout_left.json"], "right": f["pullout_right.json"]},
         f["mesh.json"], f["calibration.json"], None,
     )
-    assert list(row) == cohort.COLUMNS
+    assert list(row) == [c for c in cohort.COLUMNS if not c.startswith("screw_")]
     assert row["areal_bmd_source"] == "ct" and math.isnan(row["pullout_iterations_right"])
     assert row["compression_strength_n"] == pytest.approx(6000.0)
 
@@ -318,6 +323,7 @@ def test_aggregate_reads_jsons_and_writes_csv(tmp_path: Path) -> None:
     assert not list(out_csv.parent.glob(".*part*"))
     back = pd.read_csv(out_csv, dtype={"patient": str, "timepoint": str})
     assert list(back.columns) == cohort.COLUMNS
+    assert set(back["screw_grade_right"]) == {"B"} and set(back["screw_breach_right_mm"]) == {1.2}
     raw = json.loads((res_dir / "P03" / "M12" / "bmd.json").read_text())
     pl = json.loads((res_dir / "P03" / "M12" / "pullout_left.json").read_text())
     pr = json.loads((res_dir / "P03" / "M12" / "pullout_right.json").read_text())

@@ -927,7 +927,9 @@ def aggregate(
     """Read the per-scan JSONs of every sample and write the long table CSV.
 
     ``cases`` are the load cases run (``loads.cases``): without ``"pullout"`` no pullout
-    file is read and the table has no pullout or around-screw columns.
+    file is read and the table has no pullout or around-screw columns. With it, each scan's
+    model screws.json gives the screws' grades, and a scan whose screws were refused at
+    planning is left out (``tables/exclusions.csv`` lists it with the refusal).
 
     ``sample_rows`` are dicts with ``patient``, ``timepoint``, ``months`` and an
     optional ``dxa`` (areal BMD in g/cm2, or None/NaN) and ``model_timepoint`` (whose mesh
@@ -955,7 +957,13 @@ def aggregate(
         # A follow-up registered to baseline uses the baseline's mesh.
         model_dir = root / patient / str(sample.get("model_timepoint") or timepoint)
         data: dict[str, Any] = {}
+        if "pullout" in cases:  # refused screws: the scan is not analysed (exclusions.csv)
+            data["screws"] = read_json(model_dir / SCAN_FILES["screws"])
+            if data["screws"].get("refused"):
+                continue
         for key, name in SCAN_FILES.items():
+            if key in data:
+                continue
             if key.startswith(("pullout", "screws")) and "pullout" not in cases:
                 continue
             path = (model_dir if key in ("mesh", "screws") else scan_dir) / name

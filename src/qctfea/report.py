@@ -124,6 +124,23 @@ def _figure_caption(path: Path) -> str:
     return stem
 
 
+def _placement_table(long_csv) -> pd.DataFrame | None:
+    """One row per scan whose model has screws: grade, breach and direction per side."""
+    if long_csv is None or not Path(long_csv).is_file():
+        return None
+    df = _read_csv(Path(long_csv))
+    cols = [f"screw_{k}_{side}{u}" for side in ("left", "right")
+            for k, u in (("grade", ""), ("breach", "_mm"))]
+    if not set(cols) <= set(df.columns):
+        return None
+    out = df[["patient", "timepoint"]].copy()
+    for side in ("left", "right"):
+        out[f"{side}: grade"] = df[f"screw_grade_{side}"]
+        out[f"{side}: breach mm"] = df[f"screw_breach_{side}_mm"].map(lambda v: f"{v:.1f}")
+        out[f"{side}: direction"] = df[f"screw_breach_direction_{side}"]
+    return out
+
+
 def summary_page(
     summary_json: str | os.PathLike,
     table_files: Mapping[str, str | os.PathLike],
@@ -163,7 +180,9 @@ def summary_page(
                      "patients with every timepoint.</p>")
     excluded = summary.get("excluded_scans", [])
     if excluded:
-        parts.append('<p class="note">Excluded by the cohort config (not analysed):</p>')
+        parts.append('<p class="note">Not analysed: excluded by the cohort config, or '
+                     'refused at screw planning (a screw graded worse than '
+                     'planning.max_grade), with the reason:</p>')
         parts.append(html_table(pd.DataFrame(excluded, columns=cohort.EXCLUSION_COLUMNS)))
     if not missing and not excluded:
         parts.append("<p>Every patient has every timepoint.</p>")
@@ -174,6 +193,14 @@ def summary_page(
         parts.append("<ul>" + "".join(f"<li><b>{_esc(k)}</b>: {_esc(v)}</li>"
                                       for k, v in methods.items()) + "</ul>")
 
+    placement = _placement_table(table_files.get("longitudinal"))
+    if placement is not None:
+        parts.append('<h2 id="screws">Screw placement (Gertzbein-Robbins grade)</h2>')
+        parts.append('<p>Grade of each screw of each model against the vertebra mask: A in '
+                     'bone; B breach &lt; 2 mm; C 2-4 mm; D 4-6 mm; E &gt; 6 mm; the breach in '
+                     'mm and its direction (medial: towards the spinal canal). Follow-ups use '
+                     'their baseline\'s screws. Pictures: screws.png of each scan folder.</p>')
+        parts.append(html_table(placement))
     if "baseline_characteristics" in t:
         parts.append('<h2 id="table1">Table 1: baseline characteristics</h2>')
         parts.append(html_table(t["baseline_characteristics"], {

@@ -28,11 +28,9 @@ rule aggregate_cohort:
             category="Tables",
         ),
     params:
-        # the kept scans (those whose bmd.json is an input: refused screws leave a scan out)
-        samples=lambda w, input: [
-            {**r, "model_timepoint": model_timepoint(r["patient"], r["timepoint"])}
-            for r in SAMPLES.reset_index(drop=True).to_dict("records")
-            if (str(r["patient"]), str(r["timepoint"])) in scans_of(input.bmd)],
+        # every scan of the sheet; aggregate() leaves out those whose screws were refused
+        samples=[{**r, "model_timepoint": model_timepoint(r["patient"], r["timepoint"])}
+                 for r in SAMPLES.reset_index(drop=True).to_dict("records")],
         # results/<cohort>, where the per-scan JSONs are: from the output, not hard-coded.
         results=lambda wc, output: str(Path(output[0]).parent.parent),
         cases=CASES,
@@ -157,8 +155,8 @@ rule qc_montage:
         ),
         svg=f"{RES}/figures/qc_{{kind}}.svg",
     params:
-        scans=lambda wc, input: scans_of(input),
         timepoints=timepoints_by_months(),
+        picture=lambda wc: QC_PICTURES[wc.kind],
     wildcard_constraints:
         kind="|".join(QC_PICTURES),
     log:
@@ -172,6 +170,7 @@ rule qc_montage:
 rule summary_page:
     input:
         summary=rules.compute_statistics.output.summary,
+        long=rules.aggregate_cohort.output[0],  # the screws' grades
         tables=list(rules.cohort_tables.output),
         stats=list(rules.compute_statistics.output),
         figures=rules.cohort_figures.output.png,
@@ -184,7 +183,8 @@ rule summary_page:
         ),
     params:
         cohort=COHORT,
-        tables={k: f"{RES}/tables/{v}" for k, v in TABLE_FILES.items()},
+        tables={**{k: f"{RES}/tables/{v}" for k, v in TABLE_FILES.items()},
+                "longitudinal": f"{RES}/tables/longitudinal.csv"},
         stats={k: f"{RES}/stats/{v}" for k, v in STAT_FILES.items()},
     log:
         f"logs/{COHORT}/summary_page.log",

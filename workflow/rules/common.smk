@@ -226,7 +226,11 @@ def refused(patient, timepoint):
     if not PULLOUT:
         return False
     mt = model_timepoint(patient, timepoint)
-    path = checkpoints.plan_screws.get(patient=str(patient), timepoint=mt).output.json
+    allowed = workflow.dag_settings.allowed_rules
+    if allowed and "plan_screws" not in allowed:  # --allowed-rules: planning is not rerun,
+        path = f"{RES}/{patient}/{mt}/screws.json"  # its files are read as they are
+    else:
+        path = checkpoints.plan_screws.get(patient=str(patient), timepoint=mt).output.json
     return bool(json.loads(Path(path).read_text()).get("refused"))
 
 
@@ -239,11 +243,6 @@ def kept_scans():
 def scan_outputs(name):
     """Input function: a per-scan file of every kept scan."""
     return lambda w: [f"{RES}/{p}/{t}/{name}" for p, t in kept_scans()]
-
-
-def scans_of(files):
-    """(patient, timepoint) of per-scan files results/<cohort>/<patient>/<timepoint>/<name>."""
-    return [(Path(f).parent.parent.name, Path(f).parent.name) for f in files]
 
 
 def timepoints_by_months():

@@ -1,4 +1,5 @@
-"""Rule aggregate_cohort: per-scan JSONs -> results/<cohort>/tables/longitudinal.csv."""
+"""Rule aggregate_cohort: per-scan JSONs -> results/<cohort>/tables/longitudinal.csv.
+Scans whose screws were refused at planning are left out (listed in tables/exclusions.csv)."""
 from qctfea import cohort, samples
 from qctfea.workflow_glue import run_step
 
