@@ -201,8 +201,8 @@ def model_screws(w):
 
 
 def model_accepted(w):
-    """The planning gate of the scan's model (accept_screws), which whatever uses the screws
-    waits for it, so nothing runs on refused screws; none without pullout."""
+    """The planning gate of the scan's model (accept_screws): whatever uses the screws waits
+    for it, so nothing runs on refused screws; none without pullout."""
     return model_file("placement.json")(w) if PULLOUT else []
 
 
