@@ -9,6 +9,7 @@ or solved.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -205,21 +206,28 @@ def _shifted_landmarks(scan, tmp_path: Path, dz: float) -> Path:
     return path
 
 
-def test_screw_breaching_the_cortex_warns_naming_the_landmarks(demo_scan, tmp_path):
-    """Landmarks 8 mm too high: the screws leave the bone; a warning per side, and the
-    breach is recorded in screws.json."""
+def test_screws_breaching_the_pedicle_roof_are_refused_with_grade_and_direction(demo_scan,
+                                                                               tmp_path):
+    """Landmarks 8 mm too high: each screw's top runs above its pedicle's roof by
+    8 + r - (pedicle half-height) (the generator's elliptic pedicle, r = 3.25 mm): grade C or
+    D, superior, on both sides; the screws step fails naming the scan, the landmarks file,
+    both sides and what to do, and writes no screws file."""
+    from qctfea.synth import patient_anatomy
+
+    anat = patient_anatomy(7, "P01")  # the conftest scan's seed and patient
+    expected = 8.0 + 6.5 / 2 - anat.pedicle_half_height
     lm = _shifted_landmarks(demo_scan, tmp_path, 8.0)
     out = tmp_path / "screws.json"
-    with pytest.warns(UserWarning, match="breaches the cortex") as rec:
+    with pytest.raises(QctfeaError) as err:
         steps.plan_screws(lm, demo_scan["results"] / "vertebra.nii.gz", out, {},
                           demo_scan["context"])
-    msgs = [str(w.message) for w in rec if "breaches" in str(w.message)]
-    assert len(msgs) == 2
-    for side, msg in zip(("left", "right"), msgs, strict=True):
-        _has(msg, demo_scan["context"], lm, f"{side} screw", "outside bone",
-             "check the landmarks")
-    for sc in json.loads(out.read_text())["screws"]:
-        assert sc["breach"]["max_surface_outside_bone_mm"] > 10
+    _has(err, demo_scan["context"], lm, "left screw grade", "right screw grade",
+         "superior", "planning.max_grade = B", "landmarks")
+    breaches = [float(x) for x in re.findall(r"grade [CD] \(Gertzbein-Robbins\): ([\d.]+) mm "
+                                             r"outside the bone, superior", str(err.value))]
+    assert len(breaches) == 2, str(err.value)
+    assert breaches == pytest.approx([expected] * 2, abs=0.6), (breaches, expected)
+    assert not out.exists()
 
 
 def test_screw_entirely_outside_the_vertebra_is_refused(demo_scan, tmp_path):

@@ -264,3 +264,18 @@ def test_real_l3_auto_plan(tmp_path):
         assert s["breach"]["max_surface_outside_bone_mm"] < 2.0
         assert 5.0 < p["convergence_deg"] < 30.0
         assert 6.0 < p["isthmus_diameter_mm"] < 16.0
+
+
+def test_fit_diameter_reduces_a_screw_wider_than_the_isthmus(synth):
+    """A 12 mm screw in pedicles 9 mm wide at the waist: with planning.fit_diameter it is
+    reduced to 0.8 x the measured isthmus width, rounded down to 0.5 mm (about 7 mm), and
+    screws.json records both; the width measured is the waist's, 2 x 4.5 mm, within 1 mm."""
+    img, _ = synth
+    screws = plan_from_mask(img, ScrewSpec(diameter_mm=12.0),
+                            PlanParams(method="auto", fit_diameter=True), "synthetic")
+    for sc in screws:
+        p = sc.planning
+        assert p["isthmus_min_width_mm"] == pytest.approx(2 * WAIST_HALF_WIDTH, abs=1.0)
+        assert sc.spec.diameter_mm == np.floor(0.8 * p["isthmus_min_width_mm"] / 0.5) * 0.5
+        assert p["diameter_fitted_to_isthmus"] and p["diameter_configured_mm"] == 12.0
+        assert p["screw_exceeds_isthmus"] is False

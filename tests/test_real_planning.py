@@ -1,0 +1,34 @@
+"""Screw planning and grading on the real CTs of ../shared/data/real (fails, not skips, when
+they are missing): the TotalSegmentator L1 (whole-vertebra labels, 0.7 x 0.7 x 2.5 mm) and
+the VerSe L3 (1.5 mm, oblique grid), at their own resolution, resampled to 3 mm voxels and
+on rotated grids. Every screw must be graded A or B (Gertzbein-Robbins), converge 5-25
+degrees (traditional trajectory) and the spinal canal must be found. The full table, with
+the cortical trajectory: tools/planning_check.py, docs/screw_planning.md."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+import planning_check as pc  # noqa: E402
+
+VARIANTS = [("TotalSegmentator L1", None, None, 0.0), ("VerSe L3", None, None, 0.0),
+            ("TotalSegmentator L1", (3.0, 3.0, 3.0), "z", 15.0),
+            ("VerSe L3", (1.0, 1.0, 3.0), "x", 12.0)]
+
+
+@pytest.mark.parametrize("case, spacing, axis, deg", VARIANTS)
+def test_real_scan_screws_in_bone_converging(case, spacing, axis, deg, tmp_path):
+    ct, *_ , own = pc.CASES[case]
+    assert ct.is_file(), f"{ct} is missing: the real scans are needed"
+    r = pc.check(case, spacing or own, axis, deg, "traditional", tmp_path)
+    assert "error" not in r, r.get("error")
+    assert r["canal"]["found"], r["canal"]
+    assert 100 < r["canal"]["area_mm2"] < 500  # thoracolumbar canals: about 150-300 mm²
+    for s in r["screws"]:
+        assert s["placement"]["grade"] in "AB", (s["side"], s["placement"])
+        assert 5.0 <= s["planning"]["convergence_deg"] <= 25.0, s["planning"]
+        assert s["length_mm"] >= 25.0

@@ -1,0 +1,143 @@
+"""Screw planning and grading on the real CTs of ../shared/data/real, as labs bring them:
+at their own resolution, resampled to 1 x 1 x 3 mm and 3 mm voxels, and rotated (the same
+anatomy on grids turned 15 degrees about z, 12 about x, -10 about y), for both trajectories.
+
+Each variant runs the pipeline's own steps (mask, then the screws step with
+planning.method auto) and records each side's Gertzbein-Robbins grade, breach, convergence
+and cranial angle, screw length and the canal found. Writes a markdown table and, for the
+unrotated scans at their own resolution, the QC pictures.
+
+    .venv/bin/python tools/planning_check.py --out-md docs/screw_planning_table.md \
+        --img-dir docs/img
+
+Not part of the library or the tests (the tests run a subset: tests/test_real_planning.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from qctfea import steps
+from qctfea.provenance import QctfeaError
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+#: case -> (CT, labels, sub-regions or None, mask section, own spacing)
+CASES = {
+    "TotalSegmentator L1": (REAL / "totalseg_L1/ct.nii.gz", REAL / "totalseg_L1/labels.nii.gz",
+                            None, {"convention": "totalsegmentator", "vertebra": "L1"},
+                            (0.703, 0.703, 2.5)),
+    "VerSe L3": (REAL / "verse_tptbox_L3/ct.nii.gz", REAL / "verse_tptbox_L3/vertebrae.nii.gz",
+                 REAL / "verse_tptbox_L3/subregions.nii.gz",
+                 {"convention": "verse", "vertebra": "L3"}, (1.5, 1.5, 1.5)),
+}
+ROTATIONS = (("none", None, 0.0), ("15° about z", "z", 15.0), ("12° about x", "x", 12.0),
+             ("-10° about y", "y", -10.0))
+
+
+def rotation(axis: str | None, deg: float) -> np.ndarray:
+    if axis is None:
+        return np.eye(3)
+    a = np.deg2rad(deg)
+    c, s = np.cos(a), np.sin(a)
+    return {"x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
+            "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
+            "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])}[axis]
+
+
+def regrid(img: sitk.Image, spacing, rot: np.ndarray, labels: bool) -> sitk.Image:
+    """``img`` resampled onto a grid of ``spacing`` whose axes are turned by ``rot`` about the
+    image centre (the anatomy stays where it is in space)."""
+    direction = np.array(img.GetDirection()).reshape(3, 3) @ rot
+    extent = np.array(img.GetSize()) * np.array(img.GetSpacing())
+    centre = np.array(img.TransformContinuousIndexToPhysicalPoint(
+        ((np.array(img.GetSize()) - 1) / 2).tolist()))
+    n = np.ceil(extent / np.array(spacing)).astype(int) + 4
+    ref = sitk.Image([int(v) for v in n], img.GetPixelID())
+    ref.SetSpacing([float(v) for v in spacing])
+    ref.SetDirection(direction.ravel().tolist())
+    ref.SetOrigin((centre - direction @ ((n - 1) / 2 * np.array(spacing))).tolist())
+    return sitk.Resample(img, ref, sitk.Transform(),
+                         sitk.sitkNearestNeighbor if labels else sitk.sitkLinear,
+                         0 if labels else -1024)
+
+
+def check(case: str, spacing, rot_axis, deg, trajectory: str, work: Path) -> dict:
+    ct_p, lab_p, sub_p, mask_cfg, own = CASES[case]
+    rot = rotation(rot_axis, deg)
+    if rot_axis is None and tuple(spacing) == own:
+        ct, lab = sitk.ReadImage(str(ct_p)), sitk.ReadImage(str(lab_p))
+        sub = sitk.ReadImage(str(sub_p)) if sub_p else None
+    else:
+        ct = regrid(sitk.ReadImage(str(ct_p)), spacing, rot, False)
+        lab = regrid(sitk.ReadImage(str(lab_p)), spacing, rot, True)
+        sub = regrid(sitk.ReadImage(str(sub_p)), spacing, rot, True) if sub_p else None
+    sitk.WriteImage(ct, str(work / "ct.nii.gz"))
+    sitk.WriteImage(lab, str(work / "labels.nii.gz"))
+    if sub is not None:
+        sitk.WriteImage(sub, str(work / "sub.nii.gz"))
+    ctx = f"{case}, {spacing} mm, {rot_axis or 'no'} rotation"
+    t0 = time.perf_counter()
+    steps.mask(work / "ct.nii.gz", work / "labels.nii.gz", work / "vertebra.nii.gz",
+               work / "vertebra.json", mask_cfg, ctx,
+               work / "sub.nii.gz" if sub is not None else None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            steps.plan_screws(None, work / "vertebra.nii.gz", work / "screws.json", {}, ctx,
+                              {"method": "auto", "trajectory": trajectory},
+                              out_png=work / "screws.png")
+    except QctfeaError as exc:
+        return {"error": str(exc), "seconds": time.perf_counter() - t0}
+    d = json.loads((work / "screws.json").read_text())
+    return {"screws": d["screws"], "canal": d["frame"]["canal"],
+            "seconds": time.perf_counter() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out-md", type=Path, required=True)
+    ap.add_argument("--img-dir", type=Path)
+    ap.add_argument("--trajectories", nargs="+", default=["traditional", "cortical"])
+    args = ap.parse_args()
+    rows = ["| case | voxels (mm) | grid rotation | trajectory | left: grade, breach mm, "
+            "convergence °, cranial °, length mm | right: same | canal area mm² | s |",
+            "| --- | --- | --- | --- | --- | --- | ---: | ---: |"]
+    for case, (*_, own) in CASES.items():
+        for spacing in (own, (1.0, 1.0, 3.0), (3.0, 3.0, 3.0)):
+            for rname, axis, deg in ROTATIONS:
+                for traj in args.trajectories:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        r = check(case, spacing, axis, deg, traj, Path(tmp))
+                        if args.img_dir and axis is None and spacing == own and "screws" in r:
+                            name = (f"screws_{case.split()[-1]}_{traj}.png")
+                            args.img_dir.mkdir(parents=True, exist_ok=True)
+                            shutil.copy(Path(tmp) / "screws.png", args.img_dir / name)
+                    vox = " x ".join(f"{v:g}" for v in spacing)
+                    if "error" in r:
+                        sides = [f"refused: {r['error'][:160]}", ""]
+                        area = ""
+                    else:
+                        sides = [f"{s['placement']['grade']}, {s['placement']['breach_mm']:.1f}"
+                                 f"{' ' + s['placement']['direction'] if s['placement']['direction'] != 'none' else ''}, "
+                                 f"{s['planning']['convergence_deg']:.1f}, "
+                                 f"{s['planning']['cranial_deg']:.1f}, {s['length_mm']:.1f}"
+                                 for s in r["screws"]]
+                        area = (f"{r['canal']['area_mm2']:.0f}" if r["canal"]["found"]
+                                else "not closed")
+                    line = (f"| {case} | {vox} | {rname} | {traj} | {sides[0]} | {sides[1]} | "
+                            f"{area} | {r['seconds']:.0f} |")
+                    print(line, flush=True)
+                    rows.append(line)
+    args.out_md.write_text("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
