@@ -37,6 +37,11 @@ CASES = {
     "VerSe L3": (REAL / "verse_tptbox_L3/ct.nii.gz", REAL / "verse_tptbox_L3/vertebrae.nii.gz",
                  REAL / "verse_tptbox_L3/subregions.nii.gz",
                  {"convention": "verse", "vertebra": "L3"}, (1.5, 1.5, 1.5)),
+    # VerSe labels without the sub-region map: the body found by opening, as for
+    # TotalSegmentator
+    "VerSe L3, no sub-regions": (REAL / "verse_tptbox_L3/ct.nii.gz",
+                                 REAL / "verse_tptbox_L3/vertebrae.nii.gz", None,
+                                 {"convention": "verse", "vertebra": "L3"}, (1.5, 1.5, 1.5)),
 }
 ROTATIONS = (("none", None, 0.0), ("15° about z", "z", 15.0), ("12° about x", "x", 12.0),
              ("-10° about y", "y", -10.0))
@@ -106,18 +111,21 @@ def main() -> None:
     ap.add_argument("--out-md", type=Path, required=True)
     ap.add_argument("--img-dir", type=Path)
     ap.add_argument("--trajectories", nargs="+", default=["traditional", "cortical"])
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = ap.parse_args()
     rows = ["| case | voxels (mm) | grid rotation | trajectory | left: grade, breach mm, "
             "convergence °, cranial °, length mm | right: same | canal area mm² | s |",
             "| --- | --- | --- | --- | --- | --- | ---: | ---: |"]
-    for case, (*_, own) in CASES.items():
+    for case in args.cases:
+        own = CASES[case][-1]
         for spacing in (own, (1.0, 1.0, 3.0), (3.0, 3.0, 3.0)):
             for rname, axis, deg in ROTATIONS:
                 for traj in args.trajectories:
                     with tempfile.TemporaryDirectory() as tmp:
                         r = check(case, spacing, axis, deg, traj, Path(tmp))
-                        if args.img_dir and axis is None and spacing == own and "screws" in r:
-                            name = (f"screws_{case.split()[-1]}_{traj}.png")
+                        if (args.img_dir and axis is None and spacing == own and "screws" in r
+                                and "," not in case):
+                            name = f"screws_{case.split(',')[0].split()[-1]}_{traj}.png"
                             args.img_dir.mkdir(parents=True, exist_ok=True)
                             shutil.copy(Path(tmp) / "screws.png", args.img_dir / name)
                     vox = " x ".join(f"{v:g}" for v in spacing)

@@ -79,11 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--subregions", help="optional sub-region map (VerSe 49/50: the body)")
 
     s = add("screws", "screw trajectories from landmarks, or planned from the mask "
-                      "(--planning '{\"method\": \"auto\"}'), with breach check")
+                      "(--planning '{\"method\": \"auto\"}'), each graded on the "
+                      "Gertzbein-Robbins scale; a screw worse than planning.max_grade fails")
     s.add_argument("--landmarks", help="landmarks JSON (not needed with planning method auto)")
     s.add_argument("--planning", help="planning section: JSON object or @file.yaml")
     s.add_argument("--parts", required=True)
     s.add_argument("--out-json", required=True)
+    s.add_argument("--out-png", help="QC picture: cuts along each screw with canal and grade")
 
     s = add("bmd", "trabecular, integral, around-screw vBMD and areal BMD")
     s.add_argument("--density", required=True)
@@ -265,7 +267,8 @@ def run(a) -> None:
     elif a.step == "mask":
         steps.mask(a.ct, a.labels, a.out_parts, a.out_json, prm, _ctx(a), a.subregions)
     elif a.step == "screws":
-        steps.plan_screws(a.landmarks, a.parts, a.out_json, prm, _ctx(a), _params(a.planning))
+        steps.plan_screws(a.landmarks, a.parts, a.out_json, prm, _ctx(a), _params(a.planning),
+                          out_png=a.out_png)
     elif a.step == "bmd":
         steps.bmd(a.density, a.parts, a.screws, a.out_json, prm, _ctx(a))
     elif a.step == "benchmarks":

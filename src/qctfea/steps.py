@@ -462,8 +462,9 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
     if png is not None:
         with atomic_path(png) as tmp:
             placement.plot_placement(field, frame, canal, out, tmp,
-                                     title=f"{context}: {plan.method} screws, "
-                                     f"{plan.trajectory if plan.method == 'auto' else 'landmarks'}")
+                                     title=f"{context}: " + (
+                                         f"planned screws, {plan.trajectory} trajectory"
+                                         if plan.method == "auto" else "screws from landmarks"))
     if refused:
         what = "; ".join(
             f"{s['side']} screw grade {s['placement']['grade']} (Gertzbein-Robbins): "
