@@ -75,7 +75,7 @@ def test_register_step_writes_density_on_baseline_grid(demo_scan, tmp_path):
     out = {k: tmp_path / f"out.{k}" for k in ("nii.gz", "json", "tfm", "png")}
     steps.register(r / "density.nii.gz", r / "vertebra.nii.gz", tmp_path / "d.nii.gz",
                    tmp_path / "p.nii.gz", out["nii.gz"], out["json"], out["tfm"], out["png"],
-                   {}, "patient P01, timepoint M24")
+                   {}, "patient P01, timepoint M24", screws_path=r / "screws.json")
     back = sitk.ReadImage(str(out["nii.gz"]))
     assert back.GetSize() == dens.GetSize() and back.GetOrigin() == dens.GetOrigin()
     trab = sitk.GetArrayFromImage(parts) == 3
@@ -84,6 +84,10 @@ def test_register_step_writes_density_on_baseline_grid(demo_scan, tmp_path):
     assert abs(a.mean() - b.mean()) < 1.0
     info = json.loads(out["json"].read_text())
     assert info["dice_after"] > 0.95 and info["warning"] is None
+    # Accuracy at the points that matter: the screws' entry and tip (issue 20).
+    assert info["points"] == "screws" and len(info["points_mm"]) == 4
+    assert info["converged"] and info["point_spread_mm"] < 0.2
+    assert max(info["point_motion_mm"]) > 1.0  # the known motion moved them
     assert sitk.ReadTransform(str(out["tfm"])) is not None
     assert out["png"].stat().st_size > 5000
 

@@ -569,11 +569,13 @@ def bmd(density_path, parts_path, screws_path, out_json, cfg: dict, context: str
 
 
 def register(fixed_density, fixed_parts, moving_density, moving_parts, out_density, out_json,
-             out_tfm, out_png, cfg: dict, context: str) -> None:
+             out_tfm, out_png, cfg: dict, context: str, screws_path=None) -> None:
     """Follow-up (moving) onto baseline (fixed): transform, QC, follow-up density on the
-    baseline grid (the density the baseline model is given at this visit)."""
+    baseline grid (the density the baseline model is given at this visit).
+    ``screws_path``: the baseline's screws.json, whose entry and tip points are where the
+    registration's accuracy is reported (default: the vertebra's bounding-box corners)."""
     _need(context, baseline_density=fixed_density, baseline_parts=fixed_parts,
-          density=moving_density, parts=moving_parts)
+          density=moving_density, parts=moving_parts, screws=screws_path)
     from qctfea import registration as reg
 
     p = params_from(reg.RegistrationParams, cfg, "registration")
@@ -582,8 +584,11 @@ def register(fixed_density, fixed_parts, moving_density, moving_parts, out_densi
     fixed_mask = sitk.ReadImage(str(fixed_parts))
     moving = sitk.ReadImage(str(moving_density), sitk.sitkFloat32)
     moving_mask = sitk.ReadImage(str(moving_parts))
+    points = None
+    if screws_path is not None:
+        points = [q for s in load_screws(screws_path) for q in (s.entry_mm, s.tip_mm)] or None
     try:
-        tx, info = reg.register_rigid(fixed, fixed_mask, moving, moving_mask, p)
+        tx, info = reg.register_rigid(fixed, fixed_mask, moving, moving_mask, p, points)
     except RuntimeError as exc:  # SimpleITK's own failures
         raise QctfeaError(f"{context}: registration to baseline failed ({exc}); check both "
                           "scans show the vertebra, or exclude the scan") from exc
@@ -601,7 +606,9 @@ def register(fixed_density, fixed_parts, moving_density, moving_parts, out_densi
                               "density": moving_density, "parts": moving_parts})})
     _log(f"[register] {context}: Dice {info['dice_before']:.3f} -> {info['dice_after']:.3f}, "
          f"rotation {np.round(info['rotation_deg'], 2).tolist()} deg, translation "
-         f"{np.round(info['translation_mm'], 2).tolist()} mm, {info['iterations']} iterations")
+         f"{np.round(info['translation_mm'], 2).tolist()} mm, {info['iterations']} iterations, "
+         f"{len(info['starts'])} start(s), spread {info['point_spread_mm']} mm at the "
+         f"{info['points']}")
 
 
 # --- mesh ---------------------------------------------------------------------------------
