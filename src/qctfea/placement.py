@@ -40,7 +40,7 @@ default 0.5 mm: the label map's surface is uncertain by about that much); B: < 2
 C: 2 to < 4 mm; D: 4 to < 6 mm; E: >= 6 mm. The breach's direction is that from the
 nearest bone to the worst sample, expressed in the anatomical frame and named by its
 largest component: *medial* (towards the mid-sagittal plane: into the canal for a pedicle
-screw), *lateral*, *superior*, *inferior*, *anterior*, *posterior*. Samples within one
+screw; any sample over the canal's footprint is medial), *lateral*, *superior*, *inferior*, *anterior*, *posterior*. Samples within one
 screw diameter of the entry whose breach points posteriorly are not graded: there the
 screw's first thread meets the oblique posterior surface where the head is seated, not a
 pedicle or body wall; their largest distance is recorded as ``entry_outside_mm``.
@@ -246,8 +246,11 @@ def direction_name(vec: np.ndarray, frame: Frame, side_sign: float) -> str:
 
 
 def grade_screw(entry: np.ndarray, axis: np.ndarray, diameter_mm: float, length_mm: float,
-                side: str, field: BoneField, frame: Frame, tolerance_mm: float = 0.5) -> dict:
-    """Gertzbein-Robbins grade of one screw (see the module doc)."""
+                side: str, field: BoneField, frame: Frame, tolerance_mm: float = 0.5,
+                canal: dict | None = None) -> dict:
+    """Gertzbein-Robbins grade of one screw (see the module doc). With the ``canal`` of
+    :func:`find_canal`, a sample outside bone over the canal's footprint is a medial breach
+    whatever its nearest bone: the screw is in the spinal canal."""
     pts, depth = screw_surface(np.asarray(entry, float), np.asarray(axis, float),
                                diameter_mm / 2, length_mm)
     d = field.distance(pts)
@@ -256,6 +259,8 @@ def grade_screw(entry: np.ndarray, axis: np.ndarray, diameter_mm: float, length_
     sign = 1.0 if side == "left" else -1.0
     names = np.array([direction_name(p - q, frame, sign) for p, q in zip(pts[out], nearest,
                                                                         strict=True)])
+    if canal is not None and out.any():
+        names[in_canal(canal, frame.to_frame(pts[out]))] = "medial"
     entry_zone = (depth[out] < diameter_mm) & (names == "posterior")
     graded = np.flatnonzero(out)[~entry_zone]
     entry_out = float(d[np.flatnonzero(out)[entry_zone]].max()) if entry_zone.any() else 0.0

@@ -27,11 +27,13 @@ direction matrix, so oblique (non-axial) scans are planned like axial ones.
    in each plane the posterior-element mask (linearly interpolated, >= 0.5) is
    sampled on a 0.5 mm grid on that side of the mid-sagittal plane and within
    the body's vertical extent. The pedicle is followed backwards from the body:
-   in the first plane holding posterior elements, the largest 2-D component
-   not touching the mid-sagittal plane, which must lie within 3 mm of the
-   body's posterior surface (a structure starting further back, such as the
-   arch of a side without a pedicle, is not attached to the body); in each
-   later plane, the component overlapping the previous plane's most. The
+   every 2-D component of at least 8 mm² not touching the mid-sagittal plane in
+   the planes within 3 mm of the body's posterior surface is a candidate start
+   (a structure starting further back, such as the arch of a side without a
+   pedicle, is not attached to the body), and the one followed furthest back is
+   the pedicle (a fragment of the body's rim left outside the opened body ends
+   within a few planes); in each later plane, the component overlapping the
+   previous plane's most. The
    search stops where the cross-section becomes discontinuous (no overlapping
    component: the structure followed ends), where the followed component
    reaches the mid-sagittal plane (the arch has closed: lamina and spinous
@@ -69,8 +71,10 @@ direction matrix, so oblique (non-axial) scans are planned like axial ones.
    counted up to 3 mm: centring where the smallest clearance ties, e.g. a pedicle taller
    than wide), with small preferences (0.02 per mm and per degree) for longer screws and
    for the trajectory's nominal angles among near-equal ones: the screw is centred in its
-   pedicle and kept off the canal and the endplates. A line too short
-   (``min_length_mm``) is not a candidate; a side with none is refused with an error
+   pedicle and kept off the canal and the endplates. A line whose axis, from the head's
+   end to the tip, passes outside bone over the canal's footprint (a screw inserted
+   from, or through, the spinal canal) is not a candidate, nor is a line too short
+   (``min_length_mm``); a side with none is refused with an error
    naming the scan and what to change. A screw wider than the isthmus is a warning;
    ``planning.fit_diameter: true`` reduces it to 0.8 x the isthmus width (rounded down
    to 0.5 mm, at least 4 mm) and records both diameters.
@@ -97,7 +101,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from qctfea.masks import BONE_PARTS, BODY, POSTERIOR, TRABECULAR, body_axis
-from qctfea.placement import (GRADES, BoneField, Frame, canal_record, find_canal,
+from qctfea.placement import (GRADES, BoneField, Frame, canal_record, find_canal, in_canal,
                               screw_surface)
 from qctfea.provenance import QctfeaError
 from qctfea.screw import SIDES, Screw, ScrewSpec
@@ -131,6 +135,7 @@ TRAJECTORIES = {
 JOIN_FACTOR = 2.0  #: a section this many times the smallest so far: the pedicle has joined the arch
 MIDLINE_MM = 1.0  #: a cross-section this close to the mid-sagittal plane has closed the arch
 START_MM = 3.0  #: a pedicle starts within this distance behind the body's posterior surface
+MIN_START_AREA_MM2 = 8.0  #: smaller sections attached to the body are not pedicle starts
 
 
 @dataclass
@@ -279,42 +284,61 @@ def _isthmus(grid: _Grid, frame: Frame, ext: dict, side: str, context: str) -> d
     body_all = grid.in_body(pts).reshape(L.shape)
     at_midline = ls < MIDLINE_MM
     near = np.ones((3, 3), bool)
-    prev = None
-    profile = []
-    for k, a in enumerate(a_planes):
-        lab, n = ndimage.label(sec_all[:, k, :], structure=near)
-        if n == 0:
-            if prev is None and k * h <= START_MM:
+    labels = [ndimage.label(sec_all[:, k, :], structure=near) for k in range(len(a_planes))]
+
+    def follow(k0: int, start: np.ndarray) -> list[dict]:
+        """The cross-sections of the structure whose section in plane k0 is ``start``,
+        followed backwards (see the module doc for the stops)."""
+        prev, profile = None, []
+        for k in range(k0, len(a_planes)):
+            lab, n = labels[k]
+            if prev is None:
+                pick_mask = start
+            else:
+                if n == 0:
+                    break  # the section ends
+                overlap = np.bincount(lab[prev], minlength=n + 1)[1:]
+                if not overlap.any():
+                    break  # discontinuous: the followed structure has ended
+                pick = int(np.argmax(overlap)) + 1
+                if (lab[at_midline] == pick).any():
+                    break  # the arch has closed: lamina and spinous process from here on
+                pick_mask = lab == pick
+            prev = pick_mask
+            area = float(prev.sum() * h * h)
+            # A section beside body voxels is cut short by the body mask (the opening that
+            # separates the body leaves the pedicle's base in the body): not a candidate.
+            cut = bool((ndimage.binary_dilation(prev, near, iterations=2)
+                        & body_all[:, k, :]).any())
+            smallest = min((p["area_mm2"] for p in profile if not p["cut"]), default=np.inf)
+            if not cut and area > JOIN_FACTOR * smallest:
+                break  # the pedicle has joined the lamina and the processes
+            il, is_ = np.nonzero(prev)
+            profile.append({"depth_mm": float(k * h), "a": float(a_planes[k]),
+                            "area_mm2": area, "cut": cut,
+                            "l": float(sign * ls[il].mean()), "s": float(ss[is_].mean()),
+                            "cov": np.cov(np.vstack([ls[il], ss[is_]])) if len(il) > 2
+                            else None})
+        return profile
+
+    # Every section attached to the body (in the planes within START_MM behind it, not
+    # touching the mid-plane, at least MIN_START_AREA_MM2) is a candidate start; the
+    # pedicle is the structure followed furthest back (a fragment of the body's rim left
+    # outside the opened body, or a lip, ends within a few planes), ties to the larger.
+    profile, best_key = [], None
+    for k in range(len(a_planes)):
+        if k * h > START_MM:
+            break
+        lab, n = labels[k]
+        touching = set(np.unique(lab[at_midline])) - {0}
+        sizes = ndimage.sum(np.ones_like(lab), lab, range(1, n + 1)) * h * h
+        for i in range(1, n + 1):
+            if i in touching or sizes[i - 1] < MIN_START_AREA_MM2:
                 continue
-            break  # the section ends (or never began): nothing here is this side's pedicle
-        if prev is None:
-            if k * h > START_MM:
-                break  # nothing attached to the body: no pedicle on this side
-            sizes = ndimage.sum(np.ones_like(lab), lab, range(1, n + 1))
-            touching = set(np.unique(lab[at_midline])) - {0}
-            ok = [(sizes[i - 1], i) for i in range(1, n + 1) if i not in touching]
-            if not ok:
-                continue
-            pick = max(ok)[1]
-        else:
-            overlap = np.bincount(lab[prev], minlength=n + 1)[1:]
-            if not overlap.any():
-                break  # discontinuous: the followed structure has ended
-            pick = int(np.argmax(overlap)) + 1
-            if (lab[at_midline] == pick).any():
-                break  # the arch has closed: lamina and spinous process from here on
-        prev = lab == pick
-        area = float(prev.sum() * h * h)
-        # A section beside body voxels is cut short by the body mask (the opening that
-        # separates the body leaves the pedicle's base in the body): not a candidate.
-        cut = bool((ndimage.binary_dilation(prev, near, iterations=2) & body_all[:, k, :]).any())
-        smallest = min((p["area_mm2"] for p in profile if not p["cut"]), default=np.inf)
-        if not cut and area > JOIN_FACTOR * smallest:
-            break  # the pedicle has joined the lamina and the processes
-        il, is_ = np.nonzero(prev)
-        profile.append({"depth_mm": float(k * h), "a": float(a), "area_mm2": area, "cut": cut,
-                        "l": float(sign * ls[il].mean()), "s": float(ss[is_].mean()),
-                        "cov": np.cov(np.vstack([ls[il], ss[is_]])) if len(il) > 2 else None})
+            run = follow(k, lab == i)
+            key = (len(run), sizes[i - 1])
+            if run and (best_key is None or key > best_key):
+                profile, best_key = run, key
     if not profile:
         raise QctfeaError(
             f"{context}: no {side} pedicle found: the posterior elements have no cross-section "
@@ -347,7 +371,7 @@ def _trajectory_axis(frame: Frame, side: str, medial_deg: float, cranial_deg: fl
 
 
 def _candidate(field: BoneField, through: np.ndarray, axis: np.ndarray, radius: float,
-               spec_length: float, params: PlanParams) -> dict | None:
+               spec_length: float, params: PlanParams, crosses_canal=None) -> dict | None:
     """One trajectory through ``through``: seated entry, fitted length and clearance (the
     smallest depth of the screw's surface inside the bone beyond its first radius)."""
     t = np.arange(0.0, MAX_BACK_MM + 1e-9, LINE_STEP_MM)
@@ -375,6 +399,8 @@ def _candidate(field: BoneField, through: np.ndarray, axis: np.ndarray, radius: 
     length = min(spec_length, available)
     if length <= 2 * radius:
         return None
+    if crosses_canal is not None and crosses_canal(entry, axis, length):
+        return None  # inserted through, or ending in, the spinal canal
     pts, depth = screw_surface(entry, axis, radius, length, step=0.5, n_around=16)
     inside = -field.distance(pts[depth >= radius])
     clearance = float(inside.min())
@@ -390,6 +416,20 @@ def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
     field = field or bone_field(parts_img)
     frame, ext, canal = vertebra_frame(grid, field, context)
     traj = TRAJECTORIES[params.trajectory]
+
+    def crosses_canal(entry, axis, length):
+        """Whether the screw's axis, from its head's end to its tip, passes outside bone over
+        the canal's footprint."""
+        if not canal.get("found"):
+            return False
+        t = np.arange(-spec.head_length_mm, length + 1e-9, LINE_STEP_MM)
+        pts = entry + np.outer(t, axis)
+        hit = bool((in_canal(canal, frame.to_frame(pts)) & (field.distance(pts) > 0)).any())
+        through_canal[0] += hit
+        return hit
+
+    through_canal = [0]  # trajectories left out because they cross the canal (per side)
+
     screws = []
     for side in SIDES:
         isth = _isthmus(grid, frame, ext, side, context)
@@ -422,6 +462,7 @@ def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
         offsets = np.arange(-OFFSET_MM, OFFSET_MM + 1e-9, OFFSET_STEP_MM)
         best = None
         tried = 0
+        through_canal[0] = 0
         for dl in offsets:
             for ds in offsets:
                 through = frame.to_physical(c + np.array([dl, 0.0, ds]))
@@ -431,7 +472,7 @@ def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
                     for cr in angles_c:
                         axis = _trajectory_axis(frame, side, float(m), float(cr))
                         cand = _candidate(field, through, axis, diameter / 2, spec.length_mm,
-                                          params)
+                                          params, crosses_canal)
                         tried += 1
                         if cand is None or cand["length"] < params.min_length_mm:
                             continue
@@ -446,7 +487,8 @@ def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
             raise QctfeaError(
                 f"{context}: no {params.trajectory} trajectory through the {side} pedicle "
                 f"leaves room for a screw of at least planning.min_length_mm = "
-                f"{params.min_length_mm:g} mm ({tried} trajectories tried: medial angle "
+                f"{params.min_length_mm:g} mm outside the spinal canal ({tried} trajectories "
+                f"tried, {through_canal[0]} of them crossing the canal: medial angle "
                 f"{traj['medial_deg']} deg, cranial angle {traj['cranial_deg']} deg, through "
                 f"the isthmus within {OFFSET_MM:g} mm); lower planning.min_length_mm or "
                 "planning.margin_mm, try the other planning.trajectory, or give landmarks and "

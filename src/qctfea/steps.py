@@ -449,7 +449,7 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
                 "of LPS flips the x and y signs; landmarks of another scan do not fit)")
         grade = placement.grade_screw(sc.entry_mm, sc.axis, sc.spec.diameter_mm,
                                       sc.spec.length_mm, sc.side, field, frame,
-                                      plan.grade_tolerance_mm)
+                                      plan.grade_tolerance_mm, canal)
         if grade["grade"] != "A":
             warnings.warn(f"{where}: {sc.side} screw grade {grade['grade']} "
                           f"(Gertzbein-Robbins): {grade['breach_mm']:.1f} mm outside the bone, "
