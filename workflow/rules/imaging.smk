@@ -102,6 +102,10 @@ rule register_to_baseline:
         baseline_parts=model_file("vertebra.nii.gz"),
         density=rules.calibrate_density.output.density,
         parts=rules.extract_vertebra.output.parts,
+        # the baseline's screws: the registration's accuracy is reported at their entry and
+        # tip (none without pullout: the vertebra's box corners)
+        screws=model_screws,
+        accepted=model_accepted,
     output:
         density=f"{RES}/{{patient}}/{{timepoint}}/density_baseline.nii.gz",
         json=f"{RES}/{{patient}}/{{timepoint}}/registration.json",

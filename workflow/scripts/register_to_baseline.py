@@ -6,4 +6,4 @@ sm = snakemake  # noqa: F821
 run_step(sm, lambda: steps.register(
     sm.input.baseline_density, sm.input.baseline_parts, sm.input.density, sm.input.parts,
     sm.output.density, sm.output.json, sm.output.tfm, sm.output.png, sm.params.cfg,
-    context(sm.wildcards)))
+    context(sm.wildcards), screws_path=sm.input.screws or None))
