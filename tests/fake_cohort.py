@@ -47,6 +47,8 @@ def fake_scan(i: int, months: float, rng: np.random.Generator) -> dict[str, dict
                                "n_dofs": 3000, "provenance": prov},  # no ksp_iterations
         "mesh.json": {"n_cells": 1000 + i, "n_vertices": 300},
         "calibration.json": {"slope": 0.8, "intercept": -3.0, "r2": 0.9999},
+        # a follow-up's registration QC (read for follow-ups only)
+        "registration.json": {"dice_after": 0.97, "point_spread_mm": 0.05},
         # the planning checkpoint's output (read at baseline: the follow-ups' model)
         "screws.json": {"screws": [
             {"side": side, "placement": {"grade": "A", "breach_mm": 0.0, "direction": "none"}}

@@ -64,7 +64,8 @@ def test_scan_row_flattens_and_averages_sides() -> None:
         f["mesh.json"], f["calibration.json"], None,
     )
     # every column but the screws' grades, which aggregate() adds from screws.json
-    assert list(row) == [c for c in cohort.COLUMNS if not c.startswith("screw_")]
+    assert list(row) == [c for c in cohort.COLUMNS
+                         if not c.startswith(("screw_", "registration_"))]
     assert row["around_screw_vbmd_mg_cm3"] == pytest.approx(210.0)
     assert row["pullout_strength_n"] == pytest.approx(1000.0)
     assert row["pullout_stiffness_n_per_mm"] == pytest.approx(100.0)
@@ -92,7 +93,8 @@ def test_scan_row_source_and_keys_it_does_not_use() -> None:
         {"left": f["pullout_left.json"], "right": f["pullout_right.json"]},
         f["mesh.json"], f["calibration.json"], None,
     )
-    assert list(row) == [c for c in cohort.COLUMNS if not c.startswith("screw_")]
+    assert list(row) == [c for c in cohort.COLUMNS
+                         if not c.startswith(("screw_", "registration_"))]
     assert row["areal_bmd_source"] == "ct" and math.isnan(row["pullout_iterations_right"])
     assert row["compression_strength_n"] == pytest.approx(6000.0)
 
@@ -322,7 +324,8 @@ def test_aggregate_reads_jsons_and_writes_csv(tmp_path: Path) -> None:
     assert out_csv.is_file() and len(df) == 15
     assert not list(out_csv.parent.glob(".*part*"))
     back = pd.read_csv(out_csv, dtype={"patient": str, "timepoint": str})
-    assert list(back.columns) == cohort.COLUMNS
+    # every column; registration QC only for follow-ups on their baseline's model (none here)
+    assert list(back.columns) == [c for c in cohort.COLUMNS if not c.startswith("registration_")]
     assert set(back["screw_grade_right"]) == {"B"} and set(back["screw_breach_right_mm"]) == {1.2}
     raw = json.loads((res_dir / "P03" / "M12" / "bmd.json").read_text())
     pl = json.loads((res_dir / "P03" / "M12" / "pullout_left.json").read_text())

@@ -48,6 +48,11 @@ def test_cohort_rules_run_with_a_missing_followup(cohort_run: dict) -> None:
     long = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
     assert len(long) == len(cohort_run["sheet"]) == 14
     assert not ((long["patient"] == "P03") & (long["timepoint"] == "M12")).any()
+    # follow-ups carry their registration QC, baselines none (they are the reference)
+    base = long["timepoint"] == "M00"
+    assert long.loc[base, "registration_dice"].isna().all()
+    assert (long.loc[~base, "registration_dice"] == 0.97).all()
+    assert (long.loc[~base, "registration_point_spread_mm"] == 0.05).all()
     src = long.set_index(["patient", "timepoint"])["areal_bmd_source"]
     assert src[("P02", "M24")] == "ct" and src[("P01", "M24")] == "dxa"
     for name in ("wide.csv", "change_from_baseline.csv", "summary_by_timepoint.csv",

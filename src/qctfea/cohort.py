@@ -77,6 +77,8 @@ COLUMNS: list[str] = [
     "screw_breach_right_mm",
     "screw_breach_direction_left",
     "screw_breach_direction_right",
+    "registration_dice",
+    "registration_point_spread_mm",
 ]
 
 #: Metrics summarised, tested for change and modelled (all-missing ones are skipped).
@@ -428,6 +430,13 @@ def placement_columns(screws: Mapping[str, Any]) -> dict:
                 f"screw_breach_{s['side']}_mm": float(g["breach_mm"]),
                 f"screw_breach_direction_{s['side']}": g["direction"]}
     return out
+
+
+def registration_columns(reg: Mapping[str, Any]) -> dict:
+    """A follow-up's registration to its baseline: vertebra Dice after registration and the
+    spread (mm) between the two best starts at the points that matter (registration.json)."""
+    return {"registration_dice": _num(reg, "dice_after", "registration.json"),
+            "registration_point_spread_mm": _opt_float(reg.get("point_spread_mm"))}
 
 
 def refusal_entries(scans: Sequence[Mapping[str, Any]]) -> list[dict]:
@@ -989,6 +998,8 @@ def aggregate(
             )
             if "pullout" in cases:
                 row |= placement_columns(data["screws"])
+            if model_dir != scan_dir:  # a follow-up on its baseline's model: registration QC
+                row |= registration_columns(read_json(scan_dir / "registration.json"))
         except QctfeaError as exc:
             raise QctfeaError(f"{where} ({scan_dir}): {exc}") from exc
         rows.append(row)
