@@ -7,7 +7,7 @@ planning.method auto) and records each side's Gertzbein-Robbins grade, breach, c
 and cranial angle, screw length and the canal found. Writes a markdown table and, for the
 unrotated scans at their own resolution, the QC pictures.
 
-    .venv/bin/python tools/planning_check.py --out-md docs/screw_planning_table.md \
+    .venv/bin/python tools/planning_check.py --out-md /tmp/planning_table.md \
         --img-dir docs/img
 
 Not part of the library or the tests (the tests run a subset: tests/test_real_planning.py).
