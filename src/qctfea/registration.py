@@ -312,7 +312,9 @@ def register_rigid(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image
         "points": "screws" if points is not None else "vertebra bounding-box corners",
         "points_mm": pts.tolist(),
         "point_motion_mm": np.linalg.norm(moved - pts, axis=1).tolist(),
-        "point_spread_mm": spread,
+        # rounded to 0.1 µm: below that it is floating-point noise (a resumed run must write
+        # the same tables as an uninterrupted one)
+        "point_spread_mm": None if spread is None else round(float(spread), 4),
         "spacing_mm": {"baseline": physical_spacing(fixed).tolist(),
                        "follow_up": physical_spacing(moving).tolist()},
         "grid_mm": s.tolist(),
