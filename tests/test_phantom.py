@@ -1,6 +1,6 @@
 """Phantom calibration variants against closed forms: a K2HPO4-in-water phantom (QCT PRO
-equations) and rods measured at centres given in the config (issue 3); the phantom named by
-a preset or its rods, never assumed (issue 16)."""
+equations) and rods measured at centres given in the config; the phantom named by a preset
+or its rods, never assumed (docs/calibration.md)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -104,7 +104,7 @@ def test_phantom_definition_lengths_are_checked():
                            "water_mg_cm3": w} for k, w in zip(K2HPO4, WATER, strict=True)])
 
 
-# --- phantom presets: the phantom is named, never assumed (issue 16) ----------------------
+# --- phantom presets: the phantom is named, never assumed ---------------------------------
 
 
 def test_presets_define_their_phantoms_and_config_keys_override_them():

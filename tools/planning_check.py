@@ -106,6 +106,11 @@ def check(case: str, spacing, rot_axis, deg, trajectory: str, work: Path) -> dic
             "seconds": time.perf_counter() - t0}
 
 
+def _direction(placement: dict) -> str:
+    """' <direction>' of a breach, nothing for none."""
+    return "" if placement["direction"] == "none" else " " + placement["direction"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-md", type=Path, required=True)
@@ -134,7 +139,7 @@ def main() -> None:
                         area = ""
                     else:
                         sides = [f"{s['placement']['grade']}, {s['placement']['breach_mm']:.1f}"
-                                 f"{' ' + s['placement']['direction'] if s['placement']['direction'] != 'none' else ''}, "
+                                 f"{_direction(s['placement'])}, "
                                  f"{s['planning']['convergence_deg']:.1f}, "
                                  f"{s['planning']['cranial_deg']:.1f}, {s['length_mm']:.1f}"
                                  for s in r["screws"]]

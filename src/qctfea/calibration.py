@@ -55,8 +55,8 @@ Phantomless (internal) calibration, for scans without a phantom in view
   ICRU-44 blood at the fitted energy is contrast-enhanced and left out (recorded
   so in calibration.json).
 - ``tissue_regression``: the same straight line fitted through tissues of the
-  scan itself, each with an assumed K2HPO4-equivalent density (the "simple
-  tissue-reference regression" of SCIENCE.md, the minimum).
+  scan itself, each with an assumed K2HPO4-equivalent density (a simple
+  tissue-reference regression; docs/calibration.md).
 
 Tissue-regression details:
 

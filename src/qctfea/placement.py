@@ -40,10 +40,11 @@ default 0.5 mm: the label map's surface is uncertain by about that much); B: < 2
 C: 2 to < 4 mm; D: 4 to < 6 mm; E: >= 6 mm. The breach's direction is that from the
 nearest bone to the worst sample, expressed in the anatomical frame and named by its
 largest component: *medial* (towards the mid-sagittal plane: into the canal for a pedicle
-screw; any sample over the canal's footprint is medial), *lateral*, *superior*, *inferior*, *anterior*, *posterior*. Samples within one
-screw diameter of the entry whose breach points posteriorly are not graded: there the
-screw's first thread meets the oblique posterior surface where the head is seated, not a
-pedicle or body wall; their largest distance is recorded as ``entry_outside_mm``.
+screw; any sample over the canal's footprint is medial), *lateral*, *superior*,
+*inferior*, *anterior*, *posterior*. Samples within one screw diameter of the entry
+whose breach points posteriorly are not graded: there the screw's first thread meets the
+oblique posterior surface where the head is seated, not a pedicle or body wall; their
+largest distance is recorded as ``entry_outside_mm``.
 """
 
 from __future__ import annotations

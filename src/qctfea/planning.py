@@ -63,9 +63,9 @@ direction matrix, so oblique (non-axial) scans are planned like axial ones.
    line the screw is seated (going back from the isthmus, the last point before the axis
    leaves the bone at which the screw's whole circumference is in bone, within one
    diameter of that exit: the head sits outside, and the screw starts at the bone's
-   surface, not inside the pedicle), its length is ``min(screw.length_mm, d - margin_mm)`` with ``d`` the
-   distance from the entry to where the line leaves the bone in front, and its
-   clearance is the smallest depth of its surface inside the bone beyond its first
+   surface, not inside the pedicle), its length is ``min(screw.length_mm, d - margin_mm)``
+   with ``d`` the distance from the entry to where the line leaves the bone in front, and
+   its clearance is the smallest depth of its surface inside the bone beyond its first
    radius (:class:`qctfea.placement.BoneField`). The line with the largest clearance
    wins, plus 0.2 x the mean depth of its surface inside the bone (each point's depth
    counted up to 3 mm: centring where the smallest clearance ties, e.g. a pedicle taller
@@ -406,15 +406,16 @@ def _candidate(field: BoneField, through: np.ndarray, axis: np.ndarray, radius: 
     clearance = float(inside.min())
     centring = float(np.clip(inside, 0.0, CENTRING_CAP_MM).mean())
     return {"entry": entry, "axis": axis, "length": float(length), "available": available,
-            "clearance": clearance, "centring": centring, "exit": through + (t_front + LINE_STEP_MM / 2) * axis}
+            "clearance": clearance, "centring": centring,
+            "exit": through + (t_front + LINE_STEP_MM / 2) * axis}
 
 
 def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
-                   context: str, field: BoneField | None = None) -> list[Screw]:
-    """Left and right screws planned from a vertebra parts image (see the module doc)."""
-    grid = _Grid(parts_img, context)
-    field = field or bone_field(parts_img)
-    frame, ext, canal = vertebra_frame(grid, field, context)
+                   context: str, anatomy: Anatomy | None = None) -> list[Screw]:
+    """Left and right screws planned from a vertebra parts image (see the module doc);
+    ``anatomy``: its :func:`vertebra_anatomy`, when the caller has it already."""
+    a = anatomy or vertebra_anatomy(parts_img, context)
+    grid, field, frame, ext, canal = a.grid, a.field, a.frame, a.ext, a.canal
     traj = TRAJECTORIES[params.trajectory]
 
     def crosses_canal(entry, axis, length):
@@ -518,7 +519,6 @@ def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
                 "trajectories_tried": tried,
                 "available_length_mm": cand["available"],
                 "anterior_exit_mm": cand["exit"].tolist(),
-                "frame": frame_record(frame, ext, canal),
             }))
     return screws
 
@@ -546,17 +546,28 @@ def vertebra_frame(grid: _Grid, field: BoneField, context: str) -> tuple[Frame, 
     return frame, ext, canal
 
 
-def frame_record(frame: Frame, ext: dict, canal: dict) -> dict:
-    return {"left": frame.left.tolist(), "anterior": frame.anterior.tolist(),
-            "superior": frame.superior.tolist(), "midline_point_mm": frame.centre.tolist(),
-            "body_depth_mm": float(ext["a_ant"] - ext["a_post"]), "canal": canal_record(canal)}
+@dataclass
+class Anatomy:
+    """What planning and grading need of a parts image: its crop, the distance to its bone,
+    the anatomical frame through the canal, the body's extent and the canal."""
+
+    grid: _Grid
+    field: BoneField
+    frame: Frame
+    ext: dict
+    canal: dict
+
+    def record(self) -> dict:
+        """The frame and canal for screws.json."""
+        f = self.frame
+        return {"left": f.left.tolist(), "anterior": f.anterior.tolist(),
+                "superior": f.superior.tolist(), "midline_point_mm": f.centre.tolist(),
+                "body_depth_mm": float(self.ext["a_ant"] - self.ext["a_post"]),
+                "canal": canal_record(self.canal)}
 
 
-def placement_frame(parts_img: sitk.Image, context: str
-                    ) -> tuple[BoneField, Frame, dict, dict]:
-    """Distance field, anatomical frame, canal (with its footprint) and the frame's JSON
-    record of a parts image, for grading screws."""
+def vertebra_anatomy(parts_img: sitk.Image, context: str) -> Anatomy:
+    """The :class:`Anatomy` of a parts image (computed once per screws step)."""
     grid = _Grid(parts_img, context)
     field = bone_field(parts_img)
-    frame, ext, canal = vertebra_frame(grid, field, context)
-    return field, frame, canal, frame_record(frame, ext, canal)
+    return Anatomy(grid, field, *vertebra_frame(grid, field, context))

@@ -4,7 +4,7 @@ A patient never lies the same way twice, so "the same screw" at 12 months must
 mean the same bone as at baseline. Each follow-up scan is rigidly registered to
 the patient's baseline scan (SimpleITK, Euler 3-D transform), entirely in physical
 space, so that the result does not depend on how the files are written (axis order,
-flips, origin; issue 20, docs/registration.md):
+flips, origin; docs/registration.md):
 
 * canonical grids: both scans are first resampled (linear) onto grids that depend only
   on physical space: identity direction, spacing per physical axis the scan's own

@@ -421,10 +421,10 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
     spec = params_from(screw_mod.ScrewSpec, cfg, "screw")
     _need(context, parts=parts_path)
     parts = _read_image(parts_path, "vertebra parts image", context)
-    field, frame, canal, frame_rec = plan_mod.placement_frame(parts, context)
+    anatomy = plan_mod.vertebra_anatomy(parts, context)
     if plan.method == "auto":
         where = f"{context} ({parts_path})"
-        screws = plan_mod.plan_from_mask(parts, spec, plan, where, field=field)
+        screws = plan_mod.plan_from_mask(parts, spec, plan, where, anatomy=anatomy)
         inputs = {"parts": parts_path}
     else:
         if landmarks_path is None or str(landmarks_path) == "":
@@ -448,8 +448,8 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
                 "this scan's physical (DICOM LPS) coordinates in mm: check them (RAS instead "
                 "of LPS flips the x and y signs; landmarks of another scan do not fit)")
         grade = placement.grade_screw(sc.entry_mm, sc.axis, sc.spec.diameter_mm,
-                                      sc.spec.length_mm, sc.side, field, frame,
-                                      plan.grade_tolerance_mm, canal)
+                                      sc.spec.length_mm, sc.side, anatomy.field,
+                                      anatomy.frame, plan.grade_tolerance_mm, anatomy.canal)
         if grade["grade"] != "A":
             warnings.warn(f"{where}: {sc.side} screw grade {grade['grade']} "
                           f"(Gertzbein-Robbins): {grade['breach_mm']:.1f} mm outside the bone, "
@@ -461,7 +461,7 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
         png = Path(out_json).with_name("screws_refused.png")
     if png is not None:
         with atomic_path(png) as tmp:
-            placement.plot_placement(field, frame, canal, out, tmp,
+            placement.plot_placement(anatomy.field, anatomy.frame, anatomy.canal, out, tmp,
                                      title=f"{context}: " + (
                                          f"planned screws, {plan.trajectory} trajectory"
                                          if plan.method == "auto" else "screws from landmarks"))
@@ -485,7 +485,7 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
             raise QctfeaError(error)
         warnings.warn(f"REFUSED (the scan fails at rule accept_screws): {error}", stacklevel=2)
     Path(out_json).with_name("screws_refused.png").unlink(missing_ok=True)
-    write_json(out_json, {"screws": out, "frame": frame_rec,
+    write_json(out_json, {"screws": out, "frame": anatomy.record(),
                           **({"refused": error} if refused else {}),
                           "provenance": provenance(
         "screws", {**asdict(spec), "planning": asdict(plan)}, inputs)})

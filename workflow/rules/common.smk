@@ -1,4 +1,5 @@
 # Reads and validates the cohort config and sample sheet once; input functions.
+import functools
 import json
 from pathlib import Path
 
@@ -231,6 +232,13 @@ def refused(patient, timepoint):
         path = f"{RES}/{patient}/{mt}/screws.json"  # its files are read as they are
     else:
         path = checkpoints.plan_screws.get(patient=str(patient), timepoint=mt).output.json
+    return _refusal_recorded(str(path))
+
+
+@functools.cache
+def _refusal_recorded(path):
+    """Whether a screws file records a refusal; read once per run (a checkpoint's finished
+    output does not change within the run; a not-yet-finished one raises above instead)."""
     return bool(json.loads(Path(path).read_text()).get("refused"))
 
 
