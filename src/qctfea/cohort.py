@@ -441,14 +441,19 @@ def registration_columns(reg: Mapping[str, Any]) -> dict:
 
 def refusal_entries(scans: Sequence[Mapping[str, Any]]) -> list[dict]:
     """Exclusion entries (patient, timepoint, months, reason) for the scans whose model's
-    screws were refused at planning; ``scans``: dicts with patient, timepoint, months and
-    the model's ``screws`` file."""
+    screws were refused at planning or whose load case did not reach its peak; ``scans``:
+    dicts with patient, timepoint, months, the model's ``screws`` file (or None: no
+    screws) and optionally ``results``, the scan's load-case result files."""
     out = []
     for s in scans:
-        data = read_json(s["screws"])
-        if data.get("refused"):
+        reasons = []
+        if s.get("screws"):
+            reasons = [read_json(s["screws"]).get("refused")]
+        if not any(reasons):
+            reasons = [read_json(p).get("refused") for p in s.get("results", ())]
+        if any(reasons):
             out.append({"patient": s["patient"], "timepoint": s["timepoint"],
-                        "months": s["months"], "reason": data["refused"]})
+                        "months": s["months"], "reason": "; ".join(r for r in reasons if r)})
     return out
 
 
@@ -982,6 +987,9 @@ def aggregate(
                 raise QctfeaError(f"{where}: cannot read {name} ({exc})") from exc
             except OSError as exc:
                 raise QctfeaError(f"{where}: cannot read {name} at {path} ({exc})") from exc
+        if any(data[k].get("refused") for k in data if k.startswith(("compression",
+                                                                     "pullout"))):
+            continue  # a load case without a peak: no strength (exclusions.csv)
         try:
             dxa = _opt_float(sample.get("dxa"))
             row = scan_row(

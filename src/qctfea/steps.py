@@ -524,6 +524,23 @@ def accept_screws(screws_path, out_json, context: str) -> None:
         f"{k} grade {v['grade']}" for k, v in grades.items()))
 
 
+def accept_strength(result_paths, out_json, context: str) -> None:
+    """The solve stage's gate: fail the scan when a load case's curve did not peak (its
+    result's ``refused`` message); else record each case's strength and how the run ended."""
+    _need(context, **{Path(p).stem: p for p in result_paths})
+    results = {Path(p).stem: read_json(p) for p in result_paths}
+    refused = [r["refused"] for r in results.values() if r.get("refused")]
+    if refused:
+        raise QctfeaError("; ".join(refused))
+    cases = {k: {"strength_n": r["strength_n"], "peak_reached": r.get("peak_reached", True),
+                 "stop_reason": r.get("stop_reason", "linear analysis")}
+             for k, r in results.items()}
+    write_json(out_json, {"cases": cases, "provenance": provenance(
+        "accept_strength", {}, {k: str(p) for k, p in zip(results, result_paths)})})
+    _log(f"[accept_strength] {context}: " + ", ".join(
+        f"{k} {v['strength_n']:.0f} N ({v['stop_reason']})" for k, v in cases.items()))
+
+
 # --- bmd ----------------------------------------------------------------------------------
 
 
@@ -735,7 +752,8 @@ def solve(case: str, mesh_path, materials_path, mask_json, screws_path, out_json
             raise QctfeaError(f"{context}: {materials_path} has no yield stresses; rerun the "
                               "materials step (rule assign_materials)")
         model = plasticity.PlasticModel(mesh, npz["youngs_mpa"], npz["poisson"],
-                                        npz["yield_mpa"], lp.hardening_ratio, lp.constitutive)
+                                        npz["yield_mpa"], lp.hardening_ratio, lp.constitutive,
+                                        lp.nonlinear())
     else:
         model = elasticity.ElasticModel(mesh, npz["youngs_mpa"], npz["poisson"])
     axis_info = read_json(mask_json)
@@ -758,6 +776,16 @@ def solve(case: str, mesh_path, materials_path, mask_json, screws_path, out_json
     if out_fields:
         _write_fields(model, out_fields, comm)
     res["seconds"]["total"] = time.perf_counter() - t0
+    if lp.analysis == "nonlinear" and not res["peak_reached"]:
+        # No strength for a curve that has not peaked (docs/nonlinear.md): recorded in the
+        # result, which the gate (accept_strength) and the cohort tables then refuse.
+        limit = ("loads.compression_max_strain" if case == "compression"
+                 else "loads.pullout_max_displacement_mm")
+        res["refused"] = (
+            f"{context}, {case}{' ' + side if side else ''} ({out_json}): {res['stop_reason']}. "
+            f"No strength is reported. What to do: raise {limit} if the curve still rose at "
+            "the end, or smaller increments (loads.increments, loads.min_increment_fraction) "
+            "if Newton failed; else exclude the scan (exclude: in the cohort config)")
     res["solver_options"] = {**(plasticity.NONLINEAR_PETSC_OPTIONS if lp.analysis == "nonlinear"
                                 else elasticity.DEFAULT_PETSC_OPTIONS), **opts}
     if comm.rank == 0:
@@ -770,10 +798,14 @@ def solve(case: str, mesh_path, materials_path, mask_json, screws_path, out_json
         extra = (f" ({res['strength_rule']} rule; {res['stop_reason']}), "
                  f"{res['increments']} increments, {res['newton_iterations']} Newton"
                  if lp.analysis == "nonlinear" else "")
+        strength = ("none (peak not reached)" if res["strength_n"] is None
+                    else f"{res['strength_n']:.0f} N")
         _log(f"[solve] {what}: stiffness {res['stiffness_n_per_mm']:.0f} N/mm, "
-             f"strength {res['strength_n']:.0f} N, {res['ksp_iterations']} CG iterations"
+             f"strength {strength}, {res['ksp_iterations']} Krylov iterations"
              f"{extra}, {res['n_dofs']} dofs, {comm.size} rank(s), "
              f"{res['seconds']['total']:.1f} s")
+        if res.get("refused"):
+            _log(f"[solve] refused: {res['refused']}")
     comm.barrier()
     return res
 
@@ -821,8 +853,11 @@ def plot_curve(res: dict, path, title: str) -> None:
     f = [p["force_n"] for p in res["curve"]]
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
     ax.plot(d, f, "o-", ms=3, lw=1.5)
-    ax.axhline(res["strength_n"], color="C3", ls="--", lw=1,
-               label=f"strength {res['strength_n']:.0f} N")
+    if res["strength_n"] is not None:
+        ax.axhline(res["strength_n"], color="C3", ls="--", lw=1,
+                   label=f"strength {res['strength_n']:.0f} N")
+    else:
+        ax.set_title(ax.get_title() + " - peak not reached, no strength", color="C3")
     ax.set_xlabel("displacement (mm)")
     ax.set_ylabel("force (N)")
     ax.set_title(f"{title} ({res.get('analysis', 'linear')})", fontsize=9)

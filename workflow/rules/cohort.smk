@@ -47,6 +47,8 @@ rule record_exclusions:
         # every model's screws: a refusal at planning is listed with its message
         screws=lambda w: [f"{RES}/{p}/{t}/screws.json" for p, t in model_scans()]
         if PULLOUT else [],
+        # every kept scan's load cases: a curve without a peak is listed with its reason
+        results=lambda w: [f"{RES}/{p}/{t}/{n}" for p, t in kept_scans() for n in CASE_FILES],
     output:
         report(
             f"{RES}/tables/exclusions.csv",
@@ -56,8 +58,9 @@ rule record_exclusions:
     params:
         excluded=EXCLUDED,
         scans=[{"patient": str(p), "timepoint": str(t), "months": float(m),
-                "screws": f"{RES}/{p}/{model_timepoint(p, t)}/screws.json"}
-               for (p, t), m in SAMPLES["months"].items()] if PULLOUT else [],
+                "screws": f"{RES}/{p}/{model_timepoint(p, t)}/screws.json" if PULLOUT else None,
+                "results": [f"{RES}/{p}/{t}/{n}" for n in CASE_FILES]}
+               for (p, t), m in SAMPLES["months"].items()],
     log:
         f"logs/{COHORT}/record_exclusions.log",
     conda:

@@ -116,6 +116,8 @@ RES = f"results/{COHORT}"
 FAILURES = f"logs/{COHORT}/failures.txt"
 TASKS = int(CCFG.get("mpi", {}).get("tasks", 1))
 SIDES = ["left", "right"]
+#: each scan's load-case result files
+CASE_FILES = ["compression.json"] + ([f"pullout_{s}.json" for s in SIDES] if PULLOUT else [])
 
 
 wildcard_constraints:
@@ -263,6 +265,8 @@ def get_final_outputs(wildcards):
     # The planning gate of every model: a refused scan fails here (the tables go on without
     # it under --keep-going).
     gates = [f"{RES}/{p}/{t}/placement.json" for p, t in model_scans()] if PULLOUT else []
+    # The solve gate of every scan: a load case that did not peak fails here.
+    gates += [f"{RES}/{p}/{t}/strength.json" for p, t in SAMPLES.index]
     # Every scan's own results, requested here as well as by the tables: the tables wait for
     # the planning checkpoint before they list theirs, a dry-run shows these jobs anyway.
     names = ["bmd.json", "compression.json"] + (

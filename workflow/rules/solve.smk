@@ -77,3 +77,21 @@ rule solve_pullout:
         " --screws {input.screws} --out-json {output.json} --out-curve {output.curve}"
         " --out-plot {output.plot} --out-fields {output.fields}"
         " --params '{params.loads}' --solver-params '{params.solver}' > {log} 2>&1"
+
+
+# The solve stage's gate: a load case whose curve did not peak reports no strength
+# (docs/nonlinear.md); this rule then fails the scan with the reason and what to do, and the
+# cohort tables leave the scan out (tables/exclusions.csv lists it).
+rule accept_strength:
+    input:
+        compression=rules.solve_compression.output.json,
+        pullout=lambda w: [f"{RES}/{w.patient}/{w.timepoint}/pullout_{s}.json" for s in SIDES]
+        if PULLOUT else [],
+    output:
+        f"{RES}/{{patient}}/{{timepoint}}/strength.json",
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/accept_strength.log",
+    conda:
+        "../../envs/cohort.yaml"
+    script:
+        "../scripts/accept_strength.py"

@@ -91,9 +91,9 @@ class LoadParams:
     compression_max_strain: float = 0.01  #: nonlinear: max displacement / body height
     pullout_max_displacement_mm: float = 0.1  #: nonlinear: max screw head displacement
     increments: int = 25  #: nonlinear: base increments to the maximum displacement
-    min_increment_fraction: float = 1.0 / 8  #: nonlinear: smallest step / base step
+    min_increment_fraction: float = 1.0 / 16  #: nonlinear: smallest step / base step
     newton_rtol: float = 1.0e-6  #: nonlinear: residual tolerance relative to internal force
-    newton_max_it: int = 15
+    newton_max_it: int = 25
     #: nonlinear: "damage" (stress-capped isotropic damage, locking-free on linear
     #: tetrahedra) or "plasticity" (von Mises return mapping)
     constitutive: str = "damage"
@@ -102,11 +102,21 @@ class LoadParams:
     plateau_tangent_ratio: float = 0.02  #: nonlinear: stop once dF/dd < this * initial slope
     strength_rule: str = "peak"  #: nonlinear: "peak" (max force) or "offset" (offset yield)
     offset_strain: float = 0.002  #: nonlinear: offset = this x body height / screw length
-    #: nonlinear damage: element crushes below this minimum principal strain (null: never)
+    #: nonlinear: equilibrium lost at the smallest step after dF/dd fell below this x the
+    #: initial slope is a collapse (peak reached); above it, "peak not reached"
+    collapse_tangent_ratio: float = 0.1
+    #: nonlinear damage: equivalent strain where softening begins on the reference element
+    #: (null: never, a plateau at the yield stress)
     failure_strain: float | None = 0.01
-    #: nonlinear damage: element cracks above this x yield stress in tension (null: never)
+    #: nonlinear damage: strain over which the stress falls to zero on the reference element
+    softening_strain: float = 0.02
+    #: nonlinear damage: reference element size (mm) of the two strains above; each element's
+    #: are scaled by this / its size (crack band; null: no scaling, mesh dependent)
+    crack_band_mm: float | None = 2.0
+    #: nonlinear damage: cracking when the largest principal stress passes this x the yield
+    #: stress (null: von Mises only)
     tensile_strength_ratio: float | None = 0.8
-    residual_fraction: float = 0.01  #: nonlinear damage: stiffness kept by a failed element
+    residual_fraction: float = 0.01  #: nonlinear damage: stiffness kept by a softened element
     #: load cases the workflow runs: compression always; without "pullout" no screws are
     #: planned or meshed (a body-only specimen, e.g. a voxel-FE benchmark with end caps)
     cases: list = field(default_factory=lambda: list(LOAD_CASES))
@@ -127,16 +137,13 @@ class LoadParams:
                               f"{self.platens!r}")
 
     def nonlinear(self):
+        """The nonlinear solver's parameters (one declaration: the fields of the same name)."""
+        from dataclasses import fields
+
         from qctfea.fea.plasticity import NonlinearParams
 
-        return NonlinearParams(
-            increments=self.increments, min_increment_fraction=self.min_increment_fraction,
-            newton_rtol=self.newton_rtol, newton_max_it=self.newton_max_it,
-            hardening_ratio=self.hardening_ratio, stop_drop_fraction=self.stop_drop_fraction,
-            plateau_tangent_ratio=self.plateau_tangent_ratio, strength_rule=self.strength_rule,
-            failure_strain=self.failure_strain,
-            tensile_strength_ratio=self.tensile_strength_ratio,
-            residual_fraction=self.residual_fraction)
+        return NonlinearParams(**{f.name: getattr(self, f.name)
+                                  for f in fields(NonlinearParams)})
 
 
 def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:

@@ -1,0 +1,8 @@
+"""Rule accept_strength: the solve stage's gate. Fails the scan when a load case's
+force-displacement curve did not reach its peak (no strength), naming the scan, load case,
+reason and what to do; else records the strengths in strength.json."""
+from qctfea import steps
+from qctfea.workflow_glue import context, run_step
+
+sm = snakemake  # noqa: F821
+run_step(sm, lambda: steps.accept_strength(list(sm.input), sm.output[0], context(sm.wildcards)))
