@@ -91,7 +91,7 @@ class LoadParams:
     compression_max_strain: float = 0.01  #: nonlinear: max displacement / body height
     pullout_max_displacement_mm: float = 0.1  #: nonlinear: max screw head displacement
     increments: int = 25  #: nonlinear: base increments to the maximum displacement
-    min_increment_fraction: float = 1.0 / 16  #: nonlinear: smallest step / base step
+    min_increment_fraction: float = 0.25  #: nonlinear: smallest step / base step
     newton_rtol: float = 1.0e-6  #: nonlinear: residual tolerance relative to internal force
     newton_max_it: int = 25
     #: nonlinear: "damage" (stress-capped isotropic damage, locking-free on linear
@@ -117,6 +117,11 @@ class LoadParams:
     #: stress (null: von Mises only)
     tensile_strength_ratio: float | None = 0.8
     residual_fraction: float = 0.01  #: nonlinear damage: stiffness kept by a softened element
+    #: nonlinear damage: "imex" (extrapolated damage, one linear solve per increment) or
+    #: "newton" (implicit; docs/nonlinear.md)
+    integration: str = "imex"
+    #: nonlinear damage, imex: damage error per increment that sets the step
+    imex_damage_tolerance: float = 0.05
     #: load cases the workflow runs: compression always; without "pullout" no screws are
     #: planned or meshed (a body-only specimen, e.g. a voxel-FE benchmark with end caps)
     cases: list = field(default_factory=lambda: list(LOAD_CASES))

@@ -35,7 +35,11 @@ variables are constant per element (one quadrature point, exact for P1), updated
 vectorised in numpy over the cells of the process (owned and ghost cells, so no
 communication is needed and every rank holds the same state for a shared cell).
 
-Solver: displacement control in increments; each increment is solved by PETSc's SNES
+Solver: displacement control in increments. ``integration: imex`` (the default): the
+damage of an increment is extrapolated from the last two increments and the increment is
+one linear solve with the secant stiffness (Oliver, Huespe & Cante, CMAME 2008;197:1865);
+the step follows the extrapolation's damage error. ``integration: newton``: each increment
+is solved by PETSc's SNES
 (Newton with a backtracking line search, ``snes_linesearch_type bt``; inexact Newton:
 the Krylov tolerance follows the Newton residual, Eisenstat & Walker, ``snes_ksp_ew``)
 with the consistent tangent (non-symmetric for damage: GMRES; GAMG with the rigid body
@@ -104,7 +108,7 @@ NONLINEAR_PETSC_OPTIONS = {
 @dataclass
 class NonlinearParams:
     increments: int = 25  #: base number of increments to the maximum displacement
-    min_increment_fraction: float = 1.0 / 16  #: smallest step, as a fraction of the base step
+    min_increment_fraction: float = 0.25  #: smallest step, as a fraction of the base step
     newton_rtol: float = 1.0e-6  #: ‖free residual‖ <= rtol ‖internal force‖
     newton_max_it: int = 25
     hardening_ratio: float = 0.0  #: H / E of yielding elements (0: perfectly plastic)
@@ -125,6 +129,13 @@ class NonlinearParams:
     tensile_strength_ratio: float | None = 0.8
     #: damage: a fully softened element keeps this fraction of its stiffness
     residual_fraction: float = 0.01
+    #: damage: "imex" (the damage of each increment extrapolated from the last two, then one
+    #: linear solve; Oliver et al. 2008) or "newton" (implicit, Newton to equilibrium)
+    integration: str = "imex"
+    #: imex: the step shrinks when the extrapolated damage of a cell misses the damage its
+    #: new strain gives by more than this (98th percentile over damaged cells), grows below
+    #: half of it
+    imex_damage_tolerance: float = 0.05
 
     def __post_init__(self):
         if self.strength_rule not in ("offset", "peak"):
@@ -137,13 +148,22 @@ class NonlinearParams:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise QctfeaError(f"loads.{name} must be positive or null, not {v}")
+        if self.integration not in INTEGRATIONS:
+            raise QctfeaError(f"loads.integration must be one of {list(INTEGRATIONS)}, not "
+                              f"{self.integration!r}")
         if not self.softening_strain > 0:
             raise QctfeaError(f"loads.softening_strain must be positive, not "
                               f"{self.softening_strain}")
 
 
+#: damage integration: explicit-implicit (one linear solve per increment) or Newton
+INTEGRATIONS = ("imex", "newton")
+
 #: ``plasticity``: von Mises return mapping; ``damage``: regularised softening damage
 CONSTITUTIVE_MODELS = ("plasticity", "damage")
+
+#: imex: an increment whose damage error exceeds this x imex_damage_tolerance is redone
+IMEX_REJECT = 3.0
 
 #: An increment that took at most this many Newton iterations lets the next step grow 1.5x
 #: (inexact Newton needs about 5 on an elastic increment).
@@ -252,6 +272,9 @@ class PlasticModel(ElasticModel):
         self.k = np.zeros(n_all)
         self.D_n = np.zeros(n_all)
         self.D = np.zeros(n_all)
+        self.k_prev = np.zeros(n_all)  # κ one increment before k_n (imex extrapolation)
+        #: imex: the damage of the current increment, fixed (None: from the iterate's strain)
+        self.fixed_D = None
         self.sig = dolfinx.fem.Function(W, name="stress")
         self.omega = dolfinx.fem.Function(V0, name="secant_factor")
         self.beta = dolfinx.fem.Function(V0, name="beta")
@@ -356,13 +379,20 @@ class PlasticModel(ElasticModel):
         bone = np.isfinite(self.c_sy)
         loading = bone & (k_tr >= self.k_n) & (k_tr > self.c_ey)
         k = np.where(loading, k_tr, self.k_n)
-        cap, dcap = self.stress_cap(k)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            D = np.where(bone & (k > self.c_ey), 1.0 - cap / (E * k), 0.0)
-        floor = D >= 1.0 - self.residual
-        D = np.clip(D, 0.0, 1.0 - self.residual)
-        D = np.maximum(D, self.D_n)
-        self.k, self.D = k, D
+        D, floor, cap, dcap = self.damage_of(k)
+        self.k = k
+        if self.fixed_D is not None:
+            # imex: the extrapolated damage, fixed over the increment: a linear, symmetric
+            # positive definite problem (secant stiffness)
+            D = self.fixed_D
+            self.D = D
+            self._set_cells(self.sig, (1.0 - D)[:, None, None] * sig_e)
+            self._set_cells(self.omega, 1.0 - D)
+            self._set_cells(self.P, np.zeros_like(sig_e))
+            self._set_cells(self.M, np.zeros_like(sig_e))
+            n_owned = self.mesh.topology.index_map(3).size_local
+            return self.mesh.comm.allreduce(int((D[:n_owned] > 0).sum()), MPI.SUM)
+        self.D = D
         # dD/dκ on loading cells, ∂κ/∂ε = C:∂τ/∂σ̃ / E  (docs/nonlinear.md)
         with np.errstate(invalid="ignore", divide="ignore"):
             dD = np.where(loading & ~floor, (cap - dcap * k) / (E * k * k), 0.0)
@@ -390,6 +420,35 @@ class PlasticModel(ElasticModel):
         n_owned = self.mesh.topology.index_map(3).size_local
         return self.mesh.comm.allreduce(int((D[:n_owned] > 0).sum()), MPI.SUM)
 
+    def damage_of(self, k: np.ndarray):
+        """Damage of equivalent strains ``k`` (never below the converged damage): D, whether
+        D is at its cap 1 - residual_fraction, and the law's s(κ), ds/dκ."""
+        E = self.c_E
+        cap, dcap = self.stress_cap(k)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            D = np.where(np.isfinite(self.c_sy) & (k > self.c_ey), 1.0 - cap / (E * k), 0.0)
+        floor = D >= 1.0 - self.residual
+        D = np.maximum(np.clip(D, 0.0, 1.0 - self.residual), self.D_n)
+        return D, floor, cap, dcap
+
+    def imex_damage(self, ratio: float) -> np.ndarray:
+        """Extrapolated damage of the next increment: κ_n + ratio (κ_n - κ_{n-1}), ratio the
+        next step over the last (Oliver, Huespe & Cante, CMAME 2008;197:1865)."""
+        k = self.k_n + ratio * np.maximum(self.k_n - self.k_prev, 0.0)
+        return self.damage_of(k)[0]
+
+    def _imex_error(self) -> float:
+        """98th percentile, over damaged bone cells of all ranks, of |D(κ_new) - D_imex|."""
+        self.fixed_D_used = self.fixed_D
+        n_owned = self.mesh.topology.index_map(3).size_local
+        D_new = self.damage_of(self.k)[0][:n_owned]
+        D_ex = self.fixed_D[:n_owned]
+        sel = (D_new > 0) | (D_ex > 0)
+        diff = np.abs(D_new - D_ex)[sel]
+        alld = self.mesh.comm.allgather(diff)
+        alld = np.concatenate(alld)
+        return float(np.quantile(alld, 0.98)) if len(alld) else 0.0
+
     @property
     def failed(self) -> np.ndarray:
         """Damage model: fully softened elements (κ past the zero-stress strain)."""
@@ -407,6 +466,7 @@ class PlasticModel(ElasticModel):
         if self.constitutive == "damage":
             de = self._deps.x.array.reshape(-1, 9)[self._t_idx].reshape(-1, 3, 3)
             self.eps_n = self.eps_n + 0.5 * (de + de.transpose(0, 2, 1))
+            self.k_prev = self.k_n
             self.k_n, self.D_n = self.k.copy(), self.D.copy()
         self.p_n = self.p_n + self.dp
         self.u.x.array[:] += self.du.x.array
@@ -464,9 +524,13 @@ class PlasticModel(ElasticModel):
         res.curve.append(CurvePoint(0.0, 0.0, 0, 0))
         offset = offset_displacement if offset_displacement is not None else np.inf
         tangent = np.inf
+        imex = self.constitutive == "damage" and params.integration == "imex"
+        h_last = None
         try:
             while d < max_displacement * (1 - 1e-9):
                 h = min(step, max_displacement - d)
+                if imex:
+                    self.fixed_D = self.imex_damage(h / h_last if h_last else 0.0)
                 ok, its, force, yielded, why = solver.increment(h)
                 res.newton_iterations += its
                 if not ok:
@@ -492,7 +556,21 @@ class PlasticModel(ElasticModel):
                                 f"rose at {tangent / k0:.0%} of its initial slope")
                         break
                     continue
+                if imex:
+                    # the damage the new strains give against the extrapolated one: far off,
+                    # the increment is redone with a smaller step
+                    err = self._imex_error()
+                    tol, h_min = params.imex_damage_tolerance, base * params.min_increment_fraction
+                    if err > IMEX_REJECT * tol and h > h_min * (1 + 1e-9) and res.increments:
+                        self.du.x.array[:] = 0.0
+                        self.fixed_D = None
+                        res.step_cuts += 1
+                        step = max(h * max(0.25, 0.8 * tol / err), h_min)
+                        continue
+                    self.fixed_D = None
+                    self.D = np.maximum(self.fixed_D_used, self.damage_of(self.k)[0])
                 self.commit()
+                h_last = h
                 d += h
                 res.increments += 1
                 prev = res.curve[-1]
@@ -528,7 +606,13 @@ class PlasticModel(ElasticModel):
                     res.stop_reason = ("force fell after the peak" if tangent < 0
                                        else "plateau (limit load reached)")
                     break
-                if its <= GROW_BELOW_ITERATIONS:
+                if imex:
+                    if err > tol:
+                        step = max(step * max(0.3, 0.8 * tol / err),
+                                   base * params.min_increment_fraction)
+                    elif err < 0.5 * tol:
+                        step = min(step * 1.5, base)
+                elif its <= GROW_BELOW_ITERATIONS:
                     step = min(step * 1.5, base)
             else:
                 res.stop_reason = ("peak not reached: the maximum displacement "
@@ -613,7 +697,12 @@ class _IncrementSolver:
         opts = {**NONLINEAR_PETSC_OPTIONS, "snes_max_it": params.newton_max_it,
                 "snes_rtol": 0.0, "snes_atol": 0.0, "snes_stol": 0.0,
                 **(petsc_options or {})}
-        if model.constitutive == "damage":
+        if model.constitutive == "damage" and params.integration == "imex":
+            # imex: one linear, symmetric positive definite solve per increment: CG, solved
+            # tightly (Newton then stops after one step)
+            opts = {**opts, "snes_ksp_ew": False, "ksp_rtol": 1.0e-8,
+                    **(petsc_options or {})}
+        elif model.constitutive == "damage":
             # The consistent damage tangent is not symmetric: GMRES instead of CG.
             opts = {"ksp_type": "gmres", "ksp_gmres_restart": 100,
                     "mg_levels_esteig_ksp_type": "gmres", **opts}
