@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bone cell sizes (mm); screw cells are half")
     s.add_argument("--voxel-mm", type=float, default=0.5)
     s.add_argument("--ranks", type=int, default=2)
+    s.add_argument("--strength", action="store_true",
+                   help="also the nonlinear compression and pullout strength per level")
 
     s = sub.add_parser("perf", help="benchmark harness: per-stage seconds, DOFs, iterations, "
                        "peak memory, triad bandwidth and bandwidth-bound ratio per mesh level "

@@ -6,9 +6,9 @@ with ``vertebra.nii.gz``, ``vertebra.json``, ``screws.json`` and
 bone cell size (screw cells half as large, bone within ``peri_screw_mm`` of a
 screw a third as large, the labelled image at ``voxel_mm``), materials are mapped with the cohort's settings, and the
 *linear* pullout (each side) and compression models are solved under
-``mpiexec``. Stiffness is the quantity the mesh must resolve first: the
-nonlinear strength is computed on the same mesh, and its own convergence
-is dominated by the element failure rule rather than by geometry.
+``mpiexec``; with ``--strength`` the nonlinear ones too (the cohort's loads settings
+otherwise the defaults), whose strength the crack band keeps from depending on the element
+size (docs/nonlinear.md).
 
 The result is a table per level (cells, DOFs, stiffness, solve time, Krylov
 iterations) with each stiffness's change relative to the next finer level;
@@ -16,7 +16,7 @@ the issue's criterion is a change below 5 % between the two finest levels.
 Command (docs/mesh_convergence.md holds the record)::
 
     qctfea mesh-convergence --scan results/demo/P01/M00 --out-dir results/convergence \\
-        --out-md docs/mesh_convergence.md --sizes 4.5 3.0 2.0 1.5
+        --out-md docs/mesh_convergence.md --sizes 4.5 3.0 2.0 1.5 --strength
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ NOTES_MARK = "<!-- notes: kept when the table above is regenerated -->"
 QUANTITIES = [("compression_stiffness_n_per_mm", "compression"),
               ("pullout_left_stiffness_n_per_mm", "pullout left"),
               ("pullout_right_stiffness_n_per_mm", "pullout right")]
+#: with --strength: the nonlinear strengths
+STRENGTHS = [("compression_strength_n", "compression"),
+             ("pullout_left_strength_n", "pullout left"),
+             ("pullout_right_strength_n", "pullout right")]
+CASES = [("compression", None), ("pullout", "left"), ("pullout", "right")]
 
 
 def _mpiexec() -> str:
@@ -48,15 +53,15 @@ def _mpiexec() -> str:
 
 
 def _solve(case: str, side: str | None, level_dir: Path, scan: Path, ranks: int,
-           loads: dict | None = None) -> dict:
-    """Linear solve of ``level_dir``'s mesh and materials under mpiexec (a fresh process, as
+           loads: dict | None = None, analysis: str = "linear") -> dict:
+    """Solve of ``level_dir``'s mesh and materials under mpiexec (a fresh process, as
     the pipeline runs it), with ``scan``'s vertebra.json and screws.json; ``loads`` adds
     to the loads section. Returns the result JSON with the process's wall time."""
-    out = level_dir / (f"{case}_{side}.json" if side else f"{case}.json")
+    out = level_dir / f"{analysis}_{case}{'_' + side if side else ''}.json"
     cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "qctfea.cli", "solve", case,
            "--mesh", str(level_dir / "mesh.xdmf"), "--materials", str(level_dir / "materials.npz"),
            "--vertebra", str(scan / "vertebra.json"), "--screws", str(scan / "screws.json"),
-           "--out-json", str(out), "--params", json.dumps({**(loads or {}), "analysis": "linear"})]
+           "--out-json", str(out), "--params", json.dumps({**(loads or {}), "analysis": analysis})]
     if side:
         cmd += ["--side", side]
     t0 = time.perf_counter()
@@ -99,8 +104,10 @@ def mesh_level(scan: Path, d: Path, size: float, voxel_mm: float, materials_cfg:
 
 
 def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_mm: float = 0.5,
-              ranks: int = 2, materials_cfg: dict | None = None, log=sys.stderr) -> list[dict]:
-    """Mesh, map and solve (linear) at each bone cell size; returns one row per level."""
+              ranks: int = 2, materials_cfg: dict | None = None, log=sys.stderr,
+              strength: bool = False, loads: dict | None = None) -> list[dict]:
+    """Mesh, map and solve (linear; with ``strength`` also nonlinear) at each bone cell size;
+    returns one row per level."""
     scan, out_dir = check_scan(scan), Path(out_dir)
     rows = []
     for size in sorted(sizes, reverse=True):
@@ -124,13 +131,25 @@ def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_m
             row["n_dofs"] = r["n_dofs"]
             row[f"{case}{'_' + side if side else ''}_solve_s"] = round(r["wall_s"], 1)
             row[f"{case}{'_' + side if side else ''}_ksp_iterations"] = r["ksp_iterations"]
+        for (key, label), (case, side) in zip(STRENGTHS, CASES, strict=True):
+            if not strength:
+                break
+            print(f"[convergence] {ctx}: solving {label} (nonlinear, {ranks} ranks)", file=log,
+                  flush=True)
+            r = _solve(case, side, d, scan, ranks, loads, analysis="nonlinear")
+            if r.get("refused"):
+                raise QctfeaError(f"{ctx}: {r['refused']}")
+            row[key] = r["strength_n"]
+            row[f"{case}{'_' + side if side else ''}_nonlinear_s"] = round(r["wall_s"], 1)
+            print(f"[convergence] {ctx}: {label} strength {r['strength_n']:.0f} N "
+                  f"({r['stop_reason']}, {r['increments']} increments)", file=log, flush=True)
         rows.append(row)
         print(f"[convergence] {ctx}: {row['n_cells']} cells, {row['n_dofs']} DOFs, "
               + ", ".join(f"{lab} {row[k]:.0f} N/mm" for k, lab in QUANTITIES), file=log,
               flush=True)
     # Change of each stiffness relative to the next finer level.
     for coarse, fine in zip(rows, rows[1:]):
-        for key, _ in QUANTITIES:
+        for key, _ in QUANTITIES + (STRENGTHS if strength else []):
             coarse[f"{key}_change_to_finer_pct"] = 100.0 * (coarse[key] / fine[key] - 1.0)
     return rows
 
@@ -166,16 +185,39 @@ def markdown(rows: list[dict], command: str, scan: str) -> str:
         worst = max(abs(rows[-2][f"{k}_change_to_finer_pct"]) for k, _ in QUANTITIES)
         lines += ["", f"Largest stiffness change between the two finest levels: {worst:.1f} % "
                       f"({'within' if worst < 5 else 'NOT within'} the 5 % criterion)."]
+    if rows and STRENGTHS[0][0] in rows[0]:
+        lines += ["", "Nonlinear strength (damage model, crack band; docs/nonlinear.md) at each "
+                  "level; seconds are the three nonlinear solves' wall time.", "",
+                  "| bone / screw / peri-screw cell (mm) | compression (N) | Δ to finer | "
+                  "pullout left (N) | Δ to finer | pullout right (N) | Δ to finer | "
+                  "nonlinear s (compr., left, right) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for r in rows:
+            cells = [f"{r['bone_cell_size_mm']:g} / {r['screw_cell_size_mm']:g} / "
+                     f"{r['peri_screw_cell_size_mm']:.2g}"]
+            for key, _ in STRENGTHS:
+                ch = r.get(f"{key}_change_to_finer_pct")
+                cells += [f"{r[key]:.0f}", "—" if ch is None else f"{ch:+.1f} %"]
+            cells.append(", ".join(f"{r[k]:.0f}" for k in (
+                "compression_nonlinear_s", "pullout_left_nonlinear_s",
+                "pullout_right_nonlinear_s")))
+            lines.append("| " + " | ".join(cells) + " |")
+        if len(rows) >= 2:
+            worst = max(abs(rows[-2][f"{k}_change_to_finer_pct"]) for k, _ in STRENGTHS)
+            lines += ["", f"Largest strength change between the two finest levels: "
+                          f"{worst:.1f} % ({'within' if worst < 5 else 'NOT within'} the 5 % "
+                          "criterion)."]
     return "\n".join(lines) + "\n"
 
 
 def main_cli(a) -> None:
-    rows = run_study(a.scan, a.out_dir, a.sizes, a.voxel_mm, a.ranks)
+    rows = run_study(a.scan, a.out_dir, a.sizes, a.voxel_mm, a.ranks,
+                     strength=a.strength)
     Path(a.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(a.out_dir) / "convergence.json").write_text(json.dumps(rows, indent=1))
     cmd = (f"qctfea mesh-convergence --scan {a.scan} --out-dir {a.out_dir} --out-md {a.out_md} "
            f"--sizes {' '.join(f'{s:g}' for s in a.sizes)} --voxel-mm {a.voxel_mm:g} "
-           f"--ranks {a.ranks}")
+           f"--ranks {a.ranks}{' --strength' if a.strength else ''}")
     text = markdown(rows, cmd, str(a.scan))
     out = Path(a.out_md)
     if out.exists() and NOTES_MARK in out.read_text():  # keep the hand-written notes

@@ -199,6 +199,8 @@ class NonlinearResult:
     newton_iterations: int = 0
     ksp_iterations: int = 0
     linear_fallbacks: int = 0
+    #: seconds of one linear solve of the model (the probe increment's Newton step)
+    linear_solve_s: float = 0.0
     n_dofs: int = 0
     n_cells: int = 0
     mpi_ranks: int = 1
@@ -208,6 +210,10 @@ class NonlinearResult:
         d = {k: v for k, v in vars(self).items() if k not in ("curve", "rule")}
         d["newton_iterations_per_increment"] = (
             self.newton_iterations / self.increments if self.increments else 0.0)
+        # the nonlinear solve's cost in units of one linear solve of the same model, measured
+        # in the same run (docs/performance.md)
+        d["cost_in_linear_solves"] = (self.seconds.get("total", 0.0) / self.linear_solve_s
+                                      if self.linear_solve_s else None)
         d["curve"] = [vars(p) for p in self.curve]
         return d
 
@@ -531,7 +537,12 @@ class PlasticModel(ElasticModel):
                 h = min(step, max_displacement - d)
                 if imex:
                     self.fixed_D = self.imex_damage(h / h_last if h_last else 0.0)
+                t_inc = time.perf_counter()
                 ok, its, force, yielded, why = solver.increment(h)
+                if res.increments == 0 and ok:
+                    # the elastic probe: the cost of one linear solve of this model (imex: one
+                    # Newton step, i.e. one assembly, preconditioner set-up and Krylov solve)
+                    res.linear_solve_s = (time.perf_counter() - t_inc) / max(its, 1)
                 res.newton_iterations += its
                 if not ok:
                     self.du.x.array[:] = 0.0
