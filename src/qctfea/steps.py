@@ -527,7 +527,10 @@ def accept_screws(screws_path, out_json, context: str) -> None:
 def accept_strength(result_paths, out_json, context: str) -> None:
     """The solve stage's gate: fail the scan when a load case's curve did not peak (its
     result's ``refused`` message); else record each case's strength and how the run ended."""
-    _need(context, **{Path(p).stem: p for p in result_paths})
+    for p in result_paths:
+        if not Path(p).exists():
+            raise QctfeaError(f"{context}: load-case result {p} is missing; run the solve step "
+                              "(rules solve_compression, solve_pullout) first")
     results = {Path(p).stem: read_json(p) for p in result_paths}
     refused = [r["refused"] for r in results.values() if r.get("refused")]
     if refused:

@@ -89,7 +89,7 @@ class LoadParams:
     #: "linear" (stiffness + the strain-criterion estimate) or "nonlinear" (elasto-plastic)
     analysis: str = "nonlinear"
     compression_max_strain: float = 0.01  #: nonlinear: max displacement / body height
-    pullout_max_displacement_mm: float = 0.1  #: nonlinear: max screw head displacement
+    pullout_max_displacement_mm: float = 0.3  #: nonlinear: max screw head displacement
     increments: int = 25  #: nonlinear: base increments to the maximum displacement
     min_increment_fraction: float = 0.25  #: nonlinear: smallest step / base step
     newton_rtol: float = 1.0e-6  #: nonlinear: residual tolerance relative to internal force
