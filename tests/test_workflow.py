@@ -17,7 +17,7 @@ from conftest import REPO, run, venv_bin
 
 
 PER_SCAN = ["generate_demo_scan", "ingest_scan", "calibrate_density", "extract_vertebra",
-            "measure_bmd", "assign_materials", "solve_compression"]
+            "measure_bmd", "assign_materials", "solve_compression", "accept_strength"]
 #: The FE model (screws, mesh) is built once per patient, at baseline; follow-ups are
 #: registered to it (registration.enabled, the default).
 PER_PATIENT = ["plan_screws", "accept_screws", "mesh_vertebra"]
