@@ -443,12 +443,11 @@ class PlasticModel(ElasticModel):
         k = self.k_n + ratio * np.maximum(self.k_n - self.k_prev, 0.0)
         return self.damage_of(k)[0]
 
-    def _imex_error(self) -> float:
+    def _imex_error(self, D_imex: np.ndarray) -> float:
         """98th percentile, over damaged bone cells of all ranks, of |D(κ_new) - D_imex|."""
-        self.fixed_D_used = self.fixed_D
         n_owned = self.mesh.topology.index_map(3).size_local
         D_new = self.damage_of(self.k)[0][:n_owned]
-        D_ex = self.fixed_D[:n_owned]
+        D_ex = D_imex[:n_owned]
         sel = (D_new > 0) | (D_ex > 0)
         diff = np.abs(D_new - D_ex)[sel]
         alld = self.mesh.comm.allgather(diff)
@@ -570,7 +569,8 @@ class PlasticModel(ElasticModel):
                 if imex:
                     # the damage the new strains give against the extrapolated one: far off,
                     # the increment is redone with a smaller step
-                    err = self._imex_error()
+                    D_ex = self.fixed_D
+                    err = self._imex_error(D_ex)
                     tol, h_min = params.imex_damage_tolerance, base * params.min_increment_fraction
                     if err > IMEX_REJECT * tol and h > h_min * (1 + 1e-9) and res.increments:
                         self.du.x.array[:] = 0.0
@@ -579,7 +579,7 @@ class PlasticModel(ElasticModel):
                         step = max(h * max(0.25, 0.8 * tol / err), h_min)
                         continue
                     self.fixed_D = None
-                    self.D = np.maximum(self.fixed_D_used, self.damage_of(self.k)[0])
+                    self.D = np.maximum(D_ex, self.damage_of(self.k)[0])
                 self.commit()
                 h_last = h
                 d += h
