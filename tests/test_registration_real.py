@@ -2,7 +2,8 @@
 20; fails, not skips, when they are missing): follow-ups made from the TotalSegmentator
 L1 (0.7 x 0.7 x 2.5 mm) and the VerSe L3 (1.5 mm, oblique grid) by a known motion about
 the vertebra, at their own resolution and resampled to 3 mm, written in four
-orientations (DICOMOrient LPS, LAS, RAS, RPI), one with +10 % bone density. Every case is
+orientations (DICOMOrient LPS, LAS, RAS, RPI), one with +10 % bone density, one with
+5 mm slices. Every case is
 recovered within 0.5 mm at the vertebra's bounding-box corners and 0.5 degrees, and the
 orientations of a case agree within 0.05 mm. The full case x orientation x motion table:
 tools/registration_check.py, docs/registration.md."""
@@ -23,12 +24,15 @@ CASES = [
     ("VerSe L3", (1.5, 1.5, 1.5), "15°/20 mm", rc.ORIENTATIONS, 0.0),
     ("VerSe L3", (3.0, 3.0, 3.0), "15°/20 mm", ("RPI",), 0.0),
     ("TotalSegmentator L1", (0.703, 0.703, 2.5), "15°/20 mm", ("LAS",), 0.1),
+    # 5 mm slices (registered with a warning): the slice-adapted smoothing and metric
+    # region (registration.coarse_*_ratio) keep them within the gate too
+    ("VerSe L3", (1.0, 1.0, 5.0), "small", ("LPS", "RAS"), 0.0),
 ]
 
 
 @pytest.mark.parametrize("case, spacing, motion, orientations, density", CASES,
                          ids=["L1-3mm-small-4orient", "L3-own-large-4orient",
-                              "L3-3mm-large", "L1-own-large-density+10%"])
+                              "L3-3mm-large", "L1-own-large-density+10%", "L3-5mm-slices"])
 def test_known_motion_recovered_in_every_orientation(case, spacing, motion, orientations,
                                                      density):
     results = rc.check(case, spacing, motion, orientations, density_change=density)

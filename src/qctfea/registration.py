@@ -15,13 +15,17 @@ flips, origin; docs/registration.md):
 * images: calibrated density (mg/cm³) of both scans, so that differences in
   scanner calibration between visits do not enter the metric;
 * metric: Mattes mutual information (robust to the density changes treatment causes),
-  restricted to the baseline vertebra mask dilated by ``mask_dilation_mm``; random
+  restricted to the baseline vertebra mask dilated by ``mask_dilation_mm`` (at least
+  ``coarse_dilation_ratio`` times the coarsest voxel spacing of the two scans, so that
+  the bone's edge, smeared over a thick slice, lies inside it); random
   sampling with a fixed seed, at least ``min_samples`` points per level (small bone
   masks on coarse slices would otherwise leave a few hundred);
 * initialisation: the physical centroids of the two vertebra masks; Euler centre at the
   baseline centroid; parameter scales from physical shifts;
 * optimiser: regular-step gradient descent, multi-resolution (``shrink``,
-  ``smoothing_mm``), stopping on its own criteria (step below ``min_step``);
+  ``smoothing_mm``, each sigma at least ``coarse_smoothing_ratio`` times the coarsest
+  voxel spacing: on 5 mm slices the in-plane detail, which the other scan's thick
+  slices average away differently, would otherwise bias the result), stopping on its own criteria (step below ``min_step``);
   ``iterations`` is only a safety cap, and a run that reaches it is "not converged";
 * several starts: centroids, principal axes of the masks, then the centroid start turned
   by ±``start_deg`` about each axis. The search ends when two converged starts agree
@@ -63,6 +67,11 @@ class RegistrationParams:
     #: gets its own mesh and screws from its own landmarks)
     enabled: bool = True
     mask_dilation_mm: float = 3.0
+    #: coarse slices: the mask dilation is at least this times the coarsest voxel
+    #: spacing of the two scans, and every level's smoothing at least
+    #: ``coarse_smoothing_ratio`` times it (docs/registration.md, "Coarse slices")
+    coarse_dilation_ratio: float = 1.2
+    coarse_smoothing_ratio: float = 0.4
     histogram_bins: int = 64
     sampling_fraction: float = 0.25
     #: at least this many metric samples per level (all voxels of the mask if fewer)
@@ -212,7 +221,7 @@ def point_distance(a: sitk.Transform, b: sitk.Transform, pts: np.ndarray) -> flo
 
 
 def _run(fixed_c, metric_mask, moving_c, init: sitk.Euler3DTransform, n_mask: int,
-         p: RegistrationParams) -> dict:
+         p: RegistrationParams, smoothing: list[float]) -> dict:
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=p.histogram_bins)
     reg.SetMetricFixedMask(metric_mask)
@@ -226,7 +235,7 @@ def _run(fixed_c, metric_mask, moving_c, init: sitk.Euler3DTransform, n_mask: in
         relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel(list(p.shrink))
-    reg.SetSmoothingSigmasPerLevel(list(p.smoothing_mm))
+    reg.SetSmoothingSigmasPerLevel(list(smoothing))
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(sitk.Euler3DTransform(init), inPlace=False)
     t0 = time.perf_counter()
@@ -261,7 +270,11 @@ def register_rigid(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image
     moving_c = _on(moving, ref_m, low_m)
     fm_c = sitk.Cast(_on(fm, ref_f, 0.0) > 0.5, sitk.sitkUInt8)
     s = np.asarray(ref_f.GetSpacing())
-    metric_mask = sitk.BinaryDilate(fm_c, [max(1, int(round(p.mask_dilation_mm / v)))
+    # Coarse slices: wider metric region and smoother levels (see the module docstring).
+    coarsest = float(max(physical_spacing(fixed).max(), physical_spacing(moving).max()))
+    dilation = max(p.mask_dilation_mm, p.coarse_dilation_ratio * coarsest)
+    smoothing = [max(float(v), p.coarse_smoothing_ratio * coarsest) for v in p.smoothing_mm]
+    metric_mask = sitk.BinaryDilate(fm_c, [max(1, int(round(dilation / v)))
                                            for v in s], sitk.sitkBall)
     n_mask = int(sitk.GetArrayViewFromImage(metric_mask).sum())
     # Starts: centroids; principal axes; centroids turned about each axis.
@@ -274,7 +287,8 @@ def register_rigid(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image
                        _rot(ax, sign * p.start_deg)))
     runs, pair = [], None
     for name, r in starts:
-        run = _run(fixed_c, metric_mask, moving_c, euler(cf, r, cm - cf), n_mask, p)
+        run = _run(fixed_c, metric_mask, moving_c, euler(cf, r, cm - cf), n_mask, p,
+                   smoothing)
         run["start"] = name
         for other in runs:
             if other["converged"] and run["converged"]:
@@ -318,6 +332,8 @@ def register_rigid(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image
         "spacing_mm": {"baseline": physical_spacing(fixed).tolist(),
                        "follow_up": physical_spacing(moving).tolist()},
         "grid_mm": s.tolist(),
+        "mask_dilation_mm": dilation,
+        "smoothing_mm": smoothing,
         "metric_samples_fine": n_mask,
         "starts": [{k: v for k, v in q.items() if k != "tx"} |
                    {"rotation_deg": [float(np.rad2deg(a)) for a in q["tx"].GetParameters()[:3]],

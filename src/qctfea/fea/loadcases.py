@@ -121,7 +121,7 @@ class LoadParams:
     #: "newton" (implicit; docs/nonlinear.md)
     integration: str = "imex"
     #: nonlinear damage, imex: damage error per increment that sets the step
-    imex_damage_tolerance: float = 0.05
+    imex_damage_tolerance: float = 0.02
     #: load cases the workflow runs: compression always; without "pullout" no screws are
     #: planned or meshed (a body-only specimen, e.g. a voxel-FE benchmark with end caps)
     cases: list = field(default_factory=lambda: list(LOAD_CASES))
