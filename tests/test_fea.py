@@ -151,3 +151,33 @@ def test_vertebra_solves_agree_on_1_and_2_ranks(demo_model, tmp_path):
     # Osteoporotic cadaver screws 0.37 +/- 0.14 kN, normal 0.97 +/- 0.4 kN, a healthy-bone
     # FE model about 1.8 kN (SCIENCE.md): an osteoporotic model stays below the healthy one.
     assert 150 < p["strength_n"] < 1800
+
+
+def test_endplates_leave_out_the_nodes_of_screws():
+    """A screw running along the body's surface to the top shares nodes with the body's
+    top facets; held, they would pin the screw to the platen (the real VerSe L3's right
+    screw: pullout rose without end). Box 4 x 4 x 10 mm, 4 x 4 x 10 cells, a 1 x 1 mm
+    column of screw cells at a corner up to the top: the top face has 5 x 5 = 25 nodes,
+    the body's top facets 24 of them (the corner node touches only screw cells), and 3
+    of those 24 are shared with the screw column, so 21 are held."""
+    import dolfinx
+    from mpi4py import MPI
+
+    from qctfea.fea.loadcases import LoadParams, compression_dofs
+    from qctfea.meshing import TAG_BODY, TAG_SCREW
+
+    model, mesh = _box_model(1000.0, 0.3)
+    n_cells = mesh.topology.index_map(3).size_local
+    mid = dolfinx.mesh.compute_midpoints(mesh, 3, np.arange(n_cells, dtype=np.int32))
+    values = np.where((mid[:, 0] < 1) & (mid[:, 1] < 1), TAG_SCREW["right"], TAG_BODY)
+    tags = dolfinx.mesh.meshtags(mesh, 3, np.arange(n_cells, dtype=np.int32),
+                                 values.astype(np.int32))
+    axis_info = {"superior_axis": [0.0, 0.0, 1.0], "centroid_mm": [2.0, 2.0, 5.0]}
+    sup, inf, axis, n_sup, n_inf, height = compression_dofs(model, tags, axis_info,
+                                                            LoadParams())
+    assert MPI.COMM_WORLD.size == 1
+    assert (n_sup, n_inf) == (21, 21)
+    x = model.V.tabulate_dof_coordinates()[sup]
+    assert np.allclose(x[:, 2], 10.0)
+    assert not ((x[:, 0] <= 1 + 1e-9) & (x[:, 1] <= 1 + 1e-9)).any()
+    assert height == pytest.approx(10.0)

@@ -8,7 +8,8 @@ normal within ``endplate_angle_deg`` of +axis, or of -axis for the inferior
 one) and lie in the top (bottom) ``endplate_zone_fraction`` of the body's
 height along that axis (from the mask step). Selecting by orientation takes
 the whole endplate whatever the tilt of the vertebra in the scanner, so the
-same surface is loaded at every timepoint.
+same surface is loaded at every timepoint. Nodes of screw cells are never
+part of an endplate (``_off_screws``).
 Stiffness = reaction / displacement (N/mm).
 
 *Platens* (``platens``). ``fixed`` (default): both platens bonded, every
@@ -204,6 +205,25 @@ def _dofs(model, facets):
     return dolfinx.fem.locate_dofs_topological(model.V, model.mesh.topology.dim - 1, facets)
 
 
+def _off_screws(model: ElasticModel, cell_tags, dofs: np.ndarray) -> np.ndarray:
+    """The endplate node set without the nodes of screw cells. A screw that runs within a
+    cell of the body's surface near the top or bottom of the body (e.g. at the pedicle's
+    base, graded A with a clearance below the cell size) shares nodes with exterior body
+    facets that face along the axis; held, such a node pins the screw to the platen, and
+    the pullout curve then rises without end (the screw is stretched against it). The
+    nodes are marked on every rank that sees them (reverse then forward scatter), so all
+    ranks drop the same ones."""
+    tags = np.asarray(cell_tags.values)
+    screw_cells = np.asarray(cell_tags.indices)[np.isin(tags, list(TAG_SCREW.values()))]
+    screw_dofs = np.unique(model.V.dofmap.list[screw_cells])  # block (node) dofs
+    mark = dolfinx.la.vector(model.V.dofmap.index_map, 1)
+    mark.array[:] = 0.0
+    mark.array[screw_dofs] = 1.0
+    mark.scatter_reverse(dolfinx.la.InsertMode.add)
+    mark.scatter_forward()
+    return dofs[mark.array[dofs] == 0.0].astype(np.int32)
+
+
 def _count(comm, local_dofs, n_owned) -> int:
     return comm.allreduce(int((local_dofs < n_owned).sum()), MPI.SUM)
 
@@ -242,7 +262,8 @@ def compression_dofs(model: ElasticModel, cell_tags, axis_info: dict, params: Lo
     """Superior and inferior endplate node sets, the superior axis and the body height."""
     mesh = model.mesh
     sup, inf, axis, height = _endplate_dofs(model, cell_tags, axis_info, params)
-    sup_dofs, inf_dofs = _dofs(model, sup), _dofs(model, inf)
+    sup_dofs = _off_screws(model, cell_tags, _dofs(model, sup))
+    inf_dofs = _off_screws(model, cell_tags, _dofs(model, inf))
     n_owned = model.V.dofmap.index_map.size_local
     n_sup, n_inf = _count(mesh.comm, sup_dofs, n_owned), _count(mesh.comm, inf_dofs, n_owned)
     if n_sup == 0 or n_inf == 0:
@@ -412,7 +433,7 @@ def pullout_dofs(model: ElasticModel, cell_tags, axis_info: dict, screw: Screw,
     s, _ = screw.axial_radial(facet_midpoints(mesh, sf)) if len(sf) else (np.zeros(0), None)
     smin = mesh.comm.allreduce(s.min() if len(s) else np.inf, MPI.MIN)
     head = sf[s <= smin + params.head_face_mm]
-    end_dofs, head_dofs = _dofs(model, ends), _dofs(model, head)
+    end_dofs, head_dofs = _off_screws(model, cell_tags, _dofs(model, ends)), _dofs(model, head)
     n_owned = model.V.dofmap.index_map.size_local
     n_head = _count(mesh.comm, head_dofs, n_owned)
     if n_head == 0:
