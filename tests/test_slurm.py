@@ -329,6 +329,9 @@ def test_slurm_profile_runs_workflow_like_local(slurm_cluster, local_run, tmp_pa
     p = _snakemake(repo, ["--profile", "slurm", "--config", f"cohort={COHORT}",
                           "--slurm-no-account", "--slurm-status-command", "squeue",
                           "--slurm-init-seconds-before-status-checks", "2",
+                          # a one-node test cluster: poll every 2 s (default 10 s, which made
+                          # this test wait about 10 s per dependency level)
+                          "--seconds-between-status-checks", "2",
                           "--slurm-keep-successful-logs"], log, 1500)
     wall = time.time() - t0
     text = log.read_text()
