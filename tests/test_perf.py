@@ -163,7 +163,8 @@ def test_nonlinear_summary(tmp_path):
     d.mkdir(parents=True)
     (d / "compression.json").write_text(json.dumps(
         {"analysis": "nonlinear", "increments": 4, "newton_iterations": 12,
-         "ksp_iterations": 480, "step_cuts": 1, "n_dofs": 100, "seconds": {"solve": 2.0}}))
+         "ksp_iterations": 480, "step_cuts": 1, "n_dofs": 100, "seconds": {"solve": 2.0},
+         "cost_in_linear_solves": 17.5}))
     (d / "pullout_left.json").write_text(json.dumps(
         {"analysis": "nonlinear", "increments": 5, "newton_iterations": 10,
          "ksp_iterations": 300, "step_cuts": 0, "n_dofs": 100, "seconds": {"solve": 1.0}}))
@@ -172,6 +173,13 @@ def test_nonlinear_summary(tmp_path):
     assert s["compression"]["ksp_per_newton"]["median"] == 40.0
     assert s["pullout"]["newton_per_increment"]["median"] == 2.0
     assert s["pullout"]["models"] == 1 and np.isclose(s["pullout"]["solve_s_total"], 1.0)
+    # the cost ratio and its goal line (compression 17.5 > 15: not met); pullout has none
+    assert s["compression"]["cost_in_linear_solves"]["max"] == 17.5
+    assert s["pullout"]["cost_in_linear_solves"] is None
+    md = perf.markdown({**_fake_result(), "nonlinear": s}, "cmd")
+    assert "- **compression at most 15 linear solves**: largest 17.5, median 17.5 — **NOT met**" \
+        in md
+    assert "pullout at most" not in md
 
 
 def test_operator_bytes_of_a_blocked_matrix():

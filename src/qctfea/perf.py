@@ -97,6 +97,8 @@ GOAL_ITERATIONS = 50
 GOAL_RTOL = 1.0e-8
 GOAL_REFINE_GROWTH = 0.30
 GOAL_BANDWIDTH_RATIO = 3.0
+#: nonlinear runs: wall time in units of one linear solve of the same model (demo models)
+GOAL_NONLINEAR_COST = {"compression": 15.0, "pullout": 10.0}
 
 #: text after this line of an existing --out-md file is kept when the tables are regenerated
 NOTES_MARK = "<!-- notes: kept when the tables above are regenerated -->"
@@ -457,6 +459,7 @@ def nonlinear_summary(results_root: str | Path) -> dict:
                          "step_cuts": d.get("step_cuts", 0),
                          "newton": d["newton_iterations"], "ksp": d["ksp_iterations"],
                          "n_dofs": d.get("n_dofs"),
+                         "cost": d.get("cost_in_linear_solves"),
                          "solve_s": (d.get("seconds") or {}).get("solve"),
                          "total_s": (d.get("seconds") or {}).get("total")})
         if not rows:
@@ -473,6 +476,8 @@ def nonlinear_summary(results_root: str | Path) -> dict:
                      "step_cuts_total": sum(r["step_cuts"] for r in rows),
                      "newton_per_increment": stats(per_inc),
                      "ksp_per_newton": stats(per_newton),
+                     "cost_in_linear_solves": (stats([r["cost"] for r in rows])
+                                               if all(r["cost"] for r in rows) else None),
                      "newton_total": sum(r["newton"] for r in rows),
                      "ksp_total": sum(r["ksp"] for r in rows),
                      "solve_s_total": sum(r["solve_s"] or 0 for r in rows),
@@ -732,11 +737,13 @@ def markdown(res: dict, command: str) -> str:
         lines += ["", "## Nonlinear solves of the demo cohort (from the pipeline's JSONs)", "",
                   "Newton iterations per increment and CG iterations per Newton step of the "
                   "nonlinear (damage) analyses in `results/demo/*/*/{compression,pullout_*}"
-                  ".json`: median (min–max) over the models.", "",
+                  ".json`: median (min–max) over the models. Cost: each run's wall time "
+                  "in units of one linear solve of the same model measured in the same run "
+                  "(`cost_in_linear_solves`).", "",
                   "| load case | models | DOFs | increments | step cuts (total) | "
                   "Newton / increment | CG / Newton step | Newton (total) | CG (total) | "
-                  "solve s (total) |",
-                  "| --- | ---: | --- | --- | ---: | --- | --- | ---: | ---: | ---: |"]
+                  "solve s (total) | cost (linear solves) |",
+                  "| --- | ---: | --- | --- | ---: | --- | --- | ---: | ---: | ---: | --- |"]
         for case, s in nl.items():
             def mm(d, fmt="{:.1f}"):
                 lo, hi = fmt.format(d["min"]), fmt.format(d["max"])
@@ -745,7 +752,16 @@ def markdown(res: dict, command: str) -> str:
                 case, str(s["models"]), ", ".join(str(x) for x in s["n_dofs"]),
                 mm(s["increments"], "{:.0f}"), str(s["step_cuts_total"]),
                 mm(s["newton_per_increment"]), mm(s["ksp_per_newton"]),
-                str(s["newton_total"]), str(s["ksp_total"]), f"{s['solve_s_total']:.0f}"]) + " |")
+                str(s["newton_total"]), str(s["ksp_total"]), f"{s['solve_s_total']:.0f}",
+                mm(s["cost_in_linear_solves"]) if s.get("cost_in_linear_solves") else "—"])
+                + " |")
+        lines.append("")
+        for case, s in nl.items():
+            goal, cost = GOAL_NONLINEAR_COST.get(case), s.get("cost_in_linear_solves")
+            if goal and cost:
+                lines.append(f"- **{case} at most {goal:g} linear solves**: largest "
+                             f"{cost['max']:.1f}, median {cost['median']:.1f} — "
+                             f"**{'met' if cost['max'] <= goal else 'NOT met'}**.")
     return "\n".join(lines) + "\n"
 
 
