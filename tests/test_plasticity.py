@@ -198,6 +198,12 @@ def test_imex_bar_follows_the_analytic_curve_past_the_peak():
     assert min(p.force_n for p in r.curve if p.displacement_mm > r.displacement_at_peak_mm) \
         < 0.5 * SY * area
     assert r.newton_iterations <= r.increments + r.step_cuts
+    # memory: no growth over the increments (solver objects are reused, not re-created);
+    # the peak (getrusage, over the process' life) is not below the resident set read from
+    # /proc (which also counts shared pages: 2 MB slack)
+    assert r.increments > 30
+    assert r.rss_end_mb - r.rss_after_first_increment_mb < 5.0
+    assert r.peak_rss_mb > r.rss_end_mb - 2.0 and r.peak_rss_mb > 50.0
 
 
 def _half_drop_displacement(r):

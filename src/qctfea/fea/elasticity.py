@@ -51,8 +51,8 @@ DEFAULT_PETSC_OPTIONS = {
     "pc_gamg_coarse_eq_limit": 1000,
     "mg_levels_ksp_type": "chebyshev",
     # One Chebyshev step with point-block Jacobi (the matrix's blocks: 3x3 nodal blocks on
-    # the fine level, 6x6 on GAMG's coarse levels) per level and direction (issue 9,
-    # docs/performance.md): 22-36 % faster linear solves than PETSc's 2 steps with scalar
+    # the fine level, 6x6 on GAMG's coarse levels) per level and direction
+    # (docs/performance.md): 22-36 % faster linear solves than PETSc's 2 steps with scalar
     # Jacobi on the demo models (4.5-2 mm), 34-42 CG iterations at rtol 1e-8, no growth
     # with refinement. The nonlinear solver keeps 2 steps (plasticity.py).
     "mg_levels_pc_type": "pbjacobi",

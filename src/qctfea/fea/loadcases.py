@@ -352,6 +352,9 @@ def _nonlinear_summary(nl) -> dict:
         "n_cells": nl.n_cells,
         "mpi_ranks": nl.mpi_ranks,
         "seconds": nl.seconds,
+        "peak_rss_mb": nl.peak_rss_mb,
+        "rss_after_first_increment_mb": nl.rss_after_first_increment_mb,
+        "rss_end_mb": nl.rss_end_mb,
         "curve": d["curve"],
     }
 

@@ -205,6 +205,11 @@ class NonlinearResult:
     n_cells: int = 0
     mpi_ranks: int = 1
     seconds: dict = field(default_factory=dict)
+    #: memory, largest over the ranks (MB): peak resident set of the process, and the
+    #: resident set after the first increment and at the end (growth with increments)
+    peak_rss_mb: float = 0.0
+    rss_after_first_increment_mb: float = 0.0
+    rss_end_mb: float = 0.0
 
     def as_dict(self) -> dict:
         d = {k: v for k, v in vars(self).items() if k not in ("curve", "rule")}
@@ -216,6 +221,21 @@ class NonlinearResult:
                                       if self.linear_solve_s else None)
         d["curve"] = [vars(p) for p in self.curve]
         return d
+
+
+def _rss_mb(comm) -> tuple[float, float]:
+    """(peak, current) resident set size of this process in MB, the largest over the ranks
+    (Linux: getrusage's ru_maxrss in kB, /proc/self/statm in pages)."""
+    import os
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        now = float("nan")
+    return comm.allreduce(peak, MPI.MAX), comm.allreduce(now, MPI.MAX)
 
 
 def cell_sizes(mesh) -> np.ndarray:
@@ -596,6 +616,7 @@ class PlasticModel(ElasticModel):
                              f"{its} Newton, {yielded} yielded cells, {failed} softened"
                              + (f", damage error {err:.3g}" if imex else ""))
                 if res.increments == 1:
+                    res.rss_after_first_increment_mb = _rss_mb(comm)[1]
                     # The probe increment (a small fraction of the range): initial stiffness.
                     res.initial_stiffness_n_per_mm = force / d
                     step = base
@@ -652,6 +673,7 @@ class PlasticModel(ElasticModel):
             if params.strength_rule == "offset":
                 res.stop_reason += "; the offset line was not crossed: strength = peak force"
         res.seconds = {**sec, "total": time.perf_counter() - t_start}
+        res.peak_rss_mb, res.rss_end_mb = _rss_mb(comm)
         return res
 
     # --- output -------------------------------------------------------------------------
