@@ -1,4 +1,4 @@
-"""Per-rule time/memory summary of Snakemake benchmark files (issue 8: peak memory per rule)."""
+"""Per-rule time/memory summary of Snakemake benchmark files (peak memory per rule)."""
 import os
 
 import numpy as np

@@ -1,6 +1,6 @@
 """A voxel-FE-benchmark style input: density already in mg/cm³, a label map with trabecular
 bone, cortical bone and PMMA end caps (configurable ids), meshed with our tetrahedra; the
-compression platens load the caps (issue 4). Checked against springs in series."""
+compression platens load the caps. Checked against springs in series."""
 from __future__ import annotations
 
 import json

@@ -143,13 +143,14 @@ def test_vertebra_solves_agree_on_1_and_2_ranks(demo_model, tmp_path):
         text = (tmp_path / f"{case}_fields.xdmf").read_text()
         for name in ("displacement_mm", "von_mises_mpa", "damage", "failed", "yielded"):
             assert name in text
-    # Physically plausible (SCIENCE.md anchors): osteoporotic vertebra and screw.
+    # Physically plausible (docs/science.md#plausible-ranges): osteoporotic vertebra and screw.
     c = out["nonlinear", "compression", 1]
     assert 500 < c["strength_n"] < 8000
     assert 1e3 < c["stiffness_n_per_mm"] < 1e5
     p = out["nonlinear", "pullout", 1]
     # Osteoporotic cadaver screws 0.37 +/- 0.14 kN, normal 0.97 +/- 0.4 kN, a healthy-bone
-    # FE model about 1.8 kN (SCIENCE.md): an osteoporotic model stays below the healthy one.
+    # FE model about 1.8 kN (docs/science.md#plausible-ranges): an osteoporotic model stays
+    # below the healthy one.
     assert 150 < p["strength_n"] < 1800
 
 

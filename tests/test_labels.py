@@ -1,4 +1,4 @@
-"""Label maps (issue 3): named label conventions, the body from a sub-region map, label QC."""
+"""Label maps: named label conventions, the body from a sub-region map, label QC."""
 from __future__ import annotations
 
 import json

@@ -69,7 +69,7 @@ def test_element_mean_of_step_field_matches_monte_carlo_volume_fraction():
     assert element_moduli(pts, cells, field, img, "centroid")[0] == 0.0
 
 
-# --- issue 4: mapping against closed forms -----------------------------------------------
+# --- mapping against closed forms ------------------------------------------------------
 
 def _random_tets(n, lo, hi, seed=0, size=3.0):
     """n well-shaped random tetrahedra (edge ~ size mm) inside the box [lo, hi]³."""
@@ -118,7 +118,7 @@ def test_linear_density_ramp_gives_the_analytic_element_averages(law, a, b, kind
     """Density rising linearly along a skew direction (100 -> ~700 mg/cm³ over 40 mm):
     the element means of the law's E (voxel law, trilinear interpolation, 64-point
     subdivision) match the exact volume averages of the law over each tetrahedron within
-    1 % (issue 4; measured: 5e-5); one centroid sample misses by more for curved laws."""
+    1 % (measured: 5e-5); one centroid sample misses by more for curved laws."""
     x, y, z, img = _grid(80, 0.5)
     g = np.array([9.0, 5.0, 3.0]) / np.linalg.norm([9.0, 5.0, 3.0])
     slope = 15.0  # mg/cm³ per mm

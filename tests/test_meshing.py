@@ -29,7 +29,7 @@ def test_same_input_and_seed_give_the_same_mesh(demo_scan):
 
 def test_screw_subdomain_volume_matches_the_screw_geometry(demo_scan):
     """Each screw is a conforming subdomain whose volume (sum of its tetrahedra) is the
-    cylinder's pi r² (length + head) within 3 % (issue 4); without the radial volume match
+    cylinder's pi r² (length + head) within 3 %; without the radial volume match
     the faceted screw is inscribed and smaller."""
     r = demo_scan["results"]
     parts = sitk.ReadImage(str(r / "vertebra.nii.gz"))

@@ -1,4 +1,4 @@
-"""The peer side-by-side harness (issue 9, `qctfea peer`): the specimen both tools solve, the
+"""The peer side-by-side harness (`qctfea peer`): the specimen both tools solve, the
 convergence rule, the markdown section. ParOSol itself is not run here (it is GPL and lives
 in its own environment, `make peer-env`); our solve of the specimen is checked in closed
 form by tests/test_caps.py."""

@@ -1,4 +1,4 @@
-"""The performance harness's pieces (issue 9): fast, no timing assertions.
+"""The performance harness's pieces: fast, no timing assertions.
 
 The harness itself is a documented command (``qctfea perf``, docs/performance.md), not a test.
 """

@@ -1,4 +1,4 @@
-"""Nonlinear mechanics verification (issue 5): each against an independent answer.
+"""Nonlinear mechanics verification (docs/nonlinear.md): each against an independent answer.
 
 * elasto-plastic bar: yield force = yield stress x area, flat plateau (perfect
   plasticity), hardening slope = the closed-form elasto-plastic tangent;

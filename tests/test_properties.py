@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis, issue 8): for any header value, sample sheet or config
+"""Property-based tests (hypothesis): for any header value, sample sheet or config
 section, the library gives a correct result or a QctfeaError that says what is wrong;
 never another exception and never a hang."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The real CT sample (../shared/data/real/verse_tptbox_L3: L3, VerSe labels, no phantom)
 through the imaging chain the workflow runs: ingest, phantomless calibration, mask with the
-sub-region body, automatic screw planning, BMD with its QC picture (issue 3, must-show 3).
+sub-region body, automatic screw planning, BMD with its QC picture.
 The workflow run with meshing and solves is documented in docs/real_l3.md."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Longitudinal registration (issue 3): a known rigid motion is recovered, the QC gates
+"""Longitudinal registration (docs/registration.md): a known rigid motion is recovered, the QC gates
 work, and the workflow's follow-up models use the baseline mesh."""
 import json
 
@@ -84,7 +84,7 @@ def test_register_step_writes_density_on_baseline_grid(demo_scan, tmp_path):
     assert abs(a.mean() - b.mean()) < 1.0
     info = json.loads(out["json"].read_text())
     assert info["dice_after"] > 0.95 and info["warning"] is None
-    # Accuracy at the points that matter: the screws' entry and tip (issue 20).
+    # Accuracy at the points that matter: the screws' entry and tip.
     assert info["points"] == "screws" and len(info["points_mm"]) == 4
     assert info["converged"] and info["point_spread_mm"] < 0.2
     assert max(info["point_motion_mm"]) > 1.0  # the known motion moved them

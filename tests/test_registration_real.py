@@ -1,5 +1,5 @@
-"""Registration on the real CTs of ../shared/data/real against known rigid motions (issue
-20; fails, not skips, when they are missing): follow-ups made from the TotalSegmentator
+"""Registration on the real CTs of ../shared/data/real against known rigid motions
+(fails, not skips, when they are missing): follow-ups made from the TotalSegmentator
 L1 (0.7 x 0.7 x 2.5 mm) and the VerSe L3 (1.5 mm, oblique grid) by a known motion about
 the vertebra, at their own resolution and resampled to 3 mm, written in four
 orientations (DICOMOrient LPS, LAS, RAS, RPI), one with +10 % bone density, one with

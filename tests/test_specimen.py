@@ -1,4 +1,4 @@
-"""A specimen through the workflow (issue 16): a density-calibrated NIfTI with label ids
+"""A specimen through the workflow (docs/specimens.md): a density-calibrated NIfTI with label ids
 (trabecular 1, cortical 2, PMMA end caps 3), compression only (no screws), free platens,
 linear analysis, run by `snakemake` like any cohort. Its compression stiffness is checked
 against the closed form of a prism of layers in series under uniaxial stress.

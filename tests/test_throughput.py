@@ -1,4 +1,4 @@
-"""Cohort throughput from benchmark files (issue 9): run span, core-seconds, solve DOFs."""
+"""Cohort throughput from benchmark files: run span, core-seconds, solve DOFs."""
 from __future__ import annotations
 
 import json

@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-tfm", required=True)
     s.add_argument("--out-png", required=True)
 
+    s = sub.add_parser("export-slicer", help="screws.json and the vertebra -> screws.mrk.json, "
+                       "vertebra.stl, screw_<side>.stl for 3D Slicer (LPS; docs/slicer.md)")
+    s.add_argument("--screws", required=True, help="screws.json")
+    s.add_argument("--parts", required=True, help="vertebra parts image (vertebra.nii.gz)")
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--patient", default="?", help="pseudonymous patient id (for messages)")
+    s.add_argument("--timepoint", default="?", help="timepoint id (for messages)")
+
     s = sub.add_parser("benchmarks", help="per-rule wall time and peak memory of a workflow "
                        "run (Snakemake benchmark files) as a markdown table")
     s.add_argument("--root", required=True, help="benchmarks/<cohort>")
@@ -273,6 +281,11 @@ def run(a) -> None:
                           out_png=a.out_png)
     elif a.step == "bmd":
         steps.bmd(a.density, a.parts, a.screws, a.out_json, prm, _ctx(a))
+    elif a.step == "export-slicer":
+        from qctfea import slicer
+
+        for f in slicer.export_scan(a.screws, a.parts, a.out_dir, _ctx(a)).values():
+            print(f)
     elif a.step == "benchmarks":
         from qctfea import benchmarks
 

@@ -12,7 +12,7 @@ size (docs/nonlinear.md).
 
 The result is a table per level (cells, DOFs, stiffness, solve time, Krylov
 iterations) with each stiffness's change relative to the next finer level;
-the issue's criterion is a change below 5 % between the two finest levels.
+the criterion is a change below 5 % between the two finest levels.
 Command (docs/mesh_convergence.md holds the record)::
 
     qctfea mesh-convergence --scan results/demo/P01/M00 --out-dir results/convergence \\

@@ -1,6 +1,6 @@
 """Materials: calibrated density to Young's modulus per element.
 
-Chain (SCIENCE.md §3): QCT density rho_QCT (K2HPO4-equivalent, g/cm³) ->
+Chain (docs/science.md#materials): QCT density rho_QCT (K2HPO4-equivalent, g/cm³) ->
 ash density ``rho_ash = ash_intercept + ash_slope * rho_QCT`` -> modulus E
 by a named density-modulus law, floored at ``e_floor_mpa``.
 

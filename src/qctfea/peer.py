@@ -1,4 +1,4 @@
-"""Side by side with a peer micro-FE solver (issue 9): ParOSol, through parosol-py.
+"""Side by side with a peer micro-FE solver: ParOSol, through parosol-py.
 
 A documented command, not a timed test::
 
@@ -44,7 +44,7 @@ stiffness: ours mesh + materials + solve (a fresh MPI process: start-up and impo
 included); the peer's material mapping + its ``solve()`` call (writing its input, the MPI
 run, reading the results).
 
-**Goals** (issue 9): our stiffness within 10 % of the peer's at its native voxel size; our
+**Goals**: our stiffness within 10 % of the peer's at its native voxel size; our
 time to a stiffness converged within 2 % shorter than the peer's. A tool's *converged
 stiffness* is its finest level's; its *time to 2 %* is the wall time of its coarsest level
 from which every finer level stays within 2 % of the converged stiffness.

@@ -1,4 +1,4 @@
-"""Performance harness (issue 9): where the time goes, and how close the solver is to the
+"""Performance harness: where the time goes, and how close the solver is to the
 machine's memory bandwidth.
 
 A documented command, not a timed test::
@@ -25,8 +25,8 @@ For one processed scan (``results/<cohort>/<patient>/<timepoint>/``) and each bo
    ranks (``getrusage`` maxrss, MPI reduce) and DOFs per second of the solve
    (DOFs / solve seconds). The first solve uses the pipeline's defaults (``ksp_rtol``
    1e-10); the worker then overrides ``ksp_rtol`` to 1e-8 (``KSPSetTolerances`` on the same
-   KSP, the preconditioner kept) and solves again from a zero initial guess, because the issue
-   states its iteration goal at 1e-8.
+   KSP, the preconditioner kept) and solves again from a zero initial guess, because the
+   iteration goal is stated at 1e-8.
    Solver variants: ``python -m qctfea.perf worker ... --petsc-option KEY=VALUE`` (repeatable)
    overrides the defaults, ``--mat-type baij`` applies a 3x3-blocked copy of the operator
    (GAMG keeps the AIJ matrix to coarsen); ``docs/performance.md`` records the variants tried.
@@ -57,7 +57,7 @@ V-cycle applies it in its smoother). The bound is
 
     t_bound = iterations * B_it / bandwidth,   ratio = t_solve / t_bound
 
-(issue goal: ratio <= 3). Because the floor counts each operator once per iteration while a
+(goal: ratio <= 3). Because the floor counts each operator once per iteration while a
 V-cycle applies each level's operator (down-smoothing steps + 1 residual + up-smoothing steps)
 times and its prolongator twice, a second, *sweep* model is reported alongside::
 
@@ -92,7 +92,7 @@ from qctfea.provenance import QctfeaError
 CG_VECTOR_PASSES = 8
 #: bytes of one matrix value (float64)
 VALUE_BYTES = 8
-#: the issue's goals
+#: the performance goals (docs/performance.md)
 GOAL_ITERATIONS = 50
 GOAL_RTOL = 1.0e-8
 GOAL_REFINE_GROWTH = 0.30
@@ -351,7 +351,7 @@ def worker(mesh_path, materials_path, vertebra_json, screws_path, case: str,
     y.destroy()
     sec["matmult"] = min(mm)
 
-    # The issue's tolerance: override ksp_rtol, same KSP and preconditioner, zero start.
+    # The goal tolerance (GOAL_RTOL): override ksp_rtol, same KSP and preconditioner, zero start.
     # (KSPSetTolerances, not a second KSPSetFromOptions: that would rebuild the Chebyshev
     # smoothers' eigenvalue estimators after set-up and break the V-cycle.)
     ksp.setTolerances(rtol=extra_rtol)
@@ -570,7 +570,7 @@ def run_benchmark(scan, out_dir, sizes: list[float], ranks: list[int], voxel_mm:
 
 
 def goal_checks(rows: list[dict]) -> dict:
-    """The issue's iteration goals and the bandwidth goal against the measured rows."""
+    """The iteration goals and the bandwidth goal against the measured rows."""
     out = {"iterations_at_goal_rtol": [], "refinement_growth": [], "bandwidth": []}
     if not rows:
         return out

@@ -411,6 +411,7 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
     from qctfea import placement
     from qctfea import planning as plan_mod
     from qctfea import screw as screw_mod
+    from qctfea import slicer
 
     cfg = dict(cfg or {})
     plan = params_from(plan_mod.PlanParams, planning, "planning")
@@ -433,7 +434,8 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
                               "scan's landmarks JSON, or set `planning.method: auto` in the "
                               "cohort config to plan the screws from the vertebra mask")
         _need(context, landmarks=landmarks_path)
-        lm = read_json(landmarks_path)
+        lm = (slicer.read_landmarks_markups(landmarks_path, context)
+              if str(landmarks_path).lower().endswith(".mrk.json") else read_json(landmarks_path))
         where = f"{context} ({landmarks_path})"
         screws = screw_mod.screws_from_landmarks(lm, spec, where)
         inputs = {"landmarks": landmarks_path}

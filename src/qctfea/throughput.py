@@ -1,4 +1,4 @@
-"""Cohort throughput (issue 9): wall time of whole workflow runs and how the per-model cost
+"""Cohort throughput: wall time of whole workflow runs and how the per-model cost
 grows with mesh size, from what a run leaves behind (no extra timing)::
 
     qctfea throughput --cohort demo --cohort demo-study --cohort verse-l3 \\

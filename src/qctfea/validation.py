@@ -5,7 +5,7 @@ run: per scan, the calibration slope against the true slope, the trabecular vBMD
 against the true mean density of the trabecular region, and for registered
 follow-ups the registration against the true change of patient position between
 the visits (mean and maximum point error over the baseline vertebra, rotation
-error in degrees). Gates (issue 3): slope within 1 %, trabecular vBMD within
+error in degrees). Gates: slope within 1 %, trabecular vBMD within
 2 mg/cm³, registration within 0.5 mm and 0.5 degrees.
 """
 

@@ -1,0 +1,339 @@
+"""Round trips with 3D Slicer (qctfea.slicer): markups out and back, RAS files, the
+accepted layouts and their errors, voxel lookup through an oriented image, STL surfaces,
+and plan_screws / export-slicer on the demo scan."""
+from __future__ import annotations
+
+import json
+
+import meshio
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from qctfea import screw as screw_mod
+from qctfea import slicer, steps
+from qctfea.provenance import QctfeaError
+
+SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
+          "Resources/Schema/markups-schema-v1.0.3.json#")
+
+#: two screws as screws.json holds them (entry, unit axis, tip = entry + 40 axis)
+SCREWS = []
+for _side, _entry, _dir in (("left", [31.25, 72.5, -101.75], [-0.2, -0.97, 0.1]),
+                            ("right", [-28.5, 71.125, -99.0], [0.25, -0.96, -0.05])):
+    _axis = np.array(_dir) / np.linalg.norm(_dir)
+    SCREWS.append({"side": _side, "entry_mm": _entry, "axis": _axis.tolist(),
+                   "tip_mm": (np.array(_entry) + 40.0 * _axis).tolist(),
+                   "diameter_mm": 6.5, "length_mm": 40.0})
+
+
+def _write(path, markups):
+    path.write_text(json.dumps({"@schema": SCHEMA, "markups": markups}))
+    return path
+
+
+def _point(label, pos):
+    return {"id": "1", "label": label, "position": pos, "positionStatus": "defined"}
+
+
+# --- markups ------------------------------------------------------------------------------
+
+
+def test_markups_round_trip_gives_entry_tip_and_axis(tmp_path):
+    path = tmp_path / "screws.mrk.json"
+    slicer.write_markups(SCREWS, path)
+    data = json.loads(path.read_text())
+    assert data["@schema"] == SCHEMA
+    assert [m["type"] for m in data["markups"]] == ["Line", "Line"]
+    assert [m["name"] for m in data["markups"]] == ["left screw", "right screw"]
+    assert {m["coordinateSystem"] for m in data["markups"]} == {"LPS"}
+    assert [cp["label"] for cp in data["markups"][0]["controlPoints"]] == [
+        "left entry", "left tip"]
+    lm = slicer.read_landmarks_markups(path)
+    for sc in SCREWS:
+        np.testing.assert_allclose(lm[sc["side"]]["entry_mm"], sc["entry_mm"], rtol=0,
+                                   atol=1e-9)
+        np.testing.assert_allclose(lm[sc["side"]]["target_mm"], sc["tip_mm"], rtol=0,
+                                   atol=1e-9)
+    back = screw_mod.screws_from_landmarks(lm, screw_mod.ScrewSpec())
+    for sc, b in zip(SCREWS, back):
+        assert b.side == sc["side"]
+        np.testing.assert_allclose(b.axis, sc["axis"], rtol=0, atol=1e-12)
+
+
+def test_ras_file_as_slicer_saves_it_maps_to_lps(tmp_path):
+    """One Line per side in RAS, written literally as Slicer saves it (with its
+    display block and the extra keys, which are ignored)."""
+    line = {
+        "type": "Line", "coordinateSystem": "RAS", "coordinateUnits": "mm", "locked": False,
+        "fixedNumberOfControlPoints": False, "labelFormat": "%N-%d",
+        "lastUsedControlPointNumber": 2, "measurements": [{"name": "length", "enabled": True,
+                                                          "value": 41.2, "units": "mm"}],
+        "display": {"visibility": True, "opacity": 1.0, "color": [0.4, 1.0, 1.0]},
+    }
+    markups = [
+        {**line, "name": "Left pedicle", "controlPoints": [
+            {"id": "1", "label": "Left pedicle-1", "position": [-31.5, -72.25, -101.0],
+             "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
+             "selected": True, "locked": False, "visibility": True,
+             "positionStatus": "defined"},
+            {"id": "2", "label": "Left pedicle-2", "position": [-24.0, -34.5, -98.75],
+             "positionStatus": "defined"}]},
+        {**line, "name": "RIGHT", "controlPoints": [
+            {"id": "1", "label": "RIGHT-1", "position": [28.0, -71.0, -99.5],
+             "positionStatus": "defined"},
+            {"id": "2", "label": "RIGHT-2", "position": [18.5, -33.0, -100.25],
+             "positionStatus": "defined"}]},
+    ]
+    lm = slicer.read_landmarks_markups(_write(tmp_path / "ras.mrk.json", markups))
+    assert lm == {"left": {"entry_mm": [31.5, 72.25, -101.0], "target_mm": [24.0, 34.5, -98.75]},
+                  "right": {"entry_mm": [-28.0, 71.0, -99.5],
+                            "target_mm": [-18.5, 33.0, -100.25]}}
+
+
+EXPECTED = {"left": {"entry_mm": [30.0, 70.0, -100.0], "target_mm": [22.0, 32.0, -97.0]},
+            "right": {"entry_mm": [-29.0, 71.0, -101.0], "target_mm": [-20.0, 33.0, -99.0]}}
+
+
+def test_labelled_four_points_in_any_order(tmp_path):
+    """Layout (b): one point list, labels name side and role ('tip' is the target)."""
+    pts = [_point("Right Target", EXPECTED["right"]["target_mm"]),
+           _point("left entry", EXPECTED["left"]["entry_mm"]),
+           _point("right entry", EXPECTED["right"]["entry_mm"]),
+           _point("LEFT tip", EXPECTED["left"]["target_mm"])]
+    path = _write(tmp_path / "b.mrk.json", [{"type": "Fiducial", "name": "F",
+                                              "coordinateSystem": "LPS", "controlPoints": pts}])
+    assert slicer.read_landmarks_markups(path) == EXPECTED
+
+
+def test_unlabelled_four_points_in_documented_order(tmp_path):
+    """Layout (c): Slicer's default labels, order left entry, left target, right entry,
+    right target; here in RAS, and with an unplaced point Slicer keeps a place for."""
+    ras = [[-x, -y, z] for x, y, z in (EXPECTED["left"]["entry_mm"],
+                                        EXPECTED["left"]["target_mm"],
+                                        EXPECTED["right"]["entry_mm"],
+                                        EXPECTED["right"]["target_mm"])]
+    pts = [_point(f"F-{k + 1}", p) for k, p in enumerate(ras)]
+    pts.append({"id": "5", "label": "F-5", "position": [0.0, 0.0, 0.0],
+                "positionStatus": "undefined"})
+    path = _write(tmp_path / "c.mrk.json", [{"type": "Fiducial", "name": "F",
+                                              "coordinateSystem": "RAS", "controlPoints": pts}])
+    assert slicer.read_landmarks_markups(path) == EXPECTED
+
+
+def test_markups_errors_name_the_file(tmp_path):
+    left_only = _write(tmp_path / "left_only.mrk.json", [
+        {"type": "Line", "name": "left screw", "coordinateSystem": "LPS", "controlPoints": [
+            _point("a", [1.0, 2.0, 3.0]), _point("b", [4.0, 5.0, 6.0])]}])
+    with pytest.raises(QctfeaError, match=r"left_only\.mrk\.json.*right side"):
+        slicer.read_landmarks_markups(left_only, "patient P9, timepoint M00")
+    with pytest.raises(QctfeaError, match="patient P9"):
+        slicer.read_landmarks_markups(left_only, "patient P9, timepoint M00")
+    three = _write(tmp_path / "three.mrk.json", [
+        {"type": "Fiducial", "name": "F", "coordinateSystem": "LPS",
+         "controlPoints": [_point(f"F-{k}", [k, 0.0, 0.0]) for k in range(3)]}])
+    with pytest.raises(QctfeaError, match=r"three\.mrk\.json.*3 placed control point"):
+        slicer.read_landmarks_markups(three)
+    ijk = _write(tmp_path / "ijk.mrk.json", [
+        {"type": "Fiducial", "name": "F", "coordinateSystem": "IJK",
+         "controlPoints": [_point(f"F-{k}", [k, 0.0, 0.0]) for k in range(4)]}])
+    with pytest.raises(QctfeaError, match=r"ijk\.mrk\.json.*'IJK'"):
+        slicer.read_landmarks_markups(ijk)
+    mixed = _write(tmp_path / "mixed.mrk.json", [
+        {"type": "Fiducial", "name": "F", "controlPoints": [
+            _point("left entry", [0.0, 0, 0]), _point("F-2", [1.0, 0, 0]),
+            _point("right entry", [2.0, 0, 0]), _point("right target", [3.0, 0, 0])]}])
+    with pytest.raises(QctfeaError, match=r"mixed\.mrk\.json.*some name a side"):
+        slicer.read_landmarks_markups(mixed)
+
+
+# --- coordinates through an oriented image ---------------------------------------------------
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "PIL", "SAR"])
+def test_axis_point_lands_on_same_voxel_both_ways(tmp_path, orientation):
+    """A point on the screw axis, written to markups (LPS, and by hand in RAS) and read
+    back, falls in the voxel ITK computes and in the voxel numpy computes from origin,
+    spacing and direction alone."""
+    img = sitk.Image([20, 24, 16], sitk.sitkUInt8)
+    img.SetSpacing([0.7, 0.9, 1.3])
+    img.SetOrigin([-41.0, 17.5, -230.0])
+    img = sitk.DICOMOrient(img, orientation)
+    d = np.asarray(img.GetDirection()).reshape(3, 3)
+    assert not np.allclose(d, np.eye(3))
+    want = (3, 7, 5)
+    mid = np.array(img.TransformContinuousIndexToPhysicalPoint([3.2, 6.9, 5.3]))
+    axis = np.array([0.3, -0.9, 0.2]) / np.linalg.norm([0.3, -0.9, 0.2])
+    screw = {"side": "left", "entry_mm": (mid - 12 * axis).tolist(),
+             "tip_mm": (mid + 12 * axis).tolist(), "diameter_mm": 6.5, "length_mm": 24.0}
+    slicer.write_markups([screw, {**screw, "side": "right"}], tmp_path / "s.mrk.json")
+    ras = json.loads((tmp_path / "s.mrk.json").read_text())
+    for m in ras["markups"]:
+        m["coordinateSystem"] = "RAS"
+        for cp in m["controlPoints"]:
+            cp["position"] = [-cp["position"][0], -cp["position"][1], cp["position"][2]]
+    (tmp_path / "ras.mrk.json").write_text(json.dumps(ras))
+    m_inv = np.linalg.inv(d @ np.diag(img.GetSpacing()))
+    for name in ("s.mrk.json", "ras.mrk.json"):
+        lm = slicer.read_landmarks_markups(tmp_path / name)
+        p = (np.array(lm["left"]["entry_mm"]) + np.array(lm["left"]["target_mm"])) / 2
+        by_itk = img.TransformPhysicalPointToIndex(p.tolist())
+        by_numpy = tuple(int(v) for v in np.round(m_inv @ (p - np.array(img.GetOrigin()))))
+        assert by_itk == by_numpy == want
+
+
+# --- surfaces ---------------------------------------------------------------------------------
+
+
+def _edge_counts(tri):
+    """How many triangles share each edge."""
+    e = np.sort(np.concatenate([tri[:, [0, 1]], tri[:, [1, 2]], tri[:, [2, 0]]]), axis=1)
+    return np.unique(e, axis=0, return_counts=True)[1]
+
+
+def _edges_closed(tri):
+    """Every edge shared by exactly two triangles."""
+    return bool(np.all(_edge_counts(tri) == 2))
+
+
+def _volume(pts, tri):
+    a, b, c = pts[tri[:, 0]], pts[tri[:, 1]], pts[tri[:, 2]]
+    return float(np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6)
+
+
+def _read_stl(path):
+    with open(path, "rb") as fh:
+        header = fh.read(80).decode("ascii")
+    mesh = meshio.read(path)
+    return header, mesh.points.astype(float), mesh.get_cells_type("triangle")
+
+
+def _rotation(axis, deg):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    t = np.radians(deg)
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_vertebra_stl_of_box_on_oblique_grid(tmp_path, mirror):
+    """A 10 x 12 x 14 voxel box on an anisotropic, oblique (and mirroring) grid: the
+    STL's bounding box is the box's physical bounding box computed with numpy from
+    the 8 outer corners (to float32 precision, well within a voxel), it is closed, and
+    its volume is the voxels' volume."""
+    spacing = np.array([0.5, 0.7, 1.0])
+    d = _rotation([1, 2, 3], 35) @ (np.diag([1, -1, 1]) if mirror else np.eye(3))
+    d = d[:, [2, 0, 1]]  # permuted axes too
+    origin = np.array([12.0, -80.5, 301.25])
+    arr = np.zeros((20, 18, 16), np.uint8)  # z, y, x
+    lo = np.array([3, 2, 4])  # x, y, z index of the box's first voxel
+    n = np.array([10, 12, 14])
+    arr[lo[2]:lo[2] + n[2], lo[1]:lo[1] + n[1], lo[0]:lo[0] + n[0]] = 2
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing.tolist())
+    img.SetDirection(d.ravel().tolist())
+    img.SetOrigin(origin.tolist())
+    path = tmp_path / "box.stl"
+    slicer.write_surface_stl(img, path)
+    header, pts, tri = _read_stl(path)
+    assert "SPACE=LPS" in header
+    corners = np.array([[i, j, k] for i in (lo[0] - 0.5, lo[0] + n[0] - 0.5)
+                        for j in (lo[1] - 0.5, lo[1] + n[1] - 0.5)
+                        for k in (lo[2] - 0.5, lo[2] + n[2] - 0.5)])
+    phys = origin + corners @ (d @ np.diag(spacing)).T
+    np.testing.assert_allclose(pts.min(0), phys.min(0), atol=1e-4)
+    np.testing.assert_allclose(pts.max(0), phys.max(0), atol=1e-4)
+    assert _edges_closed(tri)
+    assert _volume(pts, tri) == pytest.approx(n.prod() * spacing.prod(), rel=1e-5)
+
+
+def test_voxel_surface_of_a_notched_mask():
+    """Not only boxes: an L-shaped mask with a notch is closed and has the voxels'
+    volume, with outward normals (positive volume); two voxels touching along an edge
+    share that edge between four triangles (no edge is left open)."""
+    m = np.zeros((6, 5, 4), bool)
+    m[:, :2, :] = True
+    m[:2, :, :] = True
+    m[3, 0, 1:3] = False  # a notch open on the j = 0 side
+    verts, tri = slicer.voxel_surface(m)
+    assert _edges_closed(tri)
+    assert _volume(verts, tri) == pytest.approx(m.sum())
+    assert verts.min() == -0.5 and verts.max(0).tolist() == [5.5, 4.5, 3.5]
+    m2 = np.zeros((3, 3, 3), bool)
+    m2[0, 0, 0] = m2[1, 1, 0] = True
+    verts, tri = slicer.voxel_surface(m2)
+    counts = _edge_counts(tri)
+    assert sorted(set(counts.tolist())) == [2, 4] and (counts == 4).sum() == 1
+    assert _volume(verts, tri) == pytest.approx(2.0)
+
+
+def test_screw_stl_closed_cylinder(tmp_path):
+    sc = SCREWS[1]
+    path = tmp_path / "screw.stl"
+    slicer.write_screw_stl(sc, path, segments=32)
+    header, pts, tri = _read_stl(path)
+    assert "SPACE=LPS" in header
+    assert _edges_closed(tri)
+    r, length = sc["diameter_mm"] / 2, 40.0
+    vol = _volume(pts, tri)
+    assert vol > 0  # outward normals
+    assert abs(vol / (np.pi * r * r * length) - 1) < 0.02
+    rel = pts - np.array(sc["entry_mm"])
+    s = rel @ np.array(sc["axis"])
+    radial = np.linalg.norm(rel - np.outer(s, sc["axis"]), axis=1)
+    assert s.min() == pytest.approx(0, abs=1e-4) and s.max() == pytest.approx(length, abs=1e-4)
+    assert np.all((radial < 1e-4) | (np.abs(radial - r) < 1e-4))
+
+
+# --- the demo scan ---------------------------------------------------------------------------
+
+
+def test_plan_screws_from_markups_equals_landmarks_json(demo_scan, tmp_path):
+    """The demo landmarks as a Slicer markups file in RAS (one Line per side) plan the same
+    screws as the landmarks JSON."""
+    lm = json.loads((demo_scan["src"] / "landmarks.json").read_text())
+    markups = [{"type": "Line", "name": f"{side.title()} screw", "coordinateSystem": "RAS",
+                "controlPoints": [
+                    _point("", [-lm[side][k][0], -lm[side][k][1], lm[side][k][2]])
+                    for k in ("entry_mm", "target_mm")]}
+               for side in ("right", "left")]
+    mrk = _write(tmp_path / "landmarks.mrk.json", markups)
+    parts = demo_scan["results"] / "vertebra.nii.gz"
+    steps.plan_screws(demo_scan["src"] / "landmarks.json", parts, tmp_path / "a.json", {},
+                      demo_scan["context"])
+    steps.plan_screws(mrk, parts, tmp_path / "b.json", {}, demo_scan["context"])
+    a = json.loads((tmp_path / "a.json").read_text())
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["provenance"]["inputs"]["landmarks"]["path"] == str(mrk)
+    assert [s["side"] for s in b["screws"]] == ["left", "right"]
+    for sa, sb in zip(a["screws"], b["screws"]):
+        for key in ("entry_mm", "axis", "tip_mm"):
+            np.testing.assert_allclose(sb[key], sa[key], rtol=0, atol=1e-9)
+        assert sb["placement"] == sa["placement"] and sb["breach"] == sa["breach"]
+
+
+def test_export_slicer_cli_on_demo_scan(demo_scan, tmp_path, capsys):
+    from qctfea.cli import main
+
+    r = demo_scan["results"]
+    out = tmp_path / "slicer"
+    assert main(["export-slicer", "--screws", str(r / "screws.json"), "--parts",
+                 str(r / "vertebra.nii.gz"), "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out.split()
+    for name in ("screws.mrk.json", "vertebra.stl", "screw_left.stl", "screw_right.stl"):
+        assert (out / name).is_file() and str(out / name) in printed
+    screws = json.loads((r / "screws.json").read_text())["screws"]
+    lm = slicer.read_landmarks_markups(out / "screws.mrk.json")
+    for sc in screws:
+        np.testing.assert_allclose(lm[sc["side"]]["entry_mm"], sc["entry_mm"], atol=1e-9)
+        np.testing.assert_allclose(lm[sc["side"]]["target_mm"], sc["tip_mm"], atol=1e-9)
+    # the vertebra surface encloses the bone volume of the parts image
+    parts = sitk.ReadImage(str(r / "vertebra.nii.gz"))
+    bone = np.isin(sitk.GetArrayFromImage(parts), (1, 2, 3))
+    _, pts, tri = _read_stl(out / "vertebra.stl")
+    assert np.all(_edge_counts(tri) % 2 == 0)  # closed (voxels touching along an edge: 4)
+    assert _volume(pts, tri) == pytest.approx(bone.sum() * np.prod(parts.GetSpacing()),
+                                              rel=1e-4)
+    assert main(["export-slicer", "--screws", str(tmp_path / "none.json"), "--parts",
+                 str(r / "vertebra.nii.gz"), "--out-dir", str(out)]) == 2
+    assert "none.json not found" in capsys.readouterr().err
