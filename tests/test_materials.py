@@ -166,3 +166,26 @@ def test_binning_keeps_the_mean_and_at_most_n_values():
         assert binned.mean() == pytest.approx(e.mean(), rel=1e-12)
         assert np.abs(binned - e).max() <= (e.max() - e.min()) / n + 1e-9
     assert np.array_equal(bin_moduli(e, 0), e)
+
+
+def test_materials_step_with_a_custom_law_writes_the_same_moduli_as_its_preset(demo_model,
+                                                                             tmp_path):
+    """The workflow's materials step with ``law: custom`` (Keyak 1998 typed as pieces): the
+    same element moduli as the preset, and materials.json names the custom law (it raised
+    a KeyError looking the law up among the presets)."""
+    import json
+
+    from qctfea import steps
+
+    r = demo_model["results"]
+    keyak_as_custom = {"density": "ash", "pieces": [
+        {"below": 0.27, "a": 33900, "b": 2.2}, {"below": 0.6, "a": 5307, "b": 1, "c": 469},
+        {"a": 10200, "b": 2.01}]}
+    steps.materials(r / "mesh.xdmf", r / "density.nii.gz", r / "screws.json",
+                    tmp_path / "m.npz", tmp_path / "m.json",
+                    {"law": "custom", "custom": keyak_as_custom}, demo_model["context"])
+    preset = np.load(r / "materials.npz")
+    custom = np.load(tmp_path / "m.npz")
+    assert np.allclose(custom["youngs_mpa"], preset["youngs_mpa"], rtol=1e-12)
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["law"] == "custom" and "materials.custom" in meta["source"]

@@ -708,7 +708,8 @@ def materials(mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict
     bone = np.isin(tags, meshing.BONE_TAGS)
     write_json(out_json, {
         "law": p.law,
-        "source": mat.LAWS[p.law][3],
+        "source": (mat.LAWS[p.law][3] if p.law in mat.LAWS
+                   else "user-defined piecewise power law (materials.custom)"),
         "bone_cells": int(bone.sum()),
         "bone_modulus_mpa": {
             "min": float(E[bone].min()), "median": float(np.median(E[bone])),

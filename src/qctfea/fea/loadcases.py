@@ -45,8 +45,9 @@ displacement and e_q the volume-weighted (1 - fraction) quantile of the
 effective strain there, strength = F1 * yield_strain / e_q.
 
 **Nonlinear** (``analysis: nonlinear``, the study's method; see
-:mod:`qctfea.fea.plasticity`): the same boundary conditions, elasto-plastic
-bone (von Mises, the material's yield stress), the displacement raised in
+:mod:`qctfea.fea.plasticity`, docs/nonlinear.md): the same boundary conditions,
+bone with the regularised damage law (yield at the material's yield stress, plateau,
+softening; von Mises plasticity as an option), the displacement raised in
 increments to ``compression_max_strain`` x body height (compression) or
 ``pullout_max_displacement_mm`` (pullout); strength = the peak of the
 force-displacement curve; stiffness = the initial (first increment) slope.
@@ -87,7 +88,7 @@ class LoadParams:
     failed_fraction_compression: float = 0.02
     failed_fraction_pullout: float = 0.02
     shell_mm: float = 2.0
-    #: "linear" (stiffness + the strain-criterion estimate) or "nonlinear" (elasto-plastic)
+    #: "linear" (stiffness + the strain-criterion estimate) or "nonlinear" (damage law)
     analysis: str = "nonlinear"
     compression_max_strain: float = 0.01  #: nonlinear: max displacement / body height
     pullout_max_displacement_mm: float = 0.3  #: nonlinear: max screw head displacement

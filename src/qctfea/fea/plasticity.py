@@ -40,7 +40,7 @@ damage of an increment is extrapolated from the last two increments and the incr
 one linear solve with the secant stiffness (Oliver, Huespe & Cante, CMAME 2008;197:1865);
 the step follows the extrapolation's damage error. ``integration: newton``: each increment
 is solved by PETSc's SNES
-(Newton with a backtracking line search, ``snes_linesearch_type bt``; inexact Newton:
+(Newton with the full step, ``snes_linesearch_type basic``; inexact Newton:
 the Krylov tolerance follows the Newton residual, Eisenstat & Walker, ``snes_ksp_ew``)
 with the consistent tangent (non-symmetric for damage: GMRES; GAMG with the rigid body
 near-nullspace). When a linear solve fails, the increment is retried with a symmetric,
