@@ -170,7 +170,7 @@ def slurm_cluster():
             # finished jobs stay visible to squeue for MinJobAge seconds.
             "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none",
-            "MinJobAge=600",
+            "MinJobAge=3600",  # a contended run takes over 10 minutes
             "SchedulerType=sched/backfill",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core_Memory",
