@@ -712,7 +712,7 @@ def markdown(res: dict, command: str) -> str:
     g = res.get("goals") or {}
     if g.get("iterations_at_goal_rtol"):
         it = g["iterations_at_goal_rtol"]
-        lines += ["", "## The issue's goals against these numbers", "",
+        lines += ["", "## The goals against these numbers", "",
                   f"- **≤ {GOAL_ITERATIONS} CG iterations at rtol 1e-8**: largest "
                   f"{it['max']} ({it['where']}) — **{'met' if it['met'] else 'NOT met'}**."]
         gr = g["refinement_growth"]
