@@ -29,6 +29,11 @@ def find_chromium() -> str | None:
     return None
 
 
+#: Switches for WebGL without a GPU: ANGLE on SwiftShader (CPU), which recent Chromium
+#: only allows for WebGL when told to (--enable-unsafe-swiftshader).
+WEBGL_ARGS = ("--use-angle=swiftshader", "--enable-unsafe-swiftshader")
+
+
 class BrowserError(RuntimeError):
     pass
 
@@ -36,13 +41,17 @@ class BrowserError(RuntimeError):
 class Chromium:
     """One headless Chromium with one page attached (flattened session)."""
 
-    def __init__(self, exe: str, profile_dir: Path, width: int = 1280, height: int = 900):
+    def __init__(self, exe: str, profile_dir: Path, width: int = 1280, height: int = 900,
+                 extra_args: tuple[str, ...] | list[str] = ()):
+        """``extra_args``: more Chromium switches, e.g. :data:`WEBGL_ARGS` for a page that
+        draws with WebGL."""
         r_cmd, self._w = os.pipe()
         self._r, w_resp = os.pipe()
         args = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--no-first-run", "--no-default-browser-check", "--remote-debugging-pipe",
                 "--disable-extensions", "--disable-background-networking",
-                f"--user-data-dir={profile_dir}", f"--window-size={width},{height}"]
+                f"--user-data-dir={profile_dir}", f"--window-size={width},{height}",
+                *extra_args]
         # bash puts the pipe ends on the fd numbers Chromium expects (3: in, 4: out).
         self.proc = subprocess.Popen(
             ["bash", "-c", f'exec "$0" "$@" 3<&{r_cmd} 4>&{w_resp}', *args],

@@ -2,8 +2,9 @@
 
 ``write_results`` reads a sample sheet and writes, for each of its rows,
 ``results/<cohort>/<patient>/<timepoint>/`` with the JSON files the cohort
-rules read (as the pipeline writes them, plus keys those rules must ignore)
-and small ``calibration.png`` and ``roi.png`` pictures. Values follow a treatment-like trend with
+rules read (as the pipeline writes them, plus keys those rules must ignore),
+small ``calibration.png`` and ``roi.png`` pictures, and what the per-patient pages add
+(curve, mesh and registration pictures, a tiny tetrahedral model and its fields). Values follow a treatment-like trend with
 noise, deterministic per (patient, months).
 """
 
@@ -21,7 +22,7 @@ COHORTS = REPO / "tests" / "cohorts"
 
 #: The cohort rules (run on existing per-scan results with --allowed-rules).
 COHORT_RULES = ["aggregate_cohort", "record_exclusions", "cohort_tables", "compute_statistics", "cohort_figures",
-                "qc_montage", "summary_page"]
+                "qc_montage", "summary_page", "patient_page"]
 
 
 def fake_scan(i: int, months: float, rng: np.random.Generator) -> dict[str, dict]:
@@ -68,6 +69,34 @@ def _png(path: Path, text: str) -> None:
     fig.savefig(path, format="png")
 
 
+def _tiny_model(d: Path, failed: int) -> None:
+    """A 2x2x2-cube tetrahedral model (6 tets per cube) as mesh.xdmf/.h5 with bone (tags
+    1, 2) and screw (3, 4) cubes, and compression_fields.h5 on it with ``failed`` failed
+    cells (what the per-patient page reads)."""
+    import h5py
+
+    from qctfea.meshing import write_mesh
+
+    g = np.stack(np.meshgrid(*[np.arange(3.0) * 10] * 3, indexing="ij"), -1).reshape(-1, 3)
+    vid = np.arange(27).reshape(3, 3, 3)
+    kuhn = [(0, 1, 3, 7), (0, 1, 5, 7), (0, 2, 3, 7), (0, 2, 6, 7), (0, 4, 5, 7), (0, 4, 6, 7)]
+    cells, tags = [], []
+    for i, j, k in np.ndindex(2, 2, 2):
+        corner = [vid[i + a, j + b, k + c] for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+        tag = {(1, 1, 1): 3, (1, 0, 1): 4}.get((i, j, k), 1 if i == 0 else 2)
+        cells += [[corner[n] for n in t] for t in kuhn]
+        tags += [tag] * 6
+    cells = np.array(cells)
+    write_mesh(d / "mesh.xdmf", g, cells, np.array(tags))
+    flag = np.zeros(len(cells))
+    flag[:failed] = 1.0
+    with h5py.File(d / "compression_fields.h5", "w") as f:
+        f["Mesh/mesh/geometry"] = g
+        f["Mesh/mesh/topology"] = cells
+        f["Function/failed/0"] = flag.reshape(-1, 1)
+        f["Function/yielded/0"] = np.minimum(1.0, 2 * flag).reshape(-1, 1)
+
+
 def write_results(workdir: Path, cohort: str, sheet: pd.DataFrame, seed: int = 3) -> Path:
     """Write the per-scan files of every row of ``sheet`` under ``workdir/results/<cohort>``."""
     res = workdir / "results" / cohort
@@ -82,6 +111,12 @@ def write_results(workdir: Path, cohort: str, sheet: pd.DataFrame, seed: int = 3
         # the per-scan QC pictures (screws.png: the planning checkpoint's, with screws.json)
         for picture in ("calibration.png", "roi.png", "screws.png"):
             _png(d / picture, f"{row['patient']} {row['timepoint']}")
+        # what the per-patient page (rule patient_page) shows besides: curves, the model's
+        # mesh picture, a follow-up's registration picture, a tiny model and its fields
+        for picture in ("compression_curve.png", "pullout_left_curve.png",
+                        "pullout_right_curve.png", "mesh.png", "registration.png"):
+            _png(d / picture, f"{row['patient']} {row['timepoint']} {picture[:-4]}")
+        _tiny_model(d, failed=1 + i)
     return res
 
 

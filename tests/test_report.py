@@ -34,8 +34,9 @@ def cohort_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = tmp_path_factory.mktemp("cohort-rules")
     cohorts, sheet = fc.setup_cohort(work, NAME)
     args = fc.snakemake_args(work, cohorts, NAME)
+    pages = [f"results/{NAME}/report/patients/{p}.html" for p in sorted(set(sheet["patient"]))]
     p = run([venv_bin("snakemake"), "--cores", "2", *args, "--",
-             f"results/{NAME}/report/summary.html"], cwd=REPO, timeout=600)
+             f"results/{NAME}/report/summary.html", *pages], cwd=REPO, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     report = work / "results" / NAME / "report.html"
     p = run([venv_bin("snakemake"), "--report", str(report), *args], cwd=REPO, timeout=300)
@@ -83,7 +84,14 @@ def test_cohort_rules_run_with_a_missing_followup(cohort_run: dict) -> None:
     assert len(list(figs.glob("*.png"))) == len(list(figs.glob("*.svg"))) == 14
     page = (res / "report" / "summary.html").read_text()
     assert "Missing scans: P03 M12" in page and "not paired: P03" in page
-    assert not re.search(r"""(src|href)=["'](?!data:|#)""", page), "external resource"
+    # no external resource; the only links are to the per-patient pages beside it
+    assert not re.search(r"""(src|href)=["'](?!data:|#|patients/)""", page), "external resource"
+    assert 'href="patients/P01.html"' in page
+    # the per-patient pages (rule patient_page): P03's without M12, numbers from the JSONs
+    p03 = (res / "report" / "patients" / "P03.html").read_text()
+    assert 'id="tp-M00"' in p03 and 'id="tp-M12"' not in p03
+    left = json.loads((res / "P03" / "M00" / "pullout_left.json").read_text())["strength_n"]
+    assert f'<td class="strength-n">{round(left)} N</td>' in p03
 
 
 def test_excluded_scan_is_listed_with_its_reason(tmp_path: Path) -> None:

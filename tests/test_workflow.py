@@ -20,7 +20,7 @@ PER_SCAN = ["generate_demo_scan", "ingest_scan", "calibrate_density", "extract_v
             "measure_bmd", "assign_materials", "solve_compression", "accept_strength"]
 #: The FE model (screws, mesh) is built once per patient, at baseline; follow-ups are
 #: registered to it (registration.enabled, the default).
-PER_PATIENT = ["plan_screws", "accept_screws", "mesh_vertebra"]
+PER_PATIENT = ["plan_screws", "accept_screws", "mesh_vertebra", "patient_page"]
 
 
 def _job_counts(cohorts_dir, cohort, workdir):

@@ -1,7 +1,8 @@
 """Self-contained HTML summary page of a cohort analysis.
 
 :func:`summary_page` writes one HTML file with no external resources (inline
-CSS, figures embedded as ``data:`` URIs, no scripts): the headline findings
+CSS, figures embedded as ``data:`` URIs, no scripts; links only to the per-patient pages
+beside it): the headline findings
 (each sentence with its numbers, from ``stats/summary.json``), what data were
 used and what was missing, Table 1, the tests over time, the mixed models, the
 correlations and their comparison, and the figures. It is also one of the
@@ -148,12 +149,16 @@ def summary_page(
     figure_pngs: Sequence[str | os.PathLike],
     out_html: str | os.PathLike,
     cohort_name: str = "",
+    *,
+    patient_pages: Sequence[str] = (),
 ) -> Path:
     """Write the self-contained summary page; return its path.
 
     ``table_files``/``stat_files`` map the names of :data:`qctfea.cohort.TABLE_FILES`
     and :data:`qctfea.cohort.STAT_FILES` to paths; ``figure_pngs`` are embedded
-    in the given order (QC montages, named ``qc_*``, full width).
+    in the given order (QC montages, named ``qc_*``, full width). ``patient_pages``: the
+    patients whose pages (:mod:`qctfea.patient_page`) are linked, as the relative links
+    ``patients/<patient>.html`` beside this page.
     """
     summary = read_json(summary_json)
     t = {k: _read_csv(Path(v)) for k, v in table_files.items() if k != "longitudinal"}
@@ -186,6 +191,12 @@ def summary_page(
         parts.append(html_table(pd.DataFrame(excluded, columns=cohort.EXCLUSION_COLUMNS)))
     if not missing and not excluded:
         parts.append("<p>Every patient has every timepoint.</p>")
+    if patient_pages:
+        parts.append('<h2 id="patients">Per-patient pages</h2><p>One page per patient: every '
+                     'scan\'s results with the change from baseline, the curves, the QC '
+                     'pictures and a 3D view of the model.</p><ul class="patients">'
+                     + "".join(f'<li><a href="patients/{_esc(p)}.html">{_esc(p)}</a></li>'
+                               for p in patient_pages) + "</ul>")
     parts.append("<p>Areal BMD in the correlations: "
                  + _esc("; ".join(f"{k}: {v}" for k, v in src.items())) + ".</p>")
     methods = summary.get("methods", {})

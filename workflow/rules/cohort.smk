@@ -189,9 +189,36 @@ rule summary_page:
         tables={**{k: f"{RES}/tables/{v}" for k, v in TABLE_FILES.items()},
                 "longitudinal": f"{RES}/tables/longitudinal.csv"},
         stats={k: f"{RES}/stats/{v}" for k, v in STAT_FILES.items()},
+        # linked as patients/<patient>.html (rule patient_page)
+        patients=sorted(SAMPLES["patient"].astype(str).unique()),
     log:
         f"logs/{COHORT}/summary_page.log",
     conda:
         "../../envs/cohort.yaml"
     script:
         "../scripts/summary_page.py"
+
+
+rule patient_page:
+    input:
+        long=rules.aggregate_cohort.output[0],
+        exclusions=rules.record_exclusions.output[0],
+        scans=patient_page_inputs,
+    output:
+        report(
+            f"{RES}/report/patients/{{patient}}.html",
+            caption="../report/patient_page.rst",
+            category="Patients",
+            labels={"patient": "{patient}"},
+        ),
+    params:
+        cohort=COHORT,
+        # the 3D scene shows the model the patient's scans were solved on (the baseline's)
+        # ("": the earliest kept scan with a mesh, i.e. each scan its own without registration)
+        model_timepoint=lambda w: baseline_of(w.patient) if REGISTER else "",
+    log:
+        f"logs/{COHORT}/patient_page_{{patient}}.log",
+    conda:
+        "../../envs/cohort.yaml"
+    script:
+        "../scripts/patient_page.py"

@@ -255,6 +255,26 @@ def scan_outputs(name):
     return lambda w: [f"{RES}/{p}/{t}/{name}" for p, t in kept_scans()]
 
 
+def patient_page_inputs(w):
+    """The per-scan files a patient's page shows: of each kept scan, its results, curves,
+    compression fields and QC pictures; of its model, the mesh, screws and their pictures."""
+    scans = [t for p, t in kept_scans() if p == w.patient]
+    files = []
+    for t in scans:
+        d = f"{RES}/{w.patient}/{t}"
+        mt = model_timepoint(w.patient, t)
+        files += [f"{d}/{n}" for n in CASE_FILES]
+        files += [f"{d}/{n[:-5]}_curve.png" for n in CASE_FILES]
+        files += [f"{d}/bmd.json", f"{d}/roi.png", f"{d}/calibration.png",
+                  f"{d}/compression_fields.h5"]
+        if mt != t:
+            files.append(f"{d}/registration.png")
+        m = f"{RES}/{w.patient}/{mt}"
+        files += [f"{m}/mesh.xdmf", f"{m}/mesh.h5", f"{m}/mesh.png"]
+        files += [f"{m}/screws.json", f"{m}/screws.png"] if PULLOUT else []
+    return sorted(set(files))
+
+
 def timepoints_by_months():
     """The sheet's timepoints in months order."""
     months = SAMPLES.reset_index(drop=True).groupby("timepoint")["months"].median()
@@ -278,4 +298,5 @@ def get_final_outputs(wildcards):
         f"{RES}/stats/changes.csv",
         f"{RES}/stats/summary.json",
         f"{RES}/report/summary.html",
-    ]
+    ] + [f"{RES}/report/patients/{p}.html"
+         for p in sorted(SAMPLES["patient"].astype(str).unique())]

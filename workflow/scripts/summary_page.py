@@ -5,4 +5,5 @@ from qctfea.workflow_glue import run_step
 sm = snakemake  # noqa: F821
 run_step(sm, lambda: report.summary_page(
     sm.input.summary, sm.params.tables, sm.params.stats,
-    [*sm.input.figures, *sm.input.qc], sm.output[0], sm.params.cohort))
+    [*sm.input.figures, *sm.input.qc], sm.output[0], sm.params.cohort,
+    patient_pages=sm.params.patients))

@@ -1,0 +1,259 @@
+"""The per-patient page (qctfea.patient_page) on a result tree built from the coarse demo
+model (conftest ``demo_model``): numbers against the JSONs they come from, the embedded
+geometry against an independent face count, and the page in headless Chromium (offline,
+no console error, the WebGL canvas draws the model)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from browser import WEBGL_ARGS, Chromium, find_chromium
+from conftest import REPO
+
+ARTIFACTS = REPO / "results" / "test-artifacts"
+#: the load-case results written into the tree: {timepoint: {file: (strength_n, stop_reason)}}
+CASES = {
+    "M00": {"pullout_left.json": (812.4, "force fell after the peak"),
+            "pullout_right.json": (790.6, "force fell after the peak"),
+            "compression.json": (2500.2, "force fell after the peak")},
+    "M12": {"pullout_left.json": (None, "maximum displacement reached before a peak"),
+            "pullout_right.json": (861.5, "force fell after the peak"),
+            "compression.json": (2751.8, "force fell after the peak")},
+}
+FAILED = {"M00": 7, "M12": 19}  # failed cells per compression run
+EXCLUDED_REASON = "motion artefact at L4"
+
+
+def _png(path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3, 2), dpi=60)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot([0, 1, 2], [0, 2, 1], "o-")
+    ax.set_title(title, fontsize=8)
+    fig.savefig(path, format="png")
+
+
+def _fields(path: Path, points: np.ndarray, cells: np.ndarray, failed: np.ndarray,
+            rng: np.random.Generator) -> None:
+    """A compression_fields.h5 as DOLFINx writes it: its own (permuted) vertex and cell
+    order, per-cell flags under Function/<name>/0."""
+    vperm = rng.permutation(len(points))  # new vertex i is old vertex vperm[i]
+    new_of_old = np.empty_like(vperm)
+    new_of_old[vperm] = np.arange(len(vperm))
+    cperm = rng.permutation(len(cells))
+    flag = np.zeros(len(cells))
+    flag[failed] = 1.0
+    yielded = flag.copy()
+    yielded[rng.choice(len(cells), 50, replace=False)] = 1.0
+    with h5py.File(path, "w") as f:
+        f["Mesh/mesh/geometry"] = points[vperm]
+        f["Mesh/mesh/topology"] = new_of_old[cells[cperm]]
+        f["Function/failed/0"] = flag[cperm].reshape(-1, 1)
+        f["Function/yielded/0"] = yielded[cperm].reshape(-1, 1)
+        f["Function/damage/0"] = (0.5 * yielded[cperm]).reshape(-1, 1)
+
+
+@pytest.fixture(scope="module")
+def patient_tree(demo_model, tmp_path_factory) -> dict:
+    """results/<cohort>/P01/{M00,M12} from the demo model (M12 registered to M00: the model
+    lives in M00), with load-case results, curves, fields, long table and exclusions."""
+    from qctfea import cohort
+    from qctfea.meshing import read_mesh
+
+    src = demo_model["results"]
+    res = tmp_path_factory.mktemp("patient-page") / "results" / "demo"
+    points, cells, tags = read_mesh(src / "mesh.xdmf")
+    bone = np.flatnonzero(np.isin(tags, (1, 2)))
+    rng = np.random.default_rng(5)
+    failed = {tp: np.sort(rng.choice(bone, n, replace=False)) for tp, n in FAILED.items()}
+    for tp in CASES:
+        d = res / "P01" / tp
+        d.mkdir(parents=True)
+        for name in ("bmd.json", "calibration.json", "calibration.png"):
+            shutil.copy(src / name, d / name)
+        _png(d / "roi.png", f"{tp} roi")
+        for name, (strength, reason) in CASES[tp].items():
+            (d / name).write_text(json.dumps({
+                "strength_n": strength, "stiffness_n_per_mm": 40000.0, "stop_reason": reason,
+                "peak_reached": strength is not None, "n_dofs": 3000, "ksp_iterations": 10}))
+            _png(d / f"{name[:-5]}_curve.png", f"{tp} {name}")
+        _fields(d / "compression_fields.h5", points, cells, failed[tp], rng)
+    base = res / "P01" / "M00"
+    for name in ("mesh.xdmf", "mesh.h5", "mesh.json", "screws.json"):
+        shutil.copy(src / name, base / name)
+    _png(base / "mesh.png", "mesh")
+    _png(base / "screws.png", "screws")
+    _png(res / "P01" / "M12" / "registration.png", "registration")
+    (res / "P01" / "M12" / "registration.json").write_text(
+        json.dumps({"dice_after": 0.97, "point_spread_mm": 0.05}))
+    long = res / "tables" / "longitudinal.csv"
+    cohort.aggregate([{"patient": "P01", "timepoint": tp, "months": m, "model_timepoint": "M00"}
+                      for tp, m in (("M00", 0.0), ("M12", 12.0))], res, long)
+    pd.DataFrame([{"patient": "P01", "timepoint": "M24", "months": 24.0,
+                   "reason": EXCLUDED_REASON},
+                  {"patient": "P02", "timepoint": "M00", "months": 0.0, "reason": "other"}]
+                 ).to_csv(res / "tables" / "exclusions.csv", index=False)
+    return {"res": res, "points": points, "cells": cells, "tags": tags, "failed": failed}
+
+
+@pytest.fixture(scope="module")
+def page(patient_tree) -> Path:
+    from qctfea.patient_page import write_patient_page
+
+    out = patient_tree["res"] / "report" / "patients" / "P01.html"
+    return write_patient_page(patient_tree["res"], "P01", out, cohort_name="demo")
+
+
+def _section(html: str, tp: str) -> str:
+    start = html.index(f'<section class="timepoint" id="tp-{tp}">')
+    return html[start:html.index("</section>", start)]
+
+
+def _geometry(html: str) -> dict:
+    m = re.search(r'<script type="application/json" id="qctfea-geometry">(.*?)</script>',
+                  html, re.S)
+    return json.loads(m.group(1).replace("<\\/", "</"))
+
+
+def _boundary_count(cells: np.ndarray) -> int:
+    """Faces that belong to exactly one of ``cells`` (counted with a Counter of tuples)."""
+    faces = Counter()
+    for c in cells.tolist():
+        for drop in range(4):
+            faces[tuple(sorted(v for k, v in enumerate(c) if k != drop))] += 1
+    return sum(1 for n in faces.values() if n == 1)
+
+
+def _decode(geo: dict, b64: str) -> np.ndarray:
+    q = np.frombuffer(base64.b64decode(b64), "<u2").reshape(-1, 3).astype(float)
+    return np.asarray(geo["origin"]) + q * np.asarray(geo["step"])
+
+
+def test_page_numbers_come_from_the_results(page: Path, patient_tree: dict) -> None:
+    html = page.read_text()
+    assert page.stat().st_size < 3_000_000
+    res = patient_tree["res"]
+    for tp, cases in CASES.items():
+        sec = _section(html, tp)
+        for name, (strength, reason) in cases.items():
+            key = name[:-5]
+            row = re.search(rf'<tr data-case="{key}" data-status="(\w+)">(.*?)</tr>', sec, re.S)
+            assert row, (tp, key)
+            if strength is None:
+                assert row.group(1) == "refused" and "refused" in row.group(2)
+                assert reason in row.group(2)
+            else:
+                stored = json.loads((res / "P01" / tp / name).read_text())["strength_n"]
+                shown = re.search(r'<td class="strength-n">(\d+) N</td>', row.group(2))
+                assert row.group(1) == "ok" and int(shown.group(1)) == round(stored)
+        # the screws' grades of the model's screws.json, the curves and QC pictures embedded
+        placement = {s["side"]: s["placement"] for s in json.loads(
+            (res / "P01" / "M00" / "screws.json").read_text())["screws"]}
+        for side, p in placement.items():
+            assert re.search(rf'<tr data-side="{side}"><td class="l">{side}</td>'
+                             rf'<td>{p["grade"]}</td>', sec), (tp, side)
+        files = set(re.findall(r'<img src="data:image/png;base64,[^"]+"[^>]*data-file="([^"]+)"',
+                               sec))
+        assert {"pullout_left_curve.png", "compression_curve.png", "roi.png",
+                "calibration.png"} <= files
+    assert {"mesh.png", "screws.png"} <= set(re.findall(r'data-file="([^"]+)"',
+                                                         _section(html, "M00")))
+    assert 'data-file="registration.png"' in _section(html, "M12")
+    # change from baseline, from the JSON strengths and the long table's vBMD
+    comp = [CASES[tp]["compression.json"][0] for tp in ("M00", "M12")]
+    pct = 100 * (comp[1] - comp[0]) / comp[0]
+    assert re.search('data-case="compression".*?<td>' + re.escape(f"{pct:+.1f} %</td>"),
+                     _section(html, "M12"), re.S)
+    long = pd.read_csv(res / "tables" / "longitudinal.csv").set_index("timepoint")
+    trab = long["trabecular_vbmd_mg_cm3"]
+    assert f"{trab['M12']:.1f}" in html
+    # the refused load case in the overview, the excluded scan with its reason
+    assert re.search(r"pullout strength, left</td>.*?<td>refused</td>", html, re.S)
+    assert EXCLUDED_REASON in html and ">other<" not in html
+    # self-contained: no resource outside the page (one relative link to the summary)
+    assert re.findall(r"""(?:src|href)=["'](?!data:|#)([^"']*)""", html) == [
+        "../summary.html"]
+
+
+def test_embedded_geometry_is_the_model(page: Path, patient_tree: dict) -> None:
+    geo = _geometry(page.read_text())
+    cells, tags = patient_tree["cells"], patient_tree["tags"]
+    for name, sel in (("bone", np.isin(tags, (1, 2))), ("screw_left", tags == 3),
+                      ("screw_right", tags == 4)):
+        s = geo["surfaces"][name]
+        expected = _boundary_count(cells[sel])
+        assert s["n_triangles"] == expected > 0, name
+        index = np.frombuffer(base64.b64decode(s["index"]),
+                              "<u2" if s["index_type"] == "uint16" else "<u4")
+        assert len(index) == 3 * expected and index.max() == s["n_vertices"] - 1
+        assert len(_decode(geo, s["positions"])) == s["n_vertices"]
+    # the failed elements of each run, found in the permuted fields file, at the model's
+    # cell centroids (to the quantisation step)
+    centroids = patient_tree["points"][cells].mean(axis=1)
+    step = np.asarray(geo["step"])
+    for tp, idx in patient_tree["failed"].items():
+        e = geo["elements"][tp]["failed"]
+        assert e["n"] == e["n_bone"] == len(idx) == FAILED[tp]
+        got = _decode(geo, e["positions"])
+        want = centroids[idx]
+        assert np.all(np.abs(got[np.lexsort(got.T)] - want[np.lexsort(want.T)]) <= step)
+        assert geo["elements"][tp]["yielded"]["n"] >= len(idx)
+
+
+def _chromium() -> str:
+    exe = find_chromium()
+    if exe is None:
+        if os.environ.get("QCTFEA_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium not found but QCTFEA_REQUIRE_CHROMIUM is set (CI)")
+        pytest.skip("chromium not installed (apt-get install chromium); CI installs it")
+    return exe
+
+
+def test_page_draws_the_model_offline_in_chromium(page: Path, tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    exe = _chromium()
+    with Chromium(exe, tmp_path / "profile", extra_args=WEBGL_ARGS) as browser:
+        browser.call("Network.enable")
+        browser.open(page.as_uri())
+        browser.evaluate("new Promise(r => setTimeout(r, 300))")
+        assert browser.errors() == []
+        assert browser.evaluate("document.body.dataset.scene") == "ready"
+        urls = [e["params"]["request"]["url"] for e in browser.events
+                if e["method"] == "Network.requestWillBeSent"]
+        assert urls and all(u == page.as_uri() or u.startswith("data:") for u in urls), urls
+        assert int(browser.evaluate(
+            "document.getElementById('scene-canvas').dataset.triangles")) > 1000
+        # the failed-element sets are selectable per timepoint
+        assert browser.evaluate("Array.from(document.querySelectorAll('#failed-set option'))"
+                                ".map(o => o.value)") == ["M00", "M12", ""]
+        browser.evaluate("document.getElementById('scene').scrollIntoView()")
+        browser.evaluate("new Promise(r => setTimeout(r, 200))")
+        rect = browser.evaluate("(() => { const r = document.getElementById('scene-canvas')"
+                                ".getBoundingClientRect(); return [r.left, r.top, r.width, "
+                                "r.height]; })()")
+        shot = browser.screenshot(tmp_path / "patient_page_3d.png", full_page=False)
+        assert browser.errors() == []
+    img = imread(shot)[..., :3]
+    x0, y0, w, h = (int(round(v)) for v in rect)
+    canvas = img[max(y0, 0):y0 + h, max(x0, 0):x0 + w]
+    assert canvas.size > 0
+    drawn = np.any(np.abs(canvas - 1.0) > 0.05, axis=-1).mean()  # background: white
+    assert drawn > 0.02, f"the WebGL canvas is (almost) empty: {drawn:.4f} drawn"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / "patient_page_3d.png")
+    shutil.copy(page, ARTIFACTS / "patient_page_P01.html")
