@@ -28,6 +28,11 @@ demo-study: env
 dryrun: env
 	snakemake -n --config cohort=demo
 
+# The workflow's static checks (both also run by `make test`, tests/test_workflow.py).
+lint: env
+	snakemake --lint --config cohort=demo
+	snakefmt --check Snakefile workflow/rules
+
 test: env
 	@echo "[test] running the test suite"
 	python -m pytest -ra --durations=10

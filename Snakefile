@@ -16,6 +16,7 @@ include: "workflow/rules/demo.smk"
 include: "workflow/rules/imaging.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/solve.smk"
+include: "workflow/rules/uncertainty.smk"
 include: "workflow/rules/cohort.smk"
 
 

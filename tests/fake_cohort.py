@@ -50,6 +50,16 @@ def fake_scan(i: int, months: float, rng: np.random.Generator) -> dict[str, dict
         "calibration.json": {"slope": 0.8, "intercept": -3.0, "r2": 0.9999},
         # a follow-up's registration QC (read for follow-ups only)
         "registration.json": {"dice_after": 0.97, "point_spread_mm": 0.05},
+        # intervals and per-scan SDs (rule estimate_uncertainty): 2 % and 1 % of the value
+        "uncertainty.json": {"outcomes": {
+            k: {"value": v, "sd": 0.02 * v, "ci_low": 0.96 * v, "ci_high": 1.04 * v,
+                "sd_scan": 0.01 * v, "sd_by_source": {}}
+            for k, v in (("trabecular_vbmd_mg_cm3", trab), ("compression_strength_n", comp),
+                         ("pullout_strength_left_n", f_l), ("pullout_strength_right_n", f_r),
+                         ("pullout_strength_n", (f_l + f_r) / 2),
+                         ("around_screw_vbmd_left_mg_cm3", screw_l),
+                         ("around_screw_vbmd_right_mg_cm3", screw_r),
+                         ("around_screw_vbmd_mg_cm3", (screw_l + screw_r) / 2))}},
         # the planning checkpoint's output (read at baseline: the follow-ups' model)
         "screws.json": {"screws": [
             {"side": side, "placement": {"grade": "A", "breach_mm": 0.0, "direction": "none"}}

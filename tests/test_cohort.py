@@ -338,6 +338,93 @@ def test_aggregate_reads_jsons_and_writes_csv(tmp_path: Path) -> None:
     assert base["areal_bmd_g_cm2"] == pytest.approx(0.93)  # DXA at M00
 
 
+#: Hand-written thresholds (N) of the Biomechanical CT (Keaveny et al. 2020, Table 1, spine):
+#: fragile at or below the first, normal at or above the second.
+BCT = {"F": (4500.0, 6000.0), "M": (6500.0, 8500.0)}
+
+
+def _strength_category(strength: float, sex: str, thresholds: dict) -> str:
+    if sex not in thresholds:
+        return "unknown (sex not given)"
+    fragile, normal = thresholds[sex]
+    return "fragile" if strength <= fragile else "normal" if strength >= normal else "low"
+
+
+def _vbmd_category(vbmd: float) -> str:
+    """ACR: osteoporosis < 80 <= low bone mass <= 120 < normal (mg/cm³)."""
+    return "osteoporosis" if vbmd < 80 else "normal" if vbmd > 120 else "low bone mass"
+
+
+def test_aggregate_writes_the_clinical_categories(tmp_path: Path) -> None:
+    """sex (F/M, female/male, or none), the strength and vBMD categories and their sources,
+    each from the scan's JSONs by the thresholds written out above; a configured threshold
+    replaces the published one, and Table 1 counts the baseline scans' categories."""
+    res_dir = tmp_path / "results"
+    sexes = {"P00": "F", "P01": "M", "P02": "female", "P03": "", "P04": "MALE"}
+    samples = [{**s, "sex": sexes[s["patient"]]} for s in _cohort_dir(res_dir)]
+    cats: dict[str, set] = {"strength": set(), "vbmd": set()}
+    for cfg, thresholds in ((None, BCT), ({"strength_thresholds_n": {"male": {"normal": 6000}}},
+                                          {**BCT, "M": (6500.0, 6000.0)})):
+        if cfg:  # crossed thresholds: refused, naming the key
+            with pytest.raises(QctfeaError, match=r"strength_thresholds_n\.male: fragile "
+                                                  r"\(6500\) must be below normal \(6000\)"):
+                cohort.aggregate(samples, res_dir, tmp_path / "long.csv", clinical_cfg=cfg)
+            cfg = {"strength_thresholds_n": {"male": {"fragile": 4600, "normal": 6000}}}
+            thresholds = {**BCT, "M": (4600.0, 6000.0)}
+        out_csv = tmp_path / "long.csv"
+        cohort.aggregate(samples, res_dir, out_csv, clinical_cfg=cfg)
+        back = cohort.read_long_table(out_csv)
+        for row in back.itertuples():
+            d = res_dir / row.patient / row.timepoint
+            strength = json.loads((d / "compression.json").read_text())["strength_n"]
+            vbmd = json.loads((d / "bmd.json").read_text())["trabecular_vbmd_mg_cm3"]
+            sex = {"F": "F", "female": "F", "M": "M", "MALE": "M"}.get(sexes[row.patient], "")
+            assert (row.sex if isinstance(row.sex, str) else "") == sex
+            assert row.strength_category == _strength_category(strength, sex, thresholds)
+            assert row.vbmd_category == _vbmd_category(vbmd)
+            cats["strength"].add(row.strength_category)
+            cats["vbmd"].add(row.vbmd_category)
+            if sex == "M" and cfg:
+                assert row.strength_category_source.startswith("configured thresholds")
+                assert "fragile <= 4600 N < low < 6000 N <= normal" in \
+                    row.strength_category_source
+            elif sex:
+                fragile, normal = BCT[sex]
+                assert "Keaveny et al. 2020" in row.strength_category_source
+                assert f"fragile <= {fragile:g} N < low < {normal:g} N <= normal" in \
+                    row.strength_category_source
+            else:
+                assert "differ by sex" in row.strength_category_source
+            assert "ACR" in row.vbmd_category_source
+    # the cohort spans the categories (men: fragile by the BCT, normal by the configured
+    # thresholds), so every branch above was taken
+    assert cats["strength"] == {"fragile", "low", "normal", "unknown (sex not given)"}
+    assert cats["vbmd"] == {"low bone mass", "normal"}
+    # Table 1: the baseline scans' sexes and categories, counted here from the long table
+    t1 = cohort.baseline_characteristics(back, ["compression_strength_n"]).set_index(
+        "characteristic")
+    base = back[back["timepoint"] == "M00"]
+    assert t1.loc["sex (sample sheet)", "mean_sd"] == "F 2, M 2, not given 1"
+    assert t1.loc["sex (sample sheet)", "n"] == 4
+    want = [_strength_category(
+        json.loads((res_dir / p / "M00" / "compression.json").read_text())["strength_n"],
+        {"F": "F", "female": "F", "M": "M", "MALE": "M"}.get(sexes[p], ""),
+        {**BCT, "M": (4600.0, 6000.0)}) for p in base["patient"]]
+    order = ["fragile", "low", "normal", "unknown (sex not given)"]
+    text = ", ".join(f"{c} {want.count(c)}" for c in order if c in want)
+    row = t1.loc["vertebral strength category at M00 (BCT, Keaveny et al. 2020)"]
+    assert row["mean_sd"] == text and row["n"] == sum(c != order[-1] for c in want)
+    assert "trabecular vBMD category at M00 (ACR QCT)" in t1.index
+
+
+def test_aggregate_refuses_a_bad_sex(tmp_path: Path) -> None:
+    res_dir = tmp_path / "results"
+    samples = _cohort_dir(res_dir)
+    samples[4]["sex"] = "w"
+    with pytest.raises(QctfeaError, match=r"P01, timepoint M12, sex: 'w' is not a sex"):
+        cohort.aggregate(samples, res_dir, tmp_path / "long.csv")
+
+
 def test_aggregate_missing_or_bad_file_names_it(tmp_path: Path) -> None:
     res_dir = tmp_path / "results"
     samples = _cohort_dir(res_dir)
@@ -548,3 +635,38 @@ def test_exclusions_round_trip_and_need_a_reason(tmp_path: Path) -> None:
     with pytest.raises(QctfeaError, match="patient P1, timepoint M12 has no reason"):
         cohort.write_exclusions([{**entries[0], "reason": " "}], tmp_path / "bad.csv")
     assert not (tmp_path / "bad.csv").exists()
+
+
+# --------------------------------------------------------------------------- uncertainty
+
+
+def _unc(value: float, sd_scan: float) -> dict:
+    return {"value": value, "sd": 3 * sd_scan, "ci_low": value - 6 * sd_scan,
+            "ci_high": value + 6 * sd_scan, "sd_scan": sd_scan, "sd_by_source": {}}
+
+
+def test_uncertainty_columns_and_least_significant_change(tmp_path: Path) -> None:
+    """uncertainty.json per scan -> interval and sd_scan columns; the least significant
+    change of a follow-up is 1.96 (sd_b² + sd_f²)^½, significant when |change| exceeds it."""
+    samples = []
+    for tp, months, trab, sd in (("M00", 0, 100.0, 1.0), ("M12", 12, 102.0, 1.0),
+                                 ("M24", 24, 106.0, 2.0)):
+        f = _fake_scan(trab, 200.0, 220.0, 900.0, 1100.0)
+        f["uncertainty.json"] = {"outcomes": {"trabecular_vbmd_mg_cm3": _unc(trab, sd)}}
+        _write_scan(tmp_path, "P01", tp, f)
+        samples.append({"patient": "P01", "timepoint": tp, "months": months})
+    df = cohort.aggregate(samples, tmp_path, tmp_path / "long.csv")
+    assert df["trabecular_vbmd_mg_cm3_ci_low"].tolist() == [94.0, 96.0, 94.0]
+    assert df["trabecular_vbmd_mg_cm3_sd_scan"].tolist() == [1.0, 1.0, 2.0]
+    lsc12, lsc24 = 1.959964 * math.sqrt(2.0), 1.959964 * math.sqrt(5.0)  # 2.77, 4.38
+    wide = cohort.wide_table(df, ["trabecular_vbmd_mg_cm3"]).iloc[0]
+    assert wide["trabecular_vbmd_mg_cm3_M12_lsc"] == pytest.approx(lsc12, rel=1e-6)
+    assert wide["trabecular_vbmd_mg_cm3_M24_lsc"] == pytest.approx(lsc24, rel=1e-6)
+    assert not wide["trabecular_vbmd_mg_cm3_M12_significant"]  # +2 < 2.77
+    assert wide["trabecular_vbmd_mg_cm3_M24_significant"]  # +6 > 4.38
+    lsc = cohort.least_significant_changes(df, ["trabecular_vbmd_mg_cm3",
+                                                "compression_strength_n"])
+    assert lsc["metric"].unique().tolist() == ["trabecular_vbmd_mg_cm3"]  # no sd: left out
+    assert lsc["lsc"].tolist() == pytest.approx([lsc12, lsc24], rel=1e-6)
+    assert lsc["significant"].tolist() == [False, True]
+    assert lsc["change"].tolist() == pytest.approx([2.0, 6.0])

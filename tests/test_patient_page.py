@@ -31,7 +31,8 @@ CASES = {
             "pullout_right.json": (861.5, "force fell after the peak"),
             "compression.json": (2751.8, "force fell after the peak")},
 }
-FAILED = {"M00": 7, "M12": 19}  # failed cells per compression run
+FAILED = {"M00": 7, "M12": 19}
+UNC_SD = {"M00": 20.0, "M12": 30.0}  # per-scan SD of the compression strength (N)  # failed cells per compression run
 EXCLUDED_REASON = "motion artefact at L4"
 
 
@@ -100,9 +101,14 @@ def patient_tree(demo_model, tmp_path_factory) -> dict:
     _png(res / "P01" / "M12" / "registration.png", "registration")
     (res / "P01" / "M12" / "registration.json").write_text(
         json.dumps({"dice_after": 0.97, "point_spread_mm": 0.05}))
+    for tp, sd in UNC_SD.items():  # uncertainty.json: compression strength's interval
+        v = CASES[tp]["compression.json"][0]
+        (res / "P01" / tp / "uncertainty.json").write_text(json.dumps({"outcomes": {
+            "compression_strength_n": {"value": v, "sd": 5 * sd, "ci_low": v - 10 * sd,
+                                       "ci_high": v + 10 * sd, "sd_scan": sd}}}))
     long = res / "tables" / "longitudinal.csv"
-    cohort.aggregate([{"patient": "P01", "timepoint": tp, "months": m, "model_timepoint": "M00"}
-                      for tp, m in (("M00", 0.0), ("M12", 12.0))], res, long)
+    cohort.aggregate([{"patient": "P01", "timepoint": tp, "months": m, "model_timepoint": "M00",
+                       "sex": "female"} for tp, m in (("M00", 0.0), ("M12", 12.0))], res, long)
     pd.DataFrame([{"patient": "P01", "timepoint": "M24", "months": 24.0,
                    "reason": EXCLUDED_REASON},
                   {"patient": "P02", "timepoint": "M00", "months": 0.0, "reason": "other"}]
@@ -187,6 +193,47 @@ def test_page_numbers_come_from_the_results(page: Path, patient_tree: dict) -> N
     # self-contained: no resource outside the page (one relative link to the summary)
     assert re.findall(r"""(?:src|href)=["'](?!data:|#)([^"']*)""", html) == [
         "../summary.html"]
+
+
+def test_page_shows_intervals_and_least_significant_change(page: Path) -> None:
+    """The overview's compression row: each scan's interval, and the follow-up's change
+    against the least significant change 1.96 (20² + 30²)^½ = 70.7 N (a change of 252 N:
+    significant)."""
+    html = page.read_text()
+    row = re.search(r"<tr><td class=\"l\">compression strength</td>(.*?)</tr>", html, re.S)
+    assert row
+    for tp, sd in UNC_SD.items():
+        v = CASES[tp]["compression.json"][0]
+        assert f"{v - 10 * sd:.0f}–{v + 10 * sd:.0f}" in row.group(1)
+    lsc = 1.959964 * (20.0 ** 2 + 30.0 ** 2) ** 0.5
+    assert f"LSC {lsc:.0f}: significant" in row.group(1)
+    assert 'data-significant="yes"' in row.group(1)
+
+
+def test_page_shows_the_clinical_categories(page: Path, patient_tree: dict) -> None:
+    """Sex, and per timepoint the strength category (women: fragile <= 4500 N < low < 6000 N
+    <= normal, Keaveny et al. 2020) and the vBMD category (ACR: osteoporosis < 80 <= low
+    bone mass <= 120 < normal), computed here from the JSONs; the sources and the caveat."""
+    html = page.read_text()
+    assert '<span id="sex">F</span>' in html
+    table = re.search(r'<table id="clinical-categories">(.*?)</table>', html, re.S).group(1)
+    for key, case in (("strength", "strength"), ("vbmd", "vbmd")):
+        cells = re.findall(r"<td>([^<]*)</td>", re.search(
+            rf'<tr data-category="{key}">(.*?)</tr>', table, re.S).group(1))
+        want = []
+        for tp in CASES:
+            if case == "strength":
+                f = CASES[tp]["compression.json"][0]
+                want.append("fragile" if f <= 4500 else "normal" if f >= 6000 else "low")
+            else:
+                v = json.loads((patient_tree["res"] / "P01" / tp / "bmd.json").read_text())[
+                    "trabecular_vbmd_mg_cm3"]
+                want.append("osteoporosis" if v < 80 else "normal" if v > 120
+                            else "low bone mass")
+        assert cells == want, key
+    assert "Osteoporos Int 2020;31:1025-1048" in html and "ACR-SPR-SSR" in html
+    assert "fragile &lt;= 4500 N &lt; low &lt; 6000 N &lt;= normal" in html
+    assert "VirtuOst" in html and "not calibrated" in html
 
 
 def test_embedded_geometry_is_the_model(page: Path, patient_tree: dict) -> None:

@@ -56,6 +56,16 @@ def test_cohort_rules_run_with_a_missing_followup(cohort_run: dict) -> None:
     assert (long.loc[~base, "registration_point_spread_mm"] == 0.05).all()
     src = long.set_index(["patient", "timepoint"])["areal_bmd_source"]
     assert src[("P02", "M24")] == "ct" and src[("P01", "M24")] == "dxa"
+    # least significant change from the scans' uncertainty.json (sd_scan 1 % of each value)
+    lsc = pd.read_csv(res / "tables" / "least_significant_change.csv", dtype={"patient": str})
+    trab = long.set_index(["patient", "timepoint"])["trabecular_vbmd_mg_cm3"]
+    r = lsc[(lsc["patient"] == "P01") & (lsc["timepoint"] == "M24")
+            & (lsc["metric"] == "trabecular_vbmd_mg_cm3")].iloc[0]
+    b, f = trab[("P01", "M00")], trab[("P01", "M24")]
+    assert r["lsc"] == pytest.approx(1.959964 * 0.01 * (b ** 2 + f ** 2) ** 0.5, rel=1e-5)
+    assert bool(r["significant"]) == (abs(f - b) > r["lsc"])
+    assert set(lsc["metric"]) >= {"pullout_strength_n", "compression_strength_n",
+                                  "around_screw_vbmd_mg_cm3"}
     for name in ("wide.csv", "change_from_baseline.csv", "summary_by_timepoint.csv",
                  "baseline_characteristics.csv"):
         assert (res / "tables" / name).is_file(), name
@@ -92,6 +102,53 @@ def test_cohort_rules_run_with_a_missing_followup(cohort_run: dict) -> None:
     assert 'id="tp-M00"' in p03 and 'id="tp-M12"' not in p03
     left = json.loads((res / "P03" / "M00" / "pullout_left.json").read_text())["strength_n"]
     assert f'<td class="strength-n">{round(left)} N</td>' in p03
+
+
+#: The sample sheet's sex column as read (P02 "male", P03 "Female", P05 empty), and the
+#: strength thresholds (N) in force: the BCT's for women (Keaveny et al. 2020: fragile <=
+#: 4500 < low < 6000 <= normal); for men the cohort config moves fragile to 3900 (BCT 8500
+#: for normal).
+SEX = {"P01": "F", "P02": "M", "P03": "F", "P04": "F", "P05": ""}
+STRENGTH_N = {"F": (4500.0, 6000.0), "M": (3900.0, 8500.0)}
+
+
+def test_clinical_categories_in_the_tables_and_pages(cohort_run: dict) -> None:
+    res = cohort_run["res"]
+    long = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str}
+                       ).fillna({"sex": ""})
+    seen = set()
+    for row in long.itertuples():
+        d = res / row.patient / row.timepoint
+        f = json.loads((d / "compression.json").read_text())["strength_n"]
+        v = json.loads((d / "bmd.json").read_text())["trabecular_vbmd_mg_cm3"]
+        sex = SEX[row.patient]
+        assert row.sex == sex
+        if sex:
+            fragile, normal = STRENGTH_N[sex]
+            want = "fragile" if f <= fragile else "normal" if f >= normal else "low"
+        else:
+            want = "unknown (sex not given)"
+        assert row.strength_category == want, (row.patient, row.timepoint, f)
+        assert row.vbmd_category == ("osteoporosis" if v < 80 else "normal" if v > 120
+                                     else "low bone mass"), (row.patient, row.timepoint, v)
+        seen |= {row.strength_category, row.vbmd_category}
+        src = row.strength_category_source
+        # a man's thresholds are the configured ones; without a sex, some of them are
+        assert src.startswith("configured thresholds") == (sex != "F"), src
+        assert ("Keaveny et al. 2020" in src) == (sex == "F"), src
+        assert "ACR" in row.vbmd_category_source
+    assert {"fragile", "low", "unknown (sex not given)", "low bone mass", "normal"} <= seen
+    t1 = pd.read_csv(res / "tables" / "baseline_characteristics.csv").set_index(
+        "characteristic")
+    assert t1.loc["sex (sample sheet)", "mean_sd"] == "F 3, M 1, not given 1"
+    page = (res / "report" / "summary.html").read_text()
+    assert '<h2 id="clinical">Clinical categories</h2>' in page
+    assert "Osteoporos Int 2020;31:1025-1048" in page and "ACR-SPR-SSR" in page
+    assert "VirtuOst" in page and "not calibrated" in page
+    assert "configured thresholds (clinical.strength_thresholds_n)" in page
+    p05 = (res / "report" / "patients" / "P05.html").read_text()
+    assert '<span id="sex">not given</span>' in p05
+    assert "<td>unknown (sex not given)</td>" in p05 and "VirtuOst" in p05
 
 
 def test_excluded_scan_is_listed_with_its_reason(tmp_path: Path) -> None:
@@ -179,7 +236,7 @@ def test_snakemake_report_describes_every_rule_and_holds_the_results(cohort_run:
     html = cohort_run["report"].read_text()
     desc = _report_var(html, "workflow-desc", "workflow_desc")
     rules = _rule_names()
-    assert {"ingest_scan", "solve_pullout", "compute_statistics", "summary_page"} <= set(rules)
+    assert {"ingest_scan", "solve", "compute_statistics", "summary_page"} <= set(rules)
     undescribed = [r for r in rules if f"<dt>{r}</dt>" not in desc]
     assert not undescribed, (f"rules without a method description in "
                              f"workflow/report/workflow.rst: {undescribed}")

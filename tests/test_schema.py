@@ -93,7 +93,7 @@ def test_the_library_reads_the_expected_sections():
     """The discovery itself: the sections every cohort config may hold."""
     assert {"mask", "screw", "planning", "bmd", "registration", "mesh", "materials", "loads",
             "ingest", "calibration.phantom", "calibration.phantomless",
-            "demo.synth"} <= set(SECTIONS), SECTIONS
+            "demo.synth", "clinical"} <= set(SECTIONS), SECTIONS
 
 
 @pytest.mark.parametrize("section", sorted(SECTIONS))

@@ -266,3 +266,46 @@ def test_lmm_errors() -> None:
         st.random_intercept_lmm([1.0, 2.0, 3.0, 4.0], np.ones((4, 2)), ["a", "a", "b", "b"])
     with pytest.raises(ValueError, match="too few"):
         st.random_intercept_lmm([1.0, 2.0], np.ones((2, 1)), ["a", "a"])
+
+
+def test_lmm_non_convergence_is_flagged_and_logged(monkeypatch, caplog) -> None:
+    # statsmodels' optimisers stopped after one iteration, or failing with a singular matrix
+    # (as they do very near var_group = 0): the fit says so (converged False, a warning in
+    # the log) instead of returning numbers as if they were the REML estimates; the
+    # boundary solution is still recognised when it is the maximum.
+    import logging
+
+    from statsmodels.regression.mixed_linear_model import MixedLM
+
+    df = _unbalanced()
+    X = _design(df)
+    good = st.random_intercept_lmm(df["y"], X, df["patient"])
+    assert good.converged and not good.boundary
+    fit_ = MixedLM.fit
+    with monkeypatch.context() as m:
+        m.setattr(MixedLM, "fit", lambda self, **kw: fit_(self, **{**kw, "maxiter": 1}))
+        with caplog.at_level(logging.WARNING, logger="qctfea.stats"):
+            short = st.random_intercept_lmm(df["y"], X, df["patient"])
+    assert not short.converged and not short.boundary
+    assert "did not converge" in caplog.text and "optimization failed" in caplog.text
+    caplog.clear()
+
+    def singular(self, *args, **kw):
+        raise np.linalg.LinAlgError("Singular matrix")
+
+    with monkeypatch.context() as m:
+        m.setattr(MixedLM, "score", singular)  # statsmodels' gradient, used by its fit
+        with caplog.at_level(logging.WARNING, logger="qctfea.stats"):
+            failed = st.random_intercept_lmm(df["y"], X, df["patient"])
+        assert failed.boundary and not failed.converged  # var_group = 0 is not the maximum
+        assert "did not converge" in caplog.text and "Singular matrix" in caplog.text
+        caplog.clear()
+        rng = np.random.default_rng(2)  # the data of the boundary test: 0 is the maximum
+        y = 10 + np.array([0.0, 1.0, 2.0]) + rng.normal(size=(6, 3))
+        y -= y.mean(axis=1, keepdims=True) - y.mean()
+        b = pd.DataFrame({"patient": np.repeat([f"P{i}" for i in range(6)], 3),
+                          "tp": np.tile(["M00", "M12", "M24"], 6), "y": y.ravel()})
+        with caplog.at_level(logging.WARNING, logger="qctfea.stats"):
+            ols = st.random_intercept_lmm(b["y"], _design(b), b["patient"])
+        assert ols.boundary and ols.converged and ols.var_group == 0.0
+        assert "did not converge" not in caplog.text

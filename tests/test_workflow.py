@@ -17,7 +17,7 @@ from conftest import REPO, run, venv_bin
 
 
 PER_SCAN = ["generate_demo_scan", "ingest_scan", "calibrate_density", "extract_vertebra",
-            "measure_bmd", "assign_materials", "solve_compression", "accept_strength"]
+            "measure_bmd", "assign_materials", "accept_strength", "estimate_uncertainty"]
 #: The FE model (screws, mesh) is built once per patient, at baseline; follow-ups are
 #: registered to it (registration.enabled, the default).
 PER_PATIENT = ["plan_screws", "accept_screws", "mesh_vertebra", "patient_page"]
@@ -55,10 +55,12 @@ def test_dry_run_expands_patients_x_timepoints(tmp_path):
     for rule in PER_PATIENT:
         assert two[rule] == 2 and three[rule] == 3, rule
     assert two["register_to_baseline"] == 2 and three["register_to_baseline"] == 3
-    assert two["solve_pullout"] == 8 and three["solve_pullout"] == 12
+    # one solve job per load case: compression and pullout left/right
+    assert two["solve"] == 12 and three["solve"] == 18
     assert two["aggregate_cohort"] == three["aggregate_cohort"] == 1
-    # One more patient adds only that patient's jobs (2 timepoints) and nothing else.
-    assert three["total"] - two["total"] == 2 * (len(PER_SCAN) + 2) + len(PER_PATIENT) + 1
+    # One more patient adds only that patient's jobs and nothing else: 2 scans (each its
+    # per-scan jobs and 3 solves), its model's jobs and 1 registration.
+    assert three["total"] - two["total"] == 2 * (len(PER_SCAN) + 3) + len(PER_PATIENT) + 1
 
 
 def test_study_cohort_dry_run_lists_63_scans(tmp_path):
@@ -69,7 +71,7 @@ def test_study_cohort_dry_run_lists_63_scans(tmp_path):
     for rule in PER_PATIENT:
         assert counts[rule] == 21, rule
     assert counts["register_to_baseline"] == 42
-    assert counts["solve_pullout"] == 126
+    assert counts["solve"] == 63 * 3
 
 
 def test_lint_is_clean():
@@ -79,6 +81,17 @@ def test_lint_is_clean():
         out = p.stdout + p.stderr
         assert p.returncode == 0 and "Lints for" not in out, out[-4000:]
         assert "Congratulations, your workflow is in a good condition!" in out
+
+
+def test_snakefmt_is_clean():
+    """`snakefmt --check` (pinned in requirements.txt, line length in pyproject.toml) finds
+    nothing to reformat in the Snakefile and workflow/rules; `snakefmt Snakefile
+    workflow/rules` formats them."""
+    p = run([venv_bin("snakefmt"), "--check", "--compact-diff", "Snakefile", "workflow/rules"],
+            cwd=REPO, timeout=120)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, f"run `snakefmt Snakefile workflow/rules`:\n{out[-4000:]}"
+    assert "would be changed" not in out and "left unchanged" in out, out[-4000:]
 
 
 def _dry_run_error(tmp_path, edit):

@@ -45,7 +45,8 @@ def read_benchmarks(root: str | os.PathLike) -> pd.DataFrame:
                      "max_rss_mb": pd.to_numeric(t["max_rss"], errors="coerce").iloc[-1],
                      "finished": f.stat().st_mtime})
     df = pd.DataFrame(rows)
-    # Solve rules name the side in the file name: one rule per rule name.
+    # The solve rule names its load case in the file name (solve_compression,
+    # solve_pullout_left, ...): one row per load case, both pullout sides together.
     df["rule"] = df["rule"].str.replace(r"_(left|right)$", "", regex=True)
     return df.sort_values("finished", kind="mergesort").reset_index(drop=True)
 

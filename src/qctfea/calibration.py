@@ -448,6 +448,12 @@ class Calibration:
     #: phantomless effective_energy model: the energy, the fit against theoretical HU, the
     #: fit error at every energy searched, the K2HPO4 model (see the module docstring)
     effective_energy: dict = field(default_factory=dict)
+    #: uncertainty of the line from its fit: covariance of (intercept, slope) and its degrees
+    #: of freedom (a Student t with ``dof``); ``covariance`` None when the fit cannot estimate
+    #: it (``uncertainty_note`` says why). Used by :mod:`qctfea.uncertainty`.
+    covariance: list | None = None
+    dof: int = 0
+    uncertainty_note: str = ""
 
     def apply(self, hu: np.ndarray) -> np.ndarray:
         return (self.intercept + self.slope * hu).astype(np.float32)
@@ -464,6 +470,25 @@ def fit_line(hu: np.ndarray, density: np.ndarray) -> tuple[float, float, float]:
     ss_tot = float(((density - density.mean()) ** 2).sum())
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
     return float(b), float(a), r2
+
+
+def line_covariance(x, y) -> tuple[np.ndarray | None, int]:
+    """Covariance of the least-squares (intercept, slope) of ``y = a + b x``: s² (XᵀX)⁻¹
+    with s² the residual variance on n − 2 degrees of freedom; (None, 0) with fewer than
+    3 points (no residual to estimate s² from)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    dof = len(x) - 2
+    if dof < 1:
+        return None, 0
+    X = np.stack([np.ones_like(x), x], axis=1)
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    s2 = float(((y - X @ coef) ** 2).sum()) / dof
+    return s2 * np.linalg.inv(X.T @ X), dof
+
+
+def _not_estimable(n: int, what: str) -> str:
+    return (f"calibration uncertainty not estimable: {n} {what} leave no residual degree of "
+            "freedom; intervals leave the calibration out")
 
 
 def find_rods(
@@ -576,6 +601,12 @@ def k2hpo4_water_fit(rods: list[dict]) -> tuple[float, float, float, dict]:
         raise QctfeaError(f"K2HPO4-in-water phantom fit gives sigma_CT = {sigma_ct:.4f} (not > "
                           "0): check calibration.phantom.water_equivalent_mg_cm3 and the rod "
                           "densities against the phantom's certificate")
+    cov_ref, dof = line_covariance(k, lhs)  # of (beta_ref, sigma_ref)
+    if cov_ref is not None:
+        # (intercept, slope) = (-beta_CT / sigma_CT, 1 / sigma_CT): first-order propagation
+        J = np.array([[-1.0 / sigma_ct, beta_ct / sigma_ct ** 2], [0.0, -1.0 / sigma_ct ** 2]])
+        coef["covariance"] = (J @ cov_ref @ J.T).tolist()
+        coef["dof"] = dof
     return 1.0 / sigma_ct, -beta_ct / sigma_ct, r2, coef
 
 
@@ -614,8 +645,20 @@ def phantom_calibration(
         )
     if r2 < spec.warn_r2:
         warnings.warn(f"{context}: phantom calibration R² = {r2:.4f} < {spec.warn_r2}", stacklevel=2)
+    if coef:
+        cov, dof = coef.pop("covariance", None), coef.pop("dof", 0)
+    else:
+        cov, dof = line_covariance([r["mean_hu"] for r in rods],
+                                   [r["density_mg_cm3"] for r in rods])
     return Calibration(slope=slope, intercept=intercept, r2=r2, method="phantom", rods=rods,
-                       coefficients=coef)
+                       coefficients=coef, **_uncertainty(cov, dof, len(rods), "rods"))
+
+
+def _uncertainty(cov, dof: int, n: int, what: str) -> dict:
+    if cov is None:
+        return {"covariance": None, "dof": 0, "uncertainty_note": _not_estimable(n, what)}
+    return {"covariance": np.asarray(cov, float).tolist(), "dof": int(dof),
+            "uncertainty_note": f"least-squares fit of {n} {what}, {dof} degrees of freedom"}
 
 
 def axial_axis(direction) -> int:
@@ -821,8 +864,11 @@ def _tissue_regression(tissues: list[dict], spec: TissueSpec, context: str) -> C
                       f"({fit})", stacklevel=2)
     for t in used:
         t["calibrated_mg_cm3"] = intercept + slope * t["median_hu"]
+    cov, dof = line_covariance([t["median_hu"] for t in used],
+                               [t["reference_mg_cm3"] for t in used])
     return Calibration(slope=slope, intercept=intercept, r2=r2, method="phantomless",
-                       tissues=tissues, coefficients={"model": "tissue_regression"})
+                       tissues=tissues, coefficients={"model": "tissue_regression"},
+                       **_uncertainty(cov, dof, len(used), "tissues"))
 
 
 def _material(tissue: str) -> str:
@@ -940,9 +986,43 @@ def effective_energy_calibration(tissues: list[dict], spec: TissueSpec,
         "tissue_composition": "ICRU-44 (NIST Table 2)",
         "attenuation_data": f"xraydb {xraydb.__version__} (Elam tables, total incl. coherent)",
     }
+    cov, dof = _effective_energy_covariance(used, res, spec.water_displacement)
     return Calibration(slope=slope, intercept=intercept, r2=r2, method="phantomless",
                        tissues=tissues, coefficients={"model": "effective_energy"},
-                       effective_energy=info)
+                       effective_energy=info,
+                       **_uncertainty(cov, dof, len(used), "tissues (3 fitted parameters)"))
+
+
+def _effective_energy_covariance(used: list[dict], res: dict, displacement: float):
+    """Covariance of (intercept, slope) of the effective-energy line: the fit ``HU_i = a +
+    b HU_t,i(E)`` has three parameters (a, b, E); their covariance s² (JᵀJ)⁻¹ (Gauss-Newton,
+    s² on n − 3 degrees of freedom) is carried to ``slope = 1 / (b k(E))``, ``intercept =
+    -a / (b k(E))`` to first order. None with fewer than 4 tissues."""
+    n = len(used)
+    if n < 4:
+        return None, 0
+    names = [t["name"] for t in used]
+    m = np.array([t["median_hu"] for t in used])
+    E, a, b = res["energy_kev"], res["a"], res["b"]
+    h = 0.25
+
+    def T(e):
+        return np.array([float(theoretical_hu(_material(nm), e)) for nm in names])
+
+    t0, dT = T(E), (T(E + h) - T(E - h)) / (2 * h)
+    J = np.stack([np.ones(n), t0, b * dT], axis=1)
+    s2 = float(((m - (a + b * t0)) ** 2).sum()) / (n - 3)
+    cov_abe = s2 * np.linalg.pinv(J.T @ J)
+
+    def line(p):
+        k = float(k2hpo4_hu_per_mg(p[2], displacement))
+        return np.array([-p[0] / (p[1] * k), 1.0 / (p[1] * k)])
+
+    p0 = np.array([a, b, E])
+    steps = np.array([1e-3, 1e-6, h])
+    G = np.stack([(line(p0 + dp) - line(p0 - dp)) / (2 * dp[i])
+                  for i, dp in enumerate(np.diag(steps))], axis=1)
+    return G @ cov_abe @ G.T, n - 3
 
 
 def tissue_densities(cal: Calibration, tissues: list[dict]) -> list[dict]:
@@ -960,6 +1040,7 @@ def tissue_densities(cal: Calibration, tissues: list[dict]) -> list[dict]:
 def fixed_calibration(slope: float, intercept: float) -> Calibration:
     """A calibration given in config (slope 1, intercept 0 for data in mg/cm³)."""
     return Calibration(slope=float(slope), intercept=float(intercept), r2=float("nan"),
+                       uncertainty_note="fixed calibration: taken as exact (no fit)",
                        method="fixed")
 
 

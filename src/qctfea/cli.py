@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cases", default="compression,pullout",
                    help="load cases run (loads.cases), comma-separated; without pullout no "
                    "pullout files are read")
+    s.add_argument("--clinical", help="the cohort config's clinical section (thresholds of "
+                   "the clinical categories): JSON object or @file.yaml; default: published")
 
     s = sub.add_parser("stats", help="longitudinal table -> paired tests, Friedman, mixed "
                        "models, correlations, summary.json")
@@ -329,7 +331,8 @@ def run(a) -> None:
 
         rows = [{**r, "dxa": samples.dxa_value(r["dxa"])}
                 for r in samples.read_sample_sheet(a.samples).to_dict("records")]
-        cohort.aggregate(rows, a.results, a.out_csv, cases=a.cases.split(","))
+        cohort.aggregate(rows, a.results, a.out_csv, cases=a.cases.split(","),
+                         clinical_cfg=_params(a.clinical))
     elif a.step == "stats":
         from qctfea import cohort
 

@@ -18,6 +18,10 @@ and derives from it, without assuming complete data:
   QCT and areal-BMD correlations with the outcome (Williams' t, Steiger's z);
 * a ``summary.json`` with headline sentences that carry their numbers.
 
+Each scan's row also carries its clinical categories with their sources
+(:mod:`qctfea.clinical`): the vertebral strength by the BCT thresholds (by the patient's
+``sex`` from the sample sheet) and the trabecular vBMD by the ACR QCT classes.
+
 The baseline timepoint is the one with the smallest (median) months in the
 cohort. Areal BMD in the statistics is the clinical DXA value from the sample
 sheet at a timepoint where any scan has one (scans without it drop out of that
@@ -37,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from qctfea import clinical
 from qctfea import stats as st
 from qctfea.provenance import QctfeaError, atomic_path, provenance, read_json, write_json
 
@@ -45,6 +50,7 @@ COLUMNS: list[str] = [
     "patient",
     "timepoint",
     "months",
+    "sex",
     "trabecular_vbmd_mg_cm3",
     "integral_vbmd_mg_cm3",
     "around_screw_vbmd_left_mg_cm3",
@@ -56,6 +62,10 @@ COLUMNS: list[str] = [
     "areal_bmd_source",
     "compression_stiffness_n_per_mm",
     "compression_strength_n",
+    "strength_category",
+    "strength_category_source",
+    "vbmd_category",
+    "vbmd_category_source",
     "pullout_stiffness_left_n_per_mm",
     "pullout_stiffness_right_n_per_mm",
     "pullout_strength_left_n",
@@ -348,6 +358,8 @@ def scan_row(
     mesh: dict,
     calibration: dict,
     dxa_areal_bmd_g_cm2: float | None,
+    sex: str = "",
+    clinical_params: clinical.ClinicalParams | None = None,
 ) -> dict:
     """Flatten the per-scan results of one patient x timepoint into one row.
 
@@ -357,8 +369,11 @@ def scan_row(
     ``areal_bmd_g_cm2`` is the DXA value when given, otherwise the CT-derived
     one (``areal_bmd_source`` says which). Keys the row does not use (for
     example those of a nonlinear analysis) are ignored; solver iteration counts
-    are NaN when absent. Raises :class:`QctfeaError` naming the input and key
-    when a value the tables need is missing.
+    are NaN when absent. ``sex`` (``"F"``, ``"M"`` or ``""``, see
+    :func:`qctfea.clinical.sex_code`) and ``clinical_params`` (default: the published
+    thresholds) give the clinical categories and their sources (:func:`qctfea.clinical.categories`).
+    Raises :class:`QctfeaError` naming the input and key when a value the tables need is
+    missing.
     """
     ct_areal = _num(bmd, "areal_bmd_g_cm2", "bmd.json")
     dxa = _opt_float(dxa_areal_bmd_g_cm2)
@@ -384,6 +399,8 @@ def scan_row(
         "n_dofs": _num_opt(compression, "n_dofs", "compression.json"),
         "compression_iterations": _num_opt(compression, "ksp_iterations", "compression.json"),
     }
+    row |= clinical.categories(row["compression_strength_n"], row["trabecular_vbmd_mg_cm3"],
+                               clinical.sex_code(sex), clinical_params)
     if pullout is None:
         return {c: row[c] for c in COLUMNS if c in row}
     screw = bmd.get("around_screw_vbmd_mg_cm3") if isinstance(bmd, Mapping) else None
@@ -439,6 +456,50 @@ def registration_columns(reg: Mapping[str, Any]) -> dict:
             "registration_point_spread_mm": _opt_float(reg.get("point_spread_mm"))}
 
 
+#: Suffixes of an outcome's uncertainty columns in the long table (uncertainty.json):
+#: interval bounds and the per-scan SD behind the least significant change.
+UNCERTAINTY_SUFFIXES = ("ci_low", "ci_high", "sd_scan")
+
+
+def uncertainty_columns(unc: Mapping[str, Any]) -> dict:
+    """``<outcome>_ci_low``, ``_ci_high`` and ``_sd_scan`` of every outcome of a scan's
+    uncertainty.json (see :mod:`qctfea.uncertainty`)."""
+    outcomes = unc.get("outcomes")
+    if not isinstance(outcomes, Mapping):
+        raise QctfeaError("uncertainty.json: missing object 'outcomes'")
+    return {f"{k}_{suffix}": _num(v, suffix, f"uncertainty.json {k}")
+            for k, v in outcomes.items() for suffix in UNCERTAINTY_SUFFIXES}
+
+
+def least_significant_changes(df: pd.DataFrame, metrics: Sequence[str],
+                              level: float = 0.95) -> pd.DataFrame:
+    """Per patient, follow-up and outcome: the change from baseline, the least significant
+    change from the two scans' ``_sd_scan`` (:func:`qctfea.uncertainty.least_significant_change`)
+    and whether the change exceeds it. Empty without uncertainty columns."""
+    from qctfea.uncertainty import least_significant_change
+
+    rows = []
+    for metric in metrics:
+        sd_col = f"{metric}_sd_scan"
+        if metric not in df.columns or sd_col not in df.columns:
+            continue
+        for patient, g in df.groupby("patient", sort=True):
+            g = g.sort_values("months", kind="mergesort")
+            base = g.iloc[0]
+            for _, f in g.iloc[1:].iterrows():
+                change = float(f[metric] - base[metric])
+                lsc = least_significant_change(float(base[sd_col]), float(f[sd_col]), level)
+                rows.append({"patient": patient, "baseline": base["timepoint"],
+                             "timepoint": f["timepoint"], "months": float(f["months"]),
+                             "metric": metric, "baseline_value": float(base[metric]),
+                             "value": float(f[metric]), "change": change,
+                             "change_pct": 100 * change / float(base[metric]),
+                             "lsc": lsc, "significant": bool(abs(change) > lsc)})
+    return pd.DataFrame(rows, columns=["patient", "baseline", "timepoint", "months", "metric",
+                                       "baseline_value", "value", "change", "change_pct",
+                                       "lsc", "significant"])
+
+
 def refusal_entries(scans: Sequence[Mapping[str, Any]]) -> list[dict]:
     """Exclusion entries (patient, timepoint, months, reason) for the scans whose model's
     screws were refused at planning or whose load case did not reach its peak; ``scans``:
@@ -483,6 +544,12 @@ def longitudinal_table(rows: list[dict]) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+#: Text columns of the clinical categories (read as text even when all empty).
+TEXT_COLUMNS: dict[str, type] = {c: str for c in (
+    "sex", "strength_category", "strength_category_source", "vbmd_category",
+    "vbmd_category_source")}
+
+
 def read_long_table(long_csv: str | os.PathLike) -> pd.DataFrame:
     """Read and check a long table CSV written by :func:`aggregate`."""
     long_csv = Path(long_csv)
@@ -490,7 +557,7 @@ def read_long_table(long_csv: str | os.PathLike) -> pd.DataFrame:
         raise QctfeaError(f"{long_csv}: long table not found; run the aggregate step first")
     try:
         df = pd.read_csv(long_csv, dtype={"patient": str, "timepoint": str,
-                                          "areal_bmd_source": str})
+                                          "areal_bmd_source": str, **TEXT_COLUMNS})
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise QctfeaError(f"{long_csv}: cannot read the long table ({exc})") from exc
     df = longitudinal_table(df.to_dict("records"))
@@ -642,8 +709,12 @@ def wide_table(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     the absolute and percent change from the patient's baseline scan.
 
     Columns: ``patient, n_scans, timepoints_missing, months_<tp>...,
-    <metric>_<tp>..., <metric>_<tp>_change, <metric>_<tp>_change_pct`` (follow-ups).
+    <metric>_<tp>..., <metric>_<tp>_change, <metric>_<tp>_change_pct`` (follow-ups), and
+    with uncertainty columns ``<metric>_<tp>_lsc`` (least significant change) and
+    ``<metric>_<tp>_significant`` (the change exceeds it).
     """
+    from qctfea.uncertainty import least_significant_change
+
     _check_metrics(df, metrics)
     tps = [str(t) for t in timepoint_months(df).index]
     base_tp = tps[0]
@@ -667,6 +738,15 @@ def wide_table(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
                 pct = np.where(b != 0, 100.0 * ch / b, np.nan)
             out[f"{metric}_{tp}_change"] = ch
             out[f"{metric}_{tp}_change_pct"] = pct
+        if f"{metric}_sd_scan" in df.columns:  # uncertainty.enabled: the LSC per follow-up
+            sd = _values(df, f"{metric}_sd_scan").reindex(index=patients)
+            for tp in tps[1:]:
+                lsc = least_significant_change(sd[base_tp].to_numpy(), sd[tp].to_numpy())
+                ch = out[f"{metric}_{tp}_change"].to_numpy()
+                out[f"{metric}_{tp}_lsc"] = lsc
+                out[f"{metric}_{tp}_significant"] = pd.array(
+                    [bool(abs(c) > m) if np.isfinite(c) and np.isfinite(m) else pd.NA
+                     for c, m in zip(ch, lsc, strict=True)], dtype="boolean")
     return out
 
 
@@ -699,8 +779,19 @@ def summary_by_timepoint(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
+def category_counts(values: pd.Series, known: Sequence[str]) -> tuple[int, str]:
+    """How many ``values`` are one of ``known``, and the counts as text ("F 3, M 1, not
+    given 1"): the known ones in their order, then any other value; empty is "not given"."""
+    counts = values.fillna("").astype(str).replace("", "not given").value_counts()
+    order = [k for k in known if k in counts] + sorted(k for k in counts.index
+                                                         if k not in known)
+    n = int(sum(counts[k] for k in known if k in counts))
+    return n, ", ".join(f"{k} {int(counts[k])}" for k in order)
+
+
 def baseline_characteristics(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Table 1: the cohort at its baseline timepoint (counts, then each metric)."""
+    """Table 1: the cohort at its baseline timepoint (counts, the sexes and clinical
+    categories of the baseline scans, then each metric)."""
     tpm = timepoint_months(df)
     base_tp = str(tpm.index[0])
     base = df[df["timepoint"] == base_tp]
@@ -725,6 +816,15 @@ def baseline_characteristics(df: pd.DataFrame, metrics: list[str]) -> pd.DataFra
     if "dxa_areal_bmd_g_cm2" in df.columns:
         n_dxa = int(pd.to_numeric(base["dxa_areal_bmd_g_cm2"], errors="coerce").notna().sum())
         rows.append(count_row("clinical DXA at baseline", n_dxa, f"{n_dxa} of {len(base)}"))
+    for name, col, known in (
+            ("sex (sample sheet)", "sex", ("F", "M")),
+            (f"vertebral strength category at {base_tp} (BCT, Keaveny et al. 2020)",
+             "strength_category", clinical.STRENGTH_CATEGORIES),
+            (f"trabecular vBMD category at {base_tp} (ACR QCT)", "vbmd_category",
+             clinical.VBMD_CATEGORIES)):
+        if col in df.columns:
+            n, text = category_counts(base[col], known)
+            rows.append(count_row(name, n, text))
     for metric in [*metrics, "calibration_r2"]:
         if metric not in df.columns:
             continue
@@ -807,8 +907,9 @@ def _lmm_rows(metric: str, model: str, sub: pd.DataFrame, X: np.ndarray, terms: 
             "var_patient": fit.var_group, "var_residual": fit.var_resid, "icc": fit.icc,
             "reml_loglik": fit.reml_loglik, "converged": fit.converged,
             "boundary": fit.boundary,
-            "note": "patient variance at 0 (boundary): equals ordinary least squares"
-            if fit.boundary else "",
+            "note": ("" if fit.converged else "REML fit did not converge; ")
+            + ("patient variance at 0 (boundary): equals ordinary least squares"
+               if fit.boundary else ""),
         })
     return rows
 
@@ -937,6 +1038,7 @@ def compare_correlations(
 def aggregate(
     sample_rows: list[dict], results_dir: str | os.PathLike, out_csv: str | os.PathLike,
     cases: Sequence[str] = ("compression", "pullout"),
+    clinical_cfg: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Read the per-scan JSONs of every sample and write the long table CSV.
 
@@ -946,13 +1048,16 @@ def aggregate(
     planning is left out (``tables/exclusions.csv`` lists it with the refusal).
 
     ``sample_rows`` are dicts with ``patient``, ``timepoint``, ``months`` and an
-    optional ``dxa`` (areal BMD in g/cm2, or None/NaN) and ``model_timepoint`` (whose mesh
-    the scan's model used; default its own). Files are read from
+    optional ``dxa`` (areal BMD in g/cm2, or None/NaN), ``sex`` (F/M, female/male; empty
+    or absent: not given) and ``model_timepoint`` (whose mesh the scan's model used;
+    default its own). ``clinical_cfg`` is the cohort config's ``clinical`` section (the
+    thresholds of the clinical categories; None: the published ones). Files are read from
     ``results_dir/<patient>/<timepoint>/`` (the mesh's from the model timepoint). A missing or unreadable file raises
     :class:`QctfeaError` naming the file, the patient and the timepoint.
     """
     if not sample_rows:
         raise QctfeaError("aggregate: no samples given; check the cohort sample sheet")
+    thresholds = clinical.clinical_params(clinical_cfg)
     root = Path(results_dir)
     rows = []
     for sample in sample_rows:
@@ -967,6 +1072,10 @@ def aggregate(
         where = f"patient {patient}, timepoint {timepoint}"
         if not math.isfinite(months):
             raise QctfeaError(f"aggregate: {where}: months is not a finite number")
+        try:
+            sex = clinical.sex_code(sample.get("sex"))
+        except ValueError as exc:
+            raise QctfeaError(f"aggregate: {where}, sex: {exc}") from None
         scan_dir = root / patient / timepoint
         # A follow-up registered to baseline uses the baseline's mesh.
         model_dir = root / patient / str(sample.get("model_timepoint") or timepoint)
@@ -1003,11 +1112,15 @@ def aggregate(
                 data["mesh"],
                 data["calibration"],
                 None if math.isnan(dxa) else dxa,
+                sex,
+                thresholds,
             )
             if "pullout" in cases:
                 row |= placement_columns(data["screws"])
             if model_dir != scan_dir:  # a follow-up on its baseline's model: registration QC
                 row |= registration_columns(read_json(scan_dir / "registration.json"))
+            if (scan_dir / "uncertainty.json").is_file():  # uncertainty.enabled
+                row |= uncertainty_columns(read_json(scan_dir / "uncertainty.json"))
         except QctfeaError as exc:
             raise QctfeaError(f"{where} ({scan_dir}): {exc}") from exc
         rows.append(row)
@@ -1028,6 +1141,7 @@ TABLE_FILES: dict[str, str] = {
     "change_from_baseline": "change_from_baseline.csv",
     "summary_by_timepoint": "summary_by_timepoint.csv",
     "baseline_characteristics": "baseline_characteristics.csv",
+    "least_significant_change": "least_significant_change.csv",
 }
 
 #: File names written by :func:`statistics` (in the stats folder).
@@ -1056,6 +1170,8 @@ def tables(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
         "change_from_baseline": change_from_baseline(df, metrics),
         "summary_by_timepoint": summary_by_timepoint(df, metrics),
         "baseline_characteristics": baseline_characteristics(df, metrics),
+        # empty (header only) without uncertainty columns (uncertainty.enabled: false)
+        "least_significant_change": least_significant_changes(df, metrics),
     }
     paths = {}
     for name, frame in frames.items():
@@ -1148,7 +1264,8 @@ def _change_sentence(metric: str, c: Mapping[str, Any], base_tp: str,
          f"Wilcoxon p {_fmt_p(c['p_wilcoxon'])} (Holm {_fmt_p(c['p_wilcoxon_holm'])})")
     sel = lmm[(lmm["metric"] == metric) & (lmm["model"] == "timepoint")
               & (lmm["term"] == f"{c['timepoint']} - {base_tp}")]
-    if not sel.empty and math.isfinite(float(sel.iloc[0]["estimate"])):
+    if (not sel.empty and math.isfinite(float(sel.iloc[0]["estimate"]))
+            and bool(sel.iloc[0]["converged"])):  # a fit that did not converge: no numbers
         m = sel.iloc[0]
         est, lo, hi = _fmt_est([float(m["estimate"]), float(m["ci_low"]), float(m["ci_high"])])
         sign = "+" if float(m["estimate"]) >= 0 else ""

@@ -7,7 +7,10 @@ table, from ``bmd.json``), pullout strength per side and compression strength (f
 load-case JSONs: ``strength_n``, ``stop_reason``; a result without a strength or without a
 file is shown as refused/missing with the reason), the change from the patient's baseline
 (earliest kept scan) in %, the force-displacement curves and the scan's QC pictures
-(embedded as ``data:`` URIs).
+(embedded as ``data:`` URIs). The overview gives the patient's sex (sample sheet) and each
+scan's clinical categories (long table, :mod:`qctfea.clinical`): vertebral strength by the
+BCT thresholds, trabecular vBMD by the ACR QCT classes, with the sources, the thresholds
+applied and what the categories cannot say.
 
 The 3D scene (three.js, bundled and inlined: ``assets/qctfea-three.min.js``, see
 ``assets/README.md``) shows the model the scans were solved on (the baseline's when
@@ -38,7 +41,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from qctfea import __version__
+from qctfea import __version__, clinical
+from qctfea.uncertainty import least_significant_change
+from qctfea.cohort import TEXT_COLUMNS
 from qctfea.provenance import QctfeaError, atomic_path
 
 #: bone tags (body, posterior elements) and the screws' tags (qctfea.meshing)
@@ -71,6 +76,10 @@ OUTCOMES = [
     ("ct_areal_bmd_g_cm2", "CT-derived areal BMD", "g/cm²", 3),
     ("dxa_areal_bmd_g_cm2", "clinical DXA areal BMD", "g/cm²", 3),
 ]
+#: the long table's column of each outcome key (the load cases' strengths)
+LONG_COLUMN = {"pullout_left": "pullout_strength_left_n",
+               "pullout_right": "pullout_strength_right_n",
+               "compression": "compression_strength_n"}
 #: per-set cap on the yielded-element points (every k-th drawn beyond it; the count shown is
 #: the full one): keeps a page of three timepoints below about 3 MB
 MAX_YIELDED_POINTS = 8_000
@@ -292,6 +301,24 @@ def _screws(path: Path, row: Mapping[str, Any]) -> list[dict]:
     return out
 
 
+def _text(v: Any) -> str:
+    """A text cell of the long table ('' for a missing one)."""
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
+def clinical_summary(rows: pd.DataFrame) -> dict | None:
+    """The patient's sex and the sources of the clinical categories of its scans (the long
+    table's rows); None for a long table without the categories."""
+    if not {"strength_category", "vbmd_category"} <= set(rows.columns):
+        return None
+    sexes = sorted({_text(v) for v in rows.get("sex", pd.Series(dtype=str))} - {""})
+    sources = [_text(v) for c in ("strength_category_source", "vbmd_category_source")
+               if c in rows.columns for v in dict.fromkeys(rows[c].dropna())]
+    return {"sex": ", ".join(sexes) or "not given", "sources": sources,
+            "bct": clinical.BCT_SOURCE, "acr": clinical.ACR_SOURCE,
+            "caveat": clinical.CAVEAT, "unknown_sex": clinical.UNKNOWN_SEX}
+
+
 def _data_uri(path: Path, compress: bool = True) -> str:
     """A PNG as a data: URI; with ``compress``, re-encoded with a 256-colour palette when
     that is smaller (about half the size for matplotlib figures, no visible change)."""
@@ -351,7 +378,7 @@ def write_patient_page(
     if not long_csv.is_file():
         raise QctfeaError(f"patient page: long table {long_csv} not found; run the "
                           "aggregate step first")
-    long = pd.read_csv(long_csv, dtype={"patient": str, "timepoint": str})
+    long = pd.read_csv(long_csv, dtype={"patient": str, "timepoint": str, **TEXT_COLUMNS})
     rows = long[long["patient"] == patient].sort_values("months", kind="mergesort")
     excl_path = Path(exclusions_csv) if exclusions_csv else res / "tables" / "exclusions.csv"
     excluded = []
@@ -379,7 +406,9 @@ def write_patient_page(
                      "file": name}
                     for name, cap in QC_PICTURES.items() if (d / name).is_file()]
         scans.append({"timepoint": tp, "months": _finite(row["months"]), "row": row,
-                      "dir": d, "cases": cases, "values": values, "pictures": pictures})
+                      "dir": d, "cases": cases, "values": values, "pictures": pictures,
+                      "strength_category": _text(row.get("strength_category")) or "–",
+                      "vbmd_category": _text(row.get("vbmd_category")) or "–"})
 
     # the model the scans were solved on: the baseline's (registered follow-ups) or own
     mt = model_timepoint or next((s["timepoint"] for s in scans
@@ -395,6 +424,8 @@ def write_patient_page(
         if not any(s["values"].get(key) is not None for s in scans):
             continue
         b = base["values"].get(key) if base else None
+        col = LONG_COLUMN.get(key, key)
+        sd_b = _finite(base["row"].get(f"{col}_sd_scan")) if base else None
         cells = []
         for s in scans:
             v = s["values"].get(key)
@@ -403,8 +434,19 @@ def write_patient_page(
                 text = f"{case['text']}"
             else:
                 text = _fmt(v, digits)
+            lo, hi = (_finite(s["row"].get(f"{col}_ci_{e}")) for e in ("low", "high"))
+            sd = _finite(s["row"].get(f"{col}_sd_scan"))
+            lsc = sig = None
+            if s is not base and None not in (v, b, sd, sd_b):
+                lsc = least_significant_change(sd_b, sd)
+                sig = abs(v - b) > lsc
             cells.append({"value": text, "change": "" if s is base or v is None else
-                          _fmt_pct(_pct(v, b))})
+                          _fmt_pct(_pct(v, b)),
+                          "interval": "" if None in (lo, hi) or v is None else
+                          f"{_fmt(lo, digits)}–{_fmt(hi, digits)}",
+                          "lsc": "" if lsc is None else
+                          f"LSC {_fmt(lsc, digits)}: {'significant' if sig else 'within LSC'}",
+                          "significant": sig})
         outcome_rows.append({"label": label, "unit": unit, "cells": cells})
     for s in scans:
         for key, c in s["cases"].items():
@@ -441,6 +483,7 @@ def write_patient_page(
         patient=patient, cohort=cohort_name, version=__version__,
         created=time.strftime("%Y-%m-%d %H:%M"), scans=scans, base=base,
         outcome_rows=outcome_rows, excluded=excluded, model_timepoint=mt, notes=notes,
+        clinical=clinical_summary(rows),
         # inserted with |safe: JSON and the library, made safe inside <script>
         geometry_json=_script_safe(json.dumps(geometry)) if geometry else None,
         three_js=_script_safe((pkg / "assets" / "qctfea-three.min.js").read_text("utf-8"))

@@ -4,7 +4,8 @@
 CSS, figures embedded as ``data:`` URIs, no scripts; links only to the per-patient pages
 beside it): the headline findings
 (each sentence with its numbers, from ``stats/summary.json``), what data were
-used and what was missing, Table 1, the tests over time, the mixed models, the
+used and what was missing, the clinical categories of every scan (with their sources and
+what they cannot say), Table 1, the tests over time, the mixed models, the
 correlations and their comparison, and the figures. It is also one of the
 results of the Snakemake report (``snakemake --report``).
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from qctfea import __version__, cohort
+from qctfea import __version__, clinical, cohort
 from qctfea.provenance import QctfeaError, atomic_path, read_json
 
 _CSS = """
@@ -142,6 +143,56 @@ def _placement_table(long_csv) -> pd.DataFrame | None:
     return out
 
 
+def _clinical_tables(long_csv) -> tuple[pd.DataFrame, pd.DataFrame, list[str]] | None:
+    """The clinical categories of the long table: counts per timepoint, one row per scan,
+    and the distinct threshold sources used; None without the columns."""
+    if long_csv is None or not Path(long_csv).is_file():
+        return None
+    df = pd.read_csv(long_csv, dtype={"patient": str, "timepoint": str,
+                                      **cohort.TEXT_COLUMNS})
+    if not {"strength_category", "vbmd_category"} <= set(df.columns) or df.empty:
+        return None
+    df = df.sort_values(["months", "patient"], kind="mergesort")
+    counts = []
+    for tp, g in df.groupby("timepoint", sort=False):
+        row = {"timepoint": tp, "scans": len(g)}
+        for col, what, known in (("strength_category", "strength", clinical.STRENGTH_CATEGORIES),
+                                 ("vbmd_category", "vBMD", clinical.VBMD_CATEGORIES)):
+            _, text = cohort.category_counts(g[col], known)
+            row[what] = text
+        counts.append(row)
+    scans = pd.DataFrame({
+        "patient": df["patient"], "timepoint": df["timepoint"],
+        "sex": df.get("sex", pd.Series("", index=df.index)).fillna("").replace("", "not given"),
+        "strength N": df["compression_strength_n"].map(
+            lambda v: f"{v:.0f}" if math.isfinite(v) else "n/a"),
+        "strength category": df["strength_category"].fillna(""),
+        "trabecular vBMD mg/cm³": df["trabecular_vbmd_mg_cm3"].map(
+            lambda v: f"{v:.1f}" if math.isfinite(v) else "n/a"),
+        "vBMD category": df["vbmd_category"].fillna("")})
+    sources = [str(v) for c in ("strength_category_source", "vbmd_category_source")
+               if c in df.columns for v in dict.fromkeys(df[c].dropna())]
+    return pd.DataFrame(counts), scans, sources
+
+
+def _clinical_section(long_csv) -> list[str]:
+    """The summary page's clinical categories: sources, caveat, counts and every scan."""
+    tables = _clinical_tables(long_csv)
+    if tables is None:
+        return []
+    counts, scans, sources = tables
+    return [
+        '<h2 id="clinical">Clinical categories</h2>',
+        "<p>Vertebral strength (FE compression strength) by the Biomechanical CT thresholds, "
+        f"by sex: {_esc(clinical.BCT_SOURCE)}. Trabecular vBMD by the ACR QCT classes: "
+        f"{_esc(clinical.ACR_SOURCE)}. A patient without a sex in the sample sheet has the "
+        f"strength category “{_esc(clinical.UNKNOWN_SEX)}”. Thresholds "
+        "applied (tables/longitudinal.csv, columns *_category_source):</p><ul>"
+        + "".join(f"<li>{_esc(x)}</li>" for x in sources) + "</ul>",
+        f'<p class="note">{_esc(clinical.CAVEAT)}</p>',
+        html_table(counts), html_table(scans)]
+
+
 def summary_page(
     summary_json: str | os.PathLike,
     table_files: Mapping[str, str | os.PathLike],
@@ -212,6 +263,7 @@ def summary_page(
                      'mm and its direction (medial: towards the spinal canal). Follow-ups use '
                      'their baseline\'s screws. Pictures: screws.png of each scan folder.</p>')
         parts.append(html_table(placement))
+    parts += _clinical_section(table_files.get("longitudinal"))
     if "baseline_characteristics" in t:
         parts.append('<h2 id="table1">Table 1: baseline characteristics</h2>')
         parts.append(html_table(t["baseline_characteristics"], {

@@ -17,6 +17,10 @@ subregions  no        vertebra sub-region map (NIfTI/NRRD/MHA; VerSe/TPTBox: 41-
 landmarks   see note  JSON with ``left``/``right`` ``entry_mm`` and ``target_mm``
 dxa         no        clinical DXA areal BMD: a number (g/cm²) or a JSON file
                       with key ``areal_bmd_g_cm2``; empty when not measured
+sex         no        ``F`` or ``M`` (``female``/``male`` accepted, any case; read as
+                      ``F``/``M``): sets the sex-specific vertebral strength thresholds
+                      of :mod:`qctfea.clinical`; empty or absent: the strength category
+                      is "unknown (sex not given)"
 ==========  ========  ===============================================================
 
 The landmarks column may be empty or absent when the cohort config plans the
@@ -38,6 +42,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qctfea.clinical import sex_code
 from qctfea.provenance import QctfeaError, read_json
 
 REQUIRED = ["patient", "timepoint", "months", "image", "labels"]
@@ -73,7 +78,7 @@ def read_sample_sheet(path: str | Path, planning_method: str | None = None) -> p
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise QctfeaError(f"{path}: missing column(s) {missing}; required: {REQUIRED}")
-    for col in ("landmarks", "dxa", "subregions"):
+    for col in ("landmarks", "dxa", "subregions", "sex"):
         if col not in df.columns:
             df[col] = ""
     for i, row in df.iterrows():
@@ -103,7 +108,12 @@ def read_sample_sheet(path: str | Path, planning_method: str | None = None) -> p
             if not ok:
                 raise QctfeaError(f"{path}, line {line}, column dxa: {dxa!r} is neither an areal "
                                   "BMD > 0 in g/cm² nor a .json file; correct it or leave it empty")
+        try:
+            df.at[i, "sex"] = sex_code(row["sex"])
+        except ValueError as exc:
+            raise QctfeaError(f"{path}, line {line}, column sex: {exc}") from None
     df["months"] = df["months"].astype(float)
+    _check_one_sex(df, path)
     dup = df[df.duplicated(["patient", "timepoint"], keep=False)]
     if len(dup):
         where = "; ".join(
@@ -112,6 +122,15 @@ def read_sample_sheet(path: str | Path, planning_method: str | None = None) -> p
         raise QctfeaError(f"{path}: duplicated patient x timepoint rows ({where}); keep one row "
                           "per scan: remove the extra row or correct its timepoint")
     return df
+
+
+def _check_one_sex(df: pd.DataFrame, path: Path) -> None:
+    """A patient's rows must not give different sexes (empty cells are not counted)."""
+    for patient, g in df[df["sex"] != ""].groupby("patient", sort=True):
+        if g["sex"].nunique() > 1:
+            where = ", ".join(f"line {i + 2}: {v}" for i, v in g["sex"].items())
+            raise QctfeaError(f"{path}: patient {patient} has different sexes ({where}); "
+                              "correct the sex column")
 
 
 def dxa_value(value: str) -> float | None:

@@ -3,19 +3,22 @@
 Every function here is checked in ``tests/test_stats.py`` against an
 independent computation or a published worked example:
 
-* :func:`describe` -- n, mean, SD, median, IQR and a t-based CI of the mean;
-* :func:`paired_tests` -- paired t test and Wilcoxon signed-rank test;
-* :func:`holm` -- Holm (1979) step-down adjusted p values;
-* :func:`friedman` -- Friedman test over k related samples (complete cases);
-* :func:`pearson_with_ci` -- Pearson r, Fisher-z CI, Spearman rho;
+* :func:`describe` -- n, mean, SD, median, IQR and the t-based CI of the mean
+  (scipy's one-sample t test);
+* :func:`paired_tests` -- paired t test and Wilcoxon signed-rank test (scipy);
+* :func:`holm` -- Holm (1979) step-down adjusted p values (statsmodels);
+* :func:`friedman` -- Friedman test over k related samples (complete cases; scipy);
+* :func:`pearson_with_ci` -- Pearson r with scipy's Fisher-z CI, Spearman rho;
 * :func:`williams_t`, :func:`steiger_z` -- two dependent correlations sharing
-  one variable (Williams 1959 T2; Steiger 1980 eq. 15 with the pooled r);
+  one variable (Williams 1959 T2; Steiger 1980 eq. 15 with the pooled r), written
+  out here as no maintained library has them;
 * :func:`random_intercept_lmm` -- linear mixed model with a random intercept
-  per group, fitted by REML (profiled over the variance ratio).
+  per group, fitted by REML with statsmodels' MixedLM.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Sequence
@@ -23,10 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import optimize
 from scipy import stats as sps
+from statsmodels.regression.linear_model import OLS
+from statsmodels.regression.mixed_linear_model import MixedLM, MixedLMParams
+from statsmodels.stats.multitest import multipletests
 
 NAN = math.nan
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- descriptives
@@ -34,7 +40,8 @@ NAN = math.nan
 
 def describe(values: Any, alpha: float = 0.05) -> dict[str, float]:
     """n, mean, SD (n-1), median, quartiles (linear interpolation), min, max and
-    the t-based ``1 - alpha`` CI of the mean, ignoring NaN."""
+    the t-based ``1 - alpha`` CI of the mean (``mean +- t_{1-alpha/2, n-1} SD / sqrt(n)``,
+    scipy's one-sample t test), ignoring NaN."""
     x = np.asarray(values, dtype=float).ravel()
     x = x[np.isfinite(x)]
     n = int(len(x))
@@ -46,9 +53,10 @@ def describe(values: Any, alpha: float = 0.05) -> dict[str, float]:
                q1=float(np.percentile(x, 25)), q3=float(np.percentile(x, 75)),
                min=float(x.min()), max=float(x.max()))
     if n >= 2:
-        sd = float(x.std(ddof=1))
-        half = float(sps.t.ppf(1 - alpha / 2, n - 1)) * sd / math.sqrt(n)
-        out.update(sd=sd, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy's precision-loss warning: constant x
+            ci = sps.ttest_1samp(x, 0.0).confidence_interval(confidence_level=1 - alpha)
+        out.update(sd=float(x.std(ddof=1)), ci_low=float(ci.low), ci_high=float(ci.high))
     return out
 
 
@@ -102,18 +110,14 @@ def paired_tests(b: Any, f: Any) -> dict[str, float]:
 def holm(pvalues: Any) -> np.ndarray:
     """Holm (1979) step-down adjusted p values; NaN entries stay NaN and are not counted.
 
-    With the m finite p values sorted ascending, ``p_(i) * (m - i + 1)``, made
-    monotone by a running maximum and capped at 1.
+    statsmodels' ``multipletests(method="holm")`` on the m finite p values: sorted
+    ascending, ``p_(i) * (m - i + 1)``, made monotone by a running maximum and capped at 1.
     """
     p = np.asarray(pvalues, dtype=float).ravel()
     out = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    m = len(ok)
-    if m == 0:
-        return out
-    order = ok[np.argsort(p[ok], kind="mergesort")]
-    adj = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
-    out[order] = adj
+    ok = np.isfinite(p)
+    if ok.any():
+        out[ok] = multipletests(p[ok], method="holm")[1]
     return out
 
 
@@ -151,7 +155,7 @@ def pearson_with_ci(x: Any, y: Any, alpha: float = 0.05) -> dict[str, float]:
 
     Pairs with a NaN in either variable are dropped. With fewer than 3 pairs
     or a constant variable every statistic is NaN (``n`` is still reported);
-    with exactly 3 pairs the CI is NaN. The CI is
+    with exactly 3 pairs the CI is NaN. The CI is scipy's Fisher-z interval,
     ``tanh(atanh(r) +- z_{1-alpha/2} / sqrt(n - 3))``.
     """
     xa = np.asarray(x, dtype=float).ravel()
@@ -171,20 +175,13 @@ def pearson_with_ci(x: Any, y: Any, alpha: float = 0.05) -> dict[str, float]:
         warnings.simplefilter("ignore")
         pr = sps.pearsonr(xa, ya)
         sr = sps.spearmanr(xa, ya)
-    r = float(np.clip(pr.statistic, -1.0, 1.0))
-    out["r"] = r
+        if n > 3:  # scipy gives (-1, 1) for n = 3
+            ci = pr.confidence_interval(confidence_level=1.0 - alpha)
+            out["ci_low"], out["ci_high"] = float(ci.low), float(ci.high)
+    out["r"] = float(np.clip(pr.statistic, -1.0, 1.0))
     out["p"] = float(pr.pvalue)
     out["rho_spearman"] = float(sr.statistic)
     out["p_spearman"] = float(sr.pvalue)
-    if n > 3:
-        zcrit = float(sps.norm.ppf(1.0 - alpha / 2.0))
-        if abs(r) >= 1.0:
-            out["ci_low"] = out["ci_high"] = r
-        else:
-            z = math.atanh(r)
-            se = 1.0 / math.sqrt(n - 3)
-            out["ci_low"] = math.tanh(z - zcrit * se)
-            out["ci_high"] = math.tanh(z + zcrit * se)
     return out
 
 
@@ -245,17 +242,37 @@ def steiger_z(r12: float, r13: float, r23: float, n: int) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- mixed model
 
+#: statsmodels' optimisers, tried in turn until one converges. Not its default (BFGS, then
+#: L-BFGS, then CG): where the REML criterion is flat BFGS can stop short, and L-BFGS then
+#: reports convergence away from the optimum; Nelder-Mead does not.
+_METHODS = ["bfgs", "nm"]
+#: BFGS's gradient tolerance (on the REML criterion per observation as a function of the
+#: square root of the variance ratio, so scale-free). statsmodels' default (1e-5) leaves the
+#: variances about 1e-5 (relative) from the optimum; 1e-8 brings them to about 1e-8.
+_GTOL = 1e-8
+#: A fit counts as converged only if statsmodels says so and its gradient (as for _GTOL)
+#: is at most this.
+_SCORE_TOL = 1e-4
+#: A variance ratio just above the boundary, where statsmodels can still evaluate its REML
+#: criterion (it inverts the random-effects covariance); used to check that the boundary
+#: solution is a maximum (the criterion decreases away from it).
+_RATIO_NEAR_0 = 1e-6
+
 
 @dataclass
 class LmmResult:
-    """Random-intercept linear mixed model fitted by REML.
+    """Random-intercept linear mixed model fitted by REML (statsmodels' MixedLM).
 
     ``y_ij = x_ij' beta + u_i + e_ij``, ``u_i ~ N(0, var_group)``,
-    ``e_ij ~ N(0, var_resid)``. ``se`` from ``var_resid * (X' H^-1 X)^-1``;
-    ``df`` is the between-within denominator df (``n_obs - n_groups - (p - 1)``,
-    the residual df of the two-way subject x time layout for balanced data),
-    used for ``p`` (t distribution); ``p_z`` is the normal (Wald z) p as in
-    statsmodels' MixedLM.
+    ``e_ij ~ N(0, var_resid)``. ``se`` from ``var_resid * (X' H^-1 X)^-1`` (the GLS
+    covariance of beta at the REML variances; statsmodels' ``bse_fe`` differs slightly, as
+    it inverts the Hessian of all parameters together); ``df`` is the between-within
+    denominator df (``n_obs - n_groups - (p - 1)``, the residual df of the two-way
+    subject x time layout for balanced data), used for ``p`` and :meth:`ci`
+    (t distribution); ``p_z`` is the normal (Wald z) p as in statsmodels' MixedLM.
+    ``converged`` is False when the optimiser did not converge (the numbers are then
+    not to be used; a warning is logged); ``boundary`` is True when the REML optimum is
+    ``var_group = 0``, where the fit equals ordinary least squares.
     """
 
     names: list[str]
@@ -297,50 +314,30 @@ class LmmResult:
         return self.var_group / tot if tot > 0 else NAN
 
 
-def _reml_parts(lam: float, groups: list[tuple[np.ndarray, np.ndarray]], p: int):
-    """A, b, beta, Q, sum log(1 + n_i lam) of the scaled model (V = s2 (I + lam 11'))."""
-    A = np.zeros((p, p))
-    bvec = np.zeros(p)
-    logdet = 0.0
-    for X, y in groups:
-        ni = len(y)
-        c = lam / (1.0 + ni * lam)
-        sx = X.sum(axis=0)
-        A += X.T @ X - c * np.outer(sx, sx)
-        bvec += X.T @ y - c * sx * y.sum()
-        logdet += math.log1p(ni * lam)
-    beta = np.linalg.solve(A, bvec)
-    Q = 0.0
-    for X, y in groups:
-        ni = len(y)
-        c = lam / (1.0 + ni * lam)
-        r = y - X @ beta
-        Q += float(r @ r - c * r.sum() ** 2)
-    return A, beta, Q, logdet
-
-
-def _reml_profile(lam: float, groups, p: int, n: int) -> float:
-    """Profiled REML log-likelihood at variance ratio ``lam`` (full constant included)."""
-    A, _, Q, logdet = _reml_parts(lam, groups, p)
-    dof = n - p
-    if Q <= 0:
-        return -math.inf
-    sign, logdet_a = np.linalg.slogdet(A)
-    if sign <= 0:
-        return -math.inf
-    return -0.5 * (dof * (math.log(Q / dof) + 1.0 + math.log(2 * math.pi)) + logdet + logdet_a)
+def _ols_reml_loglik(ols: Any, X: np.ndarray) -> float:
+    """REML log-likelihood of the linear model (statsmodels' MixedLM criterion in the
+    limit ``var_group -> 0``, which it cannot evaluate at 0 itself):
+    ``-((N - p) (log(RSS / (N - p)) + 1 + log 2 pi) + log |X'X|) / 2``."""
+    dof = ols.df_resid
+    _, logdet = np.linalg.slogdet(X.T @ X)
+    return float(-0.5 * (dof * (math.log(ols.scale) + 1.0 + math.log(2 * math.pi)) + logdet))
 
 
 def random_intercept_lmm(
     y: Any, X: Any, groups: Sequence[Any], names: Sequence[str] | None = None
 ) -> LmmResult:
-    """Fit ``y ~ X + (1 | group)`` by REML.
+    """Fit ``y ~ X + (1 | group)`` by REML with statsmodels' MixedLM.
 
     ``X`` is the fixed-effects design (n x p, intercept included by the caller);
-    rows with NaN in ``y`` or ``X`` are dropped. The variance ratio
-    ``lam = var_group / var_resid >= 0`` is found by a grid over log10(lam) in
-    [-8, 6] followed by bounded Brent refinement, with lam = 0 (ordinary least
-    squares) as a candidate; ``boundary`` is True when lam = 0 wins.
+    rows with NaN in ``y`` or ``X`` are dropped. statsmodels cannot reach
+    ``var_group = 0`` (it optimises over the square root of the variance ratio and
+    inverts the random-effects covariance), so the boundary is a candidate of its own:
+    when the REML criterion of ordinary least squares is at least the one statsmodels
+    found, ``boundary`` is True and the fit is statsmodels' OLS (``var_group = 0``).
+    The boundary solution counts as converged when the criterion decreases away from it
+    (whether or not statsmodels converged on its way there, or failed with a singular
+    matrix). A fit that did not converge is returned with ``converged = False`` and
+    logged as a warning, with statsmodels' messages.
     Raises ``ValueError`` for a rank-deficient design or too few observations.
     """
     ya = np.asarray(y, dtype=float).ravel()
@@ -351,44 +348,57 @@ def random_intercept_lmm(
     if not (len(ya) == len(Xa) == len(g)):
         raise ValueError("random_intercept_lmm: y, X and groups differ in length")
     keep = np.isfinite(ya) & np.all(np.isfinite(Xa), axis=1)
-    ya, Xa, g = ya[keep], Xa[keep], g[keep]
+    ya, Xa, g = ya[keep], Xa[keep], g[keep].astype(str)
     n, p = Xa.shape
     names = list(names) if names is not None else [f"x{i}" for i in range(p)]
     if np.linalg.matrix_rank(Xa) < p:
         raise ValueError("random_intercept_lmm: the fixed-effects design is rank deficient")
-    labels, inv = np.unique(g.astype(str), return_inverse=True)
-    n_groups = len(labels)
+    n_groups = len(np.unique(g))
     if n - p < 1 or n_groups < 2:
         raise ValueError(f"random_intercept_lmm: too few observations ({n} in {n_groups} "
                          f"groups for {p} fixed effects)")
-    grp = [(Xa[inv == i], ya[inv == i]) for i in range(n_groups)]
 
-    def negll(loglam: float) -> float:
-        return -_reml_profile(10.0**loglam, grp, p, n)
-
-    grid = np.linspace(-8.0, 6.0, 57)
-    vals = np.array([negll(v) for v in grid])
-    i = int(np.argmin(vals))
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    converged = True
-    best_loglam, best_val = grid[i], vals[i]
-    if hi > lo:
-        res = optimize.minimize_scalar(negll, bounds=(lo, hi), method="bounded",
-                                       options={"xatol": 1e-10, "maxiter": 500})
-        converged = bool(res.success)
-        if res.fun <= best_val:
-            best_loglam, best_val = float(res.x), float(res.fun)
-    lam = 10.0**best_loglam
-    ll0 = _reml_profile(0.0, grp, p, n)
-    boundary = ll0 >= -best_val
+    model = MixedLM(ya, Xa, groups=g)
+    fit, failure = None, []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fit = model.fit(reml=True, method=_METHODS, gtol=_GTOL)
+        except np.linalg.LinAlgError as exc:
+            # statsmodels raises this when its optimiser ends very near the boundary
+            failure = [f"statsmodels failed: {exc}"]
+    messages = "; ".join(dict.fromkeys(
+        [str(w.message) for w in caught if "have no effect" not in str(w.message)] + failure))
+    ols = OLS(ya, Xa).fit()
+    ll0 = _ols_reml_loglik(ols, Xa)
+    boundary = fit is None or not fit.llf > ll0  # NaN too
     if boundary:
-        lam = 0.0
-    A, beta, Q, _ = _reml_parts(lam, grp, p)
-    s2 = Q / (n - p)
-    cov = s2 * np.linalg.inv(A)
+        # A maximum at 0 when the criterion decreases away from it (statsmodels usually
+        # reports non-convergence here, approaching the boundary without reaching it).
+        near = MixedLMParams.from_components(fe_params=np.zeros(p),
+                                             cov_re=np.array([[_RATIO_NEAR_0]]))
+        converged = bool(model.loglike(near, profile_fe=True) <= ll0)
+        beta, cov, var_group, var_resid, loglik = (
+            np.asarray(ols.params), np.asarray(ols.cov_params()), 0.0, float(ols.scale), ll0)
+    else:
+        packed = fit.params_object.get_packed(use_sqrt=model.use_sqrt, has_fe=False)
+        score = float(np.max(np.abs(model.score(packed, profile_fe=True)))) / n
+        converged = bool(fit.converged) and score <= _SCORE_TOL
+        if bool(fit.converged) and not converged:
+            messages += f"{'; ' if messages else ''}gradient {score:.2g} per observation"
+        hess, _ = model.hessian(fit.params_object)
+        beta = np.asarray(fit.fe_params)
+        cov = np.linalg.inv(-hess[:p, :p])  # the fixed effects' block alone: GLS covariance
+        var_group, var_resid = float(np.asarray(fit.cov_re)[0, 0]), float(fit.scale)
+        loglik = float(fit.llf)
+    if not converged:
+        log.warning("random_intercept_lmm: REML fit (%d observations in %d groups) did not "
+                    "converge: %s", n, n_groups, messages or "no message")
+    elif messages:
+        log.debug("random_intercept_lmm: statsmodels: %s", messages)
     return LmmResult(
         names=names, beta=beta, se=np.sqrt(np.diag(cov)), cov=cov,
-        var_group=lam * s2, var_resid=s2, reml_loglik=_reml_profile(lam, grp, p, n),
+        var_group=var_group, var_resid=var_resid, reml_loglik=loglik,
         n_obs=int(n), n_groups=int(n_groups), df=float(n - n_groups - (p - 1)),
-        converged=converged, boundary=bool(boundary),
+        converged=converged, boundary=boundary,
     )

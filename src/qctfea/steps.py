@@ -108,6 +108,13 @@ _INPUTS = {
     "screws": ("screws file", "run the screws step first (rule plan_screws)"),
     "mesh": ("mesh", "run the mesh step first (rule mesh_vertebra)"),
     "materials": ("materials file", "run the materials step first (rule assign_materials)"),
+    "calibration": ("calibration record", "run the calibrate step first (rule "
+                    "calibrate_density)"),
+    "bmd": ("BMD record", "run the BMD step first (rule measure_bmd)"),
+    "strength": ("strength record", "run the solves and their gate first (rule "
+                 "accept_strength)"),
+    "registration": ("registration record", "run the registration first (rule "
+                     "register_to_baseline)"),
 }
 
 
@@ -532,7 +539,7 @@ def accept_strength(result_paths, out_json, context: str) -> None:
     for p in result_paths:
         if not Path(p).exists():
             raise QctfeaError(f"{context}: load-case result {p} is missing; run the solve step "
-                              "(rules solve_compression, solve_pullout) first")
+                              "(rule solve) first")
     results = {Path(p).stem: read_json(p) for p in result_paths}
     refused = [r["refused"] for r in results.values() if r.get("refused")]
     if refused:
@@ -585,6 +592,54 @@ def bmd(density_path, parts_path, screws_path, out_json, cfg: dict, context: str
     _log(f"[bmd] {context}: trabecular {res['trabecular_vbmd_mg_cm3']:.1f} mg/cm³, around screw "
          + ", ".join(f"{k} {v:.1f}" for k, v in res["around_screw_vbmd_mg_cm3"].items())
          + f", aBMD {res['areal_bmd_g_cm2']:.3f} g/cm²")
+
+
+def uncertainty(*, calibration_json, bmd_json, density_path, parts_path, strength_json,
+                screws_path, registration_json, out_json, cfg: dict, materials_cfg: dict,
+                bmd_cfg: dict, context: str, seed_key: str) -> None:
+    """Intervals and per-scan SDs of the scan's vBMD and strengths (uncertainty.json; see
+    :mod:`qctfea.uncertainty`). ``screws_path`` None: a model without screws;
+    ``registration_json`` None: a baseline (or registration off)."""
+    from qctfea import bmd as bmd_mod
+    from qctfea import masks
+    from qctfea import materials as mat
+    from qctfea import uncertainty as unc
+
+    p = params_from(unc.UncertaintyParams, cfg, "uncertainty")
+    mp = params_from(mat.MaterialParams, materials_cfg, "materials")
+    bp = params_from(bmd_mod.BmdParams, bmd_cfg, "bmd")
+    _need(context, calibration=calibration_json, bmd=bmd_json, density=density_path,
+          parts=parts_path, strength=strength_json, screws=screws_path,
+          registration=registration_json)
+    t0 = time.perf_counter()
+    dens, arr = _read_density(density_path, context)
+    lab = sitk.GetArrayFromImage(_read_image(parts_path, "vertebra parts image", context))
+    vert = np.isin(lab, masks.BONE_PARTS)
+    idx = np.argwhere(vert)
+    cases = read_json(strength_json)["cases"]
+    reg = read_json(registration_json) if registration_json else {}
+    inp = unc.ScanInputs(
+        calibration=read_json(calibration_json), bmd=read_json(bmd_json),
+        density=arr[vert].astype(float), points_mm=masks.voxel_centres_mm(dens, idx),
+        body=np.isin(lab[vert], (masks.BODY, masks.TRABECULAR)),
+        screws=load_screws(screws_path),
+        strength={"compression": cases.get("compression", {}).get("strength_n"),
+                  **{side: cases.get(f"pullout_{side}", {}).get("strength_n")
+                     for side in ("left", "right")}},
+        yield_fn=lambda rho: mat.yield_mpa(rho, mp),
+        follow_up=registration_json is not None,
+        registration_spread_mm=float(reg.get("point_spread_mm") or 0.0), shell_mm=bp.shell_mm)
+    res = unc.scan_uncertainty(p, inp, seed_key)
+    write_json(out_json, {
+        "outcomes": res, "level": p.level, "draws": p.draws,
+        "calibration_note": inp.calibration.get("uncertainty_note", ""),
+        "strength_scheme": "yield-weighted (qctfea.uncertainty; docs/uncertainty.md)",
+        "seconds": time.perf_counter() - t0,
+        "provenance": provenance("uncertainty", p, {
+            "calibration": calibration_json, "bmd": bmd_json, "density": density_path,
+            "parts": parts_path, "strength": strength_json})})
+    _log(f"[uncertainty] {context}: " + ", ".join(
+        f"{k} {v['value']:.4g} [{v['ci_low']:.4g}, {v['ci_high']:.4g}]" for k, v in res.items()))
 
 
 # --- registration -------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from qctfea.provenance import QctfeaError
 
 BEGIN_MARK = "<!-- throughput:begin -->"
 END_MARK = "<!-- throughput:end -->"
-SOLVE_RULES = ("solve_compression", "solve_pullout")  #: rule names (sides stripped)
+#: the solve rule's benchmark names, one per load case (solve_<case>.tsv, sides stripped)
+SOLVE_RULES = ("solve_compression", "solve_pullout")
 
 
 def cohort_summary(name: str, bench_root: Path, results_root: Path) -> dict:

@@ -14,12 +14,20 @@ rule aggregate_cohort:
     input:
         bmd=scan_outputs("bmd.json"),
         compression=scan_outputs("compression.json"),
-        pullout=lambda w: [f"{RES}/{p}/{t}/pullout_{s}.json" for p, t in kept_scans()
-                           for s in SIDES] if PULLOUT else [],
+        pullout=lambda w: (
+            [f"{RES}/{p}/{t}/pullout_{s}.json" for p, t in kept_scans() for s in SIDES]
+            if PULLOUT
+            else []
+        ),
         mesh=lambda w: [f"{RES}/{p}/{model_timepoint(p, t)}/mesh.json" for p, t in kept_scans()],
-        screws=lambda w: [f"{RES}/{p}/{model_timepoint(p, t)}/screws.json"
-                          for p, t in kept_scans()] if PULLOUT else [],
+        screws=lambda w: (
+            [f"{RES}/{p}/{model_timepoint(p, t)}/screws.json" for p, t in kept_scans()]
+            if PULLOUT
+            else []
+        ),
         calibration=scan_outputs("calibration.json"),
+        # intervals and per-scan SDs (uncertainty.enabled)
+        uncertainty=scan_outputs("uncertainty.json") if UNCERTAINTY else [],
         dxa=get_dxa_files,
     output:
         report(
@@ -27,17 +35,21 @@ rule aggregate_cohort:
             caption="../report/longitudinal.rst",
             category="Tables",
         ),
-    params:
-        # every scan of the sheet; aggregate() leaves out those whose screws were refused
-        samples=[{**r, "model_timepoint": model_timepoint(r["patient"], r["timepoint"])}
-                 for r in SAMPLES.reset_index(drop=True).to_dict("records")],
-        # results/<cohort>, where the per-scan JSONs are: from the output, not hard-coded.
-        results=lambda wc, output: str(Path(output[0]).parent.parent),
-        cases=CASES,
     log:
         f"logs/{COHORT}/aggregate_cohort.log",
     conda:
         "../../envs/cohort.yaml"
+    params:
+        # every scan of the sheet; aggregate() leaves out those whose screws were refused
+        samples=[
+            {**r, "model_timepoint": model_timepoint(r["patient"], r["timepoint"])}
+            for r in SAMPLES.reset_index(drop=True).to_dict("records")
+        ],
+        # results/<cohort>, where the per-scan JSONs are: from the output, not hard-coded.
+        results=lambda wc, output: str(Path(output[0]).parent.parent),
+        cases=CASES,
+        # thresholds of the clinical categories (config section clinical; checked in common.smk)
+        clinical=CCFG.get("clinical") or {},
     script:
         "../scripts/aggregate_cohort.py"
 
@@ -45,8 +57,7 @@ rule aggregate_cohort:
 rule record_exclusions:
     input:
         # every model's screws: a refusal at planning is listed with its message
-        screws=lambda w: [f"{RES}/{p}/{t}/screws.json" for p, t in model_scans()]
-        if PULLOUT else [],
+        screws=lambda w: [f"{RES}/{p}/{t}/screws.json" for p, t in model_scans()] if PULLOUT else [],
         # every kept scan's load cases: a curve without a peak is listed with its reason
         results=lambda w: [f"{RES}/{p}/{t}/{n}" for p, t in kept_scans() for n in CASE_FILES],
     output:
@@ -55,16 +66,22 @@ rule record_exclusions:
             caption="../report/exclusions.rst",
             category="Tables",
         ),
-    params:
-        excluded=EXCLUDED,
-        scans=[{"patient": str(p), "timepoint": str(t), "months": float(m),
-                "screws": f"{RES}/{p}/{model_timepoint(p, t)}/screws.json" if PULLOUT else None,
-                "results": [f"{RES}/{p}/{t}/{n}" for n in CASE_FILES]}
-               for (p, t), m in SAMPLES["months"].items()],
     log:
         f"logs/{COHORT}/record_exclusions.log",
     conda:
         "../../envs/cohort.yaml"
+    params:
+        excluded=EXCLUDED,
+        scans=[
+            {
+                "patient": str(p),
+                "timepoint": str(t),
+                "months": float(m),
+                "screws": f"{RES}/{p}/{model_timepoint(p, t)}/screws.json" if PULLOUT else None,
+                "results": [f"{RES}/{p}/{t}/{n}" for n in CASE_FILES],
+            }
+            for (p, t), m in SAMPLES["months"].items()
+        ],
     script:
         "../scripts/record_exclusions.py"
 
@@ -135,12 +152,12 @@ rule cohort_figures:
             for p in (SCATTER_PREDICTORS if PULLOUT else [])
         ],
         svg=[f["svg"] for f in FIGURES.values()],
-    params:
-        cases=CASES,
     log:
         f"logs/{COHORT}/cohort_figures.log",
     conda:
         "../../envs/cohort.yaml"
+    params:
+        cases=CASES,
     script:
         "../scripts/cohort_figures.py"
 
@@ -157,15 +174,15 @@ rule qc_montage:
             labels={"picture": "{kind}"},
         ),
         svg=f"{RES}/figures/qc_{{kind}}.svg",
+    log:
+        f"logs/{COHORT}/qc_montage_{{kind}}.log",
+    wildcard_constraints:
+        kind="|".join(QC_PICTURES),
+    conda:
+        "../../envs/cohort.yaml"
     params:
         timepoints=timepoints_by_months(),
         picture=lambda wc: QC_PICTURES[wc.kind],
-    wildcard_constraints:
-        kind="|".join(QC_PICTURES),
-    log:
-        f"logs/{COHORT}/qc_montage_{{kind}}.log",
-    conda:
-        "../../envs/cohort.yaml"
     script:
         "../scripts/qc_montage.py"
 
@@ -184,17 +201,19 @@ rule summary_page:
             caption="../report/summary_page.rst",
             category="Summary",
         ),
-    params:
-        cohort=COHORT,
-        tables={**{k: f"{RES}/tables/{v}" for k, v in TABLE_FILES.items()},
-                "longitudinal": f"{RES}/tables/longitudinal.csv"},
-        stats={k: f"{RES}/stats/{v}" for k, v in STAT_FILES.items()},
-        # linked as patients/<patient>.html (rule patient_page)
-        patients=sorted(SAMPLES["patient"].astype(str).unique()),
     log:
         f"logs/{COHORT}/summary_page.log",
     conda:
         "../../envs/cohort.yaml"
+    params:
+        cohort=COHORT,
+        tables={
+            **{k: f"{RES}/tables/{v}" for k, v in TABLE_FILES.items()},
+            "longitudinal": f"{RES}/tables/longitudinal.csv",
+        },
+        stats={k: f"{RES}/stats/{v}" for k, v in STAT_FILES.items()},
+        # linked as patients/<patient>.html (rule patient_page)
+        patients=sorted(SAMPLES["patient"].astype(str).unique()),
     script:
         "../scripts/summary_page.py"
 
@@ -211,14 +230,14 @@ rule patient_page:
             category="Patients",
             labels={"patient": "{patient}"},
         ),
+    log:
+        f"logs/{COHORT}/patient_page_{{patient}}.log",
+    conda:
+        "../../envs/cohort.yaml"
     params:
         cohort=COHORT,
         # the 3D scene shows the model the patient's scans were solved on (the baseline's)
         # ("": the earliest kept scan with a mesh, i.e. each scan its own without registration)
         model_timepoint=lambda w: baseline_of(w.patient) if REGISTER else "",
-    log:
-        f"logs/{COHORT}/patient_page_{{patient}}.log",
-    conda:
-        "../../envs/cohort.yaml"
     script:
         "../scripts/patient_page.py"

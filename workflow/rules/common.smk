@@ -28,21 +28,26 @@ def check_schema(where, records, schema_name, kind, problems=()):
             elif e.validator == "additionalProperties":
                 extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
                 path, msg = path + [", ".join(extra)], (
-                    f"unknown {kind}; allowed: {', '.join(sorted(e.schema.get('properties', {})))}")
+                    f"unknown {kind}; allowed: {', '.join(sorted(e.schema.get('properties', {})))}"
+                )
             else:
                 msg = e.message
             name = ".".join(path) or "(top level)"
             meaning = props.get(path[0], {}).get("description") if path else None
-            problems.append(f"{where}{label}, {kind} {name}: {msg}"
-                            + (f" ({meaning})" if meaning else ""))
+            problems.append(
+                f"{where}{label}, {kind} {name}: {msg}" + (f" ({meaning})" if meaning else "")
+            )
     if problems:
         raise WorkflowError("invalid cohort input:\n  " + "\n  ".join(problems))
 
 
 def sheet_records(path):
     """(line label, row dict) of a tab-separated sample sheet; # comments and blank lines skipped."""
-    rows = [(n, line.split("\t")) for n, line in enumerate(Path(path).read_text().splitlines(), 1)
-            if line.strip() and not line.startswith("#")]
+    rows = [
+        (n, line.split("\t"))
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1)
+        if line.strip() and not line.startswith("#")
+    ]
     header = [c.strip() for c in rows[0][1]] if rows else []
     return [(f", line {n}", dict(zip(header, (c.strip() for c in cells)))) for n, cells in rows[1:]]
 
@@ -52,16 +57,25 @@ def exclusions(samples, entries, where):
     an entry that matches no scan of the sheet is an error naming it."""
     out = []
     for i, e in enumerate(entries):
-        rows = samples[(samples["patient"] == str(e["patient"]))
-                       & ((samples["timepoint"] == str(e["timepoint"])) if "timepoint" in e
-                          else True)]
+        rows = samples[
+            (samples["patient"] == str(e["patient"]))
+            & ((samples["timepoint"] == str(e["timepoint"])) if "timepoint" in e else True)
+        ]
         if rows.empty:
             raise WorkflowError(
                 f"{where}, key exclude.{i}: patient {e['patient']}"
                 + (f", timepoint {e['timepoint']}" if "timepoint" in e else "")
-                + " is not in the sample sheet; correct the ids or remove the entry")
-        out += [{"patient": r.patient, "timepoint": r.timepoint, "months": float(r.months),
-                 "reason": e["reason"]} for r in rows.itertuples()]
+                + " is not in the sample sheet; correct the ids or remove the entry"
+            )
+        out += [
+            {
+                "patient": r.patient,
+                "timepoint": r.timepoint,
+                "months": float(r.months),
+                "reason": e["reason"],
+            }
+            for r in rows.itertuples()
+        ]
     return out
 
 
@@ -94,6 +108,21 @@ def check_calibration():
 
 
 check_calibration()
+
+
+def check_clinical():
+    """The thresholds of the clinical categories (section clinical) as the aggregation will
+    read them: crossed thresholds (fragile not below normal) are refused before any job."""
+    from qctfea.clinical import clinical_params
+    from qctfea.provenance import QctfeaError
+
+    try:
+        clinical_params(CCFG.get("clinical"))
+    except QctfeaError as exc:
+        raise WorkflowError(f"{COHORT_DIR / 'config.yaml'}: {exc}") from exc
+
+
+check_clinical()
 SHEET = COHORT_DIR / CCFG.get("samples", "samples.tsv")
 #: "landmarks": screws from the sample sheet's landmarks files; "auto": from the vertebra mask
 PLANNING = (CCFG.get("planning") or {}).get("method", "landmarks")
@@ -103,9 +132,17 @@ CASES = (CCFG.get("loads") or {}).get("cases", ["compression", "pullout"])
 PULLOUT = "pullout" in CASES
 if SHEET.is_file():
     RECORDS = sheet_records(SHEET)
-    check_schema(SHEET, RECORDS, "samples.schema.yaml", "column", [
-        missing_landmarks(f"{SHEET}{label}") for label, row in RECORDS
-        if PULLOUT and PLANNING == "landmarks" and not row.get("landmarks")])
+    check_schema(
+        SHEET,
+        RECORDS,
+        "samples.schema.yaml",
+        "column",
+        [
+            missing_landmarks(f"{SHEET}{label}")
+            for label, row in RECORDS
+            if PULLOUT and PLANNING == "landmarks" and not row.get("landmarks")
+        ],
+    )
 SAMPLES = read_sample_sheet(SHEET, PLANNING if PULLOUT else None)
 SAMPLES = SAMPLES.set_index(["patient", "timepoint"], drop=False)
 EXCLUDED = exclusions(SAMPLES, CCFG.get("exclude") or [], COHORT_DIR / "config.yaml")
@@ -209,6 +246,16 @@ def model_accepted(w):
     return model_file("placement.json")(w) if PULLOUT else []
 
 
+def registration_record(w):
+    """A registered follow-up's registration.json; none for a model's own scan."""
+    if model_timepoint(w.patient, w.timepoint) == w.timepoint:
+        return []
+    return f"{RES}/{w.patient}/{w.timepoint}/registration.json"
+
+
+UNCERTAINTY = bool((CCFG.get("uncertainty") or {}).get("enabled", True))
+
+
 def model_density(w):
     """The density the scan's model is given: a registered follow-up's on the baseline grid."""
     if model_timepoint(w.patient, w.timepoint) == w.timepoint:
@@ -265,8 +312,12 @@ def patient_page_inputs(w):
         mt = model_timepoint(w.patient, t)
         files += [f"{d}/{n}" for n in CASE_FILES]
         files += [f"{d}/{n[:-5]}_curve.png" for n in CASE_FILES]
-        files += [f"{d}/bmd.json", f"{d}/roi.png", f"{d}/calibration.png",
-                  f"{d}/compression_fields.h5"]
+        files += [
+            f"{d}/bmd.json",
+            f"{d}/roi.png",
+            f"{d}/calibration.png",
+            f"{d}/compression_fields.h5",
+        ]
         if mt != t:
             files.append(f"{d}/registration.png")
         m = f"{RES}/{w.patient}/{mt}"
@@ -289,14 +340,24 @@ def get_final_outputs(wildcards):
     gates += [f"{RES}/{p}/{t}/strength.json" for p, t in SAMPLES.index]
     # Every scan's own results, requested here as well as by the tables: the tables wait for
     # the planning checkpoint before they list theirs, a dry-run shows these jobs anyway.
-    names = ["bmd.json", "compression.json"] + (
-        [f"pullout_{s}.json" for s in SIDES] if PULLOUT else [])
+    names = (
+        ["bmd.json", "compression.json"]
+        + ([f"pullout_{s}.json" for s in SIDES] if PULLOUT else [])
+        + (["uncertainty.json"] if UNCERTAINTY else [])
+    )
     per_scan = [f"{RES}/{p}/{t}/{n}" for p, t in SAMPLES.index for n in names]
-    return gates + per_scan + [
-        f"{RES}/tables/longitudinal.csv",
-        f"{RES}/stats/correlations.csv",
-        f"{RES}/stats/changes.csv",
-        f"{RES}/stats/summary.json",
-        f"{RES}/report/summary.html",
-    ] + [f"{RES}/report/patients/{p}.html"
-         for p in sorted(SAMPLES["patient"].astype(str).unique())]
+    return (
+        gates
+        + per_scan
+        + [
+            f"{RES}/tables/longitudinal.csv",
+            f"{RES}/stats/correlations.csv",
+            f"{RES}/stats/changes.csv",
+            f"{RES}/stats/summary.json",
+            f"{RES}/report/summary.html",
+        ]
+        + [
+            f"{RES}/report/patients/{p}.html"
+            for p in sorted(SAMPLES["patient"].astype(str).unique())
+        ]
+    )

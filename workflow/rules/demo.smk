@@ -9,15 +9,15 @@ if "demo" in CCFG:
             landmarks="resources/{cohort}/{patient}/{timepoint}/landmarks.json",
             dxa="resources/{cohort}/{patient}/{timepoint}/dxa.json",
             truth="resources/{cohort}/{patient}/{timepoint}/truth.json",
-        params:
-            months=get_months,
-            seed=CCFG.get("demo", {}).get("seed", 2021),
-            synth=CCFG.get("demo", {}).get("synth", {}),
         log:
             "logs/{cohort}/{patient}/{timepoint}/generate_demo_scan.log",
         benchmark:
             "benchmarks/{cohort}/{patient}/{timepoint}/generate_demo_scan.tsv"
         conda:
             "../../envs/imaging.yaml"
+        params:
+            months=get_months,
+            seed=CCFG.get("demo", {}).get("seed", 2021),
+            synth=CCFG.get("demo", {}).get("synth", {}),
         script:
             "../scripts/generate_demo_scan.py"

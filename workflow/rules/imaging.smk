@@ -7,14 +7,14 @@ rule ingest_scan:
     output:
         image=f"{RES}/{{patient}}/{{timepoint}}/ct.nii.gz",
         json=f"{RES}/{{patient}}/{{timepoint}}/scan.json",
-    params:
-        cfg=CCFG.get("ingest", {}),
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/ingest_scan.log",
     benchmark:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/ingest_scan.tsv"
     conda:
         "../../envs/imaging.yaml"
+    params:
+        cfg=CCFG.get("ingest", {}),
     script:
         "../scripts/ingest_scan.py"
 
@@ -26,16 +26,22 @@ rule calibrate_density:
     output:
         density=f"{RES}/{{patient}}/{{timepoint}}/density.nii.gz",
         json=f"{RES}/{{patient}}/{{timepoint}}/calibration.json",
-        png=report(f"{RES}/{{patient}}/{{timepoint}}/calibration.png", category="QC"),
-    params:
-        cfg=CCFG.get("calibration", {}),
-        label=target_label(),
+        png=report(
+            f"{RES}/{{patient}}/{{timepoint}}/calibration.png",
+            caption="../report/calibration.rst",
+            category="QC",
+            subcategory="Calibration",
+            labels={"patient": "{patient}", "timepoint": "{timepoint}"},
+        ),
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/calibrate_density.log",
     benchmark:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/calibrate_density.tsv"
     conda:
         "../../envs/imaging.yaml"
+    params:
+        cfg=CCFG.get("calibration", {}),
+        label=target_label(),
     script:
         "../scripts/calibrate_density.py"
 
@@ -48,14 +54,14 @@ rule extract_vertebra:
     output:
         parts=f"{RES}/{{patient}}/{{timepoint}}/vertebra.nii.gz",
         json=f"{RES}/{{patient}}/{{timepoint}}/vertebra.json",
-    params:
-        cfg=CCFG.get("mask", {}),
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/extract_vertebra.log",
     benchmark:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/extract_vertebra.tsv"
     conda:
         "../../envs/imaging.yaml"
+    params:
+        cfg=CCFG.get("mask", {}),
     script:
         "../scripts/extract_vertebra.py"
 
@@ -69,16 +75,22 @@ checkpoint plan_screws:
         parts=rules.extract_vertebra.output.parts,
     output:
         json=f"{RES}/{{patient}}/{{timepoint}}/screws.json",
-        png=report(f"{RES}/{{patient}}/{{timepoint}}/screws.png", category="QC"),
-    params:
-        cfg=CCFG.get("screw", {}),
-        planning=CCFG.get("planning", {}),
+        png=report(
+            f"{RES}/{{patient}}/{{timepoint}}/screws.png",
+            caption="../report/screws.rst",
+            category="QC",
+            subcategory="Screw placement",
+            labels={"patient": "{patient}", "timepoint": "{timepoint}"},
+        ),
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/plan_screws.log",
     benchmark:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/plan_screws.tsv"
     conda:
         "../../envs/imaging.yaml"
+    params:
+        cfg=CCFG.get("screw", {}),
+        planning=CCFG.get("planning", {}),
     script:
         "../scripts/plan_screws.py"
 
@@ -110,15 +122,21 @@ rule register_to_baseline:
         density=f"{RES}/{{patient}}/{{timepoint}}/density_baseline.nii.gz",
         json=f"{RES}/{{patient}}/{{timepoint}}/registration.json",
         tfm=f"{RES}/{{patient}}/{{timepoint}}/registration.tfm",
-        png=report(f"{RES}/{{patient}}/{{timepoint}}/registration.png", category="QC"),
-    params:
-        cfg=CCFG.get("registration", {}),
+        png=report(
+            f"{RES}/{{patient}}/{{timepoint}}/registration.png",
+            caption="../report/registration.rst",
+            category="QC",
+            subcategory="Registration",
+            labels={"patient": "{patient}", "timepoint": "{timepoint}"},
+        ),
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/register_to_baseline.log",
     benchmark:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/register_to_baseline.tsv"
     conda:
         "../../envs/imaging.yaml"
+    params:
+        cfg=CCFG.get("registration", {}),
     script:
         "../scripts/register_to_baseline.py"
 
@@ -132,14 +150,20 @@ rule measure_bmd:
         accepted=model_accepted,  # the planning gate: nothing is measured on refused screws
     output:
         json=f"{RES}/{{patient}}/{{timepoint}}/bmd.json",
-        png=report(f"{RES}/{{patient}}/{{timepoint}}/roi.png", category="QC"),
-    params:
-        cfg=CCFG.get("bmd", {}),
+        png=report(
+            f"{RES}/{{patient}}/{{timepoint}}/roi.png",
+            caption="../report/roi.rst",
+            category="QC",
+            subcategory="BMD regions",
+            labels={"patient": "{patient}", "timepoint": "{timepoint}"},
+        ),
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/measure_bmd.log",
     benchmark:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/measure_bmd.tsv"
     conda:
         "../../envs/imaging.yaml"
+    params:
+        cfg=CCFG.get("bmd", {}),
     script:
         "../scripts/measure_bmd.py"

@@ -10,17 +10,23 @@ rule mesh_vertebra:
         mesh=f"{RES}/{{patient}}/{{timepoint}}/mesh.xdmf",
         h5=f"{RES}/{{patient}}/{{timepoint}}/mesh.h5",
         json=f"{RES}/{{patient}}/{{timepoint}}/mesh.json",
-        png=report(f"{RES}/{{patient}}/{{timepoint}}/mesh.png", category="QC"),
-    params:
-        cfg=CCFG.get("mesh", {}),
-    resources:
-        mem_mb=4000,
+        png=report(
+            f"{RES}/{{patient}}/{{timepoint}}/mesh.png",
+            caption="../report/mesh.rst",
+            category="QC",
+            subcategory="Mesh",
+            labels={"patient": "{patient}", "timepoint": "{timepoint}"},
+        ),
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/mesh_vertebra.log",
     benchmark:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/mesh_vertebra.tsv"
     conda:
         "../../envs/model.yaml"
+    resources:
+        mem_mb=4000,
+    params:
+        cfg=CCFG.get("mesh", {}),
     script:
         "../scripts/mesh_vertebra.py"
 
@@ -35,15 +41,15 @@ rule assign_materials:
     output:
         npz=f"{RES}/{{patient}}/{{timepoint}}/materials.npz",
         json=f"{RES}/{{patient}}/{{timepoint}}/materials.json",
-    params:
-        cfg=CCFG.get("materials", {}),
-    resources:
-        mem_mb=4000,
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/assign_materials.log",
     benchmark:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/assign_materials.tsv"
     conda:
         "../../envs/model.yaml"
+    resources:
+        mem_mb=4000,
+    params:
+        cfg=CCFG.get("materials", {}),
     script:
         "../scripts/assign_materials.py"

@@ -5,76 +5,56 @@
 # the cores locally. The SLURM profile sets mpi, cpus_per_task=1 and runtime (profiles/slurm).
 
 
-rule solve_compression:
+# One rule, one job per load case: `case` is the result files' stem, compression or
+# pullout_<side>; the pullout cases run only with pullout in loads.cases (the aggregation and
+# accept_strength ask for their results).
+rule solve:
     input:
         mesh=model_file("mesh.xdmf"),
         h5=model_file("mesh.h5"),
         materials=rules.assign_materials.output.npz,
         vertebra=model_file("vertebra.json"),
-        screws=model_screws,
+        # pullout: the scan model's screws; compression: them too when they are meshed in
+        # (pullout in loads.cases), else none
+        screws=lambda w: (
+            model_screws(w) if w.case == "compression" else model_file("screws.json")(w)
+        ),
     output:
-        json=f"{RES}/{{patient}}/{{timepoint}}/compression.json",
-        curve=f"{RES}/{{patient}}/{{timepoint}}/compression_curve.csv",
-        plot=f"{RES}/{{patient}}/{{timepoint}}/compression_curve.png",
-        fields=f"{RES}/{{patient}}/{{timepoint}}/compression_fields.xdmf",
-        fields_h5=f"{RES}/{{patient}}/{{timepoint}}/compression_fields.h5",
-    params:
-        loads=section("loads"),
-        solver=section("solver"),
-        screws=lambda w: f"--screws {model_screws(w)}" if PULLOUT else "",
+        json=f"{RES}/{{patient}}/{{timepoint}}/{{case}}.json",
+        curve=f"{RES}/{{patient}}/{{timepoint}}/{{case}}_curve.csv",
+        plot=report(
+            f"{RES}/{{patient}}/{{timepoint}}/{{case}}_curve.png",
+            caption="../report/curve.rst",
+            category="Force-displacement curves",
+            subcategory="{case}",
+            labels={"patient": "{patient}", "timepoint": "{timepoint}"},
+        ),
+        fields=f"{RES}/{{patient}}/{{timepoint}}/{{case}}_fields.xdmf",
+        fields_h5=f"{RES}/{{patient}}/{{timepoint}}/{{case}}_fields.h5",
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/solve_{{case}}.log",
+    benchmark:
+        f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/solve_{{case}}.tsv"
+    wildcard_constraints:
+        case="|".join(["compression"] + [f"pullout_{s}" for s in SIDES]),
+    conda:
+        "../../envs/fea.yaml"
     threads: TASKS
     resources:
         mpi="mpiexec",
         tasks=TASKS,
         mem_mb=4000,
-    log:
-        f"logs/{COHORT}/{{patient}}/{{timepoint}}/solve_compression.log",
-    benchmark:
-        f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/solve_compression.tsv"
-    conda:
-        "../../envs/fea.yaml"
+    params:
+        # `qctfea solve` load case: compression, or pullout with its side
+        case=lambda w: w.case.replace("pullout_", "pullout --side "),
+        loads=section("loads"),
+        solver=section("solver"),
+        screws=lambda w, input: f"--screws {input.screws}" if input.screws else "",
     shell:
-        "{resources.mpi} -n {resources.tasks} qctfea solve compression"
+        "{resources.mpi} -n {resources.tasks} qctfea solve {params.case}"
         " --patient {wildcards.patient} --timepoint {wildcards.timepoint}"
         " --mesh {input.mesh} --materials {input.materials} --vertebra {input.vertebra}"
         " {params.screws} --out-json {output.json} --out-curve {output.curve}"
-        " --out-plot {output.plot} --out-fields {output.fields}"
-        " --params '{params.loads}' --solver-params '{params.solver}' > {log} 2>&1"
-
-
-# Only with pullout in loads.cases (the aggregation asks for these results).
-rule solve_pullout:
-    input:
-        mesh=model_file("mesh.xdmf"),
-        h5=model_file("mesh.h5"),
-        materials=rules.assign_materials.output.npz,
-        vertebra=model_file("vertebra.json"),
-        screws=model_file("screws.json"),
-    output:
-        json=f"{RES}/{{patient}}/{{timepoint}}/pullout_{{side}}.json",
-        curve=f"{RES}/{{patient}}/{{timepoint}}/pullout_{{side}}_curve.csv",
-        plot=f"{RES}/{{patient}}/{{timepoint}}/pullout_{{side}}_curve.png",
-        fields=f"{RES}/{{patient}}/{{timepoint}}/pullout_{{side}}_fields.xdmf",
-        fields_h5=f"{RES}/{{patient}}/{{timepoint}}/pullout_{{side}}_fields.h5",
-    params:
-        loads=section("loads"),
-        solver=section("solver"),
-    threads: TASKS
-    resources:
-        mpi="mpiexec",
-        tasks=TASKS,
-        mem_mb=4000,
-    log:
-        f"logs/{COHORT}/{{patient}}/{{timepoint}}/solve_pullout_{{side}}.log",
-    benchmark:
-        f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/solve_pullout_{{side}}.tsv"
-    conda:
-        "../../envs/fea.yaml"
-    shell:
-        "{resources.mpi} -n {resources.tasks} qctfea solve pullout --side {wildcards.side}"
-        " --patient {wildcards.patient} --timepoint {wildcards.timepoint}"
-        " --mesh {input.mesh} --materials {input.materials} --vertebra {input.vertebra}"
-        " --screws {input.screws} --out-json {output.json} --out-curve {output.curve}"
         " --out-plot {output.plot} --out-fields {output.fields}"
         " --params '{params.loads}' --solver-params '{params.solver}' > {log} 2>&1"
 
@@ -84,9 +64,10 @@ rule solve_pullout:
 # cohort tables leave the scan out (tables/exclusions.csv lists it).
 rule accept_strength:
     input:
-        compression=rules.solve_compression.output.json,
-        pullout=lambda w: [f"{RES}/{w.patient}/{w.timepoint}/pullout_{s}.json" for s in SIDES]
-        if PULLOUT else [],
+        compression=f"{RES}/{{patient}}/{{timepoint}}/compression.json",
+        pullout=lambda w: (
+            [f"{RES}/{w.patient}/{w.timepoint}/pullout_{s}.json" for s in SIDES] if PULLOUT else []
+        ),
     output:
         f"{RES}/{{patient}}/{{timepoint}}/strength.json",
     log:

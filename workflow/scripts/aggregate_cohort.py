@@ -1,4 +1,5 @@
-"""Rule aggregate_cohort: per-scan JSONs -> results/<cohort>/tables/longitudinal.csv.
+"""Rule aggregate_cohort: per-scan JSONs -> results/<cohort>/tables/longitudinal.csv, with
+each scan's clinical categories (thresholds: the cohort config's clinical section).
 Scans whose screws were refused at planning are left out (listed in tables/exclusions.csv)."""
 from qctfea import cohort, samples
 from qctfea.workflow_glue import run_step
@@ -6,4 +7,5 @@ from qctfea.workflow_glue import run_step
 sm = snakemake  # noqa: F821
 rows = [{**r, "dxa": samples.dxa_value(r["dxa"])} for r in sm.params.samples]
 run_step(sm, lambda: cohort.aggregate(rows, sm.params.results, sm.output[0],
-                                      cases=sm.params.cases))
+                                      cases=sm.params.cases,
+                                      clinical_cfg=sm.params.clinical))

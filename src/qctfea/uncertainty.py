@@ -1,0 +1,252 @@
+"""Uncertainty of a scan's outcomes and the least significant change between two scans.
+
+For every scan, a Monte Carlo over what a lab does not know exactly (docs/uncertainty.md):
+
+- **calibration**: the line ``density = intercept + slope HU`` drawn from its fit
+  (calibration.json ``covariance``, a multivariate Student t with the fit's degrees of
+  freedom, so that a 5-rod phantom's interval has the t quantile of 3 degrees of freedom);
+  every density of the scan moves with it: ``rho' = alpha + beta rho``;
+- **placement**: each screw's entry moved by an isotropic normal offset
+  (``screw_position_sd_mm`` per axis) and its axis tilted by a normal angle
+  (``screw_angle_sd_deg`` about each of two axes perpendicular to it): the repeatability of
+  planning; a follow-up's screw (the baseline's, carried by the registration) moves further
+  by ``registration_sd_mm`` (or the registration's own spread, if larger);
+- **material law**: the yield stress coefficient of the density-yield law drawn lognormal
+  with coefficient of variation ``yield_coefficient_cv``.
+
+Outcomes: trabecular vBMD (calibration), vBMD around each screw (calibration, placement),
+compression and pullout strength (all three). Strength is not re-solved per draw: the
+nonlinear solve is the expensive step. Its draws follow the **yield-weighted scheme**:
+a draw's strength is the solved strength times the ratio of the mean yield stress over the
+region that carries the load (the vertebral body for compression; the screw and its shell
+for pullout) under the draw to that under the nominal inputs. Bone's yield stress scales the
+strength of the damage law (docs/nonlinear.md) exactly when it scales every element alike;
+the scheme's error against full nonlinear Monte Carlo is measured by
+``tools/uncertainty_check.py`` (docs/uncertainty.md).
+
+Each outcome gets its interval from all three sources, and ``sd_scan``, the standard
+deviation from the sources that differ between two scans of one patient: the calibration
+(each scan has its own) and, for follow-ups, the registration. Planning and the material
+law are shared by all scans of a patient (the same planned screw, the same law), so they
+cancel in a change. The least significant change between baseline b and follow-up f is
+``z (sd_scan_b² + sd_scan_f²)^½`` (z = 1.96 at 95 %), the classic 2.77 x precision SD when
+both are equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from qctfea.provenance import QctfeaError
+from qctfea.screw import Screw
+
+
+@dataclass
+class UncertaintyParams:
+    enabled: bool = True  #: false: no uncertainty step, no interval or LSC columns
+    draws: int = 400  #: Monte Carlo draws per scan
+    seed: int = 1  #: random seed (with the patient and timepoint: reproducible per scan)
+    level: float = 0.95  #: interval level (and of the least significant change)
+    screw_position_sd_mm: float = 1.0  #: planning repeatability: entry offset SD per axis
+    screw_angle_sd_deg: float = 2.0  #: planning repeatability: axis tilt SD per direction
+    #: follow-ups: screw offset SD per axis from the registration (at least the
+    #: registration's own ``point_spread_mm``)
+    registration_sd_mm: float = 0.3
+    yield_coefficient_cv: float = 0.10  #: CV of the yield law's coefficient
+
+    def __post_init__(self) -> None:
+        if self.draws < 20:
+            raise QctfeaError(f"uncertainty.draws must be at least 20, not {self.draws}")
+        if not 0.5 < self.level < 1:
+            raise QctfeaError(f"uncertainty.level must lie between 0.5 and 1, not {self.level}")
+        for k in ("screw_position_sd_mm", "screw_angle_sd_deg", "registration_sd_mm",
+                  "yield_coefficient_cv"):
+            if getattr(self, k) < 0:
+                raise QctfeaError(f"uncertainty.{k} must be >= 0, not {getattr(self, k)}")
+
+
+def calibration_draws(cal: dict, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` draws of (intercept, slope) from calibration.json's fit (multivariate t);
+    the nominal line repeated when its covariance is not estimable (or fixed)."""
+    mean = np.array([cal["intercept"], cal["slope"]], float)
+    cov = cal.get("covariance")
+    if cov is None:
+        return np.tile(mean, (n, 1))
+    return mean + multivariate_t(np.asarray(cov, float), int(cal["dof"]), n, rng)
+
+
+def multivariate_t(cov: np.ndarray, dof: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Zero-mean multivariate Student t draws with scale ``cov`` and ``dof`` degrees of
+    freedom (a normal divided by sqrt(chi²/dof))."""
+    w, v = np.linalg.eigh(cov)
+    root = v * np.sqrt(np.clip(w, 0, None))
+    z = rng.standard_normal((n, len(cov))) @ root.T
+    return z / np.sqrt(rng.chisquare(dof, n) / dof)[:, None]
+
+
+def rescale(cal: dict, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each draw as a map of the scan's densities: ``rho' = alpha + beta rho``."""
+    beta = draws[:, 1] / cal["slope"]
+    alpha = draws[:, 0] - beta * cal["intercept"]
+    return alpha, beta
+
+
+def _perpendicular(axis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    u = np.cross(axis, [1.0, 0, 0] if abs(axis[0]) < 0.9 else [0, 1.0, 0])
+    u /= np.linalg.norm(u)
+    return u, np.cross(axis, u)
+
+
+def jittered(screw: Screw, offset_mm: np.ndarray, tilt_rad: np.ndarray) -> Screw:
+    """The screw with its entry moved by ``offset_mm`` and its axis tilted by the two small
+    angles ``tilt_rad`` about the two directions perpendicular to it."""
+    u, v = _perpendicular(screw.axis)
+    axis = screw.axis + tilt_rad[0] * u + tilt_rad[1] * v
+    return Screw(screw.side, screw.entry_mm + offset_mm, axis / np.linalg.norm(axis),
+                 screw.spec)
+
+
+def screw_roi_means(points_mm: np.ndarray, values: list[np.ndarray], screw: Screw,
+                    shell_mm: float) -> list[float]:
+    """Mean of each of ``values`` (per point) over the points in the screw + shell cylinder
+    (the around-screw region of :func:`qctfea.bmd.around_screw_vbmd`); NaN if empty."""
+    s, rad = screw.axial_radial(points_mm)
+    sel = (rad <= screw.spec.diameter_mm / 2 + shell_mm) & (s >= 0) & (s <= screw.spec.length_mm)
+    if not sel.any():
+        return [float("nan")] * len(values)
+    return [float(v[sel].mean()) for v in values]
+
+
+def summary(draws: np.ndarray, nominal: float, level: float) -> dict:
+    """Interval (percentiles of the draws) and SD of one outcome."""
+    d = np.asarray(draws, float)
+    d = d[np.isfinite(d)]
+    q = (1 - level) / 2
+    return {"value": float(nominal), "sd": float(d.std(ddof=1)),
+            "ci_low": float(np.quantile(d, q)), "ci_high": float(np.quantile(d, 1 - q))}
+
+
+@dataclass
+class ScanInputs:
+    """What one scan's uncertainty is computed from (read by :func:`qctfea.steps`)."""
+
+    calibration: dict  #: calibration.json of the scan
+    bmd: dict  #: bmd.json of the scan (nominal vBMD)
+    density: np.ndarray  #: calibrated density (mg/cm³) of the vertebra's voxels
+    points_mm: np.ndarray  #: their centres (physical, mm), one row per voxel
+    body: np.ndarray  #: bool per voxel: vertebral body (the compression region)
+    screws: list  #: the model's screws (Screw)
+    strength: dict  #: {"compression": N or None, "left": N, "right": N}
+    yield_fn: object  #: density (mg/cm³) -> yield stress (MPa), the configured law
+    follow_up: bool = False
+    registration_spread_mm: float = 0.0
+    shell_mm: float = 2.0
+
+
+def _draw_sources(p: UncertaintyParams, inp: ScanInputs, n: int, rng, sources: set) -> dict:
+    """Draws of each source (nominal where a source is off)."""
+    cal = (calibration_draws(inp.calibration, n, rng) if "calibration" in sources
+           else np.tile([inp.calibration["intercept"], inp.calibration["slope"]], (n, 1)))
+    alpha, beta = rescale(inp.calibration, cal)
+    cv = p.yield_coefficient_cv if "material" in sources else 0.0
+    s_ln = np.sqrt(np.log1p(cv ** 2))
+    factor = np.exp(rng.normal(-s_ln ** 2 / 2, s_ln, n)) if cv > 0 else np.ones(n)
+    pos = p.screw_position_sd_mm if "planning" in sources else 0.0
+    ang = np.radians(p.screw_angle_sd_deg) if "planning" in sources else 0.0
+    reg = (max(p.registration_sd_mm, inp.registration_spread_mm)
+           if "registration" in sources and inp.follow_up else 0.0)
+    # planning: each screw on its own; registration: one rigid motion moves both alike
+    common = rng.normal(0, 1, (n, 3)) * reg
+    offsets = {sc.side: rng.normal(0, 1, (n, 3)) * pos + common for sc in inp.screws}
+    tilts = {sc.side: rng.normal(0, 1, (n, 2)) * ang for sc in inp.screws}
+    return {"alpha": alpha, "beta": beta, "factor": factor, "offsets": offsets,
+            "tilts": tilts, "draws": cal}
+
+
+def _outcome_draws(p: UncertaintyParams, inp: ScanInputs, src: dict, n: int) -> dict:
+    """Every outcome's value under each draw (the yield-weighted scheme for strength)."""
+    hu_trab = ((inp.bmd["trabecular_vbmd_mg_cm3"] - inp.calibration["intercept"])
+               / inp.calibration["slope"])
+    out = {"trabecular_vbmd_mg_cm3": src["draws"][:, 0] + src["draws"][:, 1] * hu_trab}
+    rho_body = inp.density[inp.body]
+    body_y0 = float(inp.yield_fn(rho_body).mean())
+    comp = np.full(n, np.nan)
+    if inp.strength.get("compression") is not None:
+        for i in range(n):
+            y_i = inp.yield_fn(src["alpha"][i] + src["beta"][i] * rho_body)
+            comp[i] = inp.strength["compression"] * src["factor"][i] * float(y_i.mean()) / body_y0
+    out["compression_strength_n"] = comp
+    for sc in inp.screws:
+        # the voxels any draw's screw can reach: within reach of the nominal cylinder
+        reach = (np.linalg.norm(src["offsets"][sc.side], axis=1).max()
+                 + np.abs(src["tilts"][sc.side]).max() * sc.spec.length_mm * 1.5 + 1.0)
+        s, rad = sc.axial_radial(inp.points_mm)
+        near = ((rad <= sc.spec.diameter_mm / 2 + inp.shell_mm + reach)
+                & (s >= -reach) & (s <= sc.spec.length_mm + reach))
+        pts, rho = inp.points_mm[near], inp.density[near]
+        y0 = screw_roi_means(pts, [inp.yield_fn(rho)], sc, inp.shell_mm)[0]
+        vbmd, strength = np.full(n, np.nan), np.full(n, np.nan)
+        for i in range(n):
+            sc_i = jittered(sc, src["offsets"][sc.side][i], src["tilts"][sc.side][i])
+            rho_i = src["alpha"][i] + src["beta"][i] * rho
+            vbmd[i], y_i = screw_roi_means(pts, [rho_i, inp.yield_fn(rho_i)], sc_i,
+                                           inp.shell_mm)
+            if inp.strength.get(sc.side) is not None:
+                strength[i] = inp.strength[sc.side] * src["factor"][i] * y_i / y0
+        out[f"around_screw_vbmd_{sc.side}_mg_cm3"] = vbmd
+        out[f"pullout_strength_{sc.side}_n"] = strength
+    return out
+
+
+#: The sources of each run: all of them (the interval), those that differ between scans of
+#: a patient (sd_scan, for the least significant change), and each alone (the breakdown).
+RUNS = {"all": {"calibration", "planning", "registration", "material"},
+        "scan": {"calibration", "registration"},
+        "calibration": {"calibration"}, "planning": {"planning"},
+        "registration": {"registration"}, "material": {"material"}}
+
+
+def scan_uncertainty(p: UncertaintyParams, inp: ScanInputs, seed_key: str = "") -> dict:
+    """Intervals, ``sd_scan`` and the SD of each source alone, per outcome (module
+    docstring); deterministic for a given seed and ``seed_key`` (e.g. "P01/M00")."""
+    nominal = {"trabecular_vbmd_mg_cm3": inp.bmd["trabecular_vbmd_mg_cm3"],
+               "compression_strength_n": inp.strength.get("compression")}
+    for sc in inp.screws:
+        nominal[f"around_screw_vbmd_{sc.side}_mg_cm3"] = \
+            inp.bmd["around_screw_vbmd_mg_cm3"][sc.side]
+        nominal[f"pullout_strength_{sc.side}_n"] = inp.strength.get(sc.side)
+    children = np.random.SeedSequence([p.seed, *seed_key.encode()]).spawn(len(RUNS))
+    runs = {}
+    for (name, sources), child in zip(RUNS.items(), children, strict=True):
+        rng = np.random.default_rng(child)
+        n = p.draws if name in ("all", "scan") else max(p.draws // 4, 20)
+        runs[name] = _outcome_draws(p, inp, _draw_sources(p, inp, n, rng, sources), n)
+    if {sc.side for sc in inp.screws} == {"left", "right"}:
+        # the two sides' mean (the cohort tables' around-screw vBMD and pullout strength)
+        for key in ("around_screw_vbmd_{}_mg_cm3", "pullout_strength_{}_n"):
+            both = [nominal[key.format(s)] for s in ("left", "right")]
+            if all(v is not None for v in both):
+                mean_key = key.replace("_{}", "")
+                nominal[mean_key] = 0.5 * (both[0] + both[1])
+                for r in runs.values():
+                    r[mean_key] = 0.5 * (r[key.format("left")] + r[key.format("right")])
+    out = {}
+    for key, value in nominal.items():
+        if value is None or not np.isfinite(runs["all"][key]).any():
+            continue
+        out[key] = {**summary(runs["all"][key], value, p.level),
+                    "sd_scan": float(np.nanstd(runs["scan"][key], ddof=1)),
+                    "sd_by_source": {s: float(np.nanstd(runs[s][key], ddof=1))
+                                     for s in RUNS if s not in ("all", "scan")}}
+    return out
+
+
+def least_significant_change(sd_base, sd_follow, level: float = 0.95):
+    """Least significant change between two scans with per-scan SDs (module docstring);
+    scalars or arrays."""
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    out = z * np.hypot(np.asarray(sd_base, float), np.asarray(sd_follow, float))
+    return float(out) if np.ndim(out) == 0 else out
