@@ -38,7 +38,7 @@ def demo_scan(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("scan")
     src = root / "P01" / "M12"
-    truth = __import__("qctfea.synth", fromlist=["generate_scan"]).generate_scan(
+    truth = __import__("qctfea.demo.synth", fromlist=["generate_scan"]).generate_scan(
         src, "P01", "M12", 12.0, seed=7)
     r = root / "results"
     ctx = "patient P01, timepoint M12"

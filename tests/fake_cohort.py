@@ -85,7 +85,7 @@ def _tiny_model(d: Path, failed: int) -> None:
     cells (what the per-patient page reads)."""
     import h5py
 
-    from qctfea.meshing import write_mesh
+    from qctfea.model.meshing import write_mesh
 
     g = np.stack(np.meshgrid(*[np.arange(3.0) * 10] * 3, indexing="ij"), -1).reshape(-1, 3)
     vid = np.arange(27).reshape(3, 3, 3)

@@ -18,8 +18,8 @@ import pytest
 import SimpleITK as sitk
 
 from qctfea import cli, steps
-from qctfea.provenance import QctfeaError
-from qctfea.samples import dxa_value, read_sample_sheet
+from qctfea.errors import QctfeaError
+from qctfea.cohort.samples import dxa_value, read_sample_sheet
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "verse_tptbox_L3"
 
@@ -70,7 +70,7 @@ def test_stray_file_in_series_is_skipped_with_a_warning(demo_scan, dicom_copy, t
 
 @pytest.mark.parametrize("cut", ["pixel data", "header"])
 def test_truncated_dicom_file_is_refused_naming_it(demo_scan, dicom_copy, tmp_path, cut):
-    """Choice (documented in qctfea.dicomio): a truncated slice is an error, not skipped,
+    """Choice (documented in qctfea.imaging.dicomio): a truncated slice is an error, not skipped,
     since skipping it would silently drop a slice from the stack."""
     ctx = demo_scan["context"]
     victim = sorted(dicom_copy.glob("*.dcm"))[20]
@@ -212,7 +212,7 @@ def test_screws_breaching_the_pedicle_roof_are_refused_with_grade_and_direction(
     8 + r - (pedicle half-height) (the generator's elliptic pedicle, r = 3.25 mm): grade C or
     D, superior, on both sides; the screws step fails naming the scan, the landmarks file,
     both sides and what to do, and writes no screws file."""
-    from qctfea.synth import patient_anatomy
+    from qctfea.demo.synth import patient_anatomy
 
     anat = patient_anatomy(7, "P01")  # the conftest scan's seed and patient
     expected = 8.0 + 6.5 / 2 - anat.pedicle_half_height
@@ -280,13 +280,13 @@ def test_phantom_fit_gate_from_config(demo_scan, tmp_path):
 @pytest.fixture
 def tiny_mesh(demo_scan, tmp_path) -> Path:
     """Two bone tetrahedra in the vertebral body: enough for the materials step."""
-    from qctfea import meshing
+    from qctfea.model import meshing, tags
 
     c = np.array(json.loads((demo_scan["results"] / "vertebra.json").read_text())["centroid_mm"])
     pts = c + np.array([[0, 0, 0], [4, 0, 0], [0, 4, 0], [0, 0, 4], [4, 4, 4]], float)
     path = tmp_path / "mesh" / "mesh.xdmf"
     meshing.write_mesh(path, pts, np.array([[0, 1, 2, 3], [1, 2, 3, 4]]),
-                       np.full(2, meshing.TAG_BODY))
+                       np.full(2, tags.TAG_BODY))
     return path
 
 

@@ -15,7 +15,7 @@ def _write(root, scan, rule, s, rss, mtime):
 
 
 def test_summary_hand_numbers_and_growth(tmp_path):
-    from qctfea.benchmarks import read_benchmarks, summarize, write_summary
+    from qctfea_bench.benchmarks import read_benchmarks, summarize, write_summary
 
     # mesh: flat memory; solve (two sides): memory grows 5 MB per job.
     for i in range(6):
@@ -44,8 +44,8 @@ def test_summary_hand_numbers_and_growth(tmp_path):
 
 
 def test_no_benchmarks_is_a_clear_error(tmp_path):
-    from qctfea.benchmarks import read_benchmarks
-    from qctfea.provenance import QctfeaError
+    from qctfea_bench.benchmarks import read_benchmarks
+    from qctfea.errors import QctfeaError
 
     with pytest.raises(QctfeaError, match="no benchmark files"):
         read_benchmarks(tmp_path)

@@ -11,8 +11,9 @@ import pytest
 import SimpleITK as sitk
 
 from qctfea import steps
-from qctfea.materials import MaterialParams, modulus_mpa
-from qctfea.meshing import BONE_TAGS, TAG_CAP, read_mesh
+from qctfea.model.materials import MaterialParams, modulus_mpa
+from qctfea.model.meshing import read_mesh
+from qctfea.model.tags import BONE_TAGS, TAG_CAP
 
 R, H, T = 10.0, 14.0, 3.0  # bone cylinder radius and height, cap thickness (mm)
 RHO = 200.0  # mg/cm³ everywhere in the bone

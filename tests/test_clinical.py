@@ -1,4 +1,4 @@
-"""The clinical categories (qctfea.clinical) against hand-computed cases, boundaries included,
+"""The clinical categories (qctfea.cohort.clinical) against hand-computed cases, boundaries included,
 and the sample sheet's sex column."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
-from qctfea import clinical
-from qctfea.clinical import ClinicalParams, clinical_params
-from qctfea.provenance import QctfeaError
-from qctfea.samples import read_sample_sheet
+from qctfea.cohort import clinical
+from qctfea.cohort.clinical import ClinicalParams, clinical_params
+from qctfea.errors import QctfeaError
+from qctfea.cohort.samples import read_sample_sheet
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests of qctfea.cohort: every statistic against an independent computation."""
+"""Tests of qctfea.cohort.analysis: every statistic against an independent computation."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from qctfea import cohort
-from qctfea.provenance import QctfeaError
+from qctfea.cohort import analysis as cohort
+from qctfea.errors import QctfeaError
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -562,7 +562,7 @@ def test_missing_followup_tests_count_pairs() -> None:
 
 
 def test_missing_followup_mixed_model_keeps_every_scan() -> None:
-    from qctfea import stats as st
+    from qctfea.cohort import stats as st
 
     df = _missing_followup_table()
     mm = cohort.mixed_models(df, ["pullout_strength_n"])
@@ -581,7 +581,7 @@ def test_missing_followup_mixed_model_keeps_every_scan() -> None:
 
 
 def test_missing_followup_correlations_and_comparison() -> None:
-    from qctfea import stats as st
+    from qctfea.cohort import stats as st
 
     df = _missing_followup_table()
     corr = cohort.correlation_table(df, cohort.DEFAULT_CORRELATIONS)

@@ -1,4 +1,4 @@
-"""Tests of the ingest step (qctfea.dicomio) on tiny synthetic DICOM series.
+"""Tests of the ingest step (qctfea.imaging.dicomio) on tiny synthetic DICOM series.
 
 Expected values are computed here from the DICOM definitions (pixel position
 = ImagePositionPatient + column * column spacing * row cosine + row * row
@@ -20,8 +20,8 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from qctfea.dicomio import ScanInfo, ingest, read_dicom_series
-from qctfea.provenance import QctfeaError
+from qctfea.imaging.dicomio import ScanInfo, ingest, read_dicom_series
+from qctfea.errors import QctfeaError
 
 CT_SOP = "1.2.840.10008.5.1.4.1.1.2"
 ROWS, COLS, NZ = 4, 5, 6

@@ -78,7 +78,7 @@ def test_two_materials_in_series_closed_form():
 def test_nonconvergence_raises_with_reason():
     import dolfinx
 
-    from qctfea.provenance import QctfeaError
+    from qctfea.errors import QctfeaError
 
     model, mesh = _box_model(1000.0, 0.3)
     top, bot = _top_bottom_dofs(model, mesh, 10.0)
@@ -165,7 +165,7 @@ def test_endplates_leave_out_the_nodes_of_screws():
     from mpi4py import MPI
 
     from qctfea.fea.loadcases import LoadParams, compression_dofs
-    from qctfea.meshing import TAG_BODY, TAG_SCREW
+    from qctfea.model.tags import TAG_BODY, TAG_SCREW
 
     model, mesh = _box_model(1000.0, 0.3)
     n_cells = mesh.topology.index_map(3).size_local

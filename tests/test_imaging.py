@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea.calibration import fit_line
-from qctfea.provenance import QctfeaError, read_json
+from qctfea.imaging.calibration import fit_line
+from qctfea.errors import QctfeaError
+from qctfea.provenance import read_json
 
 
 def test_calibration_recovers_true_slope(demo_scan):

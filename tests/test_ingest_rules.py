@@ -17,8 +17,8 @@ import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
 from qctfea import steps
-from qctfea.dicomio import IngestParams, read_dicom_series
-from qctfea.provenance import QctfeaError
+from qctfea.imaging.dicomio import IngestParams, read_dicom_series
+from qctfea.errors import QctfeaError
 from test_dicomio import (
     COL_SPACING,
     COLS,

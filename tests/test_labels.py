@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea import masks, steps
-from qctfea.provenance import QctfeaError
-from qctfea.samples import read_sample_sheet
+from qctfea.imaging import masks
+from qctfea import steps
+from qctfea.errors import QctfeaError
+from qctfea.cohort.samples import read_sample_sheet
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "verse_tptbox_L3"
 CTX = "patient R01, timepoint M00"

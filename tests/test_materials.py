@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea.materials import (
+from qctfea.model.materials import (
     MaterialParams,
     _subdivide,
     bin_moduli,
     element_moduli,
     modulus_mpa,
 )
-from qctfea.provenance import QctfeaError
+from qctfea.errors import QctfeaError
 
 
 def test_keyak_law_hand_values():

@@ -7,7 +7,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from qctfea import steps
-from qctfea.meshing import TAG_SCREW, MeshParams, generate_mesh
+from qctfea.model.meshing import MeshParams, generate_mesh
+from qctfea.model.tags import TAG_SCREW
 
 
 def test_same_input_and_seed_give_the_same_mesh(demo_scan):

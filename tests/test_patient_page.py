@@ -1,4 +1,4 @@
-"""The per-patient page (qctfea.patient_page) on a result tree built from the coarse demo
+"""The per-patient page (qctfea.qc.patient_page) on a result tree built from the coarse demo
 model (conftest ``demo_model``): numbers against the JSONs they come from, the embedded
 geometry against an independent face count, and the page in headless Chromium (offline,
 no console error, the WebGL canvas draws the model)."""
@@ -72,8 +72,8 @@ def _fields(path: Path, points: np.ndarray, cells: np.ndarray, failed: np.ndarra
 def patient_tree(demo_model, tmp_path_factory) -> dict:
     """results/<cohort>/P01/{M00,M12} from the demo model (M12 registered to M00: the model
     lives in M00), with load-case results, curves, fields, long table and exclusions."""
-    from qctfea import cohort
-    from qctfea.meshing import read_mesh
+    from qctfea.cohort import analysis as cohort
+    from qctfea.model.meshing import read_mesh
 
     src = demo_model["results"]
     res = tmp_path_factory.mktemp("patient-page") / "results" / "demo"
@@ -118,7 +118,7 @@ def patient_tree(demo_model, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def page(patient_tree) -> Path:
-    from qctfea.patient_page import write_patient_page
+    from qctfea.qc.patient_page import write_patient_page
 
     out = patient_tree["res"] / "report" / "patients" / "P01.html"
     return write_patient_page(patient_tree["res"], "P01", out, cohort_name="demo")

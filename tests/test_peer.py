@@ -1,4 +1,4 @@
-"""The peer side-by-side harness (`qctfea peer`): the specimen both tools solve, the
+"""The peer side-by-side harness (`qctfea-bench peer`): the specimen both tools solve, the
 convergence rule, the markdown section. ParOSol itself is not run here (it is GPL and lives
 in its own environment, `make peer-env`); our solve of the specimen is checked in closed
 form by tests/test_caps.py."""
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea import peer
-from qctfea.materials import MaterialParams, modulus_mpa
-from qctfea.provenance import QctfeaError
+from qctfea_bench import peer
+from qctfea.model.materials import MaterialParams, modulus_mpa
+from qctfea.errors import QctfeaError
 
 
 def _scan(direction=(0, 0, -1, 1, 0, 0, 0, -1, 0)):
@@ -22,7 +22,7 @@ def _scan(direction=(0, 0, -1, 1, 0, 0, 0, -1, 0)):
     parts.SetOrigin((10.0, -20.0, 5.0))
     parts.SetDirection(direction)
     idx = np.argwhere(np.ones(sitk.GetArrayFromImage(parts).shape, bool))
-    from qctfea.masks import voxel_centres_mm
+    from qctfea.imaging.masks import voxel_centres_mm
 
     pts = voxel_centres_mm(parts, idx)
     c = pts.mean(axis=0)
@@ -133,7 +133,7 @@ def test_driver_is_importable_without_parosol():
     """The driver imports parosol_py only inside main(): the module itself loads anywhere."""
     import importlib
 
-    mod = importlib.import_module("qctfea.peer_driver")
+    mod = importlib.import_module("qctfea_bench.peer_driver")
     assert callable(mod.main)
 
 

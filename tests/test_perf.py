@@ -1,6 +1,6 @@
 """The performance harness's pieces: fast, no timing assertions.
 
-The harness itself is a documented command (``qctfea perf``, docs/performance.md), not a test.
+The harness itself is a documented command (``qctfea-bench perf``, docs/performance.md), not a test.
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dolfinx_solver  # noqa: F401  (before dolfinx or petsc4py)
 import numpy as np
 import pytest
 
-from qctfea import perf
+from qctfea_bench import perf
 
 
 def _tridiagonal(n: int):
@@ -126,14 +126,14 @@ def _fake_result():
 
 
 def test_markdown_has_the_table_headers():
-    text = perf.markdown(_fake_result(), "qctfea perf --scan x")
+    text = perf.markdown(_fake_result(), "qctfea-bench perf --scan x")
     for h in ("cells", "DOFs", "mesh s", "materials s", "assembly s", "PC set-up s",
               "solve s", "iterations (rtol 1e-10)", "iterations (rtol 1e-8)", "DOFs/s",
               "peak RSS MB", "bandwidth-bound ratio"):
         assert f"| {h} |" in text, h
     assert perf.TABLE_HEADER in text
     assert "| 4.5 / 2.25 / 1.5 | pullout left | 2 | 36251 | 27060 |" in text
-    assert "qctfea perf --scan x" in text and "Fake CPU" in text
+    assert "qctfea-bench perf --scan x" in text and "Fake CPU" in text
     assert "**contended**" in text  # load 1.9 on 2 CPUs
     assert "≤ 50 CG iterations at rtol 1e-8" in text and "**met**" in text
 
@@ -148,12 +148,15 @@ def test_goal_checks_flags_iteration_growth():
     assert not pair["met"]  # 31 -> 45 is +45 %
 
 
-def test_cli_has_perf_subcommand():
-    from qctfea.cli import build_parser
+def test_bench_cli_has_perf_subcommand_and_the_library_cli_not():
+    from qctfea.cli import build_parser as library_parser
+    from qctfea_bench.cli import build_parser
 
     a = build_parser().parse_args(["perf", "--scan", "s", "--out-dir", "o", "--out-md", "m.md",
                                    "--sizes", "4.5", "3", "--ranks", "1", "2"])
     assert a.sizes == [4.5, 3.0] and a.ranks == [1, 2] and a.triad_n == 20_000_000
+    with pytest.raises(SystemExit):  # the harness is outside the library
+        library_parser().parse_args(["perf", "--scan", "s", "--out-dir", "o", "--out-md", "m"])
 
 
 def test_nonlinear_summary(tmp_path):
@@ -209,3 +212,15 @@ def test_petsc_option_overrides_parse():
         "mg_levels_ksp_max_it": "2", "pc_type": "jacobi"}
     with pytest.raises(Exception, match="KEY=VALUE"):
         perf.parse_petsc_options(["mg_levels_ksp_max_it"])
+
+
+def test_the_library_never_imports_the_harness():
+    """src/qctfea (the science) imports nothing of src/qctfea_bench (the harness)."""
+    import re
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "qctfea"
+    hits = [f"{p.relative_to(src)}:{i + 1}" for p in src.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines())
+            if re.search(r"\bqctfea_bench\b", line)]
+    assert not hits, hits

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea.calibration import PhantomSpec, k2hpo4_water_fit, phantom_calibration
-from qctfea.provenance import QctfeaError
+from qctfea.imaging.calibration import PhantomSpec, k2hpo4_water_fit, phantom_calibration
+from qctfea.errors import QctfeaError
 
 # Representative K2HPO4 and water-equivalent densities of a five-rod K2HPO4-in-water phantom
 # (the layout of a Mindways Model 3; a real phantom's values come from its certificate).
@@ -110,8 +110,8 @@ def test_phantom_definition_lengths_are_checked():
 def test_presets_define_their_phantoms_and_config_keys_override_them():
     import yaml
 
-    from qctfea.calibration import PHANTOM_PRESETS
-    from qctfea.synth import SynthParams
+    from qctfea.imaging.calibration import PHANTOM_PRESETS
+    from qctfea.demo.synth import SynthParams
 
     schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow" / "schemas"
                              / "cohort.schema.yaml").read_text())
@@ -141,7 +141,7 @@ def test_presets_define_their_phantoms_and_config_keys_override_them():
 
 def test_no_phantom_named_is_refused_listing_the_presets(tmp_path):
     from qctfea import steps
-    from qctfea.calibration import PHANTOM_PRESETS
+    from qctfea.imaging.calibration import PHANTOM_PRESETS
 
     with pytest.raises(QctfeaError) as err:
         PhantomSpec().require_defined()
@@ -165,7 +165,7 @@ def test_dry_run_of_a_phantom_cohort_naming_no_phantom_is_refused(tmp_path):
     phantom: refused while the workflow is parsed, the message listing the presets."""
     import yaml
 
-    from qctfea.calibration import PHANTOM_PRESETS
+    from qctfea.imaging.calibration import PHANTOM_PRESETS
     from test_workflow import _dry_run_error
 
     def edit(d):

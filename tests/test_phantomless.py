@@ -11,11 +11,12 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from qctfea import calibration as cal_mod
+from qctfea.imaging import calibration as cal_mod
 from qctfea import steps
-from qctfea.calibration import (REFERENCE_MG_CM3, TissueSpec, find_tissues,
+from qctfea.imaging.calibration import (REFERENCE_MG_CM3, TissueSpec, find_tissues,
                                 phantomless_calibration)
-from qctfea.provenance import QctfeaError, read_json
+from qctfea.errors import QctfeaError
+from qctfea.provenance import read_json
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 REAL = SHARED / "verse_tptbox_L3"

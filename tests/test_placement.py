@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from qctfea import steps
-from qctfea.placement import BoneField, Frame, grade_of, grade_screw
-from qctfea.provenance import QctfeaError
+from qctfea.model.placement import BoneField, Frame, grade_of, grade_screw
+from qctfea.errors import QctfeaError
 
 
 def _rotation(deg_z: float, deg_x: float) -> np.ndarray:

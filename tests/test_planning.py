@@ -1,4 +1,4 @@
-"""Automatic screw planning from the vertebra mask (qctfea.planning)."""
+"""Automatic screw planning from the vertebra mask (qctfea.model.planning)."""
 from __future__ import annotations
 
 import json
@@ -10,11 +10,12 @@ import pytest
 import SimpleITK as sitk
 
 from qctfea import steps
-from qctfea.masks import BODY, POSTERIOR, TRABECULAR
-from qctfea.planning import PlanParams, _Grid, plan_from_mask
-from qctfea.provenance import QctfeaError, read_json
-from qctfea.samples import read_sample_sheet
-from qctfea.screw import ScrewSpec, bone_lookup, breach_report
+from qctfea.imaging.masks import BODY, POSTERIOR, TRABECULAR
+from qctfea.model.planning import PlanParams, _Grid, plan_from_mask
+from qctfea.errors import QctfeaError
+from qctfea.provenance import read_json
+from qctfea.cohort.samples import read_sample_sheet
+from qctfea.model.screw import ScrewSpec, bone_lookup, breach_report
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "verse_tptbox_L3"
 AUTO = PlanParams(method="auto")

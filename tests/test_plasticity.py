@@ -257,14 +257,14 @@ def test_rising_curve_reports_no_strength():
 
 
 def test_damage_with_hardening_is_refused():
-    from qctfea.provenance import QctfeaError
+    from qctfea.errors import QctfeaError
 
     with pytest.raises(QctfeaError, match="hardening_ratio must be 0"):
         _bar(hardening=0.1, constitutive="damage")
 
 
 def test_softening_is_refused():
-    from qctfea.provenance import QctfeaError
+    from qctfea.errors import QctfeaError
 
     with pytest.raises(QctfeaError, match="softening plasticity is not supported"):
         _bar(hardening=-0.05)
@@ -358,9 +358,10 @@ def _cylinder_in_block_stiffness(cell_mm: float) -> tuple[float, int]:
     from mpi4py import MPI
 
     from qctfea.fea.elasticity import ElasticModel, boundary_facets_of_tags, facet_midpoints
-    from qctfea.masks import BODY
-    from qctfea.meshing import TAG_SCREW, MeshParams, generate_mesh, write_mesh
-    from qctfea.screw import Screw, ScrewSpec
+    from qctfea.imaging.masks import BODY
+    from qctfea.model.meshing import MeshParams, generate_mesh, write_mesh
+    from qctfea.model.tags import TAG_SCREW
+    from qctfea.model.screw import Screw, ScrewSpec
 
     import tempfile
 

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qctfea.provenance import QctfeaError
+from qctfea.errors import QctfeaError
 
 SETTINGS = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -28,7 +28,7 @@ def test_dicom_header_values(slope, intercept, row_sp, col_sp, step, iop_tilt):
     """Random RescaleSlope/Intercept, PixelSpacing, slice step and a tilted row cosine: either
     HU = stored x slope + intercept on a grid with positive spacings, or a QctfeaError."""
     import test_dicomio as td
-    from qctfea.dicomio import read_dicom_series
+    from qctfea.imaging.dicomio import read_dicom_series
 
     iop = (1.0, iop_tilt, 0.0, 0.0, 1.0, 0.0)  # not orthonormal unless iop_tilt == 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +73,7 @@ cells = st.one_of(ids, st.sampled_from(["0", "12", "-3", "nan", "inf", "1e400", 
 def test_sample_sheets(rows):
     """Random sample sheets: a table whose rows are exactly the sheet's (unique scans,
     finite months), or a QctfeaError naming the sheet."""
-    from qctfea.samples import read_sample_sheet
+    from qctfea.cohort.samples import read_sample_sheet
 
     with tempfile.TemporaryDirectory() as tmp:
         sheet = Path(tmp) / "samples.tsv"
@@ -96,10 +96,10 @@ CONFIG_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 100), floats
 
 
 @pytest.mark.parametrize("cls_path", ["qctfea.fea.loadcases:LoadParams",
-                                      "qctfea.meshing:MeshParams",
-                                      "qctfea.materials:MaterialParams",
-                                      "qctfea.registration:RegistrationParams",
-                                      "qctfea.bmd:BmdParams"])
+                                      "qctfea.model.meshing:MeshParams",
+                                      "qctfea.model.materials:MaterialParams",
+                                      "qctfea.imaging.registration:RegistrationParams",
+                                      "qctfea.imaging.bmd:BmdParams"])
 @SETTINGS
 @given(data=st.data())
 def test_config_sections(cls_path, data):

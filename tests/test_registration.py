@@ -28,7 +28,7 @@ def test_known_rigid_motion_is_recovered(demo_scan):
     """The scan moved by a known rigid transform T (follow-up(q) = baseline(T q), made by
     resampling the baseline through T) is registered back: points mapped by the result agree with T within 0.3 mm over the
     vertebra, and the masks overlap (Dice > 0.95) after registration."""
-    from qctfea import registration as reg
+    from qctfea.imaging import registration as reg
 
     r = demo_scan["results"]
     dens = sitk.ReadImage(str(r / "density.nii.gz"), sitk.sitkFloat32)
@@ -50,8 +50,8 @@ def test_known_rigid_motion_is_recovered(demo_scan):
 
 
 def test_dice_gates(demo_scan):
-    from qctfea import registration as reg
-    from qctfea.provenance import QctfeaError
+    from qctfea.imaging import registration as reg
+    from qctfea.errors import QctfeaError
 
     p = reg.RegistrationParams()
     assert reg.check_dice({"dice_after": 0.97, "dice_before": 0.5}, p, "x") is None
@@ -96,8 +96,8 @@ def test_follow_up_registered_to_generator_truth(demo_scan, tmp_path):
     """Two visits of one synthetic patient (the generator moves the patient between them):
     the registration maps baseline points onto the same anatomical points of the follow-up
     as the generator's true poses do, within 0.5 mm over the vertebra and 0.5 degrees."""
-    from qctfea import registration as reg
-    from qctfea.synth import _CENTRE, _rotation, generate_scan
+    from qctfea.imaging import registration as reg
+    from qctfea.demo.synth import _CENTRE, _rotation, generate_scan
 
     src = tmp_path / "P01" / "M00"
     truth0 = generate_scan(src, "P01", "M00", 0.0, seed=7)

@@ -48,8 +48,8 @@ def test_known_motion_recovered_in_every_orientation(case, spacing, motion, orie
 
 
 def test_refusal_names_what_was_tried():
-    from qctfea import registration as reg
-    from qctfea.provenance import QctfeaError
+    from qctfea.imaging import registration as reg
+    from qctfea.errors import QctfeaError
 
     p = reg.RegistrationParams()
     starts = [{"start": "centroids", "converged": True, "dice_after": 0.5},

@@ -202,8 +202,8 @@ def test_exclusion_of_an_unknown_scan_is_an_error(tmp_path: Path) -> None:
 
 
 def test_figures_edge_cases(tmp_path: Path) -> None:
-    from qctfea import figures
-    from qctfea.provenance import QctfeaError
+    from qctfea.qc import figures
+    from qctfea.errors import QctfeaError
 
     df = pd.DataFrame({"patient": ["A", "A"], "timepoint": ["M00", "M12"], "months": [0.0, 12.0],
                        "pullout_strength_n": [1.0, 2.0]})

@@ -152,7 +152,7 @@ def test_every_key_is_documented(section):
 
 
 def test_enums_follow_the_library():
-    from qctfea import materials
+    from qctfea.model import materials
     from qctfea.fea import plasticity
 
     mat = _schema_node("materials")["properties"]

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea.masks import BODY
-from qctfea.meshing import TAG_SCREW, MeshParams, generate_mesh, labelled_grid
-from qctfea.provenance import QctfeaError
-from qctfea.screw import Screw, ScrewSpec
+from qctfea.imaging.masks import BODY
+from qctfea.model.meshing import MeshParams, generate_mesh, labelled_grid
+from qctfea.model.tags import TAG_SCREW
+from qctfea.errors import QctfeaError
+from qctfea.model.screw import Screw, ScrewSpec
 
 THREADED = ScrewSpec(diameter_mm=6.5, core_diameter_mm=4.5, thread_pitch_mm=2.75,
                      length_mm=20.0, head_length_mm=4.0, threads=True)

@@ -1,4 +1,4 @@
-"""Round trips with 3D Slicer (qctfea.slicer): markups out and back, RAS files, the
+"""Round trips with 3D Slicer (qctfea.qc.slicer): markups out and back, RAS files, the
 accepted layouts and their errors, voxel lookup through an oriented image, STL surfaces,
 and plan_screws / export-slicer on the demo scan."""
 from __future__ import annotations
@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea import screw as screw_mod
-from qctfea import slicer, steps
-from qctfea.provenance import QctfeaError
+from qctfea.model import screw as screw_mod
+from qctfea.qc import slicer
+from qctfea import steps
+from qctfea.errors import QctfeaError
 
 SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
           "Resources/Schema/markups-schema-v1.0.3.json#")

@@ -1,4 +1,4 @@
-"""qctfea.stats against independent computations and published worked examples."""
+"""qctfea.cohort.stats against independent computations and published worked examples."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from qctfea import stats as st
+from qctfea.cohort import stats as st
 
 # --------------------------------------------------------------------------- describe
 
@@ -284,7 +284,7 @@ def test_lmm_non_convergence_is_flagged_and_logged(monkeypatch, caplog) -> None:
     fit_ = MixedLM.fit
     with monkeypatch.context() as m:
         m.setattr(MixedLM, "fit", lambda self, **kw: fit_(self, **{**kw, "maxiter": 1}))
-        with caplog.at_level(logging.WARNING, logger="qctfea.stats"):
+        with caplog.at_level(logging.WARNING, logger="qctfea.cohort.stats"):
             short = st.random_intercept_lmm(df["y"], X, df["patient"])
     assert not short.converged and not short.boundary
     assert "did not converge" in caplog.text and "optimization failed" in caplog.text
@@ -295,7 +295,7 @@ def test_lmm_non_convergence_is_flagged_and_logged(monkeypatch, caplog) -> None:
 
     with monkeypatch.context() as m:
         m.setattr(MixedLM, "score", singular)  # statsmodels' gradient, used by its fit
-        with caplog.at_level(logging.WARNING, logger="qctfea.stats"):
+        with caplog.at_level(logging.WARNING, logger="qctfea.cohort.stats"):
             failed = st.random_intercept_lmm(df["y"], X, df["patient"])
         assert failed.boundary and not failed.converged  # var_group = 0 is not the maximum
         assert "did not converge" in caplog.text and "Singular matrix" in caplog.text
@@ -305,7 +305,7 @@ def test_lmm_non_convergence_is_flagged_and_logged(monkeypatch, caplog) -> None:
         y -= y.mean(axis=1, keepdims=True) - y.mean()
         b = pd.DataFrame({"patient": np.repeat([f"P{i}" for i in range(6)], 3),
                           "tp": np.tile(["M00", "M12", "M24"], 6), "y": y.ravel()})
-        with caplog.at_level(logging.WARNING, logger="qctfea.stats"):
+        with caplog.at_level(logging.WARNING, logger="qctfea.cohort.stats"):
             ols = st.random_intercept_lmm(b["y"], _design(b), b["patient"])
         assert ols.boundary and ols.converged and ols.var_group == 0.0
         assert "did not converge" not in caplog.text

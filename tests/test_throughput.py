@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from qctfea import throughput
+from qctfea_bench import throughput
 
 
 def _job(root, scan, rule, seconds, end_time):
@@ -36,7 +36,7 @@ def test_span_core_seconds_and_solves(tmp_path):
     png = tmp_path / "tp.png"
     throughput.picture([c], png)
     assert png.stat().st_size > 10_000
-    md = throughput.markdown([c], "tp.png", "qctfea throughput --cohort c")
+    md = throughput.markdown([c], "tp.png", "qctfea-bench throughput --cohort c")
     assert "| c | 1 | 3 | 1000 | 1.2 | 0.9 | 83 % |" in md
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import statsmodels.api as sm
 
-from qctfea import calibration as cm
-from qctfea import synth
+from qctfea.imaging import calibration as cm
+from qctfea.demo import synth
 from qctfea import uncertainty as unc
-from qctfea.screw import Screw, ScrewSpec
+from qctfea.model.screw import Screw, ScrewSpec
 
 
 def test_line_covariance_matches_statsmodels_ols():
@@ -146,7 +146,7 @@ def test_scan_uncertainty_splits_what_cancels_in_a_change():
     inp.follow_up = True
     follow = unc.scan_uncertainty(p, inp, "P/1")
     for key in ("trabecular_vbmd_mg_cm3", "pullout_strength_left_n"):
-        b, f = base[key], follow[key]
+        b = base[key]
         assert b["sd_by_source"]["registration"] == 0
         assert b["sd_scan"] == pytest.approx(b["sd_by_source"]["calibration"], rel=0.35)
         assert b["ci_low"] < b["value"] < b["ci_high"]

@@ -35,7 +35,7 @@ def _job_counts(cohorts_dir, cohort, workdir):
 
 
 def _cohort(tmp, name, n_patients, timepoints=(("M00", 0), ("M12", 12))):
-    from qctfea.samples import demo_sheet
+    from qctfea.cohort.samples import demo_sheet
 
     d = tmp / "cohorts" / name
     d.mkdir(parents=True)
@@ -175,7 +175,7 @@ def test_end_to_end_tiny_cohort(tiny_run):
     # Against the generator's truth (read only here, never by the workflow): calibration
     # slope within 1 %, trabecular vBMD within 2 mg/cm³, follow-ups registered to baseline
     # within 0.5 mm and 0.5 degrees of the true change of position.
-    from qctfea.validation import GATES, validate_cohort
+    from qctfea.demo.validation import GATES, validate_cohort
 
     val = validate_cohort(res, tmp_path / "resources" / "tiny", df[["patient", "timepoint",
                                                                      "months"]])
@@ -286,7 +286,7 @@ def test_keep_going_leaves_a_scan_with_a_screw_through_the_canal_out_of_the_tabl
     gate (rule accept_screws) fails that scan naming patient, timepoint, side, grade, breach
     and what to do; with --keep-going P01 goes through every rule, the tables hold P01 only
     with its screws' grades, and tables/exclusions.csv lists P02 with the refusal."""
-    from qctfea.synth import SynthParams, landmarks_world, patient_anatomy, scan_pose
+    from qctfea.demo.synth import SynthParams, landmarks_world, patient_anatomy, scan_pose
 
     cd = _cohort(tmp_path, "tiny", 2, timepoints=(("M00", 0),))
     lm = landmarks_world(patient_anatomy(11, "P02", SynthParams()),

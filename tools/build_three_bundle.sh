@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Rebuild src/qctfea/assets/qctfea-three.min.js: the parts of three.js the per-patient page
-# (qctfea.patient_page) uses, bundled by esbuild into one minified IIFE that sets the global
+# Rebuild src/qctfea/qc/assets/qctfea-three.min.js: the parts of three.js the per-patient page
+# (qctfea.qc.patient_page) uses, bundled by esbuild into one minified IIFE that sets the global
 # `QCTFEA_THREE`. Run by hand when upgrading three.js (needs node/npm and the npm registry);
 # the page itself never downloads anything: the bundle is inlined into each page.
 set -euo pipefail
@@ -21,6 +21,6 @@ export {
 export { OrbitControls } from "three/examples/jsm/controls/OrbitControls.js";
 JS
 npx esbuild entry.js --bundle --minify --format=iife --global-name=QCTFEA_THREE \
-  --legal-comments=inline --target=es2020 --outfile="$repo/src/qctfea/assets/qctfea-three.min.js"
-cp node_modules/three/LICENSE "$repo/src/qctfea/assets/LICENSE-three.txt"
+  --legal-comments=inline --target=es2020 --outfile="$repo/src/qctfea/qc/assets/qctfea-three.min.js"
+cp node_modules/three/LICENSE "$repo/src/qctfea/qc/assets/LICENSE-three.txt"
 echo "three@$THREE_VERSION bundled by esbuild@$ESBUILD_VERSION"

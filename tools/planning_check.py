@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from qctfea import steps
-from qctfea.provenance import QctfeaError
+from qctfea.errors import QctfeaError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 #: case -> (CT, labels, sub-regions or None, mask section, own spacing)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from qctfea import registration as reg
+from qctfea.imaging import registration as reg
 from qctfea import steps
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"

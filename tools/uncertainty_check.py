@@ -26,9 +26,10 @@ import pandas as pd
 import SimpleITK as sitk
 import yaml
 
-from qctfea import masks, steps
-from qctfea.bmd import BmdParams
-from qctfea import materials as mat
+from qctfea.imaging import masks
+from qctfea import steps
+from qctfea.imaging.bmd import BmdParams
+from qctfea.model import materials as mat
 from qctfea import uncertainty as unc
 from qctfea.provenance import read_json
 

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from qctfea.provenance import QctfeaError
+from qctfea.errors import QctfeaError
 
 
 def _params(text: str | None) -> dict:
@@ -113,12 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--patient", default="?", help="pseudonymous patient id (for messages)")
     s.add_argument("--timepoint", default="?", help="timepoint id (for messages)")
 
-    s = sub.add_parser("benchmarks", help="per-rule wall time and peak memory of a workflow "
-                       "run (Snakemake benchmark files) as a markdown table")
-    s.add_argument("--root", required=True, help="benchmarks/<cohort>")
-    s.add_argument("--out-md", required=True)
-    s.add_argument("--out-json")
-
     s = sub.add_parser("validate", help="synthetic cohort only: compare calibration, "
                        "trabecular vBMD and registration with the generator's truth files")
     s.add_argument("--results", required=True, help="results/<cohort>")
@@ -126,74 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", required=True, help="the cohort's samples.tsv")
     s.add_argument("--out-csv", required=True)
     s.add_argument("--out-md", required=True)
-
-    s = sub.add_parser("mesh-convergence", help="one processed scan meshed at several sizes: "
-                       "linear pullout and compression stiffness per level (markdown + JSON)")
-    s.add_argument("--scan", required=True, help="results/<cohort>/<patient>/<timepoint>")
-    s.add_argument("--out-dir", required=True)
-    s.add_argument("--out-md", required=True)
-    s.add_argument("--sizes", type=float, nargs="+", default=[4.5, 3.0, 2.0, 1.5],
-                   help="bone cell sizes (mm); screw cells are half")
-    s.add_argument("--voxel-mm", type=float, default=0.5)
-    s.add_argument("--ranks", type=int, default=2)
-    s.add_argument("--strength", action="store_true",
-                   help="also the nonlinear compression and pullout strength per level")
-
-    s = sub.add_parser("perf", help="benchmark harness: per-stage seconds, DOFs, iterations, "
-                       "peak memory, triad bandwidth and bandwidth-bound ratio per mesh level "
-                       "and MPI rank count (markdown + JSON)")
-    s.add_argument("--scan", required=True, help="results/<cohort>/<patient>/<timepoint>")
-    s.add_argument("--out-dir", required=True)
-    s.add_argument("--out-md", required=True)
-    s.add_argument("--sizes", type=float, nargs="+", default=[4.5, 3.0, 2.0],
-                   help="bone cell sizes (mm); screw cells are half, peri-screw a third")
-    s.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
-    s.add_argument("--voxel-mm", type=float, default=0.5)
-    s.add_argument("--triad-n", type=int, default=20_000_000,
-                   help="triad array length per rank (doubles)")
-    s.add_argument("--nonlinear-results", default="results/demo",
-                   help="cohort results folder whose nonlinear solve JSONs are summarised")
-
-    s = sub.add_parser("peer", help="side by side with ParOSol (parosol-py, its own venv: "
-                       "make peer-env): stiffness and wall time of a vertebral-body specimen "
-                       "with PMMA caps at several voxel / cell sizes (markdown + JSON)")
-    s.add_argument("--scan", required=True, help="results/<cohort>/<patient>/<timepoint>")
-    s.add_argument("--out-dir", required=True)
-    s.add_argument("--out-md", required=True,
-                   help="markdown file whose peer section is replaced (or appended)")
-    s.add_argument("--voxel-sizes", type=float, nargs="+", default=[1.5, 1.0, 0.75, 0.5],
-                   help="ParOSol voxel sizes (mm), divisors of 3 mm; include the CT's own")
-    s.add_argument("--cell-sizes", type=float, nargs="+", default=[4.5, 3.0, 2.0, 1.5],
-                   help="our bone cell sizes (mm)")
-    s.add_argument("--ranks", type=int, default=2, help="MPI processes for each tool")
-    s.add_argument("--cap-mm", type=float, default=3.0,
-                   help="PMMA cap thickness beyond the highest / lowest bone (mm)")
-    s.add_argument("--materials", default="",
-                   help="materials section as JSON (law, poisson, cap modulus); default the "
-                        "pipeline's defaults")
-    s.add_argument("--control-density", type=float, default=None,
-                   help="also run the specimen with this one density (mg/cm³) everywhere: a "
-                        "control that separates geometry and end conditions from the E field")
-    s.add_argument("--control-voxel-sizes", type=float, nargs="+", default=None,
-                   help="ParOSol voxel sizes of the control (default --voxel-sizes)")
-    s.add_argument("--control-cell-sizes", type=float, nargs="+", default=None,
-                   help="our bone cell sizes of the control (default --cell-sizes)")
-    s.add_argument("--peer-python", default=None,
-                   help="Python of the environment holding parosol-py (default "
-                        ".peer-venv/bin/python)")
-
-    s = sub.add_parser("throughput", help="cohort wall time and solve time against mesh size "
-                       "from earlier workflow runs' benchmark files (picture + markdown)")
-    s.add_argument("--cohort", action="append", required=True,
-                   help="cohort name (benchmarks/<name>, results/<name>); repeatable")
-    s.add_argument("--benchmarks", default="benchmarks")
-    s.add_argument("--results", default="results")
-    s.add_argument("--perf-json", default=None,
-                   help="perf.json of `qctfea perf`: adds the per-stage cost against DOFs")
-    s.add_argument("--out-png", required=True)
-    s.add_argument("--out-md", required=True,
-                   help="markdown file whose throughput section is replaced (or appended)")
-    s.add_argument("--out-json", default=None, help="per-cohort numbers and per-solve rows")
 
     s = add("mesh", "bone + screws -> tetrahedral mesh (CGAL) with cell tags")
     s.add_argument("--parts", required=True)
@@ -284,35 +210,15 @@ def run(a) -> None:
     elif a.step == "bmd":
         steps.bmd(a.density, a.parts, a.screws, a.out_json, prm, _ctx(a))
     elif a.step == "export-slicer":
-        from qctfea import slicer
+        from qctfea.qc import slicer
 
         for f in slicer.export_scan(a.screws, a.parts, a.out_dir, _ctx(a)).values():
             print(f)
-    elif a.step == "benchmarks":
-        from qctfea import benchmarks
-
-        print(benchmarks.write_summary(a.root, a.out_md, a.out_json).to_string(index=False))
     elif a.step == "validate":
-        from qctfea import validation
+        from qctfea.demo import validation
 
         validation.write_validation(a.results, a.resources, a.samples, a.out_csv, a.out_md)
         print(open(a.out_md).read())
-    elif a.step == "mesh-convergence":
-        from qctfea import convergence
-
-        convergence.main_cli(a)
-    elif a.step == "perf":
-        from qctfea import perf
-
-        perf.main_cli(a)
-    elif a.step == "throughput":
-        from qctfea import throughput
-
-        throughput.main_cli(a)
-    elif a.step == "peer":
-        from qctfea import peer
-
-        peer.main_cli(a)
     elif a.step == "register":
         steps.register(a.baseline_density, a.baseline_parts, a.density, a.parts, a.out_density,
                        a.out_json, a.out_tfm, a.out_png, prm, _ctx(a))
@@ -327,14 +233,14 @@ def run(a) -> None:
                     _params(a.solver_params), _ctx(a), a.side, a.out_curve, a.out_plot,
                     a.out_fields)
     elif a.step == "aggregate":
-        from qctfea import cohort, samples
+        from qctfea.cohort import analysis as cohort, samples
 
         rows = [{**r, "dxa": samples.dxa_value(r["dxa"])}
                 for r in samples.read_sample_sheet(a.samples).to_dict("records")]
         cohort.aggregate(rows, a.results, a.out_csv, cases=a.cases.split(","),
                          clinical_cfg=_params(a.clinical))
     elif a.step == "stats":
-        from qctfea import cohort
+        from qctfea.cohort import analysis as cohort
 
         cohort.statistics(a.long_csv, a.out_dir, exclusions_csv=a.exclusions)
     elif a.step in ("tables", "figures", "montage", "summary-page"):
@@ -343,7 +249,8 @@ def run(a) -> None:
 
 def _cohort_step(a) -> None:
     """The cohort-level steps after ``stats`` (tables, figures, QC montage, summary page)."""
-    from qctfea import cohort, figures, report
+    from qctfea.cohort import analysis as cohort
+    from qctfea.qc import figures, report
 
     if a.step == "tables":
         cohort.tables(a.long_csv, a.out_dir)

@@ -24,10 +24,7 @@ from typing import Any
 import numpy as np
 
 from qctfea import __version__
-
-
-class QctfeaError(RuntimeError):
-    """An error a user can act on: it names the input and what to change."""
+from qctfea.errors import QctfeaError
 
 
 def _jsonable(obj: Any) -> Any:

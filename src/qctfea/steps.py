@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from qctfea.provenance import QctfeaError, atomic_path, provenance, read_json, write_json
+from qctfea.errors import QctfeaError
+from qctfea.model import tags as mesh_tags
+from qctfea.provenance import atomic_path, provenance, read_json, write_json
 
 
 def params_from(cls, section: dict | None, where: str = ""):
@@ -214,7 +216,7 @@ def _read_density(path, context: str) -> tuple[sitk.Image, np.ndarray]:
 
 def synth_scan(out_dir, patient: str, timepoint: str, months: float, seed: int,
                synth_cfg: dict | None = None) -> None:
-    from qctfea.synth import SynthParams, generate_scan
+    from qctfea.demo.synth import SynthParams, generate_scan
 
     p = params_from(SynthParams, synth_cfg, "demo.synth")
     t0 = time.perf_counter()
@@ -229,11 +231,11 @@ def ingest(source, out_image, out_json, context: str, series_uid: str | None = N
            cfg: dict | None = None) -> None:
     """Scan (DICOM folder or HU image file) -> float32 HU NIfTI + scan.json.
 
-    ``cfg`` is the cohort config's ``ingest`` section (:class:`qctfea.dicomio.IngestParams`:
+    ``cfg`` is the cohort config's ``ingest`` section (:class:`qctfea.imaging.dicomio.IngestParams`:
     which series to take from a folder holding several, what to do with uneven slices);
     ``series_uid`` names the series explicitly and wins over ``ingest.series_rule``.
     """
-    from qctfea import dicomio
+    from qctfea.imaging import dicomio
 
     p = params_from(dicomio.IngestParams, cfg, "ingest")
     dicomio.ingest(source, out_image, out_json, context=context, series_uid=series_uid,
@@ -253,8 +255,8 @@ def calibrate(ct_path, labels_path, out_density, out_json, out_png, cfg: dict,
     and phantom-calibrated density under ``tissues`` in calibration.json, from which
     reference densities for phantomless scans of the same scanner can be derived; a failure
     there never fails the phantom calibration."""
-    from qctfea import calibration as cal_mod
-    from qctfea.masks import resample_labels_to
+    from qctfea.imaging import calibration as cal_mod
+    from qctfea.imaging.masks import resample_labels_to
 
     t0 = time.perf_counter()
     cfg = dict(cfg or {})
@@ -331,12 +333,12 @@ def mask(ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
          subregions_path=None) -> None:
     """Vertebra parts label image (1 body, 2 posterior, 3 trabecular ROI) and its QC record.
 
-    ``cfg``: the ``mask`` section (:class:`qctfea.masks.MaskParams`: target label, or a
+    ``cfg``: the ``mask`` section (:class:`qctfea.imaging.masks.MaskParams`: target label, or a
     named convention and level). ``subregions_path``: optional sub-region map (sample-sheet
     column ``subregions``) from which the vertebral body is taken instead of the opening."""
     from scipy import ndimage
 
-    from qctfea import masks
+    from qctfea.imaging import masks
 
     p = params_from(masks.MaskParams, cfg, "mask")
     _need(context, ct=ct_path, labels=labels_path)
@@ -406,19 +408,19 @@ def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
                 planning: dict | None = None, out_png=None, record_refusal: bool = False
                 ) -> None:
     """Screws from the landmarks (``planning.method: landmarks``, the default) or planned from
-    the vertebra parts image (``auto``, :mod:`qctfea.planning`; ``landmarks_path`` may then be
+    the vertebra parts image (``auto``, :mod:`qctfea.model.planning`; ``landmarks_path`` may then be
     None and is not read), each graded on the Gertzbein-Robbins scale against the parts image
-    (:mod:`qctfea.placement`). A screw graded worse than ``planning.max_grade`` fails the
+    (:mod:`qctfea.model.placement`). A screw graded worse than ``planning.max_grade`` fails the
     step with an error naming the scan, side, grade and breach; its QC picture is then kept
     as ``screws_refused.png`` beside ``out_json``. With ``record_refusal`` (the workflow,
     whose planning checkpoint must finish for the cohort to go on without the scan) the
     refusal is written into ``out_json`` (key ``refused``) and the picture to ``out_png``
     instead: :func:`accept_screws` then fails the scan, and :func:`load_screws` refuses to
     give these screws to any later step."""
-    from qctfea import placement
-    from qctfea import planning as plan_mod
-    from qctfea import screw as screw_mod
-    from qctfea import slicer
+    from qctfea.model import placement
+    from qctfea.model import planning as plan_mod
+    from qctfea.model import screw as screw_mod
+    from qctfea.qc import slicer
 
     cfg = dict(cfg or {})
     plan = params_from(plan_mod.PlanParams, planning, "planning")
@@ -507,7 +509,7 @@ def load_screws(path) -> list:
     """The screws of a screws file; none for ``None`` (a model without screws: ``loads.cases``
     without pullout). Refused screws (a placement worse than planning.max_grade) are an
     error: no number is computed on them."""
-    from qctfea.screw import Screw
+    from qctfea.model.screw import Screw
 
     if path is None:
         return []
@@ -561,8 +563,8 @@ def bmd(density_path, parts_path, screws_path, out_json, cfg: dict, context: str
     """Trabecular, integral, around-screw vBMD and CT areal BMD (JSON), and optionally the QC
     picture of the regions and screws on orthogonal slices. ``screws_path`` None: a model
     without screws (no around-screw vBMD)."""
-    from qctfea import bmd as bmd_mod
-    from qctfea import masks
+    from qctfea.imaging import bmd as bmd_mod
+    from qctfea.imaging import masks
 
     p = params_from(bmd_mod.BmdParams, cfg, "bmd")
     _need(context, density=density_path, parts=parts_path, screws=screws_path)
@@ -582,7 +584,7 @@ def bmd(density_path, parts_path, screws_path, out_json, cfg: dict, context: str
     screws = load_screws(screws_path)
     res = bmd_mod.measure_bmd(arr, dens, parts, screws, p, f"{context} ({screws_path})")
     if out_png:
-        from qctfea.roiplot import roi_picture
+        from qctfea.qc.roiplot import roi_picture
 
         with atomic_path(out_png) as tmp:
             roi_picture(dens, _read_image(parts_path, "vertebra parts image", context), screws,
@@ -600,9 +602,9 @@ def uncertainty(*, calibration_json, bmd_json, density_path, parts_path, strengt
     """Intervals and per-scan SDs of the scan's vBMD and strengths (uncertainty.json; see
     :mod:`qctfea.uncertainty`). ``screws_path`` None: a model without screws;
     ``registration_json`` None: a baseline (or registration off)."""
-    from qctfea import bmd as bmd_mod
-    from qctfea import masks
-    from qctfea import materials as mat
+    from qctfea.imaging import bmd as bmd_mod
+    from qctfea.imaging import masks
+    from qctfea.model import materials as mat
     from qctfea import uncertainty as unc
 
     p = params_from(unc.UncertaintyParams, cfg, "uncertainty")
@@ -653,7 +655,7 @@ def register(fixed_density, fixed_parts, moving_density, moving_parts, out_densi
     registration's accuracy is reported (default: the vertebra's bounding-box corners)."""
     _need(context, baseline_density=fixed_density, baseline_parts=fixed_parts,
           density=moving_density, parts=moving_parts, screws=screws_path)
-    from qctfea import registration as reg
+    from qctfea.imaging import registration as reg
 
     p = params_from(reg.RegistrationParams, cfg, "registration")
     t0 = time.perf_counter()
@@ -696,7 +698,7 @@ def mesh(parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str,
     """Conforming tetrahedral mesh of bone and screws (XDMF + JSON report), and optionally
     the QC picture of cuts through the screws. ``screws_path`` None: bone (and end caps)
     only, no screw subdomains."""
-    from qctfea import meshing
+    from qctfea.model import meshing
 
     p = params_from(meshing.MeshParams, cfg, "mesh")
     _need(context, parts=parts_path, screws=screws_path)
@@ -704,7 +706,7 @@ def mesh(parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str,
     screws = load_screws(screws_path)
     pts, cells, tags, rep = meshing.generate_mesh(parts, screws, p)
     if out_png:
-        from qctfea.meshplot import mesh_picture
+        from qctfea.qc.meshplot import mesh_picture
 
         with atomic_path(out_png) as tmp:
             mesh_picture(pts, cells, tags, screws, rep, tmp, title=f"{context}: mesh")
@@ -718,8 +720,8 @@ def mesh(parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str,
 
 def materials(mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict,
               context: str) -> None:
-    from qctfea import materials as mat
-    from qctfea import meshing
+    from qctfea.model import materials as mat
+    from qctfea.model import meshing
 
     p = params_from(mat.MaterialParams, cfg, "materials")
     t0 = time.perf_counter()
@@ -734,7 +736,7 @@ def materials(mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict
                              p.sampling, p.subdivision_levels)
     # Negative densities in a few elements (marrow, fat, noise) are normal and floored by the
     # law; bone whose typical density is not positive means a wrong calibration.
-    bone_rho = rho[np.isin(tags, meshing.BONE_TAGS)]
+    bone_rho = rho[np.isin(tags, mesh_tags.BONE_TAGS)]
     if bone_rho.size and not float(np.median(bone_rho)) > 0:
         raise QctfeaError(f"{context}: density image {density_path} gives the bone elements of "
                           f"{mesh_path} a median density of {float(np.median(bone_rho)):.1f} "
@@ -743,13 +745,13 @@ def materials(mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict
                           "cohort config, and that the mesh belongs to this scan")
     sy = mat.yield_mpa(rho, p)
     if p.bins:
-        bone_sel = np.isin(tags, meshing.BONE_TAGS)
+        bone_sel = np.isin(tags, mesh_tags.BONE_TAGS)
         E[bone_sel] = mat.bin_moduli(E[bone_sel], p.bins)
     nu = np.full(len(cells), p.poisson_bone)
     screws = {s.side: s for s in load_screws(screws_path)}
-    caps = tags == meshing.TAG_CAP
+    caps = tags == mesh_tags.TAG_CAP
     E[caps], nu[caps], sy[caps] = p.cap_modulus_mpa, p.cap_poisson, np.inf  # caps: elastic
-    for side, tag in meshing.TAG_SCREW.items():
+    for side, tag in mesh_tags.TAG_SCREW.items():
         sel = tags == tag
         if side in screws:
             E[sel] = screws[side].spec.youngs_modulus_mpa
@@ -760,7 +762,7 @@ def materials(mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, youngs_mpa=E, poisson=nu, yield_mpa=sy, tags=tags,
                                 centroids_mm=centroids)
-    bone = np.isin(tags, meshing.BONE_TAGS)
+    bone = np.isin(tags, mesh_tags.BONE_TAGS)
     write_json(out_json, {
         "law": p.law,
         "source": (mat.LAWS[p.law][3] if p.law in mat.LAWS

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from qctfea.provenance import QctfeaError
-from qctfea.screw import Screw
+from qctfea.errors import QctfeaError
+from qctfea.model.screw import Screw
 
 
 @dataclass
@@ -112,7 +112,7 @@ def jittered(screw: Screw, offset_mm: np.ndarray, tilt_rad: np.ndarray) -> Screw
 def screw_roi_means(points_mm: np.ndarray, values: list[np.ndarray], screw: Screw,
                     shell_mm: float) -> list[float]:
     """Mean of each of ``values`` (per point) over the points in the screw + shell cylinder
-    (the around-screw region of :func:`qctfea.bmd.around_screw_vbmd`); NaN if empty."""
+    (the around-screw region of :func:`qctfea.imaging.bmd.around_screw_vbmd`); NaN if empty."""
     s, rad = screw.axial_radial(points_mm)
     sel = (rad <= screw.spec.diameter_mm / 2 + shell_mm) & (s >= 0) & (s <= screw.spec.length_mm)
     if not sel.any():

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from qctfea.provenance import QctfeaError
+from qctfea.errors import QctfeaError
 
 
 def run_step(snakemake, fn: Callable[[], None]) -> None:

@@ -1,8 +1,8 @@
 # Cohort level: long table -> tables, statistics, figures, QC montage, summary page.
 # Everything here works on the scans the sample sheet lists: a patient without a
 # timepoint simply has no row, and every output says what it used.
-from qctfea.cohort import STAT_FILES, TABLE_FILES
-from qctfea.figures import SCATTER_PREDICTORS, figure_files, spaghetti_metrics
+from qctfea.cohort.analysis import STAT_FILES, TABLE_FILES
+from qctfea.qc.figures import SCATTER_PREDICTORS, figure_files, spaghetti_metrics
 
 # Per-scan pictures shown in the QC montages: {kind: file name in <patient>/<timepoint>/}.
 # Add a kind here when a per-scan rule writes another PNG.

@@ -7,7 +7,7 @@ import yaml
 from jsonschema import Draft202012Validator
 from snakemake.exceptions import WorkflowError
 
-from qctfea.samples import missing_landmarks, read_sample_sheet
+from qctfea.cohort.samples import missing_landmarks, read_sample_sheet
 from qctfea.workflow_glue import write_failure_summary
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
@@ -93,9 +93,9 @@ check_schema(COHORT_DIR / "config.yaml", [("", CCFG)], "cohort.schema.yaml", "ke
 def check_calibration():
     """The calibration settings as the calibrate step will read them: a phantom calibration
     (the default method) that names no phantom is refused here, before any job runs, with
-    the presets listed (qctfea.calibration.PHANTOM_PRESETS)."""
-    from qctfea.calibration import PhantomSpec, TissueSpec
-    from qctfea.provenance import QctfeaError
+    the presets listed (qctfea.imaging.calibration.PHANTOM_PRESETS)."""
+    from qctfea.imaging.calibration import PhantomSpec, TissueSpec
+    from qctfea.errors import QctfeaError
     from qctfea.steps import params_from
 
     cal = CCFG.get("calibration") or {}
@@ -113,8 +113,8 @@ check_calibration()
 def check_clinical():
     """The thresholds of the clinical categories (section clinical) as the aggregation will
     read them: crossed thresholds (fragile not below normal) are refused before any job."""
-    from qctfea.clinical import clinical_params
-    from qctfea.provenance import QctfeaError
+    from qctfea.cohort.clinical import clinical_params
+    from qctfea.errors import QctfeaError
 
     try:
         clinical_params(CCFG.get("clinical"))
@@ -180,8 +180,8 @@ def get_image(wildcards):
 def target_label():
     """The target vertebra's label value: mask.label, or looked up from mask.convention and
     mask.vertebra (the calibration needs it to find the patient)."""
-    from qctfea.masks import MaskParams
-    from qctfea.provenance import QctfeaError
+    from qctfea.imaging.masks import MaskParams
+    from qctfea.errors import QctfeaError
     from qctfea.steps import params_from
 
     try:

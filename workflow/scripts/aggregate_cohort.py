@@ -1,7 +1,7 @@
 """Rule aggregate_cohort: per-scan JSONs -> results/<cohort>/tables/longitudinal.csv, with
 each scan's clinical categories (thresholds: the cohort config's clinical section).
 Scans whose screws were refused at planning are left out (listed in tables/exclusions.csv)."""
-from qctfea import cohort, samples
+from qctfea.cohort import analysis as cohort, samples
 from qctfea.workflow_glue import run_step
 
 sm = snakemake  # noqa: F821

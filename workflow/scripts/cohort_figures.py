@@ -1,7 +1,7 @@
 """Rule cohort_figures: spaghetti and scatter figures (PNG + SVG) from the long table."""
 from pathlib import Path
 
-from qctfea import figures
+from qctfea.qc import figures
 from qctfea.workflow_glue import run_step
 
 sm = snakemake  # noqa: F821

@@ -1,7 +1,7 @@
 """Rule cohort_tables: long table -> wide, change from baseline, summary per timepoint, Table 1."""
 from pathlib import Path
 
-from qctfea import cohort
+from qctfea.cohort import analysis as cohort
 from qctfea.workflow_glue import run_step
 
 sm = snakemake  # noqa: F821

@@ -1,7 +1,7 @@
 """Rule compute_statistics: paired tests, Friedman, mixed models, correlations, summary.json."""
 from pathlib import Path
 
-from qctfea import cohort
+from qctfea.cohort import analysis as cohort
 from qctfea.workflow_glue import run_step
 
 sm = snakemake  # noqa: F821

@@ -1,7 +1,7 @@
 """Rule patient_page: one self-contained HTML page per patient (results, pictures, 3D model)."""
 from pathlib import Path
 
-from qctfea import patient_page
+from qctfea.qc import patient_page
 from qctfea.workflow_glue import run_step
 
 sm = snakemake  # noqa: F821

@@ -1,7 +1,7 @@
 """Rule qc_montage: one per-scan QC picture kind in a patients x timepoints grid."""
 from pathlib import Path
 
-from qctfea import figures
+from qctfea.qc import figures
 from qctfea.workflow_glue import run_step
 
 sm = snakemake  # noqa: F821

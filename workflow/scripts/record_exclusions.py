@@ -1,6 +1,6 @@
 """Rule record_exclusions: the cohort config's `exclude` entries and the scans whose screws
 were refused at planning -> tables/exclusions.csv."""
-from qctfea import cohort
+from qctfea.cohort import analysis as cohort
 from qctfea.workflow_glue import run_step
 
 sm = snakemake  # noqa: F821

@@ -1,5 +1,5 @@
 """Rule summary_page: self-contained HTML page with the headline findings, tables and figures."""
-from qctfea import report
+from qctfea.qc import report
 from qctfea.workflow_glue import run_step
 
 sm = snakemake  # noqa: F821

@@ -36,7 +36,7 @@ import ufl
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from qctfea.provenance import QctfeaError
+from qctfea.errors import QctfeaError
 
 DEFAULT_PETSC_OPTIONS = {
     "ksp_type": "cg",
@@ -75,7 +75,7 @@ class SolveInfo:
 
 
 def read_mesh(path: str, comm=MPI.COMM_WORLD):
-    """Mesh and cell tags from an XDMF written by :func:`qctfea.meshing.write_mesh`."""
+    """Mesh and cell tags from an XDMF written by :func:`qctfea.model.meshing.write_mesh`."""
     with dolfinx.io.XDMFFile(comm, str(path), "r") as f:
         mesh = f.read_mesh(name="mesh")
         tags = f.read_meshtags(mesh, name="cell_tags")

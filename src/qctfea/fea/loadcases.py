@@ -67,9 +67,9 @@ from qctfea.fea.elasticity import (
     boundary_facets_of_tags,
     facet_midpoints,
 )
-from qctfea.meshing import BONE_TAGS, TAG_BODY, TAG_CAP, TAG_SCREW
-from qctfea.provenance import QctfeaError
-from qctfea.screw import Screw
+from qctfea.model.tags import BONE_TAGS, TAG_BODY, TAG_CAP, TAG_SCREW
+from qctfea.errors import QctfeaError
+from qctfea.model.screw import Screw
 
 
 #: load cases of the workflow (``loads.cases``), in the order they are run

@@ -91,7 +91,7 @@ from qctfea.fea.elasticity import (
     build_nullspace,
     clear_options,
 )
-from qctfea.provenance import QctfeaError
+from qctfea.errors import QctfeaError
 
 #: Newton (SNES) and its linear solves. GAMG keeps its prolongators between Newton steps
 #: (the sparsity never changes); damaged elements make one smoothing step too weak, so the

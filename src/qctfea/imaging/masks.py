@@ -1,0 +1,489 @@
+"""Masks: the target vertebra from a label map, its body and trabecular ROI.
+
+The label map (VerSe, TotalSegmentator or the demo generator's) is read and,
+when it is on a different grid than the CT, resampled onto it by nearest
+neighbour. The target vertebra is the configured label (``mask.label``), or the
+label of a named level (``mask.vertebra``, e.g. ``L4``) under a named label
+convention (``mask.convention``):
+
+- ``verse``: the VerSe / TPTBox vertebra labels (``TPTBox.core.vert_constants``,
+  ``Vertebra_Instance``; the VerSe challenge data, Sekuboyina et al., Med Image Anal
+  2021): C1-C7 = 1-7, T1-T12 = 8-19, L1-L5 = 20-24, L6 = 25 (a sixth lumbar vertebra),
+  T13 = 28 (a thirteenth thoracic vertebra); S1 = 26 (a neighbour only, not a target).
+- ``totalsegmentator``: TotalSegmentator v2, task ``total``
+  (``totalsegmentator/map_to_binary.py``, ``class_map["total"]``): vertebrae_L5 = 27,
+  L4 = 28, L3 = 29, L2 = 30, L1 = 31, T12 = 32, ... T1 = 43, C7 = 44, ... C1 = 50;
+  vertebrae_S1 = 26 and sacrum = 25 are neighbours only. Verified against that file of
+  the TotalSegmentator repository (v2 class map; v1, ``total_v1``, numbered them
+  differently: L5 = 18 ... C1 = 41, and is not supported).
+- ``custom`` (default): the numeric ``mask.label`` (default 23).
+
+Its parts:
+
+- **vertebral body**: with a sub-region map (sample-sheet column ``subregions``:
+  VerSe/TPTBox sub-regions, 41-48 posterior elements, 49 the body's cortical shell
+  ``Vertebra_Corpus_border``, 50 its interior ``Vertebra_Corpus``): the target
+  vertebra's voxels whose sub-region is one of ``body_subregion_labels`` (default 49
+  and 50, the whole body), largest component, holes filled. Without one: the largest
+  component left after a morphological opening
+  of the vertebra with a ball of radius ``body_opening_mm`` (default 7 mm):
+  pedicles, lamina and processes are thinner than that ball and vanish, the
+  body survives; the result is dilated back inside the vertebra.
+- **trabecular ROI** (standard QCT): body voxels farther than
+  ``trabecular_margin_mm`` (default 3 mm) from the body surface, so cortex,
+  endplates and their blur are excluded.
+- **axis**: the body's superior direction (endplate normal): the direction
+  near the patient's superior axis along which the body is thinnest; and the
+  body's extent along it, which the load cases use for the endplates.
+
+Output label image: 1 = vertebral body outside the trabecular ROI, 2 = posterior
+elements, 3 = trabecular ROI (part of the body).
+
+Label QC (:func:`label_qc`, recorded in vertebra.json): the target label's volume,
+its connected components (face connectivity, as the model uses: only the largest is
+modelled; a warning when it holds less than 95 % of the label), the labels touching it
+(26-neighbourhood; contact area from the shared voxel faces) and, under a named
+convention, whether the levels above and below are in the map and touch it.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from qctfea.errors import QctfeaError
+
+BODY, POSTERIOR, TRABECULAR = 1, 2, 3  #: part labels (trabecular ROI is inside the body)
+#: end caps (e.g. PMMA embedding of a specimen) in the parts image; not bone
+CAP = 4
+BONE_PARTS = (BODY, POSTERIOR, TRABECULAR)
+
+
+#: Largest connected component of the target label below this volume fraction: warning.
+FRAGMENT_WARN_FRACTION = 0.95
+DEFAULT_LABEL = 23  #: custom convention without mask.label (VerSe L4)
+
+_C = [f"C{i}" for i in range(1, 8)]
+_T = [f"T{i}" for i in range(1, 13)]
+_L = [f"L{i}" for i in range(1, 6)]
+#: Vertebra labels by convention: level -> label (targets; see the module docstring).
+CONVENTIONS: dict[str, dict[str, int]] = {
+    "verse": {**{v: i + 1 for i, v in enumerate(_C)}, **{v: i + 8 for i, v in enumerate(_T)},
+              "T13": 28, **{v: i + 20 for i, v in enumerate(_L)}, "L6": 25},
+    "totalsegmentator": {**{v: 51 - int(v[1:]) for v in _C}, **{v: 44 - int(v[1:]) for v in _T},
+                         **{v: 32 - int(v[1:]) for v in _L}},
+}
+#: Cranio-caudal order of the labels of each convention: (name, label, optional). The
+#: neighbours expected above (below) a level are the levels up to and including the first
+#: non-optional one in that direction (VerSe: T12's neighbour below is T13 or L1).
+_ORDER: dict[str, list[tuple[str, int, bool]]] = {
+    "verse": [(v, CONVENTIONS["verse"][v], v in ("T13", "L6"))
+              for v in _C + _T + ["T13"] + _L + ["L6"]] + [("S1", 26, False)],
+    "totalsegmentator": [(v, CONVENTIONS["totalsegmentator"][v], False)
+                         for v in _C + _T + _L] + [("S1", 26, True), ("sacrum", 25, False)],
+}
+_LEVEL_NAME = re.compile(r"^(C[1-7]|T[1-9]|T1[0-3]|L[1-6])$")
+
+
+def resolve_label(convention: str, vertebra: str | None, label: int | None
+                  ) -> tuple[int, str | None]:
+    """The target label and level name from ``mask.convention``, ``mask.vertebra`` and
+    ``mask.label``; errors name the keys and the allowed values."""
+    allowed = ["custom", *CONVENTIONS]
+    if convention not in allowed:
+        raise QctfeaError(f"mask.convention {convention!r} is not known; allowed: {allowed}")
+    if label is not None and int(label) < 1:
+        raise QctfeaError(f"mask.label {label} is not a vertebra label (labels are integers "
+                          ">= 1; 0 is the background)")
+    if vertebra is not None:
+        vertebra = str(vertebra).strip().upper().removeprefix("VERTEBRAE_")
+    if convention == "custom":
+        if vertebra is not None:
+            if label is None:
+                raise QctfeaError(
+                    f"mask.vertebra {vertebra!r} needs a named mask.convention ("
+                    f"{', '.join(CONVENTIONS)}) to look up its label; with mask.convention "
+                    "custom give mask.label")
+            if not _LEVEL_NAME.match(vertebra):
+                raise QctfeaError(f"mask.vertebra {vertebra!r} is not a level name such as "
+                                  "L4, T12 or C7")
+        return (DEFAULT_LABEL if label is None else int(label)), vertebra
+    table = CONVENTIONS[convention]
+    if vertebra is None:
+        if label is None:
+            raise QctfeaError(f"mask.convention {convention} needs mask.vertebra (a level: "
+                              f"{', '.join(table)}) or mask.label")
+        names = [k for k, v in table.items() if v == label]
+        if not names:
+            raise QctfeaError(
+                f"mask.label {label} is not a vertebra of the {convention} convention "
+                f"({_table_text(table)}); correct mask.label or set mask.convention custom")
+        return int(label), names[0]
+    if vertebra not in table:
+        raise QctfeaError(f"mask.vertebra {vertebra!r} is not a level of the {convention} "
+                          f"convention; allowed: {', '.join(table)}")
+    if label is not None and int(label) != table[vertebra]:
+        raise QctfeaError(
+            f"mask.label {label} disagrees with mask.vertebra {vertebra} under mask.convention "
+            f"{convention} ({convention} {vertebra} = {table[vertebra]}); remove mask.label "
+            "or correct one of them")
+    return table[vertebra], vertebra
+
+
+def _table_text(table: dict[str, int]) -> str:
+    return ", ".join(f"{k} = {v}" for k, v in table.items())
+
+
+def expected_neighbours(convention: str, vertebra: str | None) -> dict[str, list]:
+    """``{"above": [(name, label), ...], "below": [...]}``: the labels expected next to
+    ``vertebra`` (any of each list; empty at the ends); {} without a named convention."""
+    if convention not in _ORDER or vertebra is None:
+        return {}
+    order = _ORDER[convention]
+    i = [name for name, _, _ in order].index(vertebra)
+
+    def walk(seq):
+        out = []
+        for name, lab, optional in seq:
+            out.append((name, lab))
+            if not optional:
+                break
+        return out
+
+    return {"above": walk(reversed(order[:i])), "below": walk(order[i + 1:])}
+
+
+def level_name(convention: str, label: int) -> str | None:
+    """The name of ``label`` under ``convention`` (vertebrae and sacral neighbours), or None."""
+    for name, lab, _ in _ORDER.get(convention, []):
+        if lab == label:
+            return name
+    return None
+
+
+@dataclass
+class MaskParams:
+    #: target vertebra label; None: looked up from ``vertebra`` (named convention), else 23
+    label: int | None = None
+    #: label convention of the map: "verse", "totalsegmentator" or "custom" (``label``)
+    convention: str = "custom"
+    #: target level name, e.g. "L4" (named conventions: the label is looked up)
+    vertebra: str | None = None
+    #: sub-region labels of the vertebral body (VerSe/TPTBox: 49 cortical shell, 50 interior)
+    body_subregion_labels: list = field(default_factory=lambda: [49, 50])
+    body_opening_mm: float = 7.0
+    trabecular_margin_mm: float = 3.0
+    #: labels that together form the vertebra (e.g. [1, 2]: trabecular and cortical bone of
+    #: a voxel-FE benchmark's label map) instead of the single ``label``
+    bone_labels: list | None = None
+    #: labels of end caps (e.g. PMMA embedding): meshed as their own subdomain with
+    #: ``materials.cap_modulus_mpa``; the compression platens then load the caps' outer faces
+    cap_labels: list | None = None
+
+    def __post_init__(self):
+        for key in ("bone_labels", "cap_labels"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, (list, tuple)) or not v or not all(
+                    isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)):
+                raise QctfeaError(f"mask.{key} {v!r} must be a non-empty list of positive "
+                                  "integer labels")
+        if self.bone_labels and self.cap_labels and set(self.bone_labels) & set(self.cap_labels):
+            raise QctfeaError(f"mask.bone_labels {self.bone_labels} and mask.cap_labels "
+                              f"{self.cap_labels} overlap")
+        self.label, self.vertebra = resolve_label(self.convention, self.vertebra, self.label)
+        labels = self.body_subregion_labels
+        if (not isinstance(labels, (list, tuple)) or not labels
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                           for v in labels)):
+            raise QctfeaError(f"mask.body_subregion_labels {labels!r} must be a non-empty list "
+                              "of positive integer labels (VerSe/TPTBox body: [49, 50])")
+        self.body_subregion_labels = [int(v) for v in labels]
+
+
+def voxel_centres_mm(image: sitk.Image, idx_zyx: np.ndarray) -> np.ndarray:
+    """Physical coordinates (N, 3) of voxel indices given as (N, 3) rows in z, y, x order."""
+    o = np.array(image.GetOrigin())
+    s = np.array(image.GetSpacing())
+    d = np.array(image.GetDirection()).reshape(3, 3)
+    ijk = idx_zyx[:, ::-1].astype(float)
+    return o + (ijk * s) @ d.T
+
+
+def resample_labels_to(labels: sitk.Image, reference: sitk.Image, context: str = "") -> sitk.Image:
+    """Labels on the reference grid, nearest neighbour; warn when a resampling was needed.
+
+    An error when the label map has labels but none of them lands on the reference grid
+    (the two images do not overlap: another scan's labels, or a wrong origin/direction).
+    """
+    same = (
+        labels.GetSize() == reference.GetSize()
+        and np.allclose(labels.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+        and np.allclose(labels.GetSpacing(), reference.GetSpacing(), atol=1e-5)
+        and np.allclose(labels.GetDirection(), reference.GetDirection(), atol=1e-5)
+    )
+    if same:
+        return labels
+    warnings.warn(f"{context}: label map is on another grid than the CT; resampled "
+                  "(nearest neighbour)", stacklevel=2)
+    out = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                        labels.GetPixelID())
+    if sitk.GetArrayViewFromImage(labels).any() and not sitk.GetArrayViewFromImage(out).any():
+        raise QctfeaError(
+            f"{context}: the label map does not overlap the CT: it covers "
+            f"{_bounds(labels)} mm, the CT {_bounds(reference)} mm (physical LPS "
+            "coordinates); give the label map of this scan, or correct its origin/direction"
+        )
+    return out
+
+
+def _bounds(image: sitk.Image) -> str:
+    """Physical bounding box of an image's grid, as text: [min x, y, z] to [max x, y, z]."""
+    size = np.array(image.GetSize()) - 1.0
+    corners = np.array([image.TransformContinuousIndexToPhysicalPoint(
+        (size * np.array(c)).tolist()) for c in np.ndindex(2, 2, 2)])
+    return (f"{np.round(corners.min(axis=0), 1).tolist()} to "
+            f"{np.round(corners.max(axis=0), 1).tolist()}")
+
+
+def _ball(radius_mm: float, spacing_xyz) -> np.ndarray:
+    r = [max(1, int(np.ceil(radius_mm / s))) for s in spacing_xyz[::-1]]
+    zz, yy, xx = np.mgrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
+    sz, sy, sx = spacing_xyz[::-1]
+    return (zz * sz) ** 2 + (yy * sy) ** 2 + (xx * sx) ** 2 <= radius_mm**2
+
+
+def _target_text(params: MaskParams) -> str:
+    """``label 23`` or ``label 23 (verse L4)`` for messages."""
+    named = (f" ({params.convention} {params.vertebra})"
+             if params.vertebra and params.convention != "custom" else "")
+    return f"label {params.label}{named}"
+
+
+def vertebra_parts(
+    labels_zyx: np.ndarray, spacing_xyz, params: MaskParams, context: str = "",
+    subregions_zyx: np.ndarray | None = None, subregions_context: str = "",
+) -> dict[str, np.ndarray]:
+    """Vertebra, body, posterior and trabecular-ROI masks (boolean arrays, z, y, x).
+
+    With ``subregions_zyx`` (a sub-region map on the same grid) the body is the vertebra's
+    voxels in ``params.body_subregion_labels``; else it is found by a morphological opening.
+    ``subregions_context`` names the scan and the sub-region file in its errors."""
+    vert = labels_zyx == params.label
+    if not vert.any():
+        present = sorted(int(v) for v in np.unique(labels_zyx) if v != 0)
+        if not present:
+            raise QctfeaError(f"{context}: the label map is empty (every voxel is 0); give the "
+                              "segmentation of this scan (labels column of the sample sheet)")
+        hint = ("set mask.label in the cohort config" if params.convention == "custom" else
+                "check mask.convention and mask.vertebra (or mask.label) in the cohort config")
+        raise QctfeaError(
+            f"{context}: {_target_text(params)} is not in the label map (labels present: "
+            f"{present}); {hint}"
+        )
+    lab, n = ndimage.label(vert)
+    if n > 1:
+        sizes = ndimage.sum(vert, lab, range(1, n + 1))
+        vert = lab == (1 + int(np.argmax(sizes)))
+    # Crop to the vertebra for the morphology (fast), then paste back.
+    sl = ndimage.find_objects(vert.astype(np.uint8))[0]
+    pad = 8
+    sl = tuple(slice(max(0, s.start - pad), min(n_, s.stop + pad))
+               for s, n_ in zip(sl, vert.shape, strict=True))
+    v = vert[sl]
+    if subregions_zyx is not None:
+        body = _body_from_subregions(v, subregions_zyx[sl], params,
+                                     subregions_context or context)
+    else:
+        body = _body_from_opening(v, spacing_xyz, params, context)
+    dist = ndimage.distance_transform_edt(body, sampling=spacing_xyz[::-1])
+    trab = dist > params.trabecular_margin_mm
+    out = {}
+    for name, m in (("vertebra", v), ("body", body), ("trabecular", trab)):
+        full = np.zeros(vert.shape, bool)
+        full[sl] = m
+        out[name] = full
+    out["posterior"] = out["vertebra"] & ~out["body"]
+    if not out["trabecular"].any():
+        raise QctfeaError(f"{context}: trabecular ROI is empty; lower mask.trabecular_margin_mm")
+    return out
+
+
+def _largest(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum(mask, lab, range(1, n + 1))
+    return lab == (1 + int(np.argmax(sizes)))
+
+
+def _body_from_opening(v: np.ndarray, spacing_xyz, params: MaskParams, context: str):
+    """The body: largest component of the vertebra opened by a ball, dilated back by 1 mm."""
+    ball = _ball(params.body_opening_mm, spacing_xyz)
+    opened = ndimage.binary_opening(v, structure=ball)
+    if not opened.any():
+        raise QctfeaError(f"{context}: no vertebral body found (vertebra thinner than "
+                          f"{2 * params.body_opening_mm} mm everywhere); "
+                          "lower mask.body_opening_mm")
+    body = _largest(opened)
+    return ndimage.binary_dilation(body, structure=_ball(1.0, spacing_xyz)) & v
+
+
+def _body_from_subregions(v: np.ndarray, sub: np.ndarray, params: MaskParams, context: str):
+    """The body: the vertebra's voxels in the body sub-regions, largest component, holes
+    filled (inside the vertebra)."""
+    body = v & np.isin(sub, params.body_subregion_labels)
+    if not body.any():
+        there = sorted(int(x) for x in np.unique(sub[v]) if x != 0)
+        raise QctfeaError(
+            f"{context}: the sub-region map has none of the body labels "
+            f"{params.body_subregion_labels} (mask.body_subregion_labels) inside "
+            f"{_target_text(params)} of the label map (its sub-region labels there: "
+            f"{there or 'none'}); set mask.body_subregion_labels to this map's label(s) of the "
+            "vertebral body (VerSe/TPTBox: [49, 50]), give the sub-region map of this scan, or "
+            "leave the subregions column of the sample sheet empty to find the body by opening")
+    return ndimage.binary_fill_holes(_largest(body)) & v
+
+
+def label_contacts(labels_zyx: np.ndarray, target: np.ndarray, spacing_xyz) -> dict[int, dict]:
+    """Other labels touching ``target`` (boolean, z, y, x): per label, its voxels in the
+    target's 26-neighbourhood, the voxel faces it shares with the target and their area
+    (mm²). Label 0 (background) is left out."""
+    if not target.any():
+        return {}
+    sl = ndimage.find_objects(target.astype(np.uint8))[0]
+    sl = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1))
+               for s, n in zip(sl, target.shape, strict=True))
+    t, lab = target[sl], labels_zyx[sl]
+    ring = ndimage.binary_dilation(t, structure=np.ones((3, 3, 3), bool)) & ~t
+    vals, counts = np.unique(lab[ring], return_counts=True)
+    out = {int(a): {"voxels": int(b), "faces": 0, "area_mm2": 0.0}
+           for a, b in zip(vals, counts, strict=True) if a != 0}
+    sp = np.asarray(spacing_xyz, float)[::-1]  # z, y, x
+    for axis in range(3):
+        face = float(np.prod(sp) / sp[axis])
+        n = t.shape[axis]
+        lo = (slice(None),) * axis + (slice(0, n - 1),)
+        hi = (slice(None),) * axis + (slice(1, n),)
+        for a, b in ((lo, hi), (hi, lo)):  # target voxel at a, its face neighbour at b
+            other = lab[b][t[a] & ~t[b]]
+            vals, counts = np.unique(other[other != 0], return_counts=True)
+            for v, c in zip(vals, counts, strict=True):
+                out[int(v)]["faces"] += int(c)
+                out[int(v)]["area_mm2"] += float(c) * face
+    return out
+
+
+def label_qc(labels_zyx: np.ndarray, spacing_xyz, params: MaskParams, context: str = "") -> dict:
+    """QC of the target label in the label map (the ``label_qc`` record of vertebra.json).
+
+    Volume (mm³), connected components (face connectivity; the model keeps the largest) and
+    the largest one's volume fraction (a warning below 95 %: fragments), the labels touching
+    the target (26-neighbourhood, contact area from shared voxel faces) and, with a named
+    convention, whether the levels above and below are in the map and touch the target (a
+    warning when other vertebrae of the convention are in the map but neither neighbour
+    is: a wrong level or convention). Warnings name ``context`` (scan and file)."""
+    target = labels_zyx == params.label
+    vox = float(np.prod(spacing_xyz))
+    lab, n = ndimage.label(target)
+    sizes = ndimage.sum(target, lab, range(1, n + 1)) if n else np.zeros(0)
+    frac = float(sizes.max() / sizes.sum()) if n else 0.0
+    messages = []
+    if n > 1 and frac < FRAGMENT_WARN_FRACTION:
+        messages.append(
+            f"{context}: {_target_text(params)} is in {n} connected pieces; the largest holds "
+            f"{100 * frac:.1f} % of its {target.sum() * vox / 1000:.1f} cm³ (< "
+            f"{100 * FRAGMENT_WARN_FRACTION:.0f} %) and only it is modelled: check the "
+            "segmentation (fragments, or parts of another vertebra carrying this label)")
+    contacts = label_contacts(labels_zyx, target, spacing_xyz)
+    present = {int(v) for v in np.unique(labels_zyx)} - {0}
+    neighbours = {}
+    for side, cands in expected_neighbours(params.convention, params.vertebra).items():
+        there = [lab_ for _, lab_ in cands if lab_ in present]
+        neighbours[side] = {
+            "levels": [name for name, _ in cands], "labels": [lab_ for _, lab_ in cands],
+            "present": bool(there), "touching": any(lab_ in contacts for lab_ in there)}
+    if neighbours:
+        table = CONVENTIONS[params.convention]
+        others = sorted(v for v in present & set(table.values()) if v != params.label)
+        expected = {lab_ for e in neighbours.values() for lab_ in e["labels"]}
+        if others and not (expected & present):
+            names = [f"{level_name(params.convention, v)} ({v})" for v in others]
+            messages.append(
+                f"{context}: the label map has other vertebrae of the {params.convention} "
+                f"convention ({', '.join(names)}) but neither neighbour of "
+                f"{params.vertebra} ({_target_text(params)}); check mask.convention and "
+                "mask.vertebra")
+    for m in messages:
+        warnings.warn(m, stacklevel=2)
+    return {
+        "label": int(params.label),
+        "convention": params.convention,
+        "vertebra": params.vertebra,
+        "volume_mm3": float(target.sum() * vox),
+        "components": int(n),
+        "largest_component_fraction": frac,
+        "connectivity": "face (6-neighbourhood)",
+        "contacts": [{"label": k, "level": level_name(params.convention, k), **v}
+                     for k, v in sorted(contacts.items())],
+        "contact_neighbourhood": "26-neighbourhood; faces: shared voxel faces",
+        "expected_neighbours": neighbours,
+        "warnings": messages,
+    }
+
+
+def body_axis(image: sitk.Image, body_zyx: np.ndarray, max_tilt_deg: float = 30.0) -> dict:
+    """Body centroid, superior axis (unit, mm) and extent along it.
+
+    The superior axis is the endplate normal: the direction, within
+    ``max_tilt_deg`` of the patient's superior axis (LPS +z), along which the
+    body is thinnest (robust extent, 0.5-99.5 percentiles). A principal-axis
+    fit is not used because a vertebral body's height and depth are often
+    nearly equal, which makes its principal axes ill-defined.
+    """
+    idx = np.argwhere(body_zyx)
+    pts = voxel_centres_mm(image, idx)
+    c = pts.mean(axis=0)
+    rel = pts - c
+    if len(rel) > 40000:
+        rel_s = rel[np.random.default_rng(0).choice(len(rel), 40000, replace=False)]
+    else:
+        rel_s = rel
+
+    def extent(theta, phi):
+        d = np.array([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)])
+        lo, hi = np.percentile(rel_s @ d, [0.5, 99.5])
+        return hi - lo, d
+
+    best = (np.inf, np.array([0.0, 0.0, 1.0]))
+    tmax = np.deg2rad(max_tilt_deg)
+    for theta in np.linspace(0, tmax, 16):
+        for phi in np.linspace(0, 2 * np.pi, 1 if theta == 0 else 24, endpoint=False):
+            best = min(best, extent(theta, phi), key=lambda t: t[0])
+    # Refine around the best direction.
+    th0 = np.arccos(np.clip(best[1][2], -1, 1))
+    ph0 = np.arctan2(best[1][1], best[1][0])
+    step = tmax / 15
+    for theta in np.linspace(max(0, th0 - step), th0 + step, 9):
+        for phi in np.linspace(ph0 - 0.15, ph0 + 0.15, 9):
+            best = min(best, extent(theta, phi), key=lambda t: t[0])
+    axis = best[1]
+    h = rel @ axis
+    return {
+        "centroid_mm": c.tolist(),
+        "superior_axis": axis.tolist(),
+        "inferior_extent_mm": float(h.min()),
+        "superior_extent_mm": float(h.max()),
+        "height_mm": float(h.max() - h.min()),
+    }
+
+
+def contact_with_neighbours(labels_zyx: np.ndarray, vert: np.ndarray, label: int) -> dict:
+    """Count of vertebra surface voxels touching each other non-zero label (QC)."""
+    ring = ndimage.binary_dilation(vert) & ~vert
+    vals, counts = np.unique(labels_zyx[ring], return_counts=True)
+    return {int(a): int(b) for a, b in zip(vals, counts, strict=True) if a not in (0, label)}

@@ -1,0 +1,344 @@
+"""Self-contained HTML summary page of a cohort analysis.
+
+:func:`summary_page` writes one HTML file with no external resources (inline
+CSS, figures embedded as ``data:`` URIs, no scripts; links only to the per-patient pages
+beside it): the headline findings
+(each sentence with its numbers, from ``stats/summary.json``), what data were
+used and what was missing, the clinical categories of every scan (with their sources and
+what they cannot say), Table 1, the tests over time, the mixed models, the
+correlations and their comparison, and the figures. It is also one of the
+results of the Snakemake report (``snakemake --report``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from qctfea import __version__
+from qctfea.cohort import clinical, analysis as cohort
+from qctfea.errors import QctfeaError
+from qctfea.provenance import atomic_path, read_json
+
+_CSS = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2rem auto;
+       max-width: 1100px; color: #222; line-height: 1.45; padding: 0 1rem; }
+h1 { font-size: 1.6rem; margin-bottom: 0.2rem; }
+h2 { font-size: 1.2rem; border-bottom: 1px solid #ccc; padding-bottom: 0.2rem; margin-top: 2rem; }
+.meta { color: #666; font-size: 0.85rem; }
+ol.headlines li { margin-bottom: 0.5rem; }
+table { border-collapse: collapse; font-size: 0.82rem; margin: 0.5rem 0 1rem; }
+th, td { border: 1px solid #ddd; padding: 0.2rem 0.45rem; text-align: right; }
+th { background: #f3f3f3; }
+td.l, th.l { text-align: left; }
+figure { display: inline-block; margin: 0.5rem; vertical-align: top; }
+figure img { max-width: 520px; border: 1px solid #eee; }
+figure.wide img { max-width: 1040px; }
+figcaption { font-size: 0.8rem; color: #555; max-width: 520px; }
+.note { background: #fff8e5; border-left: 4px solid #e0a800; padding: 0.4rem 0.8rem; }
+"""
+
+
+def _esc(x: object) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _cell(v: object) -> tuple[str, bool]:
+    """(text, is_text) of one table cell; numbers with 3-4 significant digits."""
+    if isinstance(v, bool):
+        return ("yes" if v else "no"), True
+    if isinstance(v, (int,)) and not isinstance(v, bool):
+        return str(v), False
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "", False
+        if float(v).is_integer() and abs(v) < 1e6:
+            return str(int(v)), False
+        a = abs(v)
+        if a != 0 and (a < 1e-3 or a >= 1e6):
+            return f"{v:.3g}", False
+        digits = 0 if a >= 100 else 1 if a >= 10 else 2 if a >= 1 else 3
+        return f"{v:.{digits}f}", False
+    return str(v), True
+
+
+def html_table(frame: pd.DataFrame, columns: Mapping[str, str] | None = None,
+               p_columns: Sequence[str] = ()) -> str:
+    """An HTML table of ``frame`` (``columns``: column -> header, in order)."""
+    columns = dict(columns) if columns else {c: c for c in frame.columns}
+    cols = [c for c in columns if c in frame.columns]
+    head = "".join(f'<th class="l">{_esc(columns[c])}</th>' for c in cols)
+    rows = []
+    for _, r in frame.iterrows():
+        cells = []
+        for c in cols:
+            v = r[c]
+            if c in p_columns and isinstance(v, float) and math.isfinite(v):
+                text, is_text = ("< 0.001" if v < 0.001 else f"{v:.3f}"), False
+            else:
+                text, is_text = _cell(v.item() if hasattr(v, "item") else v)
+            cells.append(f'<td class="l">{_esc(text)}</td>' if is_text
+                         else f"<td>{_esc(text)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _img(path: Path, caption: str, wide: bool = False) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    cls = ' class="wide"' if wide else ""
+    return (f'<figure{cls}><img src="data:image/png;base64,{data}" alt="{_esc(caption)}" '
+            f'data-file="{_esc(path.name)}"><figcaption>{_esc(caption)}</figcaption></figure>')
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, dtype={"patient": str, "timepoint": str})
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise QctfeaError(f"summary page: cannot read {path} ({exc})") from exc
+
+
+def _labelled(frame: pd.DataFrame, *cols: str) -> pd.DataFrame:
+    out = frame.copy()
+    for c in cols:
+        if c in out.columns:
+            out[c] = out[c].map(lambda m: cohort.label(m) if isinstance(m, str) else m)
+    return out
+
+
+def _figure_caption(path: Path) -> str:
+    stem = path.stem
+    if stem.startswith("spaghetti_"):
+        m = stem[len("spaghetti_"):]
+        return (f"{cohort.label(m)}: one line per patient (dashed: a scan is missing), "
+                "mean and 95 % CI per timepoint")
+    if stem.startswith("scatter_pullout_"):
+        p = stem[len("scatter_pullout_"):]
+        return (f"pullout strength vs {cohort.label(p)}, per timepoint: least-squares line "
+                "and Pearson r")
+    if stem.startswith("qc_"):
+        return f"QC montage of the per-scan {stem[3:]} pictures (patients x timepoints)"
+    return stem
+
+
+def _placement_table(long_csv) -> pd.DataFrame | None:
+    """One row per scan whose model has screws: grade, breach and direction per side."""
+    if long_csv is None or not Path(long_csv).is_file():
+        return None
+    df = _read_csv(Path(long_csv))
+    cols = [f"screw_{k}_{side}{u}" for side in ("left", "right")
+            for k, u in (("grade", ""), ("breach", "_mm"))]
+    if not set(cols) <= set(df.columns):
+        return None
+    out = df[["patient", "timepoint"]].copy()
+    for side in ("left", "right"):
+        out[f"{side}: grade"] = df[f"screw_grade_{side}"]
+        out[f"{side}: breach mm"] = df[f"screw_breach_{side}_mm"].map(lambda v: f"{v:.1f}")
+        out[f"{side}: direction"] = df[f"screw_breach_direction_{side}"]
+    return out
+
+
+def _clinical_tables(long_csv) -> tuple[pd.DataFrame, pd.DataFrame, list[str]] | None:
+    """The clinical categories of the long table: counts per timepoint, one row per scan,
+    and the distinct threshold sources used; None without the columns."""
+    if long_csv is None or not Path(long_csv).is_file():
+        return None
+    df = pd.read_csv(long_csv, dtype={"patient": str, "timepoint": str,
+                                      **cohort.TEXT_COLUMNS})
+    if not {"strength_category", "vbmd_category"} <= set(df.columns) or df.empty:
+        return None
+    df = df.sort_values(["months", "patient"], kind="mergesort")
+    counts = []
+    for tp, g in df.groupby("timepoint", sort=False):
+        row = {"timepoint": tp, "scans": len(g)}
+        for col, what, known in (("strength_category", "strength", clinical.STRENGTH_CATEGORIES),
+                                 ("vbmd_category", "vBMD", clinical.VBMD_CATEGORIES)):
+            _, text = cohort.category_counts(g[col], known)
+            row[what] = text
+        counts.append(row)
+    scans = pd.DataFrame({
+        "patient": df["patient"], "timepoint": df["timepoint"],
+        "sex": df.get("sex", pd.Series("", index=df.index)).fillna("").replace("", "not given"),
+        "strength N": df["compression_strength_n"].map(
+            lambda v: f"{v:.0f}" if math.isfinite(v) else "n/a"),
+        "strength category": df["strength_category"].fillna(""),
+        "trabecular vBMD mg/cm³": df["trabecular_vbmd_mg_cm3"].map(
+            lambda v: f"{v:.1f}" if math.isfinite(v) else "n/a"),
+        "vBMD category": df["vbmd_category"].fillna("")})
+    sources = [str(v) for c in ("strength_category_source", "vbmd_category_source")
+               if c in df.columns for v in dict.fromkeys(df[c].dropna())]
+    return pd.DataFrame(counts), scans, sources
+
+
+def _clinical_section(long_csv) -> list[str]:
+    """The summary page's clinical categories: sources, caveat, counts and every scan."""
+    tables = _clinical_tables(long_csv)
+    if tables is None:
+        return []
+    counts, scans, sources = tables
+    return [
+        '<h2 id="clinical">Clinical categories</h2>',
+        "<p>Vertebral strength (FE compression strength) by the Biomechanical CT thresholds, "
+        f"by sex: {_esc(clinical.BCT_SOURCE)}. Trabecular vBMD by the ACR QCT classes: "
+        f"{_esc(clinical.ACR_SOURCE)}. A patient without a sex in the sample sheet has the "
+        f"strength category “{_esc(clinical.UNKNOWN_SEX)}”. Thresholds "
+        "applied (tables/longitudinal.csv, columns *_category_source):</p><ul>"
+        + "".join(f"<li>{_esc(x)}</li>" for x in sources) + "</ul>",
+        f'<p class="note">{_esc(clinical.CAVEAT)}</p>',
+        html_table(counts), html_table(scans)]
+
+
+def summary_page(
+    summary_json: str | os.PathLike,
+    table_files: Mapping[str, str | os.PathLike],
+    stat_files: Mapping[str, str | os.PathLike],
+    figure_pngs: Sequence[str | os.PathLike],
+    out_html: str | os.PathLike,
+    cohort_name: str = "",
+    *,
+    patient_pages: Sequence[str] = (),
+) -> Path:
+    """Write the self-contained summary page; return its path.
+
+    ``table_files``/``stat_files`` map the names of :data:`qctfea.cohort.analysis.TABLE_FILES`
+    and :data:`qctfea.cohort.analysis.STAT_FILES` to paths; ``figure_pngs`` are embedded
+    in the given order (QC montages, named ``qc_*``, full width). ``patient_pages``: the
+    patients whose pages (:mod:`qctfea.qc.patient_page`) are linked, as the relative links
+    ``patients/<patient>.html`` beside this page.
+    """
+    summary = read_json(summary_json)
+    t = {k: _read_csv(Path(v)) for k, v in table_files.items() if k != "longitudinal"}
+    s = {k: _read_csv(Path(v)) for k, v in stat_files.items() if k != "summary"}
+    title = f"qctfea cohort summary{': ' + cohort_name if cohort_name else ''}"
+    parts = [f"<h1>{_esc(title)}</h1>",
+             f'<p class="meta">{summary.get("n_patients")} patients, {summary.get("n_scans")} '
+             f'of {summary.get("n_scans_planned")} planned scans, timepoints '
+             f'{_esc(", ".join(summary.get("timepoints", {})))}; qctfea {__version__}; '
+             f'{time.strftime("%Y-%m-%d %H:%M")}</p>']
+
+    parts.append('<h2 id="findings">Headline findings</h2><ol class="headlines">')
+    parts += [f"<li>{_esc(h)}</li>" for h in summary.get("headlines", [])]
+    parts.append("</ol>")
+
+    missing = summary.get("missing_scans", [])
+    src = summary.get("areal_bmd_source", {})
+    parts.append('<h2 id="data">Data used</h2>')
+    if missing:
+        parts.append('<p class="note">Missing scans: '
+                     + _esc(", ".join(f"{m['patient']} {m['timepoint']}" for m in missing))
+                     + ". Paired tests use the patients with both scans (n pairs below); the "
+                     "mixed models use every available scan; the Friedman test uses the "
+                     "patients with every timepoint.</p>")
+    excluded = summary.get("excluded_scans", [])
+    if excluded:
+        parts.append('<p class="note">Not analysed: excluded by the cohort config, or '
+                     'refused at screw planning (a screw graded worse than '
+                     'planning.max_grade), with the reason:</p>')
+        parts.append(html_table(pd.DataFrame(excluded, columns=cohort.EXCLUSION_COLUMNS)))
+    if not missing and not excluded:
+        parts.append("<p>Every patient has every timepoint.</p>")
+    if patient_pages:
+        parts.append('<h2 id="patients">Per-patient pages</h2><p>One page per patient: every '
+                     'scan\'s results with the change from baseline, the curves, the QC '
+                     'pictures and a 3D view of the model.</p><ul class="patients">'
+                     + "".join(f'<li><a href="patients/{_esc(p)}.html">{_esc(p)}</a></li>'
+                               for p in patient_pages) + "</ul>")
+    parts.append("<p>Areal BMD in the correlations: "
+                 + _esc("; ".join(f"{k}: {v}" for k, v in src.items())) + ".</p>")
+    methods = summary.get("methods", {})
+    if methods:
+        parts.append("<ul>" + "".join(f"<li><b>{_esc(k)}</b>: {_esc(v)}</li>"
+                                      for k, v in methods.items()) + "</ul>")
+
+    placement = _placement_table(table_files.get("longitudinal"))
+    if placement is not None:
+        parts.append('<h2 id="screws">Screw placement (Gertzbein-Robbins grade)</h2>')
+        parts.append('<p>Grade of each screw of each model against the vertebra mask: A in '
+                     'bone; B breach &lt; 2 mm; C 2-4 mm; D 4-6 mm; E &gt; 6 mm; the breach in '
+                     'mm and its direction (medial: towards the spinal canal). Follow-ups use '
+                     'their baseline\'s screws. Pictures: screws.png of each scan folder.</p>')
+        parts.append(html_table(placement))
+    parts += _clinical_section(table_files.get("longitudinal"))
+    if "baseline_characteristics" in t:
+        parts.append('<h2 id="table1">Table 1: baseline characteristics</h2>')
+        parts.append(html_table(t["baseline_characteristics"], {
+            "characteristic": "characteristic", "unit": "unit", "n": "n",
+            "mean_sd": "mean ± SD", "median_iqr": "median [IQR]"}))
+    if "summary_by_timepoint" in t:
+        sbt = t["summary_by_timepoint"]
+        sbt = _labelled(sbt[sbt["quantity"] == "value"], "metric")
+        parts.append('<h2 id="timepoints">Summary per timepoint</h2>')
+        parts.append(html_table(sbt, {"metric": "metric", "timepoint": "timepoint", "n": "n",
+                                      "n_missing": "missing", "mean_sd": "mean ± SD",
+                                      "median_iqr": "median [IQR]"}))
+    if "changes" in s:
+        parts.append('<h2 id="changes">Each follow-up vs baseline (paired)</h2>')
+        parts.append(html_table(_labelled(s["changes"], "metric"), {
+            "metric": "metric", "timepoint": "follow-up", "n_pairs": "pairs",
+            "mean_baseline": "mean baseline", "mean_followup": "mean follow-up",
+            "mean_change_pct": "mean change %", "p_ttest": "paired t p",
+            "p_ttest_holm": "Holm", "p_wilcoxon": "Wilcoxon p", "p_wilcoxon_holm": "Holm",
+            "patients_not_paired": "not paired"},
+            p_columns=("p_ttest", "p_ttest_holm", "p_wilcoxon", "p_wilcoxon_holm")))
+    if "friedman" in s:
+        parts.append('<h2 id="friedman">Friedman test across all timepoints</h2>')
+        parts.append(html_table(_labelled(s["friedman"], "metric"), {
+            "metric": "metric", "n_complete": "patients used", "n_patients": "patients",
+            "chi2": "chi²", "df": "df", "p": "p", "patients_excluded": "excluded"},
+            p_columns=("p",)))
+    if "mixed_models" in s:
+        mm = s["mixed_models"]
+        mm = _labelled(mm[mm["term"].astype(str).str.contains(" - ")
+                          | (mm["term"] == "months")], "metric")
+        parts.append('<h2 id="mixed">Linear mixed models (random intercept per patient, '
+                     'REML)</h2><p>Change at each follow-up vs baseline (model with time as '
+                     'a factor) and change per month (linear model).</p>')
+        parts.append(html_table(mm, {
+            "metric": "metric", "model": "model", "term": "term", "estimate": "estimate",
+            "ci_low": "95 % CI low", "ci_high": "95 % CI high", "df": "df", "p": "p",
+            "n_obs": "scans", "n_patients": "patients", "icc": "ICC", "note": "note"},
+            p_columns=("p",)))
+    if "correlations" in s:
+        parts.append('<h2 id="correlations">Correlations per timepoint</h2>')
+        parts.append(html_table(_labelled(s["correlations"], "outcome", "predictor"), {
+            "timepoint": "timepoint", "outcome": "outcome", "predictor": "predictor",
+            "predictor_source": "source", "n": "n", "r": "Pearson r", "ci_low": "95 % CI low",
+            "ci_high": "95 % CI high", "p": "p", "rho_spearman": "Spearman rho",
+            "p_spearman": "p (rho)"}, p_columns=("p", "p_spearman")))
+    if "correlation_comparison" in s:
+        parts.append('<h2 id="comparison">QCT vs areal BMD: dependent correlations</h2>')
+        parts.append(html_table(_labelled(s["correlation_comparison"], "outcome",
+                                          "predictor_qct"), {
+            "timepoint": "timepoint", "outcome": "outcome", "predictor_qct": "QCT predictor",
+            "areal_source": "areal BMD", "n": "n", "r_qct": "r(QCT)", "r_areal": "r(areal)",
+            "r_qct_areal": "r(QCT, areal)", "williams_t": "Williams t", "df": "df",
+            "p_williams": "p", "steiger_z": "Steiger z", "p_steiger": "p",
+            "p_steiger_greater": "p (one-sided)"},
+            p_columns=("p_williams", "p_steiger", "p_steiger_greater")))
+
+    pngs = [Path(f) for f in figure_pngs]
+    for f in pngs:
+        if not f.is_file():
+            raise QctfeaError(f"summary page: figure {f} not found")
+    parts.append('<h2 id="figures">Figures</h2>')
+    parts += [_img(f, _figure_caption(f)) for f in pngs if not f.stem.startswith("qc_")]
+    qc = [f for f in pngs if f.stem.startswith("qc_")]
+    if qc:
+        parts.append('<h2 id="qc">Quality control</h2>')
+        parts += [_img(f, _figure_caption(f), wide=True) for f in qc]
+
+    doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+           f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>\n"
+           + "\n".join(parts) + "\n</body></html>\n")
+    out = Path(out_html)
+    with atomic_path(out) as tmp:
+        tmp.write_text(doc, encoding="utf-8")
+    print(f"qctfea report: summary page with {len(pngs)} figures -> {out}", file=sys.stderr)
+    return out
