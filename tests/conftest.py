@@ -23,12 +23,14 @@ def imaging_steps(src: Path, r: Path, ctx: str) -> None:
     """ingest -> calibrate -> mask of a synthetic scan folder ``src`` into ``r``."""
     from qctfea import steps
 
-    steps.ingest(src / "dicom", r / "ct.nii.gz", r / "scan.json", ctx)
-    steps.calibrate(r / "ct.nii.gz", src / "labels.nii.gz", r / "density.nii.gz",
-                    r / "calibration.json", r / "calibration.png",
-                    {"phantom": {"preset": "demo_k2hpo4"}}, ctx, 23)
-    steps.mask(r / "ct.nii.gz", src / "labels.nii.gz", r / "vertebra.nii.gz",
-               r / "vertebra.json", {}, ctx)
+    steps.ingest(source=src / "dicom", out_image=r / "ct.nii.gz", out_json=r / "scan.json",
+                 context=ctx)
+    steps.calibrate(ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
+                    out_density=r / "density.nii.gz", out_json=r / "calibration.json",
+                    out_png=r / "calibration.png", cfg={"phantom": {"preset": "demo_k2hpo4"}},
+                    context=ctx, label=23)
+    steps.mask(ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
+               out_parts=r / "vertebra.nii.gz", out_json=r / "vertebra.json", cfg={}, context=ctx)
 
 
 @pytest.fixture(scope="session")
@@ -43,9 +45,10 @@ def demo_scan(tmp_path_factory):
     r = root / "results"
     ctx = "patient P01, timepoint M12"
     imaging_steps(src, r, ctx)
-    steps.plan_screws(src / "landmarks.json", r / "vertebra.nii.gz", r / "screws.json", {}, ctx)
-    steps.bmd(r / "density.nii.gz", r / "vertebra.nii.gz", r / "screws.json", r / "bmd.json",
-              {}, ctx)
+    steps.plan_screws(landmarks_path=src / "landmarks.json", parts_path=r / "vertebra.nii.gz",
+                      out_json=r / "screws.json", cfg={}, context=ctx)
+    steps.bmd(density_path=r / "density.nii.gz", parts_path=r / "vertebra.nii.gz",
+              screws_path=r / "screws.json", out_json=r / "bmd.json", cfg={}, context=ctx)
     return {"src": src, "results": r, "truth": truth, "context": ctx}
 
 
@@ -56,11 +59,13 @@ def demo_model(demo_scan):
 
     r = demo_scan["results"]
     ctx = demo_scan["context"]
-    steps.mesh(r / "vertebra.nii.gz", r / "screws.json", r / "mesh.xdmf", r / "mesh.json",
-               {"voxel_mm": 0.6, "bone_cell_size_mm": 3.5, "screw_cell_size_mm": 2.0,
-                "peri_screw_cell_size_mm": 2.0}, ctx)
-    steps.materials(r / "mesh.xdmf", r / "density.nii.gz", r / "screws.json",
-                    r / "materials.npz", r / "materials.json", {}, ctx)
+    steps.mesh(parts_path=r / "vertebra.nii.gz", screws_path=r / "screws.json",
+               out_mesh=r / "mesh.xdmf", out_json=r / "mesh.json",
+               cfg={"voxel_mm": 0.6, "bone_cell_size_mm": 3.5, "screw_cell_size_mm": 2.0,
+                    "peri_screw_cell_size_mm": 2.0}, context=ctx)
+    steps.materials(mesh_path=r / "mesh.xdmf", density_path=r / "density.nii.gz",
+                    screws_path=r / "screws.json", out_npz=r / "materials.npz",
+                    out_json=r / "materials.json", cfg={}, context=ctx)
     return demo_scan
 
 

@@ -10,7 +10,6 @@ from conftest import REPO, run, venv_bin
 
 
 def _box_model(E, nu, L=10.0, W=4.0, n=(4, 4, 10)):
-    import dolfinx_solver  # noqa: F401
     import dolfinx
     from mpi4py import MPI
 

@@ -176,8 +176,8 @@ def test_rule_choice_recorded_without_identifiers(tmp_path: Path, capsys) -> Non
     _axial(tmp_path / "d" / "soft", 18, 3.0, "B30f")
     bone = _axial(tmp_path / "d" / "bone", 19, 1.0, "B60f", offset=500)
     out = tmp_path / "out"
-    steps.ingest(tmp_path / "d", out / "ct.nii.gz", out / "scan.json", CONTEXT,
-                 cfg={"series_rule": "thinnest_axial"})
+    steps.ingest(source=tmp_path / "d", out_image=out / "ct.nii.gz", out_json=out / "scan.json",
+                 context=CONTEXT, cfg={"series_rule": "thinnest_axial"})
     text = (out / "scan.json").read_text()
     record = json.loads(text)
     assert record["scan"]["selected_by"].startswith("thinnest_axial: 1 mm, kernel B60f")
@@ -267,8 +267,8 @@ def test_resample_recorded_in_scan_json(tmp_path: Path) -> None:
     s = _axial(tmp_path / "gap", 22, 1.0, "B60f", skip=(2,))
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match="not uniform"):
-        steps.ingest(s.folder, out / "ct.nii.gz", out / "scan.json", CONTEXT,
-                     cfg={"uneven_spacing": "resample"})
+        steps.ingest(source=s.folder, out_image=out / "ct.nii.gz", out_json=out / "scan.json",
+                     context=CONTEXT, cfg={"uneven_spacing": "resample"})
     record = json.loads((out / "scan.json").read_text())
     assert record["scan"]["resampled"] is True and record["scan"]["n_slices"] == NZ
     assert record["scan"]["selected_by"] == "only series"
@@ -282,7 +282,8 @@ def test_resample_recorded_in_scan_json(tmp_path: Path) -> None:
 def test_unknown_key_in_ingest_section_is_named(tmp_path: Path) -> None:
     s = _axial(tmp_path / "d", 23, 1.0, "B60f")
     with pytest.raises(QctfeaError) as err:
-        steps.ingest(s.folder, tmp_path / "ct.nii.gz", tmp_path / "scan.json", CONTEXT,
+        steps.ingest(source=s.folder, out_image=tmp_path / "ct.nii.gz",
+                     out_json=tmp_path / "scan.json", context=CONTEXT,
                      cfg={"series_rule": "thinnest_axial", "serie_rule": "x"})
     msg = str(err.value)
     assert "'ingest'" in msg and "serie_rule" in msg and "series_rule" in msg
@@ -298,6 +299,6 @@ def test_unknown_key_in_ingest_section_is_named(tmp_path: Path) -> None:
 ])
 def test_bad_ingest_values_are_refused(tmp_path: Path, cfg: dict, needle: str) -> None:
     with pytest.raises(QctfeaError, match="ingest") as err:
-        steps.ingest(tmp_path / "nothing", tmp_path / "ct.nii.gz", tmp_path / "scan.json",
-                     CONTEXT, cfg=cfg)
+        steps.ingest(source=tmp_path / "nothing", out_image=tmp_path / "ct.nii.gz",
+                     out_json=tmp_path / "scan.json", context=CONTEXT, cfg=cfg)
     assert needle in str(err.value)

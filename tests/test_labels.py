@@ -104,9 +104,9 @@ needs_real = pytest.mark.skipif(not (REAL / "subregions.nii.gz").is_file(),
 
 
 def _mask(tmp_path, name, cfg, labels=None, subregions=None, ct=None):
-    steps.mask(ct or REAL / "ct.nii.gz", labels or REAL / "vertebrae.nii.gz",
-               tmp_path / f"{name}.nii.gz", tmp_path / f"{name}.json", cfg, CTX,
-               subregions_path=subregions)
+    steps.mask(ct_path=ct or REAL / "ct.nii.gz", labels_path=labels or REAL / "vertebrae.nii.gz",
+               out_parts=tmp_path / f"{name}.nii.gz", out_json=tmp_path / f"{name}.json", cfg=cfg,
+               context=CTX, subregions_path=subregions)
     parts = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{name}.nii.gz")))
     return json.loads((tmp_path / f"{name}.json").read_text()), parts
 

@@ -86,8 +86,9 @@ def test_rod_centres_in_physical_coordinates_through_the_step(tmp_path):
     centres = [[-30.0 + 0.5 * x, 12.0 + 0.5 * 100] for x in X_RODS]
     cfg = {"method": "phantom", "phantom": {"rod_densities_mg_cm3": dens,
                                             "rod_diameter_mm": 6.0, "rod_centres_mm": centres}}
-    steps.calibrate(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz", tmp_path / "d.nii.gz",
-                    tmp_path / "c.json", tmp_path / "c.png", cfg, "ctx", 23)
+    steps.calibrate(ct_path=tmp_path / "ct.nii.gz", labels_path=tmp_path / "labels.nii.gz",
+                    out_density=tmp_path / "d.nii.gz", out_json=tmp_path / "c.json",
+                    out_png=tmp_path / "c.png", cfg=cfg, context="ctx", label=23)
     import json
 
     c = json.loads((tmp_path / "c.json").read_text())
@@ -154,9 +155,10 @@ def test_no_phantom_named_is_refused_listing_the_presets(tmp_path):
     lab.CopyInformation(img)
     sitk.WriteImage(lab, str(tmp_path / "labels.nii.gz"))
     with pytest.raises(QctfeaError, match="no phantom named.*demo_k2hpo4"):
-        steps.calibrate(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz",
-                        tmp_path / "d.nii.gz", tmp_path / "c.json", tmp_path / "c.png",
-                        {"method": "phantom"}, "ctx", 23)
+        steps.calibrate(ct_path=tmp_path / "ct.nii.gz", labels_path=tmp_path / "labels.nii.gz",
+                        out_density=tmp_path / "d.nii.gz", out_json=tmp_path / "c.json",
+                        out_png=tmp_path / "c.png", cfg={"method": "phantom"}, context="ctx",
+                        label=23)
     assert not (tmp_path / "d.nii.gz").exists()
 
 

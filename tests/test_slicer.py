@@ -300,9 +300,10 @@ def test_plan_screws_from_markups_equals_landmarks_json(demo_scan, tmp_path):
                for side in ("right", "left")]
     mrk = _write(tmp_path / "landmarks.mrk.json", markups)
     parts = demo_scan["results"] / "vertebra.nii.gz"
-    steps.plan_screws(demo_scan["src"] / "landmarks.json", parts, tmp_path / "a.json", {},
-                      demo_scan["context"])
-    steps.plan_screws(mrk, parts, tmp_path / "b.json", {}, demo_scan["context"])
+    steps.plan_screws(landmarks_path=demo_scan["src"] / "landmarks.json", parts_path=parts,
+                      out_json=tmp_path / "a.json", cfg={}, context=demo_scan["context"])
+    steps.plan_screws(landmarks_path=mrk, parts_path=parts, out_json=tmp_path / "b.json", cfg={},
+                      context=demo_scan["context"])
     a = json.loads((tmp_path / "a.json").read_text())
     b = json.loads((tmp_path / "b.json").read_text())
     assert b["provenance"]["inputs"]["landmarks"]["path"] == str(mrk)

@@ -90,14 +90,15 @@ def check(case: str, spacing, rot_axis, deg, trajectory: str, work: Path) -> dic
         sitk.WriteImage(sub, str(work / "sub.nii.gz"))
     ctx = f"{case}, {spacing} mm, {rot_axis or 'no'} rotation"
     t0 = time.perf_counter()
-    steps.mask(work / "ct.nii.gz", work / "labels.nii.gz", work / "vertebra.nii.gz",
-               work / "vertebra.json", mask_cfg, ctx,
-               work / "sub.nii.gz" if sub is not None else None)
+    steps.mask(ct_path=work / "ct.nii.gz", labels_path=work / "labels.nii.gz",
+               out_parts=work / "vertebra.nii.gz", out_json=work / "vertebra.json", cfg=mask_cfg,
+               context=ctx, subregions_path=work / "sub.nii.gz" if sub is not None else None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            steps.plan_screws(None, work / "vertebra.nii.gz", work / "screws.json", {}, ctx,
-                              {"method": "auto", "trajectory": trajectory},
+            steps.plan_screws(landmarks_path=None, parts_path=work / "vertebra.nii.gz",
+                              out_json=work / "screws.json", cfg={}, context=ctx,
+                              planning={"method": "auto", "trajectory": trajectory},
                               out_png=work / "screws.png")
     except QctfeaError as exc:
         return {"error": str(exc), "seconds": time.perf_counter() - t0}

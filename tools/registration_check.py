@@ -109,9 +109,10 @@ def check(case: str, spacing, motion_name: str, orientations=ORIENTATIONS,
                 sitk.WriteImage(sitk.DICOMOrient(lab, o), str(w / f"{tag}_lab.nii.gz"))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    steps.mask(w / f"{tag}_ct.nii.gz", w / f"{tag}_lab.nii.gz",
-                               w / f"{tag}_parts.nii.gz", w / f"{tag}_parts.json", mask_cfg,
-                               f"{case} {tag} {o}")
+                    steps.mask(ct_path=w / f"{tag}_ct.nii.gz", labels_path=w / f"{tag}_lab.nii.gz",
+                               out_parts=w / f"{tag}_parts.nii.gz",
+                               out_json=w / f"{tag}_parts.json", cfg=mask_cfg,
+                               context=f"{case} {tag} {o}")
                 imgs[tag] = (sitk.ReadImage(str(w / f"{tag}_ct.nii.gz"), sitk.sitkFloat32),
                              sitk.ReadImage(str(w / f"{tag}_parts.nii.gz")))
             t0 = time.perf_counter()

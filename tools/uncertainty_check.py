@@ -111,11 +111,13 @@ def main(argv=None) -> int:
                  for sc in screws]
         (d / "screws.json").write_text(json.dumps({"screws": [s.to_dict() for s in moved]}))
         (d / "vertebra.json").write_text((scan / "vertebra.json").read_text())
-        steps.mesh(scan / "vertebra.nii.gz", d / "screws.json", d / "mesh.xdmf", d / "mesh.json",
-                   cfg.get("mesh") or {}, f"draw {i}")
-        steps.materials(d / "mesh.xdmf", d / "density.nii.gz", d / "screws.json",
-                        d / "materials.npz", d / "materials.json", cfg.get("materials") or {},
-                        f"draw {i}")
+        steps.mesh(parts_path=scan / "vertebra.nii.gz", screws_path=d / "screws.json",
+                   out_mesh=d / "mesh.xdmf", out_json=d / "mesh.json", cfg=cfg.get("mesh") or {},
+                   context=f"draw {i}")
+        steps.materials(mesh_path=d / "mesh.xdmf", density_path=d / "density.nii.gz",
+                        screws_path=d / "screws.json", out_npz=d / "materials.npz",
+                        out_json=d / "materials.json", cfg=cfg.get("materials") or {},
+                        context=f"draw {i}")
         m = dict(np.load(d / "materials.npz"))
         m["yield_mpa"] = m["yield_mpa"] * src["factor"][i]
         np.savez_compressed(d / "materials.npz", **m)

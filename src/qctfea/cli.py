@@ -196,19 +196,24 @@ def run(a) -> None:
 
     prm = _params(getattr(a, "params", None))
     if a.step == "synth":
-        steps.synth_scan(a.out, a.patient, a.timepoint, a.months, a.seed, prm)
+        steps.synth_scan(out_dir=a.out, patient=a.patient, timepoint=a.timepoint, months=a.months,
+                         seed=a.seed, synth_cfg=prm)
     elif a.step == "ingest":
-        steps.ingest(a.source, a.out_image, a.out_json, _ctx(a), a.series_uid, cfg=prm)
+        steps.ingest(source=a.source, out_image=a.out_image, out_json=a.out_json, context=_ctx(a),
+                     series_uid=a.series_uid, cfg=prm)
     elif a.step == "calibrate":
-        steps.calibrate(a.ct, a.labels, a.out_density, a.out_json, a.out_png, prm, _ctx(a),
-                        a.label)
+        steps.calibrate(ct_path=a.ct, labels_path=a.labels, out_density=a.out_density,
+                        out_json=a.out_json, out_png=a.out_png, cfg=prm, context=_ctx(a),
+                        label=a.label)
     elif a.step == "mask":
-        steps.mask(a.ct, a.labels, a.out_parts, a.out_json, prm, _ctx(a), a.subregions)
+        steps.mask(ct_path=a.ct, labels_path=a.labels, out_parts=a.out_parts, out_json=a.out_json,
+                   cfg=prm, context=_ctx(a), subregions_path=a.subregions)
     elif a.step == "screws":
-        steps.plan_screws(a.landmarks, a.parts, a.out_json, prm, _ctx(a), _params(a.planning),
-                          out_png=a.out_png)
+        steps.plan_screws(landmarks_path=a.landmarks, parts_path=a.parts, out_json=a.out_json,
+                          cfg=prm, context=_ctx(a), planning=_params(a.planning), out_png=a.out_png)
     elif a.step == "bmd":
-        steps.bmd(a.density, a.parts, a.screws, a.out_json, prm, _ctx(a))
+        steps.bmd(density_path=a.density, parts_path=a.parts, screws_path=a.screws,
+                  out_json=a.out_json, cfg=prm, context=_ctx(a))
     elif a.step == "export-slicer":
         from qctfea.qc import slicer
 
@@ -220,18 +225,23 @@ def run(a) -> None:
         validation.write_validation(a.results, a.resources, a.samples, a.out_csv, a.out_md)
         print(open(a.out_md).read())
     elif a.step == "register":
-        steps.register(a.baseline_density, a.baseline_parts, a.density, a.parts, a.out_density,
-                       a.out_json, a.out_tfm, a.out_png, prm, _ctx(a))
+        steps.register(fixed_density=a.baseline_density, fixed_parts=a.baseline_parts,
+                       moving_density=a.density, moving_parts=a.parts, out_density=a.out_density,
+                       out_json=a.out_json, out_tfm=a.out_tfm, out_png=a.out_png, cfg=prm,
+                       context=_ctx(a))
     elif a.step == "mesh":
-        steps.mesh(a.parts, a.screws, a.out_mesh, a.out_json, prm, _ctx(a))
+        steps.mesh(parts_path=a.parts, screws_path=a.screws, out_mesh=a.out_mesh,
+                   out_json=a.out_json, cfg=prm, context=_ctx(a))
     elif a.step == "materials":
-        steps.materials(a.mesh, a.density, a.screws, a.out_npz, a.out_json, prm, _ctx(a))
+        steps.materials(mesh_path=a.mesh, density_path=a.density, screws_path=a.screws,
+                        out_npz=a.out_npz, out_json=a.out_json, cfg=prm, context=_ctx(a))
     elif a.step == "solve":
         if a.case == "pullout" and not a.side:
             raise QctfeaError("solve pullout needs --side left or --side right")
-        steps.solve(a.case, a.mesh, a.materials, a.vertebra, a.screws, a.out_json, prm,
-                    _params(a.solver_params), _ctx(a), a.side, a.out_curve, a.out_plot,
-                    a.out_fields)
+        steps.solve(case=a.case, mesh_path=a.mesh, materials_path=a.materials, mask_json=a.vertebra,
+                    screws_path=a.screws, out_json=a.out_json, loads_cfg=prm,
+                    solver_cfg=_params(a.solver_params), context=_ctx(a), side=a.side,
+                    out_curve=a.out_curve, out_plot=a.out_plot, out_fields=a.out_fields)
     elif a.step == "aggregate":
         from qctfea.cohort import analysis as cohort, samples
 

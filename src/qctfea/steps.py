@@ -214,7 +214,7 @@ def _read_density(path, context: str) -> tuple[sitk.Image, np.ndarray]:
 # --- synth --------------------------------------------------------------------------------
 
 
-def synth_scan(out_dir, patient: str, timepoint: str, months: float, seed: int,
+def synth_scan(*, out_dir, patient: str, timepoint: str, months: float, seed: int,
                synth_cfg: dict | None = None) -> None:
     from qctfea.demo.synth import SynthParams, generate_scan
 
@@ -227,7 +227,7 @@ def synth_scan(out_dir, patient: str, timepoint: str, months: float, seed: int,
 # --- ingest -------------------------------------------------------------------------------
 
 
-def ingest(source, out_image, out_json, context: str, series_uid: str | None = None,
+def ingest(*, source, out_image, out_json, context: str, series_uid: str | None = None,
            cfg: dict | None = None) -> None:
     """Scan (DICOM folder or HU image file) -> float32 HU NIfTI + scan.json.
 
@@ -245,7 +245,7 @@ def ingest(source, out_image, out_json, context: str, series_uid: str | None = N
 # --- calibrate ----------------------------------------------------------------------------
 
 
-def calibrate(ct_path, labels_path, out_density, out_json, out_png, cfg: dict,
+def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict,
               context: str, label: int) -> None:
     """HU image -> density image (mg/cm³), by phantom, phantomless or fixed calibration.
 
@@ -329,7 +329,7 @@ def calibrate(ct_path, labels_path, out_density, out_json, out_png, cfg: dict,
 # --- mask ---------------------------------------------------------------------------------
 
 
-def mask(ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
+def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
          subregions_path=None) -> None:
     """Vertebra parts label image (1 body, 2 posterior, 3 trabecular ROI) and its QC record.
 
@@ -404,7 +404,7 @@ def mask(ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
 # --- screws -------------------------------------------------------------------------------
 
 
-def plan_screws(landmarks_path, parts_path, out_json, cfg: dict, context: str,
+def plan_screws(*, landmarks_path, parts_path, out_json, cfg: dict, context: str,
                 planning: dict | None = None, out_png=None, record_refusal: bool = False
                 ) -> None:
     """Screws from the landmarks (``planning.method: landmarks``, the default) or planned from
@@ -520,7 +520,7 @@ def load_screws(path) -> list:
     return [Screw.from_dict(d) for d in data["screws"]]
 
 
-def accept_screws(screws_path, out_json, context: str) -> None:
+def accept_screws(*, screws_path, out_json, context: str) -> None:
     """The planning stage's gate: fail the scan whose screws were refused (the refusal's
     message), else record each side's Gertzbein-Robbins grade and breach."""
     _need(context, screws=screws_path)
@@ -535,7 +535,7 @@ def accept_screws(screws_path, out_json, context: str) -> None:
         f"{k} grade {v['grade']}" for k, v in grades.items()))
 
 
-def accept_strength(result_paths, out_json, context: str) -> None:
+def accept_strength(*, result_paths, out_json, context: str) -> None:
     """The solve stage's gate: fail the scan when a load case's curve did not peak (its
     result's ``refused`` message); else record each case's strength and how the run ended."""
     for p in result_paths:
@@ -558,7 +558,7 @@ def accept_strength(result_paths, out_json, context: str) -> None:
 # --- bmd ----------------------------------------------------------------------------------
 
 
-def bmd(density_path, parts_path, screws_path, out_json, cfg: dict, context: str,
+def bmd(*, density_path, parts_path, screws_path, out_json, cfg: dict, context: str,
         out_png=None) -> None:
     """Trabecular, integral, around-screw vBMD and CT areal BMD (JSON), and optionally the QC
     picture of the regions and screws on orthogonal slices. ``screws_path`` None: a model
@@ -647,7 +647,7 @@ def uncertainty(*, calibration_json, bmd_json, density_path, parts_path, strengt
 # --- registration -------------------------------------------------------------------------
 
 
-def register(fixed_density, fixed_parts, moving_density, moving_parts, out_density, out_json,
+def register(*, fixed_density, fixed_parts, moving_density, moving_parts, out_density, out_json,
              out_tfm, out_png, cfg: dict, context: str, screws_path=None) -> None:
     """Follow-up (moving) onto baseline (fixed): transform, QC, follow-up density on the
     baseline grid (the density the baseline model is given at this visit).
@@ -693,7 +693,7 @@ def register(fixed_density, fixed_parts, moving_density, moving_parts, out_densi
 # --- mesh ---------------------------------------------------------------------------------
 
 
-def mesh(parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str,
+def mesh(*, parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str,
          out_png=None) -> None:
     """Conforming tetrahedral mesh of bone and screws (XDMF + JSON report), and optionally
     the QC picture of cuts through the screws. ``screws_path`` None: bone (and end caps)
@@ -718,7 +718,7 @@ def mesh(parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str,
 # --- materials ----------------------------------------------------------------------------
 
 
-def materials(mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict,
+def materials(*, mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict,
               context: str) -> None:
     from qctfea.model import materials as mat
     from qctfea.model import meshing
@@ -790,7 +790,7 @@ def materials(mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict
 # --- solve (MPI) --------------------------------------------------------------------------
 
 
-def solve(case: str, mesh_path, materials_path, mask_json, screws_path, out_json,
+def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_json,
           loads_cfg: dict, solver_cfg: dict, context: str, side: str | None = None,
           out_curve=None, out_plot=None, out_fields=None) -> dict:
     """Run one load case; call under ``mpiexec -n N``: every rank runs this.

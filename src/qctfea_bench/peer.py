@@ -238,13 +238,16 @@ def run_ours(common: Path, density_path: Path, cell_mm: float, voxel_mm: float, 
 
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    steps.mesh(common / "parts.nii.gz", common / "screws.json", d / "mesh.xdmf", d / "mesh.json",
-               {"voxel_mm": voxel_mm, "bone_cell_size_mm": cell_mm,
-                "screw_cell_size_mm": cell_mm / 2, "peri_screw_cell_size_mm": cell_mm / 3}, ctx)
+    steps.mesh(parts_path=common / "parts.nii.gz", screws_path=common / "screws.json",
+               out_mesh=d / "mesh.xdmf", out_json=d / "mesh.json",
+               cfg={"voxel_mm": voxel_mm, "bone_cell_size_mm": cell_mm,
+                    "screw_cell_size_mm": cell_mm / 2, "peri_screw_cell_size_mm": cell_mm / 3},
+               context=ctx)
     t_mesh = time.perf_counter() - t0
     t0 = time.perf_counter()
-    steps.materials(d / "mesh.xdmf", density_path, common / "screws.json", d / "materials.npz",
-                    d / "materials.json", materials_cfg, ctx)
+    steps.materials(mesh_path=d / "mesh.xdmf", density_path=density_path,
+                    screws_path=common / "screws.json", out_npz=d / "materials.npz",
+                    out_json=d / "materials.json", cfg=materials_cfg, context=ctx)
     t_mat = time.perf_counter() - t0
     from qctfea_bench.convergence import _solve
 

@@ -5,4 +5,5 @@ from qctfea import steps
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821
-run_step(sm, lambda: steps.accept_screws(sm.input[0], sm.output[0], context(sm.wildcards)))
+run_step(sm, lambda: steps.accept_screws(screws_path=sm.input[0], out_json=sm.output[0],
+                                         context=context(sm.wildcards)))

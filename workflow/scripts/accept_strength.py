@@ -5,4 +5,5 @@ from qctfea import steps
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821
-run_step(sm, lambda: steps.accept_strength(list(sm.input), sm.output[0], context(sm.wildcards)))
+run_step(sm, lambda: steps.accept_strength(result_paths=list(sm.input), out_json=sm.output[0],
+                                           context=context(sm.wildcards)))

@@ -4,6 +4,7 @@ from qctfea.workflow_glue import context, optional_input, run_step
 
 sm = snakemake  # noqa: F821
 # No screws input without pullout in loads.cases (a model without screws).
-run_step(sm, lambda: steps.materials(sm.input.mesh, sm.input.density,
-                                     optional_input(sm, "screws"), sm.output.npz,
-                                     sm.output.json, sm.params.cfg, context(sm.wildcards)))
+run_step(sm, lambda: steps.materials(mesh_path=sm.input.mesh, density_path=sm.input.density,
+                                     screws_path=optional_input(sm, "screws"),
+                                     out_npz=sm.output.npz, out_json=sm.output.json,
+                                     cfg=sm.params.cfg, context=context(sm.wildcards)))

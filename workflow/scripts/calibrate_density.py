@@ -4,5 +4,6 @@ from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821
 run_step(sm, lambda: steps.calibrate(
-    sm.input.ct, sm.input.labels, sm.output.density, sm.output.json, sm.output.png,
-    sm.params.cfg, context(sm.wildcards), sm.params.label))
+    ct_path=sm.input.ct, labels_path=sm.input.labels, out_density=sm.output.density,
+    out_json=sm.output.json, out_png=sm.output.png, cfg=sm.params.cfg,
+    context=context(sm.wildcards), label=sm.params.label))

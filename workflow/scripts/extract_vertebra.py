@@ -7,5 +7,7 @@ sm = snakemake  # noqa: F821
 # Named input `subregions`: one file, or none (empty list) when the sample sheet has none.
 sub = sm.input.get("subregions", [])
 sub = sub if isinstance(sub, str) else (sub[0] if len(sub) else None)
-run_step(sm, lambda: steps.mask(sm.input.ct, sm.input.labels, sm.output.parts, sm.output.json,
-                                sm.params.cfg, context(sm.wildcards), subregions_path=sub))
+run_step(sm, lambda: steps.mask(ct_path=sm.input.ct, labels_path=sm.input.labels,
+                                out_parts=sm.output.parts, out_json=sm.output.json,
+                                cfg=sm.params.cfg, context=context(sm.wildcards),
+                                subregions_path=sub))

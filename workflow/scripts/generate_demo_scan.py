@@ -6,5 +6,6 @@ from qctfea.workflow_glue import run_step
 
 sm = snakemake  # noqa: F821
 run_step(sm, lambda: steps.synth_scan(
-    Path(sm.output.dicom).parent, sm.wildcards.patient, sm.wildcards.timepoint,
-    sm.params.months, sm.params.seed, sm.params.synth))
+    out_dir=Path(sm.output.dicom).parent, patient=sm.wildcards.patient,
+    timepoint=sm.wildcards.timepoint, months=sm.params.months, seed=sm.params.seed,
+    synth_cfg=sm.params.synth))

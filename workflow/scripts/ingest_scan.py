@@ -6,5 +6,6 @@ from qctfea import steps
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821
-run_step(sm, lambda: steps.ingest(sm.input[0], sm.output.image, sm.output.json,
-                                  context(sm.wildcards), cfg=sm.params.cfg))
+run_step(sm, lambda: steps.ingest(source=sm.input[0], out_image=sm.output.image,
+                                  out_json=sm.output.json, context=context(sm.wildcards),
+                                  cfg=sm.params.cfg))

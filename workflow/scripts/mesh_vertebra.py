@@ -4,6 +4,6 @@ from qctfea.workflow_glue import context, optional_input, run_step
 
 sm = snakemake  # noqa: F821
 # No screws input without pullout in loads.cases (a model without screws).
-run_step(sm, lambda: steps.mesh(sm.input.parts, optional_input(sm, "screws"), sm.output.mesh,
-                                sm.output.json, sm.params.cfg, context(sm.wildcards),
-                                sm.output.png))
+run_step(sm, lambda: steps.mesh(parts_path=sm.input.parts, screws_path=optional_input(sm, "screws"),
+                                out_mesh=sm.output.mesh, out_json=sm.output.json, cfg=sm.params.cfg,
+                                context=context(sm.wildcards), out_png=sm.output.png))

@@ -6,7 +6,8 @@ from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821
 # No landmarks input with planning.method auto: the named input is then an empty list.
-run_step(sm, lambda: steps.plan_screws(sm.input.landmarks or None, sm.input.parts,
-                                       sm.output.json, sm.params.cfg, context(sm.wildcards),
+run_step(sm, lambda: steps.plan_screws(landmarks_path=sm.input.landmarks or None,
+                                       parts_path=sm.input.parts, out_json=sm.output.json,
+                                       cfg=sm.params.cfg, context=context(sm.wildcards),
                                        planning=sm.params.planning, out_png=sm.output.png,
                                        record_refusal=True))

@@ -4,6 +4,7 @@ from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821
 run_step(sm, lambda: steps.register(
-    sm.input.baseline_density, sm.input.baseline_parts, sm.input.density, sm.input.parts,
-    sm.output.density, sm.output.json, sm.output.tfm, sm.output.png, sm.params.cfg,
-    context(sm.wildcards), screws_path=sm.input.screws or None))
+    fixed_density=sm.input.baseline_density, fixed_parts=sm.input.baseline_parts,
+    moving_density=sm.input.density, moving_parts=sm.input.parts, out_density=sm.output.density,
+    out_json=sm.output.json, out_tfm=sm.output.tfm, out_png=sm.output.png, cfg=sm.params.cfg,
+    context=context(sm.wildcards), screws_path=sm.input.screws or None))

@@ -809,7 +809,6 @@ class _IncrementSolver:
 
     # -----------------------------------------------------------------------------------
     def _solve(self, step: float):
-        m = self.m
         self.g.value = (step * self.direction if self.l_comp is None
                         else step * self.direction[self.l_comp])
         # Start from du = 0 (the converged state): the first Newton step is the tangent
