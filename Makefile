@@ -37,7 +37,7 @@ test: env
 	@echo "[test] running the test suite"
 	python -m pytest -ra --durations=10
 
-# The peer solver for `qctfea-bench peer` (issue 9): parosol-py (GPL-2.0-or-later, bundles ParOSol and
+# The peer solver for `qctfea-bench peer`: parosol-py (GPL-2.0-or-later, bundles ParOSol and
 # OpenMPI) in its own environment, called as a program; never a dependency of qctfea.
 PEER_VENV ?= .peer-venv
 peer-env: env

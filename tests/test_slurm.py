@@ -357,7 +357,7 @@ def test_slurm_profile_runs_workflow_like_local(slurm_cluster, local_run, tmp_pa
     # Each solve job's SLURM log shows the command it ran inside its allocation.
     srun_lines = {}
     for f in (repo / ".snakemake" / "slurm_logs").rglob("*.log"):
-        if "rule_solve_" in str(f):
+        if re.search(r"rule_solve\b", str(f)):  # the solve rule's logs (any case)
             cmds = [ln for ln in f.read_text().splitlines()
                     if re.search(r"(^|Shell command: )srun --mpi=pmi2 -n 2 qctfea solve ", ln)]
             if cmds:
