@@ -38,9 +38,8 @@ def _draws(cal: dict, screws: list, p: unc.UncertaintyParams, n: int, seed: int)
     rng = np.random.default_rng(seed)
     draws = unc.calibration_draws(cal, n, rng)
     alpha, beta = unc.rescale(cal, draws)
-    s_ln = np.sqrt(np.log1p(p.yield_coefficient_cv ** 2))
     return {"draws": draws, "alpha": alpha, "beta": beta,
-            "factor": np.exp(rng.normal(-s_ln ** 2 / 2, s_ln, n)),
+            "factor": unc.yield_factors(p.yield_coefficient_cv, n, rng),
             "offsets": {sc.side: rng.normal(0, p.screw_position_sd_mm, (n, 3)) for sc in screws},
             "tilts": {sc.side: rng.normal(0, np.radians(p.screw_angle_sd_deg), (n, 2))
                       for sc in screws}}

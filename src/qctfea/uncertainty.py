@@ -35,12 +35,13 @@ both are equal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats
 
 from qctfea.errors import QctfeaError
+from qctfea.imaging.bmd import BmdParams
 from qctfea.model.screw import Screw
 
 
@@ -85,6 +86,14 @@ def multivariate_t(cov: np.ndarray, dof: int, n: int, rng: np.random.Generator) 
     root = v * np.sqrt(np.clip(w, 0, None))
     z = rng.standard_normal((n, len(cov))) @ root.T
     return z / np.sqrt(rng.chisquare(dof, n) / dof)[:, None]
+
+
+def yield_factors(cv: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` lognormal factors of mean 1 and coefficient of variation ``cv`` (ones for 0)."""
+    if cv <= 0:
+        return np.ones(n)
+    s_ln = np.sqrt(np.log1p(cv ** 2))
+    return np.exp(rng.normal(-s_ln ** 2 / 2, s_ln, n))
 
 
 def rescale(cal: dict, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +152,7 @@ class ScanInputs:
     yield_fn: object  #: density (mg/cm³) -> yield stress (MPa), the configured law
     follow_up: bool = False
     registration_spread_mm: float = 0.0
-    shell_mm: float = 2.0
+    shell_mm: float = field(default_factory=lambda: BmdParams().shell_mm)
 
 
 def _draw_sources(p: UncertaintyParams, inp: ScanInputs, n: int, rng, sources: set) -> dict:
@@ -151,9 +160,7 @@ def _draw_sources(p: UncertaintyParams, inp: ScanInputs, n: int, rng, sources: s
     cal = (calibration_draws(inp.calibration, n, rng) if "calibration" in sources
            else np.tile([inp.calibration["intercept"], inp.calibration["slope"]], (n, 1)))
     alpha, beta = rescale(inp.calibration, cal)
-    cv = p.yield_coefficient_cv if "material" in sources else 0.0
-    s_ln = np.sqrt(np.log1p(cv ** 2))
-    factor = np.exp(rng.normal(-s_ln ** 2 / 2, s_ln, n)) if cv > 0 else np.ones(n)
+    factor = yield_factors(p.yield_coefficient_cv if "material" in sources else 0.0, n, rng)
     pos = p.screw_position_sd_mm if "planning" in sources else 0.0
     ang = np.radians(p.screw_angle_sd_deg) if "planning" in sources else 0.0
     reg = (max(p.registration_sd_mm, inp.registration_spread_mm)
