@@ -237,14 +237,18 @@ def params_from(cls, section: dict | None, where: str = ""):
 def _check_constraints(cls, section: dict, where: str) -> None:
     """The given keys against the section's schema (what the workflow's check enforces, for
     the steps called directly too)."""
-    from jsonschema import Draft202012Validator
-
-    validator = Draft202012Validator(section_schema(cls))
-    for e in validator.iter_errors(_plain(section)):
+    for e in _validator(cls).iter_errors(_plain(section)):
         key = ".".join(str(k) for k in e.absolute_path)
         doc = _field_doc(cls, str(e.absolute_path[0])) if e.absolute_path else ""
         raise QctfeaError(f"config section '{where}', key {key}: {e.message}"
                           + (f" ({_short(doc)})" if doc else "") + "; see config/README.md")
+
+
+@functools.lru_cache(maxsize=None)
+def _validator(cls):
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(_section_schema(cls))
 
 
 def _typed(value, default, annotation: str, where: str):
