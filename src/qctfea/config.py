@@ -567,4 +567,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # the module the parameter classes import, not a second copy of it as __main__
+    from qctfea.config import main as _main
+
+    sys.exit(_main())
