@@ -231,6 +231,10 @@ def test_every_accepted_key_is_documented():
             "loads.cases", "demo.synth.noise_hu"} <= accepted
     missing = sorted(accepted - documented)
     assert not missing, f"config/README.md documents no {missing}"
+    cells = [re.split(r"(?<!\\)\|", line) for line in _readme_table().splitlines()
+             if line.startswith("| `")]
+    unexplained = [c[1].strip() for c in cells if len(c) < 5 or not c[3].strip()]
+    assert not unexplained, f"config/README.md: no explanation for {unexplained}: give doc=..."
 
 
 def test_every_documented_key_is_accepted():

@@ -480,7 +480,11 @@ def section_rows(section: str, cls=None) -> list[tuple[tuple[str, ...], str, str
         group = members[f.name]
         keys = (f"{section}.{group[0].name}", *(g.name for g in group[1:]))
         shown = f.metadata.get("shown") or ", ".join(show(_field_default(g)) for g in group)
-        rows.append((keys, shown, f.metadata.get("doc", "")))
+        doc = f.metadata.get("doc")
+        if not doc:
+            raise QctfeaError(f"{section}.{f.name} ({cls.__name__}) has no explanation: "
+                              "declare it with option(..., doc=...) or row=<field>")
+        rows.append((keys, shown, doc))
     return rows
 
 
