@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMP_NUM_THREADS ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: env demo demo-study dryrun test lint clean peer-env
+.PHONY: env demo demo-study dryrun test lint config clean peer-env
 
 env:
 	@bash envs/bootstrap.sh
@@ -32,6 +32,11 @@ dryrun: env
 lint: env
 	snakemake --lint --config cohort=demo
 	snakefmt --check Snakefile workflow/rules
+
+# The cohort schema and config/README.md's option table, from the parameter classes
+# (src/qctfea/config.py); tests/test_schema.py fails until they are regenerated.
+config: env
+	python -m qctfea.config --write
 
 test: env
 	@echo "[test] running the test suite"

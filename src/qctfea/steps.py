@@ -3,8 +3,8 @@
 Each step reads its inputs, calls the science modules, and writes its outputs
 atomically with a JSON record of what it did (parameters, versions, input
 checksums, seconds). Parameters come from the cohort config's sections (see
-``config/README.md``); :func:`params_from` turns a section into the step's
-dataclass and refuses unknown keys. Every step first checks that its input files
+``config/README.md``); :func:`qctfea.config.params_from` turns a section into the
+step's dataclass and refuses unknown keys. Every step first checks that its input files
 exist (:func:`_need`): a missing one is an error naming the scan, the file and
 the step that writes it, never a reader's traceback.
 """
@@ -14,73 +14,16 @@ from __future__ import annotations
 import sys
 import time
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from qctfea.config import params_from  # noqa: F401  (callers: steps.params_from)
 from qctfea.errors import QctfeaError
 from qctfea.model import tags as mesh_tags
 from qctfea.provenance import atomic_path, provenance, read_json, write_json
-
-
-def params_from(cls, section: dict | None, where: str = ""):
-    """Dataclass ``cls`` from a config section; unknown keys are an error naming them."""
-    section = dict(section or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise QctfeaError(f"config section '{where}': unknown key(s) {unknown}; "
-                          f"allowed: {sorted(known)}")
-    default = cls()
-    for f in fields(cls):
-        if f.name in section:
-            section[f.name] = _typed(section[f.name], getattr(default, f.name), str(f.type),
-                                     f"config section '{where}', key {f.name}")
-    try:
-        return cls(**section)
-    except QctfeaError as exc:
-        raise QctfeaError(f"config section '{where}': {exc}") from exc
-    except (TypeError, ValueError) as exc:
-        raise QctfeaError(f"config section '{where}': {exc}; see config/README.md") from exc
-
-
-def _typed(value, default, annotation: str, where: str):
-    """``value`` as the type of the parameter's default (annotation when the default is
-    None); None only where the annotation allows it. Numbers must be finite."""
-    if value is None:
-        if "None" in annotation or default is None:
-            return None
-        raise QctfeaError(f"{where}: must not be empty (null); the default is {default!r}")
-    kind = type(default) if default is not None else {
-        "float": float, "int": int, "str": str, "bool": bool}.get(annotation.split("|")[0]
-                                                                   .strip(), object)
-    bad = QctfeaError(f"{where}: {value!r} is not a {getattr(kind, '__name__', kind)} (the "
-                      f"default is {default!r}); see config/README.md")
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if kind in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        if not np.isfinite(value):
-            raise QctfeaError(f"{where}: {value!r} is not a finite number")
-        if kind is int:
-            if float(value) != int(value):
-                raise bad
-            return int(value)
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if kind in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        return kind(value)
-    return value
 
 
 def _log(msg: str) -> None:

@@ -43,20 +43,53 @@ from scipy import stats
 from qctfea.errors import QctfeaError
 from qctfea.imaging.bmd import BmdParams
 from qctfea.model.screw import Screw
+from qctfea.config import option
 
 
 @dataclass
 class UncertaintyParams:
-    enabled: bool = True  #: false: no uncertainty step, no interval or LSC columns
-    draws: int = 400  #: Monte Carlo draws per scan
-    seed: int = 1  #: random seed (with the patient and timepoint: reproducible per scan)
-    level: float = 0.95  #: interval level (and of the least significant change)
-    screw_position_sd_mm: float = 1.0  #: planning repeatability: entry offset SD per axis
-    screw_angle_sd_deg: float = 2.0  #: planning repeatability: axis tilt SD per direction
+    #: false: no uncertainty step, no interval or LSC columns
+    enabled: bool = option(
+        True,
+        doc=("per scan (rule `estimate_uncertainty`, `uncertainty.json`): a 95 % interval of "
+             "trabecular vBMD, vBMD around each screw, compression and pullout strength, and "
+             "the per-scan SD behind each patient's least significant change "
+             "(`tables/least_significant_change.csv`, long-table "
+             "`*_ci_low`/`*_ci_high`/`*_sd_scan` columns, the patient pages). `false`: no "
+             "step, no columns ([docs/uncertainty.md](../docs/uncertainty.md))"))
+    #: Monte Carlo draws per scan
+    draws: int = option(
+        400, minimum=20,
+        doc=("Monte Carlo draws per scan (at least 20), seed (with patient and timepoint), "
+             "level of the intervals and of the least significant change"))
+    #: random seed (with the patient and timepoint: reproducible per scan)
+    seed: int = option(1, minimum=0, row="draws")
+    #: interval level (and of the least significant change)
+    level: float = option(0.95, exclusiveMinimum=0.5, exclusiveMaximum=1, row="draws")
+    #: planning repeatability: entry offset SD per axis
+    screw_position_sd_mm: float = option(
+        1.0, minimum=0,
+        doc=("planning repeatability: SD of each screw's entry per axis and of its axis tilt "
+             "per direction. Assumed values (the planning of one trajectory by hand or by this "
+             "pipeline's planner on a re-scan); set your lab's. Shared by a patient's scans "
+             "(the follow-ups use the baseline's screws), so they widen each scan's interval "
+             "but not the least significant change"))
+    #: planning repeatability: axis tilt SD per direction
+    screw_angle_sd_deg: float = option(2.0, minimum=0, row="screw_position_sd_mm")
     #: follow-ups: screw offset SD per axis from the registration (at least the
     #: registration's own ``point_spread_mm``)
-    registration_sd_mm: float = 0.3
-    yield_coefficient_cv: float = 0.10  #: CV of the yield law's coefficient
+    registration_sd_mm: float = option(
+        0.3, minimum=0,
+        doc=("follow-ups: SD per axis of where the baseline's screws land, from the "
+             "registration (at least registration.json `point_spread_mm`); 0.3 mm is the "
+             "demo's measured registration error (docs/registration.md). Enters the least "
+             "significant change"))
+    #: CV of the yield law's coefficient
+    yield_coefficient_cv: float = option(
+        0.10, minimum=0,
+        doc=("coefficient of variation of the yield law's coefficient (lognormal): an assumed "
+             "value, not from a source; set the standard error your law's publication gives. "
+             "Shared by a patient's scans"))
 
     def __post_init__(self) -> None:
         if self.draws < 20:

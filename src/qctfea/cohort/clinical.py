@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qctfea.errors import QctfeaError
+from qctfea.config import option
 
 #: The BCT source (vertebral strength thresholds, Table 1).
 BCT_SOURCE = ("Keaveny TM, Clarke BL, Cosman F, et al. Biomechanical Computed Tomography "
@@ -128,8 +129,35 @@ class ClinicalParams:
     keep them; the lower threshold must be below the upper one.
     """
 
-    strength_thresholds_n: dict = field(default_factory=lambda: copy.deepcopy(BCT_STRENGTH_N))
-    vbmd_thresholds_mg_cm3: dict = field(default_factory=lambda: dict(ACR_VBMD_MG_CM3))
+    strength_thresholds_n: dict = option(
+        factory=lambda: copy.deepcopy(BCT_STRENGTH_N),
+        properties={sex: {"type": "object",
+                          "properties": {"fragile": {"type": "number", "exclusiveMinimum": 0},
+                                         "normal": {"type": "number", "exclusiveMinimum": 0}},
+                          "additionalProperties": False} for sex in ("female", "male")},
+        additionalProperties=False,
+        doc=("vertebral strength category of every scan (long table `strength_category` with "
+             "`strength_category_source`, Table 1, summary and patient pages), from its "
+             "compression strength and the sample sheet's `sex`: ≤ `fragile` N fragile, ≥ "
+             "`normal` N normal, low in between; without a sex \"unknown (sex not given)\", "
+             "never a guess. Defaults: the Biomechanical CT (BCT) spine thresholds, Keaveny et "
+             "al. 2020 (Osteoporos Int 31:1025–1048, Table 1), derived for VirtuOst's L1/L2 "
+             "compression model with its own boundary conditions and material law: this "
+             "pipeline's strength (its own material law, platens, mesh) is not calibrated to "
+             "them, so the category is indicative; give values calibrated for your model here. "
+             "Keys given replace the defaults, the others keep them; `fragile` must be below "
+             "`normal` ([docs/science.md](../docs/science.md#clinical-categories))"))
+    vbmd_thresholds_mg_cm3: dict = option(
+        factory=lambda: dict(ACR_VBMD_MG_CM3),
+        properties={"osteoporosis": {"type": "number", "exclusiveMinimum": 0},
+                    "normal": {"type": "number", "exclusiveMinimum": 0}},
+        additionalProperties=False,
+        doc=("trabecular vBMD category of every scan (`vbmd_category`, "
+             "`vbmd_category_source`): < `osteoporosis` osteoporosis, from `osteoporosis` to "
+             "`normal` (both included) low bone mass (osteopenia), > `normal` normal. "
+             "Defaults: the ACR-SPR-SSR practice parameter for musculoskeletal QCT (2018), "
+             "defined for the clinical measurement (mean trabecular BMD of two lumbar "
+             "vertebrae): indicative for this pipeline's single-vertebra ROI"))
 
     def __post_init__(self) -> None:
         where = "clinical.strength_thresholds_n"

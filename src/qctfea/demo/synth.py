@@ -54,6 +54,7 @@ from scipy import ndimage
 
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, provenance, write_json
+from qctfea.config import option
 
 WATER_HU = 0.0
 #: Effective energies (keV) of the synthetic scans: each scan draws one uniformly (seeded).
@@ -66,24 +67,32 @@ DISC_DENSITY_G_CM3 = 1.09
 class SynthParams:
     """Scanner and phantom settings of the synthetic cohort (all documented defaults)."""
 
-    spacing_xy_mm: float = 0.78  #: in-plane pixel spacing
-    slice_mm: float = 1.0  #: slice spacing and thickness
-    fov_x_mm: float = 150.0  #: reconstructed field of view, left-right
-    fov_y_mm: float = 160.0  #: reconstructed field of view, anterior-posterior
-    fov_z_mm: float = 42.0  #: scan length
-    supersample: int = 2  #: rendering supersampling per axis before blur
-    blur_sigma_xy_mm: float = 0.55  #: Gaussian PSF sigma in-plane
-    blur_sigma_z_mm: float = 0.7  #: Gaussian PSF sigma along z
-    noise_hu: float = 15.0  #: white noise SD after blurring
-    rod_densities_mg_cm3: tuple[float, ...] = (0.0, 50.0, 100.0, 150.0, 200.0)
-    rod_diameter_mm: float = 12.0
-    phantom_block_hu: float = -100.0  #: polyethylene-like phantom body
-    vertebra_label: int = 23  #: VerSe L4
-    max_rotation_deg: float = 2.0  #: pose change between scans, per axis
-    max_translation_mm: float = 2.0
-    gain_12m_range: tuple[float, float] = (0.03, 0.11)  #: trabecular vBMD gain at 12 months
-    gain_24m_extra_range: tuple[float, float] = (0.01, 0.08)  #: further gain by 24 months
-    trabecular_mean_range_mg_cm3: tuple[float, float] = (55.0, 110.0)
+    spacing_xy_mm: float = option(0.78, exclusiveMinimum=0, doc="in-plane pixel spacing")
+    slice_mm: float = option(1.0, exclusiveMinimum=0, doc="slice spacing and thickness")
+    fov_x_mm: float = option(
+        150.0, exclusiveMinimum=0, doc="reconstructed field of view, left-right")
+    fov_y_mm: float = option(
+        160.0, exclusiveMinimum=0, doc="reconstructed field of view, anterior-posterior")
+    fov_z_mm: float = option(42.0, exclusiveMinimum=0, doc="scan length")
+    supersample: int = option(2, minimum=1, doc="rendering supersampling per axis before blur")
+    blur_sigma_xy_mm: float = option(0.55, minimum=0, doc="Gaussian PSF sigma in-plane")
+    blur_sigma_z_mm: float = option(0.7, minimum=0, doc="Gaussian PSF sigma along z")
+    noise_hu: float = option(15.0, minimum=0, doc="white noise SD after blurring")
+    rod_densities_mg_cm3: tuple[float, ...] = option(
+        (0.0, 50.0, 100.0, 150.0, 200.0), minItems=2,
+        doc="K2HPO4 densities of the phantom's rods (mg/cm³)")
+    rod_diameter_mm: float = option(12.0, exclusiveMinimum=0, doc="rod diameter")
+    phantom_block_hu: float = option(-100.0, doc="polyethylene-like phantom body")
+    vertebra_label: int = option(23, minimum=1, doc="label of the vertebra (VerSe L4)")
+    max_rotation_deg: float = option(2.0, minimum=0, doc="pose change between scans, per axis")
+    max_translation_mm: float = option(
+        2.0, minimum=0, doc="pose change between scans, per axis (translation)")
+    gain_12m_range: tuple[float, float] = option(
+        (0.03, 0.11), doc="trabecular vBMD gain at 12 months")
+    gain_24m_extra_range: tuple[float, float] = option(
+        (0.01, 0.08), doc="further gain by 24 months")
+    trabecular_mean_range_mg_cm3: tuple[float, float] = option(
+        (55.0, 110.0), doc="range of the patients' baseline trabecular vBMD (mg/cm³)")
 
 
 @dataclass

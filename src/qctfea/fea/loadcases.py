@@ -55,7 +55,7 @@ force-displacement curve; stiffness = the initial (first increment) slope.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import dolfinx_solver  # noqa: F401
 import dolfinx
@@ -70,6 +70,7 @@ from qctfea.fea.elasticity import (
 from qctfea.model.tags import BONE_TAGS, TAG_BODY, TAG_CAP, TAG_SCREW
 from qctfea.errors import QctfeaError
 from qctfea.model.screw import Screw
+from qctfea.config import option
 
 
 #: load cases of the workflow (``loads.cases``), in the order they are run
@@ -80,57 +81,170 @@ PLATENS = ("fixed", "free")
 
 @dataclass
 class LoadParams:
-    displacement_mm: float = 0.1
-    endplate_angle_deg: float = 45.0  #: endplate facets: normal within this of the axis
-    endplate_zone_fraction: float = 0.25  #: endplate facets: in this top/bottom part of the body
-    head_face_mm: float = 0.5
-    yield_strain: float = 0.007
-    failed_fraction_compression: float = 0.02
-    failed_fraction_pullout: float = 0.02
-    shell_mm: float = 2.0
+    displacement_mm: float = option(
+        0.1, exclusiveMinimum=0, doc="linear: applied displacement (both load cases)")
+    #: endplate facets: normal within this of the axis
+    endplate_angle_deg: float = option(
+        45.0, exclusiveMinimum=0, exclusiveMaximum=90,
+        doc=("endplate facets: outward normal within this angle of the body's superior "
+             "(inferior) axis"))
+    #: endplate facets: in this top/bottom part of the body
+    endplate_zone_fraction: float = option(
+        0.25, exclusiveMinimum=0, maximum=1,
+        doc="endplate facets: within this fraction of the body height from its top (bottom)")
+    head_face_mm: float = option(0.5, exclusiveMinimum=0, doc="screw head face selection depth")
+    yield_strain: float = option(
+        0.007, exclusiveMinimum=0, doc="strain of the linear strength criterion")
+    failed_fraction_compression: float = option(
+        0.02, exclusiveMinimum=0, exclusiveMaximum=1, doc="failed volume fraction")
+    failed_fraction_pullout: float = option(
+        0.02, exclusiveMinimum=0, exclusiveMaximum=1, row="failed_fraction_compression")
+    shell_mm: float = option(2.0, minimum=0, doc="pullout criterion region around the screw")
     #: "linear" (stiffness + the strain-criterion estimate) or "nonlinear" (damage law)
-    analysis: str = "nonlinear"
-    compression_max_strain: float = 0.01  #: nonlinear: max displacement / body height
-    pullout_max_displacement_mm: float = 0.3  #: nonlinear: max screw head displacement
-    increments: int = 25  #: nonlinear: base increments to the maximum displacement
-    min_increment_fraction: float = 0.25  #: nonlinear: smallest step / base step
-    newton_rtol: float = 1.0e-6  #: nonlinear: residual tolerance relative to internal force
-    newton_max_it: int = 25
+    analysis: str = option(
+        "nonlinear", enum=["linear", "nonlinear"],
+        doc=("`nonlinear` (bone that yields and fails, the study's method) or `linear` "
+             "(stiffness + strain-criterion strength estimate, fast screening)"))
+    #: nonlinear: max displacement / body height
+    compression_max_strain: float = option(
+        0.01, exclusiveMinimum=0,
+        doc="nonlinear: largest superior endplate displacement / body height")
+    #: nonlinear: max screw head displacement
+    pullout_max_displacement_mm: float = option(
+        0.3, exclusiveMinimum=0,
+        doc=("nonlinear: largest screw head displacement (the run stops earlier once the curve "
+             "has peaked)"))
+    #: nonlinear: base increments to the maximum displacement
+    increments: int = option(
+        25, minimum=1,
+        doc=("nonlinear: base increments to the largest displacement (after a 0.1 % probe "
+             "increment that measures the initial stiffness)"))
+    #: nonlinear: smallest step / base step
+    min_increment_fraction: float = option(
+        0.25, exclusiveMinimum=0, maximum=1,
+        doc="nonlinear: smallest step after cutting, as a fraction of the base step")
+    #: nonlinear: residual tolerance relative to internal force
+    newton_rtol: float = option(
+        1.0e-6, exclusiveMinimum=0,
+        doc=("nonlinear: Newton (PETSc SNES, inexact: Eisenstat-Walker Krylov tolerances) "
+             "converged when the free residual is below rtol x the internal force norm; an "
+             "increment not converged in `newton_max_it` iterations is retried at half the step"))
+    newton_max_it: int = option(25, minimum=1, row="newton_rtol")
     #: nonlinear: "damage" (stress-capped isotropic damage, locking-free on linear
     #: tetrahedra) or "plasticity" (von Mises return mapping)
-    constitutive: str = "damage"
-    hardening_ratio: float = 0.0  #: nonlinear: H / E (0 = perfectly plastic)
-    stop_drop_fraction: float = 0.05  #: nonlinear: stop once F < (1 - this) * peak
-    plateau_tangent_ratio: float = 0.02  #: nonlinear: stop once dF/dd < this * initial slope
-    strength_rule: str = "peak"  #: nonlinear: "peak" (max force) or "offset" (offset yield)
-    offset_strain: float = 0.002  #: nonlinear: offset = this x body height / screw length
+    constitutive: str = option(
+        "damage", enum=["damage", "plasticity"],
+        doc=("nonlinear: `damage` = isotropic damage driven by the equivalent strain (von "
+             "Mises or, in tension, largest principal trial stress / E): elastic, a plateau at "
+             "the yield stress, then a crack-band regularised linear fall "
+             "([docs/nonlinear.md](../docs/nonlinear.md)); `plasticity` = von Mises return "
+             "mapping (locks on linear tetrahedra: strengths too high)"))
+    #: nonlinear: H / E (0 = perfectly plastic)
+    hardening_ratio: float = option(
+        0.0, minimum=0,
+        doc=("nonlinear `plasticity`: isotropic hardening modulus / E (0 = perfectly plastic; "
+             "softening is refused; must be 0 with `damage`)"))
+    #: nonlinear: stop once F < (1 - this) * peak
+    stop_drop_fraction: float = option(
+        0.05, exclusiveMinimum=0, exclusiveMaximum=1,
+        doc=("nonlinear, `peak` rule: the curve has peaked (stop, strength = largest force) "
+             "when the force fell this far below the peak, or the tangent fell below this x k0"))
+    #: nonlinear: stop once dF/dd < this * initial slope
+    plateau_tangent_ratio: float = option(0.02, minimum=0, row="stop_drop_fraction")
+    #: nonlinear: "peak" (max force) or "offset" (offset yield)
+    strength_rule: str = option(
+        "peak", enum=["peak", "offset"],
+        doc=("nonlinear: `peak` = maximum force, reported only once the curve has peaked "
+             "(below); `offset` = force where the curve crosses the line k0·(d − offset) (0.2 "
+             "% offset yield, Crawford et al. 2003), the run stops there"))
+    #: nonlinear: offset = this x body height / screw length
+    offset_strain: float = option(
+        0.002, exclusiveMinimum=0,
+        doc="nonlinear: offset = this x body height (compression) or x screw length (pullout)")
     #: nonlinear: equilibrium lost at the smallest step after dF/dd fell below this x the
     #: initial slope is a collapse (peak reached); above it, "peak not reached"
-    collapse_tangent_ratio: float = 0.1
+    collapse_tangent_ratio: float = option(
+        0.1, minimum=0, maximum=1,
+        doc=("nonlinear: when Newton finds no equilibrium even at the smallest step, the run "
+             "is a collapse (peak reached) if the last tangent was below this x k0, else "
+             "\"peak not reached\": no strength, the scan is refused (rule `accept_strength`, "
+             "listed in `tables/exclusions.csv`)"))
     #: nonlinear damage: equivalent strain where softening begins on the reference element
     #: (null: never, a plateau at the yield stress)
-    failure_strain: float | None = 0.01
+    failure_strain: float | None = option(
+        0.01, exclusiveMinimum=0,
+        doc=("nonlinear `damage`: equivalent strain where the plateau ends and softening "
+             "begins, on an element of `crack_band_mm` (Bessho et al. 2007: 10,000 µε "
+             "crushing); `null` = never (a plateau)"))
     #: nonlinear damage: strain over which the stress falls to zero on the reference element
-    softening_strain: float = 0.02
+    softening_strain: float = option(
+        0.02, exclusiveMinimum=0,
+        doc=("nonlinear `damage`: strain over which the stress falls from the yield stress to "
+             "zero, on an element of `crack_band_mm`"))
     #: nonlinear damage: reference element size (mm) of the two strains above; each element's
     #: are scaled by this / its size (crack band; null: no scaling, mesh dependent)
-    crack_band_mm: float | None = 2.0
+    crack_band_mm: float | None = option(
+        2.0, exclusiveMinimum=0,
+        doc=("nonlinear `damage`: reference element size of the two strains above; an element "
+             "of size h uses them x `crack_band_mm` / h (crack band, Bažant & Oh 1983), so the "
+             "dissipated energy and the strength do not depend on the mesh; `null` = no scaling"))
     #: nonlinear damage: cracking when the largest principal stress passes this x the yield
     #: stress (null: von Mises only)
-    tensile_strength_ratio: float | None = 0.8
-    residual_fraction: float = 0.01  #: nonlinear damage: stiffness kept by a softened element
+    tensile_strength_ratio: float | None = option(
+        0.8, exclusiveMinimum=0,
+        doc=("nonlinear `damage`: in tension the element yields when its largest principal "
+             "trial stress exceeds this x its yield stress (Bessho et al. 2007); `null` = von "
+             "Mises only"))
+    #: nonlinear damage: stiffness kept by a softened element
+    residual_fraction: float = option(
+        0.01, minimum=0, maximum=1,
+        doc=("nonlinear `damage`: stiffness a fully softened element keeps, as a fraction of "
+             "its own (keeps the system solvable)"))
     #: nonlinear damage: "imex" (extrapolated damage, one linear solve per increment) or
     #: "newton" (implicit; docs/nonlinear.md)
-    integration: str = "imex"
+    integration: str = option(
+        "imex", enum=["imex", "newton"],
+        doc=("nonlinear `damage`: `imex` = the damage of each increment extrapolated from the "
+             "last two increments, then one linear (secant, symmetric positive definite) solve "
+             "(Oliver et al. 2008; robust through softening, about one linear solve per "
+             "increment); `newton` = implicit, Newton (PETSc SNES) to equilibrium with the "
+             "consistent tangent ([docs/nonlinear.md](../docs/nonlinear.md))"))
     #: nonlinear damage, imex: damage error per increment that sets the step
-    imex_damage_tolerance: float = 0.02
+    imex_damage_tolerance: float = option(
+        0.02, exclusiveMinimum=0,
+        doc=("nonlinear `imex`: the step shrinks when the damage the new strains give differs "
+             "from the extrapolated one by more than this, measured as a fraction of the "
+             "strain energy (sum of \\|ΔD\\| E κ² V over the sum of E κ² V); above 3x this the "
+             "increment is redone with a smaller step; below half of it the step grows. On "
+             "demo P01 M00 the strength is within 2 % of a 10x finer-step reference "
+             "(docs/nonlinear.md)"))
     #: load cases the workflow runs: compression always; without "pullout" no screws are
     #: planned or meshed (a body-only specimen, e.g. a voxel-FE benchmark with end caps)
-    cases: list = field(default_factory=lambda: list(LOAD_CASES))
+    cases: list = option(
+        factory=lambda: list(LOAD_CASES), minItems=1, uniqueItems=True,
+        items={"enum": list(LOAD_CASES)}, contains={"const": "compression"},
+        doc=("load cases run. Compression is always run; without `pullout` (`[compression]`) "
+             "no screws are planned or meshed (the mesh has no screw subdomains, the sample "
+             "sheet needs no landmarks and `screw`/`planning` are unused), there is no "
+             "around-screw vBMD and no pullout job, and the tables, statistics, figures and "
+             "summary page leave pullout out. For a body-only specimen (e.g. a voxel-FE "
+             "benchmark with end caps: [docs/specimens.md](../docs/specimens.md))"))
     #: compression platens: "fixed" (both platens bonded: every displacement component
     #: prescribed) or "free" (only the axial component prescribed; lateral motion free apart
     #: from the minimum that removes rigid-body motion; see the module docstring)
-    platens: str = "fixed"
+    platens: str = option(
+        "fixed", enum=list(PLATENS),
+        doc=("compression end conditions. `fixed`: both platens bonded, every displacement "
+             "component prescribed (lateral motion held). `free`: the voxel-FE benchmarks' "
+             "conditions: the inferior platen's nodes held axially, the superior platen's "
+             "displaced axially, lateral motion free except the minimum against rigid-body "
+             "motion (the inferior platen node nearest its centre held laterally, the one "
+             "farthest from it held in one lateral direction); the axial direction is the scan "
+             "axis nearest the body axis (compression.json: `load_axis`, "
+             "`load_axis_tilt_deg`). Pullout always holds both endplates. Checked on a capped "
+             "box specimen through the workflow: 20,969 N/mm against the closed form of layers "
+             "in series 21,018 N/mm (−0.23 %; fixed platens +2.6 %), `.venv/bin/python -m "
+             "pytest -s tests/test_specimen.py`, [docs/specimens.md](../docs/specimens.md)"))
 
     def __post_init__(self) -> None:
         cases = self.cases

@@ -21,11 +21,14 @@ import SimpleITK as sitk
 from qctfea.imaging.masks import voxel_centres_mm
 from qctfea.errors import QctfeaError
 from qctfea.model.screw import Screw
+from qctfea.config import option
 
 
 @dataclass
 class BmdParams:
-    shell_mm: float = 2.0  #: shell around the screw included in "around the screw"
+    #: shell around the screw included in "around the screw"
+    shell_mm: float = option(
+        2.0, minimum=0, doc="shell around the screw for \"vBMD around the screw\"")
 
 
 def around_screw_vbmd(

@@ -105,6 +105,7 @@ import numpy as np
 from scipy import ndimage
 
 from qctfea.errors import QctfeaError
+from qctfea.config import option
 
 #: Calibration phantoms by name (``calibration.phantom.preset``). Each gives its rods'
 #: densities (mg/cm³, K2HPO4 or calcium hydroxyapatite), for K2HPO4-in-water phantoms the
@@ -171,21 +172,48 @@ class PhantomSpec:
     and rod finding settings. Keys given override the preset's; without a preset and without
     ``rod_densities_mg_cm3`` the phantom is undefined and refused (never assumed)."""
 
-    preset: str | None = None
-    rod_densities_mg_cm3: list[float] | None = None
-    rod_diameter_mm: float | None = None
-    min_contrast_hu: float = 40.0  #: rod vs phantom body contrast used to find rods
-    core_fraction: float = 0.6  #: fraction of the rod radius measured (avoids blur)
-    warn_r2: float = 0.98
-    fail_r2: float = 0.90
+    preset: str | None = option(
+        None, enum=list(PHANTOM_PRESETS),
+        doc=("a known phantom ([docs/calibration.md](../docs/calibration.md)): "
+             "`mindways_model3` (K2HPO4 rods A–E with their water equivalents, QCT PRO "
+             "equations), `qrm_bdc_6`, `qrm_bdc_3` (hydroxyapatite), `demo_k2hpo4` (the demo "
+             "generator's phantom). Keys given beside it override the preset's (your "
+             "certificate's values). The Mindways and QRM presets state no rod diameter (none "
+             "published in a source we could check): give `rod_diameter_mm`"))
+    rod_densities_mg_cm3: list[float] | None = option(
+        None, minItems=2, shown="from the preset; no default",
+        doc=("known densities of the rods (K2HPO4 or hydroxyapatite equivalent, mg/cm³), any "
+             "order"))
+    rod_diameter_mm: float | None = option(
+        None, exclusiveMinimum=0, shown="from the preset; 12 with rods given without a preset",
+        doc="rod diameter (used to find rods)")
+    #: rod vs phantom body contrast used to find rods
+    min_contrast_hu: float = option(40.0, exclusiveMinimum=0, doc="rod vs phantom body contrast")
+    #: fraction of the rod radius measured (avoids blur)
+    core_fraction: float = option(
+        0.6, exclusiveMinimum=0, maximum=1, doc="fraction of the rod radius measured")
+    warn_r2: float = option(0.98, minimum=0, maximum=1, doc="R² gates")
+    fail_r2: float = option(0.90, minimum=0, maximum=1, row="warn_r2")
     #: water-equivalent density (mg/cm³) of each rod, in the order of
     #: ``rod_densities_mg_cm3``, for a K2HPO4-in-water phantom (Mindways Model 3: from the
     #: phantom's calibration certificate). Given, the fit follows the QCT PRO equations
     #: (see :func:`k2hpo4_water_fit`); None: a straight line through the rods.
-    water_equivalent_mg_cm3: list[float] | None = None
+    water_equivalent_mg_cm3: list[float] | None = option(
+        None, shown="from the preset; null",
+        doc=("a K2HPO4-in-water phantom (e.g. Mindways Model 3): each rod's water-equivalent "
+             "density from the phantom's certificate, in the order of `rod_densities_mg_cm3`; "
+             "the fit then follows the QCT PRO equations (HU − ρ_water = σ_ref·ρ_K2HPO4 + "
+             "β_ref; σ_CT = σ_ref − 0.2174, β_CT = β_ref + 999.6; ρ = (HU − β_CT)/σ_CT), "
+             "recorded under `coefficients` in calibration.json. A hydroxyapatite phantom "
+             "(e.g. 0/50/100/150/200 mg/cm³ HA rods) or any other solid-rod phantom is a plain "
+             "`rod_densities_mg_cm3` list"))
     #: rod centres [x, y] in the scan's physical coordinates (mm), in the order of
     #: ``rod_densities_mg_cm3``; given, the rods are measured there instead of being found
-    rod_centres_mm: list[list[float]] | None = None
+    rod_centres_mm: list[list[float]] | None = option(
+        None, items={"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "number"}},
+        doc=("rod centres `[x, y]` in the scan's physical coordinates (mm), in the order of "
+             "`rod_densities_mg_cm3`: the rods are measured there (over every slice) instead "
+             "of being found automatically"))
 
     def __post_init__(self) -> None:
         where = "calibration.phantom"
@@ -357,31 +385,87 @@ class TissueSpec:
     the unsmoothed image).
     """
 
-    model: str = "effective_energy"
-    tissues: list[str] = field(default_factory=lambda: ["air", "fat", "muscle", "blood"])
-    reference_mg_cm3: dict = field(default_factory=lambda: dict(REFERENCE_MG_CM3))
-    air_hu: list[float] = field(default_factory=lambda: [-1100.0, -900.0])
-    fat_hu: list[float] = field(default_factory=lambda: [-190.0, -30.0])
-    muscle_hu: list[float] = field(default_factory=lambda: [0.0, 100.0])
+    model: str = option(
+        "effective_energy", enum=list(PHANTOMLESS_MODELS),
+        doc=("`effective_energy`: Michalski 2020, the scan's effective energy fitted to the "
+             "tissues' theoretical HU (ICRU-44 compositions, xraydb attenuation), then a "
+             "K2HPO4-water model at that energy "
+             "([docs/calibration.md](../docs/calibration.md)); `tissue_regression`: a line "
+             "through the tissues' assumed densities (`reference_mg_cm3`)"))
+    tissues: list[str] = option(
+        factory=lambda: ["air", "fat", "muscle", "blood"], minItems=2, uniqueItems=True,
+        items={"enum": list(TISSUES)},
+        doc=("reference tissues fitted (of air, fat, muscle, blood, cortical_bone; blood only "
+             "with `blood_label`); at least 2 must be found"))
+    reference_mg_cm3: dict = option(
+        factory=lambda: dict(REFERENCE_MG_CM3),
+        properties={t: {"type": "number"} for t in TISSUES},
+        additionalProperties=False,
+        doc=("`tissue_regression`: K2HPO4-equivalent density of each tissue; keys given "
+             "replace the defaults. Defaults = textbook HU (−1000, −100, 50, 40, 1500) × 0.78 "
+             "mg/cm³ per HU (typical 120 kVp slope, intercept 0): replace them by values from "
+             "phantom-calibrated scans of the same scanner/protocol "
+             "(`tissues[].calibrated_mg_cm3` in their calibration.json)"))
+    air_hu: list[float] = option(
+        factory=lambda: [-1100.0, -900.0], minItems=2, maxItems=2,
+        doc="HU windows (on the smoothed image) in which the tissues are looked for")
+    fat_hu: list[float] = option(
+        factory=lambda: [-190.0, -30.0], minItems=2, maxItems=2, row="air_hu")
+    muscle_hu: list[float] = option(
+        factory=lambda: [0.0, 100.0], minItems=2, maxItems=2, row="air_hu")
     #: blood (inside ``blood_label``): wide, so that contrast-enhanced blood is seen (and
     #: then left out, see ``contrast_margin_hu``)
-    blood_hu: list[float] = field(default_factory=lambda: [0.0, 1000.0])
-    cortical_bone_hu: list[float] = field(default_factory=lambda: [1000.0, 3000.0])
-    smooth_mm: float = 1.0  #: Gaussian sigma of the smoothing used to classify voxels
-    erosion_mm: float = 1.5  #: voxels must lie deeper than this inside a tissue region
-    bone_margin_mm: float = 3.0  #: air, fat, muscle voxels this near a labelled bone are left out
-    min_voxels: int = 50  #: a tissue with fewer voxels is missing
-    blood_label: int | None = None  #: label value of blood (a vessel) in the label map
-    warn_r2: float = 0.98
-    fail_r2: float = 0.90
+    blood_hu: list[float] = option(
+        factory=lambda: [0.0, 1000.0], minItems=2, maxItems=2,
+        doc=("blood window (inside `blood_label`; wide so that contrast-enhanced blood is seen "
+             "and left out); cortical bone window (unsmoothed voxels of the target vertebra, "
+             "lowered by partial volume: not used by default)"))
+    cortical_bone_hu: list[float] = option(
+        factory=lambda: [1000.0, 3000.0], minItems=2, maxItems=2, row="blood_hu")
+    #: Gaussian sigma of the smoothing used to classify voxels
+    smooth_mm: float = option(
+        1.0, minimum=0,
+        doc=("Gaussian sigma (mm) of the smoothing used to classify voxels (the median HU is "
+             "measured unsmoothed)"))
+    #: voxels must lie deeper than this inside a tissue region
+    erosion_mm: float = option(
+        1.5, minimum=0,
+        doc="tissue voxels must lie deeper than this inside their region (partial volume)")
+    #: air, fat, muscle voxels this near a labelled bone are left out
+    bone_margin_mm: float = option(
+        3.0, minimum=0,
+        doc="air, fat and muscle voxels within this distance of any labelled bone are left out")
+    #: a tissue with fewer voxels is missing
+    min_voxels: int = option(50, minimum=1, doc="a tissue with fewer voxels is missing")
+    #: label value of blood (a vessel) in the label map
+    blood_label: int | None = option(
+        None, minimum=1,
+        doc=("label value of a vessel in the label map (e.g. the aorta: 52 in TotalSegmentator "
+             "v2 `total`); blood is used only when given"))
+    warn_r2: float = option(
+        0.98, minimum=0, maximum=1,
+        doc=("R² gates (tissue regression: with 2 tissues R² is 1; effective energy: of "
+             "measured vs theoretical HU, applied from 3 tissues); a slope ≤ 0 is refused"))
+    fail_r2: float = option(0.90, minimum=0, maximum=1, row="warn_r2")
     #: effective_energy: energies searched, [low, high] keV, and the step (keV)
-    energy_range_kev: list[float] = field(default_factory=lambda: [40.0, 150.0])
-    energy_step_kev: float = 0.5
+    energy_range_kev: list[float] = option(
+        factory=lambda: [40.0, 150.0], minItems=2, maxItems=2,
+        doc=("`effective_energy`: energies searched; an energy at the edge of the range gives "
+             "a warning"))
+    energy_step_kev: float = option(0.5, exclusiveMinimum=0, row="energy_range_kev")
     #: effective_energy: water displaced per gram of K2HPO4 (g/g) in the K2HPO4-water model
-    water_displacement: float = QCT_PRO_WATER_DISPLACEMENT
+    water_displacement: float = option(
+        QCT_PRO_WATER_DISPLACEMENT, minimum=0, exclusiveMaximum=1,
+        doc=("`effective_energy`: grams of water displaced per gram of K2HPO4 in the "
+             "K2HPO4-water model (QCT PRO's constant, so that phantom and phantomless K2HPO4 "
+             "densities agree; 0 = K2HPO4 added to unchanged water)"))
     #: blood whose median exceeds unenhanced blood (ICRU-44, at the fitted energy; the
     #: textbook 40 HU for tissue_regression) by more than this is contrast-enhanced: left out
-    contrast_margin_hu: float = 50.0
+    contrast_margin_hu: float = option(
+        50.0, minimum=0,
+        doc=("blood whose median exceeds unenhanced blood (ICRU-44 at the fitted energy; 40 HU "
+             "for `tissue_regression`) by more than this is contrast-enhanced and left out "
+             "(calibration.json: `note`)"))
 
     def __post_init__(self) -> None:
         where = "calibration.phantomless"

@@ -53,7 +53,7 @@ import re
 import sys
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, provenance, write_json
+from qctfea.config import option
 
 #: File suffixes read with SimpleITK as an image that already holds HU.
 IMAGE_FILE_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
@@ -136,11 +137,34 @@ class IngestParams:
         new spacing.
     """
 
-    series_rule: str = "none"
-    axial_tolerance_deg: float = 10.0
-    kernel_preference: list[str] = field(
-        default_factory=lambda: list(DEFAULT_KERNEL_PREFERENCE))
-    uneven_spacing: str = "refuse"
+    series_rule: str = option(
+        "none", enum=list(SERIES_RULES),
+        doc=("how to choose when a scan's DICOM folder holds several image series: `none` "
+             "refuses, listing each series (UID, description, orientation, slice spacing, "
+             "kernel, slice thickness, slices), so `series_uid` must name one; "
+             "`thinnest_axial` keeps the axial series, then the smallest slice spacing (from "
+             "the slice positions, else SliceThickness), then among those within 0.001 mm the "
+             "kernel earliest in `kernel_preference`, then the most slices; a remaining tie is "
+             "refused with the listing. An explicit `series_uid` always wins; a folder with "
+             "one series is read as is. scan.json `selected_by` records the choice"))
+    axial_tolerance_deg: float = option(
+        10.0, minimum=0, exclusiveMaximum=90,
+        doc=("`thinnest_axial`: a series is axial when its slice normal is within this angle "
+             "of the patient z axis"))
+    kernel_preference: list[str] = option(
+        factory=lambda: list(DEFAULT_KERNEL_PREFERENCE), items={"type": "string", "minLength": 1},
+        doc=("`thinnest_axial`: reconstruction kernels, most preferred first. Bone (sharp) "
+             "kernels first because QCT FE studies reconstruct with them (trabecular and "
+             "cortical detail; soft kernels blur it). An entry matches when a word of the "
+             "ConvolutionKernel (split at `\\`, space, `,`, `/`, `;`, `_`) starts with it, "
+             "ignoring case (`b60` matches `B60f`; `d` matches Philips `D` but not `STANDARD` "
+             "or `Br40d`); series matching no entry rank last"))
+    uneven_spacing: str = option(
+        "refuse", enum=list(UNEVEN_SPACING_ACTIONS),
+        doc=("missing or irregularly spaced slices: `refuse` (error naming the gaps) or "
+             "`resample`: linear interpolation along the slice normal onto a uniform grid from "
+             "the first to the last slice, spacing = median gap (adjusted to end on the last "
+             "slice), with a warning; scan.json `resampled`/`resample_note` record it"))
 
     def __post_init__(self) -> None:
         if self.series_rule not in SERIES_RULES:

@@ -50,13 +50,14 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
 from qctfea.errors import QctfeaError
+from qctfea.config import option
 
 BODY, POSTERIOR, TRABECULAR = 1, 2, 3  #: part labels (trabecular ROI is inside the body)
 #: end caps (e.g. PMMA embedding of a specimen) in the parts image; not bone
@@ -169,21 +170,56 @@ def level_name(convention: str, label: int) -> str | None:
 @dataclass
 class MaskParams:
     #: target vertebra label; None: looked up from ``vertebra`` (named convention), else 23
-    label: int | None = None
+    label: int | None = option(
+        None, minimum=1, shown="null (→ 23)",
+        doc=("target vertebra label. Under `custom`: null means 23. Under a named convention: "
+             "looked up from `mask.vertebra`; a label given as well must agree, or it is an "
+             "error naming both"))
     #: label convention of the map: "verse", "totalsegmentator" or "custom" (``label``)
-    convention: str = "custom"
+    convention: str = option(
+        "custom", enum=["custom", *CONVENTIONS],
+        doc=("label convention of the map: `verse` (VerSe/TPTBox: C1–C7 = 1–7, T1–T12 = 8–19, "
+             "T13 = 28, L1–L5 = 20–24, L6 = 25), `totalsegmentator` (v2 task `total`: L5 = 27, "
+             "L4 = 28 … L1 = 31, T12 = 32 … T1 = 43, C7 = 44 … C1 = 50), `custom` (numeric "
+             "`mask.label`)"))
     #: target level name, e.g. "L4" (named conventions: the label is looked up)
-    vertebra: str | None = None
+    vertebra: str | None = option(
+        None,
+        doc=("target level name, e.g. `L4` (`vertebrae_L4` and lower case accepted). Needed by "
+             "a named convention unless `mask.label` is given; unknown levels are refused with "
+             "the allowed list. Also sets the expected neighbours in the label QC "
+             "(vertebra.json `label_qc`: volume, components, contacts with other labels)"))
     #: sub-region labels of the vertebral body (VerSe/TPTBox: 49 cortical shell, 50 interior)
-    body_subregion_labels: list = field(default_factory=lambda: [49, 50])
-    body_opening_mm: float = 7.0
-    trabecular_margin_mm: float = 3.0
+    body_subregion_labels: list = option(
+        factory=lambda: [49, 50], minItems=1, items={"type": "integer", "minimum": 1},
+        doc=("when the sample sheet gives a `subregions` map: the sub-region labels forming "
+             "the vertebral body (VerSe/TPTBox: 49 cortical shell, 50 interior). The body is "
+             "the target vertebra's voxels with these labels, largest component; without a map "
+             "the opening below is used"))
+    body_opening_mm: float = option(
+        7.0, exclusiveMinimum=0,
+        doc=("ball radius separating the body from posterior elements (only without a "
+             "sub-region map)"))
+    trabecular_margin_mm: float = option(
+        3.0, minimum=0, doc="trabecular ROI distance inside the body surface")
     #: labels that together form the vertebra (e.g. [1, 2]: trabecular and cortical bone of
     #: a voxel-FE benchmark's label map) instead of the single ``label``
-    bone_labels: list | None = None
+    bone_labels: list | None = option(
+        None, minItems=1, items={"type": "integer", "minimum": 1},
+        doc=("labels that together form the vertebra (e.g. `[1, 2]`: trabecular and cortical "
+             "bone of a voxel-FE benchmark's label map) instead of the single target label"))
     #: labels of end caps (e.g. PMMA embedding): meshed as their own subdomain with
     #: ``materials.cap_modulus_mpa``; the compression platens then load the caps' outer faces
-    cap_labels: list | None = None
+    cap_labels: list | None = option(
+        None, minItems=1, items={"type": "integer", "minimum": 1},
+        doc=("labels of end caps (e.g. `[3]`: PMMA embedding): meshed as their own subdomain "
+             "(tag 5) with `materials.cap_modulus_mpa`, and the compression (and pullout) "
+             "platens then hold/load the caps' outer faces instead of the endplates. With "
+             "density data already in mg/cm³ use `calibration: {method: fixed, slope: 1, "
+             "intercept: 0}`: the configuration of published voxel-FE benchmarks, with "
+             "tetrahedra (`tests/test_caps.py`; through the workflow with `loads.cases: "
+             "[compression]` and `loads.platens: free`: "
+             "[docs/specimens.md](../docs/specimens.md))"))
 
     def __post_init__(self):
         for key in ("bone_labels", "cap_labels"):

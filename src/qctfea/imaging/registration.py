@@ -53,50 +53,97 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 
 from qctfea.errors import QctfeaError
+from qctfea.config import option
 
 
 @dataclass
 class RegistrationParams:
     #: register follow-ups to baseline and reuse the baseline model (false: every scan
     #: gets its own mesh and screws from its own landmarks)
-    enabled: bool = True
-    mask_dilation_mm: float = 3.0
+    enabled: bool = option(
+        True,
+        doc=("register every follow-up to the patient's baseline (earliest scan) and give it "
+             "the baseline's model: mesh, screws, endplates and BMD ROIs, with the follow-up's "
+             "density resampled onto the baseline grid. `false`: every scan is modelled on its "
+             "own (own mesh, screws from its own landmarks)"))
+    mask_dilation_mm: float = option(
+        3.0, minimum=0,
+        doc="the metric is evaluated inside the baseline vertebra mask dilated by this")
     #: coarse slices: the mask dilation is at least this times the coarsest voxel
     #: spacing of the two scans, and every level's smoothing at least
     #: ``coarse_smoothing_ratio`` times it (docs/registration.md, "Coarse slices")
-    coarse_dilation_ratio: float = 1.2
-    coarse_smoothing_ratio: float = 0.4
-    histogram_bins: int = 64
-    sampling_fraction: float = 0.25
+    coarse_dilation_ratio: float = option(
+        1.2, minimum=0,
+        doc=("coarse slices: the dilation is at least 1.2 x and every level's smoothing at "
+             "least 0.4 x the coarsest voxel spacing of the two scans (5 mm slices: 6 mm, 2 "
+             "mm); measured on the real CTs with 5 mm slices, this took the error from 0.65 to "
+             "0.24 mm (docs/registration.md)"))
+    coarse_smoothing_ratio: float = option(0.4, minimum=0, row="coarse_dilation_ratio")
+    histogram_bins: int = option(
+        64, minimum=2,
+        doc=("Mattes mutual information: bins, random sample fraction, at least this many "
+             "samples per level (all voxels of the mask if fewer: small bone masks on coarse "
+             "slices), sampling seed"))
+    sampling_fraction: float = option(0.25, exclusiveMinimum=0, maximum=1, row="histogram_bins")
     #: at least this many metric samples per level (all voxels of the mask if fewer)
-    min_samples: int = 20000
-    learning_rate: float = 1.0
-    min_step: float = 1e-3
+    min_samples: int = option(20000, minimum=1, row="histogram_bins")
+    learning_rate: float = option(
+        1.0, exclusiveMinimum=0,
+        doc=("regular-step gradient descent on physical parameter scales (1 = 1 mm at the "
+             "vertebra); it stops when the step falls below `min_step`; `iterations` is only a "
+             "safety cap per level, and a start that reaches it counts as not converged"))
+    min_step: float = option(1e-3, exclusiveMinimum=0, row="learning_rate")
     #: safety cap per level; a start that reaches it counts as not converged
-    iterations: int = 1000
-    shrink: list = field(default_factory=lambda: [4, 2, 1])
-    smoothing_mm: list = field(default_factory=lambda: [2.0, 1.5, 1.0])
-    seed: int = 1
+    iterations: int = option(1000, minimum=1, row="learning_rate")
+    shrink: list = option(
+        factory=lambda: [4, 2, 1], minItems=1, items={"type": "integer", "minimum": 1},
+        doc=("multi-resolution levels on the canonical grid (shrink factors; Gaussian sigmas "
+             "in mm)"))
+    smoothing_mm: list = option(
+        factory=lambda: [2.0, 1.5, 1.0], minItems=1, items={"type": "number", "minimum": 0},
+        row="shrink")
+    seed: int = option(1, row="histogram_bins")
     #: canonical grid: finest spacing (mm) and margin around the vertebra (mm)
-    grid_mm: float = 1.0
-    margin_mm: float = 10.0
+    grid_mm: float = option(
+        1.0, exclusiveMinimum=0,
+        doc=("both scans are registered on canonical grids that depend on physical space only "
+             "(identity direction, spacing per physical axis = the scan's own, at most "
+             "`grid_mm`, anchored at the vertebra's centroid, its bounding box + `margin_mm`): "
+             "the result does not depend on the files' axis order, flips or origin "
+             "(docs/registration.md)"))
+    margin_mm: float = option(10.0, minimum=0, row="grid_mm")
     #: further starts: the centroid start turned by this about each axis (degrees)
-    start_deg: float = 10.0
+    start_deg: float = option(
+        10.0, exclusiveMinimum=0, maximum=90,
+        doc=("starts: the masks' centroids, their principal axes, then the centroid start "
+             "turned ±`start_deg` about each axis; the search ends when two converged starts "
+             "agree within `agree_mm` at the points that matter (screw entry and tip, else the "
+             "vertebra's bounding-box corners)"))
     #: two converged starts agreeing within this at the points end the search (mm)
-    agree_mm: float = 0.2
-    min_dice_warn: float = 0.90
-    min_dice_fail: float = 0.75
+    agree_mm: float = option(0.2, exclusiveMinimum=0, row="start_deg")
+    min_dice_warn: float = option(
+        0.90, minimum=0, maximum=1,
+        doc=("vertebra Dice after registration: warning below, error below (the error lists "
+             "the starts tried)"))
+    min_dice_fail: float = option(0.75, minimum=0, maximum=1, row="min_dice_warn")
     #: disagreement of the two best starts at the points (mm): warning / error above
-    max_spread_warn_mm: float = 0.5
-    max_spread_fail_mm: float = 2.0
+    max_spread_warn_mm: float = option(
+        0.5, minimum=0,
+        doc=("disagreement (mm, at the points that matter) of the two best converged starts, "
+             "reported as `point_spread_mm` in registration.json: warning above, error above "
+             "(also an error when no two starts converged)"))
+    max_spread_fail_mm: float = option(2.0, minimum=0, row="max_spread_warn_mm")
     #: a scan with voxels coarser than this (mm) along any axis gives a warning
-    warn_spacing_mm: float = 3.0
+    warn_spacing_mm: float = option(
+        3.0, exclusiveMinimum=0,
+        doc=("a baseline or follow-up with voxels coarser than this (e.g. 5 mm slices) is "
+             "registered with a warning"))
 
     def __post_init__(self):
         if len(self.shrink) != len(self.smoothing_mm):

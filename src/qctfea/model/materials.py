@@ -26,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from qctfea.errors import QctfeaError
+from qctfea.config import option
 
 
 def _keyak_1998_e(rho: np.ndarray) -> np.ndarray:
@@ -108,24 +109,59 @@ def custom_law(spec: dict | None):
 
 @dataclass
 class MaterialParams:
-    law: str = "keyak1998"
-    ash_slope: float = 1.22  #: rho_ash = ash_intercept + ash_slope * rho_QCT (g/cm³)
-    ash_intercept: float = 0.0523
-    e_floor_mpa: float = 1.0
+    law: str = option(
+        "keyak1998",
+        enum=[*LAWS, "custom"],
+        doc=("`keyak1998`, `kopperdahl2002`, `morgan2003`, `crawford2003`, `keller1994` "
+             "(sources in `src/qctfea/model/materials.py` and "
+             "[docs/science.md](../docs/science.md#materials)), or `custom`"))
+    #: rho_ash = ash_intercept + ash_slope * rho_QCT (g/cm³)
+    ash_slope: float = option(1.22, doc="rho_ash = intercept + slope·rho_QCT (g/cm³)")
+    ash_intercept: float = option(0.0523, row="ash_slope")
+    e_floor_mpa: float = option(1.0, exclusiveMinimum=0, doc="modulus floor")
     #: yield stress relation (uniaxial compressive yield, MPa) for the nonlinear analysis:
     #: a preset name with a yield law, or "none" (bone stays elastic)
-    yield_law: str = "kopperdahl2002"
-    yield_floor_mpa: float = 0.1
-    poisson_bone: float = 0.3
-    sampling: str = "integrated"  #: "integrated" (volume mean) or "centroid"
-    subdivision_levels: int = 2  #: 8**levels sub-tets per element
+    yield_law: str = option(
+        "kopperdahl2002", enum=[*(k for k, v in LAWS.items() if v[1] is not None), "none"],
+        doc=("yield stress for the nonlinear analysis: a law with a yield relation "
+             "(`kopperdahl2002`, `keyak1998`) or `none`; taken from the element's mean "
+             "density. Kopperdahl's is measured on vertebral trabecular bone; Keyak's has no "
+             "yield below ash density 0.2 g/cm³ (most osteoporotic trabecular bone), so with "
+             "it strength comes from the denser bone alone"))
+    yield_floor_mpa: float = option(0.1, minimum=0, doc="yield stress floor (near-empty elements)")
+    poisson_bone: float = option(0.3, minimum=0, exclusiveMaximum=0.5, doc="bone Poisson ratio")
+    #: "integrated" (volume mean) or "centroid"
+    sampling: str = option(
+        "integrated", enum=["integrated", "centroid"],
+        doc="`integrated` (volume mean) or `centroid`")
+    #: 8**levels sub-tets per element
+    subdivision_levels: int = option(2, minimum=0, doc="8^levels sample points per element")
     #: user-defined piecewise power law for ``law: custom`` (see :func:`custom_law`)
-    custom: dict | None = None
-    cap_modulus_mpa: float = 2500.0  #: end caps (mask.cap_labels): PMMA
-    cap_poisson: float = 0.3
+    custom: dict | None = option(
+        None,
+        properties={
+            "density": {"enum": ["qct", "ash", "apparent"]},
+            "pieces": {"type": "array", "minItems": 1, "items": {
+                "type": "object",
+                "properties": {k: {"type": "number"} for k in ("below", "a", "b", "c")},
+                "required": ["a", "b"], "additionalProperties": False}}},
+        required=["pieces"], additionalProperties=False,
+        doc=("for `law: custom`: a piecewise power law `{density: qct\\|ash\\|apparent, "
+             "pieces: [{below: 0.27, a: 33900, b: 2.2}, {below: 0.6, a: 5307, b: 1, c: 469}, "
+             "{a: 10200, b: 2.01}]}`: E = a·ρ^b + c (MPa, ρ in g/cm³ of the named kind, `ash` "
+             "through `ash_slope`/`ash_intercept`) below each `below`; the last piece has "
+             "none. The example is Keyak 1998"))
+    #: end caps (mask.cap_labels): PMMA
+    cap_modulus_mpa: float = option(
+        2500.0, exclusiveMinimum=0, doc="end caps (`mask.cap_labels`): PMMA, elastic")
+    cap_poisson: float = option(0.3, minimum=0, exclusiveMaximum=0.5, row="cap_modulus_mpa")
     #: 0: every element its own modulus (exact); N > 0: bone moduli grouped into N bins of
     #: equal width in E, each element taking its bin's mean (Bonemat-style material groups)
-    bins: int = 0
+    bins: int = option(
+        0, minimum=0,
+        doc=("0: every element its own modulus (exact); N: bone moduli grouped into N "
+             "equal-width bins, each element taking its bin's mean (Bonemat-style material "
+             "groups)"))
 
     def __post_init__(self):
         if self.custom is not None and self.law != "custom":

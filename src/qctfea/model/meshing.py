@@ -40,6 +40,7 @@ from qctfea.imaging.masks import BODY, CAP, POSTERIOR, TRABECULAR
 from qctfea.errors import QctfeaError
 from qctfea.model.screw import Screw
 from qctfea.model.tags import TAG_BODY, TAG_CAP, TAG_POSTERIOR, TAG_SCREW
+from qctfea.config import option
 
 #: labels of the bone near a screw during meshing only (own cell size); they become the
 #: body and posterior tags again in the mesh
@@ -48,34 +49,61 @@ _PERI = {TAG_BODY: 6, TAG_POSTERIOR: 7}
 
 @dataclass
 class MeshParams:
-    voxel_mm: float = 0.5  #: grid spacing of the labelled image given to CGAL
+    #: grid spacing of the labelled image given to CGAL
+    voxel_mm: float = option(0.5, exclusiveMinimum=0, doc="labelled-image spacing given to CGAL")
     # Defaults from the mesh-convergence study (docs/mesh_convergence.md): the level whose
     # stiffnesses are within 3.1 % of the next finer one.
-    bone_cell_size_mm: float = 2.0  #: max tetrahedron circumradius in bone
-    screw_cell_size_mm: float = 1.0  #: max circumradius in the screws
+    #: max tetrahedron circumradius in bone
+    bone_cell_size_mm: float = option(
+        2.0, exclusiveMinimum=0,
+        doc=("max tet circumradius in bone and in the screws (defaults from the "
+             "mesh-convergence study, docs/mesh_convergence.md)"))
+    #: max circumradius in the screws
+    screw_cell_size_mm: float = option(1.0, exclusiveMinimum=0, row="bone_cell_size_mm")
     #: bone within this distance (mm) of a screw's surface is meshed with
     #: ``peri_screw_cell_size_mm`` (0: no zone). The pedicle wall around a screw is only a
     #: few mm thick: coarse cells there make the pullout stiffness mesh-dependent
-    peri_screw_mm: float = 3.0
-    peri_screw_cell_size_mm: float = 0.67  #: max circumradius in the bone near the screws
-    facet_distance_mm: float = 0.3  #: max surface approximation error
-    facet_angle_deg: float = 25.0  #: min facet angle on surfaces
-    cell_radius_edge_ratio: float = 3.0
-    margin_mm: float = 2.0  #: grid margin around vertebra and screws
-    seed: int = 0  #: CGAL random seed (same seed, same mesh)
+    peri_screw_mm: float = option(
+        3.0, minimum=0,
+        doc=("bone within `peri_screw_mm` of a screw's surface gets its own max circumradius "
+             "(the thin pedicle wall around the screw); `peri_screw_mm: 0` turns the zone off"))
+    #: max circumradius in the bone near the screws
+    peri_screw_cell_size_mm: float = option(0.67, exclusiveMinimum=0, row="peri_screw_mm")
+    #: max surface approximation error
+    facet_distance_mm: float = option(0.3, exclusiveMinimum=0, doc="CGAL criteria")
+    #: min facet angle on surfaces
+    facet_angle_deg: float = option(25.0, exclusiveMinimum=0, maximum=90, row="facet_distance_mm")
+    cell_radius_edge_ratio: float = option(3.0, exclusiveMinimum=0, row="facet_distance_mm")
+    #: grid margin around vertebra and screws
+    margin_mm: float = option(2.0, minimum=0, doc="grid margin; CGAL seed")
+    #: CGAL random seed (same seed, same mesh)
+    seed: int = option(0, minimum=0, row="margin_mm")
     #: CGAL's sliver perturbation. Off by default: make_mesh_3 limits it by wall time (the
     #: refinement's), so with it the same input gives meshes that differ by a few cells from
     #: run to run and machine to machine. Sliver exudation (always on) is not time-limited.
-    perturb: bool = False
+    perturb: bool = option(
+        False,
+        doc=("CGAL sliver perturbation; `true` raises the worst dihedral angle but CGAL bounds "
+             "it by wall time, so meshes (and every result) then differ slightly from run to "
+             "run. Off, the same input and seed give the same mesh"))
     #: move the screws' lateral surface vertices radially so that each screw subdomain has the
     #: screw's geometric volume (the faceted cylinder is otherwise inscribed: about -3.5 %
     #: with the default sizes). The shift is at most ``facet_distance_mm``.
-    match_screw_volume: bool = True
+    match_screw_volume: bool = option(
+        True,
+        doc=("move each screw's lateral surface vertices radially (by at most "
+             "`facet_distance_mm`; 0.06 mm on the demo) so the meshed screw has the cylinder's "
+             "volume; without it the faceted screw is inscribed, 3.5 % too small at the demo "
+             "sizes"))
     #: gap (mm) kept free of bone around the screw head (the part behind the entry point):
     #: the head is not bonded to bone, the pullout load enters the bone along the inserted
     #: length only. 0 keeps whatever bone the head passes through (an entry point inside
     #: the bone then bonds the loaded head face to bone: mesh-dependent pullout stiffness)
-    head_clearance_mm: float = 1.0
+    head_clearance_mm: float = option(
+        1.0, minimum=0,
+        doc=("no bone within this gap around the screw head (the part behind the entry point): "
+             "only the inserted length is bonded to bone; 0 keeps the bone the head passes "
+             "through"))
 
 
 def labelled_grid(

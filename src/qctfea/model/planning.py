@@ -105,6 +105,7 @@ from qctfea.model.placement import (GRADES, BoneField, Frame, canal_record, find
                               screw_surface)
 from qctfea.errors import QctfeaError
 from qctfea.model.screw import SIDES, Screw, ScrewSpec
+from qctfea.config import option
 
 METHODS = ("landmarks", "auto")  #: planning.method: from the sample sheet's landmarks, or this
 PLANE_STEP_MM = 0.5  #: spacing of the isthmus search planes and of their in-plane grid
@@ -142,22 +143,61 @@ MIN_START_AREA_MM2 = 8.0  #: smaller sections attached to the body are not pedic
 class PlanParams:
     """Config section ``planning`` (see config/README.md)."""
 
-    method: str = "landmarks"  #: "landmarks" (sample sheet) or "auto" (from the mask)
-    margin_mm: float = 3.0  #: how far the tip stays inside the anterior cortex
+    #: "landmarks" (sample sheet) or "auto" (from the mask)
+    method: str = option(
+        "landmarks", enum=list(METHODS),
+        doc=("`landmarks`: screws on the entry->target lines of the sample sheet's landmarks "
+             "files (every row needs one); `auto`: planned from the vertebra mask "
+             "(`src/qctfea/model/planning.py`, docs/screw_planning.md): the spinal canal sets "
+             "the mid-sagittal plane, each pedicle's isthmus (narrowest cross-section behind "
+             "the body) is found, and the trajectory through it with the largest clearance to "
+             "the bone surface is chosen within `planning.trajectory`'s angle range; the "
+             "landmarks column may then be empty or absent"))
+    #: how far the tip stays inside the anterior cortex
+    margin_mm: float = option(
+        3.0, minimum=0,
+        doc=("`auto`: the screw tip stays this far inside the anterior cortex (inserted length "
+             "= min(`screw.length_mm`, entry to where the axis leaves the bone − margin))"))
     #: medial angle to the sagittal plane (negative: lateral); None: searched in the
     #: trajectory's range
-    convergence_deg: float | None = None
-    min_length_mm: float = 25.0  #: shorter fitted screws are refused
+    convergence_deg: float | None = option(
+        None, exclusiveMinimum=-45, exclusiveMaximum=45,
+        doc=("`auto`: fixes the medial angle to the sagittal plane (negative: lateral); "
+             "`null`: searched within the trajectory's range"))
+    #: shorter fitted screws are refused
+    min_length_mm: float = option(
+        25.0, exclusiveMinimum=0,
+        doc=("`auto`: trajectories whose fitted screw is shorter than this are not candidates; "
+             "a side with none is refused"))
     #: "traditional" (converging, 6.5 x 40 mm) or "cortical" (cortical bone trajectory,
     #: caudo-medial to cranio-lateral, 5.5 x 35 mm); the size applies when the screw
     #: section gives none
-    trajectory: str = "traditional"
+    trajectory: str = option(
+        "traditional", enum=list(TRAJECTORIES),
+        doc=("`auto`: `traditional` (converging 5–25° medially, within ±10° of the endplates; "
+             "6.5 × 40 mm screws when the `screw` section gives no size) or `cortical` "
+             "(cortical bone trajectory: caudo-medial entry, aimed 5–15° laterally and 15–30° "
+             "cranially; 5.5 × 35 mm)"))
     #: worst Gertzbein-Robbins grade accepted (A-E); a worse screw fails the scan
-    max_grade: str = "B"
+    max_grade: str = option(
+        "B", enum=list(GRADES),
+        doc=("worst Gertzbein-Robbins grade accepted for any screw, planned or from landmarks "
+             "(A: in bone; B: < 2 mm outside; C: 2–4; D: 4–6; E: > 6 mm). A worse screw fails "
+             "the scan at rule `accept_screws` with the grade, breach (mm, direction) and what "
+             "to do; with `--keep-going` the cohort tables are built without it and "
+             "`tables/exclusions.csv` lists it"))
     #: breach (mm) up to which a screw still counts as fully in bone (grade A)
-    grade_tolerance_mm: float = 0.5
+    grade_tolerance_mm: float = option(
+        0.5, minimum=0, exclusiveMaximum=2,
+        doc=("a breach up to this (mm, outside the voxelised bone surface of the label map) "
+             "still counts as grade A"))
     #: planned screws: a diameter above 0.8 x the isthmus width is reduced to fit it
-    fit_diameter: bool = False
+    fit_diameter: bool = option(
+        False,
+        doc=("`auto`: `true` reduces a screw wider than 0.8 × the pedicle isthmus' narrowest "
+             "width to that (rounded down to 0.5 mm, at least 4 mm); screws.json records the "
+             "configured and used diameters. `false`: a screw wider than the isthmus is a "
+             "warning, and its grade decides"))
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
