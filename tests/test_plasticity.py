@@ -106,7 +106,8 @@ def test_bar_offset_rule():
     assert r.curve[-1].displacement_mm < 0.05  # stopped early
 
 
-def _softening_bar(nz=10, crack_band=1.0, tension=False, dmax=0.1, increments=20, **kw):
+def _softening_bar(nz=10, crack_band=1.0, tension=False, dmax=0.1, increments=20,
+                   return_model=False, **kw):
     """A bar (length L, cubic cells of side a = L / nz, 2 x 2 cells across) whose middle
     layer of cells yields at SY and softens; the rest stays elastic. ν = 0 and roller
     supports: uniaxial stress. Returns (result, a, cross-section area)."""
@@ -137,7 +138,7 @@ def _softening_bar(nz=10, crack_band=1.0, tension=False, dmax=0.1, increments=20
     m = PlasticModel(mesh, np.full(nc, E), np.zeros(nc), ys, 0.0, "damage", p)
     fixed, loaded = _uniaxial_supports(m, mesh, w)
     r = m.run(fixed, loaded, np.array([0, 0, 1.0 if tension else -1.0]), dmax)
-    return r, a, w * w
+    return (r, a, w * w, m) if return_model else (r, a, w * w)
 
 
 EPS_F, EPS_SOFT, RES = 0.004, 0.05, 0.01
@@ -204,6 +205,24 @@ def test_imex_bar_follows_the_analytic_curve_past_the_peak():
     assert r.increments > 30
     assert r.rss_end_mb - r.rss_after_first_increment_mb < 5.0
     assert r.peak_rss_mb > r.rss_end_mb - 2.0 and r.peak_rss_mb > 50.0
+
+
+def test_imex_error_rests_on_clapeyron():
+    """The imex step control (``_imex_error``) measures the damage error as a fraction of
+    the work sum (1 - D) ε:C:ε V, which by Clapeyron's theorem is the reaction force times
+    the displacement at equilibrium. Checked on the softening bar past its peak (Newton, so
+    the state is in equilibrium with the committed damage), over all ranks."""
+    from mpi4py import MPI
+
+    r, a, area, m = _softening_bar(return_model=True)
+    n_owned = m.mesh.topology.index_map(3).size_local
+    work = MPI.COMM_WORLD.allreduce(float(((1 - m.D_n) * m._w_el * m.c_vol)[:n_owned].sum()),
+                                    MPI.SUM)
+    last = r.curve[-1]
+    assert last.force_n < 0.6 * SY * area  # on the falling branch: the layer is damaged
+    assert work == pytest.approx(last.force_n * last.displacement_mm, rel=1e-5)
+    # and the error of an exact damage is zero
+    assert m._imex_error(m.D_n) == pytest.approx(0.0, abs=1e-12)
 
 
 def _half_drop_displacement(r):

@@ -135,7 +135,7 @@ class NonlinearParams:
     #: imex: the step shrinks when the extrapolated damage misses the damage the new strains
     #: give by more than this fraction of the strain energy (``_imex_error``), grows below
     #: half of it
-    imex_damage_tolerance: float = 0.02
+    imex_damage_tolerance: float = 0.01
 
     def __post_init__(self):
         if self.strength_rule not in ("offset", "peak"):
@@ -164,6 +164,9 @@ CONSTITUTIVE_MODELS = ("plasticity", "damage")
 
 #: imex: an increment whose damage error exceeds this x imex_damage_tolerance is redone
 IMEX_REJECT = 3.0
+
+#: imex: the preconditioner is rebuilt every this many increments (``_IncrementSolver``)
+IMEX_PC_LAG = 5
 
 #: An increment that took at most this many Newton iterations lets the next step grow 1.5x
 #: (inexact Newton needs about 5 on an elastic increment).
@@ -395,6 +398,7 @@ class PlasticModel(ElasticModel):
         sig_e = lm[:, None, None] * tr[:, None, None] * eye + 2 * mu[:, None, None] * eps
         s = sig_e - np.trace(sig_e, axis1=1, axis2=2)[:, None, None] / 3.0 * eye
         q = np.sqrt(1.5 * np.einsum("nij,nij->n", s, s))
+        self._w_el = np.einsum("nij,nij->n", sig_e, eps)  # ε:C:ε (imex work error)
         tau = q
         tensile = np.zeros(len(q), bool)
         if self.tensile_ratio is not None:
@@ -465,17 +469,22 @@ class PlasticModel(ElasticModel):
         return self.damage_of(k)[0]
 
     def _imex_error(self, D_imex: np.ndarray) -> float:
-        """Energy-weighted error of the extrapolated damage: sum over bone cells of all ranks
-        of |D(κ_new) - D_imex| E κ² V over the sum of E κ² V, i.e. the fraction of the
-        undamaged strain energy by which the extrapolation misjudged the damage (a cell that
-        starts to yield in an increment always misses its first damage, but only the cells
-        that carry the load move the force)."""
+        """Work error of the extrapolated damage: sum over all cells of all ranks of
+        |D(κ_new) - D_imex| w V over the sum of (1 - D_imex) w V, w = ε:C:ε the undamaged
+        strain energy density (twice) of the increment's total strain.
+
+        With a secant law on total strain, Clapeyron's theorem gives the reaction at the
+        loaded nodes as F d = sum (1 - D) w V, so the ratio is the relative change of the
+        increment's force that the damage the new strains give would make at the same
+        displacements (an estimate of the extrapolation's force error, first order in the
+        step; docs/nonlinear.md). Elastic cells (screw, caps) carry work too: a pullout's
+        screw stores much of it, and the force is relative to the whole."""
         n_owned = self.mesh.topology.index_map(3).size_local
         D_new = self.damage_of(self.k)[0][:n_owned]
-        bone = np.isfinite(self.c_sy[:n_owned])
-        w = (self.c_E * self.k ** 2 * self.c_vol)[:n_owned][bone]
-        num = float(np.abs(D_new - D_imex[:n_owned])[bone] @ w)
-        num, den = self.mesh.comm.allreduce(np.array([num, float(w.sum())]), MPI.SUM)
+        w = (self._w_el * self.c_vol)[:n_owned]
+        num = float(np.abs(D_new - D_imex[:n_owned]) @ w)
+        den = float((1.0 - D_imex[:n_owned]) @ w)
+        num, den = self.mesh.comm.allreduce(np.array([num, den]), MPI.SUM)
         return num / den if den > 0 else 0.0
 
     @property
@@ -737,8 +746,13 @@ class _IncrementSolver:
                 **(petsc_options or {})}
         if model.constitutive == "damage" and params.integration == "imex":
             # imex: one linear, symmetric positive definite solve per increment: CG, solved
-            # tightly (Newton then stops after one step)
+            # tightly (Newton then stops after one step). The secant stiffness changes only
+            # where damage grows, so the preconditioner built for one increment serves the
+            # next ones: it is rebuilt every IMEX_PC_LAG increments (CG stays convergent
+            # with any SPD preconditioner; measured in docs/nonlinear.md)
             opts = {**opts, "snes_ksp_ew": False, "ksp_rtol": 1.0e-8,
+                    "snes_lag_preconditioner": IMEX_PC_LAG,
+                    "snes_lag_preconditioner_persists": True,
                     **(petsc_options or {})}
         elif model.constitutive == "damage":
             # The consistent damage tangent is not symmetric: GMRES instead of CG.
