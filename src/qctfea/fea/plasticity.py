@@ -241,6 +241,77 @@ def _rss_mb(comm) -> tuple[float, float]:
     return comm.allreduce(peak, MPI.MAX), comm.allreduce(now, MPI.MAX)
 
 
+@dataclass
+class _Walk:
+    """Where :meth:`PlasticModel.run` is on the displacement path."""
+    base: float  #: base step
+    step: float  #: next step
+    offset: float  #: offset of the offset-yield line (inf: none)
+    imex: bool
+    d: float = 0.0  #: converged displacement
+    h_last: float | None = None  #: last converged step
+    tangent: float = np.inf  #: slope of the last converged increment
+
+
+def _peaked(walk: _Walk, res: NonlinearResult, prev: CurvePoint, force: float, h: float,
+            params: NonlinearParams) -> bool:
+    """The offset crossing and the stop tests of the module docstring after one converged
+    increment (sets peak_reached and stop_reason); True when the run ends."""
+    k0, d, offset = res.initial_stiffness_n_per_mm, walk.d, walk.offset
+    if res.offset_yield_n is None and force < k0 * (d - offset):
+        # Crossing of the curve with the offset line between prev and this point.
+        g0 = prev.force_n - k0 * (prev.displacement_mm - offset)
+        g1 = force - k0 * (d - offset)
+        t = g0 / (g0 - g1)
+        res.offset_yield_n = prev.force_n + t * (force - prev.force_n)
+        res.offset_yield_displacement_mm = prev.displacement_mm + t * h
+        if params.strength_rule == "offset":
+            res.peak_reached = True
+            res.stop_reason = "offset yield point reached"
+            return True
+    peak = max(p.force_n for p in res.curve)
+    if force < (1 - params.stop_drop_fraction) * peak:
+        res.peak_reached, res.stop_reason = True, "force fell below the peak"
+        return True
+    if walk.tangent < params.plateau_tangent_ratio * k0:
+        res.peak_reached = True
+        res.stop_reason = ("force fell after the peak" if walk.tangent < 0
+                           else "plateau (limit load reached)")
+        return True
+    return False
+
+
+def _next_step(walk: _Walk, err: float | None, its: int, params: NonlinearParams) -> float:
+    """Step after a converged increment: imex follows the work error (shrink above the
+    tolerance, grow below half of it), Newton grows after easy increments."""
+    h_min = walk.base * params.min_increment_fraction
+    if walk.imex:
+        tol = params.imex_damage_tolerance
+        if err > tol:
+            return max(walk.step * max(0.3, 0.8 * tol / err), h_min)
+        if err < 0.5 * tol:
+            return min(walk.step * 1.5, walk.base)
+        return walk.step
+    if its <= GROW_BELOW_ITERATIONS:
+        return min(walk.step * 1.5, walk.base)
+    return walk.step
+
+
+def _strength(res: NonlinearResult, params: NonlinearParams) -> None:
+    """Peak force and, once the curve has peaked, the strength by ``strength_rule``."""
+    peak = max(res.curve, key=lambda p: p.force_n)
+    res.peak_force_n = peak.force_n
+    res.displacement_at_peak_mm = peak.displacement_mm
+    if not res.peak_reached:
+        res.strength_n = None
+    elif params.strength_rule == "offset" and res.offset_yield_n is not None:
+        res.strength_n = res.offset_yield_n
+    else:
+        res.strength_n = peak.force_n
+        if params.strength_rule == "offset":
+            res.stop_reason += "; the offset line was not crossed: strength = peak force"
+
+
 def cell_sizes(mesh) -> np.ndarray:
     """Size h of every local cell (owned and ghost): ``(6 V)^(1/3)``, the edge of the cube of
     which the tetrahedron is one sixth (a box mesh's cube side)."""
@@ -553,137 +624,114 @@ class PlasticModel(ElasticModel):
                               mpi_ranks=comm.size,
                               n_cells=self.mesh.topology.index_map(3).size_global)
         sec = {"assembly": 0.0, "solve": 0.0, "constitutive": 0.0}
-        direction = np.asarray(direction, float)
-        solver = _IncrementSolver(self, fixed, loaded, direction, params, petsc_options,
-                                  prefix, sec, res)
-        base = max_displacement / params.increments
-        step = max_displacement * PROBE_FRACTION
-        d = 0.0
+        solver = _IncrementSolver(self, fixed, loaded, np.asarray(direction, float), params,
+                                  petsc_options, prefix, sec, res)
+        walk = _Walk(base=max_displacement / params.increments,
+                     step=max_displacement * PROBE_FRACTION,
+                     offset=(offset_displacement if offset_displacement is not None
+                             else np.inf),
+                     imex=self.constitutive == "damage" and params.integration == "imex")
         res.curve.append(CurvePoint(0.0, 0.0, 0, 0))
-        offset = offset_displacement if offset_displacement is not None else np.inf
-        tangent = np.inf
-        imex = self.constitutive == "damage" and params.integration == "imex"
-        h_last = None
         try:
-            while d < max_displacement * (1 - 1e-9):
-                h = min(step, max_displacement - d)
-                if imex:
-                    self.fixed_D = self.imex_damage(h / h_last if h_last else 0.0)
-                t_inc = time.perf_counter()
-                ok, its, force, yielded, why = solver.increment(h)
-                if res.increments == 0 and ok:
-                    # the elastic probe: the cost of one linear solve of this model (imex: one
-                    # Newton step, i.e. one assembly, preconditioner set-up and Krylov solve)
-                    res.linear_solve_s = (time.perf_counter() - t_inc) / max(its, 1)
-                res.newton_iterations += its
-                if not ok:
-                    self.du.x.array[:] = 0.0
-                    res.step_cuts += 1
-                    step = h / 2
-                    if progress:
-                        progress(f"  no equilibrium at d = {d + h:.4f} mm ({why}); step "
-                                 f"{step:.3g} mm")
-                    if step < base * params.min_increment_fraction or res.increments == 0:
-                        k0 = res.initial_stiffness_n_per_mm
-                        res.stop_reason = (f"Newton did not converge at {d + h:.4g} mm even "
-                                           f"with step {h:.3g} mm ({why})")
-                        if res.increments > 1 and tangent < params.collapse_tangent_ratio * k0:
-                            res.peak_reached = True
-                            res.stop_reason = (
-                                f"collapse: equilibrium lost after the curve flattened to "
-                                f"{tangent / k0:.1%} of the initial slope ({self.n_failed()} "
-                                f"elements fully softened); " + res.stop_reason)
-                        elif res.increments:
-                            res.stop_reason = (
-                                f"peak not reached: {res.stop_reason}, while the curve still "
-                                f"rose at {tangent / k0:.0%} of its initial slope")
-                        break
-                    continue
-                if imex:
-                    # the damage the new strains give against the extrapolated one: far off,
-                    # the increment is redone with a smaller step
-                    D_ex = self.fixed_D
-                    err = self._imex_error(D_ex)
-                    tol, h_min = params.imex_damage_tolerance, base * params.min_increment_fraction
-                    if err > IMEX_REJECT * tol and h > h_min * (1 + 1e-9) and res.increments:
-                        self.du.x.array[:] = 0.0
-                        self.fixed_D = None
-                        res.step_cuts += 1
-                        step = max(h * max(0.25, 0.8 * tol / err), h_min)
-                        continue
-                    self.fixed_D = None
-                    self.D = np.maximum(D_ex, self.damage_of(self.k)[0])
-                self.commit()
-                h_last = h
-                d += h
-                res.increments += 1
-                prev = res.curve[-1]
-                failed = self.n_failed()
-                res.curve.append(CurvePoint(d, force, its, yielded, failed))
-                if progress:
-                    progress(f"  increment {res.increments}: d = {d:.4f} mm, F = {force:.1f} N, "
-                             f"{its} Newton, {yielded} yielded cells, {failed} softened"
-                             + (f", damage error {err:.3g}" if imex else ""))
-                if res.increments == 1:
-                    res.rss_after_first_increment_mb = _rss_mb(comm)[1]
-                    # The probe increment (a small fraction of the range): initial stiffness.
-                    res.initial_stiffness_n_per_mm = force / d
-                    step = base
-                    continue
-                k0 = res.initial_stiffness_n_per_mm
-                tangent = (force - prev.force_n) / h
-                if res.offset_yield_n is None and force < k0 * (d - offset):
-                    # Crossing of the curve with the offset line between prev and this point.
-                    g0 = prev.force_n - k0 * (prev.displacement_mm - offset)
-                    g1 = force - k0 * (d - offset)
-                    t = g0 / (g0 - g1)
-                    res.offset_yield_n = prev.force_n + t * (force - prev.force_n)
-                    res.offset_yield_displacement_mm = prev.displacement_mm + t * h
-                    if params.strength_rule == "offset":
-                        res.peak_reached = True
-                        res.stop_reason = "offset yield point reached"
-                        break
-                peak = max(p.force_n for p in res.curve)
-                if force < (1 - params.stop_drop_fraction) * peak:
-                    res.peak_reached, res.stop_reason = True, "force fell below the peak"
+            while walk.d < max_displacement * (1 - 1e-9):
+                if self._increment(solver, walk, res, max_displacement - walk.d, progress):
                     break
-                if tangent < params.plateau_tangent_ratio * k0:
-                    res.peak_reached = True
-                    res.stop_reason = ("force fell after the peak" if tangent < 0
-                                       else "plateau (limit load reached)")
-                    break
-                if imex:
-                    if err > tol:
-                        step = max(step * max(0.3, 0.8 * tol / err),
-                                   base * params.min_increment_fraction)
-                    elif err < 0.5 * tol:
-                        step = min(step * 1.5, base)
-                elif its <= GROW_BELOW_ITERATIONS:
-                    step = min(step * 1.5, base)
             else:
                 res.stop_reason = ("peak not reached: the maximum displacement "
                                    f"({max_displacement:.3g} mm) was reached while the force "
-                                   f"still rose at {tangent / res.initial_stiffness_n_per_mm:.0%}"
+                                   f"still rose at "
+                                   f"{walk.tangent / res.initial_stiffness_n_per_mm:.0%}"
                                    " of its initial slope; raise the maximum displacement")
         finally:
             solver.destroy()
         if res.increments == 0:
             raise QctfeaError(f"nonlinear solve failed in the first increment: {res.stop_reason}; "
                               "check the boundary conditions, or raise loads.increments")
-        peak = max(res.curve, key=lambda p: p.force_n)
-        res.peak_force_n = peak.force_n
-        res.displacement_at_peak_mm = peak.displacement_mm
-        if not res.peak_reached:
-            res.strength_n = None
-        elif params.strength_rule == "offset" and res.offset_yield_n is not None:
-            res.strength_n = res.offset_yield_n
-        else:
-            res.strength_n = peak.force_n
-            if params.strength_rule == "offset":
-                res.stop_reason += "; the offset line was not crossed: strength = peak force"
+        _strength(res, params)
         res.seconds = {**sec, "total": time.perf_counter() - t_start}
         res.peak_rss_mb, res.rss_end_mb = _rss_mb(comm)
         return res
+
+    def _increment(self, solver, walk, res, remaining: float, progress) -> bool:
+        """One displacement increment of :meth:`run` (solve, imex check, commit, peak tests,
+        next step). True when the run ends."""
+        params = self.params
+        h = min(walk.step, remaining)
+        if walk.imex:
+            self.fixed_D = self.imex_damage(h / walk.h_last if walk.h_last else 0.0)
+        t_inc = time.perf_counter()
+        ok, its, force, yielded, why = solver.increment(h)
+        if res.increments == 0 and ok:
+            # the elastic probe: the cost of one linear solve of this model (imex: one
+            # Newton step, i.e. one assembly, preconditioner set-up and Krylov solve)
+            res.linear_solve_s = (time.perf_counter() - t_inc) / max(its, 1)
+        res.newton_iterations += its
+        if not ok:
+            return self._no_equilibrium(walk, res, h, why, progress)
+        err = None
+        if walk.imex:
+            # the damage the new strains give against the extrapolated one: far off, the
+            # increment is redone with a smaller step
+            D_ex = self.fixed_D
+            err = self._imex_error(D_ex)
+            tol, h_min = params.imex_damage_tolerance, walk.base * params.min_increment_fraction
+            if err > IMEX_REJECT * tol and h > h_min * (1 + 1e-9) and res.increments:
+                self.du.x.array[:] = 0.0
+                self.fixed_D = None
+                res.step_cuts += 1
+                walk.step = max(h * max(0.25, 0.8 * tol / err), h_min)
+                return False
+            self.fixed_D = None
+            self.D = np.maximum(D_ex, self.damage_of(self.k)[0])
+        self.commit()
+        walk.h_last = h
+        walk.d += h
+        res.increments += 1
+        prev = res.curve[-1]
+        failed = self.n_failed()
+        res.curve.append(CurvePoint(walk.d, force, its, yielded, failed))
+        if progress:
+            progress(f"  increment {res.increments}: d = {walk.d:.4f} mm, F = {force:.1f} N, "
+                     f"{its} Newton, {yielded} yielded cells, {failed} softened"
+                     + (f", damage error {err:.3g}" if walk.imex else ""))
+        if res.increments == 1:
+            res.rss_after_first_increment_mb = _rss_mb(self.mesh.comm)[1]
+            # The probe increment (a small fraction of the range): initial stiffness.
+            res.initial_stiffness_n_per_mm = force / walk.d
+            walk.step = walk.base
+            return False
+        walk.tangent = (force - prev.force_n) / h
+        if _peaked(walk, res, prev, force, h, params):
+            return True
+        walk.step = _next_step(walk, err, its, params)
+        return False
+
+    def _no_equilibrium(self, walk, res, h: float, why: str, progress) -> bool:
+        """A failed increment: halve the step, or end the run (a collapse after the curve
+        flattened, else no peak). True when the run ends."""
+        params = self.params
+        self.du.x.array[:] = 0.0
+        res.step_cuts += 1
+        walk.step = h / 2
+        if progress:
+            progress(f"  no equilibrium at d = {walk.d + h:.4f} mm ({why}); step "
+                     f"{walk.step:.3g} mm")
+        if walk.step >= walk.base * params.min_increment_fraction and res.increments > 0:
+            return False
+        k0, tangent = res.initial_stiffness_n_per_mm, walk.tangent
+        res.stop_reason = (f"Newton did not converge at {walk.d + h:.4g} mm even "
+                           f"with step {h:.3g} mm ({why})")
+        if res.increments > 1 and tangent < params.collapse_tangent_ratio * k0:
+            res.peak_reached = True
+            res.stop_reason = (
+                f"collapse: equilibrium lost after the curve flattened to "
+                f"{tangent / k0:.1%} of the initial slope ({self.n_failed()} "
+                f"elements fully softened); " + res.stop_reason)
+        elif res.increments:
+            res.stop_reason = (
+                f"peak not reached: {res.stop_reason}, while the curve still "
+                f"rose at {tangent / k0:.0%} of its initial slope")
+        return True
 
     # --- output -------------------------------------------------------------------------
     def write_fields(self, path) -> None:
