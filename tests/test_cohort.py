@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -440,7 +441,8 @@ def test_aggregate_missing_or_bad_file_names_it(tmp_path: Path) -> None:
         cohort.aggregate(samples, res_dir, tmp_path / "long.csv")
 
 
-def test_statistics_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_statistics_end_to_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="qctfea")
     res_dir = tmp_path / "results"
     samples = _cohort_dir(res_dir)
     long_csv = tmp_path / "long.csv"
@@ -449,7 +451,7 @@ def test_statistics_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     summary = cohort.statistics(long_csv, out)
     for name in cohort.STAT_FILES.values():
         assert (out / name).is_file(), name
-    assert "qctfea statistics" in capsys.readouterr().err
+    assert "qctfea statistics" in caplog.text
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["headlines"] == summary["headlines"]
     assert summary["n_patients"] == 5 and summary["n_scans"] == 15

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
+from qctfea import logs
 from qctfea.errors import QctfeaError
 
 
@@ -289,11 +291,16 @@ def _cohort_step(a) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handler = logs.log_to(sys.stderr)
+    logging.captureWarnings(True)
     try:
         run(args)
     except QctfeaError as exc:
         print(f"qctfea {args.step}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        logging.captureWarnings(False)
+        logs.remove(handler)
     return 0
 
 

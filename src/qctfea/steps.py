@@ -11,7 +11,7 @@ the step that writes it, never a reader's traceback.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 import warnings
 from dataclasses import asdict, fields
@@ -23,6 +23,8 @@ import SimpleITK as sitk
 from qctfea.errors import QctfeaError
 from qctfea.model import tags as mesh_tags
 from qctfea.provenance import atomic_path, provenance, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 
 def params_from(cls, section: dict | None, where: str = ""):
@@ -81,10 +83,6 @@ def _typed(value, default, annotation: str, where: str):
             raise bad
         return kind(value)
     return value
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _write_image(img: sitk.Image, path) -> None:
@@ -221,7 +219,7 @@ def synth_scan(*, out_dir, patient: str, timepoint: str, months: float, seed: in
     p = params_from(SynthParams, synth_cfg, "demo.synth")
     t0 = time.perf_counter()
     generate_scan(out_dir, patient, timepoint, months, seed=seed, params=p)
-    _log(f"[synth] {patient} {timepoint}: wrote {out_dir} in {time.perf_counter() - t0:.1f} s")
+    log.info(f"[synth] {patient} {timepoint}: wrote {out_dir} in {time.perf_counter() - t0:.1f} s")
 
 
 # --- ingest -------------------------------------------------------------------------------
@@ -322,8 +320,8 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
         "provenance": provenance("calibrate", {"method": method, **cfg},
                                  {"ct": ct_path}),
     })
-    _log(f"[calibrate] {context}: slope {cal.slope:.4f}, intercept {cal.intercept:.2f}, "
-         f"R² {cal.r2:.5f} ({cal.method})")
+    log.info(f"[calibrate] {context}: slope {cal.slope:.4f}, intercept {cal.intercept:.2f}, "
+             f"R² {cal.r2:.5f} ({cal.method})")
 
 
 # --- mask ---------------------------------------------------------------------------------
@@ -395,10 +393,10 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
         "provenance": provenance("mask", p, inputs),
     })
     named = f" ({p.convention} {p.vertebra})" if p.vertebra else ""
-    _log(f"[mask] {context}: label {p.label}{named}, vertebra "
-         f"{parts['vertebra'].sum() * vox_mm3 / 1000:.1f} cm³, body "
-         f"{parts['body'].sum() * vox_mm3 / 1000:.1f} cm³ (from "
-         f"{'subregions' if sub is not None else 'opening'})")
+    log.info(f"[mask] {context}: label {p.label}{named}, vertebra "
+             f"{parts['vertebra'].sum() * vox_mm3 / 1000:.1f} cm³, body "
+             f"{parts['body'].sum() * vox_mm3 / 1000:.1f} cm³ (from "
+             f"{'subregions' if sub is not None else 'opening'})")
 
 
 # --- screws -------------------------------------------------------------------------------
@@ -500,7 +498,7 @@ def plan_screws(*, landmarks_path, parts_path, out_json, cfg: dict, context: str
                           **({"refused": error} if refused else {}),
                           "provenance": provenance(
         "screws", {**asdict(spec), "planning": asdict(plan)}, inputs)})
-    _log(f"[screws] {context}: " + ", ".join(
+    log.info(f"[screws] {context}: " + ", ".join(
         f"{s['side']} grade {s['placement']['grade']} (breach {s['placement']['breach_mm']:.1f}"
         f" mm {s['placement']['direction']})" for s in out))
 
@@ -531,7 +529,7 @@ def accept_screws(*, screws_path, out_json, context: str) -> None:
               for s in data["screws"]}
     write_json(out_json, {"screws": grades, "provenance": provenance(
         "accept_screws", {}, {"screws": screws_path})})
-    _log(f"[accept_screws] {context}: " + ", ".join(
+    log.info(f"[accept_screws] {context}: " + ", ".join(
         f"{k} grade {v['grade']}" for k, v in grades.items()))
 
 
@@ -551,7 +549,7 @@ def accept_strength(*, result_paths, out_json, context: str) -> None:
              for k, r in results.items()}
     write_json(out_json, {"cases": cases, "provenance": provenance(
         "accept_strength", {}, {k: str(p) for k, p in zip(results, result_paths)})})
-    _log(f"[accept_strength] {context}: " + ", ".join(
+    log.info(f"[accept_strength] {context}: " + ", ".join(
         f"{k} {v['strength_n']:.0f} N ({v['stop_reason']})" for k, v in cases.items()))
 
 
@@ -591,9 +589,9 @@ def bmd(*, density_path, parts_path, screws_path, out_json, cfg: dict, context: 
                         p.shell_mm, tmp, f"{context}: BMD regions and screws", res)
     write_json(out_json, {**res, "provenance": provenance(
         "bmd", p, {"density": density_path, "parts": parts_path})})
-    _log(f"[bmd] {context}: trabecular {res['trabecular_vbmd_mg_cm3']:.1f} mg/cm³, around screw "
-         + ", ".join(f"{k} {v:.1f}" for k, v in res["around_screw_vbmd_mg_cm3"].items())
-         + f", aBMD {res['areal_bmd_g_cm2']:.3f} g/cm²")
+    log.info(f"[bmd] {context}: trabecular {res['trabecular_vbmd_mg_cm3']:.1f} mg/cm³, around screw "
+             + ", ".join(f"{k} {v:.1f}" for k, v in res["around_screw_vbmd_mg_cm3"].items())
+             + f", aBMD {res['areal_bmd_g_cm2']:.3f} g/cm²")
 
 
 def uncertainty(*, calibration_json, bmd_json, density_path, parts_path, strength_json,
@@ -640,7 +638,7 @@ def uncertainty(*, calibration_json, bmd_json, density_path, parts_path, strengt
         "provenance": provenance("uncertainty", p, {
             "calibration": calibration_json, "bmd": bmd_json, "density": density_path,
             "parts": parts_path, "strength": strength_json})})
-    _log(f"[uncertainty] {context}: " + ", ".join(
+    log.info(f"[uncertainty] {context}: " + ", ".join(
         f"{k} {v['value']:.4g} [{v['ci_low']:.4g}, {v['ci_high']:.4g}]" for k, v in res.items()))
 
 
@@ -683,11 +681,11 @@ def register(*, fixed_density, fixed_parts, moving_density, moving_parts, out_de
                           "provenance": provenance("register", p, {
                               "baseline_density": fixed_density, "baseline_parts": fixed_parts,
                               "density": moving_density, "parts": moving_parts})})
-    _log(f"[register] {context}: Dice {info['dice_before']:.3f} -> {info['dice_after']:.3f}, "
-         f"rotation {np.round(info['rotation_deg'], 2).tolist()} deg, translation "
-         f"{np.round(info['translation_mm'], 2).tolist()} mm, {info['iterations']} iterations, "
-         f"{len(info['starts'])} start(s), spread {info['point_spread_mm']} mm at the "
-         f"{info['points']}")
+    log.info(f"[register] {context}: Dice {info['dice_before']:.3f} -> {info['dice_after']:.3f}, "
+             f"rotation {np.round(info['rotation_deg'], 2).tolist()} deg, translation "
+             f"{np.round(info['translation_mm'], 2).tolist()} mm, {info['iterations']} iterations, "
+             f"{len(info['starts'])} start(s), spread {info['point_spread_mm']} mm at the "
+             f"{info['points']}")
 
 
 # --- mesh ---------------------------------------------------------------------------------
@@ -712,7 +710,7 @@ def mesh(*, parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str
             mesh_picture(pts, cells, tags, screws, rep, tmp, title=f"{context}: mesh")
     meshing.write_mesh(out_mesh, pts, cells, tags)
     write_json(out_json, {**rep, "provenance": provenance("mesh", p, {"parts": parts_path})})
-    _log(f"[mesh] {context}: done")
+    log.info(f"[mesh] {context}: done")
 
 
 # --- materials ----------------------------------------------------------------------------
@@ -783,8 +781,8 @@ def materials(*, mesh_path, density_path, screws_path, out_npz, out_json, cfg: d
         "seconds": time.perf_counter() - t0,
         "provenance": provenance("materials", p, {"mesh": mesh_path, "density": density_path}),
     })
-    _log(f"[materials] {context}: bone E median {np.median(E[bone]):.0f} MPa "
-         f"({p.law}, {p.sampling})")
+    log.info(f"[materials] {context}: bone E median {np.median(E[bone]):.0f} MPa "
+             f"({p.law}, {p.sampling})")
 
 
 # --- solve (MPI) --------------------------------------------------------------------------
@@ -822,7 +820,7 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
     axis_info = read_json(mask_json)
     opts = dict(solver_cfg or {})
     what = f"{context} {case}{' ' + side if side else ''}"
-    progress = (lambda m: _log(f"[solve] {what}:{m}")) if comm.rank == 0 else None
+    progress = (lambda m: log.info(f"[solve] {what}:{m}")) if comm.rank == 0 else None
     if progress:
         progress(f" {lp.analysis} analysis, {model.n_dofs()} dofs, {comm.size} rank(s)")
     if case == "compression":
@@ -863,12 +861,12 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
                  if lp.analysis == "nonlinear" else "")
         strength = ("none (peak not reached)" if res["strength_n"] is None
                     else f"{res['strength_n']:.0f} N")
-        _log(f"[solve] {what}: stiffness {res['stiffness_n_per_mm']:.0f} N/mm, "
-             f"strength {strength}, {res['ksp_iterations']} Krylov iterations"
-             f"{extra}, {res['n_dofs']} dofs, {comm.size} rank(s), "
-             f"{res['seconds']['total']:.1f} s")
+        log.info(f"[solve] {what}: stiffness {res['stiffness_n_per_mm']:.0f} N/mm, "
+                 f"strength {strength}, {res['ksp_iterations']} Krylov iterations"
+                 f"{extra}, {res['n_dofs']} dofs, {comm.size} rank(s), "
+                 f"{res['seconds']['total']:.1f} s")
         if res.get("refused"):
-            _log(f"[solve] refused: {res['refused']}")
+            log.info(f"[solve] refused: {res['refused']}")
     comm.barrier()
     return res
 

@@ -22,6 +22,7 @@ Command (docs/mesh_convergence.md holds the record)::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 
 from qctfea.errors import QctfeaError
+
+log = logging.getLogger(__name__)
 
 #: text after this line of an existing --out-md file is kept when the table is regenerated
 NOTES_MARK = "<!-- notes: kept when the table above is regenerated -->"
@@ -106,7 +109,7 @@ def mesh_level(scan: Path, d: Path, size: float, voxel_mm: float, materials_cfg:
 
 
 def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_mm: float = 0.5,
-              ranks: int = 2, materials_cfg: dict | None = None, log=sys.stderr,
+              ranks: int = 2, materials_cfg: dict | None = None,
               strength: bool = False, loads: dict | None = None) -> list[dict]:
     """Mesh, map and solve (linear; with ``strength`` also nonlinear) at each bone cell size;
     returns one row per level."""
@@ -116,7 +119,7 @@ def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_m
         d = out_dir / f"bone_{size:g}mm"
         d.mkdir(parents=True, exist_ok=True)
         ctx = f"{scan} at bone cell size {size:g} mm"
-        print(f"[convergence] {ctx}: meshing", file=log, flush=True)
+        log.info(f"[convergence] {ctx}: meshing")
         t_mesh, t_mat, mesh_rep = mesh_level(scan, d, size, voxel_mm, materials_cfg, ctx)
         row = {"bone_cell_size_mm": size, "screw_cell_size_mm": size / 2,
                "peri_screw_cell_size_mm": size / 3, "voxel_mm": voxel_mm,
@@ -126,8 +129,7 @@ def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_m
         for (key, label), (case, side) in zip(QUANTITIES, [("compression", None),
                                                            ("pullout", "left"),
                                                            ("pullout", "right")], strict=True):
-            print(f"[convergence] {ctx}: solving {label} (linear, {ranks} ranks)", file=log,
-                  flush=True)
+            log.info(f"[convergence] {ctx}: solving {label} (linear, {ranks} ranks)")
             r = _solve(case, side, d, scan, ranks)
             row[key] = r["stiffness_n_per_mm"]
             row["n_dofs"] = r["n_dofs"]
@@ -136,19 +138,17 @@ def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_m
         for (key, label), (case, side) in zip(STRENGTHS, CASES, strict=True):
             if not strength:
                 break
-            print(f"[convergence] {ctx}: solving {label} (nonlinear, {ranks} ranks)", file=log,
-                  flush=True)
+            log.info(f"[convergence] {ctx}: solving {label} (nonlinear, {ranks} ranks)")
             r = _solve(case, side, d, scan, ranks, loads, analysis="nonlinear")
             if r.get("refused"):
                 raise QctfeaError(f"{ctx}: {r['refused']}")
             row[key] = r["strength_n"]
             row[f"{case}{'_' + side if side else ''}_nonlinear_s"] = round(r["wall_s"], 1)
-            print(f"[convergence] {ctx}: {label} strength {r['strength_n']:.0f} N "
-                  f"({r['stop_reason']}, {r['increments']} increments)", file=log, flush=True)
+            log.info(f"[convergence] {ctx}: {label} strength {r['strength_n']:.0f} N "
+                     f"({r['stop_reason']}, {r['increments']} increments)")
         rows.append(row)
-        print(f"[convergence] {ctx}: {row['n_cells']} cells, {row['n_dofs']} DOFs, "
-              + ", ".join(f"{lab} {row[k]:.0f} N/mm" for k, lab in QUANTITIES), file=log,
-              flush=True)
+        log.info(f"[convergence] {ctx}: {row['n_cells']} cells, {row['n_dofs']} DOFs, "
+                 + ", ".join(f"{lab} {row[k]:.0f} N/mm" for k, lab in QUANTITIES))
     # Change of each stiffness relative to the next finer level.
     for coarse, fine in zip(rows, rows[1:]):
         for key, _ in QUANTITIES + (STRENGTHS if strength else []):

@@ -52,9 +52,9 @@ from which every finer level stays within 2 % of the converged stiffness.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -62,6 +62,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from qctfea.errors import QctfeaError
+
+log = logging.getLogger(__name__)
 
 PEER_REQUIREMENT = "parosol-py==0.1.26"
 PEER_VENV = ".peer-venv"
@@ -302,7 +304,7 @@ def run(scan, out_dir, voxel_sizes: list[float], cell_sizes: list[float], ranks:
         margin_mm: float = 1.5, mesh_voxel_mm: float = 0.5, tolerance: float = 1e-6,
         materials_cfg: dict | None = None, control_density: float | None = None,
         control_voxel_sizes: list[float] | None = None,
-        control_cell_sizes: list[float] | None = None, log=sys.stderr) -> dict:
+        control_cell_sizes: list[float] | None = None) -> dict:
     from qctfea import steps
     from qctfea.model.materials import MaterialParams
 
@@ -338,8 +340,7 @@ def run(scan, out_dir, voxel_sizes: list[float], cell_sizes: list[float], ranks:
             spec = build_specimen(parts, dens_img, box, s, youngs)
             E = voxel_moduli(spec, mp)
             t_map = time.perf_counter() - t0
-            print(f"[peer] ParOSol at {s:g} mm: {int((E > 0).sum())} voxels", file=log,
-                  flush=True)
+            log.info(f"[peer] ParOSol at {s:g} mm: {int((E > 0).sum())} voxels")
             r = run_peer(E, s, mp.poisson_bone, sub / f"parosol_{s:g}mm", py, ranks, tolerance)
             r.update(spacing_mm=s, body_voxels=int(spec["body"].sum()),
                      n_dofs=3 * voxel_nodes(E > 0),
@@ -347,16 +348,16 @@ def run(scan, out_dir, voxel_sizes: list[float], cell_sizes: list[float], ranks:
                      body_volume_cm3=float(spec["body"].sum() * s ** 3 / 1000))
             r["wall_s"] = t_map + r["solve_wall_s"]
             peer_rows.append(r)
-            print(f"[peer]   {r['stiffness_n_per_mm']:.0f} N/mm, {r['iterations']} its, "
-                  f"{r['wall_s']:.1f} s", file=log, flush=True)
+            log.info(f"[peer]   {r['stiffness_n_per_mm']:.0f} N/mm, {r['iterations']} its, "
+                     f"{r['wall_s']:.1f} s")
         for c in sorted(cells, reverse=True):
             ctx = f"peer specimen of {scan} at bone cell size {c:g} mm"
-            print(f"[peer] ours at {c:g} mm cells", file=log, flush=True)
+            log.info(f"[peer] ours at {c:g} mm cells")
             r = run_ours(common, dens_path, c, mesh_voxel_mm, sub / "ours" / f"cell_{c:g}mm",
                          mcfg, ranks, float(box["length_mm"][2]), ctx)
             ours_rows.append(r)
-            print(f"[peer]   {r['stiffness_n_per_mm']:.0f} N/mm, {r['n_dofs']} DOFs, "
-                  f"{r['wall_s']:.1f} s", file=log, flush=True)
+            log.info(f"[peer]   {r['stiffness_n_per_mm']:.0f} N/mm, {r['n_dofs']} DOFs, "
+                     f"{r['wall_s']:.1f} s")
         return peer_rows, ours_rows
 
     common = out_dir / "ours"

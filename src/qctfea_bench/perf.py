@@ -75,6 +75,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 import os
 import platform
 import resource
@@ -86,7 +87,10 @@ from pathlib import Path
 
 import numpy as np
 
+from qctfea import logs
 from qctfea.errors import QctfeaError
+
+log = logging.getLogger(__name__)
 
 #: vector streams of n doubles per CG iteration outside the preconditioner (see docstring)
 CG_VECTOR_PASSES = 8
@@ -488,7 +492,7 @@ def nonlinear_summary(results_root: str | Path) -> dict:
 
 def run_benchmark(scan, out_dir, sizes: list[float], ranks: list[int], voxel_mm: float = 0.5,
                   triad_n: int = 20_000_000, nonlinear_root: str | None = None,
-                  materials_cfg: dict | None = None, log=sys.stderr) -> dict:
+                  materials_cfg: dict | None = None) -> dict:
     """The whole harness: triad, then mesh / materials / solves per level; one result dict."""
     from qctfea_bench.convergence import check_scan, mesh_level
 
@@ -502,7 +506,7 @@ def run_benchmark(scan, out_dir, sizes: list[float], ranks: list[int], voxel_mm:
         res = {}
         for r in ranks:
             f = out_dir / f"triad_{tag}_{r}ranks.json"
-            print(f"[perf] triad ({r} ranks, {tag})", file=log, flush=True)
+            log.info(f"[perf] triad ({r} ranks, {tag})")
             _run_mpi(r, ["triad", "--n", str(triad_n), "--out-json", str(f)], "triad")
             res[str(r)] = json.loads(f.read_text())
         return res
@@ -513,14 +517,14 @@ def run_benchmark(scan, out_dir, sizes: list[float], ranks: list[int], voxel_mm:
         d = out_dir / f"bone_{size:g}mm"
         d.mkdir(parents=True, exist_ok=True)
         ctx = f"{scan} at bone cell size {size:g} mm"
-        print(f"[perf] {ctx}: meshing", file=log, flush=True)
+        log.info(f"[perf] {ctx}: meshing")
         t_mesh, t_mat, mesh_rep = mesh_level(scan, d, size, voxel_mm, materials_cfg, ctx)
         n_cells = mesh_rep["n_cells"]
         for r in ranks:
             for case, side in CASES:
                 label = f"{case}_{side}" if side else case
                 f = d / f"{label}_{r}ranks.json"
-                print(f"[perf] {ctx}: {label}, {r} rank(s)", file=log, flush=True)
+                log.info(f"[perf] {ctx}: {label}, {r} rank(s)")
                 args = ["worker", "--case", case, "--mesh", str(d / "mesh.xdmf"),
                         "--materials", str(d / "materials.npz"),
                         "--vertebra", str(scan / "vertebra.json"),
@@ -534,9 +538,9 @@ def run_benchmark(scan, out_dir, sizes: list[float], ranks: list[int], voxel_mm:
                 rows.append({"bone_cell_size_mm": size, "screw_cell_size_mm": size / 2,
                              "peri_screw_cell_size_mm": size / 3, "n_cells": n_cells,
                              "mesh_s": t_mesh, "materials_s": t_mat, "load_case": label, **w})
-                print(f"[perf]   {w['n_dofs']} DOFs, {w['iterations']} its "
-                      f"({w['iterations_extra_rtol']} at rtol {w['extra_rtol']:g}), "
-                      f"solve {w['seconds']['solve']:.2f} s", file=log, flush=True)
+                log.info(f"[perf]   {w['n_dofs']} DOFs, {w['iterations']} its "
+                         f"({w['iterations_extra_rtol']} at rtol {w['extra_rtol']:g}), "
+                         f"solve {w['seconds']['solve']:.2f} s")
     triad_after = measure_triad("after")
     load_after = os.getloadavg()
     busy_after = cpu_busy()
@@ -818,6 +822,7 @@ def _main(argv=None) -> int:
     t.add_argument("--repeats", type=int, default=5)
     t.add_argument("--out-json")
     a = p.parse_args(argv)
+    handler = logs.log_to(sys.stderr, ("qctfea", "qctfea_bench"))
     try:
         if a.cmd == "worker":
             worker(a.mesh, a.materials, a.vertebra, a.screws, a.case, a.side, a.out_json,
@@ -828,6 +833,8 @@ def _main(argv=None) -> int:
     except QctfeaError as exc:
         print(f"qctfea_bench.perf {a.cmd}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        logs.remove(handler)
     return 0
 
 

@@ -31,9 +31,9 @@ The statistics themselves live in :mod:`qctfea.cohort.stats`.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,8 @@ from qctfea.cohort import clinical
 from qctfea.cohort import stats as st
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, provenance, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 #: Columns of the long table, in order.
 COLUMNS: list[str] = [
@@ -1179,8 +1181,8 @@ def tables(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
         paths[name] = out / TABLE_FILES[name]
         _write_csv(frame, paths[name])
     missing = missing_scans(df)
-    print(f"qctfea tables: {len(df)} scans, {df['patient'].nunique()} patients, "
-          f"missing {[f'{p} {t}' for p, t in missing] or 'none'} -> {out}", file=sys.stderr)
+    log.info(f"qctfea tables: {len(df)} scans, {df['patient'].nunique()} patients, "
+             f"missing {[f'{p} {t}' for p, t in missing] or 'none'} -> {out}")
     return paths
 
 
@@ -1364,11 +1366,8 @@ def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
     df = read_long_table(long_csv)
     metrics = available_metrics(df, list(metrics or DEFAULT_METRICS))
     tpm = timepoint_months(df)
-    print(
-        f"qctfea statistics: {len(df)} scans, {df['patient'].nunique()} patients, "
-        f"{len(tpm)} timepoints, metrics {metrics} -> {out}",
-        file=sys.stderr,
-    )
+    log.info(f"qctfea statistics: {len(df)} scans, {df['patient'].nunique()} patients, "
+             f"{len(tpm)} timepoints, metrics {metrics} -> {out}")
     _, sources = with_resolved_areal(df)
     correlations = present_pairs(df, DEFAULT_CORRELATIONS)
     comparisons = present_pairs(df, DEFAULT_COMPARISONS)

@@ -47,6 +47,7 @@ spacing and kernel only, never the UID.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -66,6 +67,8 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, provenance, write_json
+
+log = logging.getLogger(__name__)
 
 #: File suffixes read with SimpleITK as an image that already holds HU.
 IMAGE_FILE_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
@@ -926,7 +929,7 @@ def ingest(
                           "of the sample sheet)")
 
     label = context or "scan"
-    print(f"[ingest] {label}: read {info.n_slices} slices ({kind})", file=sys.stderr)
+    log.info(f"[ingest] {label}: read {info.n_slices} slices ({kind})")
     with atomic_path(target) as tmp:
         try:
             sitk.WriteImage(_clean_float32(image), str(tmp), useCompression=True)
@@ -950,9 +953,6 @@ def ingest(
     write_json(out_json, {"scan": asdict(info), "provenance": provenance("ingest", params, {})})
     nx, ny, nz = info.size
     sx, sy, sz = info.spacing_mm
-    print(
-        f"[ingest] {label}: {nx}x{ny}x{nz} voxels, spacing {sx:g}x{sy:g}x{sz:g} mm, "
-        f"{info.n_files_read} files used, {info.n_files_skipped} skipped -> {target.name}",
-        file=sys.stderr,
-    )
+    log.info(f"[ingest] {label}: {nx}x{ny}x{nz} voxels, spacing {sx:g}x{sy:g}x{sz:g} mm, "
+             f"{info.n_files_read} files used, {info.n_files_skipped} skipped -> {target.name}")
     return info

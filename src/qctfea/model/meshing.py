@@ -25,9 +25,9 @@ as XDMF (+HDF5) with the cell tags, readable by DOLFINx and ParaView.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,6 +40,8 @@ from qctfea.imaging.masks import BODY, CAP, POSTERIOR, TRABECULAR
 from qctfea.errors import QctfeaError
 from qctfea.model.screw import Screw
 from qctfea.model.tags import TAG_BODY, TAG_CAP, TAG_POSTERIOR, TAG_SCREW
+
+log = logging.getLogger(__name__)
 
 #: labels of the bone near a screw during meshing only (own cell size); they become the
 #: body and posterior tags again in the mesh
@@ -273,7 +275,7 @@ def _restore_labels(centroids: np.ndarray, out_tags: np.ndarray, vol: np.ndarray
 
 
 def generate_mesh(
-    parts_img: sitk.Image, screws: list[Screw], params: MeshParams, log=sys.stderr
+    parts_img: sitk.Image, screws: list[Screw], params: MeshParams
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Mesh bone and screws; returns points (mm), tets, cell tags, and a report."""
     import pygalmesh
@@ -281,7 +283,7 @@ def generate_mesh(
     t0 = time.perf_counter()
     vol, lo, h = labelled_grid(parts_img, screws, params)
     present = sorted(int(v) for v in np.unique(vol) if v)
-    print(f"[mesh] labelled grid {vol.shape} at {h} mm, labels {present}", file=log, flush=True)
+    log.info(f"[mesh] labelled grid {vol.shape} at {h} mm, labels {present}")
     with tempfile.TemporaryDirectory() as td:
         inr = os.path.join(td, "labels.inr")
         pygalmesh.save_inr(vol, (h, h, h), inr)
@@ -361,8 +363,8 @@ def generate_mesh(
     if missing:
         raise QctfeaError(f"screw(s) {missing} have no cells in the mesh; lower "
                           "mesh.screw_cell_size_mm or mesh.voxel_mm")
-    print(f"[mesh] {report['n_cells']} tets, {report['n_vertices']} vertices, "
-          f"min dihedral {report['min_dihedral_deg']:.1f} deg, {t_mesh:.1f} s", file=log, flush=True)
+    log.info(f"[mesh] {report['n_cells']} tets, {report['n_vertices']} vertices, "
+             f"min dihedral {report['min_dihedral_deg']:.1f} deg, {t_mesh:.1f} s")
     return points, cells, tags, report
 
 

@@ -14,9 +14,9 @@ declare them as outputs.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,6 +27,8 @@ from qctfea.cohort import analysis as cohort
 from qctfea.cohort import stats as st
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path
+
+log = logging.getLogger(__name__)
 
 #: Metrics with a spaghetti plot (a metric without values gets a "no data" panel).
 SPAGHETTI_METRICS: list[str] = [
@@ -181,7 +183,7 @@ def cohort_figures(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
         paths = files[f"scatter_pullout_{predictor}"]
         scatter(df, "pullout_strength_n", predictor, paths)
         written += paths.values()
-    print(f"qctfea figures: {len(written)} files -> {out_dir}", file=sys.stderr)
+    log.info(f"qctfea figures: {len(written)} files -> {out_dir}")
     return written
 
 

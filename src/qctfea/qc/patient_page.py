@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping
 from importlib import resources
@@ -47,6 +47,8 @@ from qctfea.uncertainty import least_significant_change
 from qctfea.cohort.analysis import TEXT_COLUMNS
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path
+
+log = logging.getLogger(__name__)
 
 #: bone tags (body, posterior elements) and the screws' tags (qctfea.model.meshing)
 BONE_TAGS = (1, 2)
@@ -495,6 +497,6 @@ def write_patient_page(
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         tmp.write_text(doc, encoding="utf-8")
-    print(f"qctfea patient page: {patient}, {len(scans)} scans, "
-          f"{len(doc) / 1e6:.2f} MB -> {out}", file=sys.stderr)
+    log.info(f"qctfea patient page: {patient}, {len(scans)} scans, "
+             f"{len(doc) / 1e6:.2f} MB -> {out}")
     return out

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import base64
 import html
+import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +27,8 @@ from qctfea import __version__
 from qctfea.cohort import clinical, analysis as cohort
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, read_json
+
+log = logging.getLogger(__name__)
 
 _CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2rem auto;
@@ -340,5 +342,5 @@ def summary_page(
     out = Path(out_html)
     with atomic_path(out) as tmp:
         tmp.write_text(doc, encoding="utf-8")
-    print(f"qctfea report: summary page with {len(pngs)} figures -> {out}", file=sys.stderr)
+    log.info(f"qctfea report: summary page with {len(pngs)} figures -> {out}")
     return out
