@@ -905,14 +905,12 @@ def write_curve_csv(curve: list[dict], path) -> None:
 
 def plot_curve(res: dict, path, title: str) -> None:
     """Force-displacement curve with the strength marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     d = [p["displacement_mm"] for p in res["curve"]]
     f = [p["force_n"] for p in res["curve"]]
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
+    fig = Figure(figsize=(5, 3.6), dpi=110)
+    ax = fig.subplots()
     ax.plot(d, f, "o-", ms=3, lw=1.5)
     if res["strength_n"] is not None:
         ax.axhline(res["strength_n"], color="C3", ls="--", lw=1,
@@ -927,4 +925,3 @@ def plot_curve(res: dict, path, title: str) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)

@@ -1063,10 +1063,7 @@ def plot_calibration(cal: Calibration, path, title: str = "", hu_zyx: np.ndarray
     Last panel, when ``hu_zyx`` and ``masks`` (tissue -> voxel mask) are given: the CT slice
     ``index`` along numpy ``axis`` (the axial one, see :func:`axial_axis`; middle when None)
     in grey (-200..1500 HU) with the tissue voxels overlaid in colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -1074,10 +1071,12 @@ def plot_calibration(cal: Calibration, path, title: str = "", hu_zyx: np.ndarray
     ee = cal.effective_energy
     n = 1 + (2 if ee else 0) + (1 if panel else 0)
     if n <= 2:
-        fig, axes = plt.subplots(1, n, figsize=(4.75 * n, 4.0))
+        fig = Figure(figsize=(4.75 * n, 4.0))
+        axes = fig.subplots(1, n)
         axes = np.atleast_1d(axes)
     else:
-        fig, axes = plt.subplots(2, 2, figsize=(9.5, 8.0))
+        fig = Figure(figsize=(9.5, 8.0))
+        axes = fig.subplots(2, 2)
         axes = axes.ravel()
     ax = axes[0]
     found = [t for t in cal.tissues if t.get("used", t.get("found"))]
@@ -1164,4 +1163,3 @@ def plot_calibration(cal: Calibration, path, title: str = "", hu_zyx: np.ndarray
         ax2.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -45,10 +45,7 @@ def _lps_grid(parts: sitk.Image, spacing: float = 0.5, margin_mm: float = 6.0) -
 def roi_picture(density: sitk.Image, parts: sitk.Image, screws, shell_mm: float, path,
                 title: str = "", values: dict | None = None) -> None:
     """Write the four-slice QC picture (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.colors import ListedColormap
     from matplotlib.lines import Line2D
 
@@ -93,7 +90,8 @@ def roi_picture(density: sitk.Image, parts: sitk.Image, screws, shell_mm: float,
               ("mid-sagittal (body centroid)", "sagittal", centroid[2]),
               ("coronal (body centroid)", "coronal", centroid[1]),
               ("sagittal through the left screw", "sagittal", x_left)]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.8))
+    fig = Figure(figsize=(17, 4.8))
+    axes = fig.subplots(1, 4)
     for ax, (name, view, k) in zip(axes, panels, strict=True):
         ax.imshow(cut(dens, view, k), cmap="gray", vmin=-50, vmax=600, interpolation="nearest")
         ar = cut(around, view, k)
@@ -131,4 +129,3 @@ def roi_picture(density: sitk.Image, parts: sitk.Image, screws, shell_mm: float,
     fig.suptitle(text, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
