@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from qctfea.errors import QctfeaError
 from qctfea.model import tags as mesh_tags
-from qctfea.provenance import atomic_path, provenance, read_json, write_json
+from qctfea.provenance import atomic_files, atomic_path, provenance, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -872,23 +872,16 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
 
 
 def _write_fields(model, out_fields, comm) -> None:
-    """XDMF + HDF5 written in a scratch folder, then both moved into place (atomic)."""
-    import shutil
-    import tempfile
+    """XDMF + HDF5 written in a scratch folder (every rank), then both moved into place by
+    rank 0 (atomic)."""
+    import contextlib
 
     out = Path(out_fields)
-    tmpdir = None
-    if comm.rank == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmpdir = tempfile.mkdtemp(prefix=f".{out.stem}.", dir=out.parent)
-    tmpdir = comm.bcast(tmpdir, root=0)
-    model.write_fields(Path(tmpdir) / out.name)
-    comm.barrier()
-    if comm.rank == 0:
-        h5 = out.with_suffix(".h5")
-        (Path(tmpdir) / h5.name).replace(h5)
-        (Path(tmpdir) / out.name).replace(out)
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    with (atomic_files(out.with_suffix(".h5"), out) if comm.rank == 0
+          else contextlib.nullcontext()) as scratch:
+        scratch = comm.bcast(scratch, root=0)
+        model.write_fields(Path(scratch) / out.name)
+        comm.barrier()
     comm.barrier()
 
 

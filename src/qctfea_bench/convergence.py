@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 from qctfea.errors import QctfeaError
+from qctfea.provenance import write_text
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,5 @@ def main_cli(a) -> None:
     out = Path(a.out_md)
     if out.exists() and NOTES_MARK in out.read_text():  # keep the hand-written notes
         text += "\n" + NOTES_MARK + out.read_text().split(NOTES_MARK, 1)[1]
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, a.out_md)
+    write_text(out, text)
     print(text)

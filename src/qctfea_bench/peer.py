@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -62,6 +61,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from qctfea.errors import QctfeaError
+from qctfea.provenance import write_text
 
 log = logging.getLogger(__name__)
 
@@ -500,9 +500,7 @@ def write_section(md_path: Path, section: str, begin: str = BEGIN_MARK,
         text = head + section + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + section
-    tmp = md_path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, md_path)
+    write_text(md_path, text)
 
 
 def main_cli(a) -> None:

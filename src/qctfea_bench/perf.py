@@ -89,6 +89,7 @@ import numpy as np
 
 from qctfea import logs
 from qctfea.errors import QctfeaError
+from qctfea.provenance import write_text
 
 log = logging.getLogger(__name__)
 
@@ -783,9 +784,7 @@ def main_cli(a) -> None:
     out = Path(a.out_md)
     if out.exists() and NOTES_MARK in out.read_text():  # keep the hand-written notes
         text += "\n" + NOTES_MARK + out.read_text().split(NOTES_MARK, 1)[1]
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    write_text(out, text)
     print(text)
 
 

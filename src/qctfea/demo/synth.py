@@ -53,7 +53,7 @@ import numpy as np
 from scipy import ndimage
 
 from qctfea.errors import QctfeaError
-from qctfea.provenance import atomic_path, provenance, write_json
+from qctfea.provenance import atomic_dir, atomic_path, provenance, write_json
 
 WATER_HU = 0.0
 #: Effective energies (keV) of the synthetic scans: each scan draws one uniformly (seeded).
@@ -532,16 +532,9 @@ def generate_scan(
     pose = scan_pose(seed, patient, months, p)
     img = render_scan(anat, pose, months, p)
     dicom_dir = out / "dicom"
-    tmp_dir = out / ".dicom.part"
-    if tmp_dir.exists():
-        for f in tmp_dir.iterdir():
-            f.unlink()
-    _write_dicom_series(img["hu"], img["origin"], img["spacing"], tmp_dir, patient, months, seed)
-    if dicom_dir.exists():
-        for f in dicom_dir.iterdir():
-            f.unlink()
-        dicom_dir.rmdir()
-    tmp_dir.rename(dicom_dir)
+    with atomic_dir(dicom_dir) as tmp_dir:
+        _write_dicom_series(img["hu"], img["origin"], img["spacing"], tmp_dir, patient, months,
+                            seed)
 
     lab = sitk.GetImageFromArray(img["labels"])
     lab.SetOrigin(tuple(float(v) for v in img["origin"]))

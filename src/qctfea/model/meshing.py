@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import SimpleITK as sitk
 
 from qctfea.imaging.masks import BODY, CAP, POSTERIOR, TRABECULAR
 from qctfea.errors import QctfeaError
+from qctfea.provenance import atomic_files
 from qctfea.model.screw import Screw
 from qctfea.model.tags import TAG_BODY, TAG_CAP, TAG_POSTERIOR, TAG_SCREW
 
@@ -402,19 +402,13 @@ def write_mesh(path: str | Path, points: np.ndarray, cells: np.ndarray, tags: np
     import h5py
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     h5_name = path.with_suffix(".h5").name
-    tmpdir = Path(tempfile.mkdtemp(prefix=".mesh.", dir=path.parent))
-    try:
-        with h5py.File(tmpdir / h5_name, "w") as f:
+    with atomic_files(path.with_suffix(".h5"), path) as scratch:
+        with h5py.File(scratch / h5_name, "w") as f:
             f["Mesh/mesh/geometry"] = np.asarray(points, np.float64)
             f["Mesh/mesh/topology"] = np.asarray(cells, np.int64)
             f["MeshTags/cell_tags/Values"] = np.asarray(tags, np.int32).reshape(-1, 1)
-        (tmpdir / path.name).write_text(_XDMF.format(nc=len(cells), nv=len(points), h5=h5_name))
-        os.replace(tmpdir / h5_name, path.with_suffix(".h5"))
-        os.replace(tmpdir / path.name, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        (scratch / path.name).write_text(_XDMF.format(nc=len(cells), nv=len(points), h5=h5_name))
 
 
 def read_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
