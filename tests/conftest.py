@@ -13,6 +13,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "real"
 
 
+def markdown_rows(text: str) -> list[tuple[str, ...]]:
+    """The cells (stripped) of every row of the markdown pipe tables in ``text``: header
+    rows included, alignment rows left out; independent of the column padding."""
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("|") and line.endswith("|"):
+            cells = tuple(c.strip() for c in line[1:-1].split("|"))
+            if not all(set(c) <= set(":-") and c for c in cells):
+                rows.append(cells)
+    return rows
+
+
 def venv_bin(name: str) -> str:
     """An executable of the running interpreter's environment (mpiexec, snakemake, qctfea)."""
     cand = Path(sys.executable).parent / name

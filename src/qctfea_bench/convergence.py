@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from qctfea.errors import QctfeaError
+from qctfea.mdtable import pipe_table
 from qctfea.provenance import write_text
 
 log = logging.getLogger(__name__)
@@ -165,11 +166,8 @@ def markdown(rows: list[dict], command: str, scan: str) -> str:
         "bone within 3 mm of a screw a third; "
         "the labelled image given to CGAL has the same spacing at every level. "
         "'Δ to finer' is the change of the stiffness relative to the next finer level.", "",
-        "| bone / screw / peri-screw cell (mm) | cells | DOFs | compression (N/mm) | Δ to finer | "
-        "pullout left (N/mm) | Δ to finer | pullout right (N/mm) | Δ to finer | "
-        "mesh s | solve s (3 cases) | Krylov its (compr., left, right) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    table = []
     for r in rows:
         cells = [f"{r['bone_cell_size_mm']:g} / {r['screw_cell_size_mm']:g} / "
                  f"{r['peri_screw_cell_size_mm']:.2g}", str(r["n_cells"]),
@@ -182,18 +180,20 @@ def markdown(rows: list[dict], command: str, scan: str) -> str:
                                             "pullout_left_ksp_iterations",
                                             "pullout_right_ksp_iterations"))
         cells += [f"{r['mesh_s']:.1f}", f"{solve:.1f}", its]
-        lines.append("| " + " | ".join(cells) + " |")
+        table.append(cells)
+    lines.append(pipe_table(
+        ["bone / screw / peri-screw cell (mm)", "cells", "DOFs", "compression (N/mm)",
+         "Δ to finer", "pullout left (N/mm)", "Δ to finer", "pullout right (N/mm)",
+         "Δ to finer", "mesh s", "solve s (3 cases)", "Krylov its (compr., left, right)"],
+        table, "l" + "r" * 10 + "l"))
     if len(rows) >= 2:
         worst = max(abs(rows[-2][f"{k}_change_to_finer_pct"]) for k, _ in QUANTITIES)
         lines += ["", f"Largest stiffness change between the two finest levels: {worst:.1f} % "
                       f"({'within' if worst < 5 else 'NOT within'} the 5 % criterion)."]
     if rows and STRENGTHS[0][0] in rows[0]:
         lines += ["", "Nonlinear strength (damage model, crack band; docs/nonlinear.md) at each "
-                  "level; seconds are the three nonlinear solves' wall time.", "",
-                  "| bone / screw / peri-screw cell (mm) | compression (N) | Δ to finer | "
-                  "pullout left (N) | Δ to finer | pullout right (N) | Δ to finer | "
-                  "nonlinear s (compr., left, right) |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+                  "level; seconds are the three nonlinear solves' wall time.", ""]
+        table = []
         for r in rows:
             cells = [f"{r['bone_cell_size_mm']:g} / {r['screw_cell_size_mm']:g} / "
                      f"{r['peri_screw_cell_size_mm']:.2g}"]
@@ -203,7 +203,11 @@ def markdown(rows: list[dict], command: str, scan: str) -> str:
             cells.append(", ".join(f"{r[k]:.0f}" for k in (
                 "compression_nonlinear_s", "pullout_left_nonlinear_s",
                 "pullout_right_nonlinear_s")))
-            lines.append("| " + " | ".join(cells) + " |")
+            table.append(cells)
+        lines.append(pipe_table(
+            ["bone / screw / peri-screw cell (mm)", "compression (N)", "Δ to finer",
+             "pullout left (N)", "Δ to finer", "pullout right (N)", "Δ to finer",
+             "nonlinear s (compr., left, right)"], table, "l" + "r" * 6 + "l"))
         if len(rows) >= 2:
             worst = max(abs(rows[-2][f"{k}_change_to_finer_pct"]) for k, _ in STRENGTHS)
             lines += ["", f"Largest strength change between the two finest levels: "

@@ -61,6 +61,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from qctfea.errors import QctfeaError
+from qctfea.mdtable import pipe_table
 from qctfea.provenance import write_text
 
 log = logging.getLogger(__name__)
@@ -417,36 +418,38 @@ def markdown(res: dict, command: str) -> str:
         "**ParOSol** (voxel model; E per voxel: the law on the CT's voxels, interpolated "
         "trilinearly at the voxel centre, the field our elements integrate):",
         "",
-        "| voxel (mm) | voxels | body cm³ | DOFs | iterations | stiffness (N/mm) | "
-        "vs its finest | map s | solve s | time s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     ref = res["peer"][-1]["stiffness_n_per_mm"]
+    table = []
     for r in res["peer"]:
         tag = " (native)" if abs(r["spacing_mm"] - res["native_mm"]) < 1e-6 else ""
-        lines.append(
-            f"| {r['spacing_mm']:g}{tag} | {r['voxels']} | {r['body_volume_cm3']:.1f} | "
-            f"{r['n_dofs']} | {r['iterations']} | {r['stiffness_n_per_mm']:.0f} | "
-            f"{100 * (r['stiffness_n_per_mm'] / ref - 1):+.1f} % | {r['map_s']:.2f} | "
-            f"{r['solve_wall_s']:.2f} | {r['wall_s']:.2f} |")
+        table.append([
+            f"{r['spacing_mm']:g}{tag}", r["voxels"], f"{r['body_volume_cm3']:.1f}",
+            r["n_dofs"], r["iterations"], f"{r['stiffness_n_per_mm']:.0f}",
+            f"{100 * (r['stiffness_n_per_mm'] / ref - 1):+.1f} %", f"{r['map_s']:.2f}",
+            f"{r['solve_wall_s']:.2f}", f"{r['wall_s']:.2f}"])
+    lines.append(pipe_table(
+        ["voxel (mm)", "voxels", "body cm³", "DOFs", "iterations", "stiffness (N/mm)",
+         "vs its finest", "map s", "solve s", "time s"], table, "r" * 10))
     lines += [
         "",
         f"**Ours** (tetrahedra from the body + cap image at {res['mesh_voxel_mm']:g} mm, body "
         f"{res['ours_body_volume_cm3']:.1f} cm³; element moduli integrated from the same "
         "density image):",
         "",
-        "| bone cell (mm) | cells | DOFs | CG iterations | stiffness (N/mm) | vs its finest | "
-        "mesh s | materials s | solve s (process) | time s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     ref = res["ours"][-1]["stiffness_n_per_mm"]
+    table = []
     for r in res["ours"]:
         s = r["seconds"]
-        lines.append(
-            f"| {r['bone_cell_size_mm']:g} | {r['n_cells']} | {r['n_dofs']} | "
-            f"{r['ksp_iterations']} | {r['stiffness_n_per_mm']:.0f} | "
-            f"{100 * (r['stiffness_n_per_mm'] / ref - 1):+.1f} % | {s['mesh']:.2f} | "
-            f"{s['materials']:.2f} | {s['solve_process']:.2f} | {r['wall_s']:.2f} |")
+        table.append([
+            f"{r['bone_cell_size_mm']:g}", r["n_cells"], r["n_dofs"], r["ksp_iterations"],
+            f"{r['stiffness_n_per_mm']:.0f}", f"{100 * (r['stiffness_n_per_mm'] / ref - 1):+.1f} %",
+            f"{s['mesh']:.2f}", f"{s['materials']:.2f}", f"{s['solve_process']:.2f}",
+            f"{r['wall_s']:.2f}"])
+    lines.append(pipe_table(
+        ["bone cell (mm)", "cells", "DOFs", "CG iterations", "stiffness (N/mm)", "vs its finest",
+         "mesh s", "materials s", "solve s (process)", "time s"], table, "r" * 10))
     ctl = res.get("control")
     if ctl:
         lines += [
@@ -454,18 +457,15 @@ def markdown(res: dict, command: str) -> str:
             f"**Control: the same specimen with one density, {ctl['density_mg_cm3']:g} mg/cm³, "
             "everywhere** (geometry, elements and end conditions alone):",
             "",
-            "| tool | voxel / bone cell (mm) | stiffness (N/mm) | vs ParOSol's finest | time s |",
-            "| --- | ---: | ---: | ---: | ---: |",
         ]
         cref = ctl["peer"][-1]["stiffness_n_per_mm"]
-        for r in ctl["peer"]:
-            lines.append(f"| ParOSol | {r['spacing_mm']:g} | {r['stiffness_n_per_mm']:.0f} | "
-                         f"{100 * (r['stiffness_n_per_mm'] / cref - 1):+.1f} % | "
-                         f"{r['wall_s']:.2f} |")
-        for r in ctl["ours"]:
-            lines.append(f"| ours | {r['bone_cell_size_mm']:g} | {r['stiffness_n_per_mm']:.0f} | "
-                         f"{100 * (r['stiffness_n_per_mm'] / cref - 1):+.1f} % | "
-                         f"{r['wall_s']:.2f} |")
+        table = [[tool, f"{r[key]:g}", f"{r['stiffness_n_per_mm']:.0f}",
+                  f"{100 * (r['stiffness_n_per_mm'] / cref - 1):+.1f} %", f"{r['wall_s']:.2f}"]
+                 for tool, key, runs in (("ParOSol", "spacing_mm", ctl["peer"]),
+                                         ("ours", "bone_cell_size_mm", ctl["ours"]))
+                 for r in runs]
+        lines.append(pipe_table(["tool", "voxel / bone cell (mm)", "stiffness (N/mm)",
+                                 "vs ParOSol's finest", "time s"], table, "lrrrr"))
     o, p = g["ours"], g["peer"]
     lines += [
         "",

@@ -89,6 +89,7 @@ import numpy as np
 
 from qctfea import logs
 from qctfea.errors import QctfeaError
+from qctfea.mdtable import pipe_table
 from qctfea.provenance import write_text
 
 log = logging.getLogger(__name__)
@@ -609,10 +610,11 @@ def goal_checks(rows: list[dict]) -> dict:
 
 # --- markdown -------------------------------------------------------------------------------
 
-TABLE_HEADER = ("| bone / screw / peri-screw cell (mm) | load case | ranks | cells | DOFs | "
-                "mesh s | materials s | read + space s | assembly s | PC set-up s | solve s | "
-                "iterations (rtol 1e-10) | iterations (rtol 1e-8) | DOFs/s | peak RSS MB | "
-                "bandwidth-bound ratio |")
+#: columns of the per-stage table
+TABLE_COLUMNS = ("bone / screw / peri-screw cell (mm)", "load case", "ranks", "cells", "DOFs",
+                 "mesh s", "materials s", "read + space s", "assembly s", "PC set-up s",
+                 "solve s", "iterations (rtol 1e-10)", "iterations (rtol 1e-8)", "DOFs/s",
+                 "peak RSS MB", "bandwidth-bound ratio")
 
 
 def _f(x, fmt="{:.2f}"):
@@ -647,14 +649,15 @@ def markdown(res: dict, command: str) -> str:
         "## Memory bandwidth (STREAM-like triad, measured by the harness)", "",
         "`a = b + s c`, float64, best of 5, 24 bytes per element, every rank its own arrays; "
         "before and after the solves. The larger value is used for the bound.", "",
-        "| ranks | elements per rank | before (GB/s) | after (GB/s) | used (GB/s) |",
-        "| ---: | ---: | ---: | ---: | ---: |",
     ]
     tri = res["triad"]
+    table = []
     for r in res["ranks"]:
         b, a, used = tri["before"][str(r)], tri["after"][str(r)], tri["used_gb_s"][str(r)]
-        lines.append(f"| {r} | {b['n_per_rank']:.3g} | {b['bandwidth_gb_s']:.2f} | "
-                     f"{a['bandwidth_gb_s']:.2f} | {used:.2f} |")
+        table.append([r, f"{b['n_per_rank']:.3g}", f"{b['bandwidth_gb_s']:.2f}",
+                      f"{a['bandwidth_gb_s']:.2f}", f"{used:.2f}"])
+    lines.append(pipe_table(["ranks", "elements per rank", "before (GB/s)", "after (GB/s)",
+                             "used (GB/s)"], table, "rrrrr"))
     lines += [
         "", "## Per stage, per level and rank count (linear solves)", "",
         "Linear solves of the pipeline's system (CG + GAMG, `DEFAULT_PETSC_OPTIONS`, "
@@ -668,13 +671,11 @@ def markdown(res: dict, command: str) -> str:
         "is solve s / (iterations x bytes per iteration / triad bandwidth), floor model "
         "(below). Iterations at 1e-8: the same KSP and preconditioner with `ksp_rtol` "
         "overridden.", "",
-        TABLE_HEADER,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
-        "---: | ---: | ---: | ---: |",
     ]
+    table = []
     for r in res["rows"]:
         s = r["seconds"]
-        lines.append("| " + " | ".join([
+        table.append([
             f"{r['bone_cell_size_mm']:g} / {r['screw_cell_size_mm']:g} / "
             f"{r['peri_screw_cell_size_mm']:.2g}", r["load_case"].replace("_", " "),
             str(r["ranks"]), str(r["n_cells"]), str(r["n_dofs"]), f"{r['mesh_s']:.1f}",
@@ -683,7 +684,8 @@ def markdown(res: dict, command: str) -> str:
             f"{s['assembly']:.2f}", f"{s['preconditioner_setup']:.2f}", f"{s['solve']:.2f}",
             str(r["iterations"]), str(r["iterations_extra_rtol"]),
             f"{r['dofs_per_s']:.3g}", f"{r['peak_rss_mb_sum']:.0f}",
-            _f(r.get("bandwidth_ratio"), "{:.1f}")]) + " |")
+            _f(r.get("bandwidth_ratio"), "{:.1f}")])
+    lines.append(pipe_table(TABLE_COLUMNS, table, "ll" + "r" * 14))
     lines += [
         "", "## Bytes per CG iteration and the bound", "",
         "Floor model (every operator streamed once per iteration):", "",
@@ -695,16 +697,12 @@ def markdown(res: dict, command: str) -> str:
         "coarse operator once. Bound = iterations x B_it / bandwidth; ratio = solve s / "
         "bound (goal ≤ 3). 'MatMult ratio': one product y = A x (best of 10) against "
         "(M(A) + 2 n 8) / bandwidth, the kernel's own distance from the bound.", "",
-        "| level (mm) | load case | ranks | rows | nnz(A) | GAMG levels (rows) | "
-        "MB / iteration (floor) | MB / iteration (sweep) | bound s | solve s | ratio (floor) | "
-        "ratio (sweep) | ratio at rtol 1e-8 | MatMult ms | MatMult ratio |",
-        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: |",
     ]
+    table = []
     for r in res["rows"]:
         bm = r["bytes_model"]
         lev = ", ".join(str(x["rows"]) for x in sorted(bm["levels"], key=lambda x: -x["level"]))
-        lines.append("| " + " | ".join([
+        table.append([
             f"{r['bone_cell_size_mm']:g}", r["load_case"].replace("_", " "), str(r["ranks"]),
             str(bm["rows"]), str(bm["nnz"]), f"{len(bm['levels'])} ({lev})",
             f"{bm['bytes_per_iteration'] / 1e6:.1f}",
@@ -713,7 +711,12 @@ def markdown(res: dict, command: str) -> str:
             _f(r.get("bandwidth_ratio_sweep"), "{:.1f}"),
             _f(r.get("bandwidth_ratio_extra_rtol"), "{:.1f}"),
             _f(r["seconds"].get("matmult") and 1e3 * r["seconds"]["matmult"], "{:.2f}"),
-            _f(r.get("matmult_ratio"), "{:.1f}")]) + " |")
+            _f(r.get("matmult_ratio"), "{:.1f}")])
+    lines.append(pipe_table(
+        ["level (mm)", "load case", "ranks", "rows", "nnz(A)", "GAMG levels (rows)",
+         "MB / iteration (floor)", "MB / iteration (sweep)", "bound s", "solve s",
+         "ratio (floor)", "ratio (sweep)", "ratio at rtol 1e-8", "MatMult ms", "MatMult ratio"],
+        table, "llrrrl" + "r" * 9))
     g = res.get("goals") or {}
     if g.get("iterations_at_goal_rtol"):
         it = g["iterations_at_goal_rtol"]
@@ -744,23 +747,22 @@ def markdown(res: dict, command: str) -> str:
                   "nonlinear (damage) analyses in `results/demo/*/*/{compression,pullout_*}"
                   ".json`: median (min–max) over the models. Cost: each run's wall time "
                   "in units of one linear solve of the same model measured in the same run "
-                  "(`cost_in_linear_solves`).", "",
-                  "| load case | models | DOFs | increments | step cuts (total) | "
-                  "Newton / increment | CG / Newton step | Newton (total) | CG (total) | "
-                  "solve s (total) | cost (linear solves) |",
-                  "| --- | ---: | --- | --- | ---: | --- | --- | ---: | ---: | ---: | --- |"]
+                  "(`cost_in_linear_solves`).", ""]
+        table = []
         for case, s in nl.items():
             def mm(d, fmt="{:.1f}"):
                 lo, hi = fmt.format(d["min"]), fmt.format(d["max"])
                 return f"{fmt.format(d['median'])} ({lo}–{hi})"
-            lines.append("| " + " | ".join([
+            table.append([
                 case, str(s["models"]), ", ".join(str(x) for x in s["n_dofs"]),
                 mm(s["increments"], "{:.0f}"), str(s["step_cuts_total"]),
                 mm(s["newton_per_increment"]), mm(s["ksp_per_newton"]),
                 str(s["newton_total"]), str(s["ksp_total"]), f"{s['solve_s_total']:.0f}",
                 mm(s["cost_in_linear_solves"]) if s.get("cost_in_linear_solves") else "—"])
-                + " |")
-        lines.append("")
+        lines += [pipe_table(
+            ["load case", "models", "DOFs", "increments", "step cuts (total)",
+             "Newton / increment", "CG / Newton step", "Newton (total)", "CG (total)",
+             "solve s (total)", "cost (linear solves)"], table, "lrllrllrrrl"), ""]
         for case, s in nl.items():
             goal, cost = GOAL_NONLINEAR_COST.get(case), s.get("cost_in_linear_solves")
             if goal and cost:

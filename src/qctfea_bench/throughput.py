@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from qctfea.errors import QctfeaError
+from qctfea.mdtable import pipe_table
 from qctfea.provenance import atomic_path
 
 BEGIN_MARK = "<!-- throughput:begin -->"
@@ -145,15 +146,16 @@ def markdown(cohorts: list[dict], png: str, command: str) -> str:
     lines = [BEGIN_MARK, "## Cohort throughput", "",
              "Command (regenerates this section and the picture from the benchmark files "
              "and solve JSONs of earlier workflow runs):", "", "```bash", command, "```", "",
-             f"![throughput]({png})", "",
-             "| cohort | scans | jobs | median DOFs | run span (min) | core-seconds / 2 (min) | "
-             "solve share | solve s / job at median DOFs |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"![throughput]({png})", ""]
+    rows = []
     for c in cohorts:
         med = float(np.median([s["wall_s"] for s in c["solves"]]))
-        lines.append(f"| {c['cohort']} | {c['scans']} | {c['jobs']} | {c['dofs_median']:.0f} | "
-                     f"{c['span_s'] / 60:.1f} | {c['core_s'] / 120:.1f} | "
-                     f"{100 * c['solve_share']:.0f} % | {med:.1f} |")
+        rows.append([c["cohort"], c["scans"], c["jobs"], f"{c['dofs_median']:.0f}",
+                     f"{c['span_s'] / 60:.1f}", f"{c['core_s'] / 120:.1f}",
+                     f"{100 * c['solve_share']:.0f} %", f"{med:.1f}"])
+    lines.append(pipe_table(["cohort", "scans", "jobs", "median DOFs", "run span (min)",
+                             "core-seconds / 2 (min)", "solve share",
+                             "solve s / job at median DOFs"], rows, "l" + "r" * 7))
     lines += ["", "Run span: first job start to last job end, from the benchmark files' times "
               "(includes contention and pauses); core-seconds / 2: the sum over jobs of wall "
               "seconds x cores held (MPI ranks for a solve, 1 otherwise) over 2 cores, the "
