@@ -261,7 +261,7 @@ def run(a) -> None:
 
 def _cohort_step(a) -> None:
     """The cohort-level steps after ``stats`` (tables, figures, QC montage, summary page)."""
-    from qctfea.cohort import analysis as cohort
+    from qctfea.cohort import analysis as cohort, longtable
     from qctfea.qc import figures, report
 
     if a.step == "tables":
@@ -274,9 +274,9 @@ def _cohort_step(a) -> None:
                    for f in sorted(root.glob(f"*/*/{a.picture}"))]
         if not entries:
             raise QctfeaError(f"no {root}/<patient>/<timepoint>/{a.picture} found")
-        df = cohort.read_long_table(root / "tables" / "longitudinal.csv")
+        df = longtable.read_long_table(root / "tables" / "longitudinal.csv")
         figures.qc_montage(entries, {"png": a.out_png, "svg": a.out_svg}, a.picture,
-                           [str(t) for t in cohort.timepoint_months(df).index])
+                           [str(t) for t in longtable.timepoint_months(df).index])
     else:
         root = Path(a.results)
         pngs = sorted((root / "figures").glob("*.png"))

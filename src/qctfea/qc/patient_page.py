@@ -44,7 +44,7 @@ import pandas as pd
 from qctfea import __version__
 from qctfea.cohort import clinical
 from qctfea.uncertainty import least_significant_change
-from qctfea.cohort.analysis import TEXT_COLUMNS
+from qctfea.cohort.longtable import TEXT_COLUMNS
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path
 

@@ -25,6 +25,8 @@ import pandas as pd
 
 from qctfea import __version__
 from qctfea.cohort import clinical, analysis as cohort
+from qctfea.cohort import longtable
+from qctfea.cohort import summaries
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, read_json
 
@@ -111,7 +113,7 @@ def _labelled(frame: pd.DataFrame, *cols: str) -> pd.DataFrame:
     out = frame.copy()
     for c in cols:
         if c in out.columns:
-            out[c] = out[c].map(lambda m: cohort.label(m) if isinstance(m, str) else m)
+            out[c] = out[c].map(lambda m: longtable.label(m) if isinstance(m, str) else m)
     return out
 
 
@@ -119,11 +121,11 @@ def _figure_caption(path: Path) -> str:
     stem = path.stem
     if stem.startswith("spaghetti_"):
         m = stem[len("spaghetti_"):]
-        return (f"{cohort.label(m)}: one line per patient (dashed: a scan is missing), "
+        return (f"{longtable.label(m)}: one line per patient (dashed: a scan is missing), "
                 "mean and 95 % CI per timepoint")
     if stem.startswith("scatter_pullout_"):
         p = stem[len("scatter_pullout_"):]
-        return (f"pullout strength vs {cohort.label(p)}, per timepoint: least-squares line "
+        return (f"pullout strength vs {longtable.label(p)}, per timepoint: least-squares line "
                 "and Pearson r")
     if stem.startswith("qc_"):
         return f"QC montage of the per-scan {stem[3:]} pictures (patients x timepoints)"
@@ -153,7 +155,7 @@ def _clinical_tables(long_csv) -> tuple[pd.DataFrame, pd.DataFrame, list[str]] |
     if long_csv is None or not Path(long_csv).is_file():
         return None
     df = pd.read_csv(long_csv, dtype={"patient": str, "timepoint": str,
-                                      **cohort.TEXT_COLUMNS})
+                                      **longtable.TEXT_COLUMNS})
     if not {"strength_category", "vbmd_category"} <= set(df.columns) or df.empty:
         return None
     df = df.sort_values(["months", "patient"], kind="mergesort")
@@ -162,7 +164,7 @@ def _clinical_tables(long_csv) -> tuple[pd.DataFrame, pd.DataFrame, list[str]] |
         row = {"timepoint": tp, "scans": len(g)}
         for col, what, known in (("strength_category", "strength", clinical.STRENGTH_CATEGORIES),
                                  ("vbmd_category", "vBMD", clinical.VBMD_CATEGORIES)):
-            _, text = cohort.category_counts(g[col], known)
+            _, text = summaries.category_counts(g[col], known)
             row[what] = text
         counts.append(row)
     scans = pd.DataFrame({
