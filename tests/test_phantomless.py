@@ -11,10 +11,10 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from qctfea.imaging import calibration as cal_mod
+from qctfea.imaging import attenuation
 from qctfea import steps
-from qctfea.imaging.calibration import (REFERENCE_MG_CM3, TissueSpec, find_tissues,
-                                phantomless_calibration)
+from qctfea.imaging.calibration import REFERENCE_MG_CM3, TissueSpec
+from qctfea.imaging.phantomless import find_tissues, phantomless_calibration
 from qctfea.errors import QctfeaError
 from qctfea.provenance import read_json
 
@@ -140,8 +140,8 @@ def test_hu_model_against_xraydb_element_by_element():
     import xraydb
 
     E = 70.0
-    assert cal_mod.theoretical_hu("water", E) == pytest.approx(0.0, abs=1e-9)
-    assert cal_mod.theoretical_hu("air", E) == pytest.approx(-1000.0, abs=1e-9)
+    assert attenuation.theoretical_hu("water", E) == pytest.approx(0.0, abs=1e-9)
+    assert attenuation.theoretical_hu("air", E) == pytest.approx(-1000.0, abs=1e-9)
 
     def mu_rho(fractions):
         return sum(w * float(xraydb.mu_elam(el, E * 1000.0)) for el, w in fractions.items())
@@ -156,10 +156,10 @@ def test_hu_model_against_xraydb_element_by_element():
     assert water == pytest.approx(0.193, abs=0.002)  # NIST XCOM water at 70 keV: 0.1929 cm²/g
     d = 0.2174
     k_hand = (k2hpo4 - d * water) / (water - air)
-    assert cal_mod.k2hpo4_hu_per_mg(E) == pytest.approx(k_hand, rel=2e-3)
+    assert attenuation.k2hpo4_hu_per_mg(E) == pytest.approx(k_hand, rel=2e-3)
     assert 1 / k_hand == pytest.approx(0.742, abs=0.01)  # mg/cm³ per HU at 70 keV
-    muscle = mu_rho(cal_mod.ICRU44["muscle"][0]) * 1.05
-    assert cal_mod.theoretical_hu("muscle", E) == pytest.approx(
+    muscle = mu_rho(attenuation.ICRU44["muscle"][0]) * 1.05
+    assert attenuation.theoretical_hu("muscle", E) == pytest.approx(
         1000 * (muscle - water) / (water - air), abs=0.5)
 
 
@@ -167,7 +167,7 @@ def _tissue_volume(energy: float, blood_hu: float | None, seed: int = 0):
     """The synthetic volume of the tests above with every tissue at its theoretical HU at
     ``energy`` and, when ``blood_hu`` is given, a labelled vessel (label 7) of that HU."""
     shape = (40, 64, 64)
-    th = {t: float(cal_mod.theoretical_hu(t, energy)) for t in ("air", "fat", "muscle")}
+    th = {t: float(attenuation.theoretical_hu(t, energy)) for t in ("air", "fat", "muscle")}
     hu = np.full(shape, th["fat"], np.float32)
     border = np.ones(shape, bool)
     border[:, 8:-8, 8:-8] = False
@@ -195,10 +195,10 @@ def test_effective_energy_recovered_and_contrast_blood_left_out(energy):
     blood = next(t for t in cal.tissues if t["name"] == "blood")
     assert blood["found"] and not blood["used"]
     assert blood["note"].startswith("contrast-enhanced, left out")
-    assert cal.slope == pytest.approx(1 / cal_mod.k2hpo4_hu_per_mg(energy), rel=0.03)
+    assert cal.slope == pytest.approx(1 / attenuation.k2hpo4_hu_per_mg(energy), rel=0.03)
     assert abs(cal.intercept) < 2.0
     # Unenhanced blood (its theoretical HU) is fitted.
-    hu, labels = _tissue_volume(energy, blood_hu=float(cal_mod.theoretical_hu("blood", energy)))
+    hu, labels = _tissue_volume(energy, blood_hu=float(attenuation.theoretical_hu("blood", energy)))
     cal = phantomless_calibration(hu, SPACING, labels, spec, CTX, 22)
     blood = next(t for t in cal.tissues if t["name"] == "blood")
     assert blood["used"] and abs(blood["residual_hu"]) < 1.0

@@ -254,6 +254,8 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     reference densities for phantomless scans of the same scanner can be derived; a failure
     there never fails the phantom calibration."""
     from qctfea.imaging import calibration as cal_mod
+    from qctfea.imaging import calibration_plot
+    from qctfea.imaging import phantomless
     from qctfea.imaging.masks import resample_labels_to
 
     t0 = time.perf_counter()
@@ -282,17 +284,17 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
         cal = cal_mod.phantom_calibration(hu, ct.GetSpacing(), patient_mask, spec, where,
                                           centres)
         try:
-            found = cal_mod.find_tissues(hu, ct.GetSpacing(), labels_arr, tspec, where, label,
-                                         masks)
-            cal.tissues = cal_mod.tissue_densities(cal, found)
+            found = phantomless.find_tissues(hu, ct.GetSpacing(), labels_arr, tspec, where, label,
+                                             masks)
+            cal.tissues = phantomless.tissue_densities(cal, found)
         except Exception as exc:  # information only: never fails the phantom calibration
             masks = {}
             warnings.warn(f"{where}: reference tissues not measured ({exc})", stacklevel=2)
     elif method == "phantomless":
         tspec = params_from(cal_mod.TissueSpec, cfg.get("phantomless"),
                             "calibration.phantomless")
-        cal = cal_mod.phantomless_calibration(hu, ct.GetSpacing(), labels_arr, tspec, where,
-                                              label, masks)
+        cal = phantomless.phantomless_calibration(hu, ct.GetSpacing(), labels_arr, tspec, where,
+                                                  label, masks)
     elif method == "fixed":
         if "slope" not in cfg or "intercept" not in cfg:
             raise QctfeaError(f"{context}: calibration method 'fixed' needs calibration.slope "
@@ -303,16 +305,16 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
                           f"'fixed', not {method!r}")
     _write_image(_like(cal.apply(hu), ct), out_density)
     # QC slice: the axial slice through the middle of the target vertebra (else the scan's).
-    axis = cal_mod.axial_axis(ct.GetDirection())
+    axis = phantomless.axial_axis(ct.GetDirection())
     index = None
     if labels_arr is not None and (labels_arr == label).any():
         where_z = np.nonzero((labels_arr == label).any(axis=tuple(a for a in range(3)
                                                                   if a != axis)))[0]
         index = int(round(where_z.mean()))
     with atomic_path(out_png) as tmp:
-        cal_mod.plot_calibration(cal, tmp, title=f"{context}: {cal.method} calibration",
-                                 hu_zyx=hu if masks else None, masks=masks, axis=axis,
-                                 index=index)
+        calibration_plot.plot_calibration(cal, tmp, title=f"{context}: {cal.method} calibration",
+                                          hu_zyx=hu if masks else None, masks=masks, axis=axis,
+                                          index=index)
     write_json(out_json, {
         **asdict(cal),
         "model": "density_mg_cm3 = intercept + slope * HU",

@@ -31,7 +31,7 @@ rendered from their mass attenuation at that energy (``qctfea.imaging.calibratio
 ICRU-44 compositions, xraydb coefficients): air -1000 HU, fat (ICRU-44 adipose
 tissue), muscle (ICRU-44 skeletal muscle), the discs (skeletal muscle at
 1.09 g/cm³), and bone and phantom rods as K2HPO4 in water
-(``qctfea.imaging.calibration.k2hpo4_hu_per_mg``, the model of the effective-energy
+(``qctfea.imaging.attenuation.k2hpo4_hu_per_mg``, the model of the effective-energy
 phantomless calibration): HU = k(E) x density. The true calibration is
 therefore density = HU / k(E), intercept 0. The HU image is rendered on a
 supersampled grid, blurred by a Gaussian point spread function, averaged down
@@ -276,7 +276,7 @@ class ScanPose:
     @property
     def hu_per_mg(self) -> float:
         """HU per mg/cm³ of K2HPO4 (bone, rods) at the scan's effective energy."""
-        from qctfea.imaging.calibration import k2hpo4_hu_per_mg
+        from qctfea.imaging.attenuation import k2hpo4_hu_per_mg
 
         return float(k2hpo4_hu_per_mg(self.energy_kev))
 
@@ -289,7 +289,7 @@ class ScanPose:
 
     def tissue_hu(self) -> dict[str, float]:
         """HU of the soft tissues at the scan's effective energy."""
-        from qctfea.imaging.calibration import theoretical_hu
+        from qctfea.imaging.attenuation import theoretical_hu
 
         e = self.energy_kev
         return {"air": -1000.0, "fat": float(theoretical_hu("fat", e)),
@@ -558,7 +558,7 @@ def generate_scan(
         "tissue_hu": pose.tissue_hu(),
         "hu_model": "tissues from ICRU-44 composition and xraydb mass attenuation at the "
                     "effective energy; bone and rods K2HPO4 in water, HU = density / slope "
-                    "(qctfea.imaging.calibration.k2hpo4_hu_per_mg)",
+                    "(qctfea.imaging.attenuation.k2hpo4_hu_per_mg)",
         **truth_vbmd(anat, months),
         "anatomy": asdict(anat),
         "pose": {"rotation_deg": pose.rotation_deg, "translation_mm": pose.translation_mm},
