@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from qctfea.imaging import attenuation
 from qctfea import steps
+from qctfea import steps_imaging
 from qctfea.imaging.calibration import REFERENCE_MG_CM3, TissueSpec
 from qctfea.imaging.phantomless import find_tissues, phantomless_calibration
 from qctfea.errors import QctfeaError
@@ -209,10 +210,11 @@ def test_demo_scan_effective_energy_and_vbmd_against_truth_and_phantom(demo_scan
     """On a demo scan the effective-energy calibration recovers the generator's energy within
     3 keV, and its trabecular vBMD is within 3 mg/cm³ of the phantom calibration's."""
     r, src, truth = demo_scan["results"], demo_scan["src"], demo_scan["truth"]
-    steps.calibrate(ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
-                    out_density=tmp_path / "density.nii.gz", out_json=tmp_path / "calibration.json",
-                    out_png=tmp_path / "calibration.png", cfg={"method": "phantomless"},
-                    context=demo_scan["context"], label=23)
+    steps_imaging.calibrate(ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
+                            out_density=tmp_path / "density.nii.gz",
+                            out_json=tmp_path / "calibration.json",
+                            out_png=tmp_path / "calibration.png", cfg={"method": "phantomless"},
+                            context=demo_scan["context"], label=23)
     pl = read_json(tmp_path / "calibration.json")
     ph = read_json(r / "calibration.json")
     e_true = truth["effective_energy_kev"]
@@ -249,11 +251,11 @@ def test_real_sample_l3(tmp_path):
     for model in ("effective_energy", "tissue_regression"):
         d = tmp_path / model
         d.mkdir()
-        steps.calibrate(ct_path=real / "ct.nii.gz", labels_path=real / "vertebrae.nii.gz",
-                        out_density=d / "density.nii.gz", out_json=d / "calibration.json",
-                        out_png=d / "calibration.png",
-                        cfg={"method": "phantomless", "phantomless": {"model": model}}, context=ctx,
-                        label=22)
+        steps_imaging.calibrate(ct_path=real / "ct.nii.gz", labels_path=real / "vertebrae.nii.gz",
+                                out_density=d / "density.nii.gz", out_json=d / "calibration.json",
+                                out_png=d / "calibration.png",
+                                cfg={"method": "phantomless", "phantomless": {"model": model}},
+                                context=ctx, label=22)
         cal = read_json(d / "calibration.json")
         assert cal["method"] == "phantomless" and (d / "calibration.png").stat().st_size > 0
         assert {t["name"] for t in cal["tissues"] if t["used"]} == {"fat", "muscle"}
@@ -279,11 +281,11 @@ def test_real_sample_totalseg_l1_contrast_enhanced_aorta(tmp_path):
     400 HU) is recognised as contrast-enhanced and left out; air, fat and muscle fit."""
     real = _real(TOTALSEG)
     d = tmp_path
-    steps.calibrate(ct_path=real / "ct.nii.gz", labels_path=real / "labels.nii.gz",
-                    out_density=d / "density.nii.gz", out_json=d / "calibration.json",
-                    out_png=d / "calibration.png",
-                    cfg={"method": "phantomless", "phantomless": {"blood_label": 52}},
-                    context="patient totalseg, timepoint L1", label=31)
+    steps_imaging.calibrate(ct_path=real / "ct.nii.gz", labels_path=real / "labels.nii.gz",
+                            out_density=d / "density.nii.gz", out_json=d / "calibration.json",
+                            out_png=d / "calibration.png",
+                            cfg={"method": "phantomless", "phantomless": {"blood_label": 52}},
+                            context="patient totalseg, timepoint L1", label=31)
     cal = read_json(d / "calibration.json")
     t = {x["name"]: x for x in cal["tissues"]}
     assert t["blood"]["found"] and not t["blood"]["used"] and t["blood"]["median_hu"] > 300

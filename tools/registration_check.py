@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from qctfea.imaging import registration as reg
-from qctfea import steps
+from qctfea import steps_imaging
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 #: case -> (CT, labels, vertebra label, mask section, own spacing)
@@ -109,10 +109,11 @@ def check(case: str, spacing, motion_name: str, orientations=ORIENTATIONS,
                 sitk.WriteImage(sitk.DICOMOrient(lab, o), str(w / f"{tag}_lab.nii.gz"))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    steps.mask(ct_path=w / f"{tag}_ct.nii.gz", labels_path=w / f"{tag}_lab.nii.gz",
-                               out_parts=w / f"{tag}_parts.nii.gz",
-                               out_json=w / f"{tag}_parts.json", cfg=mask_cfg,
-                               context=f"{case} {tag} {o}")
+                    steps_imaging.mask(ct_path=w / f"{tag}_ct.nii.gz",
+                                       labels_path=w / f"{tag}_lab.nii.gz",
+                                       out_parts=w / f"{tag}_parts.nii.gz",
+                                       out_json=w / f"{tag}_parts.json", cfg=mask_cfg,
+                                       context=f"{case} {tag} {o}")
                 imgs[tag] = (sitk.ReadImage(str(w / f"{tag}_ct.nii.gz"), sitk.sitkFloat32),
                              sitk.ReadImage(str(w / f"{tag}_parts.nii.gz")))
             t0 = time.perf_counter()

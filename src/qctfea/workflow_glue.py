@@ -1,7 +1,8 @@
 """Glue for the Snakemake scripts: logging to the rule's log file, context strings.
 
 Kept tiny on purpose: the workflow's scripts only unpack the ``snakemake``
-object and call :mod:`qctfea.steps`.
+object and call a step (:mod:`qctfea.steps_imaging`, :mod:`qctfea.steps_model`,
+:mod:`qctfea.steps_fea`).
 """
 
 from __future__ import annotations

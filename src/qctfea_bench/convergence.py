@@ -92,19 +92,19 @@ def mesh_level(scan: Path, d: Path, size: float, voxel_mm: float, materials_cfg:
     """Mesh the scan's vertebra and screws at bone cell size ``size`` (screw cells half, bone
     near the screws a third) into ``d`` and map its materials; returns the seconds of each
     and the mesh report."""
-    from qctfea import steps
+    from qctfea import steps_model
 
     t0 = time.perf_counter()
-    steps.mesh(parts_path=scan / "vertebra.nii.gz", screws_path=scan / "screws.json",
-               out_mesh=d / "mesh.xdmf", out_json=d / "mesh.json",
-               cfg={"voxel_mm": voxel_mm, "bone_cell_size_mm": size,
-                    "screw_cell_size_mm": size / 2,
-                    "peri_screw_cell_size_mm": size / 3}, context=ctx)
+    steps_model.mesh(parts_path=scan / "vertebra.nii.gz", screws_path=scan / "screws.json",
+                     out_mesh=d / "mesh.xdmf", out_json=d / "mesh.json",
+                     cfg={"voxel_mm": voxel_mm, "bone_cell_size_mm": size,
+                          "screw_cell_size_mm": size / 2,
+                          "peri_screw_cell_size_mm": size / 3}, context=ctx)
     t_mesh = time.perf_counter() - t0
     t0 = time.perf_counter()
-    steps.materials(mesh_path=d / "mesh.xdmf", density_path=scan / "density.nii.gz",
-                    screws_path=scan / "screws.json", out_npz=d / "materials.npz",
-                    out_json=d / "materials.json", cfg=dict(materials_cfg or {}), context=ctx)
+    steps_model.materials(mesh_path=d / "mesh.xdmf", density_path=scan / "density.nii.gz",
+                          screws_path=scan / "screws.json", out_npz=d / "materials.npz",
+                          out_json=d / "materials.json", cfg=dict(materials_cfg or {}), context=ctx)
     t_mat = time.perf_counter() - t0
     return t_mesh, t_mat, json.loads((d / "mesh.json").read_text())
 

@@ -36,10 +36,10 @@ sample by default):
 shared E field (:func:`modulus_image`: the law on the CT's voxels, interpolated
 trilinearly, which is what our element integration samples), ParOSol's CG + multigrid solve, stiffness = top reaction /
 displacement. **Ours**: the body + cap label image on the finest grid (``mesh_voxel_mm``,
-the pipeline's ``mesh.voxel_mm``) meshed with tetrahedra (:func:`qctfea.steps.mesh`, no
+the pipeline's ``mesh.voxel_mm``) meshed with tetrahedra (:func:`qctfea.steps_model.mesh`, no
 screws) at each bone cell size, element moduli integrated over each element from the same
-density image (:func:`qctfea.steps.materials`), linear compression solve under ``mpiexec``
-(:func:`qctfea.steps.solve`). Every time is wall-clock of what a user would run for one
+density image (:func:`qctfea.steps_model.materials`), linear compression solve under ``mpiexec``
+(:func:`qctfea.steps_fea.solve`). Every time is wall-clock of what a user would run for one
 stiffness: ours mesh + materials + solve (a fresh MPI process: start-up and imports
 included); the peer's material mapping + its ``solve()`` call (writing its input, the MPI
 run, reading the results).
@@ -237,20 +237,21 @@ def prepare_ours(spec: dict, box: dict, d: Path) -> None:
 
 def run_ours(common: Path, density_path: Path, cell_mm: float, voxel_mm: float, d: Path,
              materials_cfg: dict, ranks: int, height_mm: float, ctx: str) -> dict:
-    from qctfea import steps
+    from qctfea import steps_model
 
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    steps.mesh(parts_path=common / "parts.nii.gz", screws_path=common / "screws.json",
-               out_mesh=d / "mesh.xdmf", out_json=d / "mesh.json",
-               cfg={"voxel_mm": voxel_mm, "bone_cell_size_mm": cell_mm,
-                    "screw_cell_size_mm": cell_mm / 2, "peri_screw_cell_size_mm": cell_mm / 3},
-               context=ctx)
+    steps_model.mesh(parts_path=common / "parts.nii.gz", screws_path=common / "screws.json",
+                     out_mesh=d / "mesh.xdmf", out_json=d / "mesh.json",
+                     cfg={"voxel_mm": voxel_mm, "bone_cell_size_mm": cell_mm,
+                          "screw_cell_size_mm": cell_mm / 2,
+                          "peri_screw_cell_size_mm": cell_mm / 3},
+                     context=ctx)
     t_mesh = time.perf_counter() - t0
     t0 = time.perf_counter()
-    steps.materials(mesh_path=d / "mesh.xdmf", density_path=density_path,
-                    screws_path=common / "screws.json", out_npz=d / "materials.npz",
-                    out_json=d / "materials.json", cfg=materials_cfg, context=ctx)
+    steps_model.materials(mesh_path=d / "mesh.xdmf", density_path=density_path,
+                          screws_path=common / "screws.json", out_npz=d / "materials.npz",
+                          out_json=d / "materials.json", cfg=materials_cfg, context=ctx)
     t_mat = time.perf_counter() - t0
     from qctfea_bench.convergence import _solve
 

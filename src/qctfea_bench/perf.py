@@ -9,11 +9,11 @@ A documented command, not a timed test::
 For one processed scan (``results/<cohort>/<patient>/<timepoint>/``) and each bone cell size
 (screw cells half as large, peri-screw bone a third, as in :mod:`qctfea_bench.convergence`):
 
-1. **Meshing** and **material mapping** are run in this process (``steps.mesh``,
-   ``steps.materials``) and timed.
+1. **Meshing** and **material mapping** are run in this process (``steps_model.mesh``,
+   ``steps_model.materials``) and timed.
 2. For each MPI rank count, a *linear* compression and a *linear* left-pullout solve are
-   run under ``mpiexec`` by a small worker (``python -m qctfea_bench.perf_worker worker``) that builds
-   exactly the system the pipeline solves (:class:`qctfea.fea.elasticity.ElasticModel`,
+   run under ``mpiexec`` by a small worker (``python -m qctfea_bench.perf_worker worker``) that
+   builds exactly the system the pipeline solves (:class:`qctfea.fea.elasticity.ElasticModel`,
    the boundary conditions of :mod:`qctfea.fea.loadcases`, ``DEFAULT_PETSC_OPTIONS``) and
    times separately: mesh read, function space and form set-up, boundary-condition
    location, matrix (and right-hand side) assembly, preconditioner set-up
@@ -27,7 +27,8 @@ For one processed scan (``results/<cohort>/<patient>/<timepoint>/``) and each bo
    1e-10); the worker then overrides ``ksp_rtol`` to 1e-8 (``KSPSetTolerances`` on the same
    KSP, the preconditioner kept) and solves again from a zero initial guess, because the
    iteration goal is stated at 1e-8.
-   Solver variants: ``python -m qctfea_bench.perf_worker worker ... --petsc-option KEY=VALUE`` (repeatable)
+   Solver variants: ``python -m qctfea_bench.perf_worker worker ... --petsc-option KEY=VALUE``
+   (repeatable)
    overrides the defaults, ``--mat-type baij`` applies a 3x3-blocked copy of the operator
    (GAMG keeps the AIJ matrix to coarsen); ``docs/performance.md`` records the variants tried.
 3. A **STREAM-like triad** ``a = b + s c`` on float64 arrays of ``n`` (default 2e7, 160 MB

@@ -216,7 +216,8 @@ def tables(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
 EXCLUSION_COLUMNS = ["patient", "timepoint", "months", "reason"]
 
 
-def write_exclusions(entries: Sequence[Mapping[str, Any]], out_csv: str | os.PathLike) -> pd.DataFrame:
+def write_exclusions(entries: Sequence[Mapping[str, Any]],
+                     out_csv: str | os.PathLike) -> pd.DataFrame:
     """Write the scans excluded by the cohort config (``exclude:``) with their reasons."""
     for e in entries:
         if not str(e.get("reason") or "").strip():

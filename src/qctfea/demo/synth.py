@@ -379,7 +379,8 @@ def render_scan(
     del ax_, ay_, az_, xx, yy, zz
 
     # Scanner: PSF blur on the fine grid, average down, add noise.
-    sig = (params.blur_sigma_z_mm / fsp[2], params.blur_sigma_xy_mm / fsp[1], params.blur_sigma_xy_mm / fsp[0])
+    sig = (params.blur_sigma_z_mm / fsp[2], params.blur_sigma_xy_mm / fsp[1],
+           params.blur_sigma_xy_mm / fsp[0])
     hu = ndimage.gaussian_filter(hu, sigma=sig, mode="nearest")
     hu = hu.reshape(size[2], ss, size[1], ss, size[0], ss).mean(axis=(1, 3, 5))
     rnoise = np.random.default_rng(pose.noise_seed)

@@ -565,7 +565,8 @@ def phantom_calibration(
             "fixed calibration"
         )
     if r2 < spec.warn_r2:
-        warnings.warn(f"{context}: phantom calibration R² = {r2:.4f} < {spec.warn_r2}", stacklevel=2)
+        warnings.warn(f"{context}: phantom calibration R² = {r2:.4f} < {spec.warn_r2}",
+                      stacklevel=2)
     if coef:
         cov, dof = coef.pop("covariance", None), coef.pop("dof", 0)
     else:
