@@ -394,7 +394,14 @@ def run(scan, out_dir, voxel_sizes: list[float], cell_sizes: list[float], ranks:
 
 
 def markdown(res: dict, command: str) -> str:
-    g = res["goals"]
+    lines = _intro(res, command)
+    for section in (_peer_table, _ours_table, _control_table, _goals_lines):
+        lines += section(res)
+    return "\n".join(lines) + "\n"
+
+
+def _intro(res: dict, command: str) -> list[str]:
+    """Section start, command, specimen and the ParOSol heading."""
     box = res["box"]
     lines = [
         BEGIN_MARK,
@@ -420,6 +427,12 @@ def markdown(res: dict, command: str) -> str:
         "trilinearly at the voxel centre, the field our elements integrate):",
         "",
     ]
+    return lines
+
+
+def _peer_table(res: dict) -> list[str]:
+    """ParOSol's levels."""
+    lines: list[str] = []
     ref = res["peer"][-1]["stiffness_n_per_mm"]
     table = []
     for r in res["peer"]:
@@ -432,6 +445,12 @@ def markdown(res: dict, command: str) -> str:
     lines.append(pipe_table(
         ["voxel (mm)", "voxels", "body cm³", "DOFs", "iterations", "stiffness (N/mm)",
          "vs its finest", "map s", "solve s", "time s"], table, "r" * 10))
+    return lines
+
+
+def _ours_table(res: dict) -> list[str]:
+    """Our levels."""
+    lines: list[str] = []
     lines += [
         "",
         f"**Ours** (tetrahedra from the body + cap image at {res['mesh_voxel_mm']:g} mm, body "
@@ -451,6 +470,12 @@ def markdown(res: dict, command: str) -> str:
     lines.append(pipe_table(
         ["bone cell (mm)", "cells", "DOFs", "CG iterations", "stiffness (N/mm)", "vs its finest",
          "mesh s", "materials s", "solve s (process)", "time s"], table, "r" * 10))
+    return lines
+
+
+def _control_table(res: dict) -> list[str]:
+    """The one-density control, when it was run."""
+    lines: list[str] = []
     ctl = res.get("control")
     if ctl:
         lines += [
@@ -467,6 +492,13 @@ def markdown(res: dict, command: str) -> str:
                  for r in runs]
         lines.append(pipe_table(["tool", "voxel / bone cell (mm)", "stiffness (N/mm)",
                                  "vs ParOSol's finest", "time s"], table, "lrrrr"))
+    return lines
+
+
+def _goals_lines(res: dict) -> list[str]:
+    """The goals against the numbers, and the section end."""
+    lines: list[str] = []
+    g = res["goals"]
     o, p = g["ours"], g["peer"]
     lines += [
         "",
@@ -487,7 +519,7 @@ def markdown(res: dict, command: str) -> str:
         f"- Harness wall time {res['harness_wall_s']:.0f} s.",
         END_MARK,
     ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_section(md_path: Path, section: str, begin: str = BEGIN_MARK,

@@ -390,29 +390,7 @@ def write_patient_page(
         ex = pd.read_csv(excl_path, dtype=str).fillna("")
         excluded = ex[ex["patient"] == patient].to_dict("records")
 
-    # pullout in loads.cases: a strength in the long table, or a pullout result on disk
-    pullout = bool(any(long[c].notna().any() for c in long.columns
-                       if c.startswith("pullout_strength_")) or any(
-        (res / patient / str(t) / f"pullout_{s}.json").is_file()
-        for t in rows["timepoint"] for s in SIDES))
-    scans = []
-    for row in rows.to_dict("records"):
-        tp = str(row["timepoint"])
-        d = res / patient / tp
-        cases = {key: {**_load_case(d / fname), "label": label,
-                       "curve": _data_uri(d / png, compress_pictures)
-                       if (d / png).is_file() else None}
-                 for key, fname, png, label in CASES
-                 if pullout or key == "compression"}
-        values = {k: _finite(row.get(k)) for k, *_ in OUTCOMES if k in row}
-        values.update({k: c["strength"] for k, c in cases.items()})
-        pictures = [{"uri": _data_uri(d / name, compress_pictures), "caption": f"{tp}: {cap}",
-                     "file": name}
-                    for name, cap in QC_PICTURES.items() if (d / name).is_file()]
-        scans.append({"timepoint": tp, "months": _finite(row["months"]), "row": row,
-                      "dir": d, "cases": cases, "values": values, "pictures": pictures,
-                      "strength_category": _text(row.get("strength_category")) or "–",
-                      "vbmd_category": _text(row.get("vbmd_category")) or "–"})
+    scans = _scans(res, patient, rows, long, compress_pictures)
 
     # the model the scans were solved on: the baseline's (registered follow-ups) or own
     mt = model_timepoint or next((s["timepoint"] for s in scans
@@ -423,53 +401,8 @@ def write_patient_page(
                               else res / patient / mt / "screws.json", s["row"])
 
     base = scans[0] if scans else None
-    outcome_rows = []
-    for key, label, unit, digits in OUTCOMES:
-        if not any(s["values"].get(key) is not None for s in scans):
-            continue
-        b = base["values"].get(key) if base else None
-        col = LONG_COLUMN.get(key, key)
-        sd_b = _finite(base["row"].get(f"{col}_sd_scan")) if base else None
-        cells = []
-        for s in scans:
-            v = s["values"].get(key)
-            case = s["cases"].get(key)
-            if v is None and case is not None and case["status"] != "ok":
-                text = f"{case['text']}"
-            else:
-                text = _fmt(v, digits)
-            lo, hi = (_finite(s["row"].get(f"{col}_ci_{e}")) for e in ("low", "high"))
-            sd = _finite(s["row"].get(f"{col}_sd_scan"))
-            lsc = sig = None
-            if s is not base and None not in (v, b, sd, sd_b):
-                lsc = least_significant_change(sd_b, sd)
-                sig = abs(v - b) > lsc
-            cells.append({"value": text, "change": "" if s is base or v is None else
-                          _fmt_pct(_pct(v, b)),
-                          "interval": "" if None in (lo, hi) or v is None else
-                          f"{_fmt(lo, digits)}–{_fmt(hi, digits)}",
-                          "lsc": "" if lsc is None else
-                          f"LSC {_fmt(lsc, digits)}: {'significant' if sig else 'within LSC'}",
-                          "significant": sig})
-        outcome_rows.append({"label": label, "unit": unit, "cells": cells})
-    for s in scans:
-        for key, c in s["cases"].items():
-            c["change"] = "" if s is base else _fmt_pct(_pct(c["strength"],
-                                                             base["cases"].get(key, {})
-                                                             .get("strength")))
-            c["stiffness_text"] = _fmt(c["stiffness"], 0, "N/mm")
-        r = s["row"]
-        s["bmd"] = [
-            ("trabecular vBMD", _fmt(r.get("trabecular_vbmd_mg_cm3"), 1, "mg/cm³")),
-            ("integral vBMD", _fmt(r.get("integral_vbmd_mg_cm3"), 1, "mg/cm³")),
-            ("vBMD around the left screw",
-             _fmt(r.get("around_screw_vbmd_left_mg_cm3"), 1, "mg/cm³")),
-            ("vBMD around the right screw",
-             _fmt(r.get("around_screw_vbmd_right_mg_cm3"), 1, "mg/cm³")),
-            ("CT-derived areal BMD", _fmt(r.get("ct_areal_bmd_g_cm2"), 3, "g/cm²")),
-            ("clinical DXA areal BMD", _fmt(r.get("dxa_areal_bmd_g_cm2"), 3, "g/cm²")),
-        ]
-        s["bmd"] = [(k, v) for k, v in s["bmd"] if v != "–"]
+    outcome_rows = _outcome_rows(scans, base)
+    _add_changes_and_bmd(scans, base)
 
     geometry, notes = None, []
     if mt is not None and (res / patient / mt / "mesh.h5").is_file():
@@ -500,3 +433,90 @@ def write_patient_page(
     log.info(f"qctfea patient page: {patient}, {len(scans)} scans, "
              f"{len(doc) / 1e6:.2f} MB -> {out}")
     return out
+
+
+def _scans(res: Path, patient: str, rows: pd.DataFrame, long: pd.DataFrame,
+           compress_pictures: bool) -> list[dict]:
+    """One dict per kept scan: its row, folder, load cases (with curves), outcome values,
+    QC pictures and clinical categories."""
+    # pullout in loads.cases: a strength in the long table, or a pullout result on disk
+    pullout = bool(any(long[c].notna().any() for c in long.columns
+                       if c.startswith("pullout_strength_")) or any(
+        (res / patient / str(t) / f"pullout_{s}.json").is_file()
+        for t in rows["timepoint"] for s in SIDES))
+    scans = []
+    for row in rows.to_dict("records"):
+        tp = str(row["timepoint"])
+        d = res / patient / tp
+        cases = {key: {**_load_case(d / fname), "label": label,
+                       "curve": _data_uri(d / png, compress_pictures)
+                       if (d / png).is_file() else None}
+                 for key, fname, png, label in CASES
+                 if pullout or key == "compression"}
+        values = {k: _finite(row.get(k)) for k, *_ in OUTCOMES if k in row}
+        values.update({k: c["strength"] for k, c in cases.items()})
+        pictures = [{"uri": _data_uri(d / name, compress_pictures), "caption": f"{tp}: {cap}",
+                     "file": name}
+                    for name, cap in QC_PICTURES.items() if (d / name).is_file()]
+        scans.append({"timepoint": tp, "months": _finite(row["months"]), "row": row,
+                      "dir": d, "cases": cases, "values": values, "pictures": pictures,
+                      "strength_category": _text(row.get("strength_category")) or "–",
+                      "vbmd_category": _text(row.get("vbmd_category")) or "–"})
+    return scans
+
+
+def _outcome_rows(scans: list[dict], base: dict | None) -> list[dict]:
+    """The outcomes table: per outcome, per scan the value, the change from baseline, the
+    interval and whether the change exceeds the least significant change."""
+    outcome_rows = []
+    for key, label, unit, digits in OUTCOMES:
+        if not any(s["values"].get(key) is not None for s in scans):
+            continue
+        b = base["values"].get(key) if base else None
+        col = LONG_COLUMN.get(key, key)
+        sd_b = _finite(base["row"].get(f"{col}_sd_scan")) if base else None
+        cells = []
+        for s in scans:
+            v = s["values"].get(key)
+            case = s["cases"].get(key)
+            if v is None and case is not None and case["status"] != "ok":
+                text = f"{case['text']}"
+            else:
+                text = _fmt(v, digits)
+            lo, hi = (_finite(s["row"].get(f"{col}_ci_{e}")) for e in ("low", "high"))
+            sd = _finite(s["row"].get(f"{col}_sd_scan"))
+            lsc = sig = None
+            if s is not base and None not in (v, b, sd, sd_b):
+                lsc = least_significant_change(sd_b, sd)
+                sig = abs(v - b) > lsc
+            cells.append({"value": text, "change": "" if s is base or v is None else
+                          _fmt_pct(_pct(v, b)),
+                          "interval": "" if None in (lo, hi) or v is None else
+                          f"{_fmt(lo, digits)}–{_fmt(hi, digits)}",
+                          "lsc": "" if lsc is None else
+                          f"LSC {_fmt(lsc, digits)}: {'significant' if sig else 'within LSC'}",
+                          "significant": sig})
+        outcome_rows.append({"label": label, "unit": unit, "cells": cells})
+    return outcome_rows
+
+
+def _add_changes_and_bmd(scans: list[dict], base: dict | None) -> None:
+    """Each load case's change from baseline and stiffness text; each scan's BMD list."""
+    for s in scans:
+        for key, c in s["cases"].items():
+            c["change"] = "" if s is base else _fmt_pct(_pct(c["strength"],
+                                                             base["cases"].get(key, {})
+                                                             .get("strength")))
+            c["stiffness_text"] = _fmt(c["stiffness"], 0, "N/mm")
+        r = s["row"]
+        s["bmd"] = [
+            ("trabecular vBMD", _fmt(r.get("trabecular_vbmd_mg_cm3"), 1, "mg/cm³")),
+            ("integral vBMD", _fmt(r.get("integral_vbmd_mg_cm3"), 1, "mg/cm³")),
+            ("vBMD around the left screw",
+             _fmt(r.get("around_screw_vbmd_left_mg_cm3"), 1, "mg/cm³")),
+            ("vBMD around the right screw",
+             _fmt(r.get("around_screw_vbmd_right_mg_cm3"), 1, "mg/cm³")),
+            ("CT-derived areal BMD", _fmt(r.get("ct_areal_bmd_g_cm2"), 3, "g/cm²")),
+            ("clinical DXA areal BMD", _fmt(r.get("dxa_areal_bmd_g_cm2"), 3, "g/cm²")),
+        ]
+        s["bmd"] = [(k, v) for k, v in s["bmd"] if v != "–"]
