@@ -87,6 +87,7 @@ def uncertainty(*, calibration_json, bmd_json, density_path, parts_path, strengt
         f"{k} {v['value']:.4g} [{v['ci_low']:.4g}, {v['ci_high']:.4g}]" for k, v in res.items()))
 
 
+# Long on purpose: one load case under MPI, read to write, in order.
 def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_json,
           loads_cfg: dict, solver_cfg: dict, context: str, side: str | None = None,
           out_curve=None, out_plot=None, out_fields=None) -> dict:

@@ -48,6 +48,7 @@ def ingest(*, source, out_image, out_json, context: str, series_uid: str | None 
                    params=p)
 
 
+# Long on purpose: the three calibration methods and their shared outputs, in order.
 def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict,
               context: str, label: int) -> None:
     """HU image -> density image (mg/cm³), by phantom, phantomless or fixed calibration.
@@ -236,7 +237,8 @@ def bmd(*, density_path, parts_path, screws_path, out_json, cfg: dict, context: 
                         p.shell_mm, tmp, f"{context}: BMD regions and screws", res)
     write_json(out_json, {**res, "provenance": provenance(
         "bmd", p, {"density": density_path, "parts": parts_path})})
-    log.info(f"[bmd] {context}: trabecular {res['trabecular_vbmd_mg_cm3']:.1f} mg/cm³, around screw "
+    log.info(f"[bmd] {context}: trabecular {res['trabecular_vbmd_mg_cm3']:.1f} mg/cm³, "
+             "around screw "
              + ", ".join(f"{k} {v:.1f}" for k, v in res["around_screw_vbmd_mg_cm3"].items())
              + f", aBMD {res['areal_bmd_g_cm2']:.3f} g/cm²")
 

@@ -37,7 +37,6 @@ def plan_screws(*, landmarks_path, parts_path, out_json, cfg: dict, context: str
     from qctfea.model import placement
     from qctfea.model import planning as plan_mod
     from qctfea.model import screw as screw_mod
-    from qctfea.qc import slicer
 
     cfg = dict(cfg or {})
     plan = params_from(plan_mod.PlanParams, planning, "planning")
@@ -49,6 +48,41 @@ def plan_screws(*, landmarks_path, parts_path, out_json, cfg: dict, context: str
     _need(context, parts=parts_path)
     parts = _read_image(parts_path, "vertebra parts image", context)
     anatomy = plan_mod.vertebra_anatomy(parts, context)
+    screws, where, inputs = _screws_from(plan, spec, parts, anatomy, parts_path, landmarks_path,
+                                         context)
+    out = _graded(screws, parts, parts_path, anatomy, plan, where)
+    refused = [s for s in out if placement.grade_worse(s["placement"]["grade"], plan.max_grade)]
+    png = out_png
+    if refused and out_png is not None and not record_refusal:
+        png = Path(out_json).with_name("screws_refused.png")
+    if png is not None:
+        with atomic_path(png) as tmp:
+            placement.plot_placement(anatomy.field, anatomy.frame, anatomy.canal, out, tmp,
+                                     title=f"{context}: " + (
+                                         f"planned screws, {plan.trajectory} trajectory"
+                                         if plan.method == "auto" else "screws from landmarks"))
+    if refused:
+        error = _refusal(refused, plan, where, png)
+        if not record_refusal:
+            raise QctfeaError(error)
+        warnings.warn(f"REFUSED (the scan fails at rule accept_screws): {error}", stacklevel=2)
+    Path(out_json).with_name("screws_refused.png").unlink(missing_ok=True)
+    write_json(out_json, {"screws": out, "frame": anatomy.record(),
+                          **({"refused": error} if refused else {}),
+                          "provenance": provenance(
+        "screws", {**asdict(spec), "planning": asdict(plan)}, inputs)})
+    log.info(f"[screws] {context}: " + ", ".join(
+        f"{s['side']} grade {s['placement']['grade']} (breach {s['placement']['breach_mm']:.1f}"
+        f" mm {s['placement']['direction']})" for s in out))
+
+
+def _screws_from(plan, spec, parts, anatomy, parts_path, landmarks_path, context: str):
+    """The screws planned from the mask (``auto``) or from the landmarks; the text naming
+    their source in messages; the provenance inputs."""
+    from qctfea.model import planning as plan_mod
+    from qctfea.model import screw as screw_mod
+    from qctfea.qc import slicer
+
     if plan.method == "auto":
         where = f"{context} ({parts_path})"
         screws = plan_mod.plan_from_mask(parts, spec, plan, where, anatomy=anatomy)
@@ -65,6 +99,15 @@ def plan_screws(*, landmarks_path, parts_path, out_json, cfg: dict, context: str
         where = f"{context} ({landmarks_path})"
         screws = screw_mod.screws_from_landmarks(lm, spec, where)
         inputs = {"landmarks": landmarks_path}
+    return screws, where, inputs
+
+
+def _graded(screws, parts, parts_path, anatomy, plan, where: str) -> list[dict]:
+    """Each screw with its breach report and Gertzbein-Robbins grade (a grade worse than A
+    is warned about); a screw that misses the vertebra altogether is an error."""
+    from qctfea.model import placement
+    from qctfea.model import screw as screw_mod
+
     inside = screw_mod.bone_lookup(parts)
     out = []
     for sc in screws:
@@ -81,45 +124,29 @@ def plan_screws(*, landmarks_path, parts_path, out_json, cfg: dict, context: str
         if grade["grade"] != "A":
             warnings.warn(f"{where}: {sc.side} screw grade {grade['grade']} "
                           f"(Gertzbein-Robbins): {grade['breach_mm']:.1f} mm outside the bone, "
-                          f"{grade['direction']}", stacklevel=2)
+                          f"{grade['direction']}", stacklevel=3)
         out.append({**sc.to_dict(), "breach": rep, "placement": grade})
-    refused = [s for s in out if placement.grade_worse(s["placement"]["grade"], plan.max_grade)]
-    png = out_png
-    if refused and out_png is not None and not record_refusal:
-        png = Path(out_json).with_name("screws_refused.png")
-    if png is not None:
-        with atomic_path(png) as tmp:
-            placement.plot_placement(anatomy.field, anatomy.frame, anatomy.canal, out, tmp,
-                                     title=f"{context}: " + (
-                                         f"planned screws, {plan.trajectory} trajectory"
-                                         if plan.method == "auto" else "screws from landmarks"))
-    if refused:
-        what = "; ".join(
-            f"{s['side']} screw grade {s['placement']['grade']} (Gertzbein-Robbins): "
-            f"{s['placement']['breach_mm']:.1f} mm outside the bone, "
-            f"{s['placement']['direction']}"
-            + (" (into the spinal canal)" if s["placement"]["direction"] == "medial" else "")
-            for s in refused)
-        other = "cortical" if plan.trajectory == "traditional" else "traditional"
-        error = (
-            f"{where}: screw placement refused, worse than planning.max_grade = "
-            f"{plan.max_grade}: {what}. No strength is computed for a screw outside bone. "
-            "Give landmarks for this scan (planning.method: landmarks and the sample sheet's "
-            f"landmarks column), try planning.trajectory: {other}, a smaller screw "
-            "(screw.diameter_mm, or planning.fit_diameter: true), or exclude the scan "
-            "(exclude: in the cohort config, with the reason)"
-            + (f"; picture: {png}" if png is not None else ""))
-        if not record_refusal:
-            raise QctfeaError(error)
-        warnings.warn(f"REFUSED (the scan fails at rule accept_screws): {error}", stacklevel=2)
-    Path(out_json).with_name("screws_refused.png").unlink(missing_ok=True)
-    write_json(out_json, {"screws": out, "frame": anatomy.record(),
-                          **({"refused": error} if refused else {}),
-                          "provenance": provenance(
-        "screws", {**asdict(spec), "planning": asdict(plan)}, inputs)})
-    log.info(f"[screws] {context}: " + ", ".join(
-        f"{s['side']} grade {s['placement']['grade']} (breach {s['placement']['breach_mm']:.1f}"
-        f" mm {s['placement']['direction']})" for s in out))
+    return out
+
+
+def _refusal(refused: list[dict], plan, where: str, png) -> str:
+    """The message of a refused placement: which screws, and what to do instead."""
+    what = "; ".join(
+        f"{s['side']} screw grade {s['placement']['grade']} (Gertzbein-Robbins): "
+        f"{s['placement']['breach_mm']:.1f} mm outside the bone, "
+        f"{s['placement']['direction']}"
+        + (" (into the spinal canal)" if s["placement"]["direction"] == "medial" else "")
+        for s in refused)
+    other = "cortical" if plan.trajectory == "traditional" else "traditional"
+    error = (
+        f"{where}: screw placement refused, worse than planning.max_grade = "
+        f"{plan.max_grade}: {what}. No strength is computed for a screw outside bone. "
+        "Give landmarks for this scan (planning.method: landmarks and the sample sheet's "
+        f"landmarks column), try planning.trajectory: {other}, a smaller screw "
+        "(screw.diameter_mm, or planning.fit_diameter: true), or exclude the scan "
+        "(exclude: in the cohort config, with the reason)"
+        + (f"; picture: {png}" if png is not None else ""))
+    return error
 
 
 def accept_screws(*, screws_path, out_json, context: str) -> None:

@@ -301,6 +301,7 @@ def goals(ours: list[dict], peer: list[dict], native_mm: float) -> dict:
 # --- the harness -----------------------------------------------------------------------------
 
 
+# Long on purpose: the harness's run in order (specimen, both tools per level, control).
 def run(scan, out_dir, voxel_sizes: list[float], cell_sizes: list[float], ranks: int = 2,
         peer_py: str | None = None, cap_mm: float = 3.0, unit_mm: float = 3.0,
         margin_mm: float = 1.5, mesh_voxel_mm: float = 0.5, tolerance: float = 1e-6,

@@ -293,6 +293,7 @@ def nonlinear_summary(results_root: str | Path) -> dict:
     return out
 
 
+# Long on purpose: the harness's run in order (triad, levels, solves, triad again).
 def run_benchmark(scan, out_dir, sizes: list[float], ranks: list[int], voxel_mm: float = 0.5,
                   triad_n: int = 20_000_000, nonlinear_root: str | None = None,
                   materials_cfg: dict | None = None) -> dict:

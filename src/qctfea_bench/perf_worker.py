@@ -69,6 +69,7 @@ def triad_mpi(n: int, repeats: int, out_json: str | None = None) -> dict:
     return comm.bcast(res, root=0)
 
 
+# Long on purpose: one timed sequence; every stage is timed where it runs.
 def worker(mesh_path, materials_path, vertebra_json, screws_path, case: str,
            side: str | None, out_json: str, extra_rtol: float = GOAL_RTOL,
            loads_cfg: dict | None = None, repeats: int = 3,
@@ -78,7 +79,6 @@ def worker(mesh_path, materials_path, vertebra_json, screws_path, case: str,
     ``petsc_options`` override :data:`DEFAULT_PETSC_OPTIONS` (solver variants);
     ``mat_type`` "baij" converts the assembled matrix to PETSc's 3x3-blocked format."""
     import dolfinx_solver  # noqa: F401  (orders MPI ahead of the compiled bindings)
-    import dolfinx
     from mpi4py import MPI
 
     from qctfea import steps
@@ -102,23 +102,9 @@ def worker(mesh_path, materials_path, vertebra_json, screws_path, case: str,
     t = lap("function_space", t)
     lp = steps.params_from(loadcases.LoadParams, {**(loads_cfg or {}), "analysis": "linear"},
                            "loads")
-    axis_info = read_json(vertebra_json)
     d = lp.displacement_mm
-    if case == "compression":
-        sup, inf, axis, _, _, _ = loadcases.compression_dofs(model, tags, axis_info, lp)
-        bcs = [dolfinx.fem.dirichletbc(np.zeros(3), inf, model.V),
-               dolfinx.fem.dirichletbc(-d * axis, sup, model.V)]
-        react = (sup, -axis)
-    elif case == "pullout":
-        screws = {s.side: s for s in steps.load_screws(screws_path)}
-        if side not in screws:
-            raise QctfeaError(f"no {side!r} screw in {screws_path}")
-        ends, head, pull, _ = loadcases.pullout_dofs(model, tags, axis_info, screws[side], lp)
-        bcs = [dolfinx.fem.dirichletbc(np.zeros(3), ends, model.V),
-               dolfinx.fem.dirichletbc(d * pull, head, model.V)]
-        react = (head, pull)
-    else:
-        raise QctfeaError(f"unknown load case {case!r}")
+    bcs, react = _boundary_conditions(model, tags, read_json(vertebra_json), lp, case, side,
+                                      screws_path)
     t = lap("boundary_conditions", t)
 
     A, b = model.assemble_system(bcs)  # the assembly ElasticModel.solve uses
@@ -157,27 +143,14 @@ def worker(mesh_path, materials_path, vertebra_json, screws_path, case: str,
     model_bytes = bytes_per_iteration(A, pc)
     # The same solve again (zero start, preconditioner kept): 'solve' is the best of
     # ``repeats`` timings, which damps the noise of other jobs on a shared machine.
-    times = [sec["solve_first"]]
-    for _ in range(max(0, int(repeats) - 1)):
-        x.set(0.0)
-        comm.Barrier()
-        t = time.perf_counter()
-        ksp.solve(b, x)
-        comm.Barrier()
-        times.append(time.perf_counter() - t)
+    times = [sec["solve_first"]] + _timings(comm, max(0, int(repeats) - 1),
+                                            lambda: ksp.solve(b, x), before=lambda: x.set(0.0))
     sec["solve"] = min(times)
     sec["solve_all"] = times
     # One sparse matrix-vector product with A (best of 10): the kernel the bound is made of.
     y = b.duplicate()
-    mm = []
-    for _ in range(10):
-        comm.Barrier()
-        t = time.perf_counter()
-        A.mult(x, y)
-        comm.Barrier()
-        mm.append(time.perf_counter() - t)
+    sec["matmult"] = min(_timings(comm, 10, lambda: A.mult(x, y)))
     y.destroy()
-    sec["matmult"] = min(mm)
 
     # The goal tolerance (GOAL_RTOL): override ksp_rtol, same KSP and preconditioner, zero start.
     # (KSPSetTolerances, not a second KSPSetFromOptions: that would rebuild the Chebyshev
@@ -216,6 +189,48 @@ def worker(mesh_path, materials_path, vertebra_json, screws_path, case: str,
         Path(out_json).write_text(json.dumps(res, indent=1))
     comm.Barrier()
     return res
+
+
+
+def _boundary_conditions(model, tags, axis_info: dict, lp, case: str, side: str | None,
+                         screws_path):
+    """The pipeline's Dirichlet conditions of ``case`` and the (dofs, direction) of its
+    reaction force."""
+    import dolfinx
+
+    from qctfea import steps
+    from qctfea.fea import loadcases
+
+    d = lp.displacement_mm
+    if case == "compression":
+        sup, inf, axis, _, _, _ = loadcases.compression_dofs(model, tags, axis_info, lp)
+        bcs = [dolfinx.fem.dirichletbc(np.zeros(3), inf, model.V),
+               dolfinx.fem.dirichletbc(-d * axis, sup, model.V)]
+        return bcs, (sup, -axis)
+    if case == "pullout":
+        screws = {s.side: s for s in steps.load_screws(screws_path)}
+        if side not in screws:
+            raise QctfeaError(f"no {side!r} screw in {screws_path}")
+        ends, head, pull, _ = loadcases.pullout_dofs(model, tags, axis_info, screws[side], lp)
+        bcs = [dolfinx.fem.dirichletbc(np.zeros(3), ends, model.V),
+               dolfinx.fem.dirichletbc(d * pull, head, model.V)]
+        return bcs, (head, pull)
+    raise QctfeaError(f"unknown load case {case!r}")
+
+
+def _timings(comm, n: int, fn, before=None) -> list[float]:
+    """Wall seconds of ``n`` calls of ``fn``, each between barriers (all ranks); ``before``
+    runs ahead of each, untimed."""
+    out = []
+    for _ in range(n):
+        if before is not None:
+            before()
+        comm.Barrier()
+        t = time.perf_counter()
+        fn()
+        comm.Barrier()
+        out.append(time.perf_counter() - t)
+    return out
 
 
 def parse_petsc_options(items) -> dict:

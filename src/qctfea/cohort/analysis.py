@@ -89,44 +89,13 @@ def aggregate(
     root = Path(results_dir)
     rows = []
     for sample in sample_rows:
-        try:
-            patient = str(sample["patient"])
-            timepoint = str(sample["timepoint"])
-            months = float(sample["months"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise QctfeaError(
-                f"aggregate: sample {sample!r} needs patient, timepoint and numeric months"
-            ) from exc
-        where = f"patient {patient}, timepoint {timepoint}"
-        if not math.isfinite(months):
-            raise QctfeaError(f"aggregate: {where}: months is not a finite number")
-        try:
-            sex = clinical.sex_code(sample.get("sex"))
-        except ValueError as exc:
-            raise QctfeaError(f"aggregate: {where}, sex: {exc}") from None
+        patient, timepoint, months, sex, where = _sample_fields(sample)
         scan_dir = root / patient / timepoint
         # A follow-up registered to baseline uses the baseline's mesh.
         model_dir = root / patient / str(sample.get("model_timepoint") or timepoint)
-        data: dict[str, Any] = {}
-        if "pullout" in cases:  # refused screws: the scan is not analysed (exclusions.csv)
-            data["screws"] = read_json(model_dir / SCAN_FILES["screws"])
-            if data["screws"].get("refused"):
-                continue
-        for key, name in SCAN_FILES.items():
-            if key in data:
-                continue
-            if key.startswith(("pullout", "screws")) and "pullout" not in cases:
-                continue
-            path = (model_dir if key in ("mesh", "screws") else scan_dir) / name
-            try:
-                data[key] = read_json(path)
-            except QctfeaError as exc:
-                raise QctfeaError(f"{where}: cannot read {name} ({exc})") from exc
-            except OSError as exc:
-                raise QctfeaError(f"{where}: cannot read {name} at {path} ({exc})") from exc
-        if any(data[k].get("refused") for k in data if k.startswith(("compression",
-                                                                     "pullout"))):
-            continue  # a load case without a peak: no strength (exclusions.csv)
+        data = _read_scan_files(scan_dir, model_dir, cases, where)
+        if data is None:
+            continue
         try:
             dxa = _opt_float(sample.get("dxa"))
             row = scan_row(
@@ -156,6 +125,55 @@ def aggregate(
     with atomic_path(out_csv) as tmp:
         df.to_csv(tmp, index=False)
     return df
+
+
+def _sample_fields(sample: Mapping[str, Any]) -> tuple[str, str, float, str, str]:
+    """A sample sheet row's patient, timepoint, months and sex code, and the scan's name for
+    messages; a row without them, or with an unknown sex, is an error."""
+    try:
+        patient = str(sample["patient"])
+        timepoint = str(sample["timepoint"])
+        months = float(sample["months"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise QctfeaError(
+            f"aggregate: sample {sample!r} needs patient, timepoint and numeric months"
+        ) from exc
+    where = f"patient {patient}, timepoint {timepoint}"
+    if not math.isfinite(months):
+        raise QctfeaError(f"aggregate: {where}: months is not a finite number")
+    try:
+        sex = clinical.sex_code(sample.get("sex"))
+    except ValueError as exc:
+        raise QctfeaError(f"aggregate: {where}, sex: {exc}") from None
+    return patient, timepoint, months, sex, where
+
+
+def _read_scan_files(scan_dir: Path, model_dir: Path, cases: Sequence[str],
+                     where: str) -> dict[str, Any] | None:
+    """The scan's result files by key (:data:`SCAN_FILES`; mesh and screws from the model's
+    folder), or None when the scan is not analysed: its screws were refused at planning or
+    a load case has no peak (both listed in exclusions.csv)."""
+    data: dict[str, Any] = {}
+    if "pullout" in cases:  # refused screws: the scan is not analysed (exclusions.csv)
+        data["screws"] = read_json(model_dir / SCAN_FILES["screws"])
+        if data["screws"].get("refused"):
+            return None
+    for key, name in SCAN_FILES.items():
+        if key in data:
+            continue
+        if key.startswith(("pullout", "screws")) and "pullout" not in cases:
+            continue
+        path = (model_dir if key in ("mesh", "screws") else scan_dir) / name
+        try:
+            data[key] = read_json(path)
+        except QctfeaError as exc:
+            raise QctfeaError(f"{where}: cannot read {name} ({exc})") from exc
+        except OSError as exc:
+            raise QctfeaError(f"{where}: cannot read {name} at {path} ({exc})") from exc
+    if any(data[k].get("refused") for k in data if k.startswith(("compression",
+                                                                 "pullout"))):
+        return None  # a load case without a peak: no strength (exclusions.csv)
+    return data
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:

@@ -166,6 +166,7 @@ def _mean2(a: float, b: float) -> float:
     return 0.5 * (a + b)
 
 
+# Long on purpose: one row, column by column, from the scan's result files.
 def scan_row(
     patient: str,
     timepoint: str,

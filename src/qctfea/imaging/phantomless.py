@@ -263,6 +263,7 @@ def fit_effective_energy(names: list[str], measured_hu, energies_kev) -> dict:
             "rms_residual_hu": np.sqrt(ss / len(m)).tolist(), "at_edge": j in (0, len(e) - 1)}
 
 
+# Long on purpose: the effective-energy method of the module doc, step by step.
 def effective_energy_calibration(tissues: list[dict], spec: TissueSpec,
                                  context: str = "") -> Calibration:
     """Effective-energy internal calibration (Michalski 2020; module docstring) from the

@@ -247,6 +247,7 @@ def _run(fixed_c, metric_mask, moving_c, init: sitk.Euler3DTransform, n_mask: in
             "seconds": time.perf_counter() - t0}
 
 
+# Long on purpose: one multi-start registration (grids, starts, runs, the best), in order.
 def register_rigid(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image,
                    moving_mask: sitk.Image, p: RegistrationParams,
                    points: np.ndarray | None = None) -> tuple[sitk.Transform, dict]:

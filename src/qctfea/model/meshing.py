@@ -274,6 +274,7 @@ def _restore_labels(centroids: np.ndarray, out_tags: np.ndarray, vol: np.ndarray
     return np.vectorize(mapping.__getitem__, otypes=[np.int32])(out_tags)
 
 
+# Long on purpose: one meshing run (grid, CGAL sizes, mesh, tags, quality), in order.
 def generate_mesh(
     parts_img: sitk.Image, screws: list[Screw], params: MeshParams
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
