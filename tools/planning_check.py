@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from qctfea import logs
 from qctfea import steps_imaging
 from qctfea import steps_model
 from qctfea.errors import QctfeaError
@@ -122,6 +124,7 @@ def main() -> None:
     ap.add_argument("--trajectories", nargs="+", default=["traditional", "cortical"])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = ap.parse_args()
+    logs.log_to(sys.stderr)  # the library's progress messages
     rows = ["| case | voxels (mm) | grid rotation | trajectory | left: grade, breach mm, "
             "convergence °, cranial °, length mm | right: same | canal area mm² | s |",
             "| --- | --- | --- | --- | --- | --- | ---: | ---: |"]

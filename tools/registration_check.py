@@ -18,6 +18,7 @@ Not part of the library or the tests (the tests run a subset: tests/test_registr
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 import warnings
@@ -27,6 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from qctfea.imaging import registration as reg
+from qctfea import logs
 from qctfea import steps_imaging
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
@@ -166,6 +168,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES))
     ap.add_argument("--motions", nargs="+", default=list(MOTIONS))
     args = ap.parse_args()
+    logs.log_to(sys.stderr)  # the library's progress messages
     rows = list(HEADER)
     for case in args.cases:
         own = CASES[case][4]

@@ -28,6 +28,7 @@ import yaml
 
 from qctfea.imaging import masks
 from qctfea import steps
+from qctfea import logs
 from qctfea import steps_model
 from qctfea.imaging.bmd import BmdParams
 from qctfea.model import materials as mat
@@ -73,6 +74,7 @@ def main(argv=None) -> int:
                     help="the cohort config the scan was run with (mesh, materials, loads, "
                          "bmd, uncertainty sections)")
     a = ap.parse_args(argv)
+    logs.log_to(sys.stderr)  # the library's progress messages
     scan, out = Path(a.scan), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = yaml.safe_load(Path(a.config).read_text()) or {}
