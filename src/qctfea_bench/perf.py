@@ -95,20 +95,16 @@ log = logging.getLogger(__name__)
 #: vector streams of n doubles per CG iteration outside the preconditioner (see docstring)
 CG_VECTOR_PASSES = 8
 
-
 #: bytes of one matrix value (float64)
 VALUE_BYTES = 8
 
-
 #: the performance goals (docs/performance.md)
 GOAL_ITERATIONS = 50
-
 
 GOAL_RTOL = 1.0e-8
 
 
 GOAL_REFINE_GROWTH = 0.30
-
 
 GOAL_BANDWIDTH_RATIO = 3.0
 
@@ -116,10 +112,8 @@ GOAL_BANDWIDTH_RATIO = 3.0
 #: nonlinear runs: wall time in units of one linear solve of the same model (demo models)
 GOAL_NONLINEAR_COST = {"compression": 15.0, "pullout": 10.0}
 
-
 #: text after this line of an existing --out-md file is kept when the tables are regenerated
 NOTES_MARK = "<!-- notes: kept when the tables above are regenerated -->"
-
 
 CASES = [("compression", None), ("pullout", "left")]
 

@@ -82,7 +82,6 @@ DEFAULT_METRICS: list[str] = [
 #: The resolved areal BMD (clinical DXA where present, else CT-derived; see module doc).
 AREAL = "areal_bmd_g_cm2"
 
-
 #: Metric -> (label, unit) for tables, figures and sentences.
 METRIC_INFO: dict[str, tuple[str, str]] = {
     "pullout_strength_n": ("pullout strength", "N"),

@@ -38,11 +38,9 @@ FORMULAS = {"water": "H2O", "k2hpo4": "K2HPO4", "triglyceride": "C57H104O6",
 #: Dry air (xraydb's named material 'air', density 1.225 mg/cm³).
 AIR = "air"
 
-
 #: Water displaced per gram of K2HPO4 (g/g) in the two-component model: the constant of the
 #: QCT PRO equations (sigma_CT = sigma_ref - 0.2174, see :func:`k2hpo4_water_fit`).
 QCT_PRO_WATER_DISPLACEMENT = 0.2174
-
 
 #: Density (g/cm³) at which each tissue's theoretical HU is computed.
 TISSUE_DENSITY = {k: v[1] for k, v in ICRU44.items()}

@@ -163,7 +163,6 @@ PHANTOM_PRESETS: dict[str, dict] = {
 #: The keys of a preset that are PhantomSpec fields (the others document it).
 _PRESET_KEYS = ("rod_densities_mg_cm3", "water_equivalent_mg_cm3", "rod_diameter_mm")
 
-
 #: Rod diameter of a phantom given by its rods alone (no preset), as before presets existed.
 DEFAULT_ROD_DIAMETER_MM = 12.0
 
@@ -252,11 +251,9 @@ REFERENCE_HU = {"air": -1000.0, "fat": -100.0, "muscle": 50.0, "blood": 40.0,
 #: :data:`REFERENCE_HU` into the default reference densities.
 REFERENCE_SLOPE = 0.78
 
-
 #: Default K2HPO4-equivalent densities (mg/cm³): REFERENCE_HU x REFERENCE_SLOPE
 #: (air -780, fat -78, muscle 39, blood 31.2, cortical_bone 1170).
 REFERENCE_MG_CM3 = {k: round(v * REFERENCE_SLOPE, 6) for k, v in REFERENCE_HU.items()}
-
 
 TISSUES = tuple(REFERENCE_HU)
 

@@ -66,6 +66,9 @@ from qctfea.imaging.dicomslices import (
     _rescale, _slice_hu, _where,
 )
 from qctfea.imaging.seriesrules import _select_series
+from qctfea.imaging.slicegeometry import (
+    _check_consistent, _format_gaps, _orthonormal_axes, _resample_uniform,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,26 +80,14 @@ IMAGE_FILE_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".nrrd", ".mha", ".mh
 #: Allowed deviation of any slice gap from the median gap, relative to the median.
 SPACING_RTOL = 1e-3
 
-
-#: Largest difference between ImageOrientationPatient values within one series.
-ORIENTATION_TOL = 1e-4
-
-
-#: Largest departure of the direction cosines from unit length / orthogonality.
-ORTHONORMAL_TOL = 1e-3
-
-
 #: Largest in-plane offset between slices (gantry tilt), as a fraction of a pixel.
 INPLANE_TOL_FRACTION = 0.05
-
 
 #: Values of :attr:`IngestParams.series_rule`.
 SERIES_RULES = ("none", "thinnest_axial")
 
-
 #: Values of :attr:`IngestParams.uneven_spacing`.
 UNEVEN_SPACING_ACTIONS = ("refuse", "resample")
-
 
 #: Default :attr:`IngestParams.kernel_preference`: bone / sharp reconstruction kernels
 #: (GE BONE/BONEPLUS, Siemens B60/B70 and Br60, Philips D and YB, Canon/Toshiba FC30,
@@ -199,59 +190,6 @@ class ScanInfo:
     resample_note: str | None = None
 
 
-def _orthonormal_axes(orientation: np.ndarray, where: str) -> tuple[np.ndarray, ...]:
-    """Row cosine, column cosine and slice normal, checked and made orthonormal."""
-    row, col = orientation[:3].copy(), orientation[3:].copy()
-    if (
-        abs(np.linalg.norm(row) - 1) > ORTHONORMAL_TOL
-        or abs(np.linalg.norm(col) - 1) > ORTHONORMAL_TOL
-        or abs(float(row @ col)) > ORTHONORMAL_TOL
-    ):
-        raise QctfeaError(
-            f"{where}: ImageOrientationPatient {orientation.tolist()} is not two orthogonal "
-            "unit vectors; the header is corrupt, re-export the series from the scanner/PACS"
-        )
-    # Gram-Schmidt: keep the row direction, remove rounding from the column one.
-    row /= np.linalg.norm(row)
-    col -= (col @ row) * row
-    col /= np.linalg.norm(col)
-    return row, col, np.cross(row, col)
-
-
-def _check_consistent(slices: list[_Slice], where: str) -> None:
-    """All slices of the series must share orientation, matrix size and pixel spacing."""
-    first = slices[0]
-    for sl in slices[1:]:
-        if np.max(np.abs(sl.orientation - first.orientation)) > ORIENTATION_TOL:
-            raise QctfeaError(
-                f"{where}: the series mixes slice orientations ({first.orientation.tolist()} "
-                f"and {sl.orientation.tolist()}), e.g. a localizer or several stacks; "
-                "select a series with one stack (series_uid) or remove the extra images"
-            )
-        if (sl.rows, sl.columns) != (first.rows, first.columns):
-            raise QctfeaError(
-                f"{where}: the series mixes matrix sizes ({first.rows}x{first.columns} and "
-                f"{sl.rows}x{sl.columns}); select a series with one reconstruction"
-            )
-        if not np.allclose(sl.pixel_spacing, first.pixel_spacing, rtol=1e-4, atol=0):
-            raise QctfeaError(
-                f"{where}: the series mixes pixel spacings ({list(first.pixel_spacing)} and "
-                f"{list(sl.pixel_spacing)}); select a series with one reconstruction"
-            )
-
-
-def _format_gaps(gaps: np.ndarray, proj: np.ndarray, bad: np.ndarray) -> str:
-    """Human-readable summary of slice gaps, with where the irregular ones are."""
-    counts = Counter(np.round(gaps, 4).tolist())
-    summary = ", ".join(f"{g:g} mm x{n}" for g, n in sorted(counts.items()))
-    where_bad = "; ".join(
-        f"{gaps[i]:g} mm between slices {i} and {i + 1} (at {proj[i]:g} and {proj[i + 1]:g} mm)"
-        for i in np.flatnonzero(bad)[:5]
-    )
-    more = " ..." if int(bad.sum()) > 5 else ""
-    return f"gaps found: {summary}; irregular: {where_bad}{more}"
-
-
 def read_dicom_series(
     directory: str | os.PathLike,
     series_uid: str | None = None,
@@ -319,9 +257,6 @@ def read_dicom_series(
     info = _scan_info(image, slices, where, n_read=n_read, n_files=len(files),
                       selected_by=selected_by, resample_note=resample_note)
     return image, info
-
-
-# The helpers below warn with stacklevel=3: the warning names read_dicom_series' caller.
 
 
 def _read_headers(folder: Path, where: str
@@ -489,34 +424,6 @@ def _scan_info(image: sitk.Image, slices: list[_Slice], where: str, *, n_read: i
         resampled=resample_note is not None,
         resample_note=resample_note,
     )
-
-
-def _resample_uniform(
-    hu_slices: list[np.ndarray], proj: np.ndarray, median: float
-) -> tuple[np.ndarray, float]:
-    """Slices at positions ``proj`` (ascending, mm) interpolated linearly onto a uniform grid.
-
-    The grid runs from the first to the last slice; its spacing is the median gap,
-    adjusted to span / round(span / median) so the grid ends on the last slice.
-    A grid position that coincides with an original slice takes that slice.
-    """
-    span = float(proj[-1] - proj[0])
-    n_new = max(int(round(span / median)), 1) + 1
-    spacing = span / (n_new - 1)
-    targets = proj[0] + np.arange(n_new) * spacing
-    targets[-1] = proj[-1]
-    volume = np.empty((n_new, *hu_slices[0].shape), dtype=np.float32)
-    for k, z in enumerate(targets):
-        i = int(np.clip(np.searchsorted(proj, z, side="right") - 1, 0, len(proj) - 2))
-        w = float(np.clip((z - proj[i]) / (proj[i + 1] - proj[i]), 0.0, 1.0))
-        if w <= 1e-9:
-            volume[k] = hu_slices[i]
-        elif w >= 1 - 1e-9:
-            volume[k] = hu_slices[i + 1]
-        else:
-            volume[k] = ((1 - w) * hu_slices[i].astype(np.float64)
-                         + w * hu_slices[i + 1].astype(np.float64))
-    return volume, spacing
 
 
 def _has_image_suffix(path: Path) -> bool:

@@ -27,7 +27,6 @@ DUPLICATE_TOL_MM = 1e-4
 # that are not selected are never loaded.
 _DEFER_SIZE = 1024
 
-
 #: SOP classes of single-frame images (CT, MR, secondary capture): such a file
 #: without pixel data was cut short.
 _IMAGE_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4",
@@ -36,7 +35,6 @@ _IMAGE_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4",
 
 #: Skip reason of a DICOM file whose header or pixel data is cut short: refused.
 DAMAGED = "damaged or truncated DICOM"
-
 
 #: Files named at most in the skipped-files warning and the damaged-files error.
 _MAX_NAMED = 5
