@@ -13,6 +13,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "real"
 
 
+def markdown_rows(text: str) -> list[tuple[str, ...]]:
+    """The cells (stripped) of every row of the markdown pipe tables in ``text``: header
+    rows included, alignment rows left out; independent of the column padding."""
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("|") and line.endswith("|"):
+            cells = tuple(c.strip() for c in line[1:-1].split("|"))
+            if not all(set(c) <= set(":-") and c for c in cells):
+                rows.append(cells)
+    return rows
+
+
 def venv_bin(name: str) -> str:
     """An executable of the running interpreter's environment (mpiexec, snakemake, qctfea)."""
     cand = Path(sys.executable).parent / name
@@ -21,22 +34,24 @@ def venv_bin(name: str) -> str:
 
 def imaging_steps(src: Path, r: Path, ctx: str) -> None:
     """ingest -> calibrate -> mask of a synthetic scan folder ``src`` into ``r``."""
-    from qctfea import steps
+    from qctfea import steps_imaging
 
-    steps.ingest(source=src / "dicom", out_image=r / "ct.nii.gz", out_json=r / "scan.json",
-                 context=ctx)
-    steps.calibrate(ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
-                    out_density=r / "density.nii.gz", out_json=r / "calibration.json",
-                    out_png=r / "calibration.png", cfg={"phantom": {"preset": "demo_k2hpo4"}},
-                    context=ctx, label=23)
-    steps.mask(ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
-               out_parts=r / "vertebra.nii.gz", out_json=r / "vertebra.json", cfg={}, context=ctx)
+    steps_imaging.ingest(source=src / "dicom", out_image=r / "ct.nii.gz", out_json=r / "scan.json",
+                         context=ctx)
+    steps_imaging.calibrate(ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
+                            out_density=r / "density.nii.gz", out_json=r / "calibration.json",
+                            out_png=r / "calibration.png",
+                            cfg={"phantom": {"preset": "demo_k2hpo4"}}, context=ctx, label=23)
+    steps_imaging.mask(ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
+                       out_parts=r / "vertebra.nii.gz", out_json=r / "vertebra.json", cfg={},
+                       context=ctx)
 
 
 @pytest.fixture(scope="session")
 def demo_scan(tmp_path_factory):
     """Synthetic scan P01/M12 run through ingest -> calibrate -> mask -> screws -> bmd."""
-    from qctfea import steps
+
+    from qctfea import steps_imaging, steps_model
 
     root = tmp_path_factory.mktemp("scan")
     src = root / "P01" / "M12"
@@ -45,27 +60,28 @@ def demo_scan(tmp_path_factory):
     r = root / "results"
     ctx = "patient P01, timepoint M12"
     imaging_steps(src, r, ctx)
-    steps.plan_screws(landmarks_path=src / "landmarks.json", parts_path=r / "vertebra.nii.gz",
-                      out_json=r / "screws.json", cfg={}, context=ctx)
-    steps.bmd(density_path=r / "density.nii.gz", parts_path=r / "vertebra.nii.gz",
-              screws_path=r / "screws.json", out_json=r / "bmd.json", cfg={}, context=ctx)
+    steps_model.plan_screws(landmarks_path=src / "landmarks.json", parts_path=r / "vertebra.nii.gz",
+                            out_json=r / "screws.json", cfg={}, context=ctx)
+    steps_imaging.bmd(density_path=r / "density.nii.gz", parts_path=r / "vertebra.nii.gz",
+                      screws_path=r / "screws.json", out_json=r / "bmd.json", cfg={}, context=ctx)
     return {"src": src, "results": r, "truth": truth, "context": ctx}
 
 
 @pytest.fixture(scope="session")
 def demo_model(demo_scan):
     """Coarse mesh + materials of the demo scan."""
-    from qctfea import steps
+
+    from qctfea import steps_model
 
     r = demo_scan["results"]
     ctx = demo_scan["context"]
-    steps.mesh(parts_path=r / "vertebra.nii.gz", screws_path=r / "screws.json",
-               out_mesh=r / "mesh.xdmf", out_json=r / "mesh.json",
-               cfg={"voxel_mm": 0.6, "bone_cell_size_mm": 3.5, "screw_cell_size_mm": 2.0,
-                    "peri_screw_cell_size_mm": 2.0}, context=ctx)
-    steps.materials(mesh_path=r / "mesh.xdmf", density_path=r / "density.nii.gz",
-                    screws_path=r / "screws.json", out_npz=r / "materials.npz",
-                    out_json=r / "materials.json", cfg={}, context=ctx)
+    steps_model.mesh(parts_path=r / "vertebra.nii.gz", screws_path=r / "screws.json",
+                     out_mesh=r / "mesh.xdmf", out_json=r / "mesh.json",
+                     cfg={"voxel_mm": 0.6, "bone_cell_size_mm": 3.5, "screw_cell_size_mm": 2.0,
+                          "peri_screw_cell_size_mm": 2.0}, context=ctx)
+    steps_model.materials(mesh_path=r / "mesh.xdmf", density_path=r / "density.nii.gz",
+                          screws_path=r / "screws.json", out_npz=r / "materials.npz",
+                          out_json=r / "materials.json", cfg={}, context=ctx)
     return demo_scan
 
 

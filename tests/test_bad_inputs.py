@@ -1,6 +1,6 @@
 """Bad inputs: each gives a QctfeaError naming the file, the scan and what to change.
 
-Every test feeds one bad input to the real step (``qctfea.steps``) or library
+Every test feeds one bad input to the real step (``qctfea.steps_*``) or library
 function and checks the error (or warning) message for (a) the file or input
 concerned, (b) the patient/timepoint context of steps that take one and (c) the
 fix. The synthetic scan of ``conftest.demo_scan`` is reused; nothing is meshed
@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea import cli, steps
+from qctfea import cli
+from qctfea import steps_fea
+from qctfea import steps_imaging
+from qctfea import steps_model
 from qctfea.errors import QctfeaError
 from qctfea.cohort.samples import dxa_value, read_sample_sheet
 
@@ -58,8 +61,8 @@ def test_stray_file_in_series_is_skipped_with_a_warning(demo_scan, dicom_copy, t
     ctx = demo_scan["context"]
     (dicom_copy / "notes.txt").write_text("scanned on the old console\n")
     with pytest.warns(UserWarning, match="skipped 1 file") as rec:
-        steps.ingest(source=dicom_copy, out_image=tmp_path / "ct.nii.gz",
-                     out_json=tmp_path / "scan.json", context=ctx)
+        steps_imaging.ingest(source=dicom_copy, out_image=tmp_path / "ct.nii.gz",
+                             out_json=tmp_path / "scan.json", context=ctx)
     msg = _has(next(w.message for w in rec if "skipped" in str(w.message)),
                ctx, dicom_copy, "1 not DICOM: notes.txt", "remove them from the folder")
     assert "Traceback" not in msg
@@ -78,8 +81,8 @@ def test_truncated_dicom_file_is_refused_naming_it(demo_scan, dicom_copy, tmp_pa
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2] if cut == "pixel data" else data[:700])
     with pytest.raises(QctfeaError) as err:
-        steps.ingest(source=dicom_copy, out_image=tmp_path / "ct.nii.gz",
-                     out_json=tmp_path / "scan.json", context=ctx)
+        steps_imaging.ingest(source=dicom_copy, out_image=tmp_path / "ct.nii.gz",
+                             out_json=tmp_path / "scan.json", context=ctx)
     _has(err, ctx, victim.name, "truncated", "replace")
     assert not (tmp_path / "ct.nii.gz").exists() and not (tmp_path / "scan.json").exists()
 
@@ -88,14 +91,14 @@ def test_truncated_dicom_file_is_refused_naming_it(demo_scan, dicom_copy, tmp_pa
 
 
 def _run_calibrate(scan, ct, labels, out: Path, cfg=None, label=23):
-    steps.calibrate(ct_path=ct, labels_path=labels, out_density=out / "density.nii.gz",
-                    out_json=out / "calibration.json", out_png=out / "calibration.png",
-                    cfg=cfg or {}, context=scan["context"], label=label)
+    steps_imaging.calibrate(ct_path=ct, labels_path=labels, out_density=out / "density.nii.gz",
+                            out_json=out / "calibration.json", out_png=out / "calibration.png",
+                            cfg=cfg or {}, context=scan["context"], label=label)
 
 
 def _run_mask(scan, ct, labels, out: Path, cfg=None):
-    steps.mask(ct_path=ct, labels_path=labels, out_parts=out / "vertebra.nii.gz",
-               out_json=out / "vertebra.json", cfg=cfg or {}, context=scan["context"])
+    steps_imaging.mask(ct_path=ct, labels_path=labels, out_parts=out / "vertebra.nii.gz",
+                       out_json=out / "vertebra.json", cfg=cfg or {}, context=scan["context"])
 
 
 @pytest.mark.parametrize("step", ["calibrate", "mask"])
@@ -152,9 +155,9 @@ def test_density_and_parts_on_different_grids(demo_scan, tmp_path):
     small = tmp_path / "vertebra_cropped.nii.gz"
     sitk.WriteImage(parts[:, :, 5:], str(small), True)
     with pytest.raises(QctfeaError) as err:
-        steps.bmd(density_path=r / "density.nii.gz", parts_path=small,
-                  screws_path=r / "screws.json", out_json=tmp_path / "bmd.json", cfg={},
-                  context=demo_scan["context"])
+        steps_imaging.bmd(density_path=r / "density.nii.gz", parts_path=small,
+                          screws_path=r / "screws.json", out_json=tmp_path / "bmd.json", cfg={},
+                          context=demo_scan["context"])
     _has(err, demo_scan["context"], small, r / "density.nii.gz", "different grids",
          "from the same scan")
 
@@ -191,8 +194,9 @@ def test_bmd_on_parts_without_trabecular_roi(demo_scan, tmp_path):
     parts[parts == 3] = 1
     path = _write_like(parts, r / "vertebra.nii.gz", tmp_path / "vertebra.nii.gz")
     with pytest.raises(QctfeaError) as err:
-        steps.bmd(density_path=r / "density.nii.gz", parts_path=path, screws_path=r / "screws.json",
-                  out_json=tmp_path / "bmd.json", cfg={}, context=demo_scan["context"])
+        steps_imaging.bmd(density_path=r / "density.nii.gz", parts_path=path,
+                          screws_path=r / "screws.json", out_json=tmp_path / "bmd.json", cfg={},
+                          context=demo_scan["context"])
     _has(err, demo_scan["context"], path, "no trabecular ROI", "rerun the mask step")
     assert not (tmp_path / "bmd.json").exists()
 
@@ -223,8 +227,9 @@ def test_screws_breaching_the_pedicle_roof_are_refused_with_grade_and_direction(
     lm = _shifted_landmarks(demo_scan, tmp_path, 8.0)
     out = tmp_path / "screws.json"
     with pytest.raises(QctfeaError) as err:
-        steps.plan_screws(landmarks_path=lm, parts_path=demo_scan["results"] / "vertebra.nii.gz",
-                          out_json=out, cfg={}, context=demo_scan["context"])
+        steps_model.plan_screws(landmarks_path=lm,
+                                parts_path=demo_scan["results"] / "vertebra.nii.gz", out_json=out,
+                                cfg={}, context=demo_scan["context"])
     _has(err, demo_scan["context"], lm, "left screw grade", "right screw grade",
          "superior", "planning.max_grade = B", "landmarks")
     breaches = [float(x) for x in re.findall(r"grade [CD] \(Gertzbein-Robbins\): ([\d.]+) mm "
@@ -238,8 +243,9 @@ def test_screw_entirely_outside_the_vertebra_is_refused(demo_scan, tmp_path):
     lm = _shifted_landmarks(demo_scan, tmp_path, 500.0)
     parts = demo_scan["results"] / "vertebra.nii.gz"
     with pytest.raises(QctfeaError) as err:
-        steps.plan_screws(landmarks_path=lm, parts_path=parts, out_json=tmp_path / "screws.json",
-                          cfg={}, context=demo_scan["context"])
+        steps_model.plan_screws(landmarks_path=lm, parts_path=parts,
+                                out_json=tmp_path / "screws.json", cfg={},
+                                context=demo_scan["context"])
     _has(err, demo_scan["context"], lm, parts, "left screw", "does not enter the vertebra",
          "physical (DICOM LPS) coordinates")
     assert not (tmp_path / "screws.json").exists()
@@ -308,9 +314,10 @@ def test_nan_density_reaching_materials(demo_scan, tiny_mesh, tmp_path, suffix):
     dens = _nan_density(demo_scan, tmp_path, suffix)
     out = tmp_path / "materials.npz"
     with pytest.raises(QctfeaError) as err:
-        steps.materials(mesh_path=tiny_mesh, density_path=dens,
-                        screws_path=demo_scan["results"] / "screws.json", out_npz=out,
-                        out_json=tmp_path / "materials.json", cfg={}, context=demo_scan["context"])
+        steps_model.materials(mesh_path=tiny_mesh, density_path=dens,
+                              screws_path=demo_scan["results"] / "screws.json", out_npz=out,
+                              out_json=tmp_path / "materials.json", cfg={},
+                              context=demo_scan["context"])
     _has(err, demo_scan["context"], dens, "200 NaN or infinite voxel(s)",
          "rerun the calibrate step")
     assert not out.exists()
@@ -320,9 +327,9 @@ def test_nan_density_reaching_bmd(demo_scan, tmp_path):
     dens = _nan_density(demo_scan, tmp_path)
     r = demo_scan["results"]
     with pytest.raises(QctfeaError) as err:
-        steps.bmd(density_path=dens, parts_path=r / "vertebra.nii.gz",
-                  screws_path=r / "screws.json", out_json=tmp_path / "bmd.json", cfg={},
-                  context=demo_scan["context"])
+        steps_imaging.bmd(density_path=dens, parts_path=r / "vertebra.nii.gz",
+                          screws_path=r / "screws.json", out_json=tmp_path / "bmd.json", cfg={},
+                          context=demo_scan["context"])
     _has(err, demo_scan["context"], dens, "NaN or infinite", "rerun the calibrate step")
 
 
@@ -332,9 +339,10 @@ def test_negative_bone_density_reaching_materials(demo_scan, tiny_mesh, tmp_path
     dens = _write_like(-_array(r / "density.nii.gz"), r / "density.nii.gz",
                        tmp_path / "density_negative.nii.gz")
     with pytest.raises(QctfeaError) as err:
-        steps.materials(mesh_path=tiny_mesh, density_path=dens, screws_path=r / "screws.json",
-                        out_npz=tmp_path / "materials.npz", out_json=tmp_path / "materials.json",
-                        cfg={}, context=demo_scan["context"])
+        steps_model.materials(mesh_path=tiny_mesh, density_path=dens, screws_path=r / "screws.json",
+                              out_npz=tmp_path / "materials.npz",
+                              out_json=tmp_path / "materials.json",
+                              cfg={}, context=demo_scan["context"])
     _has(err, demo_scan["context"], dens, tiny_mesh, "median density of -",
          "the calibration is wrong", "calibration.json")
     assert not (tmp_path / "materials.npz").exists()
@@ -355,38 +363,40 @@ def _missing_cases(scan, tmp: Path) -> dict:
                       gone / "ct.nii.gz", "run the ingest step first"),
         "mask": (lambda: _run_mask(scan, r / "ct.nii.gz", gone / "labels.nii.gz", tmp),
                  gone / "labels.nii.gz", "check the labels column of the sample sheet"),
-        "plan_screws": (lambda: steps.plan_screws(landmarks_path=gone / "landmarks.json",
-                                                  parts_path=r / "vertebra.nii.gz",
-                                                  out_json=tmp / "screws.json", cfg={},
-                                                  context=ctx),
+        "plan_screws": (lambda: steps_model.plan_screws(landmarks_path=gone / "landmarks.json",
+                                                        parts_path=r / "vertebra.nii.gz",
+                                                        out_json=tmp / "screws.json", cfg={},
+                                                        context=ctx),
                         gone / "landmarks.json", "check the landmarks column"),
-        "bmd": (lambda: steps.bmd(density_path=r / "density.nii.gz",
-                                  parts_path=r / "vertebra.nii.gz",
-                                  screws_path=gone / "screws.json", out_json=tmp / "bmd.json",
-                                  cfg={}, context=ctx),
+        "bmd": (lambda: steps_imaging.bmd(density_path=r / "density.nii.gz",
+                                          parts_path=r / "vertebra.nii.gz",
+                                          screws_path=gone / "screws.json",
+                                          out_json=tmp / "bmd.json", cfg={}, context=ctx),
                 gone / "screws.json", "run the screws step first"),
-        "mesh": (lambda: steps.mesh(parts_path=gone / "vertebra.nii.gz",
-                                    screws_path=r / "screws.json", out_mesh=tmp / "mesh.xdmf",
-                                    out_json=tmp / "mesh.json", cfg={}, context=ctx),
+        "mesh": (lambda: steps_model.mesh(parts_path=gone / "vertebra.nii.gz",
+                                          screws_path=r / "screws.json", out_mesh=tmp / "mesh.xdmf",
+                                          out_json=tmp / "mesh.json", cfg={}, context=ctx),
                  gone / "vertebra.nii.gz", "run the mask step first"),
-        "materials": (lambda: steps.materials(mesh_path=gone / "mesh.xdmf",
-                                              density_path=r / "density.nii.gz",
-                                              screws_path=r / "screws.json",
-                                              out_npz=tmp / "materials.npz",
-                                              out_json=tmp / "materials.json", cfg={}, context=ctx),
+        "materials": (lambda: steps_model.materials(mesh_path=gone / "mesh.xdmf",
+                                                    density_path=r / "density.nii.gz",
+                                                    screws_path=r / "screws.json",
+                                                    out_npz=tmp / "materials.npz",
+                                                    out_json=tmp / "materials.json", cfg={},
+                                                    context=ctx),
                       gone / "mesh.xdmf", "run the mesh step first (rule mesh_vertebra)"),
-        "solve": (lambda: steps.solve(case="compression", mesh_path=gone / "mesh.xdmf",
-                                      materials_path=r / "materials.npz",
-                                      mask_json=r / "vertebra.json", screws_path=r / "screws.json",
-                                      out_json=tmp / "compression.json", loads_cfg={},
-                                      solver_cfg={}, context=ctx),
+        "solve": (lambda: steps_fea.solve(case="compression", mesh_path=gone / "mesh.xdmf",
+                                          materials_path=r / "materials.npz",
+                                          mask_json=r / "vertebra.json",
+                                          screws_path=r / "screws.json",
+                                          out_json=tmp / "compression.json", loads_cfg={},
+                                          solver_cfg={}, context=ctx),
                   gone / "mesh.xdmf", "run the mesh step first"),
-        "solve_pullout": (lambda: steps.solve(case="pullout", mesh_path=tmp / "mesh.xdmf",
-                                              materials_path=tmp / "materials.npz",
-                                              mask_json=r / "vertebra.json",
-                                              screws_path=gone / "screws.json",
-                                              out_json=tmp / "pullout.json", loads_cfg={},
-                                              solver_cfg={}, context=ctx, side="left"),
+        "solve_pullout": (lambda: steps_fea.solve(case="pullout", mesh_path=tmp / "mesh.xdmf",
+                                                  materials_path=tmp / "materials.npz",
+                                                  mask_json=r / "vertebra.json",
+                                                  screws_path=gone / "screws.json",
+                                                  out_json=tmp / "pullout.json", loads_cfg={},
+                                                  solver_cfg={}, context=ctx, side="left"),
                           gone / "screws.json", "run the screws step first"),
     }
 
@@ -405,9 +415,10 @@ def test_mesh_without_its_h5_names_the_h5(demo_scan, tiny_mesh, tmp_path):
     r = demo_scan["results"]
     tiny_mesh.with_suffix(".h5").unlink()
     with pytest.raises(QctfeaError) as err:
-        steps.materials(mesh_path=tiny_mesh, density_path=r / "density.nii.gz",
-                        screws_path=r / "screws.json", out_npz=tmp_path / "materials.npz",
-                        out_json=tmp_path / "materials.json", cfg={}, context=demo_scan["context"])
+        steps_model.materials(mesh_path=tiny_mesh, density_path=r / "density.nii.gz",
+                              screws_path=r / "screws.json", out_npz=tmp_path / "materials.npz",
+                              out_json=tmp_path / "materials.json", cfg={},
+                              context=demo_scan["context"])
     _has(err, demo_scan["context"], f"mesh {tiny_mesh.with_suffix('.h5')} not found",
          "run the mesh step first")
 
@@ -483,8 +494,8 @@ def test_files_named_by_the_sheet_but_missing(demo_scan, tmp_path):
                                    labels=str(tmp_path / "P01" / "labels.nii.gz"))])
     row = read_sample_sheet(sheet).iloc[0]
     with pytest.raises(QctfeaError) as err:
-        steps.ingest(source=row["image"], out_image=tmp_path / "ct.nii.gz",
-                     out_json=tmp_path / "scan.json", context=ctx)
+        steps_imaging.ingest(source=row["image"], out_image=tmp_path / "ct.nii.gz",
+                             out_json=tmp_path / "scan.json", context=ctx)
     _has(err, ctx, row["image"], "not found", "image column of the sample sheet")
     with pytest.raises(QctfeaError) as err:
         _run_mask(demo_scan, demo_scan["results"] / "ct.nii.gz", row["labels"], tmp_path)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea import steps
+from qctfea import steps_fea
+from qctfea import steps_imaging
+from qctfea import steps_model
 from qctfea.model.materials import MaterialParams, modulus_mpa
 from qctfea.model.meshing import read_mesh
 from qctfea.model.tags import BONE_TAGS, TAG_CAP
@@ -47,33 +49,35 @@ def test_capped_specimen_compression_matches_springs_in_series(tmp_path, with_ca
     if with_caps:
         mask_cfg["cap_labels"] = [3]
     # Data already in mg/cm³: fixed calibration, slope 1, intercept 0.
-    steps.calibrate(ct_path=t / "density_in.nii.gz", labels_path=None,
-                    out_density=t / "density.nii.gz", out_json=t / "cal.json",
-                    out_png=t / "cal.png", cfg={"method": "fixed", "slope": 1.0, "intercept": 0.0},
-                    context=ctx, label=1)
-    steps.mask(ct_path=t / "density_in.nii.gz", labels_path=t / "labels.nii.gz",
-               out_parts=t / "vertebra.nii.gz", out_json=t / "vertebra.json", cfg=mask_cfg,
-               context=ctx)
+    steps_imaging.calibrate(ct_path=t / "density_in.nii.gz", labels_path=None,
+                            out_density=t / "density.nii.gz", out_json=t / "cal.json",
+                            out_png=t / "cal.png", cfg={"method": "fixed", "slope": 1.0,
+                                                        "intercept": 0.0},
+                            context=ctx, label=1)
+    steps_imaging.mask(ct_path=t / "density_in.nii.gz", labels_path=t / "labels.nii.gz",
+                       out_parts=t / "vertebra.nii.gz", out_json=t / "vertebra.json", cfg=mask_cfg,
+                       context=ctx)
     v = json.loads((t / "vertebra.json").read_text())
     assert v["caps_volume_cm3"] == pytest.approx(
         (2 * np.pi * R**2 * T / 1000) if with_caps else 0.0, rel=0.03)
     (t / "screws.json").write_text(json.dumps({"screws": []}))
-    steps.mesh(parts_path=t / "vertebra.nii.gz", screws_path=t / "screws.json",
-               out_mesh=t / "mesh.xdmf", out_json=t / "mesh.json",
-               cfg={"voxel_mm": 0.5, "bone_cell_size_mm": 2.5, "facet_distance_mm": 0.2},
-               context=ctx)
+    steps_model.mesh(parts_path=t / "vertebra.nii.gz", screws_path=t / "screws.json",
+                     out_mesh=t / "mesh.xdmf", out_json=t / "mesh.json",
+                     cfg={"voxel_mm": 0.5, "bone_cell_size_mm": 2.5, "facet_distance_mm": 0.2},
+                     context=ctx)
     mat = {"poisson_bone": 0.0, "cap_poisson": 0.0, "cap_modulus_mpa": 2500.0}
-    steps.materials(mesh_path=t / "mesh.xdmf", density_path=t / "density.nii.gz",
-                    screws_path=t / "screws.json", out_npz=t / "materials.npz",
-                    out_json=t / "materials.json", cfg=mat, context=ctx)
+    steps_model.materials(mesh_path=t / "mesh.xdmf", density_path=t / "density.nii.gz",
+                          screws_path=t / "screws.json", out_npz=t / "materials.npz",
+                          out_json=t / "materials.json", cfg=mat, context=ctx)
     pts, cells, tags = read_mesh(t / "mesh.xdmf")
     npz = np.load(t / "materials.npz")
     if with_caps:
         assert (tags == TAG_CAP).any() and np.all(npz["youngs_mpa"][tags == TAG_CAP] == 2500.0)
-    steps.solve(case="compression", mesh_path=t / "mesh.xdmf", materials_path=t / "materials.npz",
-                mask_json=t / "vertebra.json", screws_path=t / "screws.json",
-                out_json=t / "compression.json", loads_cfg={"analysis": "linear"}, solver_cfg={},
-                context=ctx)
+    steps_fea.solve(case="compression", mesh_path=t / "mesh.xdmf",
+                    materials_path=t / "materials.npz", mask_json=t / "vertebra.json",
+                    screws_path=t / "screws.json",
+                    out_json=t / "compression.json", loads_cfg={"analysis": "linear"},
+                    solver_cfg={}, context=ctx)
     k = json.loads((t / "compression.json").read_text())["stiffness_n_per_mm"]
     # Springs in series with the meshed cross-section (nu = 0: uniaxial, exact for P1):
     x = pts[cells]

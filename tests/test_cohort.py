@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 from scipy import stats
 
 from qctfea.cohort import analysis as cohort
+from qctfea.cohort import longtable
+from qctfea.cohort import summaries
 from qctfea.errors import QctfeaError
 
 # --------------------------------------------------------------------------- fixtures
@@ -58,13 +61,13 @@ def _row(patient: str, timepoint: str, months: float, **metrics: float) -> dict:
 
 def test_scan_row_flattens_and_averages_sides() -> None:
     f = _fake_scan(150.0, 200.0, 220.0, 900.0, 1100.0)
-    row = cohort.scan_row(
+    row = longtable.scan_row(
         "P01", "M12", 12, f["bmd.json"], f["compression.json"],
         {"left": f["pullout_left.json"], "right": f["pullout_right.json"]},
         f["mesh.json"], f["calibration.json"], None,
     )
     # every column but the screws' grades, which aggregate() adds from screws.json
-    assert list(row) == [c for c in cohort.COLUMNS
+    assert list(row) == [c for c in longtable.COLUMNS
                          if not c.startswith(("screw_", "registration_"))]
     assert row["around_screw_vbmd_mg_cm3"] == pytest.approx(210.0)
     assert row["pullout_strength_n"] == pytest.approx(1000.0)
@@ -74,7 +77,7 @@ def test_scan_row_flattens_and_averages_sides() -> None:
     assert row["compression_strength_n"] == pytest.approx(6000.0)
     assert row["pullout_iterations_left"] == 31 and row["pullout_iterations_right"] == 33
     assert row["mesh_cells"] == 1000 and row["n_dofs"] == 3000
-    with_dxa = cohort.scan_row(
+    with_dxa = longtable.scan_row(
         "P01", "M12", 12, f["bmd.json"], f["compression.json"],
         {"left": f["pullout_left.json"], "right": f["pullout_right.json"]},
         f["mesh.json"], f["calibration.json"], 0.9,
@@ -88,12 +91,12 @@ def test_scan_row_source_and_keys_it_does_not_use() -> None:
     f["compression.json"].update(analysis="nonlinear", curve=[{"u": 0, "f": 0}],
                                  newton_iterations=12)
     del f["pullout_right.json"]["ksp_iterations"]
-    row = cohort.scan_row(
+    row = longtable.scan_row(
         "P01", "M12", 12, f["bmd.json"], f["compression.json"],
         {"left": f["pullout_left.json"], "right": f["pullout_right.json"]},
         f["mesh.json"], f["calibration.json"], None,
     )
-    assert list(row) == [c for c in cohort.COLUMNS
+    assert list(row) == [c for c in longtable.COLUMNS
                          if not c.startswith(("screw_", "registration_"))]
     assert row["areal_bmd_source"] == "ct" and math.isnan(row["pullout_iterations_right"])
     assert row["compression_strength_n"] == pytest.approx(6000.0)
@@ -103,7 +106,7 @@ def test_scan_row_missing_key_names_file() -> None:
     f = _fake_scan(150.0, 200.0, 220.0, 900.0, 1100.0)
     del f["pullout_right.json"]["strength_n"]
     with pytest.raises(QctfeaError, match=r"pullout_right\.json.*strength_n"):
-        cohort.scan_row(
+        longtable.scan_row(
             "P01", "M12", 12, f["bmd.json"], f["compression.json"],
             {"left": f["pullout_left.json"], "right": f["pullout_right.json"]},
             f["mesh.json"], f["calibration.json"], None,
@@ -113,24 +116,24 @@ def test_scan_row_missing_key_names_file() -> None:
 def test_longitudinal_table_sorts_and_rejects_duplicates() -> None:
     rows = [_row("B", "M12", 12, x=1.0), _row("A", "M24", 24, x=2.0),
             _row("A", "M00", 0, x=3.0), _row("B", "M00", 0, x=4.0)]
-    df = cohort.longitudinal_table(rows)
+    df = longtable.longitudinal_table(rows)
     assert list(zip(df["patient"], df["timepoint"], strict=True)) == [
         ("A", "M00"), ("A", "M24"), ("B", "M00"), ("B", "M12")]
     with pytest.raises(QctfeaError, match=r"B M12 \(2 rows\)"):
-        cohort.longitudinal_table([*rows, _row("B", "M12", 12.1, x=5.0)])
+        longtable.longitudinal_table([*rows, _row("B", "M12", 12.1, x=5.0)])
 
 
 # --------------------------------------------------------------------------- change
 
 
 def test_change_from_baseline_hand_numbers() -> None:
-    df = cohort.longitudinal_table([
+    df = longtable.longitudinal_table([
         _row("A", "M00", 0, v=200.0), _row("A", "M12", 12, v=180.0),
         _row("A", "M24", 24, v=150.0),
         _row("B", "M12", 12, v=50.0), _row("B", "M24", 24, v=55.0),  # no baseline scan
         _row("C", "M00", 0, v=0.0), _row("C", "M12", 12, v=10.0),
     ])
-    out = cohort.change_from_baseline(df, ["v"]).set_index(["patient", "timepoint"])
+    out = summaries.change_from_baseline(df, ["v"]).set_index(["patient", "timepoint"])
     assert (out["baseline_timepoint"] == "M00").all()
     assert out.loc[("A", "M00"), "change_pct"] == 0.0
     assert out.loc[("A", "M12"), "change_abs"] == pytest.approx(-20.0)
@@ -141,7 +144,7 @@ def test_change_from_baseline_hand_numbers() -> None:
     assert math.isnan(out.loc[("B", "M24"), "change_abs"])
     assert out.loc[("C", "M12"), "change_abs"] == 10.0
     assert math.isnan(out.loc[("C", "M12"), "change_pct"])  # zero baseline
-    assert list(cohort.change_from_baseline(df, ["v"]).columns) == cohort.CHANGE_COLUMNS
+    assert list(summaries.change_from_baseline(df, ["v"]).columns) == summaries.CHANGE_COLUMNS
 
 
 def _exact_wilcoxon_two_sided(d: np.ndarray) -> float:
@@ -162,9 +165,9 @@ def test_paired_tests_against_hand_formulas_and_nan_handling() -> None:
     rows += [_row(p, "M24", 24, v=f) for p, f in follow.items() if p != "P5"]
     rows.append(_row("P5", "M24", 23.5, v=follow["P5"]))
     rows.append(_row("P7", "M24", 24, v=130.0))  # no baseline: excluded
-    df = cohort.longitudinal_table(rows)
-    res = cohort.paired_change_tests(df, ["v"])
-    assert list(res.columns) == cohort.PAIRED_COLUMNS
+    df = longtable.longitudinal_table(rows)
+    res = summaries.paired_change_tests(df, ["v"])
+    assert list(res.columns) == summaries.PAIRED_COLUMNS
     assert len(res) == 1
     r = res.iloc[0]
     assert r["timepoint"] == "M24" and r["months"] == 24.0
@@ -198,14 +201,14 @@ def test_wilcoxon_exact_hand_value() -> None:
     assert _exact_wilcoxon_two_sided(d) == pytest.approx(2 * 14 / 64)
     rows = [_row(f"P{i}", "M00", 0, v=10.0) for i in range(6)]
     rows += [_row(f"P{i}", "M12", 12, v=10.0 + di) for i, di in enumerate(d)]
-    r = cohort.paired_change_tests(cohort.longitudinal_table(rows), ["v"]).iloc[0]
+    r = summaries.paired_change_tests(longtable.longitudinal_table(rows), ["v"]).iloc[0]
     assert r["p_wilcoxon"] == pytest.approx(2 * 14 / 64)
 
 
 def test_paired_tests_degenerate_cases() -> None:
     rows = [_row("A", "M00", 0, v=1.0, w=1.0), _row("A", "M12", 12, v=2.0, w=1.0),
             _row("B", "M00", 0, v=1.0, w=2.0), _row("B", "M12", 12, v=np.nan, w=2.0)]
-    res = cohort.paired_change_tests(cohort.longitudinal_table(rows), ["v", "w"])
+    res = summaries.paired_change_tests(longtable.longitudinal_table(rows), ["v", "w"])
     v = res[res["metric"] == "v"].iloc[0]
     assert v["n_pairs"] == 1 and v["mean_change"] == 1.0
     assert math.isnan(v["t"]) and math.isnan(v["p_wilcoxon"]) and math.isnan(v["sd_change"])
@@ -223,7 +226,7 @@ def test_pearson_against_hand_formula() -> None:
     y = 0.6 * x + rng.normal(size=20)
     x[4] = np.nan
     y[11] = np.nan
-    res = cohort.pearson_with_ci(x, y)
+    res = summaries.pearson_with_ci(x, y)
     keep = ~(np.isnan(x) | np.isnan(y))
     xs, ys = x[keep], y[keep]
     n = len(xs)
@@ -259,22 +262,22 @@ def test_fisher_ci_published_example() -> None:
     e = e - (e @ x) / (x @ x) * x
     e /= e.std()
     y = 0.5 * x + math.sqrt(0.75) * e
-    res = cohort.pearson_with_ci(x, y)
+    res = summaries.pearson_with_ci(x, y)
     assert res["r"] == pytest.approx(0.5, abs=1e-12)
     assert res["ci_low"] == pytest.approx(0.25749, abs=1e-5)
     assert res["ci_high"] == pytest.approx(0.68326, abs=1e-5)
     # 90 % interval uses z_0.95 = 1.644854.
-    res90 = cohort.pearson_with_ci(x, y, alpha=0.10)
+    res90 = summaries.pearson_with_ci(x, y, alpha=0.10)
     assert res90["ci_low"] == pytest.approx(math.tanh(z - 1.644854 * se), abs=1e-6)
 
 
 def test_pearson_small_and_constant() -> None:
-    r3 = cohort.pearson_with_ci([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
+    r3 = summaries.pearson_with_ci([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
     assert r3["n"] == 3 and r3["r"] == pytest.approx(0.5)
     assert math.isnan(r3["ci_low"]) and math.isnan(r3["ci_high"])
-    r2 = cohort.pearson_with_ci([1.0, 2.0, np.nan], [1.0, 3.0, 2.0])
+    r2 = summaries.pearson_with_ci([1.0, 2.0, np.nan], [1.0, 3.0, 2.0])
     assert r2["n"] == 2 and all(math.isnan(r2[k]) for k in r2 if k != "n")
-    rc = cohort.pearson_with_ci([1.0, 1.0, 1.0, 1.0], [1.0, 3.0, 2.0, 4.0])
+    rc = summaries.pearson_with_ci([1.0, 1.0, 1.0, 1.0], [1.0, 3.0, 2.0, 4.0])
     assert rc["n"] == 4 and all(math.isnan(rc[k]) for k in rc if k != "n")
 
 
@@ -283,9 +286,9 @@ def test_correlation_table_per_timepoint() -> None:
     for i in range(6):
         rows.append(_row(f"P{i}", "M00", 0, out=2.0 * i + (i % 2), a=float(i), b=float(i**2)))
         rows.append(_row(f"P{i}", "M12", 12, out=float(-i), a=float(i), b=float(i % 3)))
-    df = cohort.longitudinal_table(rows)
-    tab = cohort.correlation_table(df, {"out": ["a", "b"]})
-    assert list(tab.columns) == cohort.CORRELATION_COLUMNS
+    df = longtable.longitudinal_table(rows)
+    tab = summaries.correlation_table(df, {"out": ["a", "b"]})
+    assert list(tab.columns) == summaries.CORRELATION_COLUMNS
     assert list(zip(tab["timepoint"], tab["predictor"], strict=True)) == [
         ("M00", "a"), ("M00", "b"), ("M12", "a"), ("M12", "b")]
     m12a = tab[(tab["timepoint"] == "M12") & (tab["predictor"] == "a")].iloc[0]
@@ -295,7 +298,7 @@ def test_correlation_table_per_timepoint() -> None:
     got = tab[(tab["timepoint"] == "M00") & (tab["predictor"] == "a")].iloc[0]["r"]
     assert got == pytest.approx(expect)
     with pytest.raises(QctfeaError, match="nope"):
-        cohort.correlation_table(df, {"out": ["nope"]})
+        summaries.correlation_table(df, {"out": ["nope"]})
 
 
 # --------------------------------------------------------------------------- I/O
@@ -325,7 +328,7 @@ def test_aggregate_reads_jsons_and_writes_csv(tmp_path: Path) -> None:
     assert not list(out_csv.parent.glob(".*part*"))
     back = pd.read_csv(out_csv, dtype={"patient": str, "timepoint": str})
     # every column; registration QC only for follow-ups on their baseline's model (none here)
-    assert list(back.columns) == [c for c in cohort.COLUMNS if not c.startswith("registration_")]
+    assert list(back.columns) == [c for c in longtable.COLUMNS if not c.startswith("registration_")]
     assert set(back["screw_grade_right"]) == {"B"} and set(back["screw_breach_right_mm"]) == {1.2}
     raw = json.loads((res_dir / "P03" / "M12" / "bmd.json").read_text())
     pl = json.loads((res_dir / "P03" / "M12" / "pullout_left.json").read_text())
@@ -373,7 +376,7 @@ def test_aggregate_writes_the_clinical_categories(tmp_path: Path) -> None:
             thresholds = {**BCT, "M": (4600.0, 6000.0)}
         out_csv = tmp_path / "long.csv"
         cohort.aggregate(samples, res_dir, out_csv, clinical_cfg=cfg)
-        back = cohort.read_long_table(out_csv)
+        back = longtable.read_long_table(out_csv)
         for row in back.itertuples():
             d = res_dir / row.patient / row.timepoint
             strength = json.loads((d / "compression.json").read_text())["strength_n"]
@@ -401,7 +404,7 @@ def test_aggregate_writes_the_clinical_categories(tmp_path: Path) -> None:
     assert cats["strength"] == {"fragile", "low", "normal", "unknown (sex not given)"}
     assert cats["vbmd"] == {"low bone mass", "normal"}
     # Table 1: the baseline scans' sexes and categories, counted here from the long table
-    t1 = cohort.baseline_characteristics(back, ["compression_strength_n"]).set_index(
+    t1 = summaries.baseline_characteristics(back, ["compression_strength_n"]).set_index(
         "characteristic")
     base = back[back["timepoint"] == "M00"]
     assert t1.loc["sex (sample sheet)", "mean_sd"] == "F 2, M 2, not given 1"
@@ -440,7 +443,8 @@ def test_aggregate_missing_or_bad_file_names_it(tmp_path: Path) -> None:
         cohort.aggregate(samples, res_dir, tmp_path / "long.csv")
 
 
-def test_statistics_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_statistics_end_to_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="qctfea")
     res_dir = tmp_path / "results"
     samples = _cohort_dir(res_dir)
     long_csv = tmp_path / "long.csv"
@@ -449,7 +453,7 @@ def test_statistics_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     summary = cohort.statistics(long_csv, out)
     for name in cohort.STAT_FILES.values():
         assert (out / name).is_file(), name
-    assert "qctfea statistics" in capsys.readouterr().err
+    assert "qctfea statistics" in caplog.text
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["headlines"] == summary["headlines"]
     assert summary["n_patients"] == 5 and summary["n_scans"] == 15
@@ -504,23 +508,23 @@ def _missing_followup_table() -> pd.DataFrame:
                 ct_areal_bmd_g_cm2=0.5 + screw / 1000 + rng.normal(scale=0.01),
                 dxa_areal_bmd_g_cm2=np.nan if (i, tp) == (2, "M24")
                 else 0.7 + screw / 800 + rng.normal(scale=0.02)))
-    df = cohort.longitudinal_table(rows)
+    df = longtable.longitudinal_table(rows)
     df.loc[(df["patient"] == "P5") & (df["timepoint"] == "M24"), "pullout_strength_n"] = np.nan
     return df
 
 
 def test_missing_followup_tables_say_what_was_used() -> None:
     df = _missing_followup_table()
-    assert cohort.missing_scans(df) == [("P3", "M12")]
+    assert longtable.missing_scans(df) == [("P3", "M12")]
     metrics = ["pullout_strength_n", "dxa_areal_bmd_g_cm2"]
-    wide = cohort.wide_table(df, metrics).set_index("patient")
+    wide = summaries.wide_table(df, metrics).set_index("patient")
     assert wide.loc["P3", "n_scans"] == 2 and wide.loc["P3", "timepoints_missing"] == "M12"
     assert math.isnan(wide.loc["P3", "pullout_strength_n_M12"])
     p1 = df[df["patient"] == "P1"].set_index("timepoint")["pullout_strength_n"]
     assert wide.loc["P1", "pullout_strength_n_M24_change"] == pytest.approx(p1["M24"] - p1["M00"])
     assert wide.loc["P1", "pullout_strength_n_M24_change_pct"] == pytest.approx(
         100 * (p1["M24"] - p1["M00"]) / p1["M00"])
-    summ = cohort.summary_by_timepoint(df, metrics)
+    summ = summaries.summary_by_timepoint(df, metrics)
     m12 = summ[(summ["metric"] == "pullout_strength_n") & (summ["quantity"] == "value")
                & (summ["timepoint"] == "M12")].iloc[0]
     vals = df.loc[df["timepoint"] == "M12", "pullout_strength_n"].to_numpy()
@@ -532,7 +536,7 @@ def test_missing_followup_tables_say_what_was_used() -> None:
     m24 = summ[(summ["metric"] == "pullout_strength_n") & (summ["quantity"] == "change_pct")
                & (summ["timepoint"] == "M24")].iloc[0]
     assert m24["n"] == 5 and m24["n_missing"] == 1  # P5's M24 value is NaN
-    t1 = cohort.baseline_characteristics(df, metrics).set_index("characteristic")
+    t1 = summaries.baseline_characteristics(df, metrics).set_index("characteristic")
     assert t1.loc["scans (present of planned)", "mean_sd"] == "17 of 18; missing P3 M12"
     assert t1.loc["clinical DXA at baseline", "n"] == 6
     base = df.loc[df["timepoint"] == "M00", "pullout_strength_n"]
@@ -542,7 +546,7 @@ def test_missing_followup_tables_say_what_was_used() -> None:
 
 def test_missing_followup_tests_count_pairs() -> None:
     df = _missing_followup_table()
-    ch = cohort.paired_change_tests(df, ["pullout_strength_n"]).set_index("timepoint")
+    ch = summaries.paired_change_tests(df, ["pullout_strength_n"]).set_index("timepoint")
     assert ch.loc["M12", "n_pairs"] == 5 and ch.loc["M12", "patients_not_paired"] == "P3"
     assert ch.loc["M24", "n_pairs"] == 5 and ch.loc["M24", "patients_not_paired"] == "P5"
     # Holm over the two follow-ups, by hand.
@@ -555,7 +559,7 @@ def test_missing_followup_tests_count_pairs() -> None:
     d = (v["M12"] - v["M00"]).dropna().to_numpy()
     t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
     assert ch.loc["M12", "t"] == pytest.approx(t)
-    fr = cohort.friedman_tests(df, ["pullout_strength_n"]).iloc[0]
+    fr = summaries.friedman_tests(df, ["pullout_strength_n"]).iloc[0]
     assert fr["n_complete"] == 4 and fr["patients_excluded"] == "P3;P5"
     assert fr["chi2"] == pytest.approx(stats.friedmanchisquare(
         *v.dropna()[["M00", "M12", "M24"]].to_numpy().T).statistic)
@@ -565,7 +569,7 @@ def test_missing_followup_mixed_model_keeps_every_scan() -> None:
     from qctfea.cohort import stats as st
 
     df = _missing_followup_table()
-    mm = cohort.mixed_models(df, ["pullout_strength_n"])
+    mm = summaries.mixed_models(df, ["pullout_strength_n"])
     tp = mm[mm["model"] == "timepoint"].set_index("term")
     assert list(tp.index) == ["Intercept [M00]", "M12 - M00", "M24 - M00"]
     assert (tp["n_obs"] == 16).all() and (tp["n_patients"] == 6).all()  # 17 scans, 1 NaN
@@ -584,13 +588,13 @@ def test_missing_followup_correlations_and_comparison() -> None:
     from qctfea.cohort import stats as st
 
     df = _missing_followup_table()
-    corr = cohort.correlation_table(df, cohort.DEFAULT_CORRELATIONS)
+    corr = summaries.correlation_table(df, summaries.DEFAULT_CORRELATIONS)
     areal = corr[(corr["predictor"] == "areal_bmd_g_cm2")
                  & (corr["outcome"] == "pullout_strength_n")].set_index("timepoint")
     assert (areal["predictor_source"] == "clinical DXA").all()
     # M24: P2 has no DXA and P5 no pullout value -> 4 pairs; M12: P3 missing -> 5.
     assert areal.loc["M24", "n"] == 4 and areal.loc["M12", "n"] == 5
-    comp = cohort.compare_correlations(df).set_index(["timepoint", "outcome", "predictor_qct"])
+    comp = summaries.compare_correlations(df).set_index(["timepoint", "outcome", "predictor_qct"])
     row = comp.loc[("M24", "pullout_strength_n", "around_screw_vbmd_mg_cm3")]
     sub = df[df["timepoint"] == "M24"][["pullout_strength_n", "around_screw_vbmd_mg_cm3",
                                        "dxa_areal_bmd_g_cm2"]].dropna()
@@ -602,7 +606,7 @@ def test_missing_followup_correlations_and_comparison() -> None:
     assert row["williams_t"] == pytest.approx(st.williams_t(r12, r13, r23, 4)["statistic"])
     # Without any DXA the CT-derived areal BMD is used, and said so.
     no_dxa = df.assign(dxa_areal_bmd_g_cm2=np.nan)
-    c2 = cohort.correlation_table(no_dxa, {"pullout_strength_n": ["areal_bmd_g_cm2"]})
+    c2 = summaries.correlation_table(no_dxa, {"pullout_strength_n": ["areal_bmd_g_cm2"]})
     assert set(c2["predictor_source"]) == {"CT-derived"}
     m00 = no_dxa[no_dxa["timepoint"] == "M00"]
     assert c2.iloc[0]["r"] == pytest.approx(np.corrcoef(m00["ct_areal_bmd_g_cm2"],
@@ -659,13 +663,13 @@ def test_uncertainty_columns_and_least_significant_change(tmp_path: Path) -> Non
     assert df["trabecular_vbmd_mg_cm3_ci_low"].tolist() == [94.0, 96.0, 94.0]
     assert df["trabecular_vbmd_mg_cm3_sd_scan"].tolist() == [1.0, 1.0, 2.0]
     lsc12, lsc24 = 1.959964 * math.sqrt(2.0), 1.959964 * math.sqrt(5.0)  # 2.77, 4.38
-    wide = cohort.wide_table(df, ["trabecular_vbmd_mg_cm3"]).iloc[0]
+    wide = summaries.wide_table(df, ["trabecular_vbmd_mg_cm3"]).iloc[0]
     assert wide["trabecular_vbmd_mg_cm3_M12_lsc"] == pytest.approx(lsc12, rel=1e-6)
     assert wide["trabecular_vbmd_mg_cm3_M24_lsc"] == pytest.approx(lsc24, rel=1e-6)
     assert not wide["trabecular_vbmd_mg_cm3_M12_significant"]  # +2 < 2.77
     assert wide["trabecular_vbmd_mg_cm3_M24_significant"]  # +6 > 4.38
-    lsc = cohort.least_significant_changes(df, ["trabecular_vbmd_mg_cm3",
-                                                "compression_strength_n"])
+    lsc = longtable.least_significant_changes(df, ["trabecular_vbmd_mg_cm3",
+                                              "compression_strength_n"])
     assert lsc["metric"].unique().tolist() == ["trabecular_vbmd_mg_cm3"]  # no sd: left out
     assert lsc["lsc"].tolist() == pytest.approx([lsc12, lsc24], rel=1e-6)
     assert lsc["significant"].tolist() == [False, True]

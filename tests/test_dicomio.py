@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,14 +268,15 @@ def test_no_images_is_an_error(tmp_path: Path) -> None:
     assert CONTEXT in str(err.value) and "1 not DICOM" in str(err.value)
 
 
-def test_ingest_outputs_hold_no_identifiers(series: Series, tmp_path: Path, capsys) -> None:
+def test_ingest_outputs_hold_no_identifiers(series: Series, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="qctfea")
     out_img, out_json = tmp_path / "out" / "ct.nii.gz", tmp_path / "out" / "ct.json"
     info = ingest(series.folder, out_img, out_json, context=CONTEXT)
     assert isinstance(info, ScanInfo)
     assert sorted(p.name for p in out_img.parent.iterdir()) == ["ct.json", "ct.nii.gz"]
     json_text = out_json.read_text()
     raw = out_img.read_bytes()
-    blobs = [json_text.encode(), raw, gzip.decompress(raw), capsys.readouterr().err.encode()]
+    blobs = [json_text.encode(), raw, gzip.decompress(raw), caplog.text.encode()]
     forbidden = SECRETS + [series.series_uid, series.study_uid, *series.sop_uids]
     for blob in blobs:
         for secret in forbidden:

@@ -59,7 +59,8 @@ def _rules() -> list[dict]:
         starts = [(m.start(), m.group(1)) for m in re.finditer(r"^\s*rule (\w+):", text, re.M)]
         for i, (pos, name) in enumerate(starts):
             block = text[pos:starts[i + 1][0] if i + 1 < len(starts) else len(text)]
-            get = lambda key: (re.search(rf"^\s*{key}:\s*\n\s*\"([^\"]+)\"", block, re.M)  # noqa: E731
+            get = lambda key: (re.search(rf"^\s*{key}:\s*\n\s*\"([^\"]+)\"", block,
+                                                                  re.M)  # noqa: E731
                                or [None, None])[1]
             rules.append({"name": name, "file": smk, "conda": get("conda"),
                           "script": get("script"), "shell": get("shell")})
@@ -83,7 +84,8 @@ def _imports(tree: ast.AST) -> dict[str, set[str] | None]:
                 add(a.name, None)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             add(node.module, {a.name for a in node.names})
-            for a in node.names:  # `from qctfea import steps` imports the module qctfea.steps
+            # `from qctfea import steps_fea` imports the module qctfea.steps_fea
+            for a in node.names:
                 if _module_file(f"{node.module}.{a.name}"):
                     add(f"{node.module}.{a.name}", None)
     return out
@@ -134,21 +136,22 @@ def _entry(rule: dict) -> dict[str, set[str] | None]:
         script = (rule["file"].parent / rule["script"]).resolve()
         tree = ast.parse(script.read_text())
         entries = _imports(tree)
-        # `steps` dispatches to the science modules lazily, one step per function: the
-        # script's calls `steps.<function>` say which of them it runs.
-        if "qctfea.steps" in entries:
-            entries["qctfea.steps"] = {n.attr for n in ast.walk(tree)
-                                       if isinstance(n, ast.Attribute)
-                                       and isinstance(n.value, ast.Name)
-                                       and n.value.id == "steps"}
+        # The step modules (qctfea.steps_imaging, _model, _fea) dispatch to the science
+        # modules lazily, one step per function: the script's calls `steps_x.<function>`
+        # say which of them it runs.
+        for mod in [m for m in entries if m.startswith("qctfea.steps_")]:
+            alias = mod.rsplit(".", 1)[1]
+            entries[mod] = {n.attr for n in ast.walk(tree)
+                            if isinstance(n, ast.Attribute)
+                            and isinstance(n.value, ast.Name) and n.value.id == alias}
         return entries
     m = re.search(r"qctfea (\w+)", rule["shell"] or "")
     assert m, f"rule {rule['name']}: neither a script nor a `qctfea <step>` command"
-    step = {"solve": "solve"}.get(m.group(1))
+    step = {"solve": ("qctfea.steps_fea", "solve")}.get(m.group(1))
     assert step, f"rule {rule['name']}: map `qctfea {m.group(1)}` to its steps function here"
     # `qctfea <step>`: the command line's parsing (cli.run's other branches import the
     # cohort modules, which a solve never reaches) and the step's function.
-    return {"qctfea.cli": {"main", "build_parser", "_params", "_ctx"}, "qctfea.steps": {step}}
+    return {"qctfea.cli": {"main", "build_parser", "_params", "_ctx"}, step[0]: {step[1]}}
 
 
 def _pip_names() -> dict[str, list[str]]:

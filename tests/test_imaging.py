@@ -75,11 +75,11 @@ def test_no_patient_identifiers_in_outputs(demo_scan):
 
 
 def test_wrong_label_names_context(demo_scan):
-    from qctfea import steps
+    from qctfea import steps_imaging
 
     r = demo_scan["results"]
     with pytest.raises(QctfeaError, match=r"patient P01, timepoint M12.*label 28.*\[23\]"):
-        steps.mask(ct_path=r / "ct.nii.gz", labels_path=demo_scan["src"] / "labels.nii.gz",
-                   out_parts=r / "x.nii.gz", out_json=r / "x.json", cfg={"label": 28},
-                   context=demo_scan["context"])
+        steps_imaging.mask(ct_path=r / "ct.nii.gz", labels_path=demo_scan["src"] / "labels.nii.gz",
+                           out_parts=r / "x.nii.gz", out_json=r / "x.json", cfg={"label": 28},
+                           context=demo_scan["context"])
     assert not (r / "x.nii.gz").exists() and not (r / "x.json").exists()

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from qctfea.imaging import masks
 from qctfea import steps
+from qctfea import steps_imaging
 from qctfea.errors import QctfeaError
 from qctfea.cohort.samples import read_sample_sheet
 
@@ -104,9 +105,10 @@ needs_real = pytest.mark.skipif(not (REAL / "subregions.nii.gz").is_file(),
 
 
 def _mask(tmp_path, name, cfg, labels=None, subregions=None, ct=None):
-    steps.mask(ct_path=ct or REAL / "ct.nii.gz", labels_path=labels or REAL / "vertebrae.nii.gz",
-               out_parts=tmp_path / f"{name}.nii.gz", out_json=tmp_path / f"{name}.json", cfg=cfg,
-               context=CTX, subregions_path=subregions)
+    steps_imaging.mask(ct_path=ct or REAL / "ct.nii.gz",
+                       labels_path=labels or REAL / "vertebrae.nii.gz",
+                       out_parts=tmp_path / f"{name}.nii.gz", out_json=tmp_path / f"{name}.json",
+                       cfg=cfg, context=CTX, subregions_path=subregions)
     parts = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{name}.nii.gz")))
     return json.loads((tmp_path / f"{name}.json").read_text()), parts
 

@@ -175,16 +175,17 @@ def test_materials_step_with_a_custom_law_writes_the_same_moduli_as_its_preset(d
     a KeyError looking the law up among the presets)."""
     import json
 
-    from qctfea import steps
+    from qctfea import steps_model
 
     r = demo_model["results"]
     keyak_as_custom = {"density": "ash", "pieces": [
         {"below": 0.27, "a": 33900, "b": 2.2}, {"below": 0.6, "a": 5307, "b": 1, "c": 469},
         {"a": 10200, "b": 2.01}]}
-    steps.materials(mesh_path=r / "mesh.xdmf", density_path=r / "density.nii.gz",
-                    screws_path=r / "screws.json", out_npz=tmp_path / "m.npz",
-                    out_json=tmp_path / "m.json", cfg={"law": "custom", "custom": keyak_as_custom},
-                    context=demo_model["context"])
+    steps_model.materials(mesh_path=r / "mesh.xdmf", density_path=r / "density.nii.gz",
+                          screws_path=r / "screws.json", out_npz=tmp_path / "m.npz",
+                          out_json=tmp_path / "m.json", cfg={"law": "custom",
+                                                             "custom": keyak_as_custom},
+                          context=demo_model["context"])
     preset = np.load(r / "materials.npz")
     custom = np.load(tmp_path / "m.npz")
     assert np.allclose(custom["youngs_mpa"], preset["youngs_mpa"], rtol=1e-12)

@@ -1,7 +1,6 @@
 """CGAL meshing of the labelled vertebra: reproducible for a fixed seed."""
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import SimpleITK as sitk
@@ -19,8 +18,8 @@ def test_same_input_and_seed_give_the_same_mesh(demo_scan):
     screws = steps.load_screws(r / "screws.json")
     params = MeshParams(voxel_mm=0.6, bone_cell_size_mm=3.5, screw_cell_size_mm=2.0,
                         peri_screw_cell_size_mm=2.0)
-    a = generate_mesh(parts, screws, params, log=io.StringIO())
-    b = generate_mesh(parts, screws, params, log=io.StringIO())
+    a = generate_mesh(parts, screws, params)
+    b = generate_mesh(parts, screws, params)
     for x, y in zip(a[:3], b[:3], strict=True):
         assert x.shape == y.shape and np.array_equal(x, y)
     # Both screws are in the mesh as their own subdomains, and the mesh is not trivial.
@@ -40,7 +39,7 @@ def test_screw_subdomain_volume_matches_the_screw_geometry(demo_scan):
     raw = MeshParams(**{**params.__dict__, "match_screw_volume": False})
     meshes = []
     for p, tol in ((params, 0.03), (raw, None)):
-        pts, cells, tags, rep = generate_mesh(parts, screws, p, log=io.StringIO())
+        pts, cells, tags, rep = generate_mesh(parts, screws, p)
         x = pts[cells]
         vol = np.abs(np.einsum("ij,ij->i", x[:, 1] - x[:, 0],
                                np.cross(x[:, 2] - x[:, 0], x[:, 3] - x[:, 0]))) / 6

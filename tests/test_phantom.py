@@ -70,8 +70,9 @@ def test_rods_measured_at_given_centres():
 
 
 def test_rod_centres_in_physical_coordinates_through_the_step(tmp_path):
-    """steps.calibrate converts rod_centres_mm through the image geometry (origin, spacing)."""
-    from qctfea import steps
+    """steps_imaging.calibrate converts rod_centres_mm through the image geometry (origin,
+    spacing)."""
+    from qctfea import steps_imaging
 
     a, b = 0.75, 3.0
     dens = [0.0, 50.0, 100.0, 150.0, 200.0]
@@ -86,9 +87,9 @@ def test_rod_centres_in_physical_coordinates_through_the_step(tmp_path):
     centres = [[-30.0 + 0.5 * x, 12.0 + 0.5 * 100] for x in X_RODS]
     cfg = {"method": "phantom", "phantom": {"rod_densities_mg_cm3": dens,
                                             "rod_diameter_mm": 6.0, "rod_centres_mm": centres}}
-    steps.calibrate(ct_path=tmp_path / "ct.nii.gz", labels_path=tmp_path / "labels.nii.gz",
-                    out_density=tmp_path / "d.nii.gz", out_json=tmp_path / "c.json",
-                    out_png=tmp_path / "c.png", cfg=cfg, context="ctx", label=23)
+    steps_imaging.calibrate(ct_path=tmp_path / "ct.nii.gz", labels_path=tmp_path / "labels.nii.gz",
+                            out_density=tmp_path / "d.nii.gz", out_json=tmp_path / "c.json",
+                            out_png=tmp_path / "c.png", cfg=cfg, context="ctx", label=23)
     import json
 
     c = json.loads((tmp_path / "c.json").read_text())
@@ -141,7 +142,8 @@ def test_presets_define_their_phantoms_and_config_keys_override_them():
 
 
 def test_no_phantom_named_is_refused_listing_the_presets(tmp_path):
-    from qctfea import steps
+    from qctfea import steps_imaging
+
     from qctfea.imaging.calibration import PHANTOM_PRESETS
 
     with pytest.raises(QctfeaError) as err:
@@ -155,10 +157,11 @@ def test_no_phantom_named_is_refused_listing_the_presets(tmp_path):
     lab.CopyInformation(img)
     sitk.WriteImage(lab, str(tmp_path / "labels.nii.gz"))
     with pytest.raises(QctfeaError, match="no phantom named.*demo_k2hpo4"):
-        steps.calibrate(ct_path=tmp_path / "ct.nii.gz", labels_path=tmp_path / "labels.nii.gz",
-                        out_density=tmp_path / "d.nii.gz", out_json=tmp_path / "c.json",
-                        out_png=tmp_path / "c.png", cfg={"method": "phantom"}, context="ctx",
-                        label=23)
+        steps_imaging.calibrate(ct_path=tmp_path / "ct.nii.gz",
+                                labels_path=tmp_path / "labels.nii.gz",
+                                out_density=tmp_path / "d.nii.gz", out_json=tmp_path / "c.json",
+                                out_png=tmp_path / "c.png", cfg={"method": "phantom"},
+                                context="ctx", label=23)
     assert not (tmp_path / "d.nii.gz").exists()
 
 

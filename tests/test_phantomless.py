@@ -11,10 +11,11 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from qctfea.imaging import calibration as cal_mod
+from qctfea.imaging import attenuation
 from qctfea import steps
-from qctfea.imaging.calibration import (REFERENCE_MG_CM3, TissueSpec, find_tissues,
-                                phantomless_calibration)
+from qctfea import steps_imaging
+from qctfea.imaging.calibration import REFERENCE_MG_CM3, TissueSpec
+from qctfea.imaging.phantomless import find_tissues, phantomless_calibration
 from qctfea.errors import QctfeaError
 from qctfea.provenance import read_json
 
@@ -140,8 +141,8 @@ def test_hu_model_against_xraydb_element_by_element():
     import xraydb
 
     E = 70.0
-    assert cal_mod.theoretical_hu("water", E) == pytest.approx(0.0, abs=1e-9)
-    assert cal_mod.theoretical_hu("air", E) == pytest.approx(-1000.0, abs=1e-9)
+    assert attenuation.theoretical_hu("water", E) == pytest.approx(0.0, abs=1e-9)
+    assert attenuation.theoretical_hu("air", E) == pytest.approx(-1000.0, abs=1e-9)
 
     def mu_rho(fractions):
         return sum(w * float(xraydb.mu_elam(el, E * 1000.0)) for el, w in fractions.items())
@@ -156,10 +157,10 @@ def test_hu_model_against_xraydb_element_by_element():
     assert water == pytest.approx(0.193, abs=0.002)  # NIST XCOM water at 70 keV: 0.1929 cm²/g
     d = 0.2174
     k_hand = (k2hpo4 - d * water) / (water - air)
-    assert cal_mod.k2hpo4_hu_per_mg(E) == pytest.approx(k_hand, rel=2e-3)
+    assert attenuation.k2hpo4_hu_per_mg(E) == pytest.approx(k_hand, rel=2e-3)
     assert 1 / k_hand == pytest.approx(0.742, abs=0.01)  # mg/cm³ per HU at 70 keV
-    muscle = mu_rho(cal_mod.ICRU44["muscle"][0]) * 1.05
-    assert cal_mod.theoretical_hu("muscle", E) == pytest.approx(
+    muscle = mu_rho(attenuation.ICRU44["muscle"][0]) * 1.05
+    assert attenuation.theoretical_hu("muscle", E) == pytest.approx(
         1000 * (muscle - water) / (water - air), abs=0.5)
 
 
@@ -167,7 +168,7 @@ def _tissue_volume(energy: float, blood_hu: float | None, seed: int = 0):
     """The synthetic volume of the tests above with every tissue at its theoretical HU at
     ``energy`` and, when ``blood_hu`` is given, a labelled vessel (label 7) of that HU."""
     shape = (40, 64, 64)
-    th = {t: float(cal_mod.theoretical_hu(t, energy)) for t in ("air", "fat", "muscle")}
+    th = {t: float(attenuation.theoretical_hu(t, energy)) for t in ("air", "fat", "muscle")}
     hu = np.full(shape, th["fat"], np.float32)
     border = np.ones(shape, bool)
     border[:, 8:-8, 8:-8] = False
@@ -195,10 +196,10 @@ def test_effective_energy_recovered_and_contrast_blood_left_out(energy):
     blood = next(t for t in cal.tissues if t["name"] == "blood")
     assert blood["found"] and not blood["used"]
     assert blood["note"].startswith("contrast-enhanced, left out")
-    assert cal.slope == pytest.approx(1 / cal_mod.k2hpo4_hu_per_mg(energy), rel=0.03)
+    assert cal.slope == pytest.approx(1 / attenuation.k2hpo4_hu_per_mg(energy), rel=0.03)
     assert abs(cal.intercept) < 2.0
     # Unenhanced blood (its theoretical HU) is fitted.
-    hu, labels = _tissue_volume(energy, blood_hu=float(cal_mod.theoretical_hu("blood", energy)))
+    hu, labels = _tissue_volume(energy, blood_hu=float(attenuation.theoretical_hu("blood", energy)))
     cal = phantomless_calibration(hu, SPACING, labels, spec, CTX, 22)
     blood = next(t for t in cal.tissues if t["name"] == "blood")
     assert blood["used"] and abs(blood["residual_hu"]) < 1.0
@@ -209,10 +210,11 @@ def test_demo_scan_effective_energy_and_vbmd_against_truth_and_phantom(demo_scan
     """On a demo scan the effective-energy calibration recovers the generator's energy within
     3 keV, and its trabecular vBMD is within 3 mg/cm³ of the phantom calibration's."""
     r, src, truth = demo_scan["results"], demo_scan["src"], demo_scan["truth"]
-    steps.calibrate(ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
-                    out_density=tmp_path / "density.nii.gz", out_json=tmp_path / "calibration.json",
-                    out_png=tmp_path / "calibration.png", cfg={"method": "phantomless"},
-                    context=demo_scan["context"], label=23)
+    steps_imaging.calibrate(ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
+                            out_density=tmp_path / "density.nii.gz",
+                            out_json=tmp_path / "calibration.json",
+                            out_png=tmp_path / "calibration.png", cfg={"method": "phantomless"},
+                            context=demo_scan["context"], label=23)
     pl = read_json(tmp_path / "calibration.json")
     ph = read_json(r / "calibration.json")
     e_true = truth["effective_energy_kev"]
@@ -249,11 +251,11 @@ def test_real_sample_l3(tmp_path):
     for model in ("effective_energy", "tissue_regression"):
         d = tmp_path / model
         d.mkdir()
-        steps.calibrate(ct_path=real / "ct.nii.gz", labels_path=real / "vertebrae.nii.gz",
-                        out_density=d / "density.nii.gz", out_json=d / "calibration.json",
-                        out_png=d / "calibration.png",
-                        cfg={"method": "phantomless", "phantomless": {"model": model}}, context=ctx,
-                        label=22)
+        steps_imaging.calibrate(ct_path=real / "ct.nii.gz", labels_path=real / "vertebrae.nii.gz",
+                                out_density=d / "density.nii.gz", out_json=d / "calibration.json",
+                                out_png=d / "calibration.png",
+                                cfg={"method": "phantomless", "phantomless": {"model": model}},
+                                context=ctx, label=22)
         cal = read_json(d / "calibration.json")
         assert cal["method"] == "phantomless" and (d / "calibration.png").stat().st_size > 0
         assert {t["name"] for t in cal["tissues"] if t["used"]} == {"fat", "muscle"}
@@ -279,11 +281,11 @@ def test_real_sample_totalseg_l1_contrast_enhanced_aorta(tmp_path):
     400 HU) is recognised as contrast-enhanced and left out; air, fat and muscle fit."""
     real = _real(TOTALSEG)
     d = tmp_path
-    steps.calibrate(ct_path=real / "ct.nii.gz", labels_path=real / "labels.nii.gz",
-                    out_density=d / "density.nii.gz", out_json=d / "calibration.json",
-                    out_png=d / "calibration.png",
-                    cfg={"method": "phantomless", "phantomless": {"blood_label": 52}},
-                    context="patient totalseg, timepoint L1", label=31)
+    steps_imaging.calibrate(ct_path=real / "ct.nii.gz", labels_path=real / "labels.nii.gz",
+                            out_density=d / "density.nii.gz", out_json=d / "calibration.json",
+                            out_png=d / "calibration.png",
+                            cfg={"method": "phantomless", "phantomless": {"blood_label": 52}},
+                            context="patient totalseg, timepoint L1", label=31)
     cal = read_json(d / "calibration.json")
     t = {x["name"]: x for x in cal["tissues"]}
     assert t["blood"]["found"] and not t["blood"]["used"] and t["blood"]["median_hu"] > 300

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea import steps
+from qctfea import steps_model
 from qctfea.model.placement import BoneField, Frame, grade_of, grade_screw
 from qctfea.errors import QctfeaError
 
@@ -101,9 +101,10 @@ def test_screw_through_the_canal_is_refused_naming_scan_side_grade_and_what_to_d
         demo_scan, canal_landmarks, tmp_path):
     out = tmp_path / "screws.json"
     with pytest.raises(QctfeaError) as err:
-        steps.plan_screws(landmarks_path=canal_landmarks,
-                          parts_path=demo_scan["results"] / "vertebra.nii.gz", out_json=out, cfg={},
-                          context=demo_scan["context"], out_png=tmp_path / "screws.png")
+        steps_model.plan_screws(landmarks_path=canal_landmarks,
+                                parts_path=demo_scan["results"] / "vertebra.nii.gz", out_json=out,
+                                cfg={},
+                                context=demo_scan["context"], out_png=tmp_path / "screws.png")
     msg = str(err.value)
     for part in (demo_scan["context"], "left screw grade", "medial", "spinal canal",
                  "planning.max_grade = B", "landmarks", "planning.trajectory: cortical",
@@ -119,13 +120,13 @@ def test_demo_landmark_screws_grade_a_and_planned_screws_converge(demo_scan, tmp
     mask, both screws are A or B, converge like the generator's pedicles (8-13 degrees,
     within 6 degrees) and find the canal on the generator's midline (x = 0)."""
     parts = demo_scan["results"] / "vertebra.nii.gz"
-    steps.plan_screws(landmarks_path=demo_scan["src"] / "landmarks.json", parts_path=parts,
-                      out_json=tmp_path / "lm.json", cfg={}, context=demo_scan["context"])
+    steps_model.plan_screws(landmarks_path=demo_scan["src"] / "landmarks.json", parts_path=parts,
+                            out_json=tmp_path / "lm.json", cfg={}, context=demo_scan["context"])
     for s in json.loads((tmp_path / "lm.json").read_text())["screws"]:
         assert s["placement"]["grade"] == "A", s["placement"]
-    steps.plan_screws(landmarks_path=None, parts_path=parts, out_json=tmp_path / "auto.json",
-                      cfg={}, context=demo_scan["context"], planning={"method": "auto"},
-                      out_png=tmp_path / "auto.png")
+    steps_model.plan_screws(landmarks_path=None, parts_path=parts, out_json=tmp_path / "auto.json",
+                            cfg={}, context=demo_scan["context"], planning={"method": "auto"},
+                            out_png=tmp_path / "auto.png")
     rec = json.loads((tmp_path / "auto.json").read_text())
     assert rec["frame"]["canal"]["found"]
     for s in rec["screws"]:

@@ -10,6 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from qctfea import steps
+from qctfea import steps_imaging
+from qctfea import steps_model
 from qctfea.imaging.masks import BODY, POSTERIOR, TRABECULAR
 from qctfea.model.planning import PlanParams, _Grid, plan_from_mask
 from qctfea.errors import QctfeaError
@@ -186,9 +188,9 @@ def test_screws_step_auto_and_missing_landmarks(synth, tmp_path):
     parts = tmp_path / "vertebra.nii.gz"
     sitk.WriteImage(img, str(parts), True)
     out = tmp_path / "screws.json"
-    steps.plan_screws(landmarks_path=None, parts_path=parts, out_json=out, cfg={"length_mm": 45.0},
-                      context="patient S, timepoint M00",
-                      planning={"method": "auto", "margin_mm": 4})
+    steps_model.plan_screws(landmarks_path=None, parts_path=parts, out_json=out,
+                            cfg={"length_mm": 45.0}, context="patient S, timepoint M00",
+                            planning={"method": "auto", "margin_mm": 4})
     rec = read_json(out)
     assert [s["side"] for s in rec["screws"]] == ["left", "right"]
     for s in rec["screws"]:
@@ -201,8 +203,8 @@ def test_screws_step_auto_and_missing_landmarks(synth, tmp_path):
     assert steps.load_screws(out)[0].spec.length_mm == rec["screws"][0]["length_mm"]
     with pytest.raises(QctfeaError, match=r"patient S, timepoint M00: no landmarks file.*"
                                           r"set `planning.method: auto`"):
-        steps.plan_screws(landmarks_path=None, parts_path=parts, out_json=tmp_path / "x.json",
-                          cfg={}, context="patient S, timepoint M00")
+        steps_model.plan_screws(landmarks_path=None, parts_path=parts, out_json=tmp_path / "x.json",
+                                cfg={}, context="patient S, timepoint M00")
     assert not (tmp_path / "x.json").exists()
 
 
@@ -246,12 +248,12 @@ def test_demo_vertebra_auto_plan_agrees_with_landmarks(demo_scan):
 @pytest.mark.skipif(not (REAL / "ct.nii.gz").is_file(), reason="real CT sample not available")
 def test_real_l3_auto_plan(tmp_path):
     ctx = "real verse_tptbox L3"
-    steps.mask(ct_path=REAL / "ct.nii.gz", labels_path=REAL / "vertebrae.nii.gz",
-               out_parts=tmp_path / "vertebra.nii.gz", out_json=tmp_path / "vertebra.json",
-               cfg={"label": 22}, context=ctx)
-    steps.plan_screws(landmarks_path=None, parts_path=tmp_path / "vertebra.nii.gz",
-                      out_json=tmp_path / "screws.json", cfg={}, context=ctx,
-                      planning={"method": "auto"})
+    steps_imaging.mask(ct_path=REAL / "ct.nii.gz", labels_path=REAL / "vertebrae.nii.gz",
+                       out_parts=tmp_path / "vertebra.nii.gz", out_json=tmp_path / "vertebra.json",
+                       cfg={"label": 22}, context=ctx)
+    steps_model.plan_screws(landmarks_path=None, parts_path=tmp_path / "vertebra.nii.gz",
+                            out_json=tmp_path / "screws.json", cfg={}, context=ctx,
+                            planning={"method": "auto"})
     rec = read_json(tmp_path / "screws.json")
     left, right = rec["screws"]
     assert (left["side"], right["side"]) == ("left", "right")

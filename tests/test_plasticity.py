@@ -391,7 +391,7 @@ def _cylinder_in_block_stiffness(cell_mm: float) -> tuple[float, int]:
     screw = Screw("left", np.array([9.75, 9.75, top]), np.array([0.0, 0.0, -1.0]), spec)
     params = MeshParams(voxel_mm=0.25, bone_cell_size_mm=cell_mm, screw_cell_size_mm=cell_mm,
                         facet_distance_mm=0.05, margin_mm=0.0, seed=1, peri_screw_mm=0.0)
-    pts, cells, tags, _ = generate_mesh(img, [screw], params, log=open("/dev/null", "w"))
+    pts, cells, tags, _ = generate_mesh(img, [screw], params)
     with tempfile.TemporaryDirectory() as td:
         write_mesh(f"{td}/m.xdmf", pts, cells, tags)
         with dolfinx.io.XDMFFile(MPI.COMM_SELF, f"{td}/m.xdmf", "r") as f:

@@ -63,7 +63,7 @@ def test_dice_gates(demo_scan):
 
 
 def test_register_step_writes_density_on_baseline_grid(demo_scan, tmp_path):
-    from qctfea import steps
+    from qctfea import steps_imaging
 
     r = demo_scan["results"]
     dens = sitk.ReadImage(str(r / "density.nii.gz"), sitk.sitkFloat32)
@@ -73,11 +73,11 @@ def test_register_step_writes_density_on_baseline_grid(demo_scan, tmp_path):
     sitk.WriteImage(_moved(parts, T, sitk.sitkNearestNeighbor),
                     str(tmp_path / "p.nii.gz"))
     out = {k: tmp_path / f"out.{k}" for k in ("nii.gz", "json", "tfm", "png")}
-    steps.register(fixed_density=r / "density.nii.gz", fixed_parts=r / "vertebra.nii.gz",
-                   moving_density=tmp_path / "d.nii.gz", moving_parts=tmp_path / "p.nii.gz",
-                   out_density=out["nii.gz"], out_json=out["json"], out_tfm=out["tfm"],
-                   out_png=out["png"], cfg={}, context="patient P01, timepoint M24",
-                   screws_path=r / "screws.json")
+    steps_imaging.register(fixed_density=r / "density.nii.gz", fixed_parts=r / "vertebra.nii.gz",
+                           moving_density=tmp_path / "d.nii.gz", moving_parts=tmp_path / "p.nii.gz",
+                           out_density=out["nii.gz"], out_json=out["json"], out_tfm=out["tfm"],
+                           out_png=out["png"], cfg={}, context="patient P01, timepoint M24",
+                           screws_path=r / "screws.json")
     back = sitk.ReadImage(str(out["nii.gz"]))
     assert back.GetSize() == dens.GetSize() and back.GetOrigin() == dens.GetOrigin()
     trab = sitk.GetArrayFromImage(parts) == 3

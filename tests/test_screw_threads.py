@@ -1,7 +1,6 @@
 """Parametric screw: threads on or off, geometric volume against independent estimates."""
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
@@ -78,7 +77,7 @@ def test_threaded_screw_meshes_as_a_subdomain_of_about_its_volume():
                         margin_mm=0.0, head_clearance_mm=0.0)
     vol, _, h = labelled_grid(img, [screw], params)
     assert (vol == TAG_SCREW["left"]).sum() * h**3 == pytest.approx(spec.volume_mm3(), rel=0.03)
-    pts, cells, tags, rep = generate_mesh(img, [screw], params, log=io.StringIO())
+    pts, cells, tags, rep = generate_mesh(img, [screw], params)
     v = rep["screw_volume"]["left"]
     assert v["refused"] == "threads" and v["geometry_mm3"] == spec.volume_mm3()
     assert v["mesh_mm3"] == pytest.approx(spec.volume_mm3(), rel=0.05)

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from qctfea.model import screw as screw_mod
 from qctfea.qc import slicer
-from qctfea import steps
+from qctfea import steps_model
 from qctfea.errors import QctfeaError
 
 SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
@@ -300,10 +300,10 @@ def test_plan_screws_from_markups_equals_landmarks_json(demo_scan, tmp_path):
                for side in ("right", "left")]
     mrk = _write(tmp_path / "landmarks.mrk.json", markups)
     parts = demo_scan["results"] / "vertebra.nii.gz"
-    steps.plan_screws(landmarks_path=demo_scan["src"] / "landmarks.json", parts_path=parts,
-                      out_json=tmp_path / "a.json", cfg={}, context=demo_scan["context"])
-    steps.plan_screws(landmarks_path=mrk, parts_path=parts, out_json=tmp_path / "b.json", cfg={},
-                      context=demo_scan["context"])
+    steps_model.plan_screws(landmarks_path=demo_scan["src"] / "landmarks.json", parts_path=parts,
+                            out_json=tmp_path / "a.json", cfg={}, context=demo_scan["context"])
+    steps_model.plan_screws(landmarks_path=mrk, parts_path=parts, out_json=tmp_path / "b.json",
+                            cfg={}, context=demo_scan["context"])
     a = json.loads((tmp_path / "a.json").read_text())
     b = json.loads((tmp_path / "b.json").read_text())
     assert b["provenance"]["inputs"]["landmarks"]["path"] == str(mrk)

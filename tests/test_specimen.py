@@ -134,32 +134,37 @@ def test_platens_and_poisson_ratios(tmp_path):
     whenever the layers' nu / E agree (nu = 0 included); fixed platens hold the lateral
     expansion and come out stiffer, as do free platens with mismatched nu / E (the stiff caps
     restrain the bone at the interfaces). The table of docs/specimens.md."""
-    from qctfea import steps
+    from qctfea import steps_fea
+    from qctfea import steps_imaging
+    from qctfea import steps_model
 
     write_specimen(tmp_path)
     t, ctx = tmp_path, "patient B01, timepoint T0"
-    steps.calibrate(ct_path=t / "density.nii.gz", labels_path=None, out_density=t / "dens.nii.gz",
-                    out_json=t / "cal.json", out_png=t / "cal.png",
-                    cfg={"method": "fixed", "slope": 1, "intercept": 0}, context=ctx, label=23)
-    steps.mask(ct_path=t / "density.nii.gz", labels_path=t / "labels.nii.gz",
-               out_parts=t / "vertebra.nii.gz", out_json=t / "vertebra.json",
-               cfg={"bone_labels": [1, 2], "cap_labels": [3], "body_opening_mm": 3},
-               context=ctx)
-    steps.mesh(parts_path=t / "vertebra.nii.gz", screws_path=None, out_mesh=t / "mesh.xdmf",
-               out_json=t / "mesh.json",
-               cfg={"voxel_mm": 0.5, "bone_cell_size_mm": 2.5, "facet_distance_mm": 0.2},
-               context=ctx)
+    steps_imaging.calibrate(ct_path=t / "density.nii.gz", labels_path=None,
+                            out_density=t / "dens.nii.gz", out_json=t / "cal.json",
+                            out_png=t / "cal.png",
+                            cfg={"method": "fixed", "slope": 1, "intercept": 0}, context=ctx,
+                            label=23)
+    steps_imaging.mask(ct_path=t / "density.nii.gz", labels_path=t / "labels.nii.gz",
+                       out_parts=t / "vertebra.nii.gz", out_json=t / "vertebra.json",
+                       cfg={"bone_labels": [1, 2], "cap_labels": [3], "body_opening_mm": 3},
+                       context=ctx)
+    steps_model.mesh(parts_path=t / "vertebra.nii.gz", screws_path=None, out_mesh=t / "mesh.xdmf",
+                     out_json=t / "mesh.json",
+                     cfg={"voxel_mm": 0.5, "bone_cell_size_mm": 2.5, "facet_distance_mm": 0.2},
+                     context=ctx)
     k = {}
     for nu_b, nu_c in ((NU_BONE, NU_CAP), (0.3, 0.3), (0.0, 0.0)):
-        steps.materials(mesh_path=t / "mesh.xdmf", density_path=t / "dens.nii.gz",
-                        screws_path=None, out_npz=t / "mat.npz", out_json=t / "mat.json",
-                        cfg={"law": "kopperdahl2002", "poisson_bone": nu_b,
-                             "cap_modulus_mpa": E_CAP, "cap_poisson": nu_c}, context=ctx)
+        steps_model.materials(mesh_path=t / "mesh.xdmf", density_path=t / "dens.nii.gz",
+                              screws_path=None, out_npz=t / "mat.npz", out_json=t / "mat.json",
+                              cfg={"law": "kopperdahl2002", "poisson_bone": nu_b,
+                                   "cap_modulus_mpa": E_CAP, "cap_poisson": nu_c}, context=ctx)
         for platens in ("free", "fixed"):
-            steps.solve(case="compression", mesh_path=t / "mesh.xdmf", materials_path=t / "mat.npz",
-                        mask_json=t / "vertebra.json", screws_path=None, out_json=t / "c.json",
-                        loads_cfg={"analysis": "linear", "platens": platens}, solver_cfg={},
-                        context=ctx)
+            steps_fea.solve(case="compression", mesh_path=t / "mesh.xdmf",
+                            materials_path=t / "mat.npz", mask_json=t / "vertebra.json",
+                            screws_path=None, out_json=t / "c.json",
+                            loads_cfg={"analysis": "linear", "platens": platens}, solver_cfg={},
+                            context=ctx)
             k[nu_b, platens] = json.loads((t / "c.json").read_text())["stiffness_n_per_mm"]
             print(f"nu bone {nu_b:.4f}, caps {nu_c:.2f}, {platens} platens: {k[nu_b, platens]:.0f}"
                   f" N/mm ({100 * (k[nu_b, platens] / K_CLOSED - 1):+.2f} % vs closed form)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -25,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from qctfea import steps
+from qctfea import logs
+from qctfea import steps_imaging
+from qctfea import steps_model
 from qctfea.errors import QctfeaError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
@@ -90,16 +93,18 @@ def check(case: str, spacing, rot_axis, deg, trajectory: str, work: Path) -> dic
         sitk.WriteImage(sub, str(work / "sub.nii.gz"))
     ctx = f"{case}, {spacing} mm, {rot_axis or 'no'} rotation"
     t0 = time.perf_counter()
-    steps.mask(ct_path=work / "ct.nii.gz", labels_path=work / "labels.nii.gz",
-               out_parts=work / "vertebra.nii.gz", out_json=work / "vertebra.json", cfg=mask_cfg,
-               context=ctx, subregions_path=work / "sub.nii.gz" if sub is not None else None)
+    steps_imaging.mask(ct_path=work / "ct.nii.gz", labels_path=work / "labels.nii.gz",
+                       out_parts=work / "vertebra.nii.gz", out_json=work / "vertebra.json",
+                       cfg=mask_cfg,
+                       context=ctx,
+                       subregions_path=work / "sub.nii.gz" if sub is not None else None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            steps.plan_screws(landmarks_path=None, parts_path=work / "vertebra.nii.gz",
-                              out_json=work / "screws.json", cfg={}, context=ctx,
-                              planning={"method": "auto", "trajectory": trajectory},
-                              out_png=work / "screws.png")
+            steps_model.plan_screws(landmarks_path=None, parts_path=work / "vertebra.nii.gz",
+                                    out_json=work / "screws.json", cfg={}, context=ctx,
+                                    planning={"method": "auto", "trajectory": trajectory},
+                                    out_png=work / "screws.png")
     except QctfeaError as exc:
         return {"error": str(exc), "seconds": time.perf_counter() - t0}
     d = json.loads((work / "screws.json").read_text())
@@ -119,6 +124,7 @@ def main() -> None:
     ap.add_argument("--trajectories", nargs="+", default=["traditional", "cortical"])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = ap.parse_args()
+    logs.log_to(sys.stderr)  # the library's progress messages
     rows = ["| case | voxels (mm) | grid rotation | trajectory | left: grade, breach mm, "
             "convergence °, cranial °, length mm | right: same | canal area mm² | s |",
             "| --- | --- | --- | --- | --- | --- | ---: | ---: |"]

@@ -18,6 +18,7 @@ Not part of the library or the tests (the tests run a subset: tests/test_registr
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 import warnings
@@ -27,7 +28,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from qctfea.imaging import registration as reg
-from qctfea import steps
+from qctfea import logs
+from qctfea import steps_imaging
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 #: case -> (CT, labels, vertebra label, mask section, own spacing)
@@ -109,10 +111,11 @@ def check(case: str, spacing, motion_name: str, orientations=ORIENTATIONS,
                 sitk.WriteImage(sitk.DICOMOrient(lab, o), str(w / f"{tag}_lab.nii.gz"))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    steps.mask(ct_path=w / f"{tag}_ct.nii.gz", labels_path=w / f"{tag}_lab.nii.gz",
-                               out_parts=w / f"{tag}_parts.nii.gz",
-                               out_json=w / f"{tag}_parts.json", cfg=mask_cfg,
-                               context=f"{case} {tag} {o}")
+                    steps_imaging.mask(ct_path=w / f"{tag}_ct.nii.gz",
+                                       labels_path=w / f"{tag}_lab.nii.gz",
+                                       out_parts=w / f"{tag}_parts.nii.gz",
+                                       out_json=w / f"{tag}_parts.json", cfg=mask_cfg,
+                                       context=f"{case} {tag} {o}")
                 imgs[tag] = (sitk.ReadImage(str(w / f"{tag}_ct.nii.gz"), sitk.sitkFloat32),
                              sitk.ReadImage(str(w / f"{tag}_parts.nii.gz")))
             t0 = time.perf_counter()
@@ -165,6 +168,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES))
     ap.add_argument("--motions", nargs="+", default=list(MOTIONS))
     args = ap.parse_args()
+    logs.log_to(sys.stderr)  # the library's progress messages
     rows = list(HEADER)
     for case in args.cases:
         own = CASES[case][4]

@@ -28,6 +28,8 @@ import yaml
 
 from qctfea.imaging import masks
 from qctfea import steps
+from qctfea import logs
+from qctfea import steps_model
 from qctfea.imaging.bmd import BmdParams
 from qctfea.model import materials as mat
 from qctfea import uncertainty as unc
@@ -72,6 +74,7 @@ def main(argv=None) -> int:
                     help="the cohort config the scan was run with (mesh, materials, loads, "
                          "bmd, uncertainty sections)")
     a = ap.parse_args(argv)
+    logs.log_to(sys.stderr)  # the library's progress messages
     scan, out = Path(a.scan), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = yaml.safe_load(Path(a.config).read_text()) or {}
@@ -110,13 +113,13 @@ def main(argv=None) -> int:
                  for sc in screws]
         (d / "screws.json").write_text(json.dumps({"screws": [s.to_dict() for s in moved]}))
         (d / "vertebra.json").write_text((scan / "vertebra.json").read_text())
-        steps.mesh(parts_path=scan / "vertebra.nii.gz", screws_path=d / "screws.json",
-                   out_mesh=d / "mesh.xdmf", out_json=d / "mesh.json", cfg=cfg.get("mesh") or {},
-                   context=f"draw {i}")
-        steps.materials(mesh_path=d / "mesh.xdmf", density_path=d / "density.nii.gz",
-                        screws_path=d / "screws.json", out_npz=d / "materials.npz",
-                        out_json=d / "materials.json", cfg=cfg.get("materials") or {},
-                        context=f"draw {i}")
+        steps_model.mesh(parts_path=scan / "vertebra.nii.gz", screws_path=d / "screws.json",
+                         out_mesh=d / "mesh.xdmf", out_json=d / "mesh.json",
+                         cfg=cfg.get("mesh") or {}, context=f"draw {i}")
+        steps_model.materials(mesh_path=d / "mesh.xdmf", density_path=d / "density.nii.gz",
+                              screws_path=d / "screws.json", out_npz=d / "materials.npz",
+                              out_json=d / "materials.json", cfg=cfg.get("materials") or {},
+                              context=f"draw {i}")
         m = dict(np.load(d / "materials.npz"))
         m["yield_mpa"] = m["yield_mpa"] * src["factor"][i]
         np.savez_compressed(d / "materials.npz", **m)

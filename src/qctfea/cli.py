@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
+from qctfea import logs
 from qctfea.errors import QctfeaError
 
 
@@ -40,180 +42,197 @@ def _ctx(a) -> str:
     return f"patient {a.patient}, timepoint {a.timepoint}"
 
 
+def _arg(*flags, **kwargs) -> tuple[tuple[str, ...], dict]:
+    """One ``add_argument`` of a subcommand: its positional and keyword arguments."""
+    return flags, kwargs
+
+
+#: The arguments of every per-scan step, ahead of its own.
+_SCAN_ARGS = (
+    _arg("--patient", default="?", help="pseudonymous patient id (for messages)"),
+    _arg("--timepoint", default="?", help="timepoint id (for messages)"),
+    _arg("--params", help="step parameters: JSON object or @file.yaml"),
+)
+
+#: The subcommands: name, help, whether it is a per-scan step (then it takes _SCAN_ARGS
+#: first), and its own arguments.
+SUBCOMMANDS = (
+    ("synth", "write one synthetic demo scan (DICOM series + side files)", True, (
+        _arg("--out", required=True),
+        _arg("--months", type=float, required=True),
+        _arg("--seed", type=int, default=2021),
+    )),
+    ("ingest", "DICOM series (or NIfTI/NRRD/MHA) -> ct.nii.gz (HU) + scan.json", True, (
+        _arg("source"),
+        _arg("--out-image", required=True),
+        _arg("--out-json", required=True),
+        _arg("--series-uid"),
+    )),
+    ("calibrate", "HU -> K2HPO4 density (mg/cm³) by phantom, phantomless or fixed "
+                 "calibration", True, (
+        _arg("ct"),
+        _arg("--labels", required=True),
+        _arg("--label", type=int, default=23),
+        _arg("--out-density", required=True),
+        _arg("--out-json", required=True),
+        _arg("--out-png", required=True),
+    )),
+    ("mask", "label map -> vertebra parts (body, posterior, trabecular ROI)", True, (
+        _arg("ct"),
+        _arg("--labels", required=True),
+        _arg("--out-parts", required=True),
+        _arg("--out-json", required=True),
+        _arg("--subregions", help="optional sub-region map (VerSe 49/50: the body)"),
+    )),
+    ("screws", "screw trajectories from landmarks, or planned from the mask "
+               "(--planning '{\"method\": \"auto\"}'), each graded on the "
+               "Gertzbein-Robbins scale; a screw worse than planning.max_grade fails", True, (
+        _arg("--landmarks", help="landmarks JSON (not needed with planning method auto)"),
+        _arg("--planning", help="planning section: JSON object or @file.yaml"),
+        _arg("--parts", required=True),
+        _arg("--out-json", required=True),
+        _arg("--out-png", help="QC picture: cuts along each screw with canal and grade"),
+    )),
+    ("bmd", "trabecular, integral, around-screw vBMD and areal BMD", True, (
+        _arg("--density", required=True),
+        _arg("--parts", required=True),
+        _arg("--screws", help="screws.json; omitted: a model without screws "
+             "(loads.cases without pullout)"),
+        _arg("--out-json", required=True),
+    )),
+    ("register", "follow-up onto baseline (rigid, on the vertebra) -> density on the "
+                 "baseline grid, transform, QC JSON and picture", True, (
+        _arg("--baseline-density", required=True),
+        _arg("--baseline-parts", required=True),
+        _arg("--density", required=True),
+        _arg("--parts", required=True),
+        _arg("--out-density", required=True),
+        _arg("--out-json", required=True),
+        _arg("--out-tfm", required=True),
+        _arg("--out-png", required=True),
+    )),
+    ("export-slicer", "screws.json and the vertebra -> screws.mrk.json, "
+"vertebra.stl, screw_<side>.stl for 3D Slicer (LPS; docs/slicer.md)", False, (
+        _arg("--screws", required=True, help="screws.json"),
+        _arg("--parts", required=True, help="vertebra parts image (vertebra.nii.gz)"),
+        _arg("--out-dir", required=True),
+        _arg("--patient", default="?", help="pseudonymous patient id (for messages)"),
+        _arg("--timepoint", default="?", help="timepoint id (for messages)"),
+    )),
+    ("validate", "synthetic cohort only: compare calibration, "
+"trabecular vBMD and registration with the generator's truth files", False, (
+        _arg("--results", required=True, help="results/<cohort>"),
+        _arg("--resources", required=True, help="resources/<cohort> (truth.json files)"),
+        _arg("--samples", required=True, help="the cohort's samples.tsv"),
+        _arg("--out-csv", required=True),
+        _arg("--out-md", required=True),
+    )),
+    ("mesh", "bone + screws -> tetrahedral mesh (CGAL) with cell tags", True, (
+        _arg("--parts", required=True),
+        _arg("--screws", help="screws.json; omitted: a model without screws "
+             "(loads.cases without pullout)"),
+        _arg("--out-mesh", required=True),
+        _arg("--out-json", required=True),
+    )),
+    ("materials", "density -> element Young's moduli (volume-integrated)", True, (
+        _arg("--mesh", required=True),
+        _arg("--density", required=True),
+        _arg("--screws", help="screws.json; omitted: a model without screws "
+             "(loads.cases without pullout)"),
+        _arg("--out-npz", required=True),
+        _arg("--out-json", required=True),
+    )),
+    ("solve", "FE load case, linear or nonlinear (run under mpiexec -n N)", True, (
+        _arg("case", choices=["compression", "pullout"]),
+        _arg("--side", choices=["left", "right"]),
+        _arg("--mesh", required=True),
+        _arg("--materials", required=True),
+        _arg("--vertebra", required=True, help="vertebra.json from the mask step"),
+        _arg("--screws", help="screws.json; omitted: a model without screws "
+             "(loads.cases without pullout)"),
+        _arg("--out-json", required=True),
+        _arg("--solver-params", help="PETSc options: JSON object or @file.yaml"),
+        _arg("--out-curve", help="force-displacement curve (CSV)"),
+        _arg("--out-plot", help="force-displacement curve (PNG)"),
+        _arg("--out-fields", help="fields for ParaView (XDMF; an .h5 is written beside)"),
+    )),
+    ("aggregate", "per-scan JSONs -> longitudinal table (CSV)", False, (
+        _arg("--samples", required=True, help="sample sheet (TSV)"),
+        _arg("--results", required=True, help="results/<cohort> folder"),
+        _arg("--out-csv", required=True),
+        _arg("--cases", default="compression,pullout",
+             help="load cases run (loads.cases), comma-separated; without pullout no "
+             "pullout files are read"),
+        _arg("--clinical", help="the cohort config's clinical section (thresholds of "
+             "the clinical categories): JSON object or @file.yaml; default: published"),
+    )),
+    ("stats", "longitudinal table -> paired tests, Friedman, mixed "
+"models, correlations, summary.json", False, (
+        _arg("long_csv"),
+        _arg("--out-dir", required=True),
+        _arg("--exclusions", help="exclusions CSV (patient, timepoint, months, reason) "
+             "of scans the cohort config leaves out; named in summary.json"),
+    )),
+    ("tables", "longitudinal table -> wide table, change from "
+"baseline, summary per timepoint, Table 1", False, (
+        _arg("long_csv"),
+        _arg("--out-dir", required=True),
+    )),
+    ("figures", "longitudinal table -> spaghetti and scatter figures", False, (
+        _arg("long_csv"),
+        _arg("--out-dir", required=True),
+        _arg("--cases", default="compression,pullout",
+             help="load cases run (loads.cases), comma-separated; without pullout no "
+             "pullout figures"),
+    )),
+    ("montage", "per-scan PNGs -> QC montage (PNG + SVG)", False, (
+        _arg("--results", required=True, help="results/<cohort> folder"),
+        _arg("--picture", default="calibration.png", help="per-scan file name"),
+        _arg("--out-png", required=True),
+        _arg("--out-svg", required=True),
+    )),
+    ("summary-page", "tables, stats, figures -> self-contained HTML", False, (
+        _arg("--results", required=True, help="results/<cohort> folder"),
+        _arg("--out-html", required=True),
+    )),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qctfea", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="step", required=True)
-
-    def add(name, help_):
+    for name, help_, per_scan, args in SUBCOMMANDS:
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--patient", default="?", help="pseudonymous patient id (for messages)")
-        s.add_argument("--timepoint", default="?", help="timepoint id (for messages)")
-        s.add_argument("--params", help="step parameters: JSON object or @file.yaml")
-        return s
-
-    s = add("synth", "write one synthetic demo scan (DICOM series + side files)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--months", type=float, required=True)
-    s.add_argument("--seed", type=int, default=2021)
-
-    s = add("ingest", "DICOM series (or NIfTI/NRRD/MHA) -> ct.nii.gz (HU) + scan.json")
-    s.add_argument("source")
-    s.add_argument("--out-image", required=True)
-    s.add_argument("--out-json", required=True)
-    s.add_argument("--series-uid")
-
-    s = add("calibrate", "HU -> K2HPO4 density (mg/cm³) by phantom, phantomless or fixed "
-                        "calibration")
-    s.add_argument("ct")
-    s.add_argument("--labels", required=True)
-    s.add_argument("--label", type=int, default=23)
-    s.add_argument("--out-density", required=True)
-    s.add_argument("--out-json", required=True)
-    s.add_argument("--out-png", required=True)
-
-    s = add("mask", "label map -> vertebra parts (body, posterior, trabecular ROI)")
-    s.add_argument("ct")
-    s.add_argument("--labels", required=True)
-    s.add_argument("--out-parts", required=True)
-    s.add_argument("--out-json", required=True)
-    s.add_argument("--subregions", help="optional sub-region map (VerSe 49/50: the body)")
-
-    s = add("screws", "screw trajectories from landmarks, or planned from the mask "
-                      "(--planning '{\"method\": \"auto\"}'), each graded on the "
-                      "Gertzbein-Robbins scale; a screw worse than planning.max_grade fails")
-    s.add_argument("--landmarks", help="landmarks JSON (not needed with planning method auto)")
-    s.add_argument("--planning", help="planning section: JSON object or @file.yaml")
-    s.add_argument("--parts", required=True)
-    s.add_argument("--out-json", required=True)
-    s.add_argument("--out-png", help="QC picture: cuts along each screw with canal and grade")
-
-    s = add("bmd", "trabecular, integral, around-screw vBMD and areal BMD")
-    s.add_argument("--density", required=True)
-    s.add_argument("--parts", required=True)
-    s.add_argument("--screws", help="screws.json; omitted: a model without screws "
-                   "(loads.cases without pullout)")
-    s.add_argument("--out-json", required=True)
-
-    s = add("register", "follow-up onto baseline (rigid, on the vertebra) -> density on the "
-                        "baseline grid, transform, QC JSON and picture")
-    s.add_argument("--baseline-density", required=True)
-    s.add_argument("--baseline-parts", required=True)
-    s.add_argument("--density", required=True)
-    s.add_argument("--parts", required=True)
-    s.add_argument("--out-density", required=True)
-    s.add_argument("--out-json", required=True)
-    s.add_argument("--out-tfm", required=True)
-    s.add_argument("--out-png", required=True)
-
-    s = sub.add_parser("export-slicer", help="screws.json and the vertebra -> screws.mrk.json, "
-                       "vertebra.stl, screw_<side>.stl for 3D Slicer (LPS; docs/slicer.md)")
-    s.add_argument("--screws", required=True, help="screws.json")
-    s.add_argument("--parts", required=True, help="vertebra parts image (vertebra.nii.gz)")
-    s.add_argument("--out-dir", required=True)
-    s.add_argument("--patient", default="?", help="pseudonymous patient id (for messages)")
-    s.add_argument("--timepoint", default="?", help="timepoint id (for messages)")
-
-    s = sub.add_parser("validate", help="synthetic cohort only: compare calibration, "
-                       "trabecular vBMD and registration with the generator's truth files")
-    s.add_argument("--results", required=True, help="results/<cohort>")
-    s.add_argument("--resources", required=True, help="resources/<cohort> (truth.json files)")
-    s.add_argument("--samples", required=True, help="the cohort's samples.tsv")
-    s.add_argument("--out-csv", required=True)
-    s.add_argument("--out-md", required=True)
-
-    s = add("mesh", "bone + screws -> tetrahedral mesh (CGAL) with cell tags")
-    s.add_argument("--parts", required=True)
-    s.add_argument("--screws", help="screws.json; omitted: a model without screws "
-                   "(loads.cases without pullout)")
-    s.add_argument("--out-mesh", required=True)
-    s.add_argument("--out-json", required=True)
-
-    s = add("materials", "density -> element Young's moduli (volume-integrated)")
-    s.add_argument("--mesh", required=True)
-    s.add_argument("--density", required=True)
-    s.add_argument("--screws", help="screws.json; omitted: a model without screws "
-                   "(loads.cases without pullout)")
-    s.add_argument("--out-npz", required=True)
-    s.add_argument("--out-json", required=True)
-
-    s = add("solve", "FE load case, linear or nonlinear (run under mpiexec -n N)")
-    s.add_argument("case", choices=["compression", "pullout"])
-    s.add_argument("--side", choices=["left", "right"])
-    s.add_argument("--mesh", required=True)
-    s.add_argument("--materials", required=True)
-    s.add_argument("--vertebra", required=True, help="vertebra.json from the mask step")
-    s.add_argument("--screws", help="screws.json; omitted: a model without screws "
-                   "(loads.cases without pullout)")
-    s.add_argument("--out-json", required=True)
-    s.add_argument("--solver-params", help="PETSc options: JSON object or @file.yaml")
-    s.add_argument("--out-curve", help="force-displacement curve (CSV)")
-    s.add_argument("--out-plot", help="force-displacement curve (PNG)")
-    s.add_argument("--out-fields", help="fields for ParaView (XDMF; an .h5 is written beside)")
-
-    s = sub.add_parser("aggregate", help="per-scan JSONs -> longitudinal table (CSV)")
-    s.add_argument("--samples", required=True, help="sample sheet (TSV)")
-    s.add_argument("--results", required=True, help="results/<cohort> folder")
-    s.add_argument("--out-csv", required=True)
-    s.add_argument("--cases", default="compression,pullout",
-                   help="load cases run (loads.cases), comma-separated; without pullout no "
-                   "pullout files are read")
-    s.add_argument("--clinical", help="the cohort config's clinical section (thresholds of "
-                   "the clinical categories): JSON object or @file.yaml; default: published")
-
-    s = sub.add_parser("stats", help="longitudinal table -> paired tests, Friedman, mixed "
-                       "models, correlations, summary.json")
-    s.add_argument("long_csv")
-    s.add_argument("--out-dir", required=True)
-    s.add_argument("--exclusions", help="exclusions CSV (patient, timepoint, months, reason) "
-                   "of scans the cohort config leaves out; named in summary.json")
-
-    s = sub.add_parser("tables", help="longitudinal table -> wide table, change from "
-                       "baseline, summary per timepoint, Table 1")
-    s.add_argument("long_csv")
-    s.add_argument("--out-dir", required=True)
-
-    s = sub.add_parser("figures", help="longitudinal table -> spaghetti and scatter figures")
-    s.add_argument("long_csv")
-    s.add_argument("--out-dir", required=True)
-    s.add_argument("--cases", default="compression,pullout",
-                   help="load cases run (loads.cases), comma-separated; without pullout no "
-                   "pullout figures")
-
-    s = sub.add_parser("montage", help="per-scan PNGs -> QC montage (PNG + SVG)")
-    s.add_argument("--results", required=True, help="results/<cohort> folder")
-    s.add_argument("--picture", default="calibration.png", help="per-scan file name")
-    s.add_argument("--out-png", required=True)
-    s.add_argument("--out-svg", required=True)
-
-    s = sub.add_parser("summary-page", help="tables, stats, figures -> self-contained HTML")
-    s.add_argument("--results", required=True, help="results/<cohort> folder")
-    s.add_argument("--out-html", required=True)
+        for flags, kwargs in (_SCAN_ARGS if per_scan else ()) + args:
+            s.add_argument(*flags, **kwargs)
     return p
 
 
 def run(a) -> None:
-    from qctfea import steps
+    from qctfea import steps_fea, steps_imaging, steps_model
 
     prm = _params(getattr(a, "params", None))
     if a.step == "synth":
-        steps.synth_scan(out_dir=a.out, patient=a.patient, timepoint=a.timepoint, months=a.months,
-                         seed=a.seed, synth_cfg=prm)
+        steps_imaging.synth_scan(out_dir=a.out, patient=a.patient, timepoint=a.timepoint,
+                                 months=a.months, seed=a.seed, synth_cfg=prm)
     elif a.step == "ingest":
-        steps.ingest(source=a.source, out_image=a.out_image, out_json=a.out_json, context=_ctx(a),
-                     series_uid=a.series_uid, cfg=prm)
+        steps_imaging.ingest(source=a.source, out_image=a.out_image, out_json=a.out_json,
+                             context=_ctx(a), series_uid=a.series_uid, cfg=prm)
     elif a.step == "calibrate":
-        steps.calibrate(ct_path=a.ct, labels_path=a.labels, out_density=a.out_density,
-                        out_json=a.out_json, out_png=a.out_png, cfg=prm, context=_ctx(a),
-                        label=a.label)
+        steps_imaging.calibrate(ct_path=a.ct, labels_path=a.labels, out_density=a.out_density,
+                                out_json=a.out_json, out_png=a.out_png, cfg=prm, context=_ctx(a),
+                                label=a.label)
     elif a.step == "mask":
-        steps.mask(ct_path=a.ct, labels_path=a.labels, out_parts=a.out_parts, out_json=a.out_json,
-                   cfg=prm, context=_ctx(a), subregions_path=a.subregions)
+        steps_imaging.mask(ct_path=a.ct, labels_path=a.labels, out_parts=a.out_parts,
+                           out_json=a.out_json, cfg=prm, context=_ctx(a),
+                           subregions_path=a.subregions)
     elif a.step == "screws":
-        steps.plan_screws(landmarks_path=a.landmarks, parts_path=a.parts, out_json=a.out_json,
-                          cfg=prm, context=_ctx(a), planning=_params(a.planning), out_png=a.out_png)
+        steps_model.plan_screws(landmarks_path=a.landmarks, parts_path=a.parts, out_json=a.out_json,
+                                cfg=prm, context=_ctx(a), planning=_params(a.planning),
+                                out_png=a.out_png)
     elif a.step == "bmd":
-        steps.bmd(density_path=a.density, parts_path=a.parts, screws_path=a.screws,
-                  out_json=a.out_json, cfg=prm, context=_ctx(a))
+        steps_imaging.bmd(density_path=a.density, parts_path=a.parts, screws_path=a.screws,
+                          out_json=a.out_json, cfg=prm, context=_ctx(a))
     elif a.step == "export-slicer":
         from qctfea.qc import slicer
 
@@ -225,23 +244,25 @@ def run(a) -> None:
         validation.write_validation(a.results, a.resources, a.samples, a.out_csv, a.out_md)
         print(open(a.out_md).read())
     elif a.step == "register":
-        steps.register(fixed_density=a.baseline_density, fixed_parts=a.baseline_parts,
-                       moving_density=a.density, moving_parts=a.parts, out_density=a.out_density,
-                       out_json=a.out_json, out_tfm=a.out_tfm, out_png=a.out_png, cfg=prm,
-                       context=_ctx(a))
+        steps_imaging.register(fixed_density=a.baseline_density, fixed_parts=a.baseline_parts,
+                               moving_density=a.density, moving_parts=a.parts,
+                               out_density=a.out_density,
+                               out_json=a.out_json, out_tfm=a.out_tfm, out_png=a.out_png, cfg=prm,
+                               context=_ctx(a))
     elif a.step == "mesh":
-        steps.mesh(parts_path=a.parts, screws_path=a.screws, out_mesh=a.out_mesh,
-                   out_json=a.out_json, cfg=prm, context=_ctx(a))
+        steps_model.mesh(parts_path=a.parts, screws_path=a.screws, out_mesh=a.out_mesh,
+                         out_json=a.out_json, cfg=prm, context=_ctx(a))
     elif a.step == "materials":
-        steps.materials(mesh_path=a.mesh, density_path=a.density, screws_path=a.screws,
-                        out_npz=a.out_npz, out_json=a.out_json, cfg=prm, context=_ctx(a))
+        steps_model.materials(mesh_path=a.mesh, density_path=a.density, screws_path=a.screws,
+                              out_npz=a.out_npz, out_json=a.out_json, cfg=prm, context=_ctx(a))
     elif a.step == "solve":
         if a.case == "pullout" and not a.side:
             raise QctfeaError("solve pullout needs --side left or --side right")
-        steps.solve(case=a.case, mesh_path=a.mesh, materials_path=a.materials, mask_json=a.vertebra,
-                    screws_path=a.screws, out_json=a.out_json, loads_cfg=prm,
-                    solver_cfg=_params(a.solver_params), context=_ctx(a), side=a.side,
-                    out_curve=a.out_curve, out_plot=a.out_plot, out_fields=a.out_fields)
+        steps_fea.solve(case=a.case, mesh_path=a.mesh, materials_path=a.materials,
+                        mask_json=a.vertebra, screws_path=a.screws, out_json=a.out_json,
+                        loads_cfg=prm,
+                        solver_cfg=_params(a.solver_params), context=_ctx(a), side=a.side,
+                        out_curve=a.out_curve, out_plot=a.out_plot, out_fields=a.out_fields)
     elif a.step == "aggregate":
         from qctfea.cohort import analysis as cohort, samples
 
@@ -259,7 +280,7 @@ def run(a) -> None:
 
 def _cohort_step(a) -> None:
     """The cohort-level steps after ``stats`` (tables, figures, QC montage, summary page)."""
-    from qctfea.cohort import analysis as cohort
+    from qctfea.cohort import analysis as cohort, longtable
     from qctfea.qc import figures, report
 
     if a.step == "tables":
@@ -272,9 +293,9 @@ def _cohort_step(a) -> None:
                    for f in sorted(root.glob(f"*/*/{a.picture}"))]
         if not entries:
             raise QctfeaError(f"no {root}/<patient>/<timepoint>/{a.picture} found")
-        df = cohort.read_long_table(root / "tables" / "longitudinal.csv")
+        df = longtable.read_long_table(root / "tables" / "longitudinal.csv")
         figures.qc_montage(entries, {"png": a.out_png, "svg": a.out_svg}, a.picture,
-                           [str(t) for t in cohort.timepoint_months(df).index])
+                           [str(t) for t in longtable.timepoint_months(df).index])
     else:
         root = Path(a.results)
         pngs = sorted((root / "figures").glob("*.png"))
@@ -289,11 +310,16 @@ def _cohort_step(a) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handler = logs.log_to(sys.stderr)
+    logging.captureWarnings(True)
     try:
         run(args)
     except QctfeaError as exc:
         print(f"qctfea {args.step}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        logging.captureWarnings(False)
+        logs.remove(handler)
     return 0
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -103,6 +104,52 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_named.exists():
             tmp_named.unlink()
+
+
+@contextlib.contextmanager
+def atomic_files(*paths: str | os.PathLike) -> Iterator[Path]:
+    """Yield a scratch folder beside the first of ``paths``; write each target there under
+    its own name. On success each file is renamed onto its target, in the order given
+    (list the file that refers to the others last: an XDMF after its HDF5), so the set
+    appears together; on failure nothing is moved. Targets share one filesystem."""
+    targets = [Path(p) for p in paths]
+    for t in targets:
+        t.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{targets[0].name}.", suffix=".part",
+                                    dir=targets[0].parent))
+    try:
+        yield scratch
+        for t in targets:
+            os.replace(scratch / t.name, t)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty scratch folder beside ``path``; on success it takes the place of
+    ``path`` (a folder already there is moved aside and removed), on failure it is removed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part",
+                                    dir=target.parent))
+    try:
+        yield scratch
+        if target.exists():
+            old = scratch.with_name(scratch.name + ".old")
+            target.rename(old)
+            scratch.rename(target)
+            shutil.rmtree(old)
+        else:
+            scratch.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

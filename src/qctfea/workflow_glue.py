@@ -1,12 +1,14 @@
 """Glue for the Snakemake scripts: logging to the rule's log file, context strings.
 
 Kept tiny on purpose: the workflow's scripts only unpack the ``snakemake``
-object and call :mod:`qctfea.steps`.
+object and call a step (:mod:`qctfea.steps_imaging`, :mod:`qctfea.steps_model`,
+:mod:`qctfea.steps_fea`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import sys
 import traceback
@@ -14,27 +16,33 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from qctfea import logs
 from qctfea.errors import QctfeaError
+
+logger = logging.getLogger(__name__)
 
 
 def run_step(snakemake, fn: Callable[[], None]) -> None:
-    """Run ``fn`` with stderr and warnings going to the rule's log; fail with a clear line."""
+    """Run ``fn`` with stderr, log records and warnings going to the rule's log; fail with
+    a clear line."""
     log = Path(snakemake.log[0]) if snakemake.log else None
     stream = open(log, "w") if log else sys.stderr  # noqa: SIM115
+    handler = logs.log_to(stream)
+    logging.captureWarnings(True)
     try:
         with contextlib.redirect_stderr(stream), warnings.catch_warnings():
             warnings.simplefilter("always")
-            warnings.showwarning = lambda m, c, f, lineno, file=None, line=None: print(
-                f"WARNING: {m}", file=stream, flush=True)
             try:
                 fn()
             except QctfeaError as exc:
-                print(f"ERROR: {exc}", file=stream, flush=True)
+                logger.error(str(exc))
                 raise SystemExit(f"qctfea: {exc}") from None
             except Exception:
                 traceback.print_exc(file=stream)
                 raise
     finally:
+        logging.captureWarnings(False)
+        logs.remove(handler)
         if log:
             stream.close()
 
@@ -77,8 +85,8 @@ def write_failure_summary(main_log, out: str | Path) -> list[dict]:
     user reads after ``snakemake --keep-going``: every other scan's results are complete.
     ``main_log``: Snakemake's log file (the ``log`` of an onerror handler: a path or a list
     of them)."""
-    logs = [main_log] if isinstance(main_log, (str, Path)) else list(main_log)
-    main_log = next((str(p) for p in logs if Path(p).is_file()), None)
+    paths = [main_log] if isinstance(main_log, (str, Path)) else list(main_log)
+    main_log = next((str(p) for p in paths if Path(p).is_file()), None)
     if main_log is None:
         return []
     jobs = failed_jobs(main_log)

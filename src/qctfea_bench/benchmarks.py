@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from qctfea.errors import QctfeaError
+from qctfea.mdtable import pipe_table
 from qctfea.provenance import atomic_path
 
 COLUMNS = ["rule", "jobs", "wall_s_mean", "wall_s_max", "wall_s_total", "peak_rss_mb_median",
@@ -72,16 +73,13 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown(table: pd.DataFrame, title: str) -> str:
-    lines = [f"### {title}", "",
-             "| rule | jobs | wall s mean | wall s max | wall s total | peak RSS MB median | "
-             "peak RSS MB max | RSS slope MB / 10 jobs | RSS last / first third |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in table.itertuples():
-        lines.append(f"| {r.rule} | {r.jobs} | {r.wall_s_mean:.1f} | {r.wall_s_max:.1f} | "
-                     f"{r.wall_s_total:.0f} | {r.peak_rss_mb_median:.0f} | "
-                     f"{r.peak_rss_mb_max:.0f} | {r.rss_slope_mb_per_10_jobs:+.1f} | "
-                     f"{r.rss_last_vs_first_third:.2f} |")
-    return "\n".join(lines) + "\n"
+    rows = [[r.rule, r.jobs, f"{r.wall_s_mean:.1f}", f"{r.wall_s_max:.1f}",
+             f"{r.wall_s_total:.0f}", f"{r.peak_rss_mb_median:.0f}", f"{r.peak_rss_mb_max:.0f}",
+             f"{r.rss_slope_mb_per_10_jobs:+.1f}", f"{r.rss_last_vs_first_third:.2f}"]
+            for r in table.itertuples()]
+    header = ["rule", "jobs", "wall s mean", "wall s max", "wall s total", "peak RSS MB median",
+              "peak RSS MB max", "RSS slope MB / 10 jobs", "RSS last / first third"]
+    return f"### {title}\n\n" + pipe_table(header, rows, "l" + "r" * 8) + "\n"
 
 
 def write_summary(root, out_md, out_json=None, title: str | None = None) -> pd.DataFrame:

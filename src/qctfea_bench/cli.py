@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qctfea import logs
 from qctfea.errors import QctfeaError
 
 
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    handler = logs.log_to(sys.stderr, ("qctfea", "qctfea_bench"))
     try:
         if a.cmd == "benchmarks":
             from qctfea_bench import benchmarks
@@ -120,6 +122,8 @@ def main(argv=None) -> int:
     except QctfeaError as exc:
         print(f"qctfea-bench {a.cmd}: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        logs.remove(handler)
     return 0
 
 

@@ -22,7 +22,7 @@ Command (docs/mesh_convergence.md holds the record)::
 from __future__ import annotations
 
 import json
-import os
+import logging
 import shutil
 import subprocess
 import sys
@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 from qctfea.errors import QctfeaError
+from qctfea.mdtable import pipe_table
+from qctfea.provenance import write_text
+
+log = logging.getLogger(__name__)
 
 #: text after this line of an existing --out-md file is kept when the table is regenerated
 NOTES_MARK = "<!-- notes: kept when the table above is regenerated -->"
@@ -88,25 +92,25 @@ def mesh_level(scan: Path, d: Path, size: float, voxel_mm: float, materials_cfg:
     """Mesh the scan's vertebra and screws at bone cell size ``size`` (screw cells half, bone
     near the screws a third) into ``d`` and map its materials; returns the seconds of each
     and the mesh report."""
-    from qctfea import steps
+    from qctfea import steps_model
 
     t0 = time.perf_counter()
-    steps.mesh(parts_path=scan / "vertebra.nii.gz", screws_path=scan / "screws.json",
-               out_mesh=d / "mesh.xdmf", out_json=d / "mesh.json",
-               cfg={"voxel_mm": voxel_mm, "bone_cell_size_mm": size,
-                    "screw_cell_size_mm": size / 2,
-                    "peri_screw_cell_size_mm": size / 3}, context=ctx)
+    steps_model.mesh(parts_path=scan / "vertebra.nii.gz", screws_path=scan / "screws.json",
+                     out_mesh=d / "mesh.xdmf", out_json=d / "mesh.json",
+                     cfg={"voxel_mm": voxel_mm, "bone_cell_size_mm": size,
+                          "screw_cell_size_mm": size / 2,
+                          "peri_screw_cell_size_mm": size / 3}, context=ctx)
     t_mesh = time.perf_counter() - t0
     t0 = time.perf_counter()
-    steps.materials(mesh_path=d / "mesh.xdmf", density_path=scan / "density.nii.gz",
-                    screws_path=scan / "screws.json", out_npz=d / "materials.npz",
-                    out_json=d / "materials.json", cfg=dict(materials_cfg or {}), context=ctx)
+    steps_model.materials(mesh_path=d / "mesh.xdmf", density_path=scan / "density.nii.gz",
+                          screws_path=scan / "screws.json", out_npz=d / "materials.npz",
+                          out_json=d / "materials.json", cfg=dict(materials_cfg or {}), context=ctx)
     t_mat = time.perf_counter() - t0
     return t_mesh, t_mat, json.loads((d / "mesh.json").read_text())
 
 
 def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_mm: float = 0.5,
-              ranks: int = 2, materials_cfg: dict | None = None, log=sys.stderr,
+              ranks: int = 2, materials_cfg: dict | None = None,
               strength: bool = False, loads: dict | None = None) -> list[dict]:
     """Mesh, map and solve (linear; with ``strength`` also nonlinear) at each bone cell size;
     returns one row per level."""
@@ -116,7 +120,7 @@ def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_m
         d = out_dir / f"bone_{size:g}mm"
         d.mkdir(parents=True, exist_ok=True)
         ctx = f"{scan} at bone cell size {size:g} mm"
-        print(f"[convergence] {ctx}: meshing", file=log, flush=True)
+        log.info(f"[convergence] {ctx}: meshing")
         t_mesh, t_mat, mesh_rep = mesh_level(scan, d, size, voxel_mm, materials_cfg, ctx)
         row = {"bone_cell_size_mm": size, "screw_cell_size_mm": size / 2,
                "peri_screw_cell_size_mm": size / 3, "voxel_mm": voxel_mm,
@@ -126,8 +130,7 @@ def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_m
         for (key, label), (case, side) in zip(QUANTITIES, [("compression", None),
                                                            ("pullout", "left"),
                                                            ("pullout", "right")], strict=True):
-            print(f"[convergence] {ctx}: solving {label} (linear, {ranks} ranks)", file=log,
-                  flush=True)
+            log.info(f"[convergence] {ctx}: solving {label} (linear, {ranks} ranks)")
             r = _solve(case, side, d, scan, ranks)
             row[key] = r["stiffness_n_per_mm"]
             row["n_dofs"] = r["n_dofs"]
@@ -136,19 +139,17 @@ def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_m
         for (key, label), (case, side) in zip(STRENGTHS, CASES, strict=True):
             if not strength:
                 break
-            print(f"[convergence] {ctx}: solving {label} (nonlinear, {ranks} ranks)", file=log,
-                  flush=True)
+            log.info(f"[convergence] {ctx}: solving {label} (nonlinear, {ranks} ranks)")
             r = _solve(case, side, d, scan, ranks, loads, analysis="nonlinear")
             if r.get("refused"):
                 raise QctfeaError(f"{ctx}: {r['refused']}")
             row[key] = r["strength_n"]
             row[f"{case}{'_' + side if side else ''}_nonlinear_s"] = round(r["wall_s"], 1)
-            print(f"[convergence] {ctx}: {label} strength {r['strength_n']:.0f} N "
-                  f"({r['stop_reason']}, {r['increments']} increments)", file=log, flush=True)
+            log.info(f"[convergence] {ctx}: {label} strength {r['strength_n']:.0f} N "
+                     f"({r['stop_reason']}, {r['increments']} increments)")
         rows.append(row)
-        print(f"[convergence] {ctx}: {row['n_cells']} cells, {row['n_dofs']} DOFs, "
-              + ", ".join(f"{lab} {row[k]:.0f} N/mm" for k, lab in QUANTITIES), file=log,
-              flush=True)
+        log.info(f"[convergence] {ctx}: {row['n_cells']} cells, {row['n_dofs']} DOFs, "
+                 + ", ".join(f"{lab} {row[k]:.0f} N/mm" for k, lab in QUANTITIES))
     # Change of each stiffness relative to the next finer level.
     for coarse, fine in zip(rows, rows[1:]):
         for key, _ in QUANTITIES + (STRENGTHS if strength else []):
@@ -165,11 +166,8 @@ def markdown(rows: list[dict], command: str, scan: str) -> str:
         "bone within 3 mm of a screw a third; "
         "the labelled image given to CGAL has the same spacing at every level. "
         "'Δ to finer' is the change of the stiffness relative to the next finer level.", "",
-        "| bone / screw / peri-screw cell (mm) | cells | DOFs | compression (N/mm) | Δ to finer | "
-        "pullout left (N/mm) | Δ to finer | pullout right (N/mm) | Δ to finer | "
-        "mesh s | solve s (3 cases) | Krylov its (compr., left, right) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    table = []
     for r in rows:
         cells = [f"{r['bone_cell_size_mm']:g} / {r['screw_cell_size_mm']:g} / "
                  f"{r['peri_screw_cell_size_mm']:.2g}", str(r["n_cells"]),
@@ -182,18 +180,20 @@ def markdown(rows: list[dict], command: str, scan: str) -> str:
                                             "pullout_left_ksp_iterations",
                                             "pullout_right_ksp_iterations"))
         cells += [f"{r['mesh_s']:.1f}", f"{solve:.1f}", its]
-        lines.append("| " + " | ".join(cells) + " |")
+        table.append(cells)
+    lines.append(pipe_table(
+        ["bone / screw / peri-screw cell (mm)", "cells", "DOFs", "compression (N/mm)",
+         "Δ to finer", "pullout left (N/mm)", "Δ to finer", "pullout right (N/mm)",
+         "Δ to finer", "mesh s", "solve s (3 cases)", "Krylov its (compr., left, right)"],
+        table, "l" + "r" * 10 + "l"))
     if len(rows) >= 2:
         worst = max(abs(rows[-2][f"{k}_change_to_finer_pct"]) for k, _ in QUANTITIES)
         lines += ["", f"Largest stiffness change between the two finest levels: {worst:.1f} % "
                       f"({'within' if worst < 5 else 'NOT within'} the 5 % criterion)."]
     if rows and STRENGTHS[0][0] in rows[0]:
         lines += ["", "Nonlinear strength (damage model, crack band; docs/nonlinear.md) at each "
-                  "level; seconds are the three nonlinear solves' wall time.", "",
-                  "| bone / screw / peri-screw cell (mm) | compression (N) | Δ to finer | "
-                  "pullout left (N) | Δ to finer | pullout right (N) | Δ to finer | "
-                  "nonlinear s (compr., left, right) |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+                  "level; seconds are the three nonlinear solves' wall time.", ""]
+        table = []
         for r in rows:
             cells = [f"{r['bone_cell_size_mm']:g} / {r['screw_cell_size_mm']:g} / "
                      f"{r['peri_screw_cell_size_mm']:.2g}"]
@@ -203,7 +203,11 @@ def markdown(rows: list[dict], command: str, scan: str) -> str:
             cells.append(", ".join(f"{r[k]:.0f}" for k in (
                 "compression_nonlinear_s", "pullout_left_nonlinear_s",
                 "pullout_right_nonlinear_s")))
-            lines.append("| " + " | ".join(cells) + " |")
+            table.append(cells)
+        lines.append(pipe_table(
+            ["bone / screw / peri-screw cell (mm)", "compression (N)", "Δ to finer",
+             "pullout left (N)", "Δ to finer", "pullout right (N)", "Δ to finer",
+             "nonlinear s (compr., left, right)"], table, "l" + "r" * 6 + "l"))
         if len(rows) >= 2:
             worst = max(abs(rows[-2][f"{k}_change_to_finer_pct"]) for k, _ in STRENGTHS)
             lines += ["", f"Largest strength change between the two finest levels: "
@@ -224,7 +228,5 @@ def main_cli(a) -> None:
     out = Path(a.out_md)
     if out.exists() and NOTES_MARK in out.read_text():  # keep the hand-written notes
         text += "\n" + NOTES_MARK + out.read_text().split(NOTES_MARK, 1)[1]
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, a.out_md)
+    write_text(out, text)
     print(text)

@@ -36,10 +36,10 @@ sample by default):
 shared E field (:func:`modulus_image`: the law on the CT's voxels, interpolated
 trilinearly, which is what our element integration samples), ParOSol's CG + multigrid solve, stiffness = top reaction /
 displacement. **Ours**: the body + cap label image on the finest grid (``mesh_voxel_mm``,
-the pipeline's ``mesh.voxel_mm``) meshed with tetrahedra (:func:`qctfea.steps.mesh`, no
+the pipeline's ``mesh.voxel_mm``) meshed with tetrahedra (:func:`qctfea.steps_model.mesh`, no
 screws) at each bone cell size, element moduli integrated over each element from the same
-density image (:func:`qctfea.steps.materials`), linear compression solve under ``mpiexec``
-(:func:`qctfea.steps.solve`). Every time is wall-clock of what a user would run for one
+density image (:func:`qctfea.steps_model.materials`), linear compression solve under ``mpiexec``
+(:func:`qctfea.steps_fea.solve`). Every time is wall-clock of what a user would run for one
 stiffness: ours mesh + materials + solve (a fresh MPI process: start-up and imports
 included); the peer's material mapping + its ``solve()`` call (writing its input, the MPI
 run, reading the results).
@@ -52,9 +52,8 @@ from which every finer level stays within 2 % of the converged stiffness.
 from __future__ import annotations
 
 import json
-import os
+import logging
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -62,6 +61,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from qctfea.errors import QctfeaError
+from qctfea.mdtable import pipe_table
+from qctfea.provenance import write_text
+
+log = logging.getLogger(__name__)
 
 PEER_REQUIREMENT = "parosol-py==0.1.26"
 PEER_VENV = ".peer-venv"
@@ -234,20 +237,21 @@ def prepare_ours(spec: dict, box: dict, d: Path) -> None:
 
 def run_ours(common: Path, density_path: Path, cell_mm: float, voxel_mm: float, d: Path,
              materials_cfg: dict, ranks: int, height_mm: float, ctx: str) -> dict:
-    from qctfea import steps
+    from qctfea import steps_model
 
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    steps.mesh(parts_path=common / "parts.nii.gz", screws_path=common / "screws.json",
-               out_mesh=d / "mesh.xdmf", out_json=d / "mesh.json",
-               cfg={"voxel_mm": voxel_mm, "bone_cell_size_mm": cell_mm,
-                    "screw_cell_size_mm": cell_mm / 2, "peri_screw_cell_size_mm": cell_mm / 3},
-               context=ctx)
+    steps_model.mesh(parts_path=common / "parts.nii.gz", screws_path=common / "screws.json",
+                     out_mesh=d / "mesh.xdmf", out_json=d / "mesh.json",
+                     cfg={"voxel_mm": voxel_mm, "bone_cell_size_mm": cell_mm,
+                          "screw_cell_size_mm": cell_mm / 2,
+                          "peri_screw_cell_size_mm": cell_mm / 3},
+                     context=ctx)
     t_mesh = time.perf_counter() - t0
     t0 = time.perf_counter()
-    steps.materials(mesh_path=d / "mesh.xdmf", density_path=density_path,
-                    screws_path=common / "screws.json", out_npz=d / "materials.npz",
-                    out_json=d / "materials.json", cfg=materials_cfg, context=ctx)
+    steps_model.materials(mesh_path=d / "mesh.xdmf", density_path=density_path,
+                          screws_path=common / "screws.json", out_npz=d / "materials.npz",
+                          out_json=d / "materials.json", cfg=materials_cfg, context=ctx)
     t_mat = time.perf_counter() - t0
     from qctfea_bench.convergence import _solve
 
@@ -297,12 +301,13 @@ def goals(ours: list[dict], peer: list[dict], native_mm: float) -> dict:
 # --- the harness -----------------------------------------------------------------------------
 
 
+# Long on purpose: the harness's run in order (specimen, both tools per level, control).
 def run(scan, out_dir, voxel_sizes: list[float], cell_sizes: list[float], ranks: int = 2,
         peer_py: str | None = None, cap_mm: float = 3.0, unit_mm: float = 3.0,
         margin_mm: float = 1.5, mesh_voxel_mm: float = 0.5, tolerance: float = 1e-6,
         materials_cfg: dict | None = None, control_density: float | None = None,
         control_voxel_sizes: list[float] | None = None,
-        control_cell_sizes: list[float] | None = None, log=sys.stderr) -> dict:
+        control_cell_sizes: list[float] | None = None) -> dict:
     from qctfea import steps
     from qctfea.model.materials import MaterialParams
 
@@ -338,8 +343,7 @@ def run(scan, out_dir, voxel_sizes: list[float], cell_sizes: list[float], ranks:
             spec = build_specimen(parts, dens_img, box, s, youngs)
             E = voxel_moduli(spec, mp)
             t_map = time.perf_counter() - t0
-            print(f"[peer] ParOSol at {s:g} mm: {int((E > 0).sum())} voxels", file=log,
-                  flush=True)
+            log.info(f"[peer] ParOSol at {s:g} mm: {int((E > 0).sum())} voxels")
             r = run_peer(E, s, mp.poisson_bone, sub / f"parosol_{s:g}mm", py, ranks, tolerance)
             r.update(spacing_mm=s, body_voxels=int(spec["body"].sum()),
                      n_dofs=3 * voxel_nodes(E > 0),
@@ -347,16 +351,16 @@ def run(scan, out_dir, voxel_sizes: list[float], cell_sizes: list[float], ranks:
                      body_volume_cm3=float(spec["body"].sum() * s ** 3 / 1000))
             r["wall_s"] = t_map + r["solve_wall_s"]
             peer_rows.append(r)
-            print(f"[peer]   {r['stiffness_n_per_mm']:.0f} N/mm, {r['iterations']} its, "
-                  f"{r['wall_s']:.1f} s", file=log, flush=True)
+            log.info(f"[peer]   {r['stiffness_n_per_mm']:.0f} N/mm, {r['iterations']} its, "
+                     f"{r['wall_s']:.1f} s")
         for c in sorted(cells, reverse=True):
             ctx = f"peer specimen of {scan} at bone cell size {c:g} mm"
-            print(f"[peer] ours at {c:g} mm cells", file=log, flush=True)
+            log.info(f"[peer] ours at {c:g} mm cells")
             r = run_ours(common, dens_path, c, mesh_voxel_mm, sub / "ours" / f"cell_{c:g}mm",
                          mcfg, ranks, float(box["length_mm"][2]), ctx)
             ours_rows.append(r)
-            print(f"[peer]   {r['stiffness_n_per_mm']:.0f} N/mm, {r['n_dofs']} DOFs, "
-                  f"{r['wall_s']:.1f} s", file=log, flush=True)
+            log.info(f"[peer]   {r['stiffness_n_per_mm']:.0f} N/mm, {r['n_dofs']} DOFs, "
+                     f"{r['wall_s']:.1f} s")
         return peer_rows, ours_rows
 
     common = out_dir / "ours"
@@ -391,7 +395,14 @@ def run(scan, out_dir, voxel_sizes: list[float], cell_sizes: list[float], ranks:
 
 
 def markdown(res: dict, command: str) -> str:
-    g = res["goals"]
+    lines = _intro(res, command)
+    for section in (_peer_table, _ours_table, _control_table, _goals_lines):
+        lines += section(res)
+    return "\n".join(lines) + "\n"
+
+
+def _intro(res: dict, command: str) -> list[str]:
+    """Section start, command, specimen and the ParOSol heading."""
     box = res["box"]
     lines = [
         BEGIN_MARK,
@@ -416,36 +427,56 @@ def markdown(res: dict, command: str) -> str:
         "**ParOSol** (voxel model; E per voxel: the law on the CT's voxels, interpolated "
         "trilinearly at the voxel centre, the field our elements integrate):",
         "",
-        "| voxel (mm) | voxels | body cm³ | DOFs | iterations | stiffness (N/mm) | "
-        "vs its finest | map s | solve s | time s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    return lines
+
+
+def _peer_table(res: dict) -> list[str]:
+    """ParOSol's levels."""
+    lines: list[str] = []
     ref = res["peer"][-1]["stiffness_n_per_mm"]
+    table = []
     for r in res["peer"]:
         tag = " (native)" if abs(r["spacing_mm"] - res["native_mm"]) < 1e-6 else ""
-        lines.append(
-            f"| {r['spacing_mm']:g}{tag} | {r['voxels']} | {r['body_volume_cm3']:.1f} | "
-            f"{r['n_dofs']} | {r['iterations']} | {r['stiffness_n_per_mm']:.0f} | "
-            f"{100 * (r['stiffness_n_per_mm'] / ref - 1):+.1f} % | {r['map_s']:.2f} | "
-            f"{r['solve_wall_s']:.2f} | {r['wall_s']:.2f} |")
+        table.append([
+            f"{r['spacing_mm']:g}{tag}", r["voxels"], f"{r['body_volume_cm3']:.1f}",
+            r["n_dofs"], r["iterations"], f"{r['stiffness_n_per_mm']:.0f}",
+            f"{100 * (r['stiffness_n_per_mm'] / ref - 1):+.1f} %", f"{r['map_s']:.2f}",
+            f"{r['solve_wall_s']:.2f}", f"{r['wall_s']:.2f}"])
+    lines.append(pipe_table(
+        ["voxel (mm)", "voxels", "body cm³", "DOFs", "iterations", "stiffness (N/mm)",
+         "vs its finest", "map s", "solve s", "time s"], table, "r" * 10))
+    return lines
+
+
+def _ours_table(res: dict) -> list[str]:
+    """Our levels."""
+    lines: list[str] = []
     lines += [
         "",
         f"**Ours** (tetrahedra from the body + cap image at {res['mesh_voxel_mm']:g} mm, body "
         f"{res['ours_body_volume_cm3']:.1f} cm³; element moduli integrated from the same "
         "density image):",
         "",
-        "| bone cell (mm) | cells | DOFs | CG iterations | stiffness (N/mm) | vs its finest | "
-        "mesh s | materials s | solve s (process) | time s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     ref = res["ours"][-1]["stiffness_n_per_mm"]
+    table = []
     for r in res["ours"]:
         s = r["seconds"]
-        lines.append(
-            f"| {r['bone_cell_size_mm']:g} | {r['n_cells']} | {r['n_dofs']} | "
-            f"{r['ksp_iterations']} | {r['stiffness_n_per_mm']:.0f} | "
-            f"{100 * (r['stiffness_n_per_mm'] / ref - 1):+.1f} % | {s['mesh']:.2f} | "
-            f"{s['materials']:.2f} | {s['solve_process']:.2f} | {r['wall_s']:.2f} |")
+        table.append([
+            f"{r['bone_cell_size_mm']:g}", r["n_cells"], r["n_dofs"], r["ksp_iterations"],
+            f"{r['stiffness_n_per_mm']:.0f}", f"{100 * (r['stiffness_n_per_mm'] / ref - 1):+.1f} %",
+            f"{s['mesh']:.2f}", f"{s['materials']:.2f}", f"{s['solve_process']:.2f}",
+            f"{r['wall_s']:.2f}"])
+    lines.append(pipe_table(
+        ["bone cell (mm)", "cells", "DOFs", "CG iterations", "stiffness (N/mm)", "vs its finest",
+         "mesh s", "materials s", "solve s (process)", "time s"], table, "r" * 10))
+    return lines
+
+
+def _control_table(res: dict) -> list[str]:
+    """The one-density control, when it was run."""
+    lines: list[str] = []
     ctl = res.get("control")
     if ctl:
         lines += [
@@ -453,18 +484,22 @@ def markdown(res: dict, command: str) -> str:
             f"**Control: the same specimen with one density, {ctl['density_mg_cm3']:g} mg/cm³, "
             "everywhere** (geometry, elements and end conditions alone):",
             "",
-            "| tool | voxel / bone cell (mm) | stiffness (N/mm) | vs ParOSol's finest | time s |",
-            "| --- | ---: | ---: | ---: | ---: |",
         ]
         cref = ctl["peer"][-1]["stiffness_n_per_mm"]
-        for r in ctl["peer"]:
-            lines.append(f"| ParOSol | {r['spacing_mm']:g} | {r['stiffness_n_per_mm']:.0f} | "
-                         f"{100 * (r['stiffness_n_per_mm'] / cref - 1):+.1f} % | "
-                         f"{r['wall_s']:.2f} |")
-        for r in ctl["ours"]:
-            lines.append(f"| ours | {r['bone_cell_size_mm']:g} | {r['stiffness_n_per_mm']:.0f} | "
-                         f"{100 * (r['stiffness_n_per_mm'] / cref - 1):+.1f} % | "
-                         f"{r['wall_s']:.2f} |")
+        table = [[tool, f"{r[key]:g}", f"{r['stiffness_n_per_mm']:.0f}",
+                  f"{100 * (r['stiffness_n_per_mm'] / cref - 1):+.1f} %", f"{r['wall_s']:.2f}"]
+                 for tool, key, runs in (("ParOSol", "spacing_mm", ctl["peer"]),
+                                         ("ours", "bone_cell_size_mm", ctl["ours"]))
+                 for r in runs]
+        lines.append(pipe_table(["tool", "voxel / bone cell (mm)", "stiffness (N/mm)",
+                                 "vs ParOSol's finest", "time s"], table, "lrrrr"))
+    return lines
+
+
+def _goals_lines(res: dict) -> list[str]:
+    """The goals against the numbers, and the section end."""
+    lines: list[str] = []
+    g = res["goals"]
     o, p = g["ours"], g["peer"]
     lines += [
         "",
@@ -485,7 +520,7 @@ def markdown(res: dict, command: str) -> str:
         f"- Harness wall time {res['harness_wall_s']:.0f} s.",
         END_MARK,
     ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_section(md_path: Path, section: str, begin: str = BEGIN_MARK,
@@ -499,9 +534,7 @@ def write_section(md_path: Path, section: str, begin: str = BEGIN_MARK,
         text = head + section + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + section
-    tmp = md_path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, md_path)
+    write_text(md_path, text)
 
 
 def main_cli(a) -> None:

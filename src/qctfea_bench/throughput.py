@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 
 from qctfea.errors import QctfeaError
+from qctfea.mdtable import pipe_table
+from qctfea.provenance import atomic_path
 
 BEGIN_MARK = "<!-- throughput:begin -->"
 END_MARK = "<!-- throughput:end -->"
@@ -84,12 +86,11 @@ def perf_levels(perf_json: Path) -> list[dict]:
 
 def picture(cohorts: list[dict], out_png: Path, levels: list[dict] | None = None) -> None:
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     n = 3 if levels else 2
-    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2))
+    fig = Figure(figsize=(5.5 * n, 4.2))
+    axes = fig.subplots(1, n)
     a, b = axes[0], axes[1]
     if levels:
         c = axes[2]
@@ -108,7 +109,7 @@ def picture(cohorts: list[dict], out_png: Path, levels: list[dict] | None = None
         c.grid(True, which="both", alpha=0.3)
         c.legend(fontsize=7)
     markers = {"compression": "s", "pullout": "o"}
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, c in enumerate(cohorts):
         for case, m in markers.items():
             pts = [(s["n_dofs"], s["wall_s"]) for s in c["solves"] if s["case"] == case]
@@ -137,26 +138,24 @@ def picture(cohorts: list[dict], out_png: Path, levels: list[dict] | None = None
     b.set_title("Whole cohort runs (2 cores)")
     b.legend(fontsize=8)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def markdown(cohorts: list[dict], png: str, command: str) -> str:
     lines = [BEGIN_MARK, "## Cohort throughput", "",
              "Command (regenerates this section and the picture from the benchmark files "
              "and solve JSONs of earlier workflow runs):", "", "```bash", command, "```", "",
-             f"![throughput]({png})", "",
-             "| cohort | scans | jobs | median DOFs | run span (min) | core-seconds / 2 (min) | "
-             "solve share | solve s / job at median DOFs |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"![throughput]({png})", ""]
+    rows = []
     for c in cohorts:
         med = float(np.median([s["wall_s"] for s in c["solves"]]))
-        lines.append(f"| {c['cohort']} | {c['scans']} | {c['jobs']} | {c['dofs_median']:.0f} | "
-                     f"{c['span_s'] / 60:.1f} | {c['core_s'] / 120:.1f} | "
-                     f"{100 * c['solve_share']:.0f} % | {med:.1f} |")
+        rows.append([c["cohort"], c["scans"], c["jobs"], f"{c['dofs_median']:.0f}",
+                     f"{c['span_s'] / 60:.1f}", f"{c['core_s'] / 120:.1f}",
+                     f"{100 * c['solve_share']:.0f} %", f"{med:.1f}"])
+    lines.append(pipe_table(["cohort", "scans", "jobs", "median DOFs", "run span (min)",
+                             "core-seconds / 2 (min)", "solve share",
+                             "solve s / job at median DOFs"], rows, "l" + "r" * 7))
     lines += ["", "Run span: first job start to last job end, from the benchmark files' times "
               "(includes contention and pauses); core-seconds / 2: the sum over jobs of wall "
               "seconds x cores held (MPI ranks for a solve, 1 otherwise) over 2 cores, the "

@@ -1,9 +1,9 @@
 """Rule calibrate_density: HU -> K2HPO4 density (mg/cm³)."""
-from qctfea import steps
+from qctfea import steps_imaging
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821
-run_step(sm, lambda: steps.calibrate(
-    ct_path=sm.input.ct, labels_path=sm.input.labels, out_density=sm.output.density,
-    out_json=sm.output.json, out_png=sm.output.png, cfg=sm.params.cfg,
-    context=context(sm.wildcards), label=sm.params.label))
+run_step(sm, lambda: steps_imaging.calibrate(
+         ct_path=sm.input.ct, labels_path=sm.input.labels, out_density=sm.output.density,
+         out_json=sm.output.json, out_png=sm.output.png, cfg=sm.params.cfg,
+         context=context(sm.wildcards), label=sm.params.label))

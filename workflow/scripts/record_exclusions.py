@@ -1,8 +1,9 @@
 """Rule record_exclusions: the cohort config's `exclude` entries and the scans whose screws
 were refused at planning -> tables/exclusions.csv."""
 from qctfea.cohort import analysis as cohort
+from qctfea.cohort import longtable
 from qctfea.workflow_glue import run_step
 
 sm = snakemake  # noqa: F821
 run_step(sm, lambda: cohort.write_exclusions(
-    list(sm.params.excluded) + cohort.refusal_entries(sm.params.scans), sm.output[0]))
+    list(sm.params.excluded) + longtable.refusal_entries(sm.params.scans), sm.output[0]))

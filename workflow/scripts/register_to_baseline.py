@@ -1,10 +1,11 @@
 """Rule register_to_baseline: follow-up onto baseline; its density on the baseline grid."""
-from qctfea import steps
+from qctfea import steps_imaging
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821
-run_step(sm, lambda: steps.register(
-    fixed_density=sm.input.baseline_density, fixed_parts=sm.input.baseline_parts,
-    moving_density=sm.input.density, moving_parts=sm.input.parts, out_density=sm.output.density,
-    out_json=sm.output.json, out_tfm=sm.output.tfm, out_png=sm.output.png, cfg=sm.params.cfg,
-    context=context(sm.wildcards), screws_path=sm.input.screws or None))
+run_step(sm, lambda: steps_imaging.register(
+         fixed_density=sm.input.baseline_density, fixed_parts=sm.input.baseline_parts,
+         moving_density=sm.input.density, moving_parts=sm.input.parts,
+         out_density=sm.output.density,
+         out_json=sm.output.json, out_tfm=sm.output.tfm, out_png=sm.output.png, cfg=sm.params.cfg,
+         context=context(sm.wildcards), screws_path=sm.input.screws or None))

@@ -1,7 +1,7 @@
 """Clinical categories of a scan: vertebral strength and trabecular vBMD.
 
 Two published classifications are applied to every scan of the long table
-(:func:`qctfea.cohort.analysis.scan_row`), each reported with its source:
+(:func:`qctfea.cohort.longtable.scan_row`), each reported with its source:
 
 * **vertebral strength** (the FE compression strength, N) by the Biomechanical CT (BCT)
   thresholds of Keaveny et al. 2020 (:data:`BCT_SOURCE`, their Table 1, spine): women

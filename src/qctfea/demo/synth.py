@@ -31,7 +31,7 @@ rendered from their mass attenuation at that energy (``qctfea.imaging.calibratio
 ICRU-44 compositions, xraydb coefficients): air -1000 HU, fat (ICRU-44 adipose
 tissue), muscle (ICRU-44 skeletal muscle), the discs (skeletal muscle at
 1.09 g/cm³), and bone and phantom rods as K2HPO4 in water
-(``qctfea.imaging.calibration.k2hpo4_hu_per_mg``, the model of the effective-energy
+(``qctfea.imaging.attenuation.k2hpo4_hu_per_mg``, the model of the effective-energy
 phantomless calibration): HU = k(E) x density. The true calibration is
 therefore density = HU / k(E), intercept 0. The HU image is rendered on a
 supersampled grid, blurred by a Gaussian point spread function, averaged down
@@ -53,7 +53,7 @@ import numpy as np
 from scipy import ndimage
 
 from qctfea.errors import QctfeaError
-from qctfea.provenance import atomic_path, provenance, write_json
+from qctfea.provenance import atomic_dir, atomic_path, provenance, write_json
 from qctfea.config import option
 
 WATER_HU = 0.0
@@ -285,7 +285,7 @@ class ScanPose:
     @property
     def hu_per_mg(self) -> float:
         """HU per mg/cm³ of K2HPO4 (bone, rods) at the scan's effective energy."""
-        from qctfea.imaging.calibration import k2hpo4_hu_per_mg
+        from qctfea.imaging.attenuation import k2hpo4_hu_per_mg
 
         return float(k2hpo4_hu_per_mg(self.energy_kev))
 
@@ -298,7 +298,7 @@ class ScanPose:
 
     def tissue_hu(self) -> dict[str, float]:
         """HU of the soft tissues at the scan's effective energy."""
-        from qctfea.imaging.calibration import theoretical_hu
+        from qctfea.imaging.attenuation import theoretical_hu
 
         e = self.energy_kev
         return {"air": -1000.0, "fat": float(theoretical_hu("fat", e)),
@@ -388,7 +388,8 @@ def render_scan(
     del ax_, ay_, az_, xx, yy, zz
 
     # Scanner: PSF blur on the fine grid, average down, add noise.
-    sig = (params.blur_sigma_z_mm / fsp[2], params.blur_sigma_xy_mm / fsp[1], params.blur_sigma_xy_mm / fsp[0])
+    sig = (params.blur_sigma_z_mm / fsp[2], params.blur_sigma_xy_mm / fsp[1],
+           params.blur_sigma_xy_mm / fsp[0])
     hu = ndimage.gaussian_filter(hu, sigma=sig, mode="nearest")
     hu = hu.reshape(size[2], ss, size[1], ss, size[0], ss).mean(axis=(1, 3, 5))
     rnoise = np.random.default_rng(pose.noise_seed)
@@ -541,16 +542,9 @@ def generate_scan(
     pose = scan_pose(seed, patient, months, p)
     img = render_scan(anat, pose, months, p)
     dicom_dir = out / "dicom"
-    tmp_dir = out / ".dicom.part"
-    if tmp_dir.exists():
-        for f in tmp_dir.iterdir():
-            f.unlink()
-    _write_dicom_series(img["hu"], img["origin"], img["spacing"], tmp_dir, patient, months, seed)
-    if dicom_dir.exists():
-        for f in dicom_dir.iterdir():
-            f.unlink()
-        dicom_dir.rmdir()
-    tmp_dir.rename(dicom_dir)
+    with atomic_dir(dicom_dir) as tmp_dir:
+        _write_dicom_series(img["hu"], img["origin"], img["spacing"], tmp_dir, patient, months,
+                            seed)
 
     lab = sitk.GetImageFromArray(img["labels"])
     lab.SetOrigin(tuple(float(v) for v in img["origin"]))
@@ -574,7 +568,7 @@ def generate_scan(
         "tissue_hu": pose.tissue_hu(),
         "hu_model": "tissues from ICRU-44 composition and xraydb mass attenuation at the "
                     "effective energy; bone and rods K2HPO4 in water, HU = density / slope "
-                    "(qctfea.imaging.calibration.k2hpo4_hu_per_mg)",
+                    "(qctfea.imaging.attenuation.k2hpo4_hu_per_mg)",
         **truth_vbmd(anat, months),
         "anatomy": asdict(anat),
         "pose": {"rotation_deg": pose.rotation_deg, "translation_mm": pose.translation_mm},

@@ -18,6 +18,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from qctfea.errors import QctfeaError
+from qctfea.mdtable import pipe_table
 from qctfea.provenance import atomic_path, read_json
 
 GATES = {"slope_rel_error": 0.01, "trabecular_vbmd_error_mg_cm3": 2.0,
@@ -82,16 +83,16 @@ def validate_cohort(results_dir, resources_dir, samples: pd.DataFrame) -> pd.Dat
 
 
 def summary_markdown(df: pd.DataFrame) -> str:
-    lines = ["| quantity | scans | mean | max abs | gate | within gate |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    rows = []
     for col, gate in GATES.items():
         v = df[col].dropna()
         if v.empty:
             continue
         ok = bool((v.abs() <= gate).all())
-        lines.append(f"| {col} | {len(v)} | {v.mean():+.4g} | {v.abs().max():.4g} | {gate:g} | "
-                     f"{'yes' if ok else 'NO'} |")
-    return "\n".join(lines) + "\n"
+        rows.append([col, len(v), f"{v.mean():+.4g}", f"{v.abs().max():.4g}", f"{gate:g}",
+                     "yes" if ok else "NO"])
+    return pipe_table(["quantity", "scans", "mean", "max abs", "gate", "within gate"], rows,
+                      "lrrrrl") + "\n"
 
 
 def write_validation(results_dir, resources_dir, sheet, out_csv, out_md) -> pd.DataFrame:

@@ -93,11 +93,15 @@ Tissue-regression details:
   similar HU (liver, kidney, bowel wall, unenhanced blood), and a scan with
   contrast medium or metal needs care: check the QC picture, which shows the
   voxels used for every tissue.
+
+Code: this module (phantom and fixed calibration, the configuration's specs, the
+fitted line); :mod:`qctfea.imaging.phantomless` (tissues, both phantomless models),
+:mod:`qctfea.imaging.attenuation` (the physics), :mod:`qctfea.imaging.calibration_plot`
+(the QC picture).
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -106,6 +110,8 @@ from scipy import ndimage
 
 from qctfea.errors import QctfeaError
 from qctfea.config import option
+from qctfea.imaging.attenuation import QCT_PRO_WATER_DISPLACEMENT
+
 
 #: Calibration phantoms by name (``calibration.phantom.preset``). Each gives its rods'
 #: densities (mg/cm³, K2HPO4 or calcium hydroxyapatite), for K2HPO4-in-water phantoms the
@@ -153,8 +159,11 @@ PHANTOM_PRESETS: dict[str, dict] = {
                   "phantom of the demo cohorts, rendered by the generator; not a real phantom",
     },
 }
+
+
 #: The keys of a preset that are PhantomSpec fields (the others document it).
 _PRESET_KEYS = ("rod_densities_mg_cm3", "water_equivalent_mg_cm3", "rod_diameter_mm")
+
 #: Rod diameter of a phantom given by its rods alone (no preset), as before presets existed.
 DEFAULT_ROD_DIAMETER_MM = 12.0
 
@@ -261,110 +270,19 @@ class PhantomSpec:
         return self
 
 
-# --- attenuation physics (effective-energy calibration and the demo generator) -------------
-
-#: Elemental composition (mass fractions) and density (g/cm³) of the reference tissues:
-#: ICRU Report 44 (1989) as tabulated by NIST (Hubbell & Seltzer, X-Ray Mass Attenuation
-#: Coefficients, NIST Standard Reference Database 126, Table 2: "Adipose Tissue (ICRU-44)",
-#: "Muscle, Skeletal (ICRU-44)", "Blood, Whole (ICRU-44)", "Bone, Cortical (ICRU-44)").
-#: xraydb has no named tissues, so the compositions are given here; the attenuation
-#: coefficients of every element come from xraydb (:func:`mass_attenuation`).
-ICRU44 = {
-    "fat": ({"H": 0.114, "C": 0.598, "N": 0.007, "O": 0.278, "Na": 0.001, "S": 0.001,
-             "Cl": 0.001}, 0.95),
-    "muscle": ({"H": 0.102, "C": 0.143, "N": 0.034, "O": 0.710, "Na": 0.001, "P": 0.002,
-                "S": 0.003, "Cl": 0.001, "K": 0.004}, 1.05),
-    "blood": ({"H": 0.102, "C": 0.110, "N": 0.033, "O": 0.745, "Na": 0.001, "P": 0.001,
-               "S": 0.002, "Cl": 0.003, "K": 0.002, "Fe": 0.001}, 1.06),
-    "cortical_bone": ({"H": 0.034, "C": 0.155, "N": 0.042, "O": 0.435, "Na": 0.001,
-                       "Mg": 0.002, "P": 0.103, "S": 0.003, "Ca": 0.225}, 1.92),
-}
-#: Materials by chemical formula (xraydb parses it): mass attenuation needs no density.
-FORMULAS = {"water": "H2O", "k2hpo4": "K2HPO4", "triglyceride": "C57H104O6",
-            "polyethylene": "C2H4"}
-#: Dry air (xraydb's named material 'air', density 1.225 mg/cm³).
-AIR = "air"
-#: Water displaced per gram of K2HPO4 (g/g) in the two-component model: the constant of the
-#: QCT PRO equations (sigma_CT = sigma_ref - 0.2174, see :func:`k2hpo4_water_fit`).
-QCT_PRO_WATER_DISPLACEMENT = 0.2174
-#: Density (g/cm³) at which each tissue's theoretical HU is computed.
-TISSUE_DENSITY = {k: v[1] for k, v in ICRU44.items()}
-
-
-def _formula_of(fractions: dict) -> str:
-    """A chemical formula with the atom ratios of the given mass fractions (for xraydb)."""
-    import xraydb
-
-    return "".join(f"{el}{w / xraydb.atomic_mass(el):.8g}" for el, w in fractions.items())
-
-
-@functools.lru_cache(maxsize=256)
-def _mass_attenuation(material: str, energies_kev: tuple) -> np.ndarray:
-    import xraydb
-
-    e_ev = np.asarray(energies_kev, float) * 1000.0
-    if material == AIR:
-        formula, density = xraydb.get_material("air")[:2]
-        return np.atleast_1d(xraydb.material_mu(formula, e_ev, density=1.0, kind="total"))
-    formula = (_formula_of(ICRU44[material][0]) if material in ICRU44
-               else FORMULAS[material])
-    # material_mu gives the linear coefficient (1/cm) at the given density: at 1 g/cm³ it
-    # equals the mass attenuation coefficient (cm²/g).
-    return np.atleast_1d(xraydb.material_mu(formula, e_ev, density=1.0, kind="total"))
-
-
-def mass_attenuation(material: str, energy_kev) -> np.ndarray:
-    """Mass attenuation coefficient mu/rho (cm²/g, coherent + incoherent + photoelectric;
-    xraydb, Elam et al. tables) of ``material`` (a key of :data:`ICRU44`, of
-    :data:`FORMULAS`, or 'air') at ``energy_kev`` (scalar or array)."""
-    e = np.atleast_1d(np.asarray(energy_kev, float))
-    out = _mass_attenuation(material, tuple(np.round(e, 6)))
-    return out if np.ndim(energy_kev) else float(out[0])
-
-
-def linear_attenuation(material: str, energy_kev, density: float | None = None):
-    """Linear attenuation coefficient (1/cm) at ``density`` (g/cm³; the tissue's ICRU-44
-    density, water 1.0 and air 1.225e-3 when None)."""
-    if density is None:
-        density = (TISSUE_DENSITY.get(material) or
-                   {"water": 1.0, AIR: 1.225e-3}.get(material))
-        if density is None:
-            raise QctfeaError(f"linear_attenuation: give the density of {material!r}")
-    return mass_attenuation(material, energy_kev) * density
-
-
-def hu_of_mu(mu, energy_kev):
-    """HU of a linear attenuation coefficient ``mu`` (1/cm) at ``energy_kev``:
-    ``1000 (mu - mu_water) / (mu_water - mu_air)`` (water 0 HU, air -1000 HU)."""
-    mw = linear_attenuation("water", energy_kev)
-    ma = linear_attenuation(AIR, energy_kev)
-    return 1000.0 * (np.asarray(mu) - mw) / (mw - ma)
-
-
-def theoretical_hu(material: str, energy_kev, density: float | None = None):
-    """Theoretical HU of a material (its ICRU-44 density unless given) at ``energy_kev``."""
-    return hu_of_mu(linear_attenuation(material, energy_kev, density), energy_kev)
-
-
-def k2hpo4_hu_per_mg(energy_kev, displacement: float = QCT_PRO_WATER_DISPLACEMENT):
-    """HU per mg/cm³ of K2HPO4 in water at ``energy_kev`` (two-component model, see the module
-    docstring): ``((mu/rho)_K2HPO4 - d (mu/rho)_water) / (mu_water - mu_air)``, d =
-    ``displacement`` (g of water displaced per g of K2HPO4)."""
-    mk = mass_attenuation("k2hpo4", energy_kev)
-    mw = mass_attenuation("water", energy_kev)
-    return (mk - displacement * mw) / (linear_attenuation("water", energy_kev)
-                                       - linear_attenuation(AIR, energy_kev))
-
-
 #: Textbook HU of the reference tissues (the basis of the default reference densities).
 REFERENCE_HU = {"air": -1000.0, "fat": -100.0, "muscle": 50.0, "blood": 40.0,
                 "cortical_bone": 1500.0}
+
+
 #: Typical 120 kVp K2HPO4 calibration slope (mg/cm³ per HU, intercept 0) used to turn
 #: :data:`REFERENCE_HU` into the default reference densities.
 REFERENCE_SLOPE = 0.78
+
 #: Default K2HPO4-equivalent densities (mg/cm³): REFERENCE_HU x REFERENCE_SLOPE
 #: (air -780, fat -78, muscle 39, blood 31.2, cortical_bone 1170).
 REFERENCE_MG_CM3 = {k: round(v * REFERENCE_SLOPE, 6) for k, v in REFERENCE_HU.items()}
+
 TISSUES = tuple(REFERENCE_HU)
 
 
@@ -728,7 +646,8 @@ def phantom_calibration(
             "fixed calibration"
         )
     if r2 < spec.warn_r2:
-        warnings.warn(f"{context}: phantom calibration R² = {r2:.4f} < {spec.warn_r2}", stacklevel=2)
+        warnings.warn(f"{context}: phantom calibration R² = {r2:.4f} < {spec.warn_r2}",
+                      stacklevel=2)
     if coef:
         cov, dof = coef.pop("covariance", None), coef.pop("dof", 0)
     else:
@@ -745,507 +664,8 @@ def _uncertainty(cov, dof: int, n: int, what: str) -> dict:
             "uncertainty_note": f"least-squares fit of {n} {what}, {dof} degrees of freedom"}
 
 
-def axial_axis(direction) -> int:
-    """Numpy axis (of a z, y, x array) of the image axis nearest the patient's z axis.
-
-    ``direction`` is SimpleITK's row-major 3x3 direction matrix; its column c is the
-    direction of image axis c (x, y, z), i.e. numpy axis 2 - c."""
-    d = np.asarray(direction, float).reshape(3, 3)
-    return 2 - int(np.argmax(np.abs(d[2])))
-
-
-def _deep(region: np.ndarray, depth_mm: float, sampling_zyx) -> np.ndarray:
-    """Voxels of ``region`` farther than ``depth_mm`` from its outside (erosion in mm)."""
-    if depth_mm <= 0 or not region.any():
-        return region
-    return ndimage.distance_transform_edt(region, sampling=sampling_zyx) > depth_mm
-
-
-def find_tissues(
-    hu_zyx: np.ndarray,
-    spacing_xyz: tuple[float, float, float],
-    labels_zyx: np.ndarray | None,
-    spec: TissueSpec | None = None,
-    context: str = "",
-    target_label: int | None = None,
-    masks: dict | None = None,
-) -> list[dict]:
-    """Find the reference tissues of ``spec.tissues`` in the scan (see the module docstring).
-
-    ``labels_zyx``: the label map on the CT grid (nonzero = bone, except ``blood_label``),
-    or None; ``target_label``: the vertebra used to find the body (any label when None) and
-    for cortical bone. Returns one dict per requested tissue: name, found (at least
-    ``min_voxels`` voxels), n_voxels, median_hu (None when no voxel), sd_hu and
-    reference_mg_cm3. ``masks``, when a dict, receives the voxel mask of each found tissue.
-    Never raises for missing tissues (see :func:`phantomless_calibration`).
-    """
-    spec = spec or TissueSpec()
-    sampling = tuple(float(v) for v in spacing_xyz[::-1])
-    hu = np.asarray(hu_zyx, np.float32)
-    smooth = (ndimage.gaussian_filter(hu, sigma=[spec.smooth_mm / s for s in sampling])
-              if spec.smooth_mm > 0 else hu)
-    labels = (np.zeros(hu.shape, np.int32) if labels_zyx is None
-              else np.asarray(labels_zyx))
-    bone = (labels != 0) & (labels != (spec.blood_label if spec.blood_label is not None
-                                       else 0))
-    target = (labels == target_label) if target_label is not None else bone
-    near_bone = (ndimage.distance_transform_edt(~bone, sampling=sampling)
-                 <= spec.bone_margin_mm if bone.any() else np.zeros(hu.shape, bool))
-
-    # Body: the connected region above -500 HU holding the vertebra, holes filled.
-    dense = smooth > -500.0
-    comp, n = ndimage.label(dense)
-    ids = np.unique(comp[target & dense]) if target.any() else np.array([], int)
-    ids = ids[ids > 0]
-    if ids.size == 0 and n:  # no vertebra given or found: the largest dense object
-        ids = np.array([int(np.argmax(np.bincount(comp.ravel())[1:])) + 1])
-    body = ndimage.binary_fill_holes(np.isin(comp, ids))
-    del comp, dense
-
-    def window(name, img):
-        lo, hi = getattr(spec, f"{name}_hu")
-        return (img >= lo) & (img <= hi)
-
-    out = []
-    for name in spec.tissues:
-        if name == "air":
-            # Air outside the body; a flat 3x3x3 neighbourhood is padding or clipping.
-            flat = ndimage.maximum_filter(hu, size=3) == ndimage.minimum_filter(hu, size=3)
-            region = window("air", smooth) & ~body & ~near_bone & ~flat
-            region = _deep(region, spec.erosion_mm, sampling)
-        elif name in ("fat", "muscle"):
-            region = _deep(window(name, smooth) & body & ~near_bone, spec.erosion_mm, sampling)
-        elif name == "blood":
-            region = (np.zeros(hu.shape, bool) if spec.blood_label is None else
-                      _deep(window("blood", smooth) & (labels == spec.blood_label),
-                            spec.erosion_mm, sampling))
-        else:  # cortical_bone: the densest voxels of the target vertebra, not eroded
-            region = window("cortical_bone", hu) & (labels == target_label
-                                                     if target_label is not None else bone)
-        vals = hu[region]
-        n_vox = int(vals.size)
-        found = n_vox >= spec.min_voxels
-        out.append({
-            "name": name, "found": found, "n_voxels": n_vox,
-            "median_hu": robust_median(vals) if n_vox else None,
-            "sd_hu": float(vals.std()) if n_vox else None,
-            "reference_mg_cm3": float(spec.reference_mg_cm3[name]),
-        })
-        if found and masks is not None:
-            masks[name] = region
-    return out
-
-
-def robust_median(values) -> float:
-    """Median; for integer-valued data (HU stored as integers, as in DICOM) the median of the
-    grouped data (each integer v standing for [v - 0.5, v + 0.5), interpolated within the
-    median's class), which is not stuck on an integer: a plain median of noisy integer HU is
-    off by up to 0.5 HU, enough to move an effective energy by about half a keV."""
-    v = np.asarray(values, float).ravel()
-    if v.size == 0:
-        return float("nan")
-    m = float(np.median(v))
-    if not np.all(v == np.round(v)):
-        return m
-    below = np.count_nonzero(v < m)
-    at = np.count_nonzero(v == m)
-    return m - 0.5 + (v.size / 2 - below) / at if at else m
-
-
-def _tissue_list(tissues: list[dict]) -> str:
-    return ", ".join(
-        f"{t['name']} ({t['n_voxels']} voxels"
-        + (f", median {t['median_hu']:.0f} HU" if t["median_hu"] is not None else "") + ")"
-        for t in tissues)
-
-
-def _too_few(context: str, spec: TissueSpec, tissues: list[dict], used: list[dict]) -> None:
-    missing = [t["name"] for t in tissues if not t["found"]]
-    left = [f"{t['name']} ({t['note']})" for t in tissues if t["found"] and not t["used"]]
-    raise QctfeaError(
-        f"{context}: phantomless calibration needs at least 2 reference tissues, found "
-        f"{len(used)} with >= calibration.phantomless.min_voxels = {spec.min_voxels} "
-        f"voxels; measured: {_tissue_list(tissues)}; missing: {', '.join(missing) or 'none'}"
-        + (f"; left out: {', '.join(left)}" if left else "") + ". "
-        "Check or widen the tissue HU windows (calibration.phantomless.<tissue>_hu), "
-        "lower erosion_mm / bone_margin_mm / min_voxels, add tissues to "
-        "calibration.phantomless.tissues, or use calibration.method: fixed with "
-        "calibration.slope and calibration.intercept"
-    )
-
-
-def phantomless_calibration(
-    hu_zyx: np.ndarray,
-    spacing_xyz: tuple[float, float, float],
-    labels_zyx: np.ndarray | None,
-    spec: TissueSpec | None = None,
-    context: str = "",
-    target_label: int | None = None,
-    masks: dict | None = None,
-) -> Calibration:
-    """Fit ``density = intercept + slope * HU`` from the scan's reference tissues, by the
-    effective-energy model or the tissue regression (``spec.model``; module docstring).
-
-    Tissues come from :func:`find_tissues` (``masks`` as there). Refused (QctfeaError naming
-    ``context``): fewer than 2 tissues found, R² below ``fail_r2``, a slope not > 0.
-    Warns below ``warn_r2``. Every requested tissue is recorded in ``Calibration.tissues``
-    (``found``: enough voxels; ``used``: fitted; ``note``: why a found tissue was left out;
-    fitted ones get ``calibrated_mg_cm3``, and under effective_energy ``theoretical_hu`` and
-    ``residual_hu``)."""
-    spec = spec or TissueSpec()
-    tissues = find_tissues(hu_zyx, spacing_xyz, labels_zyx, spec, context, target_label,
-                           masks)
-    if spec.model == "effective_energy":
-        cal = effective_energy_calibration(tissues, spec, context)
-    else:
-        cal = _tissue_regression(tissues, spec, context)
-    if masks is not None:  # the picture shows the voxels of the tissues used
-        for t in cal.tissues:
-            if not t["used"]:
-                masks.pop(t["name"], None)
-    return cal
-
-
-def _mark_contrast(t: dict, unenhanced_hu: float, margin: float, basis: str) -> None:
-    """Blood above unenhanced blood + margin: contrast-enhanced, left out (``used`` False)."""
-    if t["name"] == "blood" and t["found"] and t["median_hu"] > unenhanced_hu + margin:
-        t["used"] = False
-        t["note"] = (f"contrast-enhanced, left out (median {t['median_hu']:.0f} HU > "
-                     f"unenhanced blood {unenhanced_hu:.0f} HU {basis} + "
-                     f"calibration.phantomless.contrast_margin_hu {margin:g})")
-
-
-def _tissue_regression(tissues: list[dict], spec: TissueSpec, context: str) -> Calibration:
-    """The straight line through the tissues' (median HU, reference density) points."""
-    for t in tissues:
-        t["used"], t["note"] = t["found"], None if t["found"] else "not found"
-        _mark_contrast(t, REFERENCE_HU["blood"], spec.contrast_margin_hu, "(textbook)")
-    used = [t for t in tissues if t["used"]]
-    if len(used) < 2:
-        _too_few(context, spec, tissues, used)
-    slope, intercept, r2 = fit_line([t["median_hu"] for t in used],
-                                    [t["reference_mg_cm3"] for t in used])
-    fit = ", ".join(f"{t['name']} {t['median_hu']:.0f} HU -> {t['reference_mg_cm3']:g}"
-                    for t in used)
-    if not slope > 0:
-        raise QctfeaError(
-            f"{context}: phantomless calibration slope {slope:.4f} mg/cm³ per HU is not "
-            f"positive (tissues, median HU -> mg/cm³: {fit}); a tissue was found in the wrong "
-            "place: check the QC picture and the tissue HU windows "
-            "(calibration.phantomless.<tissue>_hu), or use calibration.method: fixed"
-        )
-    if not r2 >= spec.fail_r2:
-        raise QctfeaError(
-            f"{context}: phantomless calibration R² = {r2:.3f} is below "
-            f"calibration.phantomless.fail_r2 = {spec.fail_r2} (tissues, median HU -> "
-            f"mg/cm³: {fit}); check the reference densities "
-            "(calibration.phantomless.reference_mg_cm3), the tissue HU windows and the QC "
-            "picture, drop the outlying tissue from calibration.phantomless.tissues, or use "
-            "calibration.method: fixed"
-        )
-    if r2 < spec.warn_r2:
-        warnings.warn(f"{context}: phantomless calibration R² = {r2:.4f} < {spec.warn_r2} "
-                      f"({fit})", stacklevel=2)
-    for t in used:
-        t["calibrated_mg_cm3"] = intercept + slope * t["median_hu"]
-    cov, dof = line_covariance([t["median_hu"] for t in used],
-                               [t["reference_mg_cm3"] for t in used])
-    return Calibration(slope=slope, intercept=intercept, r2=r2, method="phantomless",
-                       tissues=tissues, coefficients={"model": "tissue_regression"},
-                       **_uncertainty(cov, dof, len(used), "tissues"))
-
-
-def _material(tissue: str) -> str:
-    return AIR if tissue == "air" else tissue
-
-
-def fit_effective_energy(names: list[str], measured_hu, energies_kev) -> dict:
-    """The energy at which the tissues' measured HU fit their theoretical HU best.
-
-    Three or more tissues: for every energy the least-squares line ``measured = a + b HU_t``
-    and its residual sum of squares; the energy of the smallest one (largest R², as measured
-    HU is the dependent variable its total sum of squares does not depend on E). Two
-    tissues: ``a = 0, b = 1`` (the scanner's HU scale taken as exact) and the least-squares
-    energy of ``measured = HU_t(E)``. Returns energy_kev, a, b, r2, mode, and per energy
-    the RMS residual (HU)."""
-    m = np.asarray(measured_hu, float)
-    e = np.asarray(energies_kev, float)
-    T = np.stack([np.atleast_1d(theoretical_hu(_material(n), e)) for n in names])  # (n, nE)
-    if len(names) >= 3:
-        tm = T.mean(axis=0)
-        dt = T - tm
-        b = (dt * (m - m.mean())[:, None]).sum(axis=0) / (dt ** 2).sum(axis=0)
-        a = m.mean() - b * tm
-        mode = "line HU = a + b HU_t fitted (3 or more tissues)"
-    else:
-        a, b = np.zeros_like(e), np.ones_like(e)
-        mode = "HU scale of the scanner taken as exact: a = 0, b = 1 (2 tissues)"
-    ss = ((m[:, None] - (a + b * T)) ** 2).sum(axis=0)
-    j = int(np.argmin(ss))
-    ss_tot = float(((m - m.mean()) ** 2).sum())
-    return {"energy_kev": float(e[j]), "a": float(a[j]), "b": float(b[j]),
-            "r2": 1.0 - float(ss[j]) / ss_tot if ss_tot > 0 else float("nan"), "mode": mode,
-            "theoretical_hu": T[:, j].tolist(),
-            "rms_residual_hu": np.sqrt(ss / len(m)).tolist(), "at_edge": j in (0, len(e) - 1)}
-
-
-def effective_energy_calibration(tissues: list[dict], spec: TissueSpec,
-                                 context: str = "") -> Calibration:
-    """Effective-energy internal calibration (Michalski 2020; module docstring) from the
-    tissues measured by :func:`find_tissues`. Blood is fitted only when it is not
-    contrast-enhanced at the energy found without it (with fewer than 2 other tissues, at the
-    energy found with it)."""
-    import xraydb
-
-    lo, hi = spec.energy_range_kev
-    energies = np.arange(lo, hi + spec.energy_step_kev / 2, spec.energy_step_kev)
-    for t in tissues:
-        t["used"], t["note"] = t["found"], None if t["found"] else "not found"
-        t.pop("reference_mg_cm3", None)  # tissue_regression only
-
-    def fit(ts):
-        return fit_effective_energy([t["name"] for t in ts], [t["median_hu"] for t in ts],
-                                    energies)
-
-    used = [t for t in tissues if t["used"]]
-    others = [t for t in used if t["name"] != "blood"]
-    blood = [t for t in used if t["name"] == "blood"]
-    if len(used) < 2:
-        _too_few(context, spec, tissues, used)
-    res = fit(others if len(others) >= 2 else used)
-    for t in blood:
-        _mark_contrast(t, float(theoretical_hu("blood", res["energy_kev"])),
-                       spec.contrast_margin_hu, f"at {res['energy_kev']:g} keV")
-    used = [t for t in tissues if t["used"]]
-    if len(used) < 2:
-        _too_few(context, spec, tissues, used)
-    if blood and blood[0]["used"] and len(others) >= 2:
-        res = fit(used)
-    E, a, b, r2 = res["energy_kev"], res["a"], res["b"], res["r2"]
-    fit_txt = ", ".join(f"{t['name']} {t['median_hu']:.0f} HU (theory {ht:.0f})"
-                        for t, ht in zip(used, res["theoretical_hu"], strict=True))
-    if not b > 0:
-        raise QctfeaError(
-            f"{context}: effective-energy calibration: measured HU fall as theoretical HU rise "
-            f"(b = {b:.3f} at {E:g} keV; {fit_txt}); a tissue was found in the wrong place: "
-            "check the QC picture and the tissue HU windows "
-            "(calibration.phantomless.<tissue>_hu)")
-    if len(used) >= 3 and not r2 >= spec.fail_r2:
-        raise QctfeaError(
-            f"{context}: effective-energy calibration R² = {r2:.3f} at {E:g} keV is below "
-            f"calibration.phantomless.fail_r2 = {spec.fail_r2} ({fit_txt}); check the QC "
-            "picture and the tissue HU windows, drop the outlying tissue from "
-            "calibration.phantomless.tissues, or use calibration.method: fixed")
-    if len(used) >= 3 and r2 < spec.warn_r2:
-        warnings.warn(f"{context}: effective-energy calibration R² = {r2:.4f} < "
-                      f"{spec.warn_r2} ({fit_txt})", stacklevel=2)
-    if res["at_edge"]:
-        warnings.warn(f"{context}: effective energy {E:g} keV is at the edge of "
-                      f"calibration.phantomless.energy_range_kev {spec.energy_range_kev} "
-                      f"({fit_txt}): the fit may want an energy outside it", stacklevel=2)
-    if len(used) == 2:
-        warnings.warn(f"{context}: effective energy {E:g} keV from 2 tissues only ({fit_txt});"
-                      " the scanner's HU scale is taken as exact", stacklevel=2)
-    k = float(k2hpo4_hu_per_mg(E, spec.water_displacement))
-    slope, intercept = 1.0 / (b * k), -a / (b * k)
-    for t, ht in zip(used, res["theoretical_hu"], strict=True):
-        t["theoretical_hu"] = ht
-        t["residual_hu"] = t["median_hu"] - (a + b * ht)
-        t["calibrated_mg_cm3"] = intercept + slope * t["median_hu"]
-    for t in tissues:
-        if t["found"] and not t["used"] and t["name"] in ("blood", "cortical_bone"):
-            t["theoretical_hu"] = float(theoretical_hu(t["name"], E))
-    mats = ["water", AIR, "k2hpo4", "triglyceride", *ICRU44]
-    info = {
-        "energy_kev": E,
-        "energy_range_kev": spec.energy_range_kev, "energy_step_kev": spec.energy_step_kev,
-        "fit": {"a": a, "b": b, "r2": r2, "mode": res["mode"], "n_tissues": len(used),
-                "model": "median HU = a + b * theoretical HU at E"},
-        "energies_kev": energies.tolist(), "rms_residual_hu": res["rms_residual_hu"],
-        "k2hpo4_hu_per_mg_cm3": k, "water_displacement": spec.water_displacement,
-        "k2hpo4_model": "mu = mu_water + rho_K2HPO4 ((mu/rho)_K2HPO4 - d (mu/rho)_water); "
-                        "density = (HU - a) / (b k), k = HU per mg/cm³ at E",
-        "mass_attenuation_cm2_g": {("air" if m == AIR else m): float(mass_attenuation(m, E))
-                                   for m in mats},
-        "tissue_composition": "ICRU-44 (NIST Table 2)",
-        "attenuation_data": f"xraydb {xraydb.__version__} (Elam tables, total incl. coherent)",
-    }
-    cov, dof = _effective_energy_covariance(used, res, spec.water_displacement)
-    return Calibration(slope=slope, intercept=intercept, r2=r2, method="phantomless",
-                       tissues=tissues, coefficients={"model": "effective_energy"},
-                       effective_energy=info,
-                       **_uncertainty(cov, dof, len(used), "tissues (3 fitted parameters)"))
-
-
-def _effective_energy_covariance(used: list[dict], res: dict, displacement: float):
-    """Covariance of (intercept, slope) of the effective-energy line: the fit ``HU_i = a +
-    b HU_t,i(E)`` has three parameters (a, b, E); their covariance s² (JᵀJ)⁻¹ (Gauss-Newton,
-    s² on n − 3 degrees of freedom) is carried to ``slope = 1 / (b k(E))``, ``intercept =
-    -a / (b k(E))`` to first order. None with fewer than 4 tissues."""
-    n = len(used)
-    if n < 4:
-        return None, 0
-    names = [t["name"] for t in used]
-    m = np.array([t["median_hu"] for t in used])
-    E, a, b = res["energy_kev"], res["a"], res["b"]
-    h = 0.25
-
-    def T(e):
-        return np.array([float(theoretical_hu(_material(nm), e)) for nm in names])
-
-    t0, dT = T(E), (T(E + h) - T(E - h)) / (2 * h)
-    J = np.stack([np.ones(n), t0, b * dT], axis=1)
-    s2 = float(((m - (a + b * t0)) ** 2).sum()) / (n - 3)
-    cov_abe = s2 * np.linalg.pinv(J.T @ J)
-
-    def line(p):
-        k = float(k2hpo4_hu_per_mg(p[2], displacement))
-        return np.array([-p[0] / (p[1] * k), 1.0 / (p[1] * k)])
-
-    p0 = np.array([a, b, E])
-    steps = np.array([1e-3, 1e-6, h])
-    G = np.stack([(line(p0 + dp) - line(p0 - dp)) / (2 * dp[i])
-                  for i, dp in enumerate(np.diag(steps))], axis=1)
-    return G @ cov_abe @ G.T, n - 3
-
-
-def tissue_densities(cal: Calibration, tissues: list[dict]) -> list[dict]:
-    """``tissues`` (from :func:`find_tissues`) with each found tissue's density under ``cal``
-    (``calibrated_mg_cm3``): from phantom scans, the data to derive reference densities."""
-    out = []
-    for t in tissues:
-        t = dict(t)
-        if t["found"]:
-            t["calibrated_mg_cm3"] = cal.intercept + cal.slope * t["median_hu"]
-        out.append(t)
-    return out
-
-
 def fixed_calibration(slope: float, intercept: float) -> Calibration:
     """A calibration given in config (slope 1, intercept 0 for data in mg/cm³)."""
     return Calibration(slope=float(slope), intercept=float(intercept), r2=float("nan"),
                        uncertainty_note="fixed calibration: taken as exact (no fit)",
                        method="fixed")
-
-
-#: Colours of the tissues in the QC picture.
-TISSUE_COLOURS = {"air": "tab:blue", "fat": "gold", "muscle": "tab:red", "blood": "tab:purple",
-                  "cortical_bone": "tab:green"}
-
-
-def plot_calibration(cal: Calibration, path, title: str = "", hu_zyx: np.ndarray | None = None,
-                     masks: dict | None = None, axis: int = 0,
-                     index: int | None = None) -> None:
-    """Picture of the fit (one png).
-
-    First panel: the phantom rods' mean HU (phantom) or the reference tissues' median HU
-    (phantomless, named on the line) against their density, with the fitted line; tissues
-    measured in a phantom scan are drawn (not fitted) at their phantom-calibrated density.
-    Effective-energy calibrations add two panels: each tissue's median HU against its
-    theoretical HU at the effective energy with the fitted line (tissues left out, e.g.
-    contrast-enhanced blood, as open symbols), and the RMS fit error against energy.
-    Last panel, when ``hu_zyx`` and ``masks`` (tissue -> voxel mask) are given: the CT slice
-    ``index`` along numpy ``axis`` (the axial one, see :func:`axial_axis`; middle when None)
-    in grey (-200..1500 HU) with the tissue voxels overlaid in colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
-    panel = hu_zyx is not None and bool(masks)
-    ee = cal.effective_energy
-    n = 1 + (2 if ee else 0) + (1 if panel else 0)
-    if n <= 2:
-        fig, axes = plt.subplots(1, n, figsize=(4.75 * n, 4.0))
-        axes = np.atleast_1d(axes)
-    else:
-        fig, axes = plt.subplots(2, 2, figsize=(9.5, 8.0))
-        axes = axes.ravel()
-    ax = axes[0]
-    found = [t for t in cal.tissues if t.get("used", t.get("found"))]
-    pts = []
-    if cal.rods:
-        hu = np.array([r["mean_hu"] for r in cal.rods])
-        rho = np.array([r["density_mg_cm3"] for r in cal.rods])
-        ax.plot(hu, rho, "o", label="phantom rods")
-        pts.append(hu)
-    if found:
-        fitted = cal.method == "phantomless"
-        for t in found:
-            y = (t["reference_mg_cm3"] if fitted and not ee else t["calibrated_mg_cm3"])
-            ax.plot(t["median_hu"], y, "s" if fitted else "D",
-                    mfc=TISSUE_COLOURS[t["name"]] if fitted else "none",
-                    mec=TISSUE_COLOURS[t["name"]], ms=7)
-            ax.annotate(t["name"], (t["median_hu"], y), textcoords="offset points",
-                        xytext=(5, -10), fontsize=7)
-        pts.append(np.array([t["median_hu"] for t in found]))
-        ax.plot([], [], "s" if fitted else "D", mfc="grey" if fitted else "none", mec="grey",
-                label=("reference tissues (on the K2HPO4 line)" if ee else
-                       "reference tissues" if fitted else "tissues (not fitted)"))
-    if pts:
-        allhu = np.concatenate(pts)
-        pad = 0.05 * (allhu.max() - allhu.min()) + 20
-        xs = np.linspace(allhu.min() - pad, allhu.max() + pad, 10)
-    else:
-        xs = np.linspace(-100, 400, 10)
-    ax.plot(xs, cal.intercept + cal.slope * xs, "-", color="k", lw=1,
-            label=f"ρ = {cal.intercept:.2f} + {cal.slope:.4f}·HU\nR² = {cal.r2:.5f}"
-            + (f"\nE_eff = {ee['energy_kev']:g} keV" if ee else ""))
-    ax.set_xlabel("mean HU (rods) / median HU (tissues)" if found and cal.rods
-                  else "median HU" if found else "mean HU")
-    ax.set_ylabel("K2HPO4 density (mg/cm³)")
-    ax.set_title(title or f"calibration ({cal.method})", fontsize=9)
-    ax.legend(fontsize=7)
-    if ee:
-        ax = axes[1]
-        f = ee["fit"]
-        for t in cal.tissues:
-            if t.get("theoretical_hu") is None or not t.get("found"):
-                continue
-            c = TISSUE_COLOURS[t["name"]]
-            ax.plot(t["theoretical_hu"], t["median_hu"], "s", mec=c,
-                    mfc=c if t["used"] else "none", ms=7)
-            ax.annotate(t["name"] + ("" if t["used"] else " (left out)"),
-                        (t["theoretical_hu"], t["median_hu"]), textcoords="offset points",
-                        xytext=(5, -10), fontsize=7)
-        xt = np.array([t["theoretical_hu"] for t in cal.tissues
-                       if t.get("theoretical_hu") is not None and t.get("found")])
-        xx = np.linspace(min(xt.min(), 0) - 50, max(xt.max(), 0) + 50, 10)
-        ax.plot(xx, f["a"] + f["b"] * xx, "-", color="k", lw=1,
-                label=f"HU = {f['a']:.1f} + {f['b']:.4f}·HU_t\nR² = {f['r2']:.5f}")
-        ax.set_xlabel(f"theoretical HU at {ee['energy_kev']:g} keV (ICRU-44, xraydb)")
-        ax.set_ylabel("measured median HU")
-        ax.set_title("tissues: measured vs theoretical HU", fontsize=9)
-        ax.legend(fontsize=7)
-        ax = axes[2]
-        ax.plot(ee["energies_kev"], ee["rms_residual_hu"], "-", color="k", lw=1)
-        ax.axvline(ee["energy_kev"], color="tab:red", lw=1,
-                   label=f"effective energy {ee['energy_kev']:g} keV")
-        ax.set_yscale("log")
-        ax.set_xlabel("energy (keV)")
-        ax.set_ylabel("RMS fit error (HU)")
-        ax.set_title(f"fit error against energy ({f['n_tissues']} tissues)", fontsize=9)
-        ax.legend(fontsize=7)
-    if panel:
-        ax2 = axes[-1]
-        k = hu_zyx.shape[axis] // 2 if index is None else int(index)
-        ax2.imshow(np.take(hu_zyx, k, axis=axis), cmap="gray", vmin=-200, vmax=1500,
-                   interpolation="nearest")
-        handles = []
-        for name, m in masks.items():
-            sl = np.take(m, k, axis=axis)
-            colour = TISSUE_COLOURS[name]
-            ax2.imshow(np.ma.masked_where(~sl, sl), cmap=ListedColormap([colour]), alpha=0.55,
-                       interpolation="nearest", vmin=0, vmax=1)
-            handles.append(Patch(color=colour, alpha=0.7,
-                                 label=f"{name} ({int(m.sum())} voxels in 3-D)"))
-        ax2.legend(handles=handles, fontsize=7, loc="lower right")
-        ax2.set_title(f"tissue voxels, slice {k} of axis {axis} (grey -200..1500 HU)",
-                      fontsize=8)
-        ax2.set_xticks([])
-        ax2.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -294,6 +294,7 @@ def _run(fixed_c, metric_mask, moving_c, init: sitk.Euler3DTransform, n_mask: in
             "seconds": time.perf_counter() - t0}
 
 
+# Long on purpose: one multi-start registration (grids, starts, runs, the best), in order.
 def register_rigid(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image,
                    moving_mask: sitk.Image, p: RegistrationParams,
                    points: np.ndarray | None = None) -> tuple[sitk.Transform, dict]:
@@ -460,10 +461,7 @@ def plot_registration(fixed: sitk.Image, fixed_mask: sitk.Image, moving_mask: si
     baseline mask outline (green) and the follow-up mask outline before (red) and after
     (yellow) registration, and the points that matter (cyan) with their motion and the
     starts' spread."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     arr = sitk.GetArrayFromImage(fixed)
     fm = sitk.GetArrayFromImage(_binary(fixed_mask)) > 0
@@ -471,7 +469,8 @@ def plot_registration(fixed: sitk.Image, fixed_mask: sitk.Image, moving_mask: si
     after = sitk.GetArrayFromImage(carry_mask(moving_mask, fixed, tx)) > 0
     zc, yc, xc = (int(round(c)) for c in np.argwhere(fm).mean(axis=0))
     sx, sy, sz = fixed.GetSpacing()
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
+    fig = Figure(figsize=(8, 4.4))
+    axes = fig.subplots(1, 2)
     views = [("axial", lambda a: a[zc], sy / sx, (0, 1)),
              ("sagittal", lambda a: a[:, :, xc], sz / sy, (1, 2))]
     pts = np.asarray(info.get("points_mm", []), float).reshape(-1, 3)
@@ -496,4 +495,3 @@ def plot_registration(fixed: sitk.Image, fixed_mask: sitk.Image, moving_mask: si
                  f"{'n/a' if spread is None else f'{spread:.2f} mm'}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -25,9 +25,8 @@ as XDMF (+HDF5) with the cell tags, readable by DOLFINx and ParaView.
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,9 +37,12 @@ import SimpleITK as sitk
 
 from qctfea.imaging.masks import BODY, CAP, POSTERIOR, TRABECULAR
 from qctfea.errors import QctfeaError
+from qctfea.provenance import atomic_files
 from qctfea.model.screw import Screw
 from qctfea.model.tags import TAG_BODY, TAG_CAP, TAG_POSTERIOR, TAG_SCREW
 from qctfea.config import option
+
+log = logging.getLogger(__name__)
 
 #: labels of the bone near a screw during meshing only (own cell size); they become the
 #: body and posterior tags again in the mesh
@@ -300,8 +302,9 @@ def _restore_labels(centroids: np.ndarray, out_tags: np.ndarray, vol: np.ndarray
     return np.vectorize(mapping.__getitem__, otypes=[np.int32])(out_tags)
 
 
+# Long on purpose: one meshing run (grid, CGAL sizes, mesh, tags, quality), in order.
 def generate_mesh(
-    parts_img: sitk.Image, screws: list[Screw], params: MeshParams, log=sys.stderr
+    parts_img: sitk.Image, screws: list[Screw], params: MeshParams
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Mesh bone and screws; returns points (mm), tets, cell tags, and a report."""
     import pygalmesh
@@ -309,7 +312,7 @@ def generate_mesh(
     t0 = time.perf_counter()
     vol, lo, h = labelled_grid(parts_img, screws, params)
     present = sorted(int(v) for v in np.unique(vol) if v)
-    print(f"[mesh] labelled grid {vol.shape} at {h} mm, labels {present}", file=log, flush=True)
+    log.info(f"[mesh] labelled grid {vol.shape} at {h} mm, labels {present}")
     with tempfile.TemporaryDirectory() as td:
         inr = os.path.join(td, "labels.inr")
         pygalmesh.save_inr(vol, (h, h, h), inr)
@@ -389,8 +392,8 @@ def generate_mesh(
     if missing:
         raise QctfeaError(f"screw(s) {missing} have no cells in the mesh; lower "
                           "mesh.screw_cell_size_mm or mesh.voxel_mm")
-    print(f"[mesh] {report['n_cells']} tets, {report['n_vertices']} vertices, "
-          f"min dihedral {report['min_dihedral_deg']:.1f} deg, {t_mesh:.1f} s", file=log, flush=True)
+    log.info(f"[mesh] {report['n_cells']} tets, {report['n_vertices']} vertices, "
+             f"min dihedral {report['min_dihedral_deg']:.1f} deg, {t_mesh:.1f} s")
     return points, cells, tags, report
 
 
@@ -428,19 +431,13 @@ def write_mesh(path: str | Path, points: np.ndarray, cells: np.ndarray, tags: np
     import h5py
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     h5_name = path.with_suffix(".h5").name
-    tmpdir = Path(tempfile.mkdtemp(prefix=".mesh.", dir=path.parent))
-    try:
-        with h5py.File(tmpdir / h5_name, "w") as f:
+    with atomic_files(path.with_suffix(".h5"), path) as scratch:
+        with h5py.File(scratch / h5_name, "w") as f:
             f["Mesh/mesh/geometry"] = np.asarray(points, np.float64)
             f["Mesh/mesh/topology"] = np.asarray(cells, np.int64)
             f["MeshTags/cell_tags/Values"] = np.asarray(tags, np.int32).reshape(-1, 1)
-        (tmpdir / path.name).write_text(_XDMF.format(nc=len(cells), nv=len(points), h5=h5_name))
-        os.replace(tmpdir / h5_name, path.with_suffix(".h5"))
-        os.replace(tmpdir / path.name, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        (scratch / path.name).write_text(_XDMF.format(nc=len(cells), nv=len(points), h5=h5_name))
 
 
 def read_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

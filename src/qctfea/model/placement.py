@@ -297,10 +297,11 @@ def plot_placement(field: BoneField, frame: Frame, canal: dict, screws: list[dic
                    title: str = "") -> None:
     """QC picture: for each screw, the axial cut through its axis (canal, pedicle, screw,
     worst breach point and grade) and the cut through its axis and the superior axis."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.colors import ListedColormap
 
-    fig, axes = plt.subplots(2, len(screws), figsize=(5.2 * len(screws), 9.5), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(screws), 9.5))
+    axes = fig.subplots(2, len(screws), squeeze=False)
     cmap = ListedColormap(["white", "#bdbdbd", "#9ecae1"])
     for j, sc in enumerate(screws):
         entry, axis = np.asarray(sc["entry_mm"], float), np.asarray(sc["axis"], float)
@@ -338,4 +339,3 @@ def plot_placement(field: BoneField, frame: Frame, canal: dict, screws: list[dic
     fig.suptitle(f"{title}\ngrey: bone; blue: spinal canal; x: worst breach", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)

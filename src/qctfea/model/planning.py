@@ -311,6 +311,7 @@ def anatomical_frame(grid: _Grid, context: str) -> tuple[Frame, dict]:
     return frame, ext
 
 
+# Long on purpose: one search (planes, sections followed backwards, the narrowest kept).
 def _isthmus(grid: _Grid, frame: Frame, ext: dict, side: str, context: str) -> dict:
     """The narrowest cross-section of one side's pedicle (see module doc, step 2)."""
     sign = 1.0 if side == "left" else -1.0
@@ -450,6 +451,7 @@ def _candidate(field: BoneField, through: np.ndarray, axis: np.ndarray, radius: 
             "exit": through + (t_front + LINE_STEP_MM / 2) * axis}
 
 
+# Long on purpose: the planning algorithm of the module doc, per side, read top to bottom.
 def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
                    context: str, anatomy: Anatomy | None = None) -> list[Screw]:
     """Left and right screws planned from a vertebra parts image (see the module doc);

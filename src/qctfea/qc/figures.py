@@ -14,19 +14,21 @@ declare them as outputs.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from qctfea.cohort import analysis as cohort
+from qctfea.cohort import longtable
 from qctfea.cohort import stats as st
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path
+
+log = logging.getLogger(__name__)
 
 #: Metrics with a spaghetti plot (a metric without values gets a "no data" panel).
 SPAGHETTI_METRICS: list[str] = [
@@ -45,7 +47,7 @@ SPAGHETTI_METRICS: list[str] = [
 SCATTER_PREDICTORS: list[str] = [
     "around_screw_vbmd_mg_cm3",
     "trabecular_vbmd_mg_cm3",
-    cohort.AREAL,
+    longtable.AREAL,
 ]
 
 FORMATS = ("png", "svg")
@@ -86,18 +88,18 @@ def _save(fig, paths: dict[str, Path], dpi: int = 120) -> None:
 
 
 def _axis_label(metric: str) -> str:
-    u = cohort.unit(metric)
-    return f"{cohort.label(metric)} ({u})" if u else cohort.label(metric)
+    u = longtable.unit(metric)
+    return f"{longtable.label(metric)} ({u})" if u else longtable.label(metric)
 
 
 def spaghetti(df: pd.DataFrame, metric: str, paths: dict[str, Path]) -> None:
     """Per-patient trajectories of ``metric`` with the mean and 95 % CI per timepoint."""
     fig = _new_figure(6.0, 4.2)
     ax = fig.subplots()
-    tpm = cohort.timepoint_months(df)
+    tpm = longtable.timepoint_months(df)
     vals = pd.to_numeric(df[metric], errors="coerce") if metric in df.columns else None
     if vals is None or not np.isfinite(vals).any():
-        ax.text(0.5, 0.5, f"no {cohort.label(metric)} in this cohort", ha="center",
+        ax.text(0.5, 0.5, f"no {longtable.label(metric)} in this cohort", ha="center",
                 va="center", transform=ax.transAxes)
         ax.set_axis_off()
         _save(fig, paths)
@@ -128,7 +130,7 @@ def spaghetti(df: pd.DataFrame, metric: str, paths: dict[str, Path]) -> None:
                         fontsize=8, color="C3")
     ax.set_xticks(x, [f"{t}\n{m:g} mo" for t, m in tpm.items()])
     ax.set_ylabel(_axis_label(metric))
-    ax.set_title(f"{cohort.label(metric)}: patients (grey, dashed = missing scan) and mean")
+    ax.set_title(f"{longtable.label(metric)}: patients (grey, dashed = missing scan) and mean")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
@@ -137,16 +139,16 @@ def spaghetti(df: pd.DataFrame, metric: str, paths: dict[str, Path]) -> None:
 
 def scatter(df: pd.DataFrame, outcome: str, predictor: str, paths: dict[str, Path]) -> None:
     """``outcome`` against ``predictor`` per timepoint with least-squares lines and r."""
-    data, sources = cohort.with_resolved_areal(df)
+    data, sources = longtable.with_resolved_areal(df)
     fig = _new_figure(6.0, 4.5)
     ax = fig.subplots()
-    tpm = cohort.timepoint_months(data)
+    tpm = longtable.timepoint_months(data)
     for i, tp in enumerate(tpm.index):
         sub = data[data["timepoint"] == tp][[predictor, outcome]].apply(
             pd.to_numeric, errors="coerce").dropna()
         res = st.pearson_with_ci(sub[predictor], sub[outcome])
         colour = f"C{i % 10}"
-        src = f", {sources.get(str(tp), '')}" if predictor == cohort.AREAL else ""
+        src = f", {sources.get(str(tp), '')}" if predictor == longtable.AREAL else ""
         r_s = f"r = {res['r']:.2f}" if math.isfinite(res["r"]) else "r = n/a"
         ax.scatter(sub[predictor], sub[outcome], color=colour, alpha=0.85, edgecolors="none",
                    label=f"{tp}: {r_s}, n = {res['n']}{src}")
@@ -155,12 +157,12 @@ def scatter(df: pd.DataFrame, outcome: str, predictor: str, paths: dict[str, Pat
             xs = np.linspace(sub[predictor].min(), sub[predictor].max(), 2)
             ax.plot(xs, icept + slope * xs, color=colour, lw=1.5)
     xlabel = _axis_label(predictor)
-    if predictor == cohort.AREAL:
+    if predictor == longtable.AREAL:
         used = sorted(set(sources.values()))
         xlabel = f"areal BMD (g/cm²; {' / '.join(used)})"
     ax.set_xlabel(xlabel)
     ax.set_ylabel(_axis_label(outcome))
-    ax.set_title(f"{cohort.label(outcome)} vs {xlabel.split(' (')[0]}, per timepoint")
+    ax.set_title(f"{longtable.label(outcome)} vs {xlabel.split(' (')[0]}, per timepoint")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
@@ -170,7 +172,7 @@ def scatter(df: pd.DataFrame, outcome: str, predictor: str, paths: dict[str, Pat
 def cohort_figures(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
                    cases: Sequence[str] = ("compression", "pullout")) -> list[Path]:
     """Write every figure of :func:`figure_files` from the long table; return the paths."""
-    df = cohort.read_long_table(long_csv)
+    df = longtable.read_long_table(long_csv)
     files = figure_files(out_dir, cases)
     written: list[Path] = []
     for metric in spaghetti_metrics(cases):
@@ -181,7 +183,7 @@ def cohort_figures(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
         paths = files[f"scatter_pullout_{predictor}"]
         scatter(df, "pullout_strength_n", predictor, paths)
         written += paths.values()
-    print(f"qctfea figures: {len(written)} files -> {out_dir}", file=sys.stderr)
+    log.info(f"qctfea figures: {len(written)} files -> {out_dir}")
     return written
 
 

@@ -87,16 +87,13 @@ def centroid_planes(points: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarra
 def mesh_picture(points: np.ndarray, cells: np.ndarray, tags: np.ndarray, screws,
                  report: dict, path, title: str = "") -> None:
     """Write the cut-plane QC picture (PNG) of a mesh with its screws."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.collections import PolyCollection
     from matplotlib.patches import Patch
 
     planes = screw_planes(screws) if screws else centroid_planes(points)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2),
-                             gridspec_kw={"width_ratios": [1.2, 1.2, 0.75]})
+    fig = Figure(figsize=(15, 5.2))
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1.2, 0.75]})
     for ax, (name, (origin, normal, first)) in zip(axes, planes.items(), strict=False):
         polys, idx = plane_section(points, cells, origin, normal)
         u, w = _frame(normal, first)
@@ -136,4 +133,3 @@ def mesh_picture(points: np.ndarray, cells: np.ndarray, tags: np.ndarray, screws
     fig.suptitle(title or "mesh QC", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping
 from importlib import resources
@@ -44,9 +44,11 @@ import pandas as pd
 from qctfea import __version__
 from qctfea.cohort import clinical
 from qctfea.uncertainty import least_significant_change
-from qctfea.cohort.analysis import TEXT_COLUMNS
+from qctfea.cohort.longtable import TEXT_COLUMNS
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path
+
+log = logging.getLogger(__name__)
 
 #: bone tags (body, posterior elements) and the screws' tags (qctfea.model.meshing)
 BONE_TAGS = (1, 2)
@@ -388,6 +390,55 @@ def write_patient_page(
         ex = pd.read_csv(excl_path, dtype=str).fillna("")
         excluded = ex[ex["patient"] == patient].to_dict("records")
 
+    scans = _scans(res, patient, rows, long, compress_pictures)
+
+    # the model the scans were solved on: the baseline's (registered follow-ups) or own
+    mt = model_timepoint or next((s["timepoint"] for s in scans
+                                  if (s["dir"] / "mesh.h5").is_file()), None)
+    for s in scans:
+        own = s["dir"] / "screws.json"
+        s["screws"] = _screws(own if own.is_file() or mt is None
+                              else res / patient / mt / "screws.json", s["row"])
+
+    base = scans[0] if scans else None
+    outcome_rows = _outcome_rows(scans, base)
+    _add_changes_and_bmd(scans, base)
+
+    geometry, notes = None, []
+    if mt is not None and (res / patient / mt / "mesh.h5").is_file():
+        geometry, notes = scene_geometry(
+            res / patient / mt / "mesh.xdmf",
+            {s["timepoint"]: s["dir"] / "compression_fields.h5" for s in scans})
+    elif scans:
+        notes.append("no model mesh (mesh.h5) found for this patient")
+
+    pkg = resources.files("qctfea.qc")
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string((pkg / "templates" / "patient.html.j2").read_text("utf-8"))
+    doc = template.render(
+        patient=patient, cohort=cohort_name, version=__version__,
+        created=time.strftime("%Y-%m-%d %H:%M"), scans=scans, base=base,
+        outcome_rows=outcome_rows, excluded=excluded, model_timepoint=mt, notes=notes,
+        clinical=clinical_summary(rows),
+        # inserted with |safe: JSON and the library, made safe inside <script>
+        geometry_json=_script_safe(json.dumps(geometry)) if geometry else None,
+        three_js=_script_safe((pkg / "assets" / "qctfea-three.min.js").read_text("utf-8"))
+        if geometry else None,
+    )
+    out = Path(out_html)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.write_text(doc, encoding="utf-8")
+    log.info(f"qctfea patient page: {patient}, {len(scans)} scans, "
+             f"{len(doc) / 1e6:.2f} MB -> {out}")
+    return out
+
+
+def _scans(res: Path, patient: str, rows: pd.DataFrame, long: pd.DataFrame,
+           compress_pictures: bool) -> list[dict]:
+    """One dict per kept scan: its row, folder, load cases (with curves), outcome values,
+    QC pictures and clinical categories."""
     # pullout in loads.cases: a strength in the long table, or a pullout result on disk
     pullout = bool(any(long[c].notna().any() for c in long.columns
                        if c.startswith("pullout_strength_")) or any(
@@ -411,16 +462,12 @@ def write_patient_page(
                       "dir": d, "cases": cases, "values": values, "pictures": pictures,
                       "strength_category": _text(row.get("strength_category")) or "–",
                       "vbmd_category": _text(row.get("vbmd_category")) or "–"})
+    return scans
 
-    # the model the scans were solved on: the baseline's (registered follow-ups) or own
-    mt = model_timepoint or next((s["timepoint"] for s in scans
-                                  if (s["dir"] / "mesh.h5").is_file()), None)
-    for s in scans:
-        own = s["dir"] / "screws.json"
-        s["screws"] = _screws(own if own.is_file() or mt is None
-                              else res / patient / mt / "screws.json", s["row"])
 
-    base = scans[0] if scans else None
+def _outcome_rows(scans: list[dict], base: dict | None) -> list[dict]:
+    """The outcomes table: per outcome, per scan the value, the change from baseline, the
+    interval and whether the change exceeds the least significant change."""
     outcome_rows = []
     for key, label, unit, digits in OUTCOMES:
         if not any(s["values"].get(key) is not None for s in scans):
@@ -450,6 +497,11 @@ def write_patient_page(
                           f"LSC {_fmt(lsc, digits)}: {'significant' if sig else 'within LSC'}",
                           "significant": sig})
         outcome_rows.append({"label": label, "unit": unit, "cells": cells})
+    return outcome_rows
+
+
+def _add_changes_and_bmd(scans: list[dict], base: dict | None) -> None:
+    """Each load case's change from baseline and stiffness text; each scan's BMD list."""
     for s in scans:
         for key, c in s["cases"].items():
             c["change"] = "" if s is base else _fmt_pct(_pct(c["strength"],
@@ -468,33 +520,3 @@ def write_patient_page(
             ("clinical DXA areal BMD", _fmt(r.get("dxa_areal_bmd_g_cm2"), 3, "g/cm²")),
         ]
         s["bmd"] = [(k, v) for k, v in s["bmd"] if v != "–"]
-
-    geometry, notes = None, []
-    if mt is not None and (res / patient / mt / "mesh.h5").is_file():
-        geometry, notes = scene_geometry(
-            res / patient / mt / "mesh.xdmf",
-            {s["timepoint"]: s["dir"] / "compression_fields.h5" for s in scans})
-    elif scans:
-        notes.append("no model mesh (mesh.h5) found for this patient")
-
-    pkg = resources.files("qctfea.qc")
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True)
-    template = env.from_string((pkg / "templates" / "patient.html.j2").read_text("utf-8"))
-    doc = template.render(
-        patient=patient, cohort=cohort_name, version=__version__,
-        created=time.strftime("%Y-%m-%d %H:%M"), scans=scans, base=base,
-        outcome_rows=outcome_rows, excluded=excluded, model_timepoint=mt, notes=notes,
-        clinical=clinical_summary(rows),
-        # inserted with |safe: JSON and the library, made safe inside <script>
-        geometry_json=_script_safe(json.dumps(geometry)) if geometry else None,
-        three_js=_script_safe((pkg / "assets" / "qctfea-three.min.js").read_text("utf-8"))
-        if geometry else None,
-    )
-    out = Path(out_html)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        tmp.write_text(doc, encoding="utf-8")
-    print(f"qctfea patient page: {patient}, {len(scans)} scans, "
-          f"{len(doc) / 1e6:.2f} MB -> {out}", file=sys.stderr)
-    return out

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import base64
 import html
+import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,8 +25,12 @@ import pandas as pd
 
 from qctfea import __version__
 from qctfea.cohort import clinical, analysis as cohort
+from qctfea.cohort import longtable
+from qctfea.cohort import summaries
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, read_json
+
+log = logging.getLogger(__name__)
 
 _CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2rem auto;
@@ -109,7 +113,7 @@ def _labelled(frame: pd.DataFrame, *cols: str) -> pd.DataFrame:
     out = frame.copy()
     for c in cols:
         if c in out.columns:
-            out[c] = out[c].map(lambda m: cohort.label(m) if isinstance(m, str) else m)
+            out[c] = out[c].map(lambda m: longtable.label(m) if isinstance(m, str) else m)
     return out
 
 
@@ -117,11 +121,11 @@ def _figure_caption(path: Path) -> str:
     stem = path.stem
     if stem.startswith("spaghetti_"):
         m = stem[len("spaghetti_"):]
-        return (f"{cohort.label(m)}: one line per patient (dashed: a scan is missing), "
+        return (f"{longtable.label(m)}: one line per patient (dashed: a scan is missing), "
                 "mean and 95 % CI per timepoint")
     if stem.startswith("scatter_pullout_"):
         p = stem[len("scatter_pullout_"):]
-        return (f"pullout strength vs {cohort.label(p)}, per timepoint: least-squares line "
+        return (f"pullout strength vs {longtable.label(p)}, per timepoint: least-squares line "
                 "and Pearson r")
     if stem.startswith("qc_"):
         return f"QC montage of the per-scan {stem[3:]} pictures (patients x timepoints)"
@@ -151,7 +155,7 @@ def _clinical_tables(long_csv) -> tuple[pd.DataFrame, pd.DataFrame, list[str]] |
     if long_csv is None or not Path(long_csv).is_file():
         return None
     df = pd.read_csv(long_csv, dtype={"patient": str, "timepoint": str,
-                                      **cohort.TEXT_COLUMNS})
+                                      **longtable.TEXT_COLUMNS})
     if not {"strength_category", "vbmd_category"} <= set(df.columns) or df.empty:
         return None
     df = df.sort_values(["months", "patient"], kind="mergesort")
@@ -160,7 +164,7 @@ def _clinical_tables(long_csv) -> tuple[pd.DataFrame, pd.DataFrame, list[str]] |
         row = {"timepoint": tp, "scans": len(g)}
         for col, what, known in (("strength_category", "strength", clinical.STRENGTH_CATEGORIES),
                                  ("vbmd_category", "vBMD", clinical.VBMD_CATEGORIES)):
-            _, text = cohort.category_counts(g[col], known)
+            _, text = summaries.category_counts(g[col], known)
             row[what] = text
         counts.append(row)
     scans = pd.DataFrame({
@@ -223,6 +227,25 @@ def summary_page(
              f'{_esc(", ".join(summary.get("timepoints", {})))}; qctfea {__version__}; '
              f'{time.strftime("%Y-%m-%d %H:%M")}</p>']
 
+    parts += _data_section(summary, patient_pages)
+    parts += _table_sections(t, s, table_files.get("longitudinal"))
+    pngs = [Path(f) for f in figure_pngs]
+    parts += _figure_sections(pngs)
+
+    doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+           f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>\n"
+           + "\n".join(parts) + "\n</body></html>\n")
+    out = Path(out_html)
+    with atomic_path(out) as tmp:
+        tmp.write_text(doc, encoding="utf-8")
+    log.info(f"qctfea report: summary page with {len(pngs)} figures -> {out}")
+    return out
+
+
+def _data_section(summary: dict, patient_pages: Sequence[str]) -> list[str]:
+    """Headline findings, the data used (missing and excluded scans), the per-patient
+    pages, the areal-BMD source and the methods."""
+    parts: list[str] = []
     parts.append('<h2 id="findings">Headline findings</h2><ol class="headlines">')
     parts += [f"<li>{_esc(h)}</li>" for h in summary.get("headlines", [])]
     parts.append("</ol>")
@@ -256,8 +279,14 @@ def summary_page(
     if methods:
         parts.append("<ul>" + "".join(f"<li><b>{_esc(k)}</b>: {_esc(v)}</li>"
                                       for k, v in methods.items()) + "</ul>")
+    return parts
 
-    placement = _placement_table(table_files.get("longitudinal"))
+
+def _table_sections(t: dict, s: dict, longitudinal) -> list[str]:
+    """Screw placement, clinical categories, Table 1, per timepoint, and the statistics
+    tables (``t``: the tables, ``s``: the statistics, by name)."""
+    parts: list[str] = []
+    placement = _placement_table(longitudinal)
     if placement is not None:
         parts.append('<h2 id="screws">Screw placement (Gertzbein-Robbins grade)</h2>')
         parts.append('<p>Grade of each screw of each model against the vertebra mask: A in '
@@ -265,7 +294,7 @@ def summary_page(
                      'mm and its direction (medial: towards the spinal canal). Follow-ups use '
                      'their baseline\'s screws. Pictures: screws.png of each scan folder.</p>')
         parts.append(html_table(placement))
-    parts += _clinical_section(table_files.get("longitudinal"))
+    parts += _clinical_section(longitudinal)
     if "baseline_characteristics" in t:
         parts.append('<h2 id="table1">Table 1: baseline characteristics</h2>')
         parts.append(html_table(t["baseline_characteristics"], {
@@ -322,8 +351,12 @@ def summary_page(
             "p_williams": "p", "steiger_z": "Steiger z", "p_steiger": "p",
             "p_steiger_greater": "p (one-sided)"},
             p_columns=("p_williams", "p_steiger", "p_steiger_greater")))
+    return parts
 
-    pngs = [Path(f) for f in figure_pngs]
+
+def _figure_sections(pngs: list[Path]) -> list[str]:
+    """The figures, then the QC montages full width; a missing figure is an error."""
+    parts: list[str] = []
     for f in pngs:
         if not f.is_file():
             raise QctfeaError(f"summary page: figure {f} not found")
@@ -333,12 +366,4 @@ def summary_page(
     if qc:
         parts.append('<h2 id="qc">Quality control</h2>')
         parts += [_img(f, _figure_caption(f), wide=True) for f in qc]
-
-    doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-           f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>\n"
-           + "\n".join(parts) + "\n</body></html>\n")
-    out = Path(out_html)
-    with atomic_path(out) as tmp:
-        tmp.write_text(doc, encoding="utf-8")
-    print(f"qctfea report: summary page with {len(pngs)} figures -> {out}", file=sys.stderr)
-    return out
+    return parts

@@ -45,11 +45,7 @@ def _lps_grid(parts: sitk.Image, spacing: float = 0.5, margin_mm: float = 6.0) -
 def roi_picture(density: sitk.Image, parts: sitk.Image, screws, shell_mm: float, path,
                 title: str = "", values: dict | None = None) -> None:
     """Write the four-slice QC picture (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     ref = _lps_grid(parts)
@@ -59,7 +55,6 @@ def roi_picture(density: sitk.Image, parts: sitk.Image, screws, shell_mm: float,
                                                 sitk.Transform(), sitk.sitkLinear, -100.0))
     lab = sitk.GetArrayFromImage(sitk.Resample(parts, ref, sitk.Transform(),
                                                sitk.sitkNearestNeighbor, 0))
-    nz, ny, nx = lab.shape
     zz, yy, xx = np.indices(lab.shape)
     pts = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], 1) * h + lo
     screw_masks, around = {}, np.zeros(lab.shape, bool)
@@ -81,37 +76,14 @@ def roi_picture(density: sitk.Image, parts: sitk.Image, screws, shell_mm: float,
     x_left = (int(round(((left.entry_mm + left.tip_mm) / 2 - lo)[0] / h)) if left is not None
               else int(round(centroid[2])))
 
-    def cut(vol, view, k):
-        k = int(np.clip(k, 0, {"axial": nz, "sagittal": nx, "coronal": ny}[view] - 1))
-        if view == "axial":
-            return vol[k]  # rows y (anterior up), columns x (patient right on the left)
-        if view == "sagittal":
-            return vol[:, :, k][::-1]  # rows z (superior up), columns y (anterior left)
-        return vol[:, k, :][::-1]  # coronal: rows z, columns x
-
     panels = [("axial at the screws", "axial", z_screw),
               ("mid-sagittal (body centroid)", "sagittal", centroid[2]),
               ("coronal (body centroid)", "coronal", centroid[1]),
               ("sagittal through the left screw", "sagittal", x_left)]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.8))
+    fig = Figure(figsize=(17, 4.8))
+    axes = fig.subplots(1, 4)
     for ax, (name, view, k) in zip(axes, panels, strict=True):
-        ax.imshow(cut(dens, view, k), cmap="gray", vmin=-50, vmax=600, interpolation="nearest")
-        ar = cut(around, view, k)
-        ax.imshow(np.ma.masked_where(~ar, ar), cmap=ListedColormap(["cyan"]), alpha=0.35,
-                  vmin=0, vmax=1, interpolation="nearest")
-        for mask, colour in ((np.isin(lab, (BODY, TRABECULAR)), "orange"),
-                             (lab == TRABECULAR, "lime"), (lab == POSTERIOR, "violet")):
-            sl = cut(mask, view, k)
-            if sl.any() and not sl.all():
-                ax.contour(sl.astype(float), levels=[0.5], colors=colour, linewidths=0.9)
-        for side, m in screw_masks.items():
-            sl = cut(m, view, k)
-            if sl.any() and not sl.all():
-                ax.contour(sl.astype(float), levels=[0.5], colors=SCREW_COLOURS.get(side, "b"),
-                           linewidths=1.2)
-        ax.set_title(name, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _draw_panel(ax, name, view, k, dens, around, lab, screw_masks)
     handles = [Line2D([], [], color=c, label=lab_) for c, lab_ in
                (("orange", "vertebral body"), ("lime", "trabecular ROI"),
                 ("violet", "posterior elements"), (SCREW_COLOURS["left"], "left screw"),
@@ -119,6 +91,48 @@ def roi_picture(density: sitk.Image, parts: sitk.Image, screws, shell_mm: float,
     handles.append(Line2D([], [], color="cyan", lw=6, alpha=0.5,
                           label=f"around the screw (+{shell_mm:g} mm shell)"))
     axes[-1].legend(handles=handles, fontsize=7, loc="lower right", framealpha=0.8)
+    fig.suptitle(_caption(title, values), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _cut(vol: np.ndarray, view: str, k) -> np.ndarray:
+    """Slice ``k`` of the (z, y, x) volume in the ``view`` (clipped to the volume)."""
+    nz, ny, nx = vol.shape
+    k = int(np.clip(k, 0, {"axial": nz, "sagittal": nx, "coronal": ny}[view] - 1))
+    if view == "axial":
+        return vol[k]  # rows y (anterior up), columns x (patient right on the left)
+    if view == "sagittal":
+        return vol[:, :, k][::-1]  # rows z (superior up), columns y (anterior left)
+    return vol[:, k, :][::-1]  # coronal: rows z, columns x
+
+
+def _draw_panel(ax, name: str, view: str, k, dens, around, lab, screw_masks: dict) -> None:
+    """One panel: the density in grey, the around-screw region, the parts' and screws'
+    outlines."""
+    from matplotlib.colors import ListedColormap
+
+    ax.imshow(_cut(dens, view, k), cmap="gray", vmin=-50, vmax=600, interpolation="nearest")
+    ar = _cut(around, view, k)
+    ax.imshow(np.ma.masked_where(~ar, ar), cmap=ListedColormap(["cyan"]), alpha=0.35,
+              vmin=0, vmax=1, interpolation="nearest")
+    for mask, colour in ((np.isin(lab, (BODY, TRABECULAR)), "orange"),
+                         (lab == TRABECULAR, "lime"), (lab == POSTERIOR, "violet")):
+        sl = _cut(mask, view, k)
+        if sl.any() and not sl.all():
+            ax.contour(sl.astype(float), levels=[0.5], colors=colour, linewidths=0.9)
+    for side, m in screw_masks.items():
+        sl = _cut(m, view, k)
+        if sl.any() and not sl.all():
+            ax.contour(sl.astype(float), levels=[0.5], colors=SCREW_COLOURS.get(side, "b"),
+                       linewidths=1.2)
+    ax.set_title(name, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _caption(title: str, values: dict | None) -> str:
+    """The title, with the BMD values when given."""
     text = title
     if values:
         scr = values.get("around_screw_vbmd_mg_cm3", {})
@@ -128,7 +142,4 @@ def roi_picture(density: sitk.Image, parts: sitk.Image, screws, shell_mm: float,
                     if scr else "")
                  + f"; CT areal BMD {values['areal_bmd_g_cm2']:.3f} g/cm²"
                  + " (density window -50..600 mg/cm³)")
-    fig.suptitle(text, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return text

@@ -1,0 +1,224 @@
+"""Reading DICOM files one by one: the header fields a slice needs (position, orientation,
+spacing, rescale), its pixels in HU, and why a file is not a CT image slice
+(:mod:`qctfea.imaging.dicomio` builds the series from them).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from qctfea.errors import QctfeaError
+
+
+#: Two slices closer than this (mm) are the same slice position.
+DUPLICATE_TOL_MM = 1e-4
+
+
+# Elements larger than this are read only when used, so pixel data of series
+# that are not selected are never loaded.
+_DEFER_SIZE = 1024
+
+#: SOP classes of single-frame images (CT, MR, secondary capture): such a file
+#: without pixel data was cut short.
+_IMAGE_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4",
+                      "1.2.840.10008.5.1.4.1.1.7")
+
+
+#: Skip reason of a DICOM file whose header or pixel data is cut short: refused.
+DAMAGED = "damaged or truncated DICOM"
+
+#: Files named at most in the skipped-files warning and the damaged-files error.
+_MAX_NAMED = 5
+
+
+@dataclass
+class _Slice:
+    """One usable single-frame image file and its parsed geometry."""
+
+    path: Path
+    ds: Dataset
+    position: np.ndarray  # ImagePositionPatient, mm
+    orientation: np.ndarray  # ImageOrientationPatient, 6 values
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing), mm
+    rows: int
+    columns: int
+    instance: int | None
+
+
+def _where(context: str, path: str | os.PathLike) -> str:
+    """Prefix for error messages: the context (if any) and the input path."""
+    return f"{context}: {path}" if context else str(path)
+
+
+def _opt_str(ds: Dataset, keyword: str) -> str | None:
+    """A header value as a stripped string; multi-valued joined by backslash."""
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    if isinstance(value, (MultiValue, list, tuple)):
+        text = "\\".join(str(v).strip() for v in value)
+    else:
+        text = str(value).strip()
+    return text or None
+
+
+def _opt_float(ds: Dataset, keyword: str) -> float | None:
+    """A numeric header value as float, None when absent, empty or invalid."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, MultiValue):
+        if len(value) == 0:
+            return None
+        value = value[0]
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) else None
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    """RescaleSlope and RescaleIntercept of a slice (defaults 1 and 0)."""
+    slope = _opt_float(ds, "RescaleSlope")
+    intercept = _opt_float(ds, "RescaleIntercept")
+    return (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
+
+
+def _is_part10(path: Path) -> bool:
+    """True when the file carries the DICOM Part 10 marker ``DICM`` after its preamble."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _read_header(path: Path) -> tuple[_Slice | None, str]:
+    """Read one file; return the usable slice or None and the reason it was skipped."""
+    try:
+        with warnings.catch_warnings():
+            # pydicom's warnings about odd values may quote them (names, IDs).
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_SIZE)
+    except Exception:  # unreadable: not DICOM, unless it says it is one
+        return None, DAMAGED if _is_part10(path) else "not DICOM"
+    try:
+        if "PixelData" not in ds:
+            # force=True "parses" any file; real DICOM objects carry a SOP Class UID.
+            # An image object (or a Part 10 file) without it is cut short.
+            meta = getattr(ds, "file_meta", None) or {}
+            sop = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "") or "")
+            if sop in _IMAGE_SOP_CLASSES or "Rows" in ds or (not sop and _is_part10(path)):
+                return None, DAMAGED
+            return None, ("no pixel data" if sop else "not DICOM")
+        frames = ds.get("NumberOfFrames")
+        samples = ds.get("SamplesPerPixel")
+        if (frames not in (None, "") and int(frames) > 1) or (
+            samples not in (None, "") and int(samples) != 1
+        ):
+            return None, "multi-frame or colour image (not supported)"
+        position = np.array([float(v) for v in ds.ImagePositionPatient], dtype=float)
+        orientation = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=float)
+        spacing = [float(v) for v in ds.PixelSpacing]
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except Exception:  # missing or garbled geometry
+        return None, "no usable image geometry"
+    if (
+        position.shape != (3,)
+        or orientation.shape != (6,)
+        or len(spacing) != 2
+        or not (np.all(np.isfinite(position)) and np.all(np.isfinite(orientation)))
+        or not all(np.isfinite(s) and s > 0 for s in spacing)
+        or rows < 1
+        or columns < 1
+    ):
+        return None, "no usable image geometry"
+    try:
+        instance = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") else None
+    except (TypeError, ValueError):
+        instance = None
+    return (
+        _Slice(path, ds, position, orientation, (spacing[0], spacing[1]), rows, columns, instance),
+        "",
+    )
+
+
+def _list_files(directory: Path) -> list[Path]:
+    """Every regular file under ``directory``, recursively, in a stable order."""
+    return sorted(p for p in directory.rglob("*") if p.is_file())
+
+
+def _ensure_transfer_syntax(ds: Dataset) -> None:
+    """Give a dataset read without file meta the transfer syntax it was read with."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    if implicit:
+        uid = ImplicitVRLittleEndian
+    else:
+        uid = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    if meta is None:
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = uid
+
+
+def _slice_hu(sl: _Slice, where: str) -> np.ndarray:
+    """Decode one slice and return HU (stored * slope + intercept) as float32."""
+    try:
+        _ensure_transfer_syntax(sl.ds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stored = sl.ds.pixel_array
+    except Exception as exc:
+        syntax = getattr(getattr(sl.ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        short = _short_pixel_data(sl)
+        if short:
+            raise QctfeaError(
+                f"{where}: {sl.path} is truncated (its pixel data has {short[0]} of the "
+                f"{short[1]} bytes Rows x Columns x BitsAllocated need); replace it with a "
+                "complete copy (copy or export the series again)"
+            ) from exc
+        raise QctfeaError(
+            f"{where}: cannot decode the pixel data of {sl.path} (transfer syntax {syntax}: "
+            f"{type(exc).__name__}); install a pydicom decoder plugin (pylibjpeg, "
+            "python-gdcm) or decompress the series (e.g. `gdcmconv --raw`)"
+        ) from exc
+    if stored.shape != (sl.rows, sl.columns):
+        raise QctfeaError(
+            f"{where}: pixel data of {sl.path} has shape {stored.shape}, expected "
+            f"({sl.rows}, {sl.columns}) from Rows/Columns; re-export this series"
+        )
+    slope, intercept = _rescale(sl.ds)
+    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def _short_pixel_data(sl: _Slice) -> tuple[int, int] | None:
+    """(bytes present, bytes needed) when uncompressed pixel data is cut short, else None."""
+    try:
+        syntax = sl.ds.file_meta.TransferSyntaxUID
+        if syntax.is_compressed:
+            return None
+        need = sl.rows * sl.columns * ((int(sl.ds.BitsAllocated) + 7) // 8)
+        have = len(sl.ds.PixelData)
+    except Exception:
+        return None
+    return (have, need) if have < need else None
+
+
+def _named(paths: list[Path], folder: Path) -> str:
+    """At most ``_MAX_NAMED`` file names relative to ``folder``, and how many more."""
+    names = [str(p.relative_to(folder)) for p in paths[:_MAX_NAMED]]
+    more = len(paths) - len(names)
+    return ", ".join(names) + (f" and {more} more" if more else "")

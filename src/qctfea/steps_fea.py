@@ -1,0 +1,220 @@
+"""The FE steps the rules run (fea.smk, uncertainty.smk): one load case under MPI, its
+curve and fields, the strength acceptance and the outcome uncertainty (:mod:`qctfea.steps`
+holds the shared readers and the config typing).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from qctfea.errors import QctfeaError
+from qctfea.provenance import atomic_files, atomic_path, provenance, read_json, write_json
+from qctfea.steps import _need, _read_density, _read_image, load_screws, params_from
+
+log = logging.getLogger(__name__)
+
+
+def accept_strength(*, result_paths, out_json, context: str) -> None:
+    """The solve stage's gate: fail the scan when a load case's curve did not peak (its
+    result's ``refused`` message); else record each case's strength and how the run ended."""
+    for p in result_paths:
+        if not Path(p).exists():
+            raise QctfeaError(f"{context}: load-case result {p} is missing; run the solve step "
+                              "(rule solve) first")
+    results = {Path(p).stem: read_json(p) for p in result_paths}
+    refused = [r["refused"] for r in results.values() if r.get("refused")]
+    if refused:
+        raise QctfeaError("; ".join(refused))
+    cases = {k: {"strength_n": r["strength_n"], "peak_reached": r.get("peak_reached", True),
+                 "stop_reason": r.get("stop_reason", "linear analysis")}
+             for k, r in results.items()}
+    write_json(out_json, {"cases": cases, "provenance": provenance(
+        "accept_strength", {}, {k: str(p) for k, p in zip(results, result_paths)})})
+    log.info(f"[accept_strength] {context}: " + ", ".join(
+        f"{k} {v['strength_n']:.0f} N ({v['stop_reason']})" for k, v in cases.items()))
+
+
+def uncertainty(*, calibration_json, bmd_json, density_path, parts_path, strength_json,
+                screws_path, registration_json, out_json, cfg: dict, materials_cfg: dict,
+                bmd_cfg: dict, context: str, seed_key: str) -> None:
+    """Intervals and per-scan SDs of the scan's vBMD and strengths (uncertainty.json; see
+    :mod:`qctfea.uncertainty`). ``screws_path`` None: a model without screws;
+    ``registration_json`` None: a baseline (or registration off)."""
+    from qctfea.imaging import bmd as bmd_mod
+    from qctfea.imaging import masks
+    from qctfea.model import materials as mat
+    from qctfea import uncertainty as unc
+
+    p = params_from(unc.UncertaintyParams, cfg, "uncertainty")
+    mp = params_from(mat.MaterialParams, materials_cfg, "materials")
+    bp = params_from(bmd_mod.BmdParams, bmd_cfg, "bmd")
+    _need(context, calibration=calibration_json, bmd=bmd_json, density=density_path,
+          parts=parts_path, strength=strength_json, screws=screws_path,
+          registration=registration_json)
+    t0 = time.perf_counter()
+    dens, arr = _read_density(density_path, context)
+    lab = sitk.GetArrayFromImage(_read_image(parts_path, "vertebra parts image", context))
+    vert = np.isin(lab, masks.BONE_PARTS)
+    idx = np.argwhere(vert)
+    cases = read_json(strength_json)["cases"]
+    reg = read_json(registration_json) if registration_json else {}
+    inp = unc.ScanInputs(
+        calibration=read_json(calibration_json), bmd=read_json(bmd_json),
+        density=arr[vert].astype(float), points_mm=masks.voxel_centres_mm(dens, idx),
+        body=np.isin(lab[vert], (masks.BODY, masks.TRABECULAR)),
+        screws=load_screws(screws_path),
+        strength={"compression": cases.get("compression", {}).get("strength_n"),
+                  **{side: cases.get(f"pullout_{side}", {}).get("strength_n")
+                     for side in ("left", "right")}},
+        yield_fn=lambda rho: mat.yield_mpa(rho, mp),
+        follow_up=registration_json is not None,
+        registration_spread_mm=float(reg.get("point_spread_mm") or 0.0), shell_mm=bp.shell_mm)
+    res = unc.scan_uncertainty(p, inp, seed_key)
+    write_json(out_json, {
+        "outcomes": res, "level": p.level, "draws": p.draws,
+        "calibration_note": inp.calibration.get("uncertainty_note", ""),
+        "strength_scheme": "yield-weighted (qctfea.uncertainty; docs/uncertainty.md)",
+        "seconds": time.perf_counter() - t0,
+        "provenance": provenance("uncertainty", p, {
+            "calibration": calibration_json, "bmd": bmd_json, "density": density_path,
+            "parts": parts_path, "strength": strength_json})})
+    log.info(f"[uncertainty] {context}: " + ", ".join(
+        f"{k} {v['value']:.4g} [{v['ci_low']:.4g}, {v['ci_high']:.4g}]" for k, v in res.items()))
+
+
+# Long on purpose: one load case under MPI, read to write, in order.
+def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_json,
+          loads_cfg: dict, solver_cfg: dict, context: str, side: str | None = None,
+          out_curve=None, out_plot=None, out_fields=None) -> dict:
+    """Run one load case; call under ``mpiexec -n N``: every rank runs this.
+
+    Writes the result JSON and, when given, the force-displacement curve (CSV and
+    PNG) and the fields for ParaView (XDMF + HDF5: displacement, von Mises stress,
+    and for the nonlinear analysis plastic strain and yielded elements).
+    """
+    _need(context, mesh=mesh_path, materials=materials_path, vertebra_json=mask_json,
+          screws=screws_path if case == "pullout" else None)
+    from mpi4py import MPI
+
+    from qctfea.fea import elasticity, loadcases, plasticity
+
+    comm = MPI.COMM_WORLD
+    t0 = time.perf_counter()
+    lp = params_from(loadcases.LoadParams, loads_cfg, "loads")
+    mesh, tags = elasticity.read_mesh(mesh_path, comm)
+    npz = np.load(materials_path)
+    if lp.analysis == "nonlinear":
+        if "yield_mpa" not in npz:
+            raise QctfeaError(f"{context}: {materials_path} has no yield stresses; rerun the "
+                              "materials step (rule assign_materials)")
+        model = plasticity.PlasticModel(mesh, npz["youngs_mpa"], npz["poisson"],
+                                        npz["yield_mpa"], lp.hardening_ratio, lp.constitutive,
+                                        lp.nonlinear())
+    else:
+        model = elasticity.ElasticModel(mesh, npz["youngs_mpa"], npz["poisson"])
+    axis_info = read_json(mask_json)
+    opts = dict(solver_cfg or {})
+    what = f"{context} {case}{' ' + side if side else ''}"
+    progress = (lambda m: log.info(f"[solve] {what}:{m}")) if comm.rank == 0 else None
+    if progress:
+        progress(f" {lp.analysis} analysis, {model.n_dofs()} dofs, {comm.size} rank(s)")
+    if case == "compression":
+        res = loadcases.solve_compression(model, tags, npz["tags"], axis_info, lp, opts,
+                                          progress=progress)
+    elif case == "pullout":
+        screws = {s.side: s for s in load_screws(screws_path)}
+        if side not in screws:
+            raise QctfeaError(f"{context}: no {side!r} screw in {screws_path}")
+        res = loadcases.solve_pullout(model, tags, npz["tags"], npz["centroids_mm"], axis_info,
+                                      screws[side], lp, opts, progress=progress)
+    else:
+        raise QctfeaError(f"unknown load case {case!r}; use compression or pullout")
+    if out_fields:
+        _write_fields(model, out_fields, comm)
+    res["seconds"]["total"] = time.perf_counter() - t0
+    if lp.analysis == "nonlinear" and not res["peak_reached"]:
+        # No strength for a curve that has not peaked (docs/nonlinear.md): recorded in the
+        # result, which the gate (accept_strength) and the cohort tables then refuse.
+        limit = ("loads.compression_max_strain" if case == "compression"
+                 else "loads.pullout_max_displacement_mm")
+        res["refused"] = (
+            f"{context}, {case}{' ' + side if side else ''} ({out_json}): {res['stop_reason']}. "
+            f"No strength is reported. What to do: raise {limit} if the curve still rose at "
+            "the end, or smaller increments (loads.increments, loads.min_increment_fraction) "
+            "if Newton failed; else exclude the scan (exclude: in the cohort config)")
+    res["solver_options"] = {**(plasticity.NONLINEAR_PETSC_OPTIONS if lp.analysis == "nonlinear"
+                                else elasticity.DEFAULT_PETSC_OPTIONS), **opts}
+    if comm.rank == 0:
+        if out_curve:
+            write_curve_csv(res["curve"], out_curve)
+        if out_plot:
+            plot_curve(res, out_plot, what)
+        write_json(out_json, {**res, "provenance": provenance(
+            f"solve_{case}", lp, {"mesh": mesh_path, "materials": materials_path})})
+        extra = (f" ({res['strength_rule']} rule; {res['stop_reason']}), "
+                 f"{res['increments']} increments, {res['newton_iterations']} Newton"
+                 if lp.analysis == "nonlinear" else "")
+        strength = ("none (peak not reached)" if res["strength_n"] is None
+                    else f"{res['strength_n']:.0f} N")
+        log.info(f"[solve] {what}: stiffness {res['stiffness_n_per_mm']:.0f} N/mm, "
+                 f"strength {strength}, {res['ksp_iterations']} Krylov iterations"
+                 f"{extra}, {res['n_dofs']} dofs, {comm.size} rank(s), "
+                 f"{res['seconds']['total']:.1f} s")
+        if res.get("refused"):
+            log.info(f"[solve] refused: {res['refused']}")
+    comm.barrier()
+    return res
+
+
+def _write_fields(model, out_fields, comm) -> None:
+    """XDMF + HDF5 written in a scratch folder (every rank), then both moved into place by
+    rank 0 (atomic)."""
+    import contextlib
+
+    out = Path(out_fields)
+    with (atomic_files(out.with_suffix(".h5"), out) if comm.rank == 0
+          else contextlib.nullcontext()) as scratch:
+        scratch = comm.bcast(scratch, root=0)
+        model.write_fields(Path(scratch) / out.name)
+        comm.barrier()
+    comm.barrier()
+
+
+def write_curve_csv(curve: list[dict], path) -> None:
+    import csv
+
+    keys = list(curve[0])
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(curve)
+
+
+def plot_curve(res: dict, path, title: str) -> None:
+    """Force-displacement curve with the strength marked."""
+    from matplotlib.figure import Figure
+
+    d = [p["displacement_mm"] for p in res["curve"]]
+    f = [p["force_n"] for p in res["curve"]]
+    fig = Figure(figsize=(5, 3.6), dpi=110)
+    ax = fig.subplots()
+    ax.plot(d, f, "o-", ms=3, lw=1.5)
+    if res["strength_n"] is not None:
+        ax.axhline(res["strength_n"], color="C3", ls="--", lw=1,
+                   label=f"strength {res['strength_n']:.0f} N")
+    else:
+        ax.set_title(ax.get_title() + " - peak not reached, no strength", color="C3")
+    ax.set_xlabel("displacement (mm)")
+    ax.set_ylabel("force (N)")
+    ax.set_title(f"{title} ({res.get('analysis', 'linear')})", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")

@@ -1,0 +1,286 @@
+"""The imaging steps the rules run (imaging.smk, demo.smk): demo scan, ingest, calibrate,
+mask, BMD, registration. Each reads its inputs, calls the library and writes its outputs
+with provenance (:mod:`qctfea.steps` holds the shared readers and the config typing).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from qctfea.errors import QctfeaError
+from qctfea.provenance import atomic_path, provenance, write_json
+from qctfea.steps import (
+    _like, _need, _read_ct, _read_density, _read_image, _write_image, load_screws, params_from,
+)
+
+log = logging.getLogger(__name__)
+
+
+def synth_scan(*, out_dir, patient: str, timepoint: str, months: float, seed: int,
+               synth_cfg: dict | None = None) -> None:
+    from qctfea.demo.synth import SynthParams, generate_scan
+
+    p = params_from(SynthParams, synth_cfg, "demo.synth")
+    t0 = time.perf_counter()
+    generate_scan(out_dir, patient, timepoint, months, seed=seed, params=p)
+    log.info(f"[synth] {patient} {timepoint}: wrote {out_dir} in {time.perf_counter() - t0:.1f} s")
+
+
+def ingest(*, source, out_image, out_json, context: str, series_uid: str | None = None,
+           cfg: dict | None = None) -> None:
+    """Scan (DICOM folder or HU image file) -> float32 HU NIfTI + scan.json.
+
+    ``cfg`` is the cohort config's ``ingest`` section (:class:`qctfea.imaging.dicomio.IngestParams`:
+    which series to take from a folder holding several, what to do with uneven slices);
+    ``series_uid`` names the series explicitly and wins over ``ingest.series_rule``.
+    """
+    from qctfea.imaging import dicomio
+
+    p = params_from(dicomio.IngestParams, cfg, "ingest")
+    dicomio.ingest(source, out_image, out_json, context=context, series_uid=series_uid,
+                   params=p)
+
+
+# Long on purpose: the three calibration methods and their shared outputs, in order.
+def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict,
+              context: str, label: int) -> None:
+    """HU image -> density image (mg/cm³), by phantom, phantomless or fixed calibration.
+
+    ``label`` is the target vertebra of the label map. Phantom and phantomless need the
+    label map. A phantom calibration also measures the reference tissues of the
+    phantomless method (``calibration.phantomless`` settings) and records their median HU
+    and phantom-calibrated density under ``tissues`` in calibration.json, from which
+    reference densities for phantomless scans of the same scanner can be derived; a failure
+    there never fails the phantom calibration."""
+    from qctfea.imaging import calibration as cal_mod
+    from qctfea.imaging import calibration_plot
+    from qctfea.imaging import phantomless
+    from qctfea.imaging.masks import resample_labels_to
+
+    t0 = time.perf_counter()
+    cfg = dict(cfg or {})
+    method = cfg.pop("method", "phantom")
+    needs_labels = method in ("phantom", "phantomless")
+    _need(context, ct=ct_path, labels=labels_path if needs_labels else None)
+    ct, hu = _read_ct(ct_path, context)
+    where = f"{context} ({ct_path})"
+    masks: dict = {}
+    labels_arr = None
+    if needs_labels:
+        labels = resample_labels_to(_read_image(labels_path, "label map", context), ct,
+                                    f"{context} ({labels_path})")
+        labels_arr = sitk.GetArrayFromImage(labels)
+    if method == "phantom":
+        patient_mask = labels_arr == label
+        spec = params_from(cal_mod.PhantomSpec, cfg.get("phantom"), "calibration.phantom")
+        tspec = params_from(cal_mod.TissueSpec, cfg.get("phantomless"),
+                            "calibration.phantomless")
+        centres = None
+        if spec.rod_centres_mm is not None:  # physical (x, y) at the middle slice -> pixels
+            z_mid = ct.TransformIndexToPhysicalPoint([0, 0, ct.GetSize()[2] // 2])[2]
+            centres = [tuple(ct.TransformPhysicalPointToContinuousIndex(
+                [float(x), float(y), z_mid])[:2]) for x, y in spec.rod_centres_mm]
+        cal = cal_mod.phantom_calibration(hu, ct.GetSpacing(), patient_mask, spec, where,
+                                          centres)
+        try:
+            found = phantomless.find_tissues(hu, ct.GetSpacing(), labels_arr, tspec, where, label,
+                                             masks)
+            cal.tissues = phantomless.tissue_densities(cal, found)
+        except Exception as exc:  # information only: never fails the phantom calibration
+            masks = {}
+            warnings.warn(f"{where}: reference tissues not measured ({exc})", stacklevel=2)
+    elif method == "phantomless":
+        tspec = params_from(cal_mod.TissueSpec, cfg.get("phantomless"),
+                            "calibration.phantomless")
+        cal = phantomless.phantomless_calibration(hu, ct.GetSpacing(), labels_arr, tspec, where,
+                                                  label, masks)
+    elif method == "fixed":
+        if "slope" not in cfg or "intercept" not in cfg:
+            raise QctfeaError(f"{context}: calibration method 'fixed' needs calibration.slope "
+                              "and calibration.intercept in the cohort config")
+        cal = cal_mod.fixed_calibration(cfg["slope"], cfg["intercept"])
+    else:
+        raise QctfeaError(f"{context}: calibration.method must be 'phantom', 'phantomless' or "
+                          f"'fixed', not {method!r}")
+    _write_image(_like(cal.apply(hu), ct), out_density)
+    # QC slice: the axial slice through the middle of the target vertebra (else the scan's).
+    axis = phantomless.axial_axis(ct.GetDirection())
+    index = None
+    if labels_arr is not None and (labels_arr == label).any():
+        where_z = np.nonzero((labels_arr == label).any(axis=tuple(a for a in range(3)
+                                                                  if a != axis)))[0]
+        index = int(round(where_z.mean()))
+    with atomic_path(out_png) as tmp:
+        calibration_plot.plot_calibration(cal, tmp, title=f"{context}: {cal.method} calibration",
+                                          hu_zyx=hu if masks else None, masks=masks, axis=axis,
+                                          index=index)
+    write_json(out_json, {
+        **asdict(cal),
+        "model": "density_mg_cm3 = intercept + slope * HU",
+        "seconds": time.perf_counter() - t0,
+        "provenance": provenance("calibrate", {"method": method, **cfg},
+                                 {"ct": ct_path}),
+    })
+    log.info(f"[calibrate] {context}: slope {cal.slope:.4f}, intercept {cal.intercept:.2f}, "
+             f"R² {cal.r2:.5f} ({cal.method})")
+
+
+def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
+         subregions_path=None) -> None:
+    """Vertebra parts label image (1 body, 2 posterior, 3 trabecular ROI) and its QC record.
+
+    ``cfg``: the ``mask`` section (:class:`qctfea.imaging.masks.MaskParams`: target label, or a
+    named convention and level). ``subregions_path``: optional sub-region map (sample-sheet
+    column ``subregions``) from which the vertebral body is taken instead of the opening."""
+    from scipy import ndimage
+
+    from qctfea.imaging import masks
+
+    p = params_from(masks.MaskParams, cfg, "mask")
+    _need(context, ct=ct_path, labels=labels_path)
+    if subregions_path is not None and not Path(subregions_path).is_file():
+        raise QctfeaError(f"{context}: sub-region map {subregions_path} not found; check the "
+                          "subregions column of the sample sheet (leave it empty to find the "
+                          "body by opening), or correct the path")
+    ct, _ = _read_ct(ct_path, context)
+    where = f"{context} ({labels_path})"
+    labels = masks.resample_labels_to(_read_image(labels_path, "label map", context), ct, where)
+    lab = sitk.GetArrayFromImage(labels)
+    sub, sub_where = None, ""
+    if subregions_path is not None:
+        sub_where = f"{context} ({subregions_path})"
+        sub = sitk.GetArrayFromImage(masks.resample_labels_to(
+            _read_image(subregions_path, "sub-region map", context), ct, sub_where))
+    caps = np.isin(lab, p.cap_labels) if p.cap_labels else np.zeros(lab.shape, bool)
+    if p.cap_labels and not caps.any():
+        raise QctfeaError(f"{where}: no voxel carries the end-cap label(s) mask.cap_labels "
+                          f"{p.cap_labels} (labels present: "
+                          f"{sorted(int(v) for v in np.unique(lab) if v)}); correct "
+                          "mask.cap_labels or remove it")
+    if p.bone_labels:  # several labels (e.g. trabecular + cortical) form the vertebra
+        lab = np.where(np.isin(lab, p.bone_labels), p.label,
+                       np.where(lab == p.label, 0, lab)).astype(lab.dtype)
+    parts = masks.vertebra_parts(lab, ct.GetSpacing(), p, where, sub, sub_where)
+    qc = masks.label_qc(lab, ct.GetSpacing(), p, where)
+    out = np.zeros(lab.shape, np.uint8)
+    out[caps] = masks.CAP
+    out[parts["body"]] = masks.BODY
+    out[parts["posterior"]] = masks.POSTERIOR
+    out[parts["trabecular"]] = masks.TRABECULAR
+    _write_image(_like(out, ct), out_parts)
+    vox_mm3 = float(np.prod(ct.GetSpacing()))
+    inputs = {"labels": labels_path}
+    if subregions_path is not None:
+        inputs["subregions"] = subregions_path
+
+    write_json(out_json, {
+        "label": p.label,
+        "convention": p.convention,
+        "vertebra": p.vertebra,
+        "body_from": "subregions" if sub is not None else "opening",
+        "vertebra_volume_cm3": float(parts["vertebra"].sum() * vox_mm3 / 1000),
+        "body_volume_cm3": float(parts["body"].sum() * vox_mm3 / 1000),
+        "trabecular_roi_volume_cm3": float(parts["trabecular"].sum() * vox_mm3 / 1000),
+        "trabecular_roi_voxels": int(parts["trabecular"].sum()),
+        "caps_volume_cm3": float((out == masks.CAP).sum() * vox_mm3 / 1000),
+        "components_in_label": int(ndimage.label(lab == p.label)[1]),
+        "contact_with_other_labels_voxels": masks.contact_with_neighbours(
+            lab, parts["vertebra"], p.label),
+        "label_qc": qc,
+        **masks.body_axis(ct, parts["body"]),
+        "provenance": provenance("mask", p, inputs),
+    })
+    named = f" ({p.convention} {p.vertebra})" if p.vertebra else ""
+    log.info(f"[mask] {context}: label {p.label}{named}, vertebra "
+             f"{parts['vertebra'].sum() * vox_mm3 / 1000:.1f} cm³, body "
+             f"{parts['body'].sum() * vox_mm3 / 1000:.1f} cm³ (from "
+             f"{'subregions' if sub is not None else 'opening'})")
+
+
+def bmd(*, density_path, parts_path, screws_path, out_json, cfg: dict, context: str,
+        out_png=None) -> None:
+    """Trabecular, integral, around-screw vBMD and CT areal BMD (JSON), and optionally the QC
+    picture of the regions and screws on orthogonal slices. ``screws_path`` None: a model
+    without screws (no around-screw vBMD)."""
+    from qctfea.imaging import bmd as bmd_mod
+    from qctfea.imaging import masks
+
+    p = params_from(bmd_mod.BmdParams, cfg, "bmd")
+    _need(context, density=density_path, parts=parts_path, screws=screws_path)
+    dens, arr = _read_density(density_path, context)
+    lab = sitk.GetArrayFromImage(_read_image(parts_path, "vertebra parts image", context))
+    if lab.shape != arr.shape:
+        raise QctfeaError(f"{context}: density image {density_path} ({arr.shape[::-1]} voxels) "
+                          f"and vertebra parts image {parts_path} ({lab.shape[::-1]}) are on "
+                          "different grids; give both from the same scan")
+    parts = {"vertebra": np.isin(lab, masks.BONE_PARTS),
+             "body": np.isin(lab, (masks.BODY, masks.TRABECULAR)),
+             "trabecular": lab == masks.TRABECULAR}
+    if not parts["trabecular"].any():
+        raise QctfeaError(f"{context}: vertebra parts image {parts_path} has no trabecular ROI "
+                          f"(label {masks.TRABECULAR}); rerun the mask step (rule "
+                          "extract_vertebra) on this scan's label map")
+    screws = load_screws(screws_path)
+    res = bmd_mod.measure_bmd(arr, dens, parts, screws, p, f"{context} ({screws_path})")
+    if out_png:
+        from qctfea.qc.roiplot import roi_picture
+
+        with atomic_path(out_png) as tmp:
+            roi_picture(dens, _read_image(parts_path, "vertebra parts image", context), screws,
+                        p.shell_mm, tmp, f"{context}: BMD regions and screws", res)
+    write_json(out_json, {**res, "provenance": provenance(
+        "bmd", p, {"density": density_path, "parts": parts_path})})
+    log.info(f"[bmd] {context}: trabecular {res['trabecular_vbmd_mg_cm3']:.1f} mg/cm³, "
+             "around screw "
+             + ", ".join(f"{k} {v:.1f}" for k, v in res["around_screw_vbmd_mg_cm3"].items())
+             + f", aBMD {res['areal_bmd_g_cm2']:.3f} g/cm²")
+
+
+def register(*, fixed_density, fixed_parts, moving_density, moving_parts, out_density, out_json,
+             out_tfm, out_png, cfg: dict, context: str, screws_path=None) -> None:
+    """Follow-up (moving) onto baseline (fixed): transform, QC, follow-up density on the
+    baseline grid (the density the baseline model is given at this visit).
+    ``screws_path``: the baseline's screws.json, whose entry and tip points are where the
+    registration's accuracy is reported (default: the vertebra's bounding-box corners)."""
+    _need(context, baseline_density=fixed_density, baseline_parts=fixed_parts,
+          density=moving_density, parts=moving_parts, screws=screws_path)
+    from qctfea.imaging import registration as reg
+
+    p = params_from(reg.RegistrationParams, cfg, "registration")
+    t0 = time.perf_counter()
+    fixed = sitk.ReadImage(str(fixed_density), sitk.sitkFloat32)
+    fixed_mask = sitk.ReadImage(str(fixed_parts))
+    moving = sitk.ReadImage(str(moving_density), sitk.sitkFloat32)
+    moving_mask = sitk.ReadImage(str(moving_parts))
+    points = None
+    if screws_path is not None:
+        points = [q for s in load_screws(screws_path) for q in (s.entry_mm, s.tip_mm)] or None
+    try:
+        tx, info = reg.register_rigid(fixed, fixed_mask, moving, moving_mask, p, points)
+    except RuntimeError as exc:  # SimpleITK's own failures
+        raise QctfeaError(f"{context}: registration to baseline failed ({exc}); check both "
+                          "scans show the vertebra, or exclude the scan") from exc
+    warning = reg.check_dice(info, p, context)
+    if warning:
+        warnings.warn(warning, stacklevel=1)
+    _write_image(reg.resample_density(moving, fixed, tx), out_density)
+    with atomic_path(out_tfm) as tmp:
+        sitk.WriteTransform(tx, str(tmp))
+    with atomic_path(out_png) as tmp:
+        reg.plot_registration(fixed, fixed_mask, moving_mask, tx, info, tmp, context)
+    write_json(out_json, {**info, "seconds": time.perf_counter() - t0, "warning": warning,
+                          "provenance": provenance("register", p, {
+                              "baseline_density": fixed_density, "baseline_parts": fixed_parts,
+                              "density": moving_density, "parts": moving_parts})})
+    log.info(f"[register] {context}: Dice {info['dice_before']:.3f} -> {info['dice_after']:.3f}, "
+             f"rotation {np.round(info['rotation_deg'], 2).tolist()} deg, translation "
+             f"{np.round(info['translation_mm'], 2).tolist()} mm, {info['iterations']} iterations, "
+             f"{len(info['starts'])} start(s), spread {info['point_spread_mm']} mm at the "
+             f"{info['points']}")
