@@ -181,3 +181,38 @@ def test_endplates_leave_out_the_nodes_of_screws():
     assert np.allclose(x[:, 2], 10.0)
     assert not ((x[:, 0] <= 1 + 1e-9) & (x[:, 1] <= 1 + 1e-9)).any()
     assert height == pytest.approx(10.0)
+
+
+def _pixels(path, colour):
+    """Row and column indices of the PNG's pixels of matplotlib's blue (C0) or red (C3),
+    by channel thresholds (antialiased lines are blended with the white background)."""
+    from PIL import Image
+
+    a = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    mask = ((b > 150) & (r < 100)) if colour == "blue" else ((r > 150) & (g < 120) & (b < 120))
+    return np.nonzero(mask)
+
+
+def test_curve_picture_marks_the_peak(tmp_path):
+    """The force-displacement picture, read back as pixels: the strength line (red, C3)
+    lies at the height of the plotted curve's highest point (blue, C0), and a run without
+    a peak has no strength line."""
+    from qctfea.steps_fea import plot_curve
+
+    d = np.linspace(0, 0.1, 21)
+    f = 1000 * np.sin(np.pi * d / 0.12)  # peak 1000 N at 0.06 mm, then falling
+    curve = [{"displacement_mm": float(x), "force_n": float(y)} for x, y in zip(d, f)]
+    plot_curve({"curve": curve, "strength_n": float(f.max()), "analysis": "nonlinear"},
+               tmp_path / "c.png", "demo")
+    rows_blue, _ = _pixels(tmp_path / "c.png", "blue")
+    rows_red, cols_red = _pixels(tmp_path / "c.png", "red")
+    # the dashed strength line: the row holding most red pixels (the legend swatch is short)
+    line_row = np.bincount(rows_red).argmax()
+    assert np.bincount(rows_red).max() > 100
+    assert abs(rows_blue.min() - line_row) <= 4  # marker radius + line width
+    plot_curve({"curve": curve[:8], "strength_n": None, "analysis": "nonlinear"},
+               tmp_path / "n.png", "demo")
+    rows_red, _ = _pixels(tmp_path / "n.png", "red")
+    # only the red heading at the top, no horizontal strength line through the axes
+    assert rows_red.size and rows_red.max() < 40

@@ -205,15 +205,16 @@ def plot_curve(res: dict, path, title: str) -> None:
     fig = Figure(figsize=(5, 3.6), dpi=110)
     ax = fig.subplots()
     ax.plot(d, f, "o-", ms=3, lw=1.5)
+    heading = f"{title} ({res.get('analysis', 'linear')})"
     if res["strength_n"] is not None:
         ax.axhline(res["strength_n"], color="C3", ls="--", lw=1,
                    label=f"strength {res['strength_n']:.0f} N")
+        ax.set_title(heading, fontsize=9)
+        ax.legend(fontsize=8, loc="lower right")
     else:
-        ax.set_title(ax.get_title() + " - peak not reached, no strength", color="C3")
+        ax.set_title(heading + ": peak not reached, no strength", fontsize=9, color="C3")
     ax.set_xlabel("displacement (mm)")
     ax.set_ylabel("force (N)")
-    ax.set_title(f"{title} ({res.get('analysis', 'linear')})", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
