@@ -135,7 +135,7 @@ class NonlinearParams:
     #: imex: the step shrinks when the extrapolated damage misses the damage the new strains
     #: give by more than this fraction of the strain energy (``_imex_error``), grows below
     #: half of it
-    imex_damage_tolerance: float = 0.01
+    imex_damage_tolerance: float = 0.02
 
     def __post_init__(self):
         if self.strength_rule not in ("offset", "peak"):
@@ -164,6 +164,10 @@ CONSTITUTIVE_MODELS = ("plasticity", "damage")
 
 #: imex: an increment whose damage error exceeds this x imex_damage_tolerance is redone
 IMEX_REJECT = 3.0
+
+#: A flattening of the curve (slope below plateau_tangent_ratio x k0) ends the run once it
+#: has lasted this many smallest steps (``_peaked``)
+PEAK_CONFIRM_STEPS = 2
 
 #: imex: the preconditioner is rebuilt every this many increments (``_IncrementSolver``)
 IMEX_PC_LAG = 5
@@ -251,6 +255,8 @@ class _Walk:
     d: float = 0.0  #: converged displacement
     h_last: float | None = None  #: last converged step
     tangent: float = np.inf  #: slope of the last converged increment
+    #: (d, F) where the curve first flattened below the plateau slope, until confirmed
+    flat_from: tuple | None = None
 
 
 def _peaked(walk: _Walk, res: NonlinearResult, prev: CurvePoint, force: float, h: float,
@@ -273,9 +279,22 @@ def _peaked(walk: _Walk, res: NonlinearResult, prev: CurvePoint, force: float, h
     if force < (1 - params.stop_drop_fraction) * peak:
         res.peak_reached, res.stop_reason = True, "force fell below the peak"
         return True
-    if walk.tangent < params.plateau_tangent_ratio * k0:
+    limit = params.plateau_tangent_ratio * k0
+    if walk.flat_from is None:
+        if walk.tangent < limit:
+            walk.flat_from = (prev.displacement_mm, prev.force_n)
+        return False
+    # A flat or falling stretch is a peak only when it lasts: the secant from where the
+    # curve flattened must stay below the plateau slope over PEAK_CONFIRM_STEPS smallest
+    # steps (a transient flattening, when many cells yield at once and the load
+    # redistributes, rises again; docs/nonlinear.md)
+    d0, f0 = walk.flat_from
+    if (force - f0) / (d - d0) >= limit:
+        walk.flat_from = None
+        return False
+    if d - d0 >= PEAK_CONFIRM_STEPS * walk.base * params.min_increment_fraction * (1 - 1e-9):
         res.peak_reached = True
-        res.stop_reason = ("force fell after the peak" if walk.tangent < 0
+        res.stop_reason = ("force fell after the peak" if force < peak
                            else "plateau (limit load reached)")
         return True
     return False
@@ -469,7 +488,7 @@ class PlasticModel(ElasticModel):
         sig_e = lm[:, None, None] * tr[:, None, None] * eye + 2 * mu[:, None, None] * eps
         s = sig_e - np.trace(sig_e, axis1=1, axis2=2)[:, None, None] / 3.0 * eye
         q = np.sqrt(1.5 * np.einsum("nij,nij->n", s, s))
-        self._w_el = np.einsum("nij,nij->n", sig_e, eps)  # ε:C:ε (imex work error)
+        self._w_el = np.einsum("nij,nij->n", sig_e, eps)  # ε:C:ε (Clapeyron check, tests)
         tau = q
         tensile = np.zeros(len(q), bool)
         if self.tensile_ratio is not None:
@@ -540,22 +559,17 @@ class PlasticModel(ElasticModel):
         return self.damage_of(k)[0]
 
     def _imex_error(self, D_imex: np.ndarray) -> float:
-        """Work error of the extrapolated damage: sum over all cells of all ranks of
-        |D(κ_new) - D_imex| w V over the sum of (1 - D_imex) w V, w = ε:C:ε the undamaged
-        strain energy density (twice) of the increment's total strain.
-
-        With a secant law on total strain, Clapeyron's theorem gives the reaction at the
-        loaded nodes as F d = sum (1 - D) w V, so the ratio is the relative change of the
-        increment's force that the damage the new strains give would make at the same
-        displacements (an estimate of the extrapolation's force error, first order in the
-        step; docs/nonlinear.md). Elastic cells (screw, caps) carry work too: a pullout's
-        screw stores much of it, and the force is relative to the whole."""
+        """Energy-weighted error of the extrapolated damage: sum over bone cells of all ranks
+        of |D(κ_new) - D_imex| E κ² V over the sum of E κ² V, i.e. the fraction of the
+        undamaged strain energy by which the extrapolation misjudged the damage (a cell that
+        starts to yield in an increment always misses its first damage, but only the cells
+        that carry the load move the force)."""
         n_owned = self.mesh.topology.index_map(3).size_local
         D_new = self.damage_of(self.k)[0][:n_owned]
-        w = (self._w_el * self.c_vol)[:n_owned]
-        num = float(np.abs(D_new - D_imex[:n_owned]) @ w)
-        den = float((1.0 - D_imex[:n_owned]) @ w)
-        num, den = self.mesh.comm.allreduce(np.array([num, den]), MPI.SUM)
+        bone = np.isfinite(self.c_sy[:n_owned])
+        w = (self.c_E * self.k ** 2 * self.c_vol)[:n_owned][bone]
+        num = float(np.abs(D_new - D_imex[:n_owned])[bone] @ w)
+        num, den = self.mesh.comm.allreduce(np.array([num, float(w.sum())]), MPI.SUM)
         return num / den if den > 0 else 0.0
 
     @property
@@ -637,11 +651,16 @@ class PlasticModel(ElasticModel):
                 if self._increment(solver, walk, res, max_displacement - walk.d, progress):
                     break
             else:
-                res.stop_reason = ("peak not reached: the maximum displacement "
-                                   f"({max_displacement:.3g} mm) was reached while the force "
-                                   f"still rose at "
-                                   f"{walk.tangent / res.initial_stiffness_n_per_mm:.0%}"
-                                   " of its initial slope; raise the maximum displacement")
+                if walk.flat_from is not None:
+                    # flat to the end of the range: a plateau (limit load)
+                    res.peak_reached = True
+                    res.stop_reason = "plateau (limit load reached) at the maximum displacement"
+                else:
+                    res.stop_reason = (
+                        f"peak not reached: the maximum displacement ({max_displacement:.3g} "
+                        f"mm) was reached while the force still rose at "
+                        f"{walk.tangent / res.initial_stiffness_n_per_mm:.0%} of its initial "
+                        "slope; raise the maximum displacement")
         finally:
             solver.destroy()
         if res.increments == 0:
