@@ -56,8 +56,9 @@ until it has peaked, and reports a strength only then (``peak_reached``):
 
 * the force fell ``stop_drop_fraction`` below the largest force (the falling branch was
   traced past the peak);
-* the tangent of the last increment fell below ``plateau_tangent_ratio`` x k0 (a
-  plateau: the limit load);
+* the curve flattened below ``plateau_tangent_ratio`` x k0 and stayed below that slope
+  over ``PEAK_CONFIRM_STEPS`` smallest steps (a plateau, the limit load, or the falling
+  branch; a transient flattening that rises again is not a peak);
 * collapse: equilibrium is lost even at the smallest step after the tangent had fallen
   below ``collapse_tangent_ratio`` x k0 (the curve had flattened; a snap-back that
   displacement control cannot follow). The peak is then within one increment of the
