@@ -270,6 +270,10 @@ def point_distance(a: sitk.Transform, b: sitk.Transform, pts: np.ndarray) -> flo
 def _run(fixed_c, metric_mask, moving_c, init: sitk.Euler3DTransform, n_mask: int,
          p: RegistrationParams, smoothing: list[float]) -> dict:
     reg = sitk.ImageRegistrationMethod()
+    # One thread: ITK's threaded Mattes metric adds the threads' partial sums in an order
+    # that varies between runs, so two runs on the same images gave transforms 1e-10 apart
+    # (a killed and resumed workflow must reproduce the uninterrupted run's tables exactly)
+    reg.SetNumberOfThreads(1)
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=p.histogram_bins)
     reg.SetMetricFixedMask(metric_mask)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
