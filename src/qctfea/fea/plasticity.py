@@ -1,6 +1,9 @@
 """Nonlinear bone in DOLFINx: regularised softening damage (default) or von Mises plasticity.
 
-Method and sources: docs/nonlinear.md. In short:
+Method and sources: docs/nonlinear.md. (Longer than the other modules, about 870 lines, on
+purpose: the constitutive update, the increment solver and the path following with its
+stop rules are one algorithm, and this file reads top to bottom as docs/nonlinear.md
+describes it.) In short:
 
 Two constitutive models (``constitutive``), both small strain, rate independent,
 isotropic linear elastic (E and ν per element, from the material law) below the
