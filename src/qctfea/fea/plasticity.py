@@ -1,6 +1,6 @@
 """Nonlinear bone in DOLFINx: regularised softening damage (default) or von Mises plasticity.
 
-Method and sources: docs/nonlinear.md. (Longer than the other modules, about 870 lines, on
+Method and sources: docs/nonlinear.md. (Longer than the other modules, about 940 lines, on
 purpose: the constitutive update, the increment solver and the path following with its
 stop rules are one algorithm, and this file reads top to bottom as docs/nonlinear.md
 describes it.) In short:
