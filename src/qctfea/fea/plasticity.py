@@ -42,9 +42,9 @@ Solver: displacement control in increments. ``integration: imex`` (the default):
 damage of an increment is extrapolated from the last two increments and the increment is
 one linear solve with the secant stiffness (Oliver, Huespe & Cante, CMAME 2008;197:1865);
 the step follows the extrapolation's damage error. The solve starts from the last
-increment scaled to the new step and stops when the free residual is a fraction
-``IMEX_KSP_SAFETY`` of what the equilibrium test allows (unpreconditioned CG residual). ``integration: newton``: each increment
-is solved by PETSc's SNES
+increment scaled to the new step and stops when the (unpreconditioned) CG residual is a
+fraction ``IMEX_KSP_SAFETY`` of what the equilibrium test allows. ``integration:
+newton``: each increment is solved by PETSc's SNES
 (Newton with the full step, ``snes_linesearch_type basic``; inexact Newton:
 the Krylov tolerance follows the Newton residual, Eisenstat & Walker, ``snes_ksp_ew``)
 with the consistent tangent (non-symmetric for damage: GMRES; GAMG with the rigid body
@@ -823,7 +823,8 @@ class _IncrementSolver:
         opts = {**NONLINEAR_PETSC_OPTIONS, "snes_max_it": params.newton_max_it,
                 "snes_rtol": 0.0, "snes_atol": 0.0, "snes_stol": 0.0,
                 **(petsc_options or {})}
-        if model.constitutive == "damage" and params.integration == "imex":
+        self.imex = model.constitutive == "damage" and params.integration == "imex"
+        if self.imex:
             # imex: one linear, symmetric positive definite solve per increment: CG, solved
             # tightly (Newton then stops after one step). The secant stiffness changes only
             # where damage grows, so the preconditioner built for one increment serves the
@@ -854,9 +855,9 @@ class _IncrementSolver:
         self.force = 0.0
         self.yielded = 0
         self.norms = (np.inf, 1.0)
-        #: imex: (du, step) of the last solved increment, the next one's predictor
-        self.imex = model.constitutive == "damage" and params.integration == "imex"
-        self.last = None
+        #: imex: du and step of the last solved increment, the next one's predictor
+        self.x_last = self.b.duplicate()
+        self.h_last = None
 
     # SNES callbacks --------------------------------------------------------------------
     def _F(self, snes, x, F):
@@ -881,7 +882,7 @@ class _IncrementSolver:
         free[self.bc_rows] = 0.0
         self.norms = (np.sqrt(comm.allreduce(float(free @ free), MPI.SUM)),
                       np.sqrt(comm.allreduce(float(arr @ arr), MPI.SUM)))
-        if self.imex and self.last is not None:
+        if self.imex and self.h_last is not None:
             # the Krylov solve that follows needs only what the equilibrium test asks
             snes.getKSP().setTolerances(
                 atol=IMEX_KSP_SAFETY * self.params.newton_rtol * self.norms[1])
@@ -916,9 +917,9 @@ class _IncrementSolver:
         # strains the first layer of elements far into softening, and Newton then stalls.)
         # imex: the last increment scaled to this step (the same boundary values; the
         # secant stiffness changed only where damage grew).
-        if self.imex and self.last is not None:
-            self.last[0].copy(self.x)
-            self.x.scale(step / self.last[1])
+        if self.imex and self.h_last is not None:
+            self.x_last.copy(self.x)
+            self.x.scale(step / self.h_last)
         else:
             self.x.set(0.0)
         t0 = time.perf_counter()
@@ -948,13 +949,12 @@ class _IncrementSolver:
             self.x.copy(m.du.x.petsc_vec)
             m.du.x.scatter_forward()
             if self.imex:
-                if self.last is None:
+                if self.h_last is None:
                     # after the probe (the unit of cost_in_linear_solves, solved as before):
                     # the Krylov test on the true residual, the equilibrium test's norm
                     self.snes.getKSP().setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
-                    self.last = (self.x.duplicate(), step)
-                self.x.copy(self.last[0])
-                self.last = (self.last[0], step)
+                self.x.copy(self.x_last)
+                self.h_last = step
         names = {v: k for k, v in vars(PETSc.SNES.ConvergedReason).items()
                  if isinstance(v, int)}
         return ok, its, self.force, self.yielded, names.get(reason, str(reason))
@@ -962,5 +962,5 @@ class _IncrementSolver:
     def destroy(self):
         clear_options(self.prefix, self.opts)
         self.snes.destroy()
-        for o in (self.A, self.b, self.r, self.x, *(self.last or ())[:1]):
+        for o in (self.A, self.b, self.r, self.x, self.x_last):
             o.destroy()
