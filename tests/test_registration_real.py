@@ -36,8 +36,8 @@ CASES = [
 def test_known_motion_recovered_in_every_orientation(case, spacing, motion, orientations,
                                                      density):
     results = rc.check(case, spacing, motion, orientations, density_change=density)
-    for line in rc.table_rows(results):
-        print(line)
+    for row in rc.table_rows(results):
+        print(" | ".join(row))
     for r in results:
         assert r["max_error_mm"] < 0.5, r["orientation"]
         assert r["rotation_error_deg"] < 0.5, r["orientation"]

@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from qctfea import logs
+from qctfea.mdtable import pipe_table
 from qctfea import steps_imaging
 from qctfea import steps_model
 from qctfea.errors import QctfeaError
@@ -125,9 +126,10 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = ap.parse_args()
     logs.log_to(sys.stderr)  # the library's progress messages
-    rows = ["| case | voxels (mm) | grid rotation | trajectory | left: grade, breach mm, "
-            "convergence °, cranial °, length mm | right: same | canal area mm² | s |",
-            "| --- | --- | --- | --- | --- | --- | ---: | ---: |"]
+    header = ["case", "voxels (mm)", "grid rotation", "trajectory",
+              "left: grade, breach mm, convergence °, cranial °, length mm", "right: same",
+              "canal area mm²", "s"]
+    rows = []
     for case in args.cases:
         own = CASES[case][-1]
         for spacing in (own, (1.0, 1.0, 3.0), (3.0, 3.0, 3.0)):
@@ -152,11 +154,11 @@ def main() -> None:
                                  for s in r["screws"]]
                         area = (f"{r['canal']['area_mm2']:.0f}" if r["canal"]["found"]
                                 else "not closed")
-                    line = (f"| {case} | {vox} | {rname} | {traj} | {sides[0]} | {sides[1]} | "
-                            f"{area} | {r['seconds']:.0f} |")
-                    print(line, flush=True)
-                    rows.append(line)
-    args.out_md.write_text("\n".join(rows) + "\n")
+                    row = [case, vox, rname, traj, sides[0], sides[1], area,
+                           f"{r['seconds']:.0f}"]
+                    print(" | ".join(row), flush=True)
+                    rows.append(row)
+    args.out_md.write_text(pipe_table(header, rows, "llllllrr") + "\n")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import SimpleITK as sitk
 
 from qctfea.imaging import registration as reg
 from qctfea import logs
+from qctfea.mdtable import pipe_table
 from qctfea import steps_imaging
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
@@ -142,24 +143,24 @@ def check(case: str, spacing, motion_name: str, orientations=ORIENTATIONS,
     return out
 
 
-def table_rows(results: list[dict]) -> list[str]:
+def table_rows(results: list[dict]) -> list[list[str]]:
     rows = []
     for r in results:
         vox = " x ".join(f"{v:g}" for v in r["spacing"])
         dens = f"+{100 * r['density_change']:.0f} %" if r["density_change"] else ""
         spread = "n/a" if r["spread_mm"] is None else f"{r['spread_mm']:.3f}"
-        rows.append(f"| {r['case']} | {vox} | {r['motion']} | {dens} | {r['orientation']} | "
-                    f"{r['max_error_mm']:.3f} | {r['rotation_error_deg']:.3f} | "
-                    f"{r['vs_first_mm']:.4f} | {r['dice_before']:.3f} -> "
-                    f"{r['dice_after']:.3f} | {spread} | {r['starts']} | "
-                    f"{r['seconds']:.1f} |")
+        rows.append([r["case"], vox, r["motion"], dens, r["orientation"],
+                     f"{r['max_error_mm']:.3f}", f"{r['rotation_error_deg']:.3f}",
+                     f"{r['vs_first_mm']:.4f}",
+                     f"{r['dice_before']:.3f} -> {r['dice_after']:.3f}", spread,
+                     str(r["starts"]), f"{r['seconds']:.1f}"])
     return rows
 
 
-HEADER = ["| case | voxels (mm) | motion | bone density | orientation | max error at box "
-          "corners (mm) | rotation error (°) | vs first orientation (mm) | Dice before -> "
-          "after | spread of starts (mm) | starts run | s |",
-          "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+HEADER = ["case", "voxels (mm)", "motion", "bone density", "orientation",
+          "max error at box corners (mm)", "rotation error (°)", "vs first orientation (mm)",
+          "Dice before -> after", "spread of starts (mm)", "starts run", "s"]
+ALIGN = "lllllrrrlrrr"
 
 
 def main() -> None:
@@ -169,7 +170,7 @@ def main() -> None:
     ap.add_argument("--motions", nargs="+", default=list(MOTIONS))
     args = ap.parse_args()
     logs.log_to(sys.stderr)  # the library's progress messages
-    rows = list(HEADER)
+    rows = []
     for case in args.cases:
         own = CASES[case][4]
         variants = [(own, m, 0.0) for m in args.motions]
@@ -177,10 +178,10 @@ def main() -> None:
         variants += [(own, "small", 0.1), ((3.0, 3.0, 3.0), "15°/20 mm", 0.1)]
         variants += [((1.0, 1.0, 5.0), "small", 0.0)]
         for spacing, m, dc in variants:
-            for line in table_rows(check(case, spacing, m, density_change=dc)):
-                print(line, flush=True)
-                rows.append(line)
-    args.out_md.write_text("\n".join(rows) + "\n")
+            for row in table_rows(check(case, spacing, m, density_change=dc)):
+                print(" | ".join(row), flush=True)
+                rows.append(row)
+    args.out_md.write_text(pipe_table(HEADER, rows, ALIGN) + "\n")
 
 
 if __name__ == "__main__":

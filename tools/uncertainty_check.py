@@ -29,6 +29,7 @@ import yaml
 from qctfea.imaging import masks
 from qctfea import steps
 from qctfea import logs
+from qctfea.mdtable import pipe_table
 from qctfea import steps_model
 from qctfea.imaging.bmd import BmdParams
 from qctfea.model import materials as mat
@@ -137,16 +138,17 @@ def main(argv=None) -> int:
             and v is not None), flush=True)
         pd.DataFrame(rows).to_csv(out / "draws.csv", index=False)
     df = pd.DataFrame(rows)
-    lines = ["| outcome | nominal (N) | SD full MC (N) | SD scheme (N) | ratio | per-draw error "
-             "of the scheme: mean abs (max) % |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    header = ["outcome", "nominal (N)", "SD full MC (N)", "SD scheme (N)", "ratio",
+              "per-draw error of the scheme: mean abs (max) %"]
+    lines = []
     for key, nominal in (("compression", inp.strength["compression"]),
                          *((f"pullout_{s.side}", inp.strength[s.side]) for s in screws)):
         full, sch = df[f"{key}_full"].astype(float), df[f"{key}_scheme"].astype(float)
         err = 100 * (sch / full - 1)
-        lines.append(f"| {key} | {nominal:.0f} | {full.std(ddof=1):.0f} | "
-                     f"{sch.std(ddof=1):.0f} | {sch.std(ddof=1) / full.std(ddof=1):.2f} | "
-                     f"{err.abs().mean():.1f} ({err.abs().max():.1f}) |")
-    md = "\n".join(lines) + (f"\n\n{a.draws} draws of {scan}, seed {a.seed}; "
+        lines.append([key, f"{nominal:.0f}", f"{full.std(ddof=1):.0f}",
+                      f"{sch.std(ddof=1):.0f}", f"{sch.std(ddof=1) / full.std(ddof=1):.2f}",
+                      f"{err.abs().mean():.1f} ({err.abs().max():.1f})"])
+    md = pipe_table(header, lines, "lrrrrl") + (f"\n\n{a.draws} draws of {scan}, seed {a.seed}; "
                              f"{df['seconds'].sum():.0f} s in all.\n")
     (out / "summary.md").write_text(md)
     print(md)
