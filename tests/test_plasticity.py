@@ -58,8 +58,10 @@ def _run_bar(hardening=0.0, rule="peak", dmax=0.05, increments=10, constitutive=
     m, mesh = _bar(hardening, constitutive=constitutive)
     fixed, loaded = _uniaxial_supports(m, mesh)
     failure = {"failure_strain": None, "tensile_strength_ratio": None, **failure}
+    # equilibrium far tighter than the default (1e-4): the checks are closed forms to 1e-6
     p = NonlinearParams(increments=increments, strength_rule=rule, plateau_tangent_ratio=-1.0,
-                        stop_drop_fraction=1.0, integration="newton", **failure)
+                        stop_drop_fraction=1.0, integration="newton", newton_rtol=1e-6,
+                        **failure)
     return m, m.run(fixed, loaded, np.array([0, 0, 1.0 if tension else -1.0]), dmax, p,
                     offset_displacement=0.002 * L)
 
@@ -130,6 +132,8 @@ def _softening_bar(nz=10, crack_band=1.0, tension=False, dmax=0.1, increments=20
     ys = np.where((zc > z0) & (zc < z0 + a), SY, np.inf)
     p = NonlinearParams(**{"increments": increments, "failure_strain": EPS_F,
                            "integration": "newton", "min_increment_fraction": 1 / 16,
+                           # closed-form checks to 1e-6: equilibrium far tighter than 1e-4
+                           "newton_rtol": 1e-6,
                            "softening_strain": EPS_SOFT, "crack_band_mm": crack_band,
                            "tensile_strength_ratio": None, "stop_drop_fraction": 0.6,
                            # follow the falling branch (no stop on the first falling step)

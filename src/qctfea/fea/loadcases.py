@@ -125,10 +125,11 @@ class LoadParams:
         doc="nonlinear: smallest step after cutting, as a fraction of the base step")
     #: nonlinear: residual tolerance relative to internal force
     newton_rtol: float = option(
-        1.0e-6, exclusiveMinimum=0,
-        doc=("nonlinear: Newton (PETSc SNES, inexact: Eisenstat-Walker Krylov tolerances) "
-             "converged when the free residual is below rtol x the internal force norm; an "
-             "increment not converged in `newton_max_it` iterations is retried at half the step"))
+        1.0e-4, exclusiveMinimum=0,
+        doc=("nonlinear: an increment is in equilibrium when the free residual is below rtol x "
+             "the internal force norm (`imex`: the CG solve stops there; `newton`: PETSc SNES, "
+             "inexact with Eisenstat-Walker Krylov tolerances); a `newton` increment not "
+             "converged in `newton_max_it` iterations is retried at half the step"))
     newton_max_it: int = option(25, minimum=1, row="newton_rtol")
     #: nonlinear: "damage" (stress-capped isotropic damage, locking-free on linear
     #: tetrahedra) or "plasticity" (von Mises return mapping)

@@ -115,7 +115,8 @@ NONLINEAR_PETSC_OPTIONS = {
 class NonlinearParams:
     increments: int = 25  #: base number of increments to the maximum displacement
     min_increment_fraction: float = 0.25  #: smallest step, as a fraction of the base step
-    newton_rtol: float = 1.0e-6  #: ‖free residual‖ <= rtol ‖internal force‖
+    #: equilibrium: ‖free residual‖ <= rtol ‖internal force‖ (imex and Newton)
+    newton_rtol: float = 1.0e-4
     newton_max_it: int = 25
     hardening_ratio: float = 0.0  #: H / E of yielding elements (0: perfectly plastic)
     stop_drop_fraction: float = 0.05  #: stop once F < (1 - this) * peak
@@ -428,6 +429,11 @@ class PlasticModel(ElasticModel):
 
         dx = ufl.dx(metadata={"quadrature_degree": 1})
         self.a_tangent = dolfinx.fem.form(ufl.inner(sigma_tang(self.eps(w)), self.eps(v)) * dx)
+        #: imex: the secant stiffness ω C alone (the same matrix as a_tangent with P = M =
+        #: β = 0, about half its assembly time)
+        self.a_secant = dolfinx.fem.form(
+            ufl.inner(omega * (lmbda * ufl.tr(self.eps(w)) * ufl.Identity(3)
+                               + 2 * mu * self.eps(w)), self.eps(v)) * dx)
         self.f_internal = dolfinx.fem.form(ufl.inner(self.sig, self.eps(v)) * dx)
 
     def _set_damage_law(self, p: NonlinearParams) -> None:
@@ -498,25 +504,12 @@ class PlasticModel(ElasticModel):
         eye = np.eye(3)
         tr = np.trace(eps, axis1=1, axis2=2)
         sig_e = lm[:, None, None] * tr[:, None, None] * eye + 2 * mu[:, None, None] * eps
-        s = sig_e - np.trace(sig_e, axis1=1, axis2=2)[:, None, None] / 3.0 * eye
-        q = np.sqrt(1.5 * np.einsum("nij,nij->n", s, s))
         self._w_el = np.einsum("nij,nij->n", sig_e, eps)  # ε:C:ε (Clapeyron check, tests)
-        tau = q
-        tensile = np.zeros(len(q), bool)
-        if self.tensile_ratio is not None:
-            w, vec = np.linalg.eigh(sig_e)
-            s1 = w[:, 2] / self.tensile_ratio
-            tensile = s1 > q
-            tau = np.where(tensile, s1, q)
-        k_tr = tau / E
-        bone = np.isfinite(self.c_sy)
-        loading = bone & (k_tr >= self.k_n) & (k_tr > self.c_ey)
-        k = np.where(loading, k_tr, self.k_n)
-        D, floor, cap, dcap = self.damage_of(k)
-        self.k = k
+        self._sig_e = sig_e
         if self.fixed_D is not None:
             # imex: the extrapolated damage, fixed over the increment: a linear, symmetric
-            # positive definite problem (secant stiffness)
+            # positive definite problem (secant stiffness). κ is not needed to solve it:
+            # update_kappa() computes it once, at the converged iterate.
             D = self.fixed_D
             self.D = D
             self._set_cells(self.sig, (1.0 - D)[:, None, None] * sig_e)
@@ -525,6 +518,9 @@ class PlasticModel(ElasticModel):
             self._set_cells(self.M, np.zeros_like(sig_e))
             n_owned = self.mesh.topology.index_map(3).size_local
             return self.mesh.comm.allreduce(int((D[:n_owned] > 0).sum()), MPI.SUM)
+        k, loading, tensile, q, s, vec = self._kappa(sig_e, vectors=not self.symmetric_tangent)
+        D, floor, cap, dcap = self.damage_of(k)
+        self.k = k
         self.D = D
         # dD/dκ on loading cells, ∂κ/∂ε = C:∂τ/∂σ̃ / E  (docs/nonlinear.md)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -552,6 +548,32 @@ class PlasticModel(ElasticModel):
         self._set_cells(self.M, M)
         n_owned = self.mesh.topology.index_map(3).size_local
         return self.mesh.comm.allreduce(int((D[:n_owned] > 0).sum()), MPI.SUM)
+
+    def _kappa(self, sig_e: np.ndarray, vectors: bool):
+        """Equivalent strain of trial stresses ``sig_e`` (never below the converged one):
+        κ, loading cells, cells in tension, von Mises stress, deviator and (``vectors``)
+        the principal directions (None otherwise: eigvalsh is cheaper than eigh)."""
+        E = self.c_E
+        s = sig_e - np.trace(sig_e, axis1=1, axis2=2)[:, None, None] / 3.0 * np.eye(3)
+        q = np.sqrt(1.5 * np.einsum("nij,nij->n", s, s))
+        tau, vec = q, None
+        tensile = np.zeros(len(q), bool)
+        if self.tensile_ratio is not None:
+            if vectors:
+                w, vec = np.linalg.eigh(sig_e)
+            else:
+                w = np.linalg.eigvalsh(sig_e)
+            s1 = w[:, 2] / self.tensile_ratio
+            tensile = s1 > q
+            tau = np.where(tensile, s1, q)
+        k_tr = tau / E
+        bone = np.isfinite(self.c_sy)
+        loading = bone & (k_tr >= self.k_n) & (k_tr > self.c_ey)
+        return np.where(loading, k_tr, self.k_n), loading, tensile, q, s, vec
+
+    def update_kappa(self) -> None:
+        """imex: the equivalent strain of the last evaluated (converged) iterate."""
+        self.k = self._kappa(self._sig_e, vectors=False)[0]
 
     def damage_of(self, k: np.ndarray):
         """Damage of equivalent strains ``k`` (never below the converged damage): D, whether
@@ -824,6 +846,7 @@ class _IncrementSolver:
                 "snes_rtol": 0.0, "snes_atol": 0.0, "snes_stol": 0.0,
                 **(petsc_options or {})}
         self.imex = model.constitutive == "damage" and params.integration == "imex"
+        self.a = model.a_secant if self.imex else model.a_tangent  # the Jacobian's form
         if self.imex:
             # imex: one linear, symmetric positive definite solve per increment: CG, solved
             # tightly (Newton then stops after one step). The secant stiffness changes only
@@ -886,7 +909,7 @@ class _IncrementSolver:
             # the Krylov solve that follows needs only what the equilibrium test asks
             snes.getKSP().setTolerances(
                 atol=IMEX_KSP_SAFETY * self.params.newton_rtol * self.norms[1])
-        dolfinx.fem.petsc.apply_lifting(F, [m.a_tangent], bcs=[self.bcs], x0=[x], alpha=-1.0)
+        dolfinx.fem.petsc.apply_lifting(F, [self.a], bcs=[self.bcs], x0=[x], alpha=-1.0)
         F.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
         dolfinx.fem.petsc.set_bc(F, self.bcs, x0=x, alpha=-1.0)
         sec["assembly"] += time.perf_counter() - t0
@@ -894,7 +917,7 @@ class _IncrementSolver:
     def _J(self, snes, x, J, P):
         t0 = time.perf_counter()
         J.zeroEntries()
-        dolfinx.fem.petsc.assemble_matrix(J, self.m.a_tangent, bcs=self.bcs)
+        dolfinx.fem.petsc.assemble_matrix(J, self.a, bcs=self.bcs)
         J.assemble()
         self.sec["assembly"] += time.perf_counter() - t0
 
@@ -949,6 +972,7 @@ class _IncrementSolver:
             self.x.copy(m.du.x.petsc_vec)
             m.du.x.scatter_forward()
             if self.imex:
+                m.update_kappa()
                 if self.h_last is None:
                     # after the probe (the unit of cost_in_linear_solves, solved as before):
                     # the Krylov test on the true residual, the equilibrium test's norm
