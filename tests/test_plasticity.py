@@ -506,3 +506,24 @@ if MPI.COMM_WORLD.rank == 0:
             cwd=REPO, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert float(out.read_text()) < 1e-13
+
+
+def test_largest_eigenvalue_closed_form_matches_lapack():
+    """The closed-form largest principal stress (imex κ update) against numpy's eigvalsh:
+    random symmetric matrices, and the degenerate cases (all three or two eigenvalues
+    equal, where the formula's arccos argument is at ±1)."""
+    from qctfea.fea.plasticity import largest_eigenvalue
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(5000, 3, 3)) * rng.uniform(0.01, 100, (5000, 1, 1))
+    a = a + a.transpose(0, 2, 1)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3, 3)))
+    special = [np.eye(3) * -4.0, np.diag([1.0, 2.0, 2.0]), np.diag([2.0, 2.0, 1.0]),
+               q[0] @ np.diag([5.0, 5.0, -1.0]) @ q[0].T, np.zeros((3, 3)),
+               q[1] @ np.diag([3.0, -2.0, -2.0]) @ q[1].T]
+    a = np.concatenate([a, np.array(special)])
+    ref = np.linalg.eigvalsh(a)[:, 2]
+    scale = np.abs(a).max(axis=(1, 2)) + 1e-300
+    assert np.max(np.abs(largest_eigenvalue(a) - ref) / scale) < 1e-8
+    np.testing.assert_allclose(largest_eigenvalue(np.array(special)),
+                               [-4.0, 2.0, 2.0, 5.0, 0.0, 3.0], atol=1e-7)
