@@ -193,11 +193,10 @@ def vertebra_sdf(anat: PatientAnatomy, x: np.ndarray, y: np.ndarray, z: np.ndarr
         s = 1.0 if side == "left" else -1.0
         # Pedicle: elliptic cylinder along its axis, from inside the body to its
         # posterior end (where the screw enters).
-        rel = np.stack([x - post[0], y - post[1], z - post[2]])
-        u = d[0] * rel[0] + d[1] * rel[1]  # along the axis (towards anterior)
+        rx, ry, w = x - post[0], y - post[1], z - post[2]
+        u = d[0] * rx + d[1] * ry  # along the axis (towards anterior)
         lat = np.array([d[1], -d[0]])
-        v = lat[0] * rel[0] + lat[1] * rel[1]
-        w = rel[2]
+        v = lat[0] * rx + lat[1] * ry
         length = 23.0
         ell = np.sqrt((v / anat.pedicle_half_width) ** 2 + (w / anat.pedicle_half_height) ** 2)
         ped = np.maximum((ell - 1.0) * anat.pedicle_half_width, np.maximum(-u, u - length))
@@ -229,17 +228,20 @@ def _trabecular_field(anat: PatientAnatomy) -> tuple[np.ndarray, float]:
 def true_density(anat: PatientAnatomy, months: float, x, y, z) -> tuple[np.ndarray, dict]:
     """True K2HPO4-equivalent density (mg/cm³) at anatomical points; 0 outside bone."""
     sd = vertebra_sdf(anat, x, y, z)
-    fld, o = _trabecular_field(anat)
-    coords = np.stack([(x - o) / 2.0, (y - o) / 2.0, (z - o) / 2.0])
-    noise = ndimage.map_coordinates(fld, coords, order=1, mode="nearest")
     g = anat.gain(months)
-    trab = anat.trabecular_mg_cm3 * (1.0 + g) * (1.0 + 0.15 * noise)
     cort = anat.cortical_mg_cm3 * (1.0 + 0.3 * g)
     rho = np.zeros_like(x, dtype=np.float64)
     inside = sd["all"] <= 0
     shell = inside & (sd["all"] > -anat.cortex_mm)
     body_core = sd["body"] <= -anat.cortex_mm
     post_core = inside & ~shell & ~body_core
+    # the trabecular field only where it is used (map_coordinates is pointwise)
+    core = body_core | post_core
+    fld, o = _trabecular_field(anat)
+    coords = np.stack([(x[core] - o) / 2.0, (y[core] - o) / 2.0, (z[core] - o) / 2.0])
+    noise = np.zeros_like(rho)
+    noise[core] = ndimage.map_coordinates(fld, coords, order=1, mode="nearest")
+    trab = anat.trabecular_mg_cm3 * (1.0 + g) * (1.0 + 0.15 * noise)
     rho[body_core] = trab[body_core]
     rho[post_core] = anat.posterior_factor * trab[post_core] + 40.0
     rho[shell] = cort
