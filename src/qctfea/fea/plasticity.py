@@ -177,7 +177,7 @@ IMEX_REJECT = 3.0
 PEAK_CONFIRM_STEPS = 2
 
 #: imex: the preconditioner is rebuilt every this many increments (``_IncrementSolver``)
-IMEX_PC_LAG = 5
+IMEX_PC_LAG = 10
 
 #: imex: from the second increment on, CG starts from the last increment scaled to the
 #: new step and stops at an absolute (unpreconditioned) residual of this x newton_rtol x
