@@ -59,9 +59,10 @@ def _rules() -> list[dict]:
         starts = [(m.start(), m.group(1)) for m in re.finditer(r"^\s*rule (\w+):", text, re.M)]
         for i, (pos, name) in enumerate(starts):
             block = text[pos:starts[i + 1][0] if i + 1 < len(starts) else len(text)]
-            get = lambda key: (re.search(rf"^\s*{key}:\s*\n\s*\"([^\"]+)\"", block,
-                                                                  re.M)  # noqa: E731
-                               or [None, None])[1]
+            def get(key, block=block):
+                # the directive's string: adjacent literals (one per line) concatenated
+                m = re.search(rf"^\s*{key}:\s*\n((?:\s*\"[^\"]*\"\s*\n)+)", block, re.M)
+                return "".join(re.findall(r'"([^"]*)"', m.group(1))) if m else None
             rules.append({"name": name, "file": smk, "conda": get("conda"),
                           "script": get("script"), "shell": get("shell")})
     return rules

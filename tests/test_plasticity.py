@@ -461,7 +461,7 @@ def _secant_matrix_difference() -> float:
     import dolfinx
     import dolfinx.fem.petsc
 
-    from qctfea.fea.plasticity import SecantMatrix
+    from qctfea.fea.stepping import SecantMatrix
 
     m, mesh = _bar(n=(4, 3, 9), constitutive="damage")
     rng = np.random.default_rng(7 + mesh.comm.rank)

@@ -187,7 +187,7 @@ WORKFLOW_ROWS: dict[str, tuple[tuple[str, ...], str, str]] = {
         "CG + GAMG (aggregation, rigid-body near-null space), rtol 1e-10; smoothing per "
         "level: one Chebyshev step with 3x3 point-block Jacobi for linear analyses, two with "
         "scalar Jacobi and the GAMG interpolation reused between Newton steps for nonlinear "
-        "ones (`NONLINEAR_PETSC_OPTIONS` in `plasticity.py`); why: "
+        "ones (`NONLINEAR_PETSC_OPTIONS` in `fea/stepping.py`); why: "
         "[docs/performance.md](../docs/performance.md)"),
     "mpi.tasks": (("mpi.tasks",), "1", "MPI ranks per solve"),
     "exclude": (

@@ -101,7 +101,7 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
           screws=screws_path if case == "pullout" else None)
     from mpi4py import MPI
 
-    from qctfea.fea import elasticity, loadcases, plasticity
+    from qctfea.fea import elasticity, loadcases, plasticity, stepping
 
     comm = MPI.COMM_WORLD
     t0 = time.perf_counter()
@@ -147,7 +147,7 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
             f"No strength is reported. What to do: raise {limit} if the curve still rose at "
             "the end, or smaller increments (loads.increments, loads.min_increment_fraction) "
             "if Newton failed; else exclude the scan (exclude: in the cohort config)")
-    res["solver_options"] = {**(plasticity.NONLINEAR_PETSC_OPTIONS if lp.analysis == "nonlinear"
+    res["solver_options"] = {**(stepping.NONLINEAR_PETSC_OPTIONS if lp.analysis == "nonlinear"
                                 else elasticity.DEFAULT_PETSC_OPTIONS), **opts}
     if comm.rank == 0:
         if out_curve:

@@ -54,7 +54,7 @@ DEFAULT_PETSC_OPTIONS = {
     # the fine level, 6x6 on GAMG's coarse levels) per level and direction
     # (docs/performance.md): 22-36 % faster linear solves than PETSc's 2 steps with scalar
     # Jacobi on the demo models (4.5-2 mm), 34-42 CG iterations at rtol 1e-8, no growth
-    # with refinement. The nonlinear solver keeps 2 steps (plasticity.py).
+    # with refinement. The nonlinear solver keeps 2 steps (stepping.py).
     "mg_levels_pc_type": "pbjacobi",
     "mg_levels_ksp_max_it": 1,
     # Eigenvalue estimate for Chebyshev by CG (the operator is SPD).
