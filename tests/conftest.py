@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# The SLURM test cluster's session fixtures (started early, run in the background)
+from slurm_cluster import _start_slurm_early, slurm_background, slurm_study_data  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "real"
 

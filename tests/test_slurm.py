@@ -1,12 +1,11 @@
 """The workflow on a real SLURM cluster, and a new cohort added the way the README says.
 
-`slurm_cluster` starts a single-node SLURM cluster on this machine (Debian's slurm-wlm and
-munge; munged, slurmctld and slurmd started here as root, without systemd; the node's CPUs
-and memory from `slurmd -C`) and stops the daemons it started afterwards. The workflow then
-runs through it exactly as a user types it, `snakemake --profile slurm`, in a copy of this
-working tree with a tiny cohort (2 patients x 2 timepoints, solves on 2 MPI ranks each,
-launched with `srun --mpi=pmi2`), and its results are compared with those of
-`snakemake --profile local` on the same cohort.
+tests/slurm_cluster.py starts a single-node SLURM cluster on this machine (Debian's
+slurm-wlm and munge, started here as root without systemd) when the session starts, and runs
+the workflow through it exactly as a user types it, `snakemake --profile slurm`, in a copy of
+this working tree with a tiny cohort (2 patients x 2 timepoints, solves on 2 MPI ranks each,
+launched with `srun --mpi=pmi2`), in the background while the other tests run. Here its
+results are compared with those of `snakemake --profile local` on the same cohort.
 
 Without root, or without slurm-wlm/munge installed (`apt-get install slurm-wlm munge`, as
 .ci/run does), or on a host that already has its own /etc/slurm/slurm.conf, the SLURM test
@@ -17,269 +16,31 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import REPO
+from slurm_cluster import (COHORT, _add_cohort_as_readme_says, _checkout_copy, _env,
+                           _skip_or_fail, _tail, run_snakemake)
 
-MARK = "# qctfea test cluster (tests/test_slurm.py); removed when the tests end"
-SLURM_CONF = Path("/etc/slurm/slurm.conf")
-DAEMONS = ["munged", "slurmctld", "slurmd"]
-CLIENTS = ["sbatch", "squeue", "srun", "sinfo", "scontrol", "scancel"]
-COHORT = "mystudy"
 RTOL = 1e-6
 
 
-def _env(extra_path: str = "") -> dict:
-    """The environment of `make test`: the venv's bin first (snakemake, qctfea, mpiexec)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
-    env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), extra_path,
-                                              env.get("PATH", "")) if p)
-    env["OMP_NUM_THREADS"] = "1"
-    env.setdefault("MPLBACKEND", "Agg")
-    return env
-
-
-def _which(name: str) -> str | None:
-    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin",
-                                                    "/sbin", "/usr/bin"]))
-
-
-def _unavailable(reason: str):
-    if os.environ.get("QCTFEA_REQUIRE_SLURM") == "1":
-        pytest.fail(f"SLURM test cluster unavailable: {reason} (QCTFEA_REQUIRE_SLURM=1)")
-    pytest.skip(f"SLURM test cluster unavailable: {reason}")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _tail(path: Path, n: int = 15) -> str:
-    try:
-        return f"--- {path.name}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return f"--- {path.name}: (none)"
-
-
-def _stop(pidfile: Path, timeout: float = 20) -> None:
-    """Stop the daemon whose pid we recorded (never anything else)."""
-    try:
-        pid = int(pidfile.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.fixture(scope="module")
-def slurm_cluster():
-    """A one-node SLURM cluster on localhost; yields its folder, stops its daemons after."""
-    if os.geteuid() != 0:
-        _unavailable("starting munged, slurmctld and slurmd needs root")
-    tools = {name: _which(name) for name in DAEMONS + CLIENTS + ["mungekey"]}
-    missing = [n for n, p in tools.items() if p is None and n != "mungekey"]
-    if missing:
-        _unavailable(f"not installed: {', '.join(missing)} (apt-get install slurm-wlm munge)")
-    if SLURM_CONF.exists() and MARK not in SLURM_CONF.read_text(errors="replace"):
-        _unavailable(f"{SLURM_CONF} exists and is not ours; not starting a test cluster on a "
-                     "host with its own SLURM configuration")
-
-    root = Path(tempfile.mkdtemp(prefix="qctfea-slurm-"))
-    root.chmod(0o755)  # munged requires a socket path that everyone may traverse
-    run, key_dir, log = root / "run", root / "munge", root / "log"
-    for d, mode in ((run, 0o755), (key_dir, 0o700), (log, 0o755), (root / "state", 0o755),
-                    (root / "spool", 0o755)):
-        d.mkdir()
-        d.chmod(mode)
-    pidfiles = {"slurmd": run / "slurmd.pid", "slurmctld": run / "slurmctld.pid",
-                "munged": run / "munged.pid"}
-    created_conf = False
-    try:
-        key = key_dir / "munge.key"
-        if tools["mungekey"]:
-            subprocess.run([tools["mungekey"], "-c", "-k", str(key)], check=True,
-                           capture_output=True)
-        else:
-            key.write_bytes(os.urandom(1024))
-        key.chmod(0o400)
-        sock = run / "munge.socket"
-        p = subprocess.run([tools["munged"], f"--socket={sock}", f"--key-file={key}",
-                            f"--pid-file={pidfiles['munged']}", f"--log-file={log / 'munged.log'}",
-                            f"--seed-file={key_dir / 'munged.seed'}"],
-                           capture_output=True, text=True)
-        if p.returncode != 0:
-            _unavailable(f"munged did not start: {p.stderr.strip()} {_tail(log / 'munged.log')}")
-
-        node = subprocess.run([tools["slurmd"], "-C"], capture_output=True, text=True)
-        node_line = next((ln for ln in node.stdout.splitlines() if ln.startswith("NodeName=")), "")
-        if not node_line:
-            _unavailable(f"`slurmd -C` gave no node line: {node.stdout} {node.stderr}")
-        nodename = node_line.split()[0].split("=", 1)[1]
-        ctld_port, d_port = _free_ports(2)
-        SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
-        SLURM_CONF.write_text("\n".join([
-            MARK,
-            "ClusterName=qctfeatest",
-            f"SlurmctldHost={nodename}(127.0.0.1)",
-            "AuthType=auth/munge",
-            f"AuthInfo=socket={sock}",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            f"SlurmctldPort={ctld_port}",
-            f"SlurmdPort={d_port}",
-            f"StateSaveLocation={root / 'state'}",
-            f"SlurmdSpoolDir={root / 'spool'}",
-            f"SlurmctldPidFile={pidfiles['slurmctld']}",
-            f"SlurmdPidFile={pidfiles['slurmd']}",
-            f"SlurmctldLogFile={log / 'slurmctld.log'}",
-            f"SlurmdLogFile={log / 'slurmd.log'}",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            # No slurmdbd: no accounting, so the executor's status queries use squeue, and
-            # finished jobs stay visible to squeue for MinJobAge seconds.
-            "AccountingStorageType=accounting_storage/none",
-            "JobCompType=jobcomp/none",
-            "MinJobAge=3600",  # a contended run takes over 10 minutes
-            "SchedulerType=sched/backfill",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core_Memory",
-            "MpiDefault=none",
-            "ReturnToService=2",
-            f"{node_line} NodeAddr=127.0.0.1 State=UNKNOWN",
-            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
-            "",
-        ]))
-        created_conf = True
-        for daemon, args in (("slurmctld", ["-i"]), ("slurmd", [])):
-            p = subprocess.run([tools[daemon], *args], capture_output=True, text=True)
-            if p.returncode != 0:
-                _unavailable(f"{daemon} did not start: {p.stderr.strip()} "
-                             f"{_tail(log / f'{daemon}.log')}")
-        state = ""
-        for _ in range(120):
-            p = subprocess.run([tools["sinfo"], "-h", "-o", "%t"], capture_output=True, text=True)
-            state = p.stdout.strip()
-            if state == "idle":
-                break
-            time.sleep(0.5)
-        else:
-            _unavailable(f"node not idle after 60 s (sinfo: {state!r} {p.stderr.strip()})\n"
-                         f"{_tail(log / 'slurmctld.log')}\n{_tail(log / 'slurmd.log')}")
-        yield {"root": root, "log": log, "node": node_line, "tools": tools}
-    finally:
-        if created_conf:
-            subprocess.run([tools["scancel"], "--full", "--partition=debug"],
-                           capture_output=True)
-        for daemon in ("slurmd", "slurmctld", "munged"):
-            _stop(pidfiles[daemon])
-        if created_conf and SLURM_CONF.exists() and MARK in SLURM_CONF.read_text():
-            SLURM_CONF.unlink()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _checkout_copy(dst: Path) -> Path:
-    """This working tree's files (tracked and untracked, not ignored) as a fresh git repo."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for rel in filter(None, files.split("\0")):
-        src = REPO / rel
-        if not src.exists() and not src.is_symlink():
-            continue  # deleted in the working tree
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst / rel, follow_symlinks=False)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
-        subprocess.run(git + cmd, cwd=dst, check=True, capture_output=True)
-    return dst
-
-
-@pytest.fixture(scope="module")
-def study_data(tmp_path_factory):
-    """A user's scans outside the checkout: 2 patients x 2 timepoints written by `qctfea synth`
-    (DICOM series with a phantom, VerSe-style label map, screw landmarks)."""
-    root = tmp_path_factory.mktemp("data") / "mystudy"
-    qctfea = str(Path(sys.executable).parent / "qctfea")
-    for i, patient in enumerate(("S001", "S002")):
-        for tp, months in (("M00", 0), ("M12", 12)):
-            p = subprocess.run([qctfea, "synth", "--patient", patient, "--timepoint", tp,
-                                "--months", str(months), "--seed", str(11 + i),
-                                "--out", str(root / patient / tp)],
-                               capture_output=True, text=True, env=_env())
-            assert p.returncode == 0, p.stderr
-    return root
-
-
-def _add_cohort_as_readme_says(repo: Path, name: str, data: Path) -> None:
-    """README "Adding a cohort", example: config/cohorts/<name>/config.yaml and samples.tsv
-    pointing at the scans in `data`, nothing else. Settings as the README's example, with the
-    tiny test cohort's coarse mesh and linear screening to keep the test short."""
-    d = repo / "config" / "cohorts" / name
-    d.mkdir(parents=True)
-    (d / "config.yaml").write_text(
-        "samples: samples.tsv\n"
-        "calibration:\n  method: phantom\n  phantom:\n    preset: demo_k2hpo4\n"
-        "mask:\n  label: 23\n"
-        "mpi:\n  tasks: 2\n"
-        "mesh:\n  voxel_mm: 0.6\n  bone_cell_size_mm: 3.5\n  screw_cell_size_mm: 2.0\n"
-        "  peri_screw_cell_size_mm: 2.0\n"
-        "loads:\n  analysis: linear\n")
-    rows = ["patient\ttimepoint\tmonths\timage\tlabels\tlandmarks\tdxa"]
-    for pdir in sorted(data.iterdir()):
-        for tp, months in (("M00", 0), ("M12", 12)):
-            s = pdir / tp
-            rows.append(f"{pdir.name}\t{tp}\t{months}\t{s}/dicom\t{s}/labels.nii.gz\t"
-                        f"{s}/landmarks.json\t0.81")
-    (d / "samples.tsv").write_text("\n".join(rows) + "\n")
-
-
-def _snakemake(repo: Path, args: list[str], log: Path, timeout: int) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).parent / "snakemake"), *args]
-    t0 = time.time()
-    p = subprocess.run(cmd, cwd=repo, env=_env(), capture_output=True, text=True, timeout=timeout)
-    log.write_text(f"$ cd {repo} && {' '.join(cmd)}\n# exit {p.returncode} after "
-                   f"{time.time() - t0:.0f} s\n{p.stdout}{p.stderr}")
-    return p
-
-
-@pytest.fixture(scope="module")
-def local_run(tmp_path_factory, study_data):
-    """The tiny cohort, added per README, run with `snakemake --profile local` from the root."""
+def local_run(tmp_path_factory, slurm_study_data):
+    """The tiny cohort, added per README, run with `snakemake --profile local` from the root
+    (the SLURM run of the same cohort proceeds in the background)."""
     repo = _checkout_copy(tmp_path_factory.mktemp("local-checkout"))
-    _add_cohort_as_readme_says(repo, COHORT, study_data)
+    _add_cohort_as_readme_says(repo, COHORT, slurm_study_data)
     log = repo.parent / "snakemake-local.log"
-    p = _snakemake(repo, ["--profile", "local", "--config", f"cohort={COHORT}"], log, 1500)
-    return {"repo": repo, "proc": p, "log": log, "data": study_data}
+    p = run_snakemake(repo, ["--profile", "local", "--config", f"cohort={COHORT}"], log, 1500)
+    return {"repo": repo, "proc": p, "log": log, "data": slurm_study_data}
 
 
 def _numbers(obj, prefix=""):
@@ -317,31 +78,40 @@ def test_new_cohort_from_readme_runs_with_local_profile(local_run):
 
 
 @pytest.mark.slow
-def test_slurm_profile_runs_workflow_like_local(slurm_cluster, local_run, tmp_path, capsys):
-    """`snakemake --profile slurm` on the test cluster: every job an sbatch job, solves on
-    2 MPI ranks through srun, results equal to the local run's."""
+def test_slurm_profile_runs_workflow_like_local(slurm_background, local_run, capsys):
+    """`snakemake --profile slurm` on the test cluster: every job an sbatch job (single jobs
+    or the profile's group jobs), solves on 2 MPI ranks through srun, results equal to the
+    local run's."""
+    if "unavailable" in slurm_background:
+        _skip_or_fail(slurm_background["unavailable"])
     assert local_run["proc"].returncode == 0, local_run["log"].read_text()[-5000:]
-    repo = _checkout_copy(tmp_path / "checkout")
-    _add_cohort_as_readme_says(repo, COHORT, local_run["data"])
-    log = repo.parent / "snakemake-slurm.log"
-    # The test cluster has no accounting database: no account, status from squeue.
-    t0 = time.time()
-    p = _snakemake(repo, ["--profile", "slurm", "--config", f"cohort={COHORT}",
-                          "--slurm-no-account", "--slurm-status-command", "squeue",
-                          "--slurm-init-seconds-before-status-checks", "2",
-                          # a one-node test cluster: poll every 2 s (default 10 s, which made
-                          # this test wait about 10 s per dependency level)
-                          "--seconds-between-status-checks", "2",
-                          "--slurm-keep-successful-logs"], log, 1500)
-    wall = time.time() - t0
-    text = log.read_text()
-    assert p.returncode == 0, text[-6000:] + "\n" + _tail(slurm_cluster["log"] / "slurmd.log", 30)
+    slurm_cluster, repo, log = (slurm_background[k] for k in ("cluster", "repo", "log"))
+    proc = slurm_background["proc"]
+    try:
+        proc.wait(timeout=max(60.0, 2400 - (time.time() - slurm_background["t0"])))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+    wall = time.time() - slurm_background["t0"]
+    text = slurm_background["out"].read_text()
+    log.write_text(f"$ cd {repo} && {' '.join(slurm_background['cmd'])}\n# exit "
+                   f"{proc.returncode} after {wall:.0f} s\n{text}")
+    assert proc.returncode == 0, text[-6000:] + "\n" + _tail(slurm_cluster["log"] / "slurmd.log", 30)
 
-    # Every job except the target rule `all` went through sbatch.
-    submitted = dict(re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", text))
+    # Every job except the target rule `all` went through sbatch: on its own, or in one of the
+    # profile's group jobs (a scan's preparation).
+    submitted = dict(re.findall(r"Job (\S+) has been submitted with SLURM jobid (\d+)", text))
     m = re.search(r"Job stats:\n(.*?)\n\n", text, flags=re.S)
     stats = dict(re.findall(r"^(\w+)\s+(\d+)\s*$", m.group(1), flags=re.M)) if m else {}
-    assert int(stats["total"]) - int(stats.get("all", 0)) == len(submitted) > 0, (stats, submitted)
+    single = re.findall(r"^(?:rule|checkpoint) (\w+):$", text, flags=re.M)
+    grouped = re.findall(r"^    (?:rule|checkpoint) (\w+):$", text, flags=re.M)
+    n_groups = len(re.findall(r"Group job (\w+) \(jobs in lexicogr. order\):", text))
+    assert set(re.findall(r"^localrule (\w+):$", text, flags=re.M)) <= {"all"}
+    assert len(single) + len(grouped) == int(stats["total"]) - int(stats.get("all", 0)), stats
+    assert len(submitted) == len(single) + n_groups > 0, (len(submitted), len(single), n_groups)
+    groups = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())["groups"]
+    assert grouped and set(grouped) <= set(groups) and not set(single) & set(groups)
+    assert n_groups == 4  # a group job per scan: its preparation
     run_id = re.search(r"SLURM run ID: (\S+)", text).group(1)
     q = subprocess.run([slurm_cluster["tools"]["squeue"], "--states=all", "--noheader",
                         "--name", run_id, "--format=%i|%T|%D|%C|%k"],

@@ -151,15 +151,25 @@ def jittered(screw: Screw, offset_mm: np.ndarray, tilt_rad: np.ndarray) -> Screw
                  screw.spec)
 
 
-def screw_roi_means(points_mm: np.ndarray, values: list[np.ndarray], screw: Screw,
-                    shell_mm: float) -> list[float]:
-    """Mean of each of ``values`` (per point) over the points in the screw + shell cylinder
-    (the around-screw region of :func:`qctfea.imaging.bmd.around_screw_vbmd`); NaN if empty."""
+def screw_roi(points_mm: np.ndarray, screw: Screw, shell_mm: float) -> np.ndarray:
+    """The points in the screw + shell cylinder (the around-screw region of
+    :func:`qctfea.imaging.bmd.around_screw_vbmd`), as a boolean mask."""
     s, rad = screw.axial_radial(points_mm)
-    sel = (rad <= screw.spec.diameter_mm / 2 + shell_mm) & (s >= 0) & (s <= screw.spec.length_mm)
+    return (rad <= screw.spec.diameter_mm / 2 + shell_mm) & (s >= 0) & (s <= screw.spec.length_mm)
+
+
+def roi_means(sel: np.ndarray, values: list[np.ndarray]) -> list[float]:
+    """Mean of each of ``values`` (per point) over the points of ``sel``; NaN if empty."""
     if not sel.any():
         return [float("nan")] * len(values)
     return [float(v[sel].mean()) for v in values]
+
+
+def screw_roi_means(points_mm: np.ndarray, values: list[np.ndarray], screw: Screw,
+                    shell_mm: float) -> list[float]:
+    """Mean of each of ``values`` (per point) over the points in the screw + shell cylinder
+    (:func:`screw_roi`); NaN if empty."""
+    return roi_means(screw_roi(points_mm, screw, shell_mm), values)
 
 
 def summary(draws: np.ndarray, nominal: float, level: float) -> dict:
@@ -227,13 +237,16 @@ def _outcome_draws(p: UncertaintyParams, inp: ScanInputs, src: dict, n: int) -> 
         near = ((rad <= sc.spec.diameter_mm / 2 + inp.shell_mm + reach)
                 & (s >= -reach) & (s <= sc.spec.length_mm + reach))
         pts, rho = inp.points_mm[near], inp.density[near]
-        y0 = screw_roi_means(pts, [inp.yield_fn(rho)], sc, inp.shell_mm)[0]
+        roi0 = screw_roi(pts, sc, inp.shell_mm)
+        y0 = roi_means(roi0, [inp.yield_fn(rho)])[0]
         vbmd, strength = np.full(n, np.nan), np.full(n, np.nan)
         for i in range(n):
-            sc_i = jittered(sc, src["offsets"][sc.side][i], src["tilts"][sc.side][i])
+            offset, tilt = src["offsets"][sc.side][i], src["tilts"][sc.side][i]
+            # draws without placement or registration jitter keep the nominal region
+            roi = (screw_roi(pts, jittered(sc, offset, tilt), inp.shell_mm)
+                   if offset.any() or tilt.any() else roi0)
             rho_i = src["alpha"][i] + src["beta"][i] * rho
-            vbmd[i], y_i = screw_roi_means(pts, [rho_i, inp.yield_fn(rho_i)], sc_i,
-                                           inp.shell_mm)
+            vbmd[i], y_i = roi_means(roi, [rho_i, inp.yield_fn(rho_i)])
             if inp.strength.get(sc.side) is not None:
                 strength[i] = inp.strength[sc.side] * src["factor"][i] * y_i / y0
         out[f"around_screw_vbmd_{sc.side}_mg_cm3"] = vbmd

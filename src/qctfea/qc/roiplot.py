@@ -42,6 +42,17 @@ def _lps_grid(parts: sitk.Image, spacing: float = 0.5, margin_mm: float = 6.0) -
     return ref
 
 
+def _screw_block(sc, radius_mm: float, lo: np.ndarray, h: float, shape) -> tuple:
+    """Index slices (z, y, x) of the grid (origin ``lo``, spacing ``h``) holding the screw
+    from its head to its tip, padded by ``radius_mm``."""
+    ends = np.array([sc.head_end_mm, sc.tip_mm])
+    a = np.floor((ends.min(0) - radius_mm - lo) / h).astype(int)  # x, y, z
+    b = np.ceil((ends.max(0) + radius_mm - lo) / h).astype(int) + 1
+    size = np.array(shape[::-1])
+    a, b = np.clip(a, 0, size), np.clip(b, 0, size)
+    return tuple(slice(int(a[i]), int(b[i])) for i in (2, 1, 0))
+
+
 def roi_picture(density: sitk.Image, parts: sitk.Image, screws, shell_mm: float, path,
                 title: str = "", values: dict | None = None) -> None:
     """Write the four-slice QC picture (PNG)."""
@@ -55,14 +66,17 @@ def roi_picture(density: sitk.Image, parts: sitk.Image, screws, shell_mm: float,
                                                 sitk.Transform(), sitk.sitkLinear, -100.0))
     lab = sitk.GetArrayFromImage(sitk.Resample(parts, ref, sitk.Transform(),
                                                sitk.sitkNearestNeighbor, 0))
-    zz, yy, xx = np.indices(lab.shape)
-    pts = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], 1) * h + lo
     screw_masks, around = {}, np.zeros(lab.shape, bool)
     for sc in screws:
-        screw_masks[sc.side] = sc.contains(pts).reshape(lab.shape)
+        # only the block of the grid that can hold the screw and its shell
+        blk = _screw_block(sc, sc.spec.diameter_mm / 2 + shell_mm + 1.0, lo, h, lab.shape)
+        zz, yy, xx = np.mgrid[blk]
+        pts = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], 1) * h + lo
+        screw_masks[sc.side] = np.zeros(lab.shape, bool)
+        screw_masks[sc.side][blk] = sc.contains(pts).reshape(zz.shape)
         s, rad = sc.axial_radial(pts)
-        around |= ((rad <= sc.spec.diameter_mm / 2 + shell_mm) & (s >= 0)
-                   & (s <= sc.spec.length_mm)).reshape(lab.shape)
+        around[blk] |= ((rad <= sc.spec.diameter_mm / 2 + shell_mm) & (s >= 0)
+                        & (s <= sc.spec.length_mm)).reshape(zz.shape)
     around &= np.isin(lab, (BODY, POSTERIOR, TRABECULAR))
     body = np.isin(lab, (BODY, TRABECULAR))
     centroid = np.argwhere(body).mean(0) if body.any() else np.array(lab.shape) / 2  # z, y, x
