@@ -6,7 +6,9 @@ and memory from `slurmd -C`) and stops the daemons it started afterwards. `slurm
 runs `snakemake --profile slurm` through it on a tiny cohort added the README's way (2
 patients x 2 timepoints written by `qctfea synth`), in a copy of this working tree, started
 when the session starts: the run mostly waits for the scheduler's status polls, so the other
-tests run meanwhile. Imported by tests/conftest.py (session fixtures).
+tests run meanwhile; its daemons, jobs and snakemake run at a lower scheduling priority
+(`nice`) so that they use the CPU time the other tests leave idle. Imported by
+tests/conftest.py (session fixtures).
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ SLURM_CONF = Path("/etc/slurm/slurm.conf")
 DAEMONS = ["munged", "slurmctld", "slurmd"]
 CLIENTS = ["sbatch", "squeue", "srun", "sinfo", "scontrol", "scancel"]
 COHORT = "mystudy"
+#: the background SLURM run's scheduling priority (the daemons, hence its jobs, and the
+#: submitting snakemake): lower than the other tests'
+BACKGROUND_NICE = ["nice", "-n", "15"]
 
 
 def _env(extra_path: str = "") -> dict:
@@ -176,6 +181,7 @@ def _slurm_cluster():
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core_Memory",
             "MpiDefault=none",
+            "PropagatePrioProcess=0",  # jobs keep slurmd's (nice) priority
             "ReturnToService=2",
             f"{node_line} NodeAddr=127.0.0.1 State=UNKNOWN",
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
@@ -183,7 +189,11 @@ def _slurm_cluster():
         ]))
         created_conf = True
         for daemon, args in (("slurmctld", ["-i"]), ("slurmd", [])):
-            p = subprocess.run([tools[daemon], *args], capture_output=True, text=True)
+            # nice: the jobs inherit slurmd's scheduling priority (PropagatePrioProcess=0,
+            # SLURM's default), so the background run takes the CPU time that the
+            # session's other tests leave idle instead of slowing them down
+            p = subprocess.run([*BACKGROUND_NICE, tools[daemon], *args], capture_output=True,
+                               text=True)
             if p.returncode != 0:
                 _unavailable(f"{daemon} did not start: {p.stderr.strip()} "
                              f"{_tail(log / f'{daemon}.log')}")
@@ -301,7 +311,7 @@ def slurm_background(tmp_path_factory, slurm_study_data):
         out = open(log.with_suffix(".out"), "w")
         stack.callback(out.close)
         cmd = [str(Path(sys.executable).parent / "snakemake"), *SLURM_ARGS]
-        proc = subprocess.Popen(cmd, cwd=repo, env=_env(), stdout=out,
+        proc = subprocess.Popen([*BACKGROUND_NICE, *cmd], cwd=repo, env=_env(), stdout=out,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         stack.callback(lambda: proc.poll() is None and os.killpg(proc.pid, signal.SIGTERM))
         yield {"cluster": cluster, "proc": proc, "repo": repo, "log": log, "cmd": cmd,
