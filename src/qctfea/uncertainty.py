@@ -154,8 +154,7 @@ def jittered(screw: Screw, offset_mm: np.ndarray, tilt_rad: np.ndarray) -> Screw
 def screw_roi(points_mm: np.ndarray, screw: Screw, shell_mm: float) -> np.ndarray:
     """The points in the screw + shell cylinder (the around-screw region of
     :func:`qctfea.imaging.bmd.around_screw_vbmd`), as a boolean mask."""
-    s, rad = screw.axial_radial(points_mm)
-    return (rad <= screw.spec.diameter_mm / 2 + shell_mm) & (s >= 0) & (s <= screw.spec.length_mm)
+    return screw.around(points_mm, shell_mm)
 
 
 def roi_means(sel: np.ndarray, values: list[np.ndarray]) -> list[float]:

@@ -38,8 +38,7 @@ def around_screw_vbmd(
     """Mean density (mg/cm³) and voxel count of bone in the screw + shell cylinder."""
     idx = np.argwhere(vertebra)
     pts = voxel_centres_mm(image, idx)
-    s, rad = screw.axial_radial(pts)
-    sel = (rad <= screw.spec.diameter_mm / 2 + shell_mm) & (s >= 0) & (s <= screw.spec.length_mm)
+    sel = screw.around(pts, shell_mm)
     if sel.sum() == 0:
         raise QctfeaError(f"{context}: no bone voxels around the {screw.side} screw; check the "
                           "landmarks and that the screws were planned on this scan's vertebra")

@@ -90,6 +90,12 @@ class Screw:
         radial = np.linalg.norm(rel - np.outer(s, self.axis), axis=1)
         return s, radial
 
+    def around(self, pts: np.ndarray, shell_mm: float) -> np.ndarray:
+        """Points in the inserted part's cylinder widened by ``shell_mm`` (the "around the
+        screw" region of the vBMD, its uncertainty and its picture)."""
+        s, rad = self.axial_radial(pts)
+        return (rad <= self.spec.diameter_mm / 2 + shell_mm) & (s >= 0) & (s <= self.spec.length_mm)
+
     def contains(self, pts: np.ndarray, pad_mm: float = 0.0) -> np.ndarray:
         """Points inside the screw (head included), optionally padded radially. With
         threads, the radius of the inserted part follows the helical V-thread."""

@@ -74,9 +74,7 @@ def roi_picture(density: sitk.Image, parts: sitk.Image, screws, shell_mm: float,
         pts = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], 1) * h + lo
         screw_masks[sc.side] = np.zeros(lab.shape, bool)
         screw_masks[sc.side][blk] = sc.contains(pts).reshape(zz.shape)
-        s, rad = sc.axial_radial(pts)
-        around[blk] |= ((rad <= sc.spec.diameter_mm / 2 + shell_mm) & (s >= 0)
-                        & (s <= sc.spec.length_mm)).reshape(zz.shape)
+        around[blk] |= sc.around(pts, shell_mm).reshape(zz.shape)
     around &= np.isin(lab, (BODY, POSTERIOR, TRABECULAR))
     body = np.isin(lab, (BODY, TRABECULAR))
     centroid = np.argwhere(body).mean(0) if body.any() else np.array(lab.shape) / 2  # z, y, x
