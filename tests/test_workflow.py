@@ -212,10 +212,14 @@ def test_end_to_end_tiny_cohort(tiny_run):
     assert searched > 100
 
 
-def test_keep_going_isolates_a_bad_scan_and_names_it(tmp_path):
+def test_keep_going_isolates_a_bad_scan_and_names_it(tiny_run, tmp_path):
     """With --keep-going one scan whose image folder holds no DICOM fails only its own jobs;
-    the other scan completes, and logs/<cohort>/failures.txt names the scan and its error."""
+    the other scan completes, and logs/<cohort>/failures.txt names the scan and its error.
+    The generated scans are the tiny run's (the same generator settings)."""
     cd = _cohort(tmp_path, "kg", 2, timepoints=(("M00", 0),))
+    for patient in ("P01", "P02"):
+        shutil.copytree(tiny_run / "resources" / "tiny" / patient / "M00",
+                        tmp_path / "resources" / "kg" / patient / "M00")
     bad = tmp_path / "not-a-series"
     bad.mkdir()
     (bad / "notes.txt").write_text("not DICOM\n")
@@ -239,11 +243,26 @@ def test_keep_going_isolates_a_bad_scan_and_names_it(tmp_path):
     assert not list((tmp_path / "results").rglob("*.part*")), "half-written files left"
 
 
+def _copy_preparation(scan, dest) -> None:
+    """A finished scan's results up to the solves' inputs (not the solves' outputs, the
+    strength gate's or the uncertainty's), timestamps kept: Snakemake takes them as done."""
+    dest.mkdir(parents=True)
+    for f in scan.iterdir():
+        if not f.name.startswith(("compression", "pullout_", "strength", "uncertainty")):
+            shutil.copy2(f, dest / f.name)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_results(tiny_run, tmp_path):
-    """kill -9 of the whole workflow while meshes or solves are running leaves nothing that
-    looks finished; the rerun (--rerun-incomplete) gives the uninterrupted run's tables."""
+    """kill -9 of the whole workflow while solves are running leaves nothing that looks
+    finished; the rerun (--rerun-incomplete) gives the uninterrupted run's tables.
+
+    The scans and their preparation (every result up to the solves' inputs) are copied from
+    the uninterrupted run with their timestamps, so the killed run starts at the solves."""
     cd = _cohort(tmp_path, "tiny", 2)
+    shutil.copytree(tiny_run / "resources", tmp_path / "resources")
+    for scan in sorted((tiny_run / "results" / "tiny").glob("P*/M*")):
+        _copy_preparation(scan, tmp_path / scan.relative_to(tiny_run))
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen([venv_bin("snakemake"), "--cores", "2", *_tiny_args(tmp_path, cd)],
@@ -281,14 +300,23 @@ def test_killed_run_resumes_to_identical_results(tiny_run, tmp_path):
         assert a == b, f"{rel} differs from the uninterrupted run"
 
 
-def test_keep_going_leaves_a_scan_with_a_screw_through_the_canal_out_of_the_tables(tmp_path):
+def test_keep_going_leaves_a_scan_with_a_screw_through_the_canal_out_of_the_tables(tiny_run,
+                                                                                  tmp_path):
     """P02's left landmark screw runs 9 mm medially, through the spinal canal: the planning
     gate (rule accept_screws) fails that scan naming patient, timepoint, side, grade, breach
-    and what to do; with --keep-going P01 goes through every rule, the tables hold P01 only
-    with its screws' grades, and tables/exclusions.csv lists P02 with the refusal."""
+    and what to do; with --keep-going P01 goes on to the solves and the tables, the tables
+    hold P01 only with its screws' grades, and tables/exclusions.csv lists P02 with the
+    refusal. The two baseline scans (generator output) and P01's preparation up to the
+    solves' inputs are the uninterrupted tiny run's (copied with their timestamps); P02's
+    preparation, with its own landmarks, runs here."""
     from qctfea.demo.synth import SynthParams, landmarks_world, patient_anatomy, scan_pose
 
     cd = _cohort(tmp_path, "tiny", 2, timepoints=(("M00", 0),))
+    for patient in ("P01", "P02"):
+        shutil.copytree(tiny_run / "resources" / "tiny" / patient / "M00",
+                        tmp_path / "resources" / "tiny" / patient / "M00")
+    _copy_preparation(tiny_run / "results" / "tiny" / "P01" / "M00",
+                      tmp_path / "results" / "tiny" / "P01" / "M00")
     lm = landmarks_world(patient_anatomy(11, "P02", SynthParams()),
                          scan_pose(11, "P02", 0.0, SynthParams()))
     towards_right = np.subtract(lm["right"]["entry_mm"], lm["left"]["entry_mm"])
