@@ -129,6 +129,25 @@ def test_jitter_tilts_the_axis_by_the_drawn_angle():
     np.testing.assert_allclose(j.entry_mm, [1.0, 2.0, 3.0])
 
 
+def test_jittered_rois_match_each_jittered_screw_cylinder():
+    """The batched regions of the jittered screws are the points that Screw.around (the
+    vBMD's own around-the-screw test) selects for each jittered screw, point for point."""
+    rng = np.random.default_rng(3)
+    spec = ScrewSpec(diameter_mm=6.5, length_mm=40.0)
+    sc = Screw("left", np.array([2.0, -20.0, 1.0]), np.array([0.1, 0.95, 0.3]) /
+               np.linalg.norm([0.1, 0.95, 0.3]), spec)
+    pts = rng.uniform(-30, 40, (20000, 3))
+    n = 150
+    offsets, tilts = rng.normal(0, 1.0, (n, 3)), rng.normal(0, np.radians(3.0), (n, 2))
+    which = rng.random(n) < 0.8
+    rois = unc.jittered_rois(pts, sc, offsets, tilts, 2.0, which, chunk=32)
+    assert set(rois) == set(np.flatnonzero(which).tolist())
+    for i, roi in rois.items():
+        expect = unc.jittered(sc, offsets[i], tilts[i]).around(pts, 2.0)
+        assert expect.sum() > 100
+        np.testing.assert_array_equal(roi, expect)
+
+
 def test_scan_uncertainty_splits_what_cancels_in_a_change():
     """Planning and the material law are shared by a patient's scans: a baseline's sd_scan
     comes from its calibration alone; a follow-up's also from the registration."""

