@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 # The SLURM test cluster's session fixtures (started early, run in the background)
-from slurm_cluster import _start_slurm_early, slurm_background, slurm_study_data  # noqa: F401
+from slurm_cluster import (_start_slurm_early, local_background, slurm_background,  # noqa: F401
+                           slurm_study_data)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The SLURM tests last: the two workflow runs they compare (tests/slurm_cluster.py) run
+    in the background from the session's start, on the CPU time the other tests leave idle."""
+    items.sort(key=lambda item: item.path.name == "test_slurm.py")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "real"

@@ -7,8 +7,9 @@ runs `snakemake --profile slurm` through it on a tiny cohort added the README's 
 patients x 2 timepoints written by `qctfea synth`), in a copy of this working tree, started
 when the session starts: the run mostly waits for the scheduler's status polls, so the other
 tests run meanwhile; its daemons, jobs and snakemake run at a lower scheduling priority
-(`nice`) so that they use the CPU time the other tests leave idle. Imported by
-tests/conftest.py (session fixtures).
+(`nice`) so that they use the CPU time the other tests leave idle. `local_background` runs
+the same cohort with `snakemake --profile local` the same way, for the comparison. Imported
+by tests/conftest.py (session fixtures), which runs tests/test_slurm.py last.
 """
 from __future__ import annotations
 
@@ -238,16 +239,20 @@ def _checkout_copy(dst: Path) -> Path:
 @pytest.fixture(scope="session")
 def slurm_study_data(tmp_path_factory):
     """A user's scans outside the checkout: 2 patients x 2 timepoints written by `qctfea synth`
-    (DICOM series with a phantom, VerSe-style label map, screw landmarks)."""
+    (DICOM series with a phantom, VerSe-style label map, screw landmarks); the four scans
+    are written at once (one process each)."""
     root = tmp_path_factory.mktemp("data") / "mystudy"
     qctfea = str(Path(sys.executable).parent / "qctfea")
-    for i, patient in enumerate(("S001", "S002")):
-        for tp, months in (("M00", 0), ("M12", 12)):
-            p = subprocess.run([qctfea, "synth", "--patient", patient, "--timepoint", tp,
-                                "--months", str(months), "--seed", str(11 + i),
-                                "--out", str(root / patient / tp)],
-                               capture_output=True, text=True, env=_env())
-            assert p.returncode == 0, p.stderr
+    procs = [subprocess.Popen([qctfea, "synth", "--patient", patient, "--timepoint", tp,
+                               "--months", str(months), "--seed", str(11 + i),
+                               "--out", str(root / patient / tp)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env())
+             for i, patient in enumerate(("S001", "S002"))
+             for tp, months in (("M00", 0), ("M12", 12))]
+    for p in procs:
+        _, err = p.communicate()
+        assert p.returncode == 0, err
     return root
 
 
@@ -272,15 +277,6 @@ def _add_cohort_as_readme_says(repo: Path, name: str, data: Path) -> None:
             rows.append(f"{pdir.name}\t{tp}\t{months}\t{s}/dicom\t{s}/labels.nii.gz\t"
                         f"{s}/landmarks.json\t0.81")
     (d / "samples.tsv").write_text("\n".join(rows) + "\n")
-
-
-def run_snakemake(repo: Path, args: list[str], log: Path, timeout: int) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).parent / "snakemake"), *args]
-    t0 = time.time()
-    p = subprocess.run(cmd, cwd=repo, env=_env(), capture_output=True, text=True, timeout=timeout)
-    log.write_text(f"$ cd {repo} && {' '.join(cmd)}\n# exit {p.returncode} after "
-                   f"{time.time() - t0:.0f} s\n{p.stdout}{p.stderr}")
-    return p
 
 
 SLURM_ARGS = ["--profile", "slurm", "--config", f"cohort={COHORT}",
@@ -318,10 +314,31 @@ def slurm_background(tmp_path_factory, slurm_study_data):
                "t0": time.time(), "out": log.with_suffix(".out")}
 
 
+@pytest.fixture(scope="session")
+def local_background(tmp_path_factory, slurm_study_data):
+    """`snakemake --profile local` on the same cohort, added the same way, in its own copy of
+    the working tree: started in the background when the session starts, like the SLURM run
+    (and at the same lower priority); yields its process, folder and log."""
+    repo = _checkout_copy(tmp_path_factory.mktemp("local-checkout"))
+    _add_cohort_as_readme_says(repo, COHORT, slurm_study_data)
+    log = repo.parent / "snakemake-local.log"
+    out = open(log.with_suffix(".out"), "w")
+    cmd = [str(Path(sys.executable).parent / "snakemake"), "--profile", "local", "--config",
+           f"cohort={COHORT}"]
+    proc = subprocess.Popen([*BACKGROUND_NICE, *cmd], cwd=repo, env=_env(), stdout=out,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    yield {"proc": proc, "repo": repo, "log": log, "cmd": cmd, "t0": time.time(),
+           "out": log.with_suffix(".out")}
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    out.close()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _start_slurm_early(request):
-    """Starts the SLURM run at the beginning of a session that holds the SLURM test."""
-    if any("slurm_background" in getattr(item, "fixturenames", ()) for item in
-           request.session.items):
-        request.getfixturevalue("slurm_background")
+    """Starts the SLURM run and the local run it is compared with at the beginning of a
+    session that holds the SLURM tests (which tests/conftest.py puts last)."""
+    for name in ("slurm_background", "local_background"):
+        if any(name in getattr(item, "fixturenames", ()) for item in request.session.items):
+            request.getfixturevalue(name)
     yield

@@ -26,21 +26,27 @@ import pytest
 import yaml
 
 from conftest import REPO
-from slurm_cluster import (COHORT, _add_cohort_as_readme_says, _checkout_copy, _env,
-                           _skip_or_fail, _tail, run_snakemake)
+from slurm_cluster import COHORT, _env, _skip_or_fail, _tail
 
 RTOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory, slurm_study_data):
-    """The tiny cohort, added per README, run with `snakemake --profile local` from the root
-    (the SLURM run of the same cohort proceeds in the background)."""
-    repo = _checkout_copy(tmp_path_factory.mktemp("local-checkout"))
-    _add_cohort_as_readme_says(repo, COHORT, slurm_study_data)
-    log = repo.parent / "snakemake-local.log"
-    p = run_snakemake(repo, ["--profile", "local", "--config", f"cohort={COHORT}"], log, 1500)
-    return {"repo": repo, "proc": p, "log": log, "data": slurm_study_data}
+def local_run(local_background, slurm_study_data):
+    """The tiny cohort, added per README, run with `snakemake --profile local` from the root:
+    started in the background when the session starts (tests/slurm_cluster.py), finished
+    here."""
+    bg = local_background
+    proc = bg["proc"]
+    try:
+        proc.wait(timeout=max(60.0, 1500 - (time.time() - bg["t0"])))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+    bg["log"].write_text(f"$ cd {bg['repo']} && {' '.join(bg['cmd'])}\n# exit "
+                         f"{proc.returncode} after {time.time() - bg['t0']:.0f} s\n"
+                         f"{bg['out'].read_text()}")
+    return {"repo": bg["repo"], "proc": proc, "log": bg["log"], "data": slurm_study_data}
 
 
 def _numbers(obj, prefix=""):
