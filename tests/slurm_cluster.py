@@ -314,6 +314,22 @@ def slurm_background(tmp_path_factory, slurm_study_data):
                "t0": time.time(), "out": log.with_suffix(".out")}
 
 
+def finish_background(bg: dict, limit_s: float) -> str:
+    """Wait for a background run (`slurm_background`, `local_background`) up to ``limit_s``
+    after its start (at least 60 s more; then it is stopped), write its log with the command
+    and exit code, and return its output."""
+    proc = bg["proc"]
+    try:
+        proc.wait(timeout=max(60.0, limit_s - (time.time() - bg["t0"])))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+    text = bg["out"].read_text()
+    bg["log"].write_text(f"$ cd {bg['repo']} && {' '.join(bg['cmd'])}\n# exit "
+                         f"{proc.returncode} after {time.time() - bg['t0']:.0f} s\n{text}")
+    return text
+
+
 @pytest.fixture(scope="session")
 def local_background(tmp_path_factory, slurm_study_data):
     """`snakemake --profile local` on the same cohort, added the same way, in its own copy of

@@ -14,9 +14,7 @@ is skipped with the reason; with QCTFEA_REQUIRE_SLURM=1 (set by .ci/run) it fail
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import time
 
@@ -26,7 +24,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from slurm_cluster import COHORT, _env, _skip_or_fail, _tail
+from slurm_cluster import COHORT, _env, _skip_or_fail, _tail, finish_background
 
 RTOL = 1e-6
 
@@ -37,16 +35,8 @@ def local_run(local_background, slurm_study_data):
     started in the background when the session starts (tests/slurm_cluster.py), finished
     here."""
     bg = local_background
-    proc = bg["proc"]
-    try:
-        proc.wait(timeout=max(60.0, 1500 - (time.time() - bg["t0"])))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
-    bg["log"].write_text(f"$ cd {bg['repo']} && {' '.join(bg['cmd'])}\n# exit "
-                         f"{proc.returncode} after {time.time() - bg['t0']:.0f} s\n"
-                         f"{bg['out'].read_text()}")
-    return {"repo": bg["repo"], "proc": proc, "log": bg["log"], "data": slurm_study_data}
+    finish_background(bg, 1500)
+    return {"repo": bg["repo"], "proc": bg["proc"], "log": bg["log"], "data": slurm_study_data}
 
 
 def _numbers(obj, prefix=""):
@@ -93,15 +83,8 @@ def test_slurm_profile_runs_workflow_like_local(slurm_background, local_run, cap
     assert local_run["proc"].returncode == 0, local_run["log"].read_text()[-5000:]
     slurm_cluster, repo, log = (slurm_background[k] for k in ("cluster", "repo", "log"))
     proc = slurm_background["proc"]
-    try:
-        proc.wait(timeout=max(60.0, 2400 - (time.time() - slurm_background["t0"])))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
+    text = finish_background(slurm_background, 2400)
     wall = time.time() - slurm_background["t0"]
-    text = slurm_background["out"].read_text()
-    log.write_text(f"$ cd {repo} && {' '.join(slurm_background['cmd'])}\n# exit "
-                   f"{proc.returncode} after {wall:.0f} s\n{text}")
     assert proc.returncode == 0, text[-6000:] + "\n" + _tail(slurm_cluster["log"] / "slurmd.log", 30)
 
     # Every job except the target rule `all` went through sbatch: on its own, or in one of the
