@@ -179,13 +179,17 @@ def _sd_segment_capsule_2d(
     return np.hypot(x - p0[0] - t * ax, y - p0[1] - t * ay)
 
 
+def _body_sdf(anat: PatientAnatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Vertebral body: elliptic cylinder (distance approximated by the scaled ellipse
+    radius) intersected with the slab |z| <= h."""
+    a, b, h = anat.body_half_width, anat.body_half_depth, anat.body_height / 2
+    r_ell = np.sqrt((x / a) ** 2 + (y / b) ** 2)
+    return np.maximum((r_ell - 1.0) * min(a, b), np.abs(z) - h)
+
+
 def vertebra_sdf(anat: PatientAnatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> dict:
     """Signed distances of the vertebra's parts; keys body, posterior, all."""
-    a, b, h = anat.body_half_width, anat.body_half_depth, anat.body_height / 2
-    # Vertebral body: elliptic cylinder (distance approximated by the scaled
-    # ellipse radius) intersected with the slab |z| <= h.
-    r_ell = np.sqrt((x / a) ** 2 + (y / b) ** 2)
-    body = np.maximum((r_ell - 1.0) * min(a, b), np.abs(z) - h)
+    body = _body_sdf(anat, x, y, z)
     parts = []
     lam_mid = None
     for side in ("left", "right"):
@@ -254,12 +258,15 @@ def truth_vbmd(anat: PatientAnatomy, months: float, step: float = 0.4) -> dict:
     ay = np.arange(-19.0, 19.0, step) + step / 2
     az = np.arange(-16.0, 16.0, step) + step / 2
     x, y, z = np.meshgrid(ax, ay, az, indexing="ij")
-    rho, sd = true_density(anat, months, x, y, z)
+    # Both means are over the body (its trabecular core lies inside it): the density only
+    # there (true_density is pointwise; the same values in the same order as on the whole
+    # grid, half the points)
+    body = _body_sdf(anat, x, y, z) <= 0
+    rho, sd = true_density(anat, months, x[body], y[body], z[body])
     trab = sd["body"] <= -anat.cortex_mm
-    body = sd["body"] <= 0
     return {
         "trabecular_vbmd_mg_cm3": float(rho[trab].mean()),
-        "integral_body_vbmd_mg_cm3": float(rho[body].mean()),
+        "integral_body_vbmd_mg_cm3": float(rho.mean()),
     }
 
 
@@ -442,6 +449,10 @@ def landmarks_world(anat: PatientAnatomy, pose: ScanPose) -> dict:
     return out
 
 
+#: x columns of the DXA projection grid evaluated at once (``dxa_areal_bmd``)
+DXA_BLOCK = 8
+
+
 def dxa_areal_bmd(anat: PatientAnatomy, months: float, seed: int, patient: str) -> float:
     """A DXA-like AP areal BMD (g/cm²) with DXA's confounders.
 
@@ -455,9 +466,14 @@ def dxa_areal_bmd(anat: PatientAnatomy, months: float, seed: int, patient: str) 
     ax = np.arange(-50.0, 50.0, step) + step / 2
     ay = np.arange(-22.0, 72.0, step) + step / 2
     az = np.arange(-18.0, 18.0, step) + step / 2
-    x, y, z = np.meshgrid(ax, ay, az, indexing="ij")
-    rho, _ = true_density(anat, months, x, y, z)
-    proj = rho.sum(axis=1) * step / 10.0 / 1000.0  # g/cm² per column (mm -> cm)
+    # DXA_BLOCK x columns at a time: the sum of each column along y is the same, and the
+    # block's arrays are reused from the allocator instead of faulting in 20 MB temporaries
+    # of the whole grid (0.34 instead of 1.0-1.6 s in a fresh process; bitwise the same)
+    proj = np.empty((len(ax), len(az)))
+    for i in range(0, len(ax), DXA_BLOCK):
+        x, y, z = np.meshgrid(ax[i:i + DXA_BLOCK], ay, az, indexing="ij")
+        proj[i:i + DXA_BLOCK] = true_density(anat, months, x, y, z)[0].sum(axis=1)
+    proj = proj * step / 10.0 / 1000.0  # g/cm² per column (mm -> cm)
     area = proj > 0
     base = 1.15 * float(proj[area].mean())
     r = _rng(seed, "dxa", patient, f"{months:g}")

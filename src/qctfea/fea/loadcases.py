@@ -464,6 +464,7 @@ def _nonlinear_summary(nl) -> dict:
         "cost_in_linear_solves": d["cost_in_linear_solves"],
         "linear_fallbacks": d["linear_fallbacks"],
         "ksp_iterations": nl.ksp_iterations,
+        "preconditioner_rebuilds": nl.preconditioner_rebuilds,
         "n_dofs": nl.n_dofs,
         "n_cells": nl.n_cells,
         "mpi_ranks": nl.mpi_ranks,
