@@ -211,6 +211,39 @@ def test_imex_bar_follows_the_analytic_curve_past_the_peak():
     assert r.peak_rss_mb > r.rss_end_mb - 2.0 and r.peak_rss_mb > 50.0
 
 
+def test_stale_imex_preconditioner_is_rebuilt(monkeypatch):
+    """imex keeps the probe's preconditioner and rebuilds it once after a Krylov solve over
+    IMEX_PC_REBUILD_ITERATIONS: with the bound at 0 every increment that needed CG rebuilds
+    it (PETSc's PCSetUp events grow, preconditioner_rebuilds counts them), and the curve is
+    the same within the equilibrium tolerance (a preconditioner changes the iterations, not
+    the solution)."""
+    from petsc4py import PETSc
+
+    from qctfea.fea import stepping
+
+    PETSc.Log.begin()
+    setups = PETSc.Log.Event("PCSetUp")
+
+    def run():
+        before = setups.getPerfInfo()["count"]
+        r, _, area = _softening_bar(integration="imex", min_increment_fraction=0.25,
+                                    increments=80)
+        return r, setups.getPerfInfo()["count"] - before, area
+
+    kept, n_kept, area = run()
+    monkeypatch.setattr(stepping, "IMEX_PC_REBUILD_ITERATIONS", 0)
+    rebuilt, n_rebuilt, _ = run()
+    assert kept.preconditioner_rebuilds == 0
+    assert rebuilt.preconditioner_rebuilds > 5
+    # every rebuild but possibly the last (scheduled after the final increment) set the
+    # preconditioner up again
+    assert n_rebuilt - n_kept >= rebuilt.preconditioner_rebuilds - 1
+    assert rebuilt.increments == kept.increments
+    f0 = np.array([p.force_n for p in kept.curve])
+    f1 = np.array([p.force_n for p in rebuilt.curve])
+    assert np.abs(f1 - f0).max() < 1e-3 * SY * area
+
+
 def test_imex_error_rests_on_clapeyron():
     """The imex step control (``_imex_error``) measures the damage error as a fraction of
     the work sum (1 - D) ε:C:ε V, which by Clapeyron's theorem is the reaction force times
