@@ -483,9 +483,9 @@ class _IncrementSolver:
             # tightly (Newton then stops after one step). The secant stiffness changes only
             # where damage grows, so the preconditioner built for one increment serves the
             # next ones: PETSc builds it once (lag -2: at the first chance, then never) and it
-            # is rebuilt only after a slow
-            # Krylov solve (IMEX_PC_REBUILD_ITERATIONS; CG stays convergent with any SPD
-            # preconditioner, a stale one costs iterations: docs/nonlinear.md)
+            # is rebuilt only after a slow Krylov solve (IMEX_PC_REBUILD_ITERATIONS; CG stays
+            # convergent with any SPD preconditioner, a stale one costs iterations:
+            # docs/nonlinear.md)
             opts = {**opts, "snes_ksp_ew": False, "ksp_rtol": 1.0e-8,
                     "snes_lag_preconditioner": -2,
                     "snes_lag_preconditioner_persists": True,
