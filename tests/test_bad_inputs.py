@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,22 @@ def test_stray_file_in_series_is_skipped_with_a_warning(demo_scan, dicom_copy, t
     assert "Traceback" not in msg
     scan = json.loads((tmp_path / "scan.json").read_text())["scan"]
     assert scan["n_files_skipped"] == 1 and scan["n_slices"] == scan["n_files_read"]
+    np.testing.assert_array_equal(_array(tmp_path / "ct.nii.gz"),
+                                  _array(demo_scan["results"] / "ct.nii.gz"))
+
+
+def test_folder_caches_and_snakemake_marker_are_ignored_without_a_warning(demo_scan, dicom_copy,
+                                                                         tmp_path):
+    """Files every folder may hold (Snakemake's directory() marker, the Finder's cache) are
+    not slices and not the user's mistake: left out silently (dicomslices.IGNORED_FILE_NAMES)."""
+    for name in (".snakemake_timestamp", ".DS_Store"):
+        (dicom_copy / name).write_bytes(b"\x00\x01 not a slice")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steps_imaging.ingest(source=dicom_copy, out_image=tmp_path / "ct.nii.gz",
+                             out_json=tmp_path / "scan.json", context=demo_scan["context"])
+    scan = json.loads((tmp_path / "scan.json").read_text())["scan"]
+    assert scan["n_files_skipped"] == 0 and scan["n_slices"] == scan["n_files_read"]
     np.testing.assert_array_equal(_array(tmp_path / "ct.nii.gz"),
                                   _array(demo_scan["results"] / "ct.nii.gz"))
 

@@ -28,7 +28,9 @@ phantom are all located in that frame.  This module
 Bad files in the folder: a file that is not a usable image slice (not DICOM,
 e.g. a stray ``notes.txt``; a DICOM object without pixel data, e.g. a report;
 a multi-frame or colour image; no usable geometry) is skipped with one warning
-that names the skipped files and why.  A *damaged* DICOM file (the Part 10
+that names the skipped files and why; the folder caches and markers of
+``dicomslices.IGNORED_FILE_NAMES`` (``.snakemake_timestamp``, ``.DS_Store``, ...)
+are left out without one.  A *damaged* DICOM file (the Part 10
 ``DICM`` marker or an image SOP class, but the header or the pixel data cut
 short, as left by an interrupted copy) is refused with an error naming it:
 skipping it would silently drop a slice, so the file must be replaced or

@@ -154,9 +154,18 @@ def _read_header(path: Path) -> tuple[_Slice | None, str]:
     )
 
 
+#: Files that tools leave in any folder and that are never image slices, left out without a
+#: warning: Snakemake's marker of a ``directory()`` output (the demo's DICOM folders), the
+#: macOS Finder's and the Windows Explorer's folder caches
+IGNORED_FILE_NAMES = frozenset({".snakemake_timestamp", ".DS_Store", "Thumbs.db",
+                                "desktop.ini"})
+
+
 def _list_files(directory: Path) -> list[Path]:
-    """Every regular file under ``directory``, recursively, in a stable order."""
-    return sorted(p for p in directory.rglob("*") if p.is_file())
+    """Every regular file under ``directory``, recursively, in a stable order, except
+    ``IGNORED_FILE_NAMES``."""
+    return sorted(p for p in directory.rglob("*")
+                  if p.is_file() and p.name not in IGNORED_FILE_NAMES)
 
 
 def _ensure_transfer_syntax(ds: Dataset) -> None:

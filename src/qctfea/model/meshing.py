@@ -29,6 +29,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,7 +316,11 @@ def generate_mesh(
     log.info(f"[mesh] labelled grid {vol.shape} at {h} mm, labels {present}")
     with tempfile.TemporaryDirectory() as td:
         inr = os.path.join(td, "labels.inr")
-        pygalmesh.save_inr(vol, (h, h, h), inr)
+        with warnings.catch_warnings():
+            # pygalmesh.save_inr leaves its file to the garbage collector (closed, and so
+            # flushed, when the function returns): not a leak of ours
+            warnings.simplefilter("ignore", ResourceWarning)
+            pygalmesh.save_inr(vol, (h, h, h), inr)
         sizes = {TAG_BODY: params.bone_cell_size_mm, TAG_POSTERIOR: params.bone_cell_size_mm,
                  "default": params.bone_cell_size_mm}
         for side, tag in TAG_SCREW.items():
