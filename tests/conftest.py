@@ -23,6 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "real"
 
 
+@pytest.fixture
+def real_scans() -> Path:
+    """../shared/data/real with both real scans, or the test fails: CI has ../shared, so a
+    test that needs it must fail there when it is missing, not skip."""
+    for name in ("verse_tptbox_L3", "totalseg_L1"):
+        if not (SHARED / name).is_dir():
+            pytest.fail(f"{SHARED / name} is missing: the real scans of ../shared/data/real "
+                        "are needed (see its README)")
+    return SHARED
+
+
 def markdown_rows(text: str) -> list[tuple[str, ...]]:
     """The cells (stripped) of every row of the markdown pipe tables in ``text``: header
     rows included, alignment rows left out; independent of the column padding."""

@@ -271,7 +271,7 @@ def test_screw_entirely_outside_the_vertebra_is_refused(demo_scan, tmp_path):
 # --- 6. calibration phantom -----------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (REAL / "ct.nii.gz").is_file(), reason="real CT sample not available")
+@pytest.mark.usefixtures("real_scans")
 def test_phantom_not_found_in_real_ct(demo_scan, tmp_path):
     """The real TPTBox CT has no phantom in view (README of the sample)."""
     with pytest.raises(QctfeaError) as err:

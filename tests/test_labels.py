@@ -100,8 +100,7 @@ def test_expected_neighbours():
 # --- the real sample (VerSe labels and sub-regions) -----------------------------------------
 
 
-needs_real = pytest.mark.skipif(not (REAL / "subregions.nii.gz").is_file(),
-                                reason=f"real sample {REAL} absent")
+needs_real = pytest.mark.usefixtures("real_scans")  # fails when ../shared is missing
 
 
 def _mask(tmp_path, name, cfg, labels=None, subregions=None, ct=None):

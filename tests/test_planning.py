@@ -245,7 +245,7 @@ def test_demo_vertebra_auto_plan_agrees_with_landmarks(demo_scan):
         assert breach_report(sc, inside)["max_surface_outside_bone_mm"] < 1.0
 
 
-@pytest.mark.skipif(not (REAL / "ct.nii.gz").is_file(), reason="real CT sample not available")
+@pytest.mark.usefixtures("real_scans")
 def test_real_l3_auto_plan(tmp_path):
     ctx = "real verse_tptbox L3"
     steps_imaging.mask(ct_path=REAL / "ct.nii.gz", labels_path=REAL / "vertebrae.nii.gz",

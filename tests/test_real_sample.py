@@ -13,7 +13,7 @@ from qctfea import steps_imaging
 from qctfea import steps_model
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "verse_tptbox_L3"
-pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"{REAL} not present")
+pytestmark = pytest.mark.usefixtures("real_scans")  # fails when ../shared is missing
 CTX = "patient R01, timepoint M00"
 
 
