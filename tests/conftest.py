@@ -106,8 +106,12 @@ def demo_model(demo_scan):
     return demo_scan
 
 
-def run(cmd, **kw):
-    # The environment's bin (mpiexec, qctfea, snakemake) first on PATH, as `make` does.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+def run(cmd, env_on_path: bool = True, **kw):
+    """Run a command; with ``env_on_path`` the environment's bin (mpiexec, qctfea,
+    snakemake) first on PATH, as `make` does, else left out of PATH (a user who starts
+    `.venv/bin/snakemake` without activating the environment)."""
+    env_bin = str(Path(sys.executable).parent)
+    rest = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != env_bin]
+    path = os.pathsep.join(([env_bin] if env_on_path else []) + rest)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, **kw)

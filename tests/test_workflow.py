@@ -144,11 +144,13 @@ def _tiny_args(workdir, cd):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The tiny cohort (2 patients x 2 timepoints) through every rule, uninterrupted."""
+    """The tiny cohort (2 patients x 2 timepoints) through every rule, uninterrupted, by
+    `.venv/bin/snakemake` with the environment not on PATH (not activated): the jobs find
+    qctfea and mpiexec all the same (workflow/rules/common.smk)."""
     work = tmp_path_factory.mktemp("tiny")
     cd = _cohort(work, "tiny", 2)
     p = run([venv_bin("snakemake"), "--cores", "2", *_tiny_args(work, cd),
-             "--show-failed-logs"], cwd=REPO, timeout=1500)
+             "--show-failed-logs"], env_on_path=False, cwd=REPO, timeout=1500)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     return work
 
