@@ -99,6 +99,8 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     elif method == "phantomless":
         tspec = params_from(cal_mod.TissueSpec, cfg.get("phantomless"),
                             "calibration.phantomless")
+        log.info(f"[calibrate] {context}: phantomless ({tspec.model}), finding "
+                 f"{', '.join(tspec.tissues)} in {' x '.join(map(str, ct.GetSize()))} voxels")
         cal = phantomless.phantomless_calibration(hu, ct.GetSpacing(), labels_arr, tspec, where,
                                                   label, masks)
     elif method == "fixed":

@@ -57,6 +57,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from qctfea.errors import QctfeaError
+from qctfea.imaging import morphology
 from qctfea.config import option
 
 BODY, POSTERIOR, TRABECULAR = 1, 2, 3  #: part labels (trabecular ROI is inside the body)
@@ -286,13 +287,6 @@ def _bounds(image: sitk.Image) -> str:
             f"{np.round(corners.max(axis=0), 1).tolist()}")
 
 
-def _ball(radius_mm: float, spacing_xyz) -> np.ndarray:
-    r = [max(1, int(np.ceil(radius_mm / s))) for s in spacing_xyz[::-1]]
-    zz, yy, xx = np.mgrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
-    sz, sy, sx = spacing_xyz[::-1]
-    return (zz * sz) ** 2 + (yy * sy) ** 2 + (xx * sx) ** 2 <= radius_mm**2
-
-
 def _target_text(params: MaskParams) -> str:
     """``label 23`` or ``label 23 (verse L4)`` for messages."""
     named = (f" ({params.convention} {params.vertebra})"
@@ -359,14 +353,14 @@ def _largest(mask: np.ndarray) -> np.ndarray:
 
 def _body_from_opening(v: np.ndarray, spacing_xyz, params: MaskParams, context: str):
     """The body: largest component of the vertebra opened by a ball, dilated back by 1 mm."""
-    ball = _ball(params.body_opening_mm, spacing_xyz)
-    opened = ndimage.binary_opening(v, structure=ball)
+    sampling = tuple(spacing_xyz)[::-1]
+    opened = morphology.opening(v, params.body_opening_mm, sampling)
     if not opened.any():
         raise QctfeaError(f"{context}: no vertebral body found (vertebra thinner than "
                           f"{2 * params.body_opening_mm} mm everywhere); "
                           "lower mask.body_opening_mm")
     body = _largest(opened)
-    return ndimage.binary_dilation(body, structure=_ball(1.0, spacing_xyz)) & v
+    return morphology.dilate(body, 1.0, sampling) & v
 
 
 def _body_from_subregions(v: np.ndarray, sub: np.ndarray, params: MaskParams, context: str):

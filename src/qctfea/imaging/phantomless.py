@@ -11,6 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 from qctfea.errors import QctfeaError
+from qctfea.imaging import morphology
 from qctfea.imaging.calibration import (
     Calibration, REFERENCE_HU, TissueSpec, _uncertainty, fit_line, line_covariance,
 )
@@ -28,31 +29,20 @@ def axial_axis(direction) -> int:
     return 2 - int(np.argmax(np.abs(d[2])))
 
 
-def _ball(radius_mm: float, sampling_zyx) -> np.ndarray:
-    """The voxel offsets within ``radius_mm`` (closed ball, in mm on the voxel grid)."""
-    half = [int(np.floor(radius_mm / s)) for s in sampling_zyx]
-    g = np.meshgrid(*[np.arange(-k, k + 1) * s for k, s in zip(half, sampling_zyx)],
-                    indexing="ij")
-    return sum(c * c for c in g) <= radius_mm * radius_mm
-
-
 def _deep(region: np.ndarray, depth_mm: float, sampling_zyx) -> np.ndarray:
     """Voxels of ``region`` farther than ``depth_mm`` from its outside: an erosion by the
-    closed ball of that radius in mm, with the outside of the array counting as region.
-    The same voxels as ``distance_transform_edt(region) > depth_mm`` (whose distance is to
-    the nearest background voxel of the array), 20-50 times faster on a chest CT."""
+    closed ball of that radius in mm, with the outside of the array counting as region."""
     if depth_mm <= 0 or not region.any():
         return region
-    return ndimage.binary_erosion(region, structure=_ball(depth_mm, sampling_zyx),
-                                  border_value=1)
+    return morphology.erode(region, depth_mm, sampling_zyx, border_value=1)
 
 
 def _near(mask: np.ndarray, distance_mm: float, sampling_zyx) -> np.ndarray:
     """Voxels within ``distance_mm`` of ``mask`` (``mask`` included): a dilation by the
-    closed ball, the same voxels as ``distance_transform_edt(~mask) <= distance_mm``."""
+    closed ball."""
     if not mask.any():
         return np.zeros(mask.shape, bool)
-    return ndimage.binary_dilation(mask, structure=_ball(distance_mm, sampling_zyx))
+    return morphology.dilate(mask, distance_mm, sampling_zyx)
 
 
 def find_tissues(

@@ -1,0 +1,91 @@
+"""Binary dilation, erosion and opening by a ball of a radius in mm, on anisotropic grids.
+
+The ball is the voxel offsets of length at most the radius (closed ball, in mm on the voxel
+grid). The operations are read off an exact Euclidean distance map, ITK's signed Maurer
+distance map through SimpleITK (linear in the voxel count, multi-threaded), instead of
+scipy.ndimage's binary morphology with the ball as structuring element, whose cost grows with
+the ball's voxel count: on a 0.5 mm chest CT (720 x 720 x 225 voxels) the 3 mm dilation of
+the labelled structures took 48 s with scipy and 4.6 s from the distance map, the same voxels
+(docs/performance.md). scipy is quicker for small balls and sparse sets: its erosion tests
+the ball only around the voxels that survive, so each operation takes whichever of the two
+is expected to be faster (``_use_distance_map``); ``tests/test_morphology.py`` checks both
+paths' voxels against each other.
+"""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+#: An offset whose length equals the radius belongs to the ball; the distance map is float32,
+#: so "equal" is within this relative tolerance of the squared radius
+_TIE = 1.0e-6
+
+
+#: scipy's erosion costs about 0.5 ns x (voxels of the set it erodes) x (voxels of the ball),
+#: the distance map about 45 ns per voxel of the array (0.5 mm and 0.7 x 0.7 x 2.5 mm chest
+#: CTs, one core): the distance map when (eroded fraction) x (ball voxels) exceeds this
+SCIPY_BALL_LIMIT = 60.0
+
+
+def ball(radius_mm: float, sampling_zyx) -> np.ndarray:
+    """The closed ball of ``radius_mm`` on the grid, as a structuring element."""
+    half = [int(np.floor(radius_mm / s)) for s in sampling_zyx]
+    g = np.meshgrid(*[np.arange(-k, k + 1) * float(s) for k, s in zip(half, sampling_zyx)],
+                    indexing="ij")
+    return sum(c * c for c in g) <= radius_mm * radius_mm
+
+
+def _use_distance_map(eroded: np.ndarray, se: np.ndarray) -> bool:
+    """True when the distance map is expected to be faster than scipy on ``eroded`` (the set
+    scipy would erode: the mask, or its complement for a dilation)."""
+    return float(eroded.mean()) * int(se.sum()) > SCIPY_BALL_LIMIT
+
+
+def _sq_distance_to(mask: np.ndarray, sampling_zyx) -> np.ndarray:
+    """Squared distance (mm²) of every voxel outside ``mask`` to the nearest voxel of
+    ``mask``; zero or negative on ``mask``. Beyond the array there is no ``mask``."""
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    img.SetSpacing([float(s) for s in sampling_zyx[::-1]])
+    d = sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=True,
+                                     useImageSpacing=True)
+    return sitk.GetArrayFromImage(d)
+
+
+def dilate(mask: np.ndarray, radius_mm: float, sampling_zyx) -> np.ndarray:
+    """Voxels within ``radius_mm`` of ``mask`` (``mask`` included): scipy's
+    ``binary_dilation`` by the closed ball."""
+    mask = np.asarray(mask, bool)
+    if not mask.any() or radius_mm <= 0:
+        return mask.copy()
+    se = ball(radius_mm, sampling_zyx)
+    if not _use_distance_map(~mask, se):
+        return ndimage.binary_dilation(mask, structure=se)
+    return mask | (_sq_distance_to(mask, sampling_zyx) <= radius_mm ** 2 * (1 + _TIE))
+
+
+def erode(mask: np.ndarray, radius_mm: float, sampling_zyx,
+          border_value: int = 0) -> np.ndarray:
+    """Voxels of ``mask`` farther than ``radius_mm`` from every voxel outside it: scipy's
+    ``binary_erosion`` by the closed ball. ``border_value`` 1: beyond the array counts as
+    ``mask``; 0 (scipy's default): as outside."""
+    mask = np.asarray(mask, bool)
+    if radius_mm <= 0 or not mask.any():
+        return mask.copy()
+    if border_value == 0:
+        padded = np.pad(mask, 1, constant_values=False)
+        return erode(padded, radius_mm, sampling_zyx, border_value=1)[1:-1, 1:-1, 1:-1]
+    se = ball(radius_mm, sampling_zyx)
+    if not _use_distance_map(mask, se):
+        return ndimage.binary_erosion(mask, structure=se, border_value=1)
+    outside = ~mask
+    if not outside.any():
+        return mask.copy()
+    return mask & (_sq_distance_to(outside, sampling_zyx) > radius_mm ** 2 * (1 + _TIE))
+
+
+def opening(mask: np.ndarray, radius_mm: float, sampling_zyx) -> np.ndarray:
+    """scipy's ``binary_opening`` by the closed ball: erosion (beyond the array counts as
+    outside), then dilation."""
+    return dilate(erode(mask, radius_mm, sampling_zyx, border_value=0), radius_mm,
+                  sampling_zyx)
