@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import sys
 import traceback
@@ -20,6 +21,17 @@ from qctfea import logs
 from qctfea.errors import QctfeaError
 
 logger = logging.getLogger(__name__)
+
+
+def put_environment_on_path() -> None:
+    """Put the running interpreter's bin folder (Snakemake's environment: qctfea, mpiexec)
+    first on PATH unless it is there, so that the jobs' shell commands find them also when
+    Snakemake was started by its path without activating the environment
+    (``.venv/bin/snakemake ...``). Called by workflow/rules/common.smk."""
+    env_bin = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if env_bin not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([env_bin, path]) if path else env_bin
 
 
 def run_step(snakemake, fn: Callable[[], None]) -> None:

@@ -1,8 +1,6 @@
 # Reads and validates the cohort config and sample sheet once; input functions.
 import functools
 import json
-import os
-import sys
 from pathlib import Path
 
 import yaml
@@ -10,15 +8,13 @@ from jsonschema import Draft202012Validator
 from snakemake.exceptions import WorkflowError
 
 from qctfea.cohort.samples import missing_landmarks, read_sample_sheet
-from qctfea.workflow_glue import write_failure_summary
+from qctfea.workflow_glue import put_environment_on_path, write_failure_summary
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
 
 # The jobs' shell commands (qctfea, mpiexec) come from Snakemake's own environment, also when
 # it was started by its path without activating the environment (`.venv/bin/snakemake ...`)
-ENV_BIN = str(Path(sys.executable).parent)
-if ENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
-    os.environ["PATH"] = os.pathsep.join([ENV_BIN, os.environ.get("PATH", "")])
+put_environment_on_path()
 
 
 def check_schema(where, records, schema_name, kind, problems=()):
