@@ -9,7 +9,7 @@ the labelled structures took 48 s with scipy and 4.6 s from the distance map, th
 (docs/performance.md). scipy is quicker for small balls and sparse sets: its erosion tests
 the ball only around the voxels that survive, so each operation takes whichever of the two
 is expected to be faster (``_use_distance_map``); ``tests/test_morphology.py`` checks both
-paths' voxels against each other.
+paths' voxels against scipy's.
 """
 from __future__ import annotations
 

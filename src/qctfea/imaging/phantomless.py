@@ -30,19 +30,9 @@ def axial_axis(direction) -> int:
 
 
 def _deep(region: np.ndarray, depth_mm: float, sampling_zyx) -> np.ndarray:
-    """Voxels of ``region`` farther than ``depth_mm`` from its outside: an erosion by the
-    closed ball of that radius in mm, with the outside of the array counting as region."""
-    if depth_mm <= 0 or not region.any():
-        return region
+    """Voxels of ``region`` farther than ``depth_mm`` from its outside (the outside of the
+    array counts as region)."""
     return morphology.erode(region, depth_mm, sampling_zyx, border_value=1)
-
-
-def _near(mask: np.ndarray, distance_mm: float, sampling_zyx) -> np.ndarray:
-    """Voxels within ``distance_mm`` of ``mask`` (``mask`` included): a dilation by the
-    closed ball."""
-    if not mask.any():
-        return np.zeros(mask.shape, bool)
-    return morphology.dilate(mask, distance_mm, sampling_zyx)
 
 
 def find_tissues(
@@ -73,7 +63,7 @@ def find_tissues(
     bone = (labels != 0) & (labels != (spec.blood_label if spec.blood_label is not None
                                        else 0))
     target = (labels == target_label) if target_label is not None else bone
-    near_bone = _near(bone, spec.bone_margin_mm, sampling)
+    near_bone = morphology.dilate(bone, spec.bone_margin_mm, sampling)
 
     # Body: the connected region above -500 HU holding the vertebra, holes filled.
     dense = smooth > -500.0
