@@ -318,6 +318,44 @@ def test_image_file_round_trip(tmp_path: Path, suffix: str) -> None:
     assert spacing == pytest.approx([0.5, 0.6, 0.8], abs=1e-6)
 
 
+def test_ingest_stores_any_axis_order_as_lps_with_the_same_voxels(tmp_path: Path) -> None:
+    """A scan written sagittally (PIR) is stored with its axes in LPS order: every voxel keeps
+    its value at its physical place (checked point by point through the source's own
+    geometry), scan.json records the source's order, and its label map, still on the PIR
+    grid, is reordered onto the ingested grid without interpolation or warning."""
+    import warnings
+
+    from qctfea.imaging.masks import resample_labels_to
+
+    rng = np.random.default_rng(3)
+    arr = rng.normal(200, 300, size=(4, 5, 6)).astype(np.float32)
+    src = sitk.GetImageFromArray(arr)
+    src.SetSpacing((0.5, 0.6, 2.5))
+    src.SetOrigin((1.0, -2.0, 3.0))
+    # columns: x axis -> posterior, y axis -> inferior, z axis -> right (PIR)
+    src.SetDirection((0, 0, -1, 1, 0, 0, 0, -1, 0))
+    assert sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+        src.GetDirection()) == "PIR"
+    sitk.WriteImage(src, str(tmp_path / "scan.nii.gz"))
+    info = ingest(tmp_path / "scan.nii.gz", tmp_path / "o.nii.gz", tmp_path / "o.json",
+                  context=CONTEXT)
+    out = sitk.ReadImage(str(tmp_path / "o.nii.gz"))
+    np.testing.assert_allclose(out.GetDirection(), np.eye(3).ravel(), atol=1e-6)
+    assert info.source_orientation == "PIR"
+    assert json.loads((tmp_path / "o.json").read_text())["scan"]["size"] == list(out.GetSize())
+    out_arr = sitk.GetArrayFromImage(out)
+    for ijk in np.ndindex(*out.GetSize()):
+        p = out.TransformIndexToPhysicalPoint([int(v) for v in ijk])
+        src_ijk = np.rint(src.TransformPhysicalPointToContinuousIndex(p)).astype(int)
+        assert out_arr[ijk[::-1]] == arr[tuple(src_ijk[::-1])]
+    labels = sitk.GetImageFromArray((arr > 200).astype(np.uint8))
+    labels.CopyInformation(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        on_ct = resample_labels_to(labels, out, "labels")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(on_ct), out_arr > 200)
+
+
 @pytest.mark.parametrize(
     ("iop", "normal"),
     [((0, 1, 0, -1, 0, 0), (0, 0, 1)), ((1, 0, 0, 0, 0, -1), (0, -1, 0))],

@@ -2,12 +2,14 @@
 they are missing): the TotalSegmentator L1 (whole-vertebra labels, 0.7 x 0.7 x 2.5 mm) and
 the VerSe L3 (1.5 mm, oblique grid), at their own resolution, resampled to 3 mm voxels and
 on rotated grids. Every screw must be graded A or B (Gertzbein-Robbins), converge 5-25
-degrees (traditional trajectory) and the spinal canal must be found. The full table, with
+degrees (traditional trajectory) and the spinal canal must be found; the same scan written
+in another axis order plans the same screws. The full table, with
 the cortical trajectory: tools/planning_check.py, docs/screw_planning.md."""
 from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -32,3 +34,22 @@ def test_real_scan_screws_in_bone_converging(case, spacing, axis, deg, tmp_path)
         assert s["placement"]["grade"] in "AB", (s["side"], s["placement"])
         assert 5.0 <= s["planning"]["convergence_deg"] <= 25.0, s["planning"]
         assert s["length_mm"] >= 25.0
+
+
+def test_real_scan_screws_do_not_depend_on_the_files_axis_order(tmp_path):
+    """The real L1 as stored (LAS) and rewritten sagittally (PIR: the same voxels in space,
+    axes permuted and flipped): ingest stores both in one axis order, so mask, planning and
+    grading see the same array and plan the same screws."""
+    ct, *_ = pc.CASES["TotalSegmentator L1"]
+    assert ct.is_file(), f"{ct} is missing: the real scans are needed"
+    runs = {}
+    for code in ("LAS", "PIR"):
+        (tmp_path / code).mkdir()
+        runs[code] = pc.check("TotalSegmentator L1", pc.CASES["TotalSegmentator L1"][-1],
+                              None, 0.0, "traditional", tmp_path / code, orientation=code)
+        assert "error" not in runs[code], runs[code].get("error")
+    for a, b in zip(runs["LAS"]["screws"], runs["PIR"]["screws"], strict=True):
+        for key in ("entry_mm", "tip_mm"):
+            assert np.allclose(a[key], b[key], atol=1e-6), (a["side"], key, a[key], b[key])
+        assert a["placement"] == b["placement"]
+    assert runs["LAS"]["canal"]["area_mm2"] == runs["PIR"]["canal"]["area_mm2"]

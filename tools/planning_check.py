@@ -2,7 +2,7 @@
 at their own resolution, resampled to 1 x 1 x 3 mm and 3 mm voxels, and rotated (the same
 anatomy on grids turned 15 degrees about z, 12 about x, -10 about y), for both trajectories.
 
-Each variant runs the pipeline's own steps (mask, then the screws step with
+Each variant runs the pipeline's own steps (ingest, mask, then the screws step with
 planning.method auto) and records each side's Gertzbein-Robbins grade, breach, convergence
 and cranial angle, screw length and the canal found. Writes a markdown table and, for the
 unrotated scans at their own resolution, the QC pictures.
@@ -78,7 +78,11 @@ def regrid(img: sitk.Image, spacing, rot: np.ndarray, labels: bool) -> sitk.Imag
                          0 if labels else -1024)
 
 
-def check(case: str, spacing, rot_axis, deg, trajectory: str, work: Path) -> dict:
+def check(case: str, spacing, rot_axis, deg, trajectory: str, work: Path,
+          orientation: str | None = None) -> dict:
+    """Ingest, mask and screws steps on one variant of a real scan. ``orientation`` (an ITK
+    orientation code such as PIR) rewrites the CT and its label maps with their voxel axes in
+    that order (the same voxels in space) before the steps see them."""
     ct_p, lab_p, sub_p, mask_cfg, own = CASES[case]
     rot = rotation(rot_axis, deg)
     if rot_axis is None and tuple(spacing) == own:
@@ -88,12 +92,18 @@ def check(case: str, spacing, rot_axis, deg, trajectory: str, work: Path) -> dic
         ct = regrid(sitk.ReadImage(str(ct_p)), spacing, rot, False)
         lab = regrid(sitk.ReadImage(str(lab_p)), spacing, rot, True)
         sub = regrid(sitk.ReadImage(str(sub_p)), spacing, rot, True) if sub_p else None
-    sitk.WriteImage(ct, str(work / "ct.nii.gz"))
+    if orientation:
+        ct, lab = sitk.DICOMOrient(ct, orientation), sitk.DICOMOrient(lab, orientation)
+        sub = sitk.DICOMOrient(sub, orientation) if sub is not None else None
+    sitk.WriteImage(ct, str(work / "source.nii.gz"))
     sitk.WriteImage(lab, str(work / "labels.nii.gz"))
     if sub is not None:
         sitk.WriteImage(sub, str(work / "sub.nii.gz"))
     ctx = f"{case}, {spacing} mm, {rot_axis or 'no'} rotation"
     t0 = time.perf_counter()
+    # as the workflow does: the ingest step stores the CT in the canonical axis order
+    steps_imaging.ingest(source=work / "source.nii.gz", out_image=work / "ct.nii.gz",
+                         out_json=work / "scan.json", context=ctx)
     steps_imaging.mask(ct_path=work / "ct.nii.gz", labels_path=work / "labels.nii.gz",
                        out_parts=work / "vertebra.nii.gz", out_json=work / "vertebra.json",
                        cfg=mask_cfg,

@@ -54,7 +54,7 @@ import os
 import sys
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +214,10 @@ class ScanInfo:
     selected_by: str | None = None
     resampled: bool = False
     resample_note: str | None = None
+    #: orientation code of the source's voxel axes (ITK/DICOM convention, the direction each
+    #: axis points to: LPS, LAS, RAS, PIR, ...); the ingested image is stored in
+    #: :data:`CANONICAL_ORIENTATION` (see :func:`canonical_orientation`)
+    source_orientation: str | None = None
 
 
 def read_dicom_series(
@@ -509,6 +513,30 @@ def _clean_float32(image: sitk.Image) -> sitk.Image:
     return out
 
 
+#: Axis order of every ingested image: x towards the patient's left, y posterior, z superior
+#: (identity direction for an axial scan; ITK's and DICOM's patient coordinates).
+CANONICAL_ORIENTATION = "LPS"
+
+
+def orientation_code(image: sitk.Image) -> str:
+    """The image's orientation code (closest signed axis permutation): LPS, LAS, RAS, PIR..."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def canonical_orientation(image: sitk.Image) -> sitk.Image:
+    """The image with its voxel axes permuted and flipped to :data:`CANONICAL_ORIENTATION`.
+
+    The same voxels at the same physical places, only stored in another order (no
+    interpolation): everything downstream (masks, calibration slices, the planning grid,
+    the mesh) then sees one array whatever axis order the file was written in, so a scan
+    stored as LAS, RAS or sagittal PIR gives the same screws and strengths. An oblique grid
+    (a tilted gantry, a resampled scan) keeps its tilt, with its axes in the closest order.
+    """
+    if orientation_code(image) == CANONICAL_ORIENTATION:
+        return image
+    return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+
+
 def ingest(
     source: str | os.PathLike,
     out_image: str | os.PathLike,
@@ -556,6 +584,16 @@ def ingest(
 
     label = context or "scan"
     log.info(f"[ingest] {label}: read {info.n_slices} slices ({kind})")
+    source_code = orientation_code(image)
+    if source_code != CANONICAL_ORIENTATION:
+        image = canonical_orientation(image)
+        log.info(f"[ingest] {label}: voxel axes reordered from {source_code} to "
+                 f"{CANONICAL_ORIENTATION} (same voxels, no interpolation)")
+    info = replace(info, source_orientation=source_code,
+                   size=tuple(int(v) for v in image.GetSize()),
+                   spacing_mm=tuple(float(v) for v in image.GetSpacing()),
+                   origin_mm=tuple(float(v) for v in image.GetOrigin()),
+                   direction=tuple(float(v) for v in image.GetDirection()))
     with atomic_path(target) as tmp:
         try:
             sitk.WriteImage(_clean_float32(image), str(tmp), useCompression=True)

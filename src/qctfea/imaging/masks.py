@@ -257,14 +257,15 @@ def resample_labels_to(labels: sitk.Image, reference: sitk.Image, context: str =
     An error when the label map has labels but none of them lands on the reference grid
     (the two images do not overlap: another scan's labels, or a wrong origin/direction).
     """
-    same = (
-        labels.GetSize() == reference.GetSize()
-        and np.allclose(labels.GetOrigin(), reference.GetOrigin(), atol=1e-3)
-        and np.allclose(labels.GetSpacing(), reference.GetSpacing(), atol=1e-5)
-        and np.allclose(labels.GetDirection(), reference.GetDirection(), atol=1e-5)
-    )
-    if same:
+    if _same_grid(labels, reference):
         return labels
+    # The CT's grid in another axis order (ingest stores every scan as LPS, the label map is
+    # on the source file's grid): the same voxels, reordered without interpolation.
+    code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+        reference.GetDirection())
+    reordered = sitk.DICOMOrient(labels, code)
+    if _same_grid(reordered, reference):
+        return reordered
     warnings.warn(f"{context}: label map is on another grid than the CT; resampled "
                   "(nearest neighbour)", stacklevel=2)
     out = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
@@ -276,6 +277,14 @@ def resample_labels_to(labels: sitk.Image, reference: sitk.Image, context: str =
             "coordinates); give the label map of this scan, or correct its origin/direction"
         )
     return out
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    """Same voxel grid: size, origin (1 µm), spacing and direction."""
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5))
 
 
 def _bounds(image: sitk.Image) -> str:
