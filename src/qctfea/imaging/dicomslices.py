@@ -201,8 +201,9 @@ def _slice_hu(sl: _Slice, where: str) -> np.ndarray:
             ) from exc
         raise QctfeaError(
             f"{where}: cannot decode the pixel data of {sl.path} (transfer syntax {syntax}: "
-            f"{type(exc).__name__}); install a pydicom decoder plugin (pylibjpeg, "
-            "python-gdcm) or decompress the series (e.g. `gdcmconv --raw`)"
+            f"{type(exc).__name__}); python-gdcm (a requirement) decodes JPEG, JPEG-LS, "
+            "JPEG 2000 and RLE: check that it is installed (`python -c 'import gdcm'`), else "
+            "decompress the series (e.g. `gdcmconv --raw`)"
         ) from exc
     if stored.shape != (sl.rows, sl.columns):
         raise QctfeaError(
