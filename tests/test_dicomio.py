@@ -356,6 +356,71 @@ def test_ingest_stores_any_axis_order_as_lps_with_the_same_voxels(tmp_path: Path
     np.testing.assert_array_equal(sitk.GetArrayFromImage(on_ct), out_arr > 200)
 
 
+def _enhanced_ct(path: Path, series: Series, order) -> None:
+    """An Enhanced CT Image Storage file (one multi-frame object) holding the slices of
+    ``series`` in ``order``: position and rescale per frame, orientation, pixel spacing and
+    slice thickness shared, kernel and kVp in their CT macros (DICOM PS3.3 C.8.15)."""
+    from pydicom.sequence import Sequence
+
+    def item(**kw):
+        d = Dataset()
+        for k, v in kw.items():
+            setattr(d, k, v)
+        return d
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID = "Doe^Jane", "SECRET123"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = series.study_uid, series.series_uid
+    ds.Modality, ds.Manufacturer, ds.SeriesDescription = "CT", "ACME", "Test CT"
+    ds.InstanceNumber = 1
+    ds.Rows, ds.Columns = ROWS, COLS
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.NumberOfFrames = len(order)
+    ds.SharedFunctionalGroupsSequence = Sequence([item(
+        PlaneOrientationSequence=Sequence([item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])]),
+        PixelMeasuresSequence=Sequence([item(PixelSpacing=[ROW_SPACING, COL_SPACING],
+                                             SliceThickness=1.0)]),
+        CTReconstructionSequence=Sequence([item(ConvolutionKernel="B30f")]),
+        CTXRayDetailsSequence=Sequence([item(KVP=120)]))])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([item(
+        PlanePositionSequence=Sequence([item(
+            ImagePositionPatient=[float(v) for v in series.positions[i]])]),
+        PixelValueTransformationSequence=Sequence([item(
+            RescaleSlope=series.slopes[i], RescaleIntercept=-1024, RescaleType="HU")]))
+        for i in order])
+    ds.PixelData = np.stack([series.stored[i] for i in order]).astype("<i2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_enhanced_ct_multiframe_file_reads_as_its_single_frame_series(tmp_path: Path) -> None:
+    """Modern scanners export one Enhanced CT file per series: each frame is a slice with
+    the position and rescale of its own functional groups. The same slices (frames in a
+    shuffled order, a different rescale slope per frame) must give the image the
+    single-frame series gives, voxel for voxel, with kernel and kVp from the CT macros."""
+    slopes = [1.0, 2.0, 1.0, 0.5, 1.0, 1.0][:NZ] + [1.0] * max(0, NZ - 6)
+    s = write_series(tmp_path / "single", seed=5, strays=False, slopes=slopes)
+    reference, _ = read_dicom_series(s.folder, context=CONTEXT)
+    order = np.random.default_rng(2).permutation(len(s.files))
+    (tmp_path / "enhanced").mkdir()
+    _enhanced_ct(tmp_path / "enhanced" / "ct.dcm", s, order)
+    image, info = read_dicom_series(tmp_path / "enhanced", context=CONTEXT)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image),
+                                  sitk.GetArrayFromImage(reference))
+    np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-9)
+    np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-9)
+    np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), atol=1e-12)
+    assert (info.convolution_kernel, info.kvp, info.slice_thickness_mm) == ("B30f", 120.0, 1.0)
+    assert info.rescale_varies_per_slice
+    assert (info.n_files_read, info.n_files_skipped, info.n_slices) == (1, 0, NZ)
+
+
 @pytest.mark.parametrize("syntax", ["JPEGLosslessProcess14SV1", "JPEGLSLossless"])
 def test_compressed_series_reads_as_the_uncompressed_one(tmp_path: Path, syntax: str) -> None:
     """Clinical archives send CT series compressed (lossless JPEG, JPEG-LS, JPEG 2000):

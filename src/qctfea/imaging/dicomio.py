@@ -6,7 +6,9 @@ LPS, millimetres), because screw trajectories, landmarks and the calibration
 phantom are all located in that frame.  This module
 
 * reads a folder of DICOM files (searched recursively) with pydicom, keeps the
-  single-frame greyscale image objects with pixel data and geometry, groups
+  greyscale image objects with pixel data and geometry (single-frame slices, and
+  Enhanced CT multi-frame files, each frame a slice with the position, orientation,
+  spacing and rescale of its functional groups), groups
   them by series and, when the folder holds more than one series, takes the
   one named by ``series_uid`` or picked by the rule of :class:`IngestParams`
   (``series_rule: thinnest_axial``); otherwise it refuses to guess, listing
@@ -27,7 +29,8 @@ phantom are all located in that frame.  This module
 
 Bad files in the folder: a file that is not a usable image slice (not DICOM,
 e.g. a stray ``notes.txt``; a DICOM object without pixel data, e.g. a report;
-a multi-frame or colour image; no usable geometry) is skipped with one warning
+a colour image; a multi-frame image without per-frame geometry; no usable
+geometry) is skipped with one warning
 that names the skipped files and why; the folder caches and markers of
 ``dicomslices.IGNORED_FILE_NAMES`` (``.snakemake_timestamp``, ``.DS_Store``, ...)
 are left out without one.  A *damaged* DICOM file (the Part 10
@@ -272,7 +275,7 @@ def read_dicom_series(
     _, candidates, selected_by = _select_series(groups, series_uid, where, params)
     if skipped:
         _warn_skipped(skipped, folder, where)
-    n_read = len(candidates)
+    n_read = len({sl.path for sl in candidates})  # files (an Enhanced CT file: one)
     _check_consistent(candidates, where)
     row, col, normal = _orthonormal_axes(candidates[0].orientation, where)
     slices, hu_slices = _stack_slices(candidates, normal, where)
@@ -298,12 +301,13 @@ def _read_headers(folder: Path, where: str
     reasons: Counter[str] = Counter()
     skipped: dict[str, list[Path]] = {}
     for path in files:
-        sl, reason = _read_header(path)
-        if sl is None:
+        found, reason = _read_header(path)
+        if not found:
             reasons[reason] += 1
             skipped.setdefault(reason, []).append(path)
             continue
-        groups.setdefault(str(sl.ds.get("SeriesInstanceUID", "") or ""), []).append(sl)
+        for sl in found:  # one slice, or every frame of an Enhanced CT file
+            groups.setdefault(str(sl.ds.get("SeriesInstanceUID", "") or ""), []).append(sl)
     if DAMAGED in skipped:
         raise QctfeaError(
             f"{where}: {len(skipped[DAMAGED])} damaged or truncated DICOM file(s): "
@@ -315,7 +319,7 @@ def _read_headers(folder: Path, where: str
         found = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "none"
         raise QctfeaError(
             f"{where}: no DICOM image slices found ({len(files)} files: {found}); point to "
-            "the folder that holds the CT series (single-frame, uncompressed or decodable)"
+            "the folder that holds the CT series (greyscale slices or Enhanced CT frames)"
         )
     return files, groups, skipped
 

@@ -40,18 +40,40 @@ DAMAGED = "damaged or truncated DICOM"
 _MAX_NAMED = 5
 
 
+class _Frames:
+    """The pixel data of one multi-frame (Enhanced CT) file, decoded once when the first of
+    its frames is needed."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+        self._array: np.ndarray | None = None
+
+    def frame(self, index: int) -> np.ndarray:
+        if self._array is None:
+            _ensure_transfer_syntax(self.ds)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                arr = self.ds.pixel_array
+            self._array = arr.reshape((-1, *arr.shape[-2:]))
+        return self._array[index]
+
+
 @dataclass
 class _Slice:
-    """One usable single-frame image file and its parsed geometry."""
+    """One usable image slice (a single-frame file, or one frame of an Enhanced CT file)
+    and its parsed geometry."""
 
     path: Path
-    ds: Dataset
+    ds: Dataset  # the slice's header (of a frame: flattened from the functional groups)
     position: np.ndarray  # ImagePositionPatient, mm
     orientation: np.ndarray  # ImageOrientationPatient, 6 values
     pixel_spacing: tuple[float, float]  # (row spacing, column spacing), mm
     rows: int
     columns: int
     instance: int | None
+    #: a frame of a multi-frame file: its index and the file's pixel data
+    frame: int | None = None
+    frames: _Frames | None = None
 
 
 def _where(context: str, path: str | os.PathLike) -> str:
@@ -104,15 +126,16 @@ def _is_part10(path: Path) -> bool:
         return False
 
 
-def _read_header(path: Path) -> tuple[_Slice | None, str]:
-    """Read one file; return the usable slice or None and the reason it was skipped."""
+def _read_header(path: Path) -> tuple[list[_Slice], str]:
+    """Read one file; return its usable slices (one, or one per frame of an Enhanced CT
+    file) or none and the reason it was skipped."""
     try:
         with warnings.catch_warnings():
             # pydicom's warnings about odd values may quote them (names, IDs).
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_SIZE)
     except Exception:  # unreadable: not DICOM, unless it says it is one
-        return None, DAMAGED if _is_part10(path) else "not DICOM"
+        return [], DAMAGED if _is_part10(path) else "not DICOM"
     try:
         if "PixelData" not in ds:
             # force=True "parses" any file; real DICOM objects carry a SOP Class UID.
@@ -120,14 +143,61 @@ def _read_header(path: Path) -> tuple[_Slice | None, str]:
             meta = getattr(ds, "file_meta", None) or {}
             sop = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "") or "")
             if sop in _IMAGE_SOP_CLASSES or "Rows" in ds or (not sop and _is_part10(path)):
-                return None, DAMAGED
-            return None, ("no pixel data" if sop else "not DICOM")
+                return [], DAMAGED
+            return [], ("no pixel data" if sop else "not DICOM")
         frames = ds.get("NumberOfFrames")
         samples = ds.get("SamplesPerPixel")
-        if (frames not in (None, "") and int(frames) > 1) or (
-            samples not in (None, "") and int(samples) != 1
-        ):
-            return None, "multi-frame or colour image (not supported)"
+        if samples not in (None, "") and int(samples) != 1:
+            return [], "colour image (not supported)"
+        n_frames = int(frames) if frames not in (None, "") else 1
+    except Exception:  # garbled frame or sample count
+        return [], "no usable image geometry"
+    if n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        if "PerFrameFunctionalGroupsSequence" not in ds:
+            return [], "multi-frame image without per-frame geometry (not supported)"
+        source = _Frames(ds)
+        out = []
+        for i in range(n_frames):
+            sl, reason = _slice_of(path, _frame_header(ds, i), i + 1)
+            if sl is None:
+                return [], reason
+            sl.frame, sl.frames = i, source
+            out.append(sl)
+        return out, ""
+    sl, reason = _slice_of(path, ds, None)
+    return ([sl] if sl is not None else []), reason
+
+
+def _frame_header(ds: Dataset, index: int) -> Dataset:
+    """The header of frame ``index`` of an Enhanced (multi-frame) image, flattened as a
+    single-frame file would carry it: the file's own attributes, then those of the first
+    item of every functional-group sequence, shared first, this frame's over them
+    (ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness,
+    RescaleSlope/Intercept, KVP, ConvolutionKernel, ...). DICOM PS3.3 C.7.6.16."""
+    skip = {"PixelData", "PerFrameFunctionalGroupsSequence",
+            "SharedFunctionalGroupsSequence", "NumberOfFrames"}
+    hdr = Dataset()
+    for elem in ds:
+        if elem.keyword not in skip:
+            hdr.add(elem)
+    hdr.file_meta = getattr(ds, "file_meta", FileMetaDataset())
+    groups = [ds.get("SharedFunctionalGroupsSequence"),
+              ds.PerFrameFunctionalGroupsSequence]
+    for seq, i in zip(groups, (0, index), strict=True):
+        if not seq or len(seq) <= i:
+            continue
+        for macro in seq[i]:
+            if macro.VR != "SQ" or not macro.value:
+                continue
+            for elem in macro.value[0]:
+                if elem.VR != "SQ":
+                    hdr.add(elem)
+    return hdr
+
+
+def _slice_of(path: Path, ds: Dataset, instance: int | None) -> tuple[_Slice | None, str]:
+    """The slice of a (single-frame or flattened frame) header, or None and why not."""
+    try:
         position = np.array([float(v) for v in ds.ImagePositionPatient], dtype=float)
         orientation = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=float)
         spacing = [float(v) for v in ds.PixelSpacing]
@@ -144,14 +214,13 @@ def _read_header(path: Path) -> tuple[_Slice | None, str]:
         or columns < 1
     ):
         return None, "no usable image geometry"
-    try:
-        instance = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") else None
-    except (TypeError, ValueError):
-        instance = None
-    return (
-        _Slice(path, ds, position, orientation, (spacing[0], spacing[1]), rows, columns, instance),
-        "",
-    )
+    if instance is None:
+        try:
+            instance = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") else None
+        except (TypeError, ValueError):
+            instance = None
+    return _Slice(path, ds, position, orientation, (spacing[0], spacing[1]), rows, columns,
+                  instance), ""
 
 
 #: Files that tools leave in any folder and that are never image slices, left out without a
@@ -186,13 +255,16 @@ def _ensure_transfer_syntax(ds: Dataset) -> None:
 def _slice_hu(sl: _Slice, where: str) -> np.ndarray:
     """Decode one slice and return HU (stored * slope + intercept) as float32."""
     try:
-        _ensure_transfer_syntax(sl.ds)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            stored = sl.ds.pixel_array
+        if sl.frames is not None:
+            stored = sl.frames.frame(sl.frame)
+        else:
+            _ensure_transfer_syntax(sl.ds)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                stored = sl.ds.pixel_array
     except Exception as exc:
         syntax = getattr(getattr(sl.ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        short = _short_pixel_data(sl)
+        short = _short_pixel_data(sl) if sl.frames is None else None
         if short:
             raise QctfeaError(
                 f"{where}: {sl.path} is truncated (its pixel data has {short[0]} of the "
