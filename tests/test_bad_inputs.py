@@ -150,6 +150,17 @@ def test_empty_label_map_is_refused_by_mask(demo_scan, tmp_path):
     _has(err, demo_scan["context"], blank, "label map is empty", "segmentation of this scan")
 
 
+def test_folder_of_masks_as_label_map_says_to_give_the_multilabel_file(demo_scan, tmp_path):
+    """TotalSegmentator without --ml writes a folder with one mask per structure."""
+    folder = tmp_path / "segmentations"
+    folder.mkdir()
+    shutil.copy(demo_scan["src"] / "labels.nii.gz", folder / "vertebrae_L4.nii.gz")
+    with pytest.raises(QctfeaError) as err:
+        _run_mask(demo_scan, demo_scan["results"] / "ct.nii.gz", folder, tmp_path)
+    _has(err, demo_scan["context"], folder, "is a folder", "--ml", "multilabel file",
+         "labels column of the sample sheet")
+
+
 # --- 3. images on grids that do not overlap -------------------------------------------------
 
 

@@ -67,6 +67,13 @@ def _need(context: str, **paths) -> None:
         what = f"baseline {what}" if key != base else what
         files = [Path(path)] + ([Path(path).with_suffix(".h5")] if base == "mesh" else [])
         for f in files:
+            if f.is_dir():
+                tseg = (" (TotalSegmentator writes one file per structure unless run with --ml: "
+                        "give its multilabel file, from TotalSegmentator --ml or "
+                        "totalseg_combine_masks, with mask.convention: totalsegmentator)"
+                        if base in ("labels", "subregions") else "")
+                raise QctfeaError(f"{context}: {what} {f} is a folder, not a file; {hint}"
+                                  f"{tseg}")
             if not f.is_file():
                 raise QctfeaError(f"{context}: {what} {f} not found; {hint}, or correct the path")
 
