@@ -260,6 +260,52 @@ def test_gantry_tilt_is_rejected(tmp_path: Path) -> None:
     assert CONTEXT in str(err.value)
 
 
+def test_gantry_tilt_is_corrected_when_asked_exactly_for_a_linear_field(tmp_path: Path) -> None:
+    """A stack acquired with a 12 degree gantry tilt: the image planes are tilted about the
+    x axis and the table moves along z, so the slice positions drift sideways. With
+    ``gantry_tilt: resample`` every slice is shifted in its plane onto the first slice's
+    grid; stored values linear in the physical position must then read back, at every
+    voxel whose source lies inside its slice, as that linear function of the voxel's own
+    physical position (linear interpolation is exact for it)."""
+    from qctfea.imaging.dicomio import IngestParams
+
+    t = np.radians(12.0)
+    iop = (1.0, 0.0, 0.0, 0.0, np.cos(t), -np.sin(t))
+    row, col = np.array(iop[:3]), np.array(iop[3:])
+    rows, cols, nz, step = ROWS, COLS, 5, 1.0
+
+    def field(p):  # stored value at physical point(s) p (mm)
+        return 1000.0 + 7.0 * p[..., 0] - 5.0 * p[..., 1] + 3.0 * p[..., 2]
+
+    series = Series(tmp_path / "tilt", generate_uid(), generate_uid())
+    jj, ii = np.mgrid[0:rows, 0:cols]
+    for k in range(nz):
+        pos = np.array([-10.0, 20.0, -50.0 + k * step])  # the table moves along z
+        pts = (pos + ii[..., None] * COL_SPACING * row + jj[..., None] * ROW_SPACING * col)
+        stored = np.rint(field(pts)).astype(np.int16)
+        _write_slice(series.folder / f"s{k}", series, pos, iop, stored, k + 1, 1.0, "tilt")
+    with pytest.raises(QctfeaError, match="gantry tilt of 12.0 degrees") as err:
+        read_dicom_series(series.folder, context=CONTEXT)
+    assert "ingest.gantry_tilt: resample" in str(err.value)
+    with pytest.warns(UserWarning, match="gantry tilt 12.0 degrees"):
+        image, info = read_dicom_series(series.folder, context=CONTEXT,
+                                        params=IngestParams(gantry_tilt="resample"))
+    assert info.resampled and "gantry tilt 12.0 degrees" in info.resample_note
+    arr = sitk.GetArrayFromImage(image)
+    normal = np.cross(row, col)
+    checked = 0
+    for k, j, i in np.ndindex(*arr.shape):
+        p = np.array(image.TransformIndexToPhysicalPoint((i, j, k)))
+        # the source point in slice k (in-plane shift of that slice), inside its pixels?
+        shift = (np.array([0.0, 0.0, k * step]) - k * step * normal[2] * normal)
+        si, sj = i - (shift @ row) / COL_SPACING, j - (shift @ col) / ROW_SPACING
+        if 0 <= si <= cols - 1 and 0 <= sj <= rows - 1:
+            assert arr[k, j, i] == pytest.approx(field(p) - 1024.0, abs=0.6), (k, j, i)
+            checked += 1
+    assert checked > arr.size // 2
+    np.testing.assert_allclose(image.GetSpacing()[2], step * np.cos(t), rtol=1e-6)
+
+
 def test_no_images_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("nothing here")

@@ -16,7 +16,8 @@ phantom are all located in that frame.  This module
   kernel, slice thickness, slice count) so the user can choose;
 * orders the slices by their position along the slice normal (never by file
   name or InstanceNumber), drops exact duplicate slices, refuses a gantry tilt
-  (shear), and refuses stacks with missing or irregularly spaced slices, or
+  (shear) or (``gantry_tilt: resample``) shifts each slice in its plane onto the
+  first slice's grid, and refuses stacks with missing or irregularly spaced slices, or
   (``uneven_spacing: resample``) interpolates them linearly along the slice
   normal onto a uniform grid, with a warning;
 * applies RescaleSlope/RescaleIntercept slice by slice to obtain HU as float32
@@ -94,6 +95,8 @@ SERIES_RULES = ("none", "thinnest_axial")
 
 #: Values of :attr:`IngestParams.uneven_spacing`.
 UNEVEN_SPACING_ACTIONS = ("refuse", "resample")
+#: What :attr:`IngestParams.gantry_tilt` may say about a tilted (sheared) stack.
+GANTRY_TILT_ACTIONS = ("refuse", "resample")
 
 #: Default :attr:`IngestParams.kernel_preference`: bone / sharp reconstruction kernels
 #: (GE BONE/BONEPLUS, Siemens B60/B70 and Br60, Philips D and YB, Canon/Toshiba FC30,
@@ -126,6 +129,11 @@ class IngestParams:
         ``BONEPLUS``, ``"d"`` matches Philips ``D`` but neither GE ``STANDARD``
         nor Siemens ``Br40d`` (a plain substring test would).  Series whose
         kernel matches no entry (or have none) rank last.
+    ``gantry_tilt``
+        ``"refuse"``: a stack whose slice positions drift sideways (a tilted
+        gantry) is an error.  ``"resample"``: every slice is shifted in its own
+        plane onto the first slice's pixel grid (linear interpolation), which
+        makes the stack orthogonal, with a warning.
     ``uneven_spacing``
         ``"refuse"``: missing or irregularly spaced slices are an error naming
         the gaps.  ``"resample"``: the slices are interpolated linearly along
@@ -164,7 +172,19 @@ class IngestParams:
              "the first to the last slice, spacing = median gap (adjusted to end on the last "
              "slice), with a warning; scan.json `resampled`/`resample_note` record it"))
 
+    gantry_tilt: str = option(
+        "refuse", enum=list(GANTRY_TILT_ACTIONS),
+        doc=("a stack whose slice positions drift sideways (acquired with a tilted gantry): "
+             "`refuse` (error naming the drift) or `resample`: each slice shifted in its own "
+             "plane (linear interpolation) onto the first slice's grid, so the stack becomes "
+             "orthogonal (as dcm2niix's tilt correction), with a warning; voxels moved in "
+             "from outside a slice get the scan's minimum; scan.json `resampled`/"
+             "`resample_note` record the tilt"))
+
     def __post_init__(self) -> None:
+        if self.gantry_tilt not in GANTRY_TILT_ACTIONS:
+            raise ValueError(f"gantry_tilt {self.gantry_tilt!r} is not one of "
+                             f"{list(GANTRY_TILT_ACTIONS)}")
         if self.series_rule not in SERIES_RULES:
             raise ValueError(f"series_rule {self.series_rule!r} is not one of "
                              f"{list(SERIES_RULES)}")
@@ -279,8 +299,11 @@ def read_dicom_series(
     _check_consistent(candidates, where)
     row, col, normal = _orthonormal_axes(candidates[0].orientation, where)
     slices, hu_slices = _stack_slices(candidates, normal, where)
+    hu_slices, tilt_note = _untilt(slices, hu_slices, row, col, normal, params, where)
     proj, gaps, median, bad = _check_spacing(slices, normal, params, where)
     volume, slice_spacing, resample_note = _volume(hu_slices, proj, gaps, median, bad, where)
+    notes = [n for n in (tilt_note, resample_note) if n]
+    resample_note = "; ".join(notes) if notes else None
 
     row_spacing, col_spacing = slices[0].pixel_spacing
     image = sitk.GetImageFromArray(volume, isVector=False)
@@ -378,7 +401,7 @@ def _stack_slices(candidates: list[_Slice], normal: np.ndarray, where: str
 
 def _check_spacing(slices: list[_Slice], normal: np.ndarray, params: IngestParams, where: str):
     """Positions along the normal, their gaps, the median gap and the uneven gaps; uneven
-    spacing (unless ``uneven_spacing: resample``) and a sideways drift are errors."""
+    spacing (unless ``uneven_spacing: resample``) is an error."""
     proj = np.array([float(s.position @ normal) for s in slices])
     gaps = np.diff(proj)
     median = float(np.median(gaps))
@@ -391,16 +414,45 @@ def _check_spacing(slices: list[_Slice], normal: np.ndarray, params: IngestParam
             "series, select another one (series_uid), or set ingest.uneven_spacing: resample "
             "to interpolate onto a uniform grid"
         )
+    return proj, gaps, median, bad
+
+
+def _untilt(slices: list[_Slice], hu_slices: list[np.ndarray], row: np.ndarray,
+            col: np.ndarray, normal: np.ndarray, params: IngestParams, where: str
+            ) -> tuple[list[np.ndarray], str | None]:
+    """A stack whose slices drift sideways (gantry tilt): refused, or (``gantry_tilt:
+    resample``) every slice shifted in its plane onto the first slice's pixel grid.
+
+    Slice k's pixel (i, j) lies at P_k + i c row + j r col (c, r: column and row spacing);
+    with P_k = P_0 + s_k normal + a_k row + b_k col, the orthogonal grid's point
+    P_0 + i c row + j r col + s_k normal is slice k's pixel (i - a_k / c, j - b_k / r),
+    interpolated linearly. Returns the slices and the note for scan.json (None: no tilt)."""
     offsets = np.array([s.position - slices[0].position for s in slices])
     inplane = offsets - np.outer(offsets @ normal, normal)
     max_shift = float(np.max(np.linalg.norm(inplane, axis=1)))
-    if max_shift > INPLANE_TOL_FRACTION * min(slices[0].pixel_spacing):
+    if max_shift <= INPLANE_TOL_FRACTION * min(slices[0].pixel_spacing):
+        return hu_slices, None
+    span = offsets[-1]
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(span @ normal) / np.linalg.norm(span)))))
+    if params.gantry_tilt == "refuse":
         raise QctfeaError(
             f"{where}: slice positions drift sideways by up to {max_shift:.3g} mm across the "
-            "stack (gantry tilt or sheared stack), which a regular image grid cannot "
-            "represent; use a tilt-corrected reconstruction or resample the series first"
+            f"stack (gantry tilt of {tilt:.1f} degrees, or a sheared stack), which a regular "
+            "image grid cannot represent; set ingest.gantry_tilt: resample to shift each "
+            "slice onto the first one's grid, or use a tilt-corrected reconstruction"
         )
-    return proj, gaps, median, bad
+    from scipy import ndimage
+
+    row_mm, col_mm = slices[0].pixel_spacing  # between rows, between columns
+    fill = float(min(float(h.min()) for h in hu_slices))
+    out = [ndimage.shift(h, ((off @ col) / row_mm, (off @ row) / col_mm), order=1,
+                         mode="constant", cval=fill).astype(np.float32)
+           for h, off in zip(hu_slices, inplane, strict=True)]
+    note = (f"gantry tilt {tilt:.1f} degrees: slices shifted in their planes by up to "
+            f"{max_shift:.3g} mm onto the first slice's grid (linear)")
+    warnings.warn(f"{where}: {note}; voxels moved in from outside a slice hold the scan's "
+                  f"minimum ({fill:g} HU)", stacklevel=3)
+    return out, note
 
 
 def _volume(hu_slices: list[np.ndarray], proj: np.ndarray, gaps: np.ndarray, median: float,
