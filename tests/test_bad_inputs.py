@@ -161,6 +161,31 @@ def test_folder_of_masks_as_label_map_says_to_give_the_multilabel_file(demo_scan
          "labels column of the sample sheet")
 
 
+def test_vertebra_cut_by_the_scan_or_a_cropped_label_map_is_refused(demo_scan, tmp_path):
+    """The scan range ends inside the vertebra (the CT cropped 6 slices above its lowest
+    voxel), or the label map is cropped through it (the CT complete): either way part of the
+    vertebra is missing and the scan is refused, naming the edge; the complete scan passes."""
+    r, src, ctx = demo_scan["results"], demo_scan["src"], demo_scan["context"]
+    ct = sitk.ReadImage(str(r / "ct.nii.gz"))
+    labels = sitk.ReadImage(str(src / "labels.nii.gz"))
+    z = np.flatnonzero((sitk.GetArrayViewFromImage(labels) == 23).any(axis=(1, 2)))
+    size = list(ct.GetSize())
+    cut = [0, 0, int(z[0]) + 6]
+    short_ct = sitk.RegionOfInterest(ct, [size[0], size[1], size[2] - cut[2]], cut)
+    sitk.WriteImage(short_ct, str(tmp_path / "short_ct.nii.gz"))
+    with pytest.raises(QctfeaError) as err:
+        _run_mask(demo_scan, tmp_path / "short_ct.nii.gz", src / "labels.nii.gz", tmp_path)
+    _has(err, ctx, "short_ct.nii.gz", "cut by the field of view", "inferior (",
+         "hold the whole vertebra")
+    short_labels = sitk.RegionOfInterest(labels, [size[0], size[1], size[2] - cut[2]], cut)
+    sitk.WriteImage(short_labels, str(tmp_path / "short_labels.nii.gz"))
+    with pytest.warns(UserWarning, match="another grid"), pytest.raises(QctfeaError) as err:
+        _run_mask(demo_scan, r / "ct.nii.gz", tmp_path / "short_labels.nii.gz", tmp_path)
+    _has(err, ctx, "short_labels.nii.gz (on its own grid)", "inferior (",
+         "cut by the field of view")
+    _run_mask(demo_scan, r / "ct.nii.gz", src / "labels.nii.gz", tmp_path)  # complete: passes
+
+
 # --- 3. images on grids that do not overlap -------------------------------------------------
 
 

@@ -53,3 +53,25 @@ def test_real_scan_screws_do_not_depend_on_the_files_axis_order(tmp_path):
             assert np.allclose(a[key], b[key], atol=1e-6), (a["side"], key, a[key], b[key])
         assert a["placement"] == b["placement"]
     assert runs["LAS"]["canal"]["area_mm2"] == runs["PIR"]["canal"]["area_mm2"]
+
+
+def test_real_vertebra_cut_by_the_crop_is_refused(tmp_path):
+    """The VerSe crop holds L3 whole and L4 only in part (the crop ends inside it): modelling
+    L4 is refused, naming the inferior edge; L3 passes."""
+    from qctfea import steps_imaging
+    from qctfea.errors import QctfeaError
+
+    ct, labels, *_ = pc.CASES["VerSe L3"]
+    assert ct.is_file(), f"{ct} is missing: the real scans are needed"
+    steps_imaging.ingest(source=ct, out_image=tmp_path / "ct.nii.gz",
+                         out_json=tmp_path / "scan.json", context="R01 M00")
+
+    def mask(level):
+        steps_imaging.mask(ct_path=tmp_path / "ct.nii.gz", labels_path=labels,
+                           out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
+                           cfg={"convention": "verse", "vertebra": level}, context="R01 M00")
+
+    with pytest.raises(QctfeaError, match=r"verse L4\)\) reaches the edge of the CT .*"
+                                          r"\(inferior \(\d+ voxels\)\): it is cut"):
+        mask("L4")
+    mask("L3")

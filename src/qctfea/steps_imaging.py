@@ -153,7 +153,8 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
                           "body by opening), or correct the path")
     ct, _ = _read_ct(ct_path, context)
     where = f"{context} ({labels_path})"
-    labels = masks.resample_labels_to(_read_image(labels_path, "label map", context), ct, where)
+    labels_own = _read_image(labels_path, "label map", context)
+    labels = masks.resample_labels_to(labels_own, ct, where)
     lab = sitk.GetArrayFromImage(labels)
     sub, sub_where = None, ""
     if subregions_path is not None:
@@ -169,6 +170,12 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     if p.bone_labels:  # several labels (e.g. trabecular + cortical) form the vertebra
         lab = np.where(np.isin(lab, p.bone_labels), p.label,
                        np.where(lab == p.label, 0, lab)).astype(lab.dtype)
+    # a vertebra cut by the scan's field of view, or by a cropped label map, is refused
+    masks.check_not_cut(lab == p.label, ct, f"CT {ct_path}", p, context)
+    if labels is not labels_own:
+        own = np.isin(sitk.GetArrayViewFromImage(labels_own), p.bone_labels or [p.label])
+        masks.check_not_cut(own, labels_own, f"label map {labels_path} (on its own grid)", p,
+                            context)
     parts = masks.vertebra_parts(lab, ct.GetSpacing(), p, where, sub, sub_where)
     qc = masks.label_qc(lab, ct.GetSpacing(), p, where)
     out = np.zeros(lab.shape, np.uint8)

@@ -352,6 +352,39 @@ def vertebra_parts(
     return out
 
 
+def edges_reached(mask_zyx: np.ndarray, image: sitk.Image) -> list[str]:
+    """The edges of ``image``'s voxel grid that ``mask_zyx`` (on that grid) reaches, each
+    named by the patient direction it faces and the voxels on it: e.g. ``"superior (12
+    voxels)"``. A vertebra that reaches an edge is cut by the field of view."""
+    d = np.array(image.GetDirection()).reshape(3, 3)
+    names = (("right", "left"), ("anterior", "posterior"), ("inferior", "superior"))
+    out = []
+    for axis in range(3):  # ITK axis; numpy axis 2 - axis
+        for side, index in ((-1, 0), (1, -1)):
+            n = int(np.take(mask_zyx, index, axis=2 - axis).sum())
+            if n:
+                v = side * d[:, axis]
+                k = int(np.argmax(np.abs(v)))
+                out.append(f"{names[k][int(v[k] > 0)]} ({n} voxels)")
+    return out
+
+
+def check_not_cut(mask_zyx: np.ndarray, image: sitk.Image, what: str, params: MaskParams,
+                  context: str) -> None:
+    """Refuse a target vertebra (the largest component of ``mask_zyx``) that reaches an edge
+    of ``image`` (the CT, or the label map on its own grid): part of it lies outside, and
+    every number of its model would miss that bone."""
+    edges = edges_reached(_largest(mask_zyx), image)
+    target = _target_text(params)
+    if edges:
+        raise QctfeaError(
+            f"{context}: the target vertebra ({target}) reaches the edge of the {what} "
+            f"({', '.join(edges)}): it is cut by the field of view, so its model would miss "
+            "bone. Give a scan and label map that hold the whole vertebra (a longer scan "
+            "range, an uncropped label map), or model another level (mask.vertebra / "
+            "mask.label)")
+
+
 def _largest(mask: np.ndarray) -> np.ndarray:
     lab, n = ndimage.label(mask)
     if n <= 1:
