@@ -175,14 +175,13 @@ def test_vertebra_cut_by_the_scan_or_a_cropped_label_map_is_refused(demo_scan, t
     sitk.WriteImage(short_ct, str(tmp_path / "short_ct.nii.gz"))
     with pytest.raises(QctfeaError) as err:
         _run_mask(demo_scan, tmp_path / "short_ct.nii.gz", src / "labels.nii.gz", tmp_path)
-    _has(err, ctx, "short_ct.nii.gz", "cut by the field of view", "inferior (",
-         "hold the whole vertebra")
+    _has(err, ctx, "short_ct.nii.gz", "is cut by the edge", "inferior (",
+         "of its largest section", "hold the whole vertebra")
     short_labels = sitk.RegionOfInterest(labels, [size[0], size[1], size[2] - cut[2]], cut)
     sitk.WriteImage(short_labels, str(tmp_path / "short_labels.nii.gz"))
     with pytest.warns(UserWarning, match="another grid"), pytest.raises(QctfeaError) as err:
         _run_mask(demo_scan, r / "ct.nii.gz", tmp_path / "short_labels.nii.gz", tmp_path)
-    _has(err, ctx, "short_labels.nii.gz (on its own grid)", "inferior (",
-         "cut by the field of view")
+    _has(err, ctx, "short_labels.nii.gz (on its own grid)", "inferior (", "is cut by the edge")
     _run_mask(demo_scan, r / "ct.nii.gz", src / "labels.nii.gz", tmp_path)  # complete: passes
 
 

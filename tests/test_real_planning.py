@@ -71,7 +71,29 @@ def test_real_vertebra_cut_by_the_crop_is_refused(tmp_path):
                            out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
                            cfg={"convention": "verse", "vertebra": level}, context="R01 M00")
 
-    with pytest.raises(QctfeaError, match=r"verse L4\)\) reaches the edge of the CT .*"
-                                          r"\(inferior \(\d+ voxels\)\): it is cut"):
+    with pytest.raises(QctfeaError, match=r"verse L4\)\) is cut by the edge of the CT .*"
+                                          r"\(inferior \(\d+ voxels, 83% of its largest"):
         mask("L4")
     mask("L3")
+    # the CT and labels cropped to L3's bounding box: it touches every edge, but only with
+    # its extremes (a tight crop, not a cut): accepted with a warning, recorded
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(tmp_path / "ct.nii.gz"))
+    lab = sitk.ReadImage(str(labels))
+    lab = sitk.Resample(lab, img, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    idx = np.argwhere(sitk.GetArrayViewFromImage(lab) == 22)
+    lo, hi = idx.min(axis=0)[::-1], idx.max(axis=0)[::-1]
+    size = [int(v) for v in hi - lo + 1]
+    for name, im in (("ct_tight.nii.gz", img), ("labels_tight.nii.gz", lab)):
+        sitk.WriteImage(sitk.RegionOfInterest(im, size, [int(v) for v in lo]),
+                        str(tmp_path / name))
+    with pytest.warns(UserWarning, match="touches the edge of the CT"):
+        steps_imaging.mask(ct_path=tmp_path / "ct_tight.nii.gz",
+                           labels_path=tmp_path / "labels_tight.nii.gz",
+                           out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
+                           cfg={"convention": "verse", "vertebra": "L3"}, context="R01 M00")
+    import json
+
+    touched = json.loads((tmp_path / "v.json").read_text())["field_of_view_edges_touched"]
+    assert len(touched["ct"]) == 6, touched

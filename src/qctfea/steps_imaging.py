@@ -171,11 +171,11 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
         lab = np.where(np.isin(lab, p.bone_labels), p.label,
                        np.where(lab == p.label, 0, lab)).astype(lab.dtype)
     # a vertebra cut by the scan's field of view, or by a cropped label map, is refused
-    masks.check_not_cut(lab == p.label, ct, f"CT {ct_path}", p, context)
+    edges = {"ct": masks.check_not_cut(lab == p.label, ct, f"CT {ct_path}", p, context)}
     if labels is not labels_own:
         own = np.isin(sitk.GetArrayViewFromImage(labels_own), p.bone_labels or [p.label])
-        masks.check_not_cut(own, labels_own, f"label map {labels_path} (on its own grid)", p,
-                            context)
+        edges["label_map"] = masks.check_not_cut(
+            own, labels_own, f"label map {labels_path} (on its own grid)", p, context)
     parts = masks.vertebra_parts(lab, ct.GetSpacing(), p, where, sub, sub_where)
     qc = masks.label_qc(lab, ct.GetSpacing(), p, where)
     out = np.zeros(lab.shape, np.uint8)
@@ -203,6 +203,9 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
         "contact_with_other_labels_voxels": masks.contact_with_neighbours(
             lab, parts["vertebra"], p.label),
         "label_qc": qc,
+        # edges of the CT (and of the label map's own grid) the vertebra touches, with
+        # sections too small to be a cut (a tight crop, a clipped process): [] when none
+        "field_of_view_edges_touched": edges,
         **masks.body_axis(ct, parts["body"]),
         "provenance": provenance("mask", p, inputs),
     })
