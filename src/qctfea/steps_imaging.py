@@ -154,7 +154,10 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     ct, _ = _read_ct(ct_path, context)
     where = f"{context} ({labels_path})"
     labels_own = _read_image(labels_path, "label map", context)
-    labels = masks.resample_labels_to(labels_own, ct, where)
+    labels = masks.same_voxels(labels_own, ct)  # None: on another grid, resampled
+    resampled = labels is None
+    if resampled:
+        labels = masks.resample_labels_to(labels_own, ct, where)
     lab = sitk.GetArrayFromImage(labels)
     sub, sub_where = None, ""
     if subregions_path is not None:
@@ -172,7 +175,7 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
                        np.where(lab == p.label, 0, lab)).astype(lab.dtype)
     # a vertebra cut by the scan's field of view, or by a cropped label map, is refused
     edges = {"ct": masks.check_not_cut(lab == p.label, ct, f"CT {ct_path}", p, context)}
-    if labels is not labels_own:
+    if resampled:  # the label map's own edges may cut the vertebra inside the CT
         own = np.isin(sitk.GetArrayViewFromImage(labels_own), p.bone_labels or [p.label])
         edges["label_map"] = masks.check_not_cut(
             own, labels_own, f"label map {labels_path} (on its own grid)", p, context)

@@ -257,15 +257,9 @@ def resample_labels_to(labels: sitk.Image, reference: sitk.Image, context: str =
     An error when the label map has labels but none of them lands on the reference grid
     (the two images do not overlap: another scan's labels, or a wrong origin/direction).
     """
-    if _same_grid(labels, reference):
-        return labels
-    # The CT's grid in another axis order (ingest stores every scan as LPS, the label map is
-    # on the source file's grid): the same voxels, reordered without interpolation.
-    code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
-        reference.GetDirection())
-    reordered = sitk.DICOMOrient(labels, code)
-    if _same_grid(reordered, reference):
-        return reordered
+    same = same_voxels(labels, reference)
+    if same is not None:
+        return same
     warnings.warn(f"{context}: label map is on another grid than the CT; resampled "
                   "(nearest neighbour)", stacklevel=2)
     out = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
@@ -277,6 +271,18 @@ def resample_labels_to(labels: sitk.Image, reference: sitk.Image, context: str =
             "coordinates); give the label map of this scan, or correct its origin/direction"
         )
     return out
+
+
+def same_voxels(image: sitk.Image, reference: sitk.Image) -> sitk.Image | None:
+    """``image`` on ``reference``'s grid when it holds the same voxels, possibly in another
+    axis order (ingest stores every scan as LPS, a label map stays on the source file's
+    grid): reordered without interpolation. None when the grids differ otherwise."""
+    if _same_grid(image, reference):
+        return image
+    code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+        reference.GetDirection())
+    reordered = sitk.DICOMOrient(image, code)
+    return reordered if _same_grid(reordered, reference) else None
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
