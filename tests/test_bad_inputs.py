@@ -150,15 +150,16 @@ def test_empty_label_map_is_refused_by_mask(demo_scan, tmp_path):
     _has(err, demo_scan["context"], blank, "label map is empty", "segmentation of this scan")
 
 
-def test_folder_of_masks_as_label_map_says_to_give_the_multilabel_file(demo_scan, tmp_path):
-    """TotalSegmentator without --ml writes a folder with one mask per structure."""
+def test_folder_without_vertebra_masks_says_what_to_give(demo_scan, tmp_path):
+    """A folder is read as TotalSegmentator's one mask per structure (test_label_folder);
+    one without any vertebrae_<level> file is refused, naming both accepted forms."""
     folder = tmp_path / "segmentations"
     folder.mkdir()
-    shutil.copy(demo_scan["src"] / "labels.nii.gz", folder / "vertebrae_L4.nii.gz")
+    shutil.copy(demo_scan["src"] / "labels.nii.gz", folder / "liver.nii.gz")
     with pytest.raises(QctfeaError) as err:
         _run_mask(demo_scan, demo_scan["results"] / "ct.nii.gz", folder, tmp_path)
-    _has(err, demo_scan["context"], folder, "is a folder", "--ml", "multilabel file",
-         "labels column of the sample sheet")
+    _has(err, demo_scan["context"], folder, "is a folder", "no vertebrae_<level> file", "--ml",
+         "multilabel file", "labels column of the sample sheet")
 
 
 def test_vertebra_cut_by_the_scan_or_a_cropped_label_map_is_refused(demo_scan, tmp_path):

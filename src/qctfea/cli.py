@@ -73,6 +73,8 @@ SUBCOMMANDS = (
         _arg("ct"),
         _arg("--labels", required=True),
         _arg("--label", type=int, default=23),
+        _arg("--convention", default="custom",
+             help="label convention (mask.convention); needed for a folder of structure masks"),
         _arg("--out-density", required=True),
         _arg("--out-json", required=True),
         _arg("--out-png", required=True),
@@ -221,7 +223,7 @@ def run(a) -> None:
     elif a.step == "calibrate":
         steps_imaging.calibrate(ct_path=a.ct, labels_path=a.labels, out_density=a.out_density,
                                 out_json=a.out_json, out_png=a.out_png, cfg=prm, context=_ctx(a),
-                                label=a.label)
+                                label=a.label, convention=a.convention)
     elif a.step == "mask":
         steps_imaging.mask(ct_path=a.ct, labels_path=a.labels, out_parts=a.out_parts,
                            out_json=a.out_json, cfg=prm, context=_ctx(a),

@@ -68,10 +68,16 @@ def _need(context: str, **paths) -> None:
         files = [Path(path)] + ([Path(path).with_suffix(".h5")] if base == "mesh" else [])
         for f in files:
             if f.is_dir():
-                tseg = (" (TotalSegmentator writes one file per structure unless run with --ml: "
-                        "give its multilabel file, from TotalSegmentator --ml or "
-                        "totalseg_combine_masks, with mask.convention: totalsegmentator)"
-                        if base in ("labels", "subregions") else "")
+                if base == "labels":
+                    from qctfea.imaging.labelfolder import has_vertebrae
+
+                    if has_vertebrae(f):  # TotalSegmentator's folder of structure masks
+                        continue
+                tseg = (" (a folder is read as TotalSegmentator's output of one mask per "
+                        "structure, vertebrae_L4.nii.gz, ..., but this one has no "
+                        "vertebrae_<level> file: give that folder, or the multilabel file "
+                        "from TotalSegmentator --ml, with mask.convention: totalsegmentator)"
+                        if base == "labels" else "")
                 raise QctfeaError(f"{context}: {what} {f} is a folder, not a file; {hint}"
                                   f"{tseg}")
             if not f.is_file():
@@ -87,6 +93,18 @@ def _read_image(path, what: str, context: str, pixel=None) -> sitk.Image:
         raise QctfeaError(f"{context}: {what} {path} cannot be read as an image "
                           f"({str(exc).strip()[-160:]}); check that the file is complete and "
                           "of the type its suffix says, or rerun the step that wrote it") from exc
+
+
+def _read_labels(path, context: str, convention: str = "custom"
+                 ) -> tuple[sitk.Image, dict[str, int] | None]:
+    """The label map of a scan and, when ``path`` is a folder of structure masks
+    (TotalSegmentator without ``--ml``), the label each structure was given in the map
+    (:mod:`qctfea.imaging.labelfolder`); None for a label-map file."""
+    if Path(path).is_dir():
+        from qctfea.imaging import labelfolder
+
+        return labelfolder.compose(path, convention, context)
+    return _read_image(path, "label map", context), None
 
 
 def _nonfinite(path, arr: np.ndarray) -> np.ndarray:

@@ -17,7 +17,8 @@ import SimpleITK as sitk
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, provenance, write_json
 from qctfea.steps import (
-    _like, _need, _read_ct, _read_density, _read_image, _write_image, load_screws, params_from,
+    _like, _need, _read_ct, _read_density, _read_image, _read_labels, _write_image, load_screws,
+    params_from,
 )
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,12 @@ def ingest(*, source, out_image, out_json, context: str, series_uid: str | None 
 
 # Long on purpose: the three calibration methods and their shared outputs, in order.
 def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict,
-              context: str, label: int) -> None:
+              context: str, label: int, convention: str = "custom") -> None:
     """HU image -> density image (mg/cm³), by phantom, phantomless or fixed calibration.
 
-    ``label`` is the target vertebra of the label map. Phantom and phantomless need the
-    label map. A phantom calibration also measures the reference tissues of the
+    ``label`` is the target vertebra of the label map, ``convention`` its label convention
+    (``mask.convention``: needed when the label map is a folder of structure masks). Phantom
+    and phantomless need the label map. A phantom calibration also measures the reference tissues of the
     phantomless method (``calibration.phantomless`` settings) and records their median HU
     and phantom-calibrated density under ``tissues`` in calibration.json, from which
     reference densities for phantomless scans of the same scanner can be derived; a failure
@@ -72,11 +74,19 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     ct, hu = _read_ct(ct_path, context)
     where = f"{context} ({ct_path})"
     masks: dict = {}
-    labels_arr = None
+    labels_arr = structures = None
     if needs_labels:
-        labels = resample_labels_to(_read_image(labels_path, "label map", context), ct,
-                                    f"{context} ({labels_path})")
+        labels, structures = _read_labels(labels_path, context, convention)
+        labels = resample_labels_to(labels, ct, f"{context} ({labels_path})")
         labels_arr = sitk.GetArrayFromImage(labels)
+        blood = (cfg.get("phantomless") or {}).get("blood_label")
+        if structures is not None and blood is not None and blood not in structures.values():
+            raise QctfeaError(
+                f"{context}: calibration.phantomless.blood_label {blood} is not a label of the "
+                f"structure masks in {labels_path} (named: "
+                f"{', '.join(f'{k} = {v}' for k, v in structures.items() if v < 1001)}; "
+                "aorta.nii.gz is 52 under mask.convention totalsegmentator); correct "
+                "blood_label, or give the multilabel file (TotalSegmentator --ml)")
     if method == "phantom":
         patient_mask = labels_arr == label
         spec = params_from(cal_mod.PhantomSpec, cfg.get("phantom"), "calibration.phantom")
@@ -153,7 +163,7 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
                           "body by opening), or correct the path")
     ct, _ = _read_ct(ct_path, context)
     where = f"{context} ({labels_path})"
-    labels_own = _read_image(labels_path, "label map", context)
+    labels_own, structures = _read_labels(labels_path, context, p.convention)
     labels = masks.same_voxels(labels_own, ct)  # None: on another grid, resampled
     resampled = labels is None
     if resampled:
@@ -209,6 +219,8 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
         # edges of the CT (and of the label map's own grid) the vertebra touches, with
         # sections too small to be a cut (a tight crop, a clipped process): [] when none
         "field_of_view_edges_touched": edges,
+        # a folder of structure masks (TotalSegmentator without --ml): each one's label
+        "label_structures": structures,
         **masks.body_axis(ct, parts["body"]),
         "provenance": provenance("mask", p, inputs),
     })

@@ -181,15 +181,16 @@ def get_image(wildcards):
     return sample(wildcards, "image")
 
 
-def target_label():
-    """The target vertebra's label value: mask.label, or looked up from mask.convention and
-    mask.vertebra (the calibration needs it to find the patient)."""
+def target():
+    """The mask section's parameters: the target vertebra's label value (mask.label, or looked
+    up from mask.convention and mask.vertebra) and its convention (the calibration needs them
+    to find the patient, and to read a folder of structure masks)."""
     from qctfea.imaging.masks import MaskParams
     from qctfea.errors import QctfeaError
     from qctfea.steps import params_from
 
     try:
-        return params_from(MaskParams, CCFG.get("mask"), "mask").label
+        return params_from(MaskParams, CCFG.get("mask"), "mask")
     except QctfeaError as exc:
         raise WorkflowError(f"{COHORT_DIR / 'config.yaml'}: {exc}") from exc
 

@@ -41,7 +41,8 @@ rule calibrate_density:
         "../../envs/imaging.yaml"
     params:
         cfg=CCFG.get("calibration", {}),
-        label=target_label(),
+        label=target().label,
+        convention=target().convention,
     script:
         "../scripts/calibrate_density.py"
 

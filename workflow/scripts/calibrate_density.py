@@ -6,4 +6,5 @@ sm = snakemake  # noqa: F821
 run_step(sm, lambda: steps_imaging.calibrate(
          ct_path=sm.input.ct, labels_path=sm.input.labels, out_density=sm.output.density,
          out_json=sm.output.json, out_png=sm.output.png, cfg=sm.params.cfg,
-         context=context(sm.wildcards), label=sm.params.label))
+         context=context(sm.wildcards), label=sm.params.label,
+         convention=sm.params.convention))

@@ -9,7 +9,9 @@ patient     yes       pseudonymous patient id (letters, digits, ``-``, ``_``)
 timepoint   yes       timepoint id, e.g. ``M00``, ``M12`` (letters, digits, ``-``, ``_``)
 months      yes       months since baseline (number >= 0)
 image       yes       DICOM series folder, or a NIfTI/NRRD/MHA file in HU
-labels      yes       label map holding the target vertebra (NIfTI/NRRD/MHA)
+labels      yes       label map holding the target vertebra (NIfTI/NRRD/MHA), or a
+                      folder of one mask per structure (TotalSegmentator without
+                      ``--ml``; :mod:`qctfea.imaging.labelfolder`)
 subregions  no        vertebra sub-region map (NIfTI/NRRD/MHA; VerSe/TPTBox: 41-48
                       posterior elements, 49 body shell, 50 body interior): the
                       vertebral body is taken from it (``mask.body_subregion_labels``);

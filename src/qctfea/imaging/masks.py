@@ -18,6 +18,9 @@ convention (``mask.convention``):
   differently: L5 = 18 ... C1 = 41, and is not supported).
 - ``custom`` (default): the numeric ``mask.label`` (default 23).
 
+A folder of one mask per structure (TotalSegmentator without ``--ml``) is composed into
+one label map of the named convention first (:mod:`qctfea.imaging.labelfolder`).
+
 Its parts:
 
 - **vertebral body**: with a sub-region map (sample-sheet column ``subregions``:
@@ -182,7 +185,9 @@ class MaskParams:
         doc=("label convention of the map: `verse` (VerSe/TPTBox: C1–C7 = 1–7, T1–T12 = 8–19, "
              "T13 = 28, L1–L5 = 20–24, L6 = 25), `totalsegmentator` (v2 task `total`: L5 = 27, "
              "L4 = 28 … L1 = 31, T12 = 32 … T1 = 43, C7 = 44 … C1 = 50), `custom` (numeric "
-             "`mask.label`)"))
+             "`mask.label`). A label map given as a folder of one mask per structure "
+             "(TotalSegmentator without `--ml`) needs a named convention: its files are "
+             "labelled by their names"))
     #: target level name, e.g. "L4" (named conventions: the label is looked up)
     vertebra: str | None = option(
         None,
