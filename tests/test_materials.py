@@ -7,6 +7,7 @@ from qctfea.model.materials import (
     MaterialParams,
     _subdivide,
     bin_moduli,
+    crop_to_points,
     element_moduli,
     modulus_mpa,
 )
@@ -50,6 +51,30 @@ def test_element_mean_of_linear_field_is_centroid_value():
     c = pts.mean(axis=0)
     expected = 3.0 + 2.0 * c[0] - 0.5 * c[1] + 0.25 * c[2]
     assert element_moduli(pts, cells, field, img)[0] == pytest.approx(expected, rel=1e-9)
+
+
+def test_sampling_the_meshs_box_of_the_image_equals_sampling_the_whole_image():
+    """The materials step samples only the part of the scan under the mesh: the same values,
+    also for elements at and beyond the image's edges (clamped) and an oblique grid."""
+    rng = np.random.default_rng(3)
+    field = rng.normal(size=(30, 40, 50)).astype(np.float32)
+    img = _image(field, spacing=0.7, origin=(-12.0, 5.0, 30.0))
+    rot = sitk.Euler3DTransform((0, 0, 0), 0.2, -0.1, 0.3).GetMatrix()
+    img.SetDirection(rot)
+    # a cloud of tetrahedra inside, and one poking out of the image's corner
+    idx = rng.uniform([8, 6, 4], [30, 25, 18], size=(200, 3))
+    idx[:4] = [[45, 38, 27], [49.6, 39.5, 29.4], [52, 36, 31], [47, 41, 28]]
+    pts = np.array([img.TransformContinuousIndexToPhysicalPoint(p) for p in idx])
+    cells = np.arange(200).reshape(50, 4)
+    for n in (50, 49):  # with the corner element (the crop clamped there), and without
+        sel = cells[50 - n:]
+        used = idx[sel.ravel()]
+        part, grid = crop_to_points(field, img, pts[sel.ravel()])
+        lo = np.maximum(np.floor(used.min(axis=0)).astype(int) - 2, 0)
+        hi = np.minimum(np.ceil(used.max(axis=0)).astype(int) + 3, [50, 40, 30])
+        assert part.shape == tuple((hi - lo)[::-1]) and part.size < field.size
+        whole = element_moduli(pts, sel, field, img)
+        assert np.array_equal(element_moduli(pts, sel, part, grid), whole)
 
 
 def test_element_mean_of_step_field_matches_monte_carlo_volume_fraction():

@@ -196,6 +196,7 @@ def materials(*, mesh_path, density_path, screws_path, out_npz, out_json, cfg: d
     _need(context, mesh=mesh_path, density=density_path, screws=screws_path)
     dens, rho_img = _read_density(density_path, context)
     pts, cells, tags = meshing.read_mesh(mesh_path)
+    rho_img, dens = mat.crop_to_points(rho_img, dens, pts)  # the mesh's box of the scan
     e_img = mat.modulus_mpa(rho_img, p).astype(np.float32)
     E = mat.element_moduli(pts, cells, e_img, dens, p.sampling, p.subdivision_levels)
     # Yield stress from the element's mean density (the yield laws are not averaged

@@ -262,6 +262,28 @@ def sample_image(image_zyx: np.ndarray, reference: sitk.Image, pts: np.ndarray) 
     return ndimage.map_coordinates(image_zyx, ijk[:, ::-1].T, order=1, mode="nearest")
 
 
+def crop_to_points(image_zyx: np.ndarray, reference: sitk.Image, pts: np.ndarray,
+                   margin: int = 2) -> tuple[np.ndarray, sitk.Image]:
+    """The part of a voxel array (z, y, x) on ``reference``'s grid that trilinear sampling
+    at ``pts`` (physical, N x 3) reads, and the grid of that part: the points' bounding box
+    in voxels, ``margin`` voxels wider, within the image. :func:`sample_image` gives the same
+    values on the part as on the whole (its edges clamp the same way), and the material
+    laws then work on the mesh's box instead of the whole scan (a 512 x 512 x 420 CT: 4.4 GB
+    of temporaries in the materials step)."""
+    o = np.array(reference.GetOrigin())
+    s = np.array(reference.GetSpacing())
+    d = np.array(reference.GetDirection()).reshape(3, 3)
+    ijk = ((np.asarray(pts, float) - o) @ d) / s
+    size = np.array(image_zyx.shape[::-1])
+    lo = np.clip(np.floor(ijk.min(axis=0)).astype(int) - margin, 0, size - 1)
+    hi = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + margin + 1, lo + 1, size)
+    part = sitk.Image([1, 1, 1], sitk.sitkUInt8)  # only the grid of the part is needed
+    part.SetSpacing(reference.GetSpacing())
+    part.SetDirection(reference.GetDirection())
+    part.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in lo]))
+    return image_zyx[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]], part
+
+
 def element_moduli(
     points: np.ndarray,
     cells: np.ndarray,
