@@ -8,7 +8,9 @@ object and call a step (:mod:`qctfea.steps_imaging`, :mod:`qctfea.steps_model`,
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 import os
 import re
 import sys
@@ -109,3 +111,59 @@ def write_failure_summary(main_log, out: str | Path) -> list[dict]:
     print("\n[qctfea] failures (" + str(out) + "):\n  " + "\n  ".join(lines),
           file=sys.stderr, flush=True)
     return jobs
+
+
+#: Peak resident memory of the single-core per-scan rules, in bytes per CT voxel, measured
+#: (Snakemake's benchmark max_rss) on a 512 x 512 x 420 CT (110 M voxels, docs/performance.md,
+#: "A large scan"; two scans): ingest 1.1-1.2, calibrate 2.0-2.7, mask 2.7-3.4, screws 1.2,
+#: materials 1.8, BMD 1.9, uncertainty 1.8, registration 1.9 GB. Rounded up; the workflow
+#: books ``mem_mb`` from them (:func:`scan_mem_mb`), so that a cluster does not kill the job
+#: of a large scan.
+BYTES_PER_VOXEL = {"ingest": 12, "calibrate": 26, "mask": 33, "screws": 12,
+                   "materials": 18, "bmd": 19, "uncertainty": 18, "registration": 20}
+#: Memory booked for any per-scan rule, whatever the scan (MB): the interpreter and libraries.
+MEM_FLOOR_MB = 1000
+
+
+def source_voxels(path) -> int | None:
+    """The voxel count of a scan's source image, from headers only: an image file's header
+    (NIfTI, NRRD, MHA, via SimpleITK), or a DICOM folder's files x rows x columns (x frames)
+    of its first readable file (an overestimate when the folder also holds scouts). None
+    when the path does not exist (yet: the demo writes its scans in the workflow) or is
+    unreadable."""
+    return _source_voxels(str(path))
+
+
+@functools.lru_cache(maxsize=None)
+def _source_voxels(path: str) -> int | None:
+    p = Path(path)
+    try:
+        if p.is_file():
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(path)
+            reader.ReadImageInformation()
+            return int(math.prod(reader.GetSize()))
+        if p.is_dir():
+            import pydicom
+
+            files = [f for f in sorted(p.rglob("*")) if f.is_file()]
+            for f in files:
+                try:
+                    ds = pydicom.dcmread(f, stop_before_pixels=True)
+                except Exception:  # not DICOM (a README, DICOMDIR parts): next file
+                    continue
+                if "Rows" in ds and "Columns" in ds:
+                    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+                    return int(ds.Rows) * int(ds.Columns) * frames * len(files)
+    except Exception:  # noqa: BLE001 - an estimate only: the steps report bad inputs
+        return None
+    return None
+
+
+def scan_mem_mb(voxels: int | None, step: str, attempt: int = 1) -> int:
+    """``mem_mb`` to book for a per-scan ``step`` of a scan of ``voxels`` CT voxels (None:
+    unknown, the floor), 25 % above the measured peak, doubled on each retry."""
+    need = 0 if voxels is None else voxels * BYTES_PER_VOXEL[step] * 1.25 / 2**20
+    return int(math.ceil(max(MEM_FLOOR_MB, MEM_FLOOR_MB / 2 + need))) * 2 ** (attempt - 1)

@@ -195,6 +195,17 @@ def target():
         raise WorkflowError(f"{COHORT_DIR / 'config.yaml'}: {exc}") from exc
 
 
+def scan_mem(step):
+    """resources.mem_mb of a per-scan rule: from the voxel count of the scan's source image
+    (its headers) and the step's measured bytes per voxel (qctfea.workflow_glue), so that a
+    large clinical CT gets the memory it needs on a cluster; doubled on a retry."""
+    from qctfea.workflow_glue import scan_mem_mb, source_voxels
+
+    return lambda wildcards, attempt: scan_mem_mb(
+        source_voxels(sample(wildcards, "image")), step, attempt
+    )
+
+
 def get_labels(wildcards):
     return sample(wildcards, "labels")
 

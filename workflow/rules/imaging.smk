@@ -13,6 +13,8 @@ rule ingest_scan:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/ingest_scan.tsv"
     conda:
         "../../envs/imaging.yaml"
+    resources:
+        mem_mb=scan_mem("ingest"),
     params:
         cfg=CCFG.get("ingest", {}),
     script:
@@ -39,6 +41,8 @@ rule calibrate_density:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/calibrate_density.tsv"
     conda:
         "../../envs/imaging.yaml"
+    resources:
+        mem_mb=scan_mem("calibrate"),
     params:
         cfg=CCFG.get("calibration", {}),
         label=target().label,
@@ -61,6 +65,8 @@ rule extract_vertebra:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/extract_vertebra.tsv"
     conda:
         "../../envs/imaging.yaml"
+    resources:
+        mem_mb=scan_mem("mask"),
     params:
         cfg=CCFG.get("mask", {}),
     script:
@@ -89,6 +95,8 @@ checkpoint plan_screws:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/plan_screws.tsv"
     conda:
         "../../envs/imaging.yaml"
+    resources:
+        mem_mb=scan_mem("screws"),
     params:
         cfg=CCFG.get("screw", {}),
         planning=CCFG.get("planning", {}),
@@ -136,6 +144,8 @@ rule register_to_baseline:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/register_to_baseline.tsv"
     conda:
         "../../envs/imaging.yaml"
+    resources:
+        mem_mb=scan_mem("registration"),
     params:
         cfg=CCFG.get("registration", {}),
     script:
@@ -164,6 +174,8 @@ rule measure_bmd:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/measure_bmd.tsv"
     conda:
         "../../envs/imaging.yaml"
+    resources:
+        mem_mb=scan_mem("bmd"),
     params:
         cfg=CCFG.get("bmd", {}),
     script:

@@ -48,7 +48,7 @@ rule assign_materials:
     conda:
         "../../envs/model.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=scan_mem("materials"),
     params:
         cfg=CCFG.get("materials", {}),
     script:

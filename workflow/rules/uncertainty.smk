@@ -20,6 +20,8 @@ rule estimate_uncertainty:
         f"benchmarks/{COHORT}/{{patient}}/{{timepoint}}/estimate_uncertainty.tsv"
     conda:
         "../../envs/imaging.yaml"
+    resources:
+        mem_mb=scan_mem("uncertainty"),
     params:
         cfg=CCFG.get("uncertainty") or {},
         materials=CCFG.get("materials") or {},
