@@ -118,12 +118,18 @@ def _run_mask(scan, ct, labels, out: Path, cfg=None):
                        out_json=out / "vertebra.json", cfg=cfg or {}, context=scan["context"])
 
 
-@pytest.mark.parametrize("step", ["calibrate", "mask"])
+def _run_ingest(scan, ct, labels, out: Path):
+    steps_imaging.ingest(source=ct, out_image=out / "ct.nii.gz", out_json=out / "scan.json",
+                         context=scan["context"])
+
+
+# The mask step reads only the CT's grid (its values come in through ingest and calibrate).
+@pytest.mark.parametrize("step", ["ingest", "calibrate"])
 def test_ct_with_all_voxels_equal_is_refused(demo_scan, tmp_path, step):
     r = demo_scan["results"]
     blank = _write_like(np.zeros_like(_array(r / "ct.nii.gz")), r / "ct.nii.gz",
                         tmp_path / "blank.nii.gz")
-    run = _run_calibrate if step == "calibrate" else _run_mask
+    run = _run_calibrate if step == "calibrate" else _run_ingest
     with pytest.raises(QctfeaError) as err:
         run(demo_scan, blank, demo_scan["src"] / "labels.nii.gz", tmp_path)
     _has(err, demo_scan["context"], blank, "is empty", "same value (0 HU)",

@@ -95,6 +95,31 @@ def _read_image(path, what: str, context: str, pixel=None) -> sitk.Image:
                           "of the type its suffix says, or rerun the step that wrote it") from exc
 
 
+def _read_grid(path, what: str, context: str) -> sitk.Image:
+    """An image's voxel grid only (size, spacing, origin, direction) from its header, as an
+    empty UInt8 image: for steps that need the CT's geometry but not its values (1 byte per
+    voxel instead of the float image and its checks)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise QctfeaError(f"{context}: {what} {path} cannot be read as an image "
+                          f"({str(exc).strip()[-160:]}); check that the file is complete and "
+                          "of the type its suffix says, or rerun the step that wrote it") from exc
+    return _grid(reader)
+
+
+def _grid(image) -> sitk.Image:
+    """An empty UInt8 image on the grid of ``image`` (an image or a reader that has read the
+    header): geometry for resampling and for writing results, at 1 byte per voxel."""
+    grid = sitk.Image([int(v) for v in image.GetSize()], sitk.sitkUInt8)
+    grid.SetSpacing(image.GetSpacing())
+    grid.SetOrigin(image.GetOrigin())
+    grid.SetDirection(image.GetDirection())
+    return grid
+
+
 def _read_labels(path, context: str, convention: str = "custom"
                  ) -> tuple[sitk.Image, dict[str, int] | None]:
     """The label map of a scan and, when ``path`` is a folder of structure masks
@@ -136,8 +161,17 @@ def _nonfinite(path, arr: np.ndarray) -> np.ndarray:
         if dtype is None:  # integer data cannot hold NaN
             return bad
         fh.seek(int(offset))
-        data = np.frombuffer(fh.read(arr.size * dtype.itemsize), dtype)
-    return ~np.isfinite(data).reshape(arr.shape) if data.size == arr.size else bad
+        # in blocks: one read of the whole data from a gzip stream is several times slower
+        # and holds a second copy of the image
+        block, done, flat = (1 << 22) * dtype.itemsize, 0, bad.reshape(-1)
+        while done < arr.size:
+            data = np.frombuffer(fh.read(min(block, (arr.size - done) * dtype.itemsize)),
+                                 dtype)
+            if data.size == 0:
+                return ~np.isfinite(arr)  # shorter than its header says: ITK's values only
+            flat[done:done + data.size] = ~np.isfinite(data)
+            done += data.size
+    return bad
 
 
 def _read_ct(path, context: str) -> tuple[sitk.Image, np.ndarray]:

@@ -17,8 +17,8 @@ import SimpleITK as sitk
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, provenance, write_json
 from qctfea.steps import (
-    _like, _need, _read_ct, _read_density, _read_image, _read_labels, _write_image, load_screws,
-    params_from,
+    _grid, _like, _need, _read_ct, _read_density, _read_grid, _read_image, _read_labels,
+    _write_image, load_screws, params_from,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     needs_labels = method in ("phantom", "phantomless")
     _need(context, ct=ct_path, labels=labels_path if needs_labels else None)
     ct, hu = _read_ct(ct_path, context)
+    ct = _grid(ct)  # the HU are in `hu`: keep only the grid of the CT image
     where = f"{context} ({ct_path})"
     masks: dict = {}
     labels_arr = structures = None
@@ -144,6 +145,12 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
              f"R² {cal.r2:.5f} ({cal.method})")
 
 
+#: Voxels around the target vertebra's bounding box on which the mask step works: more than
+#: the 8 voxels :func:`qctfea.imaging.masks.vertebra_parts` pads for its morphology and the
+#: 1 of the contact checks.
+MASK_BOX_MARGIN = 10
+
+
 def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
          subregions_path=None) -> None:
     """Vertebra parts label image (1 body, 2 posterior, 3 trabecular ROI) and its QC record.
@@ -161,7 +168,7 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
         raise QctfeaError(f"{context}: sub-region map {subregions_path} not found; check the "
                           "subregions column of the sample sheet (leave it empty to find the "
                           "body by opening), or correct the path")
-    ct, _ = _read_ct(ct_path, context)
+    ct = _read_grid(ct_path, "CT image", context)  # its grid: the values are not needed
     where = f"{context} ({labels_path})"
     labels_own, structures = _read_labels(labels_path, context, p.convention)
     labels = masks.same_voxels(labels_own, ct)  # None: on another grid, resampled
@@ -184,13 +191,28 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
         lab = np.where(np.isin(lab, p.bone_labels), p.label,
                        np.where(lab == p.label, 0, lab)).astype(lab.dtype)
     # a vertebra cut by the scan's field of view, or by a cropped label map, is refused
-    edges = {"ct": masks.check_not_cut(lab == p.label, ct, f"CT {ct_path}", p, context)}
+    target = lab == p.label
+    edges = {"ct": masks.check_not_cut(target, ct, f"CT {ct_path}", p, context)}
     if resampled:  # the label map's own edges may cut the vertebra inside the CT
         own = np.isin(sitk.GetArrayViewFromImage(labels_own), p.bone_labels or [p.label])
         edges["label_map"] = masks.check_not_cut(
             own, labels_own, f"label map {labels_path} (on its own grid)", p, context)
-    parts = masks.vertebra_parts(lab, ct.GetSpacing(), p, where, sub, sub_where)
-    qc = masks.label_qc(lab, ct.GetSpacing(), p, where)
+        del own
+    # The parts and the label QC on the vertebra's box (whole-scan label maps: a fraction of
+    # the memory; the same voxels, as every operation reaches at most 8 voxels beyond it)
+    box = masks.box_around(target, MASK_BOX_MARGIN)
+    present = masks.labels_present(lab)
+    del target
+    lab_box = lab[box]
+    parts = masks.vertebra_parts(lab_box, ct.GetSpacing(), p, where,
+                                 None if sub is None else sub[box], sub_where)
+    qc = masks.label_qc(lab_box, ct.GetSpacing(), p, where, present=present)
+    n_components = int(ndimage.label(lab_box == p.label)[1])
+    contacts = masks.contact_with_neighbours(lab_box, parts["vertebra"], p.label)
+    for name, m in parts.items():
+        full = np.zeros(lab.shape, bool)
+        full[box] = m
+        parts[name] = full
     out = np.zeros(lab.shape, np.uint8)
     out[caps] = masks.CAP
     out[parts["body"]] = masks.BODY
@@ -212,9 +234,8 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
         "trabecular_roi_volume_cm3": float(parts["trabecular"].sum() * vox_mm3 / 1000),
         "trabecular_roi_voxels": int(parts["trabecular"].sum()),
         "caps_volume_cm3": float((out == masks.CAP).sum() * vox_mm3 / 1000),
-        "components_in_label": int(ndimage.label(lab == p.label)[1]),
-        "contact_with_other_labels_voxels": masks.contact_with_neighbours(
-            lab, parts["vertebra"], p.label),
+        "components_in_label": n_components,
+        "contact_with_other_labels_voxels": contacts,
         "label_qc": qc,
         # edges of the CT (and of the label map's own grid) the vertebra touches, with
         # sections too small to be a cut (a tight crop, a clipped process): [] when none

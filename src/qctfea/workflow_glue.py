@@ -114,12 +114,12 @@ def write_failure_summary(main_log, out: str | Path) -> list[dict]:
 
 
 #: Peak resident memory of the single-core per-scan rules, in bytes per CT voxel, measured
-#: (Snakemake's benchmark max_rss) on a 512 x 512 x 420 CT (110 M voxels, docs/performance.md,
-#: "A large scan"; two scans): ingest 1.1-1.2, calibrate 2.0-2.7, mask 2.7-3.4, screws 1.2,
-#: materials 1.8, BMD 1.9, uncertainty 1.8, registration 1.9 GB. Rounded up; the workflow
-#: books ``mem_mb`` from them (:func:`scan_mem_mb`), so that a cluster does not kill the job
-#: of a large scan.
-BYTES_PER_VOXEL = {"ingest": 12, "calibrate": 26, "mask": 33, "screws": 12,
+#: (Snakemake's benchmark max_rss, or /usr/bin/time) on a 512 x 512 x 420 CT (110 M voxels,
+#: docs/performance.md, "A large scan"): ingest 1.2 (2.0 from a DICOM series), calibrate
+#: 2.0-2.8, mask 0.86, screws 1.2, materials 1.8, BMD 1.9, uncertainty 1.8, registration
+#: 1.9 GB. Rounded up; the workflow books ``mem_mb`` from them (:func:`scan_mem_mb`), so
+#: that a cluster does not kill the job of a large scan.
+BYTES_PER_VOXEL = {"ingest": 20, "calibrate": 26, "mask": 10, "screws": 12,
                    "materials": 18, "bmd": 19, "uncertainty": 18, "registration": 20}
 #: Memory booked for any per-scan rule, whatever the scan (MB): the interpreter and libraries.
 MEM_FLOOR_MB = 1000

@@ -54,6 +54,7 @@ spacing and kernel only, never the UID.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
@@ -640,6 +641,13 @@ def ingest(
 
     label = context or "scan"
     log.info(f"[ingest] {label}: read {info.n_slices} slices ({kind})")
+    extremes = sitk.MinimumMaximumImageFilter()
+    extremes.Execute(image)
+    if not extremes.GetMinimum() < extremes.GetMaximum():  # also NaN throughout
+        raise QctfeaError(
+            f"{where}: the scan is empty: all {math.prod(image.GetSize())} voxel(s) have the "
+            f"same value ({extremes.GetMinimum():g} HU); check the scan given in the image "
+            "column of the sample sheet (a blank or wrong series?)")
     source_code = orientation_code(image)
     if source_code != CANONICAL_ORIENTATION:
         image = canonical_orientation(image)

@@ -415,11 +415,15 @@ def check_not_cut(mask_zyx: np.ndarray, image: sitk.Image, what: str, params: Ma
 
 
 def _largest(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndimage.label(mask)
+    """The largest face-connected component of ``mask`` (the first of equal ones), labelled on
+    the mask's bounding box and counted with integers (no whole-grid float temporaries)."""
+    box = box_around(mask, 1)
+    lab, n = ndimage.label(mask[box])
     if n <= 1:
         return mask
-    sizes = ndimage.sum(mask, lab, range(1, n + 1))
-    return lab == (1 + int(np.argmax(sizes)))
+    out = np.zeros(mask.shape, bool)
+    out[box] = lab == (1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
+    return out
 
 
 def _body_from_opening(v: np.ndarray, spacing_xyz, params: MaskParams, context: str):
@@ -479,7 +483,31 @@ def label_contacts(labels_zyx: np.ndarray, target: np.ndarray, spacing_xyz) -> d
     return out
 
 
-def label_qc(labels_zyx: np.ndarray, spacing_xyz, params: MaskParams, context: str = "") -> dict:
+def box_around(mask_zyx: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
+    """Slices of the bounding box of ``mask_zyx`` widened by ``margin`` voxels (within the
+    array); the whole array when the mask is empty."""
+    if not mask_zyx.any():
+        return (slice(None),) * 3
+    sl = ndimage.find_objects(mask_zyx.astype(np.uint8))[0]
+    return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin))
+                 for s, n in zip(sl, mask_zyx.shape, strict=True))
+
+
+def labels_present(labels_zyx: np.ndarray) -> set[int]:
+    """The non-zero labels of a label map (a count per value for integer maps: no sorted
+    copy of a whole-body map)."""
+    a = np.asarray(labels_zyx).ravel()
+    if a.dtype.kind in "ui" and a.size and int(a.min()) >= 0 and int(a.max()) < 2**20:
+        counts = np.zeros(int(a.max()) + 1, np.int64)
+        for start in range(0, a.size, 1 << 22):  # in blocks: bincount widens to int64
+            block = np.bincount(a[start:start + (1 << 22)])
+            counts[:block.size] += block
+        return {int(v) for v in np.flatnonzero(counts)} - {0}
+    return {int(v) for v in np.unique(a)} - {0}
+
+
+def label_qc(labels_zyx: np.ndarray, spacing_xyz, params: MaskParams, context: str = "",
+             present: set[int] | None = None) -> dict:
     """QC of the target label in the label map (the ``label_qc`` record of vertebra.json).
 
     Volume (mm³), connected components (face connectivity; the model keeps the largest) and
@@ -487,7 +515,9 @@ def label_qc(labels_zyx: np.ndarray, spacing_xyz, params: MaskParams, context: s
     the target (26-neighbourhood, contact area from shared voxel faces) and, with a named
     convention, whether the levels above and below are in the map and touch the target (a
     warning when other vertebrae of the convention are in the map but neither neighbour
-    is: a wrong level or convention). Warnings name ``context`` (scan and file)."""
+    is: a wrong level or convention). Warnings name ``context`` (scan and file).
+    ``present``: the labels of the whole map, when ``labels_zyx`` is only a box of it around
+    the target (the mask step); None: those of ``labels_zyx``."""
     target = labels_zyx == params.label
     vox = float(np.prod(spacing_xyz))
     lab, n = ndimage.label(target)
@@ -501,7 +531,8 @@ def label_qc(labels_zyx: np.ndarray, spacing_xyz, params: MaskParams, context: s
             f"{100 * FRAGMENT_WARN_FRACTION:.0f} %) and only it is modelled: check the "
             "segmentation (fragments, or parts of another vertebra carrying this label)")
     contacts = label_contacts(labels_zyx, target, spacing_xyz)
-    present = {int(v) for v in np.unique(labels_zyx)} - {0}
+    if present is None:  # labels of the whole map (given when labels_zyx is a box of it)
+        present = labels_present(labels_zyx)
     neighbours = {}
     for side, cands in expected_neighbours(params.convention, params.vertebra).items():
         there = [lab_ for _, lab_ in cands if lab_ in present]

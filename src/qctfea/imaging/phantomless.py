@@ -72,7 +72,12 @@ def find_tissues(
     ids = ids[ids > 0]
     if ids.size == 0 and n:  # no vertebra given or found: the largest dense object
         ids = np.array([int(np.argmax(np.bincount(comp.ravel())[1:])) + 1])
-    body = ndimage.binary_fill_holes(np.isin(comp, ids))
+    # one comparison per component (usually one): np.isin sorts or indexes with a 64-bit
+    # copy of the whole grid
+    body = np.zeros(comp.shape, bool)
+    for i in ids:
+        body |= comp == i
+    body = ndimage.binary_fill_holes(body)
     del comp, dense
 
     def window(name, img):
