@@ -160,7 +160,7 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     column ``subregions``) from which the vertebral body is taken instead of the opening."""
     from scipy import ndimage
 
-    from qctfea.imaging import masks
+    from qctfea.imaging import labeltable, masks
 
     p = params_from(masks.MaskParams, cfg, "mask")
     _need(context, ct=ct_path, labels=labels_path)
@@ -171,6 +171,10 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     ct = _read_grid(ct_path, "CT image", context)  # its grid: the values are not needed
     where = f"{context} ({labels_path})"
     labels_own, structures = _read_labels(labels_path, context, p.convention)
+    # a file that names its labels (TotalSegmentator --ml) must name the target as the level
+    file_name = labeltable.check_target(
+        None if structures is not None else labeltable.read_label_table(labels_path),
+        p.label, p.vertebra, f"{context} ({labels_path})")
     labels = masks.same_voxels(labels_own, ct)  # None: on another grid, resampled
     resampled = labels is None
     if resampled:
@@ -242,6 +246,8 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
         "field_of_view_edges_touched": edges,
         # a folder of structure masks (TotalSegmentator without --ml): each one's label
         "label_structures": structures,
+        # the target label's name in the label map file's own label table (None: no table)
+        "label_name_in_file": file_name,
         **masks.body_axis(ct, parts["body"]),
         "provenance": provenance("mask", p, inputs),
     })

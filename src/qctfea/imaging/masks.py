@@ -19,7 +19,9 @@ convention (``mask.convention``):
 - ``custom`` (default): the numeric ``mask.label`` (default 23).
 
 A folder of one mask per structure (TotalSegmentator without ``--ml``) is composed into
-one label map of the named convention first (:mod:`qctfea.imaging.labelfolder`).
+one label map of the named convention first (:mod:`qctfea.imaging.labelfolder`). A NIfTI
+label map that names its labels (TotalSegmentator ``--ml``) must name the target as the
+configured level (:mod:`qctfea.imaging.labeltable`).
 
 Its parts:
 
