@@ -34,6 +34,20 @@ def real_scans() -> Path:
     return SHARED
 
 
+@pytest.fixture(scope="session")
+def real_l1_ingested(tmp_path_factory) -> dict:
+    """The real TotalSegmentator L1 of ../shared/data/real ingested once per session:
+    {"src": its folder, "root": a folder holding the ingested ct.nii.gz}."""
+    from qctfea import steps_imaging
+
+    src = SHARED / "totalseg_L1"
+    assert src.is_dir(), f"{src} is missing: the real scans of ../shared/data/real are needed"
+    root = tmp_path_factory.mktemp("l1_ingested")
+    steps_imaging.ingest(source=src / "ct.nii.gz", out_image=root / "ct.nii.gz",
+                         out_json=root / "scan.json", context="T01 M00")
+    return {"src": src, "root": root}
+
+
 def markdown_rows(text: str) -> list[tuple[str, ...]]:
     """The cells (stripped) of every row of the markdown pipe tables in ``text``: header
     rows included, alignment rows left out; independent of the column padding."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, SHARED, venv_bin
+from conftest import REPO, venv_bin
 from qctfea import steps_imaging
 from qctfea.errors import QctfeaError
 from qctfea.imaging import labelfolder
@@ -36,14 +36,12 @@ def _split(labels_path, folder):
 
 
 @pytest.fixture(scope="module")
-def real_l1(tmp_path_factory):
-    src = SHARED / "totalseg_L1"
-    assert src.is_dir(), f"{src} is missing: the real scans of ../shared/data/real are needed"
+def real_l1(real_l1_ingested, tmp_path_factory):
+    """The ingested real L1 and its multilabel map split into a folder of masks."""
     root = tmp_path_factory.mktemp("l1")
-    arr = _split(src / "labels.nii.gz", root / "segmentations")
-    steps_imaging.ingest(source=src / "ct.nii.gz", out_image=root / "ct.nii.gz",
-                         out_json=root / "scan.json", context="T01 M00")
-    return {"src": src, "root": root, "folder": root / "segmentations", "labels": arr}
+    arr = _split(real_l1_ingested["src"] / "labels.nii.gz", root / "segmentations")
+    return {**real_l1_ingested, "root": real_l1_ingested["root"], "folder": root / "segmentations",
+            "labels": arr, "work": root}
 
 
 def test_composed_folder_equals_the_multilabel_file_on_its_vertebrae_and_aorta(real_l1):
@@ -67,7 +65,7 @@ def test_mask_and_calibration_from_the_folder_equal_those_from_the_file(real_l1)
     out = {}
     for kind, labels in (("file", real_l1["src"] / "labels.nii.gz"),
                          ("folder", real_l1["folder"])):
-        d = r / kind
+        d = real_l1["work"] / kind
         d.mkdir()
         steps_imaging.mask(ct_path=r / "ct.nii.gz", labels_path=labels,
                            out_parts=d / "vertebra.nii.gz", out_json=d / "vertebra.json",

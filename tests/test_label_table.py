@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import SHARED
 from qctfea import steps_imaging
 from qctfea.errors import QctfeaError
 from qctfea.imaging.labeltable import read_label_table
@@ -46,14 +45,9 @@ def _with_table(src, dst, table: dict[int, str]):
     return dst
 
 
-@pytest.fixture(scope="module")
-def real_l1(tmp_path_factory):
-    src = SHARED / "totalseg_L1"
-    assert src.is_dir(), f"{src} is missing: the real scans of ../shared/data/real are needed"
-    root = tmp_path_factory.mktemp("l1table")
-    steps_imaging.ingest(source=src / "ct.nii.gz", out_image=root / "ct.nii.gz",
-                         out_json=root / "scan.json", context="T01 M00")
-    return {"src": src, "root": root}
+@pytest.fixture
+def real_l1(real_l1_ingested):
+    return real_l1_ingested
 
 
 def _mask(real_l1, labels, out):

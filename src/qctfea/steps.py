@@ -143,23 +143,15 @@ def _nonfinite(path, arr: np.ndarray) -> np.ndarray:
         return bad
     import gzip
 
+    from qctfea.imaging import niftiheader
+
     with (gzip.open if name.endswith(".gz") else open)(path, "rb") as fh:
-        head = fh.read(540)
-        if len(head) < 348:
+        hdr = niftiheader.parse(fh.read(540))
+        dtype = None if hdr is None else {16: np.dtype(f"{hdr.endian}f4"),
+                                          64: np.dtype(f"{hdr.endian}f8")}.get(hdr.datatype)
+        if dtype is None:  # not NIfTI, or integer data, which cannot hold NaN
             return bad
-        for end in "<>":
-            size = int(np.frombuffer(head, f"{end}i4", 1)[0])
-            if size in (348, 540):
-                break
-        else:
-            return bad
-        code, offset = ((np.frombuffer(head, f"{end}i2", 1, 70)[0],
-                         np.frombuffer(head, f"{end}f4", 1, 108)[0]) if size == 348 else
-                        (np.frombuffer(head, f"{end}i2", 1, 12)[0],
-                         np.frombuffer(head, f"{end}i8", 1, 168)[0]))
-        dtype = {16: np.dtype(f"{end}f4"), 64: np.dtype(f"{end}f8")}.get(int(code))
-        if dtype is None:  # integer data cannot hold NaN
-            return bad
+        offset = hdr.vox_offset
         fh.seek(int(offset))
         # in blocks: one read of the whole data from a gzip stream is several times slower
         # and holds a second copy of the image

@@ -24,6 +24,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from qctfea.errors import QctfeaError
+from qctfea.imaging import niftiheader
 
 _VERTEBRA = re.compile(r"^vertebrae_([CTLS]\d{1,2})$")
 
@@ -37,22 +38,13 @@ def read_label_table(path) -> dict[int, str] | None:
         return None
     with (gzip.open if name.endswith(".gz") else open)(path, "rb") as fh:
         head = fh.read(544)
-        if len(head) < 352:
-            return None
-        for end in "<>":
-            size = struct.unpack(f"{end}i", head[:4])[0]
-            if size in (348, 540):
-                break
-        else:
-            return None
-        if size == 348:
-            vox_offset = int(struct.unpack(f"{end}f", head[108:112])[0])
-        else:
-            vox_offset = int(struct.unpack(f"{end}q", head[168:176])[0])
-        if len(head) < size + 4 or head[size] == 0 or vox_offset <= size + 4:
-            return None  # no extension
+        hdr = niftiheader.parse(head)
+        if (hdr is None or len(head) < hdr.size + 4 or head[hdr.size] == 0
+                or hdr.vox_offset <= hdr.size + 4):
+            return None  # not NIfTI, or no extension
         fh.seek(0)
-        block = fh.read(vox_offset)
+        block = fh.read(hdr.vox_offset)
+    end, size = hdr.endian, hdr.size
     table: dict[int, str] = {}
     pos = size + 4
     while pos + 8 <= len(block):
