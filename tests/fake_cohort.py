@@ -48,6 +48,9 @@ def fake_scan(i: int, months: float, rng: np.random.Generator) -> dict[str, dict
                                "n_dofs": 3000, "provenance": prov},  # no ksp_iterations
         "mesh.json": {"n_cells": 1000 + i, "n_vertices": 300},
         "calibration.json": {"slope": 0.8, "intercept": -3.0, "r2": 0.9999},
+        # the acquisition (ingest step): one protocol for every scan
+        "scan.json": {"scan": {"spacing_mm": [0.7, 0.7, 1.0], "kvp": 120.0,
+                               "convolution_kernel": "B60f", "manufacturer": "SIEMENS"}},
         # a follow-up's registration QC (read for follow-ups only)
         "registration.json": {"dice_after": 0.97, "point_spread_mm": 0.05},
         # intervals and per-scan SDs (rule estimate_uncertainty): 2 % and 1 % of the value

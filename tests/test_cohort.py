@@ -674,3 +674,35 @@ def test_uncertainty_columns_and_least_significant_change(tmp_path: Path) -> Non
     assert lsc["lsc"].tolist() == pytest.approx([lsc12, lsc24], rel=1e-6)
     assert lsc["significant"].tolist() == [False, True]
     assert lsc["change"].tolist() == pytest.approx([2.0, 6.0])
+
+
+def _scan_json(slice_mm: float, kernel: str | None, kvp: float | None = 120.0) -> dict:
+    """scan.json as the ingest step writes it (the fields the protocol columns read)."""
+    return {"scan": {"spacing_mm": [0.7, 0.7, slice_mm], "kvp": kvp,
+                     "convolution_kernel": kernel, "manufacturer": "SIEMENS"}}
+
+
+def test_follow_ups_acquired_differently_from_baseline_are_flagged(tmp_path: Path) -> None:
+    """P01 M12 reconstructed with 5 mm slices and another kernel, P02 M24 at 100 kVp; slice
+    spacings within 10 % (2.5 vs 2.6 mm) and an unknown kVp are not changes."""
+    res_dir = tmp_path / "results"
+    samples = _cohort_dir(res_dir)
+    acquisition = {("P01", "M12"): (5.0, "B60f"), ("P02", "M24"): (2.5, "B30f", 100.0),
+                   ("P03", "M12"): (2.6, "B30f"), ("P04", "M24"): (2.5, "B30f", None)}
+    for s in samples:
+        key = (s["patient"], s["timepoint"])
+        _write_scan(res_dir, *key, {"scan.json": _scan_json(*acquisition.get(key, (2.5, "B30f")))})
+    df = cohort.aggregate(samples, res_dir, tmp_path / "long.csv")
+    change = dict(zip(zip(df["patient"], df["timepoint"]), df["protocol_change"], strict=True))
+    assert change[("P01", "M12")] == "slice spacing 2.5 -> 5 mm; kernel B30f -> B60f"
+    assert change[("P02", "M24")] == "kVp 120 -> 100"
+    assert {k for k, v in change.items() if v} == {("P01", "M12"), ("P02", "M24")}
+    assert set(df["slice_spacing_mm"]) == {2.5, 5.0, 2.6} and set(df["kernel"]) == {"B30f", "B60f"}
+    back = longtable.read_long_table(tmp_path / "long.csv")  # read back: the same flags
+    assert list(back["protocol_change"]) == list(df["protocol_change"])
+    from qctfea.cohort.headlines import _protocol_sentence
+
+    s = _protocol_sentence(back)
+    assert s.startswith("Protocol: 2 follow-up scan(s) acquired differently") and \
+        "P01 M12: slice spacing 2.5 -> 5 mm; kernel B30f -> B60f" in s
+    assert _protocol_sentence(back[back["patient"] != "P01"].iloc[:3]) is None

@@ -519,3 +519,24 @@ def test_geometry_agrees_with_simpleitk_gdcm_reader(tmp_path: Path, iop, normal)
     np.testing.assert_allclose(image.GetSpacing(), ref.GetSpacing(), atol=1e-6)
     np.testing.assert_allclose(image.GetDirection(), ref.GetDirection(), atol=1e-6)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(ref))
+
+
+def test_voxels_coarser_than_3_mm_are_warned_about(tmp_path: Path) -> None:
+    """5 mm slices: the ingest warns (and ingests); 3 mm slices do not."""
+    import warnings
+
+    arr = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    for slice_mm, warned in ((5.0, True), (3.0, False)):
+        src = sitk.GetImageFromArray(arr)
+        src.SetSpacing((0.7, 0.7, slice_mm))
+        path = tmp_path / f"scan{slice_mm:g}.nii.gz"
+        sitk.WriteImage(src, str(path))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ingest(path, tmp_path / f"o{slice_mm:g}.nii.gz", tmp_path / f"o{slice_mm:g}.json",
+                   context=CONTEXT)
+        texts = [str(w.message) for w in caught if "coarser than 3 mm" in str(w.message)]
+        assert bool(texts) == warned, texts
+        if warned:
+            assert CONTEXT in texts[0] and "0.7 x 0.7 x 5 mm" in texts[0]
+            assert "protocol_change" in texts[0]

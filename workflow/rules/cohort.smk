@@ -26,6 +26,7 @@ rule aggregate_cohort:
             else []
         ),
         calibration=scan_outputs("calibration.json"),
+        scan=scan_outputs("scan.json"),  # the acquisition: protocol changes from baseline
         # intervals and per-scan SDs (uncertainty.enabled)
         uncertainty=scan_outputs("uncertainty.json") if UNCERTAINTY else [],
         dxa=get_dxa_files,

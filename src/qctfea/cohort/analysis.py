@@ -51,7 +51,7 @@ from qctfea.provenance import atomic_path, provenance, read_json, write_json
 from qctfea.cohort.headlines import headlines
 from qctfea.cohort.longtable import (
     DEFAULT_METRICS, SCAN_FILES, _opt_float, available_metrics, least_significant_changes,
-    longitudinal_table, missing_scans, placement_columns, read_long_table,
+    longitudinal_table, missing_scans, placement_columns, protocol_columns, read_long_table,
     registration_columns, scan_row, timepoint_months, uncertainty_columns, with_resolved_areal,
 )
 from qctfea.cohort.summaries import (
@@ -116,6 +116,8 @@ def aggregate(
                 row |= placement_columns(data["screws"])
             if model_dir != scan_dir:  # a follow-up on its baseline's model: registration QC
                 row |= registration_columns(read_json(scan_dir / "registration.json"))
+            if (scan_dir / "scan.json").is_file():  # the acquisition (ingest step)
+                row |= protocol_columns(read_json(scan_dir / "scan.json"))
             if (scan_dir / "uncertainty.json").is_file():  # uncertainty.enabled
                 row |= uncertainty_columns(read_json(scan_dir / "uncertainty.json"))
         except QctfeaError as exc:

@@ -54,6 +54,21 @@ def _data_sentence(df: pd.DataFrame, tpm: pd.Series,
             f"{len(df)} scans, the Friedman test the {complete} patients with every timepoint.")
 
 
+def _protocol_sentence(df: pd.DataFrame) -> str | None:
+    """The follow-ups acquired differently from their baseline (long table column
+    ``protocol_change``), whose changes mix treatment and protocol; None when there are none."""
+    if "protocol_change" not in df.columns:
+        return None
+    changed = df[df["protocol_change"].fillna("").astype(str) != ""]
+    if changed.empty:
+        return None
+    items = "; ".join(f"{r.patient} {r.timepoint}: {r.protocol_change}"
+                      for r in changed.itertuples())
+    return (f"Protocol: {len(changed)} follow-up scan(s) acquired differently from their "
+            f"baseline ({items}); their changes from baseline mix treatment and protocol "
+            "(longitudinal.csv, protocol_change).")
+
+
 def _change_sentence(metric: str, c: Mapping[str, Any], base_tp: str,
                      lmm: pd.DataFrame) -> str:
     pct = c["mean_change_pct"]
@@ -128,6 +143,8 @@ def headlines(df: pd.DataFrame, changes: pd.DataFrame, friedman_: pd.DataFrame,
     tpm = timepoint_months(df)
     base_tp = str(tpm.index[0])
     lines = [_data_sentence(df, tpm, excluded)]
+    if s := _protocol_sentence(df):
+        lines.append(s)
     strengths = ["pullout_strength_n", "compression_strength_n"]
     others = ["around_screw_vbmd_mg_cm3", "trabecular_vbmd_mg_cm3", "dxa_areal_bmd_g_cm2",
               "ct_areal_bmd_g_cm2"]

@@ -274,6 +274,57 @@ def registration_columns(reg: Mapping[str, Any]) -> dict:
             "registration_point_spread_mm": _opt_float(reg.get("point_spread_mm"))}
 
 
+#: Columns of the scan's acquisition (scan.json of the ingest step) in the long table.
+PROTOCOL_COLUMNS = ("slice_spacing_mm", "pixel_spacing_mm", "kvp", "kernel", "manufacturer")
+#: Relative difference of slice or pixel spacing from the baseline's that counts as a
+#: protocol change (rounding of the reconstruction grid stays below it).
+SPACING_CHANGE = 0.10
+
+
+def protocol_columns(scan: Mapping[str, Any]) -> dict:
+    """The scan's acquisition from scan.json: slice spacing and in-plane pixel size (mm, of
+    the ingested image), tube voltage (kVp), reconstruction kernel and manufacturer (empty
+    when the source did not say, e.g. a NIfTI file)."""
+    info = scan.get("scan") if isinstance(scan, Mapping) else None
+    if not isinstance(info, Mapping):
+        raise QctfeaError("scan.json: missing object 'scan'")
+    spacing = info.get("spacing_mm") or [math.nan] * 3
+    return {"slice_spacing_mm": _opt_float(spacing[2]),
+            "pixel_spacing_mm": _opt_float(min(spacing[0], spacing[1])),
+            "kvp": _opt_float(info.get("kvp")),
+            "kernel": str(info.get("convolution_kernel") or ""),
+            "manufacturer": str(info.get("manufacturer") or "")}
+
+
+def protocol_changes(df: pd.DataFrame) -> pd.Series:
+    """Per scan, how its acquisition differs from its patient's baseline (first scan by
+    months): slice spacing or pixel size by more than :data:`SPACING_CHANGE`, another
+    tube voltage, kernel or manufacturer; '' for the baseline and for an unchanged
+    protocol. A change from baseline then mixes treatment and protocol."""
+    out = pd.Series("", index=df.index, dtype=object)
+    if not set(PROTOCOL_COLUMNS) <= set(df.columns):
+        return out
+    for _, g in df.sort_values("months", kind="mergesort").groupby("patient", sort=False):
+        base = g.iloc[0]
+        for i, row in g.iloc[1:].iterrows():
+            diffs = []
+            for col, what in (("slice_spacing_mm", "slice spacing"),
+                              ("pixel_spacing_mm", "pixel size")):
+                a, b = float(base[col]), float(row[col])
+                if math.isfinite(a) and math.isfinite(b) and abs(b - a) > SPACING_CHANGE * a:
+                    diffs.append(f"{what} {a:.3g} -> {b:.3g} mm")
+            for col, what in (("kvp", "kVp"), ("kernel", "kernel"),
+                              ("manufacturer", "manufacturer")):
+                a, b = base[col], row[col]
+                known = [v for v in (a, b) if isinstance(v, str) and v or
+                         isinstance(v, float) and math.isfinite(v)]
+                if len(known) == 2 and a != b:
+                    fmt = (lambda v: f"{v:g}") if col == "kvp" else str
+                    diffs.append(f"{what} {fmt(a)} -> {fmt(b)}")
+            out[i] = "; ".join(diffs)
+    return out
+
+
 #: Suffixes of an outcome's uncertainty columns in the long table (uncertainty.json):
 #: interval bounds and the per-scan SD behind the least significant change.
 UNCERTAINTY_SUFFIXES = ("ci_low", "ci_high", "sd_scan")
@@ -357,6 +408,11 @@ def longitudinal_table(rows: list[dict]) -> pd.DataFrame:
         raise QctfeaError(
             f"duplicate patient x timepoint rows: {names}; each scan must appear once"
         )
+    for col in ("kernel", "manufacturer"):  # text read back from a CSV: NaN when empty
+        if col in df.columns:
+            df[col] = df[col].fillna("").astype(str)
+    if set(PROTOCOL_COLUMNS) <= set(df.columns):
+        df["protocol_change"] = protocol_changes(df)
     ordered = [c for c in COLUMNS if c in df.columns] + [c for c in df.columns if c not in COLUMNS]
     df = df[ordered].sort_values(["patient", "months"], kind="mergesort")
     return df.reset_index(drop=True)
@@ -365,7 +421,7 @@ def longitudinal_table(rows: list[dict]) -> pd.DataFrame:
 #: Text columns of the clinical categories (read as text even when all empty).
 TEXT_COLUMNS: dict[str, type] = {c: str for c in (
     "sex", "strength_category", "strength_category_source", "vbmd_category",
-    "vbmd_category_source")}
+    "vbmd_category_source", "kernel", "manufacturer", "protocol_change")}
 
 
 def read_long_table(long_csv: str | os.PathLike) -> pd.DataFrame:
