@@ -6,6 +6,7 @@ no console error, the WebGL canvas draws the model)."""
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
 import re
@@ -68,6 +69,10 @@ def _fields(path: Path, points: np.ndarray, cells: np.ndarray, failed: np.ndarra
         f["Function/damage/0"] = (0.5 * yielded[cperm]).reshape(-1, 1)
 
 
+#: Slice spacing (mm) and kernel per timepoint: the follow-up reconstructed differently.
+ACQUISITION = {"M00": (1.0, "B60f"), "M12": (2.0, "B30f")}
+
+
 @pytest.fixture(scope="module")
 def patient_tree(demo_model, tmp_path_factory) -> dict:
     """results/<cohort>/P01/{M00,M12} from the demo model (M12 registered to M00: the model
@@ -93,6 +98,10 @@ def patient_tree(demo_model, tmp_path_factory) -> dict:
                 "peak_reached": strength is not None, "n_dofs": 3000, "ksp_iterations": 10}))
             _png(d / f"{name[:-5]}_curve.png", f"{tp} {name}")
         _fields(d / "compression_fields.h5", points, cells, failed[tp], rng)
+    for tp, (slice_mm, kernel) in ACQUISITION.items():  # scan.json of the ingest step
+        (res / "P01" / tp / "scan.json").write_text(json.dumps({"scan": {
+            "spacing_mm": [0.7, 0.7, slice_mm], "kvp": 120.0, "convolution_kernel": kernel,
+            "manufacturer": "SIEMENS"}}))
     base = res / "P01" / "M00"
     for name in ("mesh.xdmf", "mesh.h5", "mesh.json", "screws.json"):
         shutil.copy(src / name, base / name)
@@ -304,3 +313,17 @@ def test_page_draws_the_model_offline_in_chromium(page: Path, tmp_path: Path) ->
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, ARTIFACTS / "patient_page_3d.png")
     shutil.copy(page, ARTIFACTS / "patient_page_P01.html")
+
+
+def test_page_shows_the_acquisition_and_a_protocol_change(page: Path) -> None:
+    """Each timepoint's voxels, kVp, kernel and manufacturer (scan.json), and the follow-up's
+    differences from its baseline flagged (slices 1 -> 2 mm, kernel B60f -> B30f)."""
+    table = re.search(r'<table id="acquisition">(.*?)</table>', page.read_text(), re.S).group(1)
+    body = table[table.index("<tbody>"):]
+    rows = re.findall(r"<tr>(.*?)</tr>", body, re.S)
+    cells = [[html.unescape(c) for c in re.findall(r"<td[^>]*>([^<]*)</td>", r)[1:]]
+             for r in rows]
+    assert cells[0] == ["0.7 mm pixels, 1 mm slices, 120 kVp, B60f, SIEMENS",
+                        "0.7 mm pixels, 2 mm slices, 120 kVp, B30f, SIEMENS"]
+    assert cells[1] == ["–", "slice spacing 1 -> 2 mm; kernel B60f -> B30f"]
+    assert table.count('data-protocol-change="yes"') == 1

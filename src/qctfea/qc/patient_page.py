@@ -461,8 +461,20 @@ def _scans(res: Path, patient: str, rows: pd.DataFrame, long: pd.DataFrame,
         scans.append({"timepoint": tp, "months": _finite(row["months"]), "row": row,
                       "dir": d, "cases": cases, "values": values, "pictures": pictures,
                       "strength_category": _text(row.get("strength_category")) or "–",
-                      "vbmd_category": _text(row.get("vbmd_category")) or "–"})
+                      "vbmd_category": _text(row.get("vbmd_category")) or "–",
+                      "acquisition": _acquisition(row),
+                      "protocol_change": _text(row.get("protocol_change"))})
     return scans
+
+
+def _acquisition(row: Mapping[str, Any]) -> str:
+    """The scan's voxel size, kVp, kernel and manufacturer (long table), as one line; '–'
+    when the table has none (scan.json not read)."""
+    px, sl = _finite(row.get("pixel_spacing_mm")), _finite(row.get("slice_spacing_mm"))
+    parts = [f"{px:.2g} mm pixels, {sl:.3g} mm slices" if px and sl else "",
+             f"{_finite(row.get('kvp')):g} kVp" if _finite(row.get("kvp")) else "",
+             _text(row.get("kernel")), _text(row.get("manufacturer"))]
+    return ", ".join(p for p in parts if p) or "–"
 
 
 def _outcome_rows(scans: list[dict], base: dict | None) -> list[dict]:
