@@ -83,3 +83,39 @@ def test_a_map_numbered_by_another_version_is_refused_with_the_files_label(real_
                  "its label 22 is vertebrae_L1", "mask.label: 22"):
         assert part in msg, (part, msg)
     assert not (tmp_path / "out" / "vertebra.nii.gz").exists()
+
+
+def _seg_nrrd(src, dst, names: dict[int, str]):
+    """``src`` as a 3D Slicer segmentation file: one layer, SegmentN_Name / _LabelValue."""
+    img = sitk.ReadImage(str(src))
+    for i, (value, name) in enumerate(names.items()):
+        for key, v in (("ID", f"Segment_{i + 1}"), ("Name", name), ("LabelValue", str(value)),
+                       ("Layer", "0")):
+            img.SetMetaData(f"Segment{i}_{key}", v)
+    sitk.WriteImage(img, str(dst), useCompression=True)
+    return dst
+
+
+@pytest.mark.parametrize("names, ok", [
+    ({31: "L1", 32: "T12"}, "L1"),  # level names as a person types them in Slicer
+    ({31: "Segment_1"}, "Segment_1"),  # no level named: recorded only
+    ({31: "L2", 30: "L1"}, None),  # the configured level is another label: refused
+])
+def test_slicer_segment_names_are_checked_like_a_label_table(real_l1, tmp_path, names, ok):
+    labels = _seg_nrrd(real_l1["src"] / "labels.nii.gz", tmp_path / "labels.seg.nrrd", names)
+    assert read_label_table(labels) == names
+    if ok:
+        assert _mask(real_l1, labels, tmp_path / "out")["label_name_in_file"] == ok
+    else:
+        with pytest.raises(QctfeaError, match="names the target label 31 'L2', not "
+                                              "vertebrae_L1 .its label 30 is L1"):
+            _mask(real_l1, labels, tmp_path / "out")
+
+
+def test_a_label_map_with_several_layers_is_refused(real_l1, tmp_path):
+    """Overlapping segments stored as a 4D image (several layers) are not one label map."""
+    layer = sitk.ReadImage(str(real_l1["src"] / "labels.nii.gz"))
+    sitk.WriteImage(sitk.JoinSeries([layer, layer]), str(tmp_path / "layers.nrrd"))  # 4D
+    with pytest.raises(QctfeaError, match="4 dimensions and 1 value.s. per voxel.*Export to "
+                                          "labelmap"):
+        _mask(real_l1, tmp_path / "layers.nrrd", tmp_path / "out")

@@ -129,7 +129,15 @@ def _read_labels(path, context: str, convention: str = "custom"
         from qctfea.imaging import labelfolder
 
         return labelfolder.compose(path, convention, context)
-    return _read_image(path, "label map", context), None
+    image = _read_image(path, "label map", context)
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise QctfeaError(
+            f"{context}: label map {path} has {image.GetDimension()} dimensions and "
+            f"{image.GetNumberOfComponentsPerPixel()} value(s) per voxel, not one 3D label "
+            "image (a segmentation with overlapping segments, such as a 3D Slicer .seg.nrrd "
+            "with several layers?); export it as one labelmap (Slicer: Segmentations, Export "
+            "to labelmap), or give the structures' labels in one 3D image")
+    return image, None
 
 
 def _nonfinite(path, arr: np.ndarray) -> np.ndarray:
