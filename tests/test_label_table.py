@@ -119,3 +119,24 @@ def test_a_label_map_with_several_layers_is_refused(real_l1, tmp_path):
     with pytest.raises(QctfeaError, match="4 dimensions and 1 value.s. per voxel.*Export to "
                                           "labelmap"):
         _mask(real_l1, tmp_path / "layers.nrrd", tmp_path / "out")
+
+
+def test_a_dicom_segmentation_as_label_map_says_how_to_convert_it(real_l1, tmp_path):
+    """A DICOM SEG file (minimal: preamble, SEG modality) in the labels column is refused."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.Modality = "SEG"
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.save_as(tmp_path / "seg.dcm", enforce_file_format=True)
+    with pytest.raises(QctfeaError, match=r"is a DICOM segmentation \(SEG\), not a label "
+                                          r"image.*segimage2itkimage"):
+        _mask(real_l1, tmp_path / "seg.dcm", tmp_path / "out")

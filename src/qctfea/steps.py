@@ -129,6 +129,7 @@ def _read_labels(path, context: str, convention: str = "custom"
         from qctfea.imaging import labelfolder
 
         return labelfolder.compose(path, convention, context)
+    _refuse_dicom_labels(path, context)
     image = _read_image(path, "label map", context)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise QctfeaError(
@@ -138,6 +139,28 @@ def _read_labels(path, context: str, convention: str = "custom"
             "with several layers?); export it as one labelmap (Slicer: Segmentations, Export "
             "to labelmap), or give the structures' labels in one 3D image")
     return image, None
+
+
+def _refuse_dicom_labels(path, context: str) -> None:
+    """A label map in a DICOM file (a DICOM SEG, e.g. TotalSegmentator --output_type dicom)
+    is refused with how to convert it: ITK would read its frames as a plain image stack,
+    without the segments' numbers and with a geometry of its own."""
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    if head[128:132] != b"DICM":
+        return
+    import pydicom
+
+    try:
+        modality = str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality", ""))
+    except Exception:  # noqa: BLE001 - unreadable: described by its preamble only
+        modality = ""
+    kind = "a DICOM segmentation (SEG)" if modality == "SEG" else "a DICOM file"
+    raise QctfeaError(
+        f"{context}: label map {path} is {kind}, not a label image; convert it to a NIfTI or "
+        "NRRD label map (dcmqi's segimage2itkimage; TotalSegmentator: its default NIfTI "
+        "output with --ml; 3D Slicer: load it and export the segmentation as a labelmap), "
+        "and give that file in the labels column of the sample sheet")
 
 
 def _nonfinite(path, arr: np.ndarray) -> np.ndarray:
