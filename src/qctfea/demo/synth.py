@@ -28,7 +28,7 @@ rigid change of pose); the phantom stays with the scanner.
 Every scan has its own effective energy (a seeded draw in
 :data:`ENERGY_RANGE_KEV`, recorded in truth.json), and its tissues are
 rendered from their mass attenuation at that energy (``qctfea.imaging.calibration``:
-ICRU-44 compositions, xraydb coefficients): air -1000 HU, fat (ICRU-44 adipose
+tissue compositions, xraydb coefficients): air -1000 HU, fat (ICRP adipose
 tissue), muscle (ICRU-44 skeletal muscle), the discs (skeletal muscle at
 1.09 g/cm³), and bone and phantom rods as K2HPO4 in water
 (``qctfea.imaging.attenuation.k2hpo4_hu_per_mg``, the model of the effective-energy
@@ -597,7 +597,7 @@ def generate_scan(
                         "model": "density_mg_cm3 = intercept + slope * HU"},
         "effective_energy_kev": pose.energy_kev,
         "tissue_hu": pose.tissue_hu(),
-        "hu_model": "tissues from ICRU-44 composition and xraydb mass attenuation at the "
+        "hu_model": "tissues from ICRP/ICRU-44 composition and xraydb mass attenuation at the "
                     "effective energy; bone and rods K2HPO4 in water, HU = density / slope "
                     "(qctfea.imaging.attenuation.k2hpo4_hu_per_mg)",
         **truth_vbmd(anat, months),

@@ -1,6 +1,6 @@
-"""Attenuation physics of the effective-energy calibration and the demo generator: ICRU-44
-compositions, mass attenuation from xraydb, theoretical HU of a tissue and of K2HPO4 in water
-at an effective energy (:mod:`qctfea.imaging.calibration` describes the method).
+"""Attenuation physics of the effective-energy calibration and the demo generator: tissue
+compositions (ICRP adipose, ICRU-44 muscle, blood and cortical bone), mass attenuation from
+xraydb, theoretical HU of a tissue and of K2HPO4 in water at an effective energy (:mod:`qctfea.imaging.calibration` describes the method).
 """
 
 from __future__ import annotations
@@ -12,15 +12,21 @@ import numpy as np
 from qctfea.errors import QctfeaError
 
 
-#: Elemental composition (mass fractions) and density (g/cm³) of the reference tissues:
-#: ICRU Report 44 (1989) as tabulated by NIST (Hubbell & Seltzer, X-Ray Mass Attenuation
-#: Coefficients, NIST Standard Reference Database 126, Table 2: "Adipose Tissue (ICRU-44)",
-#: "Muscle, Skeletal (ICRU-44)", "Blood, Whole (ICRU-44)", "Bone, Cortical (ICRU-44)").
-#: xraydb has no named tissues, so the compositions are given here; the attenuation
-#: coefficients of every element come from xraydb (:func:`mass_attenuation`).
-ICRU44 = {
-    "fat": ({"H": 0.114, "C": 0.598, "N": 0.007, "O": 0.278, "Na": 0.001, "S": 0.001,
-             "Cl": 0.001}, 0.95),
+#: Elemental composition (mass fractions) and density (g/cm³) of the reference tissues, as
+#: tabulated by NIST (Hubbell & Seltzer, X-Ray Mass Attenuation Coefficients, NIST Standard
+#: Reference Database 126, Table 2): "Adipose Tissue (ICRP)" (ICRP Publication 23), "Muscle,
+#: Skeletal (ICRU-44)", "Blood, Whole (ICRU-44)", "Bone, Cortical (ICRU-44)". Fat is the ICRP
+#: adipose tissue (0.92 g/cm³), not ICRU-44's (0.95 g/cm³): real fat reads -100 to -105 HU
+#: on the two real scans (the usual value at 120 kVp), which ICRU-44 adipose reaches only at
+#: 50-55 keV (-77 HU at 70 keV) and ICRP adipose at 67-73 keV (-103.5 HU at 70 keV), the
+#: effective energies of 120 kVp CT; with ICRU-44 adipose the effective-energy calibration
+#: put both real scans at 51-55 keV and their slopes 35-40 % below the tissue regression's
+#: (docs/calibration.md). xraydb has no named tissues, so the compositions are given here;
+#: the attenuation coefficients of every element come from xraydb (:func:`mass_attenuation`).
+TISSUES = {
+    "fat": ({"H": 0.119477, "C": 0.637240, "N": 0.007970, "O": 0.232333, "Na": 0.0005,
+             "Mg": 0.00002, "P": 0.00016, "S": 0.00073, "Cl": 0.00119, "K": 0.00032,
+             "Ca": 0.00002, "Fe": 0.00002, "Zn": 0.00002}, 0.92),
     "muscle": ({"H": 0.102, "C": 0.143, "N": 0.034, "O": 0.710, "Na": 0.001, "P": 0.002,
                 "S": 0.003, "Cl": 0.001, "K": 0.004}, 1.05),
     "blood": ({"H": 0.102, "C": 0.110, "N": 0.033, "O": 0.745, "Na": 0.001, "P": 0.001,
@@ -28,6 +34,11 @@ ICRU44 = {
     "cortical_bone": ({"H": 0.034, "C": 0.155, "N": 0.042, "O": 0.435, "Na": 0.001,
                        "Mg": 0.002, "P": 0.103, "S": 0.003, "Ca": 0.225}, 1.92),
 }
+#: Source of each reference tissue's composition and density (recorded in calibration.json).
+TISSUE_SOURCES = {"fat": "Adipose Tissue (ICRP), NIST SRD 126 Table 2",
+                  "muscle": "Muscle, Skeletal (ICRU-44), NIST SRD 126 Table 2",
+                  "blood": "Blood, Whole (ICRU-44), NIST SRD 126 Table 2",
+                  "cortical_bone": "Bone, Cortical (ICRU-44), NIST SRD 126 Table 2"}
 
 
 #: Materials by chemical formula (xraydb parses it): mass attenuation needs no density.
@@ -43,7 +54,7 @@ AIR = "air"
 QCT_PRO_WATER_DISPLACEMENT = 0.2174
 
 #: Density (g/cm³) at which each tissue's theoretical HU is computed.
-TISSUE_DENSITY = {k: v[1] for k, v in ICRU44.items()}
+TISSUE_DENSITY = {k: v[1] for k, v in TISSUES.items()}
 
 
 def _formula_of(fractions: dict) -> str:
@@ -61,7 +72,7 @@ def _mass_attenuation(material: str, energies_kev: tuple) -> np.ndarray:
     if material == AIR:
         formula, density = xraydb.get_material("air")[:2]
         return np.atleast_1d(xraydb.material_mu(formula, e_ev, density=1.0, kind="total"))
-    formula = (_formula_of(ICRU44[material][0]) if material in ICRU44
+    formula = (_formula_of(TISSUES[material][0]) if material in TISSUES
                else FORMULAS[material])
     # material_mu gives the linear coefficient (1/cm) at the given density: at 1 g/cm³ it
     # equals the mass attenuation coefficient (cm²/g).
@@ -70,7 +81,7 @@ def _mass_attenuation(material: str, energies_kev: tuple) -> np.ndarray:
 
 def mass_attenuation(material: str, energy_kev) -> np.ndarray:
     """Mass attenuation coefficient mu/rho (cm²/g, coherent + incoherent + photoelectric;
-    xraydb, Elam et al. tables) of ``material`` (a key of :data:`ICRU44`, of
+    xraydb, Elam et al. tables) of ``material`` (a key of :data:`TISSUES`, of
     :data:`FORMULAS`, or 'air') at ``energy_kev`` (scalar or array)."""
     e = np.atleast_1d(np.asarray(energy_kev, float))
     out = _mass_attenuation(material, tuple(np.round(e, 6)))
@@ -78,7 +89,7 @@ def mass_attenuation(material: str, energy_kev) -> np.ndarray:
 
 
 def linear_attenuation(material: str, energy_kev, density: float | None = None):
-    """Linear attenuation coefficient (1/cm) at ``density`` (g/cm³; the tissue's ICRU-44
+    """Linear attenuation coefficient (1/cm) at ``density`` (g/cm³; the tissue's tabulated
     density, water 1.0 and air 1.225e-3 when None)."""
     if density is None:
         density = (TISSUE_DENSITY.get(material) or
@@ -97,7 +108,7 @@ def hu_of_mu(mu, energy_kev):
 
 
 def theoretical_hu(material: str, energy_kev, density: float | None = None):
-    """Theoretical HU of a material (its ICRU-44 density unless given) at ``energy_kev``."""
+    """Theoretical HU of a material (its tabulated density unless given) at ``energy_kev``."""
     return hu_of_mu(linear_attenuation(material, energy_kev, density), energy_kev)
 
 

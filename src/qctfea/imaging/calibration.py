@@ -33,8 +33,9 @@ Phantomless (internal) calibration, for scans without a phantom in view
   adipose tissue, skeletal muscle, blood where a vessel label says where it
   is, cortical bone on request) are sampled by
   :func:`find_tissues`; for every energy E of a grid (default 40-150 keV in
-  0.5 keV steps) each tissue's theoretical HU is computed from its ICRU-44
-  composition and density and the mass attenuation coefficients of xraydb
+  0.5 keV steps) each tissue's theoretical HU is computed from its tabulated
+  composition and density (ICRP adipose tissue for fat, ICRU-44 for the others;
+  :data:`qctfea.imaging.attenuation.TISSUES`) and the mass attenuation coefficients of xraydb
   (a maintained X-ray data library), ``HU_t(E) = 1000 (mu_t(E) - mu_water(E)) /
   (mu_water(E) - mu_air(E))``; the measured medians are regressed on HU_t(E)
   (``HU = a + b HU_t``) and the energy of the smallest residual (largest R²) is
@@ -306,7 +307,7 @@ class TissueSpec:
     model: str = option(
         "effective_energy", enum=list(PHANTOMLESS_MODELS),
         doc=("`effective_energy`: Michalski 2020, the scan's effective energy fitted to the "
-             "tissues' theoretical HU (ICRU-44 compositions, xraydb attenuation), then a "
+             "tissues' theoretical HU (ICRP adipose, ICRU-44 muscle and blood compositions, xraydb attenuation), then a "
              "K2HPO4-water model at that energy "
              "([docs/calibration.md](../docs/calibration.md)); `tissue_regression`: a line "
              "through the tissues' assumed densities (`reference_mg_cm3`)"))

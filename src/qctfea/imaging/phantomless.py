@@ -16,7 +16,7 @@ from qctfea.imaging.calibration import (
     Calibration, REFERENCE_HU, TissueSpec, _uncertainty, fit_line, line_covariance,
 )
 from qctfea.imaging.attenuation import (
-    AIR, ICRU44, k2hpo4_hu_per_mg, mass_attenuation, theoretical_hu,
+    AIR, TISSUE_SOURCES, TISSUES, k2hpo4_hu_per_mg, mass_attenuation, theoretical_hu,
 )
 
 
@@ -334,7 +334,7 @@ def effective_energy_calibration(tissues: list[dict], spec: TissueSpec,
     for t in tissues:
         if t["found"] and not t["used"] and t["name"] in ("blood", "cortical_bone"):
             t["theoretical_hu"] = float(theoretical_hu(t["name"], E))
-    mats = ["water", AIR, "k2hpo4", "triglyceride", *ICRU44]
+    mats = ["water", AIR, "k2hpo4", "triglyceride", *TISSUES]
     info = {
         "energy_kev": E,
         "energy_range_kev": spec.energy_range_kev, "energy_step_kev": spec.energy_step_kev,
@@ -346,7 +346,7 @@ def effective_energy_calibration(tissues: list[dict], spec: TissueSpec,
                         "density = (HU - a) / (b k), k = HU per mg/cm³ at E",
         "mass_attenuation_cm2_g": {("air" if m == AIR else m): float(mass_attenuation(m, E))
                                    for m in mats},
-        "tissue_composition": "ICRU-44 (NIST Table 2)",
+        "tissue_composition": TISSUE_SOURCES,
         "attenuation_data": f"xraydb {xraydb.__version__} (Elam tables, total incl. coherent)",
     }
     cov, dof = _effective_energy_covariance(used, res, spec.water_displacement)
