@@ -84,15 +84,20 @@ def _need(context: str, **paths) -> None:
                 raise QctfeaError(f"{context}: {what} {f} not found; {hint}, or correct the path")
 
 
+def _unreadable(path, what: str, context: str, exc: RuntimeError) -> QctfeaError:
+    """The error for an image file ITK cannot read, naming the scan and the file."""
+    return QctfeaError(f"{context}: {what} {path} cannot be read as an image "
+                       f"({str(exc).strip()[-160:]}); check that the file is complete and "
+                       "of the type its suffix says, or rerun the step that wrote it")
+
+
 def _read_image(path, what: str, context: str, pixel=None) -> sitk.Image:
     """``sitk.ReadImage`` with an error naming the scan and the file when it is unreadable."""
     try:
         return (sitk.ReadImage(str(path)) if pixel is None
                 else sitk.ReadImage(str(path), pixel))
     except RuntimeError as exc:
-        raise QctfeaError(f"{context}: {what} {path} cannot be read as an image "
-                          f"({str(exc).strip()[-160:]}); check that the file is complete and "
-                          "of the type its suffix says, or rerun the step that wrote it") from exc
+        raise _unreadable(path, what, context, exc) from exc
 
 
 def _read_grid(path, what: str, context: str) -> sitk.Image:
@@ -104,9 +109,7 @@ def _read_grid(path, what: str, context: str) -> sitk.Image:
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise QctfeaError(f"{context}: {what} {path} cannot be read as an image "
-                          f"({str(exc).strip()[-160:]}); check that the file is complete and "
-                          "of the type its suffix says, or rerun the step that wrote it") from exc
+        raise _unreadable(path, what, context, exc) from exc
     return _grid(reader)
 
 

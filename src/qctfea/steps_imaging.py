@@ -77,6 +77,8 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     masks: dict = {}
     labels_arr = structures = None
     if needs_labels:
+        from qctfea.imaging.labelfolder import OTHER_FROM
+
         labels, structures = _read_labels(labels_path, context, convention)
         labels = resample_labels_to(labels, ct, f"{context} ({labels_path})")
         labels_arr = sitk.GetArrayFromImage(labels)
@@ -85,7 +87,7 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
             raise QctfeaError(
                 f"{context}: calibration.phantomless.blood_label {blood} is not a label of the "
                 f"structure masks in {labels_path} (named: "
-                f"{', '.join(f'{k} = {v}' for k, v in structures.items() if v < 1001)}; "
+                f"{', '.join(f'{k} = {v}' for k, v in structures.items() if v < OTHER_FROM)}; "
                 "aorta.nii.gz is 52 under mask.convention totalsegmentator); correct "
                 "blood_label, or give the multilabel file (TotalSegmentator --ml)")
     if method == "phantom":

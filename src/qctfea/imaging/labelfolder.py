@@ -33,7 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from qctfea.errors import QctfeaError
-from qctfea.imaging.masks import CONVENTIONS
+from qctfea.imaging.masks import CONVENTIONS, same_grid
 
 #: File suffixes read as structure masks.
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -46,8 +46,6 @@ NAMED: dict[str, dict[str, int]] = {
     "verse": {"vertebrae_S1": 26},
 }
 _VERTEBRA = re.compile(r"^vertebrae_([CTLS]\d{1,2})$")
-#: Geometry tolerance between masks (mm and direction cosines).
-_TOL = 1e-3
 
 
 def structure_name(path: Path) -> str | None:
@@ -122,7 +120,7 @@ def compose(folder, convention: str, where: str) -> tuple[sitk.Image, dict[str, 
         if ref is None:
             ref = img
             out = np.zeros(sitk.GetArrayViewFromImage(img).shape, np.uint16)
-        elif not _same_grid(img, ref):
+        elif not same_grid(img, ref):
             raise QctfeaError(
                 f"{where}: structure mask {path} is on another grid than "
                 f"{_first(files, labels)} (size "
@@ -136,10 +134,3 @@ def compose(folder, convention: str, where: str) -> tuple[sitk.Image, dict[str, 
 
 def _first(files: dict[str, Path], labels: dict[str, int]) -> Path:
     return files[min(files, key=lambda n: (labels[n] < OTHER_FROM, n))]
-
-
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=_TOL)
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=_TOL)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=_TOL))

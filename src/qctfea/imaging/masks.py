@@ -284,15 +284,15 @@ def same_voxels(image: sitk.Image, reference: sitk.Image) -> sitk.Image | None:
     """``image`` on ``reference``'s grid when it holds the same voxels, possibly in another
     axis order (ingest stores every scan as LPS, a label map stays on the source file's
     grid): reordered without interpolation. None when the grids differ otherwise."""
-    if _same_grid(image, reference):
+    if same_grid(image, reference):
         return image
     code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
         reference.GetDirection())
     reordered = sitk.DICOMOrient(image, code)
-    return reordered if _same_grid(reordered, reference) else None
+    return reordered if same_grid(reordered, reference) else None
 
 
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     """Same voxel grid: size, origin (1 µm), spacing and direction."""
     return (a.GetSize() == b.GetSize()
             and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
@@ -337,15 +337,9 @@ def vertebra_parts(
             f"{context}: {_target_text(params)} is not in the label map (labels present: "
             f"{present}); {hint}"
         )
-    lab, n = ndimage.label(vert)
-    if n > 1:
-        sizes = ndimage.sum(vert, lab, range(1, n + 1))
-        vert = lab == (1 + int(np.argmax(sizes)))
+    vert = _largest(vert)
     # Crop to the vertebra for the morphology (fast), then paste back.
-    sl = ndimage.find_objects(vert.astype(np.uint8))[0]
-    pad = 8
-    sl = tuple(slice(max(0, s.start - pad), min(n_, s.stop + pad))
-               for s, n_ in zip(sl, vert.shape, strict=True))
+    sl = box_around(vert, 8)
     v = vert[sl]
     if subregions_zyx is not None:
         body = _body_from_subregions(v, subregions_zyx[sl], params,
@@ -462,9 +456,7 @@ def label_contacts(labels_zyx: np.ndarray, target: np.ndarray, spacing_xyz) -> d
     (mm²). Label 0 (background) is left out."""
     if not target.any():
         return {}
-    sl = ndimage.find_objects(target.astype(np.uint8))[0]
-    sl = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1))
-               for s, n in zip(sl, target.shape, strict=True))
+    sl = box_around(target, 1)
     t, lab = target[sl], labels_zyx[sl]
     ring = ndimage.binary_dilation(t, structure=np.ones((3, 3, 3), bool)) & ~t
     vals, counts = np.unique(lab[ring], return_counts=True)
