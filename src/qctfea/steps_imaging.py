@@ -91,7 +91,6 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
                 "aorta.nii.gz is 52 under mask.convention totalsegmentator); correct "
                 "blood_label, or give the multilabel file (TotalSegmentator --ml)")
     if method == "phantom":
-        patient_mask = labels_arr == label
         spec = params_from(cal_mod.PhantomSpec, cfg.get("phantom"), "calibration.phantom")
         tspec = params_from(cal_mod.TissueSpec, cfg.get("phantomless"),
                             "calibration.phantomless")
@@ -100,7 +99,7 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
             z_mid = ct.TransformIndexToPhysicalPoint([0, 0, ct.GetSize()[2] // 2])[2]
             centres = [tuple(ct.TransformPhysicalPointToContinuousIndex(
                 [float(x), float(y), z_mid])[:2]) for x, y in spec.rod_centres_mm]
-        cal = cal_mod.phantom_calibration(hu, ct.GetSpacing(), patient_mask, spec, where,
+        cal = cal_mod.phantom_calibration(hu, ct.GetSpacing(), labels_arr != 0, spec, where,
                                           centres)
         try:
             found = phantomless.find_tissues(hu, ct.GetSpacing(), labels_arr, tspec, where, label,

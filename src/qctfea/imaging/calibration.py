@@ -10,14 +10,12 @@ preset (:data:`PHANTOM_PRESETS`: ``calibration.phantom.preset``) or gives the
 rods (``rod_densities_mg_cm3``); keys given next to a preset override it (a
 phantom's own certificate values).
 
-Rod finding: the scan is averaged along z (rods run along the table axis);
-air is thresholded away; the connected component that holds the vertebra is
-the patient, the largest other component is the phantom. Inside the phantom,
-pixels that differ from the phantom body by more than ``min_contrast_hu`` form
-the rod candidates; components whose area matches the configured rod diameter
-are the rods. Rods are matched to the configured densities in order of HU
-(density rises with HU), which holds for every K2HPO4 or hydroxyapatite
-phantom.
+Rod finding (:mod:`qctfea.imaging.phantomrods`): in the scan averaged along z (rods run
+along the table axis) the rods are disks of the configured diameter and of nearly one HU,
+at least ``min_contrast_hu`` from their surroundings, in a row joined by the phantom's
+body; the phantom may touch the patient (a gel pad) and the table. Rods are matched to the
+configured densities in order of HU (density rises with HU), which holds for every K2HPO4
+or hydroxyapatite phantom.
 
 A fixed calibration (slope and intercept from config) is also supported, for
 data already in mg/cm³ (slope 1, intercept 0).
@@ -107,10 +105,10 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from qctfea.errors import QctfeaError
 from qctfea.config import option
+from qctfea.imaging import phantomrods
 from qctfea.imaging.attenuation import QCT_PRO_WATER_DISPLACEMENT
 
 
@@ -197,8 +195,11 @@ class PhantomSpec:
     rod_diameter_mm: float | None = option(
         None, exclusiveMinimum=0, shown="from the preset; 12 with rods given without a preset",
         doc="rod diameter (used to find rods)")
-    #: rod vs phantom body contrast used to find rods
-    min_contrast_hu: float = option(40.0, exclusiveMinimum=0, doc="rod vs phantom body contrast")
+    #: rod vs surroundings contrast used to find rods
+    min_contrast_hu: float = option(
+        40.0, exclusiveMinimum=0,
+        doc=("least contrast (HU, either sign) of a rod against the phantom body around it, "
+             "for finding rods; lower it for a rod close to the body's HU"))
     #: fraction of the rod radius measured (avoids blur)
     core_fraction: float = option(
         0.6, exclusiveMinimum=0, maximum=1, doc="fraction of the rod radius measured")
@@ -494,100 +495,6 @@ def _not_estimable(n: int, what: str) -> str:
             "freedom; intervals leave the calibration out")
 
 
-def find_rods(
-    hu_zyx: np.ndarray,
-    spacing_xyz: tuple[float, float, float],
-    patient_mask_zyx: np.ndarray,
-    spec: PhantomSpec,
-    context: str = "",
-) -> list[dict]:
-    """Locate the phantom rods; return per rod its centre (pixel x, y), area and mean HU."""
-    sx, sy = spacing_xyz[0], spacing_xyz[1]
-    mean2d = hu_zyx.mean(axis=0)
-    fg = ndimage.binary_opening(mean2d > -500.0, iterations=2)
-    lab, n = ndimage.label(fg)
-    if n < 2:
-        raise QctfeaError(
-            f"{context}: no calibration phantom found (only {n} object(s) above -500 HU in the "
-            "z-averaged scan); for a scan without a phantom set calibration.method: fixed with "
-            "calibration.slope and calibration.intercept in the cohort config, or check the scan"
-        )
-    patient_ids = set(np.unique(lab[patient_mask_zyx.any(axis=0)])) - {0}
-    sizes = ndimage.sum(np.ones_like(lab), lab, index=np.arange(1, n + 1))
-    cands = [(s, i + 1) for i, s in enumerate(sizes) if (i + 1) not in patient_ids]
-    if not cands:
-        raise QctfeaError(f"{context}: the phantom is not separate from the patient in the scan")
-    phantom_id = max(cands)[1]
-    phantom = lab == phantom_id
-    body_hu = float(np.median(mean2d[phantom]))
-    inner = ndimage.binary_erosion(phantom, iterations=2)
-    smooth = ndimage.uniform_filter(mean2d, size=3)
-    cand = inner & (np.abs(smooth - body_hu) > spec.min_contrast_hu)
-    rl, rn = ndimage.label(cand)
-    expected_area = np.pi * (spec.rod_diameter_mm / 2) ** 2 / (sx * sy)
-    rods = []
-    yy, xx = np.indices(mean2d.shape)
-    for i in range(1, rn + 1):
-        comp = rl == i
-        area = comp.sum()
-        if not 0.5 * expected_area <= area <= 1.6 * expected_area:
-            continue
-        cy, cx = ndimage.center_of_mass(comp)
-        r_core = spec.core_fraction * spec.rod_diameter_mm / 2
-        core = ((xx - cx) * sx) ** 2 + ((yy - cy) * sy) ** 2 <= r_core**2
-        # Mean HU over every slice of the rod core (a 3-D mean, not the 2-D average).
-        mean_hu = float(hu_zyx[:, core].mean())
-        rods.append({"center_px": [float(cx), float(cy)], "area_px": int(area),
-                     "mean_hu": mean_hu, "sd_hu": float(hu_zyx[:, core].std())})
-    want = len(spec.rod_densities_mg_cm3)
-    if len(rods) != want:
-        # A rod of the same HU as the phantom body cannot be seen by contrast;
-        # accept exactly one missing rod if it is the one nearest the body HU.
-        raise QctfeaError(
-            f"{context}: found {len(rods)} phantom rods, the phantom definition has {want}; "
-            "check rod_diameter_mm / rod densities in the calibration config, or use a "
-            "fixed calibration"
-        )
-    _assign_rod_densities(rods, spec)
-    return rods
-
-
-def _assign_rod_densities(rods: list[dict], spec: PhantomSpec) -> None:
-    """Match found rods to the phantom definition by HU order: K2HPO4 density alone, or for
-    a K2HPO4-in-water phantom the expected HU water + 1.5 x K2HPO4 (a typical sigma_ref)."""
-    water = spec.water_equivalent_mg_cm3 or [0.0] * len(spec.rod_densities_mg_cm3)
-    defs = sorted(zip(spec.rod_densities_mg_cm3, water, strict=True),
-                  key=lambda d: d[1] + 1.5 * d[0] if spec.water_equivalent_mg_cm3 else d[0])
-    rods.sort(key=lambda r: r["mean_hu"])
-    for r, (rho, w) in zip(rods, defs, strict=True):
-        r["density_mg_cm3"] = float(rho)
-        if spec.water_equivalent_mg_cm3:
-            r["water_mg_cm3"] = float(w)
-
-
-def rods_at(hu_zyx: np.ndarray, spacing_xyz, centres_px: list[tuple[float, float]],
-            spec: PhantomSpec) -> list[dict]:
-    """Rods measured at given centres (pixel x, y), densities in the definition's order."""
-    sx, sy = spacing_xyz[0], spacing_xyz[1]
-    yy, xx = np.indices(hu_zyx.shape[1:])
-    r_core = spec.core_fraction * spec.rod_diameter_mm / 2
-    rods = []
-    for (cx, cy), rho, w in zip(centres_px, spec.rod_densities_mg_cm3,
-                                spec.water_equivalent_mg_cm3 or [None] * len(centres_px),
-                                strict=True):
-        core = ((xx - cx) * sx) ** 2 + ((yy - cy) * sy) ** 2 <= r_core**2
-        if not core.any():
-            raise QctfeaError(f"calibration.phantom.rod_centres_mm: a rod centre ({cx:.0f}, "
-                              f"{cy:.0f} px) lies outside the image")
-        rod = {"center_px": [float(cx), float(cy)], "area_px": int(core.sum()),
-               "mean_hu": float(hu_zyx[:, core].mean()), "sd_hu": float(hu_zyx[:, core].std()),
-               "density_mg_cm3": float(rho), "given": True}
-        if w is not None:
-            rod["water_mg_cm3"] = float(w)
-        rods.append(rod)
-    return rods
-
-
 def k2hpo4_water_fit(rods: list[dict]) -> tuple[float, float, float, dict]:
     """Calibration of a K2HPO4-in-water phantom (QCT PRO User Guide, Mindways 2011; as in
     Bonelab Ogo's MindwaysCalibration): fit ``HU - rho_water = sigma_ref rho_K2HPO4 +
@@ -613,31 +520,44 @@ def k2hpo4_water_fit(rods: list[dict]) -> tuple[float, float, float, dict]:
     return 1.0 / sigma_ct, -beta_ct / sigma_ct, r2, coef
 
 
+def _rod_fit(rods: list[dict], spec: PhantomSpec) -> tuple[float, float, float, dict]:
+    """Slope, intercept, R² and coefficients of the calibration line through the rods."""
+    if spec.water_equivalent_mg_cm3:
+        return k2hpo4_water_fit(rods)
+    slope, intercept, r2 = fit_line([r["mean_hu"] for r in rods],
+                                    [r["density_mg_cm3"] for r in rods])
+    return slope, intercept, r2, {}
+
+
+def _rod_r2(rods: list[dict], spec: PhantomSpec) -> float:
+    """R² of the line through a candidate row of rods (-inf when no line fits)."""
+    try:
+        r2 = _rod_fit(rods, spec)[2]
+    except QctfeaError:  # e.g. sigma_CT <= 0: not this phantom's rods
+        return -np.inf
+    return r2 if np.isfinite(r2) else -np.inf
+
+
 def phantom_calibration(
     hu_zyx: np.ndarray,
     spacing_xyz: tuple[float, float, float],
-    patient_mask_zyx: np.ndarray,
+    anatomy_zyx: np.ndarray | None,
     spec: PhantomSpec | None = None,
     context: str = "",
     rod_centres_px: list[tuple[float, float]] | None = None,
 ) -> Calibration:
     """Fit the phantom calibration line and apply the R² gates. Rods are found
-    automatically, or measured at ``rod_centres_px`` (pixel x, y; from
+    automatically (never on ``anatomy_zyx``, the labelled anatomy's voxels), or measured at ``rod_centres_px`` (pixel x, y; from
     ``spec.rod_centres_mm``, converted by the caller who knows the image geometry)."""
     if spec is None:
         raise QctfeaError(f"{context}: phantom calibration needs the phantom (PhantomSpec)")
     spec.require_defined()
     if rod_centres_px is not None:
-        rods = rods_at(hu_zyx, spacing_xyz, rod_centres_px, spec)
+        rods = phantomrods.rods_at(hu_zyx, spacing_xyz, rod_centres_px, spec)
     else:
-        rods = find_rods(hu_zyx, spacing_xyz, patient_mask_zyx, spec, context)
-    coef = {}
-    if spec.water_equivalent_mg_cm3:
-        slope, intercept, r2, coef = k2hpo4_water_fit(rods)
-    else:
-        slope, intercept, r2 = fit_line(
-            [r["mean_hu"] for r in rods], [r["density_mg_cm3"] for r in rods]
-        )
+        rods = phantomrods.find_rods(hu_zyx, spacing_xyz, anatomy_zyx, spec, context,
+                                     lambda found: _rod_r2(found, spec))
+    slope, intercept, r2, coef = _rod_fit(rods, spec)
     if not r2 >= spec.fail_r2:
         fit = ", ".join(f"{r['mean_hu']:.0f} HU -> {r['density_mg_cm3']:g}" for r in rods)
         raise QctfeaError(

@@ -1,0 +1,224 @@
+"""Finding the rods of a calibration phantom in a clinical CT (docs/calibration.md, "Finding
+the rods").
+
+A QCT phantom lies under the patient, often on a gel pad that joins it to the patient's
+back without an air gap, with the table below it. Its rods run along the table axis: in
+the scan averaged along z they are disks of the configured diameter, each of nearly one
+HU, set in the phantom's body, in a row. The finder looks for exactly that, without
+asking the phantom to be a separate object:
+
+1. **Disk contrast.** For every pixel of the z-averaged image, the mean over a core disk
+   (``core_fraction`` of the rod radius) minus the mean over the solid part (above -500 HU)
+   of a ring just outside the rod (0.65 to 0.9 rod diameters from the centre), so that a
+   rod near the edge of a thin phantom body is measured against the body, not the air
+   beside it: a rod's centre is a local extremum of this
+   contrast of at least ``min_contrast_hu``, with a core more uniform than a third of its
+   contrast (a core astride an edge is not).
+2. **Size.** Around each extremum the image is cut halfway between core and ring; the
+   piece holding the centre must have the rod's area (0.5 to 1.6 times) and stay within
+   1.2 rod diameters: larger round structures (the aorta, a kidney) and edges fail. Its
+   centroid is the rod's centre.
+3. **Row.** Of the candidates outside the labelled anatomy (any nonzero label), the rods are ``n`` (the phantom's
+   number of rods) lying on one straight line (within a quarter of a rod diameter), at
+   least one diameter apart, joined by solid material (no air along the row: one phantom
+   body). When several rows qualify, the one whose rods fit the phantom definition best
+   (largest R² of the calibration line) is taken.
+
+Each rod's HU is then the mean over its core on every slice (a 3-D mean). Rods are matched
+to the definition by HU order (:func:`assign_rod_densities`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import combinations
+
+import numpy as np
+from scipy import ndimage
+from scipy.signal import fftconvolve
+
+from qctfea.errors import QctfeaError
+
+#: ring around a rod centre whose mean is the rod's surroundings (in rod diameters)
+RING_FROM, RING_TO = 0.65, 0.9
+#: the piece cut around a candidate must have this fraction of the rod's area
+AREA_RANGE = (0.5, 1.6)
+#: candidates on one row: within this many rod diameters of the line
+ROW_TOLERANCE = 0.25
+#: a core less uniform than this fraction of its contrast straddles an edge
+CORE_SD_FRACTION = 1.0 / 3.0
+#: mean HU below which a pixel of the z-averaged image is air (not phantom material)
+AIR_HU = -500.0
+
+
+def _disk(radius_px_xy: tuple[float, float], inner_px_xy: tuple[float, float] | None = None
+          ) -> np.ndarray:
+    """Normalised disk (or annulus) kernel on a pixel grid of spacing ratio rx : ry."""
+    rx, ry = radius_px_xy
+    hx, hy = int(np.ceil(rx)), int(np.ceil(ry))
+    yy, xx = np.mgrid[-hy:hy + 1, -hx:hx + 1]
+    k = (xx / rx) ** 2 + (yy / ry) ** 2 <= 1.0
+    if inner_px_xy is not None:
+        k &= (xx / inner_px_xy[0]) ** 2 + (yy / inner_px_xy[1]) ** 2 > 1.0
+    return k / k.sum()
+
+
+def _candidates(mean2d: np.ndarray, sx: float, sy: float, spec, exclude2d: np.ndarray
+                ) -> list[dict]:
+    """Rod-like disks of the z-averaged image: centre (pixel x, y) and area."""
+    d = float(spec.rod_diameter_mm)
+    r_core = spec.core_fraction * d / 2
+    core_k = _disk((r_core / sx, r_core / sy))
+    ring_k = _disk((RING_TO * d / sx, RING_TO * d / sy), (RING_FROM * d / sx, RING_FROM * d / sy))
+    img = mean2d.astype(np.float64)
+    core = fftconvolve(img, core_k, mode="same")
+    core_sd = np.sqrt(np.maximum(fftconvolve(img ** 2, core_k, mode="same") - core ** 2, 0.0))
+    # the ring's mean over solid material only: a rod near the edge of a thin phantom body
+    # keeps its contrast against the body, not against the air beside it (a ring mostly in
+    # air, e.g. a tube phantom in air, keeps the plain mean)
+    solid = (img > AIR_HU).astype(np.float64)
+    ring_all = fftconvolve(img, ring_k, mode="same")
+    solid_w = fftconvolve(solid, ring_k, mode="same")
+    ring_solid = fftconvolve(img * solid, ring_k, mode="same") / np.maximum(solid_w, 1e-9)
+    contrast = core - np.where(solid_w >= 0.25, ring_solid, ring_all)
+    size = (max(3, int(round(d / sx))) | 1, max(3, int(round(d / sy))) | 1)
+    # maxima of the contrast (rods brighter than their surroundings) and minima (darker),
+    # each sign on its own: a dark gap between two bright rods does not hide either; rounded
+    # to 1e-3 HU so that a uniform rod's plateau is one level despite the FFT's round-off
+    c = np.round(contrast, 3)
+    extremum = (((c == ndimage.maximum_filter(c, size=size[::-1])) & (c >= spec.min_contrast_hu))
+                | ((c == ndimage.minimum_filter(c, size=size[::-1]))
+                   & (c <= -spec.min_contrast_hu)))
+    peaks = extremum & (core_sd <= CORE_SD_FRACTION * np.abs(contrast)) & ~exclude2d
+    expected = np.pi * (d / 2) ** 2 / (sx * sy)
+    hx, hy = int(np.ceil(1.2 * d / sx)), int(np.ceil(1.2 * d / sy))
+    found: list[dict] = []
+    for y, x in zip(*np.nonzero(peaks), strict=True):
+        y0, x0 = max(y - hy, 0), max(x - hx, 0)
+        win = img[y0:y + hy + 1, x0:x + hx + 1]
+        level = core[y, x] - contrast[y, x] / 2  # halfway between core and ring
+        inside = win > level if contrast[y, x] > 0 else win < level
+        lab, _ = ndimage.label(inside)
+        piece = lab == lab[y - y0, x - x0]
+        area = int(piece.sum())
+        edge = piece[0].any() or piece[-1].any() or piece[:, 0].any() or piece[:, -1].any()
+        if edge or not AREA_RANGE[0] * expected <= area <= AREA_RANGE[1] * expected:
+            continue
+        cy, cx = ndimage.center_of_mass(piece)
+        c = (float(cx + x0), float(cy + y0))
+        if any(np.hypot((c[0] - f["center_px"][0]) * sx, (c[1] - f["center_px"][1]) * sy) < d / 2
+               for f in found):
+            continue
+        found.append({"center_px": [c[0], c[1]], "area_px": area,
+                      "contrast_hu": float(contrast[y, x])})
+    return found
+
+
+def _solid_between(mean2d: np.ndarray, a, b) -> bool:
+    """No air along the straight segment between two pixel positions (one phantom body)."""
+    n = int(np.ceil(2 * np.hypot(b[0] - a[0], b[1] - a[1]))) + 2
+    xs, ys = np.linspace(a[0], b[0], n), np.linspace(a[1], b[1], n)
+    vals = ndimage.map_coordinates(mean2d, [ys, xs], order=1, mode="nearest")
+    return bool((vals > AIR_HU).all())
+
+
+def _rows(cands: list[dict], n: int, sx: float, sy: float, d: float, mean2d) -> list[list[int]]:
+    """Sets of exactly ``n`` candidates on one straight line, a diameter apart, in one body."""
+    pts = np.array([[c["center_px"][0] * sx, c["center_px"][1] * sy] for c in cands])
+    rows: set[tuple[int, ...]] = set()
+    for i, j in combinations(range(len(pts)), 2):
+        u = pts[j] - pts[i]
+        u /= np.linalg.norm(u)
+        off = pts - pts[i]
+        dist = np.abs(off[:, 0] * u[1] - off[:, 1] * u[0])
+        members = np.nonzero(dist <= ROW_TOLERANCE * d)[0]
+        if len(members) != n:
+            continue
+        along = off[members] @ u
+        order = members[np.argsort(along)]
+        if np.diff(np.sort(along)).min() < d:
+            continue
+        if all(_solid_between(mean2d, cands[a]["center_px"], cands[b]["center_px"])
+               for a, b in zip(order[:-1], order[1:], strict=True)):
+            rows.add(tuple(int(k) for k in order))
+    return [list(r) for r in sorted(rows)]
+
+
+def measure_rod(hu_zyx: np.ndarray, sx: float, sy: float, centre_px, spec) -> dict:
+    """Mean and SD of the HU over a rod's core (``core_fraction`` of its radius) on every
+    slice, at ``centre_px`` (pixel x, y)."""
+    cx, cy = centre_px
+    r_core = spec.core_fraction * spec.rod_diameter_mm / 2
+    yy, xx = np.indices(hu_zyx.shape[1:])
+    core = ((xx - cx) * sx) ** 2 + ((yy - cy) * sy) ** 2 <= r_core ** 2
+    if not core.any():
+        raise QctfeaError(f"a rod centre ({cx:.0f}, {cy:.0f} px) lies outside the image")
+    vals = hu_zyx[:, core]
+    return {"center_px": [float(cx), float(cy)], "area_px": int(core.sum()),
+            "mean_hu": float(vals.mean()), "sd_hu": float(vals.std())}
+
+
+def find_rods(hu_zyx: np.ndarray, spacing_xyz, anatomy_zyx: np.ndarray | None, spec,
+              context: str, fit_r2: Callable[[list[dict]], float]) -> list[dict]:
+    """The phantom's rods (module docstring), each with its centre (pixel x, y), core area,
+    mean and SD HU and, from :func:`assign_rod_densities`, its density. No rod lies on
+    ``anatomy_zyx`` (the label map's structures); ``fit_r2`` scores a row of rods with their
+    densities assigned (the calibration's R²)."""
+    sx, sy = float(spacing_xyz[0]), float(spacing_xyz[1])
+    d = float(spec.rod_diameter_mm)
+    n = len(spec.rod_densities_mg_cm3)
+    mean2d = hu_zyx.mean(axis=0, dtype=np.float64)
+    exclude2d = (np.zeros(mean2d.shape, bool) if anatomy_zyx is None
+                 else np.asarray(anatomy_zyx).any(axis=0))
+    cands = _candidates(mean2d, sx, sy, spec, exclude2d)
+    rows = _rows(cands, n, sx, sy, d, mean2d) if len(cands) >= n else []
+    if not rows:
+        listed = "; ".join(
+            f"({c['center_px'][0] * sx:.0f}, {c['center_px'][1] * sy:.0f}) mm from the image "
+            f"corner, {c['contrast_hu']:+.0f} HU" for c in cands[:12]) or "none"
+        raise QctfeaError(
+            f"{context}: no calibration phantom found: no row of {n} rods of {d:g} mm "
+            f"(rod-like disks of at least {spec.min_contrast_hu:g} HU contrast: {listed}); "
+            "check calibration.phantom (rod_diameter_mm, the number of rods, "
+            "min_contrast_hu) or give the rods' positions as calibration.phantom."
+            "rod_centres_mm; for a scan without a phantom set calibration.method: "
+            "phantomless, or calibration.method: fixed with calibration.slope and "
+            "calibration.intercept")
+    best = None
+    for row in rows:
+        rods = [measure_rod(hu_zyx, sx, sy, cands[k]["center_px"], spec) for k in row]
+        assign_rod_densities(rods, spec)
+        r2 = fit_r2(rods)
+        if best is None or r2 > best[0]:
+            best = (r2, rods)
+    return best[1]
+
+
+def assign_rod_densities(rods: list[dict], spec) -> None:
+    """Match found rods to the phantom definition by HU order: K2HPO4 density alone, or for
+    a K2HPO4-in-water phantom the expected HU water + 1.5 x K2HPO4 (a typical sigma_ref)."""
+    water = spec.water_equivalent_mg_cm3 or [0.0] * len(spec.rod_densities_mg_cm3)
+    defs = sorted(zip(spec.rod_densities_mg_cm3, water, strict=True),
+                  key=lambda d: d[1] + 1.5 * d[0] if spec.water_equivalent_mg_cm3 else d[0])
+    rods.sort(key=lambda r: r["mean_hu"])
+    for r, (rho, w) in zip(rods, defs, strict=True):
+        r["density_mg_cm3"] = float(rho)
+        if spec.water_equivalent_mg_cm3:
+            r["water_mg_cm3"] = float(w)
+
+
+def rods_at(hu_zyx: np.ndarray, spacing_xyz, centres_px, spec) -> list[dict]:
+    """Rods measured at given centres (pixel x, y), densities in the definition's order."""
+    sx, sy = float(spacing_xyz[0]), float(spacing_xyz[1])
+    rods = []
+    for (cx, cy), rho, w in zip(centres_px, spec.rod_densities_mg_cm3,
+                                spec.water_equivalent_mg_cm3 or [None] * len(centres_px),
+                                strict=True):
+        try:
+            rod = measure_rod(hu_zyx, sx, sy, (cx, cy), spec)
+        except QctfeaError as exc:
+            raise QctfeaError(f"calibration.phantom.rod_centres_mm: {exc}") from None
+        rod.update({"density_mg_cm3": float(rho), "given": True})
+        if w is not None:
+            rod["water_mg_cm3"] = float(w)
+        rods.append(rod)
+    return rods
