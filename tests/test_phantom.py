@@ -50,6 +50,15 @@ def test_k2hpo4_in_water_phantom_recovers_the_qct_pro_line():
     by_x = {round(r["center_px"][0]): r for r in cal.rods}
     for x, k, w in zip(X_RODS, K2HPO4, WATER, strict=True):
         assert (by_x[x]["density_mg_cm3"], by_x[x]["water_mg_cm3"]) == (k, w)
+    # The QC picture draws the rods at the HU their K2HPO4 would have in the patient's
+    # tissue: on the line (their measured HU are not: the water content differs).
+    from qctfea.imaging.calibration_plot import _rod_hu
+
+    x, _ = _rod_hu(cal)
+    rho = np.array([r["density_mg_cm3"] for r in cal.rods])
+    np.testing.assert_allclose(cal.intercept + cal.slope * x, rho, atol=1e-6)
+    raw = np.array([r["mean_hu"] for r in cal.rods])
+    assert np.abs(cal.intercept + cal.slope * raw - rho).max() > 10
     # A plain straight line through the same rods would be wrong: the water content differs.
     with pytest.warns(UserWarning, match="R² = 0.92"):
         plain = phantom_calibration(hu, (1.0, 1.0, 1.0), mask,
@@ -274,3 +283,27 @@ def test_a_phantom_with_a_rod_not_seen_is_refused_naming_what_to_give(real_scans
         phantom_calibration(hu, spacing, labels != 0,
                             PhantomSpec(preset="mindways_model3", rod_diameter_mm=14.0),
                             "T01 M00")
+
+
+def test_reference_tissues_of_a_phantom_scan_leave_the_phantom_out(real_scans):
+    """A phantom body that reads like fat (-100 HU, polyethylene-like) joined to the patient
+    by a gel pad is part of the patient's connected body: the tissue search of a phantom
+    calibration (its reference tissues in calibration.json) leaves the band along the
+    rods' row out, so no fat voxel lies in the phantom; without the band, thousands do."""
+    from qctfea.imaging import phantomless, phantomrods
+    from qctfea.imaging.calibration import TissueSpec
+
+    hu, spacing, labels, _, _ = _real_l1_on_a_phantom(real_scans, body_hu=-100.0)
+    cal = phantom_calibration(hu, spacing, labels != 0,
+                              PhantomSpec(preset="mindways_model3", rod_diameter_mm=14.0), "T")
+    sx, sy = spacing[0], spacing[1]
+    yy, xx = np.indices(hu.shape[1:])
+    slab = (np.abs(xx * sx - 256 * sx) <= 130) & (np.abs(yy * sy - 432 * sy) <= 14)
+    band = phantomrods.phantom_band(hu.shape[1:], cal.rods, spacing, 14.0)
+    assert band[slab].all()
+    for exclude, expect_in_slab in ((None, True), (band, False)):
+        masks = {}
+        phantomless.find_tissues(hu, spacing, labels, TissueSpec(tissues=["air", "fat"]), "T", 31,
+                                 masks, exclude_zyx=exclude)
+        in_slab = int(masks["fat"][:, slab].sum())
+        assert (in_slab > 1000) is expect_in_slab, in_slab

@@ -63,7 +63,7 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     there never fails the phantom calibration."""
     from qctfea.imaging import calibration as cal_mod
     from qctfea.imaging import calibration_plot
-    from qctfea.imaging import phantomless
+    from qctfea.imaging import phantomless, phantomrods
     from qctfea.imaging.masks import resample_labels_to
 
     t0 = time.perf_counter()
@@ -102,8 +102,10 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
         cal = cal_mod.phantom_calibration(hu, ct.GetSpacing(), labels_arr != 0, spec, where,
                                           centres)
         try:
+            band = phantomrods.phantom_band(hu.shape[1:], cal.rods, ct.GetSpacing(),
+                                            spec.rod_diameter_mm)
             found = phantomless.find_tissues(hu, ct.GetSpacing(), labels_arr, tspec, where, label,
-                                             masks)
+                                             masks, exclude_zyx=band)
             cal.tissues = phantomless.tissue_densities(cal, found)
         except Exception as exc:  # information only: never fails the phantom calibration
             masks = {}

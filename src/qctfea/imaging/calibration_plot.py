@@ -28,7 +28,8 @@ def plot_calibration(cal: Calibration, path, title: str = "", hu_zyx: np.ndarray
     contrast-enhanced blood, as open symbols), and the RMS fit error against energy.
     Last panel, when ``hu_zyx`` and ``masks`` (tissue -> voxel mask) are given: the CT slice
     ``index`` along numpy ``axis`` (the axial one, see :func:`axial_axis`; middle when None)
-    in grey (-200..1500 HU) with the tissue voxels overlaid in colour."""
+    in grey (-200..1500 HU) with the tissue voxels overlaid in colour, and the phantom's
+    rods circled."""
     from matplotlib.figure import Figure
 
     panel = hu_zyx is not None and bool(masks)
@@ -47,7 +48,7 @@ def plot_calibration(cal: Calibration, path, title: str = "", hu_zyx: np.ndarray
         _tissue_hu_panel(axes[1], cal)
         _energy_panel(axes[2], ee)
     if panel:
-        _voxel_panel(axes[-1], hu_zyx, masks, axis, index)
+        _voxel_panel(axes[-1], hu_zyx, masks, axis, index, cal.rods if axis == 0 else [])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -58,9 +59,9 @@ def _line_panel(ax, cal: Calibration, title: str) -> None:
     found = [t for t in cal.tissues if t.get("used", t.get("found"))]
     pts = []
     if cal.rods:
-        hu = np.array([r["mean_hu"] for r in cal.rods])
+        hu, label = _rod_hu(cal)
         rho = np.array([r["density_mg_cm3"] for r in cal.rods])
-        ax.plot(hu, rho, "o", label="phantom rods")
+        ax.plot(hu, rho, "o", label=label)
         pts.append(hu)
     if found:
         fitted = cal.method == "phantomless"
@@ -89,6 +90,22 @@ def _line_panel(ax, cal: Calibration, title: str) -> None:
     ax.set_ylabel("K2HPO4 density (mg/cm³)")
     ax.set_title(title or f"calibration ({cal.method})", fontsize=9)
     ax.legend(fontsize=7)
+
+
+def _rod_hu(cal: Calibration) -> tuple[np.ndarray, str]:
+    """The rods' HU as drawn against the line, and their legend. A K2HPO4-in-water phantom's
+    rods hold more or less water than the tissue the line is for (their water equivalents),
+    so their measured HU lie off it; drawn at the HU their K2HPO4 would have in that tissue,
+    HU - ρ_water + (β_CT - β_ref) - (σ_ref - σ_CT) ρ_K2HPO4 (the QCT PRO equations,
+    :func:`qctfea.imaging.calibration.k2hpo4_water_fit`), they lie on the line."""
+    hu = np.array([r["mean_hu"] for r in cal.rods])
+    c = cal.coefficients or {}
+    if not all("water_mg_cm3" in r for r in cal.rods) or "sigma_ct" not in c:
+        return hu, "phantom rods"
+    k = np.array([r["density_mg_cm3"] for r in cal.rods])
+    w = np.array([r["water_mg_cm3"] for r in cal.rods])
+    x = hu - w + (c["beta_ct"] - c["beta_ref"]) - (c["sigma_ref"] - c["sigma_ct"]) * k
+    return x, "phantom rods (HU less their water content)"
 
 
 def _tissue_hu_panel(ax, cal: Calibration) -> None:
@@ -128,10 +145,12 @@ def _energy_panel(ax, ee: dict) -> None:
     ax.legend(fontsize=7)
 
 
-def _voxel_panel(ax2, hu_zyx: np.ndarray, masks: dict, axis: int, index: int | None) -> None:
-    """The CT slice in grey with the tissue voxels in colour."""
+def _voxel_panel(ax2, hu_zyx: np.ndarray, masks: dict, axis: int, index: int | None,
+                 rods: list[dict] = ()) -> None:
+    """The CT slice in grey with the tissue voxels in colour and the phantom rods' cores
+    (measured on every slice) as circles."""
     from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Circle, Patch
 
     k = hu_zyx.shape[axis] // 2 if index is None else int(index)
     ax2.imshow(np.take(hu_zyx, k, axis=axis), cmap="gray", vmin=-200, vmax=1500,
@@ -144,7 +163,15 @@ def _voxel_panel(ax2, hu_zyx: np.ndarray, masks: dict, axis: int, index: int | N
                    interpolation="nearest", vmin=0, vmax=1)
         handles.append(Patch(color=colour, alpha=0.7,
                              label=f"{name} ({int(m.sum())} voxels in 3-D)"))
-    ax2.legend(handles=handles, fontsize=7, loc="lower right")
+    for r in rods:
+        ax2.add_patch(Circle(r["center_px"], np.sqrt(r["area_px"] / np.pi), fill=False,
+                             edgecolor="cyan", lw=1.0))
+    if rods:
+        handles.append(Patch(facecolor="none", edgecolor="cyan",
+                             label=f"phantom rods ({len(rods)}, cores measured)"))
+    # below the slice: a phantom lies at the bottom of it
+    ax2.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.01),
+               ncol=2, frameon=False)
     ax2.set_title(f"tissue voxels, slice {k} of axis {axis} (grey -200..1500 HU)",
                   fontsize=8)
     ax2.set_xticks([])

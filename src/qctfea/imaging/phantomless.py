@@ -43,6 +43,7 @@ def find_tissues(
     context: str = "",
     target_label: int | None = None,
     masks: dict | None = None,
+    exclude_zyx: np.ndarray | None = None,
 ) -> list[dict]:
     """Find the reference tissues of ``spec.tissues`` in the scan (see the module docstring).
 
@@ -51,6 +52,7 @@ def find_tissues(
     for cortical bone. Returns one dict per requested tissue: name, found (at least
     ``min_voxels`` voxels), n_voxels, median_hu (None when no voxel), sd_hu and
     reference_mg_cm3. ``masks``, when a dict, receives the voxel mask of each found tissue.
+    ``exclude_zyx`` (broadcast to the scan; e.g. the calibration phantom) is never sampled.
     Never raises for missing tissues (see :func:`phantomless_calibration`).
     """
     spec = spec or TissueSpec()
@@ -100,6 +102,8 @@ def find_tissues(
         else:  # cortical_bone: the densest voxels of the target vertebra, not eroded
             region = window("cortical_bone", hu) & (labels == target_label
                                                      if target_label is not None else bone)
+        if exclude_zyx is not None:
+            region &= ~np.broadcast_to(exclude_zyx, region.shape)
         vals = hu[region]
         n_vox = int(vals.size)
         found = n_vox >= spec.min_voxels

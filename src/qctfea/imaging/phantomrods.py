@@ -193,6 +193,25 @@ def find_rods(hu_zyx: np.ndarray, spacing_xyz, anatomy_zyx: np.ndarray | None, s
     return best[1]
 
 
+#: half-width of the band along the rods' row that holds the phantom (in rod diameters)
+BAND_HALF_WIDTH = 2.5
+
+
+def phantom_band(shape_yx: tuple[int, int], rods: list[dict], spacing_xyz, diameter_mm: float
+                 ) -> np.ndarray:
+    """The phantom's place in an axial slice: pixels within ``BAND_HALF_WIDTH`` rod diameters
+    of the straight line through the rods' centres (across the whole image: the phantom body
+    reaches beyond its outer rods). Never sampled as a reference tissue: a phantom body's
+    HU can be a tissue's (polyethylene reads like fat)."""
+    sx, sy = float(spacing_xyz[0]), float(spacing_xyz[1])
+    p = np.array([[r["center_px"][0] * sx, r["center_px"][1] * sy] for r in rods])
+    c = p.mean(axis=0)
+    u = np.linalg.svd(p - c)[2][0]  # the row's direction
+    yy, xx = np.indices(shape_yx)
+    dist = np.abs((xx * sx - c[0]) * u[1] - (yy * sy - c[1]) * u[0])
+    return dist <= BAND_HALF_WIDTH * diameter_mm
+
+
 def assign_rod_densities(rods: list[dict], spec) -> None:
     """Match found rods to the phantom definition by HU order: K2HPO4 density alone, or for
     a K2HPO4-in-water phantom the expected HU water + 1.5 x K2HPO4 (a typical sigma_ref)."""
