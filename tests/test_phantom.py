@@ -200,12 +200,14 @@ SIGMA_REF, BETA_REF = 1.45, -1003.0
 
 
 def _real_l1_on_a_phantom(real: Path, *, body_hu: float, tilt_deg: float = 0.0,
-                          rod_hu_override: dict | None = None, rod_mm: float = 14.0):
+                          rod_hu_override: dict | None = None, rod_mm: float = 14.0,
+                          phantom_slices: slice = slice(None)):
     """The real TotalSegmentator L1 CT (its own 0.7 x 0.7 x 2.5 mm voxels, LPS) lying on a
     five-rod K2HPO4-in-water phantom as in a QCT study: a 260 x 28 mm slab under the
     patient, joined to the patient's back by a gel pad (10 HU) that fills the air between
     them, above the scan's own table; rods in the row C, A, D, B, E (not in density order),
-    the row tilted by ``tilt_deg``; blurred (0.8 px) with 20 HU noise per voxel. Returns HU,
+    the row tilted by ``tilt_deg``, on the slices ``phantom_slices`` (air on the others: a
+    phantom shorter than the scan); blurred (0.8 px) with 20 HU noise per voxel. Returns HU,
     spacing, the label map, the truth (slope, intercept) and each rod's centre (px) by
     K2HPO4 density."""
     from qctfea.imaging import dicomio
@@ -233,7 +235,7 @@ def _real_l1_on_a_phantom(real: Path, *, body_hu: float, tilt_deg: float = 0.0,
         phantom[(xm - rx) ** 2 + (ym - ry) ** 2 <= (rod_mm / 2) ** 2] = rod_hu[k]
         centres[k] = (rx / sx, ry / sy)
     top = np.argmax(slab, axis=0)  # the slab's first row in each column (0: none)
-    for s in hu:  # gel pad: the air between the patient's back and the slab, per column
+    for s in hu[phantom_slices]:  # gel pad: the air between the patient's back and the slab
         for x in np.nonzero(slab.any(axis=0))[0]:
             body = np.nonzero(s[:top[x], x] > -500)[0]
             if body.size:
@@ -307,3 +309,32 @@ def test_reference_tissues_of_a_phantom_scan_leave_the_phantom_out(real_scans):
                                  masks, exclude_zyx=exclude)
         in_slab = int(masks["fat"][:, slab].sum())
         assert (in_slab > 1000) is expect_in_slab, in_slab
+
+
+def test_a_phantom_shorter_than_the_scan_is_measured_where_it_is(real_scans):
+    """The phantom on 30 of the scan's 45 slices (air beside the table on the others): its
+    rods are measured on those 30 slices only, and the line is the true one."""
+    hu, spacing, labels, (slope, intercept), _ = _real_l1_on_a_phantom(
+        real_scans, body_hu=-120.0, phantom_slices=slice(10, 40))
+    cal = phantom_calibration(hu, spacing, labels != 0,
+                              PhantomSpec(preset="mindways_model3", rod_diameter_mm=14.0), "T")
+    assert [r["n_slices"] for r in cal.rods] == [30] * 5
+    assert cal.slope == pytest.approx(slope, rel=0.005)
+    assert cal.intercept == pytest.approx(intercept, abs=1.0)
+
+
+def test_anatomy_in_a_row_is_not_taken_for_a_phantom(real_scans):
+    """The real L1 has no phantom. Asked for a three-rod phantom of 20 mm rods with only the
+    vertebra labelled, the z-averaged scan holds three disks of rod size and contrast in a
+    row inside the patient (bowel and vessels); the finder without the along-z check
+    calibrated on them (R² 1.000). Their core means vary along z by tens of HU, a rod's by
+    its noise: refused, saying so."""
+    from qctfea.imaging import dicomio
+
+    ct = dicomio.canonical_orientation(sitk.ReadImage(str(real_scans / "totalseg_L1/ct.nii.gz")))
+    lab = dicomio.canonical_orientation(
+        sitk.ReadImage(str(real_scans / "totalseg_L1/labels.nii.gz")))
+    hu = sitk.GetArrayFromImage(ct).astype(np.float32)
+    spec = PhantomSpec(preset="qrm_bdc_3", rod_diameter_mm=20.0, min_contrast_hu=15.0)
+    with pytest.raises(QctfeaError, match="no calibration phantom found.*not a rod along z"):
+        phantom_calibration(hu, ct.GetSpacing(), sitk.GetArrayFromImage(lab) == 31, spec, "T")

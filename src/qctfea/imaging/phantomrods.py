@@ -11,21 +11,27 @@ asking the phantom to be a separate object:
    (``core_fraction`` of the rod radius) minus the mean over the solid part (above -500 HU)
    of a ring just outside the rod (0.65 to 0.9 rod diameters from the centre), so that a
    rod near the edge of a thin phantom body is measured against the body, not the air
-   beside it: a rod's centre is a local extremum of this
-   contrast of at least ``min_contrast_hu``, with a core more uniform than a third of its
-   contrast (a core astride an edge is not).
+   beside it: a rod's centre is a local extremum (either sign) of this contrast of at
+   least ``min_contrast_hu``, with a core more uniform than a third of its contrast (a
+   core astride an edge is not).
 2. **Size.** Around each extremum the image is cut halfway between core and ring; the
    piece holding the centre must have the rod's area (0.5 to 1.6 times) and stay within
    1.2 rod diameters: larger round structures (the aorta, a kidney) and edges fail. Its
    centroid is the rod's centre.
-3. **Row.** Of the candidates outside the labelled anatomy (any nonzero label), the rods are ``n`` (the phantom's
-   number of rods) lying on one straight line (within a quarter of a rod diameter), at
-   least one diameter apart, joined by solid material (no air along the row: one phantom
-   body). When several rows qualify, the one whose rods fit the phantom definition best
-   (largest R² of the calibration line) is taken.
+3. **Along z** (:func:`_along_z`). A rod is a disk on at least 3 slices whose core mean
+   varies along z no more than its noise allows; anatomy that looks like a disk in the
+   average (a vessel, a loop of bowel) varies by tens of HU and is not a rod. A phantom
+   shorter than the scan is found on the slices it is on: the scan is averaged again over
+   them, so that its low-contrast rods show too.
+4. **Row.** Of the rods outside the labelled anatomy (any nonzero label), the phantom's
+   are ``n`` (its number of rods) on one straight line (within a quarter of a rod
+   diameter), at least one diameter apart, joined by solid material (no air along the
+   row: one phantom body) and spanning the same slices. When several rows qualify, the one
+   whose rods fit the phantom definition best (largest R² of the calibration line) is
+   taken.
 
-Each rod's HU is then the mean over its core on every slice (a 3-D mean). Rods are matched
-to the definition by HU order (:func:`assign_rod_densities`).
+Each rod's HU is the mean over its core on the phantom's slices (a 3-D mean). Rods are
+matched to the definition by HU order (:func:`assign_rod_densities`).
 """
 from __future__ import annotations
 
@@ -48,6 +54,11 @@ ROW_TOLERANCE = 0.25
 CORE_SD_FRACTION = 1.0 / 3.0
 #: mean HU below which a pixel of the z-averaged image is air (not phantom material)
 AIR_HU = -500.0
+#: a rod is on a slice where its contrast there is at least this fraction of its mean one
+PRESENT_FRACTION = 0.5
+#: along-z variation of a rod's core mean allowed beyond its noise (HU): the beam
+#: hardening of a patient whose width changes along the scan
+Z_TOLERANCE_HU = 5.0
 
 
 def _disk(radius_px_xy: tuple[float, float], inner_px_xy: tuple[float, float] | None = None
@@ -113,6 +124,42 @@ def _candidates(mean2d: np.ndarray, sx: float, sy: float, spec, exclude2d: np.nd
     return found
 
 
+def _masks(shape_yx, centre_px, sx: float, sy: float, d: float, core_fraction: float,
+           mean2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A rod's core disk and its ring's solid part (the whole ring when mostly air)."""
+    cx, cy = centre_px
+    yy, xx = np.indices(shape_yx)
+    r2 = ((xx - cx) * sx) ** 2 + ((yy - cy) * sy) ** 2
+    core = r2 <= (core_fraction * d / 2) ** 2
+    ring = (r2 > (RING_FROM * d) ** 2) & (r2 <= (RING_TO * d) ** 2)
+    solid = ring & (mean2d > AIR_HU)
+    return core, (solid if solid.sum() >= 0.25 * ring.sum() else ring)
+
+
+def _along_z(hu_zyx: np.ndarray, cand: dict, sx: float, sy: float, spec,
+             mean2d: np.ndarray) -> None:
+    """Where along z a candidate is a rod, and whether it is one: its slices (contrast of
+    the same sign and at least ``PRESENT_FRACTION`` of the mean contrast: a phantom shorter
+    than the scan), at least 3 of them (all of a shorter scan), over which its core
+    mean varies by no more than its noise allows (3 x the within-core SD / sqrt(core
+    pixels)) plus ``Z_TOLERANCE_HU``. Anatomy seen as a disk in the average (a vessel, a
+    loop of bowel) changes along z by tens of HU. Sets ``slices`` (bool per slice),
+    ``z_sd_hu``, ``z_limit_hu`` and ``rod`` (all checks passed) in ``cand``."""
+    core, ring = _masks(mean2d.shape, cand["center_px"], sx, sy, float(spec.rod_diameter_mm),
+                        spec.core_fraction, mean2d)
+    c_vals = hu_zyx[:, core].astype(np.float64)
+    p = c_vals.mean(axis=1)
+    q = hu_zyx[:, ring].mean(axis=1, dtype=np.float64)
+    sign = np.sign(cand["contrast_hu"])
+    present = sign * (p - q) >= PRESENT_FRACTION * abs(cand["contrast_hu"])
+    enough = present.sum() >= min(3, len(p))
+    noise = float(np.median(c_vals[present].std(axis=1))) / np.sqrt(core.sum()) if enough else 0
+    z_sd = float(p[present].std()) if enough else float("nan")
+    limit = 3.0 * noise + Z_TOLERANCE_HU
+    cand.update(slices=present, z_sd_hu=z_sd, z_limit_hu=limit,
+                rod=bool(enough and z_sd <= limit))
+
+
 def _solid_between(mean2d: np.ndarray, a, b) -> bool:
     """No air along the straight segment between two pixel positions (one phantom body)."""
     n = int(np.ceil(2 * np.hypot(b[0] - a[0], b[1] - a[1]))) + 2
@@ -137,24 +184,31 @@ def _rows(cands: list[dict], n: int, sx: float, sy: float, d: float, mean2d) -> 
         order = members[np.argsort(along)]
         if np.diff(np.sort(along)).min() < d:
             continue
-        if all(_solid_between(mean2d, cands[a]["center_px"], cands[b]["center_px"])
-               for a, b in zip(order[:-1], order[1:], strict=True)):
+        if not all(_solid_between(mean2d, cands[a]["center_px"], cands[b]["center_px"])
+                   for a, b in zip(order[:-1], order[1:], strict=True)):
+            continue
+        # one phantom: its rods span the same slices
+        common = np.logical_and.reduce([cands[k]["slices"] for k in order])
+        if all(common.sum() >= 0.9 * cands[k]["slices"].sum() for k in order):
             rows.add(tuple(int(k) for k in order))
     return [list(r) for r in sorted(rows)]
 
 
-def measure_rod(hu_zyx: np.ndarray, sx: float, sy: float, centre_px, spec) -> dict:
+def measure_rod(hu_zyx: np.ndarray, sx: float, sy: float, centre_px, spec,
+                slices: np.ndarray | None = None) -> dict:
     """Mean and SD of the HU over a rod's core (``core_fraction`` of its radius) on every
-    slice, at ``centre_px`` (pixel x, y)."""
+    slice (or on ``slices``, a bool per slice: the phantom's), at ``centre_px`` (pixel x,
+    y)."""
     cx, cy = centre_px
     r_core = spec.core_fraction * spec.rod_diameter_mm / 2
     yy, xx = np.indices(hu_zyx.shape[1:])
     core = ((xx - cx) * sx) ** 2 + ((yy - cy) * sy) ** 2 <= r_core ** 2
     if not core.any():
         raise QctfeaError(f"a rod centre ({cx:.0f}, {cy:.0f} px) lies outside the image")
-    vals = hu_zyx[:, core]
+    vals = hu_zyx[:, core] if slices is None else hu_zyx[slices][:, core]
     return {"center_px": [float(cx), float(cy)], "area_px": int(core.sum()),
-            "mean_hu": float(vals.mean()), "sd_hu": float(vals.std())}
+            "mean_hu": float(vals.mean()), "sd_hu": float(vals.std()),
+            "n_slices": int(hu_zyx.shape[0] if slices is None else slices.sum())}
 
 
 def find_rods(hu_zyx: np.ndarray, spacing_xyz, anatomy_zyx: np.ndarray | None, spec,
@@ -169,12 +223,33 @@ def find_rods(hu_zyx: np.ndarray, spacing_xyz, anatomy_zyx: np.ndarray | None, s
     mean2d = hu_zyx.mean(axis=0, dtype=np.float64)
     exclude2d = (np.zeros(mean2d.shape, bool) if anatomy_zyx is None
                  else np.asarray(anatomy_zyx).any(axis=0))
-    cands = _candidates(mean2d, sx, sy, spec, exclude2d)
+    disks = _candidates(mean2d, sx, sy, spec, exclude2d)
+    for c in disks:
+        _along_z(hu_zyx, c, sx, sy, spec, mean2d)
+    # A phantom shorter than the scan: its rods' contrast is diluted in the average over
+    # every slice. Averaged again over the slices where most rods found are, the rods of
+    # low contrast show too.
+    found = [c["slices"] for c in disks if c["rod"]]
+    if found:
+        on = np.mean(found, axis=0) >= 0.5
+        if 0 < on.sum() < len(on):
+            mean2d = np.zeros(mean2d.shape)
+            for k in np.nonzero(on)[0]:  # slice by slice: no copy of the scan
+                mean2d += hu_zyx[k]
+            mean2d /= on.sum()
+            disks = _candidates(mean2d, sx, sy, spec, exclude2d)
+            for c in disks:
+                _along_z(hu_zyx, c, sx, sy, spec, mean2d)
+    cands = [c for c in disks if c["rod"]]
     rows = _rows(cands, n, sx, sy, d, mean2d) if len(cands) >= n else []
     if not rows:
         listed = "; ".join(
             f"({c['center_px'][0] * sx:.0f}, {c['center_px'][1] * sy:.0f}) mm from the image "
-            f"corner, {c['contrast_hu']:+.0f} HU" for c in cands[:12]) or "none"
+            f"corner, {c['contrast_hu']:+.0f} HU"
+            + ("" if c["rod"] else f", not a rod along z (core mean varies by "
+                                   f"{c['z_sd_hu']:.0f} HU over {int(c['slices'].sum())} "
+                                   "slices)")
+            for c in disks[:12]) or "none"
         raise QctfeaError(
             f"{context}: no calibration phantom found: no row of {n} rods of {d:g} mm "
             f"(rod-like disks of at least {spec.min_contrast_hu:g} HU contrast: {listed}); "
@@ -185,7 +260,8 @@ def find_rods(hu_zyx: np.ndarray, spacing_xyz, anatomy_zyx: np.ndarray | None, s
             "calibration.intercept")
     best = None
     for row in rows:
-        rods = [measure_rod(hu_zyx, sx, sy, cands[k]["center_px"], spec) for k in row]
+        common = np.logical_and.reduce([cands[k]["slices"] for k in row])
+        rods = [measure_rod(hu_zyx, sx, sy, cands[k]["center_px"], spec, common) for k in row]
         assign_rod_densities(rods, spec)
         r2 = fit_r2(rods)
         if best is None or r2 > best[0]:
