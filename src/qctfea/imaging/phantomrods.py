@@ -205,7 +205,7 @@ def measure_rod(hu_zyx: np.ndarray, sx: float, sy: float, centre_px, spec,
     core = ((xx - cx) * sx) ** 2 + ((yy - cy) * sy) ** 2 <= r_core ** 2
     if not core.any():
         raise QctfeaError(f"a rod centre ({cx:.0f}, {cy:.0f} px) lies outside the image")
-    vals = hu_zyx[:, core] if slices is None else hu_zyx[slices][:, core]
+    vals = hu_zyx[:, core] if slices is None else hu_zyx[:, core][slices]
     return {"center_px": [float(cx), float(cy)], "area_px": int(core.sum()),
             "mean_hu": float(vals.mean()), "sd_hu": float(vals.std()),
             "n_slices": int(hu_zyx.shape[0] if slices is None else slices.sum())}
