@@ -144,8 +144,11 @@ def test_presets_define_their_phantoms_and_config_keys_override_them():
     cert = PhantomSpec(preset="mindways_model3", rod_diameter_mm=20.0,
                        rod_densities_mg_cm3=K2HPO4, water_equivalent_mg_cm3=WATER)
     assert cert.rod_densities_mg_cm3 == K2HPO4 and cert.water_equivalent_mg_cm3 == WATER
-    with pytest.raises(QctfeaError, match="no published rod diameter"):
-        PhantomSpec(preset="qrm_bdc_6")
+    # No published diameter: measured in the scan, unless the rods' centres are given (the
+    # core measured there needs the diameter).
+    assert PhantomSpec(preset="qrm_bdc_6").rod_diameter_mm is None
+    with pytest.raises(QctfeaError, match="rod_centres_mm needs calibration.phantom.rod_diam"):
+        PhantomSpec(preset="qrm_bdc_3", rod_centres_mm=[[0, 0], [10, 0], [20, 0]])
     with pytest.raises(QctfeaError, match="not a known phantom.*mindways_model3"):
         PhantomSpec(preset="mindways")
 
@@ -250,7 +253,8 @@ def _real_l1_on_a_phantom(real: Path, *, body_hu: float, tilt_deg: float = 0.0,
             centres)
 
 
-@pytest.mark.parametrize("case", ["gel pad, all labels", "dark rod, tilted, vertebra only"])
+@pytest.mark.parametrize("case", ["gel pad, all labels", "dark rod, tilted, vertebra only",
+                                  "10 mm rods, diameter not given"])
 def test_rods_of_a_phantom_joined_to_a_real_patient_are_found(real_scans, case):
     """A phantom that touches the patient (gel pad), the scan's table, contrast-enhanced
     kidneys and aorta: the rods are found where they are, matched to their densities, and
@@ -259,14 +263,18 @@ def test_rods_of_a_phantom_joined_to_a_real_patient_are_found(real_scans, case):
     no rod in this scan. Second case: a water-like phantom body (0 HU) in which rods A and
     B are darker than the body (-66 and -23 HU), min_contrast_hu 15, the row tilted 4
     degrees, and only the vertebra labelled (a VerSe-like map: the kidneys and aorta are
-    not excluded by a label)."""
-    tilted = case.startswith("dark")
+    not excluded by a label). Third: 10 mm rods and no rod_diameter_mm (the preset gives
+    none): the diameter is measured from the rods found, within 0.5 mm."""
+    tilted, measured = case.startswith("dark"), case.startswith("10 mm")
+    rod_mm = 10.0 if measured else 14.0
     hu, spacing, labels, (slope, intercept), centres = _real_l1_on_a_phantom(
-        real_scans, body_hu=0.0 if tilted else -120.0, tilt_deg=4.0 if tilted else 0.0)
+        real_scans, body_hu=0.0 if tilted else -120.0, tilt_deg=4.0 if tilted else 0.0,
+        rod_mm=rod_mm)
     anatomy = labels == 31 if tilted else labels != 0
-    spec = PhantomSpec(preset="mindways_model3", rod_diameter_mm=14.0,
+    spec = PhantomSpec(preset="mindways_model3", rod_diameter_mm=None if measured else 14.0,
                        **({"min_contrast_hu": 15.0} if tilted else {}))
     cal = phantom_calibration(hu, spacing, anatomy, spec, "T01 M00")
+    assert all(r["diameter_mm"] == pytest.approx(rod_mm, abs=0.5) for r in cal.rods)
     assert cal.slope == pytest.approx(slope, rel=0.005)
     assert cal.intercept == pytest.approx(intercept, abs=1.0)
     for rod in cal.rods:
@@ -301,7 +309,7 @@ def test_reference_tissues_of_a_phantom_scan_leave_the_phantom_out(real_scans):
     sx, sy = spacing[0], spacing[1]
     yy, xx = np.indices(hu.shape[1:])
     slab = (np.abs(xx * sx - 256 * sx) <= 130) & (np.abs(yy * sy - 432 * sy) <= 14)
-    band = phantomrods.phantom_band(hu.shape[1:], cal.rods, spacing, 14.0)
+    band = phantomrods.phantom_band(hu.shape[1:], cal.rods, spacing)
     assert band[slab].all()
     for exclude, expect_in_slab in ((None, True), (band, False)):
         masks = {}

@@ -102,8 +102,7 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
         cal = cal_mod.phantom_calibration(hu, ct.GetSpacing(), labels_arr != 0, spec, where,
                                           centres)
         try:
-            band = phantomrods.phantom_band(hu.shape[1:], cal.rods, ct.GetSpacing(),
-                                            spec.rod_diameter_mm)
+            band = phantomrods.phantom_band(hu.shape[1:], cal.rods, ct.GetSpacing())
             found = phantomless.find_tissues(hu, ct.GetSpacing(), labels_arr, tspec, where, label,
                                              masks, exclude_zyx=band)
             cal.tissues = phantomless.tissue_densities(cal, found)

@@ -163,9 +163,6 @@ PHANTOM_PRESETS: dict[str, dict] = {
 #: The keys of a preset that are PhantomSpec fields (the others document it).
 _PRESET_KEYS = ("rod_densities_mg_cm3", "water_equivalent_mg_cm3", "rod_diameter_mm")
 
-#: Rod diameter of a phantom given by its rods alone (no preset), as before presets existed.
-DEFAULT_ROD_DIAMETER_MM = 12.0
-
 
 def phantom_presets_text() -> str:
     """One line per preset: name, rods, source (for error messages and docs)."""
@@ -187,14 +184,18 @@ class PhantomSpec:
              "equations), `qrm_bdc_6`, `qrm_bdc_3` (hydroxyapatite), `demo_k2hpo4` (the demo "
              "generator's phantom). Keys given beside it override the preset's (your "
              "certificate's values). The Mindways and QRM presets state no rod diameter (none "
-             "published in a source we could check): give `rod_diameter_mm`"))
+             "published in a source we could check): it is measured in the scan unless "
+             "`rod_diameter_mm` is given"))
     rod_densities_mg_cm3: list[float] | None = option(
         None, minItems=2, shown="from the preset; no default",
         doc=("known densities of the rods (K2HPO4 or hydroxyapatite equivalent, mg/cm³), any "
              "order"))
     rod_diameter_mm: float | None = option(
-        None, exclusiveMinimum=0, shown="from the preset; 12 with rods given without a preset",
-        doc="rod diameter (used to find rods)")
+        None, exclusiveMinimum=0, shown="from the preset; else measured in the scan",
+        doc=("rod diameter (mm), used to find and measure the rods; not given (and not in "
+             "the preset), the rods are searched at diameters from 5 to 30 mm and it is "
+             "measured from the rods found (recorded per rod in calibration.json); needed "
+             "with `rod_centres_mm`"))
     #: rod vs surroundings contrast used to find rods
     min_contrast_hu: float = option(
         40.0, exclusiveMinimum=0,
@@ -240,14 +241,7 @@ class PhantomSpec:
             return
         if len(self.rod_densities_mg_cm3) < 2:
             raise QctfeaError(f"{where}.rod_densities_mg_cm3: give at least 2 rods")
-        if self.rod_diameter_mm is None:
-            if self.preset is not None:
-                raise QctfeaError(
-                    f"{where}: preset {self.preset!r} has no published rod diameter; give "
-                    f"calibration.phantom.rod_diameter_mm (mm) of your phantom "
-                    f"(source of the preset: {PHANTOM_PRESETS[self.preset]['source']})")
-            self.rod_diameter_mm = DEFAULT_ROD_DIAMETER_MM
-        if not self.rod_diameter_mm > 0:
+        if self.rod_diameter_mm is not None and not self.rod_diameter_mm > 0:
             raise QctfeaError(f"{where}.rod_diameter_mm must be > 0, not {self.rod_diameter_mm}")
         n = len(self.rod_densities_mg_cm3)
         for key in ("water_equivalent_mg_cm3", "rod_centres_mm"):
@@ -258,6 +252,12 @@ class PhantomSpec:
         if self.rod_centres_mm is not None and not all(
                 isinstance(c, (list, tuple)) and len(c) == 2 for c in self.rod_centres_mm):
             raise QctfeaError("calibration.phantom.rod_centres_mm: give [x, y] (mm) per rod")
+        # without a diameter it is measured in the scan (phantomrods.find_rods), from rods found
+        if self.rod_centres_mm is not None and self.rod_diameter_mm is None:
+            raise QctfeaError(
+                f"{where}.rod_centres_mm needs calibration.phantom.rod_diameter_mm (mm) of your "
+                "phantom: the rods are measured over their cores, a fraction (core_fraction) "
+                "of that diameter")
 
     def require_defined(self) -> "PhantomSpec":
         """The phantom itself, or an error listing the presets when none is named (a phantom

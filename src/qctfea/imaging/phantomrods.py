@@ -52,6 +52,8 @@ AREA_RANGE = (0.5, 1.6)
 ROW_TOLERANCE = 0.25
 #: a core less uniform than this fraction of its contrast straddles an edge
 CORE_SD_FRACTION = 1.0 / 3.0
+#: rod diameters tried when the phantom's is not configured (mm; 1.25x apart)
+ROD_SEARCH_MM = (5.0, 6.25, 7.8, 9.8, 12.2, 15.3, 19.1, 23.8, 29.8)
 #: mean HU below which a pixel of the z-averaged image is air (not phantom material)
 AIR_HU = -500.0
 #: a rod is on a slice where its contrast there is at least this fraction of its mean one
@@ -73,10 +75,9 @@ def _disk(radius_px_xy: tuple[float, float], inner_px_xy: tuple[float, float] | 
     return k / k.sum()
 
 
-def _candidates(mean2d: np.ndarray, sx: float, sy: float, spec, exclude2d: np.ndarray
-                ) -> list[dict]:
+def _candidates(mean2d: np.ndarray, sx: float, sy: float, d: float, spec,
+                exclude2d: np.ndarray) -> list[dict]:
     """Rod-like disks of the z-averaged image: centre (pixel x, y) and area."""
-    d = float(spec.rod_diameter_mm)
     r_core = spec.core_fraction * d / 2
     core_k = _disk((r_core / sx, r_core / sy))
     ring_k = _disk((RING_TO * d / sx, RING_TO * d / sy), (RING_FROM * d / sx, RING_FROM * d / sy))
@@ -136,7 +137,7 @@ def _masks(shape_yx, centre_px, sx: float, sy: float, d: float, core_fraction: f
     return core, (solid if solid.sum() >= 0.25 * ring.sum() else ring)
 
 
-def _along_z(hu_zyx: np.ndarray, cand: dict, sx: float, sy: float, spec,
+def _along_z(hu_zyx: np.ndarray, cand: dict, sx: float, sy: float, d: float, spec,
              mean2d: np.ndarray) -> None:
     """Where along z a candidate is a rod, and whether it is one: its slices (contrast of
     the same sign and at least ``PRESENT_FRACTION`` of the mean contrast: a phantom shorter
@@ -145,8 +146,7 @@ def _along_z(hu_zyx: np.ndarray, cand: dict, sx: float, sy: float, spec,
     pixels)) plus ``Z_TOLERANCE_HU``. Anatomy seen as a disk in the average (a vessel, a
     loop of bowel) changes along z by tens of HU. Sets ``slices`` (bool per slice),
     ``z_sd_hu``, ``z_limit_hu`` and ``rod`` (all checks passed) in ``cand``."""
-    core, ring = _masks(mean2d.shape, cand["center_px"], sx, sy, float(spec.rod_diameter_mm),
-                        spec.core_fraction, mean2d)
+    core, ring = _masks(mean2d.shape, cand["center_px"], sx, sy, d, spec.core_fraction, mean2d)
     c_vals = hu_zyx[:, core].astype(np.float64)
     p = c_vals.mean(axis=1)
     q = hu_zyx[:, ring].mean(axis=1, dtype=np.float64)
@@ -194,13 +194,13 @@ def _rows(cands: list[dict], n: int, sx: float, sy: float, d: float, mean2d) -> 
     return [list(r) for r in sorted(rows)]
 
 
-def measure_rod(hu_zyx: np.ndarray, sx: float, sy: float, centre_px, spec,
+def measure_rod(hu_zyx: np.ndarray, sx: float, sy: float, centre_px, d: float, spec,
                 slices: np.ndarray | None = None) -> dict:
-    """Mean and SD of the HU over a rod's core (``core_fraction`` of its radius) on every
-    slice (or on ``slices``, a bool per slice: the phantom's), at ``centre_px`` (pixel x,
-    y)."""
+    """Mean and SD of the HU over the core (``core_fraction`` of the radius) of a rod of
+    diameter ``d`` (mm) on every slice (or on ``slices``, a bool per slice: the
+    phantom's), at ``centre_px`` (pixel x, y)."""
     cx, cy = centre_px
-    r_core = spec.core_fraction * spec.rod_diameter_mm / 2
+    r_core = spec.core_fraction * d / 2
     yy, xx = np.indices(hu_zyx.shape[1:])
     core = ((xx - cx) * sx) ** 2 + ((yy - cy) * sy) ** 2 <= r_core ** 2
     if not core.any():
@@ -208,24 +208,17 @@ def measure_rod(hu_zyx: np.ndarray, sx: float, sy: float, centre_px, spec,
     vals = hu_zyx[:, core] if slices is None else hu_zyx[:, core][slices]
     return {"center_px": [float(cx), float(cy)], "area_px": int(core.sum()),
             "mean_hu": float(vals.mean()), "sd_hu": float(vals.std()),
-            "n_slices": int(hu_zyx.shape[0] if slices is None else slices.sum())}
+            "n_slices": int(hu_zyx.shape[0] if slices is None else slices.sum()),
+            "diameter_mm": float(d)}
 
 
-def find_rods(hu_zyx: np.ndarray, spacing_xyz, anatomy_zyx: np.ndarray | None, spec,
-              context: str, fit_r2: Callable[[list[dict]], float]) -> list[dict]:
-    """The phantom's rods (module docstring), each with its centre (pixel x, y), core area,
-    mean and SD HU and, from :func:`assign_rod_densities`, its density. No rod lies on
-    ``anatomy_zyx`` (the label map's structures); ``fit_r2`` scores a row of rods with their
-    densities assigned (the calibration's R²)."""
-    sx, sy = float(spacing_xyz[0]), float(spacing_xyz[1])
-    d = float(spec.rod_diameter_mm)
-    n = len(spec.rod_densities_mg_cm3)
+def _search(hu_zyx: np.ndarray, sx: float, sy: float, d: float, spec, exclude2d: np.ndarray
+            ) -> tuple[list[dict], list[dict], list[list[int]]]:
+    """Disks, rods and rows of rods of diameter ``d`` (steps 1-4 of the module docstring)."""
     mean2d = hu_zyx.mean(axis=0, dtype=np.float64)
-    exclude2d = (np.zeros(mean2d.shape, bool) if anatomy_zyx is None
-                 else np.asarray(anatomy_zyx).any(axis=0))
-    disks = _candidates(mean2d, sx, sy, spec, exclude2d)
+    disks = _candidates(mean2d, sx, sy, d, spec, exclude2d)
     for c in disks:
-        _along_z(hu_zyx, c, sx, sy, spec, mean2d)
+        _along_z(hu_zyx, c, sx, sy, d, spec, mean2d)
     # A phantom shorter than the scan: its rods' contrast is diluted in the average over
     # every slice. Averaged again over the slices where most rods found are, the rods of
     # low contrast show too.
@@ -237,35 +230,72 @@ def find_rods(hu_zyx: np.ndarray, spacing_xyz, anatomy_zyx: np.ndarray | None, s
             for k in np.nonzero(on)[0]:  # slice by slice: no copy of the scan
                 mean2d += hu_zyx[k]
             mean2d /= on.sum()
-            disks = _candidates(mean2d, sx, sy, spec, exclude2d)
+            disks = _candidates(mean2d, sx, sy, d, spec, exclude2d)
             for c in disks:
-                _along_z(hu_zyx, c, sx, sy, spec, mean2d)
+                _along_z(hu_zyx, c, sx, sy, d, spec, mean2d)
     cands = [c for c in disks if c["rod"]]
-    rows = _rows(cands, n, sx, sy, d, mean2d) if len(cands) >= n else []
-    if not rows:
-        listed = "; ".join(
-            f"({c['center_px'][0] * sx:.0f}, {c['center_px'][1] * sy:.0f}) mm from the image "
-            f"corner, {c['contrast_hu']:+.0f} HU"
-            + ("" if c["rod"] else f", not a rod along z (core mean varies by "
-                                   f"{c['z_sd_hu']:.0f} HU over {int(c['slices'].sum())} "
-                                   "slices)")
-            for c in disks[:12]) or "none"
+    n = len(spec.rod_densities_mg_cm3)
+    return disks, cands, (_rows(cands, n, sx, sy, d, mean2d) if len(cands) >= n else [])
+
+
+def _disk_text(disks: list[dict], sx: float, sy: float) -> str:
+    """The disks seen (once each, however many diameters saw them), for an error."""
+    shown: list[dict] = []
+    for c in disks:
+        if len(shown) < 12 and all(np.hypot((c["center_px"][0] - o["center_px"][0]) * sx,
+                                            (c["center_px"][1] - o["center_px"][1]) * sy) > 2
+                                   for o in shown):
+            shown.append(c)
+    return "; ".join(
+        f"({c['center_px'][0] * sx:.0f}, {c['center_px'][1] * sy:.0f}) mm from the image "
+        f"corner, {c['contrast_hu']:+.0f} HU"
+        + ("" if c["rod"] else f", not a rod along z (core mean varies by "
+                               f"{c['z_sd_hu']:.0f} HU over {int(c['slices'].sum())} slices)")
+        for c in shown) or "none"
+
+
+def find_rods(hu_zyx: np.ndarray, spacing_xyz, anatomy_zyx: np.ndarray | None, spec,
+              context: str, fit_r2: Callable[[list[dict]], float]) -> list[dict]:
+    """The phantom's rods (module docstring), each with its centre (pixel x, y), diameter,
+    core area, mean and SD HU, slices and, from :func:`assign_rod_densities`, its density.
+    No rod lies on ``anatomy_zyx`` (the label map's structures); ``fit_r2`` scores a row
+    of rods with their densities assigned (the calibration's R²).
+
+    Without ``spec.rod_diameter_mm`` the rods are searched at every diameter of
+    :data:`ROD_SEARCH_MM` (steps 1.25x apart: the size cut's 0.5-1.6x area range overlaps
+    them); the row that fits best gives the diameter, measured as the mean diameter of its
+    rods' cut pieces (the disk of their area), at which the rods are then measured."""
+    sx, sy = float(spacing_xyz[0]), float(spacing_xyz[1])
+    n = len(spec.rod_densities_mg_cm3)
+    exclude2d = (np.zeros(hu_zyx.shape[1:], bool) if anatomy_zyx is None
+                 else np.asarray(anatomy_zyx).any(axis=0))
+    given = spec.rod_diameter_mm is not None
+    best, seen = None, []
+    for d in ([float(spec.rod_diameter_mm)] if given else ROD_SEARCH_MM):
+        disks, cands, rows = _search(hu_zyx, sx, sy, d, spec, exclude2d)
+        seen += disks
+        for row in rows:
+            common = np.logical_and.reduce([cands[k]["slices"] for k in row])
+            dm = d if given else float(np.mean(
+                [2 * np.sqrt(cands[k]["area_px"] * sx * sy / np.pi) for k in row]))
+            rods = [measure_rod(hu_zyx, sx, sy, cands[k]["center_px"], dm, spec, common)
+                    for k in row]
+            assign_rod_densities(rods, spec)
+            r2 = fit_r2(rods)
+            if best is None or r2 > best[0]:
+                best = (r2, rods)
+    if best is None:
+        size = (f"{spec.rod_diameter_mm:g} mm" if given else
+                f"any diameter from {ROD_SEARCH_MM[0]:g} to {ROD_SEARCH_MM[-1]:g} mm")
         raise QctfeaError(
-            f"{context}: no calibration phantom found: no row of {n} rods of {d:g} mm "
-            f"(rod-like disks of at least {spec.min_contrast_hu:g} HU contrast: {listed}); "
+            f"{context}: no calibration phantom found: no row of {n} rods of {size} "
+            f"(rod-like disks of at least {spec.min_contrast_hu:g} HU contrast: "
+            f"{_disk_text(seen, sx, sy)}); "
             "check calibration.phantom (rod_diameter_mm, the number of rods, "
             "min_contrast_hu) or give the rods' positions as calibration.phantom."
             "rod_centres_mm; for a scan without a phantom set calibration.method: "
             "phantomless, or calibration.method: fixed with calibration.slope and "
             "calibration.intercept")
-    best = None
-    for row in rows:
-        common = np.logical_and.reduce([cands[k]["slices"] for k in row])
-        rods = [measure_rod(hu_zyx, sx, sy, cands[k]["center_px"], spec, common) for k in row]
-        assign_rod_densities(rods, spec)
-        r2 = fit_r2(rods)
-        if best is None or r2 > best[0]:
-            best = (r2, rods)
     return best[1]
 
 
@@ -273,8 +303,7 @@ def find_rods(hu_zyx: np.ndarray, spacing_xyz, anatomy_zyx: np.ndarray | None, s
 BAND_HALF_WIDTH = 2.5
 
 
-def phantom_band(shape_yx: tuple[int, int], rods: list[dict], spacing_xyz, diameter_mm: float
-                 ) -> np.ndarray:
+def phantom_band(shape_yx: tuple[int, int], rods: list[dict], spacing_xyz) -> np.ndarray:
     """The phantom's place in an axial slice: pixels within ``BAND_HALF_WIDTH`` rod diameters
     of the straight line through the rods' centres (across the whole image: the phantom body
     reaches beyond its outer rods). Never sampled as a reference tissue: a phantom body's
@@ -285,7 +314,7 @@ def phantom_band(shape_yx: tuple[int, int], rods: list[dict], spacing_xyz, diame
     u = np.linalg.svd(p - c)[2][0]  # the row's direction
     yy, xx = np.indices(shape_yx)
     dist = np.abs((xx * sx - c[0]) * u[1] - (yy * sy - c[1]) * u[0])
-    return dist <= BAND_HALF_WIDTH * diameter_mm
+    return dist <= BAND_HALF_WIDTH * max(r["diameter_mm"] for r in rods)
 
 
 def assign_rod_densities(rods: list[dict], spec) -> None:
@@ -309,7 +338,7 @@ def rods_at(hu_zyx: np.ndarray, spacing_xyz, centres_px, spec) -> list[dict]:
                                 spec.water_equivalent_mg_cm3 or [None] * len(centres_px),
                                 strict=True):
         try:
-            rod = measure_rod(hu_zyx, sx, sy, (cx, cy), spec)
+            rod = measure_rod(hu_zyx, sx, sy, (cx, cy), float(spec.rod_diameter_mm), spec)
         except QctfeaError as exc:
             raise QctfeaError(f"calibration.phantom.rod_centres_mm: {exc}") from None
         rod.update({"density_mg_cm3": float(rho), "given": True})
