@@ -346,3 +346,46 @@ def test_anatomy_in_a_row_is_not_taken_for_a_phantom(real_scans):
     spec = PhantomSpec(preset="qrm_bdc_3", rod_diameter_mm=20.0, min_contrast_hu=15.0)
     with pytest.raises(QctfeaError, match="no calibration phantom found.*not a rod along z"):
         phantom_calibration(hu, ct.GetSpacing(), sitk.GetArrayFromImage(lab) == 31, spec, "T")
+
+
+def test_a_real_scan_on_a_phantom_calibrates_through_the_workflow(real_scans, tmp_path):
+    """The real L1 lying on the phantom (gel pad, table, contrast), as a cohort names it
+    (preset mindways_model3, no rod diameter, TotalSegmentator labels), through Snakemake's
+    ingest and calibrate rules: the true line, the rods' diameter measured, the phantom's
+    reference tissues recorded, the picture written."""
+    import json
+
+    import yaml
+
+    from conftest import REPO, run, venv_bin
+    from qctfea.imaging import dicomio
+
+    hu, _, _, (slope, intercept), _ = _real_l1_on_a_phantom(real_scans, body_hu=-120.0)
+    ref = dicomio.canonical_orientation(sitk.ReadImage(str(real_scans / "totalseg_L1/ct.nii.gz")))
+    img = sitk.GetImageFromArray(np.round(hu).astype(np.int16))  # HU stored as integers
+    img.CopyInformation(ref)
+    sitk.WriteImage(img, str(tmp_path / "ct.nii.gz"))
+    c = tmp_path / "cohorts" / "phantom-l1"
+    c.mkdir(parents=True)
+    (c / "config.yaml").write_text(yaml.safe_dump({
+        "samples": "samples.tsv",
+        "calibration": {"method": "phantom", "phantom": {"preset": "mindways_model3"}},
+        "mask": {"convention": "totalsegmentator", "vertebra": "L1"},
+        "planning": {"method": "auto"}}))
+    (c / "samples.tsv").write_text(
+        "patient\ttimepoint\tmonths\timage\tlabels\n"
+        f"T01\tM00\t0\t{tmp_path / 'ct.nii.gz'}\t{real_scans / 'totalseg_L1/labels.nii.gz'}\n")
+    out = tmp_path / "results" / "phantom-l1" / "T01" / "M00"
+    p = run([venv_bin("snakemake"), "--cores", "2", "--snakefile", str(REPO / "Snakefile"),
+             "--directory", str(tmp_path), "--configfile", str(REPO / "config" / "config.yaml"),
+             "--config", "cohort=phantom-l1", f"cohorts_dir={tmp_path / 'cohorts'}",
+             "--show-failed-logs", str((out / "calibration.json").relative_to(tmp_path))],
+            cwd=REPO, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["method"] == "phantom"
+    assert cal["slope"] == pytest.approx(slope, rel=0.005)
+    assert cal["intercept"] == pytest.approx(intercept, abs=1.0)
+    assert [round(r["diameter_mm"]) for r in cal["rods"]] == [14] * 5
+    assert {t["name"] for t in cal["tissues"] if t["found"]} >= {"air", "fat", "muscle"}
+    assert (out / "calibration.png").read_bytes()[:4] == b"\x89PNG"
