@@ -300,3 +300,23 @@ def test_real_sample_totalseg_l1_contrast_enhanced_aorta(tmp_path):
           f"{t['blood']['median_hu']:.0f} HU")
     assert ee["fit"]["n_tissues"] == 3 and ee["fit"]["r2"] > 0.999
     assert 55.0 <= ee["energy_kev"] <= 80.0 and 0.55 <= cal["slope"] <= 0.85
+
+
+def test_a_scan_not_in_hounsfield_units_is_refused_saying_so(tmp_path):
+    """The real L1 written as stored pixel values (HU + 1024, the rescale intercept not
+    applied, as some converters write it): air reads +24, fat about +920; no tissue falls in
+    its HU window, and the refusal says the values are not Hounsfield units."""
+    real = _real(TOTALSEG)
+    img = sitk.ReadImage(str(real / "ct.nii.gz"))
+    raw = sitk.Cast(img, sitk.sitkFloat32) + 1024.0
+    sitk.WriteImage(raw, str(tmp_path / "raw.nii.gz"))
+    with pytest.raises(QctfeaError, match=r"The scan holds no air.*not Hounsfield units.*-1024"):
+        steps_imaging.calibrate(ct_path=tmp_path / "raw.nii.gz", labels_path=real / "labels.nii.gz",
+                                out_density=tmp_path / "d.nii.gz", out_json=tmp_path / "c.json",
+                                out_png=tmp_path / "c.png", cfg={"method": "phantomless"},
+                                context="T01 M00", label=31)
+    # the same scan in HU calibrates (the hint is only for a refusal of a scan without air)
+    steps_imaging.calibrate(ct_path=real / "ct.nii.gz", labels_path=real / "labels.nii.gz",
+                            out_density=tmp_path / "d.nii.gz", out_json=tmp_path / "c.json",
+                            out_png=tmp_path / "c.png", cfg={"method": "phantomless"},
+                            context="T01 M00", label=31)

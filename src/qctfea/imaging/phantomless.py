@@ -177,15 +177,39 @@ def phantomless_calibration(
     spec = spec or TissueSpec()
     tissues = find_tissues(hu_zyx, spacing_xyz, labels_zyx, spec, context, target_label,
                            masks)
-    if spec.model == "effective_energy":
-        cal = effective_energy_calibration(tissues, spec, context)
-    else:
-        cal = _tissue_regression(tissues, spec, context)
+    try:
+        if spec.model == "effective_energy":
+            cal = effective_energy_calibration(tissues, spec, context)
+        else:
+            cal = _tissue_regression(tissues, spec, context)
+    except QctfeaError as exc:
+        raise QctfeaError(f"{exc}{_units_hint(hu_zyx)}") from None
     if masks is not None:  # the picture shows the voxels of the tissues used
         for t in cal.tissues:
             if not t["used"]:
                 masks.pop(t["name"], None)
     return cal
+
+
+#: lowest values of a CT in Hounsfield units that holds air: about -1000; above this, none
+NO_AIR_ABOVE_HU = -500.0
+
+
+def _units_hint(hu_zyx: np.ndarray) -> str:
+    """For a refused phantomless calibration: a hint when the scan holds nothing near air's
+    -1000 HU, the sign of values that are not Hounsfield units (stored pixel values whose
+    rescale intercept, usually -1024, was not applied by the program that wrote the file)."""
+    sub = np.asarray(hu_zyx[::2, ::4, ::4])
+    # the padding outside the reconstruction circle (one value, the minimum: -2048 or
+    # -3024 in HU) is not air
+    inside = sub[sub > sub.min()]
+    lo = float(np.percentile(inside, 0.1)) if inside.size else float(sub.min())
+    if lo <= NO_AIR_ABOVE_HU:
+        return ""
+    return (f". The scan holds no air: its lowest values (0.1st percentile {lo:.0f}) are far "
+            "above air's -1000 HU; if it shows air around the patient, its values are not "
+            "Hounsfield units (e.g. stored pixel values without their rescale intercept, "
+            "usually -1024): convert it to HU, or give the DICOM series")
 
 
 def _mark_contrast(t: dict, unenhanced_hu: float, margin: float, basis: str) -> None:
