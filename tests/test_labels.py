@@ -271,3 +271,35 @@ def test_sample_sheet_subregions_column_is_optional(tmp_path):
     (tmp_path / "b.tsv").write_text(f"{head}\tsubregions\nP1\tM00\t0\tct.nii.gz\tl.nii.gz\t"
                                     "s.nii.gz\nP1\tM12\t12\tct.nii.gz\tl.nii.gz\t\n")
     assert read_sample_sheet(tmp_path / "b.tsv")["subregions"].tolist() == ["s.nii.gz", ""]
+
+
+# --- label values -------------------------------------------------------------------------
+
+
+def test_a_linearly_resampled_label_map_is_refused(real_l1_ingested, tmp_path):
+    """The real TotalSegmentator labels resampled with linear interpolation onto a grid
+    shifted by half a voxel (a common slip when a label map is brought onto another grid):
+    19 % of the labelled voxels hold fractions (15.5 between background and L1's 31).
+    Before this check the mask step truncated them silently: L1's surface frayed and labels
+    that are not there (15, 23, 27, ...) touched it. Refused, naming the file and the cure;
+    the same labels stored as whole-number floats are accepted, with the same vertebra."""
+    src, root = real_l1_ingested["src"], real_l1_ingested["root"]
+    lab = sitk.Cast(sitk.ReadImage(str(src / "labels.nii.gz")), sitk.sitkFloat32)
+    shifted = sitk.Resample(lab, lab, sitk.TranslationTransform(3, (0.35, 0.35, 1.25)),
+                            sitk.sitkLinear, 0.0)
+    sitk.WriteImage(shifted, str(tmp_path / "linear.nii.gz"))
+    sitk.WriteImage(lab, str(tmp_path / "float.nii.gz"))
+    cfg = {"convention": "totalsegmentator", "vertebra": "L1"}
+
+    def mask(name):
+        steps_imaging.mask(ct_path=root / "ct.nii.gz", labels_path=tmp_path / name,
+                           out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
+                           cfg=cfg, context=CTX)
+        return json.loads((tmp_path / "v.json").read_text())
+
+    with pytest.raises(QctfeaError) as err:
+        mask("linear.nii.gz")
+    _has(err, CTX, "linear.nii.gz", "not whole numbers", "nearest neighbour")
+    as_float = mask("float.nii.gz")
+    sitk.WriteImage(sitk.Cast(lab, sitk.sitkUInt8), str(tmp_path / "int.nii.gz"))
+    assert as_float["vertebra_volume_cm3"] == mask("int.nii.gz")["vertebra_volume_cm3"]

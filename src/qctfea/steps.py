@@ -141,7 +141,34 @@ def _read_labels(path, context: str, convention: str = "custom"
             "image (a segmentation with overlapping segments, such as a 3D Slicer .seg.nrrd "
             "with several layers?); export it as one labelmap (Slicer: Segmentations, Export "
             "to labelmap), or give the structures' labels in one 3D image")
-    return image, None
+    return _integer_labels(image, path, "label map", context), None
+
+
+def _integer_labels(image: sitk.Image, path, what: str, context: str) -> sitk.Image:
+    """``image`` when its values are whole numbers; a label map of floating-point values
+    that are not (a label map resampled with linear interpolation: 15.5 between background
+    and label 31, 30.5 between labels 30 and 31) is refused: cast to integers it would
+    give the target vertebra a frayed surface and invent labels at every boundary."""
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return image
+    arr = sitk.GetArrayViewFromImage(image)
+    bad, example = 0, None
+    for k in range(arr.shape[0]):  # slice by slice: no whole-image temporaries
+        sl = arr[k]
+        off = sl != np.round(sl)  # NaN too
+        n = int(np.count_nonzero(off))
+        if n:
+            bad += n
+            example = sl[off][0] if example is None else example
+    if bad:
+        labelled = max(int(np.count_nonzero(arr)), 1)
+        raise QctfeaError(
+            f"{context}: {what} {path} holds {bad} voxels whose values are not whole numbers "
+            f"({100 * bad / labelled:.1f} % of its nonzero voxels; e.g. {float(example):g}): a "
+            "label map resampled with linear interpolation? Labels are integers: resample it "
+            "by nearest neighbour (SimpleITK sitkNearestNeighbor, 3D Slicer's 'Nearest "
+            "Neighbor' interpolation), or give the label map as the segmentation wrote it")
+    return image
 
 
 def _refuse_dicom_labels(path, context: str) -> None:

@@ -17,8 +17,8 @@ import SimpleITK as sitk
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, provenance, write_json
 from qctfea.steps import (
-    _grid, _like, _need, _read_ct, _read_density, _read_grid, _read_image, _read_labels,
-    _write_image, load_screws, params_from,
+    _grid, _integer_labels, _like, _need, _read_ct, _read_density, _read_grid, _read_image,
+    _read_labels, _write_image, load_screws, params_from,
 )
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,8 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     if subregions_path is not None:
         sub_where = f"{context} ({subregions_path})"
         sub = sitk.GetArrayFromImage(masks.resample_labels_to(
-            _read_image(subregions_path, "sub-region map", context), ct, sub_where))
+            _integer_labels(_read_image(subregions_path, "sub-region map", context),
+                            subregions_path, "sub-region map", context), ct, sub_where))
     caps = np.isin(lab, p.cap_labels) if p.cap_labels else np.zeros(lab.shape, bool)
     if p.cap_labels and not caps.any():
         raise QctfeaError(f"{where}: no voxel carries the end-cap label(s) mask.cap_labels "
