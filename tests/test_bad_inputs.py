@@ -233,8 +233,10 @@ def test_vertebra_too_small_for_a_body(demo_scan, tmp_path):
     path = _write_like(tiny, src / "labels.nii.gz", tmp_path / "labels_tiny.nii.gz")
     with pytest.raises(QctfeaError) as err:
         _run_mask(demo_scan, demo_scan["results"] / "ct.nii.gz", path, tmp_path)
+    sp = sitk.ReadImage(str(demo_scan["results"] / "ct.nii.gz")).GetSpacing()
     _has(err, demo_scan["context"], path, "no vertebral body found",
-         "lower mask.body_opening_mm")
+         "lower mask.body_opening_mm",  # the 3 x 3 x 3 voxels' span, a hint at a bad header
+         "spans " + " x ".join(f"{3 * v:.0f}" for v in sp) + " mm", "voxel spacing")
 
 
 def test_trabecular_roi_empty_after_margin(demo_scan, tmp_path):

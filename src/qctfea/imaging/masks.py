@@ -427,9 +427,16 @@ def _body_from_opening(v: np.ndarray, spacing_xyz, params: MaskParams, context: 
     sampling = tuple(spacing_xyz)[::-1]
     opened = morphology.opening(v, params.body_opening_mm, sampling)
     if not opened.any():
-        raise QctfeaError(f"{context}: no vertebral body found (vertebra thinner than "
-                          f"{2 * params.body_opening_mm} mm everywhere); "
-                          "lower mask.body_opening_mm")
+        idx = np.nonzero(v.any(axis=(1, 2)))[0], np.nonzero(v.any(axis=(0, 2)))[0], \
+            np.nonzero(v.any(axis=(0, 1)))[0]
+        span = [(ix[-1] - ix[0] + 1) * s for ix, s in zip(idx, sampling, strict=True)][::-1]
+        raise QctfeaError(
+            f"{context}: no vertebral body found (vertebra thinner than "
+            f"{2 * params.body_opening_mm} mm everywhere; the target label spans "
+            f"{' x '.join(f'{x:.0f}' for x in span)} mm along the image axes x, y, z, where an "
+            "adult vertebra with its processes spans 30-90 mm each way): lower "
+            "mask.body_opening_mm for a small vertebra; if the span is far off, check the "
+            "label map's voxel spacing in its header against the CT's")
     body = _largest(opened)
     return morphology.dilate(body, 1.0, sampling) & v
 
