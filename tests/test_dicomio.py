@@ -472,8 +472,8 @@ def test_compressed_series_reads_as_the_uncompressed_one(tmp_path: Path, syntax:
     """Clinical archives send CT series compressed (lossless JPEG, JPEG-LS, JPEG 2000):
     each slice is recompressed here by GDCM's own encoder and the series must read to the
     same HU voxel for voxel as before (pydicom decodes them through the python-gdcm plugin,
-    a requirement; GDCM's JPEG 2000 encoder crashes on these slices, so that syntax is not
-    made here)."""
+    a requirement; GDCM's JPEG 2000 encoder crashes on these slices: JPEG 2000 is made by
+    OpenJPEG in the next test)."""
     import gdcm
 
     s = write_series(tmp_path / "raw", seed=4, strays=False)
@@ -501,6 +501,47 @@ def test_compressed_series_reads_as_the_uncompressed_one(tmp_path: Path, syntax:
     image, _ = read_dicom_series(tmp_path / "jpeg", context=CONTEXT)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image),
                                   sitk.GetArrayFromImage(reference))
+    np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-9)
+
+
+def test_jpeg2000_series_reads_as_the_uncompressed_one(tmp_path: Path) -> None:
+    """JPEG 2000 lossless (transfer syntax 1.2.840.10008.1.2.4.90), the syntax many PACS
+    exports use, encoded by an encoder other than the reader's: OpenJPEG through Pillow
+    (the reader decodes through python-gdcm). JPEG 2000 codes unsigned 16-bit samples here,
+    so each slice's stored values are shifted to start at 0 and its rescale intercept
+    carries the shift back: the series must read to the same HU voxel for voxel."""
+    import io
+
+    import pydicom
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    s = write_series(tmp_path / "raw", seed=5, strays=False)
+    reference, _ = read_dicom_series(s.folder, context=CONTEXT)
+    (tmp_path / "j2k").mkdir()
+    for f in s.files:
+        ds = pydicom.dcmread(f)
+        stored = ds.pixel_array.astype(np.int32)
+        low = int(stored.min())
+        buf = io.BytesIO()
+        Image.fromarray((stored - low).astype(np.uint16)).save(
+            buf, format="JPEG2000", irreversible=False, no_jp2=True)  # lossless codestream
+        ds.PixelData = encapsulate([buf.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds.PixelRepresentation = 0
+        ds.RescaleIntercept = float(ds.RescaleIntercept) + float(ds.RescaleSlope) * low
+        ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+        ds.save_as(tmp_path / "j2k" / f.name, enforce_file_format=True)
+    one = pydicom.dcmread(tmp_path / "j2k" / s.files[0].name)
+    assert one.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    # GDCM decodes it (pydicom's first JPEG 2000 plugin; Pillow is the fallback)
+    first = pydicom.dcmread(s.files[0]).pixel_array.astype(np.int32)
+    one.pixel_array_options(decoding_plugin="gdcm")
+    np.testing.assert_array_equal(one.pixel_array, first - first.min())
+    image, _ = read_dicom_series(tmp_path / "j2k", context=CONTEXT)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(image),
+                               sitk.GetArrayFromImage(reference), atol=1e-3)
     np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-9)
 
 
