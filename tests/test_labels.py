@@ -303,3 +303,37 @@ def test_a_linearly_resampled_label_map_is_refused(real_l1_ingested, tmp_path):
     as_float = mask("float.nii.gz")
     sitk.WriteImage(sitk.Cast(lab, sitk.sitkUInt8), str(tmp_path / "int.nii.gz"))
     assert as_float["vertebra_volume_cm3"] == mask("int.nii.gz")["vertebra_volume_cm3"]
+
+
+@pytest.mark.parametrize("shift_mm", [0.0, 3.0])
+def test_a_label_map_off_its_ct_is_refused(real_l1_ingested, tmp_path, shift_mm):
+    """The real L1's labels as given fit the CT's bone edges best where they are (offset
+    0); with their origin moved 3 mm along x (a header off by 3 mm, or another visit's
+    labels), the vertebra's edge contrast falls (211 -> 92 HU) and the search finds the
+    3 mm back: refused, naming the offset."""
+    src, root = real_l1_ingested["src"], real_l1_ingested["root"]
+    lab = sitk.ReadImage(str(src / "labels.nii.gz"))
+    origin = np.array(lab.GetOrigin())
+    origin[0] += shift_mm
+    lab.SetOrigin(origin.tolist())
+    sitk.WriteImage(lab, str(tmp_path / "labels.nii.gz"))
+
+    def mask():
+        steps_imaging.mask(ct_path=root / "ct.nii.gz", labels_path=tmp_path / "labels.nii.gz",
+                           out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
+                           cfg={"convention": "totalsegmentator", "vertebra": "L1"},
+                           context=CTX)
+        return json.loads((tmp_path / "v.json").read_text())["label_fit"]
+
+    if not shift_mm:
+        fit = mask()
+        assert fit["fits"] and fit["best_offset_mm"] == [0.0, 0.0, 0.0]
+        assert fit["edge_contrast"] > 150
+        return
+    with pytest.raises(QctfeaError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # resampled onto the CT's grid
+            mask()
+    msg = _has(err, CTX, "labels.nii.gz", "does not sit on the CT's bone", "another visit")
+    dx = float(msg.split("moved by (")[1].split(",")[0])
+    assert dx == pytest.approx(-shift_mm, abs=0.75)  # back by the shift, to a voxel (0.7 mm)

@@ -209,10 +209,12 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     # the memory; the same voxels, as every operation reaches at most 8 voxels beyond it)
     box = masks.box_around(target, MASK_BOX_MARGIN)
     present = masks.labels_present(lab)
-    del target
     lab_box = lab[box]
     parts = masks.vertebra_parts(lab_box, ct.GetSpacing(), p, where,
                                  None if sub is None else sub[box], sub_where)
+    # a specimen's label meets its end caps, whose density may match the bone's: no edge to
+    # fit there, so the check is for scans without caps
+    fit = None if p.cap_labels else _label_fit(ct_path, ct, target, context, labels_path)
     qc = masks.label_qc(lab_box, ct.GetSpacing(), p, where, present=present)
     n_components = int(ndimage.label(lab_box == p.label)[1])
     contacts = masks.contact_with_neighbours(lab_box, parts["vertebra"], p.label)
@@ -251,6 +253,8 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
         "label_structures": structures,
         # the target label's name in the label map file's own label table (None: no table)
         "label_name_in_file": file_name,
+        # does the label sit on the CT's bone edges? (qctfea.imaging.labelfit)
+        "label_fit": fit,
         **masks.body_axis(ct, parts["body"]),
         "provenance": provenance("mask", p, inputs),
     })
@@ -259,6 +263,38 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
              f"{parts['vertebra'].sum() * vox_mm3 / 1000:.1f} cm³, body "
              f"{parts['body'].sum() * vox_mm3 / 1000:.1f} cm³ (from "
              f"{'subregions' if sub is not None else 'opening'})")
+
+
+def _label_fit(ct_path, ct: sitk.Image, target: np.ndarray, context: str, labels_path
+               ) -> dict | None:
+    """The target vertebra's edge fit on the CT (:func:`qctfea.imaging.labelfit.edge_fit`),
+    reading only the CT's values in a box around it; a label map off its CT is refused."""
+    from qctfea.imaging import labelfit, masks
+
+    if not target.any():  # no target label: refused by the parts step, naming the labels
+        return None
+    sp = np.asarray(ct.GetSpacing(), float)
+    margin = int(np.ceil(labelfit.SEARCH_MM / sp.min())) + 3
+    box = masks.box_around(target, margin)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(ct_path))
+    reader.SetExtractIndex([int(box[2].start), int(box[1].start), int(box[0].start)])
+    reader.SetExtractSize([int(box[2].stop - box[2].start), int(box[1].stop - box[1].start),
+                           int(box[0].stop - box[0].start)])
+    values = sitk.GetArrayFromImage(reader.Execute()).astype(np.float32)
+    fit = labelfit.edge_fit(values, target[box], sp)
+    if not fit["fits"]:
+        dx, dy, dz = fit["best_offset_mm"]
+        raise QctfeaError(
+            f"{context}: the label map {labels_path} does not sit on the CT's bone: moved by "
+            f"({dx:+.1f}, {dy:+.1f}, {dz:+.1f}) mm (x, y, z) its target vertebra would fit the "
+            f"CT's bone edges {fit['best_edge_contrast'] / max(fit['edge_contrast'], 1e-9):.1f}"
+            f" times better (edge contrast {fit['edge_contrast']:.0f} -> "
+            f"{fit['best_edge_contrast']:.0f}); screws would be graded against the wrong "
+            "surface. Check that the label map belongs to this CT (labels column of the "
+            "sample sheet: not another visit's) and that its header (origin, spacing, "
+            "direction) is the one it was made on")
+    return fit
 
 
 def bmd(*, density_path, parts_path, screws_path, out_json, cfg: dict, context: str,
