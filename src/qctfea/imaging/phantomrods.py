@@ -116,21 +116,25 @@ def _candidates(mean2d: np.ndarray, sx: float, sy: float, d: float, spec,
         if edge or not AREA_RANGE[0] * expected <= area <= AREA_RANGE[1] * expected:
             continue
         cy, cx = ndimage.center_of_mass(piece)
-        c = (float(cx + x0), float(cy + y0))
-        if any(np.hypot((c[0] - f["center_px"][0]) * sx, (c[1] - f["center_px"][1]) * sy) < d / 2
-               for f in found):
+        centre = (float(cx + x0), float(cy + y0))
+        if any(np.hypot((centre[0] - f["center_px"][0]) * sx,
+                        (centre[1] - f["center_px"][1]) * sy) < d / 2 for f in found):
             continue
-        found.append({"center_px": [c[0], c[1]], "area_px": area,
+        found.append({"center_px": list(centre), "area_px": area,
                       "contrast_hu": float(contrast[y, x])})
     return found
+
+
+def _distance2(shape_yx, centre_px, sx: float, sy: float) -> np.ndarray:
+    """Squared distance (mm²) of every pixel of a slice from a rod centre (pixel x, y)."""
+    yy, xx = np.indices(shape_yx)
+    return ((xx - centre_px[0]) * sx) ** 2 + ((yy - centre_px[1]) * sy) ** 2
 
 
 def _masks(shape_yx, centre_px, sx: float, sy: float, d: float, core_fraction: float,
            mean2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A rod's core disk and its ring's solid part (the whole ring when mostly air)."""
-    cx, cy = centre_px
-    yy, xx = np.indices(shape_yx)
-    r2 = ((xx - cx) * sx) ** 2 + ((yy - cy) * sy) ** 2
+    r2 = _distance2(shape_yx, centre_px, sx, sy)
     core = r2 <= (core_fraction * d / 2) ** 2
     ring = (r2 > (RING_FROM * d) ** 2) & (r2 <= (RING_TO * d) ** 2)
     solid = ring & (mean2d > AIR_HU)
@@ -200,9 +204,7 @@ def measure_rod(hu_zyx: np.ndarray, sx: float, sy: float, centre_px, d: float, s
     diameter ``d`` (mm) on every slice (or on ``slices``, a bool per slice: the
     phantom's), at ``centre_px`` (pixel x, y)."""
     cx, cy = centre_px
-    r_core = spec.core_fraction * d / 2
-    yy, xx = np.indices(hu_zyx.shape[1:])
-    core = ((xx - cx) * sx) ** 2 + ((yy - cy) * sy) ** 2 <= r_core ** 2
+    core = _distance2(hu_zyx.shape[1:], centre_px, sx, sy) <= (spec.core_fraction * d / 2) ** 2
     if not core.any():
         raise QctfeaError(f"a rod centre ({cx:.0f}, {cy:.0f} px) lies outside the image")
     vals = hu_zyx[:, core] if slices is None else hu_zyx[:, core][slices]
