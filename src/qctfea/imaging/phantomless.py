@@ -52,7 +52,8 @@ def find_tissues(
     for cortical bone. Returns one dict per requested tissue: name, found (at least
     ``min_voxels`` voxels), n_voxels, median_hu (None when no voxel), sd_hu and
     reference_mg_cm3. ``masks``, when a dict, receives the voxel mask of each found tissue.
-    ``exclude_zyx`` (broadcast to the scan; e.g. the calibration phantom) is never sampled.
+    ``exclude_zyx`` (broadcast to the scan; e.g. the calibration phantom) is never sampled
+    as a body tissue (air around it is).
     Never raises for missing tissues (see :func:`phantomless_calibration`).
     """
     spec = spec or TissueSpec()
@@ -102,7 +103,7 @@ def find_tissues(
         else:  # cortical_bone: the densest voxels of the target vertebra, not eroded
             region = window("cortical_bone", hu) & (labels == target_label
                                                      if target_label is not None else bone)
-        if exclude_zyx is not None:
+        if exclude_zyx is not None and name != "air":  # a phantom is never air-like
             region &= ~np.broadcast_to(exclude_zyx, region.shape)
         vals = hu[region]
         n_vox = int(vals.size)
