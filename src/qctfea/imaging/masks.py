@@ -427,9 +427,8 @@ def _body_from_opening(v: np.ndarray, spacing_xyz, params: MaskParams, context: 
     sampling = tuple(spacing_xyz)[::-1]
     opened = morphology.opening(v, params.body_opening_mm, sampling)
     if not opened.any():
-        idx = np.nonzero(v.any(axis=(1, 2)))[0], np.nonzero(v.any(axis=(0, 2)))[0], \
-            np.nonzero(v.any(axis=(0, 1)))[0]
-        span = [(ix[-1] - ix[0] + 1) * s for ix, s in zip(idx, sampling, strict=True)][::-1]
+        span = [(b.stop - b.start) * s
+                for b, s in zip(box_around(v, 0), sampling, strict=True)][::-1]
         raise QctfeaError(
             f"{context}: no vertebral body found (vertebra thinner than "
             f"{2 * params.body_opening_mm} mm everywhere; the target label spans "

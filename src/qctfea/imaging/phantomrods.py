@@ -214,10 +214,10 @@ def measure_rod(hu_zyx: np.ndarray, sx: float, sy: float, centre_px, d: float, s
             "diameter_mm": float(d)}
 
 
-def _search(hu_zyx: np.ndarray, sx: float, sy: float, d: float, spec, exclude2d: np.ndarray
-            ) -> tuple[list[dict], list[dict], list[list[int]]]:
-    """Disks, rods and rows of rods of diameter ``d`` (steps 1-4 of the module docstring)."""
-    mean2d = hu_zyx.mean(axis=0, dtype=np.float64)
+def _search(hu_zyx: np.ndarray, mean2d: np.ndarray, sx: float, sy: float, d: float, spec,
+            exclude2d: np.ndarray) -> tuple[list[dict], list[dict], list[list[int]]]:
+    """Disks, rods and rows of rods of diameter ``d`` (steps 1-4 of the module docstring);
+    ``mean2d`` is the scan averaged along z."""
     disks = _candidates(mean2d, sx, sy, d, spec, exclude2d)
     for c in disks:
         _along_z(hu_zyx, c, sx, sy, d, spec, mean2d)
@@ -271,10 +271,11 @@ def find_rods(hu_zyx: np.ndarray, spacing_xyz, anatomy_zyx: np.ndarray | None, s
     n = len(spec.rod_densities_mg_cm3)
     exclude2d = (np.zeros(hu_zyx.shape[1:], bool) if anatomy_zyx is None
                  else np.asarray(anatomy_zyx).any(axis=0))
+    mean2d = hu_zyx.mean(axis=0, dtype=np.float64)  # once for every trial diameter
     given = spec.rod_diameter_mm is not None
     best, seen = None, []
     for d in ([float(spec.rod_diameter_mm)] if given else ROD_SEARCH_MM):
-        disks, cands, rows = _search(hu_zyx, sx, sy, d, spec, exclude2d)
+        disks, cands, rows = _search(hu_zyx, mean2d, sx, sy, d, spec, exclude2d)
         seen += disks
         for row in rows:
             common = np.logical_and.reduce([cands[k]["slices"] for k in row])
