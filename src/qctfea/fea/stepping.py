@@ -6,8 +6,9 @@ Method and sources: docs/nonlinear.md; the element law is in :mod:`qctfea.fea.pl
 
 Displacement control in increments. ``integration: imex`` (the default): the damage of an
 increment is extrapolated from the last two increments and the increment is one linear
-solve with the secant stiffness (Oliver, Huespe & Cante, CMAME 2008;197:1865); the step
-follows the extrapolation's damage error. The solve starts from the last increment scaled
+solve with the secant stiffness (Oliver, Huespe & Cante, CMAME 2008;197:1865); the
+damage committed is then the implicit one of the new strains, and the step follows the
+extrapolation's damage error. The solve starts from the last increment scaled
 to the new step and stops when the (unpreconditioned) CG residual is a fraction
 ``IMEX_KSP_SAFETY`` of what the equilibrium test allows; the secant matrix is assembled by
 DOLFINx's native CSR assembler and handed to PETSc by COO (:class:`SecantMatrix`).
@@ -29,8 +30,9 @@ until it has peaked, and reports a strength only then (``peak_reached``):
 * the force fell ``stop_drop_fraction`` below the largest force (the falling branch was
   traced past the peak);
 * the curve flattened below ``plateau_tangent_ratio`` x k0 and stayed below that slope
-  over ``PEAK_CONFIRM_STEPS`` smallest steps (a plateau, the limit load, or the falling
-  branch; a transient flattening that rises again is not a peak);
+  over ``PEAK_CONFIRM_FRACTION`` of the displacement range, whatever the step (a
+  plateau, the limit load, or the falling branch; a transient flattening that rises again
+  is not a peak);
 * collapse: equilibrium is lost even at the smallest step after the tangent had fallen
   below ``collapse_tangent_ratio`` x k0 (the curve had flattened; a snap-back that
   displacement control cannot follow). The peak is then within one increment of the
@@ -85,8 +87,8 @@ NONLINEAR_PETSC_OPTIONS = {
 IMEX_REJECT = 3.0
 
 #: A flattening of the curve (slope below plateau_tangent_ratio x k0) ends the run once it
-#: has lasted this many smallest steps (``_peaked``)
-PEAK_CONFIRM_STEPS = 2
+#: has lasted this fraction of the displacement range (``_peaked``)
+PEAK_CONFIRM_FRACTION = 0.02
 
 #: imex: the preconditioner built at the probe serves every increment; after a Krylov solve
 #: that took more than this many iterations it is rebuilt once (``_IncrementSolver``; the
@@ -214,14 +216,14 @@ def _peaked(walk: _Walk, res: NonlinearResult, prev: CurvePoint, force: float, h
             walk.flat_from = (prev.displacement_mm, prev.force_n)
         return False
     # A flat or falling stretch is a peak only when it lasts: the secant from where the
-    # curve flattened must stay below the plateau slope over PEAK_CONFIRM_STEPS smallest
-    # steps (a transient flattening, when many cells yield at once and the load
-    # redistributes, rises again; docs/nonlinear.md)
+    # curve flattened must stay below the plateau slope over PEAK_CONFIRM_FRACTION of the
+    # displacement range, whatever the step (a transient flattening, when many cells
+    # yield at once and the load redistributes, rises again; docs/nonlinear.md)
     d0, f0 = walk.flat_from
     if (force - f0) / (d - d0) >= limit:
         walk.flat_from = None
         return False
-    if d - d0 >= PEAK_CONFIRM_STEPS * walk.base * params.min_increment_fraction * (1 - 1e-9):
+    if d - d0 >= PEAK_CONFIRM_FRACTION * walk.base * params.increments * (1 - 1e-9):
         res.peak_reached = True
         res.stop_reason = ("force fell after the peak" if force < peak
                            else "plateau (limit load reached)")
@@ -345,7 +347,10 @@ def _increment(m: PlasticModel, solver, walk, res, remaining: float, progress) -
             walk.step = max(h * max(0.25, 0.8 * tol / err), h_min)
             return False
         m.fixed_D = None
-        m.D = np.maximum(D_ex, m.damage_of(m.k)[0])
+        # the implicit damage of the new strains is committed, not max(D_ex, D(κ)): an
+        # extrapolation that overshoots (a cell that stops loading) would ratchet damage
+        # the implicit solution never has (docs/nonlinear.md, "Which damage is committed")
+        m.D = m.damage_of(m.k)[0]
     m.commit()
     walk.h_last = h
     walk.d += h
