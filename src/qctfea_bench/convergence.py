@@ -56,7 +56,7 @@ def _mpiexec() -> str:
     return found
 
 
-def _solve(case: str, side: str | None, level_dir: Path, scan: Path, ranks: int,
+def solve_case(case: str, side: str | None, level_dir: Path, scan: Path, ranks: int,
            loads: dict | None = None, analysis: str = "linear") -> dict:
     """Solve of ``level_dir``'s mesh and materials under mpiexec (a fresh process, as
     the pipeline runs it), with ``scan``'s vertebra.json and screws.json; ``loads`` adds
@@ -131,7 +131,7 @@ def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_m
                                                            ("pullout", "left"),
                                                            ("pullout", "right")], strict=True):
             log.info(f"[convergence] {ctx}: solving {label} (linear, {ranks} ranks)")
-            r = _solve(case, side, d, scan, ranks)
+            r = solve_case(case, side, d, scan, ranks)
             row[key] = r["stiffness_n_per_mm"]
             row["n_dofs"] = r["n_dofs"]
             row[f"{case}{'_' + side if side else ''}_solve_s"] = round(r["wall_s"], 1)
@@ -140,7 +140,7 @@ def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_m
             if not strength:
                 break
             log.info(f"[convergence] {ctx}: solving {label} (nonlinear, {ranks} ranks)")
-            r = _solve(case, side, d, scan, ranks, loads, analysis="nonlinear")
+            r = solve_case(case, side, d, scan, ranks, loads, analysis="nonlinear")
             if r.get("refused"):
                 raise QctfeaError(f"{ctx}: {r['refused']}")
             row[key] = r["strength_n"]

@@ -253,9 +253,9 @@ def run_ours(common: Path, density_path: Path, cell_mm: float, voxel_mm: float, 
                           screws_path=common / "screws.json", out_npz=d / "materials.npz",
                           out_json=d / "materials.json", cfg=materials_cfg, context=ctx)
     t_mat = time.perf_counter() - t0
-    from qctfea_bench.convergence import _solve
+    from qctfea_bench.convergence import solve_case
 
-    r = _solve("compression", None, d, common, ranks, {"displacement_mm": STRAIN * height_mm})
+    r = solve_case("compression", None, d, common, ranks, {"displacement_mm": STRAIN * height_mm})
     t_solve = r["wall_s"]
     rep = json.loads((d / "mesh.json").read_text())
     return {"bone_cell_size_mm": cell_mm, "n_cells": rep["n_cells"], "n_dofs": r["n_dofs"],
