@@ -61,7 +61,7 @@ def _run_bar(hardening=0.0, rule="peak", dmax=0.05, increments=10, constitutive=
     # equilibrium far tighter than the default (1e-4): the checks are closed forms to 1e-6
     p = NonlinearParams(increments=increments, strength_rule=rule, plateau_tangent_ratio=-1.0,
                         stop_drop_fraction=1.0, integration="newton", newton_rtol=1e-6,
-                        **failure)
+                        nonlocal_length_mm=None, **failure)
     return m, m.run(fixed, loaded, np.array([0, 0, 1.0 if tension else -1.0]), dmax, p,
                     offset_displacement=0.002 * L)
 
@@ -109,10 +109,11 @@ def test_bar_offset_rule():
 
 
 def _softening_bar(nz=10, crack_band=1.0, tension=False, dmax=0.1, increments=20,
-                   return_model=False, **kw):
+                   return_model=False, rest_yield=np.inf, **kw):
     """A bar (length L, cubic cells of side a = L / nz, 2 x 2 cells across) whose middle
     layer of cells yields at SY and softens; the rest stays elastic. ν = 0 and roller
-    supports: uniaxial stress. Returns (result, a, cross-section area)."""
+    supports: uniaxial stress. ``rest_yield``: yield stress of the other cells (infinite:
+    elastic). Returns (result, a, cross-section area)."""
     import dolfinx
     from mpi4py import MPI
 
@@ -129,7 +130,7 @@ def _softening_bar(nz=10, crack_band=1.0, tension=False, dmax=0.1, increments=20
     zc[np.asarray(mesh.topology.original_cell_index)[:n_local]] = mid[:, 2]
     zc = MPI.COMM_WORLD.allreduce(zc, MPI.SUM)
     z0 = L / 2 - (a / 2 if nz % 2 else 0.0)
-    ys = np.where((zc > z0) & (zc < z0 + a), SY, np.inf)
+    ys = np.where((zc > z0) & (zc < z0 + a), SY, rest_yield)
     p = NonlinearParams(**{"increments": increments, "failure_strain": EPS_F,
                            "integration": "newton", "min_increment_fraction": 1 / 16,
                            # closed-form checks to 1e-6: equilibrium far tighter than 1e-4
@@ -138,7 +139,10 @@ def _softening_bar(nz=10, crack_band=1.0, tension=False, dmax=0.1, increments=20
                            "tensile_strength_ratio": None, "stop_drop_fraction": 0.6,
                            # follow the falling branch (no stop on the first falling step)
                            "plateau_tangent_ratio": -np.inf,
-                           "residual_fraction": RES, **kw})
+                           "residual_fraction": RES,
+                           # the local law and its crack band (the nonlocal average:
+                           # test_nonlocal)
+                           "nonlocal_length_mm": None, **kw})
     m = PlasticModel(mesh, np.full(nc, E), np.zeros(nc), ys, 0.0, "damage", p)
     fixed, loaded = _uniaxial_supports(m, mesh, w)
     r = m.run(fixed, loaded, np.array([0, 0, 1.0 if tension else -1.0]), dmax)
@@ -243,11 +247,12 @@ def test_imex_peak_converges_to_the_implicit_solution():
     converged 20 % below it (245 vs 307 N; docs/nonlinear.md)."""
     from qctfea.fea.plasticity import NonlinearParams
 
+    local = {"nonlocal_length_mm": None}  # Newton has no nonlocal tangent
     newton = _heterogeneous_block(NonlinearParams(integration="newton", increments=100,
-                                                  min_increment_fraction=0.01))
-    default = _heterogeneous_block(NonlinearParams())
+                                                  min_increment_fraction=0.01, **local))
+    default = _heterogeneous_block(NonlinearParams(**local))
     fine = _heterogeneous_block(NonlinearParams(imex_damage_tolerance=0.001,
-                                                min_increment_fraction=0.01))
+                                                min_increment_fraction=0.01, **local))
     assert newton.strength_n is not None and newton.increments > 10
     assert default.strength_n == pytest.approx(newton.strength_n, rel=0.02)
     assert fine.strength_n == pytest.approx(newton.strength_n, rel=0.01)
@@ -535,12 +540,16 @@ import dolfinx_solver
 from mpi4py import MPI
 import numpy as np
 from test_plasticity import _run_bar
-from test_plasticity import _softening_bar
+from test_plasticity import _softening_bar, SY
 _, r = _run_bar(hardening=0.05)
 s, _, _ = _softening_bar()
 i, _, _ = _softening_bar(integration="imex", min_increment_fraction=0.25, increments=80)
+nl, _, _ = _softening_bar(nz=20, crack_band=None, increments=60, dmax=0.12,
+                          rest_yield=SY / 0.95, integration="imex",
+                          min_increment_fraction=0.25, nonlocal_length_mm=2.0)
 if MPI.COMM_WORLD.rank == 0:
-    json.dump([p.force_n for p in r.curve + s.curve + i.curve], open(sys.argv[1], 'w'))
+    json.dump([[p.force_n for p in r.curve + s.curve + i.curve],
+               [p.force_n for p in nl.curve]], open(sys.argv[1], 'w'))
 """)
     out = {}
     for n in (1, 2):
@@ -548,8 +557,11 @@ if MPI.COMM_WORLD.rank == 0:
         p = run([venv_bin("mpiexec"), "-n", str(n), sys.executable, str(script), str(o)],
                 cwd=REPO, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
-        out[n] = np.array(json.loads(o.read_text()))
-    np.testing.assert_allclose(out[2], out[1], rtol=1e-6)
+        out[n] = [np.array(c) for c in json.loads(o.read_text())]
+    np.testing.assert_allclose(out[2][0], out[1][0], rtol=1e-6)
+    # the nonlocal average sums the ranks' grids in another order: equal to the solver's
+    # tolerance on the falling branch
+    np.testing.assert_allclose(out[2][1], out[1][1], rtol=1e-5)
 
 
 def _secant_matrix_difference() -> float:

@@ -8,6 +8,7 @@ bandwidth bound, nonlinear cost in linear solves), ``peer`` (side by side with P
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from qctfea import logs
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ranks", type=int, default=2)
     s.add_argument("--strength", action="store_true",
                    help="also the nonlinear compression and pullout strength per level")
+    s.add_argument("--loads", type=json.loads, default=None,
+                   help="loads settings for the solves, as JSON (e.g. "
+                        "'{\"nonlocal_length_mm\": null}'); default: the library's defaults")
 
     s = sub.add_parser("perf", help="benchmark harness: per-stage seconds, DOFs, iterations, "
                        "peak memory, triad bandwidth and bandwidth-bound ratio per mesh level "

@@ -131,7 +131,7 @@ def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_m
                                                            ("pullout", "left"),
                                                            ("pullout", "right")], strict=True):
             log.info(f"[convergence] {ctx}: solving {label} (linear, {ranks} ranks)")
-            r = solve_case(case, side, d, scan, ranks)
+            r = solve_case(case, side, d, scan, ranks, loads)
             row[key] = r["stiffness_n_per_mm"]
             row["n_dofs"] = r["n_dofs"]
             row[f"{case}{'_' + side if side else ''}_solve_s"] = round(r["wall_s"], 1)
@@ -218,12 +218,13 @@ def markdown(rows: list[dict], command: str, scan: str) -> str:
 
 def main_cli(a) -> None:
     rows = run_study(a.scan, a.out_dir, a.sizes, a.voxel_mm, a.ranks,
-                     strength=a.strength)
+                     strength=a.strength, loads=a.loads)
     Path(a.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(a.out_dir) / "convergence.json").write_text(json.dumps(rows, indent=1))
     cmd = (f"qctfea-bench mesh-convergence --scan {a.scan} --out-dir {a.out_dir} --out-md {a.out_md} "
            f"--sizes {' '.join(f'{s:g}' for s in a.sizes)} --voxel-mm {a.voxel_mm:g} "
-           f"--ranks {a.ranks}{' --strength' if a.strength else ''}")
+           f"--ranks {a.ranks}{' --strength' if a.strength else ''}"
+           + (f" --loads '{json.dumps(a.loads)}'" if a.loads else ""))
     text = markdown(rows, cmd, str(a.scan))
     out = Path(a.out_md)
     if out.exists() and NOTES_MARK in out.read_text():  # keep the hand-written notes

@@ -17,8 +17,13 @@ element's yield stress ``σ_y`` (the law's uniaxial compressive yield stress):
   ε_y`` and ``softening_strain`` at the reference element size ``crack_band_mm``, scaled
   by ``crack_band_mm / h`` for an element of size ``h`` (the crack band of Bažant & Oh,
   Mater Struct 1983;16:155): the energy an element dissipates per unit area of a band
-  one element wide is the same on every mesh, so the structure's strength does not
-  depend on how finely it is meshed. The plateau's end at 1 % strain on the reference
+  one element wide is the same on every mesh. Below ``nonlocal_length_mm`` (2 mm, the
+  default) κ is driven by the equivalent strain averaged over that length
+  (:mod:`qctfea.fea.nonlocal_average`; Pijaudier-Cabot & Bažant 1987) and elements finer
+  than it use the law of an element of that size: the band is as wide as the averaging
+  length on every fine mesh, so the strength converges under refinement (measured in
+  docs/mesh_convergence.md; the local crack band alone let a real scan's pullout
+  strength move by up to 15 % between the two finest levels). The plateau's end at 1 % strain on the reference
   element follows the crushing strain of Bessho et al. (J Biomech 2007;40:1745).
   Why damage rather than plasticity: von Mises plastic flow is isochoric and linear
   tetrahedra lock under an isochoric constraint (measured on a cylinder pulled from a
@@ -51,6 +56,7 @@ import ufl
 from mpi4py import MPI
 
 from qctfea.fea.elasticity import ElasticModel
+from qctfea.fea.nonlocal_average import NonlocalAverage
 from qctfea.fea.stepping import NonlinearResult, follow_path
 from qctfea.errors import QctfeaError
 
@@ -87,6 +93,10 @@ class NonlinearParams:
     #: give by more than this fraction of the strain energy (``_imex_error``), grows below
     #: half of it
     imex_damage_tolerance: float = 0.02
+    #: damage: the equivalent strain driving damage is averaged over this length (mm,
+    #: :mod:`qctfea.fea.nonlocal_average`); elements finer than it use the strains of an
+    #: element of this size (the crack band applies above it); None: local (crack band only)
+    nonlocal_length_mm: float | None = 2.0
 
     def __post_init__(self):
         if self.strength_rule not in ("offset", "peak"):
@@ -95,13 +105,18 @@ class NonlinearParams:
         if not 0 < self.residual_fraction < 1:
             raise QctfeaError(f"loads.residual_fraction must be in (0, 1), not "
                               f"{self.residual_fraction}")
-        for name in ("failure_strain", "tensile_strength_ratio", "crack_band_mm"):
+        for name in ("failure_strain", "tensile_strength_ratio", "crack_band_mm",
+                     "nonlocal_length_mm"):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise QctfeaError(f"loads.{name} must be positive or null, not {v}")
         if self.integration not in INTEGRATIONS:
             raise QctfeaError(f"loads.integration must be one of {list(INTEGRATIONS)}, not "
                               f"{self.integration!r}")
+        if self.nonlocal_length_mm is not None and self.integration != "imex":
+            raise QctfeaError("loads.nonlocal_length_mm needs loads.integration: imex (the "
+                              "Newton tangent of a nonlocal model is not implemented); set "
+                              "nonlocal_length_mm: null for newton")
         if not self.softening_strain > 0:
             raise QctfeaError(f"loads.softening_strain must be positive, not "
                               f"{self.softening_strain}")
@@ -143,6 +158,13 @@ def cell_sizes(mesh) -> np.ndarray:
     p = x[g[:n_all]]
     vol = np.abs(np.linalg.det(p[:, 1:] - p[:, :1])) / 6.0
     return np.cbrt(6.0 * vol)
+
+
+def cell_centroids(mesh) -> np.ndarray:
+    """Centroid of every local cell (owned and ghost), mm."""
+    g = mesh.geometry.dofmaps[0]
+    n_all = mesh.topology.index_map(3).size_local + mesh.topology.index_map(3).num_ghosts
+    return mesh.geometry.x[g[:n_all]].mean(axis=1)
 
 
 class PlasticModel(ElasticModel):
@@ -230,8 +252,18 @@ class PlasticModel(ElasticModel):
         """Per cell: yield, softening-onset and zero-stress strains (crack-band scaled)."""
         with np.errstate(invalid="ignore", divide="ignore"):
             self.c_ey = self.c_sy / self.c_E
-        self.c_vol = cell_sizes(self.mesh) ** 3 / 6.0
-        scale = (p.crack_band_mm / cell_sizes(self.mesh) if p.crack_band_mm is not None
+        h = cell_sizes(self.mesh)
+        self.c_vol = h ** 3 / 6.0
+        self._nonlocal = None
+        if p.nonlocal_length_mm is not None:
+            # below the nonlocal length the averaged strain sets the band's width (module
+            # qctfea.fea.nonlocal_average): such elements use the law of an element of
+            # that length; the crack band scales the law of coarser ones
+            h = np.maximum(h, p.nonlocal_length_mm)
+            self._nonlocal = NonlocalAverage(
+                self.mesh.comm, cell_centroids(self.mesh), self.c_vol, np.isfinite(self.c_sy),
+                self.mesh.topology.index_map(3).size_local, p.nonlocal_length_mm)
+        scale = (p.crack_band_mm / h if p.crack_band_mm is not None
                  else np.ones_like(self.c_E))
         if p.failure_strain is None:
             self.c_es = np.full_like(self.c_E, np.inf)
@@ -359,6 +391,8 @@ class PlasticModel(ElasticModel):
             tau = np.where(tensile, s1, q)
         k_tr = tau / E
         bone = np.isfinite(self.c_sy)
+        if self._nonlocal is not None:
+            k_tr = self._nonlocal(np.where(bone, k_tr, 0.0))
         loading = bone & (k_tr >= self.k_n) & (k_tr > self.c_ey)
         return np.where(loading, k_tr, self.k_n), loading, tensile, q, s, vec
 
