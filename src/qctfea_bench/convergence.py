@@ -191,7 +191,8 @@ def markdown(rows: list[dict], command: str, scan: str) -> str:
         lines += ["", f"Largest stiffness change between the two finest levels: {worst:.1f} % "
                       f"({'within' if worst < 5 else 'NOT within'} the 5 % criterion)."]
     if rows and STRENGTHS[0][0] in rows[0]:
-        lines += ["", "Nonlinear strength (damage model, crack band; docs/nonlinear.md) at each "
+        lines += ["", "Nonlinear strength (damage model with the loads settings of the command; "
+                  "docs/nonlinear.md) at each "
                   "level; seconds are the three nonlinear solves' wall time.", ""]
         table = []
         for r in rows:
