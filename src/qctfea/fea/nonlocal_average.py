@@ -77,7 +77,7 @@ class NonlocalAverage:
             flat.append(np.ravel_multi_index((i0 + c).T, self.shape))
             wts.append(np.prod(np.where(c, t, 1.0 - t), axis=1))
         self._flat = np.concatenate(flat)
-        self._cic = np.concatenate(wts)
+        self._cic = np.stack(wts)  # (8, elements), the order of self._flat
         self._deposit_idx = sel
         self._vol = volumes[sel]
         self._coords = ((centroids - lo) / self.h).T  # every local element, grid units
@@ -85,7 +85,7 @@ class NonlocalAverage:
         self._den = self._smooth_at_elements(self._vol)
 
     def _smooth_at_elements(self, weights: np.ndarray) -> np.ndarray:
-        grid = np.bincount(self._flat, weights=self._cic * np.tile(weights, 8),
+        grid = np.bincount(self._flat, weights=(self._cic * weights).ravel(),
                            minlength=int(np.prod(self.shape)))
         if self.comm.size > 1:
             self.comm.Allreduce(MPI.IN_PLACE, grid, op=MPI.SUM)
