@@ -23,8 +23,9 @@ element's yield stress ``σ_y`` (the law's uniaxial compressive yield stress):
   than it use the law of an element of that size: the band is as wide as the averaging
   length on every fine mesh, so the strength converges under refinement (measured in
   docs/mesh_convergence.md; the local crack band alone let a real scan's pullout
-  strength move by up to 15 % between the two finest levels). The plateau's end at 1 % strain on the reference
-  element follows the crushing strain of Bessho et al. (J Biomech 2007;40:1745).
+  strength move by up to 15 % between the two finest levels). The plateau's end at 1 %
+  strain on the reference element follows the crushing strain of Bessho et al. (J
+  Biomech 2007;40:1745).
   Why damage rather than plasticity: von Mises plastic flow is isochoric and linear
   tetrahedra lock under an isochoric constraint (measured on a cylinder pulled from a
   block: plasticity still rose at 2.5x the shear-cylinder limit); damage softens the
@@ -149,22 +150,23 @@ def largest_eigenvalue(a: np.ndarray) -> np.ndarray:
     return q + 2.0 * p * np.cos(np.arccos(r) / 3.0)
 
 
+def _cell_vertices(mesh) -> np.ndarray:
+    """Vertex coordinates (cells, 4, 3) of every local cell, owned and ghost."""
+    n_all = mesh.topology.index_map(3).size_local + mesh.topology.index_map(3).num_ghosts
+    return mesh.geometry.x[mesh.geometry.dofmaps[0][:n_all]]
+
+
 def cell_sizes(mesh) -> np.ndarray:
     """Size h of every local cell (owned and ghost): ``(6 V)^(1/3)``, the edge of the cube of
     which the tetrahedron is one sixth (a box mesh's cube side)."""
-    x = mesh.geometry.x
-    g = mesh.geometry.dofmaps[0]
-    n_all = mesh.topology.index_map(3).size_local + mesh.topology.index_map(3).num_ghosts
-    p = x[g[:n_all]]
+    p = _cell_vertices(mesh)
     vol = np.abs(np.linalg.det(p[:, 1:] - p[:, :1])) / 6.0
     return np.cbrt(6.0 * vol)
 
 
 def cell_centroids(mesh) -> np.ndarray:
     """Centroid of every local cell (owned and ghost), mm."""
-    g = mesh.geometry.dofmaps[0]
-    n_all = mesh.topology.index_map(3).size_local + mesh.topology.index_map(3).num_ghosts
-    return mesh.geometry.x[g[:n_all]].mean(axis=1)
+    return _cell_vertices(mesh).mean(axis=1)
 
 
 class PlasticModel(ElasticModel):
