@@ -57,7 +57,7 @@ def _mpiexec() -> str:
 
 
 def solve_case(case: str, side: str | None, level_dir: Path, scan: Path, ranks: int,
-           loads: dict | None = None, analysis: str = "linear") -> dict:
+               loads: dict | None = None, analysis: str = "linear") -> dict:
     """Solve of ``level_dir``'s mesh and materials under mpiexec (a fresh process, as
     the pipeline runs it), with ``scan``'s vertebra.json and screws.json; ``loads`` adds
     to the loads section. Returns the result JSON with the process's wall time."""

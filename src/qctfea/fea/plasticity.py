@@ -394,7 +394,7 @@ class PlasticModel(ElasticModel):
         k_tr = tau / E
         bone = np.isfinite(self.c_sy)
         if self._nonlocal is not None:
-            k_tr = self._nonlocal(np.where(bone, k_tr, 0.0))
+            k_tr = self._nonlocal(k_tr)  # over the bone cells; the others keep theirs
         loading = bone & (k_tr >= self.k_n) & (k_tr > self.c_ey)
         return np.where(loading, k_tr, self.k_n), loading, tensile, q, s, vec
 
@@ -483,7 +483,9 @@ class PlasticModel(ElasticModel):
         """Displace the ``loaded`` dofs along ``direction`` up to ``max_displacement`` and
         follow the force-displacement curve through its peak
         (:func:`qctfea.fea.stepping.follow_path`, which documents the arguments)."""
-        if params is not None and params is not self.params:
+        # equal parameters (the load cases pass a fresh copy of the model's) keep the law
+        # and the nonlocal grid already built
+        if params is not None and params != self.params:
             self.params = params
             self._set_damage_law(params)
         return follow_path(self, fixed, loaded, direction, max_displacement,
