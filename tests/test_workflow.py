@@ -351,3 +351,47 @@ def test_keep_going_leaves_a_scan_with_a_screw_through_the_canal_out_of_the_tabl
     assert (res / "report" / "summary.html").is_file()
     assert (res / "P02" / "M00" / "screws.png").is_file()  # the picture of the refusal
     assert not (res / "P02" / "M00" / "mesh.json").exists()  # nothing ran on those screws
+
+
+def test_a_new_demo_generator_regenerates_the_demo_scans(tiny_run, monkeypatch, tmp_path):
+    """Rule generate_demo_scan takes the generator's code digest as a parameter: the tiny
+    run recorded the current one, a dry-run finds nothing to do, and a scan whose record
+    holds another digest (made by an older generator) is regenerated, with the rest of
+    the pipeline after it. The digest itself changes with the generator's source."""
+    import base64
+
+    from qctfea.demo import synth
+
+    digest = synth.generator_digest()
+    meta = tiny_run / ".snakemake" / "metadata" / base64.urlsafe_b64encode(
+        b"resources/tiny/P01/M00/truth.json").decode()
+    record = json.loads(meta.read_text())
+    assert record["rule"] == "generate_demo_scan" and repr(digest) in record["params"]
+    cd = tiny_run / "cohorts"
+
+    def dry_run():
+        p = run([venv_bin("snakemake"), "-n", "--nolock", *_tiny_args(tiny_run, cd)],
+                cwd=REPO, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return p.stdout + p.stderr
+
+    assert "Nothing to be done" in dry_run()
+    original = meta.read_text()
+    try:
+        older = [repr("0" * 16) if v == repr(digest) else v for v in record["params"]]
+        meta.write_text(json.dumps({**record, "params": older}))
+        text = dry_run()
+    finally:
+        meta.write_text(original)
+    assert re.search(r"params have changed since last execution:\s+generate_demo_scan", text)
+    assert "resources/tiny/P01/M00/truth.json" in text
+    assert "resources/tiny/P02/M00/truth.json" not in text
+    # a changed generator module changes the digest
+    mod = tmp_path / "fake_generator_part.py"
+    mod.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(synth, "GENERATOR_MODULES", (*synth.GENERATOR_MODULES,
+                                                     "fake_generator_part"))
+    before = synth.generator_digest()
+    mod.write_text("X = 2\n")
+    assert synth.generator_digest() != before != digest

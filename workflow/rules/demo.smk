@@ -1,6 +1,7 @@
 # Synthetic demo cohort: one DICOM series (+ labels, landmarks, DXA, truth) per scan.
 # Only active when the cohort config has a `demo:` section.
 if "demo" in CCFG:
+    from qctfea.demo.synth import generator_digest
 
     rule generate_demo_scan:
         output:
@@ -19,5 +20,7 @@ if "demo" in CCFG:
             months=get_months,
             seed=CCFG.get("demo", {}).get("seed", 2021),
             synth=CCFG.get("demo", {}).get("synth", {}),
+            # the generator's code: a new generator regenerates the scans
+            generator=generator_digest(),
         script:
             "../scripts/generate_demo_scan.py"

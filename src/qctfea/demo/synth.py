@@ -554,6 +554,28 @@ def _write_dicom_series(
         pydicom.dcmwrite(out_dir / name, ds, enforce_file_format=True)
 
 
+#: The modules whose code decides the generated images and truth: the generator and the
+#: HU model it renders tissues and rods with (its mass attenuation from xraydb).
+GENERATOR_MODULES = ("qctfea.demo.synth", "qctfea.imaging.attenuation")
+
+
+def generator_digest() -> str:
+    """SHA-256 of the generator's code (:data:`GENERATOR_MODULES`) and the xraydb version.
+
+    The workflow passes it to rule ``generate_demo_scan`` as a parameter, so Snakemake's
+    parameter trigger regenerates the demo scans (and everything computed from them) when
+    the generator changes; without it an updated qctfea would keep the old scans."""
+    import hashlib
+    import importlib.util
+
+    import xraydb
+
+    h = hashlib.sha256(f"xraydb {xraydb.__version__}\n".encode())
+    for name in GENERATOR_MODULES:
+        h.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def generate_scan(
     out_dir: str | Path,
     patient: str,
