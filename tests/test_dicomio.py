@@ -1,4 +1,4 @@
-"""Tests of the ingest step (qctfea.imaging.dicomio) on tiny synthetic DICOM series.
+"""Tests of the ingest step (qctfea.imaging.ingest, qctfea.imaging.dicomio) on tiny synthetic DICOM series.
 
 Expected values are computed here from the DICOM definitions (pixel position
 = ImagePositionPatient + column * column spacing * row cosine + row * row
@@ -21,7 +21,8 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from qctfea.imaging.dicomio import ScanInfo, ingest, read_dicom_series
+from qctfea.imaging.dicomio import ScanInfo, read_dicom_series
+from qctfea.imaging.ingest import ingest
 from qctfea.errors import QctfeaError
 
 CT_SOP = "1.2.840.10008.5.1.4.1.1.2"

@@ -213,11 +213,11 @@ def _real_l1_on_a_phantom(real: Path, *, body_hu: float, tilt_deg: float = 0.0,
     phantom shorter than the scan); blurred (0.8 px) with 20 HU noise per voxel. Returns HU,
     spacing, the label map, the truth (slope, intercept) and each rod's centre (px) by
     K2HPO4 density."""
-    from qctfea.imaging import dicomio
+    from qctfea.imaging import ingest
     from scipy import ndimage
 
-    ct = dicomio.canonical_orientation(sitk.ReadImage(str(real / "totalseg_L1/ct.nii.gz")))
-    lab = dicomio.canonical_orientation(sitk.ReadImage(str(real / "totalseg_L1/labels.nii.gz")))
+    ct = ingest.canonical_orientation(sitk.ReadImage(str(real / "totalseg_L1/ct.nii.gz")))
+    lab = ingest.canonical_orientation(sitk.ReadImage(str(real / "totalseg_L1/labels.nii.gz")))
     hu = sitk.GetArrayFromImage(ct).astype(np.float32)
     sx, sy, _ = ct.GetSpacing()
     mw = PhantomSpec(preset="mindways_model3", rod_diameter_mm=rod_mm)
@@ -337,10 +337,10 @@ def test_anatomy_in_a_row_is_not_taken_for_a_phantom(real_scans):
     row inside the patient (bowel and vessels); the finder without the along-z check
     calibrated on them (R² 1.000). Their core means vary along z by tens of HU, a rod's by
     its noise: refused, saying so."""
-    from qctfea.imaging import dicomio
+    from qctfea.imaging import ingest
 
-    ct = dicomio.canonical_orientation(sitk.ReadImage(str(real_scans / "totalseg_L1/ct.nii.gz")))
-    lab = dicomio.canonical_orientation(
+    ct = ingest.canonical_orientation(sitk.ReadImage(str(real_scans / "totalseg_L1/ct.nii.gz")))
+    lab = ingest.canonical_orientation(
         sitk.ReadImage(str(real_scans / "totalseg_L1/labels.nii.gz")))
     hu = sitk.GetArrayFromImage(ct).astype(np.float32)
     spec = PhantomSpec(preset="qrm_bdc_3", rod_diameter_mm=20.0, min_contrast_hu=15.0)
@@ -358,10 +358,10 @@ def test_a_real_scan_on_a_phantom_calibrates_through_the_workflow(real_scans, tm
     import yaml
 
     from conftest import REPO, run, venv_bin
-    from qctfea.imaging import dicomio
+    from qctfea.imaging import ingest
 
     hu, _, _, (slope, intercept), _ = _real_l1_on_a_phantom(real_scans, body_hu=-120.0)
-    ref = dicomio.canonical_orientation(sitk.ReadImage(str(real_scans / "totalseg_L1/ct.nii.gz")))
+    ref = ingest.canonical_orientation(sitk.ReadImage(str(real_scans / "totalseg_L1/ct.nii.gz")))
     img = sitk.GetImageFromArray(np.round(hu).astype(np.int16))  # HU stored as integers
     img.CopyInformation(ref)
     sitk.WriteImage(img, str(tmp_path / "ct.nii.gz"))

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_phantom import _real_l1_on_a_phantom  # noqa: E402  (the tests' renderer)
 
 from qctfea.errors import QctfeaError  # noqa: E402
-from qctfea.imaging import dicomio  # noqa: E402
+from qctfea.imaging import ingest  # noqa: E402
 from qctfea.imaging.calibration import PHANTOM_PRESETS, PhantomSpec, phantom_calibration  # noqa: E402
 from qctfea.mdtable import pipe_table  # noqa: E402
 
@@ -57,8 +57,8 @@ def diameters() -> list[list[str]]:
 def no_phantom() -> list[list[str]]:
     rows = []
     for case, (ct_p, lab_p, target) in NO_PHANTOM.items():
-        ct = dicomio.canonical_orientation(sitk.ReadImage(str(REAL / ct_p)))
-        lab = sitk.GetArrayFromImage(dicomio.canonical_orientation(
+        ct = ingest.canonical_orientation(sitk.ReadImage(str(REAL / ct_p)))
+        lab = sitk.GetArrayFromImage(ingest.canonical_orientation(
             sitk.ReadImage(str(REAL / lab_p))))
         hu = sitk.GetArrayFromImage(ct).astype(np.float32)
         for preset in (p for p in PHANTOM_PRESETS if p != "demo_k2hpo4"):

@@ -42,10 +42,10 @@ def ingest(*, source, out_image, out_json, context: str, series_uid: str | None 
     which series to take from a folder holding several, what to do with uneven slices);
     ``series_uid`` names the series explicitly and wins over ``ingest.series_rule``.
     """
-    from qctfea.imaging import dicomio
+    from qctfea.imaging import dicomio, ingest as ingest_
 
     p = params_from(dicomio.IngestParams, cfg, "ingest")
-    dicomio.ingest(source, out_image, out_json, context=context, series_uid=series_uid,
+    ingest_.ingest(source, out_image, out_json, context=context, series_uid=series_uid,
                    params=p)
 
 
@@ -162,7 +162,7 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     column ``subregions``) from which the vertebral body is taken instead of the opening."""
     from scipy import ndimage
 
-    from qctfea.imaging import labeltable, masks
+    from qctfea.imaging import masks
 
     p = params_from(masks.MaskParams, cfg, "mask")
     _need(context, ct=ct_path, labels=labels_path)
@@ -172,16 +172,7 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
                           "body by opening), or correct the path")
     ct = _read_grid(ct_path, "CT image", context)  # its grid: the values are not needed
     where = f"{context} ({labels_path})"
-    labels_own, structures = _read_labels(labels_path, context, p.convention)
-    # a file that names its labels (TotalSegmentator --ml) must name the target as the level
-    file_name = labeltable.check_target(
-        None if structures is not None else labeltable.read_label_table(labels_path),
-        p.label, p.vertebra, f"{context} ({labels_path})")
-    labels = masks.same_voxels(labels_own, ct)  # None: on another grid, resampled
-    resampled = labels is None
-    if resampled:
-        labels = masks.resample_labels_to(labels_own, ct, where)
-    lab = sitk.GetArrayFromImage(labels)
+    lab, labels_own, structures, file_name = _mask_labels(ct, labels_path, p, context)
     sub, sub_where = None, ""
     if subregions_path is not None:
         sub_where = f"{context} ({subregions_path})"
@@ -200,7 +191,7 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     # a vertebra cut by the scan's field of view, or by a cropped label map, is refused
     target = lab == p.label
     edges = {"ct": masks.check_not_cut(target, ct, f"CT {ct_path}", p, context)}
-    if resampled:  # the label map's own edges may cut the vertebra inside the CT
+    if labels_own is not None:  # the label map's own edges may cut the vertebra inside the CT
         own = np.isin(sitk.GetArrayViewFromImage(labels_own), p.bone_labels or [p.label])
         edges["label_map"] = masks.check_not_cut(
             own, labels_own, f"label map {labels_path} (on its own grid)", p, context)
@@ -215,9 +206,19 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     # a specimen's label meets its end caps, whose density may match the bone's: no edge to
     # fit there, so the check is for scans without caps
     fit = None if p.cap_labels else _label_fit(ct_path, ct, target, context, labels_path)
-    qc = masks.label_qc(lab_box, ct.GetSpacing(), p, where, present=present)
-    n_components = int(ndimage.label(lab_box == p.label)[1])
-    contacts = masks.contact_with_neighbours(lab_box, parts["vertebra"], p.label)
+    qc = {"components_in_label": int(ndimage.label(lab_box == p.label)[1]),
+          "contact_with_other_labels_voxels": masks.contact_with_neighbours(
+              lab_box, parts["vertebra"], p.label),
+          "label_qc": masks.label_qc(lab_box, ct.GetSpacing(), p, where, present=present),
+          # edges of the CT (and of the label map's own grid) the vertebra touches, with
+          # sections too small to be a cut (a tight crop, a clipped process): [] when none
+          "field_of_view_edges_touched": edges,
+          # a folder of structure masks (TotalSegmentator without --ml): each one's label
+          "label_structures": structures,
+          # the target label's name in the label map file's own label table (None: no table)
+          "label_name_in_file": file_name,
+          # does the label sit on the CT's bone edges? (qctfea.imaging.labelfit)
+          "label_fit": fit}
     for name, m in parts.items():
         full = np.zeros(lab.shape, bool)
         full[box] = m
@@ -228,41 +229,55 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     out[parts["posterior"]] = masks.POSTERIOR
     out[parts["trabecular"]] = masks.TRABECULAR
     _write_image(_like(out, ct), out_parts)
-    vox_mm3 = float(np.prod(ct.GetSpacing()))
     inputs = {"labels": labels_path}
     if subregions_path is not None:
         inputs["subregions"] = subregions_path
+    _write_mask_record(out_json, ct, parts, out, qc, p, sub is not None, inputs, context)
 
+
+def _mask_labels(ct: sitk.Image, labels_path, p, context: str):
+    """The label map's array on the CT's grid, the label map on its own grid when it had to
+    be resampled (else None), its structures (a folder of masks) and the target's name in
+    the file's label table (a file that names its labels must name the target as the
+    level)."""
+    from qctfea.imaging import labeltable, masks
+
+    where = f"{context} ({labels_path})"
+    labels_own, structures = _read_labels(labels_path, context, p.convention)
+    file_name = labeltable.check_target(
+        None if structures is not None else labeltable.read_label_table(labels_path),
+        p.label, p.vertebra, where)
+    labels = masks.same_voxels(labels_own, ct)  # None: on another grid, resampled
+    if labels is not None:
+        return sitk.GetArrayFromImage(labels), None, structures, file_name
+    labels = masks.resample_labels_to(labels_own, ct, where)
+    return sitk.GetArrayFromImage(labels), labels_own, structures, file_name
+
+
+def _write_mask_record(out_json, ct: sitk.Image, parts: dict, out: np.ndarray, qc: dict, p,
+                       from_subregions: bool, inputs: dict, context: str) -> None:
+    from qctfea.imaging import masks
+
+    vox_mm3 = float(np.prod(ct.GetSpacing()))
+    body_from = "subregions" if from_subregions else "opening"
     write_json(out_json, {
         "label": p.label,
         "convention": p.convention,
         "vertebra": p.vertebra,
-        "body_from": "subregions" if sub is not None else "opening",
+        "body_from": body_from,
         "vertebra_volume_cm3": float(parts["vertebra"].sum() * vox_mm3 / 1000),
         "body_volume_cm3": float(parts["body"].sum() * vox_mm3 / 1000),
         "trabecular_roi_volume_cm3": float(parts["trabecular"].sum() * vox_mm3 / 1000),
         "trabecular_roi_voxels": int(parts["trabecular"].sum()),
         "caps_volume_cm3": float((out == masks.CAP).sum() * vox_mm3 / 1000),
-        "components_in_label": n_components,
-        "contact_with_other_labels_voxels": contacts,
-        "label_qc": qc,
-        # edges of the CT (and of the label map's own grid) the vertebra touches, with
-        # sections too small to be a cut (a tight crop, a clipped process): [] when none
-        "field_of_view_edges_touched": edges,
-        # a folder of structure masks (TotalSegmentator without --ml): each one's label
-        "label_structures": structures,
-        # the target label's name in the label map file's own label table (None: no table)
-        "label_name_in_file": file_name,
-        # does the label sit on the CT's bone edges? (qctfea.imaging.labelfit)
-        "label_fit": fit,
+        **qc,
         **masks.body_axis(ct, parts["body"]),
         "provenance": provenance("mask", p, inputs),
     })
     named = f" ({p.convention} {p.vertebra})" if p.vertebra else ""
     log.info(f"[mask] {context}: label {p.label}{named}, vertebra "
              f"{parts['vertebra'].sum() * vox_mm3 / 1000:.1f} cm³, body "
-             f"{parts['body'].sum() * vox_mm3 / 1000:.1f} cm³ (from "
-             f"{'subregions' if sub is not None else 'opening'})")
+             f"{parts['body'].sum() * vox_mm3 / 1000:.1f} cm³ (from {body_from})")
 
 
 def _label_fit(ct_path, ct: sitk.Image, target: np.ndarray, context: str, labels_path
