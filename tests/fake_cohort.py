@@ -84,8 +84,8 @@ def _png(path: Path, text: str) -> None:
 
 def _tiny_model(d: Path, failed: int) -> None:
     """A 2x2x2-cube tetrahedral model (6 tets per cube) as mesh.xdmf/.h5 with bone (tags
-    1, 2) and screw (3, 4) cubes, and compression_fields.h5 on it with ``failed`` failed
-    cells (what the per-patient page reads)."""
+    1, 2) and screw (3, 4) cubes, and the three load cases' <case>_fields.h5 on it with
+    ``failed`` cells failed at the peak (what the per-patient page reads)."""
     import h5py
 
     from qctfea.model.meshing import write_mesh
@@ -103,11 +103,12 @@ def _tiny_model(d: Path, failed: int) -> None:
     write_mesh(d / "mesh.xdmf", g, cells, np.array(tags))
     flag = np.zeros(len(cells))
     flag[:failed] = 1.0
-    with h5py.File(d / "compression_fields.h5", "w") as f:
-        f["Mesh/mesh/geometry"] = g
-        f["Mesh/mesh/topology"] = cells
-        f["Function/failed/0"] = flag.reshape(-1, 1)
-        f["Function/yielded/0"] = np.minimum(1.0, 2 * flag).reshape(-1, 1)
+    for case in ("compression", "pullout_left", "pullout_right"):
+        with h5py.File(d / f"{case}_fields.h5", "w") as f:
+            f["Mesh/mesh/geometry"] = g
+            f["Mesh/mesh/topology"] = cells
+            f["Function/failed_at_peak/0"] = flag.reshape(-1, 1)
+            f["Function/yielded_at_peak/0"] = np.minimum(1.0, 2 * flag).reshape(-1, 1)
 
 
 def write_results(workdir: Path, cohort: str, sheet: pd.DataFrame, seed: int = 3) -> Path:

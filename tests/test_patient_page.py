@@ -32,7 +32,15 @@ CASES = {
             "pullout_right.json": (861.5, "force fell after the peak"),
             "compression.json": (2751.8, "force fell after the peak")},
 }
-FAILED = {"M00": 7, "M12": 19}
+#: failed cells at the peak of each run: {(timepoint, load case): n}
+FAILED = {("M00", "compression"): 7, ("M12", "compression"): 19,
+          ("M00", "pullout_left"): 3, ("M12", "pullout_left"): 4,
+          ("M00", "pullout_right"): 5, ("M12", "pullout_right"): 6}
+#: a run whose fields file predates the peak flags (its flags are those of the run's end)
+OLD_FIELDS = ("M12", "pullout_right")
+#: the page's name of each load case
+CASE_LABEL = {"compression": "vertebral compression", "pullout_left": "pullout, left screw",
+              "pullout_right": "pullout, right screw"}
 UNC_SD = {"M00": 20.0, "M12": 30.0}  # per-scan SD of the compression strength (N)  # failed cells per compression run
 EXCLUDED_REASON = "motion artefact at L4"
 
@@ -50,9 +58,11 @@ def _png(path: Path, title: str) -> None:
 
 
 def _fields(path: Path, points: np.ndarray, cells: np.ndarray, failed: np.ndarray,
-            rng: np.random.Generator) -> None:
-    """A compression_fields.h5 as DOLFINx writes it: its own (permuted) vertex and cell
-    order, per-cell flags under Function/<name>/0."""
+            rng: np.random.Generator, at_peak: bool = True) -> None:
+    """A <case>_fields.h5 as DOLFINx writes it: its own (permuted) vertex and cell order,
+    per-cell flags under Function/<name>/0. ``failed`` fail by the peak; at the end of the
+    run 10 more cells have (``failed``), which the page must not show. ``at_peak`` False:
+    a file without the peak flags (``failed`` then holds ``failed`` only)."""
     vperm = rng.permutation(len(points))  # new vertex i is old vertex vperm[i]
     new_of_old = np.empty_like(vperm)
     new_of_old[vperm] = np.arange(len(vperm))
@@ -61,11 +71,18 @@ def _fields(path: Path, points: np.ndarray, cells: np.ndarray, failed: np.ndarra
     flag[failed] = 1.0
     yielded = flag.copy()
     yielded[rng.choice(len(cells), 50, replace=False)] = 1.0
+    end = flag.copy()
+    end[rng.choice(np.flatnonzero(flag == 0), 10, replace=False)] = 1.0
     with h5py.File(path, "w") as f:
         f["Mesh/mesh/geometry"] = points[vperm]
         f["Mesh/mesh/topology"] = new_of_old[cells[cperm]]
-        f["Function/failed/0"] = flag[cperm].reshape(-1, 1)
-        f["Function/yielded/0"] = yielded[cperm].reshape(-1, 1)
+        if at_peak:
+            f["Function/failed_at_peak/0"] = flag[cperm].reshape(-1, 1)
+            f["Function/yielded_at_peak/0"] = yielded[cperm].reshape(-1, 1)
+            f["Function/failed/0"] = end[cperm].reshape(-1, 1)
+        else:
+            f["Function/failed/0"] = flag[cperm].reshape(-1, 1)
+        f["Function/yielded/0"] = np.maximum(yielded, end)[cperm].reshape(-1, 1)
         f["Function/damage/0"] = (0.5 * yielded[cperm]).reshape(-1, 1)
 
 
@@ -85,7 +102,7 @@ def patient_tree(demo_model, tmp_path_factory) -> dict:
     points, cells, tags = read_mesh(src / "mesh.xdmf")
     bone = np.flatnonzero(np.isin(tags, (1, 2)))
     rng = np.random.default_rng(5)
-    failed = {tp: np.sort(rng.choice(bone, n, replace=False)) for tp, n in FAILED.items()}
+    failed = {k: np.sort(rng.choice(bone, n, replace=False)) for k, n in FAILED.items()}
     for tp in CASES:
         d = res / "P01" / tp
         d.mkdir(parents=True)
@@ -97,7 +114,9 @@ def patient_tree(demo_model, tmp_path_factory) -> dict:
                 "strength_n": strength, "stiffness_n_per_mm": 40000.0, "stop_reason": reason,
                 "peak_reached": strength is not None, "n_dofs": 3000, "ksp_iterations": 10}))
             _png(d / f"{name[:-5]}_curve.png", f"{tp} {name}")
-        _fields(d / "compression_fields.h5", points, cells, failed[tp], rng)
+        for case in CASE_LABEL:
+            _fields(d / f"{case}_fields.h5", points, cells, failed[tp, case], rng,
+                    at_peak=(tp, case) != OLD_FIELDS)
     for tp, (slice_mm, kernel) in ACQUISITION.items():  # scan.json of the ingest step
         (res / "P01" / tp / "scan.json").write_text(json.dumps({"scan": {
             "spacing_mm": [0.7, 0.7, slice_mm], "kvp": 120.0, "convolution_kernel": kernel,
@@ -257,17 +276,22 @@ def test_embedded_geometry_is_the_model(page: Path, patient_tree: dict) -> None:
                               "<u2" if s["index_type"] == "uint16" else "<u4")
         assert len(index) == 3 * expected and index.max() == s["n_vertices"] - 1
         assert len(_decode(geo, s["positions"])) == s["n_vertices"]
-    # the failed elements of each run, found in the permuted fields file, at the model's
-    # cell centroids (to the quantisation step)
+    # the failed elements of each run at its peak (not the 10 more at its end), found in the
+    # permuted fields file, at the model's cell centroids (to the quantisation step); a file
+    # without peak flags gives its end, and says so
     centroids = patient_tree["points"][cells].mean(axis=1)
     step = np.asarray(geo["step"])
-    for tp, idx in patient_tree["failed"].items():
-        e = geo["elements"][tp]["failed"]
-        assert e["n"] == e["n_bone"] == len(idx) == FAILED[tp]
+    assert list(geo["elements"]) == [f"{tp}, {CASE_LABEL[c]}" for tp in ("M00", "M12")
+                                     for c in CASE_LABEL]
+    for (tp, case), idx in patient_tree["failed"].items():
+        key = f"{tp}, {CASE_LABEL[case]}"
+        assert geo["elements"][key]["at"] == ("end" if (tp, case) == OLD_FIELDS else "peak")
+        e = geo["elements"][key]["failed"]
+        assert e["n"] == e["n_bone"] == len(idx) == FAILED[tp, case]
         got = _decode(geo, e["positions"])
         want = centroids[idx]
         assert np.all(np.abs(got[np.lexsort(got.T)] - want[np.lexsort(want.T)]) <= step)
-        assert geo["elements"][tp]["yielded"]["n"] >= len(idx)
+        assert geo["elements"][key]["yielded"]["n"] >= len(idx)
 
 
 def _chromium() -> str:
@@ -294,9 +318,12 @@ def test_page_draws_the_model_offline_in_chromium(page: Path, tmp_path: Path) ->
         assert urls and all(u == page.as_uri() or u.startswith("data:") for u in urls), urls
         assert int(browser.evaluate(
             "document.getElementById('scene-canvas').dataset.triangles")) > 1000
-        # the failed-element sets are selectable per timepoint
+        # the failed-element sets are selectable per timepoint and load case
         assert browser.evaluate("Array.from(document.querySelectorAll('#failed-set option'))"
-                                ".map(o => o.value)") == ["M00", "M12", ""]
+                                ".map(o => o.value)") == [
+            f"{tp}, {CASE_LABEL[c]}" for tp in ("M00", "M12") for c in CASE_LABEL] + [""]
+        assert browser.evaluate("document.getElementById('scene-counts').textContent") == \
+            "M00, vertebral compression, at the peak: 7 failed elements, 57 yielded"
         browser.evaluate("document.getElementById('scene').scrollIntoView()")
         browser.evaluate("new Promise(r => setTimeout(r, 200))")
         rect = browser.evaluate("(() => { const r = document.getElementById('scene-canvas')"

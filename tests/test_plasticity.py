@@ -184,6 +184,31 @@ def test_softening_bar_traces_the_falling_branch_exactly():
         < 0.5 * SY * area
 
 
+def test_flags_at_the_peak_are_those_of_the_peak_increment(tmp_path):
+    """The fields file's ``yielded_at_peak`` and ``failed_at_peak`` are the state at the
+    curve's largest force, not at the end of the run: the bar followed until its weak layer
+    has fully softened (past κ = ε_r) has, at the peak, that layer yielded and nothing
+    failed; at the end the layer failed. Both as written to the XDMF/HDF5 fields file."""
+    import h5py
+
+    r, a, area, m = _softening_bar(stop_drop_fraction=0.999, return_model=True)
+    n = m.mesh.topology.index_map(3).size_local
+    layer = np.isfinite(m.c_sy[:n])  # the weak layer; the rest never yields
+    peak = max(r.curve, key=lambda p: p.force_n)
+    assert layer.sum() == 2 * 2 * 6 and peak.force_n == pytest.approx(SY * area, rel=1e-6)
+    assert (peak.yielded_cells, peak.failed_cells) == (24, 0)
+    assert r.curve[-1].failed_cells == 24  # the run went on until the layer failed
+    assert np.array_equal(m.peak_flags["yielded_at_peak"][:n], layer)
+    assert not m.peak_flags["failed_at_peak"][:n].any()
+    assert np.array_equal(m.failed[:n], layer)
+    m.write_fields(tmp_path / "f.xdmf")
+    with h5py.File(tmp_path / "f.h5") as f:
+        got = {k: f[f"Function/{k}"][next(iter(f[f"Function/{k}"]))][:].ravel()
+               for k in ("failed", "yielded", "failed_at_peak", "yielded_at_peak")}
+    assert got["failed_at_peak"].sum() == 0
+    assert got["yielded_at_peak"].sum() == got["failed"].sum() == got["yielded"].sum() == 24
+
+
 def test_softening_bar_in_tension_cracks_at_the_tensile_strength():
     ratio = 0.5
     r, a, area = _softening_bar(tension=True, tensile_strength_ratio=ratio)

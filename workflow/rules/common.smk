@@ -328,11 +328,11 @@ def patient_page_inputs(w):
         mt = model_timepoint(w.patient, t)
         files += [f"{d}/{n}" for n in CASE_FILES]
         files += [f"{d}/{n[:-5]}_curve.png" for n in CASE_FILES]
+        files += [f"{d}/{n[:-5]}_fields.h5" for n in CASE_FILES]
         files += [
             f"{d}/bmd.json",
             f"{d}/roi.png",
             f"{d}/calibration.png",
-            f"{d}/compression_fields.h5",
         ]
         if mt != t:
             files.append(f"{d}/registration.png")

@@ -190,6 +190,8 @@ class PlasticModel(ElasticModel):
                 "(perfect plasticity) or a positive hardening ratio")
         self.constitutive = constitutive
         self.params = params or NonlinearParams()
+        #: per-element flags at the curve's peak (:meth:`snapshot_peak`), for the fields file
+        self.peak_flags: dict[str, np.ndarray] = {}
         V0 = dolfinx.fem.functionspace(mesh, ("DG", 0))
         W = dolfinx.fem.functionspace(mesh, ("DG", 0, (3, 3)))
         self.V0, self.W = V0, W
@@ -444,6 +446,17 @@ class PlasticModel(ElasticModel):
         n_owned = self.mesh.topology.index_map(3).size_local
         return self.mesh.comm.allreduce(int(self.failed[:n_owned].sum()), MPI.SUM)
 
+    def yielded(self) -> np.ndarray:
+        """Elements past yield: damaged (damage model) or with plastic strain."""
+        return (self.D_n > 0) if self.constitutive == "damage" else (self.p_n > 0)
+
+    def snapshot_peak(self) -> None:
+        """Keep the per-element failed and yielded flags of the committed state: called at
+        every new maximum of the force, so at the end of a run they are the flags at the
+        curve's peak (written as ``failed_at_peak``, ``yielded_at_peak``)."""
+        self.peak_flags = {"failed_at_peak": self.failed.copy(),
+                           "yielded_at_peak": self.yielded().copy()}
+
     def commit(self) -> None:
         """Accept the increment: u += du; the iterate's state becomes the converged state."""
         self.sig_n = self.sig.x.array.reshape(-1, 9)[self._t_idx].reshape(-1, 3, 3).copy()
@@ -494,9 +507,9 @@ class PlasticModel(ElasticModel):
     # --- output -------------------------------------------------------------------------
     def write_fields(self, path) -> None:
         """Displacement (P1) and, per element, von Mises stress, plastic strain (plasticity)
-        or damage, equivalent strain and softened flag (damage model), yielded flag."""
+        or damage, equivalent strain and softened flag (damage model), yielded flag, all at
+        the end of the run, and the failed and yielded flags at the curve's peak."""
         vm = dolfinx.fem.Function(self.V0, name="von_mises_mpa")
-        yl = dolfinx.fem.Function(self.V0, name="yielded")
         self._set_cells(vm, self.von_mises())
         fns = [vm]
         if self.constitutive == "damage":
@@ -506,14 +519,16 @@ class PlasticModel(ElasticModel):
             self._set_cells(dm, self.D_n)
             self._set_cells(ke, self.k_n)
             self._set_cells(fl, self.failed.astype(float))
-            self._set_cells(yl, (self.D_n > 0).astype(float))
             fns += [dm, ke, fl]
         else:
             pe = dolfinx.fem.Function(self.V0, name="plastic_strain")
             self._set_cells(pe, self.p_n)
-            self._set_cells(yl, (self.p_n > 0).astype(float))
             fns += [pe]
-        fns.append(yl)
+        flags = {"yielded": self.yielded(), **self.peak_flags}
+        for name, flag in flags.items():
+            fn = dolfinx.fem.Function(self.V0, name=name)
+            self._set_cells(fn, flag.astype(float))
+            fns.append(fn)
         self.u.name = "displacement_mm"
         with dolfinx.io.XDMFFile(self.mesh.comm, str(path), "w") as f:
             f.write_mesh(self.mesh)

@@ -357,6 +357,8 @@ def _increment(m: PlasticModel, solver, walk, res, remaining: float, progress) -
     res.increments += 1
     prev = res.curve[-1]
     failed = m.n_failed()
+    if force >= max(p.force_n for p in res.curve):
+        m.snapshot_peak()  # the elements that failed by the peak (the fields file)
     res.curve.append(CurvePoint(walk.d, force, its, yielded, failed))
     if progress:
         progress(f"  increment {res.increments}: d = {walk.d:.4f} mm, F = {force:.1f} N, "

@@ -15,9 +15,11 @@ applied and what the categories cannot say.
 The 3D scene (three.js, bundled and inlined: ``assets/qctfea-three.min.js``, see
 ``assets/README.md``) shows the model the scans were solved on (the baseline's when
 follow-ups are registered to it): the bone surface (boundary triangles of the bone cells,
-tags 1 and 2), both screws (tags 3 and 4) and, selectable per timepoint, the elements that
-failed (softened, damage model; ``failed`` in ``compression_fields.h5``) at the end of that
-scan's compression run, plus optionally every element that yielded. The geometry is
+tags 1 and 2), both screws (tags 3 and 4) and, selectable per timepoint and load case
+(compression, pullout of each screw), the elements that had failed (softened, damage model)
+at that run's peak force (``failed_at_peak`` in ``<case>_fields.h5``; a fields file written
+before the peak flags existed gives the end of the run, and says so), plus optionally every
+element that had yielded. The geometry is
 computed here from ``mesh.h5`` and embedded as base64 arrays, quantised to uint16 over the
 model's bounding box (about 1 µm per step on a vertebra).
 
@@ -68,6 +70,10 @@ CASES = [
     ("pullout_right", "pullout_right.json", "pullout_right_curve.png", "pullout, right screw"),
     ("compression", "compression.json", "compression_curve.png", "vertebral compression"),
 ]
+def _compression_first(case: tuple) -> bool:
+    return case[0] != "compression"
+
+
 #: outcomes whose change from baseline is listed: (key, label, unit, digits)
 OUTCOMES = [
     ("pullout_left", "pullout strength, left", "N", 0),
@@ -153,44 +159,51 @@ def _surface(points: np.ndarray, tri: np.ndarray, quant: _Quantiser) -> dict:
             "index_type": "uint16" if dtype == "<u2" else "uint32"}
 
 
-def _field_cells(fields_h5: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Cell centroids of a fields file's own mesh and its per-cell 0/1 flags (last step)."""
+def _field_cells(fields_h5: Path) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
+    """Cell centroids of a fields file's own mesh, its per-cell 0/1 flags ``failed`` and
+    ``yielded`` (last step) at the curve's peak (``*_at_peak``), and "peak"; or, in a file
+    without the peak flags, at the end of the run, and "end"."""
     import h5py
 
     with h5py.File(fields_h5, "r") as f:
         pts = f["Mesh/mesh/geometry"][:]
         cells = f["Mesh/mesh/topology"][:].astype(np.int64)
+        at = "peak" if "Function/failed_at_peak" in f or "Function/yielded_at_peak" in f \
+            else "end"
         flags = {}
         for name in ("failed", "yielded"):
-            if f"Function/{name}" in f:
-                grp = f[f"Function/{name}"]
+            key = f"Function/{name}_at_peak" if at == "peak" else f"Function/{name}"
+            if key in f:
+                grp = f[key]
                 last = max(grp.keys(), key=lambda k: float(k) if k.replace(".", "", 1)
                            .isdigit() else -1.0)
                 flags[name] = grp[last][:].reshape(-1) > 0.5
-    return pts[cells].mean(axis=1), flags
+    return pts[cells].mean(axis=1), flags, at
 
 
 def failed_elements(fields_h5: str | os.PathLike, model_centroids: np.ndarray,
-                    tol_mm: float) -> dict[str, np.ndarray] | None:
-    """{flag: indices of the model's cells} of the failed and yielded cells of a compression
-    run, matched to the model by cell centroid (DOLFINx reorders cells when it writes);
-    None when the run's mesh is not this model (a centroid farther than ``tol_mm``)."""
+                    tol_mm: float) -> tuple[dict[str, np.ndarray], str] | None:
+    """{flag: indices of the model's cells} of the failed and yielded cells of a load case's
+    run (at its peak, or at its end: the second item), matched to the model by cell
+    centroid (DOLFINx reorders cells when it writes); None when the run's mesh is not this
+    model (a centroid farther than ``tol_mm``)."""
     from scipy.spatial import cKDTree
 
-    centroids, flags = _field_cells(Path(fields_h5))
+    centroids, flags, at = _field_cells(Path(fields_h5))
     if len(centroids) != len(model_centroids):
         return None
     dist, idx = cKDTree(model_centroids).query(centroids)
     if not np.all(dist <= tol_mm):
         return None
-    return {name: np.sort(idx[mask]) for name, mask in flags.items()}
+    return {name: np.sort(idx[mask]) for name, mask in flags.items()}, at
 
 
 def scene_geometry(mesh_path: str | os.PathLike,
                    fields: Mapping[str, str | os.PathLike]) -> tuple[dict, list[str]]:
     """The scene's geometry as JSON-ready data, and notes on what was left out.
 
-    ``fields``: {timepoint: compression_fields.h5}; each matched to the model by centroid.
+    ``fields``: {set name (timepoint and load case): that run's ``<case>_fields.h5``}; each
+    matched to the model by centroid.
     """
     points, cells, tags = read_model(mesh_path)
     quant = _Quantiser(points)
@@ -210,16 +223,17 @@ def scene_geometry(mesh_path: str | os.PathLike,
     centroids = points[cells].mean(axis=1)
     edge = np.linalg.norm(points[cells[:, 0]] - points[cells[:, 1]], axis=1)
     tol = max(1e-6, 1e-3 * float(np.median(edge)))
-    for tp, path in fields.items():
+    for key, path in fields.items():
         if not Path(path).is_file():
-            notes.append(f"{tp}: no compression fields file ({Path(path).name})")
+            notes.append(f"{key}: no fields file ({Path(path).name})")
             continue
-        sets = failed_elements(path, centroids, tol)
-        if sets is None:
-            notes.append(f"{tp}: its compression run used another mesh than the one shown "
+        found = failed_elements(path, centroids, tol)
+        if found is None:
+            notes.append(f"{key}: this run used another mesh than the one shown "
                          "(registration disabled?); its elements are not drawn")
             continue
-        entry: dict[str, Any] = {}
+        sets, at = found
+        entry: dict[str, Any] = {"at": at}
         for name, idx in sets.items():
             n = int(len(idx))
             shown = idx
@@ -228,7 +242,7 @@ def scene_geometry(mesh_path: str | os.PathLike,
             entry[name] = {"n": n, "n_shown": int(len(shown)),
                            "n_bone": int(np.isin(tags[idx], BONE_TAGS).sum()),
                            "positions": quant.encode(centroids[shown])}
-        geo["elements"][tp] = entry
+        geo["elements"][key] = entry
     return geo, notes
 
 
@@ -406,9 +420,12 @@ def write_patient_page(
 
     geometry, notes = None, []
     if mt is not None and (res / patient / mt / "mesh.h5").is_file():
+        # every load case each scan ran (its result file), compression first
         geometry, notes = scene_geometry(
             res / patient / mt / "mesh.xdmf",
-            {s["timepoint"]: s["dir"] / "compression_fields.h5" for s in scans})
+            {f"{s['timepoint']}, {label}": s["dir"] / f"{key}_fields.h5"
+             for s in scans for key, name, _, label in sorted(CASES, key=_compression_first)
+             if (s["dir"] / name).is_file()})
     elif scans:
         notes.append("no model mesh (mesh.h5) found for this patient")
 
@@ -423,6 +440,7 @@ def write_patient_page(
         clinical=clinical_summary(rows),
         # inserted with |safe: JSON and the library, made safe inside <script>
         geometry_json=_script_safe(json.dumps(geometry)) if geometry else None,
+        element_sets=list(geometry["elements"]) if geometry else [],
         three_js=_script_safe((pkg / "assets" / "qctfea-three.min.js").read_text("utf-8"))
         if geometry else None,
     )
