@@ -20,7 +20,9 @@ from qctfea.imaging.masks import CONVENTIONS
 #: TotalSegmentator v2 `total` names of some labels of the real L1's map (the test's own
 #: data: the file names TotalSegmentator writes; the rest are written as structure_<id>).
 NAMES = {**{v: f"vertebrae_{k}" for k, v in CONVENTIONS["totalsegmentator"].items()},
-         5: "liver", 52: "aorta", 79: "spinal_cord", 25: "sacrum", 26: "vertebrae_S1"}
+         5: "liver", 52: "aorta", 79: "spinal_cord", 25: "sacrum", 26: "vertebrae_S1",
+         86: "autochthon_left", 87: "autochthon_right", 88: "iliopsoas_left",
+         89: "iliopsoas_right"}
 
 
 def _split(labels_path, folder):
@@ -50,9 +52,10 @@ def test_composed_folder_equals_the_multilabel_file_on_its_vertebrae_and_aorta(r
     ref = real_l1["labels"]
     assert image.GetSize() == sitk.ReadImage(str(real_l1["src"] / "labels.nii.gz")).GetSize()
     for name, lab in structures.items():
-        if lab < labelfolder.OTHER_FROM:  # vertebrae, aorta: the multilabel file's own ids
+        if lab < labelfolder.OTHER_FROM:  # vertebrae, aorta, muscles: the file's own ids
             assert np.array_equal(got == lab, ref == lab), name
     assert structures["vertebrae_L1"] == 31 and structures["aorta"] == 52
+    assert labelfolder.muscle_labels("totalsegmentator", structures) == [86, 87, 88, 89]
     # every other structure labelled, each with its own label, none lost
     assert np.array_equal(got > 0, ref > 0)
     assert len(np.unique(got[got > 0])) == len(np.unique(ref[ref > 0]))

@@ -64,6 +64,7 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     from qctfea.imaging import calibration as cal_mod
     from qctfea.imaging import calibration_plot
     from qctfea.imaging import phantomless, phantomrods
+    from qctfea.imaging.labelfolder import muscle_labels
     from qctfea.imaging.masks import resample_labels_to
 
     t0 = time.perf_counter()
@@ -94,6 +95,8 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
         spec = params_from(cal_mod.PhantomSpec, cfg.get("phantom"), "calibration.phantom")
         tspec = params_from(cal_mod.TissueSpec, cfg.get("phantomless"),
                             "calibration.phantomless")
+        if tspec.muscle_labels is None:
+            tspec.muscle_labels = muscle_labels(convention, structures)
         centres = None
         if spec.rod_centres_mm is not None:  # physical (x, y) at the middle slice -> pixels
             z_mid = ct.TransformIndexToPhysicalPoint([0, 0, ct.GetSize()[2] // 2])[2]
@@ -104,7 +107,8 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
         try:
             band = phantomrods.phantom_band(hu.shape[1:], cal.rods, ct.GetSpacing())
             found = phantomless.find_tissues(hu, ct.GetSpacing(), labels_arr, tspec, where, label,
-                                             masks, exclude_zyx=band)
+                                             masks, exclude_zyx=band,
+                                             direction=ct.GetDirection())
             cal.tissues = phantomless.tissue_densities(cal, found)
         except Exception as exc:  # information only: never fails the phantom calibration
             masks = {}
@@ -112,10 +116,12 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     elif method == "phantomless":
         tspec = params_from(cal_mod.TissueSpec, cfg.get("phantomless"),
                             "calibration.phantomless")
+        if tspec.muscle_labels is None:
+            tspec.muscle_labels = muscle_labels(convention, structures)
         log.info(f"[calibrate] {context}: phantomless ({tspec.model}), finding "
                  f"{', '.join(tspec.tissues)} in {' x '.join(map(str, ct.GetSize()))} voxels")
         cal = phantomless.phantomless_calibration(hu, ct.GetSpacing(), labels_arr, tspec, where,
-                                                  label, masks)
+                                                  label, masks, direction=ct.GetDirection())
     elif method == "fixed":
         if "slope" not in cfg or "intercept" not in cfg:
             raise QctfeaError(f"{context}: calibration method 'fixed' needs calibration.slope "

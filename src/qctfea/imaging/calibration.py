@@ -79,7 +79,11 @@ Tissue-regression details:
   image border); flat regions (the constant padding outside the
   reconstruction circle, clipped values) are not air. Fat and muscle are
   window voxels inside the body and farther than ``bone_margin_mm`` from any
-  labelled bone. Blood is used only where a label of the label map
+  labelled structure other than muscle (``muscle_labels``) and blood; muscle, by
+  default (``muscle_region: paraspinal``), only behind the target vertebra
+  (posterior of its centroid, within ``paraspinal_mm`` of it, within its
+  superior-inferior extent): the erector spinae, the muscle QCT's internal
+  calibration samples, where no organ lies. Blood is used only where a label of the label map
   (``blood_label``) says where it is. Every region is eroded by
   ``erosion_mm`` against partial volume. Cortical bone is the voxels of the
   target vertebra at or above its window, not eroded: the vertebral cortex is
@@ -88,10 +92,11 @@ Tissue-regression details:
 - A tissue with fewer than ``min_voxels`` voxels is missing (a tightly cropped
   scan usually has no air); at least two tissues are needed. The fit has the
   R² gates of the phantom (with two tissues R² is 1 by construction) and a
-  non-positive slope is refused. Muscle-window voxels include organs of
-  similar HU (liver, kidney, bowel wall, unenhanced blood), and a scan with
-  contrast medium or metal needs care: check the QC picture, which shows the
-  voxels used for every tissue.
+  non-positive slope is refused. Muscle-window voxels of the whole body
+  (``muscle_region: body``, and the fallback when the paraspinal region holds
+  fewer than ``min_voxels``) include organs of similar HU (liver, kidney, bowel
+  wall, unenhanced blood), and a scan with contrast medium or metal needs care:
+  check the QC picture, which shows the voxels used for every tissue.
 
 Code: this module (phantom and fixed calibration, the configuration's specs, the
 fitted line); :mod:`qctfea.imaging.phantomless` (tissues, both phantomless models),
@@ -292,6 +297,9 @@ TISSUES = tuple(REFERENCE_HU)
 PHANTOMLESS_MODELS = ("effective_energy", "tissue_regression")
 
 
+#: Where :func:`qctfea.imaging.phantomless.find_tissues` samples skeletal muscle.
+MUSCLE_REGIONS = ("paraspinal", "body")
+
 @dataclass
 class TissueSpec:
     """Phantomless calibration (config section ``calibration.phantomless``).
@@ -355,6 +363,25 @@ class TissueSpec:
     bone_margin_mm: float = option(
         3.0, minimum=0,
         doc="air, fat and muscle voxels within this distance of any labelled bone are left out")
+    #: where skeletal muscle is sampled
+    muscle_region: str = option(
+        "paraspinal", enum=list(MUSCLE_REGIONS),
+        doc=("where muscle is sampled: `paraspinal`, the muscle-window voxels behind the target "
+             "vertebra (posterior of its centroid, within `paraspinal_mm` of it and within "
+             "its superior-inferior extent: the erector spinae, where no organ lies), or the "
+             "whole body when fewer than `min_voxels` are found there; `body`, every "
+             "muscle-window voxel of the body (also liver, kidney, bowel wall, contrast-"
+             "enhanced organs of similar HU: on the real L1 with only its vertebra labelled, "
+             "muscle read 65 HU instead of 51)"))
+    paraspinal_mm: float = option(30.0, exclusiveMinimum=0, row="muscle_region")
+    #: labels of skeletal muscle in the label map (not bone: muscle may be sampled there)
+    muscle_labels: list[int] | None = option(
+        None, items={"type": "integer", "minimum": 1},
+        shown="by `mask.convention`",
+        doc=("label values of skeletal muscle in the label map: not treated as bone, so the "
+             "muscle sample may lie in them. Default by `mask.convention`: "
+             "TotalSegmentator v2 `total` autochthon and iliopsoas (86, 87, 88, 89; the "
+             "structure masks of the same names in a folder); none otherwise"))
     #: a tissue with fewer voxels is missing
     min_voxels: int = option(50, minimum=1, doc="a tissue with fewer voxels is missing")
     #: label value of blood (a vessel) in the label map
@@ -415,6 +442,9 @@ class TissueSpec:
                                    for v in w) or not w[0] < w[1]):
                 raise QctfeaError(f"{where}.{t}_hu = {w!r}: give [low, high] in HU, low < high")
             setattr(self, f"{t}_hu", [float(w[0]), float(w[1])])
+        if self.muscle_region not in MUSCLE_REGIONS:
+            raise QctfeaError(f"{where}.muscle_region = {self.muscle_region!r}: give one of "
+                              f"{list(MUSCLE_REGIONS)}")
         if self.smooth_mm < 0 or self.erosion_mm < 0 or self.bone_margin_mm < 0:
             raise QctfeaError(f"{where}: smooth_mm, erosion_mm and bone_margin_mm must be >= 0")
         if self.min_voxels < 1:

@@ -12,7 +12,9 @@ every later step sees what the multilabel file would have given:
   label of the convention (:data:`qctfea.imaging.masks.CONVENTIONS`), ``vertebrae_S1`` 26
   under both conventions, ``sacrum`` 25 under ``totalsegmentator``;
 - ``aorta`` gets 52 under ``totalsegmentator`` (its label in the v2 class map), so that
-  ``calibration.phantomless.blood_label: 52`` finds the blood pool as in the ``--ml`` file;
+  ``calibration.phantomless.blood_label: 52`` finds the blood pool as in the ``--ml`` file,
+  and the paraspinal and psoas muscles (``autochthon_*``, ``iliopsoas_*``) 86-89, where the
+  phantomless calibration may sample muscle (:func:`muscle_labels`);
 - every other structure gets a label from 1001 on, in the order of the file names: it is
   not a target or a neighbour, but it is labelled (the phantomless calibration keeps its
   fat and muscle samples away from labelled structures, as with the multilabel file).
@@ -42,9 +44,23 @@ OTHER_FROM = 1001
 #: Labels of named structures other than the vertebral levels, by convention (TotalSegmentator
 #: v2 ``class_map["total"]``: sacrum 25, vertebrae_S1 26, aorta 52; VerSe: S1 26).
 NAMED: dict[str, dict[str, int]] = {
-    "totalsegmentator": {"sacrum": 25, "vertebrae_S1": 26, "aorta": 52},
+    "totalsegmentator": {"sacrum": 25, "vertebrae_S1": 26, "aorta": 52,
+                         "autochthon_left": 86, "autochthon_right": 87,
+                         "iliopsoas_left": 88, "iliopsoas_right": 89},
     "verse": {"vertebrae_S1": 26},
 }
+#: Structures of skeletal muscle (TotalSegmentator): the phantomless calibration may sample
+#: muscle inside them (``calibration.phantomless.muscle_labels``).
+MUSCLE_STRUCTURES = ("autochthon_left", "autochthon_right", "iliopsoas_left", "iliopsoas_right")
+
+
+def muscle_labels(convention: str, structures: dict[str, int] | None = None) -> list[int]:
+    """Labels of skeletal muscle: those of a structure folder's muscle masks, else the
+    convention's (TotalSegmentator v2 86-89; none for VerSe and custom label maps)."""
+    if structures is not None:
+        return sorted(v for k, v in structures.items() if k in MUSCLE_STRUCTURES)
+    named = NAMED.get(convention, {})
+    return [named[k] for k in MUSCLE_STRUCTURES if k in named]
 _VERTEBRA = re.compile(r"^vertebrae_([CTLS]\d{1,2})$")
 
 

@@ -29,6 +29,50 @@ def axial_axis(direction) -> int:
     return 2 - int(np.argmax(np.abs(d[2])))
 
 
+#: Smallest paraspinal muscle sample (cm³) used instead of the whole body's: less is the rim
+#: between labelled structures (the real L1's back muscles, labelled by TotalSegmentator but
+#: not declared muscle, leave 2 cm³), not the muscle itself.
+PARASPINAL_MIN_CM3 = 5.0
+
+
+def posterior_axis(direction) -> tuple[int, int]:
+    """(numpy axis, sign) of the image axis nearest the patient's posterior (+y of DICOM's
+    LPS): index increases towards the back when the sign is +1."""
+    d = np.asarray(direction, float).reshape(3, 3)
+    c = int(np.argmax(np.abs(d[1])))
+    return 2 - c, 1 if d[1, c] > 0 else -1
+
+
+def paraspinal_region(target: np.ndarray, sampling_zyx, direction, distance_mm: float
+                      ) -> np.ndarray | None:
+    """Voxels behind the target vertebra: within ``distance_mm`` of it, posterior of its
+    centroid and within its extent along the superior axis (the erector spinae and
+    multifidus, beside and behind the posterior elements; organs lie in front). None when
+    the target is absent."""
+    if not target.any():
+        return None
+    sl = ndimage.find_objects(target.astype(np.uint8))[0]
+    box = tuple(slice(max(0, b.start - m), min(n, b.stop + m)) for b, m, n in zip(
+        sl, [int(np.ceil(distance_mm / s)) + 1 for s in sampling_zyx], target.shape,
+        strict=True))
+    sub = target[box]
+    region = morphology.dilate(sub, distance_mm, sampling_zyx)
+    centroid = ndimage.center_of_mass(sub)
+    axis, sign = posterior_axis(direction)
+    shape = [1, 1, 1]
+    shape[axis] = sub.shape[axis]
+    index = np.arange(sub.shape[axis], dtype=float).reshape(shape)
+    region &= sign * (index - centroid[axis]) > 0
+    sup = axial_axis(direction)
+    extent = sub.any(axis=tuple(a for a in range(3) if a != sup))
+    shape = [1, 1, 1]
+    shape[sup] = sub.shape[sup]
+    region &= extent.reshape(shape)
+    out = np.zeros(target.shape, bool)
+    out[box] = region
+    return out
+
+
 def _deep(region: np.ndarray, depth_mm: float, sampling_zyx) -> np.ndarray:
     """Voxels of ``region`` farther than ``depth_mm`` from its outside (the outside of the
     array counts as region)."""
@@ -44,6 +88,7 @@ def find_tissues(
     target_label: int | None = None,
     masks: dict | None = None,
     exclude_zyx: np.ndarray | None = None,
+    direction=None,
 ) -> list[dict]:
     """Find the reference tissues of ``spec.tissues`` in the scan (see the module docstring).
 
@@ -53,7 +98,10 @@ def find_tissues(
     ``min_voxels`` voxels), n_voxels, median_hu (None when no voxel), sd_hu and
     reference_mg_cm3. ``masks``, when a dict, receives the voxel mask of each found tissue.
     ``exclude_zyx`` (broadcast to the scan; e.g. the calibration phantom) is never sampled
-    as a body tissue (air around it is).
+    as a body tissue (air around it is). ``direction``: the scan's direction matrix
+    (SimpleITK, row-major; default identity), which says where posterior and superior are
+    for the paraspinal muscle region. The muscle dict says where it was sampled
+    (``region``: paraspinal or body).
     Never raises for missing tissues (see :func:`phantomless_calibration`).
     """
     spec = spec or TissueSpec()
@@ -63,8 +111,10 @@ def find_tissues(
               if spec.smooth_mm > 0 else hu)
     labels = (np.zeros(hu.shape, np.int32) if labels_zyx is None
               else np.asarray(labels_zyx))
-    bone = (labels != 0) & (labels != (spec.blood_label if spec.blood_label is not None
-                                       else 0))
+    bone = labels != 0  # every labelled structure but blood and muscle
+    for v in [spec.blood_label, *(spec.muscle_labels or [])]:
+        if v is not None:
+            bone &= labels != v
     target = (labels == target_label) if target_label is not None else bone
     near_bone = morphology.dilate(bone, spec.bone_margin_mm, sampling)
 
@@ -94,8 +144,31 @@ def find_tissues(
             flat = ndimage.maximum_filter(hu, size=3) == ndimage.minimum_filter(hu, size=3)
             region = window("air", smooth) & ~body & ~near_bone & ~flat
             region = _deep(region, spec.erosion_mm, sampling)
-        elif name in ("fat", "muscle"):
+        elif name == "fat":
             region = _deep(window(name, smooth) & body & ~near_bone, spec.erosion_mm, sampling)
+        elif name == "muscle":
+            region = _deep(window(name, smooth) & body & ~near_bone, spec.erosion_mm, sampling)
+            muscle_from = "body"
+            if spec.muscle_region == "paraspinal" and target_label is not None:
+                para = paraspinal_region(target, sampling,
+                                         np.eye(3) if direction is None else direction,
+                                         spec.paraspinal_mm)
+                n_para = 0 if para is None else int(np.count_nonzero(region & para))
+                cm3 = n_para * float(np.prod(sampling)) / 1000
+                if n_para >= spec.min_voxels and cm3 >= PARASPINAL_MIN_CM3:
+                    region &= para
+                    muscle_from = "paraspinal"
+                else:
+                    warnings.warn(
+                        f"{context}: muscle sampled over the whole body, where organs of "
+                        f"similar HU (liver, kidney, bowel, contrast-enhanced organs) count "
+                        f"too: behind the target vertebra only {cm3:.1f} cm³ of muscle-window "
+                        f"voxels away from labelled structures (at least "
+                        f"{PARASPINAL_MIN_CM3:g} cm³ needed); if the label map labels the "
+                        "back muscles, give their labels as calibration.phantomless."
+                        "muscle_labels (TotalSegmentator: mask.convention totalsegmentator "
+                        "does), or leave muscle out of calibration.phantomless.tissues",
+                        stacklevel=2)
         elif name == "blood":
             region = (np.zeros(hu.shape, bool) if spec.blood_label is None else
                       _deep(window("blood", smooth) & (labels == spec.blood_label),
@@ -113,6 +186,7 @@ def find_tissues(
             "median_hu": robust_median(vals) if n_vox else None,
             "sd_hu": float(vals.std()) if n_vox else None,
             "reference_mg_cm3": float(spec.reference_mg_cm3[name]),
+            **({"region": muscle_from} if name == "muscle" else {}),
         })
         if found and masks is not None:
             masks[name] = region
@@ -165,6 +239,7 @@ def phantomless_calibration(
     context: str = "",
     target_label: int | None = None,
     masks: dict | None = None,
+    direction=None,
 ) -> Calibration:
     """Fit ``density = intercept + slope * HU`` from the scan's reference tissues, by the
     effective-energy model or the tissue regression (``spec.model``; module docstring).
@@ -177,7 +252,7 @@ def phantomless_calibration(
     ``residual_hu``)."""
     spec = spec or TissueSpec()
     tissues = find_tissues(hu_zyx, spacing_xyz, labels_zyx, spec, context, target_label,
-                           masks)
+                           masks, direction=direction)
     try:
         if spec.model == "effective_energy":
             cal = effective_energy_calibration(tissues, spec, context)
