@@ -3,8 +3,10 @@ memory and time measurements of docs/performance.md ("A large scan"): the CT res
 0.8 mm slices (512 x 512 x 140) and mirrored above and below to 420 slices (110 million
 voxels), the mirrored copies' vertebra labels removed so that L1 stays the only complete
 target. Writes ct.nii.gz and labels.nii.gz to the folder given (default: the current one).
+``--unlabelled-copies``: the mirrored copies carry no label at all (organs, muscles, vessels
+unlabelled there: a long scan labelled around one vertebra; docs/calibration.md).
 
-    python tools/large_scan.py /tmp/big
+    python tools/large_scan.py /tmp/big [--unlabelled-copies]
 """
 import sys
 from pathlib import Path
@@ -12,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+args = [a for a in sys.argv[1:] if a != "--unlabelled-copies"]
+out = Path(args[0] if args else ".")
 out.mkdir(parents=True, exist_ok=True)
 src = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "totalseg_L1") + "/"
 ct = sitk.ReadImage(src + "ct.nii.gz")
@@ -29,6 +32,8 @@ a, b = sitk.GetArrayFromImage(c), sitk.GetArrayFromImage(lbl)
 # mirrored copies above and below (3x the range); their vertebra labels (25-50) removed
 top, top_labels = a[::-1], b[::-1].copy()
 top_labels[np.isin(top_labels, range(25, 51))] = 0
+if "--unlabelled-copies" in sys.argv[1:]:
+    top_labels[:] = 0
 big = sitk.GetImageFromArray(np.concatenate([top, a, top]))
 big.SetSpacing(c.GetSpacing())
 big.SetDirection(c.GetDirection())
