@@ -54,3 +54,62 @@ def test_real_l3_imaging_chain_gives_plausible_values(tmp_path):
     assert 0.2 < b["areal_bmd_g_cm2"] < 1.5
     for png in ("calibration.png", "roi.png"):
         assert (t / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _as_dicom_series(nifti: Path, folder: Path) -> None:
+    """The NIfTI CT written as an axial DICOM CT series (one file per slice, the scanner's
+    LPS geometry in ImagePositionPatient / ImageOrientationPatient, HU = stored - 1024), by
+    SimpleITK's GDCM writer: what a lab has before converting anything."""
+    import SimpleITK as sitk
+
+    img = sitk.DICOMOrient(sitk.ReadImage(str(nifti)), "LPS")  # axial slices, z ascending
+    # HU given; GDCM stores (HU - intercept) / slope with the rescale tags below
+    img = sitk.Cast(sitk.Clamp(img, lowerBound=-1024), sitk.sitkInt16)
+    folder.mkdir()
+    d = img.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series = "1.2.826.0.1.3680043.2.1125.1.4242"
+    for k in range(img.GetDepth()):
+        sl = img[:, :, k]
+        for tag, value in (("0008|0060", "CT"), ("0020|000e", series),
+                           ("0020|0013", str(k + 1)),
+                           ("0020|0037", "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6],
+                                                                        d[1], d[4], d[7]))),
+                           ("0020|0032", "\\".join(f"{v:.6f}" for v in
+                                                   img.TransformIndexToPhysicalPoint((0, 0, k)))),
+                           ("0018|0050", f"{img.GetSpacing()[2]:g}"),
+                           ("0028|1052", "-1024"), ("0028|1053", "1")):
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{k:04d}.dcm"))
+        writer.Execute(sl)
+
+
+def test_real_l1_as_a_dicom_series_with_its_nifti_labels_gives_the_same_vertebra(
+        real_l1_ingested, tmp_path):
+    """As labs bring it: the scanner's DICOM series, and TotalSegmentator's labels as NIfTI
+    (LAS, written from a converted copy of the same series). The real L1 written as a DICOM
+    series ingests to the voxels and geometry of the NIfTI it came from (HU clipped at
+    -1024, as stored values are), and the mask step on it gives the same vertebra parts."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    src, ref = real_l1_ingested["src"], real_l1_ingested["root"]
+    _as_dicom_series(src / "ct.nii.gz", tmp_path / "dicom")
+    steps_imaging.ingest(source=tmp_path / "dicom", out_image=tmp_path / "ct.nii.gz",
+                         out_json=tmp_path / "scan.json", context="T01 M00")
+    a, b = (sitk.ReadImage(str(p / "ct.nii.gz")) for p in (tmp_path, ref))
+    assert a.GetSize() == b.GetSize() and a.GetDirection() == b.GetDirection()
+    assert np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+    assert np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
+    assert np.array_equal(sitk.GetArrayFromImage(a),
+                          np.maximum(sitk.GetArrayFromImage(b), -1024))
+    parts = {}
+    for name, root in (("dicom", tmp_path), ("nifti", ref)):
+        steps_imaging.mask(ct_path=root / "ct.nii.gz", labels_path=src / "labels.nii.gz",
+                           out_parts=tmp_path / f"{name}_v.nii.gz",
+                           out_json=tmp_path / f"{name}_v.json",
+                           cfg={"convention": "totalsegmentator", "vertebra": "L1"},
+                           context="T01 M00")
+        parts[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{name}_v.nii.gz")))
+    assert parts["dicom"].any() and np.array_equal(parts["dicom"], parts["nifti"])
