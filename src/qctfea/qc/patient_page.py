@@ -70,9 +70,8 @@ CASES = [
     ("pullout_right", "pullout_right.json", "pullout_right_curve.png", "pullout, right screw"),
     ("compression", "compression.json", "compression_curve.png", "vertebral compression"),
 ]
-def _compression_first(case: tuple) -> bool:
-    return case[0] != "compression"
-
+#: the 3D scene's runs, compression first
+SCENE_CASES = sorted(CASES, key=lambda case: case[0] != "compression")
 
 #: outcomes whose change from baseline is listed: (key, label, unit, digits)
 OUTCOMES = [
@@ -424,7 +423,7 @@ def write_patient_page(
         geometry, notes = scene_geometry(
             res / patient / mt / "mesh.xdmf",
             {f"{s['timepoint']}, {label}": s["dir"] / f"{key}_fields.h5"
-             for s in scans for key, name, _, label in sorted(CASES, key=_compression_first)
+             for s in scans for key, name, _, label in SCENE_CASES
              if (s["dir"] / name).is_file()})
     elif scans:
         notes.append("no model mesh (mesh.h5) found for this patient")
