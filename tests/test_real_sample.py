@@ -60,8 +60,20 @@ def _as_dicom_series(nifti: Path, folder: Path) -> None:
     """The NIfTI CT written as an axial DICOM CT series (one file per slice, the scanner's
     LPS geometry in ImagePositionPatient / ImageOrientationPatient, HU = stored - 1024), by
     SimpleITK's GDCM writer: what a lab has before converting anything."""
+    import locale
+
     import SimpleITK as sitk
 
+    # GDCM's writer sets the C library's locale to "C" when it writes the rescale tags:
+    # restored afterwards, or every later text file opened by this process is read as ASCII
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_series(sitk, nifti, folder)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_series(sitk, nifti: Path, folder: Path) -> None:
     img = sitk.DICOMOrient(sitk.ReadImage(str(nifti)), "LPS")  # axial slices, z ascending
     # HU given; GDCM stores (HU - intercept) / slope with the rescale tags below
     img = sitk.Cast(sitk.Clamp(img, lowerBound=-1024), sitk.sitkInt16)
