@@ -369,7 +369,8 @@ class TissueSpec:
         doc=("where muscle is sampled: `paraspinal`, the muscle-window voxels behind the target "
              "vertebra (posterior of its centroid, within `paraspinal_mm` of it and within "
              "its superior-inferior extent: the erector spinae, where no organ lies), or the "
-             "whole body when fewer than `min_voxels` are found there; `body`, every "
+             "whole body, with a warning, when fewer than `min_voxels` voxels or 5 cm³ are "
+             "found there; `body`, every "
              "muscle-window voxel of the body (also liver, kidney, bowel wall, contrast-"
              "enhanced organs of similar HU: on the real L1 with only its vertebra labelled, "
              "muscle read 65 HU instead of 51)"))
