@@ -324,6 +324,8 @@ def test_page_draws_the_model_offline_in_chromium(page: Path, tmp_path: Path) ->
             f"{tp}, {CASE_LABEL[c]}" for tp in ("M00", "M12") for c in CASE_LABEL] + [""]
         assert browser.evaluate("document.getElementById('scene-counts').textContent") == \
             "M00, vertebral compression, at the peak: 7 failed elements, 57 yielded"
+        # the yielded elements are drawn from the start
+        assert browser.evaluate("document.getElementById('show-yielded').checked") is True
         browser.evaluate("document.getElementById('scene').scrollIntoView()")
         browser.evaluate("new Promise(r => setTimeout(r, 200))")
         rect = browser.evaluate("(() => { const r = document.getElementById('scene-canvas')"
