@@ -64,7 +64,6 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     from qctfea.imaging import calibration as cal_mod
     from qctfea.imaging import calibration_plot
     from qctfea.imaging import phantomless, phantomrods
-    from qctfea.imaging.labelfolder import muscle_labels
     from qctfea.imaging.masks import resample_labels_to
 
     t0 = time.perf_counter()
@@ -93,10 +92,7 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
                 "blood_label, or give the multilabel file (TotalSegmentator --ml)")
     if method == "phantom":
         spec = params_from(cal_mod.PhantomSpec, cfg.get("phantom"), "calibration.phantom")
-        tspec = params_from(cal_mod.TissueSpec, cfg.get("phantomless"),
-                            "calibration.phantomless")
-        if tspec.muscle_labels is None:
-            tspec.muscle_labels = muscle_labels(convention, structures)
+        tspec = _tissue_spec(cfg, convention, structures)
         centres = None
         if spec.rod_centres_mm is not None:  # physical (x, y) at the middle slice -> pixels
             z_mid = ct.TransformIndexToPhysicalPoint([0, 0, ct.GetSize()[2] // 2])[2]
@@ -114,10 +110,7 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
             masks = {}
             warnings.warn(f"{where}: reference tissues not measured ({exc})", stacklevel=2)
     elif method == "phantomless":
-        tspec = params_from(cal_mod.TissueSpec, cfg.get("phantomless"),
-                            "calibration.phantomless")
-        if tspec.muscle_labels is None:
-            tspec.muscle_labels = muscle_labels(convention, structures)
+        tspec = _tissue_spec(cfg, convention, structures)
         log.info(f"[calibrate] {context}: phantomless ({tspec.model}), finding "
                  f"{', '.join(tspec.tissues)} in {' x '.join(map(str, ct.GetSize()))} voxels")
         cal = phantomless.phantomless_calibration(hu, ct.GetSpacing(), labels_arr, tspec, where,
@@ -151,6 +144,18 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     })
     log.info(f"[calibrate] {context}: slope {cal.slope:.4f}, intercept {cal.intercept:.2f}, "
              f"R² {cal.r2:.5f} ({cal.method})")
+
+
+def _tissue_spec(cfg: dict, convention: str, structures: dict | None):
+    """The ``calibration.phantomless`` section typed, its muscle labels defaulted by the
+    label convention (or the structure folder's muscle masks)."""
+    from qctfea.imaging.calibration import TissueSpec
+    from qctfea.imaging.labelfolder import muscle_labels
+
+    tspec = params_from(TissueSpec, cfg.get("phantomless"), "calibration.phantomless")
+    if tspec.muscle_labels is None:
+        tspec.muscle_labels = muscle_labels(convention, structures)
+    return tspec
 
 
 #: Voxels around the target vertebra's bounding box on which the mask step works: more than

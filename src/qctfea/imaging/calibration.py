@@ -300,6 +300,7 @@ PHANTOMLESS_MODELS = ("effective_energy", "tissue_regression")
 #: Where :func:`qctfea.imaging.phantomless.find_tissues` samples skeletal muscle.
 MUSCLE_REGIONS = ("paraspinal", "body")
 
+
 @dataclass
 class TissueSpec:
     """Phantomless calibration (config section ``calibration.phantomless``).

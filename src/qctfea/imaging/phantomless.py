@@ -73,6 +73,30 @@ def paraspinal_region(target: np.ndarray, sampling_zyx, direction, distance_mm: 
     return out
 
 
+def _muscle_sample(region: np.ndarray, target: np.ndarray, sampling_zyx, direction,
+                   spec: TissueSpec, context: str, has_target: bool) -> tuple[np.ndarray, str]:
+    """The muscle voxels used and where they lie: ``region`` (the body's muscle-window voxels
+    away from labelled structures) behind the target vertebra (``muscle_region:
+    paraspinal``), or all of it ("body": asked for, no target, or too little behind it)."""
+    if spec.muscle_region != "paraspinal" or not has_target:
+        return region, "body"
+    para = paraspinal_region(target, sampling_zyx,
+                             np.eye(3) if direction is None else direction, spec.paraspinal_mm)
+    n_para = 0 if para is None else int(np.count_nonzero(region & para))
+    cm3 = n_para * float(np.prod(sampling_zyx)) / 1000
+    if n_para >= spec.min_voxels and cm3 >= PARASPINAL_MIN_CM3:
+        return region & para, "paraspinal"
+    warnings.warn(
+        f"{context}: muscle sampled over the whole body, where organs of similar HU (liver, "
+        f"kidney, bowel, contrast-enhanced organs) count too: behind the target vertebra only "
+        f"{cm3:.1f} cm³ of muscle-window voxels away from labelled structures (at least "
+        f"{PARASPINAL_MIN_CM3:g} cm³ needed); if the label map labels the back muscles, give "
+        "their labels as calibration.phantomless.muscle_labels (TotalSegmentator: "
+        "mask.convention totalsegmentator does), or leave muscle out of "
+        "calibration.phantomless.tissues", stacklevel=3)
+    return region, "body"
+
+
 def _deep(region: np.ndarray, depth_mm: float, sampling_zyx) -> np.ndarray:
     """Voxels of ``region`` farther than ``depth_mm`` from its outside (the outside of the
     array counts as region)."""
@@ -144,31 +168,11 @@ def find_tissues(
             flat = ndimage.maximum_filter(hu, size=3) == ndimage.minimum_filter(hu, size=3)
             region = window("air", smooth) & ~body & ~near_bone & ~flat
             region = _deep(region, spec.erosion_mm, sampling)
-        elif name == "fat":
+        elif name in ("fat", "muscle"):
             region = _deep(window(name, smooth) & body & ~near_bone, spec.erosion_mm, sampling)
-        elif name == "muscle":
-            region = _deep(window(name, smooth) & body & ~near_bone, spec.erosion_mm, sampling)
-            muscle_from = "body"
-            if spec.muscle_region == "paraspinal" and target_label is not None:
-                para = paraspinal_region(target, sampling,
-                                         np.eye(3) if direction is None else direction,
-                                         spec.paraspinal_mm)
-                n_para = 0 if para is None else int(np.count_nonzero(region & para))
-                cm3 = n_para * float(np.prod(sampling)) / 1000
-                if n_para >= spec.min_voxels and cm3 >= PARASPINAL_MIN_CM3:
-                    region &= para
-                    muscle_from = "paraspinal"
-                else:
-                    warnings.warn(
-                        f"{context}: muscle sampled over the whole body, where organs of "
-                        f"similar HU (liver, kidney, bowel, contrast-enhanced organs) count "
-                        f"too: behind the target vertebra only {cm3:.1f} cm³ of muscle-window "
-                        f"voxels away from labelled structures (at least "
-                        f"{PARASPINAL_MIN_CM3:g} cm³ needed); if the label map labels the "
-                        "back muscles, give their labels as calibration.phantomless."
-                        "muscle_labels (TotalSegmentator: mask.convention totalsegmentator "
-                        "does), or leave muscle out of calibration.phantomless.tissues",
-                        stacklevel=2)
+            if name == "muscle":
+                region, muscle_from = _muscle_sample(region, target, sampling, direction,
+                                                     spec, context, target_label is not None)
         elif name == "blood":
             region = (np.zeros(hu.shape, bool) if spec.blood_label is None else
                       _deep(window("blood", smooth) & (labels == spec.blood_label),
