@@ -80,7 +80,7 @@ def main() -> None:
                              "" if dev is None else f"{100 * dev:+.2f} %"])
     table = pipe_table(["scan", "load case", *(f"{n} (N, increments)" for n in settings),
                         f"defaults vs {ref}"], rows, "ll" + "r" * (len(settings) + 1))
-    a.out_md.write_text(table + "\n")
+    a.out_md.write_text(table + "\n", encoding="utf-8")
     print(table)
 
 

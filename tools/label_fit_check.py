@@ -39,7 +39,7 @@ def _fit(work: Path, ct: Path, labels: Path, cfg: dict) -> dict:
         warnings.simplefilter("ignore")
         steps_imaging.mask(ct_path=ct, labels_path=labels, out_parts=work / "v.nii.gz",
                            out_json=work / "v.json", cfg=cfg, context="check")
-    return json.loads((work / "v.json").read_text())["label_fit"]
+    return json.loads((work / "v.json").read_text(encoding="utf-8"))["label_fit"]
 
 
 def shifted() -> list[list[str]]:
@@ -80,7 +80,8 @@ def variants() -> list[list[str]]:
             for axis, deg in ((None, 0.0), ("z", 15.0), ("x", 12.0)):
                 with tempfile.TemporaryDirectory() as tmp:
                     pc.check(case, spacing, axis, deg, "traditional", Path(tmp))
-                    f = json.loads((Path(tmp) / "vertebra.json").read_text())["label_fit"]
+                    record = (Path(tmp) / "vertebra.json").read_text(encoding="utf-8")
+                    f = json.loads(record)["label_fit"]
                 rows.append([case, " x ".join(f"{v:g}" for v in spacing),
                              f"{deg:g}° about {axis}" if axis else "none",
                              f"{f['edge_contrast']:.0f} → {f['best_edge_contrast']:.0f}",
@@ -100,7 +101,7 @@ def main() -> None:
     b = pipe_table(["scan", "voxels (mm)", "grid rotation",
                     "edge contrast as given → at the best offset (HU)",
                     "best offset (x, y, z mm)", "result"], variants(), "lllrll")
-    args.out_md.write_text(a + "\n\n" + b + "\n")
+    args.out_md.write_text(a + "\n\n" + b + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

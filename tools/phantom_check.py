@@ -87,7 +87,7 @@ def main() -> None:
                    diameters(), "rrrrrr")
     b = pipe_table(["scan (no phantom)", "preset", "min_contrast_hu", "excluded",
                     "result"], no_phantom(), "lllll")
-    args.out_md.write_text(a + "\n\n" + b + "\n")
+    args.out_md.write_text(a + "\n\n" + b + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

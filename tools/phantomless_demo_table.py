@@ -41,7 +41,7 @@ for _, sample in pd.read_csv(SHEET, sep="\t", dtype={"patient": str, "timepoint"
                                         out_json=r / f"cal_{name}.json",
                                         out_png=r / f"cal_{name}.png", cfg=cfg, context=ctx,
                                         label=23)
-                cal[name] = json.loads((r / f"cal_{name}.json").read_text())
+                cal[name] = json.loads((r / f"cal_{name}.json").read_text(encoding="utf-8"))
             steps_imaging.mask(ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
                                out_parts=r / "vertebra.nii.gz", out_json=r / "vertebra.json",
                                cfg={}, context=ctx)

@@ -118,7 +118,7 @@ def check(case: str, spacing, rot_axis, deg, trajectory: str, work: Path,
                                     out_png=work / "screws.png")
     except QctfeaError as exc:
         return {"error": str(exc), "seconds": time.perf_counter() - t0}
-    d = json.loads((work / "screws.json").read_text())
+    d = json.loads((work / "screws.json").read_text(encoding="utf-8"))
     return {"screws": d["screws"], "canal": d["frame"]["canal"],
             "seconds": time.perf_counter() - t0}
 
@@ -168,7 +168,7 @@ def main() -> None:
                            f"{r['seconds']:.0f}"]
                     print(" | ".join(row), flush=True)
                     rows.append(row)
-    args.out_md.write_text(pipe_table(header, rows, "llllllrr") + "\n")
+    args.out_md.write_text(pipe_table(header, rows, "llllllrr") + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

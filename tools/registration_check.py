@@ -181,7 +181,7 @@ def main() -> None:
             for row in table_rows(check(case, spacing, m, density_change=dc)):
                 print(" | ".join(row), flush=True)
                 rows.append(row)
-    args.out_md.write_text(pipe_table(HEADER, rows, ALIGN) + "\n")
+    args.out_md.write_text(pipe_table(HEADER, rows, ALIGN) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -28,24 +28,24 @@ for name, interp, fill in (("ct.nii.gz", sitk.sitkLinear, -1024),
     sitk.WriteImage(sitk.Resample(img, ref, sitk.Transform(), interp, fill, img.GetPixelID()),
                     str(out / "5mm" / name))
 
-config = (REPO / "config" / "cohorts" / "totalseg-l1" / "config.yaml").read_text()
+config = (REPO / "config" / "cohorts" / "totalseg-l1" / "config.yaml").read_text(encoding="utf-8")
 rows = []
 for slices, folder in (("2.5 mm", SRC), ("5 mm", out / "5mm")):
     cohort = "l1_" + slices.split()[0].replace(".", "_")
     d = out / "cohorts" / cohort
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.yaml").write_text(config)
+    (d / "config.yaml").write_text(config, encoding="utf-8")
     (d / "samples.tsv").write_text(
         "patient\ttimepoint\tmonths\timage\tlabels\n"
-        f"T01\tM00\t0\t{folder / 'ct.nii.gz'}\t{folder / 'labels.nii.gz'}\n")
+        f"T01\tM00\t0\t{folder / 'ct.nii.gz'}\t{folder / 'labels.nii.gz'}\n", encoding="utf-8")
     subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--snakefile",
                     str(REPO / "Snakefile"), "--directory", str(out), "--configfile",
                     str(REPO / "config" / "config.yaml"), "--config", f"cohort={cohort}",
                     f"cohorts_dir={out / 'cohorts'}", "--quiet"], check=True, cwd=REPO)
     r = out / "results" / cohort / "T01" / "M00"
-    bmd = json.loads((r / "bmd.json").read_text())
-    screws = json.loads((r / "screws.json").read_text())["screws"]
-    strength = {c: json.loads((r / f"{c}.json").read_text())["strength_n"]
+    bmd = json.loads((r / "bmd.json").read_text(encoding="utf-8"))
+    screws = json.loads((r / "screws.json").read_text(encoding="utf-8"))["screws"]
+    strength = {c: json.loads((r / f"{c}.json").read_text(encoding="utf-8"))["strength_n"]
                 for c in ("compression", "pullout_left", "pullout_right")}
     rows.append((slices, bmd["trabecular_vbmd_mg_cm3"],
                  "/".join(f"{s['planning']['convergence_deg']:.1f}" for s in screws),

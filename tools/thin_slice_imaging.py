@@ -76,7 +76,7 @@ def main() -> None:
             np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(d / f"chosen_{f}"))),
                            sitk.GetArrayFromImage(sitk.ReadImage(str(d / f"scipy_{f}"))))
             for f in ("density.nii.gz", "parts.nii.gz"))
-        slope = [json.loads((d / f"{t}_calibration.json").read_text())["slope"]
+        slope = [json.loads((d / f"{t}_calibration.json").read_text(encoding="utf-8"))["slope"]
                  for t in ("chosen", "scipy")]
     print(f"thin-slice L1, {a.spacing} mm, {' x '.join(map(str, size))} voxels")
     for k in ("calibrate_s", "mask_s"):

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     logs.log_to(sys.stderr)  # the library's progress messages
     scan, out = Path(a.scan), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = yaml.safe_load(Path(a.config).read_text()) or {}
+    cfg = yaml.safe_load(Path(a.config).read_text(encoding="utf-8")) or {}
     p = steps.params_from(unc.UncertaintyParams, cfg.get("uncertainty"), "uncertainty")
     mp = steps.params_from(mat.MaterialParams, cfg.get("materials"), "materials")
     shell = steps.params_from(BmdParams, cfg.get("bmd"), "bmd").shell_mm
@@ -112,8 +112,10 @@ def main(argv=None) -> int:
         sitk.WriteImage(img, str(d / "density.nii.gz"))
         moved = [unc.jittered(sc, src["offsets"][sc.side][i], src["tilts"][sc.side][i])
                  for sc in screws]
-        (d / "screws.json").write_text(json.dumps({"screws": [s.to_dict() for s in moved]}))
-        (d / "vertebra.json").write_text((scan / "vertebra.json").read_text())
+        (d / "screws.json").write_text(json.dumps({"screws": [s.to_dict() for s in moved]}),
+            encoding="utf-8")
+        (d / "vertebra.json").write_text((scan / "vertebra.json").read_text(encoding="utf-8"),
+            encoding="utf-8")
         steps_model.mesh(parts_path=scan / "vertebra.nii.gz", screws_path=d / "screws.json",
                          out_mesh=d / "mesh.xdmf", out_json=d / "mesh.json",
                          cfg=cfg.get("mesh") or {}, context=f"draw {i}")
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
                       f"{err.abs().mean():.1f} ({err.abs().max():.1f})"])
     md = pipe_table(header, lines, "lrrrrl") + (f"\n\n{a.draws} draws of {scan}, seed {a.seed}; "
                              f"{df['seconds'].sum():.0f} s in all.\n")
-    (out / "summary.md").write_text(md)
+    (out / "summary.md").write_text(md, encoding="utf-8")
     print(md)
     return 0
 

@@ -31,7 +31,7 @@ def _params(text: str | None) -> dict:
     if text.startswith("@"):
         import yaml
 
-        return yaml.safe_load(Path(text[1:]).read_text()) or {}
+        return yaml.safe_load(Path(text[1:]).read_text(encoding="utf-8")) or {}
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

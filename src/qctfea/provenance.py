@@ -149,13 +149,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n",
+            encoding="utf-8")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -164,6 +165,6 @@ def read_json(path: str | os.PathLike) -> Any:
     if not p.is_file():
         raise QctfeaError(f"{p}: file not found")
     try:
-        return json.loads(p.read_text())
+        return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise QctfeaError(f"{p}: not valid JSON ({exc}); regenerate or fix this file") from exc

@@ -75,7 +75,7 @@ def failed_jobs(main_log: str | Path) -> list[dict]:
     """The failed jobs of a Snakemake run, from its main log: rule, the scan (patient and
     timepoint, read from the rule's log path logs/<cohort>/<patient>/<timepoint>/...) and
     the error the rule's log ends with (the step's ``ERROR:`` line, else its last line)."""
-    text = Path(main_log).read_text(errors="replace")
+    text = Path(main_log).read_text(errors="replace", encoding="utf-8")
     out = []
     for m in re.finditer(r"^Error in rule (\w+):\n((?:[ \t]+.*\n?)*)", text, flags=re.M):
         rule, block = m.group(1), m.group(2)
@@ -86,7 +86,8 @@ def failed_jobs(main_log: str | Path) -> list[dict]:
                 if len(parts) >= 5 and parts[0] == "logs" else "cohort level")
         error = "(no log)"
         if log and log.is_file():
-            lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()
+            lines = [ln.strip() for ln in log.read_text(errors="replace",
+                encoding="utf-8").splitlines()
                      if ln.strip()]
             errors = [ln for ln in lines if ln.startswith("ERROR:")]
             error = (errors[-1] if errors else lines[-1] if lines else "(empty log)")
@@ -107,7 +108,7 @@ def write_failure_summary(main_log, out: str | Path) -> list[dict]:
     lines = [f"{len(jobs)} failed job(s); full log: {main_log}"]
     lines += [f"{j['scan']}: rule {j['rule']}: {j['error']} (log: {j['log']})" for j in jobs]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text("\n".join(lines) + "\n")
+    Path(out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n[qctfea] failures (" + str(out) + "):\n  " + "\n  ".join(lines),
           file=sys.stderr, flush=True)
     return jobs

@@ -85,8 +85,9 @@ def markdown(table: pd.DataFrame, title: str) -> str:
 def write_summary(root, out_md, out_json=None, title: str | None = None) -> pd.DataFrame:
     table = summarize(read_benchmarks(root))
     with atomic_path(out_md) as tmp:
-        Path(tmp).write_text(markdown(table, title or f"Per-rule time and memory: {root}"))
+        Path(tmp).write_text(markdown(table, title or f"Per-rule time and memory: {root}"),
+            encoding="utf-8")
     if out_json:
         with atomic_path(out_json) as tmp:
-            Path(tmp).write_text(json.dumps(table.to_dict("records"), indent=1))
+            Path(tmp).write_text(json.dumps(table.to_dict("records"), indent=1), encoding="utf-8")
     return table

@@ -72,7 +72,7 @@ def solve_case(case: str, side: str | None, level_dir: Path, scan: Path, ranks: 
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise QctfeaError(f"{case} {side or ''} solve failed at {level_dir}:\n{res.stderr[-2000:]}")
-    d = json.loads(out.read_text())
+    d = json.loads(out.read_text(encoding="utf-8"))
     d["wall_s"] = time.perf_counter() - t0
     return d
 
@@ -106,7 +106,7 @@ def mesh_level(scan: Path, d: Path, size: float, voxel_mm: float, materials_cfg:
                           screws_path=scan / "screws.json", out_npz=d / "materials.npz",
                           out_json=d / "materials.json", cfg=dict(materials_cfg or {}), context=ctx)
     t_mat = time.perf_counter() - t0
-    return t_mesh, t_mat, json.loads((d / "mesh.json").read_text())
+    return t_mesh, t_mat, json.loads((d / "mesh.json").read_text(encoding="utf-8"))
 
 
 def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_mm: float = 0.5,
@@ -221,14 +221,15 @@ def main_cli(a) -> None:
     rows = run_study(a.scan, a.out_dir, a.sizes, a.voxel_mm, a.ranks,
                      strength=a.strength, loads=a.loads)
     Path(a.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(a.out_dir) / "convergence.json").write_text(json.dumps(rows, indent=1))
+    (Path(a.out_dir) / "convergence.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
     cmd = (f"qctfea-bench mesh-convergence --scan {a.scan} --out-dir {a.out_dir} --out-md {a.out_md} "
            f"--sizes {' '.join(f'{s:g}' for s in a.sizes)} --voxel-mm {a.voxel_mm:g} "
            f"--ranks {a.ranks}{' --strength' if a.strength else ''}"
            + (f" --loads '{json.dumps(a.loads)}'" if a.loads else ""))
     text = markdown(rows, cmd, str(a.scan))
     out = Path(a.out_md)
-    if out.exists() and NOTES_MARK in out.read_text():  # keep the hand-written notes
-        text += "\n" + NOTES_MARK + out.read_text().split(NOTES_MARK, 1)[1]
+    # keep the hand-written notes
+    if out.exists() and NOTES_MARK in out.read_text(encoding="utf-8"):
+        text += "\n" + NOTES_MARK + out.read_text(encoding="utf-8").split(NOTES_MARK, 1)[1]
     write_text(out, text)
     print(text)

@@ -213,7 +213,7 @@ def run_peer(E: np.ndarray, spacing: float, poisson: float, d: Path, py: str, ra
     if res.returncode != 0:
         raise QctfeaError(f"peer: ParOSol failed at {spacing:g} mm:\n{res.stdout[-1500:]}\n"
                           f"{res.stderr[-1500:]}")
-    r = json.loads(out.read_text())
+    r = json.loads(out.read_text(encoding="utf-8"))
     r["wall_s"] = wall
     return r
 
@@ -231,8 +231,8 @@ def prepare_ours(spec: dict, box: dict, d: Path) -> None:
     height = float(box["length_mm"][2])
     axis = {"superior_axis": [0.0, 0.0, 1.0], "centroid_mm": box["body_centroid_mm"],
             "height_mm": height, "specimen": "body + PMMA caps (qctfea-bench peer)"}
-    (d / "vertebra.json").write_text(json.dumps(axis, indent=1))
-    (d / "screws.json").write_text(json.dumps({"screws": []}))
+    (d / "vertebra.json").write_text(json.dumps(axis, indent=1), encoding="utf-8")
+    (d / "screws.json").write_text(json.dumps({"screws": []}), encoding="utf-8")
 
 
 def run_ours(common: Path, density_path: Path, cell_mm: float, voxel_mm: float, d: Path,
@@ -257,7 +257,7 @@ def run_ours(common: Path, density_path: Path, cell_mm: float, voxel_mm: float, 
 
     r = solve_case("compression", None, d, common, ranks, {"displacement_mm": STRAIN * height_mm})
     t_solve = r["wall_s"]
-    rep = json.loads((d / "mesh.json").read_text())
+    rep = json.loads((d / "mesh.json").read_text(encoding="utf-8"))
     return {"bone_cell_size_mm": cell_mm, "n_cells": rep["n_cells"], "n_dofs": r["n_dofs"],
             "stiffness_n_per_mm": r["stiffness_n_per_mm"], "ksp_iterations": r["ksp_iterations"],
             "seconds": {"mesh": t_mesh, "materials": t_mat, "solve_process": t_solve,
@@ -317,7 +317,8 @@ def run(scan, out_dir, voxel_sizes: list[float], cell_sizes: list[float], ranks:
             raise QctfeaError(f"{scan / name} is missing: --scan must be a processed scan "
                               "folder (results/<cohort>/<patient>/<timepoint>)")
     py = peer_python(peer_py)
-    axis = json.loads((scan / "vertebra.json").read_text()).get("superior_axis", [0, 0, 1])
+    vertebra = json.loads((scan / "vertebra.json").read_text(encoding="utf-8"))
+    axis = vertebra.get("superior_axis", [0, 0, 1])
     tilt = float(np.degrees(np.arccos(min(1.0, abs(float(np.asarray(axis)[2]))
                                           / float(np.linalg.norm(axis))))))
     if tilt > 2.0:
@@ -527,7 +528,7 @@ def write_section(md_path: Path, section: str, begin: str = BEGIN_MARK,
                   end: str = END_MARK) -> None:
     """Replace the section of ``md_path`` between the markers ``begin`` and ``end`` (the peer
     section by default) with ``section``, or append it."""
-    text = md_path.read_text() if md_path.exists() else ""
+    text = md_path.read_text(encoding="utf-8") if md_path.exists() else ""
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         tail = rest.split(end, 1)[1].lstrip("\n")
@@ -544,7 +545,7 @@ def main_cli(a) -> None:
               control_voxel_sizes=a.control_voxel_sizes,
               control_cell_sizes=a.control_cell_sizes)
     out_dir = Path(a.out_dir)
-    (out_dir / "peer.json").write_text(json.dumps(res, indent=1, default=str))
+    (out_dir / "peer.json").write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")
     cmd = (f"qctfea-bench peer --scan {a.scan} --out-dir {a.out_dir} --out-md {a.out_md} "
            f"--voxel-sizes {' '.join(f'{s:g}' for s in a.voxel_sizes)} "
            f"--cell-sizes {' '.join(f'{s:g}' for s in a.cell_sizes)} --ranks {a.ranks}")

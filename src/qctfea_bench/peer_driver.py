@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         "seconds": {"load": t1 - t0, "solve_call": t2 - t1},
         "command": " ".join(str(c) for c in r.command),
     }
-    Path(a.out_json).write_text(json.dumps(out, indent=1))
+    Path(a.out_json).write_text(json.dumps(out, indent=1), encoding="utf-8")
     return 0
 
 

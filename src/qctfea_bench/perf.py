@@ -210,7 +210,7 @@ def _run_mpi(ranks: int, args: list[str], what: str) -> None:
 def machine_info() -> dict:
     model = ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
@@ -218,7 +218,7 @@ def machine_info() -> dict:
         pass
     mem_gb = None
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("MemTotal"):
                 mem_gb = int(line.split()[1]) / 1024 ** 2
     except OSError:
@@ -233,7 +233,8 @@ def cpu_busy(seconds: float = 2.0) -> float | None:
     """Busy CPUs (0..cores) over ``seconds`` from /proc/stat, while this harness is idle:
     the load other jobs put on the machine at that moment."""
     def read():
-        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        first = Path("/proc/stat").read_text(encoding="utf-8").splitlines()[0]
+        v = [int(x) for x in first.split()[1:]]
         return sum(v), v[3] + (v[4] if len(v) > 4 else 0)  # total, idle + iowait
 
     try:
@@ -253,7 +254,7 @@ def nonlinear_summary(results_root: str | Path) -> dict:
     for case, pattern in (("compression", "compression.json"), ("pullout", "pullout_*.json")):
         rows = []
         for f in sorted(glob.glob(str(Path(results_root) / "*" / "*" / pattern))):
-            d = json.loads(Path(f).read_text())
+            d = json.loads(Path(f).read_text(encoding="utf-8"))
             if d.get("analysis") != "nonlinear" or not d.get("increments"):
                 continue
             rows.append({"file": f, "increments": d["increments"],
@@ -306,7 +307,7 @@ def run_benchmark(scan, out_dir, sizes: list[float], ranks: list[int], voxel_mm:
             f = out_dir / f"triad_{tag}_{r}ranks.json"
             log.info(f"[perf] triad ({r} ranks, {tag})")
             _run_mpi(r, ["triad", "--n", str(triad_n), "--out-json", str(f)], "triad")
-            res[str(r)] = json.loads(f.read_text())
+            res[str(r)] = json.loads(f.read_text(encoding="utf-8"))
         return res
 
     triad_before = measure_triad("before")
@@ -331,7 +332,7 @@ def run_benchmark(scan, out_dir, sizes: list[float], ranks: list[int], voxel_mm:
                     args += ["--side", side]
                 t0 = time.perf_counter()
                 _run_mpi(r, args, f"{label} solve at {d}")
-                w = json.loads(f.read_text())
+                w = json.loads(f.read_text(encoding="utf-8"))
                 w["wall_s"] = time.perf_counter() - t0
                 rows.append({"bone_cell_size_mm": size, "screw_cell_size_mm": size / 2,
                              "peri_screw_cell_size_mm": size / 3, "n_cells": n_cells,
@@ -410,7 +411,7 @@ def main_cli(a) -> None:
     res = run_benchmark(a.scan, a.out_dir, a.sizes, a.ranks, a.voxel_mm, a.triad_n,
                         a.nonlinear_results)
     out_dir = Path(a.out_dir)
-    (out_dir / "perf.json").write_text(json.dumps(res, indent=1, default=str))
+    (out_dir / "perf.json").write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")
     cmd = (f"qctfea-bench perf --scan {a.scan} --out-dir {a.out_dir} --out-md {a.out_md} "
            f"--sizes {' '.join(f'{s:g}' for s in a.sizes)} "
            f"--ranks {' '.join(str(r) for r in a.ranks)}"
@@ -418,7 +419,8 @@ def main_cli(a) -> None:
               if a.nonlinear_results != "results/demo" else ""))
     text = markdown(res, cmd)
     out = Path(a.out_md)
-    if out.exists() and NOTES_MARK in out.read_text():  # keep the hand-written notes
-        text += "\n" + NOTES_MARK + out.read_text().split(NOTES_MARK, 1)[1]
+    # keep the hand-written notes
+    if out.exists() and NOTES_MARK in out.read_text(encoding="utf-8"):
+        text += "\n" + NOTES_MARK + out.read_text(encoding="utf-8").split(NOTES_MARK, 1)[1]
     write_text(out, text)
     print(text)

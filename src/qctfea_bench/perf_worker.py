@@ -65,7 +65,7 @@ def triad_mpi(n: int, repeats: int, out_json: str | None = None) -> dict:
                "repeats": r["repeats"], "per_rank_gb_s": per_rank,
                "bandwidth_gb_s": float(sum(per_rank))}
         if out_json:
-            Path(out_json).write_text(json.dumps(res, indent=1))
+            Path(out_json).write_text(json.dumps(res, indent=1), encoding="utf-8")
     return comm.bcast(res, root=0)
 
 
@@ -186,7 +186,7 @@ def worker(mesh_path, materials_path, vertebra_json, screws_path, case: str,
         P.destroy()
     b.destroy()
     if comm.rank == 0:
-        Path(out_json).write_text(json.dumps(res, indent=1))
+        Path(out_json).write_text(json.dumps(res, indent=1), encoding="utf-8")
     comm.Barrier()
     return res
 

@@ -49,7 +49,7 @@ def cohort_summary(name: str, bench_root: Path, results_root: Path) -> dict:
         res = results_root / rel.parent / (stem.replace("solve_", "") + ".json")
         if not res.exists():
             continue
-        d = json.loads(res.read_text())
+        d = json.loads(res.read_text(encoding="utf-8"))
         wall = float(pd.read_csv(f, sep="\t")["s"].iloc[-1])
         solves.append({"scan": "/".join(rel.parts[:-1]), "case": case,
                        "n_dofs": int(d.get("n_dofs") or 0), "wall_s": wall,
@@ -72,7 +72,7 @@ def cohort_summary(name: str, bench_root: Path, results_root: Path) -> dict:
 def perf_levels(perf_json: Path) -> list[dict]:
     """Per mesh level of a ``qctfea-bench perf`` run (1 rank, compression): DOFs and the seconds of
     meshing, material mapping and one linear solve with its set-up."""
-    res = json.loads(Path(perf_json).read_text())
+    res = json.loads(Path(perf_json).read_text(encoding="utf-8"))
     out = []
     for r in res.get("rows", []):
         if r.get("ranks") != 1 or r.get("load_case") != "compression":
@@ -183,5 +183,5 @@ def main_cli(a) -> None:
     write_section(Path(a.out_md), section)
     if a.out_json:
         Path(a.out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out_json).write_text(json.dumps(cohorts, indent=1))
+        Path(a.out_json).write_text(json.dumps(cohorts, indent=1), encoding="utf-8")
     print(section)

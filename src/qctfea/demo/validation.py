@@ -102,5 +102,5 @@ def write_validation(results_dir, resources_dir, sheet, out_csv, out_md) -> pd.D
     with atomic_path(out_csv) as tmp:
         df.to_csv(tmp, index=False)
     with atomic_path(out_md) as tmp:
-        Path(tmp).write_text(summary_markdown(df))
+        Path(tmp).write_text(summary_markdown(df), encoding="utf-8")
     return df

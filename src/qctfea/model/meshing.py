@@ -442,7 +442,8 @@ def write_mesh(path: str | Path, points: np.ndarray, cells: np.ndarray, tags: np
             f["Mesh/mesh/geometry"] = np.asarray(points, np.float64)
             f["Mesh/mesh/topology"] = np.asarray(cells, np.int64)
             f["MeshTags/cell_tags/Values"] = np.asarray(tags, np.int32).reshape(-1, 1)
-        (scratch / path.name).write_text(_XDMF.format(nc=len(cells), nv=len(points), h5=h5_name))
+        (scratch / path.name).write_text(_XDMF.format(nc=len(cells), nv=len(points), h5=h5_name),
+            encoding="utf-8")
 
 
 def read_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

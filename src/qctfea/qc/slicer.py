@@ -95,7 +95,8 @@ def write_markups(screws: list[dict], path) -> None:
                         "lastUsedControlPointNumber": 2, "controlPoints": points,
                         "measurements": []})
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"@schema": SCHEMA, "markups": markups}, indent=4) + "\n")
+        tmp.write_text(json.dumps({"@schema": SCHEMA, "markups": markups}, indent=4) + "\n",
+            encoding="utf-8")
 
 
 # --- landmarks in ---------------------------------------------------------------------------
