@@ -335,6 +335,26 @@ def test_phantom_fit_below_fail_r2(demo_scan, tmp_path):
     _has(err, demo_scan["context"], ct, "is below calibration.phantom.fail_r2 = 0.9",
          "-> 1000", "calibration.phantom.rod_densities_mg_cm3")
     assert not (tmp_path / "density.nii.gz").exists()
+    # As the workflow runs it (record_refusal): the refusal is recorded with its picture and
+    # a density of zeros, and the gate (accept_calibration) fails with the message.
+    steps_imaging.calibrate(ct_path=ct, labels_path=demo_scan["src"] / "labels.nii.gz",
+                            out_density=tmp_path / "density.nii.gz",
+                            out_json=tmp_path / "calibration.json",
+                            out_png=tmp_path / "calibration.png", cfg=cfg,
+                            context=demo_scan["context"], label=23, record_refusal=True)
+    rec = json.loads((tmp_path / "calibration.json").read_text())
+    assert rec["refused"] == str(err.value) and rec["slope"] is None
+    assert not _array(tmp_path / "density.nii.gz").any()
+    assert (tmp_path / "calibration.png").stat().st_size > 5000
+    with pytest.raises(QctfeaError) as gate:
+        steps_imaging.accept_calibration(calibration_json=tmp_path / "calibration.json",
+                                         out_json=tmp_path / "ok.json",
+                                         context=demo_scan["context"])
+    assert str(gate.value) == str(err.value) and not (tmp_path / "ok.json").exists()
+    steps_imaging.accept_calibration(calibration_json=demo_scan["results"] / "calibration.json",
+                                     out_json=tmp_path / "ok.json", context=demo_scan["context"])
+    assert json.loads((tmp_path / "ok.json").read_text())["slope"] == pytest.approx(
+        json.loads((demo_scan["results"] / "calibration.json").read_text())["slope"])
 
 
 def test_phantom_fit_gate_from_config(demo_scan, tmp_path):

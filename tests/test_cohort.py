@@ -641,6 +641,34 @@ def test_exclusions_round_trip_and_need_a_reason(tmp_path: Path) -> None:
     assert not (tmp_path / "bad.csv").exists()
 
 
+def test_refusal_entries_name_the_first_refusing_gate(tmp_path: Path) -> None:
+    """Each scan's gates in order: the first gate whose records refuse names the reason (all
+    of that gate's refusals, joined), and the gates after it are never read (their jobs
+    did not run: the files do not exist here)."""
+    def rec(name: str, refused: str | None = None) -> str:
+        path = tmp_path / name
+        path.write_text(json.dumps({"refused": refused} if refused else {"strength_n": 1.0}))
+        return str(path)
+
+    never_made = str(tmp_path / "never_made.json")
+    scans = [
+        {"patient": "P1", "timepoint": "M00", "months": 0.0,  # every gate passed
+         "gates": [[rec("s1.json")], [rec("c1.json"), rec("l1.json"), rec("r1.json")]]},
+        {"patient": "P1", "timepoint": "M12", "months": 12.0,  # registration refused
+         "gates": [[rec("s1.json")], [rec("reg.json", "Dice 0.61 < 0.75")], [never_made]]},
+        {"patient": "P2", "timepoint": "M00", "months": 0.0,  # two load cases without peak
+         "gates": [[rec("s2.json")], [rec("c2.json", "compression: peak not reached"),
+                                      rec("l2.json"), rec("r2.json", "right: peak not reached")]]},
+        {"patient": "P3", "timepoint": "M00", "months": 0.0,  # screws refused at planning
+         "gates": [[rec("s3.json", "left screw grade D")], [never_made]]},
+    ]
+    assert longtable.refusal_entries(scans) == [
+        {"patient": "P1", "timepoint": "M12", "months": 12.0, "reason": "Dice 0.61 < 0.75"},
+        {"patient": "P2", "timepoint": "M00", "months": 0.0,
+         "reason": "compression: peak not reached; right: peak not reached"},
+        {"patient": "P3", "timepoint": "M00", "months": 0.0, "reason": "left screw grade D"}]
+
+
 # --------------------------------------------------------------------------- uncertainty
 
 

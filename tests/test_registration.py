@@ -94,6 +94,49 @@ def test_register_step_writes_density_on_baseline_grid(demo_scan, tmp_path):
     assert out["png"].stat().st_size > 5000
 
 
+def test_registration_outside_the_gates_is_recorded_for_the_gate_rule(demo_scan, tmp_path):
+    """Gates no registration passes (vertebra Dice at least 0.999): called as the CLI does, the
+    step raises naming the scan and the Dice; as the workflow does (record_refusal), it
+    writes every output with the refusal in registration.json, and the gate
+    (accept_registration) then fails with that message; a registration within the gates
+    passes the gate, which records its Dice."""
+    from qctfea import steps_imaging
+    from qctfea.errors import QctfeaError
+
+    r = demo_scan["results"]
+    dens = sitk.ReadImage(str(r / "density.nii.gz"), sitk.sitkFloat32)
+    parts = sitk.ReadImage(str(r / "vertebra.nii.gz"))
+    T = _known_motion(dens)
+    sitk.WriteImage(_moved(dens, T, sitk.sitkLinear), str(tmp_path / "d.nii.gz"))
+    sitk.WriteImage(_moved(parts, T, sitk.sitkNearestNeighbor), str(tmp_path / "p.nii.gz"))
+    out = {k: tmp_path / f"out.{k}" for k in ("nii.gz", "json", "tfm", "png")}
+    where = "patient P01, timepoint M24"
+    args = dict(fixed_density=r / "density.nii.gz", fixed_parts=r / "vertebra.nii.gz",
+                moving_density=tmp_path / "d.nii.gz", moving_parts=tmp_path / "p.nii.gz",
+                out_density=out["nii.gz"], out_json=out["json"], out_tfm=out["tfm"],
+                out_png=out["png"], context=where)
+    strict = {"min_dice_fail": 0.999, "min_dice_warn": 0.9995}
+    with pytest.raises(QctfeaError, match=f"{where}: registration to baseline failed: "
+                                          r"vertebra Dice 0\.9\d\d < 0\.999"):
+        steps_imaging.register(**args, cfg=strict)
+    assert not out["json"].exists()
+    steps_imaging.register(**args, cfg=strict, record_refusal=True)
+    rec = json.loads(out["json"].read_text())
+    assert rec["refused"].startswith(f"{where}: registration to baseline failed: vertebra Dice")
+    assert 0.95 < rec["dice_after"] < 0.999
+    assert out["nii.gz"].is_file() and out["png"].is_file() and out["tfm"].is_file()
+    with pytest.raises(QctfeaError) as exc:
+        steps_imaging.accept_registration(registration_json=out["json"],
+                                          out_json=tmp_path / "ok.json", context=where)
+    assert str(exc.value) == rec["refused"] and not (tmp_path / "ok.json").exists()
+    steps_imaging.register(**args, cfg={}, record_refusal=True)
+    rec = json.loads(out["json"].read_text())
+    assert "refused" not in rec
+    steps_imaging.accept_registration(registration_json=out["json"],
+                                      out_json=tmp_path / "ok.json", context=where)
+    assert json.loads((tmp_path / "ok.json").read_text())["dice_after"] == rec["dice_after"]
+
+
 def test_follow_up_registered_to_generator_truth(demo_scan, tmp_path):
     """Two visits of one synthetic patient (the generator moves the patient between them):
     the registration maps baseline points onto the same anatomical points of the follow-up

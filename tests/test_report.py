@@ -10,6 +10,7 @@ QCTFEA_REQUIRE_CHROMIUM=1 so that a missing browser fails instead of skipping).
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -179,6 +180,56 @@ def test_excluded_scan_is_listed_with_its_reason(tmp_path: Path) -> None:
     assert "missing P03 M12" in data and "missing P01" not in data
     page = (res / "report" / "summary.html").read_text()
     assert "motion artefact at L4" in page and "Missing scans: P03 M12." in page
+
+
+def test_scans_refused_by_a_gate_are_left_out_and_listed(tmp_path: Path) -> None:
+    """A baseline whose calibration was refused (its calibration.json's ``refused``, as rule
+    calibrate_density records it), a follow-up whose registration was refused (as
+    register_to_baseline records it) and a scan whose compression curve did not peak (as
+    solve records it) are left out of the tables and statistics and listed in
+    tables/exclusions.csv with their messages; the refused baseline takes its follow-ups
+    (modelled on it) with it. The other scans' rows are those of the run without the
+    refusals."""
+    cohorts, sheet = fc.setup_cohort(tmp_path, NAME)
+    res = tmp_path / "results" / NAME
+    args = fc.snakemake_args(tmp_path, cohorts, NAME)
+    target = f"results/{NAME}/report/summary.html"
+    p = run([venv_bin("snakemake"), "--cores", "2", *args, "--", target], cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    before = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
+    reg_msg = ("patient P01, timepoint M24: registration to baseline failed: vertebra Dice "
+               "0.612 < 0.75 (before 0.540)")
+    peak_msg = ("patient P02, timepoint M12, compression: peak not reached (the force still "
+                "rose at the last increment). No strength is reported.")
+    cal_msg = ("patient P04, timepoint M00: phantom calibration R² = 0.512 is below "
+               "calibration.phantom.fail_r2 = 0.9")
+    cal = res / "P04" / "M00" / "calibration.json"
+    cal.write_text(json.dumps({"refused": cal_msg, "method": "phantom", "slope": None}))
+    reg = res / "P01" / "M24" / "registration.json"
+    reg.write_text(json.dumps({**json.loads(reg.read_text()), "refused": reg_msg}))
+    comp = res / "P02" / "M12" / "compression.json"
+    comp.write_text(json.dumps({**json.loads(comp.read_text()), "strength_n": None,
+                                "peak_reached": False, "refused": peak_msg}))
+    p = run([venv_bin("snakemake"), "--cores", "2", *args, "--", target], cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    ex = pd.read_csv(res / "tables" / "exclusions.csv", dtype=str)
+    assert ex[["patient", "timepoint", "reason"]].values.tolist() == [
+        ["P01", "M24", reg_msg], ["P02", "M12", peak_msg], ["P04", "M00", cal_msg],
+        ["P04", "M12", cal_msg], ["P04", "M24", cal_msg]]
+    long = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
+    kept = ~(((before["patient"] == "P01") & (before["timepoint"] == "M24"))
+             | ((before["patient"] == "P02") & (before["timepoint"] == "M12"))
+             | (before["patient"] == "P04"))
+    assert len(long) == len(before) - 5 == 9
+    pd.testing.assert_frame_equal(long, before[kept].reset_index(drop=True))
+    changes = pd.read_csv(res / "stats" / "changes.csv", dtype={"patients_not_paired": str})
+    pull = changes[changes["metric"] == "pullout_strength_n"].set_index("timepoint")
+    # P04 has no scan left: not a patient of the analysis; P02's M12 was refused, P03 has none
+    assert pull.loc["M12", "patients_not_paired"] == "P02;P03"
+    assert pull.loc["M12", "n_pairs"] == 2
+    page = (res / "report" / "summary.html").read_text()
+    for msg in (reg_msg, peak_msg, cal_msg):
+        assert html.escape(msg) in page, msg
 
 
 def test_exclusion_of_an_unknown_scan_is_an_error(tmp_path: Path) -> None:

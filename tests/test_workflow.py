@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO, run, venv_bin
 
 
-PER_SCAN = ["generate_demo_scan", "ingest_scan", "calibrate_density", "extract_vertebra",
-            "measure_bmd", "assign_materials", "accept_strength", "estimate_uncertainty"]
+PER_SCAN = ["generate_demo_scan", "ingest_scan", "calibrate_density", "accept_calibration",
+            "extract_vertebra", "measure_bmd", "assign_materials", "accept_strength", "estimate_uncertainty"]
 #: The FE model (screws, mesh) is built once per patient, at baseline; follow-ups are
 #: registered to it (registration.enabled, the default).
 PER_PATIENT = ["plan_screws", "accept_screws", "mesh_vertebra", "patient_page"]
@@ -59,8 +59,8 @@ def test_dry_run_expands_patients_x_timepoints(tmp_path):
     assert two["solve"] == 12 and three["solve"] == 18
     assert two["aggregate_cohort"] == three["aggregate_cohort"] == 1
     # One more patient adds only that patient's jobs and nothing else: 2 scans (each its
-    # per-scan jobs and 3 solves), its model's jobs and 1 registration.
-    assert three["total"] - two["total"] == 2 * (len(PER_SCAN) + 3) + len(PER_PATIENT) + 1
+    # per-scan jobs and 3 solves), its model's jobs and 1 registration with its gate.
+    assert three["total"] - two["total"] == 2 * (len(PER_SCAN) + 3) + len(PER_PATIENT) + 2
 
 
 def test_study_cohort_dry_run_lists_63_scans(tmp_path):
@@ -70,7 +70,7 @@ def test_study_cohort_dry_run_lists_63_scans(tmp_path):
         assert counts[rule] == 63, rule
     for rule in PER_PATIENT:
         assert counts[rule] == 21, rule
-    assert counts["register_to_baseline"] == 42
+    assert counts["register_to_baseline"] == counts["accept_registration"] == 42
     assert counts["solve"] == 63 * 3
 
 
@@ -351,6 +351,55 @@ def test_keep_going_leaves_a_scan_with_a_screw_through_the_canal_out_of_the_tabl
     assert (res / "report" / "summary.html").is_file()
     assert (res / "P02" / "M00" / "screws.png").is_file()  # the picture of the refusal
     assert not (res / "P02" / "M00" / "mesh.json").exists()  # nothing ran on those screws
+
+
+def test_keep_going_leaves_scans_refused_at_registration_or_peak_out_of_the_tables(tiny_run,
+                                                                                   tmp_path):
+    """The uninterrupted tiny run copied with its timestamps, then two gate records changed
+    as their checkpoints record a refusal: P02 M12's registration (register_to_baseline) and
+    P01 M12's compression curve without a peak (solve). With --keep-going the two gates
+    (accept_registration, accept_strength) fail those scans with their messages, nothing
+    after the registration gate runs for P02 M12, and the tables are built from the two
+    baselines, whose rows are the uninterrupted run's; exclusions.csv lists both refusals."""
+    cd = _cohort(tmp_path, "tiny", 2)
+    for sub in ("resources", "results"):
+        shutil.copytree(tiny_run / sub, tmp_path / sub)
+    res = tmp_path / "results" / "tiny"
+    before = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
+    reg_msg = ("patient P02, timepoint M12: registration to baseline failed: vertebra Dice "
+               "0.612 < 0.75 (before 0.540); look at registration.png")
+    peak_msg = ("patient P01, timepoint M12, compression: peak not reached (the force still "
+                "rose at the last increment). No strength is reported.")
+    reg = res / "P02" / "M12" / "registration.json"
+    reg.write_text(json.dumps({**json.loads(reg.read_text()), "refused": reg_msg}))
+    comp = res / "P01" / "M12" / "compression.json"
+    comp.write_text(json.dumps({**json.loads(comp.read_text()), "strength_n": None,
+                                "peak_reached": False, "refused": peak_msg}))
+    bmd_mtime = (res / "P02" / "M12" / "bmd.json").stat().st_mtime
+    p = run([venv_bin("snakemake"), "--cores", "2", "--keep-going", *_tiny_args(tmp_path, cd)],
+            cwd=REPO, timeout=900)
+    assert p.returncode != 0
+    lines = (tmp_path / "logs/tiny/failures.txt").read_text().splitlines()
+    assert lines[0].startswith("2 failed job(s)"), lines
+    first, second = sorted(lines[1:3])
+    assert first.startswith(f"patient P01, timepoint M12: rule accept_strength: ERROR: "
+                            f"{peak_msg}"), lines
+    assert second.startswith(f"patient P02, timepoint M12: rule accept_registration: ERROR: "
+                             f"{reg_msg}"), lines
+    assert (res / "P02" / "M12" / "bmd.json").stat().st_mtime == bmd_mtime  # not rerun
+    assert not (res / "P02" / "M12" / "registration_accepted.json").exists()
+    long = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
+    assert long[["patient", "timepoint"]].values.tolist() == [["P01", "M00"], ["P02", "M00"]]
+    # the baselines' rows as in the uninterrupted run; without a follow-up left the table
+    # has no registration columns
+    assert set(before.columns) - set(long.columns) == {"registration_dice",
+                                                       "registration_point_spread_mm"}
+    pd.testing.assert_frame_equal(long, before.loc[before["timepoint"] == "M00", long.columns]
+                                  .reset_index(drop=True))
+    excl = pd.read_csv(res / "tables" / "exclusions.csv", dtype=str)
+    assert excl[["patient", "timepoint", "reason"]].values.tolist() == [
+        ["P01", "M12", peak_msg], ["P02", "M12", reg_msg]]
+    assert (res / "report" / "summary.html").is_file()
 
 
 def test_a_new_demo_generator_regenerates_the_demo_scans(tiny_run, monkeypatch, tmp_path):

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from qctfea.errors import QctfeaError
-from qctfea.provenance import atomic_path, provenance, write_json
+from qctfea.errors import GateRefusal, QctfeaError
+from qctfea.provenance import atomic_path, provenance, read_json, write_json
 from qctfea.steps import (
     _grid, _integer_labels, _like, _need, _read_ct, _read_density, _read_grid, _read_image,
     _read_labels, _write_image, load_screws, params_from,
@@ -51,7 +51,8 @@ def ingest(*, source, out_image, out_json, context: str, series_uid: str | None 
 
 # Long on purpose: the three calibration methods and their shared outputs, in order.
 def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict,
-              context: str, label: int, convention: str = "custom") -> None:
+              context: str, label: int, convention: str = "custom",
+              record_refusal: bool = False) -> None:
     """HU image -> density image (mg/cm³), by phantom, phantomless or fixed calibration.
 
     ``label`` is the target vertebra of the label map, ``convention`` its label convention
@@ -60,10 +61,15 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     phantomless method (``calibration.phantomless`` settings) and records their median HU
     and phantom-calibrated density under ``tissues`` in calibration.json, from which
     reference densities for phantomless scans of the same scanner can be derived; a failure
-    there never fails the phantom calibration."""
-    from qctfea.imaging import calibration as cal_mod
+    there never fails the phantom calibration.
+
+    A calibration refused by its gates (no phantom found, too few tissues, a fit below
+    ``fail_r2`` or with a slope not > 0) raises :class:`GateRefusal`; with
+    ``record_refusal`` (the workflow, whose gate rule accept_calibration then fails the
+    scan) the message goes into ``out_json`` (key ``refused``), the picture shows it
+    beside the CT slice, and the density image is zero throughout (NIfTI as ITK writes it
+    keeps no NaN; nothing reads it: every step that uses a density waits for the gate)."""
     from qctfea.imaging import calibration_plot
-    from qctfea.imaging import phantomless, phantomrods
     from qctfea.imaging.masks import resample_labels_to
 
     t0 = time.perf_counter()
@@ -90,6 +96,39 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
                 f"{', '.join(f'{k} = {v}' for k, v in structures.items() if v < OTHER_FROM)}; "
                 "aorta.nii.gz is 52 under mask.convention totalsegmentator); correct "
                 "blood_label, or give the multilabel file (TotalSegmentator --ml)")
+    try:
+        cal = _calibration(method, cfg, ct, hu, labels_arr, structures, masks, context,
+                           where, label, convention)
+    except GateRefusal as exc:
+        if not record_refusal:
+            raise
+        _record_calibration_refusal(str(exc), ct, hu, labels_arr, masks, out_density,
+                                    out_json, out_png, context, method, cfg, ct_path, label)
+        return
+    _write_image(_like(cal.apply(hu), ct), out_density)
+    with atomic_path(out_png) as tmp:
+        calibration_plot.plot_calibration(cal, tmp, title=f"{context}: {cal.method} calibration",
+                                          hu_zyx=hu if masks else None, masks=masks,
+                                          **_qc_slice(ct, labels_arr, label))
+    write_json(out_json, {
+        **asdict(cal),
+        "model": "density_mg_cm3 = intercept + slope * HU",
+        "seconds": time.perf_counter() - t0,
+        "provenance": provenance("calibrate", {"method": method, **cfg},
+                                 {"ct": ct_path}),
+    })
+    log.info(f"[calibrate] {context}: slope {cal.slope:.4f}, intercept {cal.intercept:.2f}, "
+             f"R² {cal.r2:.5f} ({cal.method})")
+
+
+def _calibration(method: str, cfg: dict, ct: sitk.Image, hu: np.ndarray, labels_arr,
+                 structures, masks: dict, context: str, where: str, label: int,
+                 convention: str):
+    """The scan's calibration line by ``method`` (the tissue voxels found go into
+    ``masks``)."""
+    from qctfea.imaging import calibration as cal_mod
+    from qctfea.imaging import phantomless, phantomrods
+
     if method == "phantom":
         spec = params_from(cal_mod.PhantomSpec, cfg.get("phantom"), "calibration.phantom")
         tspec = _tissue_spec(cfg, convention, structures)
@@ -107,7 +146,7 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
                                              direction=ct.GetDirection())
             cal.tissues = phantomless.tissue_densities(cal, found)
         except Exception as exc:  # information only: never fails the phantom calibration
-            masks = {}
+            masks.clear()
             warnings.warn(f"{where}: reference tissues not measured ({exc})", stacklevel=2)
     elif method == "phantomless":
         tspec = _tissue_spec(cfg, convention, structures)
@@ -123,27 +162,39 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     else:
         raise QctfeaError(f"{context}: calibration.method must be 'phantom', 'phantomless' or "
                           f"'fixed', not {method!r}")
-    _write_image(_like(cal.apply(hu), ct), out_density)
-    # QC slice: the axial slice through the middle of the target vertebra (else the scan's).
+    return cal
+
+
+def _qc_slice(ct: sitk.Image, labels_arr, label: int) -> dict:
+    """The calibration picture's CT slice: the axial one through the middle of the target
+    vertebra (else the scan's middle), as ``axis`` and ``index`` of the numpy array."""
+    from qctfea.imaging import phantomless
+
     axis = phantomless.axial_axis(ct.GetDirection())
     index = None
     if labels_arr is not None and (labels_arr == label).any():
         where_z = np.nonzero((labels_arr == label).any(axis=tuple(a for a in range(3)
                                                                   if a != axis)))[0]
         index = int(round(where_z.mean()))
+    return {"axis": axis, "index": index}
+
+
+def _record_calibration_refusal(message: str, ct, hu, labels_arr, masks, out_density,
+                                out_json, out_png, context, method, cfg, ct_path,
+                                label) -> None:
+    """A refused calibration's outputs: a density of zeros (never read: the gate), the
+    picture with the message, and calibration.json with the message (``refused``) and no
+    line."""
+    from qctfea.imaging import calibration_plot
+
+    log.error(f"[calibrate] refused: {message}")
+    _write_image(_like(np.zeros(hu.shape, dtype=np.float32), ct), out_density)
     with atomic_path(out_png) as tmp:
-        calibration_plot.plot_calibration(cal, tmp, title=f"{context}: {cal.method} calibration",
-                                          hu_zyx=hu if masks else None, masks=masks, axis=axis,
-                                          index=index)
-    write_json(out_json, {
-        **asdict(cal),
-        "model": "density_mg_cm3 = intercept + slope * HU",
-        "seconds": time.perf_counter() - t0,
-        "provenance": provenance("calibrate", {"method": method, **cfg},
-                                 {"ct": ct_path}),
-    })
-    log.info(f"[calibrate] {context}: slope {cal.slope:.4f}, intercept {cal.intercept:.2f}, "
-             f"R² {cal.r2:.5f} ({cal.method})")
+        calibration_plot.plot_refusal(message, tmp, f"{context}: {method} calibration", hu,
+                                      masks, **_qc_slice(ct, labels_arr, label))
+    write_json(out_json, {"refused": message, "method": method, "slope": None,
+                          "intercept": None, "provenance": provenance(
+                              "calibrate", {"method": method, **cfg}, {"ct": ct_path})})
 
 
 def _tissue_spec(cfg: dict, convention: str, structures: dict | None):
@@ -323,6 +374,33 @@ def _label_fit(ct_path, ct: sitk.Image, target: np.ndarray, context: str, labels
     return fit
 
 
+def accept_calibration(*, calibration_json, out_json, context: str) -> None:
+    """The calibration's gate: fail the scan whose calibration was refused (its record's
+    ``refused`` message); else record the line it passed with."""
+    rec = read_json(calibration_json)
+    if rec.get("refused"):
+        raise QctfeaError(rec["refused"])
+    keys = ("method", "slope", "intercept", "r2")
+    write_json(out_json, {**{k: rec.get(k) for k in keys}, "provenance": provenance(
+        "accept_calibration", {}, {"calibration": str(calibration_json)})})
+    log.info(f"[accept_calibration] {context}: {rec.get('method')}, slope "
+             f"{rec['slope']:.4f}, R² {rec.get('r2')}")
+
+
+def accept_registration(*, registration_json, out_json, context: str) -> None:
+    """The registration's gate: fail the follow-up whose registration was refused (its
+    record's ``refused`` message, naming what was tried and what to do); else record the
+    accuracy it passed with."""
+    rec = read_json(registration_json)
+    if rec.get("refused"):
+        raise QctfeaError(rec["refused"])
+    keys = ("dice_before", "dice_after", "point_spread_mm", "points", "warning")
+    write_json(out_json, {**{k: rec.get(k) for k in keys}, "provenance": provenance(
+        "accept_registration", {}, {"registration": str(registration_json)})})
+    log.info(f"[accept_registration] {context}: Dice {rec['dice_after']:.3f}, spread "
+             f"{rec.get('point_spread_mm')} mm")
+
+
 def bmd(*, density_path, parts_path, screws_path, out_json, cfg: dict, context: str,
         out_png=None) -> None:
     """Trabecular, integral, around-screw vBMD and CT areal BMD (JSON), and optionally the QC
@@ -363,11 +441,15 @@ def bmd(*, density_path, parts_path, screws_path, out_json, cfg: dict, context: 
 
 
 def register(*, fixed_density, fixed_parts, moving_density, moving_parts, out_density, out_json,
-             out_tfm, out_png, cfg: dict, context: str, screws_path=None) -> None:
+             out_tfm, out_png, cfg: dict, context: str, screws_path=None,
+             record_refusal: bool = False) -> None:
     """Follow-up (moving) onto baseline (fixed): transform, QC, follow-up density on the
     baseline grid (the density the baseline model is given at this visit).
     ``screws_path``: the baseline's screws.json, whose entry and tip points are where the
-    registration's accuracy is reported (default: the vertebra's bounding-box corners)."""
+    registration's accuracy is reported (default: the vertebra's bounding-box corners).
+    A registration outside the gates raises :class:`QctfeaError`; with ``record_refusal``
+    (the workflow, whose gate rule accept_registration then fails the scan) every output is
+    written and the message goes into ``out_json`` (key ``refused``)."""
     _need(context, baseline_density=fixed_density, baseline_parts=fixed_parts,
           density=moving_density, parts=moving_parts, screws=screws_path)
     from qctfea.imaging import registration as reg
@@ -386,7 +468,17 @@ def register(*, fixed_density, fixed_parts, moving_density, moving_parts, out_de
     except RuntimeError as exc:  # SimpleITK's own failures
         raise QctfeaError(f"{context}: registration to baseline failed ({exc}); check both "
                           "scans show the vertebra, or exclude the scan") from exc
-    warning = reg.check_dice(info, p, context)
+    # The gates (docs/registration.md): a follow-up that fails them keeps its record, picture
+    # and density with the refusal, which the gate (accept_registration) and the cohort
+    # tables then refuse (the scan is listed in exclusions.csv).
+    refusal = warning = None
+    try:
+        warning = reg.check_dice(info, p, context)
+    except QctfeaError as exc:
+        if not record_refusal:
+            raise
+        refusal = str(exc)
+        log.error(f"[register] refused: {refusal}")
     if warning:
         warnings.warn(warning, stacklevel=1)
     _write_image(reg.resample_density(moving, fixed, tx), out_density)
@@ -395,6 +487,7 @@ def register(*, fixed_density, fixed_parts, moving_density, moving_parts, out_de
     with atomic_path(out_png) as tmp:
         reg.plot_registration(fixed, fixed_mask, moving_mask, tx, info, tmp, context)
     write_json(out_json, {**info, "seconds": time.perf_counter() - t0, "warning": warning,
+                          **({"refused": refusal} if refusal else {}),
                           "provenance": provenance("register", p, {
                               "baseline_density": fixed_density, "baseline_parts": fixed_parts,
                               "density": moving_density, "parts": moving_parts})})

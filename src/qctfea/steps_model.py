@@ -138,13 +138,19 @@ def _refusal(refused: list[dict], plan, where: str, png) -> str:
         + (" (into the spinal canal)" if s["placement"]["direction"] == "medial" else "")
         for s in refused)
     other = "cortical" if plan.trajectory == "traditional" else "traditional"
+    if plan.method == "landmarks":  # the screws are the user's: their points are to correct
+        instead = ("Correct this scan's landmarks (the sample sheet's landmarks column: the "
+                   "entry and target points of each screw, in scanner coordinates; the "
+                   "picture shows where the screw leaves the bone), let the pipeline plan "
+                   "them (planning.method: auto), use a smaller screw (screw.diameter_mm)")
+    else:
+        instead = ("Give landmarks for this scan (planning.method: landmarks and the sample "
+                   f"sheet's landmarks column), try planning.trajectory: {other}, a smaller "
+                   "screw (screw.diameter_mm, or planning.fit_diameter: true)")
     error = (
         f"{where}: screw placement refused, worse than planning.max_grade = "
         f"{plan.max_grade}: {what}. No strength is computed for a screw outside bone. "
-        "Give landmarks for this scan (planning.method: landmarks and the sample sheet's "
-        f"landmarks column), try planning.trajectory: {other}, a smaller screw "
-        "(screw.diameter_mm, or planning.fit_diameter: true), or exclude the scan "
-        "(exclude: in the cohort config, with the reason)"
+        f"{instead}, or exclude the scan (exclude: in the cohort config, with the reason)"
         + (f"; picture: {png}" if png is not None else ""))
     return error
 

@@ -25,6 +25,8 @@ rule aggregate_cohort:
             if PULLOUT
             else []
         ),
+        # every scan's gate records up to its first refusal: a refused scan is left out
+        gates=lambda w: all_gate_records(),
         calibration=scan_outputs("calibration.json"),
         scan=scan_outputs("scan.json"),  # the acquisition: protocol changes from baseline
         # intervals and per-scan SDs (uncertainty.enabled)
@@ -57,10 +59,9 @@ rule aggregate_cohort:
 
 rule record_exclusions:
     input:
-        # every model's screws: a refusal at planning is listed with its message
-        screws=lambda w: [f"{RES}/{p}/{t}/screws.json" for p, t in model_scans()] if PULLOUT else [],
-        # every kept scan's load cases: a curve without a peak is listed with its reason
-        results=lambda w: [f"{RES}/{p}/{t}/{n}" for p, t in kept_scans() for n in CASE_FILES],
+        # every scan's gate records up to its first refusal (planning, registration, the
+        # load cases' peaks): a refusal is listed with its message
+        records=lambda w: all_gate_records(),
     output:
         report(
             f"{RES}/tables/exclusions.csv",
@@ -78,8 +79,9 @@ rule record_exclusions:
                 "patient": str(p),
                 "timepoint": str(t),
                 "months": float(m),
-                "screws": f"{RES}/{p}/{model_timepoint(p, t)}/screws.json" if PULLOUT else None,
-                "results": [f"{RES}/{p}/{t}/{n}" for n in CASE_FILES],
+                # the gates' records, one list per gate in order (gate_records: a gate after
+                # a refusal is not run and not read)
+                "gates": gate_paths(p, t),
             }
             for (p, t), m in SAMPLES["months"].items()
         ],

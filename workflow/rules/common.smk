@@ -285,31 +285,89 @@ def model_scans():
     return sorted({(str(p), model_timepoint(p, t)) for p, t in SAMPLES.index})
 
 
-def refused(patient, timepoint):
-    """Whether the screws of the scan's model were refused at planning (graded worse than
-    planning.max_grade). Reads the planning checkpoint's output: call only from input
-    functions, which then wait for that checkpoint."""
-    if not PULLOUT:
-        return False
-    mt = model_timepoint(patient, timepoint)
+def calibration_accepted(w):
+    """The calibration gates (accept_calibration) of the scan and of its model's scan:
+    whatever uses a density waits for them, so nothing runs on a refused calibration."""
+    mt = model_timepoint(w.patient, w.timepoint)
+    return sorted({f"{RES}/{w.patient}/{t}/calibration_accepted.json" for t in (w.timepoint, mt)})
+
+
+def registration_accepted(w):
+    """The registration gate of a registered follow-up (accept_registration): whatever uses
+    its density on the baseline grid waits for it; none for a model's own scan."""
+    if model_timepoint(w.patient, w.timepoint) == w.timepoint:
+        return []
+    return f"{RES}/{w.patient}/{w.timepoint}/registration_accepted.json"
+
+
+def gate_paths(patient, timepoint):
+    """The records of the scan's gates in the pipeline's order, one list per gate: its
+    calibration and its model's (the baseline's), its model's screws (planning, with
+    pullout), its registration (a follow-up), its load
+    cases' results (the strength gate)."""
+    p, t = str(patient), str(timepoint)
+    mt = model_timepoint(p, t)
+    gates = [sorted({f"{RES}/{p}/{s}/calibration.json" for s in (t, mt)})]
+    gates += [[f"{RES}/{p}/{mt}/screws.json"]] if PULLOUT else []
+    if mt != t:
+        gates.append([f"{RES}/{p}/{t}/registration.json"])
+    return gates + [[f"{RES}/{p}/{t}/{n}" for n in CASE_FILES]]
+
+
+#: The checkpoint that writes each gate's records (gate_paths' order).
+_GATE_RULES = {
+    "calibration.json": "calibrate_density",
+    "screws.json": "plan_screws",
+    "registration.json": "register_to_baseline",
+}
+
+
+def gate_records(patient, timepoint):
+    """The scan's gate records (gate_paths) up to and including the first gate that refused
+    the scan. Each is a checkpoint's output, asked for only once the gates before it passed
+    (a gate after a refusal cannot run): input functions only, which then wait for those
+    checkpoints. With --allowed-rules that leave a checkpoint out, its record is read as
+    it is."""
     allowed = workflow.dag_settings.allowed_rules
-    if allowed and "plan_screws" not in allowed:  # --allowed-rules: planning is not rerun,
-        path = f"{RES}/{patient}/{mt}/screws.json"  # its files are read as they are
-    else:
-        path = checkpoints.plan_screws.get(patient=str(patient), timepoint=mt).output.json
-    return _refusal_recorded(str(path))
+    records = []
+    for gate in gate_paths(patient, timepoint):
+        for path in gate:
+            name = Path(path).name
+            maker = _GATE_RULES.get(name, "solve")
+            if not allowed or maker in allowed:
+                parts = Path(path).parts
+                wildcards = dict(patient=parts[-3], timepoint=parts[-2])
+                if maker == "solve":
+                    wildcards["case"] = name[: -len(".json")]
+                path = getattr(checkpoints, maker).get(**wildcards).output.json
+            records.append(str(path))
+        if any(_refusal_recorded(r) for r in records[-len(gate) :]):
+            break
+    return records
+
+
+def all_gate_records():
+    """Every scan's gate records up to its first refusal (input functions only)."""
+    return sorted({r for p, t in SAMPLES.index for r in gate_records(p, t)})
+
+
+def refused(patient, timepoint):
+    """Whether a gate refused the scan: its calibration or its baseline's, its model's
+    screws (graded worse than planning.max_grade), its registration, or a load case without a peak.
+    """
+    return any(_refusal_recorded(r) for r in gate_records(patient, timepoint))
 
 
 @functools.cache
 def _refusal_recorded(path):
-    """Whether a screws file records a refusal; read once per run (a checkpoint's finished
+    """Whether a gate's record holds a refusal; read once per run (a checkpoint's finished
     output does not change within the run; a not-yet-finished one raises above instead)."""
     return bool(json.loads(Path(path).read_text()).get("refused"))
 
 
 def kept_scans():
     """The scans whose results enter the cohort tables: every scan of the sheet (after
-    exclusions) but those whose model's screws were refused (input functions only)."""
+    exclusions) but those a gate refused (input functions only)."""
     return [(str(p), str(t)) for p, t in SAMPLES.index if not refused(p, t)]
 
 
@@ -352,6 +410,14 @@ def get_final_outputs(wildcards):
     # The planning gate of every model: a refused scan fails here (the tables go on without
     # it under --keep-going).
     gates = [f"{RES}/{p}/{t}/placement.json" for p, t in model_scans()] if PULLOUT else []
+    # The calibration gate of every scan: a calibration refused by its gates fails here.
+    gates += [f"{RES}/{p}/{t}/calibration_accepted.json" for p, t in SAMPLES.index]
+    # The registration gate of every registered follow-up: a failed registration fails here.
+    gates += [
+        f"{RES}/{p}/{t}/registration_accepted.json"
+        for p, t in SAMPLES.index
+        if model_timepoint(p, t) != t
+    ]
     # The solve gate of every scan: a load case that did not peak fails here.
     gates += [f"{RES}/{p}/{t}/strength.json" for p, t in SAMPLES.index]
     # Every scan's own results, requested here as well as by the tables: the tables wait for

@@ -21,7 +21,11 @@ rule ingest_scan:
         "../scripts/ingest_scan.py"
 
 
-rule calibrate_density:
+# A checkpoint: a calibration refused by its gates (no phantom found, too few tissues, a
+# fit below fail_r2) still gets its calibration.json (with the refusal) and picture, and a
+# density without numbers, so that the cohort tables can be built without the scan
+# (--keep-going); rule accept_calibration then fails the scan with the message.
+checkpoint calibrate_density:
     input:
         ct=rules.ingest_scan.output.image,
         labels=get_labels,
@@ -49,6 +53,19 @@ rule calibrate_density:
         convention=target().convention,
     script:
         "../scripts/calibrate_density.py"
+
+
+rule accept_calibration:
+    input:
+        rules.calibrate_density.output.json,
+    output:
+        f"{RES}/{{patient}}/{{timepoint}}/calibration_accepted.json",
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/accept_calibration.log",
+    conda:
+        "../../envs/imaging.yaml"
+    script:
+        "../scripts/accept_calibration.py"
 
 
 rule extract_vertebra:
@@ -117,7 +134,11 @@ rule accept_screws:
         "../scripts/accept_screws.py"
 
 
-rule register_to_baseline:
+# A checkpoint, like plan_screws: a follow-up that cannot be registered within the gates
+# still gets its registration.json (with the refusal), picture and density, so that the
+# cohort tables can be built without it (--keep-going); rule accept_registration then fails
+# that scan with the message.
+checkpoint register_to_baseline:
     input:
         baseline_density=model_file("density.nii.gz"),
         baseline_parts=model_file("vertebra.nii.gz"),
@@ -127,6 +148,7 @@ rule register_to_baseline:
         # tip (none without pullout: the vertebra's box corners)
         screws=model_screws,
         accepted=model_accepted,
+        calibrated=calibration_accepted,  # the calibration gates (this scan, its baseline)
     output:
         density=f"{RES}/{{patient}}/{{timepoint}}/density_baseline.nii.gz",
         json=f"{RES}/{{patient}}/{{timepoint}}/registration.json",
@@ -152,6 +174,19 @@ rule register_to_baseline:
         "../scripts/register_to_baseline.py"
 
 
+rule accept_registration:
+    input:
+        rules.register_to_baseline.output.json,
+    output:
+        f"{RES}/{{patient}}/{{timepoint}}/registration_accepted.json",
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/accept_registration.log",
+    conda:
+        "../../envs/imaging.yaml"
+    script:
+        "../scripts/accept_registration.py"
+
+
 rule measure_bmd:
     input:
         # Follow-ups: their density on the baseline grid, measured in the baseline's ROIs.
@@ -159,6 +194,8 @@ rule measure_bmd:
         parts=model_file("vertebra.nii.gz"),
         screws=model_screws,  # none without pullout: no around-screw vBMD
         accepted=model_accepted,  # the planning gate: nothing is measured on refused screws
+        registered=registration_accepted,  # the registration gate (follow-ups)
+        calibrated=calibration_accepted,  # the calibration gates (this scan, its baseline)
     output:
         json=f"{RES}/{{patient}}/{{timepoint}}/bmd.json",
         png=report(

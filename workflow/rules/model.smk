@@ -38,6 +38,8 @@ rule assign_materials:
         h5=model_file("mesh.h5"),
         density=model_density,
         screws=model_screws,
+        registered=registration_accepted,  # the registration gate (follow-ups)
+        calibrated=calibration_accepted,  # the calibration gates (this scan, its baseline)
     output:
         npz=f"{RES}/{{patient}}/{{timepoint}}/materials.npz",
         json=f"{RES}/{{patient}}/{{timepoint}}/materials.json",

@@ -7,8 +7,10 @@
 
 # One rule, one job per load case: `case` is the result files' stem, compression or
 # pullout_<side>; the pullout cases run only with pullout in loads.cases (the aggregation and
-# accept_strength ask for their results).
-rule solve:
+# accept_strength ask for their results). A checkpoint: a curve without a peak is recorded in
+# its result (refused), so that the cohort tables can be built without that scan
+# (--keep-going) while accept_strength fails it.
+checkpoint solve:
     input:
         mesh=model_file("mesh.xdmf"),
         h5=model_file("mesh.h5"),

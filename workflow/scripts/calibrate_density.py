@@ -1,4 +1,5 @@
-"""Rule calibrate_density: HU -> K2HPO4 density (mg/cm³)."""
+"""Rule calibrate_density (a checkpoint): HU -> K2HPO4 density (mg/cm³). A calibration
+refused by its gates is recorded (refused) for accept_calibration."""
 from qctfea import steps_imaging
 from qctfea.workflow_glue import context, run_step
 
@@ -7,4 +8,4 @@ run_step(sm, lambda: steps_imaging.calibrate(
          ct_path=sm.input.ct, labels_path=sm.input.labels, out_density=sm.output.density,
          out_json=sm.output.json, out_png=sm.output.png, cfg=sm.params.cfg,
          context=context(sm.wildcards), label=sm.params.label,
-         convention=sm.params.convention))
+         convention=sm.params.convention, record_refusal=True))

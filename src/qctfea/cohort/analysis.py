@@ -72,8 +72,10 @@ def aggregate(
 
     ``cases`` are the load cases run (``loads.cases``): without ``"pullout"`` no pullout
     file is read and the table has no pullout or around-screw columns. With it, each scan's
-    model screws.json gives the screws' grades, and a scan whose screws were refused at
-    planning is left out (``tables/exclusions.csv`` lists it with the refusal).
+    model screws.json gives the screws' grades. A scan a gate refused (its calibration or
+    its baseline's, its model's screws at planning, its registration to baseline, a load
+    case without a peak) is left out
+    (``tables/exclusions.csv`` lists it with the refusal).
 
     ``sample_rows`` are dicts with ``patient``, ``timepoint``, ``months`` and an
     optional ``dxa`` (areal BMD in g/cm2, or None/NaN), ``sex`` (F/M, female/male; empty
@@ -115,7 +117,7 @@ def aggregate(
             if "pullout" in cases:
                 row |= placement_columns(data["screws"])
             if model_dir != scan_dir:  # a follow-up on its baseline's model: registration QC
-                row |= registration_columns(read_json(scan_dir / "registration.json"))
+                row |= registration_columns(data["registration"])
             if (scan_dir / "scan.json").is_file():  # the acquisition (ingest step)
                 row |= protocol_columns(read_json(scan_dir / "scan.json"))
             if (scan_dir / "uncertainty.json").is_file():  # uncertainty.enabled
@@ -153,28 +155,38 @@ def _sample_fields(sample: Mapping[str, Any]) -> tuple[str, str, float, str, str
 def _read_scan_files(scan_dir: Path, model_dir: Path, cases: Sequence[str],
                      where: str) -> dict[str, Any] | None:
     """The scan's result files by key (:data:`SCAN_FILES`; mesh and screws from the model's
-    folder), or None when the scan is not analysed: its screws were refused at planning or
-    a load case has no peak (both listed in exclusions.csv)."""
+    folder), or None when a gate refused the scan, read in the pipeline's order: its
+    calibration or its model's (the baseline's), its model's screws (planning), its
+    registration to baseline (a follow-up), a load case without a peak (all listed in
+    exclusions.csv); nothing after a refusal is read."""
     data: dict[str, Any] = {}
-    if "pullout" in cases:  # refused screws: the scan is not analysed (exclusions.csv)
-        data["screws"] = read_json(model_dir / SCAN_FILES["screws"])
-        if data["screws"].get("refused"):
-            return None
-    for key, name in SCAN_FILES.items():
-        if key in data:
-            continue
-        if key.startswith(("pullout", "screws")) and "pullout" not in cases:
-            continue
-        path = (model_dir if key in ("mesh", "screws") else scan_dir) / name
+
+    def read(key: str, path: Path) -> dict:
         try:
             data[key] = read_json(path)
         except QctfeaError as exc:
-            raise QctfeaError(f"{where}: cannot read {name} ({exc})") from exc
+            raise QctfeaError(f"{where}: cannot read {path.name} ({exc})") from exc
         except OSError as exc:
-            raise QctfeaError(f"{where}: cannot read {name} at {path} ({exc})") from exc
-    if any(data[k].get("refused") for k in data if k.startswith(("compression",
-                                                                 "pullout"))):
+            raise QctfeaError(f"{where}: cannot read {path.name} at {path} ({exc})") from exc
+        return data[key]
+
+    if read("calibration", scan_dir / SCAN_FILES["calibration"]).get("refused") or (
+            model_dir != scan_dir and read_json(model_dir / SCAN_FILES["calibration"]).get(
+                "refused")):
+        return None
+    if "pullout" in cases and read("screws", model_dir / SCAN_FILES["screws"]).get("refused"):
+        return None
+    if model_dir != scan_dir and read("registration", scan_dir / "registration.json").get(
+            "refused"):
+        return None
+    keys = [k for k in SCAN_FILES
+            if "pullout" in cases or not k.startswith(("pullout", "screws"))]
+    load_cases = [k for k in keys if k.startswith(("compression", "pullout"))]
+    if any([read(k, scan_dir / SCAN_FILES[k]).get("refused") for k in load_cases]):
         return None  # a load case without a peak: no strength (exclusions.csv)
+    for key in keys:
+        if key not in data:
+            read(key, (model_dir if key in ("mesh", "screws") else scan_dir) / SCAN_FILES[key])
     return data
 
 

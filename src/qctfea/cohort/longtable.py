@@ -370,20 +370,22 @@ def least_significant_changes(df: pd.DataFrame, metrics: Sequence[str],
 
 
 def refusal_entries(scans: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Exclusion entries (patient, timepoint, months, reason) for the scans whose model's
-    screws were refused at planning or whose load case did not reach its peak; ``scans``:
-    dicts with patient, timepoint, months, the model's ``screws`` file (or None: no
-    screws) and optionally ``results``, the scan's load-case result files."""
+    """Exclusion entries (patient, timepoint, months, reason) for the scans a gate refused:
+    their calibration or their baseline's, their model's screws at planning, their
+    registration to baseline, or a load case whose curve did not peak. ``scans``: dicts
+    with patient, timepoint, months and ``gates``, the scan's gate records in the
+    pipeline's order, one list per gate (calibration.json of the scan and its model; the
+    model's screws.json; a follow-up's registration.json; the load-case results). The first gate
+    whose records hold a refusal names the reason (all its records' refusals), and the
+    gates after it are not read (their jobs never ran)."""
     out = []
     for s in scans:
-        reasons = []
-        if s.get("screws"):
-            reasons = [read_json(s["screws"]).get("refused")]
-        if not any(reasons):
-            reasons = [read_json(p).get("refused") for p in s.get("results", ())]
-        if any(reasons):
-            out.append({"patient": s["patient"], "timepoint": s["timepoint"],
-                        "months": s["months"], "reason": "; ".join(r for r in reasons if r)})
+        for gate in s.get("gates", ()):
+            reasons = [r for r in (read_json(p).get("refused") for p in gate) if r]
+            if reasons:
+                out.append({"patient": s["patient"], "timepoint": s["timepoint"],
+                            "months": s["months"], "reason": "; ".join(reasons)})
+                break
     return out
 
 

@@ -111,7 +111,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qctfea.errors import QctfeaError
+from qctfea.errors import GateRefusal, QctfeaError
 from qctfea.config import option
 from qctfea.imaging import phantomrods
 from qctfea.imaging.attenuation import QCT_PRO_WATER_DISPLACEMENT
@@ -540,7 +540,7 @@ def k2hpo4_water_fit(rods: list[dict]) -> tuple[float, float, float, dict]:
     coef = {"sigma_ref": sigma_ref, "beta_ref": beta_ref, "sigma_ct": sigma_ct,
             "beta_ct": beta_ct, "model": "HU - rho_water = sigma_ref rho_K2HPO4 + beta_ref"}
     if not sigma_ct > 0:
-        raise QctfeaError(f"K2HPO4-in-water phantom fit gives sigma_CT = {sigma_ct:.4f} (not > "
+        raise GateRefusal(f"K2HPO4-in-water phantom fit gives sigma_CT = {sigma_ct:.4f} (not > "
                           "0): check calibration.phantom.water_equivalent_mg_cm3 and the rod "
                           "densities against the phantom's certificate")
     cov_ref, dof = line_covariance(k, lhs)  # of (beta_ref, sigma_ref)
@@ -592,7 +592,7 @@ def phantom_calibration(
     slope, intercept, r2, coef = _rod_fit(rods, spec)
     if not r2 >= spec.fail_r2:
         fit = ", ".join(f"{r['mean_hu']:.0f} HU -> {r['density_mg_cm3']:g}" for r in rods)
-        raise QctfeaError(
+        raise GateRefusal(
             f"{context}: phantom calibration R² = {r2:.3f} is below "
             f"calibration.phantom.fail_r2 = {spec.fail_r2} (rods, mean HU -> mg/cm³: {fit}); "
             "check the phantom definition (calibration.phantom.rod_densities_mg_cm3) or use a "

@@ -53,6 +53,26 @@ def plot_calibration(cal: Calibration, path, title: str = "", hu_zyx: np.ndarray
     fig.savefig(path, dpi=100)
 
 
+def plot_refusal(message: str, path, title: str, hu_zyx: np.ndarray, masks: dict,
+                 axis: int = 0, index: int | None = None) -> None:
+    """Picture of a refused calibration: the CT slice with whatever tissue voxels were found
+    (:func:`_voxel_panel`) and the refusal's message, wrapped, beside it."""
+    import textwrap
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.5, 4.5))
+    ax_text, ax_img = fig.subplots(1, 2)
+    ax_text.axis("off")
+    ax_text.set_title(title, fontsize=9)
+    ax_text.text(0.0, 1.0, "REFUSED\n\n" + "\n".join(textwrap.wrap(message, 62)),
+                 va="top", ha="left", fontsize=7.5, color="firebrick",
+                 transform=ax_text.transAxes)
+    _voxel_panel(ax_img, hu_zyx, masks, axis, index)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+
+
 def _line_panel(ax, cal: Calibration, title: str) -> None:
     """The calibration line with the rods and / or tissues it was fitted to or checked on."""
     ee = cal.effective_energy

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 from scipy import ndimage
 
-from qctfea.errors import QctfeaError
+from qctfea.errors import GateRefusal, QctfeaError
 from qctfea.imaging import morphology
 from qctfea.imaging.calibration import (
     Calibration, REFERENCE_HU, TissueSpec, _uncertainty, fit_line, line_covariance,
@@ -223,7 +223,7 @@ def _tissue_list(tissues: list[dict]) -> str:
 def _too_few(context: str, spec: TissueSpec, tissues: list[dict], used: list[dict]) -> None:
     missing = [t["name"] for t in tissues if not t["found"]]
     left = [f"{t['name']} ({t['note']})" for t in tissues if t["found"] and not t["used"]]
-    raise QctfeaError(
+    raise GateRefusal(
         f"{context}: phantomless calibration needs at least 2 reference tissues, found "
         f"{len(used)} with >= calibration.phantomless.min_voxels = {spec.min_voxels} "
         f"voxels; measured: {_tissue_list(tissues)}; missing: {', '.join(missing) or 'none'}"
@@ -262,8 +262,8 @@ def phantomless_calibration(
             cal = effective_energy_calibration(tissues, spec, context)
         else:
             cal = _tissue_regression(tissues, spec, context)
-    except QctfeaError as exc:
-        raise QctfeaError(f"{exc}{_units_hint(hu_zyx)}") from None
+    except QctfeaError as exc:  # the same kind (a gate's refusal or not), with a units hint
+        raise type(exc)(f"{exc}{_units_hint(hu_zyx)}") from None
     if masks is not None:  # the picture shows the voxels of the tissues used
         for t in cal.tissues:
             if not t["used"]:
@@ -314,14 +314,14 @@ def _tissue_regression(tissues: list[dict], spec: TissueSpec, context: str) -> C
     fit = ", ".join(f"{t['name']} {t['median_hu']:.0f} HU -> {t['reference_mg_cm3']:g}"
                     for t in used)
     if not slope > 0:
-        raise QctfeaError(
+        raise GateRefusal(
             f"{context}: phantomless calibration slope {slope:.4f} mg/cm³ per HU is not "
             f"positive (tissues, median HU -> mg/cm³: {fit}); a tissue was found in the wrong "
             "place: check the QC picture and the tissue HU windows "
             "(calibration.phantomless.<tissue>_hu), or use calibration.method: fixed"
         )
     if not r2 >= spec.fail_r2:
-        raise QctfeaError(
+        raise GateRefusal(
             f"{context}: phantomless calibration R² = {r2:.3f} is below "
             f"calibration.phantomless.fail_r2 = {spec.fail_r2} (tissues, median HU -> "
             f"mg/cm³: {fit}); check the reference densities "
@@ -412,13 +412,13 @@ def effective_energy_calibration(tissues: list[dict], spec: TissueSpec,
     fit_txt = ", ".join(f"{t['name']} {t['median_hu']:.0f} HU (theory {ht:.0f})"
                         for t, ht in zip(used, res["theoretical_hu"], strict=True))
     if not b > 0:
-        raise QctfeaError(
+        raise GateRefusal(
             f"{context}: effective-energy calibration: measured HU fall as theoretical HU rise "
             f"(b = {b:.3f} at {E:g} keV; {fit_txt}); a tissue was found in the wrong place: "
             "check the QC picture and the tissue HU windows "
             "(calibration.phantomless.<tissue>_hu)")
     if len(used) >= 3 and not r2 >= spec.fail_r2:
-        raise QctfeaError(
+        raise GateRefusal(
             f"{context}: effective-energy calibration R² = {r2:.3f} at {E:g} keV is below "
             f"calibration.phantomless.fail_r2 = {spec.fail_r2} ({fit_txt}); check the QC "
             "picture and the tissue HU windows, drop the outlying tissue from "

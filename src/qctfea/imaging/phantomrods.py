@@ -42,7 +42,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.signal import fftconvolve
 
-from qctfea.errors import QctfeaError
+from qctfea.errors import GateRefusal, QctfeaError
 
 #: ring around a rod centre whose mean is the rod's surroundings (in rod diameters)
 RING_FROM, RING_TO = 0.65, 0.9
@@ -290,7 +290,7 @@ def find_rods(hu_zyx: np.ndarray, spacing_xyz, anatomy_zyx: np.ndarray | None, s
     if best is None:
         size = (f"{spec.rod_diameter_mm:g} mm" if given else
                 f"any diameter from {ROD_SEARCH_MM[0]:g} to {ROD_SEARCH_MM[-1]:g} mm")
-        raise QctfeaError(
+        raise GateRefusal(
             f"{context}: no calibration phantom found: no row of {n} rods of {size} "
             f"(rod-like disks of at least {spec.min_contrast_hu:g} HU contrast: "
             f"{_disk_text(seen, sx, sy)}); "

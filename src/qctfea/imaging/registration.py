@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from qctfea.errors import QctfeaError
+from qctfea.errors import GateRefusal, QctfeaError
 from qctfea.config import option
 
 
@@ -431,7 +431,7 @@ def check_dice(info: dict, p: RegistrationParams, where: str) -> str | None:
     coarser than ``warn_spacing_mm``; None when fine."""
     d = info["dice_after"]
     if d < p.min_dice_fail:
-        raise QctfeaError(
+        raise GateRefusal(
             f"{where}: registration to baseline failed: vertebra Dice {d:.3f} < "
             f"{p.min_dice_fail} (before {info['dice_before']:.3f}){_tried(info)}; check that "
             "both scans show the same vertebra (mask.label) or exclude the scan in the cohort "
@@ -440,7 +440,7 @@ def check_dice(info: dict, p: RegistrationParams, where: str) -> str | None:
     if "point_spread_mm" in info and (spread is None or spread > p.max_spread_fail_mm):
         what = ("no two starts converged" if spread is None else
                 f"the two best starts disagree by {spread:.2f} mm > {p.max_spread_fail_mm} mm")
-        raise QctfeaError(
+        raise GateRefusal(
             f"{where}: registration to baseline failed: {what} at the {info['points']}"
             f"{_tried(info)}; look at registration.png, check both scans show the same "
             "vertebra, or exclude the scan in the cohort config")
