@@ -196,6 +196,40 @@ def test_dry_run_of_a_phantom_cohort_naming_no_phantom_is_refused(tmp_path):
     assert all(name in msg for name in PHANTOM_PRESETS), msg[-3000:]
 
 
+def test_hydroxyapatite_phantom_needs_its_own_ash_relation(tmp_path):
+    """A QRM BDC (hydroxyapatite) phantom with the materials' default (K2HPO4) conversion to
+    ash density is refused at the dry-run, naming the keys to give; with both given the
+    dry-run passes. The phantom's material is recorded with the calibration."""
+    import yaml
+
+    from conftest import REPO, run, venv_bin
+    from test_workflow import _cohort, _dry_run_error
+
+    from qctfea.imaging.calibration import require_ash_relation
+
+    def edit(d, materials=None):
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        cfg["calibration"] = {"method": "phantom", "phantom": {"preset": "qrm_bdc_6"}}
+        if materials:
+            cfg["materials"] = materials
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    msg = _dry_run_error(tmp_path / "a", edit)
+    assert ("calibration.phantom (preset qrm_bdc_6) gives hydroxyapatite-equivalent density"
+            in msg), msg[-3000:]
+    assert "give materials.ash_slope and materials.ash_intercept" in msg, msg[-3000:]
+    cd = _cohort(tmp_path / "b", "ha", 2)
+    edit(cd / "ha", {"ash_slope": 0.877, "ash_intercept": 0.079})
+    p = run([venv_bin("snakemake"), "-n", "--snakefile", str(REPO / "Snakefile"),
+             "--directory", str(tmp_path / "b"), "--configfile",
+             str(REPO / "config" / "config.yaml"), "--config", "cohort=ha",
+             f"cohorts_dir={cd}"], cwd=REPO, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert PhantomSpec(preset="mindways_model3").equivalent == "k2hpo4"
+    assert PhantomSpec(rod_densities_mg_cm3=[0, 100]).equivalent == "k2hpo4"
+    require_ash_relation(PhantomSpec(preset="mindways_model3"), {})  # K2HPO4: the default
+
+
 # --- finding the rods in a clinical CT: a phantom under a real patient -------------------
 
 #: Mindways Model 3 rods A-E (the preset) and a QCT PRO line: HU - water = 1.45 K2HPO4 - 1003

@@ -97,15 +97,18 @@ check_schema(COHORT_DIR / "config.yaml", [("", CCFG)], "cohort.schema.yaml", "ke
 def check_calibration():
     """The calibration settings as the calibrate step will read them: a phantom calibration
     (the default method) that names no phantom is refused here, before any job runs, with
-    the presets listed (qctfea.imaging.calibration.PHANTOM_PRESETS)."""
-    from qctfea.imaging.calibration import PhantomSpec, TissueSpec
+    the presets listed (qctfea.imaging.calibration.PHANTOM_PRESETS), and so is a
+    hydroxyapatite phantom without its own conversion to ash density (materials section)."""
+    from qctfea.imaging.calibration import PhantomSpec, TissueSpec, require_ash_relation
     from qctfea.errors import QctfeaError
     from qctfea.steps import params_from
 
     cal = CCFG.get("calibration") or {}
     try:
         if cal.get("method", "phantom") == "phantom":
-            params_from(PhantomSpec, cal.get("phantom"), "calibration.phantom").require_defined()
+            spec = params_from(PhantomSpec, cal.get("phantom"), "calibration.phantom")
+            spec.require_defined()
+            require_ash_relation(spec, CCFG.get("materials") or {})
         params_from(TissueSpec, cal.get("phantomless"), "calibration.phantomless")
     except QctfeaError as exc:
         raise WorkflowError(f"{COHORT_DIR / 'config.yaml'}: {exc}") from exc

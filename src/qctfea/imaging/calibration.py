@@ -126,6 +126,7 @@ from qctfea.imaging.attenuation import QCT_PRO_WATER_DISPLACEMENT
 PHANTOM_PRESETS: dict[str, dict] = {
     "mindways_model3": {
         "material": "K2HPO4 in water (5 rods A-E)",
+        "equivalent": "k2hpo4",
         "rod_densities_mg_cm3": [-51.83, -53.40, 58.88, 157.05, 375.83],
         "water_equivalent_mg_cm3": [1012.25, 1056.95, 1103.57, 1119.52, 923.20],
         "rod_diameter_mm": None,
@@ -136,6 +137,7 @@ PHANTOM_PRESETS: dict[str, dict] = {
     },
     "qrm_bdc_6": {
         "material": "calcium hydroxyapatite in water-equivalent resin (6 inserts)",
+        "equivalent": "hydroxyapatite",
         "rod_densities_mg_cm3": [0.0, 100.0, 200.0, 400.0, 600.0, 800.0],
         "water_equivalent_mg_cm3": None,
         "rod_diameter_mm": None,
@@ -146,6 +148,7 @@ PHANTOM_PRESETS: dict[str, dict] = {
     },
     "qrm_bdc_3": {
         "material": "calcium hydroxyapatite in water-equivalent resin (3 inserts)",
+        "equivalent": "hydroxyapatite",
         "rod_densities_mg_cm3": [100.0, 400.0, 800.0],
         "water_equivalent_mg_cm3": None,
         "rod_diameter_mm": None,
@@ -156,6 +159,7 @@ PHANTOM_PRESETS: dict[str, dict] = {
     },
     "demo_k2hpo4": {
         "material": "K2HPO4 solutions in water (the synthetic generator's phantom)",
+        "equivalent": "k2hpo4",
         "rod_densities_mg_cm3": [0.0, 50.0, 100.0, 150.0, 200.0],
         "water_equivalent_mg_cm3": None,
         "rod_diameter_mm": 12.0,
@@ -166,7 +170,28 @@ PHANTOM_PRESETS: dict[str, dict] = {
 
 
 #: The keys of a preset that are PhantomSpec fields (the others document it).
-_PRESET_KEYS = ("rod_densities_mg_cm3", "water_equivalent_mg_cm3", "rod_diameter_mm")
+_PRESET_KEYS = ("rod_densities_mg_cm3", "water_equivalent_mg_cm3", "rod_diameter_mm",
+                "equivalent")
+
+#: What a phantom's rod densities are of (``calibration.phantom.equivalent``): the density
+#: the calibrated scan then holds.
+EQUIVALENTS = ("k2hpo4", "hydroxyapatite")
+
+
+def require_ash_relation(spec: "PhantomSpec", materials_cfg: dict) -> None:
+    """A hydroxyapatite phantom calibrates to hydroxyapatite-equivalent density, which the
+    materials step's default conversion to ash density (a K2HPO4 relation) does not fit:
+    refuse such a cohort unless its ``materials`` section gives both ``ash_slope`` and
+    ``ash_intercept``."""
+    missing = [k for k in ("ash_slope", "ash_intercept") if k not in materials_cfg]
+    if spec.equivalent == "hydroxyapatite" and missing:
+        name = f"preset {spec.preset}" if spec.preset else "equivalent: hydroxyapatite"
+        raise QctfeaError(
+            f"calibration.phantom ({name}) gives hydroxyapatite-equivalent density, but the "
+            "materials laws' conversion to ash density is a K2HPO4 relation by default "
+            "(materials.ash_slope, ash_intercept); give materials."
+            f"{' and materials.'.join(missing)} for hydroxyapatite-calibrated CT (from your "
+            "own ashing data or a published relation; docs/calibration.md)")
 
 
 def phantom_presets_text() -> str:
@@ -195,6 +220,15 @@ class PhantomSpec:
         None, minItems=2, shown="from the preset; no default",
         doc=("known densities of the rods (K2HPO4 or hydroxyapatite equivalent, mg/cm³), any "
              "order"))
+    equivalent: str | None = option(
+        None, enum=list(EQUIVALENTS), shown="from the preset; else `k2hpo4`",
+        doc=("what the rods' densities are of, and so the calibrated density: `k2hpo4` "
+             "(Mindways and most QCT phantoms) or `hydroxyapatite` (QRM BDC, European Spine "
+             "Phantom). Recorded in calibration.json. The materials laws' conversion to ash "
+             "density (`materials.ash_slope`, `ash_intercept`) defaults to a K2HPO4 relation, "
+             "so a cohort with a hydroxyapatite phantom must set both (a relation for "
+             "hydroxyapatite-calibrated CT, from your own ashing data or a published one): "
+             "the dry-run refuses it otherwise"))
     rod_diameter_mm: float | None = option(
         None, exclusiveMinimum=0, shown="from the preset; else measured in the scan",
         doc=("rod diameter (mm), used to find and measure the rods; not given (and not in "
@@ -244,6 +278,8 @@ class PhantomSpec:
                     setattr(self, key, list(p[key]) if isinstance(p[key], list) else p[key])
         if self.rod_densities_mg_cm3 is None:  # undefined: refused by require_defined()
             return
+        if self.equivalent is None:
+            self.equivalent = "k2hpo4"
         if len(self.rod_densities_mg_cm3) < 2:
             raise QctfeaError(f"{where}.rod_densities_mg_cm3: give at least 2 rods")
         if self.rod_diameter_mm is not None and not self.rod_diameter_mm > 0:
@@ -484,6 +520,9 @@ class Calibration:
     #: phantomless effective_energy model: the energy, the fit against theoretical HU, the
     #: fit error at every energy searched, the K2HPO4 model (see the module docstring)
     effective_energy: dict = field(default_factory=dict)
+    #: what the calibrated density is of: K2HPO4 (the phantomless model's and most QCT
+    #: phantoms') or hydroxyapatite (a hydroxyapatite phantom, PhantomSpec.equivalent)
+    equivalent: str = "k2hpo4"
     #: uncertainty of the line from its fit: covariance of (intercept, slope) and its degrees
     #: of freedom (a Student t with ``dof``); ``covariance`` None when the fit cannot estimate
     #: it (``uncertainty_note`` says why). Used by :mod:`qctfea.uncertainty`.
@@ -607,7 +646,8 @@ def phantom_calibration(
         cov, dof = line_covariance([r["mean_hu"] for r in rods],
                                    [r["density_mg_cm3"] for r in rods])
     return Calibration(slope=slope, intercept=intercept, r2=r2, method="phantom", rods=rods,
-                       coefficients=coef, **_uncertainty(cov, dof, len(rods), "rods"))
+                       coefficients=coef, equivalent=spec.equivalent or "k2hpo4",
+                       **_uncertainty(cov, dof, len(rods), "rods"))
 
 
 def _uncertainty(cov, dof: int, n: int, what: str) -> dict:
