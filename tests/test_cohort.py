@@ -641,6 +641,34 @@ def test_exclusions_round_trip_and_need_a_reason(tmp_path: Path) -> None:
     assert not (tmp_path / "bad.csv").exists()
 
 
+def test_placement_and_registration_columns_from_their_records() -> None:
+    """screws.json of a planned (left) and a landmark (right) screw: grade, breach, the
+    diameter and length modelled, convergence and the isthmus flag of the planned one (none
+    for the landmark one); registration.json: Dice, spread and the largest point motion."""
+    screws = {"screws": [
+        {"side": "left", "diameter_mm": 5.5, "length_mm": 38.0,
+         "placement": {"grade": "B", "breach_mm": 1.2, "direction": "lateral"},
+         "planning": {"convergence_deg": 12.5, "screw_exceeds_isthmus": True}},
+        {"side": "right", "diameter_mm": 6.5, "length_mm": 40.0,
+         "placement": {"grade": "A", "breach_mm": 0.0, "direction": "none"}}]}
+    cols = longtable.placement_columns(screws)
+    assert {k: v for k, v in cols.items() if k.endswith("_left") or "_left_" in k} == {
+        "screw_grade_left": "B", "screw_breach_left_mm": 1.2,
+        "screw_breach_direction_left": "lateral", "screw_diameter_left_mm": 5.5,
+        "screw_length_left_mm": 38.0, "screw_convergence_left_deg": 12.5,
+        "screw_exceeds_isthmus_left": True}
+    assert cols["screw_diameter_right_mm"] == 6.5 and cols["screw_grade_right"] == "A"
+    assert math.isnan(cols["screw_convergence_right_deg"])
+    assert cols["screw_exceeds_isthmus_right"] is None
+    assert set(cols) <= set(longtable.COLUMNS)
+    reg = longtable.registration_columns({"dice_after": 0.97, "point_spread_mm": 0.04,
+                                          "point_motion_mm": [3.3, 4.8, 4.3]})
+    assert reg == {"registration_dice": 0.97, "registration_point_spread_mm": 0.04,
+                   "registration_point_motion_max_mm": 4.8}
+    with pytest.raises(QctfeaError, match="refused at planning"):
+        longtable.placement_columns({"refused": "left screw grade D", "screws": []})
+
+
 def test_refusal_entries_name_the_first_refusing_gate(tmp_path: Path) -> None:
     """Each scan's gates in order: the first gate whose records refuse names the reason (all
     of that gate's refusals, joined), and the gates after it are never read (their jobs

@@ -230,19 +230,23 @@ def test_curve_picture_marks_the_peak(tmp_path):
     assert rows_red.size and rows_red.max() < 40
 
 
-def test_load_parameters_default_to_the_solvers_defaults():
-    """``loads`` (LoadParams, the configuration) re-declares the nonlinear solver's fields
-    for the schema and the option table; their defaults must be the solver's own
-    (NonlinearParams), or a library caller and a workflow run would differ."""
-    from dataclasses import MISSING, fields
+def test_load_parameters_are_the_solvers_declared_once():
+    """``loads`` (LoadParams, the configuration) inherits the nonlinear solver's fields from
+    NonlinearParams, declared there once with their documentation: none is declared again,
+    every one is documented for the schema and the option table, and the values a cohort
+    gives reach the solver's parameters."""
+    from dataclasses import fields
 
     from qctfea.fea.loadcases import LoadParams
     from qctfea.fea.plasticity import NonlinearParams
 
-    load = {f.name: f for f in fields(LoadParams)}
-    shared = [f for f in fields(NonlinearParams) if f.name in load]
-    assert len(shared) >= 10
-    for f in shared:
-        lf = load[f.name]
-        ld = lf.default if lf.default is not MISSING else lf.default_factory()
-        assert ld == f.default, f.name
+    solver = {f.name for f in fields(NonlinearParams)}
+    assert issubclass(LoadParams, NonlinearParams) and len(solver) >= 15
+    assert not solver & set(LoadParams.__annotations__)  # none declared again
+    for f in fields(NonlinearParams):
+        assert f.metadata.get("doc") or f.metadata.get("row"), f.name
+    given = {"failure_strain": 0.015, "increments": 40, "integration": "newton",
+             "nonlocal_length_mm": None, "strength_rule": "offset"}
+    nl = LoadParams(**given).nonlinear()
+    assert type(nl) is NonlinearParams
+    assert {k: getattr(nl, k) for k in given} == given

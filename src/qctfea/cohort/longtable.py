@@ -60,8 +60,17 @@ COLUMNS: list[str] = [
     "screw_breach_right_mm",
     "screw_breach_direction_left",
     "screw_breach_direction_right",
+    "screw_diameter_left_mm",
+    "screw_diameter_right_mm",
+    "screw_length_left_mm",
+    "screw_length_right_mm",
+    "screw_convergence_left_deg",
+    "screw_convergence_right_deg",
+    "screw_exceeds_isthmus_left",
+    "screw_exceeds_isthmus_right",
     "registration_dice",
     "registration_point_spread_mm",
+    "registration_point_motion_max_mm",
 ]
 
 
@@ -250,8 +259,12 @@ def scan_row(
 
 
 def placement_columns(screws: Mapping[str, Any]) -> dict:
-    """Each screw's Gertzbein-Robbins grade, breach (mm) and its direction, from the model's
-    screws.json; refused screws are an error (they never reach the tables)."""
+    """Each screw's Gertzbein-Robbins grade, breach (mm) and its direction, its diameter and
+    length as modelled (a diameter fitted to the isthmus, planning.fit_diameter, differs
+    from the configured one) and, for a screw planned from the mask, its convergence
+    (degrees, medial positive) and whether it is wider than its pedicle's isthmus (empty
+    for screws from landmarks), from the model's screws.json; refused screws are an error
+    (they never reach the tables)."""
     if screws.get("refused"):
         raise QctfeaError(f"screws.json: the screws were refused at planning: "
                           f"{screws['refused']}")
@@ -261,17 +274,27 @@ def placement_columns(screws: Mapping[str, Any]) -> dict:
         if not isinstance(g, Mapping):
             raise QctfeaError(f"screws.json: the {s.get('side')} screw has no placement grade; "
                               "rerun the planning step (rule plan_screws)")
-        out |= {f"screw_grade_{s['side']}": g["grade"],
-                f"screw_breach_{s['side']}_mm": float(g["breach_mm"]),
-                f"screw_breach_direction_{s['side']}": g["direction"]}
+        side, plan = s["side"], s.get("planning") or {}
+        out |= {f"screw_grade_{side}": g["grade"],
+                f"screw_breach_{side}_mm": float(g["breach_mm"]),
+                f"screw_breach_direction_{side}": g["direction"],
+                f"screw_diameter_{side}_mm": _opt_float(s.get("diameter_mm")),
+                f"screw_length_{side}_mm": _opt_float(s.get("length_mm")),
+                f"screw_convergence_{side}_deg": _opt_float(plan.get("convergence_deg")),
+                f"screw_exceeds_isthmus_{side}": plan.get("screw_exceeds_isthmus")}
     return out
 
 
 def registration_columns(reg: Mapping[str, Any]) -> dict:
-    """A follow-up's registration to its baseline: vertebra Dice after registration and the
-    spread (mm) between the two best starts at the points that matter (registration.json)."""
+    """A follow-up's registration to its baseline: vertebra Dice after registration, the
+    spread (mm) between the two best starts at the points that matter (the screws' entry
+    and tip, else the vertebra's box corners) and how far the registration moved the
+    farthest of those points (mm) (registration.json)."""
+    motion = reg.get("point_motion_mm") or []
     return {"registration_dice": _num(reg, "dice_after", "registration.json"),
-            "registration_point_spread_mm": _opt_float(reg.get("point_spread_mm"))}
+            "registration_point_spread_mm": _opt_float(reg.get("point_spread_mm")),
+            "registration_point_motion_max_mm": (float(max(motion)) if motion
+                                                 else float("nan"))}
 
 
 #: Columns of the scan's acquisition (scan.json of the ingest step) in the long table.

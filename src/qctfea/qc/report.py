@@ -133,7 +133,8 @@ def _figure_caption(path: Path) -> str:
 
 
 def _placement_table(long_csv) -> pd.DataFrame | None:
-    """One row per scan whose model has screws: grade, breach and direction per side."""
+    """One row per scan whose model has screws: grade, breach and direction per side, and
+    the diameter modelled and the convergence (planned screws) where the table has them."""
     if long_csv is None or not Path(long_csv).is_file():
         return None
     df = _read_csv(Path(long_csv))
@@ -146,6 +147,11 @@ def _placement_table(long_csv) -> pd.DataFrame | None:
         out[f"{side}: grade"] = df[f"screw_grade_{side}"]
         out[f"{side}: breach mm"] = df[f"screw_breach_{side}_mm"].map(lambda v: f"{v:.1f}")
         out[f"{side}: direction"] = df[f"screw_breach_direction_{side}"]
+        for col, head, fmt in ((f"screw_diameter_{side}_mm", "diameter mm", "{:.1f}"),
+                               (f"screw_convergence_{side}_deg", "convergence °", "{:.1f}")):
+            if col in df.columns and df[col].notna().any():
+                out[f"{side}: {head}"] = df[col].map(
+                    lambda v, f=fmt: "–" if pd.isna(v) else f.format(v))
     return out
 
 
