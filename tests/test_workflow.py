@@ -188,6 +188,19 @@ def test_end_to_end_tiny_cohort(tiny_run):
     # Follow-ups use the baseline model: same mesh, no mesh of their own.
     assert (df.groupby("patient")["mesh_cells"].nunique() == 1).all()
     assert not list(res.glob("*/M12/mesh.xdmf"))
+    # Each model's 3D Slicer files (rule export_slicer): the markups read back as landmarks
+    # give each screw's entry and tip of screws.json
+    from qctfea.qc.slicer import read_landmarks_markups
+
+    for patient in ("P01", "P02"):
+        model = res / patient / "M00"
+        back = read_landmarks_markups(model / "slicer" / "screws.mrk.json")
+        for s in json.loads((model / "screws.json").read_text())["screws"]:
+            np.testing.assert_allclose(back[s["side"]]["entry_mm"], s["entry_mm"], atol=1e-6)
+            np.testing.assert_allclose(back[s["side"]]["target_mm"], s["tip_mm"], atol=1e-6)
+        for name in ("vertebra.stl", "screw_left.stl", "screw_right.stl"):
+            assert (model / "slicer" / name).read_bytes()[80:84] != b"\0\0\0\0", name
+    assert not list(res.glob("*/M12/slicer"))
     # No DICOM identifiers (planted by the generator in every header) in any file the
     # workflow wrote: results, logs, benchmarks, Snakemake's own log; .gz files decompressed.
     import gzip

@@ -431,6 +431,10 @@ def get_final_outputs(wildcards):
         + (["uncertainty.json"] if UNCERTAINTY else [])
     )
     per_scan = [f"{RES}/{p}/{t}/{n}" for p, t in SAMPLES.index for n in names]
+    # each model's screws and vertebra for 3D Slicer (rule export_slicer)
+    per_scan += (
+        [f"{RES}/{p}/{t}/slicer/screws.mrk.json" for p, t in model_scans()] if PULLOUT else []
+    )
     return (
         gates
         + per_scan

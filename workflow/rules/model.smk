@@ -55,3 +55,24 @@ rule assign_materials:
         cfg=CCFG.get("materials", {}),
     script:
         "../scripts/assign_materials.py"
+
+
+# 3D Slicer round trip (docs/slicer.md): each model's screws as markups and STL and its
+# vertebra surface as STL, in the scanner's LPS coordinates, to load beside the CT. Refused
+# screws are exported too, for review.
+rule export_slicer:
+    input:
+        screws=rules.plan_screws.output.json,
+        parts=rules.extract_vertebra.output.parts,
+    output:
+        markups=f"{RES}/{{patient}}/{{timepoint}}/slicer/screws.mrk.json",
+        vertebra=f"{RES}/{{patient}}/{{timepoint}}/slicer/vertebra.stl",
+        screws=expand(
+            f"{RES}/{{{{patient}}}}/{{{{timepoint}}}}/slicer/screw_{{side}}.stl", side=SIDES
+        ),
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/export_slicer.log",
+    conda:
+        "../../envs/model.yaml"
+    script:
+        "../scripts/export_slicer.py"
