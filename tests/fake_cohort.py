@@ -131,7 +131,24 @@ def write_results(workdir: Path, cohort: str, sheet: pd.DataFrame, seed: int = 3
                         "pullout_right_curve.png", "mesh.png", "registration.png"):
             _png(d / picture, f"{row['patient']} {row['timepoint']} {picture[:-4]}")
         _tiny_model(d, failed=1 + i)
+        _slicer_files(d)
     return res
+
+
+def _slicer_files(d: Path) -> None:
+    """A model's vertebra parts image (one voxel) and, after it, its 3D Slicer export (rule
+    export_slicer's outputs), so that the default targets are complete."""
+    import os
+
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.Image([2, 2, 2], sitk.sitkUInt8), str(d / "vertebra.nii.gz"))
+    (d / "slicer").mkdir(exist_ok=True)
+    for name in ("screws.mrk.json", "vertebra.stl", "screw_left.stl", "screw_right.stl"):
+        (d / "slicer" / name).write_text("fake\n")
+    later = (d / "vertebra.nii.gz").stat().st_mtime + 1
+    for f in (d / "slicer").iterdir():
+        os.utime(f, (later, later))
 
 
 def setup_cohort(workdir: Path, name: str = "missing-followup") -> tuple[Path, pd.DataFrame]:

@@ -270,7 +270,8 @@ def test_figures_edge_cases(tmp_path: Path) -> None:
 def _rule_names() -> list[str]:
     names = []
     for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
-        names += re.findall(r"^\s*rule\s+(\w+)\s*:", smk.read_text(), flags=re.M)
+        names += re.findall(r"^\s*(?:rule|checkpoint)\s+(\w+)\s*:", smk.read_text(),
+                            flags=re.M)
     names += re.findall(r"^rule\s+(\w+)\s*:", (REPO / "Snakefile").read_text(), flags=re.M)
     return names
 

@@ -32,25 +32,6 @@ from qctfea.provenance import atomic_path, read_json
 
 log = logging.getLogger(__name__)
 
-_CSS = """
-body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2rem auto;
-       max-width: 1100px; color: #222; line-height: 1.45; padding: 0 1rem; }
-h1 { font-size: 1.6rem; margin-bottom: 0.2rem; }
-h2 { font-size: 1.2rem; border-bottom: 1px solid #ccc; padding-bottom: 0.2rem; margin-top: 2rem; }
-.meta { color: #666; font-size: 0.85rem; }
-ol.headlines li { margin-bottom: 0.5rem; }
-table { border-collapse: collapse; font-size: 0.82rem; margin: 0.5rem 0 1rem; }
-th, td { border: 1px solid #ddd; padding: 0.2rem 0.45rem; text-align: right; }
-th { background: #f3f3f3; }
-td.l, th.l { text-align: left; }
-figure { display: inline-block; margin: 0.5rem; vertical-align: top; }
-figure img { max-width: 520px; border: 1px solid #eee; }
-figure.wide img { max-width: 1040px; }
-figcaption { font-size: 0.8rem; color: #555; max-width: 520px; }
-.note { background: #fff8e5; border-left: 4px solid #e0a800; padding: 0.4rem 0.8rem; }
-"""
-
-
 def _esc(x: object) -> str:
     return html.escape(str(x), quote=True)
 
@@ -93,13 +74,6 @@ def html_table(frame: pd.DataFrame, columns: Mapping[str, str] | None = None,
                          else f"<td>{_esc(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-
-
-def _img(path: Path, caption: str, wide: bool = False) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    cls = ' class="wide"' if wide else ""
-    return (f'<figure{cls}><img src="data:image/png;base64,{data}" alt="{_esc(caption)}" '
-            f'data-file="{_esc(path.name)}"><figcaption>{_esc(caption)}</figcaption></figure>')
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -187,22 +161,15 @@ def _clinical_tables(long_csv) -> tuple[pd.DataFrame, pd.DataFrame, list[str]] |
     return pd.DataFrame(counts), scans, sources
 
 
-def _clinical_section(long_csv) -> list[str]:
+def _clinical_section(long_csv) -> dict | None:
     """The summary page's clinical categories: sources, caveat, counts and every scan."""
     tables = _clinical_tables(long_csv)
     if tables is None:
-        return []
+        return None
     counts, scans, sources = tables
-    return [
-        '<h2 id="clinical">Clinical categories</h2>',
-        "<p>Vertebral strength (FE compression strength) by the Biomechanical CT thresholds, "
-        f"by sex: {_esc(clinical.BCT_SOURCE)}. Trabecular vBMD by the ACR QCT classes: "
-        f"{_esc(clinical.ACR_SOURCE)}. A patient without a sex in the sample sheet has the "
-        f"strength category “{_esc(clinical.UNKNOWN_SEX)}”. Thresholds "
-        "applied (tables/longitudinal.csv, columns *_category_source):</p><ul>"
-        + "".join(f"<li>{_esc(x)}</li>" for x in sources) + "</ul>",
-        f'<p class="note">{_esc(clinical.CAVEAT)}</p>',
-        html_table(counts), html_table(scans)]
+    return {"bct_source": clinical.BCT_SOURCE, "acr_source": clinical.ACR_SOURCE,
+            "unknown_sex": clinical.UNKNOWN_SEX, "caveat": clinical.CAVEAT,
+            "sources": sources, "counts": html_table(counts), "scans": html_table(scans)}
 
 
 def summary_page(
@@ -223,24 +190,29 @@ def summary_page(
     patients whose pages (:mod:`qctfea.qc.patient_page`) are linked, as the relative links
     ``patients/<patient>.html`` beside this page.
     """
+    import jinja2
+    from importlib import resources
+
     summary = read_json(summary_json)
     t = {k: _read_csv(Path(v)) for k, v in table_files.items() if k != "longitudinal"}
     s = {k: _read_csv(Path(v)) for k, v in stat_files.items() if k != "summary"}
-    title = f"qctfea cohort summary{': ' + cohort_name if cohort_name else ''}"
-    parts = [f"<h1>{_esc(title)}</h1>",
-             f'<p class="meta">{summary.get("n_patients")} patients, {summary.get("n_scans")} '
-             f'of {summary.get("n_scans_planned")} planned scans, timepoints '
-             f'{_esc(", ".join(summary.get("timepoints", {})))}; qctfea {__version__}; '
-             f'{time.strftime("%Y-%m-%d %H:%M")}</p>']
-
-    parts += _data_section(summary, patient_pages)
-    parts += _table_sections(t, s, table_files.get("longitudinal"))
+    longitudinal = table_files.get("longitudinal")
+    placement = _placement_table(longitudinal)
     pngs = [Path(f) for f in figure_pngs]
-    parts += _figure_sections(pngs)
-
-    doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-           f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>\n"
-           + "\n".join(parts) + "\n</body></html>\n")
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string((resources.files("qctfea.qc") / "templates"
+                                / "summary.html.j2").read_text(encoding="utf-8"))
+    doc = template.render(
+        title=f"qctfea cohort summary{': ' + cohort_name if cohort_name else ''}",
+        n_patients=summary.get("n_patients"), n_scans=summary.get("n_scans"),
+        n_scans_planned=summary.get("n_scans_planned"),
+        timepoints=list(summary.get("timepoints", {})), version=__version__,
+        created=time.strftime("%Y-%m-%d %H:%M"), patient_pages=list(patient_pages),
+        **_data_context(summary),
+        placement_table=html_table(placement) if placement is not None else None,
+        clinical=_clinical_section(longitudinal), sections=_table_sections(t, s),
+        figures=_figures(pngs))
     out = Path(out_html)
     with atomic_path(out) as tmp:
         tmp.write_text(doc, encoding="utf-8")
@@ -248,128 +220,96 @@ def summary_page(
     return out
 
 
-def _data_section(summary: dict, patient_pages: Sequence[str]) -> list[str]:
-    """Headline findings, the data used (missing and excluded scans), the per-patient
-    pages, the areal-BMD source and the methods."""
-    parts: list[str] = []
-    parts.append('<h2 id="findings">Headline findings</h2><ol class="headlines">')
-    parts += [f"<li>{_esc(h)}</li>" for h in summary.get("headlines", [])]
-    parts.append("</ol>")
-
-    missing = summary.get("missing_scans", [])
-    src = summary.get("areal_bmd_source", {})
-    parts.append('<h2 id="data">Data used</h2>')
-    if missing:
-        parts.append('<p class="note">Missing scans: '
-                     + _esc(", ".join(f"{m['patient']} {m['timepoint']}" for m in missing))
-                     + ". Paired tests use the patients with both scans (n pairs below); the "
-                     "mixed models use every available scan; the Friedman test uses the "
-                     "patients with every timepoint.</p>")
+def _data_context(summary: dict) -> dict:
+    """Headline findings, the data used (missing and excluded or refused scans), the
+    areal-BMD source and the methods, for the template."""
     excluded = summary.get("excluded_scans", [])
-    if excluded:
-        parts.append('<p class="note">Not analysed: excluded by the cohort config, or '
-                     'refused at screw planning (a screw graded worse than '
-                     'planning.max_grade), with the reason:</p>')
-        parts.append(html_table(pd.DataFrame(excluded, columns=cohort.EXCLUSION_COLUMNS)))
-    if not missing and not excluded:
-        parts.append("<p>Every patient has every timepoint.</p>")
-    if patient_pages:
-        parts.append('<h2 id="patients">Per-patient pages</h2><p>One page per patient: every '
-                     'scan\'s results with the change from baseline, the curves, the QC '
-                     'pictures and a 3D view of the model.</p><ul class="patients">'
-                     + "".join(f'<li><a href="patients/{_esc(p)}.html">{_esc(p)}</a></li>'
-                               for p in patient_pages) + "</ul>")
-    parts.append("<p>Areal BMD in the correlations: "
-                 + _esc("; ".join(f"{k}: {v}" for k, v in src.items())) + ".</p>")
-    methods = summary.get("methods", {})
-    if methods:
-        parts.append("<ul>" + "".join(f"<li><b>{_esc(k)}</b>: {_esc(v)}</li>"
-                                      for k, v in methods.items()) + "</ul>")
-    return parts
+    return {
+        "headlines": summary.get("headlines", []),
+        "missing": [f"{m['patient']} {m['timepoint']}"
+                    for m in summary.get("missing_scans", [])],
+        "excluded_table": (html_table(pd.DataFrame(excluded,
+                                                   columns=cohort.EXCLUSION_COLUMNS))
+                           if excluded else None),
+        "areal_sources": [f"{k}: {v}" for k, v in summary.get("areal_bmd_source", {}).items()],
+        "methods": summary.get("methods", {}),
+    }
 
 
-def _table_sections(t: dict, s: dict, longitudinal) -> list[str]:
-    """Screw placement, clinical categories, Table 1, per timepoint, and the statistics
-    tables (``t``: the tables, ``s``: the statistics, by name)."""
-    parts: list[str] = []
-    placement = _placement_table(longitudinal)
-    if placement is not None:
-        parts.append('<h2 id="screws">Screw placement (Gertzbein-Robbins grade)</h2>')
-        parts.append('<p>Grade of each screw of each model against the vertebra mask: A in '
-                     'bone; B breach &lt; 2 mm; C 2-4 mm; D 4-6 mm; E &gt; 6 mm; the breach in '
-                     'mm and its direction (medial: towards the spinal canal). Follow-ups use '
-                     'their baseline\'s screws. Pictures: screws.png of each scan folder.</p>')
-        parts.append(html_table(placement))
-    parts += _clinical_section(longitudinal)
+def _table_sections(t: dict, s: dict) -> list[dict]:
+    """Table 1, the summary per timepoint and the statistics tables (``t``: the tables,
+    ``s``: the statistics, by name), each as {id, title, intro, table} for the template."""
+    out: list[dict] = []
+
+    def section(id_: str, title: str, table: str, intro: str = "") -> None:
+        out.append({"id": id_, "title": title, "intro": intro, "table": table})
+
     if "baseline_characteristics" in t:
-        parts.append('<h2 id="table1">Table 1: baseline characteristics</h2>')
-        parts.append(html_table(t["baseline_characteristics"], {
-            "characteristic": "characteristic", "unit": "unit", "n": "n",
-            "mean_sd": "mean ± SD", "median_iqr": "median [IQR]"}))
+        section("table1", "Table 1: baseline characteristics", html_table(
+            t["baseline_characteristics"], {
+                "characteristic": "characteristic", "unit": "unit", "n": "n",
+                "mean_sd": "mean ± SD", "median_iqr": "median [IQR]"}))
     if "summary_by_timepoint" in t:
         sbt = t["summary_by_timepoint"]
         sbt = _labelled(sbt[sbt["quantity"] == "value"], "metric")
-        parts.append('<h2 id="timepoints">Summary per timepoint</h2>')
-        parts.append(html_table(sbt, {"metric": "metric", "timepoint": "timepoint", "n": "n",
-                                      "n_missing": "missing", "mean_sd": "mean ± SD",
-                                      "median_iqr": "median [IQR]"}))
+        section("timepoints", "Summary per timepoint", html_table(sbt, {
+            "metric": "metric", "timepoint": "timepoint", "n": "n", "n_missing": "missing",
+            "mean_sd": "mean ± SD", "median_iqr": "median [IQR]"}))
     if "changes" in s:
-        parts.append('<h2 id="changes">Each follow-up vs baseline (paired)</h2>')
-        parts.append(html_table(_labelled(s["changes"], "metric"), {
-            "metric": "metric", "timepoint": "follow-up", "n_pairs": "pairs",
-            "mean_baseline": "mean baseline", "mean_followup": "mean follow-up",
-            "mean_change_pct": "mean change %", "p_ttest": "paired t p",
-            "p_ttest_holm": "Holm", "p_wilcoxon": "Wilcoxon p", "p_wilcoxon_holm": "Holm",
-            "patients_not_paired": "not paired"},
+        section("changes", "Each follow-up vs baseline (paired)", html_table(
+            _labelled(s["changes"], "metric"), {
+                "metric": "metric", "timepoint": "follow-up", "n_pairs": "pairs",
+                "mean_baseline": "mean baseline", "mean_followup": "mean follow-up",
+                "mean_change_pct": "mean change %", "p_ttest": "paired t p",
+                "p_ttest_holm": "Holm", "p_wilcoxon": "Wilcoxon p",
+                "p_wilcoxon_holm": "Holm", "patients_not_paired": "not paired"},
             p_columns=("p_ttest", "p_ttest_holm", "p_wilcoxon", "p_wilcoxon_holm")))
     if "friedman" in s:
-        parts.append('<h2 id="friedman">Friedman test across all timepoints</h2>')
-        parts.append(html_table(_labelled(s["friedman"], "metric"), {
-            "metric": "metric", "n_complete": "patients used", "n_patients": "patients",
-            "chi2": "chi²", "df": "df", "p": "p", "patients_excluded": "excluded"},
+        section("friedman", "Friedman test across all timepoints", html_table(
+            _labelled(s["friedman"], "metric"), {
+                "metric": "metric", "n_complete": "patients used", "n_patients": "patients",
+                "chi2": "chi²", "df": "df", "p": "p", "patients_excluded": "excluded"},
             p_columns=("p",)))
     if "mixed_models" in s:
         mm = s["mixed_models"]
         mm = _labelled(mm[mm["term"].astype(str).str.contains(" - ")
                           | (mm["term"] == "months")], "metric")
-        parts.append('<h2 id="mixed">Linear mixed models (random intercept per patient, '
-                     'REML)</h2><p>Change at each follow-up vs baseline (model with time as '
-                     'a factor) and change per month (linear model).</p>')
-        parts.append(html_table(mm, {
-            "metric": "metric", "model": "model", "term": "term", "estimate": "estimate",
-            "ci_low": "95 % CI low", "ci_high": "95 % CI high", "df": "df", "p": "p",
-            "n_obs": "scans", "n_patients": "patients", "icc": "ICC", "note": "note"},
-            p_columns=("p",)))
+        section("mixed", "Linear mixed models (random intercept per patient, REML)",
+                html_table(mm, {
+                    "metric": "metric", "model": "model", "term": "term",
+                    "estimate": "estimate", "ci_low": "95 % CI low",
+                    "ci_high": "95 % CI high", "df": "df", "p": "p", "n_obs": "scans",
+                    "n_patients": "patients", "icc": "ICC", "note": "note"},
+                    p_columns=("p",)),
+                "Change at each follow-up vs baseline (model with time as a factor) and "
+                "change per month (linear model).")
     if "correlations" in s:
-        parts.append('<h2 id="correlations">Correlations per timepoint</h2>')
-        parts.append(html_table(_labelled(s["correlations"], "outcome", "predictor"), {
-            "timepoint": "timepoint", "outcome": "outcome", "predictor": "predictor",
-            "predictor_source": "source", "n": "n", "r": "Pearson r", "ci_low": "95 % CI low",
-            "ci_high": "95 % CI high", "p": "p", "rho_spearman": "Spearman rho",
-            "p_spearman": "p (rho)"}, p_columns=("p", "p_spearman")))
+        section("correlations", "Correlations per timepoint", html_table(
+            _labelled(s["correlations"], "outcome", "predictor"), {
+                "timepoint": "timepoint", "outcome": "outcome", "predictor": "predictor",
+                "predictor_source": "source", "n": "n", "r": "Pearson r",
+                "ci_low": "95 % CI low", "ci_high": "95 % CI high", "p": "p",
+                "rho_spearman": "Spearman rho", "p_spearman": "p (rho)"},
+            p_columns=("p", "p_spearman")))
     if "correlation_comparison" in s:
-        parts.append('<h2 id="comparison">QCT vs areal BMD: dependent correlations</h2>')
-        parts.append(html_table(_labelled(s["correlation_comparison"], "outcome",
-                                          "predictor_qct"), {
-            "timepoint": "timepoint", "outcome": "outcome", "predictor_qct": "QCT predictor",
-            "areal_source": "areal BMD", "n": "n", "r_qct": "r(QCT)", "r_areal": "r(areal)",
-            "r_qct_areal": "r(QCT, areal)", "williams_t": "Williams t", "df": "df",
-            "p_williams": "p", "steiger_z": "Steiger z", "p_steiger": "p",
-            "p_steiger_greater": "p (one-sided)"},
+        section("comparison", "QCT vs areal BMD: dependent correlations", html_table(
+            _labelled(s["correlation_comparison"], "outcome", "predictor_qct"), {
+                "timepoint": "timepoint", "outcome": "outcome",
+                "predictor_qct": "QCT predictor", "areal_source": "areal BMD", "n": "n",
+                "r_qct": "r(QCT)", "r_areal": "r(areal)", "r_qct_areal": "r(QCT, areal)",
+                "williams_t": "Williams t", "df": "df", "p_williams": "p",
+                "steiger_z": "Steiger z", "p_steiger": "p",
+                "p_steiger_greater": "p (one-sided)"},
             p_columns=("p_williams", "p_steiger", "p_steiger_greater")))
-    return parts
+    return out
 
 
-def _figure_sections(pngs: list[Path]) -> list[str]:
-    """The figures, then the QC montages full width; a missing figure is an error."""
-    parts: list[str] = []
+def _figures(pngs: list[Path]) -> list[dict]:
+    """The figures (QC montages, ``qc_*``, full width) with their captions and PNG data
+    for ``data:`` URIs; a missing figure is an error."""
     for f in pngs:
         if not f.is_file():
             raise QctfeaError(f"summary page: figure {f} not found")
-    parts.append('<h2 id="figures">Figures</h2>')
-    parts += [_img(f, _figure_caption(f)) for f in pngs if not f.stem.startswith("qc_")]
-    qc = [f for f in pngs if f.stem.startswith("qc_")]
-    if qc:
-        parts.append('<h2 id="qc">Quality control</h2>')
-        parts += [_img(f, _figure_caption(f), wide=True) for f in qc]
-    return parts
+    return [{"data": base64.b64encode(f.read_bytes()).decode("ascii"),
+             "caption": _figure_caption(f), "file": f.name, "wide": f.stem.startswith("qc_")}
+            for f in pngs]
