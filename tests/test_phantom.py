@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea.imaging.calibration import PhantomSpec, k2hpo4_water_fit, phantom_calibration
+from qctfea.imaging.calibration import k2hpo4_water_fit, phantom_calibration
+from qctfea.imaging.phantoms import PhantomSpec
 from qctfea.errors import QctfeaError
 
 # Representative K2HPO4 and water-equivalent densities of a five-rod K2HPO4-in-water phantom
@@ -121,7 +122,7 @@ def test_phantom_definition_lengths_are_checked():
 def test_presets_define_their_phantoms_and_config_keys_override_them():
     import yaml
 
-    from qctfea.imaging.calibration import PHANTOM_PRESETS
+    from qctfea.imaging.phantoms import PHANTOM_PRESETS
     from qctfea.demo.synth import SynthParams
 
     schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow" / "schemas"
@@ -156,7 +157,7 @@ def test_presets_define_their_phantoms_and_config_keys_override_them():
 def test_no_phantom_named_is_refused_listing_the_presets(tmp_path):
     from qctfea import steps_imaging
 
-    from qctfea.imaging.calibration import PHANTOM_PRESETS
+    from qctfea.imaging.phantoms import PHANTOM_PRESETS
 
     with pytest.raises(QctfeaError) as err:
         PhantomSpec().require_defined()
@@ -182,7 +183,7 @@ def test_dry_run_of_a_phantom_cohort_naming_no_phantom_is_refused(tmp_path):
     phantom: refused while the workflow is parsed, the message listing the presets."""
     import yaml
 
-    from qctfea.imaging.calibration import PHANTOM_PRESETS
+    from qctfea.imaging.phantoms import PHANTOM_PRESETS
     from test_workflow import _dry_run_error
 
     def edit(d):
@@ -205,7 +206,7 @@ def test_hydroxyapatite_phantom_needs_its_own_ash_relation(tmp_path):
     from conftest import REPO, run, venv_bin
     from test_workflow import _cohort, _dry_run_error
 
-    from qctfea.imaging.calibration import require_ash_relation
+    from qctfea.imaging.phantoms import require_ash_relation
 
     def edit(d, materials=None):
         cfg = yaml.safe_load((d / "config.yaml").read_text())

@@ -30,7 +30,8 @@ from test_phantom import _real_l1_on_a_phantom  # noqa: E402  (the tests' render
 
 from qctfea.errors import QctfeaError  # noqa: E402
 from qctfea.imaging import ingest  # noqa: E402
-from qctfea.imaging.calibration import PHANTOM_PRESETS, PhantomSpec, phantom_calibration  # noqa: E402
+from qctfea.imaging.calibration import phantom_calibration  # noqa: E402
+from qctfea.imaging.phantoms import PHANTOM_PRESETS, PhantomSpec  # noqa: E402
 from qctfea.mdtable import pipe_table  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"

@@ -65,6 +65,8 @@ def _solve(case: str, d: Path, cfg: dict, side: str | None = None) -> float | No
     return r["strength_n"] if r.get("peak_reached", True) else None
 
 
+# Long on purpose: the check's script, in the order it runs (arguments, each draw modelled in
+# full and given to the scheme, then the CSV of the draws and the markdown table).
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scan", default="results/demo/P01/M00")

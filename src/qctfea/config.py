@@ -63,7 +63,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
                "which series to read from a DICOM folder holding several, and uneven slice "
                "spacing"),
     "calibration.phantom": (
-        "qctfea.imaging.calibration:PhantomSpec",
+        "qctfea.imaging.phantoms:PhantomSpec",
         "the calibration phantom, a preset and/or its rods (docs/calibration.md); method "
         "phantom needs a preset or rod_densities_mg_cm3"),
     "calibration.phantomless": (

@@ -128,9 +128,10 @@ def _calibration(method: str, cfg: dict, ct: sitk.Image, hu: np.ndarray, labels_
     ``masks``)."""
     from qctfea.imaging import calibration as cal_mod
     from qctfea.imaging import phantomless, phantomrods
+    from qctfea.imaging.phantoms import PhantomSpec
 
     if method == "phantom":
-        spec = params_from(cal_mod.PhantomSpec, cfg.get("phantom"), "calibration.phantom")
+        spec = params_from(PhantomSpec, cfg.get("phantom"), "calibration.phantom")
         tspec = _tissue_spec(cfg, convention, structures)
         centres = None
         if spec.rod_centres_mm is not None:  # physical (x, y) at the middle slice -> pixels

@@ -15,6 +15,8 @@ from qctfea import logs
 from qctfea.errors import QctfeaError
 
 
+# Long on purpose: a declaration, one block of arguments per harness command (perf, peer,
+# throughput, mesh-convergence, benchmarks), read from top to bottom.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qctfea-bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -97,9 +97,10 @@ check_schema(COHORT_DIR / "config.yaml", [("", CCFG)], "cohort.schema.yaml", "ke
 def check_calibration():
     """The calibration settings as the calibrate step will read them: a phantom calibration
     (the default method) that names no phantom is refused here, before any job runs, with
-    the presets listed (qctfea.imaging.calibration.PHANTOM_PRESETS), and so is a
+    the presets listed (qctfea.imaging.phantoms.PHANTOM_PRESETS), and so is a
     hydroxyapatite phantom without its own conversion to ash density (materials section)."""
-    from qctfea.imaging.calibration import PhantomSpec, TissueSpec, require_ash_relation
+    from qctfea.imaging.calibration import TissueSpec
+    from qctfea.imaging.phantoms import PhantomSpec, require_ash_relation
     from qctfea.errors import QctfeaError
     from qctfea.steps import params_from
 

@@ -42,6 +42,10 @@ anatomy depends only on the seed and the patient id, so adding a patient never
 changes another one.
 """
 
+# Long on purpose (about 630 lines): one generator, rendering one anatomy (vertebra, pedicles,
+# phantom, tissues, pose) into a DICOM series and its truth file; its parts are only used
+# together and are tested as a whole against that truth.
+
 from __future__ import annotations
 
 import datetime as _dt

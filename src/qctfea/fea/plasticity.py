@@ -46,6 +46,10 @@ increment solver) is in :mod:`qctfea.fea.stepping`; :meth:`PlasticModel.run` is 
 entry point.
 """
 
+# Long on purpose (about 620 lines): the damage and plasticity laws, their parameters
+# declared once with their documentation (NonlinearParams) and the model that integrates
+# them; the path following is in qctfea.fea.stepping.
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -47,6 +47,10 @@ Strength = the largest force (``peak``, the default) or the 0.2 %-offset yield p
 Bone 2003;33:744); both are reported when reached, with the whole curve.
 """
 
+# Long on purpose (about 640 lines): one algorithm, the path following of a load case (step
+# control, peak detection, strength rules, stop reasons), whose parts share the walk's state;
+# split, each part would reach into the others.
+
 from __future__ import annotations
 
 import time

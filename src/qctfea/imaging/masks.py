@@ -51,6 +51,10 @@ modelled; a warning when it holds less than 95 % of the label), the labels touch
 convention, whether the levels above and below are in the map and touch it.
 """
 
+# Long on purpose (about 620 lines): the vertebra's parts from a label map in one place (label
+# conventions, body by sub-regions or by opening, trabecular ROI, end caps, QC record), as
+# the mask step reads them in order.
+
 from __future__ import annotations
 
 import re

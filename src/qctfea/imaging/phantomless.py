@@ -103,6 +103,23 @@ def _deep(region: np.ndarray, depth_mm: float, sampling_zyx) -> np.ndarray:
     return morphology.erode(region, depth_mm, sampling_zyx, border_value=1)
 
 
+def _body(smooth: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The patient's body: the connected region above -500 HU holding the vertebra
+    (``target``; else the largest such region), holes filled."""
+    dense = smooth > -500.0
+    comp, n = ndimage.label(dense)
+    ids = np.unique(comp[target & dense]) if target.any() else np.array([], int)
+    ids = ids[ids > 0]
+    if ids.size == 0 and n:  # no vertebra given or found: the largest dense object
+        ids = np.array([int(np.argmax(np.bincount(comp.ravel())[1:])) + 1])
+    # one comparison per component (usually one): np.isin sorts or indexes with a 64-bit
+    # copy of the whole grid
+    body = np.zeros(comp.shape, bool)
+    for i in ids:
+        body |= comp == i
+    return ndimage.binary_fill_holes(body)
+
+
 def find_tissues(
     hu_zyx: np.ndarray,
     spacing_xyz: tuple[float, float, float],
@@ -142,20 +159,7 @@ def find_tissues(
     target = (labels == target_label) if target_label is not None else bone
     near_bone = morphology.dilate(bone, spec.bone_margin_mm, sampling)
 
-    # Body: the connected region above -500 HU holding the vertebra, holes filled.
-    dense = smooth > -500.0
-    comp, n = ndimage.label(dense)
-    ids = np.unique(comp[target & dense]) if target.any() else np.array([], int)
-    ids = ids[ids > 0]
-    if ids.size == 0 and n:  # no vertebra given or found: the largest dense object
-        ids = np.array([int(np.argmax(np.bincount(comp.ravel())[1:])) + 1])
-    # one comparison per component (usually one): np.isin sorts or indexes with a 64-bit
-    # copy of the whole grid
-    body = np.zeros(comp.shape, bool)
-    for i in ids:
-        body |= comp == i
-    body = ndimage.binary_fill_holes(body)
-    del comp, dense
+    body = _body(smooth, target)
 
     def window(name, img):
         lo, hi = getattr(spec, f"{name}_hu")

@@ -91,6 +91,10 @@ against the bone (:func:`qctfea.model.screw.breach_report`) is the screws step's
 for landmark screws.
 """
 
+# Long on purpose (about 620 lines): one planning method (frame, canal, pedicles, isthmus,
+# trajectory search) whose steps pass geometry to each other; the grading is in
+# qctfea.model.placement.
+
 from __future__ import annotations
 
 import warnings

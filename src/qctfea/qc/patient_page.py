@@ -48,6 +48,7 @@ from qctfea.cohort import clinical
 from qctfea.uncertainty import least_significant_change
 from qctfea.cohort.longtable import TEXT_COLUMNS
 from qctfea.errors import QctfeaError
+from qctfea.qc.templating import render
 from qctfea.provenance import atomic_path
 
 log = logging.getLogger(__name__)
@@ -387,22 +388,9 @@ def write_patient_page(
     kept scan whose folder has one, i.e. the baseline model). ``compress_pictures``:
     embed the PNGs with a 256-colour palette when smaller (False: byte for byte).
     """
-    import jinja2
-
     res = Path(cohort_results_dir)
     patient = str(patient)
-    long_csv = Path(long_csv) if long_csv else res / "tables" / "longitudinal.csv"
-    if not long_csv.is_file():
-        raise QctfeaError(f"patient page: long table {long_csv} not found; run the "
-                          "aggregate step first")
-    long = pd.read_csv(long_csv, dtype={"patient": str, "timepoint": str, **TEXT_COLUMNS})
-    rows = long[long["patient"] == patient].sort_values("months", kind="mergesort")
-    excl_path = Path(exclusions_csv) if exclusions_csv else res / "tables" / "exclusions.csv"
-    excluded = []
-    if excl_path.is_file():
-        ex = pd.read_csv(excl_path, dtype=str).fillna("")
-        excluded = ex[ex["patient"] == patient].to_dict("records")
-
+    long, rows, excluded = _patient_tables(res, patient, long_csv, exclusions_csv)
     scans = _scans(res, patient, rows, long, compress_pictures)
 
     # the model the scans were solved on: the baseline's (registered follow-ups) or own
@@ -429,11 +417,8 @@ def write_patient_page(
         notes.append("no model mesh (mesh.h5) found for this patient")
 
     pkg = resources.files("qctfea.qc")
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True)
-    template = env.from_string((pkg / "templates" / "patient.html.j2").read_text("utf-8"))
-    doc = template.render(
-        patient=patient, cohort=cohort_name, version=__version__,
+    doc = render(
+        "patient.html.j2", patient=patient, cohort=cohort_name, version=__version__,
         created=time.strftime("%Y-%m-%d %H:%M"), scans=scans, base=base,
         outcome_rows=outcome_rows, excluded=excluded, model_timepoint=mt, notes=notes,
         clinical=clinical_summary(rows),
@@ -450,6 +435,24 @@ def write_patient_page(
     log.info(f"qctfea patient page: {patient}, {len(scans)} scans, "
              f"{len(doc) / 1e6:.2f} MB -> {out}")
     return out
+
+
+def _patient_tables(res: Path, patient: str, long_csv, exclusions_csv
+                    ) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+    """The long table, the patient's rows in months order and the patient's exclusions
+    (tables/exclusions.csv, optional)."""
+    long_csv = Path(long_csv) if long_csv else res / "tables" / "longitudinal.csv"
+    if not long_csv.is_file():
+        raise QctfeaError(f"patient page: long table {long_csv} not found; run the "
+                          "aggregate step first")
+    long = pd.read_csv(long_csv, dtype={"patient": str, "timepoint": str, **TEXT_COLUMNS})
+    rows = long[long["patient"] == patient].sort_values("months", kind="mergesort")
+    excl_path = Path(exclusions_csv) if exclusions_csv else res / "tables" / "exclusions.csv"
+    excluded = []
+    if excl_path.is_file():
+        ex = pd.read_csv(excl_path, dtype=str).fillna("")
+        excluded = ex[ex["patient"] == patient].to_dict("records")
+    return long, rows, excluded
 
 
 def _scans(res: Path, patient: str, rows: pd.DataFrame, long: pd.DataFrame,

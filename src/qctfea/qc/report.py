@@ -29,6 +29,7 @@ from qctfea.cohort import longtable
 from qctfea.cohort import summaries
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, read_json
+from qctfea.qc.templating import render
 
 log = logging.getLogger(__name__)
 
@@ -190,20 +191,14 @@ def summary_page(
     patients whose pages (:mod:`qctfea.qc.patient_page`) are linked, as the relative links
     ``patients/<patient>.html`` beside this page.
     """
-    import jinja2
-    from importlib import resources
-
     summary = read_json(summary_json)
     t = {k: _read_csv(Path(v)) for k, v in table_files.items() if k != "longitudinal"}
     s = {k: _read_csv(Path(v)) for k, v in stat_files.items() if k != "summary"}
     longitudinal = table_files.get("longitudinal")
     placement = _placement_table(longitudinal)
     pngs = [Path(f) for f in figure_pngs]
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True)
-    template = env.from_string((resources.files("qctfea.qc") / "templates"
-                                / "summary.html.j2").read_text(encoding="utf-8"))
-    doc = template.render(
+    doc = render(
+        "summary.html.j2",
         title=f"qctfea cohort summary{': ' + cohort_name if cohort_name else ''}",
         n_patients=summary.get("n_patients"), n_scans=summary.get("n_scans"),
         n_scans_planned=summary.get("n_scans_planned"),
