@@ -142,7 +142,7 @@ def test_follow_up_registered_to_generator_truth(demo_scan, tmp_path):
     the registration maps baseline points onto the same anatomical points of the follow-up
     as the generator's true poses do, within 0.5 mm over the vertebra and 0.5 degrees."""
     from qctfea.imaging import registration as reg
-    from qctfea.demo.synth import _CENTRE, _rotation, generate_scan
+    from qctfea.demo.synth import CENTRE, rotation_matrix, generate_scan
 
     src = tmp_path / "P01" / "M00"
     truth0 = generate_scan(src, "P01", "M00", 0.0, seed=7)
@@ -158,7 +158,8 @@ def test_follow_up_registered_to_generator_truth(demo_scan, tmp_path):
 
     def pose(t):  # anatomical point a -> scanner point centre + R a
         p = t["pose"]
-        return _rotation(np.asarray(p["rotation_deg"])), _CENTRE + np.asarray(p["translation_mm"])
+        return (rotation_matrix(np.asarray(p["rotation_deg"])),
+                CENTRE + np.asarray(p["translation_mm"]))
 
     (R0, c0), (R1, c1) = pose(truth0), pose(truth1)
     pts = np.argwhere(sitk.GetArrayFromImage(fixed_mask) > 0)[::400][:, ::-1]
@@ -169,7 +170,7 @@ def test_follow_up_registered_to_generator_truth(demo_scan, tmp_path):
         err.append(np.linalg.norm(np.subtract(tx.TransformPoint(tuple(w0)), w1)))
     # Rotation error: the angle of (registered rotation)^T (true rotation R1 R0^T).
     Rt = R1 @ R0.T
-    Rr = np.asarray(reg._as_euler(tx).GetMatrix()).reshape(3, 3)
+    Rr = np.asarray(reg.as_euler(tx).GetMatrix()).reshape(3, 3)
     angle = np.degrees(np.arccos(np.clip((np.trace(Rr.T @ Rt) - 1) / 2, -1, 1)))
     print("error against the generator's poses: max", max(err), "mm, mean", np.mean(err),
           "mm, rotation", angle, "deg;", info)

@@ -25,7 +25,7 @@ def test_render_does_not_depend_on_the_slab_size(monkeypatch):
     o, sp = whole["origin"], whole["spacing"]
     z, y, x = np.meshgrid(*(o[i] + sp[i] * np.arange(n) for i, n in ((2, nz), (1, ny), (0, nx))),
                           indexing="ij")
-    d = np.stack([x, y, z]) - (synth._CENTRE + pose.translation_mm)[:, None, None, None]
+    d = np.stack([x, y, z]) - (synth.CENTRE + pose.translation_mm)[:, None, None, None]
     a = np.einsum("ji,j...->i...", pose.matrix, d)
     rho, sd = synth.true_density(anat, 12.0, *a)
     deep = sd["body"] < -2 * anat.cortex_mm

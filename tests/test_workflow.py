@@ -20,7 +20,7 @@ PER_SCAN = ["generate_demo_scan", "ingest_scan", "calibrate_density", "accept_ca
             "extract_vertebra", "measure_bmd", "assign_materials", "accept_strength", "estimate_uncertainty"]
 #: The FE model (screws, mesh) is built once per patient, at baseline; follow-ups are
 #: registered to it (registration.enabled, the default).
-PER_PATIENT = ["plan_screws", "accept_screws", "mesh_vertebra", "patient_page"]
+PER_PATIENT = ["plan_screws", "accept_screws", "mesh_vertebra", "export_slicer", "patient_page"]
 
 
 def _job_counts(cohorts_dir, cohort, workdir):
@@ -61,6 +61,24 @@ def test_dry_run_expands_patients_x_timepoints(tmp_path):
     # One more patient adds only that patient's jobs and nothing else: 2 scans (each its
     # per-scan jobs and 3 solves), its model's jobs and 1 registration with its gate.
     assert three["total"] - two["total"] == 2 * (len(PER_SCAN) + 3) + len(PER_PATIENT) + 2
+
+
+def test_uncertainty_disabled_has_no_uncertainty_jobs(tmp_path):
+    """uncertainty.enabled: false: no estimate_uncertainty job (one per scan with it on),
+    and every other job as with it on."""
+    import yaml
+
+    cd = _cohort(tmp_path / "on", "c", 2)
+    on = _job_counts(cd, "c", tmp_path / "on")
+    cd = _cohort(tmp_path / "off", "c", 2)
+    cfg = yaml.safe_load((cd / "c" / "config.yaml").read_text())
+    cfg["uncertainty"] = {**(cfg.get("uncertainty") or {}), "enabled": False}
+    (cd / "c" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    off = _job_counts(cd, "c", tmp_path / "off")
+    assert on["estimate_uncertainty"] == 4 and "estimate_uncertainty" not in off
+    assert {k: v for k, v in on.items() if k not in ("estimate_uncertainty", "total")} == \
+        {k: v for k, v in off.items() if k != "total"}
+    assert on["total"] - off["total"] == 4
 
 
 def test_study_cohort_dry_run_lists_63_scans(tmp_path):

@@ -7,7 +7,7 @@ writes its outputs atomically with a JSON record of what it did (parameters, ver
 checksums, seconds). Parameters come from the cohort config's sections (see
 ``config/README.md``); :func:`qctfea.config.params_from` turns a section into the
 step's dataclass and refuses unknown keys. Every step first checks that its input files
-exist (:func:`_need`): a missing one is an error naming the scan, the file and
+exist (:func:`need_inputs`): a missing one is an error naming the scan, the file and
 the step that writes it, never a reader's traceback.
 """
 
@@ -23,12 +23,12 @@ from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, read_json
 
 
-def _write_image(img: sitk.Image, path) -> None:
+def write_image(img: sitk.Image, path) -> None:
     with atomic_path(path) as tmp:
         sitk.WriteImage(img, str(tmp), True)
 
 
-def _like(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
+def image_like(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
     img = sitk.GetImageFromArray(arr)
     img.CopyInformation(ref)
     return img
@@ -56,7 +56,7 @@ _INPUTS = {
 }
 
 
-def _need(context: str, **paths) -> None:
+def need_inputs(context: str, **paths) -> None:
     """Every input file of a step must exist: else an error naming the scan, the file (which
     input it is) and what to do. ``None`` paths are not needed; a mesh needs its .h5 too."""
     for key, path in paths.items():
@@ -91,7 +91,7 @@ def _unreadable(path, what: str, context: str, exc: RuntimeError) -> QctfeaError
                        "of the type its suffix says, or rerun the step that wrote it")
 
 
-def _read_image(path, what: str, context: str, pixel=None) -> sitk.Image:
+def read_image(path, what: str, context: str, pixel=None) -> sitk.Image:
     """``sitk.ReadImage`` with an error naming the scan and the file when it is unreadable."""
     try:
         return (sitk.ReadImage(str(path)) if pixel is None
@@ -100,7 +100,7 @@ def _read_image(path, what: str, context: str, pixel=None) -> sitk.Image:
         raise _unreadable(path, what, context, exc) from exc
 
 
-def _read_grid(path, what: str, context: str) -> sitk.Image:
+def read_grid(path, what: str, context: str) -> sitk.Image:
     """An image's voxel grid only (size, spacing, origin, direction) from its header, as an
     empty UInt8 image: for steps that need the CT's geometry but not its values (1 byte per
     voxel instead of the float image and its checks)."""
@@ -110,10 +110,10 @@ def _read_grid(path, what: str, context: str) -> sitk.Image:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise _unreadable(path, what, context, exc) from exc
-    return _grid(reader)
+    return grid_only(reader)
 
 
-def _grid(image) -> sitk.Image:
+def grid_only(image) -> sitk.Image:
     """An empty UInt8 image on the grid of ``image`` (an image or a reader that has read the
     header): geometry for resampling and for writing results, at 1 byte per voxel."""
     grid = sitk.Image([int(v) for v in image.GetSize()], sitk.sitkUInt8)
@@ -123,7 +123,7 @@ def _grid(image) -> sitk.Image:
     return grid
 
 
-def _read_labels(path, context: str, convention: str = "custom"
+def read_labels(path, context: str, convention: str = "custom"
                  ) -> tuple[sitk.Image, dict[str, int] | None]:
     """The label map of a scan and, when ``path`` is a folder of structure masks
     (TotalSegmentator without ``--ml``), the label each structure was given in the map
@@ -133,7 +133,7 @@ def _read_labels(path, context: str, convention: str = "custom"
 
         return labelfolder.compose(path, convention, context)
     _refuse_dicom_labels(path, context)
-    image = _read_image(path, "label map", context)
+    image = read_image(path, "label map", context)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise QctfeaError(
             f"{context}: label map {path} has {image.GetDimension()} dimensions and "
@@ -141,10 +141,10 @@ def _read_labels(path, context: str, convention: str = "custom"
             "image (a segmentation with overlapping segments, such as a 3D Slicer .seg.nrrd "
             "with several layers?); export it as one labelmap (Slicer: Segmentations, Export "
             "to labelmap), or give the structures' labels in one 3D image")
-    return _integer_labels(image, path, "label map", context), None
+    return integer_labels(image, path, "label map", context), None
 
 
-def _integer_labels(image: sitk.Image, path, what: str, context: str) -> sitk.Image:
+def integer_labels(image: sitk.Image, path, what: str, context: str) -> sitk.Image:
     """``image`` when its values are whole numbers; a label map of floating-point values
     that are not (a label map resampled with linear interpolation: 15.5 between background
     and label 31, 30.5 between labels 30 and 31) is refused: cast to integers it would
@@ -227,10 +227,10 @@ def _nonfinite(path, arr: np.ndarray) -> np.ndarray:
     return bad
 
 
-def _read_ct(path, context: str) -> tuple[sitk.Image, np.ndarray]:
+def read_ct(path, context: str) -> tuple[sitk.Image, np.ndarray]:
     """The ingested CT and its HU array; refused when it holds no image (every voxel the
     same value) or NaN/infinite values, since every later number would be meaningless."""
-    ct = _read_image(path, "CT image", context, sitk.sitkFloat32)
+    ct = read_image(path, "CT image", context, sitk.sitkFloat32)
     hu = sitk.GetArrayFromImage(ct)
     bad = int(_nonfinite(path, hu).sum())
     if bad:
@@ -244,10 +244,10 @@ def _read_ct(path, context: str) -> tuple[sitk.Image, np.ndarray]:
     return ct, hu
 
 
-def _read_density(path, context: str) -> tuple[sitk.Image, np.ndarray]:
+def read_density(path, context: str) -> tuple[sitk.Image, np.ndarray]:
     """A density image (mg/cm³) and its array; NaN or infinite voxels are refused, as they
     would become NaN moduli and BMD silently."""
-    dens = _read_image(path, "density image", context, sitk.sitkFloat32)
+    dens = read_image(path, "density image", context, sitk.sitkFloat32)
     arr = sitk.GetArrayFromImage(dens)
     bad = _nonfinite(path, arr)
     if bad.any():

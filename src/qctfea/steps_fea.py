@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_files, atomic_path, provenance, read_json, write_json
-from qctfea.steps import _need, _read_density, _read_image, load_screws, params_from
+from qctfea.steps import need_inputs, read_density, read_image, load_screws, params_from
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,12 @@ def uncertainty(*, calibration_json, bmd_json, density_path, parts_path, strengt
     p = params_from(unc.UncertaintyParams, cfg, "uncertainty")
     mp = params_from(mat.MaterialParams, materials_cfg, "materials")
     bp = params_from(bmd_mod.BmdParams, bmd_cfg, "bmd")
-    _need(context, calibration=calibration_json, bmd=bmd_json, density=density_path,
+    need_inputs(context, calibration=calibration_json, bmd=bmd_json, density=density_path,
           parts=parts_path, strength=strength_json, screws=screws_path,
           registration=registration_json)
     t0 = time.perf_counter()
-    dens, arr = _read_density(density_path, context)
-    lab = sitk.GetArrayFromImage(_read_image(parts_path, "vertebra parts image", context))
+    dens, arr = read_density(density_path, context)
+    lab = sitk.GetArrayFromImage(read_image(parts_path, "vertebra parts image", context))
     vert = np.isin(lab, masks.BONE_PARTS)
     idx = np.argwhere(vert)
     cases = read_json(strength_json)["cases"]
@@ -97,7 +97,7 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
     PNG) and the fields for ParaView (XDMF + HDF5: displacement, von Mises stress,
     and for the nonlinear analysis plastic strain and yielded elements).
     """
-    _need(context, mesh=mesh_path, materials=materials_path, vertebra_json=mask_json,
+    need_inputs(context, mesh=mesh_path, materials=materials_path, vertebra_json=mask_json,
           screws=screws_path if case == "pullout" else None)
     from mpi4py import MPI
 

@@ -17,8 +17,8 @@ import SimpleITK as sitk
 from qctfea.errors import GateRefusal, QctfeaError
 from qctfea.provenance import atomic_path, provenance, read_json, write_json
 from qctfea.steps import (
-    _grid, _integer_labels, _like, _need, _read_ct, _read_density, _read_grid, _read_image,
-    _read_labels, _write_image, load_screws, params_from,
+    grid_only, image_like, integer_labels, load_screws, need_inputs, params_from, read_ct,
+    read_density, read_grid, read_image, read_labels, write_image,
 )
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,11 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
 
     ``label`` is the target vertebra of the label map, ``convention`` its label convention
     (``mask.convention``: needed when the label map is a folder of structure masks). Phantom
-    and phantomless need the label map. A phantom calibration also measures the reference tissues of the
-    phantomless method (``calibration.phantomless`` settings) and records their median HU
-    and phantom-calibrated density under ``tissues`` in calibration.json, from which
-    reference densities for phantomless scans of the same scanner can be derived; a failure
-    there never fails the phantom calibration.
+    and phantomless need the label map. A phantom calibration also measures the reference
+    tissues of the phantomless method (``calibration.phantomless`` settings) and records
+    their median HU and phantom-calibrated density under ``tissues`` in calibration.json,
+    from which reference densities for phantomless scans of the same scanner can be
+    derived; a failure there never fails the phantom calibration.
 
     A calibration refused by its gates (no phantom found, too few tissues, a fit below
     ``fail_r2`` or with a slope not > 0) raises :class:`GateRefusal`; with
@@ -76,16 +76,16 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     cfg = dict(cfg or {})
     method = cfg.pop("method", "phantom")
     needs_labels = method in ("phantom", "phantomless")
-    _need(context, ct=ct_path, labels=labels_path if needs_labels else None)
-    ct, hu = _read_ct(ct_path, context)
-    ct = _grid(ct)  # the HU are in `hu`: keep only the grid of the CT image
+    need_inputs(context, ct=ct_path, labels=labels_path if needs_labels else None)
+    ct, hu = read_ct(ct_path, context)
+    ct = grid_only(ct)  # the HU are in `hu`: keep only the grid of the CT image
     where = f"{context} ({ct_path})"
     masks: dict = {}
     labels_arr = structures = None
     if needs_labels:
         from qctfea.imaging.labelfolder import OTHER_FROM
 
-        labels, structures = _read_labels(labels_path, context, convention)
+        labels, structures = read_labels(labels_path, context, convention)
         labels = resample_labels_to(labels, ct, f"{context} ({labels_path})")
         labels_arr = sitk.GetArrayFromImage(labels)
         blood = (cfg.get("phantomless") or {}).get("blood_label")
@@ -105,7 +105,7 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
         _record_calibration_refusal(str(exc), ct, hu, labels_arr, masks, out_density,
                                     out_json, out_png, context, method, cfg, ct_path, label)
         return
-    _write_image(_like(cal.apply(hu), ct), out_density)
+    write_image(image_like(cal.apply(hu), ct), out_density)
     with atomic_path(out_png) as tmp:
         calibration_plot.plot_calibration(cal, tmp, title=f"{context}: {cal.method} calibration",
                                           hu_zyx=hu if masks else None, masks=masks,
@@ -189,7 +189,7 @@ def _record_calibration_refusal(message: str, ct, hu, labels_arr, masks, out_den
     from qctfea.imaging import calibration_plot
 
     log.error(f"[calibrate] refused: {message}")
-    _write_image(_like(np.zeros(hu.shape, dtype=np.float32), ct), out_density)
+    write_image(image_like(np.zeros(hu.shape, dtype=np.float32), ct), out_density)
     with atomic_path(out_png) as tmp:
         calibration_plot.plot_refusal(message, tmp, f"{context}: {method} calibration", hu,
                                       masks, **_qc_slice(ct, labels_arr, label))
@@ -228,19 +228,19 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     from qctfea.imaging import masks
 
     p = params_from(masks.MaskParams, cfg, "mask")
-    _need(context, ct=ct_path, labels=labels_path)
+    need_inputs(context, ct=ct_path, labels=labels_path)
     if subregions_path is not None and not Path(subregions_path).is_file():
         raise QctfeaError(f"{context}: sub-region map {subregions_path} not found; check the "
                           "subregions column of the sample sheet (leave it empty to find the "
                           "body by opening), or correct the path")
-    ct = _read_grid(ct_path, "CT image", context)  # its grid: the values are not needed
+    ct = read_grid(ct_path, "CT image", context)  # its grid: the values are not needed
     where = f"{context} ({labels_path})"
     lab, labels_own, structures, file_name = _mask_labels(ct, labels_path, p, context)
     sub, sub_where = None, ""
     if subregions_path is not None:
         sub_where = f"{context} ({subregions_path})"
         sub = sitk.GetArrayFromImage(masks.resample_labels_to(
-            _integer_labels(_read_image(subregions_path, "sub-region map", context),
+            integer_labels(read_image(subregions_path, "sub-region map", context),
                             subregions_path, "sub-region map", context), ct, sub_where))
     caps = np.isin(lab, p.cap_labels) if p.cap_labels else np.zeros(lab.shape, bool)
     if p.cap_labels and not caps.any():
@@ -291,7 +291,7 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     out[parts["body"]] = masks.BODY
     out[parts["posterior"]] = masks.POSTERIOR
     out[parts["trabecular"]] = masks.TRABECULAR
-    _write_image(_like(out, ct), out_parts)
+    write_image(image_like(out, ct), out_parts)
     inputs = {"labels": labels_path}
     if subregions_path is not None:
         inputs["subregions"] = subregions_path
@@ -306,7 +306,7 @@ def _mask_labels(ct: sitk.Image, labels_path, p, context: str):
     from qctfea.imaging import labeltable, masks
 
     where = f"{context} ({labels_path})"
-    labels_own, structures = _read_labels(labels_path, context, p.convention)
+    labels_own, structures = read_labels(labels_path, context, p.convention)
     file_name = labeltable.check_target(
         None if structures is not None else labeltable.read_label_table(labels_path),
         p.label, p.vertebra, where)
@@ -411,9 +411,9 @@ def bmd(*, density_path, parts_path, screws_path, out_json, cfg: dict, context: 
     from qctfea.imaging import masks
 
     p = params_from(bmd_mod.BmdParams, cfg, "bmd")
-    _need(context, density=density_path, parts=parts_path, screws=screws_path)
-    dens, arr = _read_density(density_path, context)
-    lab = sitk.GetArrayFromImage(_read_image(parts_path, "vertebra parts image", context))
+    need_inputs(context, density=density_path, parts=parts_path, screws=screws_path)
+    dens, arr = read_density(density_path, context)
+    lab = sitk.GetArrayFromImage(read_image(parts_path, "vertebra parts image", context))
     if lab.shape != arr.shape:
         raise QctfeaError(f"{context}: density image {density_path} ({arr.shape[::-1]} voxels) "
                           f"and vertebra parts image {parts_path} ({lab.shape[::-1]}) are on "
@@ -431,7 +431,7 @@ def bmd(*, density_path, parts_path, screws_path, out_json, cfg: dict, context: 
         from qctfea.qc.roiplot import roi_picture
 
         with atomic_path(out_png) as tmp:
-            roi_picture(dens, _read_image(parts_path, "vertebra parts image", context), screws,
+            roi_picture(dens, read_image(parts_path, "vertebra parts image", context), screws,
                         p.shell_mm, tmp, f"{context}: BMD regions and screws", res)
     write_json(out_json, {**res, "provenance": provenance(
         "bmd", p, {"density": density_path, "parts": parts_path})})
@@ -451,7 +451,7 @@ def register(*, fixed_density, fixed_parts, moving_density, moving_parts, out_de
     A registration outside the gates raises :class:`QctfeaError`; with ``record_refusal``
     (the workflow, whose gate rule accept_registration then fails the scan) every output is
     written and the message goes into ``out_json`` (key ``refused``)."""
-    _need(context, baseline_density=fixed_density, baseline_parts=fixed_parts,
+    need_inputs(context, baseline_density=fixed_density, baseline_parts=fixed_parts,
           density=moving_density, parts=moving_parts, screws=screws_path)
     from qctfea.imaging import registration as reg
 
@@ -482,7 +482,7 @@ def register(*, fixed_density, fixed_parts, moving_density, moving_parts, out_de
         log.error(f"[register] refused: {refusal}")
     if warning:
         warnings.warn(warning, stacklevel=1)
-    _write_image(reg.resample_density(moving, fixed, tx), out_density)
+    write_image(reg.resample_density(moving, fixed, tx), out_density)
     with atomic_path(out_tfm) as tmp:
         sitk.WriteTransform(tx, str(tmp))
     with atomic_path(out_png) as tmp:

@@ -16,7 +16,7 @@ import numpy as np
 from qctfea.errors import QctfeaError
 from qctfea.model import tags as mesh_tags
 from qctfea.provenance import atomic_path, provenance, read_json, write_json
-from qctfea.steps import _need, _read_density, _read_image, load_screws, params_from
+from qctfea.steps import need_inputs, read_density, read_image, load_screws, params_from
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ def plan_screws(*, landmarks_path, parts_path, out_json, cfg: dict, context: str
         cfg.setdefault("diameter_mm", traj["diameter_mm"])
         cfg.setdefault("length_mm", traj["length_mm"])
     spec = params_from(screw_mod.ScrewSpec, cfg, "screw")
-    _need(context, parts=parts_path)
-    parts = _read_image(parts_path, "vertebra parts image", context)
+    need_inputs(context, parts=parts_path)
+    parts = read_image(parts_path, "vertebra parts image", context)
     anatomy = plan_mod.vertebra_anatomy(parts, context)
     screws, where, inputs = _screws_from(plan, spec, parts, anatomy, parts_path, landmarks_path,
                                          context)
@@ -93,7 +93,7 @@ def _screws_from(plan, spec, parts, anatomy, parts_path, landmarks_path, context
                               "sheet is empty) and planning.method is 'landmarks'; give this "
                               "scan's landmarks JSON, or set `planning.method: auto` in the "
                               "cohort config to plan the screws from the vertebra mask")
-        _need(context, landmarks=landmarks_path)
+        need_inputs(context, landmarks=landmarks_path)
         lm = (slicer.read_landmarks_markups(landmarks_path, context)
               if str(landmarks_path).lower().endswith(".mrk.json") else read_json(landmarks_path))
         where = f"{context} ({landmarks_path})"
@@ -158,7 +158,7 @@ def _refusal(refused: list[dict], plan, where: str, png) -> str:
 def accept_screws(*, screws_path, out_json, context: str) -> None:
     """The planning stage's gate: fail the scan whose screws were refused (the refusal's
     message), else record each side's Gertzbein-Robbins grade and breach."""
-    _need(context, screws=screws_path)
+    need_inputs(context, screws=screws_path)
     data = read_json(screws_path)
     if data.get("refused"):
         raise QctfeaError(data["refused"])
@@ -178,8 +178,8 @@ def mesh(*, parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str
     from qctfea.model import meshing
 
     p = params_from(meshing.MeshParams, cfg, "mesh")
-    _need(context, parts=parts_path, screws=screws_path)
-    parts = _read_image(parts_path, "vertebra parts image", context)
+    need_inputs(context, parts=parts_path, screws=screws_path)
+    parts = read_image(parts_path, "vertebra parts image", context)
     screws = load_screws(screws_path)
     pts, cells, tags, rep = meshing.generate_mesh(parts, screws, p)
     if out_png:
@@ -199,8 +199,8 @@ def materials(*, mesh_path, density_path, screws_path, out_npz, out_json, cfg: d
 
     p = params_from(mat.MaterialParams, cfg, "materials")
     t0 = time.perf_counter()
-    _need(context, mesh=mesh_path, density=density_path, screws=screws_path)
-    dens, rho_img = _read_density(density_path, context)
+    need_inputs(context, mesh=mesh_path, density=density_path, screws=screws_path)
+    dens, rho_img = read_density(density_path, context)
     pts, cells, tags = meshing.read_mesh(mesh_path)
     rho_img, dens = mat.crop_to_points(rho_img, dens, pts)  # the mesh's box of the scan
     e_img = mat.modulus_mpa(rho_img, p).astype(np.float32)

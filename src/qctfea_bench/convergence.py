@@ -48,7 +48,8 @@ STRENGTHS = [("compression_strength_n", "compression"),
 CASES = [("compression", None), ("pullout", "left"), ("pullout", "right")]
 
 
-def _mpiexec() -> str:
+def mpiexec() -> str:
+    """The mpiexec of this environment (beside the interpreter), else the one on PATH."""
     exe = Path(sys.executable).with_name("mpiexec")
     found = str(exe) if exe.exists() else shutil.which("mpiexec")
     if not found:
@@ -62,7 +63,7 @@ def solve_case(case: str, side: str | None, level_dir: Path, scan: Path, ranks: 
     the pipeline runs it), with ``scan``'s vertebra.json and screws.json; ``loads`` adds
     to the loads section. Returns the result JSON with the process's wall time."""
     out = level_dir / f"{analysis}_{case}{'_' + side if side else ''}.json"
-    cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "qctfea.cli", "solve", case,
+    cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "qctfea.cli", "solve", case,
            "--mesh", str(level_dir / "mesh.xdmf"), "--materials", str(level_dir / "materials.npz"),
            "--vertebra", str(scan / "vertebra.json"), "--screws", str(scan / "screws.json"),
            "--out-json", str(out), "--params", json.dumps({**(loads or {}), "analysis": analysis})]

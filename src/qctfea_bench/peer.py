@@ -104,7 +104,7 @@ def specimen_box(parts: sitk.Image, cap_mm: float, unit_mm: float, margin_mm: fl
             "body_centroid_mm": c.mean(axis=0).tolist(), "ct_spacing_mm": s.tolist()}
 
 
-def _grid(box: dict, spacing: float) -> sitk.Image:
+def grid_only(box: dict, spacing: float) -> sitk.Image:
     n = np.round(np.array(box["length_mm"]) / spacing).astype(int)
     if not np.allclose(n * spacing, box["length_mm"], atol=1e-6):
         raise QctfeaError(f"peer: voxel size {spacing:g} mm does not tile the box "
@@ -142,7 +142,7 @@ def modulus_image(density: sitk.Image, mat_params) -> sitk.Image:
 def build_specimen(parts: sitk.Image, density: sitk.Image, box: dict, spacing: float,
                    youngs: sitk.Image | None = None) -> dict:
     """Body mask, cap mask, density (and E, from ``youngs``) on the grid of ``spacing``."""
-    ref = _grid(box, spacing)
+    ref = grid_only(box, spacing)
     ident = sitk.Transform()
     body_f = sitk.Cast(sitk.BinaryThreshold(sitk.Cast(parts, sitk.sitkUInt8), 1, 1, 1, 0)
                        | sitk.BinaryThreshold(sitk.Cast(parts, sitk.sitkUInt8), 3, 3, 1, 0),
@@ -221,13 +221,13 @@ def run_peer(E: np.ndarray, spacing: float, poisson: float, d: Path, py: str, ra
 def prepare_ours(spec: dict, box: dict, d: Path) -> None:
     """Parts image (1 body, 4 cap), the axis record and an empty screw list for our steps."""
     from qctfea.imaging.masks import BODY, CAP
-    from qctfea.steps import _like, _write_image
+    from qctfea.steps import image_like, write_image
 
     d.mkdir(parents=True, exist_ok=True)
     parts = np.zeros(spec["body"].shape, np.uint8)
     parts[spec["caps"]] = CAP
     parts[spec["body"]] = BODY
-    _write_image(_like(parts, spec["reference"]), d / "parts.nii.gz")
+    write_image(image_like(parts, spec["reference"]), d / "parts.nii.gz")
     height = float(box["length_mm"][2])
     axis = {"superior_axis": [0.0, 0.0, 1.0], "centroid_mm": box["body_centroid_mm"],
             "height_mm": height, "specimen": "body + PMMA caps (qctfea-bench peer)"}

@@ -88,6 +88,7 @@ import numpy as np
 
 from qctfea.errors import QctfeaError
 from qctfea.provenance import write_text
+from qctfea_bench.convergence import mpiexec
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +195,8 @@ def bandwidth_ratio(solve_s: float, iterations: int, bytes_per_it: float,
     return float(solve_s) / (iterations * bytes_per_it / bandwidth_b_s)
 
 
-def _mpiexec() -> str:
-    from qctfea_bench.convergence import _mpiexec as find
-
-    return find()
-
-
 def _run_mpi(ranks: int, args: list[str], what: str) -> None:
-    cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "qctfea_bench.perf_worker", *args]
+    cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "qctfea_bench.perf_worker", *args]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise QctfeaError(f"perf {what} failed:\n{res.stdout[-1000:]}\n{res.stderr[-2000:]}")

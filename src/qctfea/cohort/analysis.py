@@ -50,7 +50,7 @@ from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, provenance, read_json, write_json
 from qctfea.cohort.headlines import headlines
 from qctfea.cohort.longtable import (
-    DEFAULT_METRICS, SCAN_FILES, _opt_float, available_metrics, least_significant_changes,
+    DEFAULT_METRICS, SCAN_FILES, opt_float, available_metrics, least_significant_changes,
     longitudinal_table, missing_scans, placement_columns, protocol_columns, read_long_table,
     registration_columns, scan_row, timepoint_months, uncertainty_columns, with_resolved_areal,
 )
@@ -99,7 +99,7 @@ def aggregate(
         if data is None:
             continue
         try:
-            dxa = _opt_float(sample.get("dxa"))
+            dxa = opt_float(sample.get("dxa"))
             row = scan_row(
                 patient,
                 timepoint,

@@ -157,7 +157,7 @@ def _num_opt(d: Mapping[str, Any], key: str, what: str) -> float:
     return _num(d, key, what)
 
 
-def _opt_float(value: Any) -> float:
+def opt_float(value: Any) -> float:
     """A float, with ``None``/empty/unparseable-as-missing mapped to NaN."""
     if value is None:
         return math.nan
@@ -203,7 +203,7 @@ def scan_row(
     missing.
     """
     ct_areal = _num(bmd, "areal_bmd_g_cm2", "bmd.json")
-    dxa = _opt_float(dxa_areal_bmd_g_cm2)
+    dxa = opt_float(dxa_areal_bmd_g_cm2)
     row = {
         "patient": str(patient),
         "timepoint": str(timepoint),
@@ -278,9 +278,9 @@ def placement_columns(screws: Mapping[str, Any]) -> dict:
         out |= {f"screw_grade_{side}": g["grade"],
                 f"screw_breach_{side}_mm": float(g["breach_mm"]),
                 f"screw_breach_direction_{side}": g["direction"],
-                f"screw_diameter_{side}_mm": _opt_float(s.get("diameter_mm")),
-                f"screw_length_{side}_mm": _opt_float(s.get("length_mm")),
-                f"screw_convergence_{side}_deg": _opt_float(plan.get("convergence_deg")),
+                f"screw_diameter_{side}_mm": opt_float(s.get("diameter_mm")),
+                f"screw_length_{side}_mm": opt_float(s.get("length_mm")),
+                f"screw_convergence_{side}_deg": opt_float(plan.get("convergence_deg")),
                 f"screw_exceeds_isthmus_{side}": plan.get("screw_exceeds_isthmus")}
     return out
 
@@ -292,7 +292,7 @@ def registration_columns(reg: Mapping[str, Any]) -> dict:
     farthest of those points (mm) (registration.json)."""
     motion = reg.get("point_motion_mm") or []
     return {"registration_dice": _num(reg, "dice_after", "registration.json"),
-            "registration_point_spread_mm": _opt_float(reg.get("point_spread_mm")),
+            "registration_point_spread_mm": opt_float(reg.get("point_spread_mm")),
             "registration_point_motion_max_mm": (float(max(motion)) if motion
                                                  else float("nan"))}
 
@@ -312,9 +312,9 @@ def protocol_columns(scan: Mapping[str, Any]) -> dict:
     if not isinstance(info, Mapping):
         raise QctfeaError("scan.json: missing object 'scan'")
     spacing = info.get("spacing_mm") or [math.nan] * 3
-    return {"slice_spacing_mm": _opt_float(spacing[2]),
-            "pixel_spacing_mm": _opt_float(min(spacing[0], spacing[1])),
-            "kvp": _opt_float(info.get("kvp")),
+    return {"slice_spacing_mm": opt_float(spacing[2]),
+            "pixel_spacing_mm": opt_float(min(spacing[0], spacing[1])),
+            "kvp": opt_float(info.get("kvp")),
             "kernel": str(info.get("convolution_kernel") or ""),
             "manufacturer": str(info.get("manufacturer") or "")}
 

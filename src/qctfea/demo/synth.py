@@ -274,7 +274,7 @@ def truth_vbmd(anat: PatientAnatomy, months: float, step: float = 0.4) -> dict:
     }
 
 
-def _rotation(angles_deg: np.ndarray) -> np.ndarray:
+def rotation_matrix(angles_deg: np.ndarray) -> np.ndarray:
     ax, ay, az = np.deg2rad(angles_deg)
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
     ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
@@ -293,7 +293,7 @@ class ScanPose:
 
     @property
     def matrix(self) -> np.ndarray:
-        return _rotation(self.rotation_deg)
+        return rotation_matrix(self.rotation_deg)
 
     @property
     def hu_per_mg(self) -> float:
@@ -333,7 +333,7 @@ def scan_pose(seed: int, patient: str, months: float, params: SynthParams) -> Sc
 
 # Where the vertebral body centre sits in scanner coordinates (mm) before the
 # pose change, and where the image starts: a table position like a real scan.
-_CENTRE = np.array([1.5, -12.0, -478.0])
+CENTRE = np.array([1.5, -12.0, -478.0])
 
 
 #: Fine z-slices rendered at a time by :func:`render_scan` (bounds its temporaries)
@@ -348,7 +348,7 @@ def _grid(params: SynthParams) -> tuple[np.ndarray, tuple[int, int, int], np.nda
         int(round(params.fov_y_mm / sp[1])),
         int(round(params.fov_z_mm / sp[2])),
     )
-    lo = _CENTRE + np.array([-params.fov_x_mm / 2, -45.0, -params.fov_z_mm / 2]) + sp / 2
+    lo = CENTRE + np.array([-params.fov_x_mm / 2, -45.0, -params.fov_z_mm / 2]) + sp / 2
     return lo, size, sp
 
 
@@ -375,7 +375,7 @@ def render_scan(
     Y = fo[1] + fsp[1] * np.arange(ny)
     Z = fo[2] + fsp[2] * np.arange(nz)
     R = pose.matrix
-    centre = _CENTRE + pose.translation_mm
+    centre = CENTRE + pose.translation_mm
 
     def to_anat(xw, yw, zw):
         # R^T (world - centre), summed term by term
@@ -385,9 +385,9 @@ def render_scan(
     hu = np.full((nz, ny, nx), -1000.0, dtype=np.float32)
     xx, yy = X[None, None, :], Y[None, :, None]
     # Phantom: fixed to the scanner, under the patient (posterior = +y).
-    y_ph0 = _CENTRE[1] + 90.0
-    block = (np.abs(xx - _CENTRE[0]) <= 62.0) & (yy >= y_ph0) & (yy <= y_ph0 + 22.0)
-    rod_x = _CENTRE[0] + np.linspace(-48.0, 48.0, len(params.rod_densities_mg_cm3))
+    y_ph0 = CENTRE[1] + 90.0
+    block = (np.abs(xx - CENTRE[0]) <= 62.0) & (yy >= y_ph0) & (yy <= y_ph0 + 22.0)
+    rod_x = CENTRE[0] + np.linspace(-48.0, 48.0, len(params.rod_densities_mg_cm3))
     k = pose.hu_per_mg
     tissue = pose.tissue_hu()
     rods = [((xx - xr) ** 2 + (yy - (y_ph0 + 11.0)) ** 2 <= (params.rod_diameter_mm / 2) ** 2,
@@ -440,7 +440,7 @@ def landmarks_world(anat: PatientAnatomy, pose: ScanPose) -> dict:
     same axis, 36 mm deeper, in the anterior vertebral body.
     """
     R = pose.matrix
-    centre = _CENTRE + pose.translation_mm
+    centre = CENTRE + pose.translation_mm
     out = {}
     for side in ("left", "right"):
         post, d = anat.pedicle_axis(side)

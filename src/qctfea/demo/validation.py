@@ -26,10 +26,10 @@ GATES = {"slope_rel_error": 0.01, "trabecular_vbmd_error_mg_cm3": 2.0,
 
 
 def _pose(truth: dict) -> tuple[np.ndarray, np.ndarray]:
-    from qctfea.demo.synth import _CENTRE, _rotation
+    from qctfea.demo.synth import CENTRE, rotation_matrix
 
     p = truth["pose"]
-    return _rotation(np.asarray(p["rotation_deg"])), _CENTRE + np.asarray(p["translation_mm"])
+    return rotation_matrix(np.asarray(p["rotation_deg"])), CENTRE + np.asarray(p["translation_mm"])
 
 
 def registration_error(truth0: dict, truth1: dict, tfm_path, parts0_path,
@@ -45,9 +45,9 @@ def registration_error(truth0: dict, truth1: dict, tfm_path, parts0_path,
         w0 = np.array(parts.TransformIndexToPhysicalPoint([int(v) for v in i]))
         w1 = c1 + R1 @ (R0.T @ (w0 - c0))
         err.append(np.linalg.norm(np.subtract(tx.TransformPoint(tuple(w0)), w1)))
-    from qctfea.imaging.registration import _as_euler
+    from qctfea.imaging.registration import as_euler
 
-    Rr = np.asarray(_as_euler(tx).GetMatrix()).reshape(3, 3)
+    Rr = np.asarray(as_euler(tx).GetMatrix()).reshape(3, 3)
     cos = (np.trace(Rr.T @ (R1 @ R0.T)) - 1) / 2
     return float(np.mean(err)), float(np.max(err)), float(np.degrees(np.arccos(np.clip(cos, -1,
                                                                                         1))))

@@ -65,10 +65,10 @@ import SimpleITK as sitk
 from qctfea.errors import QctfeaError
 from qctfea.config import option
 from qctfea.imaging.dicomslices import (
-    DAMAGED, DUPLICATE_TOL_MM, _Slice, _list_files, _named, _opt_float, _opt_str, _read_header,
-    _rescale, _slice_hu, _where,
+    DAMAGED, DUPLICATE_TOL_MM, Slice, _list_files, _named, opt_float, opt_str, _read_header,
+    _rescale, _slice_hu, where_text,
 )
-from qctfea.imaging.seriesrules import _select_series
+from qctfea.imaging.seriesrules import select_series
 from qctfea.imaging.slicegeometry import (
     _check_consistent, _format_gaps, _orthonormal_axes, _resample_uniform,
 )
@@ -280,11 +280,11 @@ def read_dicom_series(
     """
     params = params or IngestParams()
     folder = Path(directory)
-    where = _where(context, folder)
+    where = where_text(context, folder)
     if not folder.is_dir():
         raise QctfeaError(f"{where}: not a folder; give the folder holding the DICOM series")
     files, groups, skipped = _read_headers(folder, where)
-    _, candidates, selected_by = _select_series(groups, series_uid, where, params)
+    _, candidates, selected_by = select_series(groups, series_uid, where, params)
     if skipped:
         _warn_skipped(skipped, folder, where)
     n_read = len({sl.path for sl in candidates})  # files (an Enhanced CT file: one)
@@ -308,11 +308,11 @@ def read_dicom_series(
 
 
 def _read_headers(folder: Path, where: str
-                  ) -> tuple[list[Path], dict[str, list[_Slice]], dict[str, list[Path]]]:
+                  ) -> tuple[list[Path], dict[str, list[Slice]], dict[str, list[Path]]]:
     """Every file's header: the files, the slices by SeriesInstanceUID, the skipped files by
     reason. Damaged files and a folder without image slices are errors."""
     files = _list_files(folder)
-    groups: dict[str, list[_Slice]] = {}
+    groups: dict[str, list[Slice]] = {}
     reasons: Counter[str] = Counter()
     skipped: dict[str, list[Path]] = {}
     for path in files:
@@ -349,8 +349,8 @@ def _warn_skipped(skipped: dict[str, list[Path]], folder: Path, where: str) -> N
     )
 
 
-def _stack_slices(candidates: list[_Slice], normal: np.ndarray, where: str
-                  ) -> tuple[list[_Slice], list[np.ndarray]]:
+def _stack_slices(candidates: list[Slice], normal: np.ndarray, where: str
+                  ) -> tuple[list[Slice], list[np.ndarray]]:
     """The slices ordered along the normal with their HU pixels; duplicates (same position,
     same pixels) dropped with a warning; at least two slices."""
     # Order by position along the normal; InstanceNumber and name only break ties.
@@ -361,7 +361,7 @@ def _stack_slices(candidates: list[_Slice], normal: np.ndarray, where: str
             str(s.path),
         )
     )
-    slices: list[_Slice] = []
+    slices: list[Slice] = []
     hu_slices: list[np.ndarray] = []
     n_duplicates = 0
     for sl in candidates:
@@ -391,7 +391,7 @@ def _stack_slices(candidates: list[_Slice], normal: np.ndarray, where: str
     return slices, hu_slices
 
 
-def _check_spacing(slices: list[_Slice], normal: np.ndarray, params: IngestParams, where: str):
+def _check_spacing(slices: list[Slice], normal: np.ndarray, params: IngestParams, where: str):
     """Positions along the normal, their gaps, the median gap and the uneven gaps; uneven
     spacing (unless ``uneven_spacing: resample``) is an error."""
     proj = np.array([float(s.position @ normal) for s in slices])
@@ -409,7 +409,7 @@ def _check_spacing(slices: list[_Slice], normal: np.ndarray, params: IngestParam
     return proj, gaps, median, bad
 
 
-def _untilt(slices: list[_Slice], hu_slices: list[np.ndarray], row: np.ndarray,
+def _untilt(slices: list[Slice], hu_slices: list[np.ndarray], row: np.ndarray,
             col: np.ndarray, normal: np.ndarray, params: IngestParams, where: str
             ) -> tuple[list[np.ndarray], str | None]:
     """A stack whose slices drift sideways (gantry tilt): refused, or (``gantry_tilt:
@@ -468,13 +468,13 @@ def _volume(hu_slices: list[np.ndarray], proj: np.ndarray, gaps: np.ndarray, med
     return volume, slice_spacing, resample_note
 
 
-def _scan_info(image: sitk.Image, slices: list[_Slice], where: str, *, n_read: int,
+def _scan_info(image: sitk.Image, slices: list[Slice], where: str, *, n_read: int,
                n_files: int, selected_by: str, resample_note: str | None) -> ScanInfo:
     """The technical metadata of the image read (no identifiers); a modality other than CT
     is warned about."""
     rescales = [_rescale(s.ds) for s in slices]
     ds0 = slices[0].ds
-    modality = _opt_str(ds0, "Modality") or "unknown"
+    modality = opt_str(ds0, "Modality") or "unknown"
     if modality != "CT":
         warnings.warn(
             f"{where}: modality is {modality!r}, not CT; values are not Hounsfield units "
@@ -488,13 +488,13 @@ def _scan_info(image: sitk.Image, slices: list[_Slice], where: str, *, n_read: i
         direction=tuple(float(v) for v in image.GetDirection()),
         n_slices=int(image.GetSize()[2]),
         modality=modality,
-        manufacturer=_opt_str(ds0, "Manufacturer"),
-        kvp=_opt_float(ds0, "KVP"),
-        convolution_kernel=_opt_str(ds0, "ConvolutionKernel"),
-        slice_thickness_mm=_opt_float(ds0, "SliceThickness"),
+        manufacturer=opt_str(ds0, "Manufacturer"),
+        kvp=opt_float(ds0, "KVP"),
+        convolution_kernel=opt_str(ds0, "ConvolutionKernel"),
+        slice_thickness_mm=opt_float(ds0, "SliceThickness"),
         rescale_slope=rescales[0][0],
         rescale_intercept=rescales[0][1],
-        series_description=_opt_str(ds0, "SeriesDescription"),
+        series_description=opt_str(ds0, "SeriesDescription"),
         n_files_read=n_read,
         n_files_skipped=n_files - n_read,
         rescale_varies_per_slice=len(set(rescales)) > 1,

@@ -59,7 +59,7 @@ class _Frames:
 
 
 @dataclass
-class _Slice:
+class Slice:
     """One usable image slice (a single-frame file, or one frame of an Enhanced CT file)
     and its parsed geometry."""
 
@@ -76,12 +76,12 @@ class _Slice:
     frames: _Frames | None = None
 
 
-def _where(context: str, path: str | os.PathLike) -> str:
+def where_text(context: str, path: str | os.PathLike) -> str:
     """Prefix for error messages: the context (if any) and the input path."""
     return f"{context}: {path}" if context else str(path)
 
 
-def _opt_str(ds: Dataset, keyword: str) -> str | None:
+def opt_str(ds: Dataset, keyword: str) -> str | None:
     """A header value as a stripped string; multi-valued joined by backslash."""
     value = ds.get(keyword)
     if value is None:
@@ -93,7 +93,7 @@ def _opt_str(ds: Dataset, keyword: str) -> str | None:
     return text or None
 
 
-def _opt_float(ds: Dataset, keyword: str) -> float | None:
+def opt_float(ds: Dataset, keyword: str) -> float | None:
     """A numeric header value as float, None when absent, empty or invalid."""
     value = ds.get(keyword)
     if value is None or value == "":
@@ -111,8 +111,8 @@ def _opt_float(ds: Dataset, keyword: str) -> float | None:
 
 def _rescale(ds: Dataset) -> tuple[float, float]:
     """RescaleSlope and RescaleIntercept of a slice (defaults 1 and 0)."""
-    slope = _opt_float(ds, "RescaleSlope")
-    intercept = _opt_float(ds, "RescaleIntercept")
+    slope = opt_float(ds, "RescaleSlope")
+    intercept = opt_float(ds, "RescaleIntercept")
     return (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
 
 
@@ -126,7 +126,7 @@ def _is_part10(path: Path) -> bool:
         return False
 
 
-def _read_header(path: Path) -> tuple[list[_Slice], str]:
+def _read_header(path: Path) -> tuple[list[Slice], str]:
     """Read one file; return its usable slices (one, or one per frame of an Enhanced CT
     file) or none and the reason it was skipped."""
     try:
@@ -195,7 +195,7 @@ def _frame_header(ds: Dataset, index: int) -> Dataset:
     return hdr
 
 
-def _slice_of(path: Path, ds: Dataset, instance: int | None) -> tuple[_Slice | None, str]:
+def _slice_of(path: Path, ds: Dataset, instance: int | None) -> tuple[Slice | None, str]:
     """The slice of a (single-frame or flattened frame) header, or None and why not."""
     try:
         position = np.array([float(v) for v in ds.ImagePositionPatient], dtype=float)
@@ -219,7 +219,7 @@ def _slice_of(path: Path, ds: Dataset, instance: int | None) -> tuple[_Slice | N
             instance = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") else None
         except (TypeError, ValueError):
             instance = None
-    return _Slice(path, ds, position, orientation, (spacing[0], spacing[1]), rows, columns,
+    return Slice(path, ds, position, orientation, (spacing[0], spacing[1]), rows, columns,
                   instance), ""
 
 
@@ -252,7 +252,7 @@ def _ensure_transfer_syntax(ds: Dataset) -> None:
     ds.file_meta.TransferSyntaxUID = uid
 
 
-def _slice_hu(sl: _Slice, where: str) -> np.ndarray:
+def _slice_hu(sl: Slice, where: str) -> np.ndarray:
     """Decode one slice and return HU (stored * slope + intercept) as float32."""
     try:
         if sl.frames is not None:
@@ -286,7 +286,7 @@ def _slice_hu(sl: _Slice, where: str) -> np.ndarray:
     return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
 
 
-def _short_pixel_data(sl: _Slice) -> tuple[int, int] | None:
+def _short_pixel_data(sl: Slice) -> tuple[int, int] | None:
     """(bytes present, bytes needed) when uncompressed pixel data is cut short, else None."""
     try:
         syntax = sl.ds.file_meta.TransferSyntaxUID

@@ -25,7 +25,7 @@ import SimpleITK as sitk
 
 from qctfea.errors import QctfeaError
 from qctfea.imaging.dicomio import SPACING_RTOL, IngestParams, ScanInfo, read_dicom_series
-from qctfea.imaging.dicomslices import _where
+from qctfea.imaging.dicomslices import where_text
 from qctfea.provenance import atomic_path, provenance, write_json
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def _has_image_suffix(path: Path) -> bool:
 
 def _read_image_file(path: Path, context: str) -> tuple[sitk.Image, ScanInfo]:
     """Read a 3-D scalar image file that already holds HU."""
-    where = _where(context, path)
+    where = where_text(context, path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -140,10 +140,10 @@ def ingest(
     """
     src = Path(source)
     target = Path(out_image)
-    where = _where(context, src)
+    where = where_text(context, src)
     if not target.name.lower().endswith((".nii.gz", ".nii")):
         raise QctfeaError(
-            f"{_where(context, target)}: the ingested image is written as NIfTI; give "
+            f"{where_text(context, target)}: the ingested image is written as NIfTI; give "
             "out_image a .nii.gz name"
         )
     image, info, kind = _read_source(src, context, series_uid, params)
@@ -176,7 +176,7 @@ def ingest(
 def _read_source(src: Path, context: str, series_uid: str | None,
                  params: IngestParams | None) -> tuple[sitk.Image, ScanInfo, str]:
     """The scan's image, its record and its kind (a DICOM folder or an image file)."""
-    where = _where(context, src)
+    where = where_text(context, src)
     if src.is_dir():
         image, info = read_dicom_series(src, series_uid=series_uid, context=context,
                                         params=params)
@@ -239,6 +239,7 @@ def _write_image(image: sitk.Image, target: Path, context: str) -> None:
             sitk.WriteImage(_clean_float32(image), str(tmp), useCompression=True)
         except RuntimeError as exc:
             raise QctfeaError(
-                f"{_where(context, target)}: cannot write the image ({str(exc).strip()[-200:]});"
+                f"{where_text(context, target)}: cannot write the image "
+                f"({str(exc).strip()[-200:]});"
                 " check that the folder is writable and the disk is not full"
             ) from exc

@@ -290,7 +290,7 @@ def _run(fixed_c, metric_mask, moving_c, init: sitk.Euler3DTransform, n_mask: in
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(sitk.Euler3DTransform(init), inPlace=False)
     t0 = time.perf_counter()
-    tx = _as_euler(reg.Execute(fixed_c, moving_c))
+    tx = as_euler(reg.Execute(fixed_c, moving_c))
     stop = reg.GetOptimizerStopConditionDescription()
     return {"tx": tx, "metric_value": float(reg.GetMetricValue()),
             "iterations": int(reg.GetOptimizerIteration()), "stop_condition": stop,
@@ -395,7 +395,7 @@ def register_rigid(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image
     return tx, info
 
 
-def _as_euler(tx: sitk.Transform) -> sitk.Euler3DTransform:
+def as_euler(tx: sitk.Transform) -> sitk.Euler3DTransform:
     t = tx.Downcast()
     while isinstance(t, sitk.CompositeTransform):
         if t.GetNumberOfTransforms() != 1:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qctfea.errors import QctfeaError
-from qctfea.imaging.dicomslices import DUPLICATE_TOL_MM, _Slice, _opt_float, _opt_str
+from qctfea.imaging.dicomslices import DUPLICATE_TOL_MM, Slice, opt_float, opt_str
 
 if TYPE_CHECKING:  # dicomio imports this module
     from qctfea.imaging.dicomio import IngestParams
@@ -27,7 +27,7 @@ class _SeriesSummary:
     """What the series rule and the 'choose a series' listing need of one series."""
 
     uid: str
-    slices: list[_Slice]
+    slices: list[Slice]
     description: str | None
     kernel: str | None
     thickness: float | None
@@ -42,10 +42,10 @@ class _SeriesSummary:
         return self.orientation == "axial"
 
 
-def _summarize(uid: str, slices: list[_Slice], axial_tolerance_deg: float) -> _SeriesSummary:
+def _summarize(uid: str, slices: list[Slice], axial_tolerance_deg: float) -> _SeriesSummary:
     """Orientation, slice spacing and kernel of a series, from its headers only."""
     ds0 = slices[0].ds
-    thickness = _opt_float(ds0, "SliceThickness")
+    thickness = opt_float(ds0, "SliceThickness")
     normal = np.cross(slices[0].orientation[:3], slices[0].orientation[3:])
     norm = float(np.linalg.norm(normal))
     orientation, tilt, spacing, spacing_from, n_positions = "unknown", None, None, "unknown", 0
@@ -68,8 +68,8 @@ def _summarize(uid: str, slices: list[_Slice], axial_tolerance_deg: float) -> _S
             spacing, spacing_from = float(np.median(np.diff(distinct))), "positions"
     if spacing is None and thickness is not None and thickness > 0:
         spacing, spacing_from = thickness, "SliceThickness"
-    return _SeriesSummary(uid, slices, _opt_str(ds0, "SeriesDescription"),
-                          _opt_str(ds0, "ConvolutionKernel"), thickness, orientation, tilt,
+    return _SeriesSummary(uid, slices, opt_str(ds0, "SeriesDescription"),
+                          opt_str(ds0, "ConvolutionKernel"), thickness, orientation, tilt,
                           spacing, spacing_from, n_positions)
 
 
@@ -153,12 +153,12 @@ def _thinnest_axial(
     )
 
 
-def _select_series(
-    groups: dict[str, list[_Slice]],
+def select_series(
+    groups: dict[str, list[Slice]],
     series_uid: str | None,
     where: str,
     params: IngestParams,
-) -> tuple[str, list[_Slice], str]:
+) -> tuple[str, list[Slice], str]:
     """Pick the one series to read and say how, or explain which candidates exist."""
     summaries = [_summarize(uid, s, params.axial_tolerance_deg)
                  for uid, s in sorted(groups.items(), key=lambda kv: kv[0])]

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 
 from qctfea.errors import QctfeaError
-from qctfea.imaging.dicomslices import _Slice
+from qctfea.imaging.dicomslices import Slice
 
 #: Largest difference between ImageOrientationPatient values within one series.
 ORIENTATION_TOL = 1e-4
@@ -38,7 +38,7 @@ def _orthonormal_axes(orientation: np.ndarray, where: str) -> tuple[np.ndarray, 
     return row, col, np.cross(row, col)
 
 
-def _check_consistent(slices: list[_Slice], where: str) -> None:
+def _check_consistent(slices: list[Slice], where: str) -> None:
     """All slices of the series must share orientation, matrix size and pixel spacing."""
     first = slices[0]
     for sl in slices[1:]:
