@@ -151,11 +151,16 @@ def run_study(scan: str | Path, out_dir: str | Path, sizes: list[float], voxel_m
         rows.append(row)
         log.info(f"[convergence] {ctx}: {row['n_cells']} cells, {row['n_dofs']} DOFs, "
                  + ", ".join(f"{lab} {row[k]:.0f} N/mm" for k, lab in QUANTITIES))
-    # Change of each stiffness relative to the next finer level.
-    for coarse, fine in zip(rows, rows[1:]):
-        for key, _ in QUANTITIES + (STRENGTHS if strength else []):
-            coarse[f"{key}_change_to_finer_pct"] = 100.0 * (coarse[key] / fine[key] - 1.0)
+    add_changes_to_finer(rows, [k for k, _ in QUANTITIES + (STRENGTHS if strength else [])])
     return rows
+
+
+def add_changes_to_finer(rows: list[dict], keys: list[str]) -> None:
+    """Each level's ``<key>_change_to_finer_pct``: its value relative to the next finer
+    level's (rows from coarse to fine), in %; the finest level has none."""
+    for coarse, fine in zip(rows, rows[1:]):
+        for key in keys:
+            coarse[f"{key}_change_to_finer_pct"] = 100.0 * (coarse[key] / fine[key] - 1.0)
 
 
 def markdown(rows: list[dict], command: str, scan: str) -> str:
