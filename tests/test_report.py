@@ -152,6 +152,55 @@ def test_clinical_categories_in_the_tables_and_pages(cohort_run: dict) -> None:
     assert "<td>unknown (sex not given)</td>" in p05 and "VirtuOst" in p05
 
 
+def _svg_texts(path: Path) -> list[str]:
+    """The texts of a matplotlib SVG (it writes each text's string as a comment beside its
+    glyphs): tick labels, axis labels, legend entries, annotations, in drawing order."""
+    return re.findall(r"<!-- (.*?) -->", path.read_text(encoding="utf-8"))
+
+
+def _numbers(texts: list[str]) -> list[float]:
+    out = []
+    for t in texts:
+        try:
+            out.append(float(t.replace("−", "-")))
+        except ValueError:
+            pass
+    return out
+
+
+def test_figures_show_the_tables_data(cohort_run: dict) -> None:
+    """The cohort figures hold what the tables hold, read back from the SVG's texts: the
+    spaghetti plot's value axis spans every pullout strength of the long table, one "n ="
+    label per timepoint with that timepoint's count, a label per patient; the scatter plot's
+    axes span the areal BMD and pullout strength plotted and its legend gives each
+    timepoint's Pearson r and n of stats/correlations.csv."""
+    res = cohort_run["res"]
+    long = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
+    texts = _svg_texts(res / "figures" / "spaghetti_pullout_strength_n.svg")
+    ticks = _numbers(texts)
+    step = min(b - a for a, b in zip(ticks, ticks[1:]))
+    vals = long["pullout_strength_n"].dropna()
+    assert min(ticks) - step <= vals.min() and vals.max() <= max(ticks) + step, (ticks, vals)
+    counts = long.groupby("timepoint")["pullout_strength_n"].count()
+    order = long.groupby("timepoint")["months"].median().sort_values().index
+    assert [t for t in texts if t.startswith("n = ")] == [f"n = {counts[t]}" for t in order]
+    assert set(long["patient"]) <= set(texts)
+    texts = _svg_texts(res / "figures" / "scatter_pullout_areal_bmd_g_cm2.svg")
+    i = next(k for k, t in enumerate(texts) if t.startswith("areal BMD"))
+    x_ticks, y_ticks = _numbers(texts[:i]), _numbers(texts[i:])
+    x = long["dxa_areal_bmd_g_cm2"].dropna()
+    y = long.loc[long["dxa_areal_bmd_g_cm2"].notna(), "pullout_strength_n"]
+    for ticks, v in ((x_ticks, x), (y_ticks, y)):
+        step = min(b - a for a, b in zip(ticks, ticks[1:]))
+        assert min(ticks) - step <= v.min() and v.max() <= max(ticks) + step, (ticks, v)
+    corr = pd.read_csv(res / "stats" / "correlations.csv")
+    corr = corr[(corr["outcome"] == "pullout_strength_n")
+                & (corr["predictor"] == "areal_bmd_g_cm2")].set_index("timepoint")
+    legend = [t for t in texts if re.match(r"M\d+: r = ", t)]
+    assert [t.split(",")[0] + "," + t.split(",")[1] for t in legend] == [
+        f"{tp}: r = {corr.loc[tp, 'r']:.2f}, n = {corr.loc[tp, 'n']}" for tp in order]
+
+
 def test_excluded_scan_is_listed_with_its_reason(tmp_path: Path) -> None:
     """A scan excluded in the cohort config gets no jobs, is not counted as missing, and is
     named with its reason in tables/exclusions.csv, summary.json, the headline and the page."""
