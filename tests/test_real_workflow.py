@@ -1,15 +1,21 @@
 """Both real CTs of ../shared/data/real through the whole workflow to the cohort tables, as
 their cohorts (config/cohorts/verse-l3, config/cohorts/totalseg-l1) run them, with a coarse
 mesh and linear analysis to keep the suite fast (the documented runs use the cohorts' own
-mesh: docs/real_l3.md, docs/screw_planning.md). The scans are not in the repository; CI has
-../shared, so a missing folder fails here instead of skipping.
+mesh: docs/real_l3.md, docs/screw_planning.md). The TotalSegmentator L1 runs as a patient
+with a follow-up: the same CT moved by a known rigid motion (7 degrees, 7 mm about the
+vertebra; tools/registration_check.py), so registration to baseline runs through the
+workflow on real anatomy against a known answer. The scans are not in the repository; CI
+has ../shared, so a missing folder fails here instead of skipping.
 """
 from __future__ import annotations
 
 import json
+import sys
 
+import numpy as np
 import pandas as pd
 import pytest
+import SimpleITK as sitk
 import yaml
 
 from conftest import REPO, SHARED, run, venv_bin
@@ -31,6 +37,9 @@ def test_real_scan_runs_through_the_workflow_to_the_cohort_tables(cohort, tmp_pa
     sheet = pd.read_csv(src / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
     for col in ("image", "labels", "subregions"):  # the sheet's paths are from the repository
         sheet[col] = [str((REPO / v).resolve()) if v else "" for v in sheet[col]]
+    truth = None
+    if cohort == "totalseg-l1":
+        sheet, truth = _with_moved_follow_up(sheet, tmp_path)
     sheet.to_csv(d / "samples.tsv", sep="\t", index=False)
     p = run([venv_bin("snakemake"), "--cores", "2", "--snakefile", str(REPO / "Snakefile"),
              "--directory", str(tmp_path), "--configfile", str(REPO / "config" / "config.yaml"),
@@ -39,8 +48,10 @@ def test_real_scan_runs_through_the_workflow_to_the_cohort_tables(cohort, tmp_pa
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     res = tmp_path / "results" / cohort
     long = pd.read_csv(res / "tables" / "longitudinal.csv")
-    assert len(long) == 1
+    assert len(long) == len(sheet)
     row = long.iloc[0]
+    if truth is not None:
+        _check_follow_up(res, long, truth)
     # Screws in bone on both sides (Gertzbein-Robbins A or B), from the planning gate.
     assert {row["screw_grade_left"], row["screw_grade_right"]} <= {"A", "B"}, row
     scan = res / row["patient"] / row["timepoint"]
@@ -69,3 +80,44 @@ def test_real_scan_runs_through_the_workflow_to_the_cohort_tables(cohort, tmp_pa
         assert 70 < row[f"pullout_strength_{side}_n"] < 5000
     assert (res / "report" / "summary.html").is_file()
     assert (scan / "screws.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _with_moved_follow_up(sheet: pd.DataFrame, tmp_path):
+    """The sheet's one scan as baseline M00 and, as follow-up M12, the same CT and labels
+    moved by tools/registration_check.py's 7°/7 mm motion about the vertebra (resampled on
+    the CT's own grid); also the true transform from baseline to follow-up points."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import registration_check as rc
+
+    base, base_lab, fu, fu_lab, truth = rc.make_pair("TotalSegmentator L1",
+                                                     (0.703, 0.703, 2.5), "7°/7 mm")
+    rows = [sheet.iloc[0].to_dict()]
+    for tp, months, ct, lab in (("M00", "0", base, base_lab), ("M12", "12", fu, fu_lab)):
+        sitk.WriteImage(sitk.Cast(ct, sitk.sitkInt16), str(tmp_path / f"{tp}_ct.nii.gz"))
+        sitk.WriteImage(lab, str(tmp_path / f"{tp}_labels.nii.gz"))
+    out = pd.DataFrame([{**rows[0], "timepoint": tp, "months": months,
+                         "image": str(tmp_path / f"{tp}_ct.nii.gz"),
+                         "labels": str(tmp_path / f"{tp}_labels.nii.gz")}
+                        for tp, months in (("M00", "0"), ("M12", "12"))])
+    return out, truth
+
+
+def _check_follow_up(res, long: pd.DataFrame, truth) -> None:
+    """The follow-up passed the registration gate, its transform maps the baseline screws'
+    entry and tip points within 0.5 mm of the true motion, and the long table's largest
+    point motion is the true one's within 0.5 mm."""
+    fu = long.set_index("timepoint").loc["M12"]
+    base_dir = res / fu["patient"] / "M00"
+    fu_dir = res / fu["patient"] / "M12"
+    assert (fu_dir / "registration_accepted.json").is_file()
+    tx = sitk.ReadTransform(str(fu_dir / "registration.tfm"))
+    screws = json.loads((base_dir / "screws.json").read_text())["screws"]
+    points = [p for s in screws for p in (s["entry_mm"], s["tip_mm"])]
+    got = np.array([tx.TransformPoint(p) for p in points])
+    want = np.array([truth.TransformPoint(p) for p in points])
+    err = np.linalg.norm(got - want, axis=1)
+    assert err.max() < 0.5, err
+    true_motion = np.linalg.norm(want - np.array(points), axis=1).max()
+    assert abs(fu["registration_point_motion_max_mm"] - true_motion) < 0.5
+    assert fu["registration_dice"] > 0.9
+    assert not (fu_dir / "mesh.xdmf").exists()  # the follow-up is modelled on the baseline
