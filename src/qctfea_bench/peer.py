@@ -104,7 +104,7 @@ def specimen_box(parts: sitk.Image, cap_mm: float, unit_mm: float, margin_mm: fl
             "body_centroid_mm": c.mean(axis=0).tolist(), "ct_spacing_mm": s.tolist()}
 
 
-def grid_only(box: dict, spacing: float) -> sitk.Image:
+def _grid(box: dict, spacing: float) -> sitk.Image:
     n = np.round(np.array(box["length_mm"]) / spacing).astype(int)
     if not np.allclose(n * spacing, box["length_mm"], atol=1e-6):
         raise QctfeaError(f"peer: voxel size {spacing:g} mm does not tile the box "
@@ -142,7 +142,7 @@ def modulus_image(density: sitk.Image, mat_params) -> sitk.Image:
 def build_specimen(parts: sitk.Image, density: sitk.Image, box: dict, spacing: float,
                    youngs: sitk.Image | None = None) -> dict:
     """Body mask, cap mask, density (and E, from ``youngs``) on the grid of ``spacing``."""
-    ref = grid_only(box, spacing)
+    ref = _grid(box, spacing)
     ident = sitk.Transform()
     body_f = sitk.Cast(sitk.BinaryThreshold(sitk.Cast(parts, sitk.sitkUInt8), 1, 1, 1, 0)
                        | sitk.BinaryThreshold(sitk.Cast(parts, sitk.sitkUInt8), 3, 3, 1, 0),

@@ -307,8 +307,8 @@ def registration_accepted(w):
 def gate_paths(patient, timepoint):
     """The records of the scan's gates in the pipeline's order, one list per gate: its
     calibration and its model's (the baseline's), its model's screws (planning, with
-    pullout), its registration (a follow-up), its load
-    cases' results (the strength gate)."""
+    pullout), its registration (a follow-up), its load cases' results (the strength
+    gate)."""
     p, t = str(patient), str(timepoint)
     mt = model_timepoint(p, t)
     gates = [sorted({f"{RES}/{p}/{s}/calibration.json" for s in (t, mt)})]
@@ -357,8 +357,8 @@ def all_gate_records():
 
 def refused(patient, timepoint):
     """Whether a gate refused the scan: its calibration or its baseline's, its model's
-    screws (graded worse than planning.max_grade), its registration, or a load case without a peak.
-    """
+    screws (graded worse than planning.max_grade), its registration, or a load case
+    without a peak."""
     return any(_refusal_recorded(r) for r in gate_records(patient, timepoint))
 
 
