@@ -375,15 +375,23 @@ def _label_fit(ct_path, ct: sitk.Image, target: np.ndarray, context: str, labels
     return fit
 
 
+def _accept(step: str, record_path, input_name: str, keys: tuple[str, ...], out_json
+            ) -> dict:
+    """A gate: fail with the record's ``refused`` message, else write the record's ``keys``
+    (what the scan passed with) to ``out_json``; returns the record."""
+    rec = read_json(record_path)
+    if rec.get("refused"):
+        raise QctfeaError(rec["refused"])
+    write_json(out_json, {**{k: rec.get(k) for k in keys}, "provenance": provenance(
+        step, {}, {input_name: str(record_path)})})
+    return rec
+
+
 def accept_calibration(*, calibration_json, out_json, context: str) -> None:
     """The calibration's gate: fail the scan whose calibration was refused (its record's
     ``refused`` message); else record the line it passed with."""
-    rec = read_json(calibration_json)
-    if rec.get("refused"):
-        raise QctfeaError(rec["refused"])
-    keys = ("method", "slope", "intercept", "r2")
-    write_json(out_json, {**{k: rec.get(k) for k in keys}, "provenance": provenance(
-        "accept_calibration", {}, {"calibration": str(calibration_json)})})
+    rec = _accept("accept_calibration", calibration_json, "calibration",
+                  ("method", "slope", "intercept", "r2"), out_json)
     log.info(f"[accept_calibration] {context}: {rec.get('method')}, slope "
              f"{rec['slope']:.4f}, R² {rec.get('r2')}")
 
@@ -392,12 +400,9 @@ def accept_registration(*, registration_json, out_json, context: str) -> None:
     """The registration's gate: fail the follow-up whose registration was refused (its
     record's ``refused`` message, naming what was tried and what to do); else record the
     accuracy it passed with."""
-    rec = read_json(registration_json)
-    if rec.get("refused"):
-        raise QctfeaError(rec["refused"])
-    keys = ("dice_before", "dice_after", "point_spread_mm", "points", "warning")
-    write_json(out_json, {**{k: rec.get(k) for k in keys}, "provenance": provenance(
-        "accept_registration", {}, {"registration": str(registration_json)})})
+    rec = _accept("accept_registration", registration_json, "registration",
+                  ("dice_before", "dice_after", "point_spread_mm", "points", "warning"),
+                  out_json)
     log.info(f"[accept_registration] {context}: Dice {rec['dice_after']:.3f}, spread "
              f"{rec.get('point_spread_mm')} mm")
 
