@@ -38,9 +38,11 @@ lint: env
 config: env
 	python -m qctfea.config --write
 
+# The suite as two pytest processes at once (tests/run_suite.sh says which and why);
+# `python -m pytest` runs it as one.
 test: env
 	@echo "[test] running the test suite"
-	python -m pytest -ra --durations=10
+	@bash tests/run_suite.sh
 
 # The peer solver for `qctfea-bench peer`: parosol-py (GPL-2.0-or-later, bundles ParOSol and
 # OpenMPI) in its own environment, called as a program; never a dependency of qctfea.

@@ -3,8 +3,8 @@
 `_slurm_cluster` starts a single-node SLURM cluster on this machine (Debian's slurm-wlm and
 munge; munged, slurmctld and slurmd started here as root, without systemd; the node's CPUs
 and memory from `slurmd -C`) and stops the daemons it started afterwards. `slurm_background`
-runs `snakemake --profile slurm` through it on a tiny cohort added the README's way (2
-patients x 2 timepoints written by `qctfea synth`), in a copy of this working tree, started
+runs `snakemake --profile slurm` through it on a tiny cohort added the README's way (1
+patient x 2 timepoints written by `qctfea synth`), in a copy of this working tree, started
 when the session starts: the run mostly waits for the scheduler's status polls, so the other
 tests run meanwhile; its daemons, jobs and snakemake run at a lower scheduling priority
 (`nice`) so that they use the CPU time the other tests leave idle. `local_background` runs
@@ -33,6 +33,10 @@ SLURM_CONF = Path("/etc/slurm/slurm.conf")
 DAEMONS = ["munged", "slurmctld", "slurmd"]
 CLIENTS = ["sbatch", "squeue", "srun", "sinfo", "scontrol", "scancel"]
 COHORT = "mystudy"
+#: the README cohort's patients (each scanned at M00 and M12): one keeps the two background
+#: runs (a workflow job costs mostly its Python start) light beside the other tests
+PATIENTS = ("S001",)
+SCANS = 2 * len(PATIENTS)
 #: the background SLURM run's scheduling priority (the daemons, hence its jobs, and the
 #: submitting snakemake): lower than the other tests'
 BACKGROUND_NICE = ["nice", "-n", "15"]
@@ -238,9 +242,9 @@ def _checkout_copy(dst: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def slurm_study_data(tmp_path_factory):
-    """A user's scans outside the checkout: 2 patients x 2 timepoints written by `qctfea synth`
-    (DICOM series with a phantom, VerSe-style label map, screw landmarks); the four scans
-    are written at once (one process each)."""
+    """A user's scans outside the checkout: PATIENTS x 2 timepoints written by `qctfea synth`
+    (DICOM series with a phantom, VerSe-style label map, screw landmarks); the scans are
+    written at once (one process each)."""
     root = tmp_path_factory.mktemp("data") / "mystudy"
     qctfea = str(Path(sys.executable).parent / "qctfea")
     procs = [subprocess.Popen([qctfea, "synth", "--patient", patient, "--timepoint", tp,
@@ -248,7 +252,7 @@ def slurm_study_data(tmp_path_factory):
                                "--out", str(root / patient / tp)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_env())
-             for i, patient in enumerate(("S001", "S002"))
+             for i, patient in enumerate(PATIENTS)
              for tp, months in (("M00", 0), ("M12", 12))]
     for p in procs:
         _, err = p.communicate()

@@ -3,7 +3,7 @@
 tests/slurm_cluster.py starts a single-node SLURM cluster on this machine (Debian's
 slurm-wlm and munge, started here as root without systemd) when the session starts, and runs
 the workflow through it exactly as a user types it, `snakemake --profile slurm`, in a copy of
-this working tree with a tiny cohort (2 patients x 2 timepoints, solves on 2 MPI ranks each,
+this working tree with a tiny cohort (1 patient x 2 timepoints, solves on 2 MPI ranks each,
 launched with `srun --mpi=pmi2`), in the background while the other tests run. Here its
 results are compared with those of `snakemake --profile local` on the same cohort.
 
@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from slurm_cluster import COHORT, _env, _skip_or_fail, _tail, finish_background
+from slurm_cluster import COHORT, SCANS, _env, _skip_or_fail, _tail, finish_background
 
 RTOL = 1e-6
 
@@ -64,7 +64,7 @@ def test_new_cohort_from_readme_runs_with_local_profile(local_run):
     p, repo = local_run["proc"], local_run["repo"]
     assert p.returncode == 0, local_run["log"].read_text()[-5000:]
     res = repo / "results" / COHORT
-    assert len(pd.read_csv(res / "tables" / "longitudinal.csv")) == 4
+    assert len(pd.read_csv(res / "tables" / "longitudinal.csv")) == SCANS
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo,
                             capture_output=True, text=True, check=True).stdout.splitlines()
     changed = [line[3:] for line in status]
@@ -100,7 +100,7 @@ def test_slurm_profile_runs_workflow_like_local(slurm_background, local_run, cap
     assert len(submitted) == len(single) + n_groups > 0, (len(submitted), len(single), n_groups)
     groups = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())["groups"]
     assert grouped and set(grouped) <= set(groups) and not set(single) & set(groups)
-    assert n_groups == 4  # a group job per scan: its preparation
+    assert n_groups == SCANS  # a group job per scan: its preparation
     run_id = re.search(r"SLURM run ID: (\S+)", text).group(1)
     q = subprocess.run([slurm_cluster["tools"]["squeue"], "--states=all", "--noheader",
                         "--name", run_id, "--format=%i|%T|%D|%C|%k"],
@@ -109,7 +109,7 @@ def test_slurm_profile_runs_workflow_like_local(slurm_background, local_run, cap
     assert set(jobs) == set(submitted.values()), (q.stdout, q.stderr)
     assert all(j[1] == "COMPLETED" for j in jobs.values()), q.stdout
     solves = [j for j in jobs.values() if j[4].startswith("rule_solve_")]
-    assert len(solves) == 12  # 4 scans x (compression + pullout left/right)
+    assert len(solves) == 3 * SCANS  # compression + pullout left/right per scan
     # MPI jobs: --ntasks=2 with 1 CPU per task (cpus_per_task in the profile) on one node.
     assert all(j[3] == "2" and j[2] == "1" for j in solves), solves
     assert all(j[3] == "1" for j in jobs.values() if j not in solves), q.stdout
@@ -123,7 +123,7 @@ def test_slurm_profile_runs_workflow_like_local(slurm_background, local_run, cap
                                  r"qctfea solve ", ln)]
             if cmds:
                 srun_lines[f] = cmds[0].removeprefix("Shell command: ")
-    assert len(srun_lines) == 12, ("solve commands in the SLURM job logs", srun_lines)
+    assert len(srun_lines) == 3 * SCANS, ("solve commands in the SLURM job logs", srun_lines)
     srun_lines = sorted(srun_lines.values())
 
     # Same numbers as the local run.
@@ -147,10 +147,10 @@ def test_slurm_profile_runs_workflow_like_local(slurm_background, local_run, cap
                 if r > worst[1]:
                     worst = (f"{f.relative_to(loc)}:{k}", r)
                 assert r <= RTOL, f"{f.relative_to(loc)} {k}: local {na[k]} slurm {nb[k]}"
-    assert len(ranks) == 12 and all(v == (2, 2) for v in ranks.values()), ranks
+    assert len(ranks) == 3 * SCANS and all(v == (2, 2) for v in ranks.values()), ranks
     ta = pd.read_csv(loc / "tables" / "longitudinal.csv")
     tb = pd.read_csv(slu / "tables" / "longitudinal.csv")
-    assert list(ta.columns) == list(tb.columns) and len(ta) == len(tb) == 4
+    assert list(ta.columns) == list(tb.columns) and len(ta) == len(tb) == SCANS
     num = ta.select_dtypes("number").columns
     assert ta.drop(columns=num).equals(tb.drop(columns=num))
     np.testing.assert_allclose(tb[num].to_numpy(float), ta[num].to_numpy(float), rtol=RTOL,
