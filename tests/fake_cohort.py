@@ -51,6 +51,8 @@ def fake_scan(i: int, months: float, rng: np.random.Generator) -> dict[str, dict
         # the acquisition (ingest step): one protocol for every scan
         "scan.json": {"scan": {"spacing_mm": [0.7, 0.7, 1.0], "kvp": 120.0,
                                "convolution_kernel": "B60f", "manufacturer": "SIEMENS"}},
+        # the label map's checks (mask step): the workflow's gate record
+        "vertebra.json": {"vertebra_volume_cm3": 60.0 + i, "body_volume_cm3": 40.0 + i},
         # a follow-up's registration QC (read for follow-ups only)
         "registration.json": {"dice_after": 0.97, "point_spread_mm": 0.05},
         # intervals and per-scan SDs (rule estimate_uncertainty): 2 % and 1 % of the value

@@ -14,7 +14,6 @@ WORKFLOW_TESTS=(
   tests/test_report.py
   tests/test_real_workflow.py
   tests/test_specimen.py
-  tests/test_phantom.py
   tests/test_slurm.py
 )
 ignore=()

@@ -156,6 +156,41 @@ def test_empty_label_map_is_refused_by_mask(demo_scan, tmp_path):
     _has(err, demo_scan["context"], blank, "label map is empty", "segmentation of this scan")
 
 
+def test_label_map_without_the_vertebra_is_refused_at_ingest(demo_scan, tmp_path):
+    """The workflow's first step reads the label map too: one without the target vertebra
+    (here its L4, label 23, relabelled 24) raises naming the labels present; as the workflow
+    runs it (record_refusal) the message is recorded in scan.json with a one-voxel
+    placeholder image, and the inputs' gate (accept_scan) fails with it. The scan's own
+    label map passes the gate, which records its acquisition."""
+    src = demo_scan["src"]
+    labels = _array(src / "labels.nii.gz")
+    present = sorted(int(v) for v in np.unique(labels) if v)
+    assert 23 in present
+    moved = _write_like(np.where(labels == 23, 24, labels), src / "labels.nii.gz",
+                        tmp_path / "labels.nii.gz")
+    kw = dict(source=src / "dicom", out_image=tmp_path / "ct.nii.gz",
+              out_json=tmp_path / "scan.json", context=demo_scan["context"],
+              labels_path=moved, mask_cfg={"label": 23})
+    with pytest.raises(QctfeaError) as err:
+        steps_imaging.ingest(**kw)
+    after = sorted({24 if v == 23 else v for v in present})
+    _has(err, demo_scan["context"], moved, "label 23 is not in the label map",
+         f"labels present: {after}", "set mask.label")
+    steps_imaging.ingest(**kw, record_refusal=True)
+    rec = json.loads((tmp_path / "scan.json").read_text())
+    assert rec["refused"] == str(err.value) and "scan" not in rec
+    assert sitk.ReadImage(str(tmp_path / "ct.nii.gz")).GetSize() == (1, 1, 1)
+    with pytest.raises(QctfeaError) as gate:
+        steps_imaging.accept_scan(scan_json=tmp_path / "scan.json", out_json=tmp_path / "ok.json",
+                                  context=demo_scan["context"])
+    assert str(gate.value) == str(err.value) and not (tmp_path / "ok.json").exists()
+    steps_imaging.ingest(**{**kw, "labels_path": src / "labels.nii.gz"}, record_refusal=True)
+    steps_imaging.accept_scan(scan_json=tmp_path / "scan.json", out_json=tmp_path / "ok.json",
+                              context=demo_scan["context"])
+    ok = json.loads((tmp_path / "ok.json").read_text())
+    assert ok["scan"]["size"] == list(sitk.ReadImage(str(tmp_path / "ct.nii.gz")).GetSize())
+
+
 def test_folder_without_vertebra_masks_says_what_to_give(demo_scan, tmp_path):
     """A folder is read as TotalSegmentator's one mask per structure (test_label_folder);
     one without any vertebrae_<level> file is refused, naming both accepted forms."""
@@ -184,12 +219,30 @@ def test_vertebra_cut_by_the_scan_or_a_cropped_label_map_is_refused(demo_scan, t
         _run_mask(demo_scan, tmp_path / "short_ct.nii.gz", src / "labels.nii.gz", tmp_path)
     _has(err, ctx, "short_ct.nii.gz", "is cut by the edge", "inferior (",
          "of its largest section", "hold the whole vertebra")
+    # As the workflow runs it (record_refusal): the message in vertebra.json with a one-voxel
+    # placeholder, and the label map's gate (accept_vertebra) fails with it.
+    steps_imaging.mask(ct_path=tmp_path / "short_ct.nii.gz", labels_path=src / "labels.nii.gz",
+                       out_parts=tmp_path / "vertebra.nii.gz",
+                       out_json=tmp_path / "vertebra.json", cfg={}, context=ctx,
+                       record_refusal=True)
+    assert json.loads((tmp_path / "vertebra.json").read_text())["refused"] == str(err.value)
+    assert sitk.ReadImage(str(tmp_path / "vertebra.nii.gz")).GetSize() == (1, 1, 1)
+    with pytest.raises(QctfeaError) as gate:
+        steps_imaging.accept_vertebra(vertebra_json=tmp_path / "vertebra.json",
+                                      out_json=tmp_path / "ok.json", context=ctx)
+    assert str(gate.value) == str(err.value) and not (tmp_path / "ok.json").exists()
     short_labels = sitk.RegionOfInterest(labels, [size[0], size[1], size[2] - cut[2]], cut)
     sitk.WriteImage(short_labels, str(tmp_path / "short_labels.nii.gz"))
     with pytest.warns(UserWarning, match="another grid"), pytest.raises(QctfeaError) as err:
         _run_mask(demo_scan, r / "ct.nii.gz", tmp_path / "short_labels.nii.gz", tmp_path)
     _has(err, ctx, "short_labels.nii.gz (on its own grid)", "inferior (", "is cut by the edge")
     _run_mask(demo_scan, r / "ct.nii.gz", src / "labels.nii.gz", tmp_path)  # complete: passes
+    steps_imaging.accept_vertebra(vertebra_json=tmp_path / "vertebra.json",
+                                  out_json=tmp_path / "ok.json", context=ctx)
+    vox = np.prod(ct.GetSpacing()) / 1000  # cm³
+    parts = _array(tmp_path / "vertebra.nii.gz")
+    assert json.loads((tmp_path / "ok.json").read_text())["body_volume_cm3"] == pytest.approx(
+        (parts == 1).sum() * vox + (parts == 3).sum() * vox)
 
 
 # --- 3. images on grids that do not overlap -------------------------------------------------

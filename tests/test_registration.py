@@ -137,6 +137,46 @@ def test_registration_outside_the_gates_is_recorded_for_the_gate_rule(demo_scan,
     assert json.loads((tmp_path / "ok.json").read_text())["dice_after"] == rec["dice_after"]
 
 
+def test_a_registration_that_fails_outright_is_recorded_for_the_gate_rule(demo_scan, tmp_path,
+                                                                          monkeypatch):
+    """SimpleITK's own failure (here the one a follow-up without the vertebra in view gives,
+    raised by the optimiser) is, as the workflow runs it, a refusal like a Dice below the gate:
+    every output written (the follow-up density untransformed, an identity transform), the
+    message in registration.json, and accept_registration fails with it."""
+    from qctfea import steps_imaging
+    from qctfea.errors import QctfeaError
+    from qctfea.imaging import registration as reg
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("Exception thrown in SimpleITK ImageRegistrationMethod_Execute: "
+                           "All samples map outside moving image buffer")
+
+    monkeypatch.setattr(reg, "register_rigid", fails)
+    r = demo_scan["results"]
+    out = {k: tmp_path / f"out.{k}" for k in ("nii.gz", "json", "tfm", "png")}
+    where = "patient P01, timepoint M24"
+    args = dict(fixed_density=r / "density.nii.gz", fixed_parts=r / "vertebra.nii.gz",
+                moving_density=r / "density.nii.gz", moving_parts=r / "vertebra.nii.gz",
+                out_density=out["nii.gz"], out_json=out["json"], out_tfm=out["tfm"],
+                out_png=out["png"], context=where, cfg={})
+    with pytest.raises(QctfeaError, match="registration to baseline failed .*All samples map "
+                                          "outside moving image buffer.*exclude the scan"):
+        steps_imaging.register(**args)
+    assert not out["json"].exists()
+    steps_imaging.register(**args, record_refusal=True)
+    rec = json.loads(out["json"].read_text())
+    assert "All samples map outside moving image buffer" in rec["refused"]
+    assert rec["refused"].startswith(f"{where}: registration to baseline failed")
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(out["nii.gz"])))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(r / "density.nii.gz")))
+    np.testing.assert_allclose(a, b, atol=1e-3)  # identity: the density as it was
+    assert out["png"].stat().st_size > 5000
+    with pytest.raises(QctfeaError) as exc:
+        steps_imaging.accept_registration(registration_json=out["json"],
+                                          out_json=tmp_path / "ok.json", context=where)
+    assert str(exc.value) == rec["refused"]
+
+
 def test_follow_up_registered_to_generator_truth(demo_scan, tmp_path):
     """Two visits of one synthetic patient (the generator moves the patient between them):
     the registration maps baseline points onto the same anatomical points of the follow-up

@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO, run, venv_bin
 
 
-PER_SCAN = ["generate_demo_scan", "ingest_scan", "calibrate_density", "accept_calibration",
-            "extract_vertebra", "measure_bmd", "assign_materials", "accept_strength", "estimate_uncertainty"]
+PER_SCAN = ["generate_demo_scan", "ingest_scan", "accept_scan", "calibrate_density",
+            "accept_calibration", "extract_vertebra", "accept_vertebra", "measure_bmd", "assign_materials", "accept_strength", "estimate_uncertainty"]
 #: The FE model (screws, mesh) is built once per patient, at baseline; follow-ups are
 #: registered to it (registration.enabled, the default).
 PER_PATIENT = ["plan_screws", "accept_screws", "mesh_vertebra", "export_slicer", "patient_page"]
@@ -246,8 +246,9 @@ def test_end_to_end_tiny_cohort(tiny_run):
 
 
 def test_keep_going_isolates_a_bad_scan_and_names_it(tiny_run, tmp_path):
-    """With --keep-going one scan whose image folder holds no DICOM fails only its own jobs;
-    the other scan completes, and logs/<cohort>/failures.txt names the scan and its error.
+    """With --keep-going one scan whose image folder holds no DICOM fails only its own jobs
+    at the inputs' gate (ingest_scan records the refusal, accept_scan fails with it); the
+    other scan completes, and logs/<cohort>/failures.txt names the scan and its error.
     The generated scans are the tiny run's (the same generator settings)."""
     cd = _cohort(tmp_path, "kg", 2, timepoints=(("M00", 0),))
     for patient in ("P01", "P02"):
@@ -267,10 +268,14 @@ def test_keep_going_isolates_a_bad_scan_and_names_it(tiny_run, tmp_path):
              f"cohorts_dir={cd}", "--", *targets], cwd=REPO, timeout=600)
     assert p.returncode != 0
     assert (tmp_path / targets[0]).is_file()  # the good scan went all the way
-    assert not (tmp_path / "results/kg/P02/M00/ct.nii.gz").exists()
+    record = json.loads((tmp_path / "results/kg/P02/M00/scan.json").read_text())
+    assert "no DICOM image slices found" in record["refused"] and "scan" not in record
+    # nothing ran on the refused scan after its gate
+    assert not list((tmp_path / "results/kg/P02/M00").glob("density*"))
+    assert not (tmp_path / "results/kg/P02/M00/vertebra.nii.gz").exists()
     lines = (tmp_path / "logs/kg/failures.txt").read_text().splitlines()
     assert lines[0].startswith("1 failed job(s)"), lines
-    assert lines[1].startswith("patient P02, timepoint M00: rule ingest_scan: ERROR: ")
+    assert lines[1].startswith("patient P02, timepoint M00: rule accept_scan: ERROR: ")
     assert str(bad) in lines[1] and "no DICOM image slices found" in lines[1]
     assert "failures (logs/kg/failures.txt)" in p.stderr
     assert not list((tmp_path / "results").rglob("*.part*")), "half-written files left"

@@ -35,18 +35,50 @@ def synth_scan(*, out_dir, patient: str, timepoint: str, months: float, seed: in
 
 
 def ingest(*, source, out_image, out_json, context: str, series_uid: str | None = None,
-           cfg: dict | None = None) -> None:
+           cfg: dict | None = None, labels_path=None, mask_cfg: dict | None = None,
+           record_refusal: bool = False) -> None:
     """Scan (DICOM folder or HU image file) -> float32 HU NIfTI + scan.json.
 
     ``cfg`` is the cohort config's ``ingest`` section (:class:`qctfea.imaging.dicomio.IngestParams`:
     which series to take from a folder holding several, what to do with uneven slices);
     ``series_uid`` names the series explicitly and wins over ``ingest.series_rule``.
-    """
-    from qctfea.imaging import dicomio, ingest as ingest_
+    ``labels_path`` (with ``mask_cfg``, the ``mask`` section): the scan's label map, checked
+    here to be readable and to hold the target vertebra
+    (:func:`qctfea.imaging.masks.require_target`), so that a scan the pipeline cannot read
+    is told at its first step.
+
+    An unreadable scan or label map, or one without the vertebra, raises
+    :class:`QctfeaError`; with ``record_refusal`` (the workflow, whose gate rule accept_scan
+    then fails the scan, and whose cohort tables go on without it under ``--keep-going``)
+    the message goes into ``out_json`` (key ``refused``) and ``out_image`` is a one-voxel
+    placeholder that nothing reads (every step after the gate waits for it)."""
+    from qctfea.imaging import dicomio, ingest as ingest_, masks
 
     p = params_from(dicomio.IngestParams, cfg, "ingest")
-    ingest_.ingest(source, out_image, out_json, context=context, series_uid=series_uid,
-                   params=p)
+    mp = params_from(masks.MaskParams, mask_cfg, "mask")
+    try:
+        ingest_.ingest(source, out_image, out_json, context=context, series_uid=series_uid,
+                       params=p)
+        if labels_path is not None:
+            need_inputs(context, labels=labels_path)
+            labels, _ = read_labels(labels_path, context, mp.convention)
+            masks.require_target(sitk.GetArrayViewFromImage(labels), mp,
+                                 f"{context} ({labels_path})")
+    except QctfeaError as exc:
+        if not record_refusal:
+            raise
+        log.error(f"[ingest] refused: {exc}")
+        write_image(sitk.Image([1, 1, 1], sitk.sitkFloat32), out_image)
+        write_json(out_json, {"refused": str(exc), "provenance": provenance(
+            "ingest", asdict(p), {"labels": str(labels_path) if labels_path else None})})
+
+
+def accept_scan(*, scan_json, out_json, context: str) -> None:
+    """The inputs' gate: fail the scan whose image or label map could not be read, or whose
+    label map lacks the vertebra (its record's ``refused`` message, as ingest wrote it);
+    else record the acquisition it passed with."""
+    rec = _accept("accept_scan", scan_json, "scan", ("scan",), out_json)
+    log.info(f"[accept_scan] {context}: {rec['scan'].get('n_slices')} slices read")
 
 
 # Long on purpose: the three calibration methods and their shared outputs, in order.
@@ -217,12 +249,42 @@ MASK_BOX_MARGIN = 10
 
 
 def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
-         subregions_path=None) -> None:
+         subregions_path=None, record_refusal: bool = False) -> None:
     """Vertebra parts label image (1 body, 2 posterior, 3 trabecular ROI) and its QC record.
 
     ``cfg``: the ``mask`` section (:class:`qctfea.imaging.masks.MaskParams`: target label, or a
     named convention and level). ``subregions_path``: optional sub-region map (sample-sheet
-    column ``subregions``) from which the vertebral body is taken instead of the opening."""
+    column ``subregions``) from which the vertebral body is taken instead of the opening.
+
+    A label map the checks refuse (a vertebra cut by the field of view, a label map off its
+    CT, a body that cannot be found) raises :class:`QctfeaError`; with ``record_refusal``
+    (the workflow, whose gate rule accept_vertebra then fails the scan, and whose cohort
+    tables go on without it under ``--keep-going``) the message goes into ``out_json`` (key
+    ``refused``) and ``out_parts`` is a one-voxel placeholder that nothing reads."""
+    try:
+        _mask(ct_path=ct_path, labels_path=labels_path, out_parts=out_parts,
+              out_json=out_json, cfg=cfg, context=context, subregions_path=subregions_path)
+    except QctfeaError as exc:
+        if not record_refusal:
+            raise
+        log.error(f"[mask] refused: {exc}")
+        write_image(sitk.Image([1, 1, 1], sitk.sitkUInt8), out_parts)
+        write_json(out_json, {"refused": str(exc), "provenance": provenance(
+            "mask", dict(cfg or {}), {"labels": str(labels_path)})})
+
+
+def accept_vertebra(*, vertebra_json, out_json, context: str) -> None:
+    """The label map's gate: fail the scan whose vertebra the mask step refused (its
+    record's ``refused`` message); else record the vertebra's volume it passed with."""
+    rec = _accept("accept_vertebra", vertebra_json, "vertebra",
+                  ("vertebra_volume_cm3", "body_volume_cm3", "trabecular_roi_volume_cm3"),
+                  out_json)
+    log.info(f"[accept_vertebra] {context}: vertebra {rec['vertebra_volume_cm3']:.1f} cm³")
+
+
+def _mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
+          subregions_path=None) -> None:
+    """:func:`mask` without the refusal's record."""
     from scipy import ndimage
 
     from qctfea.imaging import masks
@@ -469,16 +531,19 @@ def register(*, fixed_density, fixed_parts, moving_density, moving_parts, out_de
     points = None
     if screws_path is not None:
         points = [q for s in load_screws(screws_path) for q in (s.entry_mm, s.tip_mm)] or None
-    try:
-        tx, info = reg.register_rigid(fixed, fixed_mask, moving, moving_mask, p, points)
-    except RuntimeError as exc:  # SimpleITK's own failures
-        raise QctfeaError(f"{context}: registration to baseline failed ({exc}); check both "
-                          "scans show the vertebra, or exclude the scan") from exc
-    # The gates (docs/registration.md): a follow-up that fails them keeps its record, picture
-    # and density with the refusal, which the gate (accept_registration) and the cohort
-    # tables then refuse (the scan is listed in exclusions.csv).
+    # The gates (docs/registration.md): a follow-up that fails them, or whose registration
+    # fails outright, keeps its record, picture and density with the refusal, which the gate
+    # (accept_registration) and the cohort tables then refuse (listed in exclusions.csv).
     refusal = warning = None
     try:
+        try:
+            tx, info = reg.register_rigid(fixed, fixed_mask, moving, moving_mask, p, points)
+        except RuntimeError as exc:  # SimpleITK's own failures: no transform to judge
+            tx = sitk.Euler3DTransform()
+            info = {"dice_before": float("nan"), "dice_after": float("nan"),
+                    "points_mm": [], "failed": str(exc)}
+            raise QctfeaError(f"{context}: registration to baseline failed ({exc}); check "
+                              "both scans show the vertebra, or exclude the scan") from exc
         warning = reg.check_dice(info, p, context)
     except QctfeaError as exc:
         if not record_refusal:
@@ -497,6 +562,8 @@ def register(*, fixed_density, fixed_parts, moving_density, moving_parts, out_de
                           "provenance": provenance("register", p, {
                               "baseline_density": fixed_density, "baseline_parts": fixed_parts,
                               "density": moving_density, "parts": moving_parts})})
+    if "failed" in info:
+        return
     log.info(f"[register] {context}: Dice {info['dice_before']:.3f} -> {info['dice_after']:.3f}, "
              f"rotation {np.round(info['rotation_deg'], 2).tolist()} deg, translation "
              f"{np.round(info['translation_mm'], 2).tolist()} mm, {info['iterations']} iterations, "

@@ -296,6 +296,13 @@ def calibration_accepted(w):
     return sorted({f"{RES}/{w.patient}/{t}/calibration_accepted.json" for t in (w.timepoint, mt)})
 
 
+def vertebra_accepted(w):
+    """The label maps' gates (accept_vertebra) of the scan and of its model's scan: whatever
+    uses a vertebra's parts waits for them, so nothing runs on a refused label map."""
+    mt = model_timepoint(w.patient, w.timepoint)
+    return sorted({f"{RES}/{w.patient}/{t}/vertebra_accepted.json" for t in (w.timepoint, mt)})
+
+
 def registration_accepted(w):
     """The registration gate of a registered follow-up (accept_registration): whatever uses
     its density on the baseline grid waits for it; none for a model's own scan."""
@@ -306,12 +313,15 @@ def registration_accepted(w):
 
 def gate_paths(patient, timepoint):
     """The records of the scan's gates in the pipeline's order, one list per gate: its
-    calibration and its model's (the baseline's), its model's screws (planning, with
-    pullout), its registration (a follow-up), its load cases' results (the strength
-    gate)."""
+    inputs (image and label map read, the vertebra in it) and its model's (the baseline's),
+    its calibration and its model's, its label map's checks (mask step) and its model's, its
+    model's screws (planning, with pullout), its
+    registration (a follow-up), its load cases' results (the strength gate)."""
     p, t = str(patient), str(timepoint)
     mt = model_timepoint(p, t)
-    gates = [sorted({f"{RES}/{p}/{s}/calibration.json" for s in (t, mt)})]
+    gates = [sorted({f"{RES}/{p}/{s}/scan.json" for s in (t, mt)})]
+    gates.append(sorted({f"{RES}/{p}/{s}/calibration.json" for s in (t, mt)}))
+    gates.append(sorted({f"{RES}/{p}/{s}/vertebra.json" for s in (t, mt)}))
     gates += [[f"{RES}/{p}/{mt}/screws.json"]] if PULLOUT else []
     if mt != t:
         gates.append([f"{RES}/{p}/{t}/registration.json"])
@@ -320,7 +330,9 @@ def gate_paths(patient, timepoint):
 
 #: The checkpoint that writes each gate's records (gate_paths' order).
 _GATE_RULES = {
+    "scan.json": "ingest_scan",
     "calibration.json": "calibrate_density",
+    "vertebra.json": "extract_vertebra",
     "screws.json": "plan_screws",
     "registration.json": "register_to_baseline",
 }
@@ -356,9 +368,12 @@ def all_gate_records():
 
 
 def refused(patient, timepoint):
-    """Whether a gate refused the scan: its calibration or its baseline's, its model's
-    screws (graded worse than planning.max_grade), its registration, or a load case
-    without a peak."""
+    """Whether a gate refused the scan: its inputs or its baseline's (an unreadable image or
+    label map, no vertebra in it), its calibration or its baseline's, its label map's
+    checks or its baseline's (the vertebra cut by the field of view, a label map off its
+    CT), its model's screws
+    (graded worse than planning.max_grade), its registration, or a load case without a
+    peak."""
     return any(_refusal_recorded(r) for r in gate_records(patient, timepoint))
 
 
@@ -414,6 +429,10 @@ def get_final_outputs(wildcards):
     # The planning gate of every model: a refused scan fails here (the tables go on without
     # it under --keep-going).
     gates = [f"{RES}/{p}/{t}/placement.json" for p, t in model_scans()] if PULLOUT else []
+    # The inputs' gate of every scan: an unreadable image or label map fails here.
+    gates += [f"{RES}/{p}/{t}/scan_accepted.json" for p, t in SAMPLES.index]
+    # The label map's gate of every scan: a vertebra the mask step refused fails here.
+    gates += [f"{RES}/{p}/{t}/vertebra_accepted.json" for p, t in SAMPLES.index]
     # The calibration gate of every scan: a calibration refused by its gates fails here.
     gates += [f"{RES}/{p}/{t}/calibration_accepted.json" for p, t in SAMPLES.index]
     # The registration gate of every registered follow-up: a failed registration fails here.

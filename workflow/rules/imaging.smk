@@ -1,9 +1,14 @@
 # Imaging: ingest, calibrate, mask, screws, BMD (one job per patient x timepoint).
 
 
-rule ingest_scan:
+# A checkpoint: a scan whose image or label map cannot be read, or whose label map lacks the
+# vertebra, still gets its scan.json (with the refusal) and a placeholder image, so that the
+# cohort tables can be built without it (--keep-going); rule accept_scan then fails the scan
+# with the message.
+checkpoint ingest_scan:
     input:
-        get_image,
+        image=get_image,
+        labels=get_labels,
     output:
         image=f"{RES}/{{patient}}/{{timepoint}}/ct.nii.gz",
         json=f"{RES}/{{patient}}/{{timepoint}}/scan.json",
@@ -17,8 +22,24 @@ rule ingest_scan:
         mem_mb=scan_mem("ingest"),
     params:
         cfg=CCFG.get("ingest", {}),
+        mask=CCFG.get("mask", {}),
     script:
         "../scripts/ingest_scan.py"
+
+
+rule accept_scan:
+    input:
+        rules.ingest_scan.output.json,
+    output:
+        f"{RES}/{{patient}}/{{timepoint}}/scan_accepted.json",
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/accept_scan.log",
+    # a gate reads one JSON record: run by Snakemake itself, also on a cluster
+    localrule: True
+    conda:
+        "../../envs/imaging.yaml"
+    script:
+        "../scripts/accept_scan.py"
 
 
 # A checkpoint: a calibration refused by its gates (no phantom found, too few tissues, a
@@ -29,6 +50,7 @@ checkpoint calibrate_density:
     input:
         ct=rules.ingest_scan.output.image,
         labels=get_labels,
+        accepted=rules.accept_scan.output,  # the inputs' gate: nothing runs on a refused scan
     output:
         density=f"{RES}/{{patient}}/{{timepoint}}/density.nii.gz",
         json=f"{RES}/{{patient}}/{{timepoint}}/calibration.json",
@@ -62,16 +84,23 @@ rule accept_calibration:
         f"{RES}/{{patient}}/{{timepoint}}/calibration_accepted.json",
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/accept_calibration.log",
+    # a gate reads one JSON record: run by Snakemake itself, also on a cluster
+    localrule: True
     conda:
         "../../envs/imaging.yaml"
     script:
         "../scripts/accept_calibration.py"
 
 
-rule extract_vertebra:
+# A checkpoint: a label map the checks refuse (the vertebra cut by the field of view, a label
+# map off its CT, no body found) still gets its vertebra.json (with the refusal) and a
+# placeholder parts image, so that the cohort tables can be built without the scan
+# (--keep-going); rule accept_vertebra then fails the scan with the message.
+checkpoint extract_vertebra:
     input:
         ct=rules.ingest_scan.output.image,
         labels=get_labels,
+        accepted=rules.accept_scan.output,  # the inputs' gate
         subregions=get_subregions,  # [] when the sample sheet names none
     output:
         parts=f"{RES}/{{patient}}/{{timepoint}}/vertebra.nii.gz",
@@ -90,6 +119,21 @@ rule extract_vertebra:
         "../scripts/extract_vertebra.py"
 
 
+rule accept_vertebra:
+    input:
+        rules.extract_vertebra.output.json,
+    output:
+        f"{RES}/{{patient}}/{{timepoint}}/vertebra_accepted.json",
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/accept_vertebra.log",
+    # a gate reads one JSON record: run by Snakemake itself, also on a cluster
+    localrule: True
+    conda:
+        "../../envs/imaging.yaml"
+    script:
+        "../scripts/accept_vertebra.py"
+
+
 # A checkpoint: a scan whose screws are refused (graded worse than planning.max_grade) still
 # gets its screws.json (with the refusal) and picture, so that the cohort tables can be built
 # without it (--keep-going); rule accept_screws then fails that scan with the message.
@@ -97,6 +141,7 @@ checkpoint plan_screws:
     input:
         landmarks=get_landmarks,
         parts=rules.extract_vertebra.output.parts,
+        vertebra=vertebra_accepted,  # the label map's gate
     output:
         json=f"{RES}/{{patient}}/{{timepoint}}/screws.json",
         png=report(
@@ -128,6 +173,8 @@ rule accept_screws:
         f"{RES}/{{patient}}/{{timepoint}}/placement.json",
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/accept_screws.log",
+    # a gate reads one JSON record: run by Snakemake itself, also on a cluster
+    localrule: True
     conda:
         "../../envs/imaging.yaml"
     script:
@@ -149,6 +196,7 @@ checkpoint register_to_baseline:
         screws=model_screws,
         accepted=model_accepted,
         calibrated=calibration_accepted,  # the calibration gates (this scan, its baseline)
+        vertebra=vertebra_accepted,  # the label maps' gates (this scan, its baseline)
     output:
         density=f"{RES}/{{patient}}/{{timepoint}}/density_baseline.nii.gz",
         json=f"{RES}/{{patient}}/{{timepoint}}/registration.json",
@@ -181,6 +229,8 @@ rule accept_registration:
         f"{RES}/{{patient}}/{{timepoint}}/registration_accepted.json",
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/accept_registration.log",
+    # a gate reads one JSON record: run by Snakemake itself, also on a cluster
+    localrule: True
     conda:
         "../../envs/imaging.yaml"
     script:
@@ -196,6 +246,7 @@ rule measure_bmd:
         accepted=model_accepted,  # the planning gate: nothing is measured on refused screws
         registered=registration_accepted,  # the registration gate (follow-ups)
         calibrated=calibration_accepted,  # the calibration gates (this scan, its baseline)
+        vertebra=vertebra_accepted,  # the label maps' gates (this scan, its baseline)
     output:
         json=f"{RES}/{{patient}}/{{timepoint}}/bmd.json",
         png=report(

@@ -4,6 +4,7 @@
 rule mesh_vertebra:
     input:
         parts=rules.extract_vertebra.output.parts,
+        vertebra=vertebra_accepted,  # the label map's gate
         screws=rules.plan_screws.output[0] if PULLOUT else [],  # none: no screws meshed
         accepted=rules.accept_screws.output[0] if PULLOUT else [],  # the planning gate
     output:
@@ -64,6 +65,7 @@ rule export_slicer:
     input:
         screws=rules.plan_screws.output.json,
         parts=rules.extract_vertebra.output.parts,
+        vertebra=vertebra_accepted,  # the label map's gate
     output:
         markups=f"{RES}/{{patient}}/{{timepoint}}/slicer/screws.mrk.json",
         vertebra=f"{RES}/{{patient}}/{{timepoint}}/slicer/vertebra.stl",

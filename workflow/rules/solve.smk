@@ -78,6 +78,8 @@ rule accept_strength:
         f"{RES}/{{patient}}/{{timepoint}}/strength.json",
     log:
         f"logs/{COHORT}/{{patient}}/{{timepoint}}/accept_strength.log",
+    # a gate reads one JSON record: run by Snakemake itself, also on a cluster
+    localrule: True
     conda:
         "../../envs/cohort.yaml"
     script:

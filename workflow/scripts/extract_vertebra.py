@@ -1,5 +1,6 @@
-"""Rule extract_vertebra: label map (and optional sub-region map) -> vertebral body,
-posterior elements, trabecular ROI, and the label QC record."""
+"""Rule extract_vertebra (a checkpoint): label map (and optional sub-region map) ->
+vertebral body, posterior elements, trabecular ROI, and the label QC record. A label map the
+checks refuse is recorded (refused) for accept_vertebra."""
 from qctfea import steps_imaging
 from qctfea.workflow_glue import context, run_step
 
@@ -10,4 +11,4 @@ sub = sub if isinstance(sub, str) else (sub[0] if len(sub) else None)
 run_step(sm, lambda: steps_imaging.mask(ct_path=sm.input.ct, labels_path=sm.input.labels,
                                         out_parts=sm.output.parts, out_json=sm.output.json,
                                         cfg=sm.params.cfg, context=context(sm.wildcards),
-                                        subregions_path=sub))
+                                        subregions_path=sub, record_refusal=True))

@@ -1,11 +1,15 @@
-"""Rule ingest_scan: DICOM series (or volume file) -> ct.nii.gz (HU) + scan.json.
+"""Rule ingest_scan (a checkpoint): DICOM series (or volume file) -> ct.nii.gz (HU) +
+scan.json; the label map checked to hold the vertebra. A scan that cannot be read is recorded
+(refused) for accept_scan.
 
-params.cfg is the cohort config's ``ingest`` section (series rule, uneven slices).
+params.cfg is the cohort config's ``ingest`` section (series rule, uneven slices),
+params.mask its ``mask`` section (the target vertebra).
 """
 from qctfea import steps_imaging
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821
-run_step(sm, lambda: steps_imaging.ingest(source=sm.input[0], out_image=sm.output.image,
-                                          out_json=sm.output.json, context=context(sm.wildcards),
-                                          cfg=sm.params.cfg))
+run_step(sm, lambda: steps_imaging.ingest(
+    source=sm.input.image, out_image=sm.output.image, out_json=sm.output.json,
+    context=context(sm.wildcards), cfg=sm.params.cfg, labels_path=sm.input.labels,
+    mask_cfg=sm.params.mask, record_refusal=True))

@@ -72,9 +72,10 @@ def aggregate(
 
     ``cases`` are the load cases run (``loads.cases``): without ``"pullout"`` no pullout
     file is read and the table has no pullout or around-screw columns. With it, each scan's
-    model screws.json gives the screws' grades. A scan a gate refused (its calibration or
-    its baseline's, its model's screws at planning, its registration to baseline, a load
-    case without a peak) is left out
+    model screws.json gives the screws' grades. A scan a gate refused (its inputs or its
+    baseline's, its calibration or its baseline's, its label map's checks or its
+    baseline's, its model's screws at planning, its
+    registration to baseline, a load case without a peak) is left out
     (``tables/exclusions.csv`` lists it with the refusal).
 
     ``sample_rows`` are dicts with ``patient``, ``timepoint``, ``months`` and an
@@ -156,9 +157,11 @@ def _read_scan_files(scan_dir: Path, model_dir: Path, cases: Sequence[str],
                      where: str) -> dict[str, Any] | None:
     """The scan's result files by key (:data:`SCAN_FILES`; mesh and screws from the model's
     folder), or None when a gate refused the scan, read in the pipeline's order: its
-    calibration or its model's (the baseline's), its model's screws (planning), its
-    registration to baseline (a follow-up), a load case without a peak (all listed in
-    exclusions.csv); nothing after a refusal is read."""
+    inputs or its model's (scan.json of the ingest step, when there), its calibration or
+    its model's (the baseline's), its label map's checks or its model's (vertebra.json of
+    the mask step, when there), its model's screws (planning), its registration to
+    baseline (a follow-up), a load case without a peak (all listed in exclusions.csv);
+    nothing after a refusal is read."""
     data: dict[str, Any] = {}
 
     def read(key: str, path: Path) -> dict:
@@ -170,9 +173,15 @@ def _read_scan_files(scan_dir: Path, model_dir: Path, cases: Sequence[str],
             raise QctfeaError(f"{where}: cannot read {path.name} at {path} ({exc})") from exc
         return data[key]
 
+    if any(read_json(d / "scan.json").get("refused")
+           for d in {scan_dir, model_dir} if (d / "scan.json").is_file()):
+        return None
     if read("calibration", scan_dir / SCAN_FILES["calibration"]).get("refused") or (
             model_dir != scan_dir and read_json(model_dir / SCAN_FILES["calibration"]).get(
                 "refused")):
+        return None
+    if any(read_json(d / "vertebra.json").get("refused")
+           for d in {scan_dir, model_dir} if (d / "vertebra.json").is_file()):
         return None
     if "pullout" in cases and read("screws", model_dir / SCAN_FILES["screws"]).get("refused"):
         return None

@@ -320,6 +320,24 @@ def _target_text(params: MaskParams) -> str:
     return f"label {params.label}{named}"
 
 
+def require_target(labels_zyx: np.ndarray, params: MaskParams, context: str = "") -> None:
+    """Raise :class:`QctfeaError` unless the label map holds the target vertebra (its
+    label, or any of ``params.bone_labels`` when several labels form it): the message
+    lists the labels present, or says the map is empty, and what to set."""
+    if np.isin(labels_zyx, [params.label, *(params.bone_labels or [])]).any():
+        return
+    present = sorted(int(v) for v in np.unique(labels_zyx) if v != 0)
+    if not present:
+        raise QctfeaError(f"{context}: the label map is empty (every voxel is 0); give the "
+                          "segmentation of this scan (labels column of the sample sheet)")
+    hint = ("set mask.label in the cohort config" if params.convention == "custom" else
+            "check mask.convention and mask.vertebra (or mask.label) in the cohort config")
+    target = (f"{_target_text(params)} (nor mask.bone_labels {params.bone_labels})"
+              if params.bone_labels else _target_text(params))
+    raise QctfeaError(f"{context}: {target} is not in the label map (labels present: "
+                      f"{present}); {hint}")
+
+
 def vertebra_parts(
     labels_zyx: np.ndarray, spacing_xyz, params: MaskParams, context: str = "",
     subregions_zyx: np.ndarray | None = None, subregions_context: str = "",
@@ -329,19 +347,8 @@ def vertebra_parts(
     With ``subregions_zyx`` (a sub-region map on the same grid) the body is the vertebra's
     voxels in ``params.body_subregion_labels``; else it is found by a morphological opening.
     ``subregions_context`` names the scan and the sub-region file in its errors."""
-    vert = labels_zyx == params.label
-    if not vert.any():
-        present = sorted(int(v) for v in np.unique(labels_zyx) if v != 0)
-        if not present:
-            raise QctfeaError(f"{context}: the label map is empty (every voxel is 0); give the "
-                              "segmentation of this scan (labels column of the sample sheet)")
-        hint = ("set mask.label in the cohort config" if params.convention == "custom" else
-                "check mask.convention and mask.vertebra (or mask.label) in the cohort config")
-        raise QctfeaError(
-            f"{context}: {_target_text(params)} is not in the label map (labels present: "
-            f"{present}); {hint}"
-        )
-    vert = _largest(vert)
+    require_target(labels_zyx, params, context)
+    vert = _largest(labels_zyx == params.label)
     # Crop to the vertebra for the morphology (fast), then paste back.
     sl = box_around(vert, 8)
     v = vert[sl]
