@@ -67,10 +67,19 @@ def ingest(*, source, out_image, out_json, context: str, series_uid: str | None 
     except QctfeaError as exc:
         if not record_refusal:
             raise
-        log.error(f"[ingest] refused: {exc}")
-        write_image(sitk.Image([1, 1, 1], sitk.sitkFloat32), out_image)
-        write_json(out_json, {"refused": str(exc), "provenance": provenance(
-            "ingest", asdict(p), {"labels": str(labels_path) if labels_path else None})})
+        _record_refusal("ingest", exc, out_image, sitk.sitkFloat32, out_json, asdict(p),
+                        {"labels": labels_path})
+
+
+def _record_refusal(step: str, exc: QctfeaError, out_image, pixel_type: int, out_json,
+                    params: dict, inputs: dict) -> None:
+    """A refused step's outputs for its gate: the message in ``out_json`` (key ``refused``)
+    and a one-voxel placeholder ``out_image`` that nothing reads (every step after the gate
+    waits for it)."""
+    log.error(f"[{step}] refused: {exc}")
+    write_image(sitk.Image([1, 1, 1], pixel_type), out_image)
+    write_json(out_json, {"refused": str(exc), "provenance": provenance(
+        step, params, {k: str(v) if v else None for k, v in inputs.items()})})
 
 
 def accept_scan(*, scan_json, out_json, context: str) -> None:
@@ -267,10 +276,8 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     except QctfeaError as exc:
         if not record_refusal:
             raise
-        log.error(f"[mask] refused: {exc}")
-        write_image(sitk.Image([1, 1, 1], sitk.sitkUInt8), out_parts)
-        write_json(out_json, {"refused": str(exc), "provenance": provenance(
-            "mask", dict(cfg or {}), {"labels": str(labels_path)})})
+        _record_refusal("mask", exc, out_parts, sitk.sitkUInt8, out_json, dict(cfg or {}),
+                        {"labels": labels_path})
 
 
 def accept_vertebra(*, vertebra_json, out_json, context: str) -> None:
