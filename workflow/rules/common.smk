@@ -289,18 +289,23 @@ def model_scans():
     return sorted({(str(p), model_timepoint(p, t)) for p, t in SAMPLES.index})
 
 
-def calibration_accepted(w):
-    """The calibration gates (accept_calibration) of the scan and of its model's scan:
-    whatever uses a density waits for them, so nothing runs on a refused calibration."""
-    mt = model_timepoint(w.patient, w.timepoint)
-    return sorted({f"{RES}/{w.patient}/{t}/calibration_accepted.json" for t in (w.timepoint, mt)})
+def scan_and_model(name):
+    """Input function: the file ``name`` of the scan and of its model's scan (the baseline's;
+    one file for a model's own scan)."""
+    return lambda w: sorted(
+        {
+            f"{RES}/{w.patient}/{t}/{name}"
+            for t in (w.timepoint, model_timepoint(w.patient, w.timepoint))
+        }
+    )
 
 
-def vertebra_accepted(w):
-    """The label maps' gates (accept_vertebra) of the scan and of its model's scan: whatever
-    uses a vertebra's parts waits for them, so nothing runs on a refused label map."""
-    mt = model_timepoint(w.patient, w.timepoint)
-    return sorted({f"{RES}/{w.patient}/{t}/vertebra_accepted.json" for t in (w.timepoint, mt)})
+#: The calibration gates (accept_calibration) of the scan and its model's scan: whatever uses
+#: a density waits for them, so nothing runs on a refused calibration.
+calibration_accepted = scan_and_model("calibration_accepted.json")
+#: The label maps' gates (accept_vertebra) of the scan and its model's scan: whatever uses a
+#: vertebra's parts waits for them, so nothing runs on a refused label map.
+vertebra_accepted = scan_and_model("vertebra_accepted.json")
 
 
 def registration_accepted(w):
@@ -315,13 +320,14 @@ def gate_paths(patient, timepoint):
     """The records of the scan's gates in the pipeline's order, one list per gate: its
     inputs (image and label map read, the vertebra in it) and its model's (the baseline's),
     its calibration and its model's, its label map's checks (mask step) and its model's, its
-    model's screws (planning, with pullout), its
-    registration (a follow-up), its load cases' results (the strength gate)."""
+    model's screws (planning, with pullout), its registration (a follow-up), its load
+    cases' results (the strength gate)."""
     p, t = str(patient), str(timepoint)
     mt = model_timepoint(p, t)
-    gates = [sorted({f"{RES}/{p}/{s}/scan.json" for s in (t, mt)})]
-    gates.append(sorted({f"{RES}/{p}/{s}/calibration.json" for s in (t, mt)}))
-    gates.append(sorted({f"{RES}/{p}/{s}/vertebra.json" for s in (t, mt)}))
+    gates = [
+        sorted({f"{RES}/{p}/{s}/{name}" for s in (t, mt)})
+        for name in ("scan.json", "calibration.json", "vertebra.json")
+    ]
     gates += [[f"{RES}/{p}/{mt}/screws.json"]] if PULLOUT else []
     if mt != t:
         gates.append([f"{RES}/{p}/{t}/registration.json"])
@@ -371,9 +377,8 @@ def refused(patient, timepoint):
     """Whether a gate refused the scan: its inputs or its baseline's (an unreadable image or
     label map, no vertebra in it), its calibration or its baseline's, its label map's
     checks or its baseline's (the vertebra cut by the field of view, a label map off its
-    CT), its model's screws
-    (graded worse than planning.max_grade), its registration, or a load case without a
-    peak."""
+    CT), its model's screws (graded worse than planning.max_grade), its registration, or a
+    load case without a peak."""
     return any(_refusal_recorded(r) for r in gate_records(patient, timepoint))
 
 

@@ -74,17 +74,17 @@ def aggregate(
     file is read and the table has no pullout or around-screw columns. With it, each scan's
     model screws.json gives the screws' grades. A scan a gate refused (its inputs or its
     baseline's, its calibration or its baseline's, its label map's checks or its
-    baseline's, its model's screws at planning, its
-    registration to baseline, a load case without a peak) is left out
-    (``tables/exclusions.csv`` lists it with the refusal).
+    baseline's, its model's screws at planning, its registration to baseline, a load case
+    without a peak) is left out (``tables/exclusions.csv`` lists it with the refusal).
 
     ``sample_rows`` are dicts with ``patient``, ``timepoint``, ``months`` and an
     optional ``dxa`` (areal BMD in g/cm2, or None/NaN), ``sex`` (F/M, female/male; empty
     or absent: not given) and ``model_timepoint`` (whose mesh the scan's model used;
     default its own). ``clinical_cfg`` is the cohort config's ``clinical`` section (the
     thresholds of the clinical categories; None: the published ones). Files are read from
-    ``results_dir/<patient>/<timepoint>/`` (the mesh's from the model timepoint). A missing or unreadable file raises
-    :class:`QctfeaError` naming the file, the patient and the timepoint.
+    ``results_dir/<patient>/<timepoint>/`` (the mesh's from the model timepoint). A missing
+    or unreadable file raises :class:`QctfeaError` naming the file, the patient and the
+    timepoint.
     """
     if not sample_rows:
         raise QctfeaError("aggregate: no samples given; check the cohort sample sheet")
@@ -173,15 +173,19 @@ def _read_scan_files(scan_dir: Path, model_dir: Path, cases: Sequence[str],
             raise QctfeaError(f"{where}: cannot read {path.name} at {path} ({exc})") from exc
         return data[key]
 
-    if any(read_json(d / "scan.json").get("refused")
-           for d in {scan_dir, model_dir} if (d / "scan.json").is_file()):
+    def refused_here_or_in_model(name: str) -> bool:
+        """Whether the scan's or its model's record ``name`` (where it exists) holds a
+        refusal."""
+        return any(read_json(d / name).get("refused")
+                   for d in dict.fromkeys((scan_dir, model_dir)) if (d / name).is_file())
+
+    if refused_here_or_in_model("scan.json"):
         return None
     if read("calibration", scan_dir / SCAN_FILES["calibration"]).get("refused") or (
             model_dir != scan_dir and read_json(model_dir / SCAN_FILES["calibration"]).get(
                 "refused")):
         return None
-    if any(read_json(d / "vertebra.json").get("refused")
-           for d in {scan_dir, model_dir} if (d / "vertebra.json").is_file()):
+    if refused_here_or_in_model("vertebra.json"):
         return None
     if "pullout" in cases and read("screws", model_dir / SCAN_FILES["screws"]).get("refused"):
         return None
