@@ -41,8 +41,8 @@ def _specimen(tmp_path):
         sitk.WriteImage(img, str(tmp_path / name))
 
 
-@pytest.mark.parametrize("with_caps", [True, False])
-def test_capped_specimen_compression_matches_springs_in_series(tmp_path, with_caps):
+def _model(tmp_path, with_caps):
+    """The specimen through the calibration, mask, mesh and materials steps."""
     _specimen(tmp_path)
     t, ctx = tmp_path, "patient B01, timepoint M00"
     mask_cfg = {"bone_labels": [1, 2], "body_opening_mm": 3.0}
@@ -69,6 +69,13 @@ def test_capped_specimen_compression_matches_springs_in_series(tmp_path, with_ca
     steps_model.materials(mesh_path=t / "mesh.xdmf", density_path=t / "density.nii.gz",
                           screws_path=t / "screws.json", out_npz=t / "materials.npz",
                           out_json=t / "materials.json", cfg=mat, context=ctx)
+    return v
+
+
+@pytest.mark.parametrize("with_caps", [True, False])
+def test_capped_specimen_compression_matches_springs_in_series(tmp_path, with_caps):
+    _model(tmp_path, with_caps)
+    t, ctx = tmp_path, "patient B01, timepoint M00"
     pts, cells, tags = read_mesh(t / "mesh.xdmf")
     npz = np.load(t / "materials.npz")
     if with_caps:
@@ -87,3 +94,29 @@ def test_capped_specimen_compression_matches_springs_in_series(tmp_path, with_ca
     e_bone = modulus_mpa(np.array([RHO]), MaterialParams())[0]
     compliance = H / (e_bone * area) + (2 * T / (2500.0 * area) if with_caps else 0.0)
     assert k == pytest.approx(1.0 / compliance, rel=0.03)
+
+
+def test_a_solve_that_fails_is_recorded_and_the_gate_refuses_the_scan(tmp_path):
+    """A linear solve that does not converge (here: one Krylov iteration allowed) is the
+    scan's failure, not the workflow's: the result records it (no strength, the reason), the
+    curve files exist for the checkpoint, and accept_strength refuses the scan naming it."""
+    from qctfea.errors import QctfeaError
+
+    _model(tmp_path, False)
+    t, ctx = tmp_path, "patient B01, timepoint M00"
+    steps_fea.solve(case="compression", mesh_path=t / "mesh.xdmf",
+                    materials_path=t / "materials.npz", mask_json=t / "vertebra.json",
+                    screws_path=t / "screws.json", out_json=t / "compression.json",
+                    loads_cfg={"analysis": "linear"}, solver_cfg={"ksp_max_it": 1},
+                    context=ctx, out_curve=t / "curve.csv", out_plot=t / "curve.png")
+    res = json.loads((t / "compression.json").read_text())
+    assert res["strength_n"] is None and res["failed"]
+    assert "linear solve did not converge" in res["stop_reason"]
+    assert "DIVERGED_MAX_IT after 1 iterations" in res["stop_reason"]
+    assert (t / "curve.csv").read_text().strip() == "displacement_mm,force_n"
+    assert sitk.ReadImage(str(t / "curve.png")).GetSize()[0] > 100
+    with pytest.raises(QctfeaError, match=r"patient B01, timepoint M00, compression .*solve "
+                                          r"failed: linear solve did not converge.*exclude"):
+        steps_fea.accept_strength(result_paths=[t / "compression.json"],
+                                  out_json=t / "strength.json", context=ctx)
+    assert not (t / "strength.json").exists()

@@ -6,6 +6,7 @@ holds the shared readers and the config typing).
 from __future__ import annotations
 
 import logging
+import textwrap
 import time
 from pathlib import Path
 
@@ -123,21 +124,41 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
     progress = (lambda m: log.info(f"[solve] {what}:{m}")) if comm.rank == 0 else None
     if progress:
         progress(f" {lp.analysis} analysis, {model.n_dofs()} dofs, {comm.size} rank(s)")
-    if case == "compression":
-        res = loadcases.solve_compression(model, tags, npz["tags"], axis_info, lp, opts,
-                                          progress=progress)
-    elif case == "pullout":
-        screws = {s.side: s for s in load_screws(screws_path)}
-        if side not in screws:
-            raise QctfeaError(f"{context}: no {side!r} screw in {screws_path}")
-        res = loadcases.solve_pullout(model, tags, npz["tags"], npz["centroids_mm"], axis_info,
-                                      screws[side], lp, opts, progress=progress)
-    else:
+    if case not in ("compression", "pullout"):
         raise QctfeaError(f"unknown load case {case!r}; use compression or pullout")
+    screw = None
+    if case == "pullout":
+        screw = {s.side: s for s in load_screws(screws_path)}.get(side)
+        if screw is None:
+            raise QctfeaError(f"{context}: no {side!r} screw in {screws_path}")
+    try:
+        if case == "compression":
+            res = loadcases.solve_compression(model, tags, npz["tags"], axis_info, lp, opts,
+                                              progress=progress)
+        else:
+            res = loadcases.solve_pullout(model, tags, npz["tags"], npz["centroids_mm"],
+                                          axis_info, screw, lp, opts, progress=progress)
+    except QctfeaError as exc:
+        # The solve failed on this scan's model (a linear solve that did not converge, no
+        # endplate or screw-head nodes, a first increment that failed): every rank raises it
+        # (the checks are collective), and it is recorded like a curve without a peak, so
+        # that accept_strength fails the scan and, with --keep-going, the cohort tables are
+        # built without it (tables/exclusions.csv gives the reason).
+        res = {"analysis": lp.analysis, "strength_n": None, "peak_reached": False,
+               "stiffness_n_per_mm": None, "stop_reason": f"solve failed: {exc}", "curve": [],
+               "increments": 0, "newton_iterations": 0, "ksp_iterations": 0,
+               "n_dofs": model.n_dofs(), "seconds": {}, "failed": True}
     if out_fields:
         _write_fields(model, out_fields, comm)
     res["seconds"]["total"] = time.perf_counter() - t0
-    if lp.analysis == "nonlinear" and not res["peak_reached"]:
+    if res.get("failed"):
+        res["refused"] = (
+            f"{context}, {case}{' ' + side if side else ''} ({out_json}): {res['stop_reason']}. "
+            "No strength is reported. What to do: look at the mesh (mesh.json, the QC "
+            "pictures) and the solve log; coarser or finer mesh sizes (mesh.*), solver options "
+            "(solver: in the cohort config), or exclude the scan (exclude: in the cohort "
+            "config)")
+    elif lp.analysis == "nonlinear" and not res["peak_reached"]:
         # No strength for a curve that has not peaked (docs/nonlinear.md): recorded in the
         # result, which the gate (accept_strength) and the cohort tables then refuse.
         limit = ("loads.compression_max_strain" if case == "compression"
@@ -156,15 +177,19 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
             plot_curve(res, out_plot, what)
         write_json(out_json, {**res, "provenance": provenance(
             f"solve_{case}", lp, {"mesh": mesh_path, "materials": materials_path})})
-        extra = (f" ({res['strength_rule']} rule; {res['stop_reason']}), "
-                 f"{res['increments']} increments, {res['newton_iterations']} Newton"
-                 if lp.analysis == "nonlinear" else "")
-        strength = ("none (peak not reached)" if res["strength_n"] is None
-                    else f"{res['strength_n']:.0f} N")
-        log.info(f"[solve] {what}: stiffness {res['stiffness_n_per_mm']:.0f} N/mm, "
-                 f"strength {strength}, {res['ksp_iterations']} Krylov iterations"
-                 f"{extra}, {res['n_dofs']} dofs, {comm.size} rank(s), "
-                 f"{res['seconds']['total']:.1f} s")
+        if res.get("failed"):
+            log.info(f"[solve] {what}: {res['stop_reason']}, {res['n_dofs']} dofs, "
+                     f"{comm.size} rank(s), {res['seconds']['total']:.1f} s")
+        else:
+            extra = (f" ({res['strength_rule']} rule; {res['stop_reason']}), "
+                     f"{res['increments']} increments, {res['newton_iterations']} Newton"
+                     if lp.analysis == "nonlinear" else "")
+            strength = ("none (peak not reached)" if res["strength_n"] is None
+                        else f"{res['strength_n']:.0f} N")
+            log.info(f"[solve] {what}: stiffness {res['stiffness_n_per_mm']:.0f} N/mm, "
+                     f"strength {strength}, {res['ksp_iterations']} Krylov iterations"
+                     f"{extra}, {res['n_dofs']} dofs, {comm.size} rank(s), "
+                     f"{res['seconds']['total']:.1f} s")
         if res.get("refused"):
             log.info(f"[solve] refused: {res['refused']}")
     comm.barrier()
@@ -188,7 +213,7 @@ def _write_fields(model, out_fields, comm) -> None:
 def write_curve_csv(curve: list[dict], path) -> None:
     import csv
 
-    keys = list(curve[0])
+    keys = list(curve[0]) if curve else ["displacement_mm", "force_n"]  # a failed solve: none
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=keys)
@@ -211,6 +236,10 @@ def plot_curve(res: dict, path, title: str) -> None:
                    label=f"strength {res['strength_n']:.0f} N")
         ax.set_title(heading, fontsize=9)
         ax.legend(fontsize=8, loc="lower right")
+    elif res.get("failed"):
+        ax.set_title(heading + ": solve failed, no strength", fontsize=9, color="C3")
+        ax.text(0.5, 0.5, "\n".join(textwrap.wrap(res["stop_reason"], 60)),
+                transform=ax.transAxes, ha="center", va="center", fontsize=7, color="C3")
     else:
         ax.set_title(heading + ": peak not reached, no strength", fontsize=9, color="C3")
     ax.set_xlabel("displacement (mm)")
