@@ -63,3 +63,42 @@ def test_screw_subdomain_volume_matches_the_screw_geometry(demo_scan):
     assert 0 < moved.sum() and np.isin(np.flatnonzero(moved),
                                        ca[np.isin(ta, list(TAG_SCREW.values()))]).all()
     assert np.linalg.norm(pa - pb, axis=1).max() <= params.facet_distance_mm + 1e-12
+
+
+def test_a_vertebra_that_cannot_be_meshed_is_recorded_and_the_gate_refuses_it(demo_scan,
+                                                                              tmp_path):
+    """Screws thinner than the meshing voxel (0.2 mm on a 0.8 mm grid) get no cells: the mesh
+    step raises, naming the fix; in the workflow (record_refusal) it records the message in
+    mesh.json with a placeholder mesh and a picture of the message, and accept_mesh fails the
+    scan with it."""
+    import json
+
+    import pytest
+
+    from qctfea import steps_model
+    from qctfea.errors import QctfeaError
+    from qctfea.model.meshing import read_mesh
+
+    r, ctx = demo_scan["results"], demo_scan["context"]
+    data = json.loads((r / "screws.json").read_text())
+    for s in data["screws"]:
+        s["diameter_mm"] = s["core_diameter_mm"] = 0.2
+    (tmp_path / "screws.json").write_text(json.dumps(data))
+    kw = dict(parts_path=r / "vertebra.nii.gz", screws_path=tmp_path / "screws.json",
+              out_mesh=tmp_path / "mesh.xdmf", out_json=tmp_path / "mesh.json",
+              cfg={"voxel_mm": 0.8, "bone_cell_size_mm": 4.0, "screw_cell_size_mm": 3.0,
+                   "peri_screw_cell_size_mm": 3.0},
+              context=ctx, out_png=tmp_path / "mesh.png")
+    with pytest.raises(QctfeaError, match=r"screw\(s\) \['left', 'right'\] have no cells"):
+        steps_model.mesh(**kw)
+    steps_model.mesh(**kw, record_refusal=True)
+    rec = json.loads((tmp_path / "mesh.json").read_text())
+    assert rec["refused"].startswith(f"{ctx}: the vertebra ({r / 'vertebra.nii.gz'}) could not "
+                                     "be meshed: screw(s) ['left', 'right'] have no cells")
+    pts, cells, tags = read_mesh(tmp_path / "mesh.xdmf")
+    assert cells.shape == (1, 4)
+    assert sitk.ReadImage(str(tmp_path / "mesh.png")).GetSize()[0] > 300
+    with pytest.raises(QctfeaError, match="could not be meshed.*exclude the scan"):
+        steps_model.accept_mesh(mesh_json=tmp_path / "mesh.json",
+                                out_json=tmp_path / "mesh_accepted.json", context=ctx)
+    assert not (tmp_path / "mesh_accepted.json").exists()

@@ -237,7 +237,8 @@ def test_scans_refused_by_a_gate_are_left_out_and_listed(cohort_run: dict,
     calibrate_density records it), a follow-up whose registration was refused (as
     register_to_baseline records it), a scan whose compression curve did not peak (as
     solve records it), a follow-up whose label map lacks the vertebra (as ingest_scan
-    records it) and one whose vertebra is cut by the scan's edge (as extract_vertebra
+    records it), one whose vertebra is cut by the scan's edge (as extract_vertebra
+    records it) and a baseline whose vertebra could not be meshed (as mesh_vertebra
     records it) are left out of the tables and statistics and listed in
     tables/exclusions.csv with their messages; the refused baseline takes its follow-ups
     (modelled on it) with it. The other scans' rows are those of the run without the
@@ -260,6 +261,9 @@ def test_scans_refused_by_a_gate_are_left_out_and_listed(cohort_run: dict,
     vert_msg = ("patient P05, timepoint M24: the vertebra (label 23) is cut by the edge of CT "
                 "ct.nii.gz: inferior (2 voxels); give a scan that holds the whole vertebra")
     (res / "P05" / "M24" / "vertebra.json").write_text(json.dumps({"refused": vert_msg}))
+    mesh_msg = ("patient P03, timepoint M00: the vertebra (vertebra.nii.gz) could not be "
+                "meshed: CGAL produced no tetrahedra; check the mask and mesh sizes")
+    (res / "P03" / "M00" / "mesh.json").write_text(json.dumps({"refused": mesh_msg}))
     cal = res / "P04" / "M00" / "calibration.json"
     cal.write_text(json.dumps({"refused": cal_msg, "method": "phantom", "slope": None}))
     reg = res / "P01" / "M24" / "registration.json"
@@ -271,24 +275,25 @@ def test_scans_refused_by_a_gate_are_left_out_and_listed(cohort_run: dict,
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     ex = pd.read_csv(res / "tables" / "exclusions.csv", dtype=str)
     assert ex[["patient", "timepoint", "reason"]].values.tolist() == [
-        ["P01", "M24", reg_msg], ["P02", "M12", peak_msg], ["P03", "M24", scan_msg],
+        ["P01", "M24", reg_msg], ["P02", "M12", peak_msg], ["P03", "M00", mesh_msg],
+        ["P03", "M24", scan_msg],
         ["P04", "M00", cal_msg], ["P04", "M12", cal_msg], ["P04", "M24", cal_msg],
         ["P05", "M24", vert_msg]]
     long = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
     kept = ~(((before["patient"] == "P01") & (before["timepoint"] == "M24"))
              | ((before["patient"] == "P02") & (before["timepoint"] == "M12"))
-             | ((before["patient"] == "P03") & (before["timepoint"] == "M24"))
+             | (before["patient"] == "P03")
              | ((before["patient"] == "P05") & (before["timepoint"] == "M24"))
              | (before["patient"] == "P04"))
-    assert len(long) == len(before) - 7 == 7
+    assert len(long) == len(before) - 8 == 6
     pd.testing.assert_frame_equal(long, before[kept].reset_index(drop=True))
     changes = pd.read_csv(res / "stats" / "changes.csv", dtype={"patients_not_paired": str})
     pull = changes[changes["metric"] == "pullout_strength_n"].set_index("timepoint")
-    # P04 has no scan left: not a patient of the analysis; P02's M12 was refused, P03 has none
-    assert pull.loc["M12", "patients_not_paired"] == "P02;P03"
+    # P03 and P04 have no scan left: not patients of the analysis; P02's M12 was refused
+    assert pull.loc["M12", "patients_not_paired"] == "P02"
     assert pull.loc["M12", "n_pairs"] == 2
     page = (res / "report" / "summary.html").read_text()
-    for msg in (reg_msg, peak_msg, cal_msg, scan_msg, vert_msg):
+    for msg in (reg_msg, peak_msg, cal_msg, scan_msg, vert_msg, mesh_msg):
         assert html.escape(msg) in page, msg
 
 

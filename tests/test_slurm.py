@@ -93,7 +93,7 @@ def test_slurm_profile_runs_workflow_like_local(slurm_background, local_run, cap
     single = re.findall(r"^(?:rule|checkpoint) (\w+):$", text, flags=re.M)
     local = re.findall(r"^localrule (\w+):$", text, flags=re.M)
     gates = {"accept_scan", "accept_calibration", "accept_vertebra", "accept_screws",
-             "accept_registration", "accept_strength"}
+             "accept_mesh", "accept_registration", "accept_strength"}
     assert set(local) == gates | {"all"}, sorted(set(local))
     assert not re.search(r"Group job", text) and not re.search(r"^    rule ", text, flags=re.M)
     assert len(single) + len(local) == int(stats["total"]) > 0, stats

@@ -20,7 +20,8 @@ PER_SCAN = ["generate_demo_scan", "ingest_scan", "accept_scan", "calibrate_densi
             "accept_calibration", "extract_vertebra", "accept_vertebra", "measure_bmd", "assign_materials", "accept_strength", "estimate_uncertainty"]
 #: The FE model (screws, mesh) is built once per patient, at baseline; follow-ups are
 #: registered to it (registration.enabled, the default).
-PER_PATIENT = ["plan_screws", "accept_screws", "mesh_vertebra", "export_slicer", "patient_page"]
+PER_PATIENT = ["plan_screws", "accept_screws", "mesh_vertebra", "accept_mesh", "export_slicer",
+               "patient_page"]
 
 
 def _job_counts(cohorts_dir, cohort, workdir):

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from qctfea.config import params_from  # noqa: F401  (callers: steps.params_from)
 from qctfea.errors import QctfeaError
-from qctfea.provenance import atomic_path, read_json
+from qctfea.provenance import atomic_path, provenance, read_json, write_json
 
 
 def write_image(img: sitk.Image, path) -> None:
@@ -54,6 +54,18 @@ _INPUTS = {
     "registration": ("registration record", "run the registration first (rule "
                      "register_to_baseline)"),
 }
+
+
+def accept_record(step: str, record_path, input_name: str, keys: tuple[str, ...], out_json
+                  ) -> dict:
+    """A gate: fail with the record's ``refused`` message, else write the record's ``keys``
+    (what the scan passed with) to ``out_json``; returns the record."""
+    rec = read_json(record_path)
+    if rec.get("refused"):
+        raise QctfeaError(rec["refused"])
+    write_json(out_json, {**{k: rec.get(k) for k in keys}, "provenance": provenance(
+        step, {}, {input_name: str(record_path)})})
+    return rec
 
 
 def need_inputs(context: str, **paths) -> None:

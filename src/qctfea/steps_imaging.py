@@ -15,10 +15,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from qctfea.errors import GateRefusal, QctfeaError
-from qctfea.provenance import atomic_path, provenance, read_json, write_json
+from qctfea.provenance import atomic_path, provenance, write_json
 from qctfea.steps import (
-    grid_only, image_like, integer_labels, load_screws, need_inputs, params_from, read_ct,
-    read_density, read_grid, read_image, read_labels, write_image,
+    accept_record, grid_only, image_like, integer_labels, load_screws, need_inputs, params_from,
+    read_ct, read_density, read_grid, read_image, read_labels, write_image,
 )
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def accept_scan(*, scan_json, out_json, context: str) -> None:
     """The inputs' gate: fail the scan whose image or label map could not be read, or whose
     label map lacks the vertebra (its record's ``refused`` message, as ingest wrote it);
     else record the acquisition it passed with."""
-    rec = _accept("accept_scan", scan_json, "scan", ("scan",), out_json)
+    rec = accept_record("accept_scan", scan_json, "scan", ("scan",), out_json)
     log.info(f"[accept_scan] {context}: {rec['scan'].get('n_slices')} slices read")
 
 
@@ -283,7 +283,7 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
 def accept_vertebra(*, vertebra_json, out_json, context: str) -> None:
     """The label map's gate: fail the scan whose vertebra the mask step refused (its
     record's ``refused`` message); else record the vertebra's volume it passed with."""
-    rec = _accept("accept_vertebra", vertebra_json, "vertebra",
+    rec = accept_record("accept_vertebra", vertebra_json, "vertebra",
                   ("vertebra_volume_cm3", "body_volume_cm3", "trabecular_roi_volume_cm3"),
                   out_json)
     log.info(f"[accept_vertebra] {context}: vertebra {rec['vertebra_volume_cm3']:.1f} cm³")
@@ -444,22 +444,10 @@ def _label_fit(ct_path, ct: sitk.Image, target: np.ndarray, context: str, labels
     return fit
 
 
-def _accept(step: str, record_path, input_name: str, keys: tuple[str, ...], out_json
-            ) -> dict:
-    """A gate: fail with the record's ``refused`` message, else write the record's ``keys``
-    (what the scan passed with) to ``out_json``; returns the record."""
-    rec = read_json(record_path)
-    if rec.get("refused"):
-        raise QctfeaError(rec["refused"])
-    write_json(out_json, {**{k: rec.get(k) for k in keys}, "provenance": provenance(
-        step, {}, {input_name: str(record_path)})})
-    return rec
-
-
 def accept_calibration(*, calibration_json, out_json, context: str) -> None:
     """The calibration's gate: fail the scan whose calibration was refused (its record's
     ``refused`` message); else record the line it passed with."""
-    rec = _accept("accept_calibration", calibration_json, "calibration",
+    rec = accept_record("accept_calibration", calibration_json, "calibration",
                   ("method", "slope", "intercept", "r2"), out_json)
     log.info(f"[accept_calibration] {context}: {rec.get('method')}, slope "
              f"{rec['slope']:.4f}, R² {rec.get('r2')}")
@@ -469,7 +457,7 @@ def accept_registration(*, registration_json, out_json, context: str) -> None:
     """The registration's gate: fail the follow-up whose registration was refused (its
     record's ``refused`` message, naming what was tried and what to do); else record the
     accuracy it passed with."""
-    rec = _accept("accept_registration", registration_json, "registration",
+    rec = accept_record("accept_registration", registration_json, "registration",
                   ("dice_before", "dice_after", "point_spread_mm", "points", "warning"),
                   out_json)
     log.info(f"[accept_registration] {context}: Dice {rec['dice_after']:.3f}, spread "

@@ -16,7 +16,8 @@ import numpy as np
 from qctfea.errors import QctfeaError
 from qctfea.model import tags as mesh_tags
 from qctfea.provenance import atomic_path, provenance, read_json, write_json
-from qctfea.steps import need_inputs, read_density, read_image, load_screws, params_from
+from qctfea.steps import (accept_record, load_screws, need_inputs, params_from, read_density,
+                          read_image)
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +172,44 @@ def accept_screws(*, screws_path, out_json, context: str) -> None:
 
 
 def mesh(*, parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str,
-         out_png=None) -> None:
+         out_png=None, record_refusal: bool = False) -> None:
     """Conforming tetrahedral mesh of bone and screws (XDMF + JSON report), and optionally
     the QC picture of cuts through the screws. ``screws_path`` None: bone (and end caps)
-    only, no screw subdomains."""
+    only, no screw subdomains.
+
+    A vertebra that cannot be meshed (CGAL gives no tetrahedra, a screw without cells, a
+    subdomain outside every label) raises :class:`QctfeaError`; with ``record_refusal`` (the
+    workflow, whose gate rule accept_mesh then fails the scan, and whose cohort tables go on
+    without it under ``--keep-going``) the message goes into ``out_json`` (key ``refused``),
+    the picture shows it, and ``out_mesh`` is a one-tetrahedron placeholder that nothing
+    reads."""
     from qctfea.model import meshing
 
     p = params_from(meshing.MeshParams, cfg, "mesh")
     need_inputs(context, parts=parts_path, screws=screws_path)
+    try:
+        _mesh(parts_path, screws_path, out_mesh, out_json, p, context, out_png)
+    except QctfeaError as exc:
+        if not record_refusal:
+            raise
+        msg = (f"{context}: the vertebra ({parts_path}) could not be meshed: {exc}. What to "
+               "do: look at the label map's QC (vertebra.json) and the mesh sizes (mesh.* in "
+               "the cohort config: voxel_mm, bone_cell_size_mm, screw_cell_size_mm), or "
+               "exclude the scan (exclude: in the cohort config)")
+        log.error(f"[mesh] refused: {msg}")
+        meshing.write_mesh(out_mesh, np.eye(4, 3), np.arange(4)[None], np.zeros(1, np.int32))
+        if out_png:
+            from qctfea.qc.figures import message_picture
+
+            message_picture(f"{context}: mesh refused", msg, out_png)
+        write_json(out_json, {"refused": msg, "provenance": provenance(
+            "mesh", p, {"parts": parts_path, "screws": screws_path})})
+
+
+def _mesh(parts_path, screws_path, out_mesh, out_json, p, context: str, out_png) -> None:
+    """:func:`mesh` without the refusal's record."""
+    from qctfea.model import meshing
+
     parts = read_image(parts_path, "vertebra parts image", context)
     screws = load_screws(screws_path)
     pts, cells, tags, rep = meshing.generate_mesh(parts, screws, p)
@@ -190,6 +221,13 @@ def mesh(*, parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str
     meshing.write_mesh(out_mesh, pts, cells, tags)
     write_json(out_json, {**rep, "provenance": provenance("mesh", p, {"parts": parts_path})})
     log.info(f"[mesh] {context}: done")
+
+
+def accept_mesh(*, mesh_json, out_json, context: str) -> None:
+    """The mesh's gate: fail the scan whose vertebra could not be meshed (its record's
+    ``refused`` message); else record the mesh's size it passed with."""
+    rec = accept_record("accept_mesh", mesh_json, "mesh", ("n_cells", "n_vertices"), out_json)
+    log.info(f"[accept_mesh] {context}: {rec['n_cells']} tetrahedra")
 
 
 def materials(*, mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict,

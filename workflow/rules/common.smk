@@ -320,8 +320,8 @@ def gate_paths(patient, timepoint):
     """The records of the scan's gates in the pipeline's order, one list per gate: its
     inputs (image and label map read, the vertebra in it) and its model's (the baseline's),
     its calibration and its model's, its label map's checks (mask step) and its model's, its
-    model's screws (planning, with pullout), its registration (a follow-up), its load
-    cases' results (the strength gate)."""
+    model's screws (planning, with pullout), its model's mesh, its registration (a
+    follow-up), its load cases' results (the strength gate)."""
     p, t = str(patient), str(timepoint)
     mt = model_timepoint(p, t)
     gates = [
@@ -329,6 +329,7 @@ def gate_paths(patient, timepoint):
         for name in ("scan.json", "calibration.json", "vertebra.json")
     ]
     gates += [[f"{RES}/{p}/{mt}/screws.json"]] if PULLOUT else []
+    gates.append([f"{RES}/{p}/{mt}/mesh.json"])
     if mt != t:
         gates.append([f"{RES}/{p}/{t}/registration.json"])
     return gates + [[f"{RES}/{p}/{t}/{n}" for n in CASE_FILES]]
@@ -340,6 +341,7 @@ _GATE_RULES = {
     "calibration.json": "calibrate_density",
     "vertebra.json": "extract_vertebra",
     "screws.json": "plan_screws",
+    "mesh.json": "mesh_vertebra",
     "registration.json": "register_to_baseline",
 }
 
@@ -438,6 +440,8 @@ def get_final_outputs(wildcards):
     gates += [f"{RES}/{p}/{t}/scan_accepted.json" for p, t in SAMPLES.index]
     # The label map's gate of every scan: a vertebra the mask step refused fails here.
     gates += [f"{RES}/{p}/{t}/vertebra_accepted.json" for p, t in SAMPLES.index]
+    # The mesh gate of every model: a vertebra that could not be meshed fails here.
+    gates += [f"{RES}/{p}/{t}/mesh_accepted.json" for p, t in model_scans()]
     # The calibration gate of every scan: a calibration refused by its gates fails here.
     gates += [f"{RES}/{p}/{t}/calibration_accepted.json" for p, t in SAMPLES.index]
     # The registration gate of every registered follow-up: a failed registration fails here.

@@ -1,7 +1,11 @@
 # FE model: conforming tetrahedral mesh of bone + screws, element materials.
 
 
-rule mesh_vertebra:
+# A checkpoint: a vertebra that cannot be meshed (CGAL gives no tetrahedra, a screw without
+# cells) still gets its mesh.json (with the refusal), a placeholder mesh and a picture with the
+# message, so that the cohort tables can be built without the scan (--keep-going); rule
+# accept_mesh then fails the scan with the message.
+checkpoint mesh_vertebra:
     input:
         parts=rules.extract_vertebra.output.parts,
         vertebra=vertebra_accepted,  # the label map's gate
@@ -32,11 +36,27 @@ rule mesh_vertebra:
         "../scripts/mesh_vertebra.py"
 
 
+rule accept_mesh:
+    input:
+        rules.mesh_vertebra.output.json,
+    output:
+        f"{RES}/{{patient}}/{{timepoint}}/mesh_accepted.json",
+    log:
+        f"logs/{COHORT}/{{patient}}/{{timepoint}}/accept_mesh.log",
+    # a gate reads one JSON record: run by Snakemake itself, also on a cluster
+    localrule: True
+    conda:
+        "../../envs/model.yaml"
+    script:
+        "../scripts/accept_mesh.py"
+
+
 rule assign_materials:
     input:
         # Follow-ups: the baseline model with this visit's density (see model_timepoint).
         mesh=model_file("mesh.xdmf"),
         h5=model_file("mesh.h5"),
+        meshed=model_file("mesh_accepted.json"),  # the mesh's gate
         density=model_density,
         screws=model_screws,
         registered=registration_accepted,  # the registration gate (follow-ups)

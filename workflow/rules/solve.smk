@@ -14,6 +14,7 @@ checkpoint solve:
     input:
         mesh=model_file("mesh.xdmf"),
         h5=model_file("mesh.h5"),
+        meshed=model_file("mesh_accepted.json"),  # the mesh's gate
         materials=rules.assign_materials.output.npz,
         vertebra=model_file("vertebra.json"),
         # pullout: the scan model's screws; compression: them too when they are meshed in

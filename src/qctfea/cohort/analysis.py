@@ -159,8 +159,8 @@ def _read_scan_files(scan_dir: Path, model_dir: Path, cases: Sequence[str],
     folder), or None when a gate refused the scan, read in the pipeline's order: its
     inputs or its model's (scan.json of the ingest step, when there), its calibration or
     its model's (the baseline's), its label map's checks or its model's (vertebra.json of
-    the mask step, when there), its model's screws (planning), its registration to
-    baseline (a follow-up), a load case without a peak (all listed in exclusions.csv);
+    the mask step, when there), its model's screws (planning), its model's mesh, its
+    registration to baseline (a follow-up), a load case without a peak (all listed in exclusions.csv);
     nothing after a refusal is read."""
     data: dict[str, Any] = {}
 
@@ -188,6 +188,8 @@ def _read_scan_files(scan_dir: Path, model_dir: Path, cases: Sequence[str],
     if refused_here_or_in_model("vertebra.json"):
         return None
     if "pullout" in cases and read("screws", model_dir / SCAN_FILES["screws"]).get("refused"):
+        return None
+    if read("mesh", model_dir / SCAN_FILES["mesh"]).get("refused"):
         return None
     if model_dir != scan_dir and read("registration", scan_dir / "registration.json").get(
             "refused"):

@@ -87,6 +87,19 @@ def _save(fig, paths: dict[str, Path], dpi: int = 120) -> None:
                         else None)
 
 
+def message_picture(title: str, message: str, path: str | os.PathLike) -> None:
+    """A QC picture that says why there is nothing to show (a refused step's output)."""
+    import textwrap
+
+    fig = _new_figure(7.0, 3.0)
+    ax = fig.subplots()
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=10, color="C3")
+    ax.text(0.5, 0.5, "\n".join(textwrap.wrap(message, 90)), transform=ax.transAxes,
+            ha="center", va="center", fontsize=8)
+    _save(fig, {"png": Path(path)})
+
+
 def _axis_label(metric: str) -> str:
     u = longtable.unit(metric)
     return f"{longtable.label(metric)} ({u})" if u else longtable.label(metric)
