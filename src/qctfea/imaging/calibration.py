@@ -85,7 +85,9 @@ Tissue-regression details:
   superior-inferior extent): the erector spinae, the muscle QCT's internal
   calibration samples, where no organ lies. Blood is used only where a label of the label map
   (``blood_label``) says where it is. Every region is eroded by
-  ``erosion_mm`` against partial volume. Cortical bone is the voxels of the
+  ``erosion_mm``, and by at least one voxel, against partial volume; air also
+  leaves out padding (the constant fill outside the field of view or around a
+  resampled grid, and two voxels around it). Cortical bone is the voxels of the
   target vertebra at or above its window, not eroded: the vertebral cortex is
   thinner than a voxel, so its HU is lowered by partial volume and the median
   depends on the window; it is therefore not used by default.
@@ -200,7 +202,8 @@ class TissueSpec:
     #: voxels must lie deeper than this inside a tissue region
     erosion_mm: float = option(
         1.5, minimum=0,
-        doc="tissue voxels must lie deeper than this inside their region (partial volume)")
+        doc=("tissue voxels must lie deeper than this inside their region, and (when > 0) at "
+             "least one voxel deep along every axis (partial volume)"))
     #: air, fat, muscle voxels this near a labelled bone are left out
     bone_margin_mm: float = option(
         3.0, minimum=0,

@@ -34,6 +34,13 @@ def axial_axis(direction) -> int:
 #: not declared muscle, leave 2 cm³), not the muscle itself.
 PARASPINAL_MIN_CM3 = 5.0
 
+#: Voxels (6-connected steps) around padding left out of the air sample (see
+#: :func:`find_tissues`): one for the interpolation blend at the fill's edge, one for its
+#: staircase on a turned grid.
+PAD_MARGIN_VOXELS = 2
+#: An air sample more than this fraction of which is one exact value is padding there.
+PAD_FRACTION = 0.5
+
 
 def posterior_axis(direction) -> tuple[int, int]:
     """(numpy axis, sign) of the image axis nearest the patient's posterior (+y of DICOM's
@@ -98,9 +105,15 @@ def _muscle_sample(region: np.ndarray, target: np.ndarray, sampling_zyx, directi
 
 
 def _deep(region: np.ndarray, depth_mm: float, sampling_zyx) -> np.ndarray:
-    """Voxels of ``region`` farther than ``depth_mm`` from its outside (the outside of the
-    array counts as region)."""
-    return morphology.erode(region, depth_mm, sampling_zyx, border_value=1)
+    """Voxels of ``region`` farther than ``depth_mm`` from its outside and, when ``depth_mm``
+    > 0, at least one voxel deep along every axis (the outside of the array counts as
+    region). The voxel rule keeps partial volume out of coarse scans, where ``depth_mm`` is
+    less than a voxel: the VerSe L3 resampled to 3 mm voxels sampled fat at -78 HU instead
+    of -101 without it, and its slope rose by 12 %."""
+    if depth_mm <= 0:
+        return region.copy()
+    return (morphology.erode(region, depth_mm, sampling_zyx, border_value=1)
+            & ndimage.binary_erosion(region, border_value=1))
 
 
 def _body(smooth: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -168,10 +181,24 @@ def find_tissues(
     out = []
     for name in spec.tissues:
         if name == "air":
-            # Air outside the body; a flat 3x3x3 neighbourhood is padding or clipping.
+            # Air outside the body. Padding (the constant fill outside the reconstructed
+            # field of view, or around a resampled or rotated grid) is flat: a flat 3x3x3
+            # neighbourhood marks it (and clipping). The voxels within PAD_MARGIN_VOXELS of
+            # it are left out too: at the fill's edge, interpolation blends fill into the
+            # image and a voxel can equal the fill without a flat neighbourhood (the VerSe
+            # L3, which has no air, resampled to 3 mm on a turned grid gave 6,000-14,000
+            # such "air" voxels at exactly -1024 HU, which lowered its slope by 8 %).
             flat = ndimage.maximum_filter(hu, size=3) == ndimage.minimum_filter(hu, size=3)
+            flat = ndimage.binary_dilation(flat, iterations=PAD_MARGIN_VOXELS)
             region = window("air", smooth) & ~body & ~near_bone & ~flat
             region = _deep(region, spec.erosion_mm, sampling)
+            # A fill too thin for a flat neighbourhood (a wedge at the edge of a turned grid):
+            # when one exact value is most of the sample, it is that fill, not air, whose
+            # noise spreads it over tens of HU (clipping at -1024 takes a fifth of it at most).
+            if region.any():
+                values, counts = np.unique(hu[region], return_counts=True)
+                if counts.max() > PAD_FRACTION * counts.sum():
+                    region &= hu != values[counts.argmax()]
         elif name in ("fat", "muscle"):
             region = _deep(window(name, smooth) & body & ~near_bone, spec.erosion_mm, sampling)
             if name == "muscle":
