@@ -276,6 +276,14 @@ def test_real_sample_l3(tmp_path):
     # this scan came out at 54.5 keV and slope 0.51), and a slope near the tissue regression's
     assert 60.0 <= ee["effective_energy"]["energy_kev"] <= 80.0
     assert 0.7 <= tr["slope"] <= 0.95 and abs(ee["slope"] / tr["slope"] - 1) < 0.1
+    # two tissues, no residual: the line's uncertainty from the tissue scatter (8 HU), normal;
+    # tissue regression: var(slope) = (slope 8)² / Σ(x - x̄)² (docs/uncertainty.md)
+    x = np.array([t["median_hu"] for t in tr["tissues"] if t["used"]])
+    for cal in (ee, tr):
+        assert cal["dof"] is None and "tissue_sd_hu" in cal["uncertainty_note"]
+    assert np.sqrt(tr["covariance"][1][1]) == pytest.approx(
+        tr["slope"] * 8.0 / np.sqrt(((x - x.mean()) ** 2).sum()), rel=1e-9)
+    assert 0.05 < np.sqrt(ee["covariance"][1][1]) / ee["slope"] < 0.25  # 15 %: E from 2 tissues
     assert 50 <= med_tr <= 300 and 30 <= med_ee <= 300
 
 

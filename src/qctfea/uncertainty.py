@@ -103,12 +103,15 @@ class UncertaintyParams:
 
 
 def calibration_draws(cal: dict, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` draws of (intercept, slope) from calibration.json's fit (multivariate t);
-    the nominal line repeated when its covariance is not estimable (or fixed)."""
+    """``n`` draws of (intercept, slope) from calibration.json's fit (multivariate t; normal
+    when its ``dof`` is None, a known scatter); the nominal line repeated when its covariance
+    is not estimable (or fixed)."""
     mean = np.array([cal["intercept"], cal["slope"]], float)
     cov = cal.get("covariance")
     if cov is None:
         return np.tile(mean, (n, 1))
+    if cal.get("dof") is None:  # a known scatter (phantomless): normal
+        return mean + rng.multivariate_normal(np.zeros(2), np.asarray(cov, float), n)
     return mean + multivariate_t(np.asarray(cov, float), int(cal["dof"]), n, rng)
 
 
@@ -197,12 +200,24 @@ def screw_roi_means(points_mm: np.ndarray, values: list[np.ndarray], screw: Scre
     return roi_means(screw_roi(points_mm, screw, shell_mm), values)
 
 
+def robust_sd(draws) -> float:
+    """Half the central 68.27 % range of the finite draws: the SD of a normal, and finite for
+    the Student t of a fit with 1 or 2 degrees of freedom (a 3-rod phantom), whose variance is
+    infinite, so that a sample SD of its draws is set by a few extreme ones."""
+    d = np.asarray(draws, float)
+    d = d[np.isfinite(d)]
+    if d.size < 2:
+        return float("nan")
+    lo, hi = np.quantile(d, [stats.norm.cdf(-1.0), stats.norm.cdf(1.0)])
+    return float(hi - lo) / 2
+
+
 def summary(draws: np.ndarray, nominal: float, level: float) -> dict:
-    """Interval (percentiles of the draws) and SD of one outcome."""
+    """Interval (percentiles of the draws) and SD (:func:`robust_sd`) of one outcome."""
     d = np.asarray(draws, float)
     d = d[np.isfinite(d)]
     q = (1 - level) / 2
-    return {"value": float(nominal), "sd": float(d.std(ddof=1)),
+    return {"value": float(nominal), "sd": robust_sd(d),
             "ci_low": float(np.quantile(d, q)), "ci_high": float(np.quantile(d, 1 - q))}
 
 
@@ -317,8 +332,8 @@ def scan_uncertainty(p: UncertaintyParams, inp: ScanInputs, seed_key: str = "") 
         if value is None or not np.isfinite(runs["all"][key]).any():
             continue
         out[key] = {**summary(runs["all"][key], value, p.level),
-                    "sd_scan": float(np.nanstd(runs["scan"][key], ddof=1)),
-                    "sd_by_source": {s: float(np.nanstd(runs[s][key], ddof=1))
+                    "sd_scan": robust_sd(runs["scan"][key]),
+                    "sd_by_source": {s: robust_sd(runs[s][key])
                                      for s in RUNS if s not in ("all", "scan")}}
     return out
 

@@ -254,6 +254,16 @@ class TissueSpec:
              "densities agree; 0 = K2HPO4 added to unchanged water)"))
     #: blood whose median exceeds unenhanced blood (ICRU-44, at the fitted energy; the
     #: textbook 40 HU for tissue_regression) by more than this is contrast-enhanced: left out
+    #: between-person scatter of a reference tissue's HU about the model's: the phantomless
+    #: line's uncertainty (docs/uncertainty.md)
+    tissue_sd_hu: float = option(
+        8.0, minimum=0,
+        doc=("SD (HU) of a reference tissue's HU about the calibration model's (its composition "
+             "differs between people): the line's uncertainty is the fit's covariance with "
+             "this scatter, or the residual's when larger, drawn normal "
+             "([docs/uncertainty.md](../docs/uncertainty.md)); 2-4 tissues leave too few "
+             "degrees of freedom to estimate the scatter from the residual alone. On the two "
+             "real scans the tissues lay 0.5-8 HU from the effective-energy model's"))
     contrast_margin_hu: float = option(
         50.0, minimum=0,
         doc=("blood whose median exceeds unenhanced blood (ICRU-44 at the fitted energy; 40 HU "
@@ -355,17 +365,23 @@ def fit_line(hu: np.ndarray, density: np.ndarray) -> tuple[float, float, float]:
     return float(b), float(a), r2
 
 
-def line_covariance(x, y) -> tuple[np.ndarray | None, int]:
+def line_covariance(x, y, known_sd: float | None = None) -> tuple[np.ndarray | None, int | None]:
     """Covariance of the least-squares (intercept, slope) of ``y = a + b x``: s² (XᵀX)⁻¹
     with s² the residual variance on n − 2 degrees of freedom; (None, 0) with fewer than
-    3 points (no residual to estimate s² from)."""
+    3 points (no residual to estimate s² from). ``known_sd``: the points' scatter is known
+    (in ``y``'s units): s² is its square, or the residual variance when larger, and the
+    degrees of freedom None (normal draws); needs 2 points."""
     x, y = np.asarray(x, float), np.asarray(y, float)
+    X = np.stack([np.ones_like(x), x], axis=1)
     dof = len(x) - 2
+    s2 = 0.0
+    if dof >= 1:
+        coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+        s2 = float(((y - X @ coef) ** 2).sum()) / dof
+    if known_sd is not None and len(x) >= 2:
+        return max(known_sd ** 2, s2) * np.linalg.inv(X.T @ X), None
     if dof < 1:
         return None, 0
-    X = np.stack([np.ones_like(x), x], axis=1)
-    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-    s2 = float(((y - X @ coef) ** 2).sum()) / dof
     return s2 * np.linalg.inv(X.T @ X), dof
 
 
@@ -458,9 +474,14 @@ def phantom_calibration(
                        **_uncertainty(cov, dof, len(rods), "rods"))
 
 
-def _uncertainty(cov, dof: int, n: int, what: str) -> dict:
+def _uncertainty(cov, dof: int | None, n: int, what: str, known: str = "") -> dict:
+    """calibration.json's uncertainty keys; ``dof`` None: a known scatter (``known`` says
+    which), normal draws."""
     if cov is None:
         return {"covariance": None, "dof": 0, "uncertainty_note": _not_estimable(n, what)}
+    if dof is None:
+        return {"covariance": np.asarray(cov, float).tolist(), "dof": None,
+                "uncertainty_note": f"least-squares fit of {n} {what} with {known}; normal"}
     return {"covariance": np.asarray(cov, float).tolist(), "dof": int(dof),
             "uncertainty_note": f"least-squares fit of {n} {what}, {dof} degrees of freedom"}
 

@@ -365,11 +365,19 @@ def _tissue_regression(tissues: list[dict], spec: TissueSpec, context: str) -> C
                       f"({fit})", stacklevel=2)
     for t in used:
         t["calibrated_mg_cm3"] = intercept + slope * t["median_hu"]
+    # A tissue's HU scattering by tissue_sd_hu scatters its point along the line by slope x
+    # that in density (first order).
     cov, dof = line_covariance([t["median_hu"] for t in used],
-                               [t["reference_mg_cm3"] for t in used])
+                               [t["reference_mg_cm3"] for t in used],
+                               known_sd=slope * spec.tissue_sd_hu)
     return Calibration(slope=slope, intercept=intercept, r2=r2, method="phantomless",
                        tissues=tissues, coefficients={"model": "tissue_regression"},
-                       **_uncertainty(cov, dof, len(used), "tissues"))
+                       **_uncertainty(cov, dof, len(used), "tissues", _scatter_note(spec)))
+
+
+def _scatter_note(spec: TissueSpec) -> str:
+    return (f"a tissue scatter of {spec.tissue_sd_hu:g} HU "
+            "(calibration.phantomless.tissue_sd_hu) or the residual's, if larger")
 
 
 def _material(tissue: str) -> str:
@@ -488,21 +496,23 @@ def effective_energy_calibration(tissues: list[dict], spec: TissueSpec,
         "tissue_composition": TISSUE_SOURCES,
         "attenuation_data": f"xraydb {xraydb.__version__} (Elam tables, total incl. coherent)",
     }
-    cov, dof = _effective_energy_covariance(used, res, spec.water_displacement)
+    cov = _effective_energy_covariance(used, res, spec.water_displacement, spec.tissue_sd_hu)
     return Calibration(slope=slope, intercept=intercept, r2=r2, method="phantomless",
                        tissues=tissues, coefficients={"model": "effective_energy"},
                        effective_energy=info,
-                       **_uncertainty(cov, dof, len(used), "tissues (3 fitted parameters)"))
+                       **_uncertainty(cov, None, len(used),
+                                      f"tissues ({3 if len(used) >= 3 else 1} fitted "
+                                      "parameters)", _scatter_note(spec)))
 
 
-def _effective_energy_covariance(used: list[dict], res: dict, displacement: float):
-    """Covariance of (intercept, slope) of the effective-energy line: the fit ``HU_i = a +
-    b HU_t,i(E)`` has three parameters (a, b, E); their covariance s² (JᵀJ)⁻¹ (Gauss-Newton,
-    s² on n − 3 degrees of freedom) is carried to ``slope = 1 / (b k(E))``, ``intercept =
-    -a / (b k(E))`` to first order. None with fewer than 4 tissues."""
+def _effective_energy_covariance(used: list[dict], res: dict, displacement: float,
+                                 tissue_sd_hu: float) -> np.ndarray:
+    """Covariance of (intercept, slope) of the effective-energy line. Three or more tissues:
+    the fit ``HU_i = a + b HU_t,i(E)`` has three parameters (a, b, E), two tissues one (E;
+    a = 0, b = 1); their covariance s² (JᵀJ)⁻¹ (Gauss-Newton) with s² the square of
+    ``tissue_sd_hu``, or the residual variance (on n − 3 degrees of freedom) when larger, is
+    carried to ``slope = 1 / (b k(E))``, ``intercept = -a / (b k(E))`` to first order."""
     n = len(used)
-    if n < 4:
-        return None, 0
     names = [t["name"] for t in used]
     m = np.array([t["median_hu"] for t in used])
     E, a, b = res["energy_kev"], res["a"], res["b"]
@@ -512,9 +522,13 @@ def _effective_energy_covariance(used: list[dict], res: dict, displacement: floa
         return np.array([float(theoretical_hu(_material(nm), e)) for nm in names])
 
     t0, dT = T(E), (T(E + h) - T(E - h)) / (2 * h)
-    J = np.stack([np.ones(n), t0, b * dT], axis=1)
-    s2 = float(((m - (a + b * t0)) ** 2).sum()) / (n - 3)
-    cov_abe = s2 * np.linalg.pinv(J.T @ J)
+    s2 = tissue_sd_hu ** 2
+    if n >= 4:
+        s2 = max(s2, float(((m - (a + b * t0)) ** 2).sum()) / (n - 3))
+    free = [0, 1, 2] if n >= 3 else [2]  # fitted among (a, b, E)
+    J = np.stack([np.ones(n), t0, b * dT], axis=1)[:, free]
+    cov_abe = np.zeros((3, 3))
+    cov_abe[np.ix_(free, free)] = s2 * np.linalg.pinv(J.T @ J)
 
     def line(p):
         k = float(k2hpo4_hu_per_mg(p[2], displacement))
@@ -524,7 +538,7 @@ def _effective_energy_covariance(used: list[dict], res: dict, displacement: floa
     steps = np.array([1e-3, 1e-6, h])
     G = np.stack([(line(p0 + dp) - line(p0 - dp)) / (2 * dp[i])
                   for i, dp in enumerate(np.diag(steps))], axis=1)
-    return G @ cov_abe @ G.T, n - 3
+    return G @ cov_abe @ G.T
 
 
 def tissue_densities(cal: Calibration, tissues: list[dict]) -> list[dict]:
