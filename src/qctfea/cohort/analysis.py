@@ -160,8 +160,8 @@ def _read_scan_files(scan_dir: Path, model_dir: Path, cases: Sequence[str],
     inputs or its model's (scan.json of the ingest step, when there), its calibration or
     its model's (the baseline's), its label map's checks or its model's (vertebra.json of
     the mask step, when there), its model's screws (planning), its model's mesh, its
-    registration to baseline (a follow-up), a load case without a peak (all listed in exclusions.csv);
-    nothing after a refusal is read."""
+    registration to baseline (a follow-up), a load case without a peak or whose solve failed
+    (all listed in exclusions.csv); nothing after a refusal is read."""
     data: dict[str, Any] = {}
 
     def read(key: str, path: Path) -> dict:

@@ -9,7 +9,8 @@ from typing import Any
 
 import pandas as pd
 
-from qctfea.cohort.longtable import AREAL, label, missing_scans, timepoint_months, unit
+from qctfea.cohort.longtable import (AREAL, as_text, label, missing_scans, timepoint_months,
+                                     unit)
 
 
 def _fmt_p(p: float) -> str:
@@ -59,7 +60,7 @@ def _protocol_sentence(df: pd.DataFrame) -> str | None:
     ``protocol_change``), whose changes mix treatment and protocol; None when there are none."""
     if "protocol_change" not in df.columns:
         return None
-    changed = df[df["protocol_change"].fillna("").astype(str) != ""]
+    changed = df[as_text(df["protocol_change"]) != ""]
     if changed.empty:
         return None
     items = "; ".join(f"{r.patient} {r.timepoint}: {r.protocol_change}"

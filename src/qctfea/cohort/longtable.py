@@ -126,6 +126,12 @@ SCAN_FILES: dict[str, str] = {
 }
 
 
+def as_text(values: pd.Series) -> pd.Series:
+    """A text column as read back from a CSV: "" where empty (read as NaN, in a float column
+    when every cell is empty, which pandas will not fill with text)."""
+    return values.astype(object).fillna("").astype(str)
+
+
 def label(metric: str) -> str:
     """Human-readable name of a metric column."""
     return METRIC_INFO.get(metric, (metric, ""))[0]
@@ -438,7 +444,7 @@ def longitudinal_table(rows: list[dict]) -> pd.DataFrame:
         )
     for col in ("kernel", "manufacturer"):  # text read back from a CSV: NaN when empty
         if col in df.columns:
-            df[col] = df[col].fillna("").astype(str)
+            df[col] = as_text(df[col])
     if set(PROTOCOL_COLUMNS) <= set(df.columns):
         df["protocol_change"] = protocol_changes(df)
     ordered = [c for c in COLUMNS if c in df.columns] + [c for c in df.columns if c not in COLUMNS]

@@ -14,8 +14,8 @@ import pandas as pd
 from qctfea.cohort import clinical
 from qctfea.cohort import stats as st
 from qctfea.cohort.longtable import (
-    AREAL, _check_metrics, baseline_timepoint, label, missing_scans, timepoint_months, unit,
-    with_resolved_areal,
+    AREAL, _check_metrics, as_text, baseline_timepoint, label, missing_scans, timepoint_months,
+    unit, with_resolved_areal,
 )
 
 
@@ -330,7 +330,7 @@ def summary_by_timepoint(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 def category_counts(values: pd.Series, known: Sequence[str]) -> tuple[int, str]:
     """How many ``values`` are one of ``known``, and the counts as text ("F 3, M 1, not
     given 1"): the known ones in their order, then any other value; empty is "not given"."""
-    counts = values.fillna("").astype(str).replace("", "not given").value_counts()
+    counts = as_text(values).replace("", "not given").value_counts()
     order = [k for k in known if k in counts] + sorted(k for k in counts.index
                                                          if k not in known)
     n = int(sum(counts[k] for k in known if k in counts))

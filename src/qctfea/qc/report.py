@@ -150,13 +150,14 @@ def _clinical_tables(long_csv) -> tuple[pd.DataFrame, pd.DataFrame, list[str]] |
         counts.append(row)
     scans = pd.DataFrame({
         "patient": df["patient"], "timepoint": df["timepoint"],
-        "sex": df.get("sex", pd.Series("", index=df.index)).fillna("").replace("", "not given"),
+        "sex": longtable.as_text(df.get("sex", pd.Series("", index=df.index))).replace(
+            "", "not given"),
         "strength N": df["compression_strength_n"].map(
             lambda v: f"{v:.0f}" if math.isfinite(v) else "n/a"),
-        "strength category": df["strength_category"].fillna(""),
+        "strength category": longtable.as_text(df["strength_category"]),
         "trabecular vBMD mg/cm³": df["trabecular_vbmd_mg_cm3"].map(
             lambda v: f"{v:.1f}" if math.isfinite(v) else "n/a"),
-        "vBMD category": df["vbmd_category"].fillna("")})
+        "vBMD category": longtable.as_text(df["vbmd_category"])})
     sources = [str(v) for c in ("strength_category_source", "vbmd_category_source")
                if c in df.columns for v in dict.fromkeys(df[c].dropna())]
     return pd.DataFrame(counts), scans, sources
