@@ -32,6 +32,10 @@ def test_real_scan_screws_in_bone_converging(case, spacing, axis, deg, tmp_path)
     assert 100 < r["canal"]["area_mm2"] < 500  # thoracolumbar canals: about 150-300 mm²
     for s in r["screws"]:
         assert s["placement"]["grade"] in "AB", (s["side"], s["placement"])
+        # at their own resolution both scans have lines fully in bone on both sides, and the
+        # planner grades its best lines before choosing (the L1's right screw was B before)
+        assert spacing is not None or s["placement"]["grade"] == "A", (s["side"],
+                                                                       s["placement"])
         assert 5.0 <= s["planning"]["convergence_deg"] <= 25.0, s["planning"]
         assert s["length_mm"] >= 25.0
 

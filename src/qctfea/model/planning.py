@@ -66,12 +66,16 @@ direction matrix, so oblique (non-axial) scans are planned like axial ones.
    surface, not inside the pedicle), its length is ``min(screw.length_mm, d - margin_mm)``
    with ``d`` the distance from the entry to where the line leaves the bone in front, and
    its clearance is the smallest depth of its surface inside the bone beyond its first
-   radius (:class:`qctfea.model.placement.BoneField`). The line with the largest clearance
-   wins, plus 0.2 x the mean depth of its surface inside the bone (each point's depth
+   radius (:class:`qctfea.model.placement.BoneField`). Each line's score is its
+   clearance, plus 0.2 x the mean depth of its surface inside the bone (each point's depth
    counted up to 3 mm: centring where the smallest clearance ties, e.g. a pedicle taller
    than wide), with small preferences (0.02 per mm and per degree) for longer screws and
    for the trajectory's nominal angles among near-equal ones: the screw is centred in its
-   pedicle and kept off the canal and the endplates. A line whose axis, from the head's
+   pedicle and kept off the canal and the endplates. The :data:`GRADED_CANDIDATES`
+   best-scoring lines are graded (:func:`qctfea.model.placement.grade_screw`, the whole
+   surface, entry included) and the best grade wins, then the smallest breach, then the
+   score: the clearance leaves the first radius out, where the thread meets an oblique
+   surface, so a line that breaches there is not chosen over one fully in bone. A line whose axis, from the head's
    end to the tip, passes outside bone over the canal's footprint (a screw inserted
    from, or through, the spinal canal) is not a candidate, nor is a line too short
    (``min_length_mm``); a side with none is refused with an error
@@ -105,8 +109,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from qctfea.imaging.masks import BONE_PARTS, BODY, POSTERIOR, TRABECULAR, body_axis
-from qctfea.model.placement import (GRADES, BoneField, Frame, canal_record, find_canal, in_canal,
-                              screw_surface)
+from qctfea.model.placement import (GRADES, BoneField, Frame, canal_record, find_canal,
+                                    grade_screw, in_canal, screw_surface)
 from qctfea.errors import QctfeaError
 from qctfea.model.screw import SIDES, Screw, ScrewSpec
 from qctfea.config import option
@@ -122,6 +126,7 @@ OFFSET_MM = 1.5  #: the screw passes within this distance of the isthmus centre 
 OFFSET_STEP_MM = 0.75
 CENTRING_CAP_MM = 3.0  #: depths inside the bone beyond this add nothing to the centring term
 CENTRING_WEIGHT = 0.2  #: weight of the mean capped depth (centring) beside the clearance
+GRADED_CANDIDATES = 40  #: the best-scoring lines graded (Gertzbein-Robbins) before one is chosen
 FIT_FRACTION = 0.8  #: fit_diameter: screw diameter at most this fraction of the isthmus width
 FIT_STEP_MM = 0.5  #: fitted diameters are rounded down to this step
 MIN_FIT_DIAMETER_MM = 4.0  #: fit_diameter never goes below this
@@ -507,7 +512,7 @@ def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
                     np.arange(traj["medial_deg"][0], traj["medial_deg"][1] + 1e-9, ANGLE_STEP))
         angles_c = np.arange(traj["cranial_deg"][0], traj["cranial_deg"][1] + 1e-9, ANGLE_STEP)
         offsets = np.arange(-OFFSET_MM, OFFSET_MM + 1e-9, OFFSET_STEP_MM)
-        best = None
+        scored = []  # (score, candidate, medial, cranial, through)
         tried = 0
         through_canal[0] = 0
         for dl in offsets:
@@ -528,9 +533,8 @@ def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
                                  + 0.02 * cand["length"]
                                  - 0.02 * abs(m - traj["nominal_medial_deg"])
                                  - 0.02 * abs(cr - traj["nominal_cranial_deg"]))
-                        if best is None or score > best[0]:
-                            best = (score, cand, float(m), float(cr), through)
-        if best is None:
+                        scored.append((score, cand, float(m), float(cr), through))
+        if not scored:
             raise QctfeaError(
                 f"{context}: no {params.trajectory} trajectory through the {side} pedicle "
                 f"leaves room for a screw of at least planning.min_length_mm = "
@@ -540,7 +544,20 @@ def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
                 f"the isthmus within {OFFSET_MM:g} mm); lower planning.min_length_mm or "
                 "planning.margin_mm, try the other planning.trajectory, or give landmarks and "
                 "set planning.method: landmarks")
-        _, cand, m, cr, through = best
+        # The clearance leaves out the screw's first radius, where the thread meets an
+        # oblique surface at the entry: of the best-scoring lines, the best grade (then the
+        # best score) wins, so that a line fully in bone is not passed over for one whose
+        # entry breaches the wall (the real L1's right screw: grade B, 0.7 mm lateral at
+        # the entry, chosen over grade A lines).
+        scored.sort(key=lambda c: -c[0])
+        top = scored[:GRADED_CANDIDATES]
+        grades = [grade_screw(c[1]["entry"], c[1]["axis"], diameter, c[1]["length"], side,
+                              field, frame, params.grade_tolerance_mm, canal)
+                  for c in top]
+        pick = min(range(len(top)), key=lambda i: (GRADES.index(grades[i]["grade"]),
+                                                   grades[i]["breach_mm"] * (
+                                                       grades[i]["grade"] != "A"), i))
+        _, cand, m, cr, through = top[pick]
         axis = cand["axis"]
         axis_las = frame.axes.T @ axis
         screws.append(PlannedScrew(
@@ -562,6 +579,7 @@ def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
                     -(1.0 if side == "left" else -1.0) * axis_las[0], axis_las[1]))),
                 "cranial_deg": float(np.degrees(np.arcsin(np.clip(axis_las[2], -1, 1)))),
                 "clearance_mm": cand["clearance"],
+                "candidate_rank": pick + 1,  # by score, among the graded ones
                 "trajectories_tried": tried,
                 "available_length_mm": cand["available"],
                 "anterior_exit_mm": cand["exit"].tolist(),
