@@ -64,7 +64,8 @@ import numpy as np
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from qctfea.fea.elasticity import DEFAULT_PETSC_OPTIONS, build_nullspace, clear_options
+from qctfea.fea.elasticity import (DEFAULT_PETSC_OPTIONS, build_nullspace, clear_options,
+                                   smoother_fallback)
 from qctfea.errors import QctfeaError
 
 if TYPE_CHECKING:
@@ -139,6 +140,9 @@ class NonlinearResult:
     newton_iterations: int = 0
     ksp_iterations: int = 0
     linear_fallbacks: int = 0
+    #: the solver smooths with scalar Jacobi after a failed linear solve with point-block
+    #: Jacobi (qctfea.fea.elasticity.SMOOTHER_FALLBACK)
+    smoother_fallback: bool = False
     #: imex: preconditioner set-ups after the probe's (IMEX_PC_REBUILD_ITERATIONS)
     preconditioner_rebuilds: int = 0
     #: seconds of one linear solve of the model (the probe increment's Newton step)
@@ -508,23 +512,42 @@ class _IncrementSolver:
             if opts.get("ksp_type") == "cg":
                 opts["ksp_type"] = "gmres"
         self.opts, self.prefix = opts, prefix
-        po = PETSc.Options()
-        for k, v in opts.items():
-            po[prefix + k] = v
-        snes = PETSc.SNES().create(comm)
-        snes.setOptionsPrefix(prefix)
-        snes.setFunction(self._F, self.b)
-        snes.setJacobian(self._J, self.A)
-        snes.setConvergenceTest(self._converged)
-        snes.setFromOptions()
-        snes.getKSP().setFromOptions()
-        self.snes = snes
+        self.snes = self._make_snes(comm)
         self.force = 0.0
         self.yielded = 0
         self.norms = (np.inf, 1.0)
         #: imex: du and step of the last solved increment, the next one's predictor
         self.x_last = self.b.duplicate()
         self.h_last = None
+
+    def _make_snes(self, comm):
+        """The SNES (and its KSP) from ``self.opts`` under ``self.prefix``."""
+        po = PETSc.Options()
+        for k, v in self.opts.items():
+            po[self.prefix + k] = v
+        snes = PETSc.SNES().create(comm)
+        snes.setOptionsPrefix(self.prefix)
+        snes.setFunction(self._F, self.b)
+        snes.setJacobian(self._J, self.A)
+        snes.setConvergenceTest(self._converged)
+        snes.setFromOptions()
+        snes.getKSP().setFromOptions()
+        return snes
+
+    def _fall_back_to_jacobi_smoothing(self) -> bool:
+        """After a failed linear solve with point-block Jacobi smoothing: the solver again
+        with scalar Jacobi (:data:`qctfea.fea.elasticity.SMOOTHER_FALLBACK`) for this and
+        every later increment; False when it smooths with scalar Jacobi already."""
+        retry = smoother_fallback(self.opts)
+        if retry is None:
+            return False
+        comm = self.snes.comm
+        clear_options(self.prefix, self.opts)
+        self.snes.destroy()
+        self.opts = retry
+        self.snes = self._make_snes(comm)
+        self.res.smoother_fallback = True
+        return True
 
     # SNES callbacks --------------------------------------------------------------------
     def _F(self, snes, x, F):
@@ -622,6 +645,10 @@ class _IncrementSolver:
             reason, its2 = self._solve(step)
             its += its2
             m.symmetric_tangent = False
+        if reason == PETSc.SNES.ConvergedReason.DIVERGED_LINEAR_SOLVE \
+                and self._fall_back_to_jacobi_smoothing():
+            reason, its2 = self._solve(step)
+            its += its2
         ok = reason > 0
         if ok:
             # the state of the converged iterate (SNES evaluated F last at the solution)

@@ -342,10 +342,11 @@ class Calibration:
     #: phantoms') or hydroxyapatite (a hydroxyapatite phantom, PhantomSpec.equivalent)
     equivalent: str = "k2hpo4"
     #: uncertainty of the line from its fit: covariance of (intercept, slope) and its degrees
-    #: of freedom (a Student t with ``dof``); ``covariance`` None when the fit cannot estimate
-    #: it (``uncertainty_note`` says why). Used by :mod:`qctfea.uncertainty`.
+    #: of freedom (a Student t with ``dof``; None: a known scatter, normal, as phantomless
+    #: calibrations have); ``covariance`` None when the fit cannot estimate it
+    #: (``uncertainty_note`` says why). Used by :mod:`qctfea.uncertainty`.
     covariance: list | None = None
-    dof: int = 0
+    dof: int | None = 0
     uncertainty_note: str = ""
 
     def apply(self, hu: np.ndarray) -> np.ndarray:

@@ -87,8 +87,10 @@ def _save(fig, paths: dict[str, Path], dpi: int = 120) -> None:
                         else None)
 
 
-def message_picture(title: str, message: str, path: str | os.PathLike) -> None:
-    """A QC picture that says why there is nothing to show (a refused step's output)."""
+def message_picture(title: str, message: str, path: str | os.PathLike | dict[str, Path]
+                    ) -> None:
+    """A picture that says why there is nothing to show (a refused step's output); ``path``
+    one PNG, or {format: path}."""
     import textwrap
 
     fig = _new_figure(7.0, 3.0)
@@ -97,7 +99,7 @@ def message_picture(title: str, message: str, path: str | os.PathLike) -> None:
     ax.set_title(title, fontsize=10, color="C3")
     ax.text(0.5, 0.5, "\n".join(textwrap.wrap(message, 90)), transform=ax.transAxes,
             ha="center", va="center", fontsize=8)
-    _save(fig, {"png": Path(path)})
+    _save(fig, path if isinstance(path, dict) else {"png": Path(path)})
 
 
 def _axis_label(metric: str) -> str:
@@ -209,13 +211,16 @@ def qc_montage(
     """Grid of per-scan pictures: one row per patient, one column per timepoint.
 
     ``entries`` are ``(patient, timepoint, png path)``; a cell without an entry
-    is marked "missing". Raises :class:`QctfeaError` naming an unreadable picture.
+    is marked "missing"; without entries (every scan refused or excluded) the picture says
+    so. Raises :class:`QctfeaError` naming an unreadable picture.
     """
     from matplotlib.image import imread
 
     entries = [(str(p), str(t), Path(f)) for p, t, f in entries]
     if not entries:
-        raise QctfeaError("qc_montage: no pictures given")
+        message_picture(title or "QC", "No scan is kept: every scan was refused or excluded "
+                        "(tables/exclusions.csv lists them and why).", paths)
+        return
     patients = sorted({p for p, _, _ in entries})
     tps = list(timepoints) if timepoints else list(dict.fromkeys(t for _, t, _ in entries))
     cell = {(p, t): f for p, t, f in entries}
