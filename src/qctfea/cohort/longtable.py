@@ -470,7 +470,11 @@ def read_long_table(long_csv: str | os.PathLike) -> pd.DataFrame:
         raise QctfeaError(f"{long_csv}: cannot read the long table ({exc})") from exc
     df = longitudinal_table(df.to_dict("records"))
     if df.empty:
-        raise QctfeaError(f"{long_csv}: long table has no rows")
+        raise QctfeaError(
+            f"{long_csv}: long table has no rows: no scan is kept, every scan was refused by "
+            f"a gate or excluded ({long_csv.parent / 'exclusions.csv'} lists them and why, "
+            "and logs/<cohort>/failures.txt the failed jobs); no cohort tables, statistics or "
+            "figures can be made of none")
     return df
 
 
