@@ -102,3 +102,30 @@ def test_a_vertebra_that_cannot_be_meshed_is_recorded_and_the_gate_refuses_it(de
         steps_model.accept_mesh(mesh_json=tmp_path / "mesh.json",
                                 out_json=tmp_path / "mesh_accepted.json", context=ctx)
     assert not (tmp_path / "mesh_accepted.json").exists()
+
+
+def test_the_mesh_pictures_screw_plane_cuts_both_screws():
+    """The QC picture's screw plane: for screws whose axes meet, the plane of both axes
+    (their entries and tips on it); for screws planned at different cranial angles (axes
+    passing each other), the plane nearest their entries and tips, which before lay midway
+    between the axes and cut neither 6.5 mm screw (the real L1: 0 and 10 degrees)."""
+    from qctfea.model.screw import Screw, ScrewSpec
+    from qctfea.qc.meshplot import screw_planes
+
+    spec = ScrewSpec(diameter_mm=6.5, length_mm=40.0)
+
+    def screw(side, entry, medial_deg, cranial_deg):
+        m, c = np.radians(medial_deg), np.radians(cranial_deg)
+        sign = 1.0 if side == "left" else -1.0  # LPS: left is +x, anterior is -y
+        axis = np.array([-sign * np.sin(m) * np.cos(c), -np.cos(m) * np.cos(c), np.sin(c)])
+        return Screw(side, np.array(entry, float), axis, spec)
+
+    def offsets(screws):
+        origin, normal, _ = screw_planes(screws)["screw plane"]
+        n = normal / np.linalg.norm(normal)
+        return [abs((p - origin) @ n) for s in screws for p in (s.entry_mm, s.tip_mm)]
+
+    meeting = [screw("left", [20.0, 30.0, 0.0], 15, 0), screw("right", [-20.0, 30.0, 0.0], 15, 0)]
+    assert max(offsets(meeting)) < 1e-9
+    skew = [screw("left", [17.0, 32.0, -1.0], 7.5, 0), screw("right", [-18.0, 28.0, -3.0], 15, 10)]
+    assert max(offsets(skew)) < 6.5 / 2, offsets(skew)

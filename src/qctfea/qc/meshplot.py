@@ -1,6 +1,7 @@
 """QC picture of a mesh: planar cuts through the screws, elements coloured by subdomain.
 
-Two cuts are drawn: the *screw plane* (the plane through both screw axes, a
+Two cuts are drawn: the *screw plane* (the plane through both screw axes, or the one
+nearest their entries and tips when the axes pass each other; a
 transverse section through the pedicles) and a *sagittal* cut along the left
 screw (the plane through its axis perpendicular to the screw plane). Each
 tetrahedron that the plane crosses contributes its section polygon (a
@@ -64,13 +65,20 @@ def screw_planes(screws) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
     a = by.get("left") or screws[0]
     b = by.get("right") or screws[-1]
     n = np.cross(a.axis, b.axis)
+    origin = (a.entry_mm + b.entry_mm) / 2
+    if a is not b and np.linalg.norm(n) >= 0.05:
+        # The plane nearest both screws' entries and tips (least squares): the plane of both
+        # axes when they meet, and one that cuts both when they do not (screws planned at
+        # different cranial angles, whose axes pass each other millimetres apart).
+        ends = np.array([a.entry_mm, a.tip_mm, b.entry_mm, b.tip_mm])
+        origin = ends.mean(axis=0)
+        n = np.linalg.svd(ends - origin)[2][-1]
     # Parallel screws: the plane through both entries; one screw: any plane along its axis.
     for other in (b.entry_mm - a.entry_mm, [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]):
         if np.linalg.norm(n) >= 0.05:
             break
         n = np.cross(a.axis, other)
     n /= np.linalg.norm(n)
-    origin = (a.entry_mm + b.entry_mm) / 2
     sag_n = np.cross(a.axis, n)
     return {"screw plane": (origin, n, a.axis),
             f"{a.side} screw, sagittal cut": (a.entry_mm, sag_n, a.axis)}
