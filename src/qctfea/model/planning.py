@@ -75,10 +75,10 @@ direction matrix, so oblique (non-axial) scans are planned like axial ones.
    best-scoring lines are graded (:func:`qctfea.model.placement.grade_screw`, the whole
    surface, entry included) and the best grade wins, then the smallest breach, then the
    score: the clearance leaves the first radius out, where the thread meets an oblique
-   surface, so a line that breaches there is not chosen over one fully in bone. A line whose axis, from the head's
-   end to the tip, passes outside bone over the canal's footprint (a screw inserted
-   from, or through, the spinal canal) is not a candidate, nor is a line too short
-   (``min_length_mm``); a side with none is refused with an error
+   surface, so a line that breaches there is not chosen over one fully in bone. A line
+   whose axis, from the head's end to the tip, passes outside bone over the canal's
+   footprint (a screw inserted from, or through, the spinal canal) is not a candidate,
+   nor is a line too short (``min_length_mm``); a side with none is refused with an error
    naming the scan and what to change. A screw wider than the isthmus is a warning;
    ``planning.fit_diameter: true`` reduces it to 0.8 x the isthmus width (rounded down
    to 0.5 mm, at least 4 mm) and records both diameters.
