@@ -13,6 +13,7 @@ the step that writes it, never a reader's traceback.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,17 @@ _INPUTS = {
     "registration": ("registration record", "run the registration first (rule "
                      "register_to_baseline)"),
 }
+
+
+def write_refusal(step: str, message, out_json, params, inputs: dict,
+                   write_placeholders) -> None:
+    """A refused step's outputs for its gate: the message in ``out_json`` (key ``refused``)
+    and, by ``write_placeholders()``, its other outputs as placeholders that nothing reads
+    (every step after the gate waits for it)."""
+    logging.getLogger(__name__).error(f"[{step}] refused: {message}")
+    write_placeholders()
+    write_json(out_json, {"refused": str(message), "provenance": provenance(
+        step, params, {k: str(v) if v else None for k, v in inputs.items()})})
 
 
 def accept_record(step: str, record_path, input_name: str, keys: tuple[str, ...], out_json

@@ -18,7 +18,7 @@ from qctfea.errors import GateRefusal, QctfeaError
 from qctfea.provenance import atomic_path, provenance, write_json
 from qctfea.steps import (
     accept_record, grid_only, image_like, integer_labels, load_screws, need_inputs, params_from,
-    read_ct, read_density, read_grid, read_image, read_labels, write_image,
+    read_ct, read_density, read_grid, read_image, read_labels, write_image, write_refusal,
 )
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,9 @@ def ingest(*, source, out_image, out_json, context: str, series_uid: str | None 
 
 def _record_refusal(step: str, exc: QctfeaError, out_image, pixel_type: int, out_json,
                     params: dict, inputs: dict) -> None:
-    """A refused step's outputs for its gate: the message in ``out_json`` (key ``refused``)
-    and a one-voxel placeholder ``out_image`` that nothing reads (every step after the gate
-    waits for it)."""
-    log.error(f"[{step}] refused: {exc}")
-    write_image(sitk.Image([1, 1, 1], pixel_type), out_image)
-    write_json(out_json, {"refused": str(exc), "provenance": provenance(
-        step, params, {k: str(v) if v else None for k, v in inputs.items()})})
+    """:func:`qctfea.steps.write_refusal` with a one-voxel placeholder ``out_image``."""
+    write_refusal(step, exc, out_json, params, inputs,
+                   lambda: write_image(sitk.Image([1, 1, 1], pixel_type), out_image))
 
 
 def accept_scan(*, scan_json, out_json, context: str) -> None:
@@ -284,8 +280,8 @@ def accept_vertebra(*, vertebra_json, out_json, context: str) -> None:
     """The label map's gate: fail the scan whose vertebra the mask step refused (its
     record's ``refused`` message); else record the vertebra's volume it passed with."""
     rec = accept_record("accept_vertebra", vertebra_json, "vertebra",
-                  ("vertebra_volume_cm3", "body_volume_cm3", "trabecular_roi_volume_cm3"),
-                  out_json)
+                        ("vertebra_volume_cm3", "body_volume_cm3", "trabecular_roi_volume_cm3"),
+                        out_json)
     log.info(f"[accept_vertebra] {context}: vertebra {rec['vertebra_volume_cm3']:.1f} cm³")
 
 

@@ -17,7 +17,7 @@ from qctfea.errors import QctfeaError
 from qctfea.model import tags as mesh_tags
 from qctfea.provenance import atomic_path, provenance, read_json, write_json
 from qctfea.steps import (accept_record, load_screws, need_inputs, params_from, read_density,
-                          read_image)
+                          read_image, write_refusal)
 
 log = logging.getLogger(__name__)
 
@@ -196,14 +196,17 @@ def mesh(*, parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str
                "do: look at the label map's QC (vertebra.json) and the mesh sizes (mesh.* in "
                "the cohort config: voxel_mm, bone_cell_size_mm, screw_cell_size_mm), or "
                "exclude the scan (exclude: in the cohort config)")
-        log.error(f"[mesh] refused: {msg}")
-        meshing.write_mesh(out_mesh, np.eye(4, 3), np.arange(4)[None], np.zeros(1, np.int32))
-        if out_png:
-            from qctfea.qc.figures import message_picture
 
-            message_picture(f"{context}: mesh refused", msg, out_png)
-        write_json(out_json, {"refused": msg, "provenance": provenance(
-            "mesh", p, {"parts": parts_path, "screws": screws_path})})
+        def placeholders() -> None:  # a one-tetrahedron mesh, a picture of the message
+            meshing.write_mesh(out_mesh, np.eye(4, 3), np.arange(4)[None],
+                               np.zeros(1, np.int32))
+            if out_png:
+                from qctfea.qc.figures import message_picture
+
+                message_picture(f"{context}: mesh refused", msg, out_png)
+
+        write_refusal("mesh", msg, out_json, p, {"parts": parts_path, "screws": screws_path},
+                       placeholders)
 
 
 def _mesh(parts_path, screws_path, out_mesh, out_json, p, context: str, out_png) -> None:
