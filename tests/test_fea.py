@@ -87,6 +87,42 @@ def test_nonconvergence_raises_with_reason():
         model.solve(bcs, {"ksp_max_it": 2, "pc_type": "jacobi"})
 
 
+def test_singular_blocks_are_found_as_numpy_finds_them():
+    """The check that keeps point-block Jacobi off a multigrid level with a singular diagonal
+    block: the smallest ratio of smallest to largest eigenvalue over a matrix's 6 x 6 diagonal
+    blocks, against numpy's eigenvalues of the same blocks; a rank-3 block (an aggregate of
+    one node, whose rotations have no stiffness) is below the threshold, SPD blocks are not."""
+    from petsc4py import PETSc
+
+    from qctfea.fea.elasticity import SINGULAR_BLOCK_RATIO, smallest_block_ratio
+
+    rng = np.random.default_rng(3)
+    g = rng.normal(size=(6, 6))
+    spd = g @ g.T + 0.5 * np.eye(6)
+    h = rng.normal(size=(6, 3))
+    singular = h @ h.T  # rank 3
+    dense = np.zeros((18, 18))
+    dense[:6, :6], dense[6:12, 6:12], dense[12:, 12:] = spd, 3.0 * spd, singular
+    dense[:6, 6:12] = 0.1 * rng.normal(size=(6, 6))  # coupling between blocks: not used
+    dense[6:12, :6] = dense[:6, 6:12].T
+
+    def ratio(blocks):
+        w = [np.linalg.eigvalsh(b) for b in blocks]
+        return min(v[0] / v[-1] for v in w)
+
+    for blocks, expect_singular in (((0, 1), False), ((0, 1, 2), True)):
+        n = 6 * len(blocks)
+        A = PETSc.Mat().createAIJ([n, n], bsize=6, comm=PETSc.COMM_SELF)
+        A.setUp()
+        A.setValues(range(n), range(n), dense[:n, :n].ravel())
+        A.assemble()
+        got = smallest_block_ratio(A)
+        assert got == pytest.approx(ratio([dense[6 * k:6 * k + 6, 6 * k:6 * k + 6]
+                                           for k in blocks]), rel=1e-9, abs=1e-14)
+        assert (got < SINGULAR_BLOCK_RATIO) == expect_singular, got
+        A.destroy()
+
+
 def test_weighted_quantile():
     from qctfea.fea.loadcases import weighted_quantile
 

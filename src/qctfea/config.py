@@ -185,7 +185,8 @@ WORKFLOW_ROWS: dict[str, tuple[tuple[str, ...], str, str]] = {
         "PETSc options without the leading dash, applied over the defaults (`ksp_rtol`, "
         "`pc_type`, `mg_levels_ksp_max_it`, ...). Defaults (`src/qctfea/fea/elasticity.py`): "
         "CG + GAMG (aggregation, rigid-body near-null space), rtol 1e-10; smoothing per "
-        "level: one Chebyshev step with 3x3 point-block Jacobi for linear analyses, two with "
+        "level: one Chebyshev step with point-block Jacobi for linear analyses (scalar Jacobi "
+        "on a level with a singular block), two with "
         "scalar Jacobi and the GAMG interpolation reused between Newton steps for nonlinear "
         "ones (`NONLINEAR_PETSC_OPTIONS` in `fea/stepping.py`); why: "
         "[docs/performance.md](../docs/performance.md)"),

@@ -54,7 +54,8 @@ DEFAULT_PETSC_OPTIONS = {
     # the fine level, 6x6 on GAMG's coarse levels) per level and direction
     # (docs/performance.md): 22-36 % faster linear solves than PETSc's 2 steps with scalar
     # Jacobi on the demo models (4.5-2 mm), 34-42 CG iterations at rtol 1e-8, no growth
-    # with refinement. The nonlinear solver keeps 2 steps (stepping.py).
+    # with refinement. A coarse level with a singular block is smoothed with scalar Jacobi
+    # (SINGULAR_BLOCK_RATIO). The nonlinear solver: 2 steps, scalar Jacobi (stepping.py).
     "mg_levels_pc_type": "pbjacobi",
     "mg_levels_ksp_max_it": 1,
     # Eigenvalue estimate for Chebyshev by CG (the operator is SPD).
@@ -62,20 +63,55 @@ DEFAULT_PETSC_OPTIONS = {
     "mg_levels_ksp_chebyshev_esteig_steps": 20,
 }
 
-#: When a solve with point-block Jacobi smoothing fails, it is repeated with scalar Jacobi:
-#: on the real L1 with its screws planned at 7.5/15 degrees (mesh 3 mm, 53,841 DOFs) GAMG
-#: with point-block Jacobi was indefinite (DIVERGED_INDEFINITE_PC after 5 CG iterations,
-#: every load case, linear and nonlinear) where scalar Jacobi converged in 62 iterations: a
-#: coarse level's 6 x 6 block (an aggregate's rigid-body modes) can be near singular.
-SMOOTHER_FALLBACK = {"mg_levels_pc_type": "jacobi"}
+#: Point-block Jacobi inverts each diagonal block of a level's operator. On GAMG's coarse
+#: levels a block is an aggregate's 6 x 6 rigid-body block, and an aggregate of one node (or
+#: of nodes on a line) has no stiffness against some of its rotations: the block is
+#: singular. Run on 2 ranks, the real L1 of the totalseg-l1 cohort (mesh 3 mm, 53,841 DOFs)
+#: had one such block on level 2 of 4 (smallest / largest eigenvalue 2e-17; 0.009 or more
+#: for every other block of the hierarchy, and no such block on 1 rank): CG stopped with
+#: DIVERGED_INDEFINITE_PC after 5 iterations for every load case. A level with a block whose
+#: smallest / largest eigenvalue is below this ratio is smoothed with scalar Jacobi
+#: instead (:func:`singular_block_levels`), before the solve.
+SINGULAR_BLOCK_RATIO = 1.0e-8
 
 
-def smoother_fallback(options: dict) -> dict | None:
-    """The options to retry a failed solve with, or None when they smooth with scalar
-    Jacobi already (see :data:`SMOOTHER_FALLBACK`)."""
-    if options.get("mg_levels_pc_type") != "pbjacobi":
-        return None
-    return {**options, **SMOOTHER_FALLBACK}
+def smallest_block_ratio(A) -> float:
+    """The smallest ratio of smallest to largest eigenvalue over the diagonal blocks (of the
+    matrix's block size) of this rank's rows of ``A`` (inf when it has none); a block whose
+    largest eigenvalue is not positive counts as -inf."""
+    bs = A.getBlockSize()
+    r0, r1 = A.getOwnershipRange()
+    if r1 == r0 or bs == 1:
+        return np.inf
+    ai, aj, av = A.getValuesCSR()
+    rows = np.repeat(np.arange(r1 - r0), np.diff(ai))
+    cols = aj - r0
+    inside = (cols >= 0) & (cols < r1 - r0) & (cols // bs == rows // bs)
+    blocks = np.zeros(((r1 - r0) // bs, bs, bs))
+    blocks[rows[inside] // bs, rows[inside] % bs, cols[inside] % bs] = av[inside]
+    w = np.linalg.eigvalsh(0.5 * (blocks + blocks.transpose(0, 2, 1)))
+    ratio = np.where(w[:, -1] > 0, w[:, 0] / np.where(w[:, -1] > 0, w[:, -1], 1.0), -np.inf)
+    return float(ratio.min())
+
+
+def singular_block_levels(ksp) -> list[int]:
+    """The levels of the set-up multigrid preconditioner of ``ksp`` whose point-block Jacobi
+    smoother would invert a (near) singular diagonal block (:data:`SINGULAR_BLOCK_RATIO`);
+    the finest level's 3 x 3 nodal blocks of an assembled stiffness are not checked.
+    Collective."""
+    pc = ksp.getPC()
+    if pc.getType() not in ("gamg", "mg"):
+        return []
+    comm = ksp.getComm().tompi4py()
+    levels = []
+    for level in range(1, pc.getMGLevels() - 1):
+        smoother = pc.getMGSmoother(level)
+        if smoother.getPC().getType() != "pbjacobi":
+            continue
+        ratio = smallest_block_ratio(smoother.getOperators()[1])
+        if comm.allreduce(ratio, op=MPI.MIN) < SINGULAR_BLOCK_RATIO:
+            levels.append(level)
+    return levels
 
 
 @dataclass
@@ -83,8 +119,9 @@ class SolveInfo:
     iterations: int = 0
     converged_reason: str = ""
     residual_norm: float = 0.0
-    #: why the solve was repeated with scalar Jacobi smoothing ("": it was not)
-    smoother_fallback: str = ""
+    #: multigrid levels smoothed with scalar Jacobi instead of point-block Jacobi, whose
+    #: operator had a singular diagonal block (:func:`singular_block_levels`)
+    jacobi_levels: list = field(default_factory=list)
     n_dofs: int = 0
     n_cells: int = 0
     mpi_ranks: int = 1
@@ -212,27 +249,28 @@ class ElasticModel:
 
         options = {**DEFAULT_PETSC_OPTIONS, **(petsc_options or {})}
         names = {v: k for k, v in vars(PETSc.KSP.ConvergedReason).items() if isinstance(v, int)}
-        while True:
-            ksp = make_ksp(comm, A, prefix, options)
-            t0 = time.perf_counter()
-            ksp.setUp()
-            info.seconds["preconditioner_setup"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ksp.solve(b, self.u.x.petsc_vec)  # from zero (PETSc's default initial guess)
-            self.u.x.scatter_forward()
-            info.seconds["solve"] = time.perf_counter() - t0
-            reason = ksp.getConvergedReason()
-            info.iterations = int(ksp.getIterationNumber())
-            info.converged_reason = names.get(reason, str(reason))
-            info.residual_norm = float(ksp.getResidualNorm())
+        t0 = time.perf_counter()
+        ksp = make_ksp(comm, A, prefix, options)
+        ksp.setUp()
+        info.jacobi_levels = singular_block_levels(ksp)
+        if info.jacobi_levels:  # GAMG's hierarchy is the same again: those levels Jacobi
             clear_options(prefix, options)
             ksp.destroy()
-            retry = smoother_fallback(options) if reason < 0 else None
-            if retry is None:
-                break
-            info.smoother_fallback = (f"{info.converged_reason} with mg_levels_pc_type "
-                                      "pbjacobi; solved again with jacobi")
-            options = retry
+            options = {**options, **{f"mg_levels_{level}_pc_type": "jacobi"
+                                     for level in info.jacobi_levels}}
+            ksp = make_ksp(comm, A, prefix, options)
+            ksp.setUp()
+        info.seconds["preconditioner_setup"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ksp.solve(b, self.u.x.petsc_vec)  # from zero (PETSc's default initial guess)
+        self.u.x.scatter_forward()
+        info.seconds["solve"] = time.perf_counter() - t0
+        reason = ksp.getConvergedReason()
+        info.iterations = int(ksp.getIterationNumber())
+        info.converged_reason = names.get(reason, str(reason))
+        info.residual_norm = float(ksp.getResidualNorm())
+        clear_options(prefix, options)
+        ksp.destroy()
         A.destroy()
         b.destroy()
         if reason < 0:

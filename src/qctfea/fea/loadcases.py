@@ -348,7 +348,7 @@ def _solver_summary(info) -> dict:
     return {
         "ksp_iterations": info.iterations,
         "converged_reason": info.converged_reason,
-        "smoother_fallback": info.smoother_fallback,
+        "jacobi_levels": info.jacobi_levels,
         "residual_norm": info.residual_norm,
         "n_dofs": info.n_dofs,
         "n_cells": info.n_cells,
@@ -376,7 +376,6 @@ def _nonlinear_summary(nl) -> dict:
         "linear_solve_s": d["linear_solve_s"],
         "cost_in_linear_solves": d["cost_in_linear_solves"],
         "linear_fallbacks": d["linear_fallbacks"],
-        "smoother_fallback": nl.smoother_fallback,
         "ksp_iterations": nl.ksp_iterations,
         "preconditioner_rebuilds": nl.preconditioner_rebuilds,
         "n_dofs": nl.n_dofs,

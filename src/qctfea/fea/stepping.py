@@ -64,8 +64,7 @@ import numpy as np
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from qctfea.fea.elasticity import (DEFAULT_PETSC_OPTIONS, build_nullspace, clear_options,
-                                   smoother_fallback)
+from qctfea.fea.elasticity import DEFAULT_PETSC_OPTIONS, build_nullspace, clear_options
 from qctfea.errors import QctfeaError
 
 if TYPE_CHECKING:
@@ -73,14 +72,18 @@ if TYPE_CHECKING:
 
 #: Newton (SNES) and its linear solves. GAMG keeps its prolongators between Newton steps
 #: (the sparsity never changes); damaged elements make one smoothing step too weak, so the
-#: smoother is 2 Chebyshev steps with 3x3 point-block Jacobi (the linear default's blocks,
-#: 3-7 % fewer CG iterations than scalar Jacobi; docs/performance.md). GAMG drops graph
+#: smoother is 2 Chebyshev steps with scalar Jacobi. (3x3 point-block Jacobi took 3-7 % fewer
+#: CG iterations and 0.3-2 % less time on the demo, but GAMG's coarse levels can hold a
+#: singular aggregate block, which breaks it: elasticity.SINGULAR_BLOCK_RATIO,
+#: docs/performance.md; the linear solve checks for these blocks, the nonlinear one, whose
+#: hierarchy PETSc builds inside Newton, avoids them.) GAMG drops graph
 #: connections weaker than 0.02 of the diagonal when it aggregates (the linear default
 #: 0.01): aggregates that follow the stiff bone and the screw, not the soft and the failed
 #: elements (demo P01 M00: 21 % fewer CG iterations, docs/nonlinear.md). The Krylov
 #: tolerance is set per Newton step by Eisenstat-Walker (``snes_ksp_ew``).
 NONLINEAR_PETSC_OPTIONS = {
-    **DEFAULT_PETSC_OPTIONS, "mg_levels_ksp_max_it": 2, "pc_gamg_threshold": 0.02,
+    **DEFAULT_PETSC_OPTIONS, "mg_levels_pc_type": "jacobi", "mg_levels_ksp_max_it": 2,
+    "pc_gamg_threshold": 0.02,
     "pc_gamg_reuse_interpolation": True,
     "snes_type": "newtonls", "snes_linesearch_type": "basic", "snes_ksp_ew": True,
     "snes_ksp_ew_rtol0": 0.1, "snes_ksp_ew_rtolmax": 0.5,
@@ -140,9 +143,6 @@ class NonlinearResult:
     newton_iterations: int = 0
     ksp_iterations: int = 0
     linear_fallbacks: int = 0
-    #: the solver smooths with scalar Jacobi after a failed linear solve with point-block
-    #: Jacobi (qctfea.fea.elasticity.SMOOTHER_FALLBACK)
-    smoother_fallback: bool = False
     #: imex: preconditioner set-ups after the probe's (IMEX_PC_REBUILD_ITERATIONS)
     preconditioner_rebuilds: int = 0
     #: seconds of one linear solve of the model (the probe increment's Newton step)
@@ -534,21 +534,6 @@ class _IncrementSolver:
         snes.getKSP().setFromOptions()
         return snes
 
-    def _fall_back_to_jacobi_smoothing(self) -> bool:
-        """After a failed linear solve with point-block Jacobi smoothing: the solver again
-        with scalar Jacobi (:data:`qctfea.fea.elasticity.SMOOTHER_FALLBACK`) for this and
-        every later increment; False when it smooths with scalar Jacobi already."""
-        retry = smoother_fallback(self.opts)
-        if retry is None:
-            return False
-        comm = self.snes.comm
-        clear_options(self.prefix, self.opts)
-        self.snes.destroy()
-        self.opts = retry
-        self.snes = self._make_snes(comm)
-        self.res.smoother_fallback = True
-        return True
-
     # SNES callbacks --------------------------------------------------------------------
     def _F(self, snes, x, F):
         m, sec = self.m, self.sec
@@ -645,10 +630,6 @@ class _IncrementSolver:
             reason, its2 = self._solve(step)
             its += its2
             m.symmetric_tangent = False
-        if reason == PETSc.SNES.ConvergedReason.DIVERGED_LINEAR_SOLVE \
-                and self._fall_back_to_jacobi_smoothing():
-            reason, its2 = self._solve(step)
-            its += its2
         ok = reason > 0
         if ok:
             # the state of the converged iterate (SNES evaluated F last at the solution)
