@@ -47,6 +47,8 @@ CASES = {
                                  REAL / "verse_tptbox_L3/vertebrae.nii.gz", None,
                                  {"convention": "verse", "vertebra": "L3"}, (1.5, 1.5, 1.5)),
 }
+#: the anatomy enlarged to an L4's size (in-plane, in-plane, axial): :func:`scaled`
+AS_L4 = (1.3, 1.3, 1.1)
 ROTATIONS = (("none", None, 0.0), ("15° about z", "z", 15.0), ("12° about x", "x", 12.0),
              ("-10° about y", "y", -10.0))
 
@@ -78,20 +80,29 @@ def regrid(img: sitk.Image, spacing, rot: np.ndarray, labels: bool) -> sitk.Imag
                          0 if labels else -1024)
 
 
+def scaled(path: Path, scale) -> sitk.Image:
+    """The image of ``path`` with its voxel spacing multiplied by ``scale`` (per axis): the
+    same anatomy made larger (a lumbar vertebra below the scan's own, e.g. 1.3 in-plane and
+    1.1 axially for an L1 as large as an L4)."""
+    img = sitk.ReadImage(str(path))
+    img.SetSpacing([float(v * f) for v, f in zip(img.GetSpacing(), scale, strict=True)])
+    return img
+
+
 def check(case: str, spacing, rot_axis, deg, trajectory: str, work: Path,
-          orientation: str | None = None) -> dict:
+          orientation: str | None = None, scale=(1.0, 1.0, 1.0)) -> dict:
     """Ingest, mask and screws steps on one variant of a real scan. ``orientation`` (an ITK
     orientation code such as PIR) rewrites the CT and its label maps with their voxel axes in
-    that order (the same voxels in space) before the steps see them."""
+    that order (the same voxels in space) before the steps see them; ``scale`` enlarges the
+    anatomy (:func:`scaled`; ``spacing`` then is the scaled scan's)."""
     ct_p, lab_p, sub_p, mask_cfg, own = CASES[case]
     rot = rotation(rot_axis, deg)
-    if rot_axis is None and tuple(spacing) == own:
-        ct, lab = sitk.ReadImage(str(ct_p)), sitk.ReadImage(str(lab_p))
-        sub = sitk.ReadImage(str(sub_p)) if sub_p else None
-    else:
-        ct = regrid(sitk.ReadImage(str(ct_p)), spacing, rot, False)
-        lab = regrid(sitk.ReadImage(str(lab_p)), spacing, rot, True)
-        sub = regrid(sitk.ReadImage(str(sub_p)), spacing, rot, True) if sub_p else None
+    ct, lab = scaled(ct_p, scale), scaled(lab_p, scale)
+    sub = scaled(sub_p, scale) if sub_p else None
+    if rot_axis is not None or not np.allclose(spacing, ct.GetSpacing(), atol=0.01):
+        ct = regrid(ct, spacing, rot, False)
+        lab = regrid(lab, spacing, rot, True)
+        sub = regrid(sub, spacing, rot, True) if sub_p else None
     if orientation:
         ct, lab = sitk.DICOMOrient(ct, orientation), sitk.DICOMOrient(lab, orientation)
         sub = sitk.DICOMOrient(sub, orientation) if sub is not None else None
@@ -142,32 +153,39 @@ def main() -> None:
     rows = []
     for case in args.cases:
         own = CASES[case][-1]
-        for spacing in (own, (1.0, 1.0, 3.0), (3.0, 3.0, 3.0)):
-            for rname, axis, deg in ROTATIONS:
-                for traj in args.trajectories:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        r = check(case, spacing, axis, deg, traj, Path(tmp))
-                        if (args.img_dir and axis is None and spacing == own and "screws" in r
-                                and "," not in case):
-                            name = f"screws_{case.split(',')[0].split()[-1]}_{traj}.png"
-                            args.img_dir.mkdir(parents=True, exist_ok=True)
-                            shutil.copy(Path(tmp) / "screws.png", args.img_dir / name)
-                    vox = " x ".join(f"{v:g}" for v in spacing)
-                    if "error" in r:
-                        sides = [f"refused: {r['error'][:160]}", ""]
-                        area = ""
-                    else:
-                        sides = [f"{s['placement']['grade']}, {s['placement']['breach_mm']:.1f}"
-                                 f"{_direction(s['placement'])}, "
-                                 f"{s['planning']['convergence_deg']:.1f}, "
-                                 f"{s['planning']['cranial_deg']:.1f}, {s['length_mm']:.1f}"
-                                 for s in r["screws"]]
-                        area = (f"{r['canal']['area_mm2']:.0f}" if r["canal"]["found"]
-                                else "not closed")
-                    row = [case, vox, rname, traj, sides[0], sides[1], area,
-                           f"{r['seconds']:.0f}"]
-                    print(" | ".join(row), flush=True)
-                    rows.append(row)
+        variants = [(spacing, rotation_, (1.0, 1.0, 1.0))
+                    for spacing in (own, (1.0, 1.0, 3.0), (3.0, 3.0, 3.0))
+                    for rotation_ in ROTATIONS]
+        # the same vertebra as large as an L4 (AS_L4), at its own (scaled) voxels
+        variants.append((tuple(v * f for v, f in zip(own, AS_L4, strict=True)),
+                         ("none", None, 0.0), AS_L4))
+        for spacing, (rname, axis, deg), scale in variants:
+            if scale != (1.0, 1.0, 1.0):
+                rname = f"none; anatomy scaled {' x '.join(f'{v:g}' for v in scale)}"
+            for traj in args.trajectories:
+                with tempfile.TemporaryDirectory() as tmp:
+                    r = check(case, spacing, axis, deg, traj, Path(tmp), scale=scale)
+                    if (args.img_dir and axis is None and spacing == own and "screws" in r
+                            and "," not in case):
+                        name = f"screws_{case.split(',')[0].split()[-1]}_{traj}.png"
+                        args.img_dir.mkdir(parents=True, exist_ok=True)
+                        shutil.copy(Path(tmp) / "screws.png", args.img_dir / name)
+                vox = " x ".join(f"{v:g}" for v in spacing)
+                if "error" in r:
+                    sides = [f"refused: {r['error'][:160]}", ""]
+                    area = ""
+                else:
+                    sides = [f"{s['placement']['grade']}, {s['placement']['breach_mm']:.1f}"
+                             f"{_direction(s['placement'])}, "
+                             f"{s['planning']['convergence_deg']:.1f}, "
+                             f"{s['planning']['cranial_deg']:.1f}, {s['length_mm']:.1f}"
+                             for s in r["screws"]]
+                    area = (f"{r['canal']['area_mm2']:.0f}" if r["canal"]["found"]
+                            else "not closed")
+                row = [case, vox, rname, traj, sides[0], sides[1], area,
+                       f"{r['seconds']:.0f}"]
+                print(" | ".join(row), flush=True)
+                rows.append(row)
     args.out_md.write_text(pipe_table(header, rows, "llllllrr") + "\n", encoding="utf-8")
 
 

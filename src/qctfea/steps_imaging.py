@@ -347,7 +347,8 @@ def _mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
           "label_name_in_file": file_name,
           # does the label sit on the CT's bone edges? (qctfea.imaging.labelfit)
           "label_fit": fit}
-    for name, m in parts.items():
+    for name in ("vertebra", "body", "posterior", "trabecular"):
+        m = parts[name]
         full = np.zeros(lab.shape, bool)
         full[box] = m
         parts[name] = full
@@ -393,6 +394,8 @@ def _write_mask_record(out_json, ct: sitk.Image, parts: dict, out: np.ndarray, q
         "convention": p.convention,
         "vertebra": p.vertebra,
         "body_from": body_from,
+        # without sub-regions: the opening's radius and the body's solidity (radii tried)
+        "body_opening": parts["body_opening"],
         "vertebra_volume_cm3": float(parts["vertebra"].sum() * vox_mm3 / 1000),
         "body_volume_cm3": float(parts["body"].sum() * vox_mm3 / 1000),
         "trabecular_roi_volume_cm3": float(parts["trabecular"].sum() * vox_mm3 / 1000),
@@ -405,7 +408,10 @@ def _write_mask_record(out_json, ct: sitk.Image, parts: dict, out: np.ndarray, q
     named = f" ({p.convention} {p.vertebra})" if p.vertebra else ""
     log.info(f"[mask] {context}: label {p.label}{named}, vertebra "
              f"{parts['vertebra'].sum() * vox_mm3 / 1000:.1f} cm³, body "
-             f"{parts['body'].sum() * vox_mm3 / 1000:.1f} cm³ (from {body_from})")
+             f"{parts['body'].sum() * vox_mm3 / 1000:.1f} cm³ (from {body_from}"
+             + (f", ball {parts['body_opening']['radius_mm']:.1f} mm, solidity "
+                f"{parts['body_opening']['solidity']:.2f}" if parts["body_opening"] else "")
+             + ")")
 
 
 def _label_fit(ct_path, ct: sitk.Image, target: np.ndarray, context: str, labels_path
