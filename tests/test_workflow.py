@@ -341,23 +341,11 @@ def test_killed_run_resumes_to_identical_results(tiny_run, tmp_path):
         assert a == b, f"{rel} differs from the uninterrupted run"
 
 
-def test_keep_going_leaves_a_scan_with_a_screw_through_the_canal_out_of_the_tables(tiny_run,
-                                                                                  tmp_path):
-    """P02's left landmark screw runs 9 mm medially, through the spinal canal: the planning
-    gate (rule accept_screws) fails that scan naming patient, timepoint, side, grade, breach
-    and what to do; with --keep-going P01 goes on to the solves and the tables, the tables
-    hold P01 only with its screws' grades, and tables/exclusions.csv lists P02 with the
-    refusal. The two baseline scans (generator output) and P01's preparation up to the
-    solves' inputs are the uninterrupted tiny run's (copied with their timestamps); P02's
-    preparation, with its own landmarks, runs here."""
+def _p02_screw_through_the_canal(cd, tmp_path) -> None:
+    """P02's landmarks (the generator's), the left screw moved 9 mm medially (through the
+    spinal canal), written to its row of the cohort's sample sheet."""
     from qctfea.demo.synth import SynthParams, landmarks_world, patient_anatomy, scan_pose
 
-    cd = _cohort(tmp_path, "tiny", 2, timepoints=(("M00", 0),))
-    for patient in ("P01", "P02"):
-        shutil.copytree(tiny_run / "resources" / "tiny" / patient / "M00",
-                        tmp_path / "resources" / "tiny" / patient / "M00")
-    _copy_preparation(tiny_run / "results" / "tiny" / "P01" / "M00",
-                      tmp_path / "results" / "tiny" / "P01" / "M00")
     lm = landmarks_world(patient_anatomy(11, "P02", SynthParams()),
                          scan_pose(11, "P02", 0.0, SynthParams()))
     towards_right = np.subtract(lm["right"]["entry_mm"], lm["left"]["entry_mm"])
@@ -370,6 +358,24 @@ def test_keep_going_leaves_a_scan_with_a_screw_through_the_canal_out_of_the_tabl
     df = pd.read_csv(sheet, sep="\t", dtype=str)
     df.loc[df["patient"] == "P02", "landmarks"] = str(bad)
     df.to_csv(sheet, sep="\t", index=False)
+
+
+def test_keep_going_leaves_a_scan_with_a_screw_through_the_canal_out_of_the_tables(tiny_run,
+                                                                                  tmp_path):
+    """P02's left landmark screw runs 9 mm medially, through the spinal canal: the planning
+    gate (rule accept_screws) fails that scan naming patient, timepoint, side, grade, breach
+    and what to do; with --keep-going P01 goes on to the solves and the tables, the tables
+    hold P01 only with its screws' grades, and tables/exclusions.csv lists P02 with the
+    refusal. The two baseline scans (generator output) and P01's preparation up to the
+    solves' inputs are the uninterrupted tiny run's (copied with their timestamps); P02's
+    preparation, with its own landmarks, runs here."""
+    cd = _cohort(tmp_path, "tiny", 2, timepoints=(("M00", 0),))
+    for patient in ("P01", "P02"):
+        shutil.copytree(tiny_run / "resources" / "tiny" / patient / "M00",
+                        tmp_path / "resources" / "tiny" / patient / "M00")
+    _copy_preparation(tiny_run / "results" / "tiny" / "P01" / "M00",
+                      tmp_path / "results" / "tiny" / "P01" / "M00")
+    _p02_screw_through_the_canal(cd, tmp_path)
     p = run([venv_bin("snakemake"), "--cores", "2", "--keep-going", *_tiny_args(tmp_path, cd)],
             cwd=REPO, timeout=1500)
     assert p.returncode != 0
@@ -390,6 +396,37 @@ def test_keep_going_leaves_a_scan_with_a_screw_through_the_canal_out_of_the_tabl
     assert (res / "report" / "summary.html").is_file()
     assert (res / "P02" / "M00" / "screws.png").is_file()  # the picture of the refusal
     assert not (res / "P02" / "M00" / "mesh.json").exists()  # nothing ran on those screws
+
+
+def test_a_cohort_whose_every_scan_is_refused_still_gets_its_summary_page(tiny_run,
+                                                                         tmp_path):
+    """A one-scan cohort (a lab's first real scan) whose screw runs through the canal: the
+    planning gate fails it and, with --keep-going, the cohort rules still make their
+    outputs: header-only tables, statistics whose summary names no kept scan, and the
+    summary page saying so, with the refused scan and its reason (P02 M00, from the
+    uninterrupted tiny run's generator output)."""
+    cd = _cohort(tmp_path, "tiny", 2, timepoints=(("M00", 0),))
+    sheet = cd / "tiny" / "samples.tsv"
+    _p02_screw_through_the_canal(cd, tmp_path)
+    df = pd.read_csv(sheet, sep="\t", dtype=str)
+    df[df["patient"] == "P02"].to_csv(sheet, sep="\t", index=False)
+    shutil.copytree(tiny_run / "resources" / "tiny" / "P02" / "M00",
+                    tmp_path / "resources" / "tiny" / "P02" / "M00")
+    p = run([venv_bin("snakemake"), "--cores", "2", "--keep-going", *_tiny_args(tmp_path, cd)],
+            cwd=REPO, timeout=1500)
+    assert p.returncode != 0
+    res = tmp_path / "results" / "tiny"
+    lines = (tmp_path / "logs/tiny/failures.txt").read_text().splitlines()
+    assert lines[0].startswith("1 failed job(s)"), lines  # the planning gate only
+    assert "rule accept_screws" in lines[1], lines
+    assert len(pd.read_csv(res / "tables" / "longitudinal.csv")) == 0
+    summary = json.loads((res / "stats" / "summary.json").read_text())
+    assert summary["n_scans"] == 0 and summary["headlines"][0].startswith("No scan")
+    assert [(e["patient"], e["timepoint"]) for e in summary["excluded_scans"]] == [
+        ("P02", "M00")]
+    page = (res / "report" / "summary.html").read_text()
+    assert "No scan of this cohort was kept" in page and "screw placement refused" in page
+    assert (res / "report" / "patients" / "P02.html").is_file()
 
 
 def test_keep_going_leaves_scans_refused_at_registration_or_peak_out_of_the_tables(tiny_run,

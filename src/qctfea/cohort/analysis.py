@@ -238,9 +238,15 @@ def tables(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
     Metrics without any value (e.g. DXA in a cohort without it) are left out.
     Returns ``{name: path}`` of the files written (see :data:`TABLE_FILES`).
     """
-    df = read_long_table(long_csv)
-    metrics = available_metrics(df, list(metrics or DEFAULT_METRICS))
+    df = read_long_table(long_csv, allow_empty=True)
     out = Path(out_dir)
+    if df.empty:  # every scan refused or excluded: header-only tables, the page says why
+        log.warning(f"qctfea tables: {long_csv} has no rows (no scan kept) -> empty tables")
+        paths = {name: out / fname for name, fname in TABLE_FILES.items()}
+        for path in paths.values():
+            _write_csv(pd.DataFrame(columns=["patient", "timepoint"]), path)
+        return paths
+    metrics = available_metrics(df, list(metrics or DEFAULT_METRICS))
     frames = {
         "wide": wide_table(df, metrics),
         "change_from_baseline": change_from_baseline(df, metrics),
@@ -297,7 +303,9 @@ def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
     """
     long_csv = Path(long_csv)
     out = Path(out_dir)
-    df = read_long_table(long_csv)
+    df = read_long_table(long_csv, allow_empty=True)
+    if df.empty:
+        return _no_scan_statistics(long_csv, out, exclusions_csv)
     metrics = available_metrics(df, list(metrics or DEFAULT_METRICS))
     tpm = timepoint_months(df)
     log.info(f"qctfea statistics: {len(df)} scans, {df['patient'].nunique()} patients, "
@@ -349,6 +357,33 @@ def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
             {"long_table": long_csv, **({"exclusions": exclusions_csv} if exclusions_csv
                                         else {})},
         ),
+    }
+    write_json(out / STAT_FILES["summary"], summary)
+    return summary
+
+
+#: The headline of a cohort of which no scan was kept.
+NO_SCAN_KEPT = ("No scan of this cohort was kept: every scan was refused by a gate or "
+                "excluded (see Data used: refused and excluded scans, with each reason and what "
+                "to do). There are no results to summarise.")
+
+
+def _no_scan_statistics(long_csv: Path, out: Path, exclusions_csv) -> dict:
+    """The statistics of a cohort of which no scan was kept: header-only tables and a
+    summary that lists the refused and excluded scans."""
+    log.warning(f"qctfea statistics: {long_csv} has no rows (no scan kept) -> empty statistics")
+    paths = {name: out / fname for name, fname in STAT_FILES.items() if name != "summary"}
+    for path in paths.values():
+        _write_csv(pd.DataFrame(columns=["metric"]), path)
+    summary = {
+        "n_patients": 0, "n_scans": 0, "n_scans_planned": 0, "timepoints": {},
+        "baseline_timepoint": None, "missing_scans": [],
+        "excluded_scans": read_exclusions(exclusions_csv), "metrics": [],
+        "areal_bmd_source": {}, "methods": {}, "headlines": [NO_SCAN_KEPT],
+        "outputs": {k: str(v) for k, v in paths.items()},
+        "provenance": provenance("statistics", {}, {
+            "long_table": long_csv, **({"exclusions": exclusions_csv} if exclusions_csv
+                                       else {})}),
     }
     write_json(out / STAT_FILES["summary"], summary)
     return summary

@@ -458,8 +458,10 @@ TEXT_COLUMNS: dict[str, type] = {c: str for c in (
     "vbmd_category_source", "kernel", "manufacturer", "protocol_change")}
 
 
-def read_long_table(long_csv: str | os.PathLike) -> pd.DataFrame:
-    """Read and check a long table CSV written by :func:`aggregate`."""
+def read_long_table(long_csv: str | os.PathLike, *, allow_empty: bool = False
+                    ) -> pd.DataFrame:
+    """Read and check a long table CSV written by :func:`aggregate`; one without rows (every
+    scan refused or excluded) is an error unless ``allow_empty``."""
     long_csv = Path(long_csv)
     if not long_csv.is_file():
         raise QctfeaError(f"{long_csv}: long table not found; run the aggregate step first")
@@ -469,7 +471,7 @@ def read_long_table(long_csv: str | os.PathLike) -> pd.DataFrame:
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise QctfeaError(f"{long_csv}: cannot read the long table ({exc})") from exc
     df = longitudinal_table(df.to_dict("records"))
-    if df.empty:
+    if df.empty and not allow_empty:
         raise QctfeaError(
             f"{long_csv}: long table has no rows: no scan is kept, every scan was refused by "
             f"a gate or excluded ({long_csv.parent / 'exclusions.csv'} lists them and why, "

@@ -187,9 +187,16 @@ def scatter(df: pd.DataFrame, outcome: str, predictor: str, paths: dict[str, Pat
 def cohort_figures(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
                    cases: Sequence[str] = ("compression", "pullout")) -> list[Path]:
     """Write every figure of :func:`figure_files` from the long table; return the paths."""
-    df = longtable.read_long_table(long_csv)
+    df = longtable.read_long_table(long_csv, allow_empty=True)
     files = figure_files(out_dir, cases)
     written: list[Path] = []
+    if df.empty:  # every scan refused or excluded
+        for name, paths in files.items():
+            message_picture(name.replace("_", " "), "No scan of this cohort was kept: every "
+                            "scan was refused by a gate or excluded (tables/exclusions.csv).",
+                            paths)
+            written += paths.values()
+        return written
     for metric in spaghetti_metrics(cases):
         paths = files[f"spaghetti_{metric}"]
         spaghetti(df, metric, paths)

@@ -193,11 +193,13 @@ def summary_page(
     ``patients/<patient>.html`` beside this page.
     """
     summary = read_json(summary_json)
-    t = {k: _read_csv(Path(v)) for k, v in table_files.items() if k != "longitudinal"}
-    s = {k: _read_csv(Path(v)) for k, v in stat_files.items() if k != "summary"}
-    longitudinal = table_files.get("longitudinal")
-    placement = _placement_table(longitudinal)
-    pngs = [Path(f) for f in figure_pngs]
+    kept = summary.get("n_scans", 1) > 0  # else every scan was refused: the reasons only
+    t = {k: _read_csv(Path(v)) for k, v in table_files.items()
+         if k != "longitudinal" and kept}
+    s = {k: _read_csv(Path(v)) for k, v in stat_files.items() if k != "summary" and kept}
+    longitudinal = table_files.get("longitudinal") if kept else None
+    placement = _placement_table(longitudinal) if kept else None
+    pngs = [Path(f) for f in figure_pngs] if kept else []  # their pictures say "no scan"
     doc = render(
         "summary.html.j2",
         title=f"qctfea cohort summary{': ' + cohort_name if cohort_name else ''}",
