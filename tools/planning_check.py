@@ -161,7 +161,8 @@ def main() -> None:
                          ("none", None, 0.0), AS_L4))
         for spacing, (rname, axis, deg), scale in variants:
             if scale != (1.0, 1.0, 1.0):
-                rname = f"none; anatomy scaled {' x '.join(f'{v:g}' for v in scale)}"
+                rname = ("none; enlarged: voxel spacing x "
+                         f"{' x '.join(f'{v:g}' for v in scale)} (the file's axes)")
             for traj in args.trajectories:
                 with tempfile.TemporaryDirectory() as tmp:
                     r = check(case, spacing, axis, deg, traj, Path(tmp), scale=scale)
