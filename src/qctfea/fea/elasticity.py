@@ -252,12 +252,14 @@ class ElasticModel:
         t0 = time.perf_counter()
         ksp = make_ksp(comm, A, prefix, options)
         ksp.setUp()
-        info.jacobi_levels = singular_block_levels(ksp)
-        if info.jacobi_levels:  # GAMG's hierarchy is the same again: those levels Jacobi
+        # GAMG builds the same hierarchy again, those levels now smoothed with scalar Jacobi
+        # (checked again all the same; a Jacobi level is not, so this ends)
+        while singular := singular_block_levels(ksp):
             clear_options(prefix, options)
             ksp.destroy()
+            info.jacobi_levels += singular
             options = {**options, **{f"mg_levels_{level}_pc_type": "jacobi"
-                                     for level in info.jacobi_levels}}
+                                     for level in singular}}
             ksp = make_ksp(comm, A, prefix, options)
             ksp.setUp()
         info.seconds["preconditioner_setup"] = time.perf_counter() - t0
