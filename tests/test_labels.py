@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea.imaging import masks
+from qctfea.imaging import masks, morphology
 from qctfea import steps
 from qctfea import steps_imaging
 from qctfea.errors import QctfeaError
@@ -155,10 +155,10 @@ def test_solidity_of_a_box_and_of_a_u_shape(sampling):
     / 20³ = 0.75, whatever the voxel size."""
     box = np.zeros((24, 24, 24), bool)
     box[2:22, 2:22, 2:22] = True
-    assert masks.solidity(box, sampling) == pytest.approx(1.0)
+    assert morphology.solidity(box, sampling) == pytest.approx(1.0)
     u = box.copy()
     u[2:22, 12:22, 7:17] = False  # the slot: 10 voxels wide and deep, through all 20 slices
-    assert masks.solidity(u, sampling) == pytest.approx(0.75)
+    assert morphology.solidity(u, sampling) == pytest.approx(0.75)
 
 
 @pytest.mark.parametrize("slice_mm, tilt_deg", [(1.0, 0.0), (1.0, 2.0), (1.0, 4.0),

@@ -40,7 +40,7 @@ Its parts:
   radius grows, in steps of 5 % of the vertebra's largest inscribed radius (the
   body's half-thickness) up to 75 % of it, until the body kept is convex: at
   least ``body_opening_solidity`` (0.88) of the voxels inside its convex hull
-  are its own (:func:`solidity`). Bodies with pedicles attached: 0.72-0.84 (the
+  are its own (:func:`qctfea.imaging.morphology.solidity`). Bodies with pedicles attached: 0.72-0.84 (the
   real L3 scaled by 1.3, the real L1 widened by 1.25-1.4); bodies alone:
   0.90-0.97 (both real scans at their own voxels, at 1 x 1 x 3, 3 mm and 5 mm
   slices, on grids turned 12-15°), 0.997-0.999 on the demo.
@@ -61,7 +61,7 @@ modelled; a warning when it holds less than 95 % of the label), the labels touch
 convention, whether the levels above and below are in the map and touch it.
 """
 
-# Long on purpose (about 620 lines): the vertebra's parts from a label map in one place (label
+# Long on purpose (about 680 lines): the vertebra's parts from a label map in one place (label
 # conventions, body by sub-regions or by opening, trabecular ROI, end caps, QC record), as
 # the mask step reads them in order.
 
@@ -461,24 +461,6 @@ BODY_OPENING_STEP_FRACTION = 0.05
 BODY_OPENING_MAX_FRACTION = 0.75
 
 
-def solidity(mask: np.ndarray, sampling_zyx) -> float:
-    """The fraction of the voxels whose centres lie in the convex hull of ``mask``'s voxel
-    centres that are ``mask``'s own: 1 for a convex shape, less for one with arms or
-    notches (both counted on the same voxel lattice, so that the voxel size cancels)."""
-    from scipy.spatial import ConvexHull, Delaunay, QhullError
-
-    box = box_around(mask, 0)
-    m = mask[box]
-    surface = np.argwhere(m & ~ndimage.binary_erosion(m)) * np.asarray(sampling_zyx, float)
-    try:
-        hull = Delaunay(surface[ConvexHull(surface).vertices])
-    except (QhullError, ValueError):  # flat or too few voxels: no volume to compare
-        return 1.0
-    centres = np.indices(m.shape).reshape(3, -1).T * np.asarray(sampling_zyx, float)
-    inside = int((hull.find_simplex(centres) >= 0).sum())
-    return float(m.sum() / inside) if inside else 1.0
-
-
 def _body_from_opening(v: np.ndarray, spacing_xyz, params: MaskParams, context: str):
     """The body: largest component of the vertebra opened by a ball, dilated back by 1 mm;
     the ball's radius grows until that component is convex (see the module doc). Returns the
@@ -496,7 +478,8 @@ def _body_from_opening(v: np.ndarray, spacing_xyz, params: MaskParams, context: 
         if not opened.any():
             break
         body = _largest(opened)
-        tried.append((r, solidity(body, sampling) if params.body_opening_solidity else 1.0,
+        tried.append((r, morphology.solidity(body, sampling)
+                      if params.body_opening_solidity else 1.0,
                       body))
         if tried[-1][1] >= params.body_opening_solidity:
             break

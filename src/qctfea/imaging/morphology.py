@@ -10,6 +10,9 @@ the labelled structures took 48 s with scipy and 4.6 s from the distance map, th
 the ball only around the voxels that survive, so each operation takes whichever of the two
 is expected to be faster (``_use_distance_map``); ``tests/test_morphology.py`` checks both
 paths' voxels against scipy's.
+
+:func:`solidity` measures how convex a mask is (the mask step's test that the vertebral
+body it found has no pedicles attached).
 """
 from __future__ import annotations
 
@@ -89,3 +92,21 @@ def opening(mask: np.ndarray, radius_mm: float, sampling_zyx) -> np.ndarray:
     outside), then dilation."""
     return dilate(erode(mask, radius_mm, sampling_zyx, border_value=0), radius_mm,
                   sampling_zyx)
+
+
+def solidity(mask: np.ndarray, sampling_zyx) -> float:
+    """The fraction of the voxels whose centres lie in the convex hull of ``mask``'s voxel
+    centres that are ``mask``'s own: 1 for a convex shape, less for one with arms or
+    notches (both counted on the same voxel lattice, so that the voxel size cancels)."""
+    from scipy.spatial import ConvexHull, Delaunay, QhullError
+
+    nz = np.nonzero(mask)
+    m = mask[tuple(slice(int(i.min()), int(i.max()) + 1) for i in nz)] if nz[0].size else mask
+    surface = np.argwhere(m & ~ndimage.binary_erosion(m)) * np.asarray(sampling_zyx, float)
+    try:
+        hull = Delaunay(surface[ConvexHull(surface).vertices])
+    except (QhullError, ValueError):  # flat or too few voxels: no volume to compare
+        return 1.0
+    centres = np.indices(m.shape).reshape(3, -1).T * np.asarray(sampling_zyx, float)
+    inside = int((hull.find_simplex(centres) >= 0).sum())
+    return float(m.sum() / inside) if inside else 1.0
