@@ -91,7 +91,7 @@ def test_real_scan_runs_through_the_workflow_to_the_cohort_tables(cohort, tmp_pa
         for case in ("compression", "pullout_left", "pullout_right"):
             r = json.loads((scan / f"{case}.json").read_text())
             assert r["converged_reason"].startswith("CONVERGED"), (case, r["converged_reason"])
-            assert r["jacobi_levels"], (case, r["jacobi_levels"])  # measured: level 2 of 4
+            assert r["jacobi_levels"], (case, r["jacobi_levels"])  # measured: level 1
 
 
 def _with_moved_follow_up(sheet: pd.DataFrame, tmp_path):

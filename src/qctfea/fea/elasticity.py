@@ -47,7 +47,12 @@ DEFAULT_PETSC_OPTIONS = {
     "pc_gamg_type": "agg",
     # Square the graph on the finest level: fewer, better aggregates in 3-D.
     "pc_gamg_agg_nsmooths": 1,
-    "pc_gamg_threshold": 0.01,
+    # Keep every graph connection when aggregating (threshold 0; it was 0.01): on 4 ranks
+    # the real L1's hierarchy with 0.01 left CG indefinite or diverging for compression
+    # even with scalar Jacobi, with 0 it converged (69-73 iterations); on 1, 2 and 4 ranks
+    # and four models (demo, real L1 and L3, the L1 enlarged to an L4) 0 took 30-50 % more
+    # iterations but less time per load case, set-up included (docs/performance.md).
+    "pc_gamg_threshold": 0.0,
     "pc_gamg_coarse_eq_limit": 1000,
     "mg_levels_ksp_type": "chebyshev",
     # One Chebyshev step with point-block Jacobi (the matrix's blocks: 3x3 nodal blocks on
@@ -67,9 +72,10 @@ DEFAULT_PETSC_OPTIONS = {
 #: levels a block is an aggregate's 6 x 6 rigid-body block, and an aggregate of one node (or
 #: of nodes on a line) has no stiffness against some of its rotations: the block is
 #: singular. Run on 2 ranks, the real L1 of the totalseg-l1 cohort (mesh 3 mm, 53,841 DOFs)
-#: had one such block on level 2 of 4 (smallest / largest eigenvalue 2e-17; 0.009 or more
-#: for every other block of the hierarchy, and no such block on 1 rank): CG stopped with
-#: DIVERGED_INDEFINITE_PC after 5 iterations for every load case. A level with a block whose
+#: had one such block on level 2 of 4 (GAMG threshold 0.01; smallest / largest eigenvalue
+#: 2e-17, 0.009 or more for every other block of the hierarchy, and no such block on 1 rank):
+#: CG stopped with DIVERGED_INDEFINITE_PC after 5 iterations for every load case. (With the
+#: threshold 0 it is level 1.) A level with a block whose
 #: smallest / largest eigenvalue is below this ratio is smoothed with scalar Jacobi
 #: instead (:func:`singular_block_levels`), before the solve.
 SINGULAR_BLOCK_RATIO = 1.0e-8
