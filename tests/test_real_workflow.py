@@ -92,6 +92,20 @@ def test_real_scan_runs_through_the_workflow_to_the_cohort_tables(cohort, tmp_pa
             r = json.loads((scan / f"{case}.json").read_text())
             assert r["converged_reason"].startswith("CONVERGED"), (case, r["converged_reason"])
             assert r["jacobi_levels"], (case, r["jacobi_levels"])  # measured: level 1
+        # The same model on 4 ranks (2 cores: oversubscribed): with the GAMG threshold 0.01
+        # compression did not converge there (DIVERGED_DTOL or INDEFINITE_MAT); the same
+        # stiffness as the workflow's 2-rank solve
+        out = tmp_path / "compression_4_ranks.json"
+        p = run([venv_bin("mpiexec"), "-n", "4", sys.executable, "-m", "qctfea.cli", "solve",
+                 "compression", "--mesh", str(scan / "mesh.xdmf"), "--materials",
+                 str(scan / "materials.npz"), "--vertebra", str(scan / "vertebra.json"),
+                 "--screws", str(scan / "screws.json"), "--out-json", str(out),
+                 "--params", json.dumps({"analysis": "linear"})], cwd=REPO, timeout=300)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        four = json.loads(out.read_text())
+        two = json.loads((scan / "compression.json").read_text())
+        assert four["converged_reason"].startswith("CONVERGED"), four["converged_reason"]
+        assert four["stiffness_n_per_mm"] == pytest.approx(two["stiffness_n_per_mm"], rel=1e-6)
 
 
 def _with_moved_follow_up(sheet: pd.DataFrame, tmp_path):
