@@ -44,8 +44,9 @@ def main() -> None:
                 else:
                     r = loadcases.solve_pullout(model, tags, npz["tags"], npz["centroids_mm"],
                                                 axis, screws[case], lp, options)
+                jacobi = r["jacobi_levels"]
                 row.append(f"{case} {r['ksp_iterations']} its"
-                           f"{' jacobi levels ' + str(r['jacobi_levels']) if r['jacobi_levels'] else ''}"
+                           f"{f' jacobi levels {jacobi}' if jacobi else ''}"
                            f" {time.perf_counter() - t0:.1f} s")
             except QctfeaError as exc:
                 row.append(f"{case} failed ({exc})"[:120])

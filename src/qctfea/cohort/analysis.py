@@ -50,9 +50,10 @@ from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, provenance, read_json, write_json
 from qctfea.cohort.headlines import headlines
 from qctfea.cohort.longtable import (
-    DEFAULT_METRICS, SCAN_FILES, opt_float, available_metrics, least_significant_changes,
-    longitudinal_table, missing_scans, placement_columns, protocol_columns, read_long_table,
-    registration_columns, scan_row, timepoint_months, uncertainty_columns, with_resolved_areal,
+    DEFAULT_METRICS, NO_SCAN_KEPT, SCAN_FILES, opt_float, available_metrics,
+    least_significant_changes, longitudinal_table, missing_scans, placement_columns,
+    protocol_columns, read_long_table, registration_columns, scan_row, timepoint_months,
+    uncertainty_columns, with_resolved_areal,
 )
 from qctfea.cohort.summaries import (
     DEFAULT_COMPARISONS, DEFAULT_CORRELATIONS, baseline_characteristics, change_from_baseline,
@@ -363,9 +364,8 @@ def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 #: The headline of a cohort of which no scan was kept.
-NO_SCAN_KEPT = ("No scan of this cohort was kept: every scan was refused by a gate or "
-                "excluded (see Data used: refused and excluded scans, with each reason and what "
-                "to do). There are no results to summarise.")
+NO_SCAN_HEADLINE = (f"{NO_SCAN_KEPT} (see Data used: refused and excluded scans, with each "
+                    "reason and what to do). There are no results to summarise.")
 
 
 def _no_scan_statistics(long_csv: Path, out: Path, exclusions_csv) -> dict:
@@ -379,7 +379,7 @@ def _no_scan_statistics(long_csv: Path, out: Path, exclusions_csv) -> dict:
         "n_patients": 0, "n_scans": 0, "n_scans_planned": 0, "timepoints": {},
         "baseline_timepoint": None, "missing_scans": [],
         "excluded_scans": read_exclusions(exclusions_csv), "metrics": [],
-        "areal_bmd_source": {}, "methods": {}, "headlines": [NO_SCAN_KEPT],
+        "areal_bmd_source": {}, "methods": {}, "headlines": [NO_SCAN_HEADLINE],
         "outputs": {k: str(v) for k, v in paths.items()},
         "provenance": provenance("statistics", {}, {
             "long_table": long_csv, **({"exclusions": exclusions_csv} if exclusions_csv

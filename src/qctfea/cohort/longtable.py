@@ -458,6 +458,10 @@ TEXT_COLUMNS: dict[str, type] = {c: str for c in (
     "vbmd_category_source", "kernel", "manufacturer", "protocol_change")}
 
 
+#: What every cohort output says when the long table has no rows.
+NO_SCAN_KEPT = "No scan of this cohort was kept: every scan was refused by a gate or excluded"
+
+
 def read_long_table(long_csv: str | os.PathLike, *, allow_empty: bool = False
                     ) -> pd.DataFrame:
     """Read and check a long table CSV written by :func:`aggregate`; one without rows (every
@@ -473,8 +477,8 @@ def read_long_table(long_csv: str | os.PathLike, *, allow_empty: bool = False
     df = longitudinal_table(df.to_dict("records"))
     if df.empty and not allow_empty:
         raise QctfeaError(
-            f"{long_csv}: long table has no rows: no scan is kept, every scan was refused by "
-            f"a gate or excluded ({long_csv.parent / 'exclusions.csv'} lists them and why, "
+            f"{long_csv}: long table has no rows. {NO_SCAN_KEPT} "
+            f"({long_csv.parent / 'exclusions.csv'} lists them and why, "
             "and logs/<cohort>/failures.txt the failed jobs); no cohort tables, statistics or "
             "figures can be made of none")
     return df

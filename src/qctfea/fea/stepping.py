@@ -78,7 +78,7 @@ if TYPE_CHECKING:
 #: docs/performance.md; the linear solve checks for these blocks, the nonlinear one, whose
 #: hierarchy PETSc builds inside Newton, avoids them.) GAMG drops graph
 #: connections weaker than 0.02 of the diagonal when it aggregates (the linear default
-#: 0.01): aggregates that follow the stiff bone and the screw, not the soft and the failed
+#: keeps all): aggregates that follow the stiff bone and the screw, not the soft and the failed
 #: elements (demo P01 M00: 21 % fewer CG iterations, docs/nonlinear.md). The Krylov
 #: tolerance is set per Newton step by Eisenstat-Walker (``snes_ksp_ew``).
 NONLINEAR_PETSC_OPTIONS = {
@@ -512,27 +512,23 @@ class _IncrementSolver:
             if opts.get("ksp_type") == "cg":
                 opts["ksp_type"] = "gmres"
         self.opts, self.prefix = opts, prefix
-        self.snes = self._make_snes(comm)
+        po = PETSc.Options()
+        for k, v in opts.items():
+            po[prefix + k] = v
+        snes = PETSc.SNES().create(comm)
+        snes.setOptionsPrefix(prefix)
+        snes.setFunction(self._F, self.b)
+        snes.setJacobian(self._J, self.A)
+        snes.setConvergenceTest(self._converged)
+        snes.setFromOptions()
+        snes.getKSP().setFromOptions()
+        self.snes = snes
         self.force = 0.0
         self.yielded = 0
         self.norms = (np.inf, 1.0)
         #: imex: du and step of the last solved increment, the next one's predictor
         self.x_last = self.b.duplicate()
         self.h_last = None
-
-    def _make_snes(self, comm):
-        """The SNES (and its KSP) from ``self.opts`` under ``self.prefix``."""
-        po = PETSc.Options()
-        for k, v in self.opts.items():
-            po[self.prefix + k] = v
-        snes = PETSc.SNES().create(comm)
-        snes.setOptionsPrefix(self.prefix)
-        snes.setFunction(self._F, self.b)
-        snes.setJacobian(self._J, self.A)
-        snes.setConvergenceTest(self._converged)
-        snes.setFromOptions()
-        snes.getKSP().setFromOptions()
-        return snes
 
     # SNES callbacks --------------------------------------------------------------------
     def _F(self, snes, x, F):

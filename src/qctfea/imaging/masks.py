@@ -40,8 +40,9 @@ Its parts:
   radius grows, in steps of 5 % of the vertebra's largest inscribed radius (the
   body's half-thickness) up to 75 % of it, until the body kept is convex: at
   least ``body_opening_solidity`` (0.88) of the voxels inside its convex hull
-  are its own (:func:`qctfea.imaging.morphology.solidity`). Bodies with pedicles attached: 0.72-0.84 (the
-  real L3 scaled by 1.3, the real L1 widened by 1.25-1.4); bodies alone:
+  are its own (:func:`qctfea.imaging.morphology.solidity`). Bodies with pedicles
+  attached: 0.72-0.84 (the real L3 scaled by 1.3, the real L1 widened by
+  1.25-1.4); bodies alone:
   0.90-0.97 (both real scans at their own voxels, at 1 x 1 x 3, 3 mm and 5 mm
   slices, on grids turned 12-15°), 0.997-0.999 on the demo.
 - **trabecular ROI** (standard QCT): body voxels farther than

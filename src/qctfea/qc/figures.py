@@ -192,9 +192,8 @@ def cohort_figures(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
     written: list[Path] = []
     if df.empty:  # every scan refused or excluded
         for name, paths in files.items():
-            message_picture(name.replace("_", " "), "No scan of this cohort was kept: every "
-                            "scan was refused by a gate or excluded (tables/exclusions.csv).",
-                            paths)
+            message_picture(name.replace("_", " "),
+                            f"{longtable.NO_SCAN_KEPT} (tables/exclusions.csv).", paths)
             written += paths.values()
         return written
     for metric in spaghetti_metrics(cases):
@@ -225,8 +224,8 @@ def qc_montage(
 
     entries = [(str(p), str(t), Path(f)) for p, t, f in entries]
     if not entries:
-        message_picture(title or "QC", "No scan is kept: every scan was refused or excluded "
-                        "(tables/exclusions.csv lists them and why).", paths)
+        message_picture(title or "QC", f"{longtable.NO_SCAN_KEPT} (tables/exclusions.csv "
+                        "lists them and why).", paths)
         return
     patients = sorted({p for p, _, _ in entries})
     tps = list(timepoints) if timepoints else list(dict.fromkeys(t for _, t, _ in entries))
