@@ -339,3 +339,27 @@ def test_export_slicer_cli_on_demo_scan(demo_scan, tmp_path, capsys):
     assert main(["export-slicer", "--screws", str(tmp_path / "none.json"), "--parts",
                  str(r / "vertebra.nii.gz"), "--out-dir", str(out)]) == 2
     assert "none.json not found" in capsys.readouterr().err
+
+
+def test_export_of_a_planning_that_made_no_screw(demo_scan, tmp_path):
+    """A screws record refused without screws (the planning step's error, as the workflow
+    records it): the vertebra is exported for review, the markups file has no markup and
+    each side's STL no triangle; a record without screws and without a refusal is an
+    error."""
+    r = demo_scan["results"]
+    rec = tmp_path / "screws.json"
+    rec.write_text(json.dumps({"refused": "patient P01, timepoint M12: no left pedicle found"}))
+    with pytest.warns(UserWarning, match="no screw was made at planning .*no left pedicle"):
+        files = slicer.export_scan(rec, r / "vertebra.nii.gz", tmp_path / "out", "P01 M12")
+    assert json.loads(files["markups"].read_text())["markups"] == []
+    for side in ("left", "right"):
+        _, pts, tri = _read_stl(files[f"screw_{side}"])
+        assert len(pts) == 0 and len(tri) == 0
+    _, pts, tri = _read_stl(files["vertebra"])
+    bone = np.isin(sitk.GetArrayFromImage(sitk.ReadImage(str(r / "vertebra.nii.gz"))),
+                   (1, 2, 3))
+    assert _volume(pts, tri) == pytest.approx(
+        bone.sum() * np.prod(sitk.ReadImage(str(r / "vertebra.nii.gz")).GetSpacing()), rel=1e-4)
+    rec.write_text(json.dumps({"screws": []}))
+    with pytest.raises(QctfeaError, match="holds no screws"):
+        slicer.export_scan(rec, r / "vertebra.nii.gz", tmp_path / "out", "P01 M12")

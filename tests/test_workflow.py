@@ -341,23 +341,44 @@ def test_killed_run_resumes_to_identical_results(tiny_run, tmp_path):
         assert a == b, f"{rel} differs from the uninterrupted run"
 
 
-def _p02_screw_through_the_canal(cd, tmp_path) -> None:
-    """P02's landmarks (the generator's), the left screw moved 9 mm medially (through the
-    spinal canal), written to its row of the cohort's sample sheet."""
+def _p02_landmarks(cd, tmp_path, name: str, change) -> None:
+    """P02's landmarks (the generator's), changed in place by ``change(lm)``, written to
+    ``name`` and to its row of the cohort's sample sheet."""
     from qctfea.demo.synth import SynthParams, landmarks_world, patient_anatomy, scan_pose
 
     lm = landmarks_world(patient_anatomy(11, "P02", SynthParams()),
                          scan_pose(11, "P02", 0.0, SynthParams()))
-    towards_right = np.subtract(lm["right"]["entry_mm"], lm["left"]["entry_mm"])
-    shift = 9.0 * towards_right / np.linalg.norm(towards_right)
-    for key in ("entry_mm", "target_mm"):
-        lm["left"][key] = (np.array(lm["left"][key]) + shift).tolist()
-    bad = tmp_path / "P02_canal_landmarks.json"
+    change(lm)
+    bad = tmp_path / name
     bad.write_text(json.dumps(lm))
     sheet = cd / "tiny" / "samples.tsv"
     df = pd.read_csv(sheet, sep="\t", dtype=str)
     df.loc[df["patient"] == "P02", "landmarks"] = str(bad)
     df.to_csv(sheet, sep="\t", index=False)
+
+
+def _p02_screw_through_the_canal(cd, tmp_path) -> None:
+    """P02's left screw moved 9 mm medially (through the spinal canal)."""
+
+    def change(lm):
+        towards_right = np.subtract(lm["right"]["entry_mm"], lm["left"]["entry_mm"])
+        shift = 9.0 * towards_right / np.linalg.norm(towards_right)
+        for key in ("entry_mm", "target_mm"):
+            lm["left"][key] = (np.array(lm["left"][key]) + shift).tolist()
+
+    _p02_landmarks(cd, tmp_path, "P02_canal_landmarks.json", change)
+
+
+def _p02_landmarks_of_another_scan(cd, tmp_path) -> None:
+    """P02's landmarks 100 mm higher, as the landmarks of another scan with another table
+    position: neither screw enters the vertebra."""
+
+    def change(lm):
+        for side in ("left", "right"):
+            for key in ("entry_mm", "target_mm"):
+                lm[side][key] = (np.array(lm[side][key]) + [0.0, 0.0, 100.0]).tolist()
+
+    _p02_landmarks(cd, tmp_path, "P02_other_landmarks.json", change)
 
 
 def test_keep_going_leaves_a_scan_with_a_screw_through_the_canal_out_of_the_tables(tiny_run,
@@ -400,14 +421,16 @@ def test_keep_going_leaves_a_scan_with_a_screw_through_the_canal_out_of_the_tabl
 
 def test_a_cohort_whose_every_scan_is_refused_still_gets_its_summary_page(tiny_run,
                                                                          tmp_path):
-    """A one-scan cohort (a lab's first real scan) whose screw runs through the canal: the
-    planning gate fails it and, with --keep-going, the cohort rules still make their
-    outputs: header-only tables, statistics whose summary names no kept scan, and the
-    summary page saying so, with the refused scan and its reason (P02 M00, from the
-    uninterrupted tiny run's generator output)."""
+    """A one-scan cohort (a lab's first real scan) whose landmarks are another scan's, so
+    that no screw can be made at all (an error of the planning step itself, not a grade):
+    the planning checkpoint records the error, its gate fails the scan and, with
+    --keep-going, the cohort rules still make their outputs: header-only tables,
+    statistics whose summary names no kept scan, and the summary page saying so, with the
+    refused scan and its reason (P02 M00, from the uninterrupted tiny run's generator
+    output)."""
     cd = _cohort(tmp_path, "tiny", 2, timepoints=(("M00", 0),))
     sheet = cd / "tiny" / "samples.tsv"
-    _p02_screw_through_the_canal(cd, tmp_path)
+    _p02_landmarks_of_another_scan(cd, tmp_path)
     df = pd.read_csv(sheet, sep="\t", dtype=str)
     df[df["patient"] == "P02"].to_csv(sheet, sep="\t", index=False)
     shutil.copytree(tiny_run / "resources" / "tiny" / "P02" / "M00",
@@ -419,13 +442,15 @@ def test_a_cohort_whose_every_scan_is_refused_still_gets_its_summary_page(tiny_r
     lines = (tmp_path / "logs/tiny/failures.txt").read_text().splitlines()
     assert lines[0].startswith("1 failed job(s)"), lines  # the planning gate only
     assert "rule accept_screws" in lines[1], lines
+    for part in ("screw (entry", "does not enter the vertebra", "landmarks of another scan"):
+        assert part in lines[1], (part, lines)
     assert len(pd.read_csv(res / "tables" / "longitudinal.csv")) == 0
     summary = json.loads((res / "stats" / "summary.json").read_text())
     assert summary["n_scans"] == 0 and summary["headlines"][0].startswith("No scan")
     assert [(e["patient"], e["timepoint"]) for e in summary["excluded_scans"]] == [
         ("P02", "M00")]
     page = (res / "report" / "summary.html").read_text()
-    assert "No scan of this cohort was kept" in page and "screw placement refused" in page
+    assert "No scan of this cohort was kept" in page and "does not enter the vertebra" in page
     assert (res / "report" / "patients" / "P02.html").is_file()
 
 

@@ -65,7 +65,25 @@ def write_refusal(step: str, message, out_json, params, inputs: dict,
     logging.getLogger(__name__).error(f"[{step}] refused: {message}")
     write_placeholders()
     write_json(out_json, {"refused": str(message), "provenance": provenance(
-        step, params, {k: str(v) if v else None for k, v in inputs.items()})})
+        step, params, {k: str(v) for k, v in inputs.items() if v})})
+
+
+def refusal_text(exc: Exception, step: str, context: str) -> str:
+    """What a gated step (a checkpoint: ingest, calibrate, mask, screws, mesh, registration)
+    records as its refusal when its work raised ``exc`` in the workflow: a
+    :class:`QctfeaError`'s own message (a check that failed, naming what to change); any
+    other exception (an input the step does not handle, or a bug) named with its type and
+    message, its traceback written to the step's log. Either way the scan's gate then fails
+    it, and with ``--keep-going`` the cohort tables are built without it and list it in
+    tables/exclusions.csv, instead of one scan's crash leaving the whole cohort without
+    tables."""
+    if isinstance(exc, QctfeaError):
+        return str(exc)
+    logging.getLogger(__name__).error(f"[{step}] {context}: unexpected error", exc_info=exc)
+    return (f"{context}: the {step} step failed unexpectedly ({type(exc).__name__}: {exc}); "
+            "the traceback is in the step's log. What to do: check this scan's inputs (image, "
+            "label map, the QC pictures of the steps before), report the log to the qctfea "
+            "maintainers, or exclude the scan (exclude: in the cohort config)")
 
 
 def accept_record(step: str, record_path, input_name: str, keys: tuple[str, ...], out_json

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from qctfea.errors import GateRefusal, QctfeaError
+from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, provenance, write_json
 from qctfea.steps import (
     accept_record, grid_only, image_like, integer_labels, load_screws, need_inputs, params_from,
-    read_ct, read_density, read_grid, read_image, read_labels, write_image, write_refusal,
+    read_ct, read_density, read_grid, read_image, read_labels, refusal_text, write_image,
+    write_refusal,
 )
 
 log = logging.getLogger(__name__)
@@ -64,17 +65,17 @@ def ingest(*, source, out_image, out_json, context: str, series_uid: str | None 
             labels, _ = read_labels(labels_path, context, mp.convention)
             masks.require_target(sitk.GetArrayViewFromImage(labels), mp,
                                  f"{context} ({labels_path})")
-    except QctfeaError as exc:
+    except Exception as exc:  # noqa: BLE001  (any failure is the scan's refusal: refusal_text)
         if not record_refusal:
             raise
-        _record_refusal("ingest", exc, out_image, sitk.sitkFloat32, out_json, asdict(p),
-                        {"labels": labels_path})
+        _record_refusal("ingest", refusal_text(exc, "ingest", context), out_image,
+                        sitk.sitkFloat32, out_json, asdict(p), {"labels": labels_path})
 
 
-def _record_refusal(step: str, exc: QctfeaError, out_image, pixel_type: int, out_json,
+def _record_refusal(step: str, message: str, out_image, pixel_type: int, out_json,
                     params: dict, inputs: dict) -> None:
     """:func:`qctfea.steps.write_refusal` with a one-voxel placeholder ``out_image``."""
-    write_refusal(step, exc, out_json, params, inputs,
+    write_refusal(step, message, out_json, params, inputs,
                    lambda: write_image(sitk.Image([1, 1, 1], pixel_type), out_image))
 
 
@@ -102,7 +103,8 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
 
     A calibration refused by its gates (no phantom found, too few tissues, a fit below
     ``fail_r2`` or with a slope not > 0) raises :class:`GateRefusal`; with
-    ``record_refusal`` (the workflow, whose gate rule accept_calibration then fails the
+    ``record_refusal`` (the workflow; also for any other error of the calibration itself,
+    :func:`qctfea.steps.refusal_text`, whose gate rule accept_calibration then fails the
     scan) the message goes into ``out_json`` (key ``refused``), the picture shows it
     beside the CT slice, and the density image is zero throughout (NIfTI as ITK writes it
     keeps no NaN; nothing reads it: every step that uses a density waits for the gate)."""
@@ -136,11 +138,12 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     try:
         cal = _calibration(method, cfg, ct, hu, labels_arr, structures, masks, context,
                            where, label, convention)
-    except GateRefusal as exc:
+    except Exception as exc:  # noqa: BLE001  (any failure is the scan's refusal: refusal_text)
         if not record_refusal:
             raise
-        _record_calibration_refusal(str(exc), ct, hu, labels_arr, masks, out_density,
-                                    out_json, out_png, context, method, cfg, ct_path, label)
+        _record_calibration_refusal(refusal_text(exc, "calibrate", context), ct, hu,
+                                    labels_arr, masks, out_density, out_json, out_png,
+                                    context, method, cfg, ct_path, label)
         return
     write_image(image_like(cal.apply(hu), ct), out_density)
     with atomic_path(out_png) as tmp:
@@ -269,11 +272,11 @@ def mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     try:
         _mask(ct_path=ct_path, labels_path=labels_path, out_parts=out_parts,
               out_json=out_json, cfg=cfg, context=context, subregions_path=subregions_path)
-    except QctfeaError as exc:
+    except Exception as exc:  # noqa: BLE001  (any failure is the scan's refusal: refusal_text)
         if not record_refusal:
             raise
-        _record_refusal("mask", exc, out_parts, sitk.sitkUInt8, out_json, dict(cfg or {}),
-                        {"labels": labels_path})
+        _record_refusal("mask", refusal_text(exc, "mask", context), out_parts, sitk.sitkUInt8,
+                        out_json, dict(cfg or {}), {"labels": labels_path})
 
 
 def accept_vertebra(*, vertebra_json, out_json, context: str) -> None:
@@ -531,21 +534,23 @@ def register(*, fixed_density, fixed_parts, moving_density, moving_parts, out_de
     # The gates (docs/registration.md): a follow-up that fails them, or whose registration
     # fails outright, keeps its record, picture and density with the refusal, which the gate
     # (accept_registration) and the cohort tables then refuse (listed in exclusions.csv).
+    # (and any other error of the registration itself: qctfea.steps.refusal_text)
     refusal = warning = None
+    no_result = {"dice_before": float("nan"), "dice_after": float("nan"), "points_mm": []}
+    tx, info = sitk.Euler3DTransform(), no_result
     try:
         try:
             tx, info = reg.register_rigid(fixed, fixed_mask, moving, moving_mask, p, points)
         except RuntimeError as exc:  # SimpleITK's own failures: no transform to judge
-            tx = sitk.Euler3DTransform()
-            info = {"dice_before": float("nan"), "dice_after": float("nan"),
-                    "points_mm": [], "failed": str(exc)}
             raise QctfeaError(f"{context}: registration to baseline failed ({exc}); check "
                               "both scans show the vertebra, or exclude the scan") from exc
         warning = reg.check_dice(info, p, context)
-    except QctfeaError as exc:
+    except Exception as exc:  # noqa: BLE001  (any failure is the scan's refusal: refusal_text)
         if not record_refusal:
             raise
-        refusal = str(exc)
+        refusal = refusal_text(exc, "registration", context)
+        if info is no_result:  # no transform to judge
+            info["failed"] = str(exc.__cause__ or exc)
         log.error(f"[register] refused: {refusal}")
     if warning:
         warnings.warn(warning, stacklevel=1)

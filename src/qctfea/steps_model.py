@@ -17,7 +17,7 @@ from qctfea.errors import QctfeaError
 from qctfea.model import tags as mesh_tags
 from qctfea.provenance import atomic_path, provenance, read_json, write_json
 from qctfea.steps import (accept_record, load_screws, need_inputs, params_from, read_density,
-                          read_image, write_refusal)
+                          read_image, refusal_text, write_refusal)
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,28 @@ def plan_screws(*, landmarks_path, parts_path, out_json, cfg: dict, context: str
         cfg.setdefault("length_mm", traj["length_mm"])
     spec = params_from(screw_mod.ScrewSpec, cfg, "screw")
     need_inputs(context, parts=parts_path)
-    parts = read_image(parts_path, "vertebra parts image", context)
-    anatomy = plan_mod.vertebra_anatomy(parts, context)
-    screws, where, inputs = _screws_from(plan, spec, parts, anatomy, parts_path, landmarks_path,
-                                         context)
-    out = _graded(screws, parts, parts_path, anatomy, plan, where)
+    try:
+        parts = read_image(parts_path, "vertebra parts image", context)
+        anatomy = plan_mod.vertebra_anatomy(parts, context)
+        screws, where, inputs = _screws_from(plan, spec, parts, anatomy, parts_path,
+                                             landmarks_path, context)
+        out = _graded(screws, parts, parts_path, anatomy, plan, where)
+    except Exception as exc:  # noqa: BLE001  (any failure is the scan's refusal: refusal_text)
+        # No screws (no pedicle or canal found, no trajectory with room, landmarks that miss
+        # the vertebra, an unexpected error): in the workflow a refusal like a bad grade.
+        if not record_refusal:
+            raise
+        msg = refusal_text(exc, "screws", context)
+
+        def picture() -> None:
+            if out_png is not None:
+                from qctfea.qc.figures import message_picture
+
+                message_picture(f"{context}: no screws", msg, out_png)
+
+        write_refusal("screws", msg, out_json, {**asdict(spec), "planning": asdict(plan)},
+                      {"parts": parts_path, "landmarks": landmarks_path}, picture)
+        return
     refused = [s for s in out if placement.grade_worse(s["placement"]["grade"], plan.max_grade)]
     png = out_png
     if refused and out_png is not None and not record_refusal:
@@ -189,13 +206,14 @@ def mesh(*, parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str
     need_inputs(context, parts=parts_path, screws=screws_path)
     try:
         _mesh(parts_path, screws_path, out_mesh, out_json, p, context, out_png)
-    except QctfeaError as exc:
+    except Exception as exc:  # noqa: BLE001  (any failure is the scan's refusal: refusal_text)
         if not record_refusal:
             raise
         msg = (f"{context}: the vertebra ({parts_path}) could not be meshed: {exc}. What to "
                "do: look at the label map's QC (vertebra.json) and the mesh sizes (mesh.* in "
                "the cohort config: voxel_mm, bone_cell_size_mm, screw_cell_size_mm), or "
-               "exclude the scan (exclude: in the cohort config)")
+               "exclude the scan (exclude: in the cohort config)"
+               if isinstance(exc, QctfeaError) else refusal_text(exc, "mesh", context))
 
         def placeholders() -> None:  # a one-tetrahedron mesh, a picture of the message
             meshing.write_mesh(out_mesh, np.eye(4, 3), np.arange(4)[None],

@@ -341,7 +341,9 @@ def export_scan(screws_json, parts_image_path, out_dir, context: str = "") -> di
     """``screws.mrk.json``, ``vertebra.stl``, ``screw_left.stl`` and ``screw_right.stl`` of
     a scan into ``out_dir``, for viewing with the CT in 3D Slicer. The vertebra is the bone
     of the parts image (body, posterior elements, trabecular ROI; end caps left out).
-    Refused screws are exported too (with a warning), so that they can be reviewed."""
+    Refused screws are exported too (with a warning), so that they can be reviewed; when the
+    planning made no screw at all (its refusal says why), the vertebra is exported and the
+    markups file and the screws' STL files hold none."""
     import SimpleITK as sitk
 
     from qctfea.imaging.masks import BONE_PARTS
@@ -353,11 +355,15 @@ def export_scan(screws_json, parts_image_path, out_dir, context: str = "") -> di
                               "or correct the path")
     data = read_json(screws_json)
     screws = data.get("screws") if isinstance(data, dict) else None
-    if not screws:
+    refused = data.get("refused") if isinstance(data, dict) else None
+    if not screws and not refused:
         raise QctfeaError(f"{where}{screws_json} holds no screws (no 'screws' list)")
-    if data.get("refused"):
-        warnings.warn(f"{where}{screws_json}: these screws were refused at planning "
-                      f"({data['refused']}); exported for review", stacklevel=2)
+    if refused:
+        warnings.warn(f"{where}{screws_json}: " + (
+            "these screws were refused at planning" if screws else
+            "no screw was made at planning") + f" ({refused}); exported for review",
+            stacklevel=2)
+    screws = screws or []
     try:
         parts = sitk.ReadImage(str(parts_image_path))
     except RuntimeError as exc:
@@ -370,7 +376,11 @@ def export_scan(screws_json, parts_image_path, out_dir, context: str = "") -> di
     files = {"markups": out / "screws.mrk.json", "vertebra": out / "vertebra.stl"}
     write_markups(screws, files["markups"])
     write_surface_stl(bone, files["vertebra"])
-    for sc in screws:
-        files[f"screw_{sc['side']}"] = out / f"screw_{sc['side']}.stl"
-        write_screw_stl(sc, files[f"screw_{sc['side']}"])
+    by_side = {sc["side"]: sc for sc in screws}
+    for side in dict.fromkeys([*SIDES, *by_side]):
+        files[f"screw_{side}"] = out / f"screw_{side}.stl"
+        if side in by_side:
+            write_screw_stl(by_side[side], files[f"screw_{side}"])
+        else:  # no such screw (refused planning): an STL without triangles
+            _write_stl(np.zeros((0, 3)), np.zeros((0, 3), int), files[f"screw_{side}"])
     return files
