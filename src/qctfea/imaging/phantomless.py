@@ -181,24 +181,8 @@ def find_tissues(
     out = []
     for name in spec.tissues:
         if name == "air":
-            # Air outside the body. Padding (the constant fill outside the reconstructed
-            # field of view, or around a resampled or rotated grid) is flat: a flat 3x3x3
-            # neighbourhood marks it (and clipping). The voxels within PAD_MARGIN_VOXELS of
-            # it are left out too: at the fill's edge, interpolation blends fill into the
-            # image and a voxel can equal the fill without a flat neighbourhood (the VerSe
-            # L3, which has no air, resampled to 3 mm on a turned grid gave 6,000-14,000
-            # such "air" voxels at exactly -1024 HU, which lowered its slope by 8 %).
-            flat = ndimage.maximum_filter(hu, size=3) == ndimage.minimum_filter(hu, size=3)
-            flat = ndimage.binary_dilation(flat, iterations=PAD_MARGIN_VOXELS)
-            region = window("air", smooth) & ~body & ~near_bone & ~flat
-            region = _deep(region, spec.erosion_mm, sampling)
-            # A fill too thin for a flat neighbourhood (a wedge at the edge of a turned grid):
-            # when one exact value is most of the sample, it is that fill, not air, whose
-            # noise spreads it over tens of HU (clipping at -1024 takes a fifth of it at most).
-            if region.any():
-                values, counts = np.unique(hu[region], return_counts=True)
-                if counts.max() > PAD_FRACTION * counts.sum():
-                    region &= hu != values[counts.argmax()]
+            region = _air_region(hu, window("air", smooth) & ~body & ~near_bone, spec,
+                                 sampling)
         elif name in ("fat", "muscle"):
             region = _deep(window(name, smooth) & body & ~near_bone, spec.erosion_mm, sampling)
             if name == "muscle":
@@ -226,6 +210,29 @@ def find_tissues(
         if found and masks is not None:
             masks[name] = region
     return out
+
+
+def _air_region(hu: np.ndarray, candidates: np.ndarray, spec: TissueSpec, sampling
+                ) -> np.ndarray:
+    """Air outside the body: the ``candidates`` (air window, outside the body and away from
+    bone) less padding, eroded. Padding (the constant fill outside the reconstructed field
+    of view, or around a resampled or rotated grid) is flat: a flat 3x3x3 neighbourhood
+    marks it (and clipping). The voxels within PAD_MARGIN_VOXELS of it are left out too: at
+    the fill's edge, interpolation blends fill into the image and a voxel can equal the fill
+    without a flat neighbourhood (the VerSe L3, which has no air, resampled to 3 mm on a
+    turned grid gave 6,000-14,000 such "air" voxels at exactly -1024 HU, which lowered its
+    slope by 8 %)."""
+    flat = ndimage.maximum_filter(hu, size=3) == ndimage.minimum_filter(hu, size=3)
+    flat = ndimage.binary_dilation(flat, iterations=PAD_MARGIN_VOXELS)
+    region = _deep(candidates & ~flat, spec.erosion_mm, sampling)
+    # A fill too thin for a flat neighbourhood (a wedge at the edge of a turned grid): when
+    # one exact value is most of the sample, it is that fill, not air, whose noise spreads
+    # it over tens of HU (clipping at -1024 takes a fifth of it at most).
+    if region.any():
+        values, counts = np.unique(hu[region], return_counts=True)
+        if counts.max() > PAD_FRACTION * counts.sum():
+            region &= hu != values[counts.argmax()]
+    return region
 
 
 def robust_median(values) -> float:
