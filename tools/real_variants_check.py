@@ -37,18 +37,25 @@ COHORTS = {"totalseg-l1": "TotalSegmentator L1", "verse-l3": "VerSe L3"}
 #: patient id -> (label, spacing or None for the scan's own, rotation axis, degrees)
 VARIANTS = {"V0": ("own voxels", None, None, 0.0), "V1": ("3 mm", (3.0, 3.0, 3.0), None, 0.0),
             "V2": ("1 x 1 x 3 mm, 15° about z", (1.0, 1.0, 3.0), "z", 15.0),
-            "V3": ("3 mm, 12° about x", (3.0, 3.0, 3.0), "x", 12.0)}
+            "V3": ("3 mm, 12° about x", (3.0, 3.0, 3.0), "x", 12.0),
+            # 5 mm slices: outside the range the pipeline is built for (0.5-3 mm); run with
+            # --variants V0 V4 V5
+            "V4": ("1 x 1 x 5 mm", (1.0, 1.0, 5.0), None, 0.0),
+            "V5": ("1 x 1 x 5 mm, 10° about x", (1.0, 1.0, 5.0), "x", 10.0)}
+#: the variants run unless --variants says otherwise
+DEFAULT_VARIANTS = ("V0", "V1", "V2", "V3")
 #: the test suite's settings (tests/test_real_workflow.py): coarse mesh, linear analysis
 COARSE = {"mesh": {"voxel_mm": 0.6, "bone_cell_size_mm": 3.5, "screw_cell_size_mm": 2.0,
                    "peri_screw_cell_size_mm": 2.0},
           "loads": {"analysis": "linear"}}
 
 
-def write_cohort(cohort: str, work: Path, nonlinear: bool) -> None:
+def write_cohort(cohort: str, work: Path, nonlinear: bool, variants) -> None:
     """The variants' images and the cohort folder (config + sample sheet) under ``work``."""
     ct_p, lab_p, sub_p, _, _ = pc.CASES[COHORTS[cohort]]
     rows = []
-    for pid, (_, spacing, axis, deg) in VARIANTS.items():
+    for pid in variants:
+        _, spacing, axis, deg = VARIANTS[pid]
         d = work / "images" / cohort / pid
         d.mkdir(parents=True, exist_ok=True)
         files = {"image": ct_p, "labels": lab_p, "subregions": sub_p}
@@ -88,7 +95,7 @@ def run_cohort(cohort: str, work: Path) -> float:
     return time.perf_counter() - t0
 
 
-def rows_of(cohort: str, work: Path) -> list[list]:
+def rows_of(cohort: str, work: Path, variants) -> list[list]:
     res = work / "results" / cohort
     long = pd.read_csv(res / "tables" / "longitudinal.csv").set_index("patient")
     ex = res / "tables" / "exclusions.csv"
@@ -96,7 +103,8 @@ def rows_of(cohort: str, work: Path) -> list[list]:
                if ex.is_file() else {})
     own = long.loc["V0"] if "V0" in long.index else None
     out = []
-    for pid, (label, *_rest) in VARIANTS.items():
+    for pid in variants:
+        label = VARIANTS[pid][0]
         if pid not in long.index:
             out.append([COHORTS[cohort], label, "refused: " + refused.get(pid, "no result")]
                        + [""] * 6)
@@ -127,13 +135,16 @@ def main() -> None:
     ap.add_argument("--nonlinear", action="store_true",
                     help="the cohorts' own mesh and analysis instead of the coarse linear ones")
     ap.add_argument("--cohorts", nargs="+", default=list(COHORTS), choices=list(COHORTS))
+    ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                    choices=list(VARIANTS), help="which variants (V0: the scan's own voxels, "
+                    "the reference of the relative changes)")
     args = ap.parse_args()
     work = args.work.resolve()
     rows, seconds = [], {}
     for cohort in args.cohorts:
-        write_cohort(cohort, work, args.nonlinear)
+        write_cohort(cohort, work, args.nonlinear, args.variants)
         seconds[cohort] = run_cohort(cohort, work)
-        rows += rows_of(cohort, work)
+        rows += rows_of(cohort, work, args.variants)
     text = pipe_table(["scan", "variant", "screws: grade, convergence (left, right)",
                        "calibration slope", "trabecular vBMD mg/cm³",
                        "compression stiffness N/mm", "compression strength N",
