@@ -759,3 +759,56 @@ def test_a_planning_error_is_recorded_as_the_scan_s_refusal(demo_scan, tmp_path)
         steps_model.accept_screws(screws_path=tmp_path / "screws.json",
                                   out_json=tmp_path / "ok.json", context=ctx)
     assert str(gate.value) == str(err.value)
+
+
+def test_a_refused_materials_or_bmd_step_is_every_load_case_s_refusal(demo_scan, tiny_mesh,
+                                                                      tmp_path, monkeypatch):
+    """The materials and BMD steps run after the gates of the scan's inputs: as the workflow
+    runs them (record_refusal), a failed check there (a calibration that gives the bone a
+    negative density; no bone around a screw) is recorded as their refusal, and each load
+    case given those records (``upstream``) records the refusal as its own without solving,
+    with an empty curve, a picture saying why and placeholder fields; the solve gate
+    (accept_strength) then fails the scan with the message, once."""
+    r, ctx = demo_scan["results"], demo_scan["context"]
+    dens = _write_like(-_array(r / "density.nii.gz"), r / "density.nii.gz",
+                       tmp_path / "density_negative.nii.gz")
+    steps_model.materials(mesh_path=tiny_mesh, density_path=dens, screws_path=r / "screws.json",
+                          out_npz=tmp_path / "materials.npz",
+                          out_json=tmp_path / "materials.json", cfg={}, context=ctx,
+                          record_refusal=True)
+    msg = _has(json.loads((tmp_path / "materials.json").read_text())["refused"], ctx,
+               "median density of -", "the calibration is wrong")
+    assert "youngs_mpa" not in np.load(tmp_path / "materials.npz")
+
+    def no_bone(*args, **kwargs):
+        raise QctfeaError(f"{ctx}: no bone voxels around the left screw; check the screws")
+
+    monkeypatch.setattr("qctfea.imaging.bmd.measure_bmd", no_bone)
+    steps_imaging.bmd(density_path=r / "density.nii.gz", parts_path=r / "vertebra.nii.gz",
+                      screws_path=r / "screws.json", out_json=tmp_path / "bmd.json", cfg={},
+                      context=ctx, out_png=tmp_path / "roi.png", record_refusal=True)
+    bmd_msg = json.loads((tmp_path / "bmd.json").read_text())["refused"]
+    assert bmd_msg == f"{ctx}: no bone voxels around the left screw; check the screws"
+    assert (tmp_path / "roi.png").stat().st_size > 5000
+    for upstream, expected in (([tmp_path / "materials.json", tmp_path / "bmd.json"], msg),
+                               ([r / "bmd.json", tmp_path / "bmd.json"], bmd_msg)):
+        results = []
+        for case, side in (("compression", None), ("pullout", "left")):
+            out = tmp_path / f"{case}.json"
+            res = steps_fea.solve(case=case, side=side, mesh_path=tiny_mesh,
+                                  materials_path=tmp_path / "materials.npz",
+                                  mask_json=r / "vertebra.json", screws_path=r / "screws.json",
+                                  out_json=out, loads_cfg={}, solver_cfg={}, context=ctx,
+                                  out_curve=tmp_path / "curve.csv", out_plot=tmp_path / "c.png",
+                                  out_fields=tmp_path / "fields.xdmf", upstream=upstream)
+            rec = json.loads(out.read_text())
+            assert res["refused"] == rec["refused"] == expected and rec["strength_n"] is None
+            assert rec["stop_reason"] == f"not solved: {expected}"
+            assert (tmp_path / "curve.csv").read_text().strip() == "displacement_mm,force_n"
+            assert (tmp_path / "c.png").stat().st_size > 5000
+            assert (tmp_path / "fields.xdmf").is_file() and (tmp_path / "fields.h5").is_file()
+            results.append(out)
+        with pytest.raises(QctfeaError) as gate:
+            steps_fea.accept_strength(result_paths=results, out_json=tmp_path / "ok.json",
+                                      context=ctx)
+        assert str(gate.value) == expected and not (tmp_path / "ok.json").exists()

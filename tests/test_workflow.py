@@ -456,12 +456,14 @@ def test_a_cohort_whose_every_scan_is_refused_still_gets_its_summary_page(tiny_r
 
 def test_keep_going_leaves_scans_refused_at_registration_or_peak_out_of_the_tables(tiny_run,
                                                                                    tmp_path):
-    """The uninterrupted tiny run copied with its timestamps, then two gate records changed
-    as their checkpoints record a refusal: P02 M12's registration (register_to_baseline) and
-    P01 M12's compression curve without a peak (solve). With --keep-going the two gates
-    (accept_registration, accept_strength) fail those scans with their messages, nothing
-    after the registration gate runs for P02 M12, and the tables are built from the two
-    baselines, whose rows are the uninterrupted run's; exclusions.csv lists both refusals."""
+    """The uninterrupted tiny run copied with its timestamps, then three records changed as
+    their steps record a refusal: P02 M12's registration (register_to_baseline), P01 M12's
+    compression curve without a peak (solve) and P02 M00's materials (assign_materials: a
+    check of the materials step, which no gate reads before the solves). With --keep-going
+    the gates (accept_registration, accept_strength) fail those scans with their messages,
+    nothing after the registration gate runs for P02 M12, P02 M00's load cases record the
+    materials' refusal without solving, and the tables are built from P01 M00, whose row is
+    the uninterrupted run's; exclusions.csv lists the three refusals."""
     cd = _cohort(tmp_path, "tiny", 2)
     for sub in ("resources", "results"):
         shutil.copytree(tiny_run / sub, tmp_path / sub)
@@ -473,6 +475,10 @@ def test_keep_going_leaves_scans_refused_at_registration_or_peak_out_of_the_tabl
                 "rose at the last increment). No strength is reported.")
     reg = res / "P02" / "M12" / "registration.json"
     reg.write_text(json.dumps({**json.loads(reg.read_text()), "refused": reg_msg}))
+    mat_msg = ("patient P02, timepoint M00: density image density.nii.gz gives the bone "
+               "elements a median density of -150.0 mg/cm³ (not > 0): the calibration is wrong")
+    mat = res / "P02" / "M00" / "materials.json"
+    mat.write_text(json.dumps({"refused": mat_msg}))
     comp = res / "P01" / "M12" / "compression.json"
     comp.write_text(json.dumps({**json.loads(comp.read_text()), "strength_n": None,
                                 "peak_reached": False, "refused": peak_msg}))
@@ -480,31 +486,36 @@ def test_keep_going_leaves_scans_refused_at_registration_or_peak_out_of_the_tabl
     (res / "report" / "summary.html").unlink()
     # the gates and the cohort's tables and summary (not the figures and pages: time)
     targets = [f"results/tiny/{f}" for f in (
-        "P02/M12/registration_accepted.json", "P01/M12/strength.json",
+        "P02/M12/registration_accepted.json", "P01/M12/strength.json", "P02/M00/strength.json",
         "tables/longitudinal.csv", "tables/exclusions.csv", "report/summary.html")]
     p = run([venv_bin("snakemake"), "--cores", "2", "--keep-going", *_tiny_args(tmp_path, cd),
              "--", *targets], cwd=REPO, timeout=900)
     assert p.returncode != 0
     lines = (tmp_path / "logs/tiny/failures.txt").read_text().splitlines()
-    assert lines[0].startswith("2 failed job(s)"), lines
-    first, second = sorted(lines[1:3])
+    assert lines[0].startswith("3 failed job(s)"), lines
+    first, second, third = sorted(lines[1:4])
     assert first.startswith(f"patient P01, timepoint M12: rule accept_strength: ERROR: "
                             f"{peak_msg}"), lines
-    assert second.startswith(f"patient P02, timepoint M12: rule accept_registration: ERROR: "
-                             f"{reg_msg}"), lines
+    assert second == (f"patient P02, timepoint M00: rule accept_strength: ERROR: {mat_msg} "
+                      "(log: logs/tiny/P02/M00/accept_strength.log)"), lines  # once
+    assert third.startswith(f"patient P02, timepoint M12: rule accept_registration: ERROR: "
+                            f"{reg_msg}"), lines
+    for case in ("compression", "pullout_left", "pullout_right"):  # not solved
+        rec = json.loads((res / "P02" / "M00" / f"{case}.json").read_text())
+        assert rec["refused"] == mat_msg and rec["stop_reason"] == f"not solved: {mat_msg}"
     assert (res / "P02" / "M12" / "bmd.json").stat().st_mtime == bmd_mtime  # not rerun
     assert not (res / "P02" / "M12" / "registration_accepted.json").exists()
     long = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
-    assert long[["patient", "timepoint"]].values.tolist() == [["P01", "M00"], ["P02", "M00"]]
-    # the baselines' rows as in the uninterrupted run; without a follow-up left the table
+    assert long[["patient", "timepoint"]].values.tolist() == [["P01", "M00"]]
+    # the baseline's row as in the uninterrupted run; without a follow-up left the table
     # has no registration columns
     assert set(before.columns) - set(long.columns) == {
         "registration_dice", "registration_point_spread_mm", "registration_point_motion_max_mm"}
-    pd.testing.assert_frame_equal(long, before.loc[before["timepoint"] == "M00", long.columns]
-                                  .reset_index(drop=True))
+    kept = (before["patient"] == "P01") & (before["timepoint"] == "M00")
+    pd.testing.assert_frame_equal(long, before.loc[kept, long.columns].reset_index(drop=True))
     excl = pd.read_csv(res / "tables" / "exclusions.csv", dtype=str)
     assert excl[["patient", "timepoint", "reason"]].values.tolist() == [
-        ["P01", "M12", peak_msg], ["P02", "M12", reg_msg]]
+        ["P01", "M12", peak_msg], ["P02", "M00", mat_msg], ["P02", "M12", reg_msg]]
     assert (res / "report" / "summary.html").is_file()
 
 

@@ -157,6 +157,9 @@ SUBCOMMANDS = (
         _arg("--out-curve", help="force-displacement curve (CSV)"),
         _arg("--out-plot", help="force-displacement curve (PNG)"),
         _arg("--out-fields", help="fields for ParaView (XDMF; an .h5 is written beside)"),
+        _arg("--upstream", nargs="*", default=[],
+             help="records of the steps the result rests on (materials.json, bmd.json): when "
+             "one holds a refusal, the case is not solved and records that refusal"),
     )),
     ("aggregate", "per-scan JSONs -> longitudinal table (CSV)", False, (
         _arg("--samples", required=True, help="sample sheet (TSV)"),
@@ -264,7 +267,8 @@ def run(a) -> None:
                         mask_json=a.vertebra, screws_path=a.screws, out_json=a.out_json,
                         loads_cfg=prm,
                         solver_cfg=_params(a.solver_params), context=_ctx(a), side=a.side,
-                        out_curve=a.out_curve, out_plot=a.out_plot, out_fields=a.out_fields)
+                        out_curve=a.out_curve, out_plot=a.out_plot, out_fields=a.out_fields,
+                        upstream=a.upstream)
     elif a.step == "aggregate":
         from qctfea.cohort import analysis as cohort, samples
 

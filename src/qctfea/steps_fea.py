@@ -28,7 +28,8 @@ def accept_strength(*, result_paths, out_json, context: str) -> None:
             raise QctfeaError(f"{context}: load-case result {p} is missing; run the solve step "
                               "(rule solve) first")
     results = {Path(p).stem: read_json(p) for p in result_paths}
-    refused = [r["refused"] for r in results.values() if r.get("refused")]
+    # one message once (a refusal of the steps the cases rest on is every case's)
+    refused = list(dict.fromkeys(r["refused"] for r in results.values() if r.get("refused")))
     if refused:
         raise QctfeaError("; ".join(refused))
     cases = {k: {"strength_n": r["strength_n"], "peak_reached": r.get("peak_reached", True),
@@ -91,12 +92,17 @@ def uncertainty(*, calibration_json, bmd_json, density_path, parts_path, strengt
 # Long on purpose: one load case under MPI, read to write, in order.
 def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_json,
           loads_cfg: dict, solver_cfg: dict, context: str, side: str | None = None,
-          out_curve=None, out_plot=None, out_fields=None) -> dict:
+          out_curve=None, out_plot=None, out_fields=None, upstream=()) -> dict:
     """Run one load case; call under ``mpiexec -n N``: every rank runs this.
 
     Writes the result JSON and, when given, the force-displacement curve (CSV and
     PNG) and the fields for ParaView (XDMF + HDF5: displacement, von Mises stress,
     and for the nonlinear analysis plastic strain and yielded elements).
+    ``upstream``: the records of the scan's steps the result rests on that are not gated
+    before the solve (the workflow: materials.json, bmd.json); when one holds a refusal,
+    the load case is not solved and records that refusal as its own (placeholder curve and
+    fields), so that the solve gate (accept_strength) fails the scan and the cohort tables
+    go on without it.
     """
     need_inputs(context, mesh=mesh_path, materials=materials_path, vertebra_json=mask_json,
           screws=screws_path if case == "pullout" else None)
@@ -107,6 +113,11 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
     comm = MPI.COMM_WORLD
     t0 = time.perf_counter()
     lp = params_from(loadcases.LoadParams, loads_cfg, "loads")
+    what = f"{context} {case}{' ' + side if side else ''}"
+    refusal = next((r for r in (read_json(p).get("refused") for p in upstream) if r), None)
+    if refusal:
+        return _not_solved(refusal, lp.analysis, what, out_json, out_curve, out_plot,
+                           out_fields, comm)
     mesh, tags = elasticity.read_mesh(mesh_path, comm)
     npz = np.load(materials_path)
     if lp.analysis == "nonlinear":
@@ -120,7 +131,6 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
         model = elasticity.ElasticModel(mesh, npz["youngs_mpa"], npz["poisson"])
     axis_info = read_json(mask_json)
     opts = dict(solver_cfg or {})
-    what = f"{context} {case}{' ' + side if side else ''}"
     progress = (lambda m: log.info(f"[solve] {what}:{m}")) if comm.rank == 0 else None
     if progress:
         progress(f" {lp.analysis} analysis, {model.n_dofs()} dofs, {comm.size} rank(s)")
@@ -192,6 +202,32 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
                      f"{res['seconds']['total']:.1f} s")
         if res.get("refused"):
             log.info(f"[solve] refused: {res['refused']}")
+    comm.barrier()
+    return res
+
+
+def _not_solved(refusal: str, analysis: str, what: str, out_json, out_curve, out_plot,
+                out_fields, comm) -> dict:
+    """The outputs of a load case not solved because a step it rests on refused the scan
+    (:func:`solve`, ``upstream``): the refusal in the result, an empty curve, its picture
+    saying why, and fields files that nothing reads."""
+    res = {"analysis": analysis, "strength_n": None, "peak_reached": False,
+           "stiffness_n_per_mm": None, "stop_reason": f"not solved: {refusal}", "curve": [],
+           "increments": 0, "newton_iterations": 0, "ksp_iterations": 0, "seconds": {},
+           "failed": True, "refused": refusal}
+    if comm.rank == 0:
+        if out_curve:
+            write_curve_csv([], out_curve)
+        if out_plot:
+            plot_curve(res, out_plot, what)
+        if out_fields:
+            out = Path(out_fields)
+            with atomic_files(out.with_suffix(".h5"), out) as scratch:
+                (Path(scratch) / out.name).write_text(
+                    "<!-- not solved: a step this load case rests on refused the scan -->\n")
+                (Path(scratch) / out.with_suffix(".h5").name).write_bytes(b"")
+        write_json(out_json, {**res, "provenance": provenance("solve", {}, {})})
+        log.info(f"[solve] {what}: not solved, refused: {refusal}")
     comm.barrier()
     return res
 

@@ -470,15 +470,42 @@ def accept_registration(*, registration_json, out_json, context: str) -> None:
 
 
 def bmd(*, density_path, parts_path, screws_path, out_json, cfg: dict, context: str,
-        out_png=None) -> None:
+        out_png=None, record_refusal: bool = False) -> None:
     """Trabecular, integral, around-screw vBMD and CT areal BMD (JSON), and optionally the QC
     picture of the regions and screws on orthogonal slices. ``screws_path`` None: a model
-    without screws (no around-screw vBMD)."""
+    without screws (no around-screw vBMD).
+
+    A measurement that fails (no bone around a screw, grids that differ, any other error)
+    raises; with ``record_refusal`` (the workflow) the message goes into ``out_json`` (key
+    ``refused``) and the picture, and the scan's load cases record it as their refusal
+    without solving (:func:`qctfea.steps_fea.solve`, ``upstream``), so that the solve gate
+    (accept_strength) fails the scan and the cohort tables go on without it."""
     from qctfea.imaging import bmd as bmd_mod
-    from qctfea.imaging import masks
 
     p = params_from(bmd_mod.BmdParams, cfg, "bmd")
     need_inputs(context, density=density_path, parts=parts_path, screws=screws_path)
+    try:
+        _bmd(density_path, parts_path, screws_path, out_json, p, context, out_png)
+    except Exception as exc:  # noqa: BLE001  (any failure is the scan's refusal: refusal_text)
+        if not record_refusal:
+            raise
+        msg = refusal_text(exc, "bmd", context)
+
+        def picture() -> None:
+            if out_png:
+                from qctfea.qc.figures import message_picture
+
+                message_picture(f"{context}: BMD refused", msg, out_png)
+
+        write_refusal("bmd", msg, out_json, p, {"density": density_path, "parts": parts_path},
+                      picture)
+
+
+def _bmd(density_path, parts_path, screws_path, out_json, p, context: str, out_png) -> None:
+    """:func:`bmd` without the refusal's record."""
+    from qctfea.imaging import bmd as bmd_mod
+    from qctfea.imaging import masks
+
     dens, arr = read_density(density_path, context)
     lab = sitk.GetArrayFromImage(read_image(parts_path, "vertebra parts image", context))
     if lab.shape != arr.shape:

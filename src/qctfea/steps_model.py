@@ -252,13 +252,40 @@ def accept_mesh(*, mesh_json, out_json, context: str) -> None:
 
 
 def materials(*, mesh_path, density_path, screws_path, out_npz, out_json, cfg: dict,
-              context: str) -> None:
+              context: str, record_refusal: bool = False) -> None:
+    """Element moduli, Poisson's ratios and yield stresses from the density (``out_npz``)
+    and their summary (``out_json``).
+
+    A bone whose median element density is not positive (a wrong calibration), or any other
+    error, raises; with ``record_refusal`` (the workflow) the message goes into ``out_json``
+    (key ``refused``) beside an empty ``out_npz``, and the scan's load cases record it as
+    their refusal without solving (:func:`qctfea.steps_fea.solve`, ``upstream``)."""
+    from qctfea.model import materials as mat
+
+    p = params_from(mat.MaterialParams, cfg, "materials")
+    need_inputs(context, mesh=mesh_path, density=density_path, screws=screws_path)
+    try:
+        _materials(mesh_path, density_path, screws_path, out_npz, out_json, p, context)
+    except Exception as exc:  # noqa: BLE001  (any failure is the scan's refusal: refusal_text)
+        if not record_refusal:
+            raise
+
+        def placeholder() -> None:  # an npz that nothing reads (the solves read the refusal)
+            with atomic_path(out_npz) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez_compressed(fh, refused=np.array(True))
+
+        write_refusal("materials", refusal_text(exc, "materials", context), out_json, p,
+                      {"mesh": mesh_path, "density": density_path}, placeholder)
+
+
+def _materials(mesh_path, density_path, screws_path, out_npz, out_json, p, context: str
+               ) -> None:
+    """:func:`materials` without the refusal's record."""
     from qctfea.model import materials as mat
     from qctfea.model import meshing
 
-    p = params_from(mat.MaterialParams, cfg, "materials")
     t0 = time.perf_counter()
-    need_inputs(context, mesh=mesh_path, density=density_path, screws=screws_path)
     dens, rho_img = read_density(density_path, context)
     pts, cells, tags = meshing.read_mesh(mesh_path)
     rho_img, dens = mat.crop_to_points(rho_img, dens, pts)  # the mesh's box of the scan

@@ -16,6 +16,9 @@ checkpoint solve:
         h5=model_file("mesh.h5"),
         meshed=model_file("mesh_accepted.json"),  # the mesh's gate
         materials=rules.assign_materials.output.npz,
+        # the records of the steps the result rests on that no gate checks before the solve:
+        # a refused one (materials, BMD) is recorded as the case's refusal, without solving
+        upstream=[rules.assign_materials.output.json, rules.measure_bmd.output.json],
         vertebra=model_file("vertebra.json"),
         # pullout: the scan model's screws; compression: them too when they are meshed in
         # (pullout in loads.cases), else none
@@ -63,6 +66,7 @@ checkpoint solve:
         " --mesh {input.mesh} --materials {input.materials} --vertebra {input.vertebra}"
         " {params.screws} --out-json {output.json} --out-curve {output.curve}"
         " --out-plot {output.plot} --out-fields {output.fields}"
+        " --upstream {input.upstream}"
         " --params '{params.loads}' --solver-params '{params.solver}' > {log} 2>&1"
 
 

@@ -7,4 +7,5 @@ sm = snakemake  # noqa: F821
 run_step(sm, lambda: steps_model.materials(mesh_path=sm.input.mesh, density_path=sm.input.density,
                                            screws_path=optional_input(sm, "screws"),
                                            out_npz=sm.output.npz, out_json=sm.output.json,
-                                           cfg=sm.params.cfg, context=context(sm.wildcards)))
+                                           cfg=sm.params.cfg, context=context(sm.wildcards),
+                                           record_refusal=True))

@@ -8,4 +8,4 @@ run_step(sm, lambda: steps_imaging.bmd(density_path=sm.input.density, parts_path
                                        screws_path=optional_input(sm, "screws"),
                                        out_json=sm.output.json,
                                        cfg=sm.params.cfg, context=context(sm.wildcards),
-                                       out_png=sm.output.png))
+                                       out_png=sm.output.png, record_refusal=True))

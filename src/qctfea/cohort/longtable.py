@@ -403,17 +403,20 @@ def refusal_entries(scans: Sequence[Mapping[str, Any]]) -> list[dict]:
     their inputs or their baseline's (image or label map unreadable, no vertebra), their
     calibration or their baseline's, their label map's checks or their baseline's (the
     vertebra cut by the field of view, a label map off its CT), their model's screws at
-    planning, their registration to baseline, or a load case whose curve did not peak.
+    planning, their registration to baseline, or a load case whose curve did not peak (or
+    that was not solved: its materials or BMD step refused the scan).
     ``scans``: dicts with patient, timepoint, months and ``gates``, the scan's gate records
     in the pipeline's order, one list per gate (scan.json of the scan and its model;
     calibration.json and vertebra.json of both; the model's screws.json; a follow-up's
     registration.json; the load-case results). The first gate whose records hold a refusal
-    names the reason (all its records' refusals), and the gates after it are not read
+    names the reason (all its records' refusals, each message once), and the gates after it
+    are not read
     (their jobs never ran)."""
     out = []
     for s in scans:
         for gate in s.get("gates", ()):
-            reasons = [r for r in (read_json(p).get("refused") for p in gate) if r]
+            reasons = list(dict.fromkeys(r for r in (read_json(p).get("refused")
+                                                     for p in gate) if r))
             if reasons:
                 out.append({"patient": s["patient"], "timepoint": s["timepoint"],
                             "months": s["months"], "reason": "; ".join(reasons)})
