@@ -286,3 +286,28 @@ def test_load_parameters_are_the_solvers_declared_once():
     nl = LoadParams(**given).nonlinear()
     assert type(nl) is NonlinearParams
     assert {k: getattr(nl, k) for k in given} == given
+
+
+def test_an_error_on_one_rank_ends_every_rank(tmp_path):
+    """`qctfea solve` under `mpiexec -n 2`: an exception raised on rank 1 only (its step
+    replaced by one that raises there while rank 0 goes on to a collective call) ends both
+    ranks with an error and the traceback, instead of leaving rank 0 waiting for ever (it
+    did: MPICH's mpiexec and mpi4py do not end the other ranks by themselves)."""
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(
+        "import sys\n"
+        "from mpi4py import MPI\n"
+        "from qctfea import cli\n"
+        "def run(args):\n"
+        "    MPI.COMM_WORLD.barrier()\n"
+        "    if MPI.COMM_WORLD.rank == 1:\n"
+        "        raise IndexError('index 7 is out of bounds, on rank 1 only')\n"
+        "    MPI.COMM_WORLD.barrier()\n"
+        "cli.run = run\n"
+        "sys.exit(cli.main(['solve', 'compression', '--mesh', 'm.xdmf', '--materials', 'm.npz',"
+        " '--vertebra', 'v.json', '--out-json', 'o.json']))\n")
+    p = run([venv_bin("mpiexec"), "-n", "2", sys.executable, str(script)], cwd=tmp_path,
+            timeout=120)
+    assert p.returncode != 0
+    assert "IndexError: index 7 is out of bounds, on rank 1 only" in p.stderr
+    assert "MPI_Abort" in p.stderr + p.stdout

@@ -314,6 +314,23 @@ def _cohort_step(a) -> None:
             a.out_html, root.name)
 
 
+def _abort_other_ranks() -> None:
+    """Under ``mpiexec -n N`` (N > 1, the solve step): end every rank after an unforeseen
+    exception on this one, its traceback printed first. An error raised on some ranks only (a
+    read, memory, an unforeseen exception) would otherwise leave the others waiting in their
+    next collective call until a cluster's time limit; mpi4py does not abort on an uncaught
+    exception by itself."""
+    mpi = sys.modules.get("mpi4py.MPI")  # only when the step used MPI
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() \
+            and mpi.COMM_WORLD.size > 1:
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        mpi.COMM_WORLD.Abort(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logs.log_to(sys.stderr)
@@ -321,8 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except QctfeaError as exc:
+        # (the solve's QctfeaErrors are collective: every rank raises and returns)
         print(f"qctfea {args.step}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception:
+        _abort_other_ranks()
+        raise
     finally:
         logging.captureWarnings(False)
         logs.remove(handler)
