@@ -47,6 +47,16 @@ def test_known_motion_recovered_in_every_orientation(case, spacing, motion, orie
         assert r["vs_first_mm"] < 0.05, r["orientation"]
 
 
+def test_a_follow_up_with_another_field_of_view():
+    """The follow-up cut to its vertebra's box plus 15 voxels in-plane and 2 slices (a
+    targeted reconstruction, 123 x 131 x 31 voxels of the L1's 512 x 512 x 45): the
+    15°/20 mm motion is recovered as with the whole field of view (measured 0.034 mm)."""
+    for r in rc.check("TotalSegmentator L1", (0.703, 0.703, 2.5), "15°/20 mm",
+                      ("LPS", "RAS"), follow_up_margin=(2, 15, 15)):
+        assert r["max_error_mm"] < 0.5 and r["rotation_error_deg"] < 0.5, r["orientation"]
+        assert r["converged"] and r["vs_first_mm"] < 0.05, r["orientation"]
+
+
 def test_refusal_names_what_was_tried():
     from qctfea.imaging import registration as reg
     from qctfea.errors import QctfeaError

@@ -71,8 +71,11 @@ def grid(img: sitk.Image, spacing) -> sitk.Image:
     return ref
 
 
-def make_pair(case: str, spacing, motion_name: str, density_change: float = 0.0):
-    """(baseline CT, baseline labels, follow-up CT, follow-up labels, truth T^-1)."""
+def make_pair(case: str, spacing, motion_name: str, density_change: float = 0.0,
+              follow_up_margin=None):
+    """(baseline CT, baseline labels, follow-up CT, follow-up labels, truth T^-1).
+    ``follow_up_margin`` (voxels, z y x): the follow-up cut to its vertebra's bounding box
+    widened by so many voxels (another field of view: a targeted reconstruction)."""
     ct_p, lab_p, label, _, own = CASES[case]
     assert ct_p.is_file(), f"{ct_p} is missing: the real scans of ../shared are needed"
     ct = sitk.ReadImage(str(ct_p), sitk.sitkFloat32)
@@ -92,15 +95,23 @@ def make_pair(case: str, spacing, motion_name: str, density_change: float = 0.0)
         src.CopyInformation(ct)
     fu = sitk.Resample(src, ref, T, sitk.sitkLinear, -1024.0)
     fu_lab = sitk.Resample(lab, ref, T, sitk.sitkNearestNeighbor, 0)
+    if follow_up_margin is not None:
+        idx = np.argwhere(sitk.GetArrayFromImage(fu_lab) == label)
+        lo = np.maximum(idx.min(0) - follow_up_margin, 0)
+        hi = np.minimum(idx.max(0) + follow_up_margin, np.array(fu.GetSize()[::-1]) - 1)
+        size, start = [int(v) for v in (hi - lo + 1)[::-1]], [int(v) for v in lo[::-1]]
+        fu = sitk.RegionOfInterest(fu, size, start)
+        fu_lab = sitk.RegionOfInterest(fu_lab, size, start)
     return base, base_lab, fu, fu_lab, T.GetInverse()
 
 
 def check(case: str, spacing, motion_name: str, orientations=ORIENTATIONS,
-          density_change: float = 0.0, p: reg.RegistrationParams | None = None) -> list[dict]:
+          density_change: float = 0.0, p: reg.RegistrationParams | None = None,
+          follow_up_margin=None) -> list[dict]:
     """One result per orientation: error (mm, degrees), Dice, time, the transform."""
     p = p or reg.RegistrationParams()
     mask_cfg = CASES[case][3]
-    pair = make_pair(case, spacing, motion_name, density_change)
+    pair = make_pair(case, spacing, motion_name, density_change, follow_up_margin)
     out = []
     for o in orientations:
         with tempfile.TemporaryDirectory() as tmp:
