@@ -493,7 +493,7 @@ def bmd(*, density_path, parts_path, screws_path, out_json, cfg: dict, context: 
 
         def picture() -> None:
             if out_png:
-                from qctfea.qc.figures import message_picture
+                from qctfea.qc.pictures import message_picture
 
                 message_picture(f"{context}: BMD refused", msg, out_png)
 

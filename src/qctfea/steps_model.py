@@ -62,7 +62,7 @@ def plan_screws(*, landmarks_path, parts_path, out_json, cfg: dict, context: str
 
         def picture() -> None:
             if out_png is not None:
-                from qctfea.qc.figures import message_picture
+                from qctfea.qc.pictures import message_picture
 
                 message_picture(f"{context}: no screws", msg, out_png)
 
@@ -219,7 +219,7 @@ def mesh(*, parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str
             meshing.write_mesh(out_mesh, np.eye(4, 3), np.arange(4)[None],
                                np.zeros(1, np.int32))
             if out_png:
-                from qctfea.qc.figures import message_picture
+                from qctfea.qc.pictures import message_picture
 
                 message_picture(f"{context}: mesh refused", msg, out_png)
 

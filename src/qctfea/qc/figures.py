@@ -26,7 +26,7 @@ import pandas as pd
 from qctfea.cohort import longtable
 from qctfea.cohort import stats as st
 from qctfea.errors import QctfeaError
-from qctfea.provenance import atomic_path
+from qctfea.qc.pictures import message_picture, new_figure, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -71,37 +71,6 @@ def figure_files(out_dir: str | os.PathLike, cases: Sequence[str] = ("compressio
     return {n: {fmt: out / f"{n}.{fmt}" for fmt in FORMATS} for n in names}
 
 
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), constrained_layout=True)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, paths: dict[str, Path], dpi: int = 120) -> None:
-    for fmt, path in paths.items():
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=dpi, metadata={"Date": None} if fmt == "svg"
-                        else None)
-
-
-def message_picture(title: str, message: str, path: str | os.PathLike | dict[str, Path]
-                    ) -> None:
-    """A picture that says why there is nothing to show (a refused step's output); ``path``
-    one PNG, or {format: path}."""
-    import textwrap
-
-    fig = _new_figure(7.0, 3.0)
-    ax = fig.subplots()
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=10, color="C3")
-    ax.text(0.5, 0.5, "\n".join(textwrap.wrap(message, 90)), transform=ax.transAxes,
-            ha="center", va="center", fontsize=8)
-    _save(fig, path if isinstance(path, dict) else {"png": Path(path)})
-
-
 def _axis_label(metric: str) -> str:
     u = longtable.unit(metric)
     return f"{longtable.label(metric)} ({u})" if u else longtable.label(metric)
@@ -109,7 +78,7 @@ def _axis_label(metric: str) -> str:
 
 def spaghetti(df: pd.DataFrame, metric: str, paths: dict[str, Path]) -> None:
     """Per-patient trajectories of ``metric`` with the mean and 95 % CI per timepoint."""
-    fig = _new_figure(6.0, 4.2)
+    fig = new_figure(6.0, 4.2)
     ax = fig.subplots()
     tpm = longtable.timepoint_months(df)
     vals = pd.to_numeric(df[metric], errors="coerce") if metric in df.columns else None
@@ -117,7 +86,7 @@ def spaghetti(df: pd.DataFrame, metric: str, paths: dict[str, Path]) -> None:
         ax.text(0.5, 0.5, f"no {longtable.label(metric)} in this cohort", ha="center",
                 va="center", transform=ax.transAxes)
         ax.set_axis_off()
-        _save(fig, paths)
+        save_figure(fig, paths)
         return
     data = df.assign(_v=vals)
     for patient, sub in data.groupby("patient", sort=True):
@@ -149,13 +118,13 @@ def spaghetti(df: pd.DataFrame, metric: str, paths: dict[str, Path]) -> None:
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
-    _save(fig, paths)
+    save_figure(fig, paths)
 
 
 def scatter(df: pd.DataFrame, outcome: str, predictor: str, paths: dict[str, Path]) -> None:
     """``outcome`` against ``predictor`` per timepoint with least-squares lines and r."""
     data, sources = longtable.with_resolved_areal(df)
-    fig = _new_figure(6.0, 4.5)
+    fig = new_figure(6.0, 4.5)
     ax = fig.subplots()
     tpm = longtable.timepoint_months(data)
     for i, tp in enumerate(tpm.index):
@@ -181,7 +150,7 @@ def scatter(df: pd.DataFrame, outcome: str, predictor: str, paths: dict[str, Pat
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
-    _save(fig, paths)
+    save_figure(fig, paths)
 
 
 def cohort_figures(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
@@ -231,7 +200,7 @@ def qc_montage(
     tps = list(timepoints) if timepoints else list(dict.fromkeys(t for _, t, _ in entries))
     cell = {(p, t): f for p, t, f in entries}
     ncol, nrow = len(tps), len(patients)
-    fig = _new_figure(2.6 * ncol + 0.6, 2.0 * nrow + 0.6)
+    fig = new_figure(2.6 * ncol + 0.6, 2.0 * nrow + 0.6)
     axes = np.atleast_2d(fig.subplots(nrow, ncol, squeeze=False))
     for i, p in enumerate(patients):
         for j, t in enumerate(tps):
@@ -257,4 +226,4 @@ def qc_montage(
                 ax.set_ylabel(p, fontsize=10)
     if title:
         fig.suptitle(title, fontsize=11)
-    _save(fig, paths, dpi=110)
+    save_figure(fig, paths, dpi=110)
