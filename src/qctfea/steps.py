@@ -58,12 +58,18 @@ _INPUTS = {
 
 
 def write_refusal(step: str, message, out_json, params, inputs: dict,
-                   write_placeholders) -> None:
-    """A refused step's outputs for its gate: the message in ``out_json`` (key ``refused``)
+                  write_placeholders=None, picture=None, title: str = "") -> None:
+    """A refused step's outputs for its gate: the message in ``out_json`` (key ``refused``),
+    the step's QC ``picture`` (a PNG path, or None) showing the message under ``title``,
     and, by ``write_placeholders()``, its other outputs as placeholders that nothing reads
     (every step after the gate waits for it)."""
     logging.getLogger(__name__).error(f"[{step}] refused: {message}")
-    write_placeholders()
+    if write_placeholders is not None:
+        write_placeholders()
+    if picture is not None:
+        from qctfea.qc.pictures import message_picture
+
+        message_picture(title, str(message), picture)
     write_json(out_json, {"refused": str(message), "provenance": provenance(
         step, params, {k: str(v) for k, v in inputs.items() if v})})
 

@@ -154,10 +154,7 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
         # (the checks are collective), and it is recorded like a curve without a peak, so
         # that accept_strength fails the scan and, with --keep-going, the cohort tables are
         # built without it (tables/exclusions.csv gives the reason).
-        res = {"analysis": lp.analysis, "strength_n": None, "peak_reached": False,
-               "stiffness_n_per_mm": None, "stop_reason": f"solve failed: {exc}", "curve": [],
-               "increments": 0, "newton_iterations": 0, "ksp_iterations": 0,
-               "n_dofs": model.n_dofs(), "seconds": {}, "failed": True}
+        res = _no_result(lp.analysis, f"solve failed: {exc}", n_dofs=model.n_dofs())
     if out_fields:
         _write_fields(model, out_fields, comm)
     res["seconds"]["total"] = time.perf_counter() - t0
@@ -206,15 +203,20 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
     return res
 
 
+def _no_result(analysis: str, stop_reason: str, **extra) -> dict:
+    """The result of a load case that gave no curve (a solve that failed, or one not run)."""
+    return {"analysis": analysis, "strength_n": None, "peak_reached": False,
+            "stiffness_n_per_mm": None, "stop_reason": stop_reason, "curve": [],
+            "increments": 0, "newton_iterations": 0, "ksp_iterations": 0, "seconds": {},
+            "failed": True, **extra}
+
+
 def _not_solved(refusal: str, analysis: str, what: str, out_json, out_curve, out_plot,
                 out_fields, comm) -> dict:
     """The outputs of a load case not solved because a step it rests on refused the scan
     (:func:`solve`, ``upstream``): the refusal in the result, an empty curve, its picture
     saying why, and fields files that nothing reads."""
-    res = {"analysis": analysis, "strength_n": None, "peak_reached": False,
-           "stiffness_n_per_mm": None, "stop_reason": f"not solved: {refusal}", "curve": [],
-           "increments": 0, "newton_iterations": 0, "ksp_iterations": 0, "seconds": {},
-           "failed": True, "refused": refusal}
+    res = _no_result(analysis, f"not solved: {refusal}", refused=refusal)
     if comm.rank == 0:
         if out_curve:
             write_curve_csv([], out_curve)

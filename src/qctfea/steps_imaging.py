@@ -489,16 +489,9 @@ def bmd(*, density_path, parts_path, screws_path, out_json, cfg: dict, context: 
     except Exception as exc:  # noqa: BLE001  (any failure is the scan's refusal: refusal_text)
         if not record_refusal:
             raise
-        msg = refusal_text(exc, "bmd", context)
-
-        def picture() -> None:
-            if out_png:
-                from qctfea.qc.pictures import message_picture
-
-                message_picture(f"{context}: BMD refused", msg, out_png)
-
-        write_refusal("bmd", msg, out_json, p, {"density": density_path, "parts": parts_path},
-                      picture)
+        write_refusal("bmd", refusal_text(exc, "bmd", context), out_json, p,
+                      {"density": density_path, "parts": parts_path},
+                      picture=out_png or None, title=f"{context}: BMD refused")
 
 
 def _bmd(density_path, parts_path, screws_path, out_json, p, context: str, out_png) -> None:

@@ -58,16 +58,10 @@ def plan_screws(*, landmarks_path, parts_path, out_json, cfg: dict, context: str
         # the vertebra, an unexpected error): in the workflow a refusal like a bad grade.
         if not record_refusal:
             raise
-        msg = refusal_text(exc, "screws", context)
-
-        def picture() -> None:
-            if out_png is not None:
-                from qctfea.qc.pictures import message_picture
-
-                message_picture(f"{context}: no screws", msg, out_png)
-
-        write_refusal("screws", msg, out_json, {**asdict(spec), "planning": asdict(plan)},
-                      {"parts": parts_path, "landmarks": landmarks_path}, picture)
+        write_refusal("screws", refusal_text(exc, "screws", context), out_json,
+                      {**asdict(spec), "planning": asdict(plan)},
+                      {"parts": parts_path, "landmarks": landmarks_path},
+                      picture=out_png, title=f"{context}: no screws")
         return
     refused = [s for s in out if placement.grade_worse(s["placement"]["grade"], plan.max_grade)]
     png = out_png
@@ -215,16 +209,12 @@ def mesh(*, parts_path, screws_path, out_mesh, out_json, cfg: dict, context: str
                "exclude the scan (exclude: in the cohort config)"
                if isinstance(exc, QctfeaError) else refusal_text(exc, "mesh", context))
 
-        def placeholders() -> None:  # a one-tetrahedron mesh, a picture of the message
+        def placeholder() -> None:  # a one-tetrahedron mesh that nothing reads
             meshing.write_mesh(out_mesh, np.eye(4, 3), np.arange(4)[None],
                                np.zeros(1, np.int32))
-            if out_png:
-                from qctfea.qc.pictures import message_picture
-
-                message_picture(f"{context}: mesh refused", msg, out_png)
 
         write_refusal("mesh", msg, out_json, p, {"parts": parts_path, "screws": screws_path},
-                       placeholders)
+                      placeholder, picture=out_png or None, title=f"{context}: mesh refused")
 
 
 def _mesh(parts_path, screws_path, out_mesh, out_json, p, context: str, out_png) -> None:
