@@ -146,13 +146,17 @@ def _entry(rule: dict) -> dict[str, set[str] | None]:
                             if isinstance(n, ast.Attribute)
                             and isinstance(n.value, ast.Name) and n.value.id == alias}
         return entries
-    m = re.search(r"qctfea (\w+)", rule["shell"] or "")
-    assert m, f"rule {rule['name']}: neither a script nor a `qctfea <step>` command"
-    step = {"solve": ("qctfea.steps_fea", "solve")}.get(m.group(1))
-    assert step, f"rule {rule['name']}: map `qctfea {m.group(1)}` to its steps function here"
+    commands = re.findall(r"qctfea ([\w-]+)", rule["shell"] or "")
+    assert commands, f"rule {rule['name']}: neither a script nor a `qctfea <step>` command"
     # `qctfea <step>`: the command line's parsing (cli.run's other branches import the
-    # cohort modules, which a solve never reaches) and the step's function.
-    return {"qctfea.cli": {"main", "build_parser", "_params", "_ctx"}, step[0]: {step[1]}}
+    # cohort modules, which a solve never reaches) and each step's function.
+    entries = {"qctfea.cli": {"main", "build_parser", "_params", "_ctx"}}
+    for command in commands:
+        step = {"solve": ("qctfea.steps_fea", "solve"),
+                "solve-failed": ("qctfea.steps_fea", "solve_failed")}.get(command)
+        assert step, f"rule {rule['name']}: map `qctfea {command}` to its steps function here"
+        entries.setdefault(step[0], set()).add(step[1])
+    return entries
 
 
 def _pip_names() -> dict[str, list[str]]:

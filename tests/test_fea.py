@@ -311,3 +311,40 @@ def test_an_error_on_one_rank_ends_every_rank(tmp_path):
     assert p.returncode != 0
     assert "IndexError: index 7 is out of bounds, on rank 1 only" in p.stderr
     assert "MPI_Abort" in p.stderr + p.stdout
+
+
+@pytest.mark.parametrize("code, recorded", [(137, True), (139, True), (2, True),
+                                            (130, False), (143, False)])
+def test_a_failed_solve_is_recorded_unless_interrupted(tmp_path, code, recorded):
+    """`qctfea solve-failed` (the solve rule runs it after a failed `qctfea solve`): a solve
+    that stopped with an error is recorded as the case's refusal, quoting the log's last
+    Python exception (not MPI's abort line after it), naming the signal behind an exit code
+    above 128 and, for 137 (SIGKILL), memory; an interrupted one (SIGINT 130, SIGTERM 143)
+    writes nothing and exits with its code."""
+    log = tmp_path / "solve_pullout_left.log"
+    log.write_text("[solve] patient P01, timepoint M00 pullout left: nonlinear analysis\n"
+                   "Traceback (most recent call last):\n"
+                   "MemoryError: Unable to allocate 3.1 GiB\n"
+                   "application called MPI_Abort(MPI_COMM_WORLD, 2) - process 1\n")
+    out = {k: tmp_path / f"pullout_left{s}" for k, s in (
+        ("json", ".json"), ("curve", "_curve.csv"), ("plot", "_curve.png"),
+        ("fields", "_fields.xdmf"))}
+    p = run([venv_bin("qctfea"), "solve-failed", "pullout", "--side", "left",
+             "--exit-code", str(code), "--log", str(log), "--patient", "P01",
+             "--timepoint", "M00", "--params", '{"analysis": "nonlinear"}',
+             *[a for k, v in out.items() for a in (f"--out-{k}", str(v))]],
+            cwd=tmp_path, timeout=120)
+    assert p.returncode == (0 if recorded else code), p.stderr
+    if not recorded:
+        assert not any(v.exists() for v in out.values())
+        return
+    rec = json.loads(out["json"].read_text())
+    assert rec["strength_n"] is None and rec["analysis"] == "nonlinear"
+    assert rec["refused"].startswith(
+        f"patient P01, timepoint M00, pullout left ({out['json']}): the solve stopped with "
+        f"exit code {code}")
+    assert f"last error in {log}: 'MemoryError: Unable to allocate 3.1 GiB'" in rec["refused"]
+    assert ("(SIGSEGV)" in rec["refused"]) == (code == 139)
+    assert ("run out of memory" in rec["refused"]) == (code == 137)
+    assert out["curve"].read_text().strip() == "displacement_mm,force_n"
+    assert out["plot"].stat().st_size > 0 and out["fields"].with_suffix(".h5").exists()

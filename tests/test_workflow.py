@@ -161,6 +161,15 @@ def _tiny_args(workdir, cd):
             f"cohorts_dir={cd}"]
 
 
+def _keep_going(tmp_path, cd, targets=()) -> list[str]:
+    """`snakemake --keep-going` on the tiny cohort in ``tmp_path`` (``targets``, else every
+    output), which must fail: the lines of its logs/tiny/failures.txt."""
+    p = run([venv_bin("snakemake"), "--cores", "2", "--keep-going", *_tiny_args(tmp_path, cd),
+             *(["--", *targets] if targets else [])], cwd=REPO, timeout=1500)
+    assert p.returncode != 0
+    return (tmp_path / "logs/tiny/failures.txt").read_text().splitlines()
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """The tiny cohort (2 patients x 2 timepoints) through every rule, uninterrupted, by
@@ -397,11 +406,8 @@ def test_keep_going_leaves_a_scan_with_a_screw_through_the_canal_out_of_the_tabl
     _copy_preparation(tiny_run / "results" / "tiny" / "P01" / "M00",
                       tmp_path / "results" / "tiny" / "P01" / "M00")
     _p02_screw_through_the_canal(cd, tmp_path)
-    p = run([venv_bin("snakemake"), "--cores", "2", "--keep-going", *_tiny_args(tmp_path, cd)],
-            cwd=REPO, timeout=1500)
-    assert p.returncode != 0
+    lines = _keep_going(tmp_path, cd)
     res = tmp_path / "results" / "tiny"
-    lines = (tmp_path / "logs/tiny/failures.txt").read_text().splitlines()
     assert lines[0].startswith("1 failed job(s)"), lines
     msg = lines[1]
     assert msg.startswith("patient P02, timepoint M00: rule accept_screws: ERROR: "), msg
@@ -435,11 +441,8 @@ def test_a_cohort_whose_every_scan_is_refused_still_gets_its_summary_page(tiny_r
     df[df["patient"] == "P02"].to_csv(sheet, sep="\t", index=False)
     shutil.copytree(tiny_run / "resources" / "tiny" / "P02" / "M00",
                     tmp_path / "resources" / "tiny" / "P02" / "M00")
-    p = run([venv_bin("snakemake"), "--cores", "2", "--keep-going", *_tiny_args(tmp_path, cd)],
-            cwd=REPO, timeout=1500)
-    assert p.returncode != 0
+    lines = _keep_going(tmp_path, cd)
     res = tmp_path / "results" / "tiny"
-    lines = (tmp_path / "logs/tiny/failures.txt").read_text().splitlines()
     assert lines[0].startswith("1 failed job(s)"), lines  # the planning gate only
     assert "rule accept_screws" in lines[1], lines
     for part in ("screw (entry", "does not enter the vertebra", "landmarks of another scan"):
@@ -488,10 +491,7 @@ def test_keep_going_leaves_scans_refused_at_registration_or_peak_out_of_the_tabl
     targets = [f"results/tiny/{f}" for f in (
         "P02/M12/registration_accepted.json", "P01/M12/strength.json", "P02/M00/strength.json",
         "tables/longitudinal.csv", "tables/exclusions.csv", "report/summary.html")]
-    p = run([venv_bin("snakemake"), "--cores", "2", "--keep-going", *_tiny_args(tmp_path, cd),
-             "--", *targets], cwd=REPO, timeout=900)
-    assert p.returncode != 0
-    lines = (tmp_path / "logs/tiny/failures.txt").read_text().splitlines()
+    lines = _keep_going(tmp_path, cd, targets)
     assert lines[0].startswith("3 failed job(s)"), lines
     first, second, third = sorted(lines[1:4])
     assert first.startswith(f"patient P01, timepoint M12: rule accept_strength: ERROR: "
@@ -517,6 +517,43 @@ def test_keep_going_leaves_scans_refused_at_registration_or_peak_out_of_the_tabl
     assert excl[["patient", "timepoint", "reason"]].values.tolist() == [
         ["P01", "M12", peak_msg], ["P02", "M00", mat_msg], ["P02", "M12", reg_msg]]
     assert (res / "report" / "summary.html").is_file()
+
+
+def test_keep_going_records_a_crashed_solve_and_builds_the_tables_without_its_scan(
+        tiny_run, tmp_path):
+    """The uninterrupted tiny run copied with its timestamps, then P02 M12's materials file
+    overwritten with bytes that are no numpy archive: its three load cases crash on both MPI
+    ranks (an unforeseen exception, the ranks abort together). The solve rule records each
+    crash as the case's refusal (`qctfea solve-failed`: the exit code and the log's last
+    error); with --keep-going the solve gate fails that scan with the message and the tables
+    are built from the other three scans, whose rows are the uninterrupted run's."""
+    cd = _cohort(tmp_path, "tiny", 2)
+    for sub in ("resources", "results"):
+        shutil.copytree(tiny_run / sub, tmp_path / sub)
+    res = tmp_path / "results" / "tiny"
+    before = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
+    (res / "P02" / "M12" / "materials.npz").write_bytes(b"not a numpy archive\n" * 50)
+    targets = [f"results/tiny/{f}" for f in (
+        "P02/M12/strength.json", "tables/longitudinal.csv", "tables/exclusions.csv")]
+    lines = _keep_going(tmp_path, cd, targets)
+    assert lines[0].startswith("1 failed job(s)"), lines
+    assert lines[1].startswith("patient P02, timepoint M12: rule accept_strength: ERROR: "
+                               "patient P02, timepoint M12, compression"), lines
+    for case in ("compression", "pullout_left", "pullout_right"):
+        rec = json.loads((res / "P02" / "M12" / f"{case}.json").read_text())
+        assert rec["strength_n"] is None and rec["stop_reason"].startswith(
+            "solve stopped with exit code"), rec["stop_reason"]
+        # the quoted error is numpy's, from the log of the crashed solve
+        assert "the solve stopped with exit code" in rec["refused"], rec["refused"]
+        assert ("last error in logs/tiny/P02/M12/solve_" f"{case}.log: 'ValueError"
+                in rec["refused"]), rec["refused"]
+        assert (res / "P02" / "M12" / f"{case}_curve.png").is_file()
+    long = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
+    kept = ~((before["patient"] == "P02") & (before["timepoint"] == "M12"))
+    pd.testing.assert_frame_equal(long, before.loc[kept, long.columns].reset_index(drop=True))
+    excl = pd.read_csv(res / "tables" / "exclusions.csv", dtype=str)
+    assert excl[["patient", "timepoint"]].values.tolist() == [["P02", "M12"]]
+    assert "the solve stopped with exit code" in excl["reason"][0]
 
 
 def test_a_new_demo_generator_regenerates_the_demo_scans(tiny_run, monkeypatch, tmp_path):

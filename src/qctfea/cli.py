@@ -161,6 +161,20 @@ SUBCOMMANDS = (
              help="records of the steps the result rests on (materials.json, bmd.json): when "
              "one holds a refusal, the case is not solved and records that refusal"),
     )),
+    ("solve-failed", "record a load case whose `qctfea solve` ended with an error before "
+     "writing its result (the solve rule runs it then): a refusal naming the exit code and the "
+     "log's last error, so that the cohort tables go on without the scan (--keep-going); "
+     "an interrupted solve (exit code 129, 130, 143) is not recorded and exits with its code",
+     True, (
+        _arg("case", choices=["compression", "pullout"]),
+        _arg("--side", choices=["left", "right"]),
+        _arg("--exit-code", type=int, required=True, help="the failed solve's exit code"),
+        _arg("--log", required=True, help="the failed solve's log"),
+        _arg("--out-json", required=True),
+        _arg("--out-curve", help="force-displacement curve (CSV)"),
+        _arg("--out-plot", help="force-displacement curve (PNG)"),
+        _arg("--out-fields", help="fields for ParaView (XDMF; an .h5 is written beside)"),
+    )),
     ("aggregate", "per-scan JSONs -> longitudinal table (CSV)", False, (
         _arg("--samples", required=True, help="sample sheet (TSV)"),
         _arg("--results", required=True, help="results/<cohort> folder"),
@@ -269,6 +283,12 @@ def run(a) -> None:
                         solver_cfg=_params(a.solver_params), context=_ctx(a), side=a.side,
                         out_curve=a.out_curve, out_plot=a.out_plot, out_fields=a.out_fields,
                         upstream=a.upstream)
+    elif a.step == "solve-failed":
+        if not steps_fea.solve_failed(case=a.case, side=a.side, exit_code=a.exit_code,
+                                      log_path=a.log, out_json=a.out_json, loads_cfg=prm,
+                                      context=_ctx(a), out_curve=a.out_curve,
+                                      out_plot=a.out_plot, out_fields=a.out_fields):
+            sys.exit(a.exit_code)  # interrupted, or not failed: nothing recorded
     elif a.step == "aggregate":
         from qctfea.cohort import analysis as cohort, samples
 

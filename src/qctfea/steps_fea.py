@@ -6,6 +6,7 @@ holds the shared readers and the config typing).
 from __future__ import annotations
 
 import logging
+import re
 import textwrap
 import time
 from pathlib import Path
@@ -218,20 +219,83 @@ def _not_solved(refusal: str, analysis: str, what: str, out_json, out_curve, out
     saying why, and fields files that nothing reads."""
     res = _no_result(analysis, f"not solved: {refusal}", refused=refusal)
     if comm.rank == 0:
-        if out_curve:
-            write_curve_csv([], out_curve)
-        if out_plot:
-            plot_curve(res, out_plot, what)
-        if out_fields:
-            out = Path(out_fields)
-            with atomic_files(out.with_suffix(".h5"), out) as scratch:
-                (Path(scratch) / out.name).write_text(
-                    "<!-- not solved: a step this load case rests on refused the scan -->\n")
-                (Path(scratch) / out.with_suffix(".h5").name).write_bytes(b"")
-        write_json(out_json, {**res, "provenance": provenance("solve", {}, {})})
+        _write_placeholders(res, what, out_json, out_curve, out_plot, out_fields,
+                            "not solved: a step this load case rests on refused the scan")
         log.info(f"[solve] {what}: not solved, refused: {refusal}")
     comm.barrier()
     return res
+
+
+def _write_placeholders(res: dict, what: str, out_json, out_curve, out_plot, out_fields,
+                        note: str) -> None:
+    """A result without a curve (``res``), an empty curve, its picture saying why, and
+    fields files that nothing reads (``note`` in the XDMF): the solve rule's outputs."""
+    if out_curve:
+        write_curve_csv([], out_curve)
+    if out_plot:
+        plot_curve(res, out_plot, what)
+    if out_fields:
+        out = Path(out_fields)
+        with atomic_files(out.with_suffix(".h5"), out) as scratch:
+            (Path(scratch) / out.name).write_text(f"<!-- {note} -->\n")
+            (Path(scratch) / out.with_suffix(".h5").name).write_bytes(b"")
+    write_json(out_json, {**res, "provenance": provenance("solve", {}, {})})
+
+
+#: Exit codes of a solve that was interrupted (SIGHUP, SIGINT, SIGTERM: a user, Snakemake
+#: or the cluster's time limit), not ended by an error: not recorded, the job fails as it is
+INTERRUPTED_EXIT_CODES = (129, 130, 143)
+#: Log lines the refusal quotes, the last one of the first kind found: a Python exception's
+#: line, else any line naming an error (MPI's abort, a signal, a killed process)
+_ERROR_LINES = (re.compile(r"^[\w.]*(Error|Exception)\b"),
+                re.compile(r"error|exception|abort|killed|segmentation|signal|exit code",
+                           re.IGNORECASE))
+
+
+def solve_failed(*, case: str, exit_code: int, log_path, out_json, loads_cfg: dict,
+                 context: str, side: str | None = None, out_curve=None, out_plot=None,
+                 out_fields=None) -> bool:
+    """Record a load case whose solve (``qctfea solve`` under mpiexec or srun) ended with
+    ``exit_code`` before it wrote its result: an unforeseen error on some rank (the ranks
+    abort together), a crash (a signal) or a process killed for memory. The result holds
+    the refusal, with the exit code and the last error line of the solve's log, and
+    placeholder curve, picture and fields, so that the solve gate (accept_strength) fails
+    the scan with that message and, with --keep-going, the cohort tables are built without
+    it. An interrupted solve (:data:`INTERRUPTED_EXIT_CODES`) is not recorded: returns
+    False, and the job fails as it is."""
+    if exit_code in INTERRUPTED_EXIT_CODES or exit_code == 0:
+        return False
+    import signal
+
+    from qctfea.fea.loadcases import LoadParams
+
+    lp = params_from(LoadParams, loads_cfg, "loads")
+    how = f"exit code {exit_code}"
+    if exit_code > 128:
+        try:
+            how += f" ({signal.Signals(exit_code - 128).name})"
+        except ValueError:
+            pass
+    lines = [ln.strip() for ln in Path(log_path).read_text(
+        encoding="utf-8", errors="replace").splitlines() if ln.strip()] \
+        if Path(log_path).exists() else []
+    quoted = next((ln for pattern in _ERROR_LINES for ln in reversed(lines)
+                   if pattern.search(ln)), lines[-1] if lines else "the log is empty")
+    hint = ("a process killed (SIGKILL) has most often run out of memory: raise the solve's "
+            "memory (the rule's mem_mb) or use a coarser mesh (mesh.*); "
+            if exit_code == 137 else "")
+    what = f"{context} {case}{' ' + side if side else ''}"
+    refusal = (
+        f"{context}, {case}{' ' + side if side else ''} ({out_json}): the solve stopped "
+        f"with {how} before writing its result (last error in {log_path}: "
+        f"{textwrap.shorten(quoted, 300)!r}). No strength is reported. What to do: read "
+        f"the solve log; {hint}to solve it again, remove {out_json} (or run snakemake "
+        "with --forcerun solve); else exclude the scan (exclude: in the cohort config)")
+    res = _no_result(lp.analysis, f"solve stopped with {how}", refused=refusal)
+    _write_placeholders(res, what, out_json, out_curve, out_plot, out_fields,
+                        f"not solved: the solve stopped with {how}")
+    log.info(f"[solve] {what}: the solve stopped with {how}; recorded as refused")
+    return True
 
 
 def _write_fields(model, out_fields, comm) -> None:

@@ -59,15 +59,23 @@ checkpoint solve:
     # One thread per MPI rank: Snakemake exports OMP/OPENBLAS_NUM_THREADS=threads (= tasks)
     # to every job, and with 2 ranks x 2 BLAS threads on 2 cores the numpy work of the
     # ranks oversubscribes the cores (demo P01 M00 compression 22.3 s instead of 16.8 s).
+    # A solve that ends with an error before writing its result (an unforeseen error, a
+    # crash, a process killed for memory) is recorded as the case's refusal by
+    # `qctfea solve-failed` (exit code and the log's last error), so the gate fails the scan
+    # and the tables go on without it; an interrupted one (SIGINT, SIGTERM) fails the job.
     shell:
-        "OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1"
+        "(OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1"
         " {resources.mpi} -n {resources.tasks} qctfea solve {params.case}"
         " --patient {wildcards.patient} --timepoint {wildcards.timepoint}"
         " --mesh {input.mesh} --materials {input.materials} --vertebra {input.vertebra}"
         " {params.screws} --out-json {output.json} --out-curve {output.curve}"
         " --out-plot {output.plot} --out-fields {output.fields}"
         " --upstream {input.upstream}"
-        " --params '{params.loads}' --solver-params '{params.solver}' > {log} 2>&1"
+        " --params '{params.loads}' --solver-params '{params.solver}' > {log} 2>&1)"
+        " || qctfea solve-failed {params.case} --exit-code $?"
+        " --patient {wildcards.patient} --timepoint {wildcards.timepoint} --log {log}"
+        " --out-json {output.json} --out-curve {output.curve} --out-plot {output.plot}"
+        " --out-fields {output.fields} --params '{params.loads}' >> {log} 2>&1"
 
 
 # The solve stage's gate: a load case whose curve did not peak reports no strength
