@@ -80,6 +80,31 @@ def regrid(img: sitk.Image, spacing, rot: np.ndarray, labels: bool) -> sitk.Imag
                          0 if labels else -1024)
 
 
+def turned(img: sitk.Image, rot: np.ndarray, centre, spacing, labels: bool) -> sitk.Image:
+    """``img`` with its anatomy turned by ``rot`` about ``centre`` (a patient turned in the
+    scanner: flexed, rolled or bent sideways), resampled onto an axial grid (LPS axes) of
+    ``spacing`` holding the turned scan."""
+    t = sitk.AffineTransform(3)
+    t.SetMatrix(np.linalg.inv(rot).ravel().tolist())  # output point -> source point
+    t.SetCenter([float(v) for v in centre])
+    size = np.array(img.GetSize()) * np.array(img.GetSpacing())
+    extent = np.abs(np.array(img.GetDirection()).reshape(3, 3) * size).sum(axis=1)
+    n = np.ceil(1.4 * extent / np.array(spacing)).astype(int)
+    middle = np.array(img.TransformContinuousIndexToPhysicalPoint(
+        ((np.array(img.GetSize()) - 1) / 2).tolist()))
+    ref = sitk.Image([int(v) for v in n], img.GetPixelID())
+    ref.SetSpacing([float(v) for v in spacing])
+    ref.SetOrigin((middle - (n - 1) / 2 * np.array(spacing)).tolist())
+    return sitk.Resample(img, ref, t, sitk.sitkNearestNeighbor if labels else sitk.sitkLinear,
+                         0 if labels else -1024)
+
+
+def label_centre(labels: sitk.Image, label: int) -> np.ndarray:
+    """Physical centroid of ``label``'s voxels."""
+    idx = np.argwhere(sitk.GetArrayFromImage(labels) == label).mean(axis=0)[::-1]
+    return np.array(labels.TransformContinuousIndexToPhysicalPoint(idx.tolist()))
+
+
 def scaled(path: Path, scale) -> sitk.Image:
     """The image of ``path`` with its voxel spacing multiplied by ``scale`` (per axis): the
     same anatomy made larger (a lumbar vertebra below the scan's own, e.g. 1.3 in-plane and
@@ -90,16 +115,27 @@ def scaled(path: Path, scale) -> sitk.Image:
 
 
 def check(case: str, spacing, rot_axis, deg, trajectory: str, work: Path,
-          orientation: str | None = None, scale=(1.0, 1.0, 1.0)) -> dict:
+          orientation: str | None = None, scale=(1.0, 1.0, 1.0),
+          turn: np.ndarray | None = None) -> dict:
     """Ingest, mask and screws steps on one variant of a real scan. ``orientation`` (an ITK
     orientation code such as PIR) rewrites the CT and its label maps with their voxel axes in
     that order (the same voxels in space) before the steps see them; ``scale`` enlarges the
-    anatomy (:func:`scaled`; ``spacing`` then is the scaled scan's)."""
+    anatomy (:func:`scaled`; ``spacing`` then is the scaled scan's); ``turn`` (a rotation
+    matrix) turns the patient about the target vertebra instead of the grid (:func:`turned`,
+    onto an axial grid of ``spacing``; ``rot_axis`` is then not used)."""
     ct_p, lab_p, sub_p, mask_cfg, own = CASES[case]
     rot = rotation(rot_axis, deg)
     ct, lab = scaled(ct_p, scale), scaled(lab_p, scale)
     sub = scaled(sub_p, scale) if sub_p else None
-    if rot_axis is not None or not np.allclose(spacing, ct.GetSpacing(), atol=0.01):
+    if turn is not None:
+        from qctfea.imaging.masks import resolve_label
+
+        centre = label_centre(lab, resolve_label(mask_cfg["convention"],
+                                                 mask_cfg.get("vertebra"), None)[0])
+        ct = turned(ct, turn, centre, spacing, False)
+        lab = turned(lab, turn, centre, spacing, True)
+        sub = turned(sub, turn, centre, spacing, True) if sub_p else None
+    elif rot_axis is not None or not np.allclose(spacing, ct.GetSpacing(), atol=0.01):
         ct = regrid(ct, spacing, rot, False)
         lab = regrid(lab, spacing, rot, True)
         sub = regrid(sub, spacing, rot, True) if sub_p else None
@@ -131,7 +167,15 @@ def check(case: str, spacing, rot_axis, deg, trajectory: str, work: Path,
         return {"error": str(exc), "seconds": time.perf_counter() - t0}
     d = json.loads((work / "screws.json").read_text(encoding="utf-8"))
     return {"screws": d["screws"], "canal": d["frame"]["canal"],
-            "seconds": time.perf_counter() - t0}
+            "superior": d["frame"]["superior"], "seconds": time.perf_counter() - t0}
+
+
+#: Patients turned in the scanner (about the target vertebra): name, rotation matrix
+TURNS = (("25° about x (flexed)", rotation("x", 25.0)), ("-25° about x (extended)",
+                                                        rotation("x", -25.0)),
+         ("20° about z (rolled)", rotation("z", 20.0)),
+         ("15° about y (bent sideways)", rotation("y", 15.0)),
+         ("20° about z, then 20° about x", rotation("z", 20.0) @ rotation("x", 20.0)))
 
 
 def _direction(placement: dict) -> str:
@@ -145,28 +189,44 @@ def main() -> None:
     ap.add_argument("--img-dir", type=Path)
     ap.add_argument("--trajectories", nargs="+", default=["traditional", "cortical"])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--turns", action="store_true",
+                    help="the patients turned in the scanner (TURNS), each scan resampled "
+                    "onto an axial grid of its finest voxel spacing, instead of the grid "
+                    "variants")
     args = ap.parse_args()
     logs.log_to(sys.stderr)  # the library's progress messages
     header = ["case", "voxels (mm)", "grid rotation", "trajectory",
               "left: grade, breach mm, convergence °, cranial °, length mm", "right: same",
               "canal area mm²", "s"]
     rows = []
+    if args.turns:
+        header[2] = "patient turned"
+        header.insert(6, "superior axis against the unturned scan's, turned with it (°)")
     for case in args.cases:
         own = CASES[case][-1]
-        variants = [(spacing, rotation_, (1.0, 1.0, 1.0))
+        variants = [(spacing, rotation_, (1.0, 1.0, 1.0), None)
                     for spacing in (own, (1.0, 1.0, 3.0), (3.0, 3.0, 3.0))
                     for rotation_ in ROTATIONS]
         # the same vertebra as large as an L4 (AS_L4), at its own (scaled) voxels
         variants.append((tuple(v * f for v, f in zip(own, AS_L4, strict=True)),
-                         ("none", None, 0.0), AS_L4))
-        for spacing, (rname, axis, deg), scale in variants:
+                         ("none", None, 0.0), AS_L4, None))
+        if args.turns:
+            # onto isotropic voxels of the scan's finest spacing: no coarser than the scan,
+            # so that the turned label map is not quantised twice along its slices
+            iso = (min(own),) * 3
+            variants = [(iso, (name, None, 0.0), (1.0, 1.0, 1.0), turn)
+                        for name, turn in (("none", np.eye(3)), *TURNS)]
+            unturned = {}  # trajectory -> superior axis found on the scan as it is
+        for spacing, (rname, axis, deg), scale, turn in variants:
             if scale != (1.0, 1.0, 1.0):
                 rname = ("none; enlarged: voxel spacing x "
                          f"{' x '.join(f'{v:g}' for v in scale)} (the file's axes)")
             for traj in args.trajectories:
                 with tempfile.TemporaryDirectory() as tmp:
-                    r = check(case, spacing, axis, deg, traj, Path(tmp), scale=scale)
-                    if (args.img_dir and axis is None and spacing == own and "screws" in r
+                    r = check(case, spacing, axis, deg, traj, Path(tmp), scale=scale,
+                              turn=turn)
+                    if (args.img_dir and axis is None and turn is None and spacing == own
+                            and "screws" in r
                             and "," not in case):
                         name = f"screws_{case.split(',')[0].split()[-1]}_{traj}.png"
                         args.img_dir.mkdir(parents=True, exist_ok=True)
@@ -185,9 +245,18 @@ def main() -> None:
                             else "not closed")
                 row = [case, vox, rname, traj, sides[0], sides[1], area,
                        f"{r['seconds']:.0f}"]
+                if args.turns:
+                    # the superior axis found against the unturned scan's, turned with it
+                    # (an axis that turns with the patient: 0°)
+                    if rname == "none":
+                        unturned[traj] = np.array(r.get("superior", [np.nan] * 3))
+                    ref = turn @ unturned.get(traj, np.full(3, np.nan))
+                    found = np.array(r.get("superior", [np.nan] * 3))
+                    row.insert(6, f"{np.degrees(np.arccos(np.clip(found @ ref, -1, 1))):.1f}")
                 print(" | ".join(row), flush=True)
                 rows.append(row)
-    args.out_md.write_text(pipe_table(header, rows, "llllllrr") + "\n", encoding="utf-8")
+    args.out_md.write_text(pipe_table(header, rows, "llllllrr" + "r" * args.turns) + "\n",
+                           encoding="utf-8")
 
 
 if __name__ == "__main__":
