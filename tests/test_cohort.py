@@ -732,6 +732,54 @@ def test_uncertainty_columns_and_least_significant_change(tmp_path: Path) -> Non
     assert lsc["change"].tolist() == pytest.approx([2.0, 6.0])
 
 
+def test_a_scan_whose_uncertainty_step_failed_keeps_its_outcomes_without_intervals(
+        tmp_path: Path) -> None:
+    """P01 M24's uncertainty step failed (steps_fea.uncertainty with record_failure: its
+    uncertainty.json holds the message): its row keeps its outcomes, with empty intervals and
+    the message in uncertainty_failed; its change has no least significant change and is
+    neither significant nor not; M12's are as with every scan's intervals."""
+    from qctfea import steps_fea
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "calibration.json").write_text("{}")  # no fit: the step fails on it
+    samples = []
+    for tp, months, trab in (("M00", 0, 100.0), ("M12", 12, 102.0), ("M24", 24, 106.0)):
+        f = _fake_scan(trab, 200.0, 220.0, 900.0, 1100.0)
+        if tp != "M24":
+            f["uncertainty.json"] = {"outcomes": {"trabecular_vbmd_mg_cm3": _unc(trab, 1.0)}}
+        _write_scan(tmp_path, "P01", tp, f)
+        samples.append({"patient": "P01", "timepoint": tp, "months": months})
+    out = tmp_path / "P01" / "M24" / "uncertainty.json"
+    steps_fea.uncertainty(
+        out_json=out, context="patient P01, timepoint M24", record_failure=True,
+        calibration_json=bad / "calibration.json", bmd_json=bad / "bmd.json",
+        density_path=bad / "density.nii.gz", parts_path=bad / "vertebra.nii.gz",
+        strength_json=bad / "strength.json", screws_path=None, registration_json=None,
+        cfg={}, materials_cfg={}, bmd_cfg={}, seed_key="P01/M24")
+    failed = json.loads(out.read_text())["failed"]
+    assert failed.startswith("patient P01, timepoint M24: no intervals for this scan: BMD "
+                             f"record {bad / 'bmd.json'} not found"), failed
+    df = cohort.aggregate(samples, tmp_path, tmp_path / "long.csv")
+    assert df["trabecular_vbmd_mg_cm3"].tolist() == [100.0, 102.0, 106.0]
+    assert df["trabecular_vbmd_mg_cm3_ci_low"].iloc[:2].tolist() == [94.0, 96.0]
+    assert math.isnan(df["trabecular_vbmd_mg_cm3_ci_low"].iloc[2])
+    assert df["uncertainty_failed"].isna().tolist() == [True, True, False]
+    assert df["uncertainty_failed"].iloc[2] == failed
+    lsc = longtable.least_significant_changes(df, ["trabecular_vbmd_mg_cm3"])
+    assert lsc["lsc"].iloc[0] == pytest.approx(1.959964 * math.sqrt(2.0), rel=1e-6)
+    assert math.isnan(lsc["lsc"].iloc[1]) and lsc["significant"].tolist() == [False, None]
+    wide = summaries.wide_table(df, ["trabecular_vbmd_mg_cm3"]).iloc[0]
+    assert wide["trabecular_vbmd_mg_cm3_M24_significant"] is pd.NA
+    with pytest.raises(QctfeaError, match="not found"):  # outside the workflow: raised
+        steps_fea.uncertainty(
+            out_json=tmp_path / "u.json", context="P01 M24",
+            calibration_json=bad / "calibration.json", bmd_json=bad / "bmd.json",
+            density_path=bad / "density.nii.gz", parts_path=bad / "vertebra.nii.gz",
+            strength_json=bad / "strength.json", screws_path=None, registration_json=None,
+            cfg={}, materials_cfg={}, bmd_cfg={}, seed_key="P01/M24")
+
+
 def _scan_json(slice_mm: float, kernel: str | None, kvp: float | None = 120.0) -> dict:
     """scan.json as the ingest step writes it (the fields the protocol columns read)."""
     return {"scan": {"spacing_mm": [0.7, 0.7, slice_mm], "kvp": kvp,

@@ -238,6 +238,29 @@ def test_page_shows_intervals_and_least_significant_change(page: Path) -> None:
     assert 'data-significant="yes"' in row.group(1)
 
 
+def test_page_says_when_a_scan_has_no_interval(patient_tree: dict, tmp_path: Path) -> None:
+    """The follow-up's uncertainty step failed (its uncertainty.json records why): its
+    compression cell says it has no interval, and its change no least significant change;
+    the baseline keeps its interval."""
+    from qctfea.cohort import analysis as cohort
+    from qctfea.qc.patient_page import write_patient_page
+
+    res = tmp_path / "demo"
+    shutil.copytree(patient_tree["res"], res)
+    (res / "P01" / "M12" / "uncertainty.json").write_text(json.dumps(
+        {"failed": "patient P01, timepoint M12: no intervals for this scan: a test"}))
+    cohort.aggregate([{"patient": "P01", "timepoint": tp, "months": m, "model_timepoint": "M00",
+                       "sex": "female"} for tp, m in (("M00", 0.0), ("M12", 12.0))], res,
+                     res / "tables" / "longitudinal.csv")
+    html = write_patient_page(res, "P01", tmp_path / "P01.html", cohort_name="demo").read_text()
+    row = re.search(r"<tr><td class=\"l\">compression strength</td>(.*?)</tr>", html, re.S)
+    assert row
+    v, sd = CASES["M00"]["compression.json"][0], UNC_SD["M00"]
+    assert f"{v - 10 * sd:.0f}–{v + 10 * sd:.0f}" in row.group(1)
+    assert row.group(1).count("no interval: its uncertainty step failed") == 1
+    assert "LSC" not in row.group(1)
+
+
 def test_page_shows_the_clinical_categories(page: Path, patient_tree: dict) -> None:
     """Sex, and per timepoint the strength category (women: fragile <= 4500 N < low < 6000 N
     <= normal, Keaveny et al. 2020) and the vBMD category (ACR: osteoporosis < 80 <= low

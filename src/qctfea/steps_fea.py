@@ -42,11 +42,39 @@ def accept_strength(*, result_paths, out_json, context: str) -> None:
         f"{k} {v['strength_n']:.0f} N ({v['stop_reason']})" for k, v in cases.items()))
 
 
-def uncertainty(*, calibration_json, bmd_json, density_path, parts_path, strength_json,
-                screws_path, registration_json, out_json, cfg: dict, materials_cfg: dict,
-                bmd_cfg: dict, context: str, seed_key: str) -> None:
+def uncertainty(*, out_json, context: str, record_failure: bool = False, **inputs) -> None:
     """Intervals and per-scan SDs of the scan's vBMD and strengths (uncertainty.json; see
-    :mod:`qctfea.uncertainty`). ``screws_path`` None: a model without screws;
+    :mod:`qctfea.uncertainty` and :func:`_uncertainty` for ``inputs``).
+
+    ``record_failure`` (the workflow): an error of this step is recorded in uncertainty.json
+    (key ``failed``; the traceback in the step's log) instead of raised. The step runs after
+    every gate on numbers that passed them: a scan without intervals keeps its outcomes, and
+    the cohort tables are built with its intervals and least significant changes empty and
+    the message in the long table's ``uncertainty_failed`` column."""
+    try:
+        _uncertainty(out_json=out_json, context=context, **inputs)
+    except Exception as exc:
+        if not record_failure:
+            raise
+        if isinstance(exc, QctfeaError):
+            why = str(exc).removeprefix(f"{context}: ")  # said once, below
+        else:
+            log.error(f"[uncertainty] {context}: unexpected error", exc_info=exc)
+            why = f"the step failed unexpectedly ({type(exc).__name__}: {exc})"
+        failed = (f"{context}: no intervals for this scan: {why}. Its outcomes are reported "
+                  "without intervals and its changes without a least significant change. "
+                  "What to do: read the step's log (estimate_uncertainty.log); the "
+                  "uncertainty settings (uncertainty.*), or report the log to the qctfea "
+                  "maintainers")
+        log.error(f"[uncertainty] {failed}")
+        write_json(out_json, {"failed": failed, "outcomes": {},
+                              "provenance": provenance("uncertainty", {}, {})})
+
+
+def _uncertainty(*, calibration_json, bmd_json, density_path, parts_path, strength_json,
+                 screws_path, registration_json, out_json, cfg: dict, materials_cfg: dict,
+                 bmd_cfg: dict, context: str, seed_key: str) -> None:
+    """The uncertainty step's work. ``screws_path`` None: a model without screws;
     ``registration_json`` None: a baseline (or registration off)."""
     from qctfea.imaging import bmd as bmd_mod
     from qctfea.imaging import masks

@@ -10,4 +10,5 @@ run_step(sm, lambda: steps_fea.uncertainty(
          strength_json=sm.input.strength, screws_path=optional_input(sm, "screws"),
          registration_json=optional_input(sm, "registration"), out_json=sm.output.json,
          cfg=sm.params.cfg, materials_cfg=sm.params.materials, bmd_cfg=sm.params.bmd,
-         context=context(w), seed_key=f"{w.patient}/{w.timepoint}"))
+         context=context(w), seed_key=f"{w.patient}/{w.timepoint}",
+         record_failure=True))

@@ -361,7 +361,11 @@ UNCERTAINTY_SUFFIXES = ("ci_low", "ci_high", "sd_scan")
 
 def uncertainty_columns(unc: Mapping[str, Any]) -> dict:
     """``<outcome>_ci_low``, ``_ci_high`` and ``_sd_scan`` of every outcome of a scan's
-    uncertainty.json (see :mod:`qctfea.uncertainty`)."""
+    uncertainty.json (see :mod:`qctfea.uncertainty`); for a scan whose uncertainty step
+    failed (``failed``: its message), none of them but ``uncertainty_failed`` with the
+    message."""
+    if unc.get("failed"):
+        return {"uncertainty_failed": str(unc["failed"])}
     outcomes = unc.get("outcomes")
     if not isinstance(outcomes, Mapping):
         raise QctfeaError("uncertainty.json: missing object 'outcomes'")
@@ -386,13 +390,16 @@ def least_significant_changes(df: pd.DataFrame, metrics: Sequence[str],
             base = g.iloc[0]
             for _, f in g.iloc[1:].iterrows():
                 change = float(f[metric] - base[metric])
+                # NaN when a scan has no intervals (its uncertainty step failed): the
+                # change is then neither significant nor not
                 lsc = least_significant_change(float(base[sd_col]), float(f[sd_col]), level)
                 rows.append({"patient": patient, "baseline": base["timepoint"],
                              "timepoint": f["timepoint"], "months": float(f["months"]),
                              "metric": metric, "baseline_value": float(base[metric]),
                              "value": float(f[metric]), "change": change,
                              "change_pct": 100 * change / float(base[metric]),
-                             "lsc": lsc, "significant": bool(abs(change) > lsc)})
+                             "lsc": lsc, "significant": (bool(abs(change) > lsc)
+                                                         if math.isfinite(lsc) else None)})
     return pd.DataFrame(rows, columns=["patient", "baseline", "timepoint", "months", "metric",
                                        "baseline_value", "value", "change", "change_pct",
                                        "lsc", "significant"])

@@ -523,8 +523,12 @@ def _outcome_rows(scans: list[dict], base: dict | None) -> list[dict]:
                 sig = abs(v - b) > lsc
             cells.append({"value": text, "change": "" if s is base or v is None else
                           _fmt_pct(_pct(v, b)),
-                          "interval": "" if None in (lo, hi) or v is None else
-                          f"{_fmt(lo, digits)}–{_fmt(hi, digits)}",
+                          "interval": (f"{_fmt(lo, digits)}–{_fmt(hi, digits)}"
+                                       if None not in (lo, hi) and v is not None else
+                                       "no interval: its uncertainty step failed "
+                                       "(long table: uncertainty_failed)"
+                                       if v is not None
+                                       and _text(s["row"].get("uncertainty_failed")) else ""),
                           "lsc": "" if lsc is None else
                           f"LSC {_fmt(lsc, digits)}: {'significant' if sig else 'within LSC'}",
                           "significant": sig})
