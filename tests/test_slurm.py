@@ -115,8 +115,9 @@ def test_slurm_profile_runs_workflow_like_local(slurm_background, local_run, cap
     for f in (repo / ".snakemake" / "slurm_logs").rglob("*.log"):
         if re.search(r"rule_solve\b", str(f)):  # the solve rule's logs (any case)
             cmds = [ln for ln in f.read_text().splitlines()
-                    # (after the rule's one-thread-per-rank variables)
-                    if re.search(r"(^|Shell command: )(\w+=\S+ )*srun --mpi=pmi2 -n 2 "
+                    # (after the rule's one-thread-per-rank variables, in the subshell
+                    # whose failure `qctfea solve-failed` records)
+                    if re.search(r"(^|Shell command: )\(?(\w+=\S+ )*srun --mpi=pmi2 -n 2 "
                                  r"qctfea solve ", ln)]
             if cmds:
                 srun_lines[f] = cmds[0].removeprefix("Shell command: ")
