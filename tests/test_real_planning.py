@@ -47,6 +47,35 @@ def test_real_scan_screws_in_bone_converging(case, spacing, axis, deg, scale, tm
         assert s["length_mm"] >= 25.0
 
 
+def test_a_custom_binary_mask_plans_the_labelled_vertebra_s_screws(tmp_path):
+    """A lab's own segmentation: the real L1 alone as a binary mask (1 = the vertebra,
+    `mask.convention: custom`, `mask.label: 1`). The body is found by the same opening, so
+    the screws are those of the TotalSegmentator labels (grade A, same convergence)."""
+    import SimpleITK as sitk
+
+    ct, labels, *_ = pc.CASES["TotalSegmentator L1"]
+    assert ct.is_file(), f"{ct} is missing: the real scans are needed"
+    lab = sitk.ReadImage(str(labels))
+    binary = sitk.Cast(sitk.BinaryThreshold(lab, 31, 31, 1, 0), sitk.sitkUInt8)
+    sitk.WriteImage(binary, str(tmp_path / "binary.nii.gz"))
+    own = pc.CASES["TotalSegmentator L1"][-1]
+    pc.CASES["custom binary L1"] = (ct, tmp_path / "binary.nii.gz", None,
+                                    {"convention": "custom", "label": 1}, own)
+    try:
+        runs = {}
+        for case in ("TotalSegmentator L1", "custom binary L1"):
+            (tmp_path / case).mkdir()
+            runs[case] = pc.check(case, own, None, 0.0, "traditional", tmp_path / case)
+            assert "error" not in runs[case], runs[case].get("error")
+    finally:
+        del pc.CASES["custom binary L1"]
+    for a, b in zip(*(r["screws"] for r in runs.values()), strict=True):
+        assert b["placement"]["grade"] == a["placement"]["grade"] == "A"
+        assert b["planning"]["convergence_deg"] == pytest.approx(
+            a["planning"]["convergence_deg"]), (a["side"], a["planning"], b["planning"])
+        assert np.allclose(a["entry_mm"], b["entry_mm"], atol=1e-6), (a["side"],)
+
+
 def test_real_scan_screws_do_not_depend_on_the_files_axis_order(tmp_path):
     """The real L1 as stored (LAS) and rewritten sagittally (PIR: the same voxels in space,
     axes permuted and flipped): ingest stores both in one axis order, so mask, planning and
