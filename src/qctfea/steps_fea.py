@@ -304,17 +304,18 @@ def solve_failed(*, case: str, exit_code: int, log_path, out_json, loads_cfg: di
             how += f" ({signal.Signals(exit_code - 128).name})"
         except ValueError:
             pass
-    lines = [ln.strip() for ln in Path(log_path).read_text(
-        encoding="utf-8", errors="replace").splitlines() if ln.strip()] \
-        if Path(log_path).exists() else []
+    text = (Path(log_path).read_text(encoding="utf-8", errors="replace")
+            if Path(log_path).exists() else "")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     quoted = next((ln for pattern in _ERROR_LINES for ln in reversed(lines)
                    if pattern.search(ln)), lines[-1] if lines else "the log is empty")
     hint = ("a process killed (SIGKILL) has most often run out of memory: raise the solve's "
             "memory (the rule's mem_mb) or use a coarser mesh (mesh.*); "
             if exit_code == 137 else "")
-    what = f"{context} {case}{' ' + side if side else ''}"
+    label = f"{case}{' ' + side if side else ''}"
+    what = f"{context} {label}"
     refusal = (
-        f"{context}, {case}{' ' + side if side else ''} ({out_json}): the solve stopped "
+        f"{context}, {label} ({out_json}): the solve stopped "
         f"with {how} before writing its result (last error in {log_path}: "
         f"{textwrap.shorten(quoted, 300)!r}). No strength is reported. What to do: read "
         f"the solve log; {hint}to solve it again, remove {out_json} (or run snakemake "

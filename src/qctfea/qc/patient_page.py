@@ -521,14 +521,15 @@ def _outcome_rows(scans: list[dict], base: dict | None) -> list[dict]:
             if s is not base and None not in (v, b, sd, sd_b):
                 lsc = least_significant_change(sd_b, sd)
                 sig = abs(v - b) > lsc
+            interval = ""
+            if v is not None and None not in (lo, hi):
+                interval = f"{_fmt(lo, digits)}–{_fmt(hi, digits)}"
+            elif v is not None and _text(s["row"].get("uncertainty_failed")):
+                interval = "no interval: its uncertainty step failed (long table: " \
+                           "uncertainty_failed)"
             cells.append({"value": text, "change": "" if s is base or v is None else
                           _fmt_pct(_pct(v, b)),
-                          "interval": (f"{_fmt(lo, digits)}–{_fmt(hi, digits)}"
-                                       if None not in (lo, hi) and v is not None else
-                                       "no interval: its uncertainty step failed "
-                                       "(long table: uncertainty_failed)"
-                                       if v is not None
-                                       and _text(s["row"].get("uncertainty_failed")) else ""),
+                          "interval": interval,
                           "lsc": "" if lsc is None else
                           f"LSC {_fmt(lsc, digits)}: {'significant' if sig else 'within LSC'}",
                           "significant": sig})
