@@ -180,7 +180,30 @@ def tiny_run(tmp_path_factory):
     p = run([venv_bin("snakemake"), "--cores", "2", *_tiny_args(work, cd),
              "--show-failed-logs"], env_on_path=False, cwd=REPO, timeout=1500)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    (work / "snakemake_output.txt").write_text(p.stdout + p.stderr, encoding="utf-8")
     return work
+
+
+@pytest.mark.slow
+def test_a_local_run_schedules_without_snakemake_s_job_rate_limiter(tiny_run):
+    """The Snakefile's onstart handler found the installed Snakemake's rate limiter and
+    turned it off (its re-evaluation timers multiply while jobs wait for cores:
+    qctfea.workflow_glue.without_job_rate_limit); a Snakemake that renamed what it sets
+    fails here instead of silently spinning again. A cluster run keeps the limiter."""
+    from types import SimpleNamespace
+
+    from qctfea.workflow_glue import without_job_rate_limit
+
+    out = (tiny_run / "snakemake_output.txt").read_text(encoding="utf-8")
+    assert "job-rate limiter off" in out, out[-2000:]
+    limiter = object()
+    cluster = SimpleNamespace(local_exec=False,
+                              scheduler=SimpleNamespace(job_rate_limiter=limiter))
+    assert not without_job_rate_limit(cluster)
+    assert cluster.scheduler.job_rate_limiter is limiter
+    local = SimpleNamespace(local_exec=True,
+                            scheduler=SimpleNamespace(job_rate_limiter=limiter))
+    assert without_job_rate_limit(local) and local.scheduler.job_rate_limiter is None
 
 
 @pytest.mark.slow

@@ -95,6 +95,27 @@ def failed_jobs(main_log: str | Path) -> list[dict]:
     return out
 
 
+def without_job_rate_limit(workflow) -> bool:
+    """Turn off Snakemake's job-rate limiter for a local run (an ``onstart`` handler); True
+    when it did. Snakemake 9 (9.27 measured) limits job starts to
+    ``--max-jobs-per-timespan`` (default 100 per 1 s) and, to apply it, starts one more
+    re-evaluation timer after *every* scheduling round while jobs wait for cores; each timer
+    runs a round that starts another. With the demo's 36 two-rank solves queued behind each
+    other the timers multiply: 59,767 rounds (up to 185 a second) checked 7.1 million input
+    files in a forced demo run, and Snakemake's own process took 120 s of CPU from the jobs
+    on two cores (docs/performance.md, "Snakemake's scheduler"). A local run never needs the
+    limit (cores bound it); a cluster run keeps it (the executor's submissions are what it
+    protects). Only attributes Snakemake sets (``workflow.local_exec``,
+    ``workflow.scheduler.job_rate_limiter``, which it also sets to None itself for dry-runs)
+    are touched; with a Snakemake without them nothing changes."""
+    scheduler = getattr(workflow, "scheduler", None)
+    if (getattr(workflow, "local_exec", False) and scheduler is not None
+            and getattr(scheduler, "job_rate_limiter", None) is not None):
+        scheduler.job_rate_limiter = None
+        return True
+    return False
+
+
 def write_failure_summary(main_log, out: str | Path) -> list[dict]:
     """Write (and print) one line per failed job: scan, rule, error, log. The one place a
     user reads after ``snakemake --keep-going``: every other scan's results are complete.

@@ -8,7 +8,11 @@ from jsonschema import Draft202012Validator
 from snakemake.exceptions import WorkflowError
 
 from qctfea.cohort.samples import missing_landmarks, read_sample_sheet
-from qctfea.workflow_glue import put_environment_on_path, write_failure_summary
+from qctfea.workflow_glue import (
+    put_environment_on_path,
+    without_job_rate_limit,
+    write_failure_summary,
+)
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
 
