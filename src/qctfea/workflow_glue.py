@@ -140,9 +140,11 @@ def write_failure_summary(main_log, out: str | Path) -> list[dict]:
 #: docs/performance.md, "A large scan"): ingest 1.2 (2.0 from a DICOM series), calibrate
 #: 2.0-2.8, mask 0.86, screws 1.2, materials 1.8, BMD 1.9, uncertainty 1.8, registration
 #: 1.9 GB. Rounded up; the workflow books ``mem_mb`` from them (:func:`scan_mem_mb`), so
-#: that a cluster does not kill the job of a large scan.
+#: that a cluster does not kill the job of a large scan. Registration: + 7 bytes per voxel
+#: since the follow-up density is resampled by cubic B-spline (its coefficient image; a
+#: 512 x 512 x 133 follow-up's peak 762 -> 1008 MB, 2026-12-06).
 BYTES_PER_VOXEL = {"ingest": 20, "calibrate": 26, "mask": 10, "screws": 12,
-                   "materials": 18, "bmd": 19, "uncertainty": 18, "registration": 20}
+                   "materials": 18, "bmd": 19, "uncertainty": 18, "registration": 27}
 #: Memory booked for any per-scan rule, whatever the scan (MB): the interpreter and libraries.
 MEM_FLOOR_MB = 1000
 
