@@ -35,8 +35,9 @@ flips, origin; docs/registration.md):
 The follow-up density is then resampled onto the baseline grid (cubic B-spline
 interpolation: linear interpolation's averaging raised a real scan's trabecular vBMD by
 several per cent, :data:`DENSITY_INTERPOLATOR`), and the follow-up's FE model is the
-**baseline model** (mesh, screws, endplates) with the follow-up's density: the mesh does not change between
-visits, so a change in strength comes from the bone, not from remeshing (the
+**baseline model** (mesh, screws, endplates) with the follow-up's density: the mesh does
+not change between visits, so a change in strength comes from the bone, not from
+remeshing (the
 longitudinal QCT-FE approach of e.g. Keaveny et al., J Bone Miner Res 2010;25:1974).
 
 QC: the points that matter (the screws' entry and tip when the baseline screws are
