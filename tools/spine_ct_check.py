@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import planning_check as pc  # noqa: E402
 import registration_check as rc  # noqa: E402
 from qctfea import logs  # noqa: E402
-from qctfea.imaging.masks import resolve_label  # noqa: E402
+from qctfea.imaging.masks import box_around, resolve_label  # noqa: E402
 from qctfea.mdtable import pipe_table  # noqa: E402
 
 #: the levels a chest CT may hold whole, with their TotalSegmentator v2 labels (the mask
@@ -108,8 +108,10 @@ def write_cohort(data: Path, out: Path, level: str, follow_up_voxels=(1.0, 1.0, 
     case = f"whole CT, {level}"
     rc.CASES[case] = (data / "cxr.nii.gz", data / "mask.nii.gz", LEVELS[level], {}, OWN)
     out.mkdir(parents=True, exist_ok=True)
-    base, base_lab, *_ = rc.make_pair(case, OWN, "7°/7 mm")
-    _, _, fu, fu_lab, _ = rc.make_pair(case, follow_up_voxels, "7°/7 mm", density_change=-0.05)
+    base, base_lab, fu, fu_lab, _ = rc.make_pair(case, follow_up_voxels, "7°/7 mm",
+                                                 density_change=-0.05)
+    if tuple(follow_up_voxels) != OWN:  # the baseline stays on the scan's own grid
+        base, base_lab, *_ = rc.make_pair(case, OWN, "7°/7 mm")
     images = {"M00": (base, base_lab, None), "M12": (fu, fu_lab, orientation)}
     rows = ["patient\ttimepoint\tmonths\timage\tlabels"]
     for tp, (ct, lab, orientation) in images.items():
@@ -140,10 +142,9 @@ def interpolation_bias(scan: Path, work: Path) -> list[list[str]]:
 
     dens = sitk.ReadImage(str(scan / "density.nii.gz"), sitk.sitkFloat32)
     parts = sitk.ReadImage(str(scan / "vertebra.nii.gz"))
-    idx = np.argwhere(sitk.GetArrayFromImage(parts) > 0)
-    lo = np.maximum(idx.min(0) - 12, 0)
-    hi = np.minimum(idx.max(0) + 12, np.array(parts.GetSize()[::-1]) - 1)
-    size, start = [int(v) for v in (hi - lo + 1)[::-1]], [int(v) for v in lo[::-1]]
+    box = box_around(sitk.GetArrayFromImage(parts) > 0, 12)  # z, y, x
+    start = [int(b.start) for b in box[::-1]]
+    size = [int(b.stop - b.start) for b in box[::-1]]
     dens, parts = sitk.RegionOfInterest(dens, size, start), sitk.RegionOfInterest(parts, size,
                                                                                    start)
     work.mkdir(parents=True, exist_ok=True)

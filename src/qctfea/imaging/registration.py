@@ -37,8 +37,8 @@ interpolation: linear interpolation's averaging raised a real scan's trabecular 
 several per cent, :data:`DENSITY_INTERPOLATOR`), and the follow-up's FE model is the
 **baseline model** (mesh, screws, endplates) with the follow-up's density: the mesh does
 not change between visits, so a change in strength comes from the bone, not from
-remeshing (the
-longitudinal QCT-FE approach of e.g. Keaveny et al., J Bone Miner Res 2010;25:1974).
+remeshing (the longitudinal QCT-FE approach of e.g. Keaveny et al., J Bone Miner Res
+2010;25:1974).
 
 QC: the points that matter (the screws' entry and tip when the baseline screws are
 given, else the 8 corners of the vertebra's bounding box): how far each moves between
