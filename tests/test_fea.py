@@ -291,7 +291,7 @@ def test_load_parameters_are_the_solvers_declared_once():
 def test_an_error_on_one_rank_ends_every_rank(tmp_path):
     """`qctfea solve` under `mpiexec -n 2`: an exception raised on rank 1 only (its step
     replaced by one that raises there while rank 0 goes on to a collective call) ends both
-    ranks with an error and the traceback, instead of leaving rank 0 waiting for ever (it
+    ranks with the error and its traceback, instead of leaving rank 0 waiting for ever (it
     did: MPICH's mpiexec and mpi4py do not end the other ranks by themselves)."""
     script = tmp_path / "one_rank_fails.py"
     script.write_text(
@@ -309,7 +309,10 @@ def test_an_error_on_one_rank_ends_every_rank(tmp_path):
     p = run([venv_bin("mpiexec"), "-n", "2", sys.executable, str(script)], cwd=tmp_path,
             timeout=120)
     assert p.returncode != 0
-    assert "IndexError: index 7 is out of bounds, on rank 1 only" in p.stderr
+    # the exception's line comes before its traceback (the line a refusal quotes survives
+    # an abort that cuts the traceback short)
+    line = "IndexError: index 7 is out of bounds, on rank 1 only"
+    assert line in p.stderr and p.stderr.index(line) < p.stderr.index("Traceback"), p.stderr
     assert "MPI_Abort" in p.stderr + p.stdout
 
 
@@ -318,13 +321,18 @@ def test_an_error_on_one_rank_ends_every_rank(tmp_path):
 def test_a_failed_solve_is_recorded_unless_interrupted(tmp_path, code, recorded):
     """`qctfea solve-failed` (the solve rule runs it after a failed `qctfea solve`): a solve
     that stopped with an error is recorded as the case's refusal, quoting the log's last
-    Python exception (not MPI's abort line after it), naming the signal behind an exit code
-    above 128 and, for 137 (SIGKILL), memory; an interrupted one (SIGINT 130, SIGTERM 143)
-    writes nothing and exits with its code."""
+    Python exception (not MPI's abort line after it, nor the ~~~^^^ markers of a traceback
+    that the abort cut short: the aborting rank prints the exception's line before its
+    traceback), naming the signal behind an exit code above 128 and, for 137 (SIGKILL),
+    memory; an interrupted one (SIGINT 130, SIGTERM 143) writes nothing and exits with its
+    code."""
     log = tmp_path / "solve_pullout_left.log"
     log.write_text("[solve] patient P01, timepoint M00 pullout left: nonlinear analysis\n"
-                   "Traceback (most recent call last):\n"
                    "MemoryError: Unable to allocate 3.1 GiB\n"
+                   "Traceback (most recent call last):\n"
+                   '  File "elasticity.py", line 3, in assemble\n'
+                   "    a = np.empty(n)\n"
+                   "        ~~~~~~~~^^^\n"
                    "application called MPI_Abort(MPI_COMM_WORLD, 2) - process 1\n")
     out = {k: tmp_path / f"pullout_left{s}" for k, s in (
         ("json", ".json"), ("curve", "_curve.csv"), ("plot", "_curve.png"),

@@ -334,20 +334,33 @@ def _cohort_step(a) -> None:
             a.out_html, root.name)
 
 
+#: Seconds a rank waits after printing its error before it aborts every rank, so that
+#: mpiexec forwards the output to the log first
+ABORT_GRACE_S = 1.0
+
+
 def _abort_other_ranks() -> None:
     """Under ``mpiexec -n N`` (N > 1, the solve step): end every rank after an unforeseen
-    exception on this one, its traceback printed first. An error raised on some ranks only (a
-    read, memory, an unforeseen exception) would otherwise leave the others waiting in their
-    next collective call until a cluster's time limit; mpi4py does not abort on an uncaught
-    exception by itself."""
+    exception on this one. An error raised on some ranks only (a read, memory, an unforeseen
+    exception) would otherwise leave the others waiting in their next collective call until a
+    cluster's time limit; mpi4py does not abort on an uncaught exception by itself.
+
+    The exception's one-line summary is printed first, then the traceback, then the rank
+    waits a second before aborting: the abort kills every rank at once, and output that
+    mpiexec had not yet forwarded to the log is lost (a traceback cut after its first lines
+    was seen in CI), so the line the refusal quotes (`qctfea solve-failed`) comes first."""
     mpi = sys.modules.get("mpi4py.MPI")  # only when the step used MPI
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() \
             and mpi.COMM_WORLD.size > 1:
+        import time
         import traceback
 
+        print("".join(traceback.format_exception_only(sys.exception())).strip(),
+              file=sys.stderr, flush=True)
         traceback.print_exc()
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
         mpi.COMM_WORLD.Abort(2)
 
 

@@ -306,7 +306,8 @@ def solve_failed(*, case: str, exit_code: int, log_path, out_json, loads_cfg: di
             pass
     text = (Path(log_path).read_text(encoding="utf-8", errors="replace")
             if Path(log_path).exists() else "")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # (lines without a letter, such as a traceback's ~~~^^^ markers, say nothing)
+    lines = [ln.strip() for ln in text.splitlines() if re.search("[A-Za-z]", ln)]
     quoted = next((ln for pattern in _ERROR_LINES for ln in reversed(lines)
                    if pattern.search(ln)), lines[-1] if lines else "the log is empty")
     hint = ("a process killed (SIGKILL) has most often run out of memory: raise the solve's "
