@@ -1,0 +1,88 @@
+"""The library's layout rules (README, "Layout"): modules of at most about 600 lines and
+functions of at most about 80, unless a ``# Long on purpose: <why>`` comment stands beside
+them (in the module's header, or on the lines right above the function); the benchmark and
+peer harness (``src/qctfea_bench``) outside the library, which never imports it. Measured
+with Python's own parser, so a module or function that grows past its limit without a
+reason fails here."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "qctfea"
+MODULE_LINES = 600
+FUNCTION_LINES = 80
+REASON = "# Long on purpose"
+#: Lines at the top of a module in which its reason may stand (after the docstring)
+HEADER_LINES = 150
+
+MODULES = sorted(SRC.rglob("*.py"))
+
+
+def _functions(tree: ast.Module):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+
+
+def test_the_library_has_modules_and_functions_to_measure():
+    """The checks below read real code: the library's packages by stage are there."""
+    packages = {p.parent.name for p in MODULES}
+    assert {"imaging", "model", "fea", "cohort", "qc"} <= packages, packages
+    assert sum(1 for m in MODULES for _ in _functions(ast.parse(m.read_text()))) > 300
+
+
+def _problems(text: str) -> list[str]:
+    """What breaks the layout rules in one module's source text."""
+    lines = text.splitlines()
+    problems = []
+    if len(lines) > MODULE_LINES and not any(
+            ln.startswith(REASON) for ln in lines[:HEADER_LINES]):
+        problems.append(f"{len(lines)} lines (limit {MODULE_LINES}) and no '{REASON}: ...' "
+                        f"comment in its first {HEADER_LINES} lines")
+    for fn in _functions(ast.parse(text)):
+        first = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
+        length = fn.end_lineno - fn.lineno + 1
+        above = lines[max(first - 4, 0):first - 1]  # the three lines above the def
+        if length > FUNCTION_LINES and not any(ln.strip().startswith(REASON) for ln in above):
+            problems.append(f"{fn.name} (line {fn.lineno}): {length} lines (limit "
+                            f"{FUNCTION_LINES}) and no '{REASON}: ...' comment above it")
+    return problems
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_a_long_module_or_function_says_why(module):
+    problems = _problems(module.read_text())
+    assert not problems, f"{module.relative_to(SRC)}: " + "; ".join(problems)
+
+
+def test_the_rule_catches_a_long_function_or_module_without_a_reason():
+    """The check itself, on made-up sources: an 81-line function fails it and an 80-line one
+    passes; with a reason above it the 81-line one passes; a 601-line module fails it unless
+    its header gives a reason."""
+    def fn(n, reason=""):
+        body = "\n".join(f"    x{i} = {i}" for i in range(n - 1))
+        return f"{reason}def f():\n{body}\n"
+    assert _problems(fn(80)) == []
+    assert [p.split(":")[0] for p in _problems(fn(81))] == ["f (line 1)"]
+    assert _problems(fn(81, f"{REASON}: one algorithm in order.\n")) == []
+    long_module = "\n".join(f"x{i} = {i}" for i in range(601))
+    assert _problems(long_module)[0].startswith("601 lines (limit 600)")
+    assert _problems(f"{REASON}: one stage.\n" + long_module) == []
+
+
+def test_the_harness_lives_outside_the_library():
+    """Benchmarks, peer comparisons and throughput runs are tools, not science: no module of
+    the library is named after them, and none imports the harness package or the tools."""
+    harness = {"perf", "peer", "peer_driver", "throughput", "convergence", "benchmarks"}
+    assert (SRC.parent / "qctfea_bench").is_dir()
+    assert not [m for m in MODULES if m.stem in harness]
+    for m in MODULES:
+        for node in ast.walk(ast.parse(m.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
+                    a.name for a in node.names]
+                assert not any(n.split(".")[0] in ("qctfea_bench", "tools") for n in names), m
