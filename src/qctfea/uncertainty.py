@@ -73,7 +73,8 @@ class UncertaintyParams:
              "per direction. Assumed values (the planning of one trajectory by hand or by this "
              "pipeline's planner on a re-scan); set your lab's. Shared by a patient's scans "
              "(the follow-ups use the baseline's screws), so they widen each scan's interval "
-             "but not the least significant change"))
+             "but not the least significant change. Navigated placement strays further from "
+             "its plan: about 3.1° per plane RMS (Miller et al. 2016, docs/uncertainty.md)"))
     #: planning repeatability: axis tilt SD per direction
     screw_angle_sd_deg: float = option(2.0, minimum=0, row="screw_position_sd_mm")
     #: follow-ups: screw offset SD per axis from the registration (at least the
@@ -223,7 +224,8 @@ def summary(draws: np.ndarray, nominal: float, level: float) -> dict:
 
 @dataclass
 class ScanInputs:
-    """What one scan's uncertainty is computed from (read by :func:`qctfea.steps_fea.uncertainty`)."""
+    """What one scan's uncertainty is computed from (read by
+    :func:`qctfea.steps_fea.uncertainty`)."""
 
     calibration: dict  #: calibration.json of the scan
     bmd: dict  #: bmd.json of the scan (nominal vBMD)
