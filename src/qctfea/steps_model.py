@@ -121,6 +121,7 @@ def _graded(screws, parts, parts_path, anatomy, plan, where: str) -> list[dict]:
     from qctfea.model import screw as screw_mod
 
     inside = screw_mod.bone_lookup(parts)
+    voxel_mm = round(float(max(parts.GetSpacing())), 3)  # the grade's resolution
     out = []
     for sc in screws:
         rep = screw_mod.breach_report(sc, inside)
@@ -137,6 +138,13 @@ def _graded(screws, parts, parts_path, anatomy, plan, where: str) -> list[dict]:
             warnings.warn(f"{where}: {sc.side} screw grade {grade['grade']} "
                           f"(Gertzbein-Robbins): {grade['breach_mm']:.1f} mm outside the bone, "
                           f"{grade['direction']}", stacklevel=3)
+        grade["label_voxel_mm"] = voxel_mm
+        note = placement.coarse_map_note(grade["breach_mm"], voxel_mm, plan.max_grade,
+                                         plan.grade_tolerance_mm)
+        if note and not placement.grade_worse(grade["grade"], plan.max_grade):
+            grade["coarse_map_note"] = note
+            warnings.warn(f"{where}: {sc.side} screw grade {grade['grade']}: {note}",
+                          stacklevel=3)
         out.append({**sc.to_dict(), "breach": rep, "placement": grade})
     return out
 

@@ -45,6 +45,13 @@ screw; any sample over the canal's footprint is medial), *lateral*, *superior*,
 whose breach points posteriorly are not graded: there the screw's first thread meets the
 oblique posterior surface where the head is seated, not a pedicle or body wall; their
 largest distance is recorded as ``entry_outside_mm``.
+
+**Resolution of a grade** (:func:`coarse_map_note`). The breach is measured on the label
+map, and a coarse map's blocky surface lies up to about half a voxel from the bone's. The
+record keeps the map's coarsest voxel spacing (``label_voxel_mm``); when the breach plus
+half of it reaches the limit of the accepted grade (``planning.max_grade``), the screw is
+accepted with a note saying so (``coarse_map_note``, in the rule's log and the patient
+page).
 """
 
 from __future__ import annotations
@@ -217,6 +224,25 @@ def grade_worse(grade: str, limit: str) -> bool:
     return GRADES.index(grade) > GRADES.index(limit)
 
 
+def coarse_map_note(breach_mm: float, voxel_mm: float, max_grade: str,
+                    tolerance_mm: float = 0.5) -> str | None:
+    """A breach measured on a label map of ``voxel_mm`` (its coarsest spacing) is uncertain
+    by about half a voxel: screws planned on 1 x 1 x 3 and 3 mm versions of real scans and
+    graded again on the scans' own label maps moved by up to 0.8 mm (docs/screw_planning.md,
+    "Coarse label maps"). When the breach plus that half voxel reaches the limit of
+    ``max_grade`` (``tolerance_mm`` for A, 2 mm for B, ...), the text saying so; else None
+    (also for voxels up to 1 mm, whose half voxel is within the grading tolerance)."""
+    if voxel_mm <= 1.0 or max_grade == GRADES[-1]:
+        return None
+    limit = tolerance_mm if max_grade == "A" else GRADE_LIMITS_MM[GRADES.index(max_grade) - 1]
+    if breach_mm + voxel_mm / 2 < limit:
+        return None
+    return (f"breach {breach_mm:.1f} mm measured on a label map of {voxel_mm:g} mm voxels, "
+            f"uncertain by about half a voxel ({voxel_mm / 2:g} mm): the screw may lie beyond "
+            f"grade {max_grade}'s {limit:g} mm; check screws.png, or plan on a finer scan or "
+            "from landmarks")
+
+
 def screw_surface(entry: np.ndarray, axis: np.ndarray, radius: float, length: float,
                   step: float = 0.25, n_around: int = 24) -> tuple[np.ndarray, np.ndarray]:
     """Points (N, 3) on the inserted screw's side and tip disc, and their depth (mm)."""
@@ -271,8 +297,11 @@ def grade_screw(entry: np.ndarray, axis: np.ndarray, diameter_mm: float, length_
         direction = str(names[~entry_zone][np.argmax(d[graded])])
         worst = pts[w].tolist()
         depth_w = float(depth[w])
-    else:
-        breach, direction, worst, depth_w = max(0.0, float(d.max())), "none", None, None
+    else:  # no graded sample outside the tolerance: the largest of the graded ones
+        graded_all = np.ones(len(d), bool)
+        graded_all[np.flatnonzero(out)[entry_zone]] = False
+        breach = max(0.0, float(d[graded_all].max())) if graded_all.any() else 0.0
+        direction, worst, depth_w = "none", None, None
     grade = grade_of(breach, tolerance_mm)
     if grade == "A":
         direction = "none"

@@ -315,6 +315,7 @@ def _screws(path: Path, row: Mapping[str, Any]) -> list[dict]:
             "breach": _fmt(p.get("breach_mm", row.get(f"screw_breach_{side}_mm")), 1, "mm"),
             "direction": p.get("direction", row.get(f"screw_breach_direction_{side}")) or "–",
             "clearance": _fmt(p.get("min_clearance_mm"), 2, "mm"),
+            "note": p.get("coarse_map_note", ""),
         })
     return out
 
