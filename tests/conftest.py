@@ -38,7 +38,7 @@ def real_scans() -> Path:
 def real_l1_ingested(tmp_path_factory) -> dict:
     """The real TotalSegmentator L1 of ../shared/data/real ingested once per session:
     {"src": its folder, "root": a folder holding the ingested ct.nii.gz}."""
-    from qctfea import steps_imaging
+    from qctfea.steps import imaging as steps_imaging
 
     src = SHARED / "totalseg_L1"
     assert src.is_dir(), f"{src} is missing: the real scans of ../shared/data/real are needed"
@@ -69,7 +69,7 @@ def venv_bin(name: str) -> str:
 
 def imaging_steps(src: Path, r: Path, ctx: str) -> None:
     """ingest -> calibrate -> mask of a synthetic scan folder ``src`` into ``r``."""
-    from qctfea import steps_imaging
+    from qctfea.steps import imaging as steps_imaging
 
     steps_imaging.ingest(source=src / "dicom", out_image=r / "ct.nii.gz", out_json=r / "scan.json",
                          context=ctx)
@@ -86,7 +86,7 @@ def imaging_steps(src: Path, r: Path, ctx: str) -> None:
 def demo_scan(tmp_path_factory):
     """Synthetic scan P01/M12 run through ingest -> calibrate -> mask -> screws -> bmd."""
 
-    from qctfea import steps_imaging, steps_model
+    from qctfea.steps import imaging as steps_imaging, model as steps_model
 
     root = tmp_path_factory.mktemp("scan")
     src = root / "P01" / "M12"
@@ -106,7 +106,7 @@ def demo_scan(tmp_path_factory):
 def demo_model(demo_scan):
     """Coarse mesh + materials of the demo scan."""
 
-    from qctfea import steps_model
+    from qctfea.steps import model as steps_model
 
     r = demo_scan["results"]
     ctx = demo_scan["context"]

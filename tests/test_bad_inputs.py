@@ -19,9 +19,9 @@ import pytest
 import SimpleITK as sitk
 
 from qctfea import cli
-from qctfea import steps_fea
-from qctfea import steps_imaging
-from qctfea import steps_model
+from qctfea.steps import fea as steps_fea
+from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import model as steps_model
 from qctfea.errors import QctfeaError
 from qctfea.cohort.samples import dxa_value, read_sample_sheet
 
@@ -651,7 +651,7 @@ def _gated_cases(scan, tmp: Path) -> dict:
                    tmp / "scan.json",
                    lambda: steps_imaging.accept_scan(scan_json=tmp / "scan.json",
                                                      out_json=tmp / "ok.json", context=ctx)),
-        "calibrate": ("qctfea.steps_imaging._calibration",
+        "calibrate": ("qctfea.steps.imaging._calibration",
                       lambda: steps_imaging.calibrate(
                           ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
                           out_density=tmp / "density.nii.gz", out_json=tmp / "calibration.json",
@@ -661,7 +661,7 @@ def _gated_cases(scan, tmp: Path) -> dict:
                       lambda: steps_imaging.accept_calibration(
                           calibration_json=tmp / "calibration.json", out_json=tmp / "ok.json",
                           context=ctx)),
-        "mask": ("qctfea.steps_imaging._mask",
+        "mask": ("qctfea.steps.imaging._mask",
                  lambda: steps_imaging.mask(ct_path=r / "ct.nii.gz",
                                             labels_path=src / "labels.nii.gz",
                                             out_parts=tmp / "vertebra.nii.gz",
@@ -679,7 +679,7 @@ def _gated_cases(scan, tmp: Path) -> dict:
                    tmp / "screws.json",
                    lambda: steps_model.accept_screws(screws_path=tmp / "screws.json",
                                                      out_json=tmp / "ok.json", context=ctx)),
-        "mesh": ("qctfea.steps_model._mesh",
+        "mesh": ("qctfea.steps.model._mesh",
                  lambda: steps_model.mesh(parts_path=r / "vertebra.nii.gz",
                                           screws_path=r / "screws.json",
                                           out_mesh=tmp / "mesh.xdmf", out_json=tmp / "mesh.json",

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea import steps_fea
-from qctfea import steps_imaging
-from qctfea import steps_model
+from qctfea.steps import fea as steps_fea
+from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import model as steps_model
 from qctfea.model.materials import MaterialParams, modulus_mpa
 from qctfea.model.meshing import read_mesh
 from qctfea.model.tags import BONE_TAGS, TAG_CAP

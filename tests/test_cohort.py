@@ -738,7 +738,7 @@ def test_a_scan_whose_uncertainty_step_failed_keeps_its_outcomes_without_interva
     uncertainty.json holds the message): its row keeps its outcomes, with empty intervals and
     the message in uncertainty_failed; its change has no least significant change and is
     neither significant nor not; M12's are as with every scan's intervals."""
-    from qctfea import steps_fea
+    from qctfea.steps import fea as steps_fea
 
     bad = tmp_path / "bad"
     bad.mkdir()

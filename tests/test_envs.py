@@ -85,7 +85,7 @@ def _imports(tree: ast.AST) -> dict[str, set[str] | None]:
                 add(a.name, None)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             add(node.module, {a.name for a in node.names})
-            # `from qctfea import steps_fea` imports the module qctfea.steps_fea
+            # `from qctfea.steps import fea` imports the module qctfea.steps.fea
             for a in node.names:
                 if _module_file(f"{node.module}.{a.name}"):
                     add(f"{node.module}.{a.name}", None)
@@ -137,13 +137,17 @@ def _entry(rule: dict) -> dict[str, set[str] | None]:
         script = (rule["file"].parent / rule["script"]).resolve()
         tree = ast.parse(script.read_text())
         entries = _imports(tree)
-        # The step modules (qctfea.steps_imaging, _model, _fea) dispatch to the science
+        # The step modules (qctfea.steps.imaging, .model, .fea) dispatch to the science
         # modules lazily, one step per function: the script's calls `steps_x.<function>`
         # say which of them it runs.
-        for mod in [m for m in entries if m.startswith("qctfea.steps_")]:
-            alias = mod.rsplit(".", 1)[1]
-            entries[mod] = {n.attr for n in ast.walk(tree)
-                            if isinstance(n, ast.Attribute)
+        # (`from qctfea.steps import model as steps_model`: the names used as steps_model.x)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "qctfea.steps":
+                for a in node.names:
+                    if f"qctfea.steps.{a.name}" in entries:
+                        alias = a.asname or a.name
+                        entries[f"qctfea.steps.{a.name}"] = {
+                            n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
                             and isinstance(n.value, ast.Name) and n.value.id == alias}
         return entries
     commands = re.findall(r"qctfea ([\w-]+)", rule["shell"] or "")
@@ -152,8 +156,8 @@ def _entry(rule: dict) -> dict[str, set[str] | None]:
     # cohort modules, which a solve never reaches) and each step's function.
     entries = {"qctfea.cli": {"main", "build_parser", "_params", "_ctx"}}
     for command in commands:
-        step = {"solve": ("qctfea.steps_fea", "solve"),
-                "solve-failed": ("qctfea.steps_fea", "solve_failed")}.get(command)
+        step = {"solve": ("qctfea.steps.fea", "solve"),
+                "solve-failed": ("qctfea.steps.fea", "solve_failed")}.get(command)
         assert step, f"rule {rule['name']}: map `qctfea {command}` to its steps function here"
         entries.setdefault(step[0], set()).add(step[1])
     return entries

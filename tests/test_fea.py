@@ -246,7 +246,7 @@ def test_curve_picture_marks_the_peak(tmp_path):
     """The force-displacement picture, read back as pixels: the strength line (red, C3)
     lies at the height of the plotted curve's highest point (blue, C0), and a run without
     a peak has no strength line."""
-    from qctfea.steps_fea import plot_curve
+    from qctfea.steps.fea import plot_curve
 
     d = np.linspace(0, 0.1, 21)
     f = 1000 * np.sin(np.pi * d / 0.12)  # peak 1000 N at 0.06 mm, then falling

@@ -75,7 +75,7 @@ def test_no_patient_identifiers_in_outputs(demo_scan):
 
 
 def test_wrong_label_names_context(demo_scan):
-    from qctfea import steps_imaging
+    from qctfea.steps import imaging as steps_imaging
 
     r = demo_scan["results"]
     with pytest.raises(QctfeaError, match=r"patient P01, timepoint M12.*label 28.*\[23\]"):

@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.imaging.dicomio import IngestParams, read_dicom_series
 from qctfea.errors import QctfeaError
 from test_dicomio import (

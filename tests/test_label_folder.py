@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPO, venv_bin
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.errors import QctfeaError
 from qctfea.imaging import labelfolder
 from qctfea.imaging.masks import CONVENTIONS

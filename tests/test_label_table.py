@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.errors import QctfeaError
 from qctfea.imaging.labeltable import read_label_table
 from qctfea.imaging.masks import CONVENTIONS

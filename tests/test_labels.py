@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from qctfea.imaging import masks, morphology
 from qctfea import steps
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.errors import QctfeaError
 from qctfea.cohort.samples import read_sample_sheet
 

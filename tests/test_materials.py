@@ -200,7 +200,7 @@ def test_materials_step_with_a_custom_law_writes_the_same_moduli_as_its_preset(d
     a KeyError looking the law up among the presets)."""
     import json
 
-    from qctfea import steps_model
+    from qctfea.steps import model as steps_model
 
     r = demo_model["results"]
     keyak_as_custom = {"density": "ash", "pieces": [

@@ -75,7 +75,7 @@ def test_a_vertebra_that_cannot_be_meshed_is_recorded_and_the_gate_refuses_it(de
 
     import pytest
 
-    from qctfea import steps_model
+    from qctfea.steps import model as steps_model
     from qctfea.errors import QctfeaError
     from qctfea.model.meshing import read_mesh
 

@@ -82,7 +82,7 @@ def test_rods_measured_at_given_centres():
 def test_rod_centres_in_physical_coordinates_through_the_step(tmp_path):
     """steps_imaging.calibrate converts rod_centres_mm through the image geometry (origin,
     spacing)."""
-    from qctfea import steps_imaging
+    from qctfea.steps import imaging as steps_imaging
 
     a, b = 0.75, 3.0
     dens = [0.0, 50.0, 100.0, 150.0, 200.0]
@@ -155,7 +155,7 @@ def test_presets_define_their_phantoms_and_config_keys_override_them():
 
 
 def test_no_phantom_named_is_refused_listing_the_presets(tmp_path):
-    from qctfea import steps_imaging
+    from qctfea.steps import imaging as steps_imaging
 
     from qctfea.imaging.phantoms import PHANTOM_PRESETS
 

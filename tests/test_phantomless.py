@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from qctfea.imaging import attenuation
 from qctfea import steps
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.imaging.calibration import REFERENCE_MG_CM3, TissueSpec
 from qctfea.imaging.phantomless import find_tissues, phantomless_calibration
 from qctfea.errors import QctfeaError

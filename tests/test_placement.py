@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea import steps_model
+from qctfea.steps import model as steps_model
 from qctfea.model.placement import (BoneField, Frame, coarse_map_note, grade_of,
                                     grade_screw)
 from qctfea.errors import QctfeaError

@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from qctfea import steps
-from qctfea import steps_imaging
-from qctfea import steps_model
+from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import model as steps_model
 from qctfea.imaging.masks import BODY, POSTERIOR, TRABECULAR
 from qctfea.model.planning import PlanParams, _Grid, plan_from_mask
 from qctfea.errors import QctfeaError

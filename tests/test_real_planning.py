@@ -104,7 +104,7 @@ def test_real_scan_screws_do_not_depend_on_the_files_axis_order(tmp_path):
 def test_real_vertebra_cut_by_the_crop_is_refused(tmp_path):
     """The VerSe crop holds L3 whole and L4 only in part (the crop ends inside it): modelling
     L4 is refused, naming the inferior edge; L3 passes."""
-    from qctfea import steps_imaging
+    from qctfea.steps import imaging as steps_imaging
     from qctfea.errors import QctfeaError
 
     ct, labels, *_ = pc.CASES["VerSe L3"]

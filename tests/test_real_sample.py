@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from qctfea import steps_imaging
-from qctfea import steps_model
+from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import model as steps_model
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "verse_tptbox_L3"
 pytestmark = pytest.mark.usefixtures("real_scans")  # fails when ../shared is missing

@@ -64,7 +64,7 @@ def test_dice_gates(demo_scan):
 
 
 def test_register_step_writes_density_on_baseline_grid(demo_scan, tmp_path):
-    from qctfea import steps_imaging
+    from qctfea.steps import imaging as steps_imaging
 
     r = demo_scan["results"]
     dens = sitk.ReadImage(str(r / "density.nii.gz"), sitk.sitkFloat32)
@@ -101,7 +101,7 @@ def test_registration_outside_the_gates_is_recorded_for_the_gate_rule(demo_scan,
     writes every output with the refusal in registration.json, and the gate
     (accept_registration) then fails with that message; a registration within the gates
     passes the gate, which records its Dice."""
-    from qctfea import steps_imaging
+    from qctfea.steps import imaging as steps_imaging
     from qctfea.errors import QctfeaError
 
     r = demo_scan["results"]
@@ -144,7 +144,7 @@ def test_a_registration_that_fails_outright_is_recorded_for_the_gate_rule(demo_s
     raised by the optimiser) is, as the workflow runs it, a refusal like a Dice below the gate:
     every output written (the follow-up density untransformed, an identity transform), the
     message in registration.json, and accept_registration fails with it."""
-    from qctfea import steps_imaging
+    from qctfea.steps import imaging as steps_imaging
     from qctfea.errors import QctfeaError
     from qctfea.imaging import registration as reg
 

@@ -89,7 +89,7 @@ def test_follow_up_density_on_the_baseline_grid_keeps_the_trabecular_vbmd(tmp_pa
 
     import SimpleITK as sitk
 
-    from qctfea import steps_imaging
+    from qctfea.steps import imaging as steps_imaging
     from qctfea.imaging import masks
     from qctfea.imaging.registration import resample_density
 

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from qctfea.model import screw as screw_mod
 from qctfea.qc import slicer
-from qctfea import steps_model
+from qctfea.steps import model as steps_model
 from qctfea.errors import QctfeaError
 
 SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"

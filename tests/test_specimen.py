@@ -134,9 +134,9 @@ def test_platens_and_poisson_ratios(tmp_path):
     whenever the layers' nu / E agree (nu = 0 included); fixed platens hold the lateral
     expansion and come out stiffer, as do free platens with mismatched nu / E (the stiff caps
     restrain the bone at the interfaces). The table of docs/specimens.md."""
-    from qctfea import steps_fea
-    from qctfea import steps_imaging
-    from qctfea import steps_model
+    from qctfea.steps import fea as steps_fea
+    from qctfea.steps import imaging as steps_imaging
+    from qctfea.steps import model as steps_model
 
     write_specimen(tmp_path)
     t, ctx = tmp_path, "patient B01, timepoint T0"

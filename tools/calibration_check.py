@@ -21,7 +21,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import planning_check as pc  # noqa: E402  (the real scans and the regridding)
 
-from qctfea import steps_imaging  # noqa: E402
+from qctfea.steps import imaging as steps_imaging  # noqa: E402
 from qctfea.mdtable import pipe_table  # noqa: E402
 from qctfea.provenance import read_json  # noqa: E402
 

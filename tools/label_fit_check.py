@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import planning_check as pc  # noqa: E402  (its cases and grids)
 
-from qctfea import steps_imaging  # noqa: E402
+from qctfea.steps import imaging as steps_imaging  # noqa: E402
 from qctfea.errors import QctfeaError  # noqa: E402
 from qctfea.mdtable import pipe_table  # noqa: E402
 

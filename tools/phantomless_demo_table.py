@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 import pandas as pd
 
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.demo.synth import generate_scan
 
 SHEET = Path(__file__).resolve().parents[1] / "config" / "cohorts" / "demo" / "samples.tsv"

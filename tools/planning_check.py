@@ -33,8 +33,8 @@ import SimpleITK as sitk
 
 from qctfea import logs
 from qctfea.mdtable import pipe_table
-from qctfea import steps_imaging
-from qctfea import steps_model
+from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import model as steps_model
 from qctfea.errors import QctfeaError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"

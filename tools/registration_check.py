@@ -30,7 +30,7 @@ import SimpleITK as sitk
 from qctfea.imaging import registration as reg
 from qctfea import logs
 from qctfea.mdtable import pipe_table
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 #: case -> (CT, labels, vertebra label, mask section, own spacing)

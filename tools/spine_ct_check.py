@@ -138,7 +138,7 @@ def interpolation_bias(scan: Path, work: Path) -> list[list[str]]:
     there and back (module docstring), in its own regions (cropped around the vertebra)."""
     import json
 
-    from qctfea import steps_imaging
+    from qctfea.steps import imaging as steps_imaging
 
     dens = sitk.ReadImage(str(scan / "density.nii.gz"), sitk.sitkFloat32)
     parts = sitk.ReadImage(str(scan / "vertebra.nii.gz"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.imaging import morphology
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "totalseg_L1"

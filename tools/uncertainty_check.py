@@ -30,7 +30,7 @@ from qctfea.imaging import masks
 from qctfea import steps
 from qctfea import logs
 from qctfea.mdtable import pipe_table
-from qctfea import steps_model
+from qctfea.steps import model as steps_model
 from qctfea.imaging.bmd import BmdParams
 from qctfea.model import materials as mat
 from qctfea import uncertainty as unc

@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(a) -> None:
-    from qctfea import steps_fea, steps_imaging, steps_model
+    from qctfea.steps import fea as steps_fea, imaging as steps_imaging, model as steps_model
 
     prm = _params(getattr(a, "params", None))
     if a.step == "synth":

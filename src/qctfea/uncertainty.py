@@ -225,7 +225,7 @@ def summary(draws: np.ndarray, nominal: float, level: float) -> dict:
 @dataclass
 class ScanInputs:
     """What one scan's uncertainty is computed from (read by
-    :func:`qctfea.steps_fea.uncertainty`)."""
+    :func:`qctfea.steps.fea.uncertainty`)."""
 
     calibration: dict  #: calibration.json of the scan
     bmd: dict  #: bmd.json of the scan (nominal vBMD)

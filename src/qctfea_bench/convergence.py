@@ -93,7 +93,7 @@ def mesh_level(scan: Path, d: Path, size: float, voxel_mm: float, materials_cfg:
     """Mesh the scan's vertebra and screws at bone cell size ``size`` (screw cells half, bone
     near the screws a third) into ``d`` and map its materials; returns the seconds of each
     and the mesh report."""
-    from qctfea import steps_model
+    from qctfea.steps import model as steps_model
 
     t0 = time.perf_counter()
     steps_model.mesh(parts_path=scan / "vertebra.nii.gz", screws_path=scan / "screws.json",

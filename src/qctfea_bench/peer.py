@@ -36,10 +36,10 @@ sample by default):
 shared E field (:func:`modulus_image`: the law on the CT's voxels, interpolated
 trilinearly, which is what our element integration samples), ParOSol's CG + multigrid solve, stiffness = top reaction /
 displacement. **Ours**: the body + cap label image on the finest grid (``mesh_voxel_mm``,
-the pipeline's ``mesh.voxel_mm``) meshed with tetrahedra (:func:`qctfea.steps_model.mesh`, no
+the pipeline's ``mesh.voxel_mm``) meshed with tetrahedra (:func:`qctfea.steps.model.mesh`, no
 screws) at each bone cell size, element moduli integrated over each element from the same
-density image (:func:`qctfea.steps_model.materials`), linear compression solve under ``mpiexec``
-(:func:`qctfea.steps_fea.solve`). Every time is wall-clock of what a user would run for one
+density image (:func:`qctfea.steps.model.materials`), linear compression solve under ``mpiexec``
+(:func:`qctfea.steps.fea.solve`). Every time is wall-clock of what a user would run for one
 stiffness: ours mesh + materials + solve (a fresh MPI process: start-up and imports
 included); the peer's material mapping + its ``solve()`` call (writing its input, the MPI
 run, reading the results).
@@ -237,7 +237,7 @@ def prepare_ours(spec: dict, box: dict, d: Path) -> None:
 
 def run_ours(common: Path, density_path: Path, cell_mm: float, voxel_mm: float, d: Path,
              materials_cfg: dict, ranks: int, height_mm: float, ctx: str) -> dict:
-    from qctfea import steps_model
+    from qctfea.steps import model as steps_model
 
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

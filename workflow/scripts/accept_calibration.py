@@ -1,7 +1,7 @@
 """Rule accept_calibration: the calibration's gate. Fails the scan whose calibration was
 refused (no phantom found, too few reference tissues, a fit below fail_r2), with the
 measurements and what to change; else records the line in calibration_accepted.json."""
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821

@@ -1,6 +1,6 @@
 """Rule accept_mesh: the mesh's gate. Fails the scan whose vertebra could not be meshed
 with its message; else records the mesh's size in mesh_accepted.json."""
-from qctfea import steps_model
+from qctfea.steps import model as steps_model
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821

@@ -1,7 +1,7 @@
 """Rule accept_registration: the registration's gate. Fails the follow-up whose registration
 to baseline was refused (vertebra Dice or the starts' disagreement beyond the gates), with
 what was tried and what to do; else records the accuracy in registration_accepted.json."""
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821

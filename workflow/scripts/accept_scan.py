@@ -1,7 +1,7 @@
 """Rule accept_scan: the inputs' gate. Fails the scan whose image or label map could not be
 read, or whose label map lacks the vertebra, with the message ingest recorded; else records
 the acquisition in scan_accepted.json."""
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821

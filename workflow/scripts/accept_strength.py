@@ -1,7 +1,7 @@
 """Rule accept_strength: the solve stage's gate. Fails the scan when a load case's
 force-displacement curve did not reach its peak (no strength), naming the scan, load case,
 reason and what to do; else records the strengths in strength.json."""
-from qctfea import steps_fea
+from qctfea.steps import fea as steps_fea
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821

@@ -1,7 +1,7 @@
 """Rule accept_vertebra: the label map's gate. Fails the scan whose vertebra the mask step
 refused (cut by the field of view, a label map off its CT, no body found) with its message;
 else records the volumes in vertebra_accepted.json."""
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821

@@ -1,5 +1,5 @@
 """Rule assign_materials: density -> element Young's moduli (integrated over each element)."""
-from qctfea import steps_model
+from qctfea.steps import model as steps_model
 from qctfea.workflow_glue import context, optional_input, run_step
 
 sm = snakemake  # noqa: F821

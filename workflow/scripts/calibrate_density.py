@@ -1,6 +1,6 @@
 """Rule calibrate_density (a checkpoint): HU -> K2HPO4 density (mg/cm³). A calibration
 refused by its gates is recorded (refused) for accept_calibration."""
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821

@@ -1,5 +1,5 @@
 """Rule estimate_uncertainty: intervals and per-scan SDs of the scan's outcomes."""
-from qctfea import steps_fea
+from qctfea.steps import fea as steps_fea
 from qctfea.workflow_glue import context, optional_input, run_step
 
 sm = snakemake  # noqa: F821

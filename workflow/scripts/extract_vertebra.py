@@ -1,7 +1,7 @@
 """Rule extract_vertebra (a checkpoint): label map (and optional sub-region map) ->
 vertebral body, posterior elements, trabecular ROI, and the label QC record. A label map the
 checks refuse is recorded (refused) for accept_vertebra."""
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821

@@ -1,7 +1,7 @@
 """Rule generate_demo_scan: write one synthetic scan of the demo cohort."""
 from pathlib import Path
 
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.workflow_glue import run_step
 
 sm = snakemake  # noqa: F821

@@ -5,7 +5,7 @@ scan.json; the label map checked to hold the vertebra. A scan that cannot be rea
 params.cfg is the cohort config's ``ingest`` section (series rule, uneven slices),
 params.mask its ``mask`` section (the target vertebra).
 """
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821

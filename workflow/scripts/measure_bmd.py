@@ -1,5 +1,5 @@
 """Rule measure_bmd: trabecular, integral, around-screw vBMD and areal BMD."""
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.workflow_glue import context, optional_input, run_step
 
 sm = snakemake  # noqa: F821

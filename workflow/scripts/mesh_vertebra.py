@@ -1,6 +1,6 @@
 """Rule mesh_vertebra (a checkpoint): bone + screws -> conforming tetrahedra (CGAL) with cell
 tags. A vertebra that cannot be meshed is recorded (refused) for accept_mesh."""
-from qctfea import steps_model
+from qctfea.steps import model as steps_model
 from qctfea.workflow_glue import context, optional_input, run_step
 
 sm = snakemake  # noqa: F821

@@ -1,7 +1,7 @@
 """Rule plan_screws: screw trajectories from the landmarks or the vertebra mask
 (planning.method), Gertzbein-Robbins grading and its QC picture; a screw graded worse than
 planning.max_grade fails the scan."""
-from qctfea import steps_model
+from qctfea.steps import model as steps_model
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821

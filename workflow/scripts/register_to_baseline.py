@@ -1,6 +1,6 @@
 """Rule register_to_baseline (a checkpoint): follow-up onto baseline; its density on the
 baseline grid. A registration outside the gates is recorded (refused) for accept_registration."""
-from qctfea import steps_imaging
+from qctfea.steps import imaging as steps_imaging
 from qctfea.workflow_glue import context, run_step
 
 sm = snakemake  # noqa: F821

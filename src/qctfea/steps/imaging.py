@@ -478,7 +478,7 @@ def bmd(*, density_path, parts_path, screws_path, out_json, cfg: dict, context: 
     A measurement that fails (no bone around a screw, grids that differ, any other error)
     raises; with ``record_refusal`` (the workflow) the message goes into ``out_json`` (key
     ``refused``) and the picture, and the scan's load cases record it as their refusal
-    without solving (:func:`qctfea.steps_fea.solve`, ``upstream``), so that the solve gate
+    without solving (:func:`qctfea.steps.fea.solve`, ``upstream``), so that the solve gate
     (accept_strength) fails the scan and the cohort tables go on without it."""
     from qctfea.imaging import bmd as bmd_mod
 

@@ -1,8 +1,8 @@
 """What the pipeline's steps share: the config typing and the input checks and readers.
 
 The steps themselves (one function per step, on paths: what the CLI and the workflow
-call) are in :mod:`qctfea.steps_imaging`, :mod:`qctfea.steps_model` and
-:mod:`qctfea.steps_fea`. Each step reads its inputs, calls the science modules, and
+call) are in :mod:`qctfea.steps.imaging`, :mod:`qctfea.steps.model` and
+:mod:`qctfea.steps.fea`. Each step reads its inputs, calls the science modules, and
 writes its outputs atomically with a JSON record of what it did (parameters, versions, input
 checksums, seconds). Parameters come from the cohort config's sections (see
 ``config/README.md``); :func:`qctfea.config.params_from` turns a section into the

@@ -257,7 +257,7 @@ def materials(*, mesh_path, density_path, screws_path, out_npz, out_json, cfg: d
     A bone whose median element density is not positive (a wrong calibration), or any other
     error, raises; with ``record_refusal`` (the workflow) the message goes into ``out_json``
     (key ``refused``) beside an empty ``out_npz``, and the scan's load cases record it as
-    their refusal without solving (:func:`qctfea.steps_fea.solve`, ``upstream``)."""
+    their refusal without solving (:func:`qctfea.steps.fea.solve`, ``upstream``)."""
     from qctfea.model import materials as mat
 
     p = params_from(mat.MaterialParams, cfg, "materials")
