@@ -647,10 +647,12 @@ def test_placement_and_registration_columns_from_their_records() -> None:
     for the landmark one); registration.json: Dice, spread and the largest point motion."""
     screws = {"screws": [
         {"side": "left", "diameter_mm": 5.5, "length_mm": 38.0,
-         "placement": {"grade": "B", "breach_mm": 1.2, "direction": "lateral"},
+         "placement": {"grade": "B", "breach_mm": 1.2, "direction": "lateral",
+                       "label_voxel_mm": 2.5},
          "planning": {"convergence_deg": 12.5, "screw_exceeds_isthmus": True}},
         {"side": "right", "diameter_mm": 6.5, "length_mm": 40.0,
-         "placement": {"grade": "A", "breach_mm": 0.0, "direction": "none"}}]}
+         "placement": {"grade": "A", "breach_mm": 0.0, "direction": "none",
+                       "label_voxel_mm": 2.5}}]}
     cols = longtable.placement_columns(screws)
     assert {k: v for k, v in cols.items() if k.endswith("_left") or "_left_" in k} == {
         "screw_grade_left": "B", "screw_breach_left_mm": 1.2,
@@ -660,6 +662,7 @@ def test_placement_and_registration_columns_from_their_records() -> None:
     assert cols["screw_diameter_right_mm"] == 6.5 and cols["screw_grade_right"] == "A"
     assert math.isnan(cols["screw_convergence_right_deg"])
     assert cols["screw_exceeds_isthmus_right"] is None
+    assert cols["screw_grade_voxel_mm"] == 2.5
     assert set(cols) <= set(longtable.COLUMNS)
     reg = longtable.registration_columns({"dice_after": 0.97, "point_spread_mm": 0.04,
                                           "point_motion_mm": [3.3, 4.8, 4.3]})

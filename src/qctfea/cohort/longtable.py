@@ -68,6 +68,7 @@ COLUMNS: list[str] = [
     "screw_convergence_right_deg",
     "screw_exceeds_isthmus_left",
     "screw_exceeds_isthmus_right",
+    "screw_grade_voxel_mm",
     "registration_dice",
     "registration_point_spread_mm",
     "registration_point_motion_max_mm",
@@ -288,6 +289,10 @@ def placement_columns(screws: Mapping[str, Any]) -> dict:
                 f"screw_length_{side}_mm": opt_float(s.get("length_mm")),
                 f"screw_convergence_{side}_deg": opt_float(plan.get("convergence_deg")),
                 f"screw_exceeds_isthmus_{side}": plan.get("screw_exceeds_isthmus")}
+    voxels = [opt_float((s.get("placement") or {}).get("label_voxel_mm"))
+              for s in screws.get("screws", [])]
+    if voxels:  # the label map's coarsest voxel the grades were measured on
+        out["screw_grade_voxel_mm"] = max(voxels)
     return out
 
 

@@ -127,6 +127,9 @@ def _placement_table(long_csv) -> pd.DataFrame | None:
             if col in df.columns and df[col].notna().any():
                 out[f"{side}: {head}"] = df[col].map(
                     lambda v, f=fmt: "–" if pd.isna(v) else f.format(v))
+    if "screw_grade_voxel_mm" in df.columns and df["screw_grade_voxel_mm"].notna().any():
+        out["graded on voxels of mm"] = df["screw_grade_voxel_mm"].map(
+            lambda v: "–" if pd.isna(v) else f"{v:g}")
     return out
 
 
