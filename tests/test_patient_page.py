@@ -261,6 +261,28 @@ def test_page_says_when_a_scan_has_no_interval(patient_tree: dict, tmp_path: Pat
     assert "LSC" not in row.group(1)
 
 
+def test_page_shows_a_coarse_label_map_s_note_beside_its_screw(patient_tree: dict,
+                                                               tmp_path: Path) -> None:
+    """A screw graded on a coarse label map with a breach within half a voxel of the
+    accepted grade's limit (screws.json placement `coarse_map_note`): the note stands under
+    the timepoint's screw table, naming the side; the other screw has none."""
+    from qctfea.qc.patient_page import write_patient_page
+
+    res = tmp_path / "demo"
+    shutil.copytree(patient_tree["res"], res)
+    path = res / "P01" / "M00" / "screws.json"
+    d = json.loads(path.read_text())
+    note = "breach 0.9 mm measured on a label map of 3 mm voxels (a test)"
+    for sc in d["screws"]:
+        if sc["side"] == "right":
+            sc["placement"]["coarse_map_note"] = note
+    path.write_text(json.dumps(d))
+    html = write_patient_page(res, "P01", tmp_path / "P01.html", cohort_name="demo").read_text()
+    base = _section(html, "M00")
+    assert f'<p class="note">right screw: {note}</p>' in base
+    assert "left screw:" not in base
+
+
 def test_page_shows_the_clinical_categories(page: Path, patient_tree: dict) -> None:
     """Sex, and per timepoint the strength category (women: fragile <= 4500 N < low < 6000 N
     <= normal, Keaveny et al. 2020) and the vBMD category (ACR: osteoporosis < 80 <= low
