@@ -1,5 +1,7 @@
 """Mechanics verification: closed forms, and 1 vs 2 MPI ranks on a vertebra model."""
 import json
+import os
+import subprocess
 import sys
 
 import dolfinx_solver  # noqa: F401  (before dolfinx or petsc4py)
@@ -316,16 +318,47 @@ def test_an_error_on_one_rank_ends_every_rank(tmp_path):
     assert "MPI_Abort" in p.stderr + p.stdout
 
 
+def test_a_solve_ended_by_sigterm_says_why_and_what_to_do_under_slurm(demo_model, tmp_path):
+    """A solve that receives SIGTERM (what SLURM sends at a job's time limit) still ends by
+    SIGTERM (so the solve rule's shell sees 143 and records nothing), after one line in its
+    log naming the time limit, the job's sacct command and the runtime setting."""
+    import signal
+    import time
+
+    r = demo_model["results"]
+    log = tmp_path / "solve.log"
+    cmd = [sys.executable, "-m", "qctfea.cli", "solve", "compression",
+           "--mesh", str(r / "mesh.xdmf"), "--materials", str(r / "materials.npz"),
+           "--vertebra", str(r / "vertebra.json"), "--screws", str(r / "screws.json"),
+           "--out-json", str(tmp_path / "o.json"), "--params",
+           json.dumps({"analysis": "nonlinear", "increments": 400})]
+    env = {**os.environ, "SLURM_JOB_ID": "4242", "OMP_NUM_THREADS": "1"}
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        t0 = time.monotonic()
+        while "[solve]" not in log.read_text() and time.monotonic() - t0 < 120:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    text = log.read_text()
+    assert code == -signal.SIGTERM, (code, text[-3000:])
+    assert "terminated (SIGTERM) before it wrote its result" in text, text[-3000:]
+    assert "`sacct -j 4242 -o State,Elapsed,Timelimit` says TIMEOUT" in text
+    assert "set-resources: solve: runtime" in text
+    assert not (tmp_path / "o.json").exists()
+
+
 @pytest.mark.parametrize("code, recorded", [(137, True), (139, True), (2, True),
-                                            (130, False), (143, False)])
+                                            (130, False), (143, False), (15, False)])
 def test_a_failed_solve_is_recorded_unless_interrupted(tmp_path, code, recorded):
     """`qctfea solve-failed` (the solve rule runs it after a failed `qctfea solve`): a solve
     that stopped with an error is recorded as the case's refusal, quoting the log's last
     Python exception (not MPI's abort line after it, nor the ~~~^^^ markers of a traceback
     that the abort cut short: the aborting rank prints the exception's line before its
     traceback), naming the signal behind an exit code above 128 and, for 137 (SIGKILL),
-    memory; an interrupted one (SIGINT 130, SIGTERM 143) writes nothing and exits with its
-    code."""
+    memory; an interrupted one (SIGINT 130, SIGTERM 143, and 15: MPICH's mpiexec for ranks
+    ended by SIGTERM) writes nothing and exits with its code."""
     log = tmp_path / "solve_pullout_left.log"
     log.write_text("[solve] patient P01, timepoint M00 pullout left: nonlinear analysis\n"
                    "MemoryError: Unable to allocate 3.1 GiB\n"

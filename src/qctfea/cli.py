@@ -164,7 +164,7 @@ SUBCOMMANDS = (
     ("solve-failed", "record a load case whose `qctfea solve` ended with an error before "
      "writing its result (the solve rule runs it then): a refusal naming the exit code and the "
      "log's last error, so that the cohort tables go on without the scan (--keep-going); "
-     "an interrupted solve (exit code 129, 130, 143) is not recorded and exits with its code",
+     "an interrupted solve (exit code 15, 129, 130, 143) is not recorded and exits with its code",
      True, (
         _arg("case", choices=["compression", "pullout"]),
         _arg("--side", choices=["left", "right"]),
@@ -364,8 +364,47 @@ def _abort_other_ranks() -> None:
         mpi.COMM_WORLD.Abort(2)
 
 
+def _say_why_terminated(signum, frame) -> None:
+    """SIGTERM during a solve (a user, Snakemake, or a cluster's time limit): one line in
+    the solve's log saying so (rank 0), naming what to do when the job ran under SLURM,
+    whose time limit ends a job this way (a timed-out solve is not recorded as a refusal:
+    rerun with more time and it starts again); then the default action, so that the
+    process ends by SIGTERM as it would have (exit code 143 to the shell)."""
+    import os
+    import signal
+
+    mpi = sys.modules.get("mpi4py.MPI")
+    rank = (mpi.COMM_WORLD.rank if mpi is not None and mpi.Is_initialized()
+            and not mpi.Is_finalized() else 0)
+    if rank == 0:
+        text = "qctfea solve: terminated (SIGTERM) before it wrote its result"
+        job = os.environ.get("SLURM_JOB_ID")
+        if job:
+            text += (f"; under SLURM most often the job's time limit (`sacct -j {job} -o "
+                     "State,Elapsed,Timelimit` says TIMEOUT): raise the solve rule's runtime "
+                     "(profiles/slurm/config.yaml, set-resources: solve: runtime, minutes) "
+                     "and rerun: the results already written are kept and this load case "
+                     "starts again")
+        print(text, file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.step == "solve":
+        import signal
+
+        import dolfinx_solver  # noqa: F401  (before petsc4py)
+        from petsc4py import PETSc
+
+        # PETSc's own handler would catch SIGTERM and abort (exit code 59 or 15: read as a
+        # failed solve, not an interrupted one); the note above instead, then SIGTERM's end
+        PETSc.Sys.popSignalHandler()
+        signal.signal(signal.SIGTERM, _say_why_terminated)
+        import faulthandler
+
+        faulthandler.enable()  # a crash (SIGSEGV, SIGFPE, ...) prints the Python traceback
     handler = logs.log_to(sys.stderr)
     logging.captureWarnings(True)
     try:

@@ -271,8 +271,9 @@ def _write_placeholders(res: dict, what: str, out_json, out_curve, out_plot, out
 
 
 #: Exit codes of a solve that was interrupted (SIGHUP, SIGINT, SIGTERM: a user, Snakemake
-#: or the cluster's time limit), not ended by an error: not recorded, the job fails as it is
-INTERRUPTED_EXIT_CODES = (129, 130, 143)
+#: or the cluster's time limit), not ended by an error: not recorded, the job fails as it is.
+#: 15: MPICH's mpiexec for ranks ended by SIGTERM (it reports the signal's number)
+INTERRUPTED_EXIT_CODES = (15, 129, 130, 143)
 #: Log lines the refusal quotes, the last one of the first kind found: a Python exception's
 #: line, else any line naming an error (MPI's abort, a signal, a killed process)
 _ERROR_LINES = (re.compile(r"^[\w.]*(Error|Exception)\b"),
