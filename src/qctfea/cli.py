@@ -390,21 +390,33 @@ def _say_why_terminated(signum, frame) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _solve_process_signals() -> None:
+    """A `qctfea solve` process (the command line, not a call from Python): PETSc's own
+    signal handler would catch SIGTERM and abort (exit code 59 or 15, read as a failed solve,
+    not an interrupted one), so it is removed and SIGTERM leaves its note
+    (:func:`_say_why_terminated`); a crash (SIGSEGV, SIGFPE, ...) prints the Python
+    traceback."""
+    import faulthandler
+    import io
+    import signal
+
+    import dolfinx_solver  # noqa: F401  (before petsc4py)
+    from petsc4py import PETSc
+
+    PETSc.Sys.popSignalHandler()
+    signal.signal(signal.SIGTERM, _say_why_terminated)
+    try:
+        faulthandler.enable()
+    except (io.UnsupportedOperation, AttributeError, ValueError):
+        pass  # stderr is not a file
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line (``argv`` None: sys.argv, as the `qctfea` command and
+    ``python -m qctfea.cli`` run it), or one step called from Python with ``argv``."""
     args = build_parser().parse_args(argv)
-    if args.step == "solve":
-        import signal
-
-        import dolfinx_solver  # noqa: F401  (before petsc4py)
-        from petsc4py import PETSc
-
-        # PETSc's own handler would catch SIGTERM and abort (exit code 59 or 15: read as a
-        # failed solve, not an interrupted one); the note above instead, then SIGTERM's end
-        PETSc.Sys.popSignalHandler()
-        signal.signal(signal.SIGTERM, _say_why_terminated)
-        import faulthandler
-
-        faulthandler.enable()  # a crash (SIGSEGV, SIGFPE, ...) prints the Python traceback
+    if args.step == "solve" and argv is None:
+        _solve_process_signals()
     handler = logs.log_to(sys.stderr)
     logging.captureWarnings(True)
     try:
