@@ -289,8 +289,10 @@ def grade_screw(entry: np.ndarray, axis: np.ndarray, diameter_mm: float, length_
     if canal is not None and out.any():
         names[in_canal(canal, frame.to_frame(pts[out]))] = "medial"
     entry_zone = (depth[out] < diameter_mm) & (names == "posterior")
-    graded = np.flatnonzero(out)[~entry_zone]
-    entry_out = float(d[np.flatnonzero(out)[entry_zone]].max()) if entry_zone.any() else 0.0
+    seated = np.zeros(len(d), bool)  # samples outside where the head is seated: not graded
+    seated[np.flatnonzero(out)[entry_zone]] = True
+    graded = np.flatnonzero(out & ~seated)
+    entry_out = float(d[seated].max()) if seated.any() else 0.0
     if len(graded):
         w = graded[np.argmax(d[graded])]
         breach = float(d[w])
@@ -298,9 +300,7 @@ def grade_screw(entry: np.ndarray, axis: np.ndarray, diameter_mm: float, length_
         worst = pts[w].tolist()
         depth_w = float(depth[w])
     else:  # no graded sample outside the tolerance: the largest of the graded ones
-        graded_all = np.ones(len(d), bool)
-        graded_all[np.flatnonzero(out)[entry_zone]] = False
-        breach = max(0.0, float(d[graded_all].max())) if graded_all.any() else 0.0
+        breach = max(0.0, float(d[~seated].max())) if (~seated).any() else 0.0
         direction, worst, depth_w = "none", None, None
     grade = grade_of(breach, tolerance_mm)
     if grade == "A":
