@@ -286,3 +286,60 @@ def test_fit_diameter_reduces_a_screw_wider_than_the_isthmus(synth):
         assert sc.spec.diameter_mm == np.floor(0.8 * p["isthmus_min_width_mm"] / 0.5) * 0.5
         assert p["diameter_fitted_to_isthmus"] and p["diameter_configured_mm"] == 12.0
         assert p["screw_exceeds_isthmus"] is False
+
+
+def _short_pedicle_labels(q: np.ndarray) -> np.ndarray:
+    """Parts labels of a vertebra as a 3 mm scan's label map draws a lower lumbar one: short
+    pedicles (y 16-22 behind a body whose back is at y = 16) that widen backwards into a block
+    of articular and transverse processes less than twice their section (y 22-28, no growth
+    stop), from which a thin lamina (a half ring about the canal) and an inferior articular
+    process (a bar beside the lamina) run back. Anatomical frame as _vertebra_labels."""
+    x, y, z = q[..., 0], q[..., 1], q[..., 2]
+    body = ((x / 22) ** 2 + (y / 16) ** 2 <= 1) & (np.abs(z) <= 13)
+    trab = ((x / 19) ** 2 + (y / 13) ** 2 <= 1) & (np.abs(z) <= 10)
+    r = np.hypot(x, y - 31.0)
+    bone = body | ((r >= 11) & (r <= 15) & (y >= 26) & (np.abs(z - 2) <= 5))  # lamina
+    ax = np.abs(x)
+    half = 4.5 + 0.35 * np.clip(y - 16, 0, None)  # the pedicle widens backwards
+    bone |= (np.abs(ax - 15) <= half) & (y >= 8) & (y <= 22) & (np.abs(z - 2) <= 7)
+    bone |= (ax >= 10) & (ax <= 24) & (y >= 22) & (y <= 28) & (np.abs(z - 2) <= 7)  # block
+    bone |= (ax >= 17) & (ax <= 23) & (y >= 22) & (y <= 40) & (z >= -12) & (z <= 2)  # bar
+    out = np.zeros(x.shape, np.uint8)
+    out[bone] = POSTERIOR
+    out[body] = BODY
+    out[trab] = TRABECULAR
+    return out
+
+
+def test_short_pedicles_of_a_coarse_label_map_are_not_mistaken_for_the_lamina():
+    """The isthmus search follows each pedicle back from the body and keeps its narrowest
+    section; where the followed structure branches (lamina and articular process part), it
+    stops: the lamina behind the canal, narrower than these short, flaring pedicles, is not
+    the isthmus. Without the branching stop (SPLIT_FRACTION > 1) the right screw of the
+    TotalSegmentator example CT's L4 at 3 mm (tools/ts_example_check.py) was planned from an
+    isthmus in the lamina and refused; here the isthmus then lies behind the canal."""
+    from qctfea.model import planning
+
+    size = np.array([100, 90, 50])  # x, y, z; 1 mm voxels on an axial grid
+    origin = np.array([-49.5, -29.5, -24.5])
+    k, j, i = np.meshgrid(*(np.arange(n) for n in size[::-1]), indexing="ij")
+    img = sitk.GetImageFromArray(_short_pedicle_labels(origin + np.stack([i, j, k], axis=-1)))
+    img.SetOrigin(origin.tolist())
+    screws = {s.side: s for s in plan_from_mask(img, ScrewSpec(), AUTO, "short pedicles")}
+    for side, sc in screws.items():
+        centre = np.asarray(sc.planning["isthmus_centre_mm"])
+        assert 14.0 <= centre[1] <= 22.0, (side, centre)  # the pedicle, before the block
+        assert abs(abs(centre[0]) - 15.0) < 2.0, (side, centre)
+        assert 5.0 <= sc.planning["convergence_deg"] <= 25.0
+        assert breach_report(sc, inside_fn(img))["axis_outside_bone_mm"] == 0.0
+    old = planning.SPLIT_FRACTION
+    try:
+        planning.SPLIT_FRACTION = 1.01  # never branches: the search runs on into the lamina
+        try:
+            behind = [s.planning["isthmus_centre_mm"][1] for s in
+                      plan_from_mask(img, ScrewSpec(), AUTO, "short pedicles")]
+        except QctfeaError:
+            behind = [np.inf]
+    finally:
+        planning.SPLIT_FRACTION = old
+    assert max(behind) > 22.0

@@ -75,9 +75,10 @@ def complete(labels: Path) -> list[str]:
     return out
 
 
-def planning_cell(case: str, spacing) -> str:
+def planning_cell(case: str, spacing, trajectory: str = "traditional") -> str:
+    """Screws as a table cell (side, grade, breach, convergence), or the refusal's reason."""
     with tempfile.TemporaryDirectory() as tmp:
-        r = pc.check(case, spacing, None, 0.0, "traditional", Path(tmp))
+        r = pc.check(case, spacing, None, 0.0, trajectory, Path(tmp))
     if "error" in r:
         # the reason: after the context "(...vertebra.nii.gz): ", before the advice "; ..."
         reason = r["error"].split("): ", 1)[-1].split("; ")[0]

@@ -37,10 +37,14 @@ direction matrix, so oblique (non-axial) scans are planned like axial ones.
    search stops where the cross-section becomes discontinuous (no overlapping
    component: the structure followed ends), where the followed component
    reaches the mid-sagittal plane (the arch has closed: lamina and spinous
-   process, not pedicle), or where it grows beyond twice the smallest section
+   process, not pedicle), where it grows beyond twice the smallest section
    so far (the pedicle has joined the lamina and the transverse and articular
    processes; without this stop the tapering lamina further back could pass
-   for the isthmus). Sections beside body voxels in their plane are followed
+   for the isthmus), or where it branches: a second component of the plane
+   takes at least 20 % of the previous section (lamina and articular process
+   part; on 3 mm label maps the short lumbar pedicles flare into the processes
+   by less than twice their section, and without this stop the search ran on
+   into the lamina behind the canal). Sections beside body voxels in their plane are followed
    but are not candidates: the opening that separates the body (mask step)
    leaves the pedicle's base in the body, so they are cut short. The isthmus
    is the followed plane with the smallest cross-section; its centre is that
@@ -145,6 +149,9 @@ TRAJECTORIES = {
 JOIN_FACTOR = 2.0  #: a section this many times the smallest so far: the pedicle has joined the arch
 MIDLINE_MM = 1.0  #: a cross-section this close to the mid-sagittal plane has closed the arch
 START_MM = 3.0  #: a pedicle starts within this distance behind the body's posterior surface
+#: the followed section branches (a second component of this plane takes at least this
+#: fraction of the previous section): the pedicle is behind, lamina and processes divide
+SPLIT_FRACTION = 0.2
 MIN_START_AREA_MM2 = 8.0  #: smaller sections attached to the body are not pedicle starts
 
 
@@ -351,6 +358,8 @@ def _isthmus(grid: _Grid, frame: Frame, ext: dict, side: str, context: str) -> d
                 if not overlap.any():
                     break  # discontinuous: the followed structure has ended
                 pick = int(np.argmax(overlap)) + 1
+                if np.sort(overlap)[-2:][0] >= SPLIT_FRACTION * prev.sum() and n > 1:
+                    break  # it branches: the arch divides into lamina and processes
                 if (lab[at_midline] == pick).any():
                     break  # the arch has closed: lamina and spinous process from here on
                 pick_mask = lab == pick
