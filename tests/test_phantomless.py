@@ -287,15 +287,17 @@ def test_real_sample_l3(tmp_path):
     assert 50 <= med_tr <= 300 and 30 <= med_ee <= 300
 
 
-def test_real_sample_totalseg_l1_contrast_enhanced_aorta(tmp_path):
+@pytest.mark.parametrize("given", [{"blood_label": 52}, {}], ids=["given", "by-convention"])
+def test_real_sample_totalseg_l1_contrast_enhanced_aorta(tmp_path, given):
     """TotalSegmentator L1 with intravenous contrast: the aorta (v2 'total' label 52, about
-    400 HU) is recognised as contrast-enhanced and left out; air, fat and muscle fit."""
+    400 HU; the default blood label of mask.convention totalsegmentator when none is given)
+    is recognised as contrast-enhanced and left out; air, fat and muscle fit."""
     real = _real(TOTALSEG)
     d = tmp_path
     steps_imaging.calibrate(ct_path=real / "ct.nii.gz", labels_path=real / "labels.nii.gz",
                             out_density=d / "density.nii.gz", out_json=d / "calibration.json",
                             out_png=d / "calibration.png",
-                            cfg={"method": "phantomless", "phantomless": {"blood_label": 52}},
+                            cfg={"method": "phantomless", "phantomless": given},
                             context="patient totalseg, timepoint L1", label=31,
                             convention="totalsegmentator")
     cal = read_json(d / "calibration.json")

@@ -27,7 +27,9 @@ Per complete lumbar level: the planning of tools/planning_check.py (ingest, mask
 steps, automatic planning) with both trajectories; for L4, the registration of
 tools/registration_check.py against known motions in four axis orders. ``--cohort`` writes
 config/cohorts/ts-example (not in the repository): the L4 with phantomless calibration,
-automatic planning and every other option at its default.
+automatic planning and every other option at its default; and ts-example-sm: the package's
+shorter CT (``example_ct_sm.nii.gz``, 30 slices) with the `total` task's full label map
+(``example_seg.nii.gz``: aorta, back muscles, organs), its L1, the same options.
 
 Not part of the library or the tests (the tests run the crops of ../shared/data/real).
 """
@@ -79,19 +81,28 @@ def dicom_check(data: Path) -> list[str]:
             f"{n_ours} of {n_theirs}"]
 
 
-def write_cohort(data: Path) -> Path:
-    cohort = Path(__file__).resolve().parents[1] / "config" / "cohorts" / "ts-example"
-    cohort.mkdir(parents=True, exist_ok=True)
-    (cohort / "samples.tsv").write_text(
-        "patient\ttimepoint\tmonths\timage\tlabels\n"
-        f"X01\tM00\t0\t{(data / CT).resolve()}\t{(data / LABELS).resolve()}\n",
-        encoding="utf-8")
-    (cohort / "config.yaml").write_text(
-        "# written by tools/ts_example_check.py --cohort: TotalSegmentator's example CT, L4\n"
-        "samples: samples.tsv\ncalibration:\n  method: phantomless\nmask:\n"
-        "  convention: totalsegmentator\n  vertebra: L4\nplanning:\n  method: auto\n",
-        encoding="utf-8")
-    return cohort
+#: cohort -> (CT, label map, level): the 3 mm CT's L4 with the spine report's vertebra
+#: labels, and the short CT with the `total` task's full map (aorta, muscles) at its L1
+COHORTS = {"ts-example": (CT, LABELS, "L4"),
+           "ts-example-sm": ("example_ct_sm.nii.gz", "example_seg.nii.gz", "L1")}
+
+
+def write_cohorts(data: Path) -> list[Path]:
+    out = []
+    for i, (name, (ct, labels, level)) in enumerate(COHORTS.items()):
+        cohort = Path(__file__).resolve().parents[1] / "config" / "cohorts" / name
+        cohort.mkdir(parents=True, exist_ok=True)
+        (cohort / "samples.tsv").write_text(
+            "patient\ttimepoint\tmonths\timage\tlabels\n"
+            f"X0{i + 1}\tM00\t0\t{(data / ct).resolve()}\t{(data / labels).resolve()}\n",
+            encoding="utf-8")
+        (cohort / "config.yaml").write_text(
+            f"# written by tools/ts_example_check.py --cohort: TotalSegmentator's {ct}, {level}\n"
+            "samples: samples.tsv\ncalibration:\n  method: phantomless\nmask:\n"
+            f"  convention: totalsegmentator\n  vertebra: {level}\nplanning:\n"
+            "  method: auto\n", encoding="utf-8")
+        out.append(cohort)
+    return out
 
 
 def main() -> None:
@@ -99,7 +110,8 @@ def main() -> None:
     ap.add_argument("data", type=Path, help="TotalSegmentator's tests/reference_files folder")
     ap.add_argument("--out-md", type=Path, required=True)
     ap.add_argument("--levels", nargs="*", default=list(LEVELS))
-    ap.add_argument("--cohort", action="store_true", help="also write config/cohorts/ts-example")
+    ap.add_argument("--cohort", action="store_true",
+                    help="also write config/cohorts/ts-example and ts-example-sm")
     args = ap.parse_args()
     logs.log_to(sys.stderr)
     ct, labels = args.data / CT, args.data / LABELS
@@ -107,7 +119,8 @@ def main() -> None:
         if not p.is_file():
             sys.exit(f"{p} is missing: extract TotalSegmentator's test data (module docstring)")
     if args.cohort:
-        print(f"cohort written: {write_cohort(args.data)}")
+        for cohort in write_cohorts(args.data):
+            print(f"cohort written: {cohort}")
     rows, reg_rows = [], []
     for level in args.levels:
         case = f"TotalSegmentator example, {level}"

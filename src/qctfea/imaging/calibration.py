@@ -84,7 +84,7 @@ Tissue-regression details:
   (posterior of its centroid, within ``paraspinal_mm`` of it, within its
   superior-inferior extent): the erector spinae, the muscle QCT's internal
   calibration samples, where no organ lies. Blood is used only where a label of the label map
-  (``blood_label``) says where it is. Every region is eroded by
+  (``blood_label``; by default the convention's aorta) says where it is. Every region is eroded by
   ``erosion_mm``, and by at least one voxel, against partial volume; air also
   leaves out padding (the constant fill outside the field of view or around a
   resampled grid, and two voxels around it). Cortical bone is the voxels of the
@@ -232,9 +232,12 @@ class TissueSpec:
     min_voxels: int = option(50, minimum=1, doc="a tissue with fewer voxels is missing")
     #: label value of blood (a vessel) in the label map
     blood_label: int | None = option(
-        None, minimum=1,
-        doc=("label value of a vessel in the label map (e.g. the aorta: 52 in TotalSegmentator "
-             "v2 `total`); blood is used only when given"))
+        None, minimum=1, shown="by `mask.convention`",
+        doc=("label value of a vessel in the label map whose blood is sampled. Default by "
+             "`mask.convention`: the aorta, TotalSegmentator v2 `total` 52 (the `aorta` mask "
+             "of a structure folder); none otherwise. Blood is sampled only where this label "
+             "is in the map, and contrast-enhanced blood is recognised and left out "
+             "(`contrast_margin_hu`)"))
     warn_r2: float = option(
         0.98, minimum=0, maximum=1,
         doc=("R² gates (tissue regression: with 2 tissues R² is 1; effective energy: of "

@@ -54,6 +54,15 @@ NAMED: dict[str, dict[str, int]] = {
 MUSCLE_STRUCTURES = ("autochthon_left", "autochthon_right", "iliopsoas_left", "iliopsoas_right")
 
 
+def blood_label(convention: str, structures: dict[str, int] | None = None) -> int | None:
+    """Label of the blood pool sampled by the phantomless calibration when
+    ``calibration.phantomless.blood_label`` is not given: a structure folder's aorta mask,
+    else the convention's aorta (TotalSegmentator v2 52; none for VerSe and custom maps)."""
+    if structures is not None:
+        return structures.get("aorta")
+    return NAMED.get(convention, {}).get("aorta")
+
+
 def muscle_labels(convention: str, structures: dict[str, int] | None = None) -> list[int]:
     """Labels of skeletal muscle: those of a structure folder's muscle masks, else the
     convention's (TotalSegmentator v2 86-89; none for VerSe and custom label maps)."""

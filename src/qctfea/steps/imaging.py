@@ -239,14 +239,16 @@ def _record_calibration_refusal(message: str, ct, hu, labels_arr, masks, out_den
 
 
 def _tissue_spec(cfg: dict, convention: str, structures: dict | None):
-    """The ``calibration.phantomless`` section typed, its muscle labels defaulted by the
-    label convention (or the structure folder's muscle masks)."""
+    """The ``calibration.phantomless`` section typed, its muscle and blood labels defaulted
+    by the label convention (or the structure folder's muscle and aorta masks)."""
     from qctfea.imaging.calibration import TissueSpec
-    from qctfea.imaging.labelfolder import muscle_labels
+    from qctfea.imaging.labelfolder import blood_label, muscle_labels
 
     tspec = params_from(TissueSpec, cfg.get("phantomless"), "calibration.phantomless")
     if tspec.muscle_labels is None:
         tspec.muscle_labels = muscle_labels(convention, structures)
+    if tspec.blood_label is None:
+        tspec.blood_label = blood_label(convention, structures)
     return tspec
 
 
