@@ -313,11 +313,12 @@ def _short_pedicle_labels(q: np.ndarray) -> np.ndarray:
 
 def test_short_pedicles_of_a_coarse_label_map_are_not_mistaken_for_the_lamina():
     """The isthmus search follows each pedicle back from the body and keeps its narrowest
-    section; where the followed structure branches (lamina and articular process part), it
-    stops: the lamina behind the canal, narrower than these short, flaring pedicles, is not
-    the isthmus. Without the branching stop (SPLIT_FRACTION > 1) the right screw of the
-    TotalSegmentator example CT's L4 at 3 mm (tools/ts_example_check.py) was planned from an
-    isthmus in the lamina and refused; here the isthmus then lies behind the canal."""
+    section; where the followed structure branches (lamina and articular process part) it
+    stops, and a taper behind the widest section is not a candidate: the lamina and the
+    process behind the block, narrower than these short, flaring pedicles, are not the
+    isthmus. Without these the right screw of the TotalSegmentator example CT's L4 at 3 mm
+    (tools/ts_example_check.py) was planned from an isthmus in the lamina and refused; here
+    the isthmus then lies behind the block."""
     from qctfea.model import planning
 
     size = np.array([100, 90, 50])  # x, y, z; 1 mm voxels on an axial grid
@@ -332,14 +333,19 @@ def test_short_pedicles_of_a_coarse_label_map_are_not_mistaken_for_the_lamina():
         assert abs(abs(centre[0]) - 15.0) < 2.0, (side, centre)
         assert 5.0 <= sc.planning["convergence_deg"] <= 25.0
         assert breach_report(sc, inside_fn(img))["axis_outside_bone_mm"] == 0.0
-    old = planning.SPLIT_FRACTION
-    try:
-        planning.SPLIT_FRACTION = 1.01  # never branches: the search runs on into the lamina
+    def isthmus_depths(split: float, taper: float) -> list[float]:
+        old = planning.SPLIT_FRACTION, planning.TAPER_TOLERANCE
+        planning.SPLIT_FRACTION, planning.TAPER_TOLERANCE = split, taper
         try:
-            behind = [s.planning["isthmus_centre_mm"][1] for s in
-                      plan_from_mask(img, ScrewSpec(), AUTO, "short pedicles")]
+            return [s.planning["isthmus_centre_mm"][1] for s in
+                    plan_from_mask(img, ScrewSpec(), AUTO, "short pedicles")]
         except QctfeaError:
-            behind = [np.inf]
-    finally:
-        planning.SPLIT_FRACTION = old
-    assert max(behind) > 22.0
+            return [np.inf]
+        finally:
+            planning.SPLIT_FRACTION, planning.TAPER_TOLERANCE = old
+
+    # Each stop alone keeps the isthmus in the pedicle; without both (a split never seen, no
+    # taper dropped) the search runs on past the block.
+    assert max(isthmus_depths(1.01, planning.TAPER_TOLERANCE)) <= 22.0
+    assert max(isthmus_depths(planning.SPLIT_FRACTION, 0.0)) <= 22.0
+    assert max(isthmus_depths(1.01, 0.0)) > 22.0

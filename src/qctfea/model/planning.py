@@ -46,7 +46,12 @@ direction matrix, so oblique (non-axial) scans are planned like axial ones.
    by less than twice their section, and without this stop the search ran on
    into the lamina behind the canal). Sections beside body voxels in their plane are followed
    but are not candidates: the opening that separates the body (mask step)
-   leaves the pedicle's base in the body, so they are cut short. The isthmus
+   leaves the pedicle's base in the body, so they are cut short. Nor are the
+   sections behind the widest one when the profile only narrows after it (within
+   2 %): that taper is lamina and processes parting behind the pedicle (a 3 mm
+   label map resampled onto a turned grid: its short pedicle lay wholly beside
+   the body, and the smallest section left was that taper, C-shaped, its centre
+   outside bone). The isthmus
    is the followed plane with the smallest cross-section; its centre is that
    cross-section's centroid, its width the equivalent diameter
    2 sqrt(area / pi) (the section is perpendicular to the anterior axis, so for
@@ -99,7 +104,7 @@ against the bone (:func:`qctfea.model.screw.breach_report`) is the screws step's
 for landmark screws.
 """
 
-# Long on purpose (about 620 lines): one planning method (frame, canal, pedicles, isthmus,
+# Long on purpose (about 660 lines): one planning method (frame, canal, pedicles, isthmus,
 # trajectory search) whose steps pass geometry to each other; the grading is in
 # qctfea.model.placement.
 
@@ -152,6 +157,9 @@ START_MM = 3.0  #: a pedicle starts within this distance behind the body's poste
 #: the followed section branches (a second component of this plane takes at least this
 #: fraction of the previous section): the pedicle is behind, lamina and processes divide
 SPLIT_FRACTION = 0.2
+#: a section may exceed the one in front of it by this factor and still count as narrowing
+#: (sampling noise of the 0.5 mm section grid) in the taper behind the widest section
+TAPER_TOLERANCE = 1.02
 MIN_START_AREA_MM2 = 8.0  #: smaller sections attached to the body are not pedicle starts
 
 
@@ -405,6 +413,13 @@ def _isthmus(grid: _Grid, frame: Frame, ext: dict, side: str, context: str) -> d
             "body; check the label map and the mask step (mask.label, mask.body_opening_mm), or "
             "give landmarks for this scan and set planning.method: landmarks")
     candidates = [p for p in profile if not p["cut"]] or profile
+    # A profile that widens to an interior maximum and only narrows after it: the narrowing
+    # is the taper where lamina and processes part, behind the pedicle, not its isthmus.
+    areas = [p["area_mm2"] for p in candidates]
+    top = int(np.argmax(areas))
+    if 0 < top < len(areas) - 1 and all(b <= a * TAPER_TOLERANCE
+                                        for a, b in zip(areas[top:], areas[top + 1:])):
+        candidates = candidates[:top]
     best = min(candidates, key=lambda p: p["area_mm2"])
     eig = np.linalg.eigvalsh(best["cov"]) if best["cov"] is not None else np.zeros(2)
     return {
