@@ -333,6 +333,7 @@ def test_short_pedicles_of_a_coarse_label_map_are_not_mistaken_for_the_lamina():
         assert abs(abs(centre[0]) - 15.0) < 2.0, (side, centre)
         assert 5.0 <= sc.planning["convergence_deg"] <= 25.0
         assert breach_report(sc, inside_fn(img))["axis_outside_bone_mm"] == 0.0
+
     def isthmus_depths(split: float, taper: float) -> list[float]:
         old = planning.SPLIT_FRACTION, planning.TAPER_TOLERANCE
         planning.SPLIT_FRACTION, planning.TAPER_TOLERANCE = split, taper

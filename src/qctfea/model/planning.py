@@ -366,7 +366,7 @@ def _isthmus(grid: _Grid, frame: Frame, ext: dict, side: str, context: str) -> d
                 if not overlap.any():
                     break  # discontinuous: the followed structure has ended
                 pick = int(np.argmax(overlap)) + 1
-                if np.sort(overlap)[-2:][0] >= SPLIT_FRACTION * prev.sum() and n > 1:
+                if n > 1 and np.partition(overlap, -2)[-2] >= SPLIT_FRACTION * prev.sum():
                     break  # it branches: the arch divides into lamina and processes
                 if (lab[at_midline] == pick).any():
                     break  # the arch has closed: lamina and spinous process from here on
