@@ -10,6 +10,10 @@ unrotated scans at their own resolution, the QC pictures.
     .venv/bin/python tools/planning_check.py --out-md /tmp/planning_table.md \
         --img-dir docs/img
 
+With ``--turns``, the patients turned in the scanner about the target vertebra (flexed,
+extended, rolled, bent sideways, on the side, prone); with ``--slabs``, the scans resampled
+to thick sagittal or coronal slabs (3 or 2 mm along left-right or anterior-posterior).
+
 With ``--cross-grade`` (and ``--whole-ct DIR`` for the thoracic levels of the whole chest CT
 of docs/real_spine.md) it plans on 1 x 1 x 3 mm and 3 mm versions of each scan and grades
 those screws again against the label map at the scan's own voxels
@@ -128,15 +132,15 @@ def check(case: str, spacing, rot_axis, deg, trajectory: str, work: Path,
     anatomy (:func:`scaled`; ``spacing`` then is the scaled scan's); ``turn`` (a rotation
     matrix) turns the patient about the target vertebra instead of the grid (:func:`turned`,
     onto an axial grid of ``spacing``; ``rot_axis`` is then not used)."""
+    from qctfea.imaging.masks import resolve_label
+
     ct_p, lab_p, sub_p, mask_cfg, own = CASES[case]
+    label, level = resolve_label(mask_cfg["convention"], mask_cfg.get("vertebra"), None)
     rot = rotation(rot_axis, deg)
     ct, lab = scaled(ct_p, scale), scaled(lab_p, scale)
     sub = scaled(sub_p, scale) if sub_p else None
     if turn is not None:
-        from qctfea.imaging.masks import resolve_label
-
-        centre = label_centre(lab, resolve_label(mask_cfg["convention"],
-                                                 mask_cfg.get("vertebra"), None)[0])
+        centre = label_centre(lab, label)
         ct = turned(ct, turn, centre, spacing, False)
         lab = turned(lab, turn, centre, spacing, True)
         sub = turned(sub, turn, centre, spacing, True) if sub_p else None
@@ -167,7 +171,7 @@ def check(case: str, spacing, rot_axis, deg, trajectory: str, work: Path,
             steps_model.plan_screws(landmarks_path=None, parts_path=work / "vertebra.nii.gz",
                                     out_json=work / "screws.json", cfg={}, context=ctx,
                                     planning={"method": "auto", "trajectory": trajectory},
-                                    out_png=work / "screws.png")
+                                    out_png=work / "screws.png", level=level)
     except QctfeaError as exc:
         return {"error": str(exc), "seconds": time.perf_counter() - t0}
     d = json.loads((work / "screws.json").read_text(encoding="utf-8"))
@@ -180,7 +184,26 @@ TURNS = (("25° about x (flexed)", rotation("x", 25.0)), ("-25° about x (extend
                                                         rotation("x", -25.0)),
          ("20° about z (rolled)", rotation("z", 20.0)),
          ("15° about y (bent sideways)", rotation("y", 15.0)),
-         ("20° about z, then 20° about x", rotation("z", 20.0) @ rotation("x", 20.0)))
+         ("20° about z, then 20° about x", rotation("z", 20.0) @ rotation("x", 20.0)),
+         ("90° about z (on the side)", rotation("z", 90.0)),
+         ("180° about z (prone)", rotation("z", 180.0)))
+#: Thick slabs (--slabs): (name, physical axis 0 = left-right, 1 = anterior-posterior, slab
+#: thickness mm); the other two axes at SLAB_FINE_MM
+SLABS = (("sagittal slabs", 0, 3.0), ("sagittal slabs", 0, 2.0), ("coronal slabs", 1, 3.0),
+         ("coronal slabs", 1, 2.0))
+SLAB_FINE_MM = 0.8
+
+
+def slab_spacing(case: str, axis: int, thick: float) -> tuple:
+    """Voxel spacing in the file's axis order with ``thick`` mm along the file axis nearest
+    the physical ``axis`` and :data:`SLAB_FINE_MM` along the others."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(CASES[case][0]))
+    reader.ReadImageInformation()
+    d = np.array(reader.GetDirection()).reshape(3, 3)
+    spacing = [SLAB_FINE_MM] * 3
+    spacing[int(np.argmax(np.abs(d[axis])))] = thick
+    return tuple(spacing)
 
 
 def cross_grade(case: str, spacings, trajectory: str = "traditional") -> list[list[str]]:
@@ -234,6 +257,10 @@ def main() -> None:
                     help="the patients turned in the scanner (TURNS), each scan resampled "
                     "onto an axial grid of its finest voxel spacing, instead of the grid "
                     "variants")
+    ap.add_argument("--slabs", action="store_true",
+                    help="thick sagittal and coronal slabs (SLABS: 3 or 2 mm along the "
+                    "left-right or anterior-posterior axis, 0.8 mm along the others), instead "
+                    "of the grid variants")
     ap.add_argument("--cross-grade", action="store_true",
                     help="plan on 1 x 1 x 3 mm and 3 mm versions of each scan and grade those "
                     "screws against the label map at the scan's own voxels (traditional "
@@ -264,6 +291,8 @@ def main() -> None:
     rows = []
     if args.turns:
         header[2] = "patient turned"
+    if args.slabs:
+        header[2] = "slabs"
         header.insert(6, "superior axis against the unturned scan's, turned with it (°)")
     for case in args.cases:
         own = CASES[case][-1]
@@ -273,6 +302,9 @@ def main() -> None:
         # the same vertebra as large as an L4 (AS_L4), at its own (scaled) voxels
         variants.append((tuple(v * f for v, f in zip(own, AS_L4, strict=True)),
                          ("none", None, 0.0), AS_L4, None))
+        if args.slabs:
+            variants = [(slab_spacing(case, axis, thick), (name, None, 0.0), (1.0, 1.0, 1.0),
+                         None) for name, axis, thick in SLABS]
         if args.turns:
             # onto isotropic voxels of the scan's finest spacing: no coarser than the scan,
             # so that the turned label map is not quantised twice along its slices

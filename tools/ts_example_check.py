@@ -24,12 +24,17 @@ made: the ingest step reads the series and its grid is compared with that one (e
 voxel must land on a voxel of ours, same physical extent).
 
 Per complete lumbar level: the planning of tools/planning_check.py (ingest, mask and screws
-steps, automatic planning) with both trajectories; for L4, the registration of
+steps, automatic planning) with both trajectories, once with the vertebra labels alone (the
+body separated by the opening) and once with TotalSegmentator's ``vertebrae_body`` task output
+of the same scan, ``spine_report/test_result/totalseg_vertebrae_body.nii.gz`` (1 = vertebral
+bodies, 2 = intervertebral discs), as the sample sheet's ``subregions`` map with
+``mask.body_subregion_labels: [1]``; for L4, the registration of
 tools/registration_check.py against known motions in four axis orders. ``--cohort`` writes
 config/cohorts/ts-example (not in the repository): the L4 with phantomless calibration,
-automatic planning and every other option at its default; and ts-example-sm: the package's
+automatic planning and every other option at its default; ts-example-sm: the package's
 shorter CT (``example_ct_sm.nii.gz``, 30 slices) with the `total` task's full label map
-(``example_seg.nii.gz``: aorta, back muscles, organs), its L1, the same options.
+(``example_seg.nii.gz``: aorta, back muscles, organs), its L1, the same options; and
+ts-example-l5: the L5 with the ``vertebrae_body`` map as sub-regions.
 
 Not part of the library or the tests (the tests run the crops of ../shared/data/real).
 """
@@ -51,6 +56,8 @@ from qctfea.mdtable import pipe_table  # noqa: E402
 
 CT = "example_ct.nii.gz"
 LABELS = "spine_report/test_result/totalseg.nii.gz"
+#: TotalSegmentator's ``vertebrae_body`` task on the same CT: 1 = vertebral bodies, 2 = discs
+BODIES = "spine_report/test_result/totalseg_vertebrae_body.nii.gz"
 LEVELS = ("L5", "L4", "L3", "L2", "L1")
 OWN = (3.0, 3.0, 3.0)
 TRAJECTORIES = ("traditional", "cortical")
@@ -81,26 +88,32 @@ def dicom_check(data: Path) -> list[str]:
             f"{n_ours} of {n_theirs}"]
 
 
-#: cohort -> (CT, label map, level): the 3 mm CT's L4 with the spine report's vertebra
-#: labels, and the short CT with the `total` task's full map (aorta, muscles) at its L1
-COHORTS = {"ts-example": (CT, LABELS, "L4"),
-           "ts-example-sm": ("example_ct_sm.nii.gz", "example_seg.nii.gz", "L1")}
+#: cohort -> (CT, label map, body map or None, level): the 3 mm CT's L4 with the spine
+#: report's vertebra labels, the short CT with the `total` task's full map (aorta, muscles)
+#: at its L1, and the 3 mm CT's L5 with the `vertebrae_body` task's map as sub-regions
+COHORTS = {"ts-example": (CT, LABELS, None, "L4"),
+           "ts-example-sm": ("example_ct_sm.nii.gz", "example_seg.nii.gz", None, "L1"),
+           "ts-example-l5": (CT, LABELS, BODIES, "L5")}
 
 
 def write_cohorts(data: Path) -> list[Path]:
     out = []
-    for i, (name, (ct, labels, level)) in enumerate(COHORTS.items()):
+    for i, (name, (ct, labels, bodies, level)) in enumerate(COHORTS.items()):
         cohort = Path(__file__).resolve().parents[1] / "config" / "cohorts" / name
         cohort.mkdir(parents=True, exist_ok=True)
-        (cohort / "samples.tsv").write_text(
-            "patient\ttimepoint\tmonths\timage\tlabels\n"
-            f"X0{i + 1}\tM00\t0\t{(data / ct).resolve()}\t{(data / labels).resolve()}\n",
-            encoding="utf-8")
+        row = [f"X0{i + 1}", "M00", "0", str((data / ct).resolve()),
+               str((data / labels).resolve())] + ([str((data / bodies).resolve())]
+                                                   if bodies else [])
+        header = ["patient", "timepoint", "months", "image", "labels"] + (
+            ["subregions"] if bodies else [])
+        (cohort / "samples.tsv").write_text("\t".join(header) + "\n" + "\t".join(row) + "\n",
+                                            encoding="utf-8")
         (cohort / "config.yaml").write_text(
             f"# written by tools/ts_example_check.py --cohort: TotalSegmentator's {ct}, {level}\n"
             "samples: samples.tsv\ncalibration:\n  method: phantomless\nmask:\n"
-            f"  convention: totalsegmentator\n  vertebra: {level}\nplanning:\n"
-            "  method: auto\n", encoding="utf-8")
+            f"  convention: totalsegmentator\n  vertebra: {level}\n"
+            + ("  body_subregion_labels: [1]\n" if bodies else "")
+            + "planning:\n  method: auto\n", encoding="utf-8")
         out.append(cohort)
     return out
 
@@ -121,13 +134,19 @@ def main() -> None:
     if args.cohort:
         for cohort in write_cohorts(args.data):
             print(f"cohort written: {cohort}")
-    rows, reg_rows = [], []
+    rows, body_rows, reg_rows = [], [], []
     for level in args.levels:
         case = f"TotalSegmentator example, {level}"
         cfg = {"convention": "totalsegmentator", "vertebra": level}
         pc.CASES[case] = (ct, labels, None, cfg, OWN)
         rows.append([level] + [sc.planning_cell(case, OWN, t) for t in TRAJECTORIES])
         print(" | ".join(rows[-1]), flush=True)
+        if (args.data / BODIES).is_file():
+            pc.CASES[case + ", body map"] = (ct, labels, args.data / BODIES,
+                                             {**cfg, "body_subregion_labels": [1]}, OWN)
+            body_rows.append([level] + [sc.planning_cell(case + ", body map", OWN, t)
+                                        for t in TRAJECTORIES])
+            print("body map: " + " | ".join(body_rows[-1]), flush=True)
         if level != "L4":
             continue
         rc.CASES[case] = (ct, labels, resolve_label("totalsegmentator", level, None)[0], cfg,
@@ -146,6 +165,10 @@ def main() -> None:
             print(" | ".join(reg_rows[-1]), flush=True)
     text = pipe_table(["vertebra", "traditional (side, grade, breach, convergence)",
                        "cortical bone trajectory"], rows, "lll")
+    if body_rows:
+        text += "\n\nWith the `vertebrae_body` map as sub-regions:\n\n" + pipe_table(
+            ["vertebra", "traditional (side, grade, breach, convergence)",
+             "cortical bone trajectory"], body_rows, "lll")
     if reg_rows:
         text += "\n\n" + pipe_table(
             ["vertebra", "motion", "bone density", "max error at box corners, 4 orientations "

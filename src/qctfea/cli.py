@@ -94,6 +94,7 @@ SUBCOMMANDS = (
         _arg("--parts", required=True),
         _arg("--out-json", required=True),
         _arg("--out-png", help="QC picture: cuts along each screw with canal and grade"),
+        _arg("--level", help="target level (mask.vertebra, e.g. L5): its trajectory range"),
     )),
     ("bmd", "trabecular, integral, around-screw vBMD and areal BMD", True, (
         _arg("--density", required=True),
@@ -248,7 +249,7 @@ def run(a) -> None:
     elif a.step == "screws":
         steps_model.plan_screws(landmarks_path=a.landmarks, parts_path=a.parts, out_json=a.out_json,
                                 cfg=prm, context=_ctx(a), planning=_params(a.planning),
-                                out_png=a.out_png)
+                                out_png=a.out_png, level=a.level)
     elif a.step == "bmd":
         steps_imaging.bmd(density_path=a.density, parts_path=a.parts, screws_path=a.screws,
                           out_json=a.out_json, cfg=prm, context=_ctx(a))

@@ -162,6 +162,7 @@ checkpoint plan_screws:
     params:
         cfg=CCFG.get("screw", {}),
         planning=CCFG.get("planning", {}),
+        level=target().vertebra,  # the level's trajectory range (L5 converges more)
     script:
         "../scripts/plan_screws.py"
 

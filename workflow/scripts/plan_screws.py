@@ -10,4 +10,4 @@ run_step(sm, lambda: steps_model.plan_screws(landmarks_path=sm.input.landmarks o
                                              parts_path=sm.input.parts, out_json=sm.output.json,
                                              cfg=sm.params.cfg, context=context(sm.wildcards),
                                              planning=sm.params.planning, out_png=sm.output.png,
-                                             record_refusal=True))
+                                             record_refusal=True, level=sm.params.level))

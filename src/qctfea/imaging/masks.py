@@ -216,9 +216,10 @@ class MaskParams:
     body_subregion_labels: list = option(
         factory=lambda: [49, 50], minItems=1, items={"type": "integer", "minimum": 1},
         doc=("when the sample sheet gives a `subregions` map: the sub-region labels forming "
-             "the vertebral body (VerSe/TPTBox: 49 cortical shell, 50 interior). The body is "
-             "the target vertebra's voxels with these labels, largest component; without a map "
-             "the opening below is used"))
+             "the vertebral body (VerSe/TPTBox: 49 cortical shell, 50 interior; "
+             "TotalSegmentator's `vertebrae_body` task: `[1]`). The body is the target "
+             "vertebra's voxels with these labels, largest component; without a map the "
+             "opening below is used"))
     body_opening_mm: float = option(
         7.0, exclusiveMinimum=0,
         doc=("ball radius separating the body from posterior elements (only without a "

@@ -65,7 +65,8 @@ direction matrix, so oblique (non-axial) scans are planned like axial ones.
 4. **Trajectory search** (per side). Lines through the isthmus (its centre, and points
    up to :data:`OFFSET_MM` from it laterally and vertically) are tried at every
    combination of the trajectory's medial and cranial angles (:data:`TRAJECTORIES`,
-   :data:`ANGLE_STEP` apart): the traditional trajectory converges 5-25 degrees and
+   :data:`ANGLE_STEP` apart): the traditional trajectory converges 5-25 degrees (at L5,
+   whose pedicles converge about 30 degrees, 5-35: :data:`LEVEL_TRAJECTORIES`) and
    runs within 10 degrees of the endplates; the cortical bone trajectory (Santoni et al.,
    Spine J 2009) enters caudo-medially and aims 5-15 degrees laterally and 15-30 degrees
    cranially. ``planning.convergence_deg`` fixes the medial angle instead. For each
@@ -151,6 +152,18 @@ TRAJECTORIES = {
                  "nominal_medial_deg": -8.0, "nominal_cranial_deg": 25.0,
                  "diameter_mm": 5.5, "length_mm": 35.0},
 }
+#: Level-specific angles of a trajectory (over :data:`TRAJECTORIES`): the pedicles' transverse
+#: angle grows down the lumbar spine to about 30° at L5 (Zindrick et al. 1987; docs/science.md
+#: "Screws"), beyond the traditional range that suits L1-L4
+LEVEL_TRAJECTORIES = {("traditional", "L5"): {"medial_deg": (5.0, 35.0)}}
+
+
+def trajectory(name: str, level: str | None = None) -> dict:
+    """Angle ranges, nominal angles and screw size of trajectory ``name`` at the target
+    ``level`` (a level name such as ``L5``; None: not known, the trajectory's own)."""
+    return {**TRAJECTORIES[name], **LEVEL_TRAJECTORIES.get((name, level), {})}
+
+
 JOIN_FACTOR = 2.0  #: a section this many times the smallest so far: the pedicle has joined the arch
 MIDLINE_MM = 1.0  #: a cross-section this close to the mid-sagittal plane has closed the arch
 START_MM = 3.0  #: a pedicle starts within this distance behind the body's posterior surface
@@ -198,7 +211,8 @@ class PlanParams:
     #: section gives none
     trajectory: str = option(
         "traditional", enum=list(TRAJECTORIES),
-        doc=("`auto`: `traditional` (converging 5–25° medially, within ±10° of the endplates; "
+        doc=("`auto`: `traditional` (converging 5–25° medially, at L5 5–35° (its pedicles "
+             "converge about 30°), within ±10° of the endplates; "
              "6.5 × 40 mm screws when the `screw` section gives no size) or `cortical` "
              "(cortical bone trajectory: caudo-medial entry, aimed 5–15° laterally and 15–30° "
              "cranially; 5.5 × 35 mm)"))
@@ -486,12 +500,14 @@ def _candidate(field: BoneField, through: np.ndarray, axis: np.ndarray, radius: 
 
 # Long on purpose: the planning algorithm of the module doc, per side, read top to bottom.
 def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
-                   context: str, anatomy: Anatomy | None = None) -> list[Screw]:
+                   context: str, anatomy: Anatomy | None = None,
+                   level: str | None = None) -> list[Screw]:
     """Left and right screws planned from a vertebra parts image (see the module doc);
-    ``anatomy``: its :func:`vertebra_anatomy`, when the caller has it already."""
+    ``anatomy``: its :func:`vertebra_anatomy`, when the caller has it already; ``level``: the
+    target's level name, when known (:func:`trajectory`)."""
     a = anatomy or vertebra_anatomy(parts_img, context)
     grid, field, frame, ext, canal = a.grid, a.field, a.frame, a.ext, a.canal
-    traj = TRAJECTORIES[params.trajectory]
+    traj = trajectory(params.trajectory, level)
 
     def crosses_canal(entry, axis, length):
         """Whether the screw's axis, from its head's end to its tip, passes outside bone over
@@ -567,7 +583,10 @@ def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
                 f"{traj['medial_deg']} deg, cranial angle {traj['cranial_deg']} deg, through "
                 f"the isthmus within {OFFSET_MM:g} mm); lower planning.min_length_mm or "
                 "planning.margin_mm, try the other planning.trajectory, or give landmarks and "
-                "set planning.method: landmarks")
+                "set planning.method: landmarks. If roi.png shows a pedicle kept in the body "
+                "(a body separated by the opening), give a map of the vertebral body as the "
+                "sample sheet's subregions column (VerSe sub-regions, or TotalSegmentator's "
+                "vertebrae_body task with mask.body_subregion_labels: [1])")
         # The clearance leaves out the screw's first radius, where the thread meets an
         # oblique surface at the entry: of the best-scoring lines, the best grade (then the
         # best score) wins, so that a line fully in bone is not passed over for one whose
@@ -605,6 +624,9 @@ def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
                 "clearance_mm": cand["clearance"],
                 "candidate_rank": pick + 1,  # by score, among the graded ones
                 "trajectories_tried": tried,
+                "level": level,
+                "medial_range_deg": list(traj["medial_deg"]),
+                "cranial_range_deg": list(traj["cranial_deg"]),
                 "available_length_mm": cand["available"],
                 "anterior_exit_mm": cand["exit"].tolist(),
             }))

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def plan_screws(*, landmarks_path, parts_path, out_json, cfg: dict, context: str,
-                planning: dict | None = None, out_png=None, record_refusal: bool = False
-                ) -> None:
+                planning: dict | None = None, out_png=None, record_refusal: bool = False,
+                level: str | None = None) -> None:
     """Screws from the landmarks (``planning.method: landmarks``, the default) or planned from
     the vertebra parts image (``auto``, :mod:`qctfea.model.planning`; ``landmarks_path`` may then be
     None and is not read), each graded on the Gertzbein-Robbins scale against the parts image
@@ -34,7 +34,9 @@ def plan_screws(*, landmarks_path, parts_path, out_json, cfg: dict, context: str
     whose planning checkpoint must finish for the cohort to go on without the scan) the
     refusal is written into ``out_json`` (key ``refused``) and the picture to ``out_png``
     instead: :func:`accept_screws` then fails the scan, and :func:`load_screws` refuses to
-    give these screws to any later step."""
+    give these screws to any later step. ``level``: the target's level name (``mask.vertebra``,
+    e.g. ``L5``) when known; automatic planning searches that level's angle range
+    (:func:`qctfea.model.planning.trajectory`)."""
     from qctfea.model import placement
     from qctfea.model import planning as plan_mod
     from qctfea.model import screw as screw_mod
@@ -51,7 +53,7 @@ def plan_screws(*, landmarks_path, parts_path, out_json, cfg: dict, context: str
         parts = read_image(parts_path, "vertebra parts image", context)
         anatomy = plan_mod.vertebra_anatomy(parts, context)
         screws, where, inputs = _screws_from(plan, spec, parts, anatomy, parts_path,
-                                             landmarks_path, context)
+                                             landmarks_path, context, level)
         out = _graded(screws, parts, parts_path, anatomy, plan, where)
     except Exception as exc:  # noqa: BLE001  (any failure is the scan's refusal: refusal_text)
         # No screws (no pedicle or canal found, no trajectory with room, landmarks that miss
@@ -88,7 +90,8 @@ def plan_screws(*, landmarks_path, parts_path, out_json, cfg: dict, context: str
         f" mm {s['placement']['direction']})" for s in out))
 
 
-def _screws_from(plan, spec, parts, anatomy, parts_path, landmarks_path, context: str):
+def _screws_from(plan, spec, parts, anatomy, parts_path, landmarks_path, context: str,
+                 level: str | None = None):
     """The screws planned from the mask (``auto``) or from the landmarks; the text naming
     their source in messages; the provenance inputs."""
     from qctfea.model import planning as plan_mod
@@ -97,7 +100,8 @@ def _screws_from(plan, spec, parts, anatomy, parts_path, landmarks_path, context
 
     if plan.method == "auto":
         where = f"{context} ({parts_path})"
-        screws = plan_mod.plan_from_mask(parts, spec, plan, where, anatomy=anatomy)
+        screws = plan_mod.plan_from_mask(parts, spec, plan, where, anatomy=anatomy,
+                                         level=level)
         inputs = {"parts": parts_path}
     else:
         if landmarks_path is None or str(landmarks_path) == "":
