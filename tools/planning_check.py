@@ -194,14 +194,15 @@ SLABS = (("sagittal slabs", 0, 3.0), ("sagittal slabs", 0, 2.0), ("coronal slabs
 SLAB_FINE_MM = 0.8
 
 
-def slab_spacing(case: str, axis: int, thick: float) -> tuple:
-    """Voxel spacing in the file's axis order with ``thick`` mm along the file axis nearest
-    the physical ``axis`` and :data:`SLAB_FINE_MM` along the others."""
+def slab_spacing(path: Path, axis: int, thick: float, fine: float = SLAB_FINE_MM) -> tuple:
+    """Voxel spacing in the file axis order of the image at ``path``: ``thick`` mm along the
+    file axis nearest the physical ``axis`` (0 left-right, 1 anterior-posterior), ``fine``
+    along the others."""
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(CASES[case][0]))
+    reader.SetFileName(str(path))
     reader.ReadImageInformation()
     d = np.array(reader.GetDirection()).reshape(3, 3)
-    spacing = [SLAB_FINE_MM] * 3
+    spacing = [fine] * 3
     spacing[int(np.argmax(np.abs(d[axis])))] = thick
     return tuple(spacing)
 
@@ -291,9 +292,9 @@ def main() -> None:
     rows = []
     if args.turns:
         header[2] = "patient turned"
+        header.insert(6, "superior axis against the unturned scan's, turned with it (°)")
     if args.slabs:
         header[2] = "slabs"
-        header.insert(6, "superior axis against the unturned scan's, turned with it (°)")
     for case in args.cases:
         own = CASES[case][-1]
         variants = [(spacing, rotation_, (1.0, 1.0, 1.0), None)
@@ -303,7 +304,8 @@ def main() -> None:
         variants.append((tuple(v * f for v, f in zip(own, AS_L4, strict=True)),
                          ("none", None, 0.0), AS_L4, None))
         if args.slabs:
-            variants = [(slab_spacing(case, axis, thick), (name, None, 0.0), (1.0, 1.0, 1.0),
+            variants = [(slab_spacing(CASES[case][0], axis, thick), (name, None, 0.0),
+                         (1.0, 1.0, 1.0),
                          None) for name, axis, thick in SLABS]
         if args.turns:
             # onto isotropic voxels of the scan's finest spacing: no coarser than the scan,

@@ -13,6 +13,9 @@ where the registration and the truth (T^-1) put them, and the angle between the 
 
     .venv/bin/python tools/registration_check.py --out-md docs/registration_table.md
 
+``--slabs``: the same on thick sagittal and coronal slabs (3 mm along left-right or
+anterior-posterior), docs/registration.md.
+
 Not part of the library or the tests (the tests run a subset: tests/test_registration_real.py).
 """
 from __future__ import annotations
@@ -31,6 +34,9 @@ from qctfea.imaging import registration as reg
 from qctfea import logs
 from qctfea.mdtable import pipe_table
 from qctfea.steps import imaging as steps_imaging
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from planning_check import slab_spacing  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 #: case -> (CT, labels, vertebra label, mask section, own spacing)
@@ -179,6 +185,9 @@ def main() -> None:
     ap.add_argument("--out-md", type=Path, required=True)
     ap.add_argument("--cases", nargs="+", default=list(CASES))
     ap.add_argument("--motions", nargs="+", default=list(MOTIONS))
+    ap.add_argument("--slabs", action="store_true",
+                    help="thick sagittal and coronal slabs instead (3 mm along left-right or "
+                    "anterior-posterior, the scan's finest spacing along the others)")
     args = ap.parse_args()
     logs.log_to(sys.stderr)  # the library's progress messages
     rows = []
@@ -188,6 +197,9 @@ def main() -> None:
         variants += [((3.0, 3.0, 3.0), m, 0.0) for m in args.motions]
         variants += [(own, "small", 0.1), ((3.0, 3.0, 3.0), "15°/20 mm", 0.1)]
         variants += [((1.0, 1.0, 5.0), "small", 0.0)]
+        if args.slabs:
+            variants = [(slab_spacing(CASES[case][0], axis, 3.0, min(own)), m, 0.0)
+                        for axis in (0, 1) for m in ("small", "15°/20 mm")]
         for spacing, m, dc in variants:
             for row in table_rows(check(case, spacing, m, density_change=dc)):
                 print(" | ".join(row), flush=True)
