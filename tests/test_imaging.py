@@ -83,3 +83,42 @@ def test_wrong_label_names_context(demo_scan):
                            out_parts=r / "x.nii.gz", out_json=r / "x.json", cfg={"label": 28},
                            context=demo_scan["context"])
     assert not (r / "x.nii.gz").exists() and not (r / "x.json").exists()
+
+
+def test_metal_in_the_vertebra_refuses_the_scan(demo_scan, tmp_path):
+    """A screw's worth of metal (3071 HU, a 12-bit scanner's ceiling) put into the demo
+    vertebra's body refuses the mask step with the volume and the key to change; the scan as
+    it is passes, its densest bone far below the threshold."""
+    from qctfea.imaging import masks
+    from qctfea.steps import imaging as steps_imaging
+
+    r, ctx = demo_scan["results"], demo_scan["context"]
+    labels = demo_scan["src"] / "labels.nii.gz"
+    rec = read_json(r / "vertebra.json")["metal"]
+    assert rec["voxels"] == 0 and rec["threshold_hu"] == 2800.0
+    assert 300.0 < rec["max_hu"] < 2000.0  # the demo's cortex, not metal
+    ct = sitk.ReadImage(str(r / "ct.nii.gz"))
+    arr = sitk.GetArrayFromImage(ct)
+    parts = sitk.GetArrayFromImage(sitk.ReadImage(str(r / "vertebra.nii.gz")))
+    # a 3-voxel-wide rod through the body's middle, along its anterior-posterior extent
+    z, y, x = (int(np.median(i)) for i in np.nonzero(parts == masks.TRABECULAR))
+    rod = np.zeros(arr.shape, bool)
+    ys = np.nonzero(np.isin(parts[z, :, x], [masks.BODY, masks.TRABECULAR]))[0]
+    rod[z - 1:z + 2, ys.min():ys.max() + 1, x - 1:x + 2] = True
+    arr[rod] = 3071
+    metal = sitk.GetImageFromArray(arr)
+    metal.CopyInformation(ct)
+    sitk.WriteImage(metal, str(tmp_path / "ct.nii.gz"))
+    expected_mm3 = float(rod.sum() * np.prod(ct.GetSpacing()))
+    kw = dict(ct_path=tmp_path / "ct.nii.gz", labels_path=labels,
+              out_parts=tmp_path / "vertebra.nii.gz", out_json=tmp_path / "vertebra.json",
+              context=ctx)
+    with pytest.raises(QctfeaError, match=rf"{ctx}: {expected_mm3:.0f} mm³ .* above 2800 HU "
+                                          r"\(up to 3071 HU\): metal .*mask.metal_hu"):
+        steps_imaging.mask(cfg={}, **kw)
+    steps_imaging.mask(cfg={"metal_min_mm3": expected_mm3 + 1.0}, **kw)
+    rec = read_json(tmp_path / "vertebra.json")["metal"]
+    assert rec["volume_mm3"] == pytest.approx(expected_mm3, rel=1e-9)
+    assert rec["max_hu"] == 3071.0
+    steps_imaging.mask(cfg={"metal_hu": None}, **kw)
+    assert read_json(tmp_path / "vertebra.json")["metal"]["voxels"] == 0

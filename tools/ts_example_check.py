@@ -34,7 +34,9 @@ config/cohorts/ts-example (not in the repository): the L4 with phantomless calib
 automatic planning and every other option at its default; ts-example-sm: the package's
 shorter CT (``example_ct_sm.nii.gz``, 30 slices) with the `total` task's full label map
 (``example_seg.nii.gz``: aorta, back muscles, organs), its L1, the same options; and
-ts-example-l5: the L5 with the ``vertebrae_body`` map as sub-regions.
+ts-example-l5: the L5 with the ``vertebrae_body`` map as sub-regions; ts-example-fast: the
+short CT's L1 with ``example_seg_fast``, the folder of one mask per structure that
+TotalSegmentator's fast mode (its 3 mm model) writes without ``--ml``.
 
 Not part of the library or the tests (the tests run the crops of ../shared/data/real).
 """
@@ -90,10 +92,12 @@ def dicom_check(data: Path) -> list[str]:
 
 #: cohort -> (CT, label map, body map or None, level): the 3 mm CT's L4 with the spine
 #: report's vertebra labels, the short CT with the `total` task's full map (aorta, muscles)
-#: at its L1, and the 3 mm CT's L5 with the `vertebrae_body` task's map as sub-regions
+#: at its L1, the 3 mm CT's L5 with the `vertebrae_body` task's map as sub-regions, and the
+#: short CT's L1 with the folder of per-structure masks of TotalSegmentator's fast mode
 COHORTS = {"ts-example": (CT, LABELS, None, "L4"),
            "ts-example-sm": ("example_ct_sm.nii.gz", "example_seg.nii.gz", None, "L1"),
-           "ts-example-l5": (CT, LABELS, BODIES, "L5")}
+           "ts-example-l5": (CT, LABELS, BODIES, "L5"),
+           "ts-example-fast": ("example_ct_sm.nii.gz", "example_seg_fast", None, "L1")}
 
 
 def write_cohorts(data: Path) -> list[Path]:

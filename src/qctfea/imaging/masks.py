@@ -254,6 +254,20 @@ class MaskParams:
              "[compression]` and `loads.platens: free`: "
              "[docs/specimens.md](../docs/specimens.md))"))
 
+    #: CT number above which a voxel in or within 2 mm of the target vertebra is metal
+    metal_hu: float | None = option(
+        2800.0, exclusiveMinimum=0,
+        doc=("a scan with at least `mask.metal_min_mm3` of voxels above this CT number (HU) in "
+             "the target vertebra or within 2 mm of it is refused: metal (a screw, rod, "
+             "cement with contrast) in the model would take a bone modulus from a density it "
+             "does not have. Bone reads at most about 1,700 HU on the real scans "
+             "(docs/science.md, \"Segmentation and regions\"); titanium saturates clinical CT "
+             "(3071 HU on a 12-bit scale). `null` turns the check off (for images whose values "
+             "are not HU)"))
+    metal_min_mm3: float = option(
+        20.0, minimum=0, row="metal_hu",
+        doc="volume of metal voxels (mm³) that refuses the scan (see `mask.metal_hu`)")
+
     def __post_init__(self):
         for key in ("bone_labels", "cap_labels"):
             v = getattr(self, key)
@@ -392,6 +406,36 @@ def vertebra_parts(
     if not out["trabecular"].any():
         raise QctfeaError(f"{context}: trabecular ROI is empty; lower mask.trabecular_margin_mm")
     return out
+
+
+METAL_MARGIN_MM = 2.0  #: metal is sought in the target vertebra and this far around it
+
+
+def check_no_metal(values: np.ndarray, target: np.ndarray, spacing_xyz, params: MaskParams,
+                   context: str, ct_path) -> dict:
+    """Refuse a scan with metal in or beside the target vertebra: at least
+    ``mask.metal_min_mm3`` of voxels above ``mask.metal_hu`` within
+    :data:`METAL_MARGIN_MM` of ``target`` (``values``: the CT's numbers on the same box,
+    z y x). Returns the record (voxels, volume, largest value) for vertebra.json."""
+    sampling = tuple(float(v) for v in spacing_xyz)[::-1]
+    near = ndimage.distance_transform_edt(~target, sampling=sampling) <= METAL_MARGIN_MM
+    vals = values[near]
+    record = {"threshold_hu": params.metal_hu, "max_hu": float(vals.max()) if vals.size else None,
+              "voxels": 0, "volume_mm3": 0.0}
+    if params.metal_hu is None:
+        return record
+    n = int((vals > params.metal_hu).sum())
+    vol = n * float(np.prod(sampling))
+    record.update(voxels=n, volume_mm3=vol)
+    if n and vol >= params.metal_min_mm3:
+        raise QctfeaError(
+            f"{context}: {vol:.0f} mm³ of the CT {ct_path} in or within {METAL_MARGIN_MM:g} mm "
+            f"of the target vertebra ({_target_text(params)}) read above {params.metal_hu:g} "
+            f"HU (up to {record['max_hu']:.0f} HU): metal (a screw, rod or cement) in the "
+            "vertebra, whose model would take a bone modulus from it. Model another level "
+            "(mask.vertebra / mask.label) or leave this scan out; if these voxels are bone "
+            "(a very dense scan), raise mask.metal_hu")
+    return record
 
 
 #: A vertebra whose section on an edge of the grid is at least this fraction of its largest

@@ -336,9 +336,7 @@ def _mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     lab_box = lab[box]
     parts = masks.vertebra_parts(lab_box, ct.GetSpacing(), p, where,
                                  None if sub is None else sub[box], sub_where)
-    # a specimen's label meets its end caps, whose density may match the bone's: no edge to
-    # fit there, so the check is for scans without caps
-    fit = None if p.cap_labels else _label_fit(ct_path, ct, target, context, labels_path)
+    metal, fit = _ct_checks(ct_path, ct, target, p, context, labels_path)
     qc = {"components_in_label": int(ndimage.label(lab_box == p.label)[1]),
           "contact_with_other_labels_voxels": masks.contact_with_neighbours(
               lab_box, parts["vertebra"], p.label),
@@ -351,7 +349,9 @@ def _mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
           # the target label's name in the label map file's own label table (None: no table)
           "label_name_in_file": file_name,
           # does the label sit on the CT's bone edges? (qctfea.imaging.labelfit)
-          "label_fit": fit}
+          "label_fit": fit,
+          # CT numbers above mask.metal_hu in or beside the vertebra (none, or refused)
+          "metal": metal}
     for name in ("vertebra", "body", "posterior", "trabecular"):
         m = parts[name]
         full = np.zeros(lab.shape, bool)
@@ -419,24 +419,48 @@ def _write_mask_record(out_json, ct: sitk.Image, parts: dict, out: np.ndarray, q
              + ")")
 
 
-def _label_fit(ct_path, ct: sitk.Image, target: np.ndarray, context: str, labels_path
-               ) -> dict | None:
-    """The target vertebra's edge fit on the CT (:func:`qctfea.imaging.labelfit.edge_fit`),
-    reading only the CT's values in a box around it; a label map off its CT is refused."""
+def _ct_checks(ct_path, ct: sitk.Image, target: np.ndarray, p, context: str, labels_path):
+    """The checks on the CT's numbers around the target (records for vertebra.json): metal
+    in or beside it refuses the scan (:func:`qctfea.imaging.masks.check_no_metal`); the
+    label map must sit on the CT's bone edges (:func:`_label_fit`), except for a specimen,
+    whose label meets its end caps, whose density may match the bone's (no edge to fit)."""
+    from qctfea.imaging import masks
+
+    values, box = _ct_values_around(ct_path, ct, target)
+    if values is None:
+        return None, None
+    metal = masks.check_no_metal(values, target[box], ct.GetSpacing(), p, context, ct_path)
+    fit = None if p.cap_labels else _label_fit(values, target[box], ct, context, labels_path)
+    return metal, fit
+
+
+def _ct_values_around(ct_path, ct: sitk.Image, target: np.ndarray):
+    """The CT's numbers (float32, z y x) in a box around the target vertebra, read from
+    ``ct_path`` alone, and that box; (None, None) without a target (refused by the parts
+    step, naming the labels)."""
     from qctfea.imaging import labelfit, masks
 
-    if not target.any():  # no target label: refused by the parts step, naming the labels
-        return None
+    if not target.any():
+        return None, None
     sp = np.asarray(ct.GetSpacing(), float)
-    margin = int(np.ceil(labelfit.SEARCH_MM / sp.min())) + 3
+    margin = int(np.ceil(max(labelfit.SEARCH_MM, masks.METAL_MARGIN_MM) / sp.min())) + 3
     box = masks.box_around(target, margin)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(ct_path))
     reader.SetExtractIndex([int(box[2].start), int(box[1].start), int(box[0].start)])
     reader.SetExtractSize([int(box[2].stop - box[2].start), int(box[1].stop - box[1].start),
                            int(box[0].stop - box[0].start)])
-    values = sitk.GetArrayFromImage(reader.Execute()).astype(np.float32)
-    fit = labelfit.edge_fit(values, target[box], sp)
+    return sitk.GetArrayFromImage(reader.Execute()).astype(np.float32), box
+
+
+def _label_fit(values: np.ndarray, target: np.ndarray, ct: sitk.Image, context: str,
+               labels_path) -> dict:
+    """The target vertebra's edge fit on the CT's ``values`` around it (the same box as
+    ``target``; :func:`qctfea.imaging.labelfit.edge_fit`); a label map off its CT is
+    refused."""
+    from qctfea.imaging import labelfit
+
+    fit = labelfit.edge_fit(values, target, np.asarray(ct.GetSpacing(), float))
     if not fit["fits"]:
         dx, dy, dz = fit["best_offset_mm"]
         raise QctfeaError(
