@@ -13,7 +13,7 @@ from qctfea import steps
 from qctfea.steps import imaging as steps_imaging
 from qctfea.steps import model as steps_model
 from qctfea.imaging.masks import BODY, POSTERIOR, TRABECULAR
-from qctfea.model.planning import PlanParams, _Grid, plan_from_mask
+from qctfea.model.planning import TRAJECTORIES, PlanParams, _Grid, plan_from_mask, trajectory
 from qctfea.errors import QctfeaError
 from qctfea.provenance import read_json
 from qctfea.cohort.samples import read_sample_sheet
@@ -160,21 +160,19 @@ def test_l5_is_searched_over_its_wider_convergence_range(synth):
     range recorded); where the best line lies inside 5-25° (the synthetic pedicles converge
     10°) the wider range does not move it. The real L5 this is for: docs/screw_planning.md."""
     img, screws = synth
-    plans = {}
-    for level in ("L4", "L5"):
-        plans[level] = {s.side: s.to_dict() for s in plan_from_mask(img, ScrewSpec(), AUTO,
-                                                                    "synthetic", level=level)}
+    l5s = {s.side: s.to_dict() for s in plan_from_mask(img, ScrewSpec(), AUTO, "synthetic",
+                                                       level="L5")}
+    assert trajectory("traditional", "L4") == trajectory("traditional") == TRAJECTORIES[
+        "traditional"]
     for side, sc in screws.items():
-        ref, l4, l5 = sc.to_dict(), plans["L4"][side], plans["L5"][side]
-        assert ref["planning"]["medial_range_deg"] == l4["planning"]["medial_range_deg"] == [
-            5.0, 25.0]
+        ref, l5 = sc.to_dict(), l5s[side]
+        assert ref["planning"]["medial_range_deg"] == [5.0, 25.0]
         assert l5["planning"]["medial_range_deg"] == [5.0, 35.0]
         assert (ref["planning"]["level"], l5["planning"]["level"]) == (None, "L5")
         tried = ref["planning"]["trajectories_tried"]
         assert l5["planning"]["trajectories_tried"] == tried // 9 * 13
-        for d in (l4, l5):
-            assert np.allclose(d["entry_mm"], ref["entry_mm"])
-            assert np.allclose(d["axis"], ref["axis"])
+        assert np.allclose(l5["entry_mm"], ref["entry_mm"])
+        assert np.allclose(l5["axis"], ref["axis"])
 
 
 def test_refusals_name_the_scan_and_the_fix(synth):
