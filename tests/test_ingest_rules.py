@@ -306,3 +306,25 @@ def test_bad_ingest_values_are_refused(tmp_path: Path, cfg: dict, needle: str) -
         steps_imaging.ingest(source=tmp_path / "nothing", out_image=tmp_path / "ct.nii.gz",
                              out_json=tmp_path / "scan.json", context=CONTEXT, cfg=cfg)
     assert needle in str(err.value)
+
+
+def test_stored_values_without_their_rescale_are_warned_about(tmp_path: Path) -> None:
+    """The real VerSe crop (fat, no air: 1 % below -205 HU) is ingested without a word; the
+    same voxels shifted by +1024, as stored values written without their rescale intercept,
+    are warned about, with the shifted 1st percentile in the message."""
+    src = Path(__file__).resolve().parents[2] / "shared/data/real/verse_tptbox_L3/ct.nii.gz"
+    assert src.is_file(), f"{src} is missing: the real scans are needed"
+    kw = dict(out_image=tmp_path / "ct.nii.gz", out_json=tmp_path / "scan.json",
+              context="P01 M00")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steps_imaging.ingest(source=src, **kw)
+    img = sitk.ReadImage(str(src), sitk.sitkFloat32)
+    shifted = sitk.Cast(img + 1024.0, sitk.sitkInt16)
+    sitk.WriteImage(shifted, str(tmp_path / "stored.nii.gz"))
+    low = np.percentile(sitk.GetArrayFromImage(sitk.DICOMOrient(shifted, "LPS"))[::2, ::2, ::2],
+                        1)
+    assert low > 700  # fat at about +900
+    with pytest.warns(UserWarning, match=rf"P01 M00: .*1 % of the scan reads below {low:.0f}, "
+                      r"and a CT in HU holds air .*without their rescale"):
+        steps_imaging.ingest(source=tmp_path / "stored.nii.gz", **kw)

@@ -152,6 +152,7 @@ def ingest(
     _refuse_empty(image, where)
     image, info = _to_canonical(image, info, label)
     _warn_thick_voxels(info, where)
+    _warn_not_hu(image, where)
     _write_image(image, target, context)
     record: dict[str, Any] = {
         "context": context,
@@ -231,6 +232,25 @@ def _warn_thick_voxels(info: ScanInfo, where: str) -> None:
             "trabecular vBMD +15 %, pullout strength -10 to -22 %, compression strength the "
             "same; README, Known limits); compare only scans of one protocol "
             "(longitudinal.csv protocol_change)", stacklevel=3)
+
+
+#: a CT in HU holds air (-1000 HU) or at least fat (about -100 HU): its 1st percentile
+#: lies below this (the tightly cropped real VerSe L3: -205 HU)
+NOT_HU_PERCENTILE_HU = -100.0
+
+
+def _warn_not_hu(image: sitk.Image, where: str) -> None:
+    """Warn when the scan's values do not look like HU: its 1st percentile (over every
+    other voxel along each axis) above :data:`NOT_HU_PERCENTILE_HU`, as in stored values
+    written without their rescale (air at 0 or +24 instead of -1000)."""
+    low = float(np.percentile(sitk.GetArrayViewFromImage(image)[::2, ::2, ::2], 1))
+    if low > NOT_HU_PERCENTILE_HU:
+        warnings.warn(
+            f"{where}: 1 % of the scan reads below {low:.0f}, and a CT in HU holds air "
+            "(-1000 HU) or fat (about -100 HU): are these stored values without their rescale "
+            "(DICOM RescaleSlope/Intercept, NIfTI scl_slope/scl_inter)? Calibration and the "
+            "metal check (mask.metal_hu) read HU. A density image (mg/cm³, calibration.method: "
+            "fixed) or a crop of bone alone can read so", stacklevel=3)
 
 
 def _write_image(image: sitk.Image, target: Path, context: str) -> None:
