@@ -308,12 +308,12 @@ def test_bad_ingest_values_are_refused(tmp_path: Path, cfg: dict, needle: str) -
     assert needle in str(err.value)
 
 
-def test_stored_values_without_their_rescale_are_warned_about(tmp_path: Path) -> None:
+def test_stored_values_without_their_rescale_are_warned_about(tmp_path: Path,
+                                                              real_scans: Path) -> None:
     """The real VerSe crop (fat, no air: 1 % below -205 HU) is ingested without a word; the
     same voxels shifted by +1024, as stored values written without their rescale intercept,
     are warned about, with the shifted 1st percentile in the message."""
-    src = Path(__file__).resolve().parents[2] / "shared/data/real/verse_tptbox_L3/ct.nii.gz"
-    assert src.is_file(), f"{src} is missing: the real scans are needed"
+    src = real_scans / "verse_tptbox_L3" / "ct.nii.gz"
     kw = dict(out_image=tmp_path / "ct.nii.gz", out_json=tmp_path / "scan.json",
               context="P01 M00")
     with warnings.catch_warnings():

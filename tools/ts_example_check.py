@@ -167,12 +167,12 @@ def main() -> None:
                 f"{r0['dice_before']:.3f} -> {r0['dice_after']:.3f}",
                 f"{(time.perf_counter() - t0) / len(res):.1f}"])
             print(" | ".join(reg_rows[-1]), flush=True)
-    text = pipe_table(["vertebra", "traditional (side, grade, breach, convergence)",
-                       "cortical bone trajectory"], rows, "lll")
+    header = ["vertebra", "traditional (side, grade, breach, convergence)",
+              "cortical bone trajectory"]
+    text = pipe_table(header, rows, "lll")
     if body_rows:
-        text += "\n\nWith the `vertebrae_body` map as sub-regions:\n\n" + pipe_table(
-            ["vertebra", "traditional (side, grade, breach, convergence)",
-             "cortical bone trajectory"], body_rows, "lll")
+        text += ("\n\nWith the `vertebrae_body` map as sub-regions:\n\n"
+                 + pipe_table(header, body_rows, "lll"))
     if reg_rows:
         text += "\n\n" + pipe_table(
             ["vertebra", "motion", "bone density", "max error at box corners, 4 orientations "
