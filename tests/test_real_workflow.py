@@ -90,8 +90,11 @@ def test_real_scan_runs_through_the_workflow_to_the_cohort_tables(cohort, tmp_pa
     if cohort == "totalseg-l1":
         for case in ("compression", "pullout_left", "pullout_right"):
             r = json.loads((scan / f"{case}.json").read_text())
+            # GAMG levels with a singular aggregate block are smoothed by scalar Jacobi
+            # (jacobi_levels; the detection is checked against numpy in test_fea): the
+            # model changes with the body mask, and so do the levels (level 1 until the
+            # body's rim was restored, 2026-12-07; none since)
             assert r["converged_reason"].startswith("CONVERGED"), (case, r["converged_reason"])
-            assert r["jacobi_levels"], (case, r["jacobi_levels"])  # measured: level 1
         # The same model on 4 ranks (2 cores: oversubscribed): with the GAMG threshold 0.01
         # compression did not converge there (DIVERGED_DTOL or INDEFINITE_MAT); the same
         # stiffness as the workflow's 2-rank solve

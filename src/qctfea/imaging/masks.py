@@ -33,7 +33,7 @@ Its parts:
   component left after a morphological opening
   of the vertebra with a ball of radius ``body_opening_mm`` (default 7 mm):
   pedicles, lamina and processes are thinner than that ball and vanish, the
-  body survives; the result is dilated back inside the vertebra. A larger
+  body survives. A larger
   vertebra's pedicles survive a 7 mm ball and stay joined to the body (the real
   L3 scaled by 1.3, as large as an L4-L5: 11 % of its "body" was posterior
   elements; the real L1 widened by 1.25: no screw could be planned), so the
@@ -45,9 +45,20 @@ Its parts:
   1.25-1.4); bodies alone:
   0.90-0.97 (both real scans at their own voxels, at 1 x 1 x 3, 3 mm and 5 mm
   slices, on grids turned 12-15°), 0.997-0.999 on the demo.
+  The ball rounds the body's edges off (the endplate rims), so the vertebra's voxels
+  within the radius of the opened body are added back, except those within the radius
+  of the arch (the vertebra farther than the radius from the opened body), which are
+  the pedicles' roots (:func:`_restore_rim`). Against the body of a sub-region map this
+  raised the Dice overlap from 0.90 to 0.998 on the real L3 (1.5 mm voxels; body 39.3
+  cm³ in both, 32.5 cm³ before) and from 0.88-0.90 to 0.975-0.986 on TotalSegmentator's
+  3 mm L1-L4 (docs/screw_planning.md).
 - **trabecular ROI** (standard QCT): body voxels farther than
   ``trabecular_margin_mm`` (default 3 mm) from the body surface, so cortex,
-  endplates and their blur are excluded.
+  endplates and their blur are excluded. A body found by the opening gives the ROI
+  from its opened body (dilated by 1 mm), without the restored rim: the rim's
+  corners, where endplate and wall meet, would bring the ROI within reach of the
+  ring apophysis' dense bone and the slices' blur (the real L1, 2.5 mm slices:
+  ROI mean +14 HU, and +3.6 % after a half-voxel resampling instead of +1.5 %).
 - **axis**: the body's superior direction (endplate normal): the direction
   near the patient's superior axis along which the body is thinnest; and the
   body's extent along it, which the load cases use for the endplates.
@@ -390,11 +401,11 @@ def vertebra_parts(
     v = vert[sl]
     opening = None  # the opening's record (the body without a sub-region map)
     if subregions_zyx is not None:
-        body = _body_from_subregions(v, subregions_zyx[sl], params,
-                                     subregions_context or context)
+        body = rounded = _body_from_subregions(v, subregions_zyx[sl], params,
+                                               subregions_context or context)
     else:
-        body, opening = _body_from_opening(v, spacing_xyz, params, context)
-    dist = ndimage.distance_transform_edt(body, sampling=spacing_xyz[::-1])
+        body, rounded, opening = _body_from_opening(v, spacing_xyz, params, context)
+    dist = ndimage.distance_transform_edt(rounded, sampling=spacing_xyz[::-1])
     trab = dist > params.trabecular_margin_mm
     out = {}
     for name, m in (("vertebra", v), ("body", body), ("trabecular", trab)):
@@ -508,9 +519,10 @@ BODY_OPENING_MAX_FRACTION = 0.75
 
 
 def _body_from_opening(v: np.ndarray, spacing_xyz, params: MaskParams, context: str):
-    """The body: largest component of the vertebra opened by a ball, dilated back by 1 mm;
+    """The body: largest component of the vertebra opened by a ball with its rim restored;
     the ball's radius grows until that component is convex (see the module doc). Returns the
-    body and a record of the radii tried."""
+    body, the opened body dilated by 1 mm (the trabecular ROI's source: its edges stay
+    rounded) and a record of the radii tried."""
     sampling = tuple(spacing_xyz)[::-1]
     inscribed = float(ndimage.distance_transform_edt(v, sampling=sampling).max())
     radii = [params.body_opening_mm]
@@ -548,9 +560,30 @@ def _body_from_opening(v: np.ndarray, spacing_xyz, params: MaskParams, context: 
             f"every radius from {radii[0]:g} to {tried[-1][0]:.1f} mm; kept {r:.1f} mm): the "
             "pedicles may be part of it. Look at the parts picture; give a sub-region map "
             "(sample sheet column subregions) or set mask.body_opening_mm", stacklevel=2)
+    whole = _restore_rim(body, v, r, sampling)
     record = {"radius_mm": r, "solidity": sol, "inscribed_radius_mm": inscribed,
-              "tried": [{"radius_mm": t[0], "solidity": t[1]} for t in tried]}
-    return morphology.dilate(body, 1.0, sampling) & v, record
+              "tried": [{"radius_mm": t[0], "solidity": t[1]} for t in tried],
+              "rim_restored_fraction": float(1.0 - body.sum() / max(int(whole.sum()), 1))}
+    return whole, morphology.dilate(body, 1.0, sampling) & v, record
+
+
+def _restore_rim(core: np.ndarray, v: np.ndarray, radius_mm: float, sampling) -> np.ndarray:
+    """The body from the opening's ``core``: the ball of ``radius_mm`` rounds the body's edges
+    off (the endplate rims), so the vertebra's voxels within ``radius_mm`` of the core are
+    added back, except those within ``radius_mm`` of the arch (the largest component of the
+    vertebra farther than ``radius_mm`` from the core), which are the pedicles' roots."""
+    near = morphology.dilate(core, radius_mm, sampling) & v
+    arch = _largest(v & ~near)
+    if arch.sum() < ARCH_MIN_FRACTION * v.sum():  # no arch: a body-only specimen or map
+        return near
+    return _largest(core | (near & ~morphology.dilate(arch, radius_mm, sampling)))
+
+
+#: The arch is the largest piece of the vertebra farther than the opening's radius from the
+#: opened body when it holds at least this fraction of the vertebra (posterior elements are
+#: a third of a lumbar vertebra: 34 % of the real L3, 31 % of TotalSegmentator's L4); a
+#: smaller piece is a corner of a body-only label and the rim is given back whole
+ARCH_MIN_FRACTION = 0.05
 
 
 def _body_from_subregions(v: np.ndarray, sub: np.ndarray, params: MaskParams, context: str):
