@@ -53,7 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import planning_check as pc  # noqa: E402
 import registration_check as rc  # noqa: E402
 from qctfea import logs  # noqa: E402
-from qctfea.imaging.masks import box_around, resolve_label  # noqa: E402
+from qctfea.imaging.masks import resolve_label  # noqa: E402
+from qctfea.imaging.morphology import box_around  # noqa: E402
 from qctfea.mdtable import pipe_table  # noqa: E402
 
 #: the levels a chest CT may hold whole, with their TotalSegmentator v2 labels (the mask

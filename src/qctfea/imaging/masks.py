@@ -25,33 +25,8 @@ configured level (:mod:`qctfea.imaging.labeltable`).
 
 Its parts:
 
-- **vertebral body**: with a sub-region map (sample-sheet column ``subregions``:
-  VerSe/TPTBox sub-regions, 41-48 posterior elements, 49 the body's cortical shell
-  ``Vertebra_Corpus_border``, 50 its interior ``Vertebra_Corpus``): the target
-  vertebra's voxels whose sub-region is one of ``body_subregion_labels`` (default 49
-  and 50, the whole body), largest component, holes filled. Without one: the largest
-  component left after a morphological opening
-  of the vertebra with a ball of radius ``body_opening_mm`` (default 7 mm):
-  pedicles, lamina and processes are thinner than that ball and vanish, the
-  body survives. A larger
-  vertebra's pedicles survive a 7 mm ball and stay joined to the body (the real
-  L3 scaled by 1.3, as large as an L4-L5: 11 % of its "body" was posterior
-  elements; the real L1 widened by 1.25: no screw could be planned), so the
-  radius grows, in steps of 5 % of the vertebra's largest inscribed radius (the
-  body's half-thickness) up to 75 % of it, until the body kept is convex: at
-  least ``body_opening_solidity`` (0.88) of the voxels inside its convex hull
-  are its own (:func:`qctfea.imaging.morphology.solidity`). Bodies with pedicles
-  attached: 0.72-0.84 (the real L3 scaled by 1.3, the real L1 widened by
-  1.25-1.4); bodies alone:
-  0.90-0.97 (both real scans at their own voxels, at 1 x 1 x 3, 3 mm and 5 mm
-  slices, on grids turned 12-15°), 0.997-0.999 on the demo.
-  The ball rounds the body's edges off (the endplate rims), so the vertebra's voxels
-  within the radius of the opened body are added back, except those within the radius
-  of the arch (the vertebra farther than the radius from the opened body), which are
-  the pedicles' roots (:func:`_restore_rim`). Against the body of a sub-region map this
-  raised the Dice overlap from 0.90 to 0.998 on the real L3 (1.5 mm voxels; body 39.3
-  cm³ in both, 32.5 cm³ before) and from 0.88-0.90 to 0.975-0.986 on TotalSegmentator's
-  3 mm L1-L4 (docs/screw_planning.md).
+- **vertebral body**: from a sub-region map, or by a morphological opening with the
+  rim given back (:mod:`qctfea.imaging.body`).
 - **trabecular ROI** (standard QCT): body voxels farther than
   ``trabecular_margin_mm`` (default 3 mm) from the body surface, so cortex,
   endplates and their blur are excluded. A body found by the opening gives the ROI
@@ -73,9 +48,9 @@ modelled; a warning when it holds less than 95 % of the label), the labels touch
 convention, whether the levels above and below are in the map and touch it.
 """
 
-# Long on purpose (about 680 lines): the vertebra's parts from a label map in one place (label
-# conventions, body by sub-regions or by opening, trabecular ROI, end caps, QC record), as
-# the mask step reads them in order.
+# Long on purpose (about 630 lines): the vertebra's parts from a label map in one place (label
+# conventions, trabecular ROI, end caps, metal and field-of-view checks, QC record), as the
+# mask step reads them in order; the body is found in qctfea.imaging.body.
 
 from __future__ import annotations
 
@@ -88,6 +63,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from qctfea.errors import QctfeaError
+from qctfea.imaging import body as body_parts
 from qctfea.imaging import morphology
 from qctfea.config import option
 
@@ -395,16 +371,16 @@ def vertebra_parts(
     voxels in ``params.body_subregion_labels``; else it is found by a morphological opening.
     ``subregions_context`` names the scan and the sub-region file in its errors."""
     require_target(labels_zyx, params, context)
-    vert = _largest(labels_zyx == params.label)
+    vert = morphology.largest_component(labels_zyx == params.label)
     # Crop to the vertebra for the morphology (fast), then paste back.
-    sl = box_around(vert, 8)
+    sl = morphology.box_around(vert, 8)
     v = vert[sl]
     opening = None  # the opening's record (the body without a sub-region map)
     if subregions_zyx is not None:
-        body = rounded = _body_from_subregions(v, subregions_zyx[sl], params,
-                                               subregions_context or context)
+        body = rounded = body_parts.from_subregions(
+            v, subregions_zyx[sl], params, subregions_context or context, _target_text(params))
     else:
-        body, rounded, opening = _body_from_opening(v, spacing_xyz, params, context)
+        body, rounded, opening = body_parts.from_opening(v, spacing_xyz, params, context)
     dist = ndimage.distance_transform_edt(rounded, sampling=spacing_xyz[::-1])
     trab = dist > params.trabecular_margin_mm
     out = {}
@@ -482,7 +458,7 @@ def check_not_cut(mask_zyx: np.ndarray, image: sitk.Image, what: str, params: Ma
     :data:`CUT_SECTION_FRACTION` of its largest, so part of it lies outside and every number
     of its model would miss that bone. A smaller section on an edge is warned about and
     returned (text per edge) for the QC record."""
-    edges = edges_reached(_largest(mask_zyx), image)
+    edges = edges_reached(morphology.largest_component(mask_zyx), image)
     text = [f"{name} ({n} voxels, {frac:.0%} of its largest section)"
             for name, n, frac in edges]
     target = _target_text(params)
@@ -500,115 +476,13 @@ def check_not_cut(mask_zyx: np.ndarray, image: sitk.Image, what: str, params: Ma
     return text
 
 
-def _largest(mask: np.ndarray) -> np.ndarray:
-    """The largest face-connected component of ``mask`` (the first of equal ones), labelled on
-    the mask's bounding box and counted with integers (no whole-grid float temporaries)."""
-    box = box_around(mask, 1)
-    lab, n = ndimage.label(mask[box])
-    if n <= 1:
-        return mask
-    out = np.zeros(mask.shape, bool)
-    out[box] = lab == (1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
-    return out
-
-
-#: The opening's radius grows in steps of this fraction of the vertebra's largest inscribed
-#: radius, up to :data:`BODY_OPENING_MAX_FRACTION` of it (see the module doc)
-BODY_OPENING_STEP_FRACTION = 0.05
-BODY_OPENING_MAX_FRACTION = 0.75
-
-
-def _body_from_opening(v: np.ndarray, spacing_xyz, params: MaskParams, context: str):
-    """The body: largest component of the vertebra opened by a ball with its rim restored;
-    the ball's radius grows until that component is convex (see the module doc). Returns the
-    body, the opened body dilated by 1 mm (the trabecular ROI's source: its edges stay
-    rounded) and a record of the radii tried."""
-    sampling = tuple(spacing_xyz)[::-1]
-    inscribed = float(ndimage.distance_transform_edt(v, sampling=sampling).max())
-    radii = [params.body_opening_mm]
-    if params.body_opening_solidity > 0:
-        steps = np.arange(BODY_OPENING_STEP_FRACTION, BODY_OPENING_MAX_FRACTION + 1e-9,
-                          BODY_OPENING_STEP_FRACTION) * inscribed
-        radii += [float(r) for r in steps if r > params.body_opening_mm]
-    tried = []  # (radius, solidity, body)
-    for r in radii:
-        opened = morphology.opening(v, r, sampling)
-        if not opened.any():
-            break
-        body = _largest(opened)
-        tried.append((r, morphology.solidity(body, sampling)
-                      if params.body_opening_solidity else 1.0,
-                      body))
-        if tried[-1][1] >= params.body_opening_solidity:
-            break
-    if not tried:
-        span = [(b.stop - b.start) * s
-                for b, s in zip(box_around(v, 0), sampling, strict=True)][::-1]
-        raise QctfeaError(
-            f"{context}: no vertebral body found (vertebra thinner than "
-            f"{2 * params.body_opening_mm} mm everywhere; the target label spans "
-            f"{' x '.join(f'{x:.0f}' for x in span)} mm along the image axes x, y, z, where an "
-            "adult vertebra with its processes spans 30-90 mm each way): lower "
-            "mask.body_opening_mm for a small vertebra; if the span is far off, check the "
-            "label map's voxel spacing in its header against the CT's")
-    r, sol, body = max(tried, key=lambda t: t[1]) if tried[-1][1] < \
-        params.body_opening_solidity else tried[-1]
-    if sol < params.body_opening_solidity:
-        warnings.warn(
-            f"{context}: the vertebral body found by opening is not convex (solidity "
-            f"{sol:.2f} < mask.body_opening_solidity = {params.body_opening_solidity:g} at "
-            f"every radius from {radii[0]:g} to {tried[-1][0]:.1f} mm; kept {r:.1f} mm): the "
-            "pedicles may be part of it. Look at the parts picture; give a sub-region map "
-            "(sample sheet column subregions) or set mask.body_opening_mm", stacklevel=2)
-    whole = _restore_rim(body, v, r, sampling)
-    record = {"radius_mm": r, "solidity": sol, "inscribed_radius_mm": inscribed,
-              "tried": [{"radius_mm": t[0], "solidity": t[1]} for t in tried],
-              "rim_restored_fraction": float(1.0 - body.sum() / max(int(whole.sum()), 1))}
-    return whole, morphology.dilate(body, 1.0, sampling) & v, record
-
-
-def _restore_rim(core: np.ndarray, v: np.ndarray, radius_mm: float, sampling) -> np.ndarray:
-    """The body from the opening's ``core``: the ball of ``radius_mm`` rounds the body's edges
-    off (the endplate rims), so the vertebra's voxels within ``radius_mm`` of the core are
-    added back, except those within ``radius_mm`` of the arch (the largest component of the
-    vertebra farther than ``radius_mm`` from the core), which are the pedicles' roots."""
-    near = morphology.dilate(core, radius_mm, sampling) & v
-    arch = _largest(v & ~near)
-    if arch.sum() < ARCH_MIN_FRACTION * v.sum():  # no arch: a body-only specimen or map
-        return near
-    return _largest(core | (near & ~morphology.dilate(arch, radius_mm, sampling)))
-
-
-#: The arch is the largest piece of the vertebra farther than the opening's radius from the
-#: opened body when it holds at least this fraction of the vertebra (posterior elements are
-#: a third of a lumbar vertebra: 34 % of the real L3, 31 % of TotalSegmentator's L4); a
-#: smaller piece is a corner of a body-only label and the rim is given back whole
-ARCH_MIN_FRACTION = 0.05
-
-
-def _body_from_subregions(v: np.ndarray, sub: np.ndarray, params: MaskParams, context: str):
-    """The body: the vertebra's voxels in the body sub-regions, largest component, holes
-    filled (inside the vertebra)."""
-    body = v & np.isin(sub, params.body_subregion_labels)
-    if not body.any():
-        there = sorted(int(x) for x in np.unique(sub[v]) if x != 0)
-        raise QctfeaError(
-            f"{context}: the sub-region map has none of the body labels "
-            f"{params.body_subregion_labels} (mask.body_subregion_labels) inside "
-            f"{_target_text(params)} of the label map (its sub-region labels there: "
-            f"{there or 'none'}); set mask.body_subregion_labels to this map's label(s) of the "
-            "vertebral body (VerSe/TPTBox: [49, 50]), give the sub-region map of this scan, or "
-            "leave the subregions column of the sample sheet empty to find the body by opening")
-    return ndimage.binary_fill_holes(_largest(body)) & v
-
-
 def label_contacts(labels_zyx: np.ndarray, target: np.ndarray, spacing_xyz) -> dict[int, dict]:
     """Other labels touching ``target`` (boolean, z, y, x): per label, its voxels in the
     target's 26-neighbourhood, the voxel faces it shares with the target and their area
     (mm²). Label 0 (background) is left out."""
     if not target.any():
         return {}
-    sl = box_around(target, 1)
+    sl = morphology.box_around(target, 1)
     t, lab = target[sl], labels_zyx[sl]
     ring = ndimage.binary_dilation(t, structure=np.ones((3, 3, 3), bool)) & ~t
     vals, counts = np.unique(lab[ring], return_counts=True)
@@ -627,16 +501,6 @@ def label_contacts(labels_zyx: np.ndarray, target: np.ndarray, spacing_xyz) -> d
                 out[int(v)]["faces"] += int(c)
                 out[int(v)]["area_mm2"] += float(c) * face
     return out
-
-
-def box_around(mask_zyx: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
-    """Slices of the bounding box of ``mask_zyx`` widened by ``margin`` voxels (within the
-    array); the whole array when the mask is empty."""
-    if not mask_zyx.any():
-        return (slice(None),) * 3
-    sl = ndimage.find_objects(mask_zyx.astype(np.uint8))[0]
-    return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin))
-                 for s, n in zip(sl, mask_zyx.shape, strict=True))
 
 
 def labels_present(labels_zyx: np.ndarray) -> set[int]:

@@ -110,3 +110,25 @@ def solidity(mask: np.ndarray, sampling_zyx) -> float:
     centres = np.indices(m.shape).reshape(3, -1).T * np.asarray(sampling_zyx, float)
     inside = int((hull.find_simplex(centres) >= 0).sum())
     return float(m.sum() / inside) if inside else 1.0
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected component of ``mask`` (the first of equal ones), labelled on
+    the mask's bounding box and counted with integers (no whole-grid float temporaries)."""
+    box = box_around(mask, 1)
+    lab, n = ndimage.label(mask[box])
+    if n <= 1:
+        return mask
+    out = np.zeros(mask.shape, bool)
+    out[box] = lab == (1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
+    return out
+
+
+def box_around(mask_zyx: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
+    """Slices of the bounding box of ``mask_zyx`` widened by ``margin`` voxels (within the
+    array); the whole array when the mask is empty."""
+    if not mask_zyx.any():
+        return (slice(None),) * 3
+    sl = ndimage.find_objects(mask_zyx.astype(np.uint8))[0]
+    return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin))
+                 for s, n in zip(sl, mask_zyx.shape, strict=True))

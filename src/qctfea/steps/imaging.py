@@ -295,7 +295,7 @@ def _mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     """:func:`mask` without the refusal's record."""
     from scipy import ndimage
 
-    from qctfea.imaging import masks
+    from qctfea.imaging import masks, morphology
 
     p = params_from(masks.MaskParams, cfg, "mask")
     need_inputs(context, ct=ct_path, labels=labels_path)
@@ -331,7 +331,7 @@ def _mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
         del own
     # The parts and the label QC on the vertebra's box (whole-scan label maps: a fraction of
     # the memory; the same voxels, as every operation reaches at most 8 voxels beyond it)
-    box = masks.box_around(target, MASK_BOX_MARGIN)
+    box = morphology.box_around(target, MASK_BOX_MARGIN)
     present = masks.labels_present(lab)
     lab_box = lab[box]
     parts = masks.vertebra_parts(lab_box, ct.GetSpacing(), p, where,
@@ -438,13 +438,13 @@ def _ct_values_around(ct_path, ct: sitk.Image, target: np.ndarray):
     """The CT's numbers (float32, z y x) in a box around the target vertebra, read from
     ``ct_path`` alone, and that box; (None, None) without a target (refused by the parts
     step, naming the labels)."""
-    from qctfea.imaging import labelfit, masks
+    from qctfea.imaging import labelfit, masks, morphology
 
     if not target.any():
         return None, None
     sp = np.asarray(ct.GetSpacing(), float)
     margin = int(np.ceil(max(labelfit.SEARCH_MM, masks.METAL_MARGIN_MM) / sp.min())) + 3
-    box = masks.box_around(target, margin)
+    box = morphology.box_around(target, margin)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(ct_path))
     reader.SetExtractIndex([int(box[2].start), int(box[1].start), int(box[0].start)])
