@@ -49,28 +49,34 @@ BODY_OPENING_STEP_FRACTION = 0.05
 BODY_OPENING_MAX_FRACTION = 0.75
 
 
-def from_opening(v: np.ndarray, spacing_xyz, params: MaskParams, context: str):
+def from_opening(v: np.ndarray, spacing_xyz, params: MaskParams, context: str,
+                 direction=None):
     """The body: largest component of the vertebra opened by a ball with its rim restored;
-    the ball's radius grows until that component is convex (see the module doc). Returns the
-    body, the opened body dilated by 1 mm (the trabecular ROI's source: its edges stay
-    rounded) and a record of the radii tried."""
+    the ball's radius grows until that component is convex and mirror-symmetric (see the
+    module doc; ``direction``: the grid's direction matrix, which the left-right axis of
+    the symmetry needs; identity when None). Returns the body, the opened body dilated by
+    1 mm (the trabecular ROI's source: its edges stay rounded) and a record of the radii
+    tried."""
     sampling = tuple(spacing_xyz)[::-1]
     inscribed = float(ndimage.distance_transform_edt(v, sampling=sampling).max())
     radii = [params.body_opening_mm]
-    if params.body_opening_solidity > 0:
+    if params.body_opening_solidity > 0 or params.body_opening_asymmetry < 1:
         steps = np.arange(BODY_OPENING_STEP_FRACTION, BODY_OPENING_MAX_FRACTION + 1e-9,
                           BODY_OPENING_STEP_FRACTION) * inscribed
         radii += [float(r) for r in steps if r > params.body_opening_mm]
-    tried = []  # (radius, solidity, body)
+    tried = []  # {radius, solidity, asymmetry}, and the body
     for r in radii:
         opened = morphology.opening(v, r, sampling)
         if not opened.any():
             break
         body = morphology.largest_component(opened)
-        tried.append((r, morphology.solidity(body, sampling)
-                      if params.body_opening_solidity else 1.0,
-                      body))
-        if tried[-1][1] >= params.body_opening_solidity:
+        t = {"radius_mm": r,
+             "solidity": morphology.solidity(body, sampling)
+             if params.body_opening_solidity else 1.0,
+             "asymmetry": morphology.mirror_asymmetry(body, sampling, direction)
+             if params.body_opening_asymmetry < 1 else 0.0}
+        tried.append((t, body))
+        if _body_alone(t, params):
             break
     if not tried:
         span = [(b.stop - b.start) * s
@@ -82,20 +88,35 @@ def from_opening(v: np.ndarray, spacing_xyz, params: MaskParams, context: str):
             "adult vertebra with its processes spans 30-90 mm each way): lower "
             "mask.body_opening_mm for a small vertebra; if the span is far off, check the "
             "label map's voxel spacing in its header against the CT's")
-    r, sol, body = max(tried, key=lambda t: t[1]) if tried[-1][1] < \
-        params.body_opening_solidity else tried[-1]
-    if sol < params.body_opening_solidity:
+    t, body = tried[-1] if _body_alone(tried[-1][0], params) else _closest(tried, params)
+    if not _body_alone(t, params):
         warnings.warn(
-            f"{context}: the vertebral body found by opening is not convex (solidity "
-            f"{sol:.2f} < mask.body_opening_solidity = {params.body_opening_solidity:g} at "
-            f"every radius from {radii[0]:g} to {tried[-1][0]:.1f} mm; kept {r:.1f} mm): the "
-            "pedicles may be part of it. Look at the parts picture; give a sub-region map "
-            "(sample sheet column subregions) or set mask.body_opening_mm", stacklevel=2)
-    whole = restore_rim(body, v, r, sampling)
-    record = {"radius_mm": r, "solidity": sol, "inscribed_radius_mm": inscribed,
-              "tried": [{"radius_mm": t[0], "solidity": t[1]} for t in tried],
+            f"{context}: the vertebral body found by opening is not convex and symmetric at "
+            f"any radius from {radii[0]:g} to {tried[-1][0]['radius_mm']:.1f} mm (kept "
+            f"{t['radius_mm']:.1f} mm: solidity {t['solidity']:.2f}, mask.body_opening_"
+            f"solidity {params.body_opening_solidity:g}; asymmetry {t['asymmetry']:.2f}, "
+            f"mask.body_opening_asymmetry {params.body_opening_asymmetry:g}): a pedicle may "
+            "be part of it. Look at the parts picture; give a sub-region map (sample sheet "
+            "column subregions) or set mask.body_opening_mm", stacklevel=2)
+    whole = restore_rim(body, v, t["radius_mm"], sampling)
+    record = {**t, "inscribed_radius_mm": inscribed, "tried": [x for x, _ in tried],
               "rim_restored_fraction": float(1.0 - body.sum() / max(int(whole.sum()), 1))}
     return whole, morphology.dilate(body, 1.0, sampling) & v, record
+
+
+def _body_alone(t: dict, params: MaskParams) -> bool:
+    """The opened body has no pedicle attached: convex enough and mirror-symmetric enough."""
+    return (t["solidity"] >= params.body_opening_solidity
+            and t["asymmetry"] <= params.body_opening_asymmetry)
+
+
+def _closest(tried: list, params: MaskParams):
+    """Of radii none of which passed: the first convex one with the least asymmetry, or,
+    when none is convex, the most convex one."""
+    convex = [x for x in tried if x[0]["solidity"] >= params.body_opening_solidity]
+    if convex:
+        return min(convex, key=lambda x: x[0]["asymmetry"])
+    return max(tried, key=lambda x: x[0]["solidity"])
 
 
 def restore_rim(core: np.ndarray, v: np.ndarray, radius_mm: float, sampling) -> np.ndarray:

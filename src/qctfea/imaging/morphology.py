@@ -132,3 +132,37 @@ def box_around(mask_zyx: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
     sl = ndimage.find_objects(mask_zyx.astype(np.uint8))[0]
     return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin))
                  for s, n in zip(sl, mask_zyx.shape, strict=True))
+
+
+def mirror_asymmetry(mask: np.ndarray, sampling_zyx, direction=None, normal=(1.0, 0.0, 0.0),
+                     turn_deg: float = 30.0, tilt_deg: float = 15.0,
+                     max_points: int = 20000) -> float:
+    """How far ``mask`` is from mirror symmetry about a plane through its centroid: the
+    fraction of its voxel centres whose mirror image falls outside it (nearest voxel),
+    least over the planes whose normal is within ``turn_deg`` of ``normal`` about the
+    patient's superior axis and ``tilt_deg`` about the anterior axis (patient LPS mm,
+    through the image's ``direction``, identity when None). With ``normal`` the patient's
+    left-right axis: 0 for a body symmetric about a mid-sagittal plane turned up to that far,
+    about the part of it one-sided for a body with something attached on one side."""
+    s = np.asarray(sampling_zyx, float)[::-1]  # x, y, z
+    d = np.eye(3) if direction is None else np.asarray(direction, float).reshape(3, 3)
+    ijk = np.argwhere(mask)[:, ::-1].astype(float)  # x, y, z indices
+    if len(ijk) > max_points:
+        ijk = ijk[np.random.default_rng(0).choice(len(ijk), max_points, replace=False)]
+    pts = (ijk * s) @ d.T  # patient mm (without the origin)
+    c = pts.mean(axis=0)
+    to_index = np.linalg.inv(d @ np.diag(s))
+    best = 1.0
+    n0 = np.asarray(normal, float) / np.linalg.norm(normal)
+    for a in np.deg2rad(np.arange(-turn_deg, turn_deg + 1e-9, 5.0)):
+        for b in np.deg2rad(np.arange(-tilt_deg, tilt_deg + 1e-9, 5.0)):
+            rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+            ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+            n = rz @ ry @ n0
+            q = pts - 2.0 * np.outer((pts - c) @ n, n)
+            idx = np.rint(q @ to_index.T).astype(int)[:, ::-1]  # z, y, x
+            inside = np.all((idx >= 0) & (idx < mask.shape), axis=1)
+            hit = np.zeros(len(idx), bool)
+            hit[inside] = mask[tuple(idx[inside].T)]
+            best = min(best, 1.0 - float(hit.mean()))
+    return best

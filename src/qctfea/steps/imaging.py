@@ -335,7 +335,8 @@ def _mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     present = masks.labels_present(lab)
     lab_box = lab[box]
     parts = masks.vertebra_parts(lab_box, ct.GetSpacing(), p, where,
-                                 None if sub is None else sub[box], sub_where)
+                                 None if sub is None else sub[box], sub_where,
+                                 direction=ct.GetDirection())
     metal, fit = _ct_checks(ct_path, ct, target, p, context, labels_path)
     qc = {"components_in_label": int(ndimage.label(lab_box == p.label)[1]),
           "contact_with_other_labels_voxels": masks.contact_with_neighbours(
@@ -415,7 +416,8 @@ def _write_mask_record(out_json, ct: sitk.Image, parts: dict, out: np.ndarray, q
              f"{parts['vertebra'].sum() * vox_mm3 / 1000:.1f} cm³, body "
              f"{parts['body'].sum() * vox_mm3 / 1000:.1f} cm³ (from {body_from}"
              + (f", ball {parts['body_opening']['radius_mm']:.1f} mm, solidity "
-                f"{parts['body_opening']['solidity']:.2f}" if parts["body_opening"] else "")
+                f"{parts['body_opening']['solidity']:.2f}, asymmetry "
+                f"{parts['body_opening']['asymmetry']:.2f}" if parts["body_opening"] else "")
              + ")")
 
 
