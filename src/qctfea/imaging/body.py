@@ -17,16 +17,23 @@ planned), so the radius grows, in steps of 5 % of the vertebra's largest inscrib
 (:func:`qctfea.imaging.morphology.solidity`). Bodies with pedicles attached: 0.72-0.84 (the
 real L3 scaled by 1.3, the real L1 widened by 1.25-1.4); bodies alone: 0.90-0.97 (both real
 scans at their own voxels, at 1 x 1 x 3, 3 mm and 5 mm slices, on grids turned 12-15°),
-0.997-0.999 on the demo.
+0.997-0.999 on the demo. A pedicle thicker than the ball on one side only leaves the body
+convex enough but one-sided, so the radius also grows until the body is mirror-symmetric
+about a mid-sagittal plane: at most ``body_opening_asymmetry`` (0.12) of its voxels mirror
+outside it, for the best plane through its centroid whose normal is within 30° of the
+patient's left-right axis about the superior axis and 15° about the anterior one
+(:func:`qctfea.imaging.morphology.mirror_asymmetry`). Bodies alone: 0.05-0.08
+(TotalSegmentator's 3 mm L1-L4, the real L3 and L1); TotalSegmentator's 3 mm L5 with its
+thick left pedicle attached: 0.18 (solidity 0.89), alone at 7.4 mm.
 
 The ball rounds the body's edges off (the endplate rims), so the vertebra's voxels within
 the radius of the opened body are given back to it, except those within the radius of the
 arch (the vertebra farther than the radius from the opened body), which are the pedicles'
 roots (:func:`restore_rim`). Against the body of a sub-region map this raised the Dice
 overlap from 0.90 to 0.998 on the real L3 (1.5 mm voxels; body 39.3 cm³ in both, 32.5 cm³
-before) and from 0.88-0.90 to 0.975-0.986 on TotalSegmentator's 3 mm L1-L4
-(docs/screw_planning.md). The trabecular ROI is taken from the opened body (see
-:mod:`qctfea.imaging.masks`).
+before), from 0.88-0.90 to 0.975-0.986 on TotalSegmentator's 3 mm L1-L4 and, with the
+symmetry test, from 0.90 to 0.94 on its L5 (docs/screw_planning.md). The trabecular ROI is
+taken from the opened body (see :mod:`qctfea.imaging.masks`).
 """
 from __future__ import annotations
 
