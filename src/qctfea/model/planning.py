@@ -8,7 +8,7 @@ direction matrix, so oblique (non-axial) scans are planned like axial ones.
 
 1. **Anatomical axes.** The superior axis is the body's axis of least extent
    (the body is a disc-like cylinder), found as in the mask step
-   (:func:`qctfea.imaging.masks.body_axis`: the direction within 30 degrees of the
+   (:func:`qctfea.imaging.masks.body_axis`: the direction within 45 degrees of the
    patient's superior axis, LPS +z, along which the body is thinnest), so the
    screws and the load cases share one endplate normal. The smallest PCA
    eigenvector of the body voxels is not used: a lumbar body's height and depth
