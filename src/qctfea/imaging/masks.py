@@ -218,7 +218,8 @@ class MaskParams:
              "`mask.body_opening_mm` (in steps of 5 % of the vertebra's largest inscribed "
              "radius, up to 75 %) until at least this fraction of the voxels inside the "
              "body's convex hull are the body's (pedicles still attached: 0.72-0.84 on the "
-             "real scans enlarged, a body alone 0.90-0.97); 0 keeps `mask.body_opening_mm`. "
+             "real scans enlarged, a body alone 0.90-0.97); 0 (with "
+             "`mask.body_opening_asymmetry: 1`) keeps `mask.body_opening_mm`. "
              "The radius used: vertebra.json `body_opening`"))
     body_opening_asymmetry: float = option(
         0.12, minimum=0, maximum=1,

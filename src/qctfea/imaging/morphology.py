@@ -11,8 +11,10 @@ the ball only around the voxels that survive, so each operation takes whichever 
 is expected to be faster (``_use_distance_map``); ``tests/test_morphology.py`` checks both
 paths' voxels against scipy's.
 
-:func:`solidity` measures how convex a mask is (the mask step's test that the vertebral
-body it found has no pedicles attached).
+:func:`solidity` measures how convex a mask is and :func:`mirror_asymmetry` how far it is
+from mirror symmetry about a mid-sagittal plane (the mask step's tests that the vertebral body
+it found has no pedicles attached); :func:`largest_component` and :func:`box_around` are the
+connected-component and bounding-box helpers the mask step shares.
 """
 from __future__ import annotations
 
