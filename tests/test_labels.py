@@ -190,6 +190,11 @@ def test_body_axis_of_a_tilted_body(slice_mm, tilt_deg):
     assert err < 1.5, (slice_mm, tilt_deg, found, err)
 
 
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two masks."""
+    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
 @needs_real
 def test_the_opening_s_body_is_the_subregion_map_s_body(tmp_path):
     """Without its sub-region map, the real L3's body is found by the opening and its rim
@@ -201,7 +206,7 @@ def test_the_opening_s_body_is_the_subregion_map_s_body(tmp_path):
     sub = sitk.GetArrayFromImage(sitk.ReadImage(str(REAL / "subregions.nii.gz")))
     truth = lab & np.isin(sub, (49, 50))
     body = np.isin(parts, (masks.BODY, masks.TRABECULAR))
-    dice = 2 * (body & truth).sum() / (body.sum() + truth.sum())
+    dice = _dice(body, truth)
     assert dice > 0.99, dice
     assert (body & np.isin(sub, range(41, 49))).sum() / body.sum() < 0.005
     assert o["body_opening"]["rim_restored_fraction"] == pytest.approx(1 - 32.5 / 39.3, abs=0.02)
@@ -446,7 +451,7 @@ def test_the_opening_s_body_is_the_built_body_with_its_rim(spacing):
     params = masks.MaskParams(label=1)
     parts = masks.vertebra_parts(vert.astype(np.uint8), (spacing,) * 3, params, "box")
     body = parts["body"]
-    dice = 2 * (body & truth).sum() / (body.sum() + truth.sum())
+    dice = _dice(body, truth)
     assert dice > 0.99, dice
     core = 1 - parts["body_opening"]["rim_restored_fraction"]
     assert 2 * core * body.sum() / (body.sum() * core + truth.sum()) < 0.95  # the core alone
@@ -480,7 +485,7 @@ def test_a_thick_pedicle_on_one_side_is_not_kept_in_the_body():
         parts = masks.vertebra_parts(vert.astype(np.uint8), (1.0,) * 3,
                                      masks.MaskParams(label=1, body_opening_asymmetry=asym), "x")
         b = parts["body"]
-        found[asym] = (2 * (b & truth).sum() / (b.sum() + truth.sum()), parts["body_opening"])
+        found[asym] = (_dice(b, truth), parts["body_opening"])
     dice, rec = found[0.12]
     assert dice > 0.98, found
     assert rec["tried"][0]["asymmetry"] > 0.12 and rec["radius_mm"] > 7.0, rec
