@@ -385,6 +385,64 @@ def test_rising_curve_reports_no_strength():
     assert r.stop_reason.startswith("peak not reached")
 
 
+def _stop_tests_on(points, **params):
+    """The stop tests of a run (stepping's ``_peaked`` after every converged increment,
+    then ``_strength``) fed a prescribed force-displacement curve: (d mm, F N) points from
+    the first increment on (the first one's secant is k0), range 1 mm in 25 base steps."""
+    from qctfea.fea.plasticity import NonlinearParams
+    from qctfea.fea.stepping import CurvePoint, NonlinearResult, _peaked, _strength, _Walk
+
+    p = NonlinearParams(**params)
+    walk = _Walk(base=1.0 / p.increments, step=0.01, offset=np.inf, imex=False)
+    res = NonlinearResult(curve=[CurvePoint(0.0, 0.0, 0, 0)])
+    for d, force in points:
+        prev, h = res.curve[-1], d - walk.d
+        walk.d = d
+        res.curve.append(CurvePoint(d, force, 1, 0))
+        if len(res.curve) == 2:
+            res.initial_stiffness_n_per_mm = force / d
+            continue
+        walk.tangent = (force - prev.force_n) / h
+        if _peaked(walk, res, prev, force, h, p):
+            break
+    _strength(res, p)
+    return res
+
+
+def _curve_with_a_transient(flat_mm: float, rise_to: float | None = 360.0):
+    """k0 = 1000 N/mm to 300 N at 0.3 mm, flat (±0.1 %) over ``flat_mm``, then up at a
+    third of k0 to ``rise_to`` N and down 2 % per 0.01 mm step (None: flat to the end)."""
+    d = np.round(np.arange(0.01, 1.0 + 1e-9, 0.01), 6)
+    f = np.minimum(1000.0 * d, 300.0) * (1 + 1e-3 * np.sin(40 * d))
+    if rise_to is not None:
+        up = np.clip(d - 0.3 - flat_mm, 0, None)
+        f = f + np.minimum(333.0 * up, rise_to - 300.0)
+        top = 0.3 + flat_mm + (rise_to - 300.0) / 333.0
+        f = f - rise_to * 0.02 * np.clip(np.ceil((d - top) / 0.01 - 1e-6), 0, None)
+    return list(zip(d, f))
+
+
+def test_a_transient_flattening_is_not_the_peak():
+    """A flattening that lasts 3 % of the range and then rises to a higher peak: the run
+    goes on to that peak (360 N) and stops on its falling branch; with the window of 2 %
+    the flat stretch (300 N) would be taken for the peak, as it was on refined demo
+    meshes (docs/mesh_convergence.md)."""
+    r = _stop_tests_on(_curve_with_a_transient(0.03))
+    assert r.peak_reached and r.strength_n == pytest.approx(360.0, rel=2e-3)
+    assert r.displacement_at_peak_mm == pytest.approx(0.33 + 60 / 333, abs=0.011)
+    r = _stop_tests_on(_curve_with_a_transient(0.03), peak_confirm_fraction=0.02)
+    assert r.peak_reached and r.strength_n == pytest.approx(300.0, rel=2e-3)
+
+
+def test_a_lasting_flattening_is_a_plateau_at_its_force():
+    """Flat from 0.3 mm on: the run ends once the flat stretch has lasted
+    ``peak_confirm_fraction`` of the range (0.05 mm), strength = the plateau's force."""
+    r = _stop_tests_on(_curve_with_a_transient(0.0, rise_to=None))
+    assert r.peak_reached and r.stop_reason.startswith(("plateau", "force fell after"))
+    assert r.strength_n == pytest.approx(300.0, rel=2e-3)
+    assert 0.35 - 1e-9 <= r.curve[-1].displacement_mm <= 0.37 + 1e-9
+
+
 def test_damage_with_hardening_is_refused():
     from qctfea.errors import QctfeaError
 

@@ -103,6 +103,13 @@ class NonlinearParams:
              "when the force fell this far below the peak, or the tangent fell below this x k0"))
     #: nonlinear: stop once dF/dd < this * initial slope
     plateau_tangent_ratio: float = option(0.02, minimum=0, row="stop_drop_fraction")
+    #: nonlinear: a flattening ends the run once it has lasted this fraction of the range
+    peak_confirm_fraction: float = option(
+        0.05, exclusiveMinimum=0, maximum=1,
+        doc=("nonlinear, `peak` rule: a flat or falling stretch (secant from where the "
+             "tangent fell below `plateau_tangent_ratio` x k0 still below it) ends the run "
+             "only once it has lasted this fraction of the maximum displacement; a curve "
+             "that rises again within it was a transient, not the peak (docs/nonlinear.md)"))
     #: nonlinear: "peak" (max force) or "offset" (offset yield)
     strength_rule: str = option(
         "peak", enum=["peak", "offset"],

@@ -30,7 +30,7 @@ until it has peaked, and reports a strength only then (``peak_reached``):
 * the force fell ``stop_drop_fraction`` below the largest force (the falling branch was
   traced past the peak);
 * the curve flattened below ``plateau_tangent_ratio`` x k0 and stayed below that slope
-  over ``PEAK_CONFIRM_FRACTION`` of the displacement range, whatever the step (a
+  over ``peak_confirm_fraction`` of the displacement range, whatever the step (a
   plateau, the limit load, or the falling branch; a transient flattening that rises again
   is not a peak);
 * collapse: equilibrium is lost even at the smallest step after the tangent had fallen
@@ -93,10 +93,6 @@ NONLINEAR_PETSC_OPTIONS = {
 
 #: imex: an increment whose damage error exceeds this x imex_damage_tolerance is redone
 IMEX_REJECT = 3.0
-
-#: A flattening of the curve (slope below plateau_tangent_ratio x k0) ends the run once it
-#: has lasted this fraction of the displacement range (``_peaked``)
-PEAK_CONFIRM_FRACTION = 0.02
 
 #: imex: the preconditioner built at the probe serves every increment; after a Krylov solve
 #: that took more than this many iterations it is rebuilt once (``_IncrementSolver``; the
@@ -224,14 +220,14 @@ def _peaked(walk: _Walk, res: NonlinearResult, prev: CurvePoint, force: float, h
             walk.flat_from = (prev.displacement_mm, prev.force_n)
         return False
     # A flat or falling stretch is a peak only when it lasts: the secant from where the
-    # curve flattened must stay below the plateau slope over PEAK_CONFIRM_FRACTION of the
+    # curve flattened must stay below the plateau slope over peak_confirm_fraction of the
     # displacement range, whatever the step (a transient flattening, when many cells
     # yield at once and the load redistributes, rises again; docs/nonlinear.md)
     d0, f0 = walk.flat_from
     if (force - f0) / (d - d0) >= limit:
         walk.flat_from = None
         return False
-    if d - d0 >= PEAK_CONFIRM_FRACTION * walk.base * params.increments * (1 - 1e-9):
+    if d - d0 >= params.peak_confirm_fraction * walk.base * params.increments * (1 - 1e-9):
         res.peak_reached = True
         res.stop_reason = ("force fell after the peak" if force < peak
                            else "plateau (limit load reached)")
