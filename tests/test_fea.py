@@ -89,6 +89,26 @@ def test_nonconvergence_raises_with_reason():
         model.solve(bcs, {"ksp_max_it": 2, "pc_type": "jacobi"})
 
 
+def test_a_breakdown_is_solved_again_with_the_fallback_multigrid():
+    """A smoother that amplifies the error (Richardson at 10x the step) makes CG break down;
+    the solve tries again with FALLBACK_PETSC_OPTIONS, records how the first attempt failed,
+    and gives the reaction of the default solve."""
+    import dolfinx
+
+    model, mesh = _box_model(1000.0, 0.3)
+    top, bot = _top_bottom_dofs(model, mesh, 10.0)
+    bcs = [dolfinx.fem.dirichletbc(np.zeros(3), bot, model.V),
+           dolfinx.fem.dirichletbc(np.array([0, 0, -0.1]), top, model.V)]
+    ok = model.solve(bcs)
+    assert ok.fallback == ""
+    force = model.reaction(top, np.array([0, 0, -1.0]))
+    info = model.solve(bcs, {"mg_levels_ksp_type": "richardson",
+                             "mg_levels_ksp_richardson_scale": 10.0})
+    assert info.fallback.startswith("DIVERGED"), info.fallback
+    assert info.converged_reason.startswith("CONVERGED")
+    assert model.reaction(top, np.array([0, 0, -1.0])) == pytest.approx(force, rel=1e-8)
+
+
 def test_singular_blocks_are_found_as_numpy_finds_them():
     """The check that keeps point-block Jacobi off a multigrid level with a singular diagonal
     block: the smallest ratio of smallest to largest eigenvalue over a matrix's 6 x 6 diagonal

@@ -68,6 +68,22 @@ DEFAULT_PETSC_OPTIONS = {
     "mg_levels_ksp_chebyshev_esteig_steps": 20,
 }
 
+#: Options put over the caller's when CG breaks down (any failure but running out of
+#: iterations): the nonlinear solver's multigrid (2 Chebyshev steps with scalar Jacobi per
+#: level, GAMG graph threshold 0.02; stepping.NONLINEAR_PETSC_OPTIONS builds on them). The
+#: L4 of a 3 mm clinical CT (TotalSegmentator's example, docs/mesh_convergence.md) meshed
+#: with 2 mm bone cells (100,353 DOFs), on 2 ranks: every load case stopped with
+#: DIVERGED_DTOL after 5-8 CG iterations with the defaults, with 2 point-block or scalar
+#: Jacobi steps at threshold 0, and at threshold 0.01 (DIVERGED_INDEFINITE_MAT with the
+#: unpreconditioned norm: the preconditioner was not positive definite); with these, 39-41
+#: iterations. On 1 rank the defaults converged (73 iterations, level 1 in Jacobi). Neither
+#: set converges on every model (the threshold 0.01 failed where 0 did: above), so the
+#: solve tries the defaults first and these second, and records it (``SolveInfo.fallback``).
+FALLBACK_PETSC_OPTIONS = {
+    "mg_levels_ksp_type": "chebyshev", "mg_levels_pc_type": "jacobi",
+    "mg_levels_ksp_max_it": 2, "pc_gamg_threshold": 0.02,
+}
+
 #: Point-block Jacobi inverts each diagonal block of a level's operator. On GAMG's coarse
 #: levels a block is an aggregate's 6 x 6 rigid-body block, and an aggregate of one node (or
 #: of nodes on a line) has no stiffness against some of its rotations: the block is
@@ -128,6 +144,9 @@ class SolveInfo:
     #: multigrid levels smoothed with scalar Jacobi instead of point-block Jacobi, whose
     #: operator had a singular diagonal block (:func:`singular_block_levels`)
     jacobi_levels: list = field(default_factory=list)
+    #: how the first attempt failed when the solution comes from the second, with
+    #: :data:`FALLBACK_PETSC_OPTIONS` ("" when the first converged)
+    fallback: str = ""
     n_dofs: int = 0
     n_cells: int = 0
     mpi_ranks: int = 1
@@ -245,18 +264,41 @@ class ElasticModel:
         return A, b
 
     def solve(self, bcs, petsc_options: dict | None = None, prefix: str = "qctfea_") -> SolveInfo:
-        """Assemble and solve; raise :class:`QctfeaError` when CG does not converge."""
+        """Assemble and solve (CG and GAMG; after a breakdown once more with
+        :data:`FALLBACK_PETSC_OPTIONS`); raise :class:`QctfeaError` when CG does not
+        converge."""
         comm = self.mesh.comm
         info = SolveInfo(n_dofs=self.n_dofs(), mpi_ranks=comm.size,
                          n_cells=self.mesh.topology.index_map(3).size_global)
         t0 = time.perf_counter()
         A, b = self.assemble_system(bcs)
         info.seconds["assembly"] = time.perf_counter() - t0
-
         options = {**DEFAULT_PETSC_OPTIONS, **(petsc_options or {})}
+        reason = self._krylov(A, b, options, prefix, info)
+        first = f"{info.converged_reason} after {info.iterations} iterations"
+        if reason < 0 and reason != PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT:
+            info.fallback = first
+            self.u.x.array[:] = 0.0
+            reason = self._krylov(A, b, {**options, **FALLBACK_PETSC_OPTIONS}, prefix, info)
+        A.destroy()
+        b.destroy()
+        if reason < 0:
+            advice = ("raise solver.ksp_max_it"
+                      if reason == PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT else
+                      "set other solver options (solver: in the cohort config)")
+            raise QctfeaError(
+                f"linear solve did not converge: PETSc reason {info.converged_reason} after "
+                f"{info.iterations} iterations (residual {info.residual_norm:.3e})"
+                + (f", and {first} with the default multigrid" if info.fallback else "")
+                + f"; check the mesh (mesh.json's quality) and materials, or {advice}")
+        return info
+
+    def _krylov(self, A, b, options: dict, prefix: str, info: SolveInfo) -> int:
+        """One preconditioner set-up and CG solve into ``self.u`` from zero (PETSc's default
+        initial guess); its iterations, reason and seconds into ``info``; the reason."""
         names = {v: k for k, v in vars(PETSc.KSP.ConvergedReason).items() if isinstance(v, int)}
         t0 = time.perf_counter()
-        ksp = make_ksp(comm, A, prefix, options)
+        ksp = make_ksp(self.mesh.comm, A, prefix, options)
         ksp.setUp()
         # GAMG builds the same hierarchy again, those levels now smoothed with scalar Jacobi
         # (checked again all the same; a Jacobi level is not, so this ends)
@@ -266,28 +308,21 @@ class ElasticModel:
             info.jacobi_levels += singular
             options = {**options, **{f"mg_levels_{level}_pc_type": "jacobi"
                                      for level in singular}}
-            ksp = make_ksp(comm, A, prefix, options)
+            ksp = make_ksp(self.mesh.comm, A, prefix, options)
             ksp.setUp()
-        info.seconds["preconditioner_setup"] = time.perf_counter() - t0
+        sec = info.seconds
+        sec["preconditioner_setup"] = sec.get("preconditioner_setup", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        ksp.solve(b, self.u.x.petsc_vec)  # from zero (PETSc's default initial guess)
+        ksp.solve(b, self.u.x.petsc_vec)
         self.u.x.scatter_forward()
-        info.seconds["solve"] = time.perf_counter() - t0
+        sec["solve"] = sec.get("solve", 0.0) + time.perf_counter() - t0
         reason = ksp.getConvergedReason()
         info.iterations = int(ksp.getIterationNumber())
         info.converged_reason = names.get(reason, str(reason))
         info.residual_norm = float(ksp.getResidualNorm())
         clear_options(prefix, options)
         ksp.destroy()
-        A.destroy()
-        b.destroy()
-        if reason < 0:
-            raise QctfeaError(
-                f"linear solve did not converge: PETSc reason {info.converged_reason} after "
-                f"{info.iterations} iterations (residual {info.residual_norm:.3e}); "
-                "check the mesh and materials, or raise solver.ksp_max_it"
-            )
-        return info
+        return reason
 
     def reaction(self, block_dofs: np.ndarray, direction: np.ndarray) -> float:
         """Sum over ``block_dofs`` of the residual projected on ``direction`` (N), all ranks."""

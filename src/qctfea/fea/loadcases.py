@@ -349,6 +349,7 @@ def _solver_summary(info) -> dict:
         "ksp_iterations": info.iterations,
         "converged_reason": info.converged_reason,
         "jacobi_levels": info.jacobi_levels,
+        "linear_solver_fallback": info.fallback or None,
         "residual_norm": info.residual_norm,
         "n_dofs": info.n_dofs,
         "n_cells": info.n_cells,

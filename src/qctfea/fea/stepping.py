@@ -64,7 +64,12 @@ import numpy as np
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from qctfea.fea.elasticity import DEFAULT_PETSC_OPTIONS, build_nullspace, clear_options
+from qctfea.fea.elasticity import (
+    DEFAULT_PETSC_OPTIONS,
+    FALLBACK_PETSC_OPTIONS,
+    build_nullspace,
+    clear_options,
+)
 from qctfea.errors import QctfeaError
 
 if TYPE_CHECKING:
@@ -82,8 +87,7 @@ if TYPE_CHECKING:
 #: elements (demo P01 M00: 21 % fewer CG iterations, docs/nonlinear.md). The Krylov
 #: tolerance is set per Newton step by Eisenstat-Walker (``snes_ksp_ew``).
 NONLINEAR_PETSC_OPTIONS = {
-    **DEFAULT_PETSC_OPTIONS, "mg_levels_pc_type": "jacobi", "mg_levels_ksp_max_it": 2,
-    "pc_gamg_threshold": 0.02,
+    **DEFAULT_PETSC_OPTIONS, **FALLBACK_PETSC_OPTIONS,
     "pc_gamg_reuse_interpolation": True,
     "snes_type": "newtonls", "snes_linesearch_type": "basic", "snes_ksp_ew": True,
     "snes_ksp_ew_rtol0": 0.1, "snes_ksp_ew_rtolmax": 0.5,
