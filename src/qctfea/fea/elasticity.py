@@ -311,7 +311,8 @@ class ElasticModel:
             ksp = make_ksp(self.mesh.comm, A, prefix, options)
             ksp.setUp()
         sec = info.seconds
-        sec["preconditioner_setup"] = sec.get("preconditioner_setup", 0.0) + time.perf_counter() - t0
+        sec["preconditioner_setup"] = (sec.get("preconditioner_setup", 0.0)
+                                       + time.perf_counter() - t0)
         t0 = time.perf_counter()
         ksp.solve(b, self.u.x.petsc_vec)
         self.u.x.scatter_forward()
