@@ -6,6 +6,9 @@ the patient's baseline scan (SimpleITK, Euler 3-D transform), entirely in physic
 space, so that the result does not depend on how the files are written (axis order,
 flips, origin; docs/registration.md):
 
+* one axis order: the four images are put in LPS axis order (the same voxels) with their
+  origins rounded to 1 µm (:func:`in_lps`), so files written in another order or with a
+  header's single-precision origin reach the search as the same images bit for bit;
 * canonical grids: both scans are first resampled (linear) onto grids that depend only
   on physical space: identity direction, spacing per physical axis the scan's own
   (at most ``grid_mm``), anchored at the vertebra's physical centroid and covering its
@@ -199,6 +202,19 @@ def physical_spacing(img: sitk.Image) -> np.ndarray:
     return np.asarray(img.GetSpacing())[np.argmax(d, axis=1)]
 
 
+def in_lps(img: sitk.Image) -> sitk.Image:
+    """The image in LPS axis order, its origin rounded to 1 µm.
+
+    The same voxels written in another axis order then give the same image bit for bit,
+    and so the same mask moments, starts and optimiser path. The rounding removes the
+    origin's storage noise (a NIfTI header holds it in single precision: the real L1
+    written RPI and read back lay 6e-6 mm from its LPS file, and that was enough for the
+    multi-start search to end 0.1 mm elsewhere, docs/registration.md)."""
+    out = sitk.DICOMOrient(img, "LPS")
+    out.SetOrigin([round(float(v), 3) for v in out.GetOrigin()])
+    return out
+
+
 def canonical_grid(img: sitk.Image, mask: sitk.Image, p: RegistrationParams) -> sitk.Image:
     """Identity-direction grid around the vertebra, anchored at its physical centroid,
     spacing min(own spacing along the axis, grid_mm): depends on physical space only."""
@@ -308,6 +324,8 @@ def register_rigid(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image
 
     ``points`` (N x 3, mm, baseline space): where accuracy matters (screw entry and tip);
     default the corners of the baseline vertebra's bounding box."""
+    fixed, fixed_mask, moving, moving_mask = (
+        in_lps(im) for im in (fixed, fixed_mask, moving, moving_mask))
     fm, mm = _binary(fixed_mask), _binary(moving_mask)
     if not sitk.GetArrayViewFromImage(fm).any():
         raise QctfeaError("the baseline vertebra mask is empty")
