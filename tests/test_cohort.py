@@ -735,6 +735,73 @@ def test_uncertainty_columns_and_least_significant_change(tmp_path: Path) -> Non
     assert lsc["change"].tolist() == pytest.approx([2.0, 6.0])
 
 
+#: per-side pullout (N) and its sd_scan per scan: {(patient, tp): (left, sd_l, right, sd_r)};
+#: P02's M12 left screw did not peak (no strength, no interval)
+SIDE_PULLOUT = {("P01", "M00"): (900.0, 10.0, 1100.0, 12.0),
+                ("P01", "M12"): (960.0, 15.0, 1120.0, 16.0),
+                ("P01", "M24"): (880.0, 20.0, 1010.0, 30.0),
+                ("P02", "M00"): (700.0, 8.0, 800.0, 9.0),
+                ("P02", "M12"): (None, None, 790.0, 11.0)}
+
+
+def test_per_side_pullout_has_its_least_significant_change_in_the_tables(
+        tmp_path: Path) -> None:
+    """Each side's pullout strength gets, like the sides' mean, its change and least
+    significant change in tables/least_significant_change.csv and in the wide table
+    (``<metric>_<tp>_lsc``, ``_significant``), against values computed here from the
+    uncertainty.json inputs: LSC = 1.96 (sd_b² + sd_f²)^½, significant when |change| > LSC;
+    a side without a strength has none (neither significant nor not)."""
+    samples = []
+    for (patient, tp), (f_l, sd_l, f_r, sd_r) in SIDE_PULLOUT.items():
+        f = _fake_scan(100.0, 200.0, 220.0, 900.0 if f_l is None else f_l, f_r)
+        if f_l is None:  # no peak: no strength (the stiffness is kept)
+            f["pullout_left.json"].update(strength_n=None, peak_reached=False)
+        outcomes = {"pullout_strength_right_n": _unc(f_r, sd_r)}
+        if f_l is not None:
+            outcomes["pullout_strength_left_n"] = _unc(f_l, sd_l)
+            outcomes["pullout_strength_n"] = _unc((f_l + f_r) / 2, 0.5 * math.hypot(sd_l, sd_r))
+        f["uncertainty.json"] = {"outcomes": outcomes}
+        _write_scan(tmp_path, patient, tp, f)
+        samples.append({"patient": patient, "timepoint": tp, "months": float(tp[1:])})
+    cohort.aggregate(samples, tmp_path, tmp_path / "long.csv")
+    paths = cohort.tables(tmp_path / "long.csv", tmp_path / "tables")
+    lsc = pd.read_csv(paths["least_significant_change"], dtype={"patient": str})
+    wide = pd.read_csv(paths["wide"], dtype={"patient": str}).set_index("patient")
+    z = stats.norm.ppf(0.975)
+    checked = 0
+    for (patient, tp), values in SIDE_PULLOUT.items():
+        if tp == "M00":
+            continue
+        for k, side in ((0, "left"), (2, "right")):
+            metric = f"pullout_strength_{side}_n"
+            (b, sd_b), (v, sd_f) = SIDE_PULLOUT[patient, "M00"][k:k + 2], values[k:k + 2]
+            r = lsc[(lsc["patient"] == patient) & (lsc["timepoint"] == tp)
+                    & (lsc["metric"] == metric)]
+            assert len(r) == 1, (patient, tp, metric)
+            r = r.iloc[0]
+            w_lsc, w_sig = wide.loc[patient, f"{metric}_{tp}_lsc"], \
+                wide.loc[patient, f"{metric}_{tp}_significant"]
+            if v is None:
+                assert math.isnan(r["change"]) and pd.isna(r["significant"])
+                assert pd.isna(w_sig)
+                continue
+            want = z * math.sqrt(sd_b ** 2 + sd_f ** 2)
+            assert r["change"] == pytest.approx(v - b) == wide.loc[
+                patient, f"{metric}_{tp}_change"]
+            assert r["lsc"] == pytest.approx(want, rel=1e-9)
+            assert w_lsc == pytest.approx(want, rel=1e-9)
+            assert bool(r["significant"]) is bool(w_sig) is bool(abs(v - b) > want)
+            checked += 1
+    assert checked == 5  # 3 follow-ups x 2 sides, but P02 M12 left
+    # both verdicts occur: P01 M12 left +60 N > 35.4 N, right +20 N < 39.0 N
+    p01 = lsc[(lsc["patient"] == "P01") & (lsc["timepoint"] == "M12")].set_index("metric")
+    assert bool(p01.loc["pullout_strength_left_n", "significant"])
+    assert not bool(p01.loc["pullout_strength_right_n", "significant"])
+    # the mean of both sides as before; per-side metrics stay out of the statistics
+    assert "pullout_strength_n" in set(lsc["metric"])
+    assert "pullout_strength_left_n" not in longtable.DEFAULT_METRICS
+
+
 def test_a_scan_whose_uncertainty_step_failed_keeps_its_outcomes_without_intervals(
         tmp_path: Path) -> None:
     """P01 M24's uncertainty step failed (steps_fea.uncertainty with record_failure: its

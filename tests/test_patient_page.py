@@ -41,7 +41,9 @@ OLD_FIELDS = ("M12", "pullout_right")
 #: the page's name of each load case
 CASE_LABEL = {"compression": "vertebral compression", "pullout_left": "pullout, left screw",
               "pullout_right": "pullout, right screw"}
-UNC_SD = {"M00": 20.0, "M12": 30.0}  # per-scan SD of the compression strength (N)  # failed cells per compression run
+UNC_SD = {"M00": 20.0, "M12": 30.0}  # per-scan SD of the compression strength (N)
+#: per-scan SD (N) of the right screw's pullout strength (the left one's M12 has no peak)
+UNC_SD_RIGHT = {"M00": 30.0, "M12": 40.0}
 EXCLUDED_REASON = "motion artefact at L4"
 
 
@@ -129,11 +131,15 @@ def patient_tree(demo_model, tmp_path_factory) -> dict:
     _png(res / "P01" / "M12" / "registration.png", "registration")
     (res / "P01" / "M12" / "registration.json").write_text(
         json.dumps({"dice_after": 0.97, "point_spread_mm": 0.05}))
-    for tp, sd in UNC_SD.items():  # uncertainty.json: compression strength's interval
-        v = CASES[tp]["compression.json"][0]
-        (res / "P01" / tp / "uncertainty.json").write_text(json.dumps({"outcomes": {
-            "compression_strength_n": {"value": v, "sd": 5 * sd, "ci_low": v - 10 * sd,
-                                       "ci_high": v + 10 * sd, "sd_scan": sd}}}))
+    for tp, sd in UNC_SD.items():  # uncertainty.json: compression and right pullout
+        outcomes = {}
+        for key, name, sd_scan in (("compression_strength_n", "compression.json", sd),
+                                   ("pullout_strength_right_n", "pullout_right.json",
+                                    UNC_SD_RIGHT[tp])):
+            v = CASES[tp][name][0]
+            outcomes[key] = {"value": v, "sd": 5 * sd_scan, "ci_low": v - 10 * sd_scan,
+                             "ci_high": v + 10 * sd_scan, "sd_scan": sd_scan}
+        (res / "P01" / tp / "uncertainty.json").write_text(json.dumps({"outcomes": outcomes}))
     long = res / "tables" / "longitudinal.csv"
     cohort.aggregate([{"patient": "P01", "timepoint": tp, "months": m, "model_timepoint": "M00",
                        "sex": "female"} for tp, m in (("M00", 0.0), ("M12", 12.0))], res, long)
@@ -236,6 +242,48 @@ def test_page_shows_intervals_and_least_significant_change(page: Path) -> None:
     lsc = 1.959964 * (20.0 ** 2 + 30.0 ** 2) ** 0.5
     assert f"LSC {lsc:.0f}: significant" in row.group(1)
     assert 'data-significant="yes"' in row.group(1)
+
+
+def _outcome_cells(html_text: str, label: str) -> list[str]:
+    row = re.search(rf'<tr><td class="l">{label}</td><td class="l">[^<]*</td>(.*?)</tr>',
+                    html_text, re.S)
+    assert row, label
+    return re.findall(r"<td>(.*?)</td>", row.group(1), re.S)
+
+
+def test_page_per_side_pullout_lsc_is_the_tables(page: Path, patient_tree: dict,
+                                                  tmp_path: Path) -> None:
+    """The right screw's pullout: the follow-up's change (+70.9 N) against the least
+    significant change computed here from the uncertainty inputs, 1.96 (30² + 40²)^½ = 98 N
+    (within it), and the same number and verdict in tables/least_significant_change.csv
+    and the wide table, which the page and the tables take from one function; the left
+    screw has no interval in this tree (and its follow-up no strength), so no LSC on the
+    page or in the tables."""
+    from qctfea.cohort import analysis as cohort
+
+    html_text = page.read_text()
+    b, v = (CASES[tp]["pullout_right.json"][0] for tp in ("M00", "M12"))
+    want = 1.959964 * (UNC_SD_RIGHT["M00"] ** 2 + UNC_SD_RIGHT["M12"] ** 2) ** 0.5
+    assert abs(v - b) < want  # within the LSC
+    right = _outcome_cells(html_text, "pullout strength, right")
+    assert "LSC" not in right[0]
+    assert f"LSC {want:.0f}: within LSC" in right[1] and 'data-significant="no"' in right[1]
+    assert "LSC" not in "".join(_outcome_cells(html_text, "pullout strength, left"))
+    paths = cohort.tables(patient_tree["res"] / "tables" / "longitudinal.csv", tmp_path)
+    lsc = pd.read_csv(paths["least_significant_change"], dtype={"patient": str})
+    r = lsc.set_index(["timepoint", "metric"]).loc[("M12", "pullout_strength_right_n")]
+    assert r["lsc"] == pytest.approx(want, rel=1e-6) and not r["significant"]
+    assert r["change"] == pytest.approx(v - b)
+    assert "pullout_strength_left_n" not in set(lsc["metric"])  # no left interval here
+    wide = pd.read_csv(paths["wide"], dtype={"patient": str}).iloc[0]
+    assert wide["pullout_strength_right_n_M12_lsc"] == pytest.approx(want, rel=1e-6)
+    assert not wide["pullout_strength_right_n_M12_significant"]
+    # every LSC the page shows is the table's, for every outcome
+    for label, col in (("compression strength", "compression_strength_n"),
+                       ("pullout strength, right", "pullout_strength_right_n")):
+        shown = re.search(r"LSC (\d+)", _outcome_cells(html_text, label)[1]).group(1)
+        table = lsc.set_index(["timepoint", "metric"]).loc[("M12", col), "lsc"]
+        assert int(shown) == round(table), label
 
 
 def test_page_says_when_a_scan_has_no_interval(patient_tree: dict, tmp_path: Path) -> None:

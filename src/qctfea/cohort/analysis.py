@@ -50,7 +50,7 @@ from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, provenance, read_json, write_json
 from qctfea.cohort.headlines import headlines
 from qctfea.cohort.longtable import (
-    DEFAULT_METRICS, NO_SCAN_KEPT, SCAN_FILES, opt_float, available_metrics,
+    DEFAULT_METRICS, NO_SCAN_KEPT, SCAN_FILES, SIDE_METRICS, opt_float, available_metrics,
     least_significant_changes, longitudinal_table, missing_scans, placement_columns,
     protocol_columns, read_long_table, registration_columns, scan_row, timepoint_months,
     uncertainty_columns, with_resolved_areal,
@@ -233,10 +233,13 @@ STAT_FILES: dict[str, str] = {
 
 
 def tables(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
-           metrics: Sequence[str] | None = None) -> dict[str, Path]:
+           metrics: Sequence[str] | None = None,
+           side_metrics: Sequence[str] = tuple(SIDE_METRICS)) -> dict[str, Path]:
     """Wide table, change from baseline, summary per timepoint and Table 1 as CSV.
 
     Metrics without any value (e.g. DXA in a cohort without it) are left out.
+    ``side_metrics`` (per-side pullout strength and vBMD around each screw) are added to
+    ``metrics`` in the wide table and the least significant changes only.
     Returns ``{name: path}`` of the files written (see :data:`TABLE_FILES`).
     """
     df = read_long_table(long_csv, allow_empty=True)
@@ -248,13 +251,15 @@ def tables(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
             _write_csv(pd.DataFrame(columns=["patient", "timepoint"]), path)
         return paths
     metrics = available_metrics(df, list(metrics or DEFAULT_METRICS))
+    # each side's value, change and LSC too (the patient pages show them per side)
+    per_side = metrics + available_metrics(df, [m for m in side_metrics if m not in metrics])
     frames = {
-        "wide": wide_table(df, metrics),
+        "wide": wide_table(df, per_side),
         "change_from_baseline": change_from_baseline(df, metrics),
         "summary_by_timepoint": summary_by_timepoint(df, metrics),
         "baseline_characteristics": baseline_characteristics(df, metrics),
         # empty (header only) without uncertainty columns (uncertainty.enabled: false)
-        "least_significant_change": least_significant_changes(df, metrics),
+        "least_significant_change": least_significant_changes(df, per_side),
     }
     paths = {}
     for name, frame in frames.items():

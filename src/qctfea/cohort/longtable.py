@@ -89,6 +89,18 @@ DEFAULT_METRICS: list[str] = [
 ]
 
 
+#: Per-side outcomes with intervals of their own (``uncertainty.json``): in the wide table
+#: and ``tables/least_significant_change.csv`` with their least significant change, beside
+#: the two sides' mean of :data:`DEFAULT_METRICS`; not in the statistics (the mean is).
+#: The patient pages read their LSC from the same function (docs/uncertainty.md).
+SIDE_METRICS: list[str] = [
+    "pullout_strength_left_n",
+    "pullout_strength_right_n",
+    "around_screw_vbmd_left_mg_cm3",
+    "around_screw_vbmd_right_mg_cm3",
+]
+
+
 #: The resolved areal BMD (clinical DXA where present, else CT-derived; see module doc).
 AREAL = "areal_bmd_g_cm2"
 
@@ -99,6 +111,10 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
     "compression_strength_n": ("compression strength", "N"),
     "compression_stiffness_n_per_mm": ("compression stiffness", "N/mm"),
     "around_screw_vbmd_mg_cm3": ("vBMD around the screw", "mg/cm³"),
+    "pullout_strength_left_n": ("pullout strength, left", "N"),
+    "pullout_strength_right_n": ("pullout strength, right", "N"),
+    "around_screw_vbmd_left_mg_cm3": ("vBMD around the left screw", "mg/cm³"),
+    "around_screw_vbmd_right_mg_cm3": ("vBMD around the right screw", "mg/cm³"),
     "trabecular_vbmd_mg_cm3": ("trabecular vBMD", "mg/cm³"),
     "integral_vbmd_mg_cm3": ("integral vBMD", "mg/cm³"),
     "ct_areal_bmd_g_cm2": ("CT-derived areal BMD", "g/cm²"),
@@ -382,7 +398,9 @@ def least_significant_changes(df: pd.DataFrame, metrics: Sequence[str],
                               level: float = 0.95) -> pd.DataFrame:
     """Per patient, follow-up and outcome: the change from baseline, the least significant
     change from the two scans' ``_sd_scan`` (:func:`qctfea.uncertainty.least_significant_change`)
-    and whether the change exceeds it. Empty without uncertainty columns."""
+    and whether the change exceeds it (None when either is missing: a scan without intervals,
+    or a value missing, e.g. a pullout without a peak). The baseline is the patient's
+    earliest scan. Empty without uncertainty columns."""
     from qctfea.uncertainty import least_significant_change
 
     rows = []
@@ -403,8 +421,9 @@ def least_significant_changes(df: pd.DataFrame, metrics: Sequence[str],
                              "metric": metric, "baseline_value": float(base[metric]),
                              "value": float(f[metric]), "change": change,
                              "change_pct": 100 * change / float(base[metric]),
-                             "lsc": lsc, "significant": (bool(abs(change) > lsc)
-                                                         if math.isfinite(lsc) else None)})
+                             "lsc": lsc, "significant": (
+                                 bool(abs(change) > lsc)
+                                 if math.isfinite(lsc) and math.isfinite(change) else None)})
     return pd.DataFrame(rows, columns=["patient", "baseline", "timepoint", "months", "metric",
                                        "baseline_value", "value", "change", "change_pct",
                                        "lsc", "significant"])

@@ -45,8 +45,7 @@ import pandas as pd
 
 from qctfea import __version__
 from qctfea.cohort import clinical
-from qctfea.uncertainty import least_significant_change
-from qctfea.cohort.longtable import TEXT_COLUMNS
+from qctfea.cohort.longtable import TEXT_COLUMNS, least_significant_changes
 from qctfea.errors import QctfeaError
 from qctfea.qc.templating import render
 from qctfea.provenance import atomic_path
@@ -403,7 +402,7 @@ def write_patient_page(
                               else res / patient / mt / "screws.json", s["row"])
 
     base = scans[0] if scans else None
-    outcome_rows = _outcome_rows(scans, base)
+    outcome_rows = _outcome_rows(scans, base, _least_significant_changes(rows))
     _add_changes_and_bmd(scans, base)
 
     geometry, notes = None, []
@@ -498,16 +497,26 @@ def _acquisition(row: Mapping[str, Any]) -> str:
     return ", ".join(p for p in parts if p) or "–"
 
 
-def _outcome_rows(scans: list[dict], base: dict | None) -> list[dict]:
+def _least_significant_changes(rows: pd.DataFrame) -> dict[tuple[str, str], dict]:
+    """{(long-table column, timepoint): row} of the patient's least significant changes,
+    computed by the function that writes ``tables/least_significant_change.csv`` (the page
+    and the tables agree by construction; docs/uncertainty.md)."""
+    cols = [LONG_COLUMN.get(key, key) for key, *_ in OUTCOMES]
+    table = least_significant_changes(rows, cols)
+    return {(r["metric"], str(r["timepoint"])): r for r in table.to_dict("records")}
+
+
+def _outcome_rows(scans: list[dict], base: dict | None,
+                  lsc_rows: Mapping[tuple[str, str], dict]) -> list[dict]:
     """The outcomes table: per outcome, per scan the value, the change from baseline, the
-    interval and whether the change exceeds the least significant change."""
+    interval and whether the change exceeds the least significant change (``lsc_rows``:
+    :func:`_least_significant_changes`)."""
     outcome_rows = []
     for key, label, unit, digits in OUTCOMES:
         if not any(s["values"].get(key) is not None for s in scans):
             continue
         b = base["values"].get(key) if base else None
         col = LONG_COLUMN.get(key, key)
-        sd_b = _finite(base["row"].get(f"{col}_sd_scan")) if base else None
         cells = []
         for s in scans:
             v = s["values"].get(key)
@@ -517,11 +526,10 @@ def _outcome_rows(scans: list[dict], base: dict | None) -> list[dict]:
             else:
                 text = _fmt(v, digits)
             lo, hi = (_finite(s["row"].get(f"{col}_ci_{e}")) for e in ("low", "high"))
-            sd = _finite(s["row"].get(f"{col}_sd_scan"))
+            r = lsc_rows.get((col, s["timepoint"]))
             lsc = sig = None
-            if s is not base and None not in (v, b, sd, sd_b):
-                lsc = least_significant_change(sd_b, sd)
-                sig = abs(v - b) > lsc
+            if s is not base and r is not None and not pd.isna(r["significant"]):
+                lsc, sig = r["lsc"], bool(r["significant"])
             interval = ""
             if v is not None and None not in (lo, hi):
                 interval = f"{_fmt(lo, digits)}–{_fmt(hi, digits)}"
