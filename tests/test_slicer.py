@@ -3,7 +3,9 @@ accepted layouts and their errors, voxel lookup through an oriented image, STL s
 and plan_screws / export-slicer on the demo scan."""
 from __future__ import annotations
 
+import gzip
 import json
+import struct
 
 import meshio
 import numpy as np
@@ -181,6 +183,129 @@ def test_axis_point_lands_on_same_voxel_both_ways(tmp_path, orientation):
         by_itk = img.TransformPhysicalPointToIndex(p.tolist())
         by_numpy = tuple(int(v) for v in np.round(m_inv @ (p - np.array(img.GetOrigin()))))
         assert by_itk == by_numpy == want
+
+
+def _nifti_index_to_ras(path) -> tuple[np.ndarray, str]:
+    """The 4 x 4 matrix from voxel index (i, j, k, 1) to RAS mm that a NIfTI-1 file's header
+    holds, parsed from its bytes (not through ITK or nibabel), and which form it is: the
+    sform (srow_x/y/z, float32 at bytes 280, 296, 312) when sform_code (int16 at 254) > 0,
+    as 3D Slicer reads it, else the qform (quatern_b/c/d at 256, qoffset at 268, pixdim at
+    76 with qfac in pixdim[0]; qform_code at 252)."""
+    with gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb") as fh:
+        h = fh.read(348)
+    end = "<" if struct.unpack("<i", h[:4])[0] == 348 else ">"
+    assert struct.unpack(end + "i", h[:4])[0] == 348, "not a NIfTI-1 header"
+    qform_code, sform_code = struct.unpack(end + "hh", h[252:256])
+    m = np.eye(4)
+    if sform_code > 0:
+        m[:3] = np.array([struct.unpack(end + "4f", h[o:o + 16]) for o in (280, 296, 312)])
+        return m, "sform"
+    assert qform_code > 0, "neither an sform nor a qform"
+    b, c, d = struct.unpack(end + "3f", h[256:268])
+    a = np.sqrt(max(0.0, 1.0 - b * b - c * c - d * d))
+    r = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                  [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                  [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
+    pixdim = struct.unpack(end + "8f", h[76:108])
+    qfac = -1.0 if pixdim[0] < 0 else 1.0
+    m[:3, :3] = r @ np.diag([pixdim[1], pixdim[2], qfac * pixdim[3]])
+    m[:3, 3] = struct.unpack(end + "3f", h[268:280])
+    return m, "qform"
+
+
+def _slicer_ras(markups_path) -> dict:
+    """{label: RAS position} of every control point of a markups file, read from the JSON
+    as 3D Slicer does: each markup's coordinateSystem says how its numbers are stored
+    (absent: LPS, the schema's default), and an LPS point (x, y, z) is (-x, -y, z) in
+    RAS."""
+    out = {}
+    for m in json.loads(markups_path.read_text())["markups"]:
+        system = m.get("coordinateSystem", "LPS")
+        assert system in ("LPS", "RAS"), system
+        for cp in m["controlPoints"]:
+            pos = np.asarray(cp["position"], float)
+            out[cp["label"]] = pos * [-1, -1, 1] if system == "LPS" else pos
+    return out
+
+
+def _oriented(kind: str) -> np.ndarray:
+    """A direction matrix: oblique and mirrored (determinant -1), or one axis flipped and
+    the axes permuted (PIL: i towards posterior, j inferior, k left)."""
+    if kind == "oblique mirrored":
+        return _rotation([1, -2, 0.5], 25) @ np.diag([1.0, -1.0, 1.0])
+    return np.array([[0.0, 0, 1], [1, 0, 0], [0, -1, 0]])
+
+
+@pytest.mark.parametrize("kind", ["oblique mirrored", "PIL"])
+@pytest.mark.parametrize("saved_as", ["LPS", "RAS"])
+def test_exported_markups_land_on_itk_voxel_the_way_slicer_reads_them(tmp_path, kind,
+                                                                      saved_as):
+    """Slicer's own path, independent of qctfea's reader: the exported markups file's raw
+    control points (converted to RAS by their coordinateSystem, as Slicer does on load;
+    also for a file re-saved in RAS) mapped to voxels through the NIfTI header's sform
+    parsed from the file's bytes, against SimpleITK's continuous index of the LPS points of
+    screws.json, on an oblique mirrored grid and on a flipped, permuted one. A sign error
+    in either path (x or y not negated) moves the point by many voxels."""
+    d = _oriented(kind)
+    assert not np.allclose(d, np.eye(3)) and not np.allclose(np.abs(d), np.eye(3))
+    arr = np.zeros((18, 24, 20), np.uint8)  # z, y, x
+    arr[4:14, 6:18, 5:15] = 1
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing([0.7, 0.9, 1.3])
+    img.SetDirection(d.ravel().tolist())
+    img.SetOrigin([41.0, -17.5, -230.0])
+    parts = tmp_path / "vertebra.nii.gz"
+    sitk.WriteImage(img, str(parts))
+    screws, want = [], {}
+    for side, idx, axis in (("left", [7.2, 11.6, 8.3], [0.3, -0.9, 0.2]),
+                            ("right", [12.9, 9.1, 6.4], [-0.4, -0.8, 0.1])):
+        mid = np.array(img.TransformContinuousIndexToPhysicalPoint(idx))
+        a = np.array(axis) / np.linalg.norm(axis)
+        screws.append({"side": side, "entry_mm": (mid - 8 * a).tolist(),
+                       "tip_mm": (mid + 8 * a).tolist(), "axis": a.tolist(),
+                       "diameter_mm": 6.5, "length_mm": 16.0})
+        want[side] = np.round(idx).astype(int)
+    (tmp_path / "screws.json").write_text(json.dumps({"screws": screws}))
+    files = slicer.export_scan(tmp_path / "screws.json", parts, tmp_path / "slicer")
+    mrk = files["markups"]
+    if saved_as == "RAS":  # as Slicer may save it: RAS numbers, and the file says so
+        data = json.loads(mrk.read_text())
+        for m in data["markups"]:
+            assert m["coordinateSystem"] == "LPS"
+            m["coordinateSystem"] = "RAS"
+            for cp in m["controlPoints"]:
+                cp["position"] = [-cp["position"][0], -cp["position"][1], cp["position"][2]]
+        mrk = tmp_path / "ras.mrk.json"
+        mrk.write_text(json.dumps(data))
+    ras = _slicer_ras(mrk)
+    to_ras, form = _nifti_index_to_ras(parts)
+    assert form == "sform"
+    to_index = np.linalg.inv(to_ras)
+    on_disk = sitk.ReadImage(str(parts))
+    for sc in screws:
+        side = sc["side"]
+        for label, key in ((f"{side} entry", "entry_mm"), (f"{side} tip", "tip_mm")):
+            by_slicer = (to_index @ np.append(ras[label], 1.0))[:3]
+            by_itk = on_disk.TransformPhysicalPointToContinuousIndex(sc[key])
+            np.testing.assert_allclose(by_slicer, by_itk, rtol=0, atol=1e-3)
+        mid = (ras[f"{side} entry"] + ras[f"{side} tip"]) / 2
+        by_slicer = (to_index @ np.append(mid, 1.0))[:3]
+        lps_mid = ((np.array(sc["entry_mm"]) + np.array(sc["tip_mm"])) / 2).tolist()
+        by_itk = on_disk.TransformPhysicalPointToContinuousIndex(lps_mid)
+        np.testing.assert_allclose(by_slicer, by_itk, rtol=0, atol=1e-3)
+        assert tuple(np.round(by_slicer).astype(int)) == on_disk.TransformPhysicalPointToIndex(
+            lps_mid) == tuple(want[side])
+        # the check can tell: the RAS point taken for LPS (no sign flip) is far off
+        wrong = (to_index @ np.append(mid * [-1, -1, 1], 1.0))[:3]
+        assert np.abs(wrong - by_itk).max() > 5
+    # the header's qform says the same (Slicer falls back to it without an sform)
+    h = bytearray(gzip.open(parts, "rb").read())
+    h[254:256] = struct.pack("<h", 0)
+    qonly = tmp_path / "qform_only.nii"
+    qonly.write_bytes(bytes(h))
+    q, form = _nifti_index_to_ras(qonly)
+    assert form == "qform"
+    np.testing.assert_allclose(q, to_ras, rtol=0, atol=1e-4)
 
 
 # --- surfaces ---------------------------------------------------------------------------------
