@@ -1,7 +1,8 @@
 """The per-patient page (qctfea.qc.patient_page) on a result tree built from the coarse demo
 model (conftest ``demo_model``): numbers against the JSONs they come from, the embedded
 geometry against an independent face count, and the page in headless Chromium (offline,
-no console error, the WebGL canvas draws the model)."""
+no console error, the WebGL canvas draws the model where its camera, projected here with
+numpy, puts it, and nothing elsewhere)."""
 
 from __future__ import annotations
 
@@ -396,6 +397,53 @@ def _chromium() -> str:
     return exe
 
 
+def _model_box(geo: dict, cam: dict) -> np.ndarray:
+    """[left, top, right, bottom] on the canvas (CSS px from its top-left corner) of the
+    page's surfaces (bone and screws, decoded from the embedded geometry) seen by a
+    perspective camera at ``cam["position"]`` looking at ``cam["target"]`` (``up``,
+    vertical field of view ``fov`` degrees, ``aspect``, ``zoom``), computed here with
+    numpy: the view axes as a look-at camera has them, then the pinhole projection to
+    normalised device coordinates and the canvas's pixels."""
+    pts = np.vstack([_decode(geo, s["positions"]) for s in geo["surfaces"].values()])
+    eye, target, up = (np.asarray(cam[k], float) for k in ("position", "target", "up"))
+    back = (eye - target) / np.linalg.norm(eye - target)
+    right = np.cross(up, back) / np.linalg.norm(np.cross(up, back))
+    upward = np.cross(back, right)
+    rel = pts - eye
+    depth = -(rel @ back)
+    assert depth.min() > 0, "part of the model is behind the camera"
+    f = cam["zoom"] / np.tan(np.radians(cam["fov"]) / 2)
+    x = (f / cam["aspect"] * (rel @ right) / depth + 1) / 2 * cam["width"]
+    y = (1 - f * (rel @ upward) / depth) / 2 * cam["height"]
+    return np.array([x.min(), y.min(), x.max(), y.max()])
+
+
+def _check_drawn_in_box(drawn: np.ndarray, box: np.ndarray, margin: int,
+                        tight: bool = False) -> None:
+    """Every drawn (non-background) pixel of the canvas lies in ``box`` widened by
+    ``margin`` px, the box lies well inside the canvas, so that the strips beside it are
+    background, and the model fills much of the box; ``tight``: the drawn pixels reach the
+    box's four sides (within 3 % of its size), i.e. the model is drawn where it should
+    be, at the size it should be."""
+    h, w = drawn.shape
+    left, top, right, bottom = box
+    assert 0 < left < right < w and 0 < top < bottom < h, (box, w, h)
+    assert right - left < 0.7 * w, "the model fills the canvas: no background to check"
+    rows, cols = np.nonzero(drawn)
+    outside = ((cols < left - margin) | (cols > right + margin)
+               | (rows < top - margin) | (rows > bottom + margin))
+    first = list(zip(cols[outside][:5].tolist(), rows[outside][:5].tolist()))
+    assert not outside.any(), (f"{outside.sum()} drawn pixels outside the model's box "
+                               f"{np.round(box).tolist()} (+{margin} px), e.g. at {first}")
+    x0, x1 = int(np.floor(left)), int(np.ceil(right)) + 1
+    y0, y1 = int(np.floor(top)), int(np.ceil(bottom)) + 1
+    assert drawn[y0:y1, x0:x1].mean() > 0.2, "the model's box is mostly empty"
+    if tight:
+        got = np.array([cols.min(), rows.min(), cols.max(), rows.max()], float)
+        tol = 0.03 * np.array([right - left, bottom - top] * 2)
+        assert np.all(np.abs(got - box) <= tol + 2), (got.tolist(), box.tolist())
+
+
 def test_page_draws_the_model_offline_in_chromium(page: Path, tmp_path: Path) -> None:
     from matplotlib.image import imread
 
@@ -424,14 +472,25 @@ def test_page_draws_the_model_offline_in_chromium(page: Path, tmp_path: Path) ->
         rect = browser.evaluate("(() => { const r = document.getElementById('scene-canvas')"
                                 ".getBoundingClientRect(); return [r.left, r.top, r.width, "
                                 "r.height]; })()")
+        # where the model must be: the surfaces' vertices projected here from the camera
+        box = _model_box(_geometry(page.read_text()), browser.evaluate("qctfeaScene.camera()"))
+        np.testing.assert_allclose(browser.evaluate("qctfeaScene.screenBox()"), box, atol=1.0)
         shot = browser.screenshot(tmp_path / "patient_page_3d.png", full_page=False)
+        # the surfaces alone (no failed-element points, whose sprites reach past them)
+        browser.evaluate("(() => { const s = document.getElementById('failed-set'); "
+                         "s.value = ''; s.dispatchEvent(new Event('change')); })()")
+        browser.evaluate("new Promise(r => setTimeout(r, 200))")
+        bare = browser.screenshot(tmp_path / "patient_page_3d_surfaces.png", full_page=False)
         assert browser.errors() == []
-    img = imread(shot)[..., :3]
     x0, y0, w, h = (int(round(v)) for v in rect)
-    canvas = img[max(y0, 0):y0 + h, max(x0, 0):x0 + w]
-    assert canvas.size > 0
-    drawn = np.any(np.abs(canvas - 1.0) > 0.05, axis=-1).mean()  # background: white
-    assert drawn > 0.02, f"the WebGL canvas is (almost) empty: {drawn:.4f} drawn"
+    canvas = imread(shot)[..., :3][max(y0, 0):y0 + h, max(x0, 0):x0 + w]
+    assert canvas.shape[:2] == (h, w)
+    drawn = np.any(np.abs(canvas - 1.0) > 0.05, axis=-1)  # background: white
+    assert drawn.mean() > 0.02, f"the WebGL canvas is (almost) empty: {drawn.mean():.4f} drawn"
+    # with the points: their sprites (about 11 px across here) may pass the box by 6 px
+    _check_drawn_in_box(drawn, box, margin=8)
+    bare = imread(bare)[..., :3][max(y0, 0):y0 + h, max(x0, 0):x0 + w]
+    _check_drawn_in_box(np.any(np.abs(bare - 1.0) > 0.05, axis=-1), box, margin=2, tight=True)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, ARTIFACTS / "patient_page_3d.png")
     shutil.copy(page, ARTIFACTS / "patient_page_P01.html")

@@ -21,7 +21,9 @@ at that run's peak force (``failed_at_peak`` in ``<case>_fields.h5``; a fields f
 before the peak flags existed gives the end of the run, and says so), plus optionally every
 element that had yielded. The geometry is
 computed here from ``mesh.h5`` and embedded as base64 arrays, quantised to uint16 over the
-model's bounding box (about 1 µm per step on a vertebra).
+model's bounding box (about 1 µm per step on a vertebra). The scene sets
+``window.qctfeaScene`` for tests and scripts: ``camera()`` (position, target, up, field of
+view, aspect) and ``screenBox()`` (where the visible surfaces fall on the canvas).
 
 Only the scans of the long table (the kept scans) are shown; scans listed in
 ``tables/exclusions.csv`` are named with their reason.
