@@ -65,9 +65,15 @@ def fake_scan(i: int, months: float, rng: np.random.Generator) -> dict[str, dict
                          ("around_screw_vbmd_left_mg_cm3", screw_l),
                          ("around_screw_vbmd_right_mg_cm3", screw_r),
                          ("around_screw_vbmd_mg_cm3", (screw_l + screw_r) / 2))}},
-        # the planning checkpoint's output (read at baseline: the follow-ups' model)
+        # the planning checkpoint's output (read at baseline: the follow-ups' model): 6.5 mm
+        # screws, each pedicle's isthmus 5.9 + 1.1 i mm wide (patient P01's narrower than
+        # the screw); the right screws of odd i without the isthmus record (no pedicle found)
         "screws.json": {"screws": [
-            {"side": side, "placement": {"grade": "A", "breach_mm": 0.0, "direction": "none"}}
+            {"side": side, "diameter_mm": 6.5,
+             "placement": {"grade": "A", "breach_mm": 0.0, "direction": "none"},
+             **({"planning": {"isthmus_min_width_mm": 5.9 + 1.1 * i,
+                              "screw_exceeds_isthmus": 6.5 > 5.9 + 1.1 * i}}
+                if side == "left" or i % 2 == 0 else {})}
             for side in ("left", "right")], "provenance": prov},
     }
 

@@ -643,13 +643,15 @@ def test_exclusions_round_trip_and_need_a_reason(tmp_path: Path) -> None:
 
 def test_placement_and_registration_columns_from_their_records() -> None:
     """screws.json of a planned (left) and a landmark (right) screw: grade, breach, the
-    diameter and length modelled, convergence and the isthmus flag of the planned one (none
-    for the landmark one); registration.json: Dice, spread and the largest point motion."""
+    diameter and length modelled, convergence and the isthmus width and flag of the planned
+    one (none for a landmark one recorded without them); registration.json: Dice, spread and
+    the largest point motion."""
     screws = {"screws": [
         {"side": "left", "diameter_mm": 5.5, "length_mm": 38.0,
          "placement": {"grade": "B", "breach_mm": 1.2, "direction": "lateral",
                        "label_voxel_mm": 2.5},
-         "planning": {"convergence_deg": 12.5, "screw_exceeds_isthmus": True}},
+         "planning": {"convergence_deg": 12.5, "isthmus_min_width_mm": 5.2,
+                      "screw_exceeds_isthmus": True}},
         {"side": "right", "diameter_mm": 6.5, "length_mm": 40.0,
          "placement": {"grade": "A", "breach_mm": 0.0, "direction": "none",
                        "label_voxel_mm": 2.5}}]}
@@ -658,10 +660,11 @@ def test_placement_and_registration_columns_from_their_records() -> None:
         "screw_grade_left": "B", "screw_breach_left_mm": 1.2,
         "screw_breach_direction_left": "lateral", "screw_diameter_left_mm": 5.5,
         "screw_length_left_mm": 38.0, "screw_convergence_left_deg": 12.5,
-        "screw_exceeds_isthmus_left": True}
+        "screw_isthmus_width_left_mm": 5.2, "screw_exceeds_isthmus_left": True}
     assert cols["screw_diameter_right_mm"] == 6.5 and cols["screw_grade_right"] == "A"
     assert math.isnan(cols["screw_convergence_right_deg"])
     assert cols["screw_exceeds_isthmus_right"] is None
+    assert math.isnan(cols["screw_isthmus_width_right_mm"])
     assert cols["screw_grade_voxel_mm"] == 2.5
     assert set(cols) <= set(longtable.COLUMNS)
     reg = longtable.registration_columns({"dice_after": 0.97, "point_spread_mm": 0.04,

@@ -152,6 +152,47 @@ def test_clinical_categories_in_the_tables_and_pages(cohort_run: dict) -> None:
     assert "<td>unknown (sex not given)</td>" in p05 and "VirtuOst" in p05
 
 
+def test_placement_table_shows_the_isthmus_of_the_long_table(cohort_run: dict) -> None:
+    """The summary page's screw placement table: per side the pedicle isthmus' narrowest
+    width and whether the screw is wider, as the long table has them from each baseline's
+    screws.json (tests/fake_cohort.py: 6.5 mm screws, isthmus 5.9 + 1.1 i mm, so only
+    P01's is narrower; the right screws of P02 and P04 have no isthmus record)."""
+    res = cohort_run["res"]
+    long = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
+    patients = sorted(set(cohort_run["sheet"]["patient"]))
+    for row in long.itertuples():
+        baseline = res / row.patient / "M00" / "screws.json"
+        screws = {s["side"]: s for s in json.loads(baseline.read_text())["screws"]}
+        i = patients.index(row.patient)
+        assert row.screw_isthmus_width_left_mm == pytest.approx(
+            screws["left"]["planning"]["isthmus_min_width_mm"])
+        assert row.screw_isthmus_width_left_mm == pytest.approx(5.9 + 1.1 * i)
+        assert bool(row.screw_exceeds_isthmus_left) == (row.patient == "P01")
+        assert pd.isna(row.screw_isthmus_width_right_mm) == (i % 2 == 1), row.patient
+    page = (res / "report" / "summary.html").read_text()
+    section = page.split('<h2 id="screws">', 1)[1]
+    table = ET.fromstring(section[section.index("<table>"):
+                                  section.index("</table>") + len("</table>")])
+    heads = [th.text for th in table.iter("th")]
+    cells = {(r[0], r[1]): dict(zip(heads, r, strict=True))
+             for r in ([td.text or "" for td in tr.findall("td")]
+                       for tr in table.find("tbody"))}
+    assert len(cells) == len(long)
+    for row in long.to_dict("records"):
+        shown = cells[(row["patient"], row["timepoint"])]
+        for side in ("left", "right"):
+            width, wider = (row[f"screw_isthmus_width_{side}_mm"],
+                            row[f"screw_exceeds_isthmus_{side}"])
+            assert shown[f"{side}: isthmus mm"] == ("–" if pd.isna(width) else f"{width:.1f}")
+            assert shown[f"{side}: wider than isthmus"] == (
+                "–" if pd.isna(wider) else "yes" if str(wider) == "True" else "no"), row
+            assert shown[f"{side}: diameter mm"] == "6.5"
+    assert {c["left: wider than isthmus"] for c in cells.values()} == {"yes", "no"}
+    assert cells[("P01", "M00")]["left: isthmus mm"] == "5.9"
+    assert cells[("P02", "M12")]["right: isthmus mm"] == "–"
+    assert "whether the screw is wider than it" in section
+
+
 def _svg_texts(path: Path) -> list[str]:
     """The texts of a matplotlib SVG (it writes each text's string as a comment beside its
     glyphs): tick labels, axis labels, legend entries, annotations, in drawing order."""

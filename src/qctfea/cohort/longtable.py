@@ -66,6 +66,8 @@ COLUMNS: list[str] = [
     "screw_length_right_mm",
     "screw_convergence_left_deg",
     "screw_convergence_right_deg",
+    "screw_isthmus_width_left_mm",
+    "screw_isthmus_width_right_mm",
     "screw_exceeds_isthmus_left",
     "screw_exceeds_isthmus_right",
     "screw_grade_voxel_mm",
@@ -284,10 +286,11 @@ def scan_row(
 def placement_columns(screws: Mapping[str, Any]) -> dict:
     """Each screw's Gertzbein-Robbins grade, breach (mm) and its direction, its diameter and
     length as modelled (a diameter fitted to the isthmus, planning.fit_diameter, differs
-    from the configured one) and, for a screw planned from the mask, its convergence
-    (degrees, medial positive) and whether it is wider than its pedicle's isthmus (empty
-    for screws from landmarks), from the model's screws.json; refused screws are an error
-    (they never reach the tables)."""
+    from the configured one), for a screw planned from the mask its convergence (degrees,
+    medial positive), and its pedicle isthmus' narrowest width (mm) and whether the screw is
+    wider than that (planned screws and screws from landmarks; empty where no pedicle was
+    found), from the model's screws.json; refused screws are an error (they never reach
+    the tables)."""
     if screws.get("refused"):
         raise QctfeaError(f"screws.json: the screws were refused at planning: "
                           f"{screws['refused']}")
@@ -304,6 +307,7 @@ def placement_columns(screws: Mapping[str, Any]) -> dict:
                 f"screw_diameter_{side}_mm": opt_float(s.get("diameter_mm")),
                 f"screw_length_{side}_mm": opt_float(s.get("length_mm")),
                 f"screw_convergence_{side}_deg": opt_float(plan.get("convergence_deg")),
+                f"screw_isthmus_width_{side}_mm": opt_float(plan.get("isthmus_min_width_mm")),
                 f"screw_exceeds_isthmus_{side}": plan.get("screw_exceeds_isthmus")}
     voxels = [opt_float((s.get("placement") or {}).get("label_voxel_mm"))
               for s in screws.get("screws", [])]

@@ -109,7 +109,8 @@ def _figure_caption(path: Path) -> str:
 
 def _placement_table(long_csv) -> pd.DataFrame | None:
     """One row per scan whose model has screws: grade, breach and direction per side, and
-    the diameter modelled and the convergence (planned screws) where the table has them."""
+    where the table has them the diameter modelled, the convergence (planned screws), the
+    pedicle isthmus' narrowest width and whether the screw is wider than it."""
     if long_csv is None or not Path(long_csv).is_file():
         return None
     df = _read_csv(Path(long_csv))
@@ -123,14 +124,25 @@ def _placement_table(long_csv) -> pd.DataFrame | None:
         out[f"{side}: breach mm"] = df[f"screw_breach_{side}_mm"].map(lambda v: f"{v:.1f}")
         out[f"{side}: direction"] = df[f"screw_breach_direction_{side}"]
         for col, head, fmt in ((f"screw_diameter_{side}_mm", "diameter mm", "{:.1f}"),
-                               (f"screw_convergence_{side}_deg", "convergence °", "{:.1f}")):
+                               (f"screw_convergence_{side}_deg", "convergence °", "{:.1f}"),
+                               (f"screw_isthmus_width_{side}_mm", "isthmus mm", "{:.1f}")):
             if col in df.columns and df[col].notna().any():
                 out[f"{side}: {head}"] = df[col].map(
                     lambda v, f=fmt: "–" if pd.isna(v) else f.format(v))
+        col = f"screw_exceeds_isthmus_{side}"
+        if col in df.columns and df[col].notna().any():
+            out[f"{side}: wider than isthmus"] = df[col].map(_yes_no)
     if "screw_grade_voxel_mm" in df.columns and df["screw_grade_voxel_mm"].notna().any():
         out["graded on voxels of mm"] = df["screw_grade_voxel_mm"].map(
             lambda v: "–" if pd.isna(v) else f"{v:g}")
     return out
+
+
+def _yes_no(value) -> str:
+    """A long-table flag as read back from the CSV (bool, 'True'/'False', or empty)."""
+    if pd.isna(value):
+        return "–"
+    return "yes" if str(value).strip().lower() in ("true", "1", "1.0") else "no"
 
 
 def _clinical_tables(long_csv) -> tuple[pd.DataFrame, pd.DataFrame, list[str]] | None:
