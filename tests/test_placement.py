@@ -149,11 +149,13 @@ def test_screw_through_the_canal_is_refused_naming_scan_side_grade_and_what_to_d
 def test_demo_landmark_screws_grade_a_and_planned_screws_converge(demo_scan, tmp_path):
     """The generator's own landmarks run along its pedicle axes: grade A. Planned from the
     mask, both screws are A or B, converge like the generator's pedicles (8-13 degrees,
-    within 6 degrees) and find the canal on the generator's midline (x = 0)."""
+    within 6 degrees) and find the canal on the generator's midline (x = 0). The landmark
+    screws are measured against the isthmus that planning finds; neither is wider."""
     parts = demo_scan["results"] / "vertebra.nii.gz"
     steps_model.plan_screws(landmarks_path=demo_scan["src"] / "landmarks.json", parts_path=parts,
                             out_json=tmp_path / "lm.json", cfg={}, context=demo_scan["context"])
-    for s in json.loads((tmp_path / "lm.json").read_text())["screws"]:
+    landmark = {s["side"]: s for s in json.loads((tmp_path / "lm.json").read_text())["screws"]}
+    for s in landmark.values():
         assert s["placement"]["grade"] == "A", s["placement"]
     steps_model.plan_screws(landmarks_path=None, parts_path=parts, out_json=tmp_path / "auto.json",
                             cfg={}, context=demo_scan["context"], planning={"method": "auto"},
@@ -163,3 +165,8 @@ def test_demo_landmark_screws_grade_a_and_planned_screws_converge(demo_scan, tmp
     for s in rec["screws"]:
         assert s["placement"]["grade"] in "AB", s["placement"]
         assert 2.0 < s["planning"]["convergence_deg"] < 19.0, s["planning"]
+        # the landmark screws are measured against the isthmus the planning found
+        lm = landmark[s["side"]]["planning"]
+        assert lm["method"] == "landmarks" and lm["screw_exceeds_isthmus"] is False, lm
+        assert lm["isthmus_min_width_mm"] == pytest.approx(
+            s["planning"]["isthmus_min_width_mm"]), (lm, s["planning"])

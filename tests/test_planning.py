@@ -204,6 +204,54 @@ def test_refusals_name_the_scan_and_the_fix(synth):
     assert steps.params_from(PlanParams, {"convergence_deg": None}, "planning") == PlanParams()
 
 
+def test_auto_planned_screw_worse_than_max_grade_fails_the_planning_step(tmp_path):
+    """12 mm screws planned in the synthetic pedicles (isthmus about 9.5 mm wide) graze the
+    pedicle walls: grade B on both sides. With planning.max_grade A the planning step
+    fails, naming the scan, each side with the grade, breach (mm, direction) and isthmus
+    the code computed, and what to do: landmarks, the other trajectory, a smaller or
+    fitted screw, or an exclusion. As the workflow runs it (record_refusal) the same
+    message is recorded in screws.json with the graded screws, and the gate fails."""
+    parts = tmp_path / "vertebra.nii.gz"
+    sitk.WriteImage(synthetic_parts(), str(parts), True)
+    kw = dict(landmarks_path=None, parts_path=parts, cfg={"diameter_mm": 12.0},
+              context="patient S, timepoint M00",
+              planning={"method": "auto", "max_grade": "A"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the isthmus and grade warnings
+        with pytest.raises(QctfeaError) as err:
+            steps_model.plan_screws(out_json=tmp_path / "refused.json", **kw)
+        assert not (tmp_path / "refused.json").exists()
+        steps_model.plan_screws(out_json=tmp_path / "screws.json", record_refusal=True, **kw)
+    msg = str(err.value)
+    rec = read_json(tmp_path / "screws.json")
+    assert rec["refused"] == msg
+    graded = {s["side"]: s for s in rec["screws"]}
+    assert [s["placement"]["grade"] for s in graded.values()] == ["B", "B"], graded
+    assert msg.startswith(f"patient S, timepoint M00 ({parts}): screw placement refused, "
+                          "worse than planning.max_grade = A: "), msg
+    for side, s in graded.items():
+        p, plan = s["placement"], s["planning"]
+        assert 0.5 < p["breach_mm"] < 2.0 and p["direction"] != "none", p
+        assert plan["screw_exceeds_isthmus"] and s["diameter_mm"] == 12.0, plan
+        want = (f"{side} screw grade B (Gertzbein-Robbins): {p['breach_mm']:.1f} mm outside the "
+                f"bone, {p['direction']}"
+                + (" (into the spinal canal)" if p["direction"] == "medial" else "")
+                + f", the 12 mm screw wider than its pedicle's isthmus "
+                  f"({plan['isthmus_min_width_mm']:.1f} mm)")
+        assert want in msg, (want, msg)
+    for remedy in ("Give landmarks for this scan (planning.method: landmarks",
+                   "try planning.trajectory: cortical",
+                   "a smaller screw (screw.diameter_mm, or planning.fit_diameter: true)",
+                   "exclude the scan (exclude: in the cohort config",
+                   "No strength is computed for a screw outside bone"):
+        assert remedy in msg, (remedy, msg)
+    with pytest.raises(QctfeaError) as gate:
+        steps_model.accept_screws(screws_path=tmp_path / "screws.json",
+                                  out_json=tmp_path / "accepted.json", context="S")
+    assert str(gate.value) == msg
+    assert not (tmp_path / "accepted.json").exists()
+
+
 def test_screws_step_auto_and_missing_landmarks(synth, tmp_path):
     img, _ = synth
     parts = tmp_path / "vertebra.nii.gz"
@@ -307,6 +355,46 @@ def test_fit_diameter_reduces_a_screw_wider_than_the_isthmus(synth):
         assert sc.spec.diameter_mm == np.floor(0.8 * p["isthmus_min_width_mm"] / 0.5) * 0.5
         assert p["diameter_fitted_to_isthmus"] and p["diameter_configured_mm"] == 12.0
         assert p["screw_exceeds_isthmus"] is False
+
+
+def test_landmark_screws_are_checked_against_the_isthmus(synth, tmp_path):
+    """Screws from landmarks get the isthmus check of planned screws: landmarks along the
+    planned screws' lines, 12 mm screws: each side's isthmus as planning measured it, the
+    screw wider (warned); a side whose pedicle is missing from the mask records why and no
+    width, and the screws step still finishes (the grade decides)."""
+    img, planned = synth
+    lm = tmp_path / "landmarks.json"
+    lm.write_text(json.dumps({side: {"entry_mm": sc.entry_mm.tolist(),
+                                     "target_mm": sc.tip_mm.tolist()}
+                              for side, sc in planned.items()}))
+    parts = tmp_path / "vertebra.nii.gz"
+    sitk.WriteImage(img, str(parts), True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        steps_model.plan_screws(landmarks_path=lm, parts_path=parts,
+                                out_json=tmp_path / "screws.json", cfg={"diameter_mm": 12.0},
+                                context="S", planning={"max_grade": "E"})
+    for s in read_json(tmp_path / "screws.json")["screws"]:
+        p, ref = s["planning"], planned[s["side"]].planning
+        assert p["method"] == "landmarks" and p["screw_exceeds_isthmus"] is True, p
+        assert p["isthmus_min_width_mm"] == pytest.approx(ref["isthmus_min_width_mm"])
+        assert np.allclose(p["isthmus_centre_mm"], ref["isthmus_centre_mm"])
+        assert any(f"the {s['side']} pedicle isthmus is {p['isthmus_min_width_mm']:.1f} mm"
+                   in str(w.message) and "12 mm screw from the landmarks" in str(w.message)
+                   for w in caught), [str(w.message) for w in caught]
+    one = tmp_path / "left_only.nii.gz"
+    sitk.WriteImage(synthetic_parts(sides=("left",)), str(one), True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        steps_model.plan_screws(landmarks_path=lm, parts_path=one,
+                                out_json=tmp_path / "one.json", cfg={}, context="S",
+                                planning={"max_grade": "E"})
+    rec = {s["side"]: s["planning"] for s in read_json(tmp_path / "one.json")["screws"]}
+    assert rec["left"]["screw_exceeds_isthmus"] is False
+    assert rec["left"]["isthmus_min_width_mm"] > 6.5
+    assert rec["right"]["screw_exceeds_isthmus"] is None
+    assert rec["right"]["isthmus_min_width_mm"] is None
+    assert "no right pedicle found" in rec["right"]["isthmus_note"]
 
 
 def _short_pedicle_labels(q: np.ndarray) -> np.ndarray:

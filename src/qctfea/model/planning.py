@@ -95,7 +95,9 @@ direction matrix, so oblique (non-axial) scans are planned like axial ones.
 
 Every screw, planned or from landmarks, is then graded on the Gertzbein-Robbins scale by
 the screws step (:func:`qctfea.model.placement.grade_screw`); a grade worse than
-``planning.max_grade`` fails the scan.
+``planning.max_grade`` fails the scan. A screw from landmarks is also measured against its
+side's isthmus (:func:`isthmus_check`, the same search as step 2): a wider screw is a
+warning and recorded, its diameter kept (the landmarks are the user's plan).
 
 The screws returned are :class:`PlannedScrew` objects: :class:`~qctfea.model.screw.Screw`
 with the fitted length in their spec and a ``planning`` record (isthmus centre,
@@ -105,7 +107,7 @@ against the bone (:func:`qctfea.model.screw.breach_report`) is the screws step's
 for landmark screws.
 """
 
-# Long on purpose (about 660 lines): one planning method (frame, canal, pedicles, isthmus,
+# Long on purpose (about 700 lines): one planning method (frame, canal, pedicles, isthmus,
 # trajectory search) whose steps pass geometry to each other; the grading is in
 # qctfea.model.placement.
 
@@ -235,7 +237,9 @@ class PlanParams:
         doc=("`auto`: `true` reduces a screw wider than 0.8 × the pedicle isthmus' narrowest "
              "width to that (rounded down to 0.5 mm, at least 4 mm); screws.json records the "
              "configured and used diameters. `false`: a screw wider than the isthmus is a "
-             "warning, and its grade decides"))
+             "warning, and its grade decides. Screws from landmarks are measured against "
+             "their isthmus too (warned, recorded in screws.json and the long table) but keep "
+             "their diameter"))
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -631,6 +635,24 @@ def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
                 "anterior_exit_mm": cand["exit"].tolist(),
             }))
     return screws
+
+
+def isthmus_check(anatomy: Anatomy, side: str, diameter_mm: float, context: str) -> dict:
+    """A screw not planned here (from landmarks) against its side's pedicle isthmus, found as
+    planning finds it (module doc, step 2; it does not depend on the screw's line): the
+    isthmus' centre, equivalent diameter and narrowest width, and whether the screw is wider
+    than that width (``screw_exceeds_isthmus``, as for planned screws). A pedicle the search
+    does not find (a label map whose arch is not closed) is recorded as ``isthmus_note``
+    with the other values None: the screw's grade decides, as it does anyway."""
+    try:
+        isth = _isthmus(anatomy.grid, anatomy.frame, anatomy.ext, side, context)
+    except QctfeaError as exc:
+        return {"isthmus_min_width_mm": None, "isthmus_diameter_mm": None,
+                "screw_exceeds_isthmus": None, "isthmus_note": str(exc)}
+    width = isth["min_width_mm"]
+    return {"isthmus_centre_mm": anatomy.frame.to_physical(isth["centre_las"]).tolist(),
+            "isthmus_area_mm2": isth["area_mm2"], "isthmus_diameter_mm": isth["diameter_mm"],
+            "isthmus_min_width_mm": width, "screw_exceeds_isthmus": bool(diameter_mm > width)}
 
 
 def bone_field(parts_img: sitk.Image) -> BoneField:

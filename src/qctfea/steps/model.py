@@ -149,8 +149,29 @@ def _graded(screws, parts, parts_path, anatomy, plan, where: str) -> list[dict]:
             grade["coarse_map_note"] = note
             warnings.warn(f"{where}: {sc.side} screw grade {grade['grade']}: {note}",
                           stacklevel=3)
-        out.append({**sc.to_dict(), "breach": rep, "placement": grade})
+        rec = {**sc.to_dict(), "breach": rep, "placement": grade}
+        if "planning" not in rec:  # from landmarks: the isthmus check of planned screws too
+            rec["planning"] = _landmark_isthmus(sc, anatomy, where)
+        out.append(rec)
     return out
+
+
+def _landmark_isthmus(sc, anatomy, where: str) -> dict:
+    """A landmark screw's ``planning`` record: its side's pedicle isthmus and whether the
+    screw is wider (:func:`qctfea.model.planning.isthmus_check`), warned about as for
+    planned screws; planning.fit_diameter does not change a landmark screw."""
+    from qctfea.model import planning as plan_mod
+
+    rec = {"method": "landmarks",
+           **plan_mod.isthmus_check(anatomy, sc.side, sc.spec.diameter_mm, where)}
+    if rec["screw_exceeds_isthmus"]:
+        warnings.warn(
+            f"{where}: the {sc.side} pedicle isthmus is {rec['isthmus_min_width_mm']:.1f} mm "
+            f"wide (narrowest width of its smallest cross-section), less than the "
+            f"{sc.spec.diameter_mm:g} mm screw from the landmarks: the screw may breach the "
+            "pedicle wall (see its grade); choose a thinner screw (screw.diameter_mm)",
+            stacklevel=4)
+    return rec
 
 
 def _refusal(refused: list[dict], plan, where: str, png) -> str:
@@ -160,6 +181,7 @@ def _refusal(refused: list[dict], plan, where: str, png) -> str:
         f"{s['placement']['breach_mm']:.1f} mm outside the bone, "
         f"{s['placement']['direction']}"
         + (" (into the spinal canal)" if s["placement"]["direction"] == "medial" else "")
+        + _wider_than_isthmus(s)
         for s in refused)
     other = "cortical" if plan.trajectory == "traditional" else "traditional"
     if plan.method == "landmarks":  # the screws are the user's: their points are to correct
@@ -177,6 +199,15 @@ def _refusal(refused: list[dict], plan, where: str, png) -> str:
         f"{instead}, or exclude the scan (exclude: in the cohort config, with the reason)"
         + (f"; picture: {png}" if png is not None else ""))
     return error
+
+
+def _wider_than_isthmus(screw: dict) -> str:
+    """', the <d> mm screw wider than its pedicle's isthmus (<w> mm)' when it is."""
+    p = screw.get("planning") or {}
+    if not p.get("screw_exceeds_isthmus"):
+        return ""
+    return (f", the {screw['diameter_mm']:g} mm screw wider than its pedicle's isthmus "
+            f"({p['isthmus_min_width_mm']:.1f} mm)")
 
 
 def accept_screws(*, screws_path, out_json, context: str) -> None:
