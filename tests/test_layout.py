@@ -1,9 +1,10 @@
 """The library's layout rules (README, "Layout"): modules of at most about 600 lines and
 functions of at most about 80, unless a ``# Long on purpose: <why>`` comment stands beside
 them (in the module's header, or on the lines right above the function); the benchmark and
-peer harness (``src/qctfea_bench``) outside the library, which never imports it. Measured
-with Python's own parser, so a module or function that grows past its limit without a
-reason fails here."""
+peer harness (``src/qctfea_bench``) outside the library, which never imports it; no module
+imports another's private names (``_name``): a helper used by two modules is public in one
+of them. Measured with Python's own parser, so a module or function that grows past its
+limit without a reason, or a private import, fails here."""
 
 from __future__ import annotations
 
@@ -86,3 +87,62 @@ def test_the_harness_lives_outside_the_library():
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
                     a.name for a in node.names]
                 assert not any(n.split(".")[0] in ("qctfea_bench", "tools") for n in names), m
+
+
+def _private_imports(text: str, package: str = "qctfea") -> list[str]:
+    """The private names (``_name``, not ``__dunder__``) one module's source imports from
+    the library: ``from qctfea.x import _y``, ``from .x import _y``, or ``m._y`` with ``m``
+    a library module imported by ``import qctfea.x as m`` or ``from qctfea import x``."""
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    found, modules = [], set()
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (
+                node.level or (node.module or "").split(".")[0] == package):
+            where = "." * node.level + (node.module or "")
+            for alias in node.names:
+                if private(alias.name):
+                    found.append(f"line {node.lineno}: from {where} import {alias.name}")
+                else:
+                    modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == package:
+                    modules.add(alias.asname or alias.name.split(".")[0])
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and private(node.attr)
+                and isinstance(node.value, ast.Name) and node.value.id in modules):
+            found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_no_module_imports_another_modules_private_names(module):
+    found = _private_imports(module.read_text())
+    assert not found, f"{module.relative_to(SRC)} uses private names of other modules: " + \
+        "; ".join(found) + " (make the helper public, or move it to the module that uses it)"
+
+
+def test_the_rule_catches_a_private_import():
+    """The check itself, on made-up sources: absolute, relative and attribute uses of a
+    private name are caught; public names, dunders, a private alias of a public name and
+    private names of other packages are not."""
+    assert sorted(f.split(": ")[1] for f in _private_imports(
+        "from qctfea.imaging.dicomslices import Slice, _named\n"
+        "from .slicegeometry import _format_gaps\n"
+        "from . import _tags\n"
+        "from qctfea.imaging import calibration\n"
+        "import qctfea.cohort.longtable as lt\n"
+        "x = calibration._uncertainty(1) + lt._check_metrics\n")) == [
+        "calibration._uncertainty", "from . import _tags",
+        "from .slicegeometry import _format_gaps",
+        "from qctfea.imaging.dicomslices import _named", "lt._check_metrics"]
+    assert _private_imports(
+        "from qctfea import __version__\n"
+        "from qctfea.config import main as _main\n"
+        "from numpy import _globals\n"
+        "import numpy as np\n"
+        "x = np._NoValue\n"
+        "self._bc = 1\n") == []

@@ -13,6 +13,8 @@ from qctfea.imaging.calibration import k2hpo4_water_fit, phantom_calibration
 from qctfea.imaging.phantoms import PhantomSpec
 from qctfea.errors import QctfeaError
 
+from phantom_scene import real_l1_on_a_phantom
+
 # Representative K2HPO4 and water-equivalent densities of a five-rod K2HPO4-in-water phantom
 # (the layout of a Mindways Model 3; a real phantom's values come from its certificate).
 K2HPO4 = [375.8, 157.0, 58.9, -53.4, -51.8]
@@ -231,62 +233,7 @@ def test_hydroxyapatite_phantom_needs_its_own_ash_relation(tmp_path):
     require_ash_relation(PhantomSpec(preset="mindways_model3"), {})  # K2HPO4: the default
 
 
-# --- finding the rods in a clinical CT: a phantom under a real patient -------------------
-
-#: Mindways Model 3 rods A-E (the preset) and a QCT PRO line: HU - water = 1.45 K2HPO4 - 1003
-SIGMA_REF, BETA_REF = 1.45, -1003.0
-
-
-def _real_l1_on_a_phantom(real: Path, *, body_hu: float, tilt_deg: float = 0.0,
-                          rod_hu_override: dict | None = None, rod_mm: float = 14.0,
-                          phantom_slices: slice = slice(None)):
-    """The real TotalSegmentator L1 CT (its own 0.7 x 0.7 x 2.5 mm voxels, LPS) lying on a
-    five-rod K2HPO4-in-water phantom as in a QCT study: a 260 x 28 mm slab under the
-    patient, joined to the patient's back by a gel pad (10 HU) that fills the air between
-    them, above the scan's own table; rods in the row C, A, D, B, E (not in density order),
-    the row tilted by ``tilt_deg``, on the slices ``phantom_slices`` (air on the others: a
-    phantom shorter than the scan); blurred (0.8 px) with 20 HU noise per voxel. Returns HU,
-    spacing, the label map, the truth (slope, intercept) and each rod's centre (px) by
-    K2HPO4 density."""
-    from qctfea.imaging import ingest
-    from scipy import ndimage
-
-    ct = ingest.canonical_orientation(sitk.ReadImage(str(real / "totalseg_L1/ct.nii.gz")))
-    lab = ingest.canonical_orientation(sitk.ReadImage(str(real / "totalseg_L1/labels.nii.gz")))
-    hu = sitk.GetArrayFromImage(ct).astype(np.float32)
-    sx, sy, _ = ct.GetSpacing()
-    mw = PhantomSpec(preset="mindways_model3", rod_diameter_mm=rod_mm)
-    rod_hu = {k: w + SIGMA_REF * k + BETA_REF
-              for k, w in zip(mw.rod_densities_mg_cm3, mw.water_equivalent_mg_cm3, strict=True)}
-    rod_hu.update(rod_hu_override or {})
-    yy, xx = np.indices(hu.shape[1:])
-    xm, ym = xx * sx, yy * sy
-    cx, cy = 256 * sx, 432 * sy  # the slab's centre: under the patient, above the table
-    t = np.deg2rad(tilt_deg)
-    u, v = (xm - cx) * np.cos(t) + (ym - cy) * np.sin(t), -(xm - cx) * np.sin(t) + (ym - cy) * np.cos(t)
-    slab = (np.abs(u) <= 130) & (np.abs(v) <= 14)
-    phantom = np.where(slab, body_hu, np.nan)
-    centres = {}
-    for along, k in zip((-80, -40, 0, 40, 80), (58.88, -51.83, 157.05, -53.40, 375.83),
-                        strict=True):
-        rx, ry = cx + along * np.cos(t), cy + along * np.sin(t)
-        phantom[(xm - rx) ** 2 + (ym - ry) ** 2 <= (rod_mm / 2) ** 2] = rod_hu[k]
-        centres[k] = (rx / sx, ry / sy)
-    top = np.argmax(slab, axis=0)  # the slab's first row in each column (0: none)
-    for s in hu[phantom_slices]:  # gel pad: the air between the patient's back and the slab
-        for x in np.nonzero(slab.any(axis=0))[0]:
-            body = np.nonzero(s[:top[x], x] > -500)[0]
-            if body.size:
-                s[body.max() + 1:top[x], x] = 10.0
-        s[slab] = phantom[slab]
-    rng = np.random.default_rng(0)
-    blurred = ndimage.gaussian_filter(hu, (0, 0.8, 0.8))
-    near = ndimage.binary_dilation(slab, iterations=3)
-    hu[:, near] = blurred[:, near] + rng.normal(0.0, 20.0, (hu.shape[0], int(near.sum())))
-    sigma_ct, beta_ct = SIGMA_REF - 0.2174, BETA_REF + 999.6
-    return (hu, ct.GetSpacing(), sitk.GetArrayFromImage(lab), (1 / sigma_ct, -beta_ct / sigma_ct),
-            centres)
-
+# --- finding the rods in a clinical CT: a phantom under a real patient (tests/phantom_scene.py)
 
 @pytest.mark.parametrize("case", ["gel pad, all labels", "dark rod, tilted, vertebra only",
                                   "10 mm rods, diameter not given"])
@@ -302,7 +249,7 @@ def test_rods_of_a_phantom_joined_to_a_real_patient_are_found(real_scans, case):
     none): the diameter is measured from the rods found, within 0.5 mm."""
     tilted, measured = case.startswith("dark"), case.startswith("10 mm")
     rod_mm = 10.0 if measured else 14.0
-    hu, spacing, labels, (slope, intercept), centres = _real_l1_on_a_phantom(
+    hu, spacing, labels, (slope, intercept), centres = real_l1_on_a_phantom(
         real_scans, body_hu=0.0 if tilted else -120.0, tilt_deg=4.0 if tilted else 0.0,
         rod_mm=rod_mm)
     anatomy = labels == 31 if tilted else labels != 0
@@ -321,7 +268,7 @@ def test_rods_of_a_phantom_joined_to_a_real_patient_are_found(real_scans, case):
 def test_a_phantom_with_a_rod_not_seen_is_refused_naming_what_to_give(real_scans):
     """Rod B as dense as the phantom body: four rods in the row, the definition has five:
     refused, the message naming the rods seen and rod_centres_mm."""
-    hu, spacing, labels, _, _ = _real_l1_on_a_phantom(real_scans, body_hu=-120.0,
+    hu, spacing, labels, _, _ = real_l1_on_a_phantom(real_scans, body_hu=-120.0,
                                                       rod_hu_override={-53.40: -120.0})
     with pytest.raises(QctfeaError, match=r"T01 M00: no calibration phantom found: no row "
                                           r"of 5 rods of 14 mm.*rod_centres_mm"):
@@ -338,7 +285,7 @@ def test_reference_tissues_of_a_phantom_scan_leave_the_phantom_out(real_scans):
     from qctfea.imaging import phantomless, phantomrods
     from qctfea.imaging.calibration import TissueSpec
 
-    hu, spacing, labels, _, _ = _real_l1_on_a_phantom(real_scans, body_hu=-100.0)
+    hu, spacing, labels, _, _ = real_l1_on_a_phantom(real_scans, body_hu=-100.0)
     cal = phantom_calibration(hu, spacing, labels != 0,
                               PhantomSpec(preset="mindways_model3", rod_diameter_mm=14.0), "T")
     sx, sy = spacing[0], spacing[1]
@@ -357,7 +304,7 @@ def test_reference_tissues_of_a_phantom_scan_leave_the_phantom_out(real_scans):
 def test_a_phantom_shorter_than_the_scan_is_measured_where_it_is(real_scans):
     """The phantom on 30 of the scan's 45 slices (air beside the table on the others): its
     rods are measured on those 30 slices only, and the line is the true one."""
-    hu, spacing, labels, (slope, intercept), _ = _real_l1_on_a_phantom(
+    hu, spacing, labels, (slope, intercept), _ = real_l1_on_a_phantom(
         real_scans, body_hu=-120.0, phantom_slices=slice(10, 40))
     cal = phantom_calibration(hu, spacing, labels != 0,
                               PhantomSpec(preset="mindways_model3", rod_diameter_mm=14.0), "T")
@@ -395,7 +342,7 @@ def test_a_real_scan_on_a_phantom_calibrates_through_the_workflow(real_scans, tm
     from conftest import REPO, run, venv_bin
     from qctfea.imaging import ingest
 
-    hu, _, _, (slope, intercept), _ = _real_l1_on_a_phantom(real_scans, body_hu=-120.0)
+    hu, _, _, (slope, intercept), _ = real_l1_on_a_phantom(real_scans, body_hu=-120.0)
     ref = ingest.canonical_orientation(sitk.ReadImage(str(real_scans / "totalseg_L1/ct.nii.gz")))
     img = sitk.GetImageFromArray(np.round(hu).astype(np.int16))  # HU stored as integers
     img.CopyInformation(ref)

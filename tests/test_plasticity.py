@@ -318,7 +318,7 @@ def test_stale_imex_preconditioner_is_rebuilt(monkeypatch):
 
 
 def test_imex_error_rests_on_clapeyron():
-    """The imex step control (``_imex_error``) measures the damage error as a fraction of
+    """The imex step control (``imex_error``) measures the damage error as a fraction of
     the work sum (1 - D) ε:C:ε V, which by Clapeyron's theorem is the reaction force times
     the displacement at equilibrium. Checked on the softening bar past its peak (Newton, so
     the state is in equilibrium with the committed damage), over all ranks."""
@@ -332,7 +332,7 @@ def test_imex_error_rests_on_clapeyron():
     assert last.force_n < 0.6 * SY * area  # on the falling branch: the layer is damaged
     assert work == pytest.approx(last.force_n * last.displacement_mm, rel=1e-5)
     # and the error of an exact damage is zero
-    assert m._imex_error(m.D_n) == pytest.approx(0.0, abs=1e-12)
+    assert m.imex_error(m.D_n) == pytest.approx(0.0, abs=1e-12)
 
 
 def _half_drop_displacement(r):
@@ -660,7 +660,8 @@ def _secant_matrix_difference() -> float:
     m.omega.x.array[:] = rng.uniform(0.01, 1.0, m.omega.x.array.size)
     m.omega.x.scatter_forward()  # one value per cell on every rank that holds it
     fixed, loaded = _uniaxial_supports(m, mesh)
-    bcs = [m._bc(d, c, np.zeros(3) if c is None else 0.0) for d, c in [*fixed, loaded]]
+    bcs = [m.dirichlet_bc(d, c, np.zeros(3) if c is None else 0.0)
+           for d, c in [*fixed, loaded]]
     ref = dolfinx.fem.petsc.create_matrix(m.a_secant)
     dolfinx.fem.petsc.assemble_matrix(ref, m.a_secant, bcs=bcs)
     ref.assemble()

@@ -1,6 +1,6 @@
 """The phantom rod finder on a real CT (docs/calibration.md, "Finding the rods"): the real
 TotalSegmentator L1 of ../shared/data/real lying on a Mindways-valued five-rod phantom
-(rendered by the tests' own renderer, tests/test_phantom.py: gel pad, the scan's table,
+(rendered by the tests' own renderer, tests/phantom_scene.py: gel pad, the scan's table,
 20 HU noise), and the real scans without a phantom.
 
 1. Rod diameters 8, 10, 14 and 20 mm, `rod_diameter_mm` not given: the diameter measured,
@@ -26,7 +26,7 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_phantom import _real_l1_on_a_phantom  # noqa: E402  (the tests' renderer)
+from phantom_scene import real_l1_on_a_phantom  # noqa: E402  (the tests' renderer)
 
 from qctfea.errors import QctfeaError  # noqa: E402
 from qctfea.imaging import ingest  # noqa: E402
@@ -42,8 +42,8 @@ NO_PHANTOM = {"TotalSegmentator L1": ("totalseg_L1/ct.nii.gz", "totalseg_L1/labe
 def diameters() -> list[list[str]]:
     rows = []
     for mm in (8.0, 10.0, 14.0, 20.0):
-        hu, sp, lab, (slope, intercept), _ = _real_l1_on_a_phantom(REAL, body_hu=-120.0,
-                                                                   rod_mm=mm)
+        hu, sp, lab, (slope, intercept), _ = real_l1_on_a_phantom(REAL, body_hu=-120.0,
+                                                                  rod_mm=mm)
         t0 = time.perf_counter()
         cal = phantom_calibration(hu, sp, lab != 0, PhantomSpec(preset="mindways_model3"), "")
         s = time.perf_counter() - t0

@@ -522,7 +522,8 @@ def read_long_table(long_csv: str | os.PathLike, *, allow_empty: bool = False
     return df
 
 
-def _check_metrics(df: pd.DataFrame, metrics: Sequence[str]) -> None:
+def check_metrics(df: pd.DataFrame, metrics: Sequence[str]) -> None:
+    """Refuse a long table that lacks any of ``metrics`` as a column."""
     missing = [m for m in metrics if m not in df.columns]
     if missing:
         raise QctfeaError(f"long table lacks the metric column(s) {missing}")

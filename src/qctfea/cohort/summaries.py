@@ -14,7 +14,7 @@ import pandas as pd
 from qctfea.cohort import clinical
 from qctfea.cohort import stats as st
 from qctfea.cohort.longtable import (
-    AREAL, _check_metrics, as_text, baseline_timepoint, label, missing_scans, timepoint_months,
+    AREAL, check_metrics, as_text, baseline_timepoint, label, missing_scans, timepoint_months,
     unit, with_resolved_areal,
 )
 
@@ -225,7 +225,7 @@ def change_from_baseline(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     ``change_pct`` is ``100 * (value - baseline) / baseline`` (NaN when the
     baseline is 0 or NaN); a patient without a baseline scan has NaN changes.
     """
-    _check_metrics(df, metrics)
+    check_metrics(df, metrics)
     if df.empty:
         return pd.DataFrame(columns=CHANGE_COLUMNS)
     base_tp = baseline_timepoint(df)
@@ -263,7 +263,7 @@ def wide_table(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """
     from qctfea.uncertainty import least_significant_change
 
-    _check_metrics(df, metrics)
+    check_metrics(df, metrics)
     tps = [str(t) for t in timepoint_months(df).index]
     base_tp = tps[0]
     patients = sorted(df["patient"].unique())
@@ -305,7 +305,7 @@ def summary_by_timepoint(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     the patient's baseline scan, follow-ups only). ``n_missing`` counts the
     cohort's patients without a value.
     """
-    _check_metrics(df, metrics)
+    check_metrics(df, metrics)
     tpm = timepoint_months(df)
     n_pat = df["patient"].nunique()
     cfb = change_from_baseline(df, metrics)
@@ -394,7 +394,7 @@ def paired_change_tests(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     :func:`qctfea.cohort.stats.paired_tests`); ``*_holm`` are Holm-adjusted over the
     follow-ups of that metric and test.
     """
-    _check_metrics(df, metrics)
+    check_metrics(df, metrics)
     if df.empty:
         return pd.DataFrame(columns=PAIRED_COLUMNS)
     tpm = timepoint_months(df)
@@ -420,7 +420,7 @@ def paired_change_tests(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 def friedman_tests(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """Friedman test of each metric across all timepoints, complete cases only."""
-    _check_metrics(df, metrics)
+    check_metrics(df, metrics)
     tps = [str(t) for t in timepoint_months(df).index]
     rows = []
     for metric in metrics:
@@ -467,7 +467,7 @@ def mixed_models(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     follow-up) and ``linear`` (metric ~ months; term ``months``: change per
     month). Patients with a missing timepoint keep their other scans.
     """
-    _check_metrics(df, metrics)
+    check_metrics(df, metrics)
     tps = [str(t) for t in timepoint_months(df).index]
     rows: list[dict] = []
     for metric in metrics:
@@ -523,7 +523,7 @@ def correlation_table(
     """
     data, sources = with_resolved_areal(df) if not df.empty else (df, {})
     cols = [c for o, ps in outcome_predictors.items() for c in (o, *ps)]
-    _check_metrics(data, cols)
+    check_metrics(data, cols)
     if data.empty:
         return pd.DataFrame(columns=CORRELATION_COLUMNS)
     out = []
@@ -550,7 +550,7 @@ def compare_correlations(
     """
     comparisons = DEFAULT_COMPARISONS if comparisons is None else comparisons
     data, sources = with_resolved_areal(df)
-    _check_metrics(data, [c for o, ps in comparisons.items() for c in (o, *ps)])
+    check_metrics(data, [c for o, ps in comparisons.items() for c in (o, *ps)])
     out = []
     for tp, months in timepoint_months(data).items():
         sub = data[data["timepoint"] == tp]

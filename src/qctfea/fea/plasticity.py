@@ -511,7 +511,7 @@ class PlasticModel(ElasticModel):
         k = self.k_n + ratio * np.maximum(self.k_n - self.k_prev, 0.0)
         return self.damage_of(k)[0]
 
-    def _imex_error(self, D_imex: np.ndarray) -> float:
+    def imex_error(self, D_imex: np.ndarray) -> float:
         """Energy-weighted error of the extrapolated damage: sum over bone cells of all ranks
         of |D(κ_new) - D_imex| E κ² V over the sum of E κ² V, i.e. the fraction of the
         undamaged strain energy by which the extrapolation misjudged the damage (a cell that
@@ -564,13 +564,13 @@ class PlasticModel(ElasticModel):
         return np.sqrt(1.5 * np.einsum("nij,nij->n", s, s))
 
     # --- displacement-controlled analysis -----------------------------------------------
-    def _bc(self, dofs, component, value):
+    def dirichlet_bc(self, dofs, component, value):
         """A Dirichlet condition on block dofs (component None) or on one component's dofs."""
         if component is None:
             return dolfinx.fem.dirichletbc(value, dofs, self.V)
         return dolfinx.fem.dirichletbc(value, dofs, self.V.sub(component))
 
-    def _rows(self, dofs, component):
+    def owned_rows(self, dofs, component):
         """Owned rows (unrolled dof indices) of a dof set."""
         n_owned = self.V.dofmap.index_map.size_local
         dofs = np.asarray(dofs)

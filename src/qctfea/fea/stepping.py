@@ -346,7 +346,7 @@ def _increment(m: PlasticModel, solver, walk, res, remaining: float, progress) -
         # the damage the new strains give against the extrapolated one: far off, the
         # increment is redone with a smaller step
         D_ex = m.fixed_D
-        err = m._imex_error(D_ex)
+        err = m.imex_error(D_ex)
         tol, h_min = params.imex_damage_tolerance, walk.base * params.min_increment_fraction
         if err > IMEX_REJECT * tol and h > h_min * (1 + 1e-9) and res.increments:
             m.du.x.array[:] = 0.0
@@ -467,12 +467,12 @@ class _IncrementSolver:
         l_dofs, self.l_comp = loaded
         self.g = dolfinx.fem.Constant(model.mesh,
                                       np.zeros(3) if self.l_comp is None else 0.0)
-        self.bcs = [model._bc(dofs, comp, np.zeros(3) if comp is None else 0.0)
+        self.bcs = [model.dirichlet_bc(dofs, comp, np.zeros(3) if comp is None else 0.0)
                     for dofs, comp in fixed]
-        self.bcs.append(model._bc(l_dofs, self.l_comp, self.g))
-        self.bc_rows = np.unique(np.concatenate([model._rows(d, c)
+        self.bcs.append(model.dirichlet_bc(l_dofs, self.l_comp, self.g))
+        self.bc_rows = np.unique(np.concatenate([model.owned_rows(d, c)
                                                  for d, c in [*fixed, loaded]]))
-        self.loaded_rows = model._rows(l_dofs, self.l_comp)
+        self.loaded_rows = model.owned_rows(l_dofs, self.l_comp)
         self.row_weight = (np.tile(direction, len(self.loaded_rows) // 3)
                            if self.l_comp is None
                            else np.full(len(self.loaded_rows), direction[self.l_comp]))

@@ -475,10 +475,10 @@ def phantom_calibration(
                                    [r["density_mg_cm3"] for r in rods])
     return Calibration(slope=slope, intercept=intercept, r2=r2, method="phantom", rods=rods,
                        coefficients=coef, equivalent=spec.equivalent or "k2hpo4",
-                       **_uncertainty(cov, dof, len(rods), "rods"))
+                       **uncertainty_keys(cov, dof, len(rods), "rods"))
 
 
-def _uncertainty(cov, dof: int | None, n: int, what: str, known: str = "") -> dict:
+def uncertainty_keys(cov, dof: int | None, n: int, what: str, known: str = "") -> dict:
     """calibration.json's uncertainty keys; ``dof`` None: a known scatter (``known`` says
     which), normal draws."""
     if cov is None:

@@ -65,12 +65,12 @@ import SimpleITK as sitk
 from qctfea.errors import QctfeaError
 from qctfea.config import option
 from qctfea.imaging.dicomslices import (
-    DAMAGED, DUPLICATE_TOL_MM, Slice, _list_files, _named, opt_float, opt_str, _read_header,
-    _rescale, _slice_hu, where_text,
+    DAMAGED, DUPLICATE_TOL_MM, Slice, list_files, named_files, opt_float, opt_str, read_header,
+    rescale, slice_hu, where_text,
 )
 from qctfea.imaging.seriesrules import select_series
 from qctfea.imaging.slicegeometry import (
-    _check_consistent, _format_gaps, _orthonormal_axes, _resample_uniform,
+    check_consistent, format_gaps, orthonormal_axes, resample_uniform,
 )
 
 log = logging.getLogger(__name__)
@@ -288,8 +288,8 @@ def read_dicom_series(
     if skipped:
         _warn_skipped(skipped, folder, where)
     n_read = len({sl.path for sl in candidates})  # files (an Enhanced CT file: one)
-    _check_consistent(candidates, where)
-    row, col, normal = _orthonormal_axes(candidates[0].orientation, where)
+    check_consistent(candidates, where)
+    row, col, normal = orthonormal_axes(candidates[0].orientation, where)
     slices, hu_slices = _stack_slices(candidates, normal, where)
     hu_slices, tilt_note = _untilt(slices, hu_slices, row, col, normal, params, where)
     proj, gaps, median, bad = _check_spacing(slices, normal, params, where)
@@ -311,12 +311,12 @@ def _read_headers(folder: Path, where: str
                   ) -> tuple[list[Path], dict[str, list[Slice]], dict[str, list[Path]]]:
     """Every file's header: the files, the slices by SeriesInstanceUID, the skipped files by
     reason. Damaged files and a folder without image slices are errors."""
-    files = _list_files(folder)
+    files = list_files(folder)
     groups: dict[str, list[Slice]] = {}
     reasons: Counter[str] = Counter()
     skipped: dict[str, list[Path]] = {}
     for path in files:
-        found, reason = _read_header(path)
+        found, reason = read_header(path)
         if not found:
             reasons[reason] += 1
             skipped.setdefault(reason, []).append(path)
@@ -326,8 +326,8 @@ def _read_headers(folder: Path, where: str
     if DAMAGED in skipped:
         raise QctfeaError(
             f"{where}: {len(skipped[DAMAGED])} damaged or truncated DICOM file(s): "
-            f"{_named(skipped[DAMAGED], folder)} (the DICOM header is cut short); replace them "
-            "with complete copies (copy or export the series again), or remove them if they "
+            f"{named_files(skipped[DAMAGED], folder)} (the DICOM header is cut short); replace "
+            "them with complete copies (copy or export the series again), or remove them if they "
             "are not part of the series"
         )
     if not groups:
@@ -341,7 +341,7 @@ def _read_headers(folder: Path, where: str
 
 def _warn_skipped(skipped: dict[str, list[Path]], folder: Path, where: str) -> None:
     listing = "; ".join(
-        f"{len(p)} {r}: {_named(p, folder)}" for r, p in sorted(skipped.items()))
+        f"{len(p)} {r}: {named_files(p, folder)}" for r, p in sorted(skipped.items()))
     warnings.warn(
         f"{where}: skipped {sum(map(len, skipped.values()))} file(s) that are not CT image "
         f"slices ({listing}); remove them from the folder to silence this warning",
@@ -365,7 +365,7 @@ def _stack_slices(candidates: list[Slice], normal: np.ndarray, where: str
     hu_slices: list[np.ndarray] = []
     n_duplicates = 0
     for sl in candidates:
-        hu = _slice_hu(sl, where)
+        hu = slice_hu(sl, where)
         if slices and np.linalg.norm(sl.position - slices[-1].position) <= DUPLICATE_TOL_MM:
             if not np.array_equal(hu, hu_slices[-1]):
                 raise QctfeaError(
@@ -401,7 +401,7 @@ def _check_spacing(slices: list[Slice], normal: np.ndarray, params: IngestParams
     if bad.any() and params.uneven_spacing == "refuse":
         raise QctfeaError(
             f"{where}: slice spacing is not uniform (median {median:g} mm, tolerance "
-            f"{SPACING_RTOL:g} relative) - {_format_gaps(gaps, proj, bad)}; a slice is "
+            f"{SPACING_RTOL:g} relative) - {format_gaps(gaps, proj, bad)}; a slice is "
             "probably missing or the series mixes reconstructions: re-export the complete "
             "series, select another one (series_uid), or set ingest.uneven_spacing: resample "
             "to interpolate onto a uniform grid"
@@ -454,9 +454,9 @@ def _volume(hu_slices: list[np.ndarray], proj: np.ndarray, gaps: np.ndarray, med
     if not bad.any():
         slice_spacing = float((proj[-1] - proj[0]) / (len(hu_slices) - 1))
         return np.stack(hu_slices, axis=0), slice_spacing, None
-    volume, slice_spacing = _resample_uniform(hu_slices, proj, median)
+    volume, slice_spacing = resample_uniform(hu_slices, proj, median)
     resample_note = (
-        f"{len(hu_slices)} slices, {_format_gaps(gaps, proj, bad)} -> {volume.shape[0]} "
+        f"{len(hu_slices)} slices, {format_gaps(gaps, proj, bad)} -> {volume.shape[0]} "
         f"slices at {slice_spacing:g} mm (linear along the slice normal)"
     )
     warnings.warn(
@@ -472,7 +472,7 @@ def _scan_info(image: sitk.Image, slices: list[Slice], where: str, *, n_read: in
                n_files: int, selected_by: str, resample_note: str | None) -> ScanInfo:
     """The technical metadata of the image read (no identifiers); a modality other than CT
     is warned about."""
-    rescales = [_rescale(s.ds) for s in slices]
+    rescales = [rescale(s.ds) for s in slices]
     ds0 = slices[0].ds
     modality = opt_str(ds0, "Modality") or "unknown"
     if modality != "CT":

@@ -109,7 +109,7 @@ def opt_float(ds: Dataset, keyword: str) -> float | None:
     return out if np.isfinite(out) else None
 
 
-def _rescale(ds: Dataset) -> tuple[float, float]:
+def rescale(ds: Dataset) -> tuple[float, float]:
     """RescaleSlope and RescaleIntercept of a slice (defaults 1 and 0)."""
     slope = opt_float(ds, "RescaleSlope")
     intercept = opt_float(ds, "RescaleIntercept")
@@ -126,7 +126,7 @@ def _is_part10(path: Path) -> bool:
         return False
 
 
-def _read_header(path: Path) -> tuple[list[Slice], str]:
+def read_header(path: Path) -> tuple[list[Slice], str]:
     """Read one file; return its usable slices (one, or one per frame of an Enhanced CT
     file) or none and the reason it was skipped."""
     try:
@@ -230,7 +230,7 @@ IGNORED_FILE_NAMES = frozenset({".snakemake_timestamp", ".DS_Store", "Thumbs.db"
                                 "desktop.ini"})
 
 
-def _list_files(directory: Path) -> list[Path]:
+def list_files(directory: Path) -> list[Path]:
     """Every regular file under ``directory``, recursively, in a stable order, except
     ``IGNORED_FILE_NAMES``."""
     return sorted(p for p in directory.rglob("*")
@@ -252,7 +252,7 @@ def _ensure_transfer_syntax(ds: Dataset) -> None:
     ds.file_meta.TransferSyntaxUID = uid
 
 
-def _slice_hu(sl: Slice, where: str) -> np.ndarray:
+def slice_hu(sl: Slice, where: str) -> np.ndarray:
     """Decode one slice and return HU (stored * slope + intercept) as float32."""
     try:
         if sl.frames is not None:
@@ -282,7 +282,7 @@ def _slice_hu(sl: Slice, where: str) -> np.ndarray:
             f"{where}: pixel data of {sl.path} has shape {stored.shape}, expected "
             f"({sl.rows}, {sl.columns}) from Rows/Columns; re-export this series"
         )
-    slope, intercept = _rescale(sl.ds)
+    slope, intercept = rescale(sl.ds)
     return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
 
 
@@ -299,7 +299,7 @@ def _short_pixel_data(sl: Slice) -> tuple[int, int] | None:
     return (have, need) if have < need else None
 
 
-def _named(paths: list[Path], folder: Path) -> str:
+def named_files(paths: list[Path], folder: Path) -> str:
     """At most ``_MAX_NAMED`` file names relative to ``folder``, and how many more."""
     names = [str(p.relative_to(folder)) for p in paths[:_MAX_NAMED]]
     more = len(paths) - len(names)

@@ -13,7 +13,7 @@ from scipy import ndimage
 from qctfea.errors import GateRefusal, QctfeaError
 from qctfea.imaging import morphology
 from qctfea.imaging.calibration import (
-    Calibration, REFERENCE_HU, TissueSpec, _uncertainty, fit_line, line_covariance,
+    Calibration, REFERENCE_HU, TissueSpec, fit_line, line_covariance, uncertainty_keys,
 )
 from qctfea.imaging.attenuation import (
     AIR, TISSUE_SOURCES, TISSUES, k2hpo4_hu_per_mg, mass_attenuation, theoretical_hu,
@@ -379,7 +379,7 @@ def _tissue_regression(tissues: list[dict], spec: TissueSpec, context: str) -> C
                                known_sd=slope * spec.tissue_sd_hu)
     return Calibration(slope=slope, intercept=intercept, r2=r2, method="phantomless",
                        tissues=tissues, coefficients={"model": "tissue_regression"},
-                       **_uncertainty(cov, dof, len(used), "tissues", _scatter_note(spec)))
+                       **uncertainty_keys(cov, dof, len(used), "tissues", _scatter_note(spec)))
 
 
 def _scatter_note(spec: TissueSpec) -> str:
@@ -507,7 +507,7 @@ def effective_energy_calibration(tissues: list[dict], spec: TissueSpec,
     return Calibration(slope=slope, intercept=intercept, r2=r2, method="phantomless",
                        tissues=tissues, coefficients={"model": "effective_energy"},
                        effective_energy=info,
-                       **_uncertainty(cov, None, len(used),
+                       **uncertainty_keys(cov, None, len(used),
                                       f"tissues ({3 if len(used) >= 3 else 1} fitted "
                                       "parameters)", _scatter_note(spec)))
 

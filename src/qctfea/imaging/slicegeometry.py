@@ -19,7 +19,7 @@ ORIENTATION_TOL = 1e-4
 ORTHONORMAL_TOL = 1e-3
 
 
-def _orthonormal_axes(orientation: np.ndarray, where: str) -> tuple[np.ndarray, ...]:
+def orthonormal_axes(orientation: np.ndarray, where: str) -> tuple[np.ndarray, ...]:
     """Row cosine, column cosine and slice normal, checked and made orthonormal."""
     row, col = orientation[:3].copy(), orientation[3:].copy()
     if (
@@ -38,7 +38,7 @@ def _orthonormal_axes(orientation: np.ndarray, where: str) -> tuple[np.ndarray, 
     return row, col, np.cross(row, col)
 
 
-def _check_consistent(slices: list[Slice], where: str) -> None:
+def check_consistent(slices: list[Slice], where: str) -> None:
     """All slices of the series must share orientation, matrix size and pixel spacing."""
     first = slices[0]
     for sl in slices[1:]:
@@ -60,7 +60,7 @@ def _check_consistent(slices: list[Slice], where: str) -> None:
             )
 
 
-def _format_gaps(gaps: np.ndarray, proj: np.ndarray, bad: np.ndarray) -> str:
+def format_gaps(gaps: np.ndarray, proj: np.ndarray, bad: np.ndarray) -> str:
     """Human-readable summary of slice gaps, with where the irregular ones are."""
     counts = Counter(np.round(gaps, 4).tolist())
     summary = ", ".join(f"{g:g} mm x{n}" for g, n in sorted(counts.items()))
@@ -72,7 +72,7 @@ def _format_gaps(gaps: np.ndarray, proj: np.ndarray, bad: np.ndarray) -> str:
     return f"gaps found: {summary}; irregular: {where_bad}{more}"
 
 
-def _resample_uniform(
+def resample_uniform(
     hu_slices: list[np.ndarray], proj: np.ndarray, median: float
 ) -> tuple[np.ndarray, float]:
     """Slices at positions ``proj`` (ascending, mm) interpolated linearly onto a uniform grid.
