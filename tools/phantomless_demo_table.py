@@ -17,6 +17,7 @@ import pandas as pd
 
 from qctfea.steps import imaging as steps_imaging
 from qctfea.demo.synth import generate_scan
+from qctfea.mdtable import pipe_table
 
 SHEET = Path(__file__).resolve().parents[1] / "config" / "cohorts" / "demo" / "samples.tsv"
 
@@ -54,12 +55,13 @@ for _, sample in pd.read_csv(SHEET, sep="\t", dtype={"patient": str, "timepoint"
                      cal["phantom"]["slope"], cal["phantomless"]["slope"],
                      cal["phantomless"]["intercept"], vbmd["phantom"], vbmd["phantomless"]))
 
-print("| scan | true E (keV) | fitted E (keV) | true slope | phantom slope | phantomless slope "
-      "| phantomless intercept | vBMD phantom | vBMD phantomless | difference (mg/cm³) |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-for scan, e_true, e_fit, s_true, s_ph, s_pl, i_pl, v_ph, v_pl in rows:
-    print(f"| {scan} | {e_true:.2f} | {e_fit:g} | {s_true:.4f} | {s_ph:.4f} | {s_pl:.4f} | "
-          f"{i_pl:.2f} | {v_ph:.2f} | {v_pl:.2f} | {v_pl - v_ph:.2f} |")
+print(pipe_table(
+    ["scan", "true E (keV)", "fitted E (keV)", "true slope", "phantom slope",
+     "phantomless slope", "phantomless intercept", "vBMD phantom", "vBMD phantomless",
+     "difference (mg/cm³)"],
+    [(scan, f"{e_true:.2f}", f"{e_fit:g}", f"{s_true:.4f}", f"{s_ph:.4f}", f"{s_pl:.4f}",
+      f"{i_pl:.2f}", f"{v_ph:.2f}", f"{v_pl:.2f}", f"{v_pl - v_ph:.2f}")
+     for scan, e_true, e_fit, s_true, s_ph, s_pl, i_pl, v_ph, v_pl in rows], "lrrrrrrrrr"))
 de = np.array([r[2] - r[1] for r in rows])
 dv = np.array([r[8] - r[7] for r in rows])
 print(f"\nOver the {len(rows)} scans: energy error at most {np.abs(de).max():.2f} keV (mean "

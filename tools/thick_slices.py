@@ -12,6 +12,8 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from qctfea.mdtable import pipe_table
+
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO.parent / "shared" / "data" / "real" / "totalseg_L1"
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "thick_slices").resolve()
@@ -51,8 +53,7 @@ for slices, folder in (("2.5 mm", SRC), ("5 mm", out / "5mm")):
                  "/".join(f"{s['planning']['convergence_deg']:.1f}" for s in screws),
                  strength["compression"], strength["pullout_left"], strength["pullout_right"]))
 
-print("| slices | trabecular vBMD (mg/cm³) | convergence L/R (°) | compression (N) "
-      "| pullout left (N) | pullout right (N) |")
-print("| --- | ---: | ---: | ---: | ---: | ---: |")
-for s, v, conv, c, pl, pr in rows:
-    print(f"| {s} | {v:.1f} | {conv} | {c:.0f} | {pl:.0f} | {pr:.0f} |")
+print(pipe_table(["slices", "trabecular vBMD (mg/cm³)", "convergence L/R (°)",
+                  "compression (N)", "pullout left (N)", "pullout right (N)"],
+                 [(s, f"{v:.1f}", conv, f"{c:.0f}", f"{pl:.0f}", f"{pr:.0f}")
+                  for s, v, conv, c, pl, pr in rows], "lrrrrr"))

@@ -508,7 +508,10 @@ def table_rows() -> list[tuple[tuple[str, ...], str, str]]:
 
 
 def options_table() -> str:
-    """The option table of config/README.md (markdown)."""
+    """The option table of config/README.md (markdown). Written row by row, not by
+    :func:`qctfea.mdtable.pipe_table`: tabulate pads every cell to its column's widest, and
+    the longest explanation (about 960 characters) would pad all 150 rows to that width
+    (the table 36 kB -> 151 kB) and make an edit of one explanation rewrite every row."""
     lines = ["| section.key | default | meaning |", "| --- | --- | --- |"]
     for keys, shown, doc in table_rows():
         cell = ", ".join(f"`{k}`" for k in keys)

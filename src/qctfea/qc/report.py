@@ -13,7 +13,6 @@ results of the Snakemake report (``snakemake --report``).
 from __future__ import annotations
 
 import base64
-import html
 import logging
 import math
 import os
@@ -32,10 +31,6 @@ from qctfea.provenance import atomic_path, read_json
 from qctfea.qc.templating import render
 
 log = logging.getLogger(__name__)
-
-def _esc(x: object) -> str:
-    return html.escape(str(x), quote=True)
-
 
 def _cell(v: object) -> tuple[str, bool]:
     """(text, is_text) of one table cell; numbers with 3-4 significant digits."""
@@ -58,23 +53,22 @@ def _cell(v: object) -> tuple[str, bool]:
 
 def html_table(frame: pd.DataFrame, columns: Mapping[str, str] | None = None,
                p_columns: Sequence[str] = ()) -> str:
-    """An HTML table of ``frame`` (``columns``: column -> header, in order)."""
+    """An HTML table of ``frame`` (``columns``: column -> header, in order; ``p_columns``:
+    p-values, shown as "< 0.001" or with three decimals), rendered by the template
+    ``qc/templates/table.html.j2``, which escapes every cell."""
     columns = dict(columns) if columns else {c: c for c in frame.columns}
     cols = [c for c in columns if c in frame.columns]
-    head = "".join(f'<th class="l">{_esc(columns[c])}</th>' for c in cols)
     rows = []
     for _, r in frame.iterrows():
         cells = []
         for c in cols:
             v = r[c]
             if c in p_columns and isinstance(v, float) and math.isfinite(v):
-                text, is_text = ("< 0.001" if v < 0.001 else f"{v:.3f}"), False
+                cells.append((("< 0.001" if v < 0.001 else f"{v:.3f}"), False))
             else:
-                text, is_text = _cell(v.item() if hasattr(v, "item") else v)
-            cells.append(f'<td class="l">{_esc(text)}</td>' if is_text
-                         else f"<td>{_esc(text)}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+                cells.append(_cell(v.item() if hasattr(v, "item") else v))
+        rows.append(cells)
+    return render("table.html.j2", header=[columns[c] for c in cols], rows=rows)
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
