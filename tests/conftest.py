@@ -69,7 +69,7 @@ def venv_bin(name: str) -> str:
 
 def imaging_steps(src: Path, r: Path, ctx: str) -> None:
     """ingest -> calibrate -> mask of a synthetic scan folder ``src`` into ``r``."""
-    from qctfea.steps import imaging as steps_imaging
+    from qctfea.steps import imaging as steps_imaging, vertebra as steps_vertebra
 
     steps_imaging.ingest(source=src / "dicom", out_image=r / "ct.nii.gz", out_json=r / "scan.json",
                          context=ctx)
@@ -77,9 +77,9 @@ def imaging_steps(src: Path, r: Path, ctx: str) -> None:
                             out_density=r / "density.nii.gz", out_json=r / "calibration.json",
                             out_png=r / "calibration.png",
                             cfg={"phantom": {"preset": "demo_k2hpo4"}}, context=ctx, label=23)
-    steps_imaging.mask(ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
-                       out_parts=r / "vertebra.nii.gz", out_json=r / "vertebra.json", cfg={},
-                       context=ctx)
+    steps_vertebra.mask(ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
+                        out_parts=r / "vertebra.nii.gz", out_json=r / "vertebra.json", cfg={},
+                        context=ctx)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from qctfea import cli
 from qctfea.steps import fea as steps_fea
-from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import imaging as steps_imaging, vertebra as steps_vertebra
 from qctfea.steps import model as steps_model
 from qctfea.errors import QctfeaError
 from qctfea.cohort.samples import dxa_value, read_sample_sheet
@@ -114,8 +114,8 @@ def _run_calibrate(scan, ct, labels, out: Path, cfg=None, label=23):
 
 
 def _run_mask(scan, ct, labels, out: Path, cfg=None):
-    steps_imaging.mask(ct_path=ct, labels_path=labels, out_parts=out / "vertebra.nii.gz",
-                       out_json=out / "vertebra.json", cfg=cfg or {}, context=scan["context"])
+    steps_vertebra.mask(ct_path=ct, labels_path=labels, out_parts=out / "vertebra.nii.gz",
+                        out_json=out / "vertebra.json", cfg=cfg or {}, context=scan["context"])
 
 
 def _run_ingest(scan, ct, labels, out: Path):
@@ -221,15 +221,15 @@ def test_vertebra_cut_by_the_scan_or_a_cropped_label_map_is_refused(demo_scan, t
          "of its largest section", "hold the whole vertebra")
     # As the workflow runs it (record_refusal): the message in vertebra.json with a one-voxel
     # placeholder, and the label map's gate (accept_vertebra) fails with it.
-    steps_imaging.mask(ct_path=tmp_path / "short_ct.nii.gz", labels_path=src / "labels.nii.gz",
-                       out_parts=tmp_path / "vertebra.nii.gz",
-                       out_json=tmp_path / "vertebra.json", cfg={}, context=ctx,
-                       record_refusal=True)
+    steps_vertebra.mask(ct_path=tmp_path / "short_ct.nii.gz", labels_path=src / "labels.nii.gz",
+                        out_parts=tmp_path / "vertebra.nii.gz",
+                        out_json=tmp_path / "vertebra.json", cfg={}, context=ctx,
+                        record_refusal=True)
     assert json.loads((tmp_path / "vertebra.json").read_text())["refused"] == str(err.value)
     assert sitk.ReadImage(str(tmp_path / "vertebra.nii.gz")).GetSize() == (1, 1, 1)
     with pytest.raises(QctfeaError) as gate:
-        steps_imaging.accept_vertebra(vertebra_json=tmp_path / "vertebra.json",
-                                      out_json=tmp_path / "ok.json", context=ctx)
+        steps_vertebra.accept_vertebra(vertebra_json=tmp_path / "vertebra.json",
+                                       out_json=tmp_path / "ok.json", context=ctx)
     assert str(gate.value) == str(err.value) and not (tmp_path / "ok.json").exists()
     short_labels = sitk.RegionOfInterest(labels, [size[0], size[1], size[2] - cut[2]], cut)
     sitk.WriteImage(short_labels, str(tmp_path / "short_labels.nii.gz"))
@@ -237,8 +237,8 @@ def test_vertebra_cut_by_the_scan_or_a_cropped_label_map_is_refused(demo_scan, t
         _run_mask(demo_scan, r / "ct.nii.gz", tmp_path / "short_labels.nii.gz", tmp_path)
     _has(err, ctx, "short_labels.nii.gz (on its own grid)", "inferior (", "is cut by the edge")
     _run_mask(demo_scan, r / "ct.nii.gz", src / "labels.nii.gz", tmp_path)  # complete: passes
-    steps_imaging.accept_vertebra(vertebra_json=tmp_path / "vertebra.json",
-                                  out_json=tmp_path / "ok.json", context=ctx)
+    steps_vertebra.accept_vertebra(vertebra_json=tmp_path / "vertebra.json",
+                                   out_json=tmp_path / "ok.json", context=ctx)
     vox = np.prod(ct.GetSpacing()) / 1000  # cm³
     parts = _array(tmp_path / "vertebra.nii.gz")
     assert json.loads((tmp_path / "ok.json").read_text())["body_volume_cm3"] == pytest.approx(
@@ -661,15 +661,15 @@ def _gated_cases(scan, tmp: Path) -> dict:
                       lambda: steps_imaging.accept_calibration(
                           calibration_json=tmp / "calibration.json", out_json=tmp / "ok.json",
                           context=ctx)),
-        "mask": ("qctfea.steps.imaging._mask",
-                 lambda: steps_imaging.mask(ct_path=r / "ct.nii.gz",
-                                            labels_path=src / "labels.nii.gz",
-                                            out_parts=tmp / "vertebra.nii.gz",
-                                            out_json=tmp / "vertebra.json", cfg={}, context=ctx,
-                                            record_refusal=True),
+        "mask": ("qctfea.steps.vertebra._mask",
+                 lambda: steps_vertebra.mask(ct_path=r / "ct.nii.gz",
+                                             labels_path=src / "labels.nii.gz",
+                                             out_parts=tmp / "vertebra.nii.gz",
+                                             out_json=tmp / "vertebra.json", cfg={}, context=ctx,
+                                             record_refusal=True),
                  tmp / "vertebra.json",
-                 lambda: steps_imaging.accept_vertebra(vertebra_json=tmp / "vertebra.json",
-                                                       out_json=tmp / "ok.json", context=ctx)),
+                 lambda: steps_vertebra.accept_vertebra(vertebra_json=tmp / "vertebra.json",
+                                                        out_json=tmp / "ok.json", context=ctx)),
         "screws": ("qctfea.model.planning.vertebra_anatomy",
                    lambda: steps_model.plan_screws(landmarks_path=src / "landmarks.json",
                                                    parts_path=r / "vertebra.nii.gz",

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from qctfea.steps import fea as steps_fea
-from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import imaging as steps_imaging, vertebra as steps_vertebra
 from qctfea.steps import model as steps_model
 from qctfea.model.materials import MaterialParams, modulus_mpa
 from qctfea.model.meshing import read_mesh
@@ -54,9 +54,9 @@ def _model(tmp_path, with_caps):
                             out_png=t / "cal.png", cfg={"method": "fixed", "slope": 1.0,
                                                         "intercept": 0.0},
                             context=ctx, label=1)
-    steps_imaging.mask(ct_path=t / "density_in.nii.gz", labels_path=t / "labels.nii.gz",
-                       out_parts=t / "vertebra.nii.gz", out_json=t / "vertebra.json", cfg=mask_cfg,
-                       context=ctx)
+    steps_vertebra.mask(ct_path=t / "density_in.nii.gz", labels_path=t / "labels.nii.gz",
+                        out_parts=t / "vertebra.nii.gz", out_json=t / "vertebra.json", cfg=mask_cfg,
+                        context=ctx)
     v = json.loads((t / "vertebra.json").read_text())
     assert v["caps_volume_cm3"] == pytest.approx(
         (2 * np.pi * R**2 * T / 1000) if with_caps else 0.0, rel=0.03)

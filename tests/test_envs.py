@@ -137,7 +137,7 @@ def _entry(rule: dict) -> dict[str, set[str] | None]:
         script = (rule["file"].parent / rule["script"]).resolve()
         tree = ast.parse(script.read_text())
         entries = _imports(tree)
-        # The step modules (qctfea.steps.imaging, .model, .fea) dispatch to the science
+        # The step modules (qctfea.steps.imaging, .vertebra, .model, .fea) dispatch to the science
         # modules lazily, one step per function: the script's calls `steps_x.<function>`
         # say which of them it runs.
         # (`from qctfea.steps import model as steps_model`: the names used as steps_model.x)

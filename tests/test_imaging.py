@@ -75,13 +75,13 @@ def test_no_patient_identifiers_in_outputs(demo_scan):
 
 
 def test_wrong_label_names_context(demo_scan):
-    from qctfea.steps import imaging as steps_imaging
+    from qctfea.steps import vertebra as steps_vertebra
 
     r = demo_scan["results"]
     with pytest.raises(QctfeaError, match=r"patient P01, timepoint M12.*label 28.*\[23\]"):
-        steps_imaging.mask(ct_path=r / "ct.nii.gz", labels_path=demo_scan["src"] / "labels.nii.gz",
-                           out_parts=r / "x.nii.gz", out_json=r / "x.json", cfg={"label": 28},
-                           context=demo_scan["context"])
+        steps_vertebra.mask(ct_path=r / "ct.nii.gz", labels_path=demo_scan["src"] / "labels.nii.gz",
+                            out_parts=r / "x.nii.gz", out_json=r / "x.json", cfg={"label": 28},
+                            context=demo_scan["context"])
     assert not (r / "x.nii.gz").exists() and not (r / "x.json").exists()
 
 
@@ -90,7 +90,7 @@ def test_metal_in_the_vertebra_refuses_the_scan(demo_scan, tmp_path):
     vertebra's body refuses the mask step with the volume and the key to change; the scan as
     it is passes, its densest bone far below the threshold."""
     from qctfea.imaging import masks
-    from qctfea.steps import imaging as steps_imaging
+    from qctfea.steps import vertebra as steps_vertebra
 
     r, ctx = demo_scan["results"], demo_scan["context"]
     labels = demo_scan["src"] / "labels.nii.gz"
@@ -115,10 +115,10 @@ def test_metal_in_the_vertebra_refuses_the_scan(demo_scan, tmp_path):
               context=ctx)
     with pytest.raises(QctfeaError, match=rf"{ctx}: {expected_mm3:.0f} mm³ .* above 2800 HU "
                                           r"\(up to 3071 HU\): metal .*mask.metal_hu"):
-        steps_imaging.mask(cfg={}, **kw)
-    steps_imaging.mask(cfg={"metal_min_mm3": expected_mm3 + 1.0}, **kw)
+        steps_vertebra.mask(cfg={}, **kw)
+    steps_vertebra.mask(cfg={"metal_min_mm3": expected_mm3 + 1.0}, **kw)
     rec = read_json(tmp_path / "vertebra.json")["metal"]
     assert rec["volume_mm3"] == pytest.approx(expected_mm3, rel=1e-9)
     assert rec["max_hu"] == 3071.0
-    steps_imaging.mask(cfg={"metal_hu": None}, **kw)
+    steps_vertebra.mask(cfg={"metal_hu": None}, **kw)
     assert read_json(tmp_path / "vertebra.json")["metal"]["voxels"] == 0

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPO, venv_bin
-from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import imaging as steps_imaging, vertebra as steps_vertebra
 from qctfea.errors import QctfeaError
 from qctfea.imaging import labelfolder
 from qctfea.imaging.masks import CONVENTIONS
@@ -70,9 +70,9 @@ def test_mask_and_calibration_from_the_folder_equal_those_from_the_file(real_l1)
                          ("folder", real_l1["folder"])):
         d = real_l1["work"] / kind
         d.mkdir()
-        steps_imaging.mask(ct_path=r / "ct.nii.gz", labels_path=labels,
-                           out_parts=d / "vertebra.nii.gz", out_json=d / "vertebra.json",
-                           cfg=cfg, context="T01 M00")
+        steps_vertebra.mask(ct_path=r / "ct.nii.gz", labels_path=labels,
+                            out_parts=d / "vertebra.nii.gz", out_json=d / "vertebra.json",
+                            cfg=cfg, context="T01 M00")
         steps_imaging.calibrate(ct_path=r / "ct.nii.gz", labels_path=labels,
                                 out_density=d / "density.nii.gz", out_json=d / "calibration.json",
                                 out_png=d / "calibration.png", cfg=cal, context="T01 M00",

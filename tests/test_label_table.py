@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import vertebra as steps_vertebra
 from qctfea.errors import QctfeaError
 from qctfea.imaging.labeltable import read_label_table
 from qctfea.imaging.masks import CONVENTIONS
@@ -52,10 +52,10 @@ def real_l1(real_l1_ingested):
 
 def _mask(real_l1, labels, out):
     out.mkdir()
-    steps_imaging.mask(ct_path=real_l1["root"] / "ct.nii.gz", labels_path=labels,
-                       out_parts=out / "vertebra.nii.gz", out_json=out / "vertebra.json",
-                       cfg={"convention": "totalsegmentator", "vertebra": "L1"},
-                       context="T01 M00")
+    steps_vertebra.mask(ct_path=real_l1["root"] / "ct.nii.gz", labels_path=labels,
+                        out_parts=out / "vertebra.nii.gz", out_json=out / "vertebra.json",
+                        cfg={"convention": "totalsegmentator", "vertebra": "L1"},
+                        context="T01 M00")
     return json.loads((out / "vertebra.json").read_text())
 
 

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from qctfea.imaging import masks, morphology
 from qctfea import steps
-from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import vertebra as steps_vertebra
 from qctfea.errors import QctfeaError
 from qctfea.cohort.samples import read_sample_sheet
 
@@ -104,10 +104,10 @@ needs_real = pytest.mark.usefixtures("real_scans")  # fails when ../shared is mi
 
 
 def _mask(tmp_path, name, cfg, labels=None, subregions=None, ct=None):
-    steps_imaging.mask(ct_path=ct or REAL / "ct.nii.gz",
-                       labels_path=labels or REAL / "vertebrae.nii.gz",
-                       out_parts=tmp_path / f"{name}.nii.gz", out_json=tmp_path / f"{name}.json",
-                       cfg=cfg, context=CTX, subregions_path=subregions)
+    steps_vertebra.mask(ct_path=ct or REAL / "ct.nii.gz",
+                        labels_path=labels or REAL / "vertebrae.nii.gz",
+                        out_parts=tmp_path / f"{name}.nii.gz", out_json=tmp_path / f"{name}.json",
+                        cfg=cfg, context=CTX, subregions_path=subregions)
     parts = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{name}.nii.gz")))
     return json.loads((tmp_path / f"{name}.json").read_text()), parts
 
@@ -380,9 +380,9 @@ def test_a_linearly_resampled_label_map_is_refused(real_l1_ingested, tmp_path):
     cfg = {"convention": "totalsegmentator", "vertebra": "L1"}
 
     def mask(name):
-        steps_imaging.mask(ct_path=root / "ct.nii.gz", labels_path=tmp_path / name,
-                           out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
-                           cfg=cfg, context=CTX)
+        steps_vertebra.mask(ct_path=root / "ct.nii.gz", labels_path=tmp_path / name,
+                            out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
+                            cfg=cfg, context=CTX)
         return json.loads((tmp_path / "v.json").read_text())
 
     with pytest.raises(QctfeaError) as err:
@@ -407,10 +407,10 @@ def test_a_label_map_off_its_ct_is_refused(real_l1_ingested, tmp_path, shift_mm)
     sitk.WriteImage(lab, str(tmp_path / "labels.nii.gz"))
 
     def mask():
-        steps_imaging.mask(ct_path=root / "ct.nii.gz", labels_path=tmp_path / "labels.nii.gz",
-                           out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
-                           cfg={"convention": "totalsegmentator", "vertebra": "L1"},
-                           context=CTX)
+        steps_vertebra.mask(ct_path=root / "ct.nii.gz", labels_path=tmp_path / "labels.nii.gz",
+                            out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
+                            cfg={"convention": "totalsegmentator", "vertebra": "L1"},
+                            context=CTX)
         return json.loads((tmp_path / "v.json").read_text())["label_fit"]
 
     if not shift_mm:

@@ -1,6 +1,7 @@
 """The library's layout rules (README, "Layout"): modules of at most about 600 lines and
 functions of at most about 80, unless a ``# Long on purpose: <why>`` comment stands beside
-them (in the module's header, or on the lines right above the function); the benchmark and
+them (a module's before its first def or class, a function's on the three lines right above
+it: one function's reason does not excuse its module); the benchmark and
 peer harness (``src/qctfea_bench``) outside the library, which never imports it; no module
 imports another's private names (``_name``): a helper used by two modules is public in one
 of them. Measured with Python's own parser, so a module or function that grows past its
@@ -17,8 +18,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "qctfea"
 MODULE_LINES = 600
 FUNCTION_LINES = 80
 REASON = "# Long on purpose"
-#: Lines at the top of a module in which its reason may stand (after the docstring)
-HEADER_LINES = 150
+#: Lines right above a function in which its reason stands
+ABOVE = 3
 
 MODULES = sorted(SRC.rglob("*.py"))
 
@@ -36,18 +37,28 @@ def test_the_library_has_modules_and_functions_to_measure():
     assert sum(1 for m in MODULES for _ in _functions(ast.parse(m.read_text()))) > 300
 
 
+def _first_line(node: ast.stmt) -> int:
+    """A def's or class's first line (its first decorator's)."""
+    return min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+
+
 def _problems(text: str) -> list[str]:
     """What breaks the layout rules in one module's source text."""
     lines = text.splitlines()
+    tree = ast.parse(text)
     problems = []
-    if len(lines) > MODULE_LINES and not any(
-            ln.startswith(REASON) for ln in lines[:HEADER_LINES]):
+    # the module's reason: above its first def or class, and not one of the lines right
+    # above that def (those are its function's reason)
+    defs = [_first_line(n) for n in tree.body
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    header = lines[:max(min(defs) - 1 - ABOVE, 0)] if defs else lines
+    if len(lines) > MODULE_LINES and not any(ln.startswith(REASON) for ln in header):
         problems.append(f"{len(lines)} lines (limit {MODULE_LINES}) and no '{REASON}: ...' "
-                        f"comment in its first {HEADER_LINES} lines")
-    for fn in _functions(ast.parse(text)):
-        first = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
+                        "comment before its first def or class")
+    for fn in _functions(tree):
+        first = _first_line(fn)
         length = fn.end_lineno - fn.lineno + 1
-        above = lines[max(first - 4, 0):first - 1]  # the three lines above the def
+        above = lines[max(first - 1 - ABOVE, 0):first - 1]  # the lines right above the def
         if length > FUNCTION_LINES and not any(ln.strip().startswith(REASON) for ln in above):
             problems.append(f"{fn.name} (line {fn.lineno}): {length} lines (limit "
                             f"{FUNCTION_LINES}) and no '{REASON}: ...' comment above it")
@@ -63,7 +74,8 @@ def test_a_long_module_or_function_says_why(module):
 def test_the_rule_catches_a_long_function_or_module_without_a_reason():
     """The check itself, on made-up sources: an 81-line function fails it and an 80-line one
     passes; with a reason above it the 81-line one passes; a 601-line module fails it unless
-    its header gives a reason."""
+    a reason stands before its first def or class: a function's reason (right above it, the
+    first def or a later one) is not the module's."""
     def fn(n, reason=""):
         body = "\n".join(f"    x{i} = {i}" for i in range(n - 1))
         return f"{reason}def f():\n{body}\n"
@@ -73,6 +85,12 @@ def test_the_rule_catches_a_long_function_or_module_without_a_reason():
     long_module = "\n".join(f"x{i} = {i}" for i in range(601))
     assert _problems(long_module)[0].startswith("601 lines (limit 600)")
     assert _problems(f"{REASON}: one stage.\n" + long_module) == []
+    with_defs = "\n".join(f"x{i} = {i}" for i in range(596)) + "\n"
+    with_defs += f"\n\n{REASON}: one algorithm.\ndef f():\n    pass\n"
+    assert _problems(with_defs)[0].startswith("601 lines (limit 600)")
+    later = f'"""Doc."""\n\n\ndef g():\n    pass\n\n\n{REASON}: one algorithm.\n' + with_defs
+    assert _problems(later)[0].startswith("609 lines (limit 600)")
+    assert _problems(f'"""Doc."""\n{REASON}: one stage.\n\n\n' + later) == []
 
 
 def test_the_harness_lives_outside_the_library():

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from qctfea import steps
-from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import vertebra as steps_vertebra
 from qctfea.steps import model as steps_model
 from qctfea.imaging.masks import BODY, POSTERIOR, TRABECULAR
 from qctfea.model.planning import TRAJECTORIES, PlanParams, _Grid, plan_from_mask, trajectory
@@ -317,9 +317,9 @@ def test_demo_vertebra_auto_plan_agrees_with_landmarks(demo_scan):
 @pytest.mark.usefixtures("real_scans")
 def test_real_l3_auto_plan(tmp_path):
     ctx = "real verse_tptbox L3"
-    steps_imaging.mask(ct_path=REAL / "ct.nii.gz", labels_path=REAL / "vertebrae.nii.gz",
-                       out_parts=tmp_path / "vertebra.nii.gz", out_json=tmp_path / "vertebra.json",
-                       cfg={"label": 22}, context=ctx)
+    steps_vertebra.mask(ct_path=REAL / "ct.nii.gz", labels_path=REAL / "vertebrae.nii.gz",
+                        out_parts=tmp_path / "vertebra.nii.gz", out_json=tmp_path / "vertebra.json",
+                        cfg={"label": 22}, context=ctx)
     steps_model.plan_screws(landmarks_path=None, parts_path=tmp_path / "vertebra.nii.gz",
                             out_json=tmp_path / "screws.json", cfg={}, context=ctx,
                             planning={"method": "auto"})

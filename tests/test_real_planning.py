@@ -104,7 +104,7 @@ def test_real_scan_screws_do_not_depend_on_the_files_axis_order(tmp_path):
 def test_real_vertebra_cut_by_the_crop_is_refused(tmp_path):
     """The VerSe crop holds L3 whole and L4 only in part (the crop ends inside it): modelling
     L4 is refused, naming the inferior edge; L3 passes."""
-    from qctfea.steps import imaging as steps_imaging
+    from qctfea.steps import imaging as steps_imaging, vertebra as steps_vertebra
     from qctfea.errors import QctfeaError
 
     ct, labels, *_ = pc.CASES["VerSe L3"]
@@ -113,9 +113,9 @@ def test_real_vertebra_cut_by_the_crop_is_refused(tmp_path):
                          out_json=tmp_path / "scan.json", context="R01 M00")
 
     def mask(level):
-        steps_imaging.mask(ct_path=tmp_path / "ct.nii.gz", labels_path=labels,
-                           out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
-                           cfg={"convention": "verse", "vertebra": level}, context="R01 M00")
+        steps_vertebra.mask(ct_path=tmp_path / "ct.nii.gz", labels_path=labels,
+                            out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
+                            cfg={"convention": "verse", "vertebra": level}, context="R01 M00")
 
     with pytest.raises(QctfeaError, match=r"verse L4\)\) is cut by the edge of the CT .*"
                                           r"\(inferior \(\d+ voxels, 83% of its largest"):
@@ -135,10 +135,10 @@ def test_real_vertebra_cut_by_the_crop_is_refused(tmp_path):
         sitk.WriteImage(sitk.RegionOfInterest(im, size, [int(v) for v in lo]),
                         str(tmp_path / name))
     with pytest.warns(UserWarning, match="touches the edge of the CT"):
-        steps_imaging.mask(ct_path=tmp_path / "ct_tight.nii.gz",
-                           labels_path=tmp_path / "labels_tight.nii.gz",
-                           out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
-                           cfg={"convention": "verse", "vertebra": "L3"}, context="R01 M00")
+        steps_vertebra.mask(ct_path=tmp_path / "ct_tight.nii.gz",
+                            labels_path=tmp_path / "labels_tight.nii.gz",
+                            out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
+                            cfg={"convention": "verse", "vertebra": "L3"}, context="R01 M00")
     import json
 
     touched = json.loads((tmp_path / "v.json").read_text())["field_of_view_edges_touched"]

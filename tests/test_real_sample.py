@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import imaging as steps_imaging, vertebra as steps_vertebra
 from qctfea.steps import model as steps_model
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "verse_tptbox_L3"
@@ -32,10 +32,10 @@ def test_real_l3_imaging_chain_gives_plausible_values(tmp_path):
     assert cal["method"] == "phantomless" and used == {"fat", "muscle"}  # no air in the crop
     # Slope near the usual 120 kVp K2HPO4 range, intercept near 0 (water ~ 0 mg/cm³).
     assert 0.6 < cal["slope"] < 1.1 and abs(cal["intercept"]) < 30
-    steps_imaging.mask(ct_path=t / "ct.nii.gz", labels_path=REAL / "vertebrae.nii.gz",
-                       out_parts=t / "vertebra.nii.gz", out_json=t / "vertebra.json",
-                       cfg={"convention": "verse", "vertebra": "L3"}, context=CTX,
-                       subregions_path=REAL / "subregions.nii.gz")
+    steps_vertebra.mask(ct_path=t / "ct.nii.gz", labels_path=REAL / "vertebrae.nii.gz",
+                        out_parts=t / "vertebra.nii.gz", out_json=t / "vertebra.json",
+                        cfg={"convention": "verse", "vertebra": "L3"}, context=CTX,
+                        subregions_path=REAL / "subregions.nii.gz")
     steps_model.plan_screws(landmarks_path=None, parts_path=t / "vertebra.nii.gz",
                             out_json=t / "screws.json", cfg={}, context=CTX,
                             planning={"method": "auto"})
@@ -118,10 +118,10 @@ def test_real_l1_as_a_dicom_series_with_its_nifti_labels_gives_the_same_vertebra
                           np.maximum(sitk.GetArrayFromImage(b), -1024))
     parts = {}
     for name, root in (("dicom", tmp_path), ("nifti", ref)):
-        steps_imaging.mask(ct_path=root / "ct.nii.gz", labels_path=src / "labels.nii.gz",
-                           out_parts=tmp_path / f"{name}_v.nii.gz",
-                           out_json=tmp_path / f"{name}_v.json",
-                           cfg={"convention": "totalsegmentator", "vertebra": "L1"},
-                           context="T01 M00")
+        steps_vertebra.mask(ct_path=root / "ct.nii.gz", labels_path=src / "labels.nii.gz",
+                            out_parts=tmp_path / f"{name}_v.nii.gz",
+                            out_json=tmp_path / f"{name}_v.json",
+                            cfg={"convention": "totalsegmentator", "vertebra": "L1"},
+                            context="T01 M00")
         parts[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{name}_v.nii.gz")))
     assert parts["dicom"].any() and np.array_equal(parts["dicom"], parts["nifti"])

@@ -93,7 +93,7 @@ def test_follow_up_density_on_the_baseline_grid_keeps_the_trabecular_vbmd(tmp_pa
 
     import SimpleITK as sitk
 
-    from qctfea.steps import imaging as steps_imaging
+    from qctfea.steps import vertebra as steps_vertebra
     from qctfea.imaging import masks
     from qctfea.imaging.registration import resample_density
 
@@ -101,9 +101,9 @@ def test_follow_up_density_on_the_baseline_grid_keeps_the_trabecular_vbmd(tmp_pa
     assert ct_path.is_file(), f"{ct_path} is missing: the real scans are needed"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        steps_imaging.mask(ct_path=ct_path, labels_path=lab_path,
-                           out_parts=tmp_path / "parts.nii.gz", out_json=tmp_path / "p.json",
-                           cfg=mask_cfg, context="real L1")
+        steps_vertebra.mask(ct_path=ct_path, labels_path=lab_path,
+                            out_parts=tmp_path / "parts.nii.gz", out_json=tmp_path / "p.json",
+                            cfg=mask_cfg, context="real L1")
     parts = sitk.ReadImage(str(tmp_path / "parts.nii.gz"))
     ct = sitk.Resample(sitk.ReadImage(str(ct_path), sitk.sitkFloat32), parts)  # same grid
     roi = sitk.GetArrayFromImage(parts) == masks.TRABECULAR

@@ -135,7 +135,7 @@ def test_platens_and_poisson_ratios(tmp_path):
     expansion and come out stiffer, as do free platens with mismatched nu / E (the stiff caps
     restrain the bone at the interfaces). The table of docs/specimens.md."""
     from qctfea.steps import fea as steps_fea
-    from qctfea.steps import imaging as steps_imaging
+    from qctfea.steps import imaging as steps_imaging, vertebra as steps_vertebra
     from qctfea.steps import model as steps_model
 
     write_specimen(tmp_path)
@@ -145,10 +145,10 @@ def test_platens_and_poisson_ratios(tmp_path):
                             out_png=t / "cal.png",
                             cfg={"method": "fixed", "slope": 1, "intercept": 0}, context=ctx,
                             label=23)
-    steps_imaging.mask(ct_path=t / "density.nii.gz", labels_path=t / "labels.nii.gz",
-                       out_parts=t / "vertebra.nii.gz", out_json=t / "vertebra.json",
-                       cfg={"bone_labels": [1, 2], "cap_labels": [3], "body_opening_mm": 3},
-                       context=ctx)
+    steps_vertebra.mask(ct_path=t / "density.nii.gz", labels_path=t / "labels.nii.gz",
+                        out_parts=t / "vertebra.nii.gz", out_json=t / "vertebra.json",
+                        cfg={"bone_labels": [1, 2], "cap_labels": [3], "body_opening_mm": 3},
+                        context=ctx)
     steps_model.mesh(parts_path=t / "vertebra.nii.gz", screws_path=None, out_mesh=t / "mesh.xdmf",
                      out_json=t / "mesh.json",
                      cfg={"voxel_mm": 0.5, "bone_cell_size_mm": 2.5, "facet_distance_mm": 0.2},

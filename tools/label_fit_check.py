@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import planning_check as pc  # noqa: E402  (its cases and grids)
 
-from qctfea.steps import imaging as steps_imaging  # noqa: E402
+from qctfea.steps import imaging as steps_imaging, vertebra as steps_vertebra  # noqa: E402
 from qctfea.errors import QctfeaError  # noqa: E402
 from qctfea.mdtable import pipe_table  # noqa: E402
 
@@ -37,8 +37,8 @@ CASES = ("TotalSegmentator L1", "VerSe L3")
 def _fit(work: Path, ct: Path, labels: Path, cfg: dict) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        steps_imaging.mask(ct_path=ct, labels_path=labels, out_parts=work / "v.nii.gz",
-                           out_json=work / "v.json", cfg=cfg, context="check")
+        steps_vertebra.mask(ct_path=ct, labels_path=labels, out_parts=work / "v.nii.gz",
+                            out_json=work / "v.json", cfg=cfg, context="check")
     return json.loads((work / "v.json").read_text(encoding="utf-8"))["label_fit"]
 
 

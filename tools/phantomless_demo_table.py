@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 import pandas as pd
 
-from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import imaging as steps_imaging, vertebra as steps_vertebra
 from qctfea.demo.synth import generate_scan
 from qctfea.mdtable import pipe_table
 
@@ -43,9 +43,9 @@ for _, sample in pd.read_csv(SHEET, sep="\t", dtype={"patient": str, "timepoint"
                                         out_png=r / f"cal_{name}.png", cfg=cfg, context=ctx,
                                         label=23)
                 cal[name] = json.loads((r / f"cal_{name}.json").read_text(encoding="utf-8"))
-            steps_imaging.mask(ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
-                               out_parts=r / "vertebra.nii.gz", out_json=r / "vertebra.json",
-                               cfg={}, context=ctx)
+            steps_vertebra.mask(ct_path=r / "ct.nii.gz", labels_path=src / "labels.nii.gz",
+                                out_parts=r / "vertebra.nii.gz", out_json=r / "vertebra.json",
+                                cfg={}, context=ctx)
         roi = sitk.GetArrayFromImage(sitk.ReadImage(str(r / "vertebra.nii.gz"))) == 3
         vbmd = {n: float(sitk.GetArrayFromImage(sitk.ReadImage(
             str(r / f"density_{n}.nii.gz")))[roi].mean()) for n in cal}

@@ -37,7 +37,7 @@ import SimpleITK as sitk
 
 from qctfea import logs
 from qctfea.mdtable import pipe_table
-from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import imaging as steps_imaging, vertebra as steps_vertebra
 from qctfea.steps import model as steps_model
 from qctfea.errors import QctfeaError
 
@@ -160,11 +160,11 @@ def check(case: str, spacing, rot_axis, deg, trajectory: str, work: Path,
     # as the workflow does: the ingest step stores the CT in the canonical axis order
     steps_imaging.ingest(source=work / "source.nii.gz", out_image=work / "ct.nii.gz",
                          out_json=work / "scan.json", context=ctx)
-    steps_imaging.mask(ct_path=work / "ct.nii.gz", labels_path=work / "labels.nii.gz",
-                       out_parts=work / "vertebra.nii.gz", out_json=work / "vertebra.json",
-                       cfg=mask_cfg,
-                       context=ctx,
-                       subregions_path=work / "sub.nii.gz" if sub is not None else None)
+    steps_vertebra.mask(ct_path=work / "ct.nii.gz", labels_path=work / "labels.nii.gz",
+                        out_parts=work / "vertebra.nii.gz", out_json=work / "vertebra.json",
+                        cfg=mask_cfg,
+                        context=ctx,
+                        subregions_path=work / "sub.nii.gz" if sub is not None else None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -33,7 +33,7 @@ import SimpleITK as sitk
 from qctfea.imaging import registration as reg
 from qctfea import logs
 from qctfea.mdtable import pipe_table
-from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import vertebra as steps_vertebra
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from planning_check import slab_spacing  # noqa: E402
@@ -129,11 +129,11 @@ def check(case: str, spacing, motion_name: str, orientations=ORIENTATIONS,
                 sitk.WriteImage(sitk.DICOMOrient(lab, o), str(w / f"{tag}_lab.nii.gz"))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    steps_imaging.mask(ct_path=w / f"{tag}_ct.nii.gz",
-                                       labels_path=w / f"{tag}_lab.nii.gz",
-                                       out_parts=w / f"{tag}_parts.nii.gz",
-                                       out_json=w / f"{tag}_parts.json", cfg=mask_cfg,
-                                       context=f"{case} {tag} {o}")
+                    steps_vertebra.mask(ct_path=w / f"{tag}_ct.nii.gz",
+                                        labels_path=w / f"{tag}_lab.nii.gz",
+                                        out_parts=w / f"{tag}_parts.nii.gz",
+                                        out_json=w / f"{tag}_parts.json", cfg=mask_cfg,
+                                        context=f"{case} {tag} {o}")
                 imgs[tag] = (sitk.ReadImage(str(w / f"{tag}_ct.nii.gz"), sitk.sitkFloat32),
                              sitk.ReadImage(str(w / f"{tag}_parts.nii.gz")))
             t0 = time.perf_counter()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from qctfea.steps import imaging as steps_imaging
+from qctfea.steps import imaging as steps_imaging, vertebra as steps_vertebra
 from qctfea.imaging import morphology
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "totalseg_L1"
@@ -48,10 +48,10 @@ def run(d: Path, tag: str) -> dict:
                             context=f"thin-slice L1 ({tag})", label=31)
     t["calibrate_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    steps_imaging.mask(ct_path=d / "ct.nii.gz", labels_path=d / "labels.nii.gz",
-                       out_parts=d / f"{tag}_parts.nii.gz", out_json=d / f"{tag}_parts.json",
-                       cfg={"convention": "totalsegmentator", "vertebra": "L1"},
-                       context=f"thin-slice L1 ({tag})")
+    steps_vertebra.mask(ct_path=d / "ct.nii.gz", labels_path=d / "labels.nii.gz",
+                        out_parts=d / f"{tag}_parts.nii.gz", out_json=d / f"{tag}_parts.json",
+                        cfg={"convention": "totalsegmentator", "vertebra": "L1"},
+                        context=f"thin-slice L1 ({tag})")
     t["mask_s"] = time.perf_counter() - t0
     return t
 

@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(a) -> None:
-    from qctfea.steps import fea as steps_fea, imaging as steps_imaging, model as steps_model
+    from qctfea.steps import (fea as steps_fea, imaging as steps_imaging, model as steps_model,
+                              vertebra as steps_vertebra)
 
     prm = _params(getattr(a, "params", None))
     if a.step == "synth":
@@ -243,9 +244,9 @@ def run(a) -> None:
                                 out_json=a.out_json, out_png=a.out_png, cfg=prm, context=_ctx(a),
                                 label=a.label, convention=a.convention)
     elif a.step == "mask":
-        steps_imaging.mask(ct_path=a.ct, labels_path=a.labels, out_parts=a.out_parts,
-                           out_json=a.out_json, cfg=prm, context=_ctx(a),
-                           subregions_path=a.subregions)
+        steps_vertebra.mask(ct_path=a.ct, labels_path=a.labels, out_parts=a.out_parts,
+                            out_json=a.out_json, cfg=prm, context=_ctx(a),
+                            subregions_path=a.subregions)
     elif a.step == "screws":
         steps_model.plan_screws(landmarks_path=a.landmarks, parts_path=a.parts, out_json=a.out_json,
                                 cfg=prm, context=_ctx(a), planning=_params(a.planning),

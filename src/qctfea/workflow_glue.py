@@ -1,8 +1,8 @@
 """Glue for the Snakemake scripts: logging to the rule's log file, context strings.
 
 Kept tiny on purpose: the workflow's scripts only unpack the ``snakemake``
-object and call a step (:mod:`qctfea.steps.imaging`, :mod:`qctfea.steps.model`,
-:mod:`qctfea.steps.fea`).
+object and call a step (:mod:`qctfea.steps.imaging`, :mod:`qctfea.steps.vertebra`,
+:mod:`qctfea.steps.model`, :mod:`qctfea.steps.fea`).
 """
 
 from __future__ import annotations

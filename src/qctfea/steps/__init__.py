@@ -1,14 +1,14 @@
 """What the pipeline's steps share: the config typing and the input checks and readers.
 
 The steps themselves (one function per step, on paths: what the CLI and the workflow
-call) are in :mod:`qctfea.steps.imaging`, :mod:`qctfea.steps.model` and
-:mod:`qctfea.steps.fea`. Each step reads its inputs, calls the science modules, and
-writes its outputs atomically with a JSON record of what it did (parameters, versions, input
-checksums, seconds). Parameters come from the cohort config's sections (see
-``config/README.md``); :func:`qctfea.config.params_from` turns a section into the
-step's dataclass and refuses unknown keys. Every step first checks that its input files
-exist (:func:`need_inputs`): a missing one is an error naming the scan, the file and
-the step that writes it, never a reader's traceback.
+call) are in :mod:`qctfea.steps.imaging` (with :mod:`qctfea.steps.vertebra`),
+:mod:`qctfea.steps.model` and :mod:`qctfea.steps.fea`. Each step reads its inputs, calls the
+science modules, and writes its outputs atomically with a JSON record of what it did
+(parameters, versions, input checksums, seconds). Parameters come from the cohort config's
+sections (see ``config/README.md``); :func:`qctfea.config.params_from` turns a section into
+the step's dataclass and refuses unknown keys. Every step first checks that its input files
+exist (:func:`need_inputs`): a missing one is an error naming the scan, the file and the step
+that writes it, never a reader's traceback.
 """
 
 from __future__ import annotations
@@ -72,6 +72,14 @@ def write_refusal(step: str, message, out_json, params, inputs: dict,
         message_picture(title, str(message), picture)
     write_json(out_json, {"refused": str(message), "provenance": provenance(
         step, params, {k: str(v) for k, v in inputs.items() if v})})
+
+
+def write_image_refusal(step: str, message: str, out_image, pixel_type: int, out_json,
+                        params: dict, inputs: dict) -> None:
+    """:func:`write_refusal` of a step whose output is an image (ingest, mask): a one-voxel
+    placeholder ``out_image`` of ``pixel_type``."""
+    write_refusal(step, message, out_json, params, inputs,
+                  lambda: write_image(sitk.Image([1, 1, 1], pixel_type), out_image))
 
 
 def refusal_text(exc: Exception, step: str, context: str) -> str:
