@@ -4,6 +4,12 @@ Every JSON a step writes carries what produced it (library versions, the
 parameters, checksums of the inputs) and is written to a temporary name and
 renamed when complete, so that a killed job never leaves a file that looks
 finished.
+
+One mechanism writes every output: a scratch folder beside the target, renamed into place
+on success and removed on failure. :func:`atomic_files` moves a set of files that refer to
+each other (a mesh's XDMF and HDF5); :func:`atomic_path` is it for one file;
+:func:`atomic_dir` moves a whole folder, which needs its own step because a rename cannot
+replace a folder that is already there and not empty (the old one is moved aside first).
 """
 
 from __future__ import annotations
@@ -88,25 +94,6 @@ def provenance(step: str, params: Any = None, inputs: dict[str, Any] | None = No
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename onto it only on success."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # Keep the real suffix so writers that choose a format by suffix still work.
-    tmp_named = tmp_path.with_name(tmp_path.name + "".join(target.suffixes))
-    tmp_path.unlink()
-    try:
-        yield tmp_named
-        os.replace(tmp_named, target)
-    finally:
-        if tmp_named.exists():
-            tmp_named.unlink()
-
-
-@contextlib.contextmanager
 def atomic_files(*paths: str | os.PathLike) -> Iterator[Path]:
     """Yield a scratch folder beside the first of ``paths``; write each target there under
     its own name. On success each file is renamed onto its target, in the order given
@@ -123,6 +110,16 @@ def atomic_files(*paths: str | os.PathLike) -> Iterator[Path]:
             os.replace(scratch / t.name, t)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path for ``path``, under its own name (a writer that chooses its
+    format by the suffix, or names the file inside it, sees the real name); renamed onto
+    ``path`` only on success: :func:`atomic_files` of one file."""
+    target = Path(path)
+    with atomic_files(target) as scratch:
+        yield scratch / target.name
 
 
 @contextlib.contextmanager
