@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import pixels
+
 from qctfea import cli
 from qctfea.steps import fea as steps_fea
 from qctfea.steps import imaging as steps_imaging, vertebra as steps_vertebra
@@ -398,7 +400,7 @@ def test_phantom_fit_below_fail_r2(demo_scan, tmp_path):
     rec = json.loads((tmp_path / "calibration.json").read_text())
     assert rec["refused"] == str(err.value) and rec["slope"] is None
     assert not _array(tmp_path / "density.nii.gz").any()
-    assert (tmp_path / "calibration.png").stat().st_size > 5000
+    pixels.assert_calibration_refusal(tmp_path / "calibration.png", rec["refused"], ct)
     with pytest.raises(QctfeaError) as gate:
         steps_imaging.accept_calibration(calibration_json=tmp_path / "calibration.json",
                                          out_json=tmp_path / "ok.json",
@@ -730,10 +732,15 @@ def test_an_unexpected_error_in_a_gated_step_is_the_scan_s_refusal(demo_scan, tm
     with pytest.raises(QctfeaError) as err:
         gate()
     assert str(err.value) == msg and not (tmp_path / "ok.json").exists()
-    pngs = {"calibrate": "calibration.png", "screws": "screws.png", "mesh": "mesh.png",
-            "registration": "registration.png"}
-    if step in pngs:  # the rule's picture says why there is nothing to show
-        assert (tmp_path / pngs[step]).stat().st_size > 5000
+    # the rule's picture says why there is nothing to show: the message (the calibration's
+    # beside the CT slice); the registration's, without a transform, the follow-up unmoved
+    if step == "calibrate":
+        pixels.assert_calibration_refusal(tmp_path / "calibration.png", msg,
+                                          demo_scan["results"] / "ct.nii.gz")
+    elif step in ("screws", "mesh"):
+        pixels.assert_message_picture(tmp_path / f"{step}.png", msg)
+    elif step == "registration":
+        pixels.assert_registration_at_identity(tmp_path / "registration.png")
 
 
 def test_a_planning_error_is_recorded_as_the_scan_s_refusal(demo_scan, tmp_path):
@@ -789,7 +796,7 @@ def test_a_refused_materials_or_bmd_step_is_every_load_case_s_refusal(demo_scan,
                       context=ctx, out_png=tmp_path / "roi.png", record_refusal=True)
     bmd_msg = json.loads((tmp_path / "bmd.json").read_text())["refused"]
     assert bmd_msg == f"{ctx}: no bone voxels around the left screw; check the screws"
-    assert (tmp_path / "roi.png").stat().st_size > 5000
+    pixels.assert_message_picture(tmp_path / "roi.png", bmd_msg)
     for upstream, expected in (([tmp_path / "materials.json", tmp_path / "bmd.json"], msg),
                                ([r / "bmd.json", tmp_path / "bmd.json"], bmd_msg)):
         results = []
@@ -805,7 +812,7 @@ def test_a_refused_materials_or_bmd_step_is_every_load_case_s_refusal(demo_scan,
             assert res["refused"] == rec["refused"] == expected and rec["strength_n"] is None
             assert rec["stop_reason"] == f"not solved: {expected}"
             assert (tmp_path / "curve.csv").read_text().strip() == "displacement_mm,force_n"
-            assert (tmp_path / "c.png").stat().st_size > 5000
+            pixels.assert_curve_without_result(tmp_path / "c.png", rec["stop_reason"])
             assert (tmp_path / "fields.xdmf").is_file() and (tmp_path / "fields.h5").is_file()
             results.append(out)
         with pytest.raises(QctfeaError) as gate:

@@ -8,6 +8,7 @@ import dolfinx_solver  # noqa: F401  (before dolfinx or petsc4py)
 import numpy as np
 import pytest
 
+import pixels
 from conftest import REPO, run, venv_bin
 
 
@@ -207,7 +208,11 @@ def test_vertebra_solves_agree_on_1_and_2_ranks(demo_model, tmp_path):
             assert nl["offset_yield_n"] <= nl["peak_force_n"] + 1e-9
         curve = np.loadtxt(tmp_path / f"{case}.csv", delimiter=",", skiprows=1)
         assert curve.shape[0] == nl["increments"] + 1
-        assert (tmp_path / f"{case}.png").stat().st_size > 1000
+        # the picture: the strength line (red) at the height of the curve's top (blue)
+        rows_blue, _ = _pixels(tmp_path / f"{case}.png", "blue")
+        rows_red, _ = _pixels(tmp_path / f"{case}.png", "red")
+        assert np.bincount(rows_red).max() > 100  # a line across the axes
+        assert abs(rows_blue.min() - np.bincount(rows_red).argmax()) <= 4
         assert (tmp_path / f"{case}_fields.h5").stat().st_size > 1000
         text = (tmp_path / f"{case}_fields.xdmf").read_text()
         for name in ("displacement_mm", "von_mises_mpa", "damage", "failed", "yielded"):
@@ -408,4 +413,5 @@ def test_a_failed_solve_is_recorded_unless_interrupted(tmp_path, code, recorded)
     assert ("(SIGSEGV)" in rec["refused"]) == (code == 139)
     assert ("run out of memory" in rec["refused"]) == (code == 137)
     assert out["curve"].read_text().strip() == "displacement_mm,force_n"
-    assert out["plot"].stat().st_size > 0 and out["fields"].with_suffix(".h5").exists()
+    assert out["fields"].with_suffix(".h5").exists()
+    pixels.assert_curve_without_result(out["plot"], rec["stop_reason"])

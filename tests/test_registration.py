@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
+import pixels
 from conftest import imaging_steps
 
 
@@ -92,7 +94,15 @@ def test_register_step_writes_density_on_baseline_grid(demo_scan, tmp_path):
     assert info["converged"] and info["point_spread_mm"] < 0.2
     assert max(info["point_motion_mm"]) > 1.0  # the known motion moved them
     assert sitk.ReadTransform(str(out["tfm"])) is not None
-    assert out["png"].stat().st_size > 5000
+    # The picture, in both views: the follow-up's outline before registration (red) off the
+    # baseline's by the known motion, after it (yellow) on the baseline's (lime, drawn
+    # first and so hidden under it), and the screws' points (cyan).
+    for view in pixels.registration_outlines(out["png"]):
+        off = ndimage.distance_transform_edt(~view["yellow"])  # pixels from the yellow outline
+        assert view["yellow"].sum() > 300 and view["red"].sum() > 300
+        assert np.mean(off[view["red"]] > 3) > 0.3
+        assert view["lime"].sum() < 0.05 * view["yellow"].sum()
+        assert (off[view["lime"]] <= 2).all() and view["cyan"].any()
 
 
 def test_registration_outside_the_gates_is_recorded_for_the_gate_rule(demo_scan, tmp_path):
@@ -171,7 +181,7 @@ def test_a_registration_that_fails_outright_is_recorded_for_the_gate_rule(demo_s
     a = sitk.GetArrayFromImage(sitk.ReadImage(str(out["nii.gz"])))
     b = sitk.GetArrayFromImage(sitk.ReadImage(str(r / "density.nii.gz")))
     np.testing.assert_allclose(a, b, atol=1e-3)  # identity: the density as it was
-    assert out["png"].stat().st_size > 5000
+    pixels.assert_registration_at_identity(out["png"])
     with pytest.raises(QctfeaError) as exc:
         steps_imaging.accept_registration(registration_json=out["json"],
                                           out_json=tmp_path / "ok.json", context=where)

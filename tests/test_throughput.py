@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import pixels
 import pytest
 from conftest import markdown_rows
 
@@ -36,7 +37,16 @@ def test_span_core_seconds_and_solves(tmp_path):
     assert sorted(s["case"] for s in c["solves"]) == ["compression", "pullout"]
     png = tmp_path / "tp.png"
     throughput.picture([c], png)
-    assert png.stat().st_size > 10_000
+    a = pixels.rgb(png)
+    half = a.shape[1] // 2
+    # Left: the two solves and their two legend entries, in the cohort's colour (C0).
+    assert len(pixels.blobs(pixels.colour(a[:, :half], "C0"))) == 4
+    # Right: the bars of run span (C0) and core-seconds / 2 (C1) on one baseline, their
+    # heights as 70 s to 110 s / 2 (the largest region of each colour; the other is its
+    # legend entry).
+    span, core = (pixels.blobs(pixels.colour(a[:, half:], c))[0] for c in ("C0", "C1"))
+    assert span[1] == core[1]
+    assert (span[1] - span[0]) / (core[1] - core[0]) == pytest.approx(70.0 / 55.0, rel=0.01)
     md = throughput.markdown([c], "tp.png", "qctfea-bench throughput --cohort c")
     assert ("c", "1", "3", "1000", "1.2", "0.9", "83 %") == markdown_rows(md)[1][:7]
 
