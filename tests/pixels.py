@@ -1,8 +1,8 @@
 """QC pictures read back as pixels, so that a test checks what a picture shows rather than
 that some file was written: where a colour the plotting code uses is drawn (whatever grey it
-is blended with), the rows of text in a colour, grey image blocks; and the checks of the
-pictures several steps share (a refused step's message, a refused calibration, a load case
-without a curve, a registration left at the identity)."""
+is blended with), the rows of text in a colour, grey image blocks; and what the pictures
+several tests check show (a refused step's message, a refused calibration, a load case
+without a curve, a registration left at the identity, a phantomless calibration's panels)."""
 from __future__ import annotations
 
 import textwrap
@@ -51,8 +51,15 @@ def runs(profile) -> list[tuple[int, int]]:
 
 
 def text_rows(mask: np.ndarray) -> list[tuple[int, int]]:
-    """The rows of text (runs of picture rows holding any pixel of ``mask``)."""
-    return runs(mask.any(axis=1))
+    """The rows of text: runs of picture rows holding any pixel of ``mask``, a run of at most
+    3 rows (the underscores below a row's descenders) joined to the one above it."""
+    rows: list[tuple[int, int]] = []
+    for start, stop in runs(mask.any(axis=1)):
+        if rows and stop - start <= 3:
+            rows[-1] = (rows[-1][0], stop)
+        else:
+            rows.append((start, stop))
+    return rows
 
 
 def block(mask: np.ndarray, min_count: int = 50) -> tuple[int, int, int, int]:
@@ -87,6 +94,29 @@ def assert_text(mask: np.ndarray, lines: list[str], em_px: float, what) -> list:
         per_char = (cols[-1] - cols[0] + 1) / len(line) / em_px
         assert 0.4 < per_char < 0.7, (what, line, per_char)
     return rows
+
+
+#: Colours of the tissues in the calibration picture (qctfea.imaging.calibration_plot)
+TISSUE_COLOURS = {"air": "tab:blue", "fat": "gold", "muscle": "tab:red"}
+
+
+def calibration_panels(png, effective: bool) -> tuple[dict, bool, set]:
+    """The phantomless calibration picture read back as pixels: the centre (column, row) of
+    each tissue's marker in the line panel (top left), whether the energy panel (bottom left,
+    effective energy only: then 2 x 2 panels, else 1 x 2) has the effective energy's
+    vertical line (tab:red, down most of the panel), and the tissues whose colour the slice
+    panel (the last) shows."""
+    a = rgb(png)
+    h, w = a.shape[0] // (2 if effective else 1), a.shape[1] // 2
+    line, energy_panel, voxels = a[:h, :w], a[-h:, :w], a[-h:, w:]
+    centres = {}
+    for name, c in TISSUE_COLOURS.items():
+        rows, cols = np.nonzero(colour(line, c))
+        if rows.size:
+            centres[name] = (cols.mean(), rows.mean())
+    energy = colour(energy_panel, "tab:red").sum(axis=0).max() > 0.5 * h
+    return centres, energy, {n for n, c in TISSUE_COLOURS.items()
+                             if colour(voxels, c).sum() > 500}
 
 
 def assert_message_picture(path, message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
+import pixels
 from qctfea import steps
 from qctfea.model.meshing import MeshParams, generate_mesh
 from qctfea.model.tags import TAG_SCREW
@@ -97,7 +98,7 @@ def test_a_vertebra_that_cannot_be_meshed_is_recorded_and_the_gate_refuses_it(de
                                      "be meshed: screw(s) ['left', 'right'] have no cells")
     pts, cells, tags = read_mesh(tmp_path / "mesh.xdmf")
     assert cells.shape == (1, 4)
-    assert sitk.ReadImage(str(tmp_path / "mesh.png")).GetSize()[0] > 300
+    pixels.assert_message_picture(tmp_path / "mesh.png", rec["refused"])
     with pytest.raises(QctfeaError, match="could not be meshed.*exclude the scan"):
         steps_model.accept_mesh(mesh_json=tmp_path / "mesh.json",
                                 out_json=tmp_path / "mesh_accepted.json", context=ctx)

@@ -239,36 +239,13 @@ def test_demo_scan_effective_energy_and_vbmd_against_truth_and_phantom(demo_scan
     # The picture: in the line panel the three tissues' markers spaced along the HU axis as
     # their median HU and on one straight line (the fit has no residual); the effective
     # energy's line in the energy panel; each tissue's voxels in the slice panel.
-    line, energy, voxels = _calibration_panels(tmp_path / "calibration.png", effective=True)
+    line, energy, voxels = pixels.calibration_panels(tmp_path / "calibration.png", effective=True)
     hu = {t["name"]: t["median_hu"] for t in pl["tissues"] if t["used"]}
     (xa, ya), (xf, yf), (xm, ym) = (line[t] for t in ("air", "fat", "muscle"))
     assert (xf - xa) / (xm - xa) == pytest.approx(
         (hu["fat"] - hu["air"]) / (hu["muscle"] - hu["air"]), abs=0.02)
     assert abs(ya + (ym - ya) * (xf - xa) / (xm - xa) - yf) < 2.0
     assert energy and voxels == {"air", "fat", "muscle"}
-
-
-#: Colours of the tissues in the calibration picture (qctfea.imaging.calibration_plot)
-TISSUE_COLOURS = {"air": "tab:blue", "fat": "gold", "muscle": "tab:red"}
-
-
-def _calibration_panels(png: Path, effective: bool) -> tuple[dict, bool, set]:
-    """The phantomless calibration picture read back as pixels: the centre (column, row) of
-    each tissue's marker in the line panel (top left), whether the energy panel (bottom left,
-    effective energy only: then 2 x 2 panels, else 1 x 2) has the effective energy's
-    vertical line (tab:red, down most of the panel), and the tissues whose colour the slice
-    panel (the last) shows."""
-    a = pixels.rgb(png)
-    h, w = a.shape[0] // (2 if effective else 1), a.shape[1] // 2
-    line, energy_panel, voxels = a[:h, :w], a[-h:, :w], a[-h:, w:]
-    centres = {}
-    for name, c in TISSUE_COLOURS.items():
-        rows, cols = np.nonzero(pixels.colour(line, c))
-        if rows.size:
-            centres[name] = (cols.mean(), rows.mean())
-    energy = pixels.colour(energy_panel, "tab:red").sum(axis=0).max() > 0.5 * h
-    return centres, energy, {n for n, c in TISSUE_COLOURS.items()
-                             if pixels.colour(voxels, c).sum() > 500}
 
 
 def _real(name: Path) -> Path:
@@ -295,8 +272,8 @@ def test_real_sample_l3(tmp_path):
         assert {t["name"] for t in cal["tissues"] if t["used"]} == {"fat", "muscle"}
         # the picture: fat's and muscle's markers (no air's), fat's the lower HU and
         # density; the energy panel only for the effective-energy model; both in the slice
-        line, energy, voxels = _calibration_panels(d / "calibration.png",
-                                                   effective=model == "effective_energy")
+        line, energy, voxels = pixels.calibration_panels(
+            d / "calibration.png", effective=model == "effective_energy")
         assert set(line) == voxels == {"fat", "muscle"}
         assert line["fat"][0] < line["muscle"][0] and line["fat"][1] > line["muscle"][1]
         assert energy == (model == "effective_energy")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import pixels
 from qctfea.steps import model as steps_model
 from qctfea.model.placement import (BoneField, Frame, coarse_map_note, grade_of,
                                     grade_screw)
@@ -143,7 +144,18 @@ def test_screw_through_the_canal_is_refused_naming_scan_side_grade_and_what_to_d
         assert part in msg, (part, msg)
     assert "right screw" not in msg
     assert not out.exists()
-    assert (tmp_path / "screws_refused.png").read_bytes()[:4] == b"\x89PNG"
+    # The picture, axial cuts on top (left screw, right screw): the left screw drawn in red
+    # across the spinal canal (light blue, within the screw's outline), the right in green
+    # clear of it.
+    a = pixels.rgb(tmp_path / "screws_refused.png")
+    h, w = a.shape[0] // 2, a.shape[1] // 2
+    for cut, refused in ((a[:h, :w], True), (a[:h, w:], False)):
+        red, green = pixels.colour(cut, "tab:red"), pixels.colour(cut, "tab:green")
+        screw, other = (red, green) if refused else (green, red)
+        assert screw.sum() > 300 and not other.any()
+        r0, r1, c0, c1 = pixels.blobs(screw)[0]  # the screw's outline and head
+        canal = pixels.colour(cut[r0:r1, c0:c1], "#9ecae1").sum()
+        assert canal > 500 if refused else canal == 0, canal
 
 
 def test_demo_landmark_screws_grade_a_and_planned_screws_converge(demo_scan, tmp_path):

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import pixels
 from qctfea.steps import imaging as steps_imaging, vertebra as steps_vertebra
 from qctfea.steps import model as steps_model
 
@@ -52,8 +54,23 @@ def test_real_l3_imaging_chain_gives_plausible_values(tmp_path):
     assert b["integral_vbmd_mg_cm3"] > b["trabecular_vbmd_mg_cm3"]
     assert all(v > b["trabecular_vbmd_mg_cm3"] for v in b["around_screw_vbmd_mg_cm3"].values())
     assert 0.2 < b["areal_bmd_g_cm2"] < 1.5
-    for png in ("calibration.png", "roi.png"):
-        assert (t / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The pictures. Calibration: fat's and muscle's markers on the line, no air's, and their
+    # voxels on the slice. BMD regions (axial, mid-sagittal, coronal, sagittal through the
+    # left screw): both screws (left blue, right red) in the axial and coronal cuts, the
+    # patient's right on the picture's left; the left one alone in its sagittal cut (the
+    # right's colour only in the legend); the region around the screws (cyan) in these three.
+    line, energy, voxels = pixels.calibration_panels(t / "calibration.png", effective=False)
+    assert set(line) == voxels == {"fat", "muscle"} and not energy
+    a = pixels.rgb(t / "roi.png")
+    q = a.shape[1] // 4
+    axial, _, coronal, left_cut = (a[:, i * q:(i + 1) * q] for i in range(4))
+    for cut in (axial, coronal):
+        left, right = (np.nonzero(pixels.colour(cut, c))[1] for c in ("#2f6bd8", "#d8432f"))
+        assert left.size > 100 and right.size > 100 and right.mean() < left.mean()
+    left, right = (pixels.colour(left_cut, c).sum() for c in ("#2f6bd8", "#d8432f"))
+    assert left > 300 and right < 100
+    for cut in (axial, coronal, left_cut):
+        assert pixels.colour(cut, "cyan", min_alpha=0.25).sum() > 1000
 
 
 def _as_dicom_series(nifti: Path, folder: Path) -> None:
