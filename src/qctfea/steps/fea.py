@@ -364,17 +364,22 @@ def plot_curve(res: dict, path, title: str) -> None:
     ax = fig.subplots()
     ax.plot(d, f, "o-", ms=3, lw=1.5)
     heading = f"{title} ({res.get('analysis', 'linear')})"
+
+    def wrapped(text: str) -> str:  # at most the axes' width (about 60 characters of 9 pt)
+        return "\n".join(textwrap.wrap(text, 60))
+
     if res["strength_n"] is not None:
         ax.axhline(res["strength_n"], color="C3", ls="--", lw=1,
                    label=f"strength {res['strength_n']:.0f} N")
-        ax.set_title(heading, fontsize=9)
+        ax.set_title(wrapped(heading), fontsize=9)
         ax.legend(fontsize=8, loc="lower right")
     elif res.get("failed"):
-        ax.set_title(heading + ": solve failed, no strength", fontsize=9, color="C3")
+        ax.set_title(wrapped(heading + ": solve failed, no strength"), fontsize=9, color="C3")
         ax.text(0.5, 0.5, "\n".join(textwrap.wrap(res["stop_reason"], 60)),
                 transform=ax.transAxes, ha="center", va="center", fontsize=7, color="C3")
     else:
-        ax.set_title(heading + ": peak not reached, no strength", fontsize=9, color="C3")
+        ax.set_title(wrapped(heading + ": peak not reached, no strength"), fontsize=9,
+                     color="C3")
     ax.set_xlabel("displacement (mm)")
     ax.set_ylabel("force (N)")
     ax.grid(alpha=0.3)
