@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 import pandas as pd
+
+import pixels
 import pytest
 import SimpleITK as sitk
 import yaml
@@ -86,7 +88,15 @@ def test_real_scan_runs_through_the_workflow_to_the_cohort_tables(cohort, tmp_pa
         assert 5e3 < row[f"pullout_stiffness_{side}_n_per_mm"] < 5e5
         assert 70 < row[f"pullout_strength_{side}_n"] < 5000
     assert (res / "report" / "summary.html").is_file()
-    assert (scan / "screws.png").read_bytes()[:4] == b"\x89PNG"
+    # The QC picture's axial cuts (top row: left screw, right screw): each screw drawn in
+    # green (accepted grade), none in red, and clear of the spinal canal (light blue)
+    a = pixels.rgb(scan / "screws.png")
+    h, w = a.shape[0] // 2, a.shape[1] // 2
+    for cut in (a[:h, :w], a[:h, w:]):
+        green = pixels.colour(cut, "tab:green")
+        assert green.sum() > 300 and not pixels.colour(cut, "tab:red").any()
+        r0, r1, c0, c1 = pixels.blobs(green)[0]
+        assert pixels.colour(cut[r0:r1, c0:c1], "#9ecae1").sum() == 0
     if cohort == "totalseg-l1":
         for case in ("compression", "pullout_left", "pullout_right"):
             r = json.loads((scan / f"{case}.json").read_text())
