@@ -488,3 +488,41 @@ def test_export_of_a_planning_that_made_no_screw(demo_scan, tmp_path):
     rec.write_text(json.dumps({"screws": []}))
     with pytest.raises(QctfeaError, match="holds no screws"):
         slicer.export_scan(rec, r / "vertebra.nii.gz", tmp_path / "out", "P01 M12")
+
+
+@pytest.mark.slow
+def test_follow_up_export_carries_the_baseline_model_by_its_registration(demo_scan, tmp_path):
+    """A follow-up's export: the baseline's screws and vertebra through its registration
+    transform (baseline points to follow-up points), written as SimpleITK writes
+    registration.tfm. The expected points by hand: 90 degrees about z (x, y -> -y, x) about
+    a centre c, then a shift t; every surface vertex of the baseline's export moved so."""
+    r = demo_scan["results"]
+    c, t = np.array([5.0, -3.0, 12.0]), np.array([2.0, -1.5, 4.0])
+    tx = sitk.Euler3DTransform()
+    tx.SetCenter(c.tolist())
+    tx.SetRotation(0.0, 0.0, np.pi / 2)
+    tx.SetTranslation(t.tolist())
+    sitk.WriteTransform(tx, str(tmp_path / "registration.tfm"))
+
+    def by_hand(p):
+        q = np.asarray(p, float) - c
+        return np.array([-q[..., 1], q[..., 0], q[..., 2]]).T.reshape(np.shape(p)) + c + t
+
+    base = slicer.export_scan(r / "screws.json", r / "vertebra.nii.gz", tmp_path / "base")
+    follow = slicer.export_scan(r / "screws.json", r / "vertebra.nii.gz", tmp_path / "follow",
+                                transform_path=tmp_path / "registration.tfm")
+    lm = slicer.read_landmarks_markups(follow["markups"])
+    for sc in json.loads((r / "screws.json").read_text())["screws"]:
+        np.testing.assert_allclose(lm[sc["side"]]["entry_mm"], by_hand(sc["entry_mm"]),
+                                   atol=1e-9)
+        np.testing.assert_allclose(lm[sc["side"]]["target_mm"], by_hand(sc["tip_mm"]),
+                                   atol=1e-9)
+    for name in ("vertebra", "screw_left", "screw_right"):
+        _, p0, tri0 = _read_stl(base[name])
+        _, p1, tri1 = _read_stl(follow[name])
+        np.testing.assert_array_equal(tri1, tri0)
+        np.testing.assert_allclose(p1, by_hand(p0), atol=1e-4)  # STL: single precision
+        assert _volume(p1, tri1) == pytest.approx(_volume(p0, tri0), rel=1e-5)
+    with pytest.raises(QctfeaError, match="registration transform .*none.tfm not found"):
+        slicer.export_scan(r / "screws.json", r / "vertebra.nii.gz", tmp_path / "x",
+                           transform_path=tmp_path / "none.tfm")

@@ -14,16 +14,17 @@ import pandas as pd
 
 import pixels
 import pytest
+import SimpleITK as sitk
 
 from conftest import REPO, run, venv_bin
 
 
 PER_SCAN = ["generate_demo_scan", "ingest_scan", "accept_scan", "calibrate_density",
-            "accept_calibration", "extract_vertebra", "accept_vertebra", "measure_bmd", "assign_materials", "accept_strength", "estimate_uncertainty"]
+            "accept_calibration", "extract_vertebra", "accept_vertebra", "measure_bmd", "assign_materials", "accept_strength", "estimate_uncertainty",
+            "export_slicer"]
 #: The FE model (screws, mesh) is built once per patient, at baseline; follow-ups are
 #: registered to it (registration.enabled, the default).
-PER_PATIENT = ["plan_screws", "accept_screws", "mesh_vertebra", "accept_mesh", "export_slicer",
-               "patient_page"]
+PER_PATIENT = ["plan_screws", "accept_screws", "mesh_vertebra", "accept_mesh", "patient_page"]
 
 
 def _job_counts(cohorts_dir, cohort, workdir):
@@ -253,7 +254,15 @@ def test_end_to_end_tiny_cohort(tiny_run):
             np.testing.assert_allclose(back[s["side"]]["target_mm"], s["tip_mm"], atol=1e-6)
         for name in ("vertebra.stl", "screw_left.stl", "screw_right.stl"):
             assert (model / "slicer" / name).read_bytes()[80:84] != b"\0\0\0\0", name
-    assert not list(res.glob("*/M12/slicer"))
+    # ...and each follow-up's: the baseline's screws where its registration puts them in the
+    # follow-up's scanner coordinates (registration.tfm: baseline points to follow-up points)
+    for patient in ("P01", "P02"):
+        tx = sitk.ReadTransform(str(res / patient / "M12" / "registration.tfm"))
+        back = read_landmarks_markups(res / patient / "M12" / "slicer" / "screws.mrk.json")
+        for s in json.loads((res / patient / "M00" / "screws.json").read_text())["screws"]:
+            for key, got in (("entry_mm", "entry_mm"), ("tip_mm", "target_mm")):
+                np.testing.assert_allclose(back[s["side"]][got], tx.TransformPoint(s[key]),
+                                           atol=1e-6)
     # No DICOM identifiers (planted by the generator in every header) in any file the
     # workflow wrote: results, logs, benchmarks, Snakemake's own log; .gz files decompressed.
     import gzip

@@ -119,6 +119,8 @@ SUBCOMMANDS = (
         _arg("--screws", required=True, help="screws.json"),
         _arg("--parts", required=True, help="vertebra parts image (vertebra.nii.gz)"),
         _arg("--out-dir", required=True),
+        _arg("--transform", help="a follow-up's registration.tfm: the baseline's screws and "
+             "vertebra (--screws, --parts) carried into the follow-up's coordinates"),
         _arg("--patient", default="?", help="pseudonymous patient id (for messages)"),
         _arg("--timepoint", default="?", help="timepoint id (for messages)"),
     )),
@@ -257,7 +259,8 @@ def run(a) -> None:
     elif a.step == "export-slicer":
         from qctfea.qc import slicer
 
-        for f in slicer.export_scan(a.screws, a.parts, a.out_dir, _ctx(a)).values():
+        for f in slicer.export_scan(a.screws, a.parts, a.out_dir, _ctx(a),
+                                    a.transform).values():
             print(f)
     elif a.step == "validate":
         from qctfea.demo import validation

@@ -312,6 +312,14 @@ calibration_accepted = scan_and_model("calibration_accepted.json")
 vertebra_accepted = scan_and_model("vertebra_accepted.json")
 
 
+def registration_transform(w):
+    """Input function: a registered follow-up's registration.tfm (baseline points to its
+    own); none for a model's own scan."""
+    if model_timepoint(w.patient, w.timepoint) == w.timepoint:
+        return []
+    return f"{RES}/{w.patient}/{w.timepoint}/registration.tfm"
+
+
 def registration_accepted(w):
     """The registration gate of a registered follow-up (accept_registration): whatever uses
     its density on the baseline grid waits for it; none for a model's own scan."""
@@ -464,9 +472,9 @@ def get_final_outputs(wildcards):
         + (["uncertainty.json"] if UNCERTAINTY else [])
     )
     per_scan = [f"{RES}/{p}/{t}/{n}" for p, t in SAMPLES.index for n in names]
-    # each model's screws and vertebra for 3D Slicer (rule export_slicer)
+    # every scan's screws and vertebra for 3D Slicer (rule export_slicer)
     per_scan += (
-        [f"{RES}/{p}/{t}/slicer/screws.mrk.json" for p, t in model_scans()] if PULLOUT else []
+        [f"{RES}/{p}/{t}/slicer/screws.mrk.json" for p, t in SAMPLES.index] if PULLOUT else []
     )
     return (
         gates

@@ -78,13 +78,16 @@ rule assign_materials:
         "../scripts/assign_materials.py"
 
 
-# 3D Slicer round trip (docs/slicer.md): each model's screws as markups and STL and its
-# vertebra surface as STL, in the scanner's LPS coordinates, to load beside the CT. Refused
-# screws are exported too, for review.
+# 3D Slicer round trip (docs/slicer.md): every scan's screws as markups and STL and its
+# vertebra surface as STL, in that scan's LPS coordinates, to load beside its CT: a model's
+# own, or for a registered follow-up its baseline model's carried by registration.tfm.
+# Refused screws are exported too, for review.
 rule export_slicer:
     input:
-        screws=rules.plan_screws.output.json,
-        parts=rules.extract_vertebra.output.parts,
+        screws=model_file("screws.json"),
+        parts=model_file("vertebra.nii.gz"),
+        transform=registration_transform,
+        registered=registration_accepted,  # the registration gate (follow-ups)
         vertebra=vertebra_accepted,  # the label map's gate
     output:
         markups=f"{RES}/{{patient}}/{{timepoint}}/slicer/screws.mrk.json",

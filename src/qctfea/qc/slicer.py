@@ -277,11 +277,13 @@ def voxel_surface(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return verts, inv.reshape(-1, 3)
 
 
-def write_surface_stl(mask_image, path) -> None:
+def write_surface_stl(mask_image, path, transform=None) -> None:
     """The surface of a SimpleITK mask image (nonzero = inside) as binary STL in the
     scanner's LPS coordinates (mm): the voxel-face surface (:func:`voxel_surface`;
     neither scikit-image nor VTK is installed, so no marching cubes), each vertex mapped
-    from voxel index to physical through the image's origin, spacing and direction."""
+    from voxel index to physical through the image's origin, spacing and direction, then
+    through ``transform`` (a rigid SimpleITK transform, e.g. a follow-up's registration:
+    the surface as it lies in that scan) if given."""
     import SimpleITK as sitk
 
     arr = sitk.GetArrayFromImage(mask_image) != 0  # z, y, x
@@ -295,7 +297,15 @@ def write_surface_stl(mask_image, path) -> None:
     mat, origin = _index_to_physical(mask_image)
     if np.linalg.det(mat) < 0:  # a mirroring direction turns the triangles inside out
         tri = tri[:, ::-1]
-    _write_stl(origin + verts @ mat.T, tri, path)
+    _write_stl(moved(origin + verts @ mat.T, transform), tri, path)
+
+
+def moved(points: np.ndarray, transform=None) -> np.ndarray:
+    """Points (N x 3, LPS mm) through a SimpleITK transform (unchanged without one)."""
+    pts = np.asarray(points, float).reshape(-1, 3)
+    if transform is None:
+        return pts
+    return np.array([transform.TransformPoint([float(v) for v in q]) for q in pts])
 
 
 def screw_surface(screw: dict, segments: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -327,29 +337,37 @@ def screw_surface(screw: dict, segments: int = 32) -> tuple[np.ndarray, np.ndarr
     return verts, tri
 
 
-def write_screw_stl(screw: dict, path, segments: int = 32) -> None:
+def write_screw_stl(screw: dict, path, segments: int = 32, transform=None) -> None:
     """A screw (an entry of screws.json's "screws" list) as a closed cylinder STL from the
-    entry to the tip, of its diameter, in LPS mm (binary, meshio)."""
+    entry to the tip, of its diameter, in LPS mm (binary, meshio); its vertices then through
+    ``transform`` (rigid) if given."""
     verts, tri = screw_surface(screw, segments)
-    _write_stl(verts, tri, path)
+    _write_stl(moved(verts, transform), tri, path)
 
 
 # --- one scan ---------------------------------------------------------------------------------
 
 
-def export_scan(screws_json, parts_image_path, out_dir, context: str = "") -> dict:
+def export_scan(screws_json, parts_image_path, out_dir, context: str = "",
+                transform_path=None) -> dict:
     """``screws.mrk.json``, ``vertebra.stl``, ``screw_left.stl`` and ``screw_right.stl`` of
     a scan into ``out_dir``, for viewing with the CT in 3D Slicer. The vertebra is the bone
     of the parts image (body, posterior elements, trabecular ROI; end caps left out).
     Refused screws are exported too (with a warning), so that they can be reviewed; when the
     planning made no screw at all (its refusal says why), the vertebra is exported and the
-    markups file and the screws' STL files hold none."""
+    markups file and the screws' STL files hold none.
+
+    ``transform_path``: a follow-up's ``registration.tfm`` (baseline points to follow-up
+    points). The screws and vertebra are then the baseline model's (``screws_json`` and
+    ``parts_image_path`` of the baseline), carried into the follow-up's scanner coordinates,
+    where its FE model puts them (docs/slicer.md)."""
     import SimpleITK as sitk
 
     from qctfea.imaging.masks import BONE_PARTS
 
     where = f"{context}: " if context else ""
-    for p, what in ((screws_json, "screws file"), (parts_image_path, "vertebra parts image")):
+    for p, what in ((screws_json, "screws file"), (parts_image_path, "vertebra parts image"),
+                    *([(transform_path, "registration transform")] if transform_path else [])):
         if not Path(p).is_file():
             raise QctfeaError(f"{where}{what} {p} not found; run the pipeline up to it first, "
                               "or correct the path")
@@ -372,15 +390,18 @@ def export_scan(screws_json, parts_image_path, out_dir, context: str = "") -> di
     bone = sitk.GetImageFromArray(
         np.isin(sitk.GetArrayFromImage(parts), BONE_PARTS).astype(np.uint8))
     bone.CopyInformation(parts)
+    tx = sitk.ReadTransform(str(transform_path)) if transform_path else None
     out = Path(out_dir)
     files = {"markups": out / "screws.mrk.json", "vertebra": out / "vertebra.stl"}
-    write_markups(screws, files["markups"])
-    write_surface_stl(bone, files["vertebra"])
+    write_markups([{**sc, "entry_mm": moved(sc["entry_mm"], tx)[0].tolist(),
+                    "tip_mm": moved(sc["tip_mm"], tx)[0].tolist()} for sc in screws],
+                  files["markups"])
+    write_surface_stl(bone, files["vertebra"], tx)
     by_side = {sc["side"]: sc for sc in screws}
     for side in dict.fromkeys([*SIDES, *by_side]):
         files[f"screw_{side}"] = out / f"screw_{side}.stl"
         if side in by_side:
-            write_screw_stl(by_side[side], files[f"screw_{side}"])
+            write_screw_stl(by_side[side], files[f"screw_{side}"], transform=tx)
         else:  # no such screw (refused planning): an STL without triangles
             _write_stl(np.zeros((0, 3)), np.zeros((0, 3), int), files[f"screw_{side}"])
     return files
