@@ -307,6 +307,26 @@ def test_gantry_tilt_is_corrected_when_asked_exactly_for_a_linear_field(tmp_path
     np.testing.assert_allclose(image.GetSpacing()[2], step * np.cos(t), rtol=1e-6)
 
 
+@pytest.mark.parametrize("keyword, value", [("RescaleIntercept", "inf"),
+                                            ("RescaleSlope", "nan")])
+def test_an_unreadable_rescale_value_is_an_error_not_the_default(tmp_path: Path, keyword,
+                                                                 value) -> None:
+    """A RescaleIntercept or RescaleSlope that is present but not a finite number is not
+    read as absent (intercept 0, slope 1: every CT number shifted by 1024): the slices are
+    refused with the reason, and a series of only such slices is an error."""
+    import pydicom
+
+    s = write_series(tmp_path / "bad", seed=7, strays=False)
+    for f in s.files:
+        ds = pydicom.dcmread(f)
+        ds[keyword].value = value
+        ds.save_as(f)
+    with pytest.raises(QctfeaError) as err:
+        read_dicom_series(s.folder, context=CONTEXT)
+    assert CONTEXT in str(err.value)
+    assert f"{len(s.files)} invalid {keyword}" in str(err.value), str(err.value)
+
+
 def test_no_images_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("nothing here")

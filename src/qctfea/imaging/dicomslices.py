@@ -214,6 +214,11 @@ def _slice_of(path: Path, ds: Dataset, instance: int | None) -> tuple[Slice | No
         or columns < 1
     ):
         return None, "no usable image geometry"
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        # present but not a finite number: absent would mean the default, an unreadable
+        # value must not (an intercept read as 0 shifts every CT number)
+        if ds.get(keyword) not in (None, "") and opt_float(ds, keyword) is None:
+            return None, f"invalid {keyword} ({str(ds.get(keyword))[:20]!r})"
     if instance is None:
         try:
             instance = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") else None
