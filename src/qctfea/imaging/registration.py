@@ -288,9 +288,10 @@ def point_distance(a: sitk.Transform, b: sitk.Transform, pts: np.ndarray) -> flo
 def _run(fixed_c, metric_mask, moving_c, init: sitk.Euler3DTransform, n_mask: int,
          p: RegistrationParams, smoothing: list[float]) -> dict:
     reg = sitk.ImageRegistrationMethod()
-    # One thread: ITK's threaded Mattes metric adds the threads' partial sums in an order
-    # that varies between runs, so two runs on the same images gave transforms 1e-10 apart
-    # (a killed and resumed workflow must reproduce the uninterrupted run's tables exactly)
+    # One thread, for the metric and for the filters the method runs (the pyramid, the
+    # parameter scales): ITK's threads add partial sums in an order that varies between
+    # runs, so two runs on the same images gave transforms 1e-13 to 3e-9 apart with the
+    # metric alone on one thread (2026-12-07; a study run again must give the same tables)
     reg.SetNumberOfThreads(1)
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=p.histogram_bins)
     reg.SetMetricFixedMask(metric_mask)
@@ -308,7 +309,12 @@ def _run(fixed_c, metric_mask, moving_c, init: sitk.Euler3DTransform, n_mask: in
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(sitk.Euler3DTransform(init), inPlace=False)
     t0 = time.perf_counter()
-    tx = as_euler(reg.Execute(fixed_c, moving_c))
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        tx = as_euler(reg.Execute(fixed_c, moving_c))
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     stop = reg.GetOptimizerStopConditionDescription()
     return {"tx": tx, "metric_value": float(reg.GetMetricValue()),
             "iterations": int(reg.GetOptimizerIteration()), "stop_condition": stop,
