@@ -613,12 +613,8 @@ def plan_from_mask(parts_img: sitk.Image, spec: ScrewSpec, params: PlanParams,
             planning={
                 "method": "auto",
                 "trajectory": params.trajectory,
-                "isthmus_centre_mm": centre.tolist(),
+                **_isthmus_record(frame, isth, diameter),
                 "isthmus_depth_behind_body_mm": isth["depth_behind_body_mm"],
-                "isthmus_area_mm2": isth["area_mm2"],
-                "isthmus_diameter_mm": isth["diameter_mm"],
-                "isthmus_min_width_mm": width,
-                "screw_exceeds_isthmus": bool(exceeds),
                 "diameter_fitted_to_isthmus": bool(fitted),
                 "diameter_configured_mm": spec.diameter_mm,
                 "through_mm": through.tolist(),
@@ -649,8 +645,13 @@ def isthmus_check(anatomy: Anatomy, side: str, diameter_mm: float, context: str)
     except QctfeaError as exc:
         return {"isthmus_min_width_mm": None, "isthmus_diameter_mm": None,
                 "screw_exceeds_isthmus": None, "isthmus_note": str(exc)}
+    return _isthmus_record(anatomy.frame, isth, diameter_mm)
+
+
+def _isthmus_record(frame, isth: dict, diameter_mm: float) -> dict:
+    """A screw's planning record of its pedicle isthmus (planned screws and landmarks')."""
     width = isth["min_width_mm"]
-    return {"isthmus_centre_mm": anatomy.frame.to_physical(isth["centre_las"]).tolist(),
+    return {"isthmus_centre_mm": frame.to_physical(isth["centre_las"]).tolist(),
             "isthmus_area_mm2": isth["area_mm2"], "isthmus_diameter_mm": isth["diameter_mm"],
             "isthmus_min_width_mm": width, "screw_exceeds_isthmus": bool(diameter_mm > width)}
 

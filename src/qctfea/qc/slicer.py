@@ -302,10 +302,10 @@ def write_surface_stl(mask_image, path, transform=None) -> None:
 
 def moved(points: np.ndarray, transform=None) -> np.ndarray:
     """Points (N x 3, LPS mm) through a SimpleITK transform (unchanged without one)."""
+    from qctfea.imaging.registration import transform_points
+
     pts = np.asarray(points, float).reshape(-1, 3)
-    if transform is None:
-        return pts
-    return np.array([transform.TransformPoint([float(v) for v in q]) for q in pts])
+    return pts if transform is None else transform_points(transform, pts)
 
 
 def screw_surface(screw: dict, segments: int = 32) -> tuple[np.ndarray, np.ndarray]:
