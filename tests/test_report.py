@@ -18,10 +18,13 @@ import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 import fake_cohort as fc
+import pixels
+import svgdata
 from browser import IMAGES_JS, SNAKEMAKE_IMAGES_JS, Chromium, find_chromium
 from conftest import REPO, run, venv_bin
 
@@ -93,6 +96,31 @@ def test_cohort_rules_run_with_a_missing_followup(cohort_run: dict) -> None:
         assert (figs / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert ET.parse(figs / f"{stem}.svg").getroot().tag.endswith("svg")
     assert len(list(figs.glob("*.png"))) == len(list(figs.glob("*.svg"))) == 14
+    # The figures show the table's numbers. Spaghetti: one grey line per patient in patient
+    # order (P03's without M12), a marker at each scan's (months, value);
+    pull = long.sort_values(["patient", "months"])
+    lines = svgdata.line_markers(figs / "spaghetti_pullout_strength_n.svg", "#999999")
+    assert [len(m) for m in lines] == pull.groupby("patient").size().tolist() == [3, 3, 2, 3, 3]
+    drawn = np.concatenate(lines)
+    assert svgdata.affine_residual(pull["months"], drawn[:, 0]) < 0.01
+    assert svgdata.affine_residual(pull["pullout_strength_n"], drawn[:, 1]) < 0.01
+    # scatter: one collection per timepoint with a point per scan, where its values are;
+    tp = long.sort_values("months")["timepoint"].unique()
+    pts = svgdata.scatter_points(figs / "scatter_pullout_trabecular_vbmd_mg_cm3.svg")
+    by_tp = [long[long["timepoint"] == t] for t in tp]
+    assert [len(p) for p in pts] == [len(d) for d in by_tp] == [5, 4, 5]
+    for axis, col in enumerate(("trabecular_vbmd_mg_cm3", "pullout_strength_n")):
+        got = np.concatenate([p[:, axis] for p in pts])
+        want = np.concatenate([d[col].to_numpy() for d in by_tp])
+        # matplotlib draws a collection's points in the data's order
+        assert svgdata.affine_residual(want, got) < 0.01, col
+    # areal BMD: DXA where a timepoint has it (M24 has 4 of 5), as correlations.csv's n;
+    pts = svgdata.scatter_points(figs / "scatter_pullout_areal_bmd_g_cm2.svg")
+    assert [len(p) for p in pts] == [areal.loc[t, "n"] for t in tp]
+    # the QC montage marks the one missing scan (P03 M12: row 3 of 5, column 2 of 3) in red.
+    a = pixels.rgb(figs / "qc_roi.png")
+    rows, cols = np.nonzero(pixels.colour(a, "C3"))
+    assert 1 / 3 < cols.mean() / a.shape[1] < 2 / 3 and 0.4 < rows.mean() / a.shape[0] < 0.65
     page = (res / "report" / "summary.html").read_text()
     assert "Missing scans: P03 M12" in page and "not paired: P03" in page
     # no external resource; the only links are to the per-patient pages beside it
@@ -458,7 +486,8 @@ def test_reports_render_in_headless_chromium(cohort_run: dict, tmp_path: Path,
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     kept = []
     for name, path in shots.items():
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+        ink = pixels.rgb(path).min(axis=-1) < 0.85  # a page drawn, not a blank window
+        assert ink.mean() > 0.01 and len(pixels.text_rows(pixels.dark(pixels.rgb(path)))) >= 5
         dest = ARTIFACTS / f"browser_{name}.png"
         shutil.copy(path, dest)
         kept.append(str(dest))

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
+import svgdata
 from conftest import REPO, run, venv_bin
 
 H_VOX = 0.5  # voxel size (mm)
@@ -126,7 +127,13 @@ def test_compression_only_cohort_has_no_screws_and_no_pullout(specimen_run):
               "stats/summary.json", "report/summary.html"):
         assert "pullout" not in (specimen_run / f).read_text(), f
     assert not list((specimen_run / "figures").glob("*pullout*"))
-    assert (specimen_run / "figures" / "spaghetti_compression_stiffness_n_per_mm.png").is_file()
+    # the stiffness plot: the one scan's marker (grey) and the cohort mean's (red) coincide
+    svg = specimen_run / "figures" / "spaghetti_compression_stiffness_n_per_mm.svg"
+    (scan_point,) = svgdata.line_markers(svg, "#999999")
+    mean_points = np.concatenate(svgdata.line_markers(svg, "#d62728"))  # mean, its caps
+    assert scan_point.shape == (1, 2) and len(mean_points) >= 1
+    np.testing.assert_allclose(mean_points, np.repeat(scan_point, len(mean_points), 0),
+                               atol=1e-6)
 
 
 def test_platens_and_poisson_ratios(tmp_path):

@@ -27,6 +27,22 @@ def test_line_covariance_matches_statsmodels_ols():
     assert cm.line_covariance(x[:2], y[:2]) == (None, 0)
 
 
+def test_material_cv_default_is_the_published_laws_spread():
+    # Two power laws: the SD of two logs is |ln(a1/a2) + (b1 - b2) ln rho| / sqrt(2); its mean
+    # over [lo, hi] by adaptive quadrature (split where the laws cross), independent of the
+    # library's grid.
+    from scipy.integrate import quad
+    (a1, b1), (a2, b2) = unc.LUMBAR_STRENGTH_LAWS.values()
+    lo, hi = unc.VERTEBRAL_APPARENT_DENSITY
+    cross = (a2 / a1) ** (1 / (b1 - b2))
+    assert lo < cross < hi  # the two studies' laws cross inside the range (near 0.20 g/cm³)
+    f = lambda r: abs(np.log(a1 / a2) + (b1 - b2) * np.log(r)) / np.sqrt(2)  # noqa: E731
+    s = (quad(f, lo, cross)[0] + quad(f, cross, hi)[0]) / (hi - lo)
+    assert unc.law_spread_cv() == pytest.approx(np.sqrt(np.expm1(s ** 2)), rel=1e-4)
+    assert unc.law_spread_cv() == pytest.approx(0.100, abs=0.001)
+    assert unc.UncertaintyParams().yield_coefficient_cv == round(unc.law_spread_cv(), 2)
+
+
 def test_multivariate_t_draws_have_the_t_covariance():
     """Var of a multivariate t with scale S and ν dof is S ν / (ν − 2)."""
     S = np.array([[4.0, 1.2], [1.2, 1.0]])

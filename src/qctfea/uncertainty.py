@@ -12,7 +12,8 @@ For every scan, a Monte Carlo over what a lab does not know exactly (docs/uncert
   planning; a follow-up's screw (the baseline's, carried by the registration) moves further
   by ``registration_sd_mm`` (or the registration's own spread, if larger);
 - **material law**: the yield stress coefficient of the density-yield law drawn lognormal
-  with coefficient of variation ``yield_coefficient_cv``.
+  with coefficient of variation ``yield_coefficient_cv``; its default is the spread between
+  two published strength-density laws of lumbar trabecular bone (``law_spread_cv``).
 
 Outcomes: trabecular vBMD (calibration), vBMD around each screw (calibration, placement),
 compression and pullout strength (all three). Strength is not re-solved per draw: the
@@ -88,9 +89,11 @@ class UncertaintyParams:
     #: CV of the yield law's coefficient
     yield_coefficient_cv: float = option(
         0.10, minimum=0,
-        doc=("coefficient of variation of the yield law's coefficient (lognormal): an assumed "
-             "value, not from a source; set the standard error your law's publication gives. "
-             "Shared by a patient's scans"))
+        doc=("coefficient of variation of the yield law's coefficient (lognormal). 0.10: the "
+             "spread between two published strength-density laws of lumbar trabecular bone "
+             "(Hansson et al. 1987, Mosekilde et al. 1987) over vertebral apparent densities "
+             "0.09-0.35 g/cm³ ([docs/uncertainty.md](../docs/uncertainty.md)); set your "
+             "law's published standard error if it gives one. Shared by a patient's scans"))
 
     def __post_init__(self) -> None:
         if self.draws < 20:
@@ -101,6 +104,28 @@ class UncertaintyParams:
                   "yield_coefficient_cv"):
             if getattr(self, k) < 0:
                 raise QctfeaError(f"uncertainty.{k} must be >= 0, not {getattr(self, k)}")
+
+
+#: Power laws ``strength = a rho^b`` (MPa; apparent density in g/cm³) of human lumbar
+#: trabecular bone in compression from two studies, as tabulated by Keaveny, Morgan and Yeh
+#: (docs/uncertainty.md): name -> (a, b).
+LUMBAR_STRENGTH_LAWS = {"Hansson et al. 1987": (50.3, 2.24), "Mosekilde et al. 1987": (24.9, 1.80)}
+#: Wet apparent density of human vertebral trabecular bone, g/cm³ (Öhman-Mägi et al. 2021)
+VERTEBRAL_APPARENT_DENSITY = (0.09, 0.35)
+
+
+def law_spread_cv(laws: dict = LUMBAR_STRENGTH_LAWS,
+                  density_range: tuple = VERTEBRAL_APPARENT_DENSITY, n: int = 2001) -> float:
+    """How far published strength-density laws disagree, as a lognormal coefficient of
+    variation: at each apparent density the sample SD of the laws' log strengths, averaged
+    over ``density_range`` (trapezoid rule on ``n`` points), then ``sqrt(exp(s²) - 1)``.
+
+    The default of ``yield_coefficient_cv``: the publications tabulate no standard error of
+    their coefficients, so the disagreement between studies of one site stands in for it."""
+    rho = np.linspace(*density_range, n)
+    logs = np.array([np.log(a) + b * np.log(rho) for a, b in laws.values()])
+    s = float(np.trapezoid(np.std(logs, axis=0, ddof=1), rho) / (rho[-1] - rho[0]))
+    return float(np.sqrt(np.expm1(s ** 2)))
 
 
 def calibration_draws(cal: dict, n: int, rng: np.random.Generator) -> np.ndarray:
