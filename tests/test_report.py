@@ -486,8 +486,9 @@ def test_reports_render_in_headless_chromium(cohort_run: dict, tmp_path: Path,
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     kept = []
     for name, path in shots.items():
-        ink = pixels.rgb(path).min(axis=-1) < 0.85  # a page drawn, not a blank window
-        assert ink.mean() > 0.01 and len(pixels.text_rows(pixels.dark(pixels.rgb(path)))) >= 5
+        shot = pixels.rgb(path)
+        ink = shot.min(axis=-1) < 0.85  # a page drawn, not a blank window
+        assert ink.mean() > 0.01 and len(pixels.text_rows(pixels.dark(shot))) >= 5
         dest = ARTIFACTS / f"browser_{name}.png"
         shutil.copy(path, dest)
         kept.append(str(dest))
