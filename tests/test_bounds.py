@@ -1,0 +1,82 @@
+"""Stiffness bounds (qctfea.fea.bounds) against the closed forms of a prism between bonded
+platens: columns in uniaxial stress give E A / H, the axial-only field gives M A / H (M the
+constrained modulus lambda + 2 mu), and layers add in series. The bounds of the real and
+demo models against their solves are checked in tests/test_real_workflow.py and
+tests/test_fea.py."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from qctfea.fea.bounds import compression_bounds
+from qctfea.model.tags import TAG_BODY
+
+E1, E2, NU = 300.0, 120.0, 0.3
+
+
+def _box(nx=10, ny=8, nz=12, size=(10.0, 8.0, 12.0)):
+    """A box of linear tetrahedra (each cube in the 6 tetrahedra of its main diagonal)."""
+    axes = [np.linspace(0.0, s, n + 1) for s, n in zip(size, (nx, ny, nz))]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    idx = np.arange(len(points)).reshape(nx + 1, ny + 1, nz + 1)
+    cells = []
+    for perm in itertools.permutations(range(3)):
+        path = [np.zeros(3, int)]
+        for k in perm:
+            step = path[-1].copy()
+            step[k] = 1
+            path.append(step)
+        cells.append(np.stack([idx[p[0]:p[0] + nx, p[1]:p[1] + ny, p[2]:p[2] + nz].reshape(-1)
+                               for p in path], axis=1))
+    return points, np.concatenate(cells)
+
+
+def _constrained(e, nu):
+    return e * (1 - nu) / ((1 + nu) * (1 - 2 * nu))
+
+
+@pytest.mark.parametrize("turned", [False, True])
+def test_bounds_of_a_two_layer_prism_are_the_closed_forms(turned):
+    """Lower half E1, upper half E2 (Poisson's ratio 0.3): columns in series give
+    A / (H1 / E1 + H2 / E2) over the columns' area, the axial field A / (H1 / M1 + H2 / M2)
+    over the whole section; in the scanner's axes and turned by 25 degrees about a skew axis
+    (the body's axis then skew too)."""
+    points, cells = _box()
+    z = points[cells].mean(axis=1)[:, 2]
+    youngs = np.where(z < 6.0, E1, E2)
+    poisson = np.full(len(cells), NU)
+    tags = np.full(len(cells), TAG_BODY)
+    axis, centroid = np.array([0.0, 0.0, 1.0]), np.array([5.0, 4.0, 6.0])
+    if turned:
+        from scipy.spatial.transform import Rotation
+
+        rot = Rotation.from_rotvec(np.radians(25.0) * np.array([1.0, 2.0, 0.5]) / np.sqrt(5.25))
+        points, axis, centroid = rot.apply(points), rot.apply(axis), rot.apply(centroid)
+    b = compression_bounds(points, cells, tags, youngs, poisson, axis, centroid,
+                           zone_fraction=0.25, angle_deg=45.0, ray_mm=0.5)
+    area = 10.0 * 8.0
+    assert b["superior_nodes"] == b["inferior_nodes"] == 11 * 9
+    assert b["upper_n_per_mm"] == pytest.approx(
+        area / (6.0 / _constrained(E1, NU) + 6.0 / _constrained(E2, NU)), rel=1e-9)
+    # the columns' squares: every grid square of the section whose corners are inside it
+    assert 0.8 * area <= b["column_area_mm2"] <= area
+    assert b["lower_n_per_mm"] == pytest.approx(
+        b["column_area_mm2"] / (6.0 / E1 + 6.0 / E2), rel=1e-9)
+
+
+def test_a_ray_that_leaves_the_body_is_no_column():
+    """A notch cut from one side face to mid-height: rays under it leave the body and
+    count for nothing, so the columns' area is the section less the notch's footprint."""
+    points, cells = _box()
+    c = points[cells].mean(axis=1)
+    keep = ~((c[:, 0] < 4.0) & (np.abs(c[:, 2] - 6.0) < 1.0))
+    cells = cells[keep]
+    n = len(cells)
+    b = compression_bounds(points, cells, np.full(n, TAG_BODY), np.full(n, E1),
+                           np.full(n, NU), [0.0, 0.0, 1.0], [5.0, 4.0, 6.0],
+                           zone_fraction=0.25, angle_deg=45.0, ray_mm=0.5)
+    assert 0.8 * 6.0 * 8.0 <= b["column_area_mm2"] <= 6.0 * 8.0
+    assert b["lower_n_per_mm"] == pytest.approx(b["column_area_mm2"] * E1 / 12.0, rel=1e-9)
+    assert b["upper_n_per_mm"] < 10.0 * 8.0 * _constrained(E1, NU) / 12.0
