@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pixels
 import pytest
 import SimpleITK as sitk
 
@@ -370,4 +371,13 @@ def test_a_real_scan_on_a_phantom_calibrates_through_the_workflow(real_scans, tm
     assert cal["intercept"] == pytest.approx(intercept, abs=1.0)
     assert [round(r["diameter_mm"]) for r in cal["rods"]] == [14] * 5
     assert {t["name"] for t in cal["tissues"] if t["found"]} >= {"air", "fat", "muscle"}
-    assert (out / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+    # The picture, read back as pixels: fat's and muscle's markers (tissues checked on the
+    # line, not fitted) in the line panel in the order of their median HU and density (fat
+    # left of and below muscle; the rods share air's colour, so air is not read), and the
+    # tissues' voxels in the slice panel.
+    line, _, voxels = pixels.calibration_panels(out / "calibration.png", effective=False)
+    hu = {t["name"]: t["median_hu"] for t in cal["tissues"] if t["found"]}
+    assert hu["fat"] < hu["muscle"]
+    (xf, yf), (xm, ym) = line["fat"], line["muscle"]
+    assert xf < xm and yf > ym  # image rows grow downwards
+    assert voxels >= {"fat", "muscle"}
