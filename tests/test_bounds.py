@@ -80,3 +80,45 @@ def test_a_ray_that_leaves_the_body_is_no_column():
     assert 0.8 * 6.0 * 8.0 <= b["column_area_mm2"] <= 6.0 * 8.0
     assert b["lower_n_per_mm"] == pytest.approx(b["column_area_mm2"] * E1 / 12.0, rel=1e-9)
     assert b["upper_n_per_mm"] < 10.0 * 8.0 * _constrained(E1, NU) / 12.0
+
+
+def test_a_solve_whose_stiffness_leaves_its_bounds_is_refused(demo_model, tmp_path,
+                                                              monkeypatch):
+    """The solve step checks every result's stiffness against its model's bounds: the demo
+    vertebra's linear compression lies within them (recorded with the result); the same
+    solve made 3x too stiff (as a wrong solve would be) is refused naming the scan, the
+    stiffness and the bounds, with no strength, and the solve gate fails the scan."""
+    import json
+
+    from qctfea.errors import QctfeaError
+    from qctfea.fea import loadcases
+    from qctfea.steps import fea as steps_fea
+
+    r, ctx = demo_model["results"], demo_model["context"]
+    kw = {"case": "compression", "mesh_path": r / "mesh.xdmf",
+          "materials_path": r / "materials.npz", "mask_json": r / "vertebra.json",
+          "screws_path": r / "screws.json", "loads_cfg": {"analysis": "linear"},
+          "solver_cfg": {}, "context": ctx}
+    good = steps_fea.solve(out_json=tmp_path / "good.json", **kw)
+    b = good["stiffness_bounds"]
+    assert b["within"] and b["lower_n_per_mm"] < good["stiffness_n_per_mm"] < b["upper_n_per_mm"]
+    assert "refused" not in good and good["strength_n"] > 0
+    solve = loadcases.solve_compression
+
+    def too_stiff(*args, **kwargs):
+        res = solve(*args, **kwargs)
+        return {**res, "stiffness_n_per_mm": 3.0 * res["stiffness_n_per_mm"]}
+
+    monkeypatch.setattr(loadcases, "solve_compression", too_stiff)
+    out = tmp_path / "compression.json"
+    bad = steps_fea.solve(out_json=out, **kw)
+    rec = json.loads(out.read_text())
+    assert rec["refused"] == bad["refused"] and rec["strength_n"] is None
+    k = 3.0 * good["stiffness_n_per_mm"]
+    for part in (ctx, f"stiffness {k:.0f} N/mm outside the bounds",
+                 f"{b['lower_n_per_mm']:.0f}-{b['upper_n_per_mm']:.0f} N/mm",
+                 "the solve is wrong", "exclude"):
+        assert part in rec["refused"], (part, rec["refused"])
+    with pytest.raises(QctfeaError, match="outside the bounds"):
+        steps_fea.accept_strength(result_paths=[out], out_json=tmp_path / "ok.json",
+                                  context=ctx)

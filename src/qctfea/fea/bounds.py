@@ -216,14 +216,19 @@ def lower_bound(points, cells, youngs, axis, inferior_facets, superior_facets, s
 
 
 def compression_bounds(points, cells, tags, youngs, poisson, axis, centroid, *,
-                       zone_fraction: float, angle_deg: float, ray_mm: float = 0.5) -> dict:
+                       zone_fraction: float, angle_deg: float, ray_mm: float = 0.5,
+                       load_axis=None) -> dict:
     """Lower and upper bound on the compression stiffness of a model (N/mm with moduli in
-    MPa and lengths in mm), with the endplate node counts for comparison with the solve."""
+    MPa and lengths in mm), with the endplate node counts for comparison with the solve.
+    ``axis``: the body's superior axis (selects the endplates); ``load_axis``: the
+    direction the platens move in (default ``axis``; free platens: the scan axis nearest
+    it, pointing the same way)."""
     ends = endplates(points, cells, tags, axis, centroid, zone_fraction=zone_fraction,
                      angle_deg=angle_deg)
-    lower = lower_bound(points, cells, youngs, axis, ends["inferior_facets"],
+    load = axis if load_axis is None else load_axis
+    lower = lower_bound(points, cells, youngs, load, ends["inferior_facets"],
                         ends["superior_facets"], ends["screw_nodes"], ray_mm=ray_mm)
-    upper = upper_bound(points, cells, youngs, poisson, axis, ends["inferior_nodes"],
+    upper = upper_bound(points, cells, youngs, poisson, load, ends["inferior_nodes"],
                         ends["superior_nodes"])
     return {"lower_n_per_mm": lower["stiffness_n_per_mm"], "upper_n_per_mm": upper,
             "column_area_mm2": lower["column_area_mm2"],
@@ -250,3 +255,31 @@ def pullout_upper_bound(points, cells, tags, youngs, poisson, axis, centroid, sc
     return {"upper_n_per_mm": upper_bound(points, cells, youngs, poisson, -b, held, head),
             "head_nodes": int(len(head))}
 
+
+
+def check_solve(case: str, result: dict, *, mesh_path, materials: dict, axis_info: dict,
+                zone_fraction: float, angle_deg: float, head_face_mm: float,
+                screw: dict | None = None, rtol: float = 1e-3) -> dict:
+    """The bounds of a solved load case's model and whether its stiffness lies within them
+    (``within``; ``rtol`` for the solve's tolerance): compression between the lower and the
+    upper bound along the load direction the solve recorded (the body axis, or the scan
+    axis of free platens), pullout below its upper bound. A stiffness outside them means a
+    wrong solve, not a property of the bone."""
+    from qctfea.model.mesh_arrays import read_model
+
+    points, cells, tags = read_model(mesh_path)
+    body = np.asarray(axis_info["superior_axis"], float)
+    args = (points, cells, tags, materials["youngs_mpa"], materials["poisson"], body,
+            axis_info["centroid_mm"])
+    where = {"zone_fraction": zone_fraction, "angle_deg": angle_deg}
+    if case == "compression":
+        load = -np.asarray(result["load_direction"], float)
+        b = compression_bounds(*args, **where, load_axis=load * np.sign(load @ body))
+        out = {"lower_n_per_mm": b["lower_n_per_mm"], "upper_n_per_mm": b["upper_n_per_mm"]}
+    else:
+        out = {"lower_n_per_mm": 0.0, "upper_n_per_mm": pullout_upper_bound(
+            *args, screw, **where, head_face_mm=head_face_mm)["upper_n_per_mm"]}
+    k = result["stiffness_n_per_mm"]
+    out["within"] = bool(out["lower_n_per_mm"] * (1 - rtol) <= k
+                         <= out["upper_n_per_mm"] * (1 + rtol))
+    return out

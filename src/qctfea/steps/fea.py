@@ -184,6 +184,9 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
         # that accept_strength fails the scan and, with --keep-going, the cohort tables are
         # built without it (tables/exclusions.csv gives the reason).
         res = _no_result(lp.analysis, f"solve failed: {exc}", n_dofs=model.n_dofs())
+    if not res.get("failed") and res.get("stiffness_n_per_mm") is not None:
+        res["stiffness_bounds"] = _stiffness_bounds(case, res, mesh_path, npz, axis_info, lp,
+                                                    screw, comm)
     if out_fields:
         _write_fields(model, out_fields, comm)
     res["seconds"]["total"] = time.perf_counter() - t0
@@ -204,6 +207,17 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
             f"No strength is reported. What to do: raise {limit} if the curve still rose at "
             "the end, or smaller increments (loads.increments, loads.min_increment_fraction) "
             "if Newton failed; else exclude the scan (exclude: in the cohort config)")
+    bounds = res.get("stiffness_bounds")
+    if bounds and not bounds.get("within", True) and not res.get("refused"):
+        res["strength_n"] = None
+        res["refused"] = (
+            f"{context}, {case}{' ' + side if side else ''} ({out_json}): stiffness "
+            f"{res['stiffness_n_per_mm']:.0f} N/mm outside the bounds "
+            f"{bounds['lower_n_per_mm']:.0f}-{bounds['upper_n_per_mm']:.0f} N/mm that the model "
+            "gives without solving (docs/science.md#stiffness-bounds): the solve is wrong. No "
+            "strength is reported. What to do: look at the solve log (the linear solver's "
+            "reason, fallbacks); other solver options (solver: in the cohort config) or mesh "
+            "sizes (mesh.*); else exclude the scan (exclude: in the cohort config)")
     res["solver_options"] = {**(stepping.NONLINEAR_PETSC_OPTIONS if lp.analysis == "nonlinear"
                                 else elasticity.DEFAULT_PETSC_OPTIONS), **opts}
     if comm.rank == 0:
@@ -230,6 +244,28 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
             log.info(f"[solve] refused: {res['refused']}")
     comm.barrier()
     return res
+
+
+def _stiffness_bounds(case, res, mesh_path, npz, axis_info, lp, screw, comm) -> dict:
+    """The solved model's stiffness bounds (:func:`qctfea.fea.bounds.check_solve`), computed
+    on rank 0 from the mesh file and shared with every rank; a check that could not run
+    (e.g. a degenerate cell) is recorded with its error and refuses nothing."""
+    from qctfea.fea.bounds import check_solve
+
+    out = None
+    if comm.rank == 0:
+        try:
+            out = check_solve(
+                case, res, mesh_path=mesh_path, materials=npz, axis_info=axis_info,
+                zone_fraction=lp.endplate_zone_fraction, angle_deg=lp.endplate_angle_deg,
+                head_face_mm=lp.head_face_mm,
+                screw=None if screw is None else {"side": screw.side,
+                                                  "entry_mm": screw.entry_mm,
+                                                  "axis": screw.axis})
+        except (ValueError, np.linalg.LinAlgError) as exc:  # a check that could not run
+            out = {"error": f"{type(exc).__name__}: {exc}"}
+            log.warning(f"[solve] stiffness bounds not computed: {out['error']}")
+    return comm.bcast(out, root=0)
 
 
 def _no_result(analysis: str, stop_reason: str, **extra) -> dict:
