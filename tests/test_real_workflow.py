@@ -85,8 +85,8 @@ def test_real_scan_runs_through_the_workflow_to_the_cohort_tables(cohort, tmp_pa
     #   (docs/science.md#stiffness-bounds): compression between the columns' and the axial
     #   field's bound, each screw's pullout below its axial field's bound (no lower bound is
     #   computed for pullout: above 5 kN/mm, a tenth of the values measured, 48-67 kN/mm).
-    check_stiffness_bounds(scan, {c: json.loads((scan / f"{c}.json").read_text()) for c in
-                                  ("compression", "pullout_left", "pullout_right")})
+    check_stiffness_bounds({c: json.loads((scan / f"{c}.json").read_text()) for c in
+                            ("compression", "pullout_left", "pullout_right")})
     assert row["compression_stiffness_n_per_mm"] == json.loads(
         (scan / "compression.json").read_text())["stiffness_n_per_mm"]
     for side in ("left", "right"):

@@ -264,8 +264,11 @@ def check_solve(case: str, result: dict, *, mesh_path, materials: dict, axis_inf
     (``within``; ``rtol`` for the solve's tolerance): compression between the lower and the
     upper bound along the load direction the solve recorded (the body axis, or the scan
     axis of free platens), pullout below its upper bound. A stiffness outside them means a
-    wrong solve, not a property of the bone. Columns every ``ray_mm`` (1 mm: half the time
-    of 0.5 mm on a vertebra, about 1 s, for a lower bound 15-30 % lower)."""
+    wrong solve, not a property of the bone. The bounds hold the nodes the solve held
+    (``nodes_match``: the same numbers of endplate or screw-head nodes as the solve's);
+    when they do not, ``within`` is None: the bounds are of another problem. Columns every
+    ``ray_mm`` (1 mm: half the time of 0.5 mm on a vertebra, about 1 s, for a lower bound
+    15-30 % lower)."""
     from qctfea.model.mesh_arrays import read_model
 
     points, cells, tags = read_model(mesh_path)
@@ -278,10 +281,14 @@ def check_solve(case: str, result: dict, *, mesh_path, materials: dict, axis_inf
         b = compression_bounds(*args, **where, load_axis=load * np.sign(load @ body),
                                ray_mm=ray_mm)
         out = {"lower_n_per_mm": b["lower_n_per_mm"], "upper_n_per_mm": b["upper_n_per_mm"]}
+        nodes = {k: b[k] for k in ("superior_nodes", "inferior_nodes")}
     else:
-        out = {"lower_n_per_mm": 0.0, "upper_n_per_mm": pullout_upper_bound(
-            *args, screw, **where, head_face_mm=head_face_mm)["upper_n_per_mm"]}
+        b = pullout_upper_bound(*args, screw, **where, head_face_mm=head_face_mm)
+        out = {"lower_n_per_mm": 0.0, "upper_n_per_mm": b["upper_n_per_mm"]}
+        nodes = {"head_nodes": b["head_nodes"]}
+    out["nodes_match"] = all(result.get(k) == v for k, v in nodes.items())
     k = result["stiffness_n_per_mm"]
-    out["within"] = bool(out["lower_n_per_mm"] * (1 - rtol) <= k
-                         <= out["upper_n_per_mm"] * (1 + rtol))
+    out["within"] = (bool(out["lower_n_per_mm"] * (1 - rtol) <= k
+                          <= out["upper_n_per_mm"] * (1 + rtol))
+                     if out["nodes_match"] else None)
     return out

@@ -208,7 +208,7 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
             "the end, or smaller increments (loads.increments, loads.min_increment_fraction) "
             "if Newton failed; else exclude the scan (exclude: in the cohort config)")
     bounds = res.get("stiffness_bounds")
-    if bounds and not bounds.get("within", True) and not res.get("refused"):
+    if bounds and bounds.get("within") is False and not res.get("refused"):
         res["strength_n"] = None
         res["refused"] = (
             f"{context}, {case}{' ' + side if side else ''} ({out_json}): stiffness "
@@ -249,7 +249,8 @@ def solve(*, case: str, mesh_path, materials_path, mask_json, screws_path, out_j
 def _stiffness_bounds(case, res, mesh_path, npz, axis_info, lp, screw, comm) -> dict:
     """The solved model's stiffness bounds (:func:`qctfea.fea.bounds.check_solve`), computed
     on rank 0 from the mesh file and shared with every rank; a check that could not run
-    (e.g. a degenerate cell) is recorded with its error and refuses nothing."""
+    (e.g. a degenerate cell) or whose bounds hold other nodes than the solve's is recorded
+    and refuses nothing."""
     from qctfea.fea.bounds import check_solve
 
     out = None
@@ -265,6 +266,10 @@ def _stiffness_bounds(case, res, mesh_path, npz, axis_info, lp, screw, comm) -> 
         except (ValueError, np.linalg.LinAlgError) as exc:  # a check that could not run
             out = {"error": f"{type(exc).__name__}: {exc}"}
             log.warning(f"[solve] stiffness bounds not computed: {out['error']}")
+        else:
+            if not out["nodes_match"]:
+                log.warning("[solve] stiffness bounds not checked: their endplate or head "
+                            "nodes differ from the solve's")
     return comm.bcast(out, root=0)
 
 
