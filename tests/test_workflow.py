@@ -49,9 +49,15 @@ def _cohort(tmp, name, n_patients, timepoints=(("M00", 0), ("M12", 12))):
     return tmp / "cohorts"
 
 
-def test_dry_run_expands_patients_x_timepoints(tmp_path):
-    cd = _cohort(tmp_path / "a", "c", 2)
-    two = _job_counts(cd, "c", tmp_path / "a")
+@pytest.fixture(scope="module")
+def two_patient_counts(tmp_path_factory) -> dict:
+    """Job counts of a dry run of the tiny cohort with 2 patients x 2 timepoints."""
+    tmp = tmp_path_factory.mktemp("dry-two")
+    return _job_counts(_cohort(tmp, "c", 2), "c", tmp)
+
+
+def test_dry_run_expands_patients_x_timepoints(two_patient_counts, tmp_path):
+    two = two_patient_counts
     cd = _cohort(tmp_path / "b", "c", 3)
     three = _job_counts(cd, "c", tmp_path / "b")
     for rule in PER_SCAN:
@@ -67,13 +73,12 @@ def test_dry_run_expands_patients_x_timepoints(tmp_path):
     assert three["total"] - two["total"] == 2 * (len(PER_SCAN) + 3) + len(PER_PATIENT) + 2
 
 
-def test_uncertainty_disabled_has_no_uncertainty_jobs(tmp_path):
+def test_uncertainty_disabled_has_no_uncertainty_jobs(two_patient_counts, tmp_path):
     """uncertainty.enabled: false: no estimate_uncertainty job (one per scan with it on),
     and every other job as with it on."""
     import yaml
 
-    cd = _cohort(tmp_path / "on", "c", 2)
-    on = _job_counts(cd, "c", tmp_path / "on")
+    on = two_patient_counts
     cd = _cohort(tmp_path / "off", "c", 2)
     cfg = yaml.safe_load((cd / "c" / "config.yaml").read_text())
     cfg["uncertainty"] = {**(cfg.get("uncertainty") or {}), "enabled": False}
