@@ -61,7 +61,7 @@ def endplates(points, cells, tags, axis, centroid, *, zone_fraction: float,
     return {"superior_facets": sup, "inferior_facets": inf,
             "superior_nodes": np.setdiff1d(np.unique(sup), screw_nodes),
             "inferior_nodes": np.setdiff1d(np.unique(inf), screw_nodes),
-            "screw_nodes": screw_nodes, "height_mm": float(h.max() - h.min())}
+            "screw_nodes": screw_nodes}
 
 
 def _lame(youngs, poisson):
@@ -88,6 +88,8 @@ def upper_bound(points, cells, youngs, poisson, axis, held_nodes, moved_nodes) -
     from scipy.sparse import coo_matrix
     from scipy.sparse.linalg import spsolve
 
+    if np.intersect1d(held_nodes, moved_nodes).size:
+        raise ValueError("upper bound: a node is both held and moved")
     a = np.asarray(axis, float) / np.linalg.norm(axis)
     lam, mu = _lame(np.asarray(youngs, float), np.asarray(poisson, float))
     grads, vol = _gradients(points, cells)
@@ -105,8 +107,6 @@ def upper_bound(points, cells, youngs, poisson, axis, held_nodes, moved_nodes) -
     used = np.zeros(n, bool)
     used[cells] = True
     free = np.flatnonzero(used & ~fixed)
-    if np.intersect1d(held_nodes, moved_nodes).size:
-        raise ValueError("upper bound: a node is both held and moved")
     phi[free] = spsolve(K[free][:, free].tocsc(), -(K[free] @ phi))
     return float(phi @ (K @ phi))
 
