@@ -4,6 +4,9 @@
 # `QCTFEA_THREE`. Run by hand when upgrading three.js (needs node/npm and the npm registry);
 # the page itself never downloads anything: the bundle is inlined into each page.
 set -euo pipefail
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0
+fi
 THREE_VERSION=${THREE_VERSION:-0.187.0}
 ESBUILD_VERSION=${ESBUILD_VERSION:-0.28.2}
 repo=$(cd "$(dirname "$0")/.." && pwd)

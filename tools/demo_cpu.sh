@@ -5,6 +5,9 @@
 #   bash tools/demo_cpu.sh [extra snakemake options, e.g. --scheduler greedy]
 # Prints: workflow seconds, exit code, and the last sample in clock ticks (getconf CLK_TCK).
 set -u
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0
+fi
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 MPLBACKEND=Agg
 mkdir -p logs/demo

@@ -11,8 +11,8 @@ tests; the table it fed: docs/performance.md ("GAMG threshold of the linear solv
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 
 import dolfinx_solver  # noqa: F401  (before dolfinx or petsc4py)
@@ -26,7 +26,14 @@ from qctfea.steps import load_screws
 
 
 def main() -> None:
-    scan, variants = sys.argv[1], json.loads(sys.argv[2])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("scan", help="a scan's results folder (mesh.xdmf, materials.npz, "
+                    "vertebra.json, screws.json)")
+    ap.add_argument("variants", type=json.loads,
+                    help='JSON object: variant name -> PETSc options, e.g. '
+                    '\'{"default": {}, "threshold 0.01": {"pc_gamg_threshold": 0.01}}\'')
+    args = ap.parse_args()
+    scan, variants = args.scan, args.variants
     mesh, tags = elasticity.read_mesh(f"{scan}/mesh.xdmf")
     npz = np.load(f"{scan}/materials.npz")
     with open(f"{scan}/vertebra.json", encoding="utf-8") as f:
