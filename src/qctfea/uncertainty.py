@@ -83,9 +83,10 @@ class UncertaintyParams:
     registration_sd_mm: float = option(
         0.3, minimum=0,
         doc=("follow-ups: SD per axis of where the baseline's screws land, from the "
-             "registration (at least registration.json `point_spread_mm`); 0.3 mm is the "
-             "demo's measured registration error (docs/registration.md). Enters the least "
-             "significant change"))
+             "registration (at least registration.json `point_spread_mm`); 0.3 mm is an "
+             "assumed value, not a measurement: the bound tests/test_registration.py holds a "
+             "known rigid motion of a demo scan to (largest error over the vertebra). Enters "
+             "the least significant change"))
     #: CV of the yield law's coefficient
     yield_coefficient_cv: float = option(
         0.10, minimum=0,

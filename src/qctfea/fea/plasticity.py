@@ -152,7 +152,7 @@ class NonlinearParams:
              "Mises only"))
     #: nonlinear damage: stiffness kept by a softened element
     residual_fraction: float = option(
-        0.01, minimum=0, maximum=1,
+        0.01, exclusiveMinimum=0, exclusiveMaximum=1,
         doc=("nonlinear `damage`: stiffness a fully softened element keeps, as a fraction of "
              "its own (keeps the system solvable)"))
     #: nonlinear damage: "imex" (extrapolated damage, one linear solve per increment) or
@@ -184,7 +184,7 @@ class NonlinearParams:
              "Pijaudier-Cabot & Bažant 1987), so a softening band is never narrower than it; "
              "elements finer than it use the failure and softening strains of an element of "
              "this size, coarser ones the crack band. On the real L3 the strengths then "
-             "change by 2.4 % (compression) and 0.7 / 1.6 % (pullout) between 1.5 and 1.2 mm "
+             "change by 2.3 % (compression) and 0.7 / 1.6 % (pullout) between 1.5 and 1.2 mm "
              "bone cells ([docs/mesh_convergence.md](../docs/mesh_convergence.md)). Needs "
              "`integration: imex`; `null` = local damage, crack band only (needed by "
              "`newton`)"))
