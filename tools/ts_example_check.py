@@ -14,7 +14,7 @@ top). Get it from the package registry (nothing in the project downloads it):
         'totalsegmentator-2.18.0/tests/reference_files'
     .venv/bin/python tools/ts_example_check.py \\
         /tmp/ts/totalsegmentator-2.18.0/tests/reference_files --out-md /tmp/ts_example.md \\
-        --cohort          # about 4 minutes on 2 cores
+        --cohort          # 2-4 minutes on 2 cores
     .venv/bin/snakemake --cores 2 --config cohort=ts-example   # L4, every option at its default
 
 The same package holds a real DICOM series, ``tests/reference_files/example_ct_dicom`` (20
@@ -128,7 +128,8 @@ def main() -> None:
     ap.add_argument("--out-md", type=Path, required=True)
     ap.add_argument("--levels", nargs="*", default=list(LEVELS))
     ap.add_argument("--cohort", action="store_true",
-                    help="also write config/cohorts/ts-example and ts-example-sm")
+                    help="also write config/cohorts/" + ", ".join(COHORTS)
+                    + " (module docstring)")
     args = ap.parse_args()
     logs.log_to(sys.stderr)
     ct, labels = args.data / CT, args.data / LABELS
