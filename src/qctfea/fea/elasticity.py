@@ -45,7 +45,10 @@ DEFAULT_PETSC_OPTIONS = {
     "ksp_max_it": 1000,
     "pc_type": "gamg",
     "pc_gamg_type": "agg",
-    # Square the graph on the finest level: fewer, better aggregates in 3-D.
+    # Smoothed aggregation: one Jacobi smoothing step of the tentative prolongator T (the
+    # rigid-body modes restricted to each aggregate), P = (I - w D^-1 A) T
+    # (PCGAMGSetNSmooths, PETSc's default; not the smoothing steps of the solve's levels,
+    # mg_levels_ksp_max_it below).
     "pc_gamg_agg_nsmooths": 1,
     # Keep every graph connection when aggregating (threshold 0; it was 0.01): on 4 ranks
     # the real L1's hierarchy with 0.01 left CG indefinite or diverging for compression
