@@ -41,7 +41,10 @@ VARIANTS = {"V0": ("own voxels", None, None, 0.0), "V1": ("3 mm", (3.0, 3.0, 3.0
             # 5 mm slices: outside the range the pipeline is built for (0.5-3 mm); run with
             # --variants V0 V4 V5
             "V4": ("1 x 1 x 5 mm", (1.0, 1.0, 5.0), None, 0.0),
-            "V5": ("1 x 1 x 5 mm, 10° about x", (1.0, 1.0, 5.0), "x", 10.0)}
+            "V5": ("1 x 1 x 5 mm, 10° about x", (1.0, 1.0, 5.0), "x", 10.0),
+            # fine voxels as spine CT protocols give them (--variants V0 V6 V7)
+            "V6": ("0.5 mm", (0.5, 0.5, 0.5), None, 0.0),
+            "V7": ("0.5 x 0.5 x 1 mm, 20° about y", (0.5, 0.5, 1.0), "y", 20.0)}
 #: the variants run unless --variants says otherwise
 DEFAULT_VARIANTS = ("V0", "V1", "V2", "V3")
 #: the test suite's settings (tests/test_real_workflow.py): coarse mesh, linear analysis
