@@ -39,12 +39,11 @@ def test_fit_line_closed_form():
 
 
 def test_areal_bmd_of_a_uniform_box_in_a_permuted_image():
-    """A box of 150 mg/cm³ projected antero-posteriorly: aBMD = rho x AP depth (2.4 cm:
-    0.36 g/cm²), BMC = rho x volume and area = the box's coronal face, by hand. The image's
-    axes are permuted and flipped (x superior, y right, z anterior) with anisotropic voxels,
-    so the AP axis is image z (2 mm voxels), not image y."""
+    """Uniform box: aBMD = rho x AP depth, BMC = rho x volume, area = coronal face, by hand."""
     from qctfea.imaging.bmd import areal_bmd
 
+    # The image's axes are permuted and flipped (x superior, y right, z anterior) and its
+    # voxels anisotropic: the AP axis is image z (2 mm voxels), not image y.
     rho = 150.0
     density = np.full((20, 30, 40), 1000.0)  # z, y, x; bone outside the mask must not count
     box = np.zeros(density.shape, bool)
@@ -63,13 +62,14 @@ def test_areal_bmd_of_a_uniform_box_in_a_permuted_image():
 
 
 def test_around_screw_vbmd_closed_forms_on_an_oblique_grid():
-    """The screw + shell cylinder (radius R = 3.25 + 2 mm, 30 mm long) on an oblique,
-    anisotropic grid (axis oblique to it too): its voxel count is pi R² L / voxel volume;
-    a density of 1 within the screw's radius r and 0 beyond averages (r / R)² over it; a
-    density linear in position averages its value at the cylinder's centre (100 mg/cm³).
-    Tolerances: partial volume, whether a voxel whose centre is near the surface counts, is
-    a coin toss over about 2400 surface voxels (1200 for r): about 0.3 % (0.6 %) of the
-    count, and moves the centroid by about 0.03 mm (end caps); asserted within 5 sd."""
+    """Screw + shell cylinder: count pi R² L / voxel, (r / R)², a linear density's centre."""
+    # The cylinder (radius R = 3.25 + 2 mm, 30 mm long) on an oblique, anisotropic grid, its
+    # axis oblique to the grid too: its voxel count is pi R² L / voxel volume; a density of 1
+    # within the screw's radius r and 0 beyond averages (r / R)² over it; a density linear in
+    # position averages its value at the cylinder's centre (100 mg/cm³). Tolerances: partial
+    # volume, whether a voxel whose centre is near the surface counts, is a coin toss over
+    # about 2400 surface voxels (1200 for r): about 0.3 % (0.6 %) of the count, and moves the
+    # centroid by about 0.03 mm (end caps); asserted within 5 sd.
     from scipy.spatial.transform import Rotation
 
     from qctfea.imaging.bmd import around_screw_vbmd

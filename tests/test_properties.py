@@ -69,9 +69,9 @@ def test_dicom_header_values(slope, intercept, row_sp, col_sp, step, iop_tilt):
        step=st.floats(0.05, 10.0), reverse=st.booleans(), turn_deg=st.integers(0, 359))
 def test_valid_dicom_headers_are_read(slope, intercept, row_sp, col_sp, step, reverse,
                                       turn_deg):
-    """Valid headers (finite slope and intercept, positive spacings, rows and columns turned
-    in the axial plane, slices in either order) are read, never refused: HU = stored x slope
-    + intercept, spacing (column, row, |step|) and row direction as written."""
+    """Valid headers must be read: HU = stored x slope + intercept, spacings, rows as written."""
+    # finite slope and intercept, positive spacings, rows and columns turned in the axial
+    # plane, slices in either order: never refused
     import pydicom
     import test_dicomio as td
     from qctfea.imaging.dicomio import read_dicom_series
@@ -138,9 +138,9 @@ valid_dxa = st.one_of(st.just(""), st.just("dxa/P01.JSON"),
 @given(scans=st.lists(st.tuples(valid_ids, valid_ids), max_size=6, unique=True),
        data=st.data())
 def test_valid_sample_sheets_are_read(scans, data):
-    """Valid sheets (ids of letters, digits, '-' and '_', each scan once, months >= 0, DXA
-    empty, a .json file or a positive number) are read, never refused: one row per line, in
-    order, with the cells written."""
+    """Valid sample sheets must be read, never refused: the rows and cells as written."""
+    # ids of letters, digits, '-' and '_', each scan once, months >= 0, DXA empty, a .json
+    # file or a positive number
     from qctfea.cohort.samples import read_sample_sheet
 
     rows = [(p, t, data.draw(valid_months), data.draw(valid_dxa)) for p, t in scans]

@@ -25,8 +25,7 @@ def _scatter_svg(path, x, y, xticks=(-4, -2, 0, 2, 4, 6, 8), yticks=(0, 20, 40, 
 
 
 def test_points_sit_where_the_axis_tick_labels_put_them(tmp_path):
-    """The tick labels read back are the ones set (-4 with matplotlib's minus sign), and the
-    points lie on the affine map they define, x to the right and y upwards."""
+    """Tick labels read back as set (-4 in matplotlib's minus sign); points on their map."""
     svg = _scatter_svg(tmp_path / "s.svg", X, Y)
     (pts,) = svgdata.scatter_points(svg)
     xt, yt = svgdata.axis_ticks(svg, "x"), svgdata.axis_ticks(svg, "y")
@@ -44,9 +43,10 @@ def test_points_sit_where_the_axis_tick_labels_put_them(tmp_path):
 
 
 def test_a_collapsed_or_rescaled_plot_is_refused(tmp_path):
-    """All points drawn in one place fit an affine map with slope 0 and no residual: refused
-    with or without ticks. Points drawn at 0.5 x + 2 are affine in the data (no
-    least-squares residual) but off the axis' labels by |0.5 x + 2 - x| in SVG units."""
+    """A plot in one place is refused; one at 0.5 x + 2 is off the tick map by |0.5 x + 2 - x|."""
+    # All points in one place fit an affine map with slope 0 and no residual; points at
+    # 0.5 x + 2 are affine in the data (no least-squares residual) but not where the labels
+    # put x.
     svg = _scatter_svg(tmp_path / "flat.svg", np.full(4, 2.0), np.full(4, 20.0))
     (pts,) = svgdata.scatter_points(svg)
     for axis, data in ((0, X), (1, Y)):
