@@ -9,6 +9,7 @@ import itertools
 
 import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
 
 from qctfea.fea.bounds import compression_bounds
 from qctfea.model.tags import TAG_BODY
@@ -33,6 +34,24 @@ def _box(nx=10, ny=8, nz=12, size=(10.0, 8.0, 12.0)):
     return points, np.concatenate(cells)
 
 
+def _grid_squares_inside(rot, size=(10.0, 8.0), ray_mm=0.5):
+    """Area (mm²) of the lower bound's squares of rays (every ``ray_mm`` across the axis,
+    from half a step inside the footprint's extent) whose four corner rays pass inside the
+    section of the box turned by ``rot``: a point-in-rectangle count in the box's own frame,
+    not the bound's ray tracing through the tetrahedra."""
+    from qctfea.fea.bounds import _lateral_basis  # the grid's orientation across the axis
+
+    e1, e2 = _lateral_basis(rot.apply([0.0, 0.0, 1.0]))
+    corners = rot.apply([[x, y, 0.0] for x in (0.0, size[0]) for y in (0.0, size[1])])
+    gu, gv = (np.arange(c.min() + ray_mm / 2, c.max(), ray_mm)
+              for c in (corners @ e1, corners @ e2))
+    rays = (gu[:, None, None] * e1 + gv[None, :, None] * e2).reshape(-1, 3)
+    x, y, _ = rot.inv().apply(rays).reshape(len(gu), len(gv), 3).transpose(2, 0, 1)
+    inside = (x > 0) & (x < size[0]) & (y > 0) & (y < size[1])
+    squares = inside[:-1, :-1] & inside[1:, :-1] & inside[:-1, 1:] & inside[1:, 1:]
+    return float(squares.sum() * ray_mm ** 2)
+
+
 def _constrained(e, nu):
     return e * (1 - nu) / ((1 + nu) * (1 - 2 * nu))
 
@@ -49,9 +68,8 @@ def test_bounds_of_a_two_layer_prism_are_the_closed_forms(turned):
     poisson = np.full(len(cells), NU)
     tags = np.full(len(cells), TAG_BODY)
     axis, centroid = np.array([0.0, 0.0, 1.0]), np.array([5.0, 4.0, 6.0])
+    rot = Rotation.identity()
     if turned:
-        from scipy.spatial.transform import Rotation
-
         rot = Rotation.from_rotvec(np.radians(25.0) * np.array([1.0, 2.0, 0.5]) / np.sqrt(5.25))
         points, axis, centroid = rot.apply(points), rot.apply(axis), rot.apply(centroid)
     b = compression_bounds(points, cells, tags, youngs, poisson, axis, centroid,
@@ -62,8 +80,11 @@ def test_bounds_of_a_two_layer_prism_are_the_closed_forms(turned):
         area / (6.0 / _constrained(E1, NU) + 6.0 / _constrained(E2, NU)), rel=1e-9)
     # the columns' squares: every grid square of the section whose corners are inside it
     assert 0.8 * area <= b["column_area_mm2"] <= area
-    assert b["lower_n_per_mm"] == pytest.approx(
-        b["column_area_mm2"] / (6.0 / E1 + 6.0 / E2), rel=1e-9)
+    columns = _grid_squares_inside(rot)
+    if not turned:  # rays 0.25 mm in from the faces, 0.5 mm apart: 19 x 15 squares
+        assert columns == (10.0 - 0.5) * (8.0 - 0.5) == 71.25
+    assert b["column_area_mm2"] == pytest.approx(columns, rel=1e-12)
+    assert b["lower_n_per_mm"] == pytest.approx(columns / (6.0 / E1 + 6.0 / E2), rel=1e-9)
 
 
 def test_a_ray_that_leaves_the_body_is_no_column():
@@ -78,7 +99,10 @@ def test_a_ray_that_leaves_the_body_is_no_column():
                            np.full(n, NU), [0.0, 0.0, 1.0], [5.0, 4.0, 6.0],
                            zone_fraction=0.25, angle_deg=45.0, ray_mm=0.5)
     assert 0.8 * 6.0 * 8.0 <= b["column_area_mm2"] <= 6.0 * 8.0
-    assert b["lower_n_per_mm"] == pytest.approx(b["column_area_mm2"] * E1 / 12.0, rel=1e-9)
+    # rays at x = 0.25 ... 9.75 mm: those at x > 4 (12 of 20) are columns, 11 x 15 squares
+    columns = (10.0 - 4.0 - 0.5) * (8.0 - 0.5)
+    assert b["column_area_mm2"] == pytest.approx(columns, rel=1e-12)  # 41.25 mm²
+    assert b["lower_n_per_mm"] == pytest.approx(columns * E1 / 12.0, rel=1e-9)  # 1031.25
     assert b["upper_n_per_mm"] < 10.0 * 8.0 * _constrained(E1, NU) / 12.0
 
 

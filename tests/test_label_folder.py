@@ -4,8 +4,8 @@ the same vertebra parts and the same phantomless calibration as its multilabel f
 from __future__ import annotations
 
 import json
+import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -136,4 +136,7 @@ def test_workflow_accepts_a_folder_in_the_labels_column(real_l1, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300, env=None)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "calibrate_density" in p.stdout and "extract_vertebra" in p.stdout
-    assert sys.executable  # the dry run used this environment's snakemake
+    # the rules that read the labels take the folder itself as an input
+    for rule in ("calibrate_density", "extract_vertebra"):
+        job = re.search(rf"(?:rule|checkpoint) {rule}:\n\s+input: ([^\n]*)", p.stdout)
+        assert job and str(real_l1["folder"]) in job.group(1).split(", "), (rule, p.stdout)

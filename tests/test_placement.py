@@ -161,8 +161,9 @@ def test_screw_through_the_canal_is_refused_naming_scan_side_grade_and_what_to_d
 def test_demo_landmark_screws_grade_a_and_planned_screws_converge(demo_scan, tmp_path):
     """The generator's own landmarks run along its pedicle axes: grade A. Planned from the
     mask, both screws are A or B, converge like the generator's pedicles (8-13 degrees,
-    within 6 degrees) and find the canal on the generator's midline (x = 0). The landmark
-    screws are measured against the isthmus that planning finds; neither is wider."""
+    within 6 degrees) and find the canal on the generator's midline (x = 0, within 1 mm).
+    The landmark screws are measured against the isthmus that planning finds; neither is
+    wider."""
     parts = demo_scan["results"] / "vertebra.nii.gz"
     steps_model.plan_screws(landmarks_path=demo_scan["src"] / "landmarks.json", parts_path=parts,
                             out_json=tmp_path / "lm.json", cfg={}, context=demo_scan["context"])
@@ -173,9 +174,17 @@ def test_demo_landmark_screws_grade_a_and_planned_screws_converge(demo_scan, tmp
                             cfg={}, context=demo_scan["context"], planning={"method": "auto"},
                             out_png=tmp_path / "auto.png")
     rec = json.loads((tmp_path / "auto.json").read_text())
-    assert rec["frame"]["canal"]["found"]
+    canal = rec["frame"]["canal"]
+    assert canal["found"], canal
+    # The frame's mid-plane is moved onto the canal (its l_mm is then 0 by construction):
+    # that plane against the generator's, halfway between its mirror-image entry landmarks.
+    marks = json.loads((demo_scan["src"] / "landmarks.json").read_text())
+    e_left, e_right = (np.array(marks[side]["entry_mm"]) for side in ("left", "right"))
+    lateral = (e_left - e_right) / np.linalg.norm(e_left - e_right)
+    off = (np.array(rec["frame"]["midline_point_mm"]) - (e_left + e_right) / 2) @ lateral
+    assert abs(off) < 1.0, (off, canal)
     for s in rec["screws"]:
-        assert s["placement"]["grade"] in "AB", s["placement"]
+        assert s["placement"]["grade"] in {"A", "B"}, s["placement"]
         assert 2.0 < s["planning"]["convergence_deg"] < 19.0, s["planning"]
         # the landmark screws are measured against the isthmus the planning found
         lm = landmark[s["side"]]["planning"]

@@ -13,7 +13,8 @@ from qctfea import steps
 from qctfea.steps import vertebra as steps_vertebra
 from qctfea.steps import model as steps_model
 from qctfea.imaging.masks import BODY, POSTERIOR, TRABECULAR
-from qctfea.model.planning import TRAJECTORIES, PlanParams, _Grid, plan_from_mask, trajectory
+from qctfea.model.planning import (ANGLE_STEP, TRAJECTORIES, PlanParams, _Grid, plan_from_mask,
+                                   trajectory)
 from qctfea.errors import QctfeaError
 from qctfea.provenance import read_json
 from qctfea.cohort.samples import read_sample_sheet
@@ -87,6 +88,13 @@ def inside_fn(img: sitk.Image):
     return bone_lookup(img)
 
 
+def _medial_deg(axis, side: str, anat=np.eye(3)) -> float:
+    """Medial angle (degrees) of a screw axis in an anatomical frame ``anat`` (columns: left,
+    posterior, superior), from the axis alone: towards the midline positive."""
+    q = anat.T @ np.asarray(axis, float)
+    return float(np.degrees(np.arctan2(-(1.0 if side == "left" else -1.0) * q[0], -q[1])))
+
+
 def _line_distance(p, entry, axis) -> float:
     rel = np.asarray(p) - entry
     return float(np.linalg.norm(rel - (rel @ axis) * axis))
@@ -136,6 +144,12 @@ def test_synthetic_screws_through_the_pedicle_isthmus(synth):
         assert sc.spec.diameter_mm == 6.5
         lateral[side] = ((sc.entry_mm - CENTRE) @ left_axis, (sc.tip_mm - CENTRE) @ left_axis)
         assert 5.0 < info["convergence_deg"] < 25.0
+        # the built pedicles converge PEDICLE_DEG; the search, in steps of ANGLE_STEP, prefers
+        # the nominal 15 degrees among near-equal clearances: within two steps (measured
+        # 15.0 left, 12.5 right), 0.5 degree for the frame found from the mask
+        medial = _medial_deg(sc.axis, side, ANAT)
+        assert abs(medial - PEDICLE_DEG) <= 2 * ANGLE_STEP + 0.5, (side, medial)
+        assert info["convergence_deg"] == pytest.approx(medial, abs=0.5)
     # Converging: both tips closer to the mid-sagittal plane than their entries.
     for side, (entry, tip) in lateral.items():
         assert abs(tip) < abs(entry), side
@@ -441,18 +455,23 @@ def test_short_pedicles_of_a_coarse_label_map_are_not_mistaken_for_the_lamina():
         assert 14.0 <= centre[1] <= 22.0, (side, centre)  # the pedicle, before the block
         assert abs(abs(centre[0]) - 15.0) < 2.0, (side, centre)
         assert 5.0 <= sc.planning["convergence_deg"] <= 25.0
+        # these straight pedicles leave the angle to the search (15 degrees): the recorded
+        # one is the screw's, measured from its axis in the generator's (the image's) axes
+        medial = _medial_deg(sc.axis, side)
+        assert 5.0 - 1e-6 <= medial <= 25.0 + 1e-6, (side, medial)
+        assert sc.planning["convergence_deg"] == pytest.approx(medial, abs=0.1), side
         assert breach_report(sc, inside_fn(img))["axis_outside_bone_mm"] == 0.0
 
     def isthmus_depths(split: float, taper: float) -> list[float]:
         old = planning.SPLIT_FRACTION, planning.TAPER_TOLERANCE
         planning.SPLIT_FRACTION, planning.TAPER_TOLERANCE = split, taper
         try:
-            return [s.planning["isthmus_centre_mm"][1] for s in
-                    plan_from_mask(img, ScrewSpec(), AUTO, "short pedicles")]
-        except QctfeaError:
-            return [np.inf]
+            depths = [s.planning["isthmus_centre_mm"][1] for s in
+                      plan_from_mask(img, ScrewSpec(), AUTO, "short pedicles")]
         finally:
             planning.SPLIT_FRACTION, planning.TAPER_TOLERANCE = old
+        assert len(depths) == 2 and np.all(np.isfinite(depths)), depths
+        return depths
 
     # Each stop alone keeps the isthmus in the pedicle; without both (a split never seen, no
     # taper dropped) the search runs on past the block.

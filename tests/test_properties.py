@@ -63,6 +63,42 @@ def test_dicom_header_values(slope, intercept, row_sp, col_sp, step, iop_tilt):
                                rtol=1e-5, atol=1e-3)
 
 
+@SETTINGS
+@given(slope=st.floats(1e-3, 1e3), intercept=st.floats(-5e3, 5e3),
+       row_sp=st.floats(0.05, 10.0), col_sp=st.floats(0.05, 10.0),
+       step=st.floats(0.05, 10.0), reverse=st.booleans(), turn_deg=st.integers(0, 359))
+def test_valid_dicom_headers_are_read(slope, intercept, row_sp, col_sp, step, reverse,
+                                      turn_deg):
+    """Valid headers must be read: HU = stored x slope + intercept, spacings, rows as written."""
+    # finite slope and intercept, positive spacings, rows and columns turned in the axial
+    # plane, slices in either order: never refused
+    import pydicom
+    import test_dicomio as td
+    from qctfea.imaging.dicomio import read_dicom_series
+
+    t = np.deg2rad(turn_deg)
+    row, col = np.round([np.cos(t), np.sin(t), 0.0], 8), np.round([-np.sin(t), np.cos(t), 0.0], 8)
+    ds_ = pydicom.valuerep.DSfloat  # what pydicom writes for a drawn value
+    slope, intercept, row_sp, col_sp = (float(ds_(v, auto_format=True))
+                                        for v in (slope, intercept, row_sp, col_sp))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "s"
+        series = td.write_series(folder, iop=(*row, *col), step=-step if reverse else step,
+                                 strays=False)
+        for f in series.files:
+            ds = pydicom.dcmread(f)
+            ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+            ds.PixelSpacing = [row_sp, col_sp]
+            ds.save_as(f, enforce_file_format=True)
+        img, _ = read_dicom_series(folder, context=td.CONTEXT)
+    np.testing.assert_allclose(img.GetSpacing(), (col_sp, row_sp, step), rtol=1e-6)
+    np.testing.assert_allclose(img.GetDirection()[::3], row, atol=1e-6)  # first column
+    stored = np.sort(np.concatenate([s.ravel() for s in series.stored]).astype(float))
+    np.testing.assert_allclose(np.sort(sitk.GetArrayFromImage(img).ravel()),
+                               (stored * slope + intercept).astype(np.float32),
+                               rtol=1e-5, atol=1e-3)
+
+
 ids = st.text(alphabet=st.characters(codec="ascii", exclude_characters="\t\n\r#"), max_size=6)
 cells = st.one_of(ids, st.sampled_from(["0", "12", "-3", "nan", "inf", "1e400", "", "0.9",
                                         "x.json"]))
@@ -89,6 +125,36 @@ def test_sample_sheets(rows):
     assert not df.duplicated(["patient", "timepoint"]).any()
     assert all(math.isfinite(float(m)) for m in df["months"])
     assert all(p.strip() for p in df["patient"])
+
+
+valid_ids = st.text(alphabet="AZaz09_-", min_size=1, max_size=6)
+valid_months = st.one_of(st.integers(0, 600).map(str),
+                         st.floats(0.0, 1e4, allow_nan=False).map(repr))
+valid_dxa = st.one_of(st.just(""), st.just("dxa/P01.JSON"),
+                      st.floats(0.1, 3.0).map(lambda v: f"{v:.4f}"))
+
+
+@SETTINGS
+@given(scans=st.lists(st.tuples(valid_ids, valid_ids), max_size=6, unique=True),
+       data=st.data())
+def test_valid_sample_sheets_are_read(scans, data):
+    """Valid sample sheets must be read, never refused: the rows and cells as written."""
+    # ids of letters, digits, '-' and '_', each scan once, months >= 0, DXA empty, a .json
+    # file or a positive number
+    from qctfea.cohort.samples import read_sample_sheet
+
+    rows = [(p, t, data.draw(valid_months), data.draw(valid_dxa)) for p, t in scans]
+    with tempfile.TemporaryDirectory() as tmp:
+        sheet = Path(tmp) / "samples.tsv"
+        lines = ["patient\ttimepoint\tmonths\timage\tlabels\tlandmarks\tdxa"]
+        lines += [f"{p}\t{t}\t{m}\timg\tlab\tlm\t{d}" for p, t, m, d in rows]
+        sheet.write_text("\n".join(lines) + "\n")
+        df = read_sample_sheet(sheet)
+    assert df["patient"].tolist() == [r[0] for r in rows]
+    assert df["timepoint"].tolist() == [r[1] for r in rows]
+    assert df["months"].tolist() == [float(r[2]) for r in rows]
+    assert df["dxa"].tolist() == [r[3] for r in rows]
+    assert (df["image"] == "img").all() and (df["labels"] == "lab").all()
 
 
 CONFIG_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 100), floats,

@@ -38,7 +38,7 @@ def test_real_scan_screws_in_bone_converging(case, spacing, axis, deg, scale, tm
     assert r["canal"]["found"], r["canal"]
     assert 100 < r["canal"]["area_mm2"] < 500  # thoracolumbar canals: about 150-300 mm²
     for s in r["screws"]:
-        assert s["placement"]["grade"] in "AB", (s["side"], s["placement"])
+        assert s["placement"]["grade"] in {"A", "B"}, (s["side"], s["placement"])
         # at their own resolution both scans have lines fully in bone on both sides, and the
         # planner grades its best lines before choosing (the L1's right screw was B before)
         assert axis is not None or s["placement"]["grade"] == "A", (s["side"],
@@ -161,7 +161,7 @@ def test_a_patient_turned_in_the_scanner_gets_turned_screws_and_axis(tmp_path):
                      turn=rot)
         assert "error" not in r, (name, r.get("error"))
         for s in r["screws"]:
-            assert s["placement"]["grade"] in "AB", (name, s["side"], s["placement"])
+            assert s["placement"]["grade"] in {"A", "B"}, (name, s["side"], s["placement"])
             assert 5.0 - 1e-6 <= s["planning"]["convergence_deg"] <= 25.0 + 1e-6, (
                 name, s["planning"])
         axes[name] = np.array(r["superior"])

@@ -97,23 +97,28 @@ def test_cohort_rules_run_with_a_missing_followup(cohort_run: dict) -> None:
         assert ET.parse(figs / f"{stem}.svg").getroot().tag.endswith("svg")
     assert len(list(figs.glob("*.png"))) == len(list(figs.glob("*.svg"))) == 14
     # The figures show the table's numbers. Spaghetti: one grey line per patient in patient
-    # order (P03's without M12), a marker at each scan's (months, value);
+    # order (P03's without M12), a marker at each scan's (months, value) where the axes'
+    # tick labels put it (the months axis labelled "M12\n12 mo");
     pull = long.sort_values(["patient", "months"])
-    lines = svgdata.line_markers(figs / "spaghetti_pullout_strength_n.svg", "#999999")
+    svg = figs / "spaghetti_pullout_strength_n.svg"
+    lines = svgdata.line_markers(svg, "#999999")
     assert [len(m) for m in lines] == pull.groupby("patient").size().tolist() == [3, 3, 2, 3, 3]
     drawn = np.concatenate(lines)
-    assert svgdata.affine_residual(pull["months"], drawn[:, 0]) < 0.01
-    assert svgdata.affine_residual(pull["pullout_strength_n"], drawn[:, 1]) < 0.01
+    assert svgdata.affine_residual(pull["months"], drawn[:, 0],
+                                   svgdata.axis_ticks(svg, "x", r"([\d.]+) mo")) < 0.01
+    assert svgdata.affine_residual(pull["pullout_strength_n"], drawn[:, 1],
+                                   svgdata.axis_ticks(svg, "y")) < 0.01
     # scatter: one collection per timepoint with a point per scan, where its values are;
     tp = long.sort_values("months")["timepoint"].unique()
-    pts = svgdata.scatter_points(figs / "scatter_pullout_trabecular_vbmd_mg_cm3.svg")
+    svg = figs / "scatter_pullout_trabecular_vbmd_mg_cm3.svg"
+    pts = svgdata.scatter_points(svg)
     by_tp = [long[long["timepoint"] == t] for t in tp]
     assert [len(p) for p in pts] == [len(d) for d in by_tp] == [5, 4, 5]
     for axis, col in enumerate(("trabecular_vbmd_mg_cm3", "pullout_strength_n")):
         got = np.concatenate([p[:, axis] for p in pts])
         want = np.concatenate([d[col].to_numpy() for d in by_tp])
         # matplotlib draws a collection's points in the data's order
-        assert svgdata.affine_residual(want, got) < 0.01, col
+        assert svgdata.affine_residual(want, got, svgdata.axis_ticks(svg, "xy"[axis])) < 0.01, col
     # areal BMD: DXA where a timepoint has it (M24 has 4 of 5), as correlations.csv's n;
     pts = svgdata.scatter_points(figs / "scatter_pullout_areal_bmd_g_cm2.svg")
     assert [len(p) for p in pts] == [areal.loc[t, "n"] for t in tp]
