@@ -393,27 +393,38 @@ def test_a_linearly_resampled_label_map_is_refused(real_l1_ingested, tmp_path):
     assert as_float["vertebra_volume_cm3"] == mask("int.nii.gz")["vertebra_volume_cm3"]
 
 
-@pytest.mark.parametrize("shift_mm", [0.0, 3.0])
-def test_a_label_map_off_its_ct_is_refused(real_l1_ingested, tmp_path, shift_mm):
+@pytest.mark.parametrize("case", ["as given", "labels 3 mm off", "labels 70 mm off",
+                                  "CT mirrored"])
+def test_a_label_map_off_its_ct_is_refused(real_l1_ingested, tmp_path, case):
     """The real L1's labels as given fit the CT's bone edges best where they are (offset
     0); with their origin moved 3 mm along x (a header off by 3 mm, or another visit's
     labels), the vertebra's edge contrast falls (211 -> 92 HU) and the search finds the
-    3 mm back: refused, naming the offset."""
+    3 mm back: refused, naming the offset. Moved 70 mm (cropped without their origin), or
+    on the CT's voxels mirrored left-right (the header kept), they lie on no bone edge the
+    search reaches (edge contrast below 50 HU): refused, naming mirroring and cropping."""
     src, root = real_l1_ingested["src"], real_l1_ingested["root"]
     lab = sitk.ReadImage(str(src / "labels.nii.gz"))
+    shift_mm = {"labels 3 mm off": 3.0, "labels 70 mm off": 70.0}.get(case, 0.0)
     origin = np.array(lab.GetOrigin())
     origin[0] += shift_mm
     lab.SetOrigin(origin.tolist())
     sitk.WriteImage(lab, str(tmp_path / "labels.nii.gz"))
+    ct_path = root / "ct.nii.gz"
+    if case == "CT mirrored":
+        ct = sitk.ReadImage(str(ct_path))
+        flipped = sitk.GetImageFromArray(sitk.GetArrayFromImage(ct)[:, :, ::-1].copy())
+        flipped.CopyInformation(ct)
+        ct_path = tmp_path / "ct.nii.gz"
+        sitk.WriteImage(flipped, str(ct_path))
 
     def mask():
-        steps_vertebra.mask(ct_path=root / "ct.nii.gz", labels_path=tmp_path / "labels.nii.gz",
+        steps_vertebra.mask(ct_path=ct_path, labels_path=tmp_path / "labels.nii.gz",
                             out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
                             cfg={"convention": "totalsegmentator", "vertebra": "L1"},
                             context=CTX)
         return json.loads((tmp_path / "v.json").read_text())["label_fit"]
 
-    if not shift_mm:
+    if case == "as given":
         fit = mask()
         assert fit["fits"] and fit["best_offset_mm"] == [0.0, 0.0, 0.0]
         assert fit["edge_contrast"] > 150
@@ -422,9 +433,15 @@ def test_a_label_map_off_its_ct_is_refused(real_l1_ingested, tmp_path, shift_mm)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # resampled onto the CT's grid
             mask()
-    msg = _has(err, CTX, "labels.nii.gz", "does not sit on the CT's bone", "another visit")
-    dx = float(msg.split("moved by (")[1].split(",")[0])
-    assert dx == pytest.approx(-shift_mm, abs=0.75)  # back by the shift, to a voxel (0.7 mm)
+    if case == "labels 3 mm off":
+        msg = _has(err, CTX, "labels.nii.gz", "does not sit on the CT's bone", "another visit")
+        dx = float(msg.split("moved by (")[1].split(",")[0])
+        assert dx == pytest.approx(-shift_mm, abs=0.75)  # back by the shift, to a voxel
+        return
+    msg = _has(err, CTX, "labels.nii.gz", "does not sit on the CT's bone", "mirrored",
+               "cropped without updating its header")
+    contrast = float(msg.split("edge contrast is ")[1].split(" ")[0])
+    assert contrast < 50
 
 
 def _box_vertebra(spacing=1.0):

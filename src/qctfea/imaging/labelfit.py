@@ -10,12 +10,19 @@ contrast B(t) peaks where it lies on the bone's edges. The offset that maximises
 sought by coordinate steps (each axis in turn, 1 mm or one voxel apart, up to
 ``SEARCH_MM``, repeated until it no longer moves). A label map whose best offset is at least
 ``MIN_OFFSET_MM`` away and raises the edge contrast by ``MIN_GAIN`` times or more (and by
-``MIN_GAIN_UNITS``) does not sit on its CT. A specimen with end caps is not checked (its
-caps may be as dense as its bone).
+``MIN_GAIN_UNITS``) does not sit on its CT; nor does one whose edge contrast where it lies is
+below ``MIN_EDGE_CONTRAST``, wherever the search ends: a label map far off its CT (an origin
+lost in cropping, a CT mirrored or transposed against its labels) lies on no bone edge within
+the search's reach, so no offset there fits better. A specimen with end caps is not checked
+(its caps may be as dense as its bone).
 
 Measured on the real scans (docs/screw_planning.md): the labels as given have their
 largest edge contrast at offset 0 (TotalSegmentator L1 211 HU, VerSe L3 300 HU); moved
-4 mm along x, 66 and 34 HU, and the search finds the 4 mm back.
+4 mm along x, 66 and 34 HU, and the search finds the 4 mm back. As given, on every grid
+the real scans were resampled to (0.5 to 5 mm voxels, turned grids): 92-300 HU, the lowest
+on 0.5 mm grids interpolated from coarser scans (one voxel layer holds less of the blurred
+cortex). Far off: the L1's CT mirrored left-right against its labels 31 HU, its labels moved 70 mm
+along x -5 HU (tests/test_labels.py), its CT's x and y swapped -9 HU.
 """
 from __future__ import annotations
 
@@ -31,6 +38,9 @@ MIN_OFFSET_MM = 1.0
 #: label map is off its CT
 MIN_GAIN = 1.5
 MIN_GAIN_UNITS = 40.0
+#: a label map whose edge contrast where it lies is below this (CT units) lies on no bone
+#: edge: about half the lowest measured on a label map as given (92 HU, module doc)
+MIN_EDGE_CONTRAST = 50.0
 
 
 def _shells(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,10 +83,13 @@ def edge_fit(values_zyx: np.ndarray, mask_zyx: np.ndarray, spacing_xyz) -> dict:
             break
     off = (t * sp)[::-1]  # x, y, z mm (array axes reversed)
     length = float(np.linalg.norm(off))
-    fits = not (length >= MIN_OFFSET_MM and best >= MIN_GAIN * b0
-                and best - b0 >= MIN_GAIN_UNITS)
+    moved = (length >= MIN_OFFSET_MM and best >= MIN_GAIN * b0
+             and best - b0 >= MIN_GAIN_UNITS)
+    no_edge = b0 < MIN_EDGE_CONTRAST
     return {"edge_contrast": b0, "best_edge_contrast": best,
-            "best_offset_mm": [float(v) for v in off], "offset_mm": length, "fits": fits,
+            "best_offset_mm": [float(v) for v in off], "offset_mm": length,
+            "fits": not (moved or no_edge), "no_edge": no_edge,
             "rule": (f"off its CT when an offset of at least {MIN_OFFSET_MM:g} mm raises the "
                      f"edge contrast {MIN_GAIN:g} times or more and by {MIN_GAIN_UNITS:g} or "
-                     f"more (searched to {SEARCH_MM:g} mm per axis)")}
+                     f"more (searched to {SEARCH_MM:g} mm per axis), or when the edge "
+                     f"contrast where it lies is below {MIN_EDGE_CONTRAST:g}")}

@@ -234,6 +234,19 @@ def _label_fit(values: np.ndarray, target: np.ndarray, ct: sitk.Image, context: 
     from qctfea.imaging import labelfit
 
     fit = labelfit.edge_fit(values, target, np.asarray(ct.GetSpacing(), float))
+    if fit["no_edge"]:
+        raise QctfeaError(
+            f"{context}: the label map {labels_path} does not sit on the CT's bone: its target "
+            f"vertebra's edge contrast is {fit['edge_contrast']:.0f} (the CT's mean value on "
+            "the label's inner boundary layer minus that just outside it; at least "
+            f"{labelfit.MIN_EDGE_CONTRAST:g} needed, 92-300 HU measured on label maps lying on "
+            "their CT), and no offset within "
+            f"{labelfit.SEARCH_MM:g} mm finds the bone's edges (best "
+            f"{fit['best_edge_contrast']:.0f}); screws would be graded, and densities "
+            "measured, on the wrong voxels. Check that the label map belongs to this CT "
+            "(labels column of the sample sheet), that neither image was mirrored, "
+            "transposed or cropped without updating its header (origin, spacing, direction), "
+            "and that both were written from the same series")
     if not fit["fits"]:
         dx, dy, dz = fit["best_offset_mm"]
         raise QctfeaError(
