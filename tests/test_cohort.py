@@ -626,14 +626,32 @@ def test_statistics_and_tables_with_missing_followup(tmp_path: Path) -> None:
     data = s["headlines"][0]
     assert "17 of 18 planned scans" in data and "missing P3 M12" in data
     assert "the mixed models all 17 scans" in data
+    # A patient whose every scan a gate refused still counts as planned, named as refused
+    ex = tmp_path / "exclusions.csv"
+    cohort.write_exclusions([
+        {"patient": "P9", "timepoint": t, "months": m, "reason": "label map off its CT",
+         "excluded_by": "accept_vertebra"} for t, m in (("M00", 0.0), ("M12", 12.0),
+                                                        ("M24", 24.0))], ex)
+    s = cohort.statistics(long_csv, tmp_path / "stats", exclusions_csv=ex)
+    assert (s["n_patients"], s["n_patients_planned"]) == (6, 7)
+    assert (s["n_scans"], s["n_scans_planned"]) == (17, 21)
+    data = s["headlines"][0]
+    assert data.startswith("Data: 17 of 21 planned scans (7 patients x 3 timepoints; analysed: "
+                           "6 patients")
+    assert "refused by a gate: P9 M00 (accept_vertebra: label map off its CT)" in data
+    assert "excluded by the cohort config" not in data
     m12 = [h for h in s["headlines"] if h.startswith("Pullout strength") and "to M12" in h][0]
     assert "n = 5 pairs; not paired: P3" in m12 and "mixed model (16 scans of 6 patients)" in m12
 
 
 def test_exclusions_round_trip_and_need_a_reason(tmp_path: Path) -> None:
-    entries = [{"patient": "P1", "timepoint": "M12", "months": 12.0, "reason": "motion"}]
+    """Entries without ``excluded_by`` are the cohort config's; a gate's refusal keeps its."""
+    entries = [{"patient": "P1", "timepoint": "M12", "months": 12.0, "reason": "motion"},
+               {"patient": "P2", "timepoint": "M00", "months": 0.0, "reason": "grade D",
+                "excluded_by": "accept_screws"}]
     cohort.write_exclusions(entries, tmp_path / "ex.csv")
-    assert cohort.read_exclusions(tmp_path / "ex.csv") == entries
+    assert cohort.read_exclusions(tmp_path / "ex.csv") == [
+        {**entries[0], "excluded_by": "cohort config"}, entries[1]]
     cohort.write_exclusions([], tmp_path / "none.csv")
     assert cohort.read_exclusions(tmp_path / "none.csv") == []
     with pytest.raises(QctfeaError, match="patient P1, timepoint M12 has no reason"):
@@ -679,28 +697,40 @@ def test_refusal_entries_name_the_first_refusing_gate(tmp_path: Path) -> None:
     """Each scan's gates in order: the first gate whose records refuse names the reason (all
     of that gate's refusals, joined), and the gates after it are never read (their jobs
     did not run: the files do not exist here)."""
-    def rec(name: str, refused: str | None = None) -> str:
-        path = tmp_path / name
+    def rec(where: str, refused: str | None = None) -> str:
+        path = tmp_path / where  # <patient>/<timepoint>/<record>.json, as the workflow's
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"refused": refused} if refused else {"strength_n": 1.0}))
         return str(path)
 
     never_made = str(tmp_path / "never_made.json")
     scans = [
         {"patient": "P1", "timepoint": "M00", "months": 0.0,  # every gate passed
-         "gates": [[rec("s1.json")], [rec("c1.json"), rec("l1.json"), rec("r1.json")]]},
+         "gates": [[rec("P1/M00/scan.json")], [rec("P1/M00/compression.json"),
+                                               rec("P1/M00/pullout_left.json")]]},
         {"patient": "P1", "timepoint": "M12", "months": 12.0,  # registration refused
-         "gates": [[rec("s1.json")], [rec("reg.json", "Dice 0.61 < 0.75")], [never_made]]},
+         "gates": [[rec("P1/M12/scan.json")],
+                   [rec("P1/M12/registration.json", "Dice 0.61 < 0.75")], [never_made]]},
         {"patient": "P2", "timepoint": "M00", "months": 0.0,  # two load cases without peak
-         "gates": [[rec("s2.json")], [rec("c2.json", "compression: peak not reached"),
-                                      rec("l2.json"), rec("r2.json", "right: peak not reached")]]},
+         "gates": [[rec("P2/M00/scan.json")],
+                   [rec("P2/M00/compression.json", "compression: peak not reached"),
+                    rec("P2/M00/pullout_left.json"),
+                    rec("P2/M00/pullout_right.json", "right: peak not reached")]]},
         {"patient": "P3", "timepoint": "M00", "months": 0.0,  # screws refused at planning
-         "gates": [[rec("s3.json", "left screw grade D")], [never_made]]},
+         "gates": [[rec("P3/M00/screws.json", "left screw grade D")], [never_made]]},
+        {"patient": "P3", "timepoint": "M12", "months": 12.0,  # its baseline's screws
+         "gates": [[rec("P3/M12/scan.json")], [rec("P3/M00/screws.json", "left screw grade D")],
+                   [never_made]]},
     ]
     assert longtable.refusal_entries(scans) == [
-        {"patient": "P1", "timepoint": "M12", "months": 12.0, "reason": "Dice 0.61 < 0.75"},
-        {"patient": "P2", "timepoint": "M00", "months": 0.0,
+        {"patient": "P1", "timepoint": "M12", "months": 12.0,
+         "excluded_by": "accept_registration", "reason": "Dice 0.61 < 0.75"},
+        {"patient": "P2", "timepoint": "M00", "months": 0.0, "excluded_by": "accept_strength",
          "reason": "compression: peak not reached; right: peak not reached"},
-        {"patient": "P3", "timepoint": "M00", "months": 0.0, "reason": "left screw grade D"}]
+        {"patient": "P3", "timepoint": "M00", "months": 0.0, "excluded_by": "accept_screws",
+         "reason": "left screw grade D"},
+        {"patient": "P3", "timepoint": "M12", "months": 12.0,
+         "excluded_by": "accept_screws (of M00)", "reason": "left screw grade D"}]
 
 
 # --------------------------------------------------------------------------- uncertainty

@@ -289,6 +289,7 @@ def test_excluded_scan_is_listed_with_its_reason(tmp_path: Path) -> None:
     res = tmp_path / "results" / NAME
     ex = pd.read_csv(res / "tables" / "exclusions.csv", dtype=str)
     assert ex.to_dict("records") == [{"patient": "P01", "timepoint": "M24", "months": "24.0",
+                                      "excluded_by": "cohort config",
                                       "reason": "motion artefact at L4"}]
     long = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
     assert len(long) == len(sheet) - 1 == 13
@@ -353,6 +354,11 @@ def test_scans_refused_by_a_gate_are_left_out_and_listed(cohort_run: dict,
         ["P03", "M24", scan_msg],
         ["P04", "M00", cal_msg], ["P04", "M12", cal_msg], ["P04", "M24", cal_msg],
         ["P05", "M24", vert_msg]]
+    # which gate refused each (a follow-up refused with its baseline says so)
+    assert ex["excluded_by"].tolist() == [
+        "accept_registration", "accept_strength", "accept_mesh", "accept_scan",
+        "accept_calibration", "accept_calibration (of M00)", "accept_calibration (of M00)",
+        "accept_vertebra"]
     long = pd.read_csv(res / "tables" / "longitudinal.csv", dtype={"patient": str})
     kept = ~(((before["patient"] == "P01") & (before["timepoint"] == "M24"))
              | ((before["patient"] == "P02") & (before["timepoint"] == "M12"))

@@ -192,8 +192,9 @@ SUBCOMMANDS = (
 "models, correlations, summary.json", False, (
         _arg("long_csv"),
         _arg("--out-dir", required=True),
-        _arg("--exclusions", help="exclusions CSV (patient, timepoint, months, reason) "
-             "of scans the cohort config leaves out; named in summary.json"),
+        _arg("--exclusions", help="exclusions CSV (patient, timepoint, months, excluded_by, "
+             "reason) of scans the cohort config leaves out or a gate refused; named in "
+             "summary.json"),
     )),
     ("tables", "longitudinal table -> wide table, change from "
 "baseline, summary per timepoint, Table 1", False, (

@@ -50,8 +50,9 @@ from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, provenance, read_json, write_json
 from qctfea.cohort.headlines import headlines
 from qctfea.cohort.longtable import (
-    DEFAULT_METRICS, NO_SCAN_KEPT, SCAN_FILES, SIDE_METRICS, opt_float, available_metrics,
-    least_significant_changes, longitudinal_table, missing_scans, placement_columns,
+    BY_CONFIG, DEFAULT_METRICS, NO_SCAN_KEPT, SCAN_FILES, SIDE_METRICS, opt_float,
+    available_metrics, least_significant_changes, longitudinal_table, missing_scans,
+    placement_columns, planned_scans,
     protocol_columns, read_long_table, registration_columns, scan_row, timepoint_months,
     uncertainty_columns, with_resolved_areal,
 )
@@ -272,12 +273,15 @@ def tables(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 #: Columns of tables/exclusions.csv (scans the cohort config excludes, with the reason).
-EXCLUSION_COLUMNS = ["patient", "timepoint", "months", "reason"]
+EXCLUSION_COLUMNS = ["patient", "timepoint", "months", "excluded_by", "reason"]
 
 
 def write_exclusions(entries: Sequence[Mapping[str, Any]],
                      out_csv: str | os.PathLike) -> pd.DataFrame:
-    """Write the scans excluded by the cohort config (``exclude:``) with their reasons."""
+    """Write the scans excluded by the cohort config (``exclude:``) or refused by a gate
+    (:func:`qctfea.cohort.longtable.refusal_entries`) with their reasons; ``excluded_by``
+    says which (:data:`BY_CONFIG`, or the gate's rule)."""
+    entries = [{"excluded_by": BY_CONFIG, **e} for e in entries]
     for e in entries:
         if not str(e.get("reason") or "").strip():
             raise QctfeaError(f"exclusion of patient {e.get('patient')}, timepoint "
@@ -292,9 +296,13 @@ def read_exclusions(path: str | os.PathLike | None) -> list[dict]:
     """Entries of an exclusions CSV (none when path is None)."""
     if path is None:
         return []
-    df = pd.read_csv(path, dtype={"patient": str, "timepoint": str, "reason": str})
+    df = pd.read_csv(path, dtype={"patient": str, "timepoint": str, "reason": str,
+                                  "excluded_by": str})
+    if "excluded_by" not in df.columns:  # written before the column existed
+        df["excluded_by"] = BY_CONFIG
     return [{"patient": r.patient, "timepoint": r.timepoint, "months": float(r.months),
-             "reason": r.reason} for r in df.itertuples()]
+             "excluded_by": r.excluded_by, "reason": r.reason} for r in df.itertuples()]
+
 
 
 def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
@@ -332,10 +340,12 @@ def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
         _write_csv(frame, paths[name])
     excluded = read_exclusions(exclusions_csv)
     missing = missing_scans(df, excluded)
+    n_patients_planned, n_scans_planned = planned_scans(df, excluded)
     summary = {
         "n_patients": int(df["patient"].nunique()),
+        "n_patients_planned": n_patients_planned,
         "n_scans": int(len(df)),
-        "n_scans_planned": int(df["patient"].nunique() * len(tpm)),
+        "n_scans_planned": n_scans_planned,
         "timepoints": {str(k): float(v) for k, v in tpm.items()},
         "baseline_timepoint": str(tpm.index[0]),
         "missing_scans": [{"patient": p, "timepoint": t} for p, t in missing],
@@ -380,10 +390,14 @@ def _no_scan_statistics(long_csv: Path, out: Path, exclusions_csv) -> dict:
     paths = {name: out / fname for name, fname in STAT_FILES.items() if name != "summary"}
     for path in paths.values():
         _write_csv(pd.DataFrame(columns=["metric"]), path)
+    excluded = read_exclusions(exclusions_csv)
+    n_patients_planned, n_scans_planned = planned_scans(
+        pd.DataFrame(columns=["patient", "timepoint"]), excluded)
     summary = {
-        "n_patients": 0, "n_scans": 0, "n_scans_planned": 0, "timepoints": {},
+        "n_patients": 0, "n_patients_planned": n_patients_planned, "n_scans": 0,
+        "n_scans_planned": n_scans_planned, "timepoints": {},
         "baseline_timepoint": None, "missing_scans": [],
-        "excluded_scans": read_exclusions(exclusions_csv), "metrics": [],
+        "excluded_scans": excluded, "metrics": [],
         "areal_bmd_source": {}, "methods": {}, "headlines": [NO_SCAN_HEADLINE],
         "outputs": {k: str(v) for k, v in paths.items()},
         "provenance": provenance("statistics", {}, {

@@ -9,8 +9,8 @@ from typing import Any
 
 import pandas as pd
 
-from qctfea.cohort.longtable import (AREAL, as_text, label, missing_scans, timepoint_months,
-                                     unit)
+from qctfea.cohort.longtable import (AREAL, BY_CONFIG, as_text, label, missing_scans,
+                                     planned_scans, timepoint_months, unit)
 
 
 def _fmt_p(p: float) -> str:
@@ -37,13 +37,20 @@ def _fmt_est(values: Sequence[float]) -> list[str]:
 def _data_sentence(df: pd.DataFrame, tpm: pd.Series,
                    excluded: Sequence[Mapping[str, Any]] = ()) -> str:
     n_pat = df["patient"].nunique()
-    planned = n_pat * len(tpm)
+    n_pat_planned, planned = planned_scans(df, excluded)
     missing = missing_scans(df, excluded)
-    s = (f"Data: {len(df)} of {planned} planned scans ({n_pat} patients x {len(tpm)} "
-         f"timepoints: {', '.join(map(str, tpm.index))})")
-    if excluded:
+    s = (f"Data: {len(df)} of {planned} planned scans ({n_pat_planned} patients x "
+         f"{planned // max(n_pat_planned, 1)} timepoints; analysed: {n_pat} patients, "
+         f"timepoints {', '.join(map(str, tpm.index))})")
+    by_config = [e for e in excluded if e.get("excluded_by", BY_CONFIG) == BY_CONFIG]
+    refused = [e for e in excluded if e.get("excluded_by", BY_CONFIG) != BY_CONFIG]
+    if by_config:
         s += "; excluded by the cohort config: " + ", ".join(
-            f"{e['patient']} {e['timepoint']} ({e['reason']})" for e in excluded)
+            f"{e['patient']} {e['timepoint']} ({e['reason']})" for e in by_config)
+    if refused:
+        s += "; refused by a gate: " + ", ".join(
+            f"{e['patient']} {e['timepoint']} ({e['excluded_by']}: {e['reason']})"
+            for e in refused)
     if missing:
         s += f"; missing {', '.join(f'{p} {t}' for p, t in missing)}"
     absent = {p for p, _ in missing_scans(df)}

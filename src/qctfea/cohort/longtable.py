@@ -434,7 +434,8 @@ def least_significant_changes(df: pd.DataFrame, metrics: Sequence[str],
 
 
 def refusal_entries(scans: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Exclusion entries (patient, timepoint, months, reason) for the scans a gate refused:
+    """Exclusion entries (patient, timepoint, months, excluded_by: the refusing gate's rule,
+    reason) for the scans a gate refused:
     their inputs or their baseline's (image or label map unreadable, no vertebra), their
     calibration or their baseline's, their label map's checks or their baseline's (the
     vertebra cut by the field of view, a label map off its CT), their model's screws at
@@ -450,13 +451,33 @@ def refusal_entries(scans: Sequence[Mapping[str, Any]]) -> list[dict]:
     out = []
     for s in scans:
         for gate in s.get("gates", ()):
-            reasons = list(dict.fromkeys(r for r in (read_json(p).get("refused")
-                                                     for p in gate) if r))
-            if reasons:
+            refusing = [(p, r) for p, r in ((p, read_json(p).get("refused")) for p in gate)
+                        if r]
+            if refusing:
+                # the scan's own record names the gate before its model's (baseline's)
+                first = min(refusing, key=lambda pr: Path(pr[0]).parent.name
+                            != str(s["timepoint"]))[0]
                 out.append({"patient": s["patient"], "timepoint": s["timepoint"],
-                            "months": s["months"], "reason": "; ".join(reasons)})
+                            "months": s["months"],
+                            "excluded_by": _gate_name(first, str(s["timepoint"])),
+                            "reason": "; ".join(dict.fromkeys(r for _, r in refusing))})
                 break
     return out
+
+
+#: the gate rule that reads each record (workflow/rules), by the record's file name
+GATE_OF_RECORD = {"scan": "accept_scan", "calibration": "accept_calibration",
+                  "vertebra": "accept_vertebra", "screws": "accept_screws",
+                  "mesh": "accept_mesh", "registration": "accept_registration"}
+
+
+def _gate_name(record, timepoint: str) -> str:
+    """The gate that refused a scan, from its record's path (``<patient>/<timepoint>/
+    <name>.json``): the load cases' records are the strength gate's; a record of the
+    scan's model (its baseline) says so."""
+    path = Path(record)
+    gate = GATE_OF_RECORD.get(path.stem, "accept_strength")
+    return gate if path.parent.name == timepoint else f"{gate} (of {path.parent.name})"
 
 
 def longitudinal_table(rows: list[dict]) -> pd.DataFrame:
@@ -549,6 +570,18 @@ def available_metrics(df: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
         if m in df.columns and np.isfinite(pd.to_numeric(df[m], errors="coerce")).any():
             out.append(m)
     return out
+
+
+#: ``excluded_by`` of the scans the cohort config excludes (else: the refusing gate's rule)
+BY_CONFIG = "cohort config"
+
+
+def planned_scans(df: pd.DataFrame, excluded: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
+    """Patients and scans the cohort planned: the analysed ones and the excluded or refused
+    ones (a patient all of whose scans were refused counts), each patient x timepoint."""
+    patients = set(df["patient"]) | {e["patient"] for e in excluded}
+    timepoints = set(df["timepoint"]) | {e["timepoint"] for e in excluded}
+    return len(patients), len(patients) * len(timepoints)
 
 
 def missing_scans(df: pd.DataFrame,

@@ -213,6 +213,7 @@ def summary_page(
         "summary.html.j2",
         title=f"qctfea cohort summary{': ' + cohort_name if cohort_name else ''}",
         n_patients=summary.get("n_patients"), n_scans=summary.get("n_scans"),
+        n_patients_planned=summary.get("n_patients_planned", summary.get("n_patients")),
         n_scans_planned=summary.get("n_scans_planned"),
         timepoints=list(summary.get("timepoints", {})), version=__version__,
         created=time.strftime("%Y-%m-%d %H:%M"), patient_pages=list(patient_pages),
