@@ -328,3 +328,67 @@ def test_stored_values_without_their_rescale_are_warned_about(tmp_path: Path,
     with pytest.warns(UserWarning, match=rf"P01 M00: .*1 % of the scan reads below {low:.0f}, "
                       r"and a CT in HU holds air .*without their rescale"):
         steps_imaging.ingest(source=tmp_path / "stored.nii.gz", **kw)
+
+
+def _two_series_cohort(tmp_path: Path) -> tuple[Path, Series, Series]:
+    """A one-scan cohort folder whose DICOM folder holds two series (the second 500 stored
+    units brighter), with a label map on their grid holding label 23; the sample sheet is
+    written by :func:`_sheet`."""
+    a = write_series(tmp_path / "dicom", seed=3, strays=False)
+    b = write_series(tmp_path / "dicom" / "second", seed=4, offset=500, desc="Other",
+                     strays=False)
+    image, _ = read_dicom_series(tmp_path / "dicom", series_uid=a.series_uid, context=CONTEXT)
+    lab = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    lab.CopyInformation(image)
+    lab[1:3, 1:3, 1:3] = 23
+    sitk.WriteImage(lab, str(tmp_path / "labels.nii.gz"))
+    cohorts = tmp_path / "cohorts"
+    (cohorts / "two").mkdir(parents=True)
+    (cohorts / "two" / "config.yaml").write_text(
+        "samples: samples.tsv\nplanning: {method: auto}\n"
+        "calibration: {method: fixed, slope: 1.0, intercept: 0.0}\n")
+    return cohorts, a, b
+
+
+def _sheet(tmp_path: Path, cohorts: Path, extra: dict) -> None:
+    import pandas as pd
+
+    pd.DataFrame([{"patient": "P1", "timepoint": "M00", "months": 0,
+                   "image": str(tmp_path / "dicom"), "labels": str(tmp_path / "labels.nii.gz"),
+                   **extra}]).to_csv(cohorts / "two" / "samples.tsv", sep="\t", index=False)
+
+
+def test_sample_sheet_series_uid_reaches_the_ingest_rule(tmp_path: Path) -> None:
+    """The sheet's series_uid column picks the series the workflow's ingest step reads: the
+    second series' HU (its stored values - 1024, known from how it was written), not the
+    first's; without it the scan is refused naming the column. An unknown column is refused
+    at the dry run, listing the allowed ones."""
+    from conftest import REPO, run, venv_bin
+
+    def snakemake(*extra: str):
+        return run([venv_bin("snakemake"), "--cores", "1", "--snakefile",
+                    str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+                    str(REPO / "config" / "config.yaml"), "--config", "cohort=two",
+                    f"cohorts_dir={cohorts}", *extra], cwd=REPO, timeout=300)
+
+    cohorts, _, b = _two_series_cohort(tmp_path)
+    scan = tmp_path / "results" / "two" / "P1" / "M00"
+    target = "results/two/P1/M00/scan.json"
+    _sheet(tmp_path, cohorts, {"series_uid": ""})
+    p = snakemake("--", target)
+    assert p.returncode == 0, p.stderr[-3000:]
+    refused = json.loads((scan / "scan.json").read_text())["refused"]
+    assert "set the series_uid column of the sample sheet" in refused
+    _sheet(tmp_path, cohorts, {"series_uid": b.series_uid})
+    p = snakemake("--forceall", "--", target)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "refused" not in json.loads((scan / "scan.json").read_text())
+    hu = sitk.GetArrayFromImage(sitk.ReadImage(str(scan / "ct.nii.gz")))
+    order = sorted(range(len(b.positions)), key=lambda n: b.positions[n][2])
+    np.testing.assert_array_equal(hu, np.stack([b.stored[n].astype(float) - 1024
+                                                for n in order]))
+    _sheet(tmp_path, cohorts, {"series": b.series_uid})
+    p = snakemake("-n")
+    assert p.returncode != 0
+    out = p.stdout + p.stderr
+    assert "column series: unknown column; allowed:" in out and "series_uid" in out

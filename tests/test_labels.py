@@ -266,13 +266,15 @@ def _write(arr: np.ndarray, path: Path, spacing=(1.0, 1.0, 1.0)) -> Path:
 @pytest.fixture
 def synthetic(tmp_path):
     """A 1 mm CT and a label map: target 5 = a 20 x 24 x 24 mm block (a body) plus a
-    separate 10 mm cube fragment; label 4 covers the block's upper face."""
+    separate 10 mm cube fragment; label 4 covers the block's upper face. The CT shows the
+    labelled bone (400 HU over noise), so the label map sits on it."""
     rng = np.random.default_rng(0)
-    ct = _write(rng.normal(0, 20, (48, 48, 48)).astype(np.float32), tmp_path / "ct.nii.gz")
     lab = np.zeros((48, 48, 48), np.uint8)
     lab[10:30, 8:32, 8:32] = 5
     lab[30:35, 4:36, 4:36] = 4  # the vertebra above, touching the whole upper face
     lab[12:22, 36:46, 36:46] = 5  # fragment: 1000 of 12520 voxels
+    hu = rng.normal(0, 20, lab.shape) + 400.0 * (lab > 0)
+    ct = _write(hu.astype(np.float32), tmp_path / "ct.nii.gz")
     return {"ct": ct, "labels": _write(lab, tmp_path / "labels.nii.gz"), "array": lab}
 
 

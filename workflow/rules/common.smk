@@ -218,6 +218,13 @@ def get_labels(wildcards):
     return sample(wildcards, "labels")
 
 
+def get_series_uid(wildcards):
+    """The series to read from the scan's DICOM folder (sample-sheet column series_uid);
+    None when the cell is empty or the column absent."""
+    value = sample(wildcards, "series_uid") if "series_uid" in SAMPLES.columns else ""
+    return value or None
+
+
 def get_subregions(wildcards):
     """The scan's sub-region map (sample-sheet column subregions); none when the cell is
     empty or the column absent (the body is then found by opening)."""

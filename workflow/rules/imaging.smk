@@ -23,6 +23,7 @@ checkpoint ingest_scan:
     params:
         cfg=CCFG.get("ingest", {}),
         mask=CCFG.get("mask", {}),
+        series_uid=get_series_uid,
     script:
         "../scripts/ingest_scan.py"
 

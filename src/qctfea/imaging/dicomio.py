@@ -139,7 +139,8 @@ class IngestParams:
         "none", enum=list(SERIES_RULES),
         doc=("how to choose when a scan's DICOM folder holds several image series: `none` "
              "refuses, listing each series (UID, description, orientation, slice spacing, "
-             "kernel, slice thickness, slices), so `series_uid` must name one; "
+             "kernel, slice thickness, slices), so the sample sheet's `series_uid` column must "
+             "name one; "
              "`thinnest_axial` keeps the axial series, then the smallest slice spacing (from "
              "the slice positions, else SliceThickness), then among those within 0.001 mm the "
              "kernel earliest in `kernel_preference`, then the most slices; a remaining tie is "
@@ -386,7 +387,8 @@ def _stack_slices(candidates: list[Slice], normal: np.ndarray, where: str
     if len(slices) < 2:
         raise QctfeaError(
             f"{where}: the series has {len(slices)} distinct slice position(s); a 3-D CT "
-            "with at least two slices is needed, select another series (series_uid)"
+            "with at least two slices is needed, select another series (the sample sheet's "
+            "series_uid column)"
         )
     return slices, hu_slices
 
@@ -403,8 +405,8 @@ def _check_spacing(slices: list[Slice], normal: np.ndarray, params: IngestParams
             f"{where}: slice spacing is not uniform (median {median:g} mm, tolerance "
             f"{SPACING_RTOL:g} relative) - {format_gaps(gaps, proj, bad)}; a slice is "
             "probably missing or the series mixes reconstructions: re-export the complete "
-            "series, select another one (series_uid), or set ingest.uneven_spacing: resample "
-            "to interpolate onto a uniform grid"
+            "series, select another one (the sample sheet's series_uid column), or set "
+            "ingest.uneven_spacing: resample to interpolate onto a uniform grid"
         )
     return proj, gaps, median, bad
 

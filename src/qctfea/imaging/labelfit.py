@@ -13,7 +13,8 @@ sought by coordinate steps (each axis in turn, 1 mm or one voxel apart, up to
 ``MIN_GAIN_UNITS``) does not sit on its CT; nor does one whose edge contrast where it lies is
 below ``MIN_EDGE_CONTRAST``, wherever the search ends: a label map far off its CT (an origin
 lost in cropping, a CT mirrored or transposed against its labels) lies on no bone edge within
-the search's reach, so no offset there fits better. A specimen with end caps is not checked
+the search's reach, so no offset there fits better (a CT whose values around the vertebra
+span less than that is not judged). A specimen with end caps is not checked
 (its caps may be as dense as its bone).
 
 Measured on the real scans (docs/screw_planning.md): the labels as given have their
@@ -85,7 +86,8 @@ def edge_fit(values_zyx: np.ndarray, mask_zyx: np.ndarray, spacing_xyz) -> dict:
     length = float(np.linalg.norm(off))
     moved = (length >= MIN_OFFSET_MM and best >= MIN_GAIN * b0
              and best - b0 >= MIN_GAIN_UNITS)
-    no_edge = b0 < MIN_EDGE_CONTRAST
+    # a CT without contrast around the vertebra (a synthetic test image) is not judged
+    no_edge = b0 < MIN_EDGE_CONTRAST <= float(np.ptp(values_zyx))
     return {"edge_contrast": b0, "best_edge_contrast": best,
             "best_offset_mm": [float(v) for v in off], "offset_mm": length,
             "fits": not (moved or no_edge), "no_edge": no_edge,

@@ -115,8 +115,8 @@ def _thinnest_axial(
         raise QctfeaError(
             f"{where}: series_rule thinnest_axial: none of the {n_all} image series is axial "
             f"(slice normal within {params.axial_tolerance_deg:g} deg of the patient z axis):"
-            f"\n{listing}\nset series_uid to the one to analyse, or raise "
-            "ingest.axial_tolerance_deg"
+            f"\n{listing}\nset the series_uid column of the sample sheet to the one to "
+            "analyse, or raise ingest.axial_tolerance_deg"
         )
     def spacing(s: _SeriesSummary) -> float:
         return s.spacing if s.spacing is not None else math.inf
@@ -137,7 +137,8 @@ def _thinnest_axial(
             f", within {SPACING_TIE_MM:g} mm), equally preferred kernels and the same number "
             f"of slices ({most}):\n{listing}\n"
             + (f"({others} other series ranked lower.) " if others else "")
-            + "set series_uid to the one to analyse (or move the other series out of the folder)"
+            + "set the series_uid column of the sample sheet to the one to analyse (or move "
+            "the other series out of the folder)"
         )
     chosen = keep[0]
     _, entry = ranks[id(chosen)]
@@ -167,7 +168,8 @@ def select_series(
         if series_uid not in groups:
             raise QctfeaError(
                 f"{where}: no image series with series_uid={series_uid!r}; the series "
-                f"found are:\n{listing}\nset series_uid to one of these"
+                f"found are:\n{listing}\nset the series_uid column of the sample sheet to one "
+                "of these"
             )
         return series_uid, groups[series_uid], "series_uid"
     if len(groups) == 1:
@@ -178,7 +180,7 @@ def select_series(
         return chosen.uid, chosen.slices, why
     raise QctfeaError(
         f"{where}: the folder holds {len(groups)} image series and it is not clear "
-        f"which one to use:\n{listing}\nset series_uid to the one to analyse, set "
-        "ingest.series_rule (e.g. thinnest_axial) to choose by rule, or move the other "
-        "series out of the folder"
+        "which one to use: set the series_uid column of the sample sheet to the one to "
+        "analyse (listed below), set ingest.series_rule (e.g. thinnest_axial) to choose by "
+        f"rule, or move the other series out of the folder:\n{listing}"
     )

@@ -46,7 +46,8 @@ def check_consistent(slices: list[Slice], where: str) -> None:
             raise QctfeaError(
                 f"{where}: the series mixes slice orientations ({first.orientation.tolist()} "
                 f"and {sl.orientation.tolist()}), e.g. a localizer or several stacks; "
-                "select a series with one stack (series_uid) or remove the extra images"
+                "select a series with one stack (the sample sheet's series_uid column) or "
+                "remove the extra images"
             )
         if (sl.rows, sl.columns) != (first.rows, first.columns):
             raise QctfeaError(
