@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 from qctfea.cohort import analysis as cohort
-from qctfea.cohort import longtable
+from qctfea.cohort import exclusions, longtable
 from qctfea.cohort import summaries
 from qctfea.errors import QctfeaError
 
@@ -628,7 +628,7 @@ def test_statistics_and_tables_with_missing_followup(tmp_path: Path) -> None:
     assert "the mixed models all 17 scans" in data
     # A patient whose every scan a gate refused still counts as planned, named as refused
     ex = tmp_path / "exclusions.csv"
-    cohort.write_exclusions([
+    exclusions.write_exclusions([
         {"patient": "P9", "timepoint": t, "months": m, "reason": "label map off its CT",
          "excluded_by": "accept_vertebra"} for t, m in (("M00", 0.0), ("M12", 12.0),
                                                         ("M24", 24.0))], ex)
@@ -649,13 +649,13 @@ def test_exclusions_round_trip_and_need_a_reason(tmp_path: Path) -> None:
     entries = [{"patient": "P1", "timepoint": "M12", "months": 12.0, "reason": "motion"},
                {"patient": "P2", "timepoint": "M00", "months": 0.0, "reason": "grade D",
                 "excluded_by": "accept_screws"}]
-    cohort.write_exclusions(entries, tmp_path / "ex.csv")
-    assert cohort.read_exclusions(tmp_path / "ex.csv") == [
+    exclusions.write_exclusions(entries, tmp_path / "ex.csv")
+    assert exclusions.read_exclusions(tmp_path / "ex.csv") == [
         {**entries[0], "excluded_by": "cohort config"}, entries[1]]
-    cohort.write_exclusions([], tmp_path / "none.csv")
-    assert cohort.read_exclusions(tmp_path / "none.csv") == []
+    exclusions.write_exclusions([], tmp_path / "none.csv")
+    assert exclusions.read_exclusions(tmp_path / "none.csv") == []
     with pytest.raises(QctfeaError, match="patient P1, timepoint M12 has no reason"):
-        cohort.write_exclusions([{**entries[0], "reason": " "}], tmp_path / "bad.csv")
+        exclusions.write_exclusions([{**entries[0], "reason": " "}], tmp_path / "bad.csv")
     assert not (tmp_path / "bad.csv").exists()
 
 
@@ -722,7 +722,7 @@ def test_refusal_entries_name_the_first_refusing_gate(tmp_path: Path) -> None:
          "gates": [[rec("P3/M12/scan.json")], [rec("P3/M00/screws.json", "left screw grade D")],
                    [never_made]]},
     ]
-    assert longtable.refusal_entries(scans) == [
+    assert exclusions.refusal_entries(scans) == [
         {"patient": "P1", "timepoint": "M12", "months": 12.0,
          "excluded_by": "accept_registration", "reason": "Dice 0.61 < 0.75"},
         {"patient": "P2", "timepoint": "M00", "months": 0.0, "excluded_by": "accept_strength",

@@ -48,11 +48,12 @@ import pandas as pd
 from qctfea.cohort import clinical
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, provenance, read_json, write_json
+from qctfea.cohort.exclusions import planned_scans, read_exclusions
 from qctfea.cohort.headlines import headlines
 from qctfea.cohort.longtable import (
-    BY_CONFIG, DEFAULT_METRICS, NO_SCAN_KEPT, SCAN_FILES, SIDE_METRICS, opt_float,
+    DEFAULT_METRICS, NO_SCAN_KEPT, SCAN_FILES, SIDE_METRICS, opt_float,
     available_metrics, least_significant_changes, longitudinal_table, missing_scans,
-    placement_columns, planned_scans,
+    placement_columns,
     protocol_columns, read_long_table, registration_columns, scan_row, timepoint_months,
     uncertainty_columns, with_resolved_areal,
 )
@@ -273,38 +274,6 @@ def tables(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 #: Columns of tables/exclusions.csv (scans the cohort config excludes, with the reason).
-EXCLUSION_COLUMNS = ["patient", "timepoint", "months", "excluded_by", "reason"]
-
-
-def write_exclusions(entries: Sequence[Mapping[str, Any]],
-                     out_csv: str | os.PathLike) -> pd.DataFrame:
-    """Write the scans excluded by the cohort config (``exclude:``) or refused by a gate
-    (:func:`qctfea.cohort.longtable.refusal_entries`) with their reasons; ``excluded_by``
-    says which (:data:`BY_CONFIG`, or the gate's rule)."""
-    entries = [{"excluded_by": BY_CONFIG, **e} for e in entries]
-    for e in entries:
-        if not str(e.get("reason") or "").strip():
-            raise QctfeaError(f"exclusion of patient {e.get('patient')}, timepoint "
-                              f"{e.get('timepoint')} has no reason; say why it is excluded")
-    df = pd.DataFrame([{c: e.get(c) for c in EXCLUSION_COLUMNS} for e in entries],
-                      columns=EXCLUSION_COLUMNS)
-    _write_csv(df, Path(out_csv))
-    return df
-
-
-def read_exclusions(path: str | os.PathLike | None) -> list[dict]:
-    """Entries of an exclusions CSV (none when path is None)."""
-    if path is None:
-        return []
-    df = pd.read_csv(path, dtype={"patient": str, "timepoint": str, "reason": str,
-                                  "excluded_by": str})
-    if "excluded_by" not in df.columns:  # written before the column existed
-        df["excluded_by"] = BY_CONFIG
-    return [{"patient": r.patient, "timepoint": r.timepoint, "months": float(r.months),
-             "excluded_by": r.excluded_by, "reason": r.reason} for r in df.itertuples()]
-
-
-
 def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
                metrics: Sequence[str] | None = None,
                exclusions_csv: str | os.PathLike | None = None) -> dict:
@@ -312,7 +281,8 @@ def statistics(long_csv: str | os.PathLike, out_dir: str | os.PathLike,
 
     Writes the files of :data:`STAT_FILES` in ``out_dir`` and returns the summary
     dict (also ``summary.json``): cohort size, missing scans, scans excluded by the
-    cohort config (``exclusions_csv``, see :func:`write_exclusions`) with their reasons,
+    cohort config or refused by a gate (``exclusions_csv``, see
+    :func:`qctfea.cohort.exclusions.write_exclusions`) with their reasons,
     areal-BMD source per timepoint, the headline sentences and the output paths.
     """
     long_csv = Path(long_csv)

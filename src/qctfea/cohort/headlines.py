@@ -9,8 +9,9 @@ from typing import Any
 
 import pandas as pd
 
-from qctfea.cohort.longtable import (AREAL, BY_CONFIG, as_text, label, missing_scans,
-                                     planned_scans, timepoint_months, unit)
+from qctfea.cohort.exclusions import BY_CONFIG, planned_scans
+from qctfea.cohort.longtable import (AREAL, as_text, label, missing_scans, timepoint_months,
+                                     unit)
 
 
 def _fmt_p(p: float) -> str:

@@ -15,7 +15,6 @@ import pandas as pd
 
 from qctfea.cohort import clinical
 from qctfea.errors import QctfeaError
-from qctfea.provenance import read_json
 
 
 #: Columns of the long table, in order.
@@ -433,53 +432,6 @@ def least_significant_changes(df: pd.DataFrame, metrics: Sequence[str],
                                        "lsc", "significant"])
 
 
-def refusal_entries(scans: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Exclusion entries (patient, timepoint, months, excluded_by: the refusing gate's rule,
-    reason) for the scans a gate refused:
-    their inputs or their baseline's (image or label map unreadable, no vertebra), their
-    calibration or their baseline's, their label map's checks or their baseline's (the
-    vertebra cut by the field of view, a label map off its CT), their model's screws at
-    planning, their registration to baseline, or a load case whose curve did not peak (or
-    that was not solved: its materials or BMD step refused the scan).
-    ``scans``: dicts with patient, timepoint, months and ``gates``, the scan's gate records
-    in the pipeline's order, one list per gate (scan.json of the scan and its model;
-    calibration.json and vertebra.json of both; the model's screws.json; a follow-up's
-    registration.json; the load-case results). The first gate whose records hold a refusal
-    names the reason (all its records' refusals, each message once), and the gates after it
-    are not read
-    (their jobs never ran)."""
-    out = []
-    for s in scans:
-        for gate in s.get("gates", ()):
-            refusing = [(p, r) for p, r in ((p, read_json(p).get("refused")) for p in gate)
-                        if r]
-            if refusing:
-                # the scan's own record names the gate before its model's (baseline's)
-                first = min(refusing, key=lambda pr: Path(pr[0]).parent.name
-                            != str(s["timepoint"]))[0]
-                out.append({"patient": s["patient"], "timepoint": s["timepoint"],
-                            "months": s["months"],
-                            "excluded_by": _gate_name(first, str(s["timepoint"])),
-                            "reason": "; ".join(dict.fromkeys(r for _, r in refusing))})
-                break
-    return out
-
-
-#: the gate rule that reads each record (workflow/rules), by the record's file name
-GATE_OF_RECORD = {"scan": "accept_scan", "calibration": "accept_calibration",
-                  "vertebra": "accept_vertebra", "screws": "accept_screws",
-                  "mesh": "accept_mesh", "registration": "accept_registration"}
-
-
-def _gate_name(record, timepoint: str) -> str:
-    """The gate that refused a scan, from its record's path (``<patient>/<timepoint>/
-    <name>.json``): the load cases' records are the strength gate's; a record of the
-    scan's model (its baseline) says so."""
-    path = Path(record)
-    gate = GATE_OF_RECORD.get(path.stem, "accept_strength")
-    return gate if path.parent.name == timepoint else f"{gate} (of {path.parent.name})"
-
-
 def longitudinal_table(rows: list[dict]) -> pd.DataFrame:
     """The long table (one row per patient x timepoint), sorted by patient and months.
 
@@ -572,22 +524,11 @@ def available_metrics(df: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
     return out
 
 
-#: ``excluded_by`` of the scans the cohort config excludes (else: the refusing gate's rule)
-BY_CONFIG = "cohort config"
-
-
-def planned_scans(df: pd.DataFrame, excluded: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
-    """Patients and scans the cohort planned: the analysed ones and the excluded or refused
-    ones (a patient all of whose scans were refused counts), each patient x timepoint."""
-    patients = set(df["patient"]) | {e["patient"] for e in excluded}
-    timepoints = set(df["timepoint"]) | {e["timepoint"] for e in excluded}
-    return len(patients), len(patients) * len(timepoints)
-
-
 def missing_scans(df: pd.DataFrame,
                   excluded: Sequence[Mapping[str, Any]] = ()) -> list[tuple[str, str]]:
     """(patient, timepoint) pairs of the cohort grid that have no row, sorted; scans the
-    cohort config excluded (``excluded`` entries, see :func:`read_exclusions`) not counted."""
+    cohort config excluded or a gate refused (``excluded`` entries, see
+    :func:`qctfea.cohort.exclusions.read_exclusions`) not counted."""
     present = set(zip(df["patient"], df["timepoint"], strict=True))
     present |= {(e["patient"], e["timepoint"]) for e in excluded}
     tps = list(timepoint_months(df).index)

@@ -23,8 +23,9 @@ from pathlib import Path
 import pandas as pd
 
 from qctfea import __version__
-from qctfea.cohort import clinical, analysis as cohort
+from qctfea.cohort import clinical
 from qctfea.cohort import longtable
+from qctfea.cohort.exclusions import EXCLUSION_COLUMNS
 from qctfea.cohort import summaries
 from qctfea.errors import QctfeaError
 from qctfea.provenance import atomic_path, read_json
@@ -237,7 +238,7 @@ def _data_context(summary: dict) -> dict:
         "missing": [f"{m['patient']} {m['timepoint']}"
                     for m in summary.get("missing_scans", [])],
         "excluded_table": (html_table(pd.DataFrame(excluded,
-                                                   columns=cohort.EXCLUSION_COLUMNS))
+                                                   columns=EXCLUSION_COLUMNS))
                            if excluded else None),
         "areal_sources": [f"{k}: {v}" for k, v in summary.get("areal_bmd_source", {}).items()],
         "methods": summary.get("methods", {}),

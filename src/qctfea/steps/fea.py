@@ -107,7 +107,7 @@ def _uncertainty(*, calibration_json, bmd_json, density_path, parts_path, streng
         registration_spread_mm=float(reg.get("point_spread_mm") or 0.0), shell_mm=bp.shell_mm)
     res = unc.scan_uncertainty(p, inp, seed_key)
     write_json(out_json, {
-        "outcomes": res, "level": p.level, "draws": p.draws,
+        "outcomes": res, "level": p.level, "draws": unc.sobol_size(p.draws),
         "calibration_note": inp.calibration.get("uncertainty_note", ""),
         "strength_scheme": "yield-weighted (qctfea.uncertainty; docs/uncertainty.md)",
         "seconds": time.perf_counter() - t0,
