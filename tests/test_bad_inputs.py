@@ -280,15 +280,24 @@ def test_density_and_parts_on_different_grids(demo_scan, tmp_path):
 
 
 def test_vertebra_too_small_for_a_body(demo_scan, tmp_path):
+    """A 3 x 3 x 3 voxel label is no vertebra (0.02 cm³): refused by its volume, naming the
+    label keys and the voxel spacing (a header whose spacing is wrong shrinks a vertebra);
+    allowed any volume (an end-capped specimen), the body search refuses it."""
     src = demo_scan["src"]
     lab = _array(src / "labels.nii.gz")
     z, y, x = np.argwhere(lab == 23).mean(axis=0).astype(int)
     tiny = np.zeros_like(lab)
     tiny[z - 1:z + 2, y - 1:y + 2, x - 1:x + 2] = 23
     path = _write_like(tiny, src / "labels.nii.gz", tmp_path / "labels_tiny.nii.gz")
+    sp = sitk.ReadImage(str(demo_scan["results"] / "ct.nii.gz")).GetSpacing()
     with pytest.raises(QctfeaError) as err:
         _run_mask(demo_scan, demo_scan["results"] / "ct.nii.gz", path, tmp_path)
-    sp = sitk.ReadImage(str(demo_scan["results"] / "ct.nii.gz")).GetSpacing()
+    _has(err, demo_scan["context"], path, f"label 23 holds {27 * np.prod(sp) / 1e3:.2f} cm³",
+         "outside a whole vertebra's 5-200 cm³", "mask.label", "voxel spacing")
+    with pytest.raises(QctfeaError) as err:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("qctfea.imaging.masks.VERTEBRA_CM3", (0.0, 1e9))
+            _run_mask(demo_scan, demo_scan["results"] / "ct.nii.gz", path, tmp_path)
     _has(err, demo_scan["context"], path, "no vertebral body found",
          "lower mask.body_opening_mm",  # the 3 x 3 x 3 voxels' span, a hint at a bad header
          "spans " + " x ".join(f"{3 * v:.0f}" for v in sp) + " mm", "voxel spacing")

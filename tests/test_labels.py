@@ -251,6 +251,9 @@ def test_real_sample_wrong_level_names_the_convention(tmp_path):
         _mask(tmp_path, "ts", {"convention": "totalsegmentator", "vertebra": "L3"})
     _has(err, CTX, "vertebrae.nii.gz", "label 29 (totalsegmentator L3)", "[21, 22, 23]",
          "mask.convention and mask.vertebra")
+    with pytest.raises(QctfeaError) as err:  # VerSe L1 = 20: the crop holds L2 to L4
+        _mask(tmp_path, "v1", {"convention": "verse", "vertebra": "L1"})
+    _has(err, CTX, "label 20 (verse L1)", "[21 (L2), 22 (L3), 23 (L4)]")
 
 
 # --- synthetic label maps -------------------------------------------------------------------
@@ -444,6 +447,27 @@ def test_a_label_map_off_its_ct_is_refused(real_l1_ingested, tmp_path, case):
                "cropped without updating its header")
     contrast = float(msg.split("edge contrast is ")[1].split(" ")[0])
     assert contrast < 50
+
+
+@pytest.mark.parametrize("cfg, label, cm3", [
+    ({"convention": "verse", "vertebra": "L1"}, 20, 319.37),  # the colon in this map
+    ({}, 23, 0.17)])  # mask.label's default: a kidney cyst in this map
+def test_a_label_of_another_structure_is_refused_by_its_volume(real_l1_ingested, tmp_path,
+                                                               cfg, label, cm3):
+    """The real TotalSegmentator map read in another convention (verse L1 = 20) or with the
+    custom default label (23) names no vertebra: its volume (voxel count x voxel volume,
+    counted here with numpy) lies outside a vertebra's 5-200 cm³, and the mask step refuses
+    it naming the convention keys, before any other check on the wrong structure."""
+    src, root = real_l1_ingested["src"], real_l1_ingested["root"]
+    lab = sitk.ReadImage(str(src / "labels.nii.gz"))
+    counted = (sitk.GetArrayViewFromImage(lab) == label).sum() * np.prod(lab.GetSpacing()) / 1e3
+    assert counted == pytest.approx(cm3, abs=0.01)
+    with pytest.raises(QctfeaError) as err:
+        steps_vertebra.mask(ct_path=root / "ct.nii.gz", labels_path=src / "labels.nii.gz",
+                            out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
+                            cfg=cfg, context=CTX)
+    _has(err, CTX, f"label {label}", f"holds {counted:.2f} cm³", "outside a whole vertebra's",
+         "mask.convention")
 
 
 def _box_vertebra(spacing=1.0):

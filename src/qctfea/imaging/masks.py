@@ -48,7 +48,7 @@ modelled; a warning when it holds less than 95 % of the label), the labels touch
 convention, whether the levels above and below are in the map and touch it.
 """
 
-# Long on purpose (about 630 lines): the vertebra's parts from a label map in one place (label
+# Long on purpose (about 680 lines): the vertebra's parts from a label map in one place (label
 # conventions, trabecular ROI, end caps, metal and field-of-view checks, QC record), as the
 # mask step reads them in order; the body is found in qctfea.imaging.body.
 
@@ -350,6 +350,34 @@ def _target_text(params: MaskParams) -> str:
     return f"label {params.label}{named}"
 
 
+#: A whole vertebra's volume (cm³) lies within these: on a real chest CT (TotalSegmentator
+#: labels) the complete T1-L2 held 18.6-53.0 cm³, the real VerSe L3 59.7 cm³. A target label
+#: outside them is another structure: the same map read in another convention numbers a
+#: kidney cyst (0.17 cm³) or the colon (319 cm³) where it expected a vertebra.
+VERTEBRA_CM3 = (5.0, 200.0)
+
+
+def check_vertebra_volume(target_zyx: np.ndarray, spacing_xyz, params: MaskParams,
+                          context: str = "") -> float:
+    """The target label's volume (cm³); raises :class:`QctfeaError` when it lies outside
+    :data:`VERTEBRA_CM3`, naming the keys that choose the label."""
+    volume = float(target_zyx.sum() * np.prod(spacing_xyz) / 1000.0)
+    lo, hi = VERTEBRA_CM3
+    if lo <= volume <= hi:
+        return volume
+    hint = ("set mask.label to this vertebra's number in the map, or name the map's "
+            "mask.convention and mask.vertebra" if params.convention == "custom" else
+            "check mask.convention (the conventions number vertebrae differently: L4 is 23 "
+            "in verse, 28 in totalsegmentator v2, 19 in TotalSegmentator v1) and "
+            "mask.vertebra, or give mask.label")
+    sp = " x ".join(f"{v:.3g}" for v in spacing_xyz)
+    raise QctfeaError(
+        f"{context}: {_target_text(params)} holds {volume:.2f} cm³, outside a whole "
+        f"vertebra's {lo:g}-{hi:g} cm³: the label is probably another structure; {hint}. "
+        f"If it is the vertebra, check the label map's voxel spacing ({sp} mm on the CT's "
+        "grid) in its header")
+
+
 def require_target(labels_zyx: np.ndarray, params: MaskParams, context: str = "") -> None:
     """Raise :class:`QctfeaError` unless the label map holds the target vertebra (its
     label, or any of ``params.bone_labels`` when several labels form it): the message
@@ -364,8 +392,10 @@ def require_target(labels_zyx: np.ndarray, params: MaskParams, context: str = ""
             "check mask.convention and mask.vertebra (or mask.label) in the cohort config")
     target = (f"{_target_text(params)} (nor mask.bone_labels {params.bone_labels})"
               if params.bone_labels else _target_text(params))
+    named = ", ".join(f"{v} ({name})" if (name := level_name(params.convention, v)) else str(v)
+                      for v in present)
     raise QctfeaError(f"{context}: {target} is not in the label map (labels present: "
-                      f"{present}); {hint}")
+                      f"[{named}]); {hint}")
 
 
 def vertebra_parts(

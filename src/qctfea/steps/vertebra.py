@@ -92,8 +92,10 @@ def _mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     if p.bone_labels:  # several labels (e.g. trabecular + cortical) form the vertebra
         lab = np.where(np.isin(lab, p.bone_labels), p.label,
                        np.where(lab == p.label, 0, lab)).astype(lab.dtype)
-    # a vertebra cut by the scan's field of view, or by a cropped label map, is refused
     target = lab == p.label
+    if target.any() and not p.cap_labels:  # another structure's label (absent: below;
+        masks.check_vertebra_volume(target, ct.GetSpacing(), p, where)  # specimens: any size)
+    # a vertebra cut by the scan's field of view, or by a cropped label map, is refused
     edges = {"ct": masks.check_not_cut(target, ct, f"CT {ct_path}", p, context)}
     if labels_own is not None:  # the label map's own edges may cut the vertebra inside the CT
         own = np.isin(sitk.GetArrayViewFromImage(labels_own), p.bone_labels or [p.label])
