@@ -223,7 +223,6 @@ class ScanInfo:
     slice_thickness_mm: float | None
     rescale_slope: float
     rescale_intercept: float
-    series_description: str | None
     n_files_read: int
     n_files_skipped: int
     rescale_varies_per_slice: bool = False
@@ -496,7 +495,6 @@ def _scan_info(image: sitk.Image, slices: list[Slice], where: str, *, n_read: in
         slice_thickness_mm=opt_float(ds0, "SliceThickness"),
         rescale_slope=rescales[0][0],
         rescale_intercept=rescales[0][1],
-        series_description=opt_str(ds0, "SeriesDescription"),
         n_files_read=n_read,
         n_files_skipped=n_files - n_read,
         rescale_varies_per_slice=len(set(rescales)) > 1,

@@ -73,7 +73,6 @@ def _read_image_file(path: Path, context: str) -> tuple[sitk.Image, ScanInfo]:
         slice_thickness_mm=None,
         rescale_slope=1.0,
         rescale_intercept=0.0,
-        series_description=None,
         n_files_read=1,
         n_files_skipped=0,
         selected_by="image file",
