@@ -396,6 +396,18 @@ def test_a_linearly_resampled_label_map_is_refused(real_l1_ingested, tmp_path):
     as_float = mask("float.nii.gz")
     sitk.WriteImage(sitk.Cast(lab, sitk.sitkUInt8), str(tmp_path / "int.nii.gz"))
     assert as_float["vertebra_volume_cm3"] == mask("int.nii.gz")["vertebra_volume_cm3"]
+    # on the CT's voxels: not resampled; on a 1 mm grid (by nearest neighbour, as told):
+    # resampled back onto the CT's, and vertebra.json says from which spacing
+    assert as_float["label_map_resampled"] is None
+    ref = sitk.Image([int(n * s) for n, s in zip(lab.GetSize(), lab.GetSpacing())],
+                     sitk.sitkUInt8)
+    ref.SetOrigin(lab.GetOrigin())
+    ref.SetDirection(lab.GetDirection())
+    sitk.WriteImage(sitk.Resample(sitk.Cast(lab, sitk.sitkUInt8), ref, sitk.Transform(),
+                                  sitk.sitkNearestNeighbor, 0), str(tmp_path / "mm.nii.gz"))
+    with pytest.warns(UserWarning, match="another grid"):
+        assert mask("mm.nii.gz")["label_map_resampled"] == {
+            "own_spacing_mm": [1.0, 1.0, 1.0], "method": "nearest neighbour"}
 
 
 @pytest.mark.parametrize("case", ["as given", "labels 3 mm off", "labels 70 mm off",

@@ -115,6 +115,11 @@ def _mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
           "contact_with_other_labels_voxels": masks.contact_with_neighbours(
               lab_box, parts["vertebra"], p.label),
           "label_qc": masks.label_qc(lab_box, ct.GetSpacing(), p, where, present=present),
+          # a label map on another grid than the CT's: resampled (nearest neighbour) from
+          # its own voxels; None when it was on the CT's voxels
+          "label_map_resampled": None if labels_own is None else {
+              "own_spacing_mm": [float(v) for v in labels_own.GetSpacing()],
+              "method": "nearest neighbour"},
           # edges of the CT (and of the label map's own grid) the vertebra touches, with
           # sections too small to be a cut (a tight crop, a clipped process): [] when none
           "field_of_view_edges_touched": edges,
