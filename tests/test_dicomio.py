@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
 import logging
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -350,6 +351,13 @@ def test_ingest_outputs_hold_no_identifiers(series: Series, tmp_path: Path, capl
         for secret in forbidden:
             assert secret.encode() not in blob, secret
     record = json.loads(json_text)
+    # the source's revision: the repository's HEAD when qctfea runs from this checkout
+    import qctfea
+    repo = Path(qctfea.__file__).resolve().parents[2]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], text=True,
+                          capture_output=True).stdout.strip()
+    if (repo / ".git").exists():
+        assert record["provenance"]["versions"]["qctfea_source"].split("+")[0] == head
     assert record["scan"]["size"] == [COLS, ROWS, NZ]
     assert record["scan"]["n_files_skipped"] == 2
     assert record["provenance"]["step"] == "ingest"

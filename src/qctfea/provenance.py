@@ -15,11 +15,13 @@ replace a folder that is already there and not empty (the old one is moved aside
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,9 +68,31 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+@functools.cache
+def source_revision() -> str | None:
+    """The git commit of the qctfea source that runs (``+dirty`` with uncommitted changes),
+    when it runs from a git checkout (an editable install); None otherwise (an installed
+    wheel, or no git). The version number alone does not tell two checkouts apart."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], text=True,
+                             capture_output=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain",
+                                "--untracked-files=no", "--", "."], text=True,
+                               capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose numbers matter for reproducibility."""
+    """Versions of the libraries whose numbers matter for reproducibility (and the source's
+    git revision, :func:`source_revision`, when known)."""
     out = {"qctfea": __version__, "python": platform.python_version()}
+    if (rev := source_revision()) is not None:
+        out["qctfea_source"] = rev
     for name in ("numpy", "scipy", "pandas", "pydicom", "SimpleITK", "meshio", "pygalmesh"):
         mod = sys.modules.get(name)
         if mod is not None:
