@@ -361,8 +361,8 @@ def _sheet(tmp_path: Path, cohorts: Path, extra: dict) -> None:
 def test_sample_sheet_series_uid_reaches_the_ingest_rule(tmp_path: Path) -> None:
     """The sheet's series_uid column picks the series the workflow's ingest step reads: the
     second series' HU (its stored values - 1024, known from how it was written), not the
-    first's; without it the scan is refused naming the column. An unknown column is refused
-    at the dry run, listing the allowed ones."""
+    first's; without it the scan is refused naming the column. An unknown column, and a
+    file the sheet names that does not exist, are refused at the dry run."""
     from conftest import REPO, run, venv_bin
 
     def snakemake(*extra: str):
@@ -392,3 +392,9 @@ def test_sample_sheet_series_uid_reaches_the_ingest_rule(tmp_path: Path) -> None
     assert p.returncode != 0
     out = p.stdout + p.stderr
     assert "column series: unknown column; allowed:" in out and "series_uid" in out
+    # a file the sheet names but that is not there: refused at the dry run, by scan and column
+    _sheet(tmp_path, cohorts, {"image": str(tmp_path / "dicom.zip")})
+    p = snakemake("-n")
+    assert p.returncode != 0
+    assert (f"patient P1, timepoint M00, column image: {tmp_path / 'dicom.zip'} not found"
+            in p.stdout + p.stderr)

@@ -49,6 +49,26 @@ def check_schema(where, records, schema_name, kind, problems=()):
         raise WorkflowError("invalid cohort input:\n  " + "\n  ".join(problems))
 
 
+def check_sheet_files(sheet, samples):
+    """Every file or folder the sheet names exists (paths relative to the folder Snakemake
+    runs in); one error lists each missing one by scan and column."""
+    missing = [
+        f"{sheet}, patient {row.patient}, timepoint {row.timepoint}, column {col}: "
+        f"{row[col]} not found"
+        for _, row in samples.iterrows()
+        for col in ("image", "labels", "subregions", "landmarks", "dxa")
+        if col in samples.columns
+        and row[col]
+        and (col != "dxa" or str(row[col]).lower().endswith(".json"))
+        and not Path(row[col]).exists()
+    ]
+    if missing:
+        raise WorkflowError(
+            "files named by the sample sheet are missing (relative paths are read from "
+            f"{Path.cwd()}, the folder Snakemake runs in):\n  " + "\n  ".join(missing)
+        )
+
+
 def sheet_records(path):
     """(line label, row dict) of a tab-separated sample sheet; # comments and blank lines skipped."""
     rows = [
@@ -161,6 +181,8 @@ EXCLUDED = exclusions(SAMPLES, CCFG.get("exclude") or [], COHORT_DIR / "config.y
 SAMPLES = SAMPLES.drop(index=[(e["patient"], e["timepoint"]) for e in EXCLUDED])
 if SAMPLES.empty:
     raise WorkflowError(f"{COHORT_DIR / 'config.yaml'}: `exclude` leaves no scan to analyse")
+if "demo" not in CCFG:  # a demo cohort's files are written by rule generate_demo_scan
+    check_sheet_files(SHEET, SAMPLES)
 RES = f"results/{COHORT}"
 FAILURES = f"logs/{COHORT}/failures.txt"
 TASKS = int(CCFG.get("mpi", {}).get("tasks", 1))
