@@ -652,6 +652,11 @@ def test_exclusions_round_trip_and_need_a_reason(tmp_path: Path) -> None:
     exclusions.write_exclusions(entries, tmp_path / "ex.csv")
     assert exclusions.read_exclusions(tmp_path / "ex.csv") == [
         {**entries[0], "excluded_by": "cohort config"}, entries[1]]
+    # a file written before excluded_by existed: who excluded them is not known
+    pd.DataFrame(entries)[["patient", "timepoint", "months", "reason"]].to_csv(
+        tmp_path / "old.csv", index=False)
+    assert [e["excluded_by"] for e in exclusions.read_exclusions(tmp_path / "old.csv")] \
+        == ["", ""]
     exclusions.write_exclusions([], tmp_path / "none.csv")
     assert exclusions.read_exclusions(tmp_path / "none.csv") == []
     with pytest.raises(QctfeaError, match="patient P1, timepoint M12 has no reason"):

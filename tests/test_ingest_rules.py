@@ -379,6 +379,11 @@ def test_sample_sheet_series_uid_reaches_the_ingest_rule(tmp_path: Path) -> None
     assert p.returncode == 0, p.stderr[-3000:]
     refused = json.loads((scan / "scan.json").read_text())["refused"]
     assert "set the series_uid column of the sample sheet" in refused
+    # the UIDs and descriptions the user chooses from: in the step's log, not in the record
+    # (which the exclusions table and the report copy)
+    assert b.series_uid not in refused and "listed in this step's log" in refused
+    log = (tmp_path / "logs" / "two" / "P1" / "M00" / "ingest_scan.log").read_text()
+    assert b.series_uid in log and "Other" in log
     _sheet(tmp_path, cohorts, {"series_uid": b.series_uid})
     p = snakemake("--forceall", "--", target)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -387,6 +392,11 @@ def test_sample_sheet_series_uid_reaches_the_ingest_rule(tmp_path: Path) -> None
     order = sorted(range(len(b.positions)), key=lambda n: b.positions[n][2])
     np.testing.assert_array_equal(hu, np.stack([b.stored[n].astype(float) - 1024
                                                 for n in order]))
+    # a trailing tab on every line (a spreadsheet's export): read as the same sheet
+    sheet = cohorts / "two" / "samples.tsv"
+    sheet.write_text("".join(f"{line}\t\n" for line in sheet.read_text().splitlines()))
+    p = snakemake("-n")
+    assert p.returncode == 0, p.stderr[-3000:]
     _sheet(tmp_path, cohorts, {"series": b.series_uid})
     p = snakemake("-n")
     assert p.returncode != 0
@@ -398,3 +408,17 @@ def test_sample_sheet_series_uid_reaches_the_ingest_rule(tmp_path: Path) -> None
     assert p.returncode != 0
     assert (f"patient P1, timepoint M00, column image: {tmp_path / 'dicom.zip'} not found"
             in p.stdout + p.stderr)
+
+
+def test_a_sheet_exported_with_trailing_tabs_is_read(tmp_path: Path) -> None:
+    """Spreadsheets export a trailing tab on every line: an unnamed, empty column, which the
+    sheet reader and the workflow's schema check leave out (its other cells as written)."""
+    from qctfea.cohort.samples import read_sample_sheet
+
+    sheet = tmp_path / "samples.tsv"
+    sheet.write_text("patient\ttimepoint\tmonths\timage\tlabels\t\n"
+                     "P1\tM00\t0\tct.nii.gz\tlabels.nii.gz\t\n")
+    df = read_sample_sheet(sheet, "auto")
+    assert list(df.columns[:5]) == ["patient", "timepoint", "months", "image", "labels"]
+    assert not any(str(c).startswith("Unnamed") for c in df.columns)
+    assert df.iloc[0]["image"] == "ct.nii.gz"

@@ -586,3 +586,31 @@ def test_the_real_l1_s_body_axis_follows_its_neighbours(tmp_path):
     axis = np.asarray(v["superior_axis"])
     assert np.degrees(np.arccos(line[2])) == pytest.approx(22.4, abs=0.2)
     assert np.degrees(np.arccos(abs(axis @ line))) < 8.0, (axis, line)
+
+
+def test_edge_fit_gives_an_offset_within_reach_before_calling_the_label_edgeless():
+    """A 30 mm cube with a 2 mm cortex of 600 HU around 100 HU, in noise; its label moved 4 mm
+    along each axis: at offset 0 the label's edge contrast is below the 50 HU floor, but the
+    search finds the cube's edges 4 mm away (600 HU): the label is off by that offset
+    (``moved``), not edgeless; moved 12 mm along each axis, beyond the 6 mm search, it is
+    edgeless; on a flat CT nothing is judged."""
+    from qctfea.imaging import labelfit
+
+    rng = np.random.default_rng(1)
+    ct = rng.normal(0, 10, (60, 60, 60))
+    ct[15:45, 15:45, 15:45] += 600.0
+    ct[17:43, 17:43, 17:43] -= 500.0
+
+    def label(shift):
+        out = np.zeros(ct.shape, bool)
+        out[15 + shift:45 + shift, 15 + shift:45 + shift, 15 + shift:45 + shift] = True
+        return out
+
+    fit = labelfit.edge_fit(ct, label(4), (1.0, 1.0, 1.0))
+    assert fit["edge_contrast"] < labelfit.MIN_EDGE_CONTRAST < fit["best_edge_contrast"]
+    assert fit["moved"] and not fit["no_edge"] and not fit["fits"]
+    assert fit["best_offset_mm"] == [-4.0, -4.0, -4.0]
+    fit = labelfit.edge_fit(ct, label(12), (1.0, 1.0, 1.0))
+    assert fit["no_edge"] and not fit["moved"] and not fit["fits"]
+    flat = rng.normal(0, 10, ct.shape)
+    assert labelfit.edge_fit(flat, label(12), (1.0, 1.0, 1.0))["fits"]

@@ -2,7 +2,13 @@
 
 
 class QctfeaError(RuntimeError):
-    """An error a user can act on: it names the input and what to change."""
+    """An error a user can act on: it names the input and what to change. ``record``: the
+    text the workflow's records and tables keep instead, when the message lists what only
+    the user's log may hold (the series UIDs and descriptions of a DICOM folder)."""
+
+    def __init__(self, message: str = "", record: str | None = None):
+        super().__init__(message)
+        self.record = record
 
 
 class GateRefusal(QctfeaError):

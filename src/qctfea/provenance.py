@@ -70,21 +70,33 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 @functools.cache
 def source_revision() -> str | None:
-    """The git commit of the qctfea source that runs (``+dirty`` with uncommitted changes),
-    when it runs from a git checkout (an editable install); None otherwise (an installed
-    wheel, or no git). The version number alone does not tell two checkouts apart."""
-    here = Path(__file__).resolve().parent
+    """The git commit of the qctfea source that runs, when it runs from its own checkout (an
+    editable install: the repository whose pyproject.toml sits above ``src/qctfea``),
+    ``+dirty`` when tracked files of that checkout were changed (code, rules, schemas),
+    ``+unknown`` when that could not be read; None for an installed package (or no git).
+    The version number alone does not tell two checkouts apart."""
+    repo = Path(__file__).resolve().parents[2]
+    if not (repo / "pyproject.toml").is_file():
+        return None
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        # --no-optional-locks: never take the index lock a user's own git may need
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(repo), *args],
+                              text=True, capture_output=True, timeout=10)
+
     try:
-        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], text=True,
-                             capture_output=True, timeout=10)
-        if rev.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain",
-                                "--untracked-files=no", "--", "."], text=True,
-                               capture_output=True, timeout=10).stdout.strip()
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != repo:
+            return None  # not a checkout of qctfea (e.g. a venv inside another repository)
+        rev = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
-    return rev.stdout.strip() + ("+dirty" if dirty else "")
+    if rev.returncode != 0:
+        return None
+    state = ("+unknown" if status.returncode != 0 else "+dirty" if status.stdout.strip()
+             else "")
+    return rev.stdout.strip() + state
 
 
 def library_versions() -> dict[str, str]:

@@ -28,8 +28,8 @@ the scheme's error against full nonlinear Monte Carlo is measured by
 The draws are quasi-random: one scrambled Sobol' sequence per run (``scipy.stats.qmc``,
 :class:`QuasiRandom`), each source's normal, Student t and lognormal draws taken from its
 own coordinates by their inverse distribution functions. On the real L1 its per-scan SDs
-(the least significant change) varied by about 1 % from seed to seed, where independent
-pseudo-random draws of the same number varied by 3.5 % (docs/uncertainty.md, "Draws").
+(the least significant change) varied by 0.5-1.0 % from seed to seed, where independent
+pseudo-random draws of the same number varied by 3.7-4.3 % (docs/uncertainty.md, "Draws").
 
 Each outcome gets its interval from all three sources, and ``sd_scan``, the standard
 deviation from the sources that differ between two scans of one patient: the calibration
@@ -396,7 +396,9 @@ def scan_uncertainty(p: UncertaintyParams, inp: ScanInputs, seed_key: str = "") 
     children = np.random.SeedSequence([p.seed, *seed_key.encode()]).spawn(len(RUNS))
     runs = {}
     for (name, sources), child in zip(RUNS.items(), children, strict=True):
-        n = sobol_size(p.draws if name in ("all", "scan") else max(p.draws // 4, 20))
+        # the breakdown runs: a quarter, at least 64 (a Sobol' sequence's pairs of
+        # coordinates fill the square evenly only from a few dozen points on)
+        n = sobol_size(p.draws if name in ("all", "scan") else max(p.draws // 4, 64))
         rng = QuasiRandom(n, np.random.default_rng(child))
         runs[name] = _outcome_draws(p, inp, _draw_sources(p, inp, n, rng, sources), n)
     if {sc.side for sc in inp.screws} == {"left", "right"}:

@@ -49,14 +49,14 @@ def check_schema(where, records, schema_name, kind, problems=()):
         raise WorkflowError("invalid cohort input:\n  " + "\n  ".join(problems))
 
 
-def check_sheet_files(sheet, samples):
-    """Every file or folder the sheet names exists (paths relative to the folder Snakemake
-    runs in); one error lists each missing one by scan and column."""
+def check_sheet_files(sheet, samples, columns):
+    """Every file or folder the sheet names in ``columns`` exists (paths relative to the
+    folder Snakemake runs in); one error lists each missing one by scan and column."""
     missing = [
         f"{sheet}, patient {row.patient}, timepoint {row.timepoint}, column {col}: "
         f"{row[col]} not found"
         for _, row in samples.iterrows()
-        for col in ("image", "labels", "subregions", "landmarks", "dxa")
+        for col in columns
         if col in samples.columns
         and row[col]
         and (col != "dxa" or str(row[col]).lower().endswith(".json"))
@@ -77,7 +77,11 @@ def sheet_records(path):
         if line.strip() and not line.startswith("#")
     ]
     header = [c.strip() for c in rows[0][1]] if rows else []
-    return [(f", line {n}", dict(zip(header, (c.strip() for c in cells)))) for n, cells in rows[1:]]
+    # an unnamed column (a trailing tab, as spreadsheets export) holds nothing to check
+    return [
+        (f", line {n}", {k: v for k, v in zip(header, (c.strip() for c in cells)) if k or v})
+        for n, cells in rows[1:]
+    ]
 
 
 def exclusions(samples, entries, where):
@@ -182,7 +186,13 @@ SAMPLES = SAMPLES.drop(index=[(e["patient"], e["timepoint"]) for e in EXCLUDED])
 if SAMPLES.empty:
     raise WorkflowError(f"{COHORT_DIR / 'config.yaml'}: `exclude` leaves no scan to analyse")
 if "demo" not in CCFG:  # a demo cohort's files are written by rule generate_demo_scan
-    check_sheet_files(SHEET, SAMPLES)
+    # landmarks only where they are read (pullout planned from landmarks)
+    check_sheet_files(
+        SHEET,
+        SAMPLES,
+        ["image", "labels", "subregions", "dxa"]
+        + (["landmarks"] if PULLOUT and PLANNING == "landmarks" else []),
+    )
 RES = f"results/{COHORT}"
 FAILURES = f"logs/{COHORT}/failures.txt"
 TASKS = int(CCFG.get("mpi", {}).get("tasks", 1))

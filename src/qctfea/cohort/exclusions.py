@@ -57,8 +57,9 @@ def read_exclusions(path: str | os.PathLike | None) -> list[dict]:
         return []
     df = pd.read_csv(path, dtype={"patient": str, "timepoint": str, "reason": str,
                                   "excluded_by": str})
-    if "excluded_by" not in df.columns:  # written before the column existed
-        df["excluded_by"] = BY_CONFIG
+    if "excluded_by" not in df.columns:  # written before the column existed: not known
+        df["excluded_by"] = ""
+    df["excluded_by"] = df["excluded_by"].fillna("")
     return [{"patient": r.patient, "timepoint": r.timepoint, "months": float(r.months),
              "excluded_by": r.excluded_by, "reason": r.reason} for r in df.itertuples()]
 

@@ -44,7 +44,11 @@ def _data_sentence(df: pd.DataFrame, tpm: pd.Series,
          f"{planned // max(n_pat_planned, 1)} timepoints; analysed: {n_pat} patients, "
          f"timepoints {', '.join(map(str, tpm.index))})")
     by_config = [e for e in excluded if e.get("excluded_by", BY_CONFIG) == BY_CONFIG]
-    refused = [e for e in excluded if e.get("excluded_by", BY_CONFIG) != BY_CONFIG]
+    refused = [e for e in excluded if e.get("excluded_by", BY_CONFIG) not in (BY_CONFIG, "")]
+    unknown = [e for e in excluded if e.get("excluded_by", BY_CONFIG) == ""]
+    if unknown:  # an exclusions file written before it said which
+        s += "; excluded or refused: " + ", ".join(
+            f"{e['patient']} {e['timepoint']} ({e['reason']})" for e in unknown)
     if by_config:
         s += "; excluded by the cohort config: " + ", ".join(
             f"{e['patient']} {e['timepoint']} ({e['reason']})" for e in by_config)

@@ -78,6 +78,9 @@ def read_sample_sheet(path: str | Path, planning_method: str | None = None) -> p
         raise QctfeaError(f"sample sheet {path} is not a tab-separated table ({exc}); save it "
                           "as TSV with one header line") from exc
     df = df.fillna("")
+    # an unnamed, empty column (a trailing tab on every line, as spreadsheets export it)
+    df = df.drop(columns=[c for c in df.columns
+                          if str(c).startswith("Unnamed:") and not df[c].astype(str).any()])
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise QctfeaError(f"{path}: missing column(s) {missing}; required: {REQUIRED}")

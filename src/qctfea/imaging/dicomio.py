@@ -43,7 +43,9 @@ holds technical fields only; the written image is rebuilt from the voxel array
 so no header metadata is carried over; no UID (series, study, instance), file
 name or source path reaches the outputs or the progress messages.  Only the
 errors raised when the series to read cannot be chosen list SeriesInstanceUIDs
-(with description, kernel and spacing), because the user needs them to choose;
+(with description, kernel and spacing), because the user needs them to choose, and only in
+the message the step logs: the record the workflow keeps (scan.json's ``refused``, copied
+to the exclusions table and the report) says the listing is in the log;
 errors and warnings about one file name that file, because the user must find
 it.  How the series was chosen is recorded (``ScanInfo.selected_by``) with
 spacing and kernel only, never the UID.

@@ -112,12 +112,11 @@ def _thinnest_axial(
     axial = [s for s in summaries if s.axial]
     if not axial:
         listing = "\n".join(_describe_series(s) for s in summaries)
-        raise QctfeaError(
+        raise _listing_error(
             f"{where}: series_rule thinnest_axial: none of the {n_all} image series is axial "
-            f"(slice normal within {params.axial_tolerance_deg:g} deg of the patient z axis):"
-            f"\n{listing}\nset the series_uid column of the sample sheet to the one to "
-            "analyse, or raise ingest.axial_tolerance_deg"
-        )
+            f"(slice normal within {params.axial_tolerance_deg:g} deg of the patient z axis)",
+            listing, "set the series_uid column of the sample sheet to the one to analyse, or "
+            "raise ingest.axial_tolerance_deg")
     def spacing(s: _SeriesSummary) -> float:
         return s.spacing if s.spacing is not None else math.inf
 
@@ -131,15 +130,13 @@ def _thinnest_axial(
     if len(keep) > 1:
         listing = "\n".join(_describe_series(s) for s in keep)
         others = n_all - len(keep)
-        raise QctfeaError(
+        raise _listing_error(
             f"{where}: series_rule thinnest_axial cannot choose between {len(keep)} series "
             f"that are axial with the same slice spacing ({_mm(None if thin == math.inf else thin)}"
             f", within {SPACING_TIE_MM:g} mm), equally preferred kernels and the same number "
-            f"of slices ({most}):\n{listing}\n"
-            + (f"({others} other series ranked lower.) " if others else "")
-            + "set the series_uid column of the sample sheet to the one to analyse (or move "
-            "the other series out of the folder)"
-        )
+            f"of slices ({most})" + (f"; {others} other series ranked lower" if others else ""),
+            listing, "set the series_uid column of the sample sheet to the one to analyse (or "
+            "move the other series out of the folder)")
     chosen = keep[0]
     _, entry = ranks[id(chosen)]
     kernel = chosen.kernel or "(none)"
@@ -154,6 +151,16 @@ def _thinnest_axial(
     )
 
 
+def _listing_error(what: str, listing: str, todo: str) -> QctfeaError:
+    """An error whose message lists the series (UID, description, geometry, kernel: what the
+    user needs to choose), and whose record for the workflow's outputs (scan.json, the
+    exclusions table, the report) says where that listing is instead: UIDs and free-text
+    descriptions stay in the user's log."""
+    return QctfeaError(f"{what}: {todo}. The series found:\n{listing}",
+                       record=f"{what}: {todo}. The series found are listed in this step's "
+                              "log (ingest_scan.log)")
+
+
 def select_series(
     groups: dict[str, list[Slice]],
     series_uid: str | None,
@@ -166,11 +173,9 @@ def select_series(
     listing = "\n".join(_describe_series(s) for s in summaries)
     if series_uid is not None:
         if series_uid not in groups:
-            raise QctfeaError(
-                f"{where}: no image series with series_uid={series_uid!r}; the series "
-                f"found are:\n{listing}\nset the series_uid column of the sample sheet to one "
-                "of these"
-            )
+            raise _listing_error(
+                f"{where}: no image series with series_uid={series_uid!r}", listing,
+                "set the series_uid column of the sample sheet to one of the series found")
         return series_uid, groups[series_uid], "series_uid"
     if len(groups) == 1:
         uid, slices = next(iter(groups.items()))
@@ -178,9 +183,8 @@ def select_series(
     if params.series_rule == "thinnest_axial":
         chosen, why = _thinnest_axial(summaries, params, where)
         return chosen.uid, chosen.slices, why
-    raise QctfeaError(
-        f"{where}: the folder holds {len(groups)} image series and it is not clear "
-        "which one to use: set the series_uid column of the sample sheet to the one to "
-        "analyse (listed below), set ingest.series_rule (e.g. thinnest_axial) to choose by "
-        f"rule, or move the other series out of the folder:\n{listing}"
-    )
+    raise _listing_error(
+        f"{where}: the folder holds {len(groups)} image series and it is not clear which one "
+        "to use", listing, "set the series_uid column of the sample sheet to the one to "
+        "analyse, set ingest.series_rule (e.g. thinnest_axial) to choose by rule, or move the "
+        "other series out of the folder")

@@ -92,7 +92,10 @@ def refusal_text(exc: Exception, step: str, context: str) -> str:
     tables/exclusions.csv, instead of one scan's crash leaving the whole cohort without
     tables."""
     if isinstance(exc, QctfeaError):
-        return str(exc)
+        if exc.record is None:
+            return str(exc)
+        logging.getLogger(__name__).error(f"[{step}] {exc}")  # the full text: the log only
+        return exc.record
     logging.getLogger(__name__).error(f"[{step}] {context}: unexpected error", exc_info=exc)
     return (f"{context}: the {step} step failed unexpectedly ({type(exc).__name__}: {exc}); "
             "the traceback is in the step's log. What to do: check this scan's inputs (image, "

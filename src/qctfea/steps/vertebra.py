@@ -93,8 +93,12 @@ def _mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
         lab = np.where(np.isin(lab, p.bone_labels), p.label,
                        np.where(lab == p.label, 0, lab)).astype(lab.dtype)
     target = lab == p.label
-    if target.any() and not p.cap_labels:  # another structure's label (absent: below;
-        masks.check_vertebra_volume(target, ct.GetSpacing(), p, where)  # specimens: any size)
+    # another structure's label (an absent one is refused below; specimens may be any size):
+    # too large before the edge checks (no vertebra, cut or not, holds that much), too small
+    # after them (a vertebra cut by the field of view may hold little)
+    size_check = target.any() and not p.cap_labels
+    if size_check:
+        masks.check_vertebra_volume(target, ct.GetSpacing(), p, where, bound="upper")
     # a vertebra cut by the scan's field of view, or by a cropped label map, is refused
     edges = {"ct": masks.check_not_cut(target, ct, f"CT {ct_path}", p, context)}
     if labels_own is not None:  # the label map's own edges may cut the vertebra inside the CT
@@ -102,6 +106,8 @@ def _mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
         edges["label_map"] = masks.check_not_cut(
             own, labels_own, f"label map {labels_path} (on its own grid)", p, context)
         del own
+    if size_check:
+        masks.check_vertebra_volume(target, ct.GetSpacing(), p, where, bound="lower")
     # The parts and the label QC on the vertebra's box (whole-scan label maps: a fraction of
     # the memory; the same voxels, as every operation reaches at most 8 voxels beyond it)
     box = morphology.box_around(target, MASK_BOX_MARGIN)
@@ -241,14 +247,14 @@ def _label_fit(values: np.ndarray, target: np.ndarray, ct: sitk.Image, context: 
     from qctfea.imaging import labelfit
 
     fit = labelfit.edge_fit(values, target, np.asarray(ct.GetSpacing(), float))
-    if fit["no_edge"]:
+    if fit["no_edge"]:  # (a label map moved within reach gets its offset, below)
         raise QctfeaError(
             f"{context}: the label map {labels_path} does not sit on the CT's bone: its target "
             f"vertebra's edge contrast is {fit['edge_contrast']:.0f} (the CT's mean value on "
             "the label's inner boundary layer minus that just outside it; at least "
             f"{labelfit.MIN_EDGE_CONTRAST:g} needed, 92-300 HU measured on label maps lying on "
             "their CT), and no offset within "
-            f"{labelfit.SEARCH_MM:g} mm finds the bone's edges (best "
+            f"{labelfit.SEARCH_MM:g} mm fits it to the bone's edges (best "
             f"{fit['best_edge_contrast']:.0f}); screws would be graded, and densities "
             "measured, on the wrong voxels. Check that the label map belongs to this CT "
             "(labels column of the sample sheet), that neither image was mirrored, "
