@@ -293,7 +293,7 @@ def test_vertebra_too_small_for_a_body(demo_scan, tmp_path):
     with pytest.raises(QctfeaError) as err:
         _run_mask(demo_scan, demo_scan["results"] / "ct.nii.gz", path, tmp_path)
     _has(err, demo_scan["context"], path, f"label 23 holds {27 * np.prod(sp) / 1e3:.2f} cm³",
-         "outside a whole vertebra's 5-200 cm³", "mask.label", "voxel spacing")
+         "outside a whole vertebra's 1-200 cm³", "mask.label", "voxel spacing")
     with pytest.raises(QctfeaError) as err:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr("qctfea.imaging.masks.VERTEBRA_CM3", (0.0, 1e9))

@@ -468,7 +468,7 @@ def test_a_label_of_another_structure_is_refused_by_its_volume(real_l1_ingested,
                                                                cfg, label, cm3):
     """The real TotalSegmentator map read in another convention (verse L1 = 20) or with the
     custom default label (23) names no vertebra: its volume (voxel count x voxel volume,
-    counted here with numpy) lies outside a vertebra's 5-200 cm³, and the mask step refuses
+    counted here with numpy) lies outside a vertebra's 1-200 cm³, and the mask step refuses
     it naming the convention keys, before any other check on the wrong structure."""
     src, root = real_l1_ingested["src"], real_l1_ingested["root"]
     lab = sitk.ReadImage(str(src / "labels.nii.gz"))

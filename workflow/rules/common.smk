@@ -49,13 +49,16 @@ def check_schema(where, records, schema_name, kind, problems=()):
         raise WorkflowError("invalid cohort input:\n  " + "\n  ".join(problems))
 
 
-def check_sheet_files(sheet, samples, columns):
+def check_sheet_files(sheet, samples, columns, results):
     """Every file or folder the sheet names in ``columns`` exists (paths relative to the
-    folder Snakemake runs in); one error lists each missing one by scan and column."""
+    folder Snakemake runs in), for each scan not yet ingested (no <results>/<patient>/
+    <timepoint>/scan.json: a lab may archive a processed scan's files and rebuild the cohort
+    tables); one error lists each missing one by scan and column."""
     missing = [
         f"{sheet}, patient {row.patient}, timepoint {row.timepoint}, column {col}: "
         f"{row[col]} not found"
         for _, row in samples.iterrows()
+        if not Path(results, row.patient, row.timepoint, "scan.json").exists()
         for col in columns
         if col in samples.columns
         and row[col]
@@ -185,6 +188,7 @@ EXCLUDED = exclusions(SAMPLES, CCFG.get("exclude") or [], COHORT_DIR / "config.y
 SAMPLES = SAMPLES.drop(index=[(e["patient"], e["timepoint"]) for e in EXCLUDED])
 if SAMPLES.empty:
     raise WorkflowError(f"{COHORT_DIR / 'config.yaml'}: `exclude` leaves no scan to analyse")
+RES = f"results/{COHORT}"
 if "demo" not in CCFG:  # a demo cohort's files are written by rule generate_demo_scan
     # landmarks only where they are read (pullout planned from landmarks)
     check_sheet_files(
@@ -192,8 +196,8 @@ if "demo" not in CCFG:  # a demo cohort's files are written by rule generate_dem
         SAMPLES,
         ["image", "labels", "subregions", "dxa"]
         + (["landmarks"] if PULLOUT and PLANNING == "landmarks" else []),
+        RES,
     )
-RES = f"results/{COHORT}"
 FAILURES = f"logs/{COHORT}/failures.txt"
 TASKS = int(CCFG.get("mpi", {}).get("tasks", 1))
 SIDES = ["left", "right"]

@@ -93,21 +93,7 @@ def _mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
         lab = np.where(np.isin(lab, p.bone_labels), p.label,
                        np.where(lab == p.label, 0, lab)).astype(lab.dtype)
     target = lab == p.label
-    # another structure's label (an absent one is refused below; specimens may be any size):
-    # too large before the edge checks (no vertebra, cut or not, holds that much), too small
-    # after them (a vertebra cut by the field of view may hold little)
-    size_check = target.any() and not p.cap_labels
-    if size_check:
-        masks.check_vertebra_volume(target, ct.GetSpacing(), p, where, bound="upper")
-    # a vertebra cut by the scan's field of view, or by a cropped label map, is refused
-    edges = {"ct": masks.check_not_cut(target, ct, f"CT {ct_path}", p, context)}
-    if labels_own is not None:  # the label map's own edges may cut the vertebra inside the CT
-        own = np.isin(sitk.GetArrayViewFromImage(labels_own), p.bone_labels or [p.label])
-        edges["label_map"] = masks.check_not_cut(
-            own, labels_own, f"label map {labels_path} (on its own grid)", p, context)
-        del own
-    if size_check:
-        masks.check_vertebra_volume(target, ct.GetSpacing(), p, where, bound="lower")
+    edges = _extent_checks(target, labels_own, ct, ct_path, labels_path, p, context)
     # The parts and the label QC on the vertebra's box (whole-scan label maps: a fraction of
     # the memory; the same voxels, as every operation reaches at most 8 voxels beyond it)
     box = morphology.box_around(target, MASK_BOX_MARGIN)
@@ -152,6 +138,30 @@ def _mask(*, ct_path, labels_path, out_parts, out_json, cfg: dict, context: str,
     if subregions_path is not None:
         inputs["subregions"] = subregions_path
     _write_mask_record(out_json, ct, parts, out, qc, p, sub is not None, inputs, context)
+
+
+def _extent_checks(target: np.ndarray, labels_own, ct: sitk.Image, ct_path, labels_path, p,
+                   context: str) -> dict:
+    """The target's size and the edges it reaches (records for vertebra.json): a label of
+    another structure is refused by its volume (an absent one later, naming the labels
+    present; a specimen's may be any size), too large before the edge checks (no vertebra,
+    cut or not, holds that much), too small after them (a vertebra cut by the field of view
+    may hold little, and is told as cut); a vertebra cut by the scan's field of view, or by
+    a cropped label map, is refused."""
+    from qctfea.imaging import masks
+
+    where = f"{context} ({labels_path})"
+    size_check = target.any() and not p.cap_labels
+    if size_check:
+        masks.check_vertebra_volume(target, ct.GetSpacing(), p, where, bound="upper")
+    edges = {"ct": masks.check_not_cut(target, ct, f"CT {ct_path}", p, context)}
+    if labels_own is not None:  # the label map's own edges may cut the vertebra inside the CT
+        own = np.isin(sitk.GetArrayViewFromImage(labels_own), p.bone_labels or [p.label])
+        edges["label_map"] = masks.check_not_cut(
+            own, labels_own, f"label map {labels_path} (on its own grid)", p, context)
+    if size_check:
+        masks.check_vertebra_volume(target, ct.GetSpacing(), p, where, bound="lower")
+    return edges
 
 
 def _mask_labels(ct: sitk.Image, labels_path, p, context: str):
