@@ -165,7 +165,7 @@ class QuasiRandom:
     def standard_normal(self, size) -> np.ndarray:
         return stats.norm.ppf(self._uniform(size))
 
-    def normal(self, loc=0.0, scale=1.0, size=None) -> np.ndarray:
+    def normal(self, loc=0.0, scale=1.0, size=1) -> np.ndarray:
         return loc + scale * self.standard_normal(size)
 
     def chisquare(self, df, size) -> np.ndarray:

@@ -359,13 +359,13 @@ VERTEBRA_CM3 = (1.0, 200.0)
 
 
 def check_vertebra_volume(target_zyx: np.ndarray, spacing_xyz, params: MaskParams,
-                          context: str = "", bound: str = "both") -> float:
-    """The target label's volume (cm³); raises :class:`QctfeaError` when it lies outside
-    :data:`VERTEBRA_CM3` (``bound``: "lower", "upper" or "both" of its ends), naming the
-    keys that choose the label."""
+                          context: str, bound: str) -> float:
+    """The target label's volume (cm³); raises :class:`QctfeaError` when it lies beyond the
+    ``bound`` ("lower" or "upper") end of :data:`VERTEBRA_CM3`, naming the keys that choose
+    the label."""
     volume = float(target_zyx.sum() * np.prod(spacing_xyz) / 1000.0)
     lo, hi = VERTEBRA_CM3
-    if (bound == "upper" or lo <= volume) and (bound == "lower" or volume <= hi):
+    if volume >= lo if bound == "lower" else volume <= hi:
         return volume
     hint = ("set mask.label to this vertebra's number in the map, or name the map's "
             "mask.convention and mask.vertebra" if params.convention == "custom" else
