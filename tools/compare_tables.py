@@ -4,8 +4,8 @@ columns both runs have, the text cells that differ, and the columns only one run
 
 Usage: python tools/compare_tables.py CHECKOUT_A CHECKOUT_B [--cohort demo]
 
-Used to show that a change of code layout left the results alone (README.md, Layout,
-records the comparison made with it)."""
+Used to show that a change of code layout left the results alone (docs/development.md
+records the comparisons made with it)."""
 import argparse
 import glob
 import os
