@@ -614,3 +614,67 @@ def test_edge_fit_gives_an_offset_within_reach_before_calling_the_label_edgeless
     assert fit["no_edge"] and not fit["moved"] and not fit["fits"]
     flat = rng.normal(0, 10, ct.shape)
     assert labelfit.edge_fit(flat, label(12), (1.0, 1.0, 1.0))["fits"]
+
+
+def test_a_faint_edge_that_peaks_where_the_label_lies_fits():
+    """A ball of 15 mm radius on a 0.5 mm grid: a 2 mm cortex of 250 HU around 120 HU (a
+    low-density vertebra) in 40 HU soft tissue, blurred by 1.2 mm (a soft kernel), in noise.
+    Its label, the ball itself, has an edge contrast below the 50 HU floor, yet more than
+    twice that of the label moved 6 mm along any axis: it fits where it lies (offset 0). The
+    same label moved 12 mm along each axis, beyond the search, lies on no edge: refused as
+    edgeless."""
+    from scipy import ndimage
+
+    from qctfea.imaging import labelfit
+
+    z, y, x = np.mgrid[:90, :90, :90] * 0.5
+
+    def ball(shift_mm):
+        return np.sqrt((z - 22.5 - shift_mm) ** 2 + (y - 22.5 - shift_mm) ** 2
+                       + (x - 22.5 - shift_mm) ** 2)
+
+    r = ball(0.0)
+    ct = np.where(r <= 15.0, 250.0, 40.0)
+    ct[r <= 13.0] = 120.0
+    ct = (ndimage.gaussian_filter(ct, 1.2 / 0.5)
+          + np.random.default_rng(3).normal(0, 10, ct.shape))
+    fit = labelfit.edge_fit(ct, r <= 15.0, (0.5, 0.5, 0.5))
+    assert fit["fits"] and fit["edge_contrast"] < labelfit.MIN_EDGE_CONTRAST
+    assert fit["edge_contrast"] > 2 * fit["reach_edge_contrast"]
+    assert fit["peak"] and not fit["no_edge"]
+    assert fit["best_offset_mm"] == [0.0, 0.0, 0.0]
+    fit = labelfit.edge_fit(ct, ball(12.0) <= 15.0, (0.5, 0.5, 0.5))
+    assert fit["no_edge"] and not fit["peak"] and not fit["fits"]
+
+
+def test_the_real_l1_low_density_on_a_soft_kernel_fits(real_l1_ingested, tmp_path):
+    """The real L1's vertebrae drawn toward soft tissue (HU' = 30 + 0.4 (HU - 30): an
+    osteoporotic-looking scan) and blurred by 1.2 mm (a soft reconstruction kernel): its
+    labels as given lie on its bone, but their edge contrast (25 HU) is below the 50 HU
+    floor; it is twice or more that of the labels moved 6 mm (8 HU), so the scan is accepted
+    with the labels where they are (before the peak rule it was refused as lying on no bone
+    edge). Its CT mirrored left-right stays refused (31 HU, below its 44 at the reach)."""
+    from scipy import ndimage
+
+    src, root = real_l1_ingested["src"], real_l1_ingested["root"]
+    ct = sitk.ReadImage(str(root / "ct.nii.gz"))
+    lab = sitk.Resample(sitk.ReadImage(str(src / "labels.nii.gz")), ct, sitk.Transform(),
+                        sitk.sitkNearestNeighbor, 0)
+    a = sitk.GetArrayFromImage(ct).astype(np.float64)
+    vertebrae = np.isin(sitk.GetArrayFromImage(lab),
+                        list(masks.CONVENTIONS["totalsegmentator"].values()))
+    a = np.where(vertebrae, 30.0 + 0.4 * (a - 30.0), a)
+    a = ndimage.gaussian_filter(a, [1.2 / s for s in np.array(ct.GetSpacing())[::-1]])
+    low = sitk.GetImageFromArray(np.round(a).astype(np.int16))
+    low.CopyInformation(ct)
+    sitk.WriteImage(low, str(tmp_path / "ct.nii.gz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        steps_vertebra.mask(ct_path=tmp_path / "ct.nii.gz", labels_path=src / "labels.nii.gz",
+                            out_parts=tmp_path / "v.nii.gz", out_json=tmp_path / "v.json",
+                            cfg={"convention": "totalsegmentator", "vertebra": "L1"},
+                            context=CTX)
+    fit = json.loads((tmp_path / "v.json").read_text())["label_fit"]
+    assert fit["edge_contrast"] < 50 and fit["fits"] and fit["peak"]
+    assert fit["edge_contrast"] >= 2 * fit["reach_edge_contrast"]
+    assert fit["offset_mm"] < 1.0
