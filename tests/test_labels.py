@@ -653,7 +653,8 @@ def test_the_real_l1_low_density_on_a_soft_kernel_fits(real_l1_ingested, tmp_pat
     labels as given lie on its bone, but their edge contrast (25 HU) is below the 50 HU
     floor; it is twice or more that of the labels moved 6 mm (8 HU), so the scan is accepted
     with the labels where they are (before the peak rule it was refused as lying on no bone
-    edge). Its CT mirrored left-right stays refused (31 HU, below its 44 at the reach)."""
+    edge). Its CT mirrored left-right stays refused (31 HU, below its 44 at the reach;
+    test_a_label_map_off_its_ct_is_refused above)."""
     from scipy import ndimage
 
     src, root = real_l1_ingested["src"], real_l1_ingested["root"]
