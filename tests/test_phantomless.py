@@ -331,6 +331,84 @@ def test_real_sample_totalseg_l1_contrast_enhanced_aorta(tmp_path, given):
     assert 55.0 <= ee["energy_kev"] <= 80.0 and 0.55 <= cal["slope"] <= 0.85
 
 
+def test_a_fixed_effective_energy_gives_the_line_of_that_energy():
+    """A follow-up drawn at its baseline's energy: tissues whose HU are a + b HU_t(E) at
+    E = 65 keV (a = 6, b = 1.01), muscle then lowered by 5 HU (as a soft kernel mixes the
+    back muscles' fat in). Fitted to these tissues alone the energy moves off 65 keV and the
+    slope with it; at the given 65 keV the slope is the closed form 1 / (b k(65)) within
+    0.5 % and the energy these tissues alone give is recorded beside it."""
+    from qctfea.imaging.phantomless import effective_energy_calibration
+
+    E, a, b = 65.0, 6.0, 1.01
+    hu = {t: a + b * float(attenuation.theoretical_hu(t, E)) for t in ("air", "fat", "muscle")}
+    hu["muscle"] -= 5.0
+    true_slope = 1.0 / (b * float(attenuation.k2hpo4_hu_per_mg(E)))
+
+    def tissues():
+        return [{"name": t, "found": True, "median_hu": v, "n_voxels": 1000}
+                for t, v in hu.items()]
+
+    spec = TissueSpec(tissues=["air", "fat", "muscle"])
+    own = effective_energy_calibration(tissues(), spec, CTX)
+    fixed = effective_energy_calibration(tissues(), spec, CTX,
+                                         {"energy_kev": E, "from": "the baseline M00"})
+    assert abs(own.effective_energy["energy_kev"] - E) >= 2.0
+    assert abs(own.slope / true_slope - 1) > 0.03
+    assert fixed.slope == pytest.approx(true_slope, rel=0.005)
+    ee = fixed.effective_energy
+    assert ee["energy_kev"] == E and ee["energy_from"] == "the baseline M00"
+    assert ee["own_energy_kev"] == own.effective_energy["energy_kev"]
+    assert own.effective_energy["energy_from"] == "this scan"
+
+
+def test_a_follow_up_takes_its_baseline_s_effective_energy(real_l1_ingested, tmp_path):
+    """The real L1 as baseline and, as its follow-up, the same CT through a soft kernel
+    (Gaussian blur of 1.2 mm: the back muscles read 47 instead of 52 HU). On its own energy
+    the follow-up's slope moved by about 10 %; at the baseline's (energy_from: baseline, the
+    default) it is within 1 % of the baseline's. A follow-up taken at another tube voltage
+    keeps its own energy, with a warning."""
+    import json
+
+    real = _real(TOTALSEG)
+    ct = sitk.ReadImage(str(real_l1_ingested["root"] / "ct.nii.gz"))
+    blurred = sitk.SmoothingRecursiveGaussian(ct, 1.2)
+    sitk.WriteImage(blurred, str(tmp_path / "soft.nii.gz"))
+    for name, kvp in (("scan_b.json", 120.0), ("scan_f.json", 120.0), ("scan_100.json", 100.0)):
+        (tmp_path / name).write_text(json.dumps({"scan": {"kvp": kvp}}))
+    cfg = {"method": "phantomless", "phantomless": {"tissues": ["air", "fat", "muscle"]}}
+
+    def calibrate(ct_path, name, baseline=None, **extra):
+        (tmp_path / name).mkdir()
+        out = tmp_path / name / "calibration.json"
+        steps_imaging.calibrate(ct_path=ct_path, labels_path=real / "labels.nii.gz",
+                                out_density=tmp_path / name / "density.nii.gz", out_json=out,
+                                out_png=tmp_path / name / "calibration.png",
+                                cfg={**cfg, **extra}, context=f"patient R, timepoint {name}",
+                                label=31, convention="totalsegmentator", baseline=baseline)
+        return read_json(out)
+
+    base = calibrate(real_l1_ingested["root"] / "ct.nii.gz", "M00")
+    link = {"calibration": tmp_path / "M00" / "calibration.json",
+            "scan": tmp_path / "scan_b.json", "own_scan": tmp_path / "scan_f.json"}
+    follow = calibrate(tmp_path / "soft.nii.gz", "M12", link)
+    alone = calibrate(tmp_path / "soft.nii.gz", "M12-alone", link,
+                      phantomless={**cfg["phantomless"], "energy_from": "scan"})
+    with pytest.warns(UserWarning, match="tube voltage 100.0 kVp, the baseline's"):
+        other = calibrate(tmp_path / "soft.nii.gz", "M24", {**link,
+                                                           "own_scan": tmp_path / "scan_100.json"})
+    e0 = base["effective_energy"]["energy_kev"]
+    print(f"real L1: baseline {e0:g} keV slope {base['slope']:.4f}; soft-kernel follow-up at "
+          f"its own {alone['effective_energy']['energy_kev']:g} keV {alone['slope']:.4f}, at "
+          f"the baseline's {follow['slope']:.4f}")
+    assert abs(alone["slope"] / base["slope"] - 1) > 0.05
+    assert follow["slope"] == pytest.approx(base["slope"], rel=0.01)
+    ee = follow["effective_energy"]
+    assert ee["energy_kev"] == e0 and ee["energy_from"] == "the baseline M00 (120 kVp)"
+    assert ee["own_energy_kev"] == alone["effective_energy"]["energy_kev"]
+    assert other["effective_energy"]["energy_from"] == "this scan"
+    assert other["slope"] == pytest.approx(alone["slope"], rel=1e-12)
+
+
 def test_a_scan_not_in_hounsfield_units_is_refused_saying_so(tmp_path):
     """The real L1 written as stored pixel values (HU + 1024, the rescale intercept not
     applied, as some converters write it): air reads +24, fat about +920; no tissue falls in

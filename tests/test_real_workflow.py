@@ -40,6 +40,10 @@ def test_real_scan_runs_through_the_workflow_to_the_cohort_tables(cohort, tmp_pa
         # DIVERGED_INDEFINITE_PC); the solve must find that level before solving and smooth
         # it with scalar Jacobi (elasticity.singular_block_levels)
         cfg["mesh"] = own["mesh"]
+        # the default phantomless model (the cohort's is the tissue regression), so that
+        # the moved follow-up below is calibrated at its baseline's effective energy
+        cfg["calibration"] = {**own["calibration"], "phantomless": {
+            **own["calibration"]["phantomless"], "model": "effective_energy"}}
     d = tmp_path / "cohorts" / cohort
     d.mkdir(parents=True)
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -165,3 +169,9 @@ def _check_follow_up(res, long: pd.DataFrame, truth) -> None:
     assert abs(fu["registration_point_motion_max_mm"] - true_motion) < 0.5
     assert fu["registration_dice"] > 0.9
     assert not (fu_dir / "mesh.xdmf").exists()  # the follow-up is modelled on the baseline
+    # calibrated at the baseline's effective energy (calibration.phantomless.energy_from)
+    base_ee = json.loads((base_dir / "calibration.json").read_text())["effective_energy"]
+    fu_ee = json.loads((fu_dir / "calibration.json").read_text())["effective_energy"]
+    assert base_ee["energy_from"] == "this scan"
+    assert fu_ee["energy_kev"] == base_ee["energy_kev"]
+    assert fu_ee["energy_from"] == "the baseline M00 (kVp recorded in neither file)"

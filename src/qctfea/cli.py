@@ -78,6 +78,9 @@ SUBCOMMANDS = (
         _arg("--out-density", required=True),
         _arg("--out-json", required=True),
         _arg("--out-png", required=True),
+        _arg("--baseline", nargs=3, metavar=("CALIBRATION", "BASELINE_SCAN", "SCAN"),
+             help="a follow-up's baseline calibration.json, the baseline's and this scan's "
+                  "scan.json: the baseline's effective energy (phantomless.energy_from)"),
     )),
     ("mask", "label map -> vertebra parts (body, posterior, trabecular ROI)", True, (
         _arg("ct"),
@@ -245,7 +248,9 @@ def run(a) -> None:
     elif a.step == "calibrate":
         steps_imaging.calibrate(ct_path=a.ct, labels_path=a.labels, out_density=a.out_density,
                                 out_json=a.out_json, out_png=a.out_png, cfg=prm, context=_ctx(a),
-                                label=a.label, convention=a.convention)
+                                label=a.label, convention=a.convention,
+                                baseline=dict(zip(("calibration", "scan", "own_scan"),
+                                                  a.baseline)) if a.baseline else None)
     elif a.step == "mask":
         steps_vertebra.mask(ct_path=a.ct, labels_path=a.labels, out_parts=a.out_parts,
                             out_json=a.out_json, cfg=prm, context=_ctx(a),

@@ -129,7 +129,9 @@ def check_calibration():
     """The calibration settings as the calibrate step will read them: a phantom calibration
     (the default method) that names no phantom is refused here, before any job runs, with
     the presets listed (qctfea.imaging.phantoms.PHANTOM_PRESETS), and so is a
-    hydroxyapatite phantom without its own conversion to ash density (materials section)."""
+    hydroxyapatite phantom without its own conversion to ash density (materials section).
+    True when follow-ups take their baseline's effective energy (phantomless,
+    effective_energy, energy_from: baseline)."""
     from qctfea.imaging.calibration import TissueSpec
     from qctfea.imaging.phantoms import PhantomSpec, require_ash_relation
     from qctfea.errors import QctfeaError
@@ -141,12 +143,17 @@ def check_calibration():
             spec = params_from(PhantomSpec, cal.get("phantom"), "calibration.phantom")
             spec.require_defined()
             require_ash_relation(spec, CCFG.get("materials") or {})
-        params_from(TissueSpec, cal.get("phantomless"), "calibration.phantomless")
+        tspec = params_from(TissueSpec, cal.get("phantomless"), "calibration.phantomless")
     except QctfeaError as exc:
         raise WorkflowError(f"{COHORT_DIR / 'config.yaml'}: {exc}") from exc
+    return (
+        cal.get("method", "phantom") == "phantomless"
+        and tspec.model == "effective_energy"
+        and tspec.energy_from == "baseline"
+    )
 
 
-check_calibration()
+ENERGY_FROM_BASELINE = check_calibration()
 
 
 def check_clinical():
@@ -289,6 +296,20 @@ def baseline_of(patient):
     """The patient's earliest scan in the sample sheet (after exclusions)."""
     rows = SAMPLES[SAMPLES["patient"] == str(patient)]
     return str(rows.sort_values("months", kind="mergesort")["timepoint"].iloc[0])
+
+
+def baseline_energy_inputs(w):
+    """A follow-up's inputs for its baseline's effective energy (ENERGY_FROM_BASELINE): the
+    baseline's calibration.json and both scans' scan.json (their tube voltages); none for a
+    baseline or another calibration."""
+    base = baseline_of(w.patient)
+    if not ENERGY_FROM_BASELINE or str(w.timepoint) == base:
+        return {}
+    return {
+        "baseline_calibration": f"{RES}/{w.patient}/{base}/calibration.json",
+        "baseline_scan": f"{RES}/{w.patient}/{base}/scan.json",
+        "own_scan": f"{RES}/{w.patient}/{w.timepoint}/scan.json",
+    }
 
 
 def model_timepoint(patient, timepoint):

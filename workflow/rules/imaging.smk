@@ -49,6 +49,7 @@ rule accept_scan:
 # (--keep-going); rule accept_calibration then fails the scan with the message.
 checkpoint calibrate_density:
     input:
+        unpack(baseline_energy_inputs),  # a follow-up's: its baseline's effective energy
         ct=rules.ingest_scan.output.image,
         labels=get_labels,
         accepted=rules.accept_scan.output,  # the inputs' gate: nothing runs on a refused scan

@@ -139,6 +139,9 @@ TISSUES = tuple(REFERENCE_HU)
 #: Phantomless calibration models (``calibration.phantomless.model``).
 PHANTOMLESS_MODELS = ("effective_energy", "tissue_regression")
 
+#: Where a follow-up's effective energy comes from (``TissueSpec.energy_from``).
+ENERGY_FROM = ("baseline", "scan")
+
 
 #: Where :func:`qctfea.imaging.phantomless.find_tissues` samples skeletal muscle.
 MUSCLE_REGIONS = ("paraspinal", "body")
@@ -249,6 +252,18 @@ class TissueSpec:
         doc=("`effective_energy`: energies searched; an energy at the edge of the range gives "
              "a warning"))
     energy_step_kev: float = option(0.5, exclusiveMinimum=0, row="energy_range_kev")
+    #: effective_energy: whose effective energy a follow-up's line is drawn at
+    energy_from: str = option(
+        "baseline", enum=list(ENERGY_FROM),
+        doc=("`effective_energy`, follow-ups: `baseline`, the energy found on the patient's "
+             "baseline scan when both were taken at the same tube voltage (kVp of the DICOM "
+             "headers; taken as the same when neither file records it), with `a` and `b` "
+             "fitted to the follow-up's own tissues (3 or more; with 2 the baseline's line); "
+             "`scan`, every scan its own energy. The energy is the beam's, not the kernel's or "
+             "the dose's, and found from soft-tissue contrasts it moves with them: on the real "
+             "L1 a soft kernel raised a scan's own slope by 10 %, the baseline's energy by "
+             "0.2 % ([docs/calibration.md](../docs/calibration.md#a-follow-ups-effective-"
+             "energy))"))
     #: effective_energy: water displaced per gram of K2HPO4 (g/g) in the K2HPO4-water model
     water_displacement: float = option(
         QCT_PRO_WATER_DISPLACEMENT, minimum=0, exclusiveMaximum=1,

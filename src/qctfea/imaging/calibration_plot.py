@@ -156,8 +156,13 @@ def _energy_panel(ax, ee: dict) -> None:
     """Effective energy: the RMS fit error against energy."""
     f = ee["fit"]
     ax.plot(ee["energies_kev"], ee["rms_residual_hu"], "-", color="k", lw=1)
+    source = ee.get("energy_from", "this scan")
     ax.axvline(ee["energy_kev"], color="tab:red", lw=1,
-               label=f"effective energy {ee['energy_kev']:g} keV")
+               label=f"effective energy {ee['energy_kev']:g} keV"
+               + ("" if source == "this scan" else f"\n(from {source})"))
+    own = ee.get("own_energy_kev", ee["energy_kev"])
+    if own != ee["energy_kev"]:
+        ax.axvline(own, color="0.5", lw=1, ls="--", label=f"this scan alone: {own:g} keV")
     ax.set_yscale("log")
     ax.set_xlabel("energy (keV)")
     ax.set_ylabel("RMS fit error (HU)")

@@ -282,9 +282,12 @@ def phantomless_calibration(
     target_label: int | None = None,
     masks: dict | None = None,
     direction=None,
+    energy: dict | None = None,
 ) -> Calibration:
     """Fit ``density = intercept + slope * HU`` from the scan's reference tissues, by the
     effective-energy model or the tissue regression (``spec.model``; module docstring).
+    ``energy``: the effective energy to draw the line at instead of the scan's own
+    (:func:`effective_energy_calibration`).
 
     Tissues come from :func:`find_tissues` (``masks`` as there). Refused (QctfeaError naming
     ``context``): fewer than 2 tissues found, R² below ``fail_r2``, a slope not > 0.
@@ -297,7 +300,7 @@ def phantomless_calibration(
                            masks, direction=direction)
     try:
         if spec.model == "effective_energy":
-            cal = effective_energy_calibration(tissues, spec, context)
+            cal = effective_energy_calibration(tissues, spec, context, energy)
         else:
             cal = _tissue_regression(tissues, spec, context)
     except QctfeaError as exc:  # the same kind (a gate's refusal or not), with a units hint
@@ -423,11 +426,16 @@ def fit_effective_energy(names: list[str], measured_hu, energies_kev) -> dict:
 
 # Long on purpose: the effective-energy method of the module doc, step by step.
 def effective_energy_calibration(tissues: list[dict], spec: TissueSpec,
-                                 context: str = "") -> Calibration:
+                                 context: str = "", energy: dict | None = None) -> Calibration:
     """Effective-energy internal calibration (Michalski 2020; module docstring) from the
     tissues measured by :func:`find_tissues`. Blood is fitted only when it is not
     contrast-enhanced at the energy found without it (with fewer than 2 other tissues, at the
-    energy found with it)."""
+    energy found with it).
+
+    ``energy`` (a follow-up's baseline energy, ``TissueSpec.energy_from``): ``energy_kev``
+    and ``from`` (what it is, for the record). The line is then drawn at that energy, with
+    ``a`` and ``b`` fitted to these tissues (two tissues: ``a = 0``, ``b = 1``); the energy
+    these tissues alone give is recorded as ``own_energy_kev``."""
     import xraydb
 
     lo, hi = spec.energy_range_kev
@@ -437,8 +445,14 @@ def effective_energy_calibration(tissues: list[dict], spec: TissueSpec,
         t.pop("reference_mg_cm3", None)  # tissue_regression only
 
     def fit(ts):
-        return fit_effective_energy([t["name"] for t in ts], [t["median_hu"] for t in ts],
-                                    energies)
+        names, hu = [t["name"] for t in ts], [t["median_hu"] for t in ts]
+        res = fit_effective_energy(names, hu, energies)
+        if energy is None:
+            return res
+        at = fit_effective_energy(names, hu, [float(energy["energy_kev"])])
+        # the search's curve and minimum stay in the record (the picture shows both)
+        return {**at, "rms_residual_hu": res["rms_residual_hu"], "at_edge": False,
+                "own_energy_kev": res["energy_kev"]}
 
     used = [t for t in tissues if t["used"]]
     others = [t for t in used if t["name"] != "blood"]
@@ -477,8 +491,10 @@ def effective_energy_calibration(tissues: list[dict], spec: TissueSpec,
                       f"calibration.phantomless.energy_range_kev {spec.energy_range_kev} "
                       f"({fit_txt}): the fit may want an energy outside it", stacklevel=2)
     if len(used) == 2:
-        warnings.warn(f"{context}: effective energy {E:g} keV from 2 tissues only ({fit_txt});"
-                      " the scanner's HU scale is taken as exact", stacklevel=2)
+        warnings.warn(f"{context}: effective energy {E:g} keV "
+                      + (f"from {energy['from']}, " if energy else "")
+                      + f"2 tissues only ({fit_txt}); the scanner's HU scale is taken as exact",
+                      stacklevel=2)
     k = float(k2hpo4_hu_per_mg(E, spec.water_displacement))
     slope, intercept = 1.0 / (b * k), -a / (b * k)
     for t, ht in zip(used, res["theoretical_hu"], strict=True):
@@ -491,6 +507,8 @@ def effective_energy_calibration(tissues: list[dict], spec: TissueSpec,
     mats = ["water", AIR, "k2hpo4", "triglyceride", *TISSUES]
     info = {
         "energy_kev": E,
+        "energy_from": energy["from"] if energy else "this scan",
+        "own_energy_kev": res.get("own_energy_kev", E),
         "energy_range_kev": spec.energy_range_kev, "energy_step_kev": spec.energy_step_kev,
         "fit": {"a": a, "b": b, "r2": r2, "mode": res["mode"], "n_tissues": len(used),
                 "model": "median HU = a + b * theoretical HU at E"},

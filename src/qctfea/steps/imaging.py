@@ -10,12 +10,13 @@ import logging
 import time
 import warnings
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from qctfea.errors import QctfeaError
-from qctfea.provenance import atomic_path, provenance, write_json
+from qctfea.provenance import atomic_path, provenance, read_json, write_json
 from qctfea.steps import (
     accept_record, grid_only, image_like, load_screws, need_inputs, params_from, read_ct,
     read_density, read_image, read_labels, refusal_text, write_image, write_image_refusal,
@@ -83,7 +84,7 @@ def accept_scan(*, scan_json, out_json, context: str) -> None:
 # Long on purpose: the three calibration methods and their shared outputs, in order.
 def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict,
               context: str, label: int, convention: str = "custom",
-              record_refusal: bool = False) -> None:
+              record_refusal: bool = False, baseline: dict | None = None) -> None:
     """HU image -> density image (mg/cm³), by phantom, phantomless or fixed calibration.
 
     ``label`` is the target vertebra of the label map, ``convention`` its label convention
@@ -100,7 +101,12 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     :func:`qctfea.steps.refusal_text`, whose gate rule accept_calibration then fails the
     scan) the message goes into ``out_json`` (key ``refused``), the picture shows it
     beside the CT slice, and the density image is zero throughout (NIfTI as ITK writes it
-    keeps no NaN; nothing reads it: every step that uses a density waits for the gate)."""
+    keeps no NaN; nothing reads it: every step that uses a density waits for the gate).
+
+    ``baseline`` (a follow-up's, phantomless effective energy with ``energy_from:
+    baseline``): paths ``calibration`` (the baseline's calibration.json), ``scan`` and
+    ``own_scan`` (the two scans' scan.json): the line is drawn at the baseline's effective
+    energy when the tube voltages agree (:func:`baseline_energy`)."""
     from qctfea.imaging import calibration_plot
     from qctfea.imaging.masks import resample_labels_to
 
@@ -130,7 +136,8 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
                 "blood_label, or give the multilabel file (TotalSegmentator --ml)")
     try:
         cal = _calibration(method, cfg, ct, hu, labels_arr, structures, masks, context,
-                           where, label, convention)
+                           where, label, convention,
+                           baseline_energy(baseline, context) if baseline else None)
     except Exception as exc:  # noqa: BLE001  (any failure is the scan's refusal: refusal_text)
         if not record_refusal:
             raise
@@ -154,11 +161,35 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
              f"R² {cal.r2:.5f} ({cal.method})")
 
 
+def baseline_energy(baseline: dict, context: str) -> dict | None:
+    """A follow-up's effective energy from its baseline's calibration (``calibrate``'s
+    ``baseline`` paths): ``energy_kev`` and ``from`` for
+    :func:`qctfea.imaging.phantomless.effective_energy_calibration`, or None (the scan's own
+    energy) when the baseline has none (refused, or another model) or the two scans' tube
+    voltages differ or only one file records it (logged)."""
+    base = read_json(baseline["calibration"])
+    energy = (base.get("effective_energy") or {}).get("energy_kev")
+    timepoint = Path(baseline["calibration"]).parent.name
+    if base.get("refused") or energy is None:
+        log.info(f"[calibrate] {context}: the baseline ({timepoint}) has no effective energy "
+                 "(refused, or another calibration): this scan's own energy is used")
+        return None
+    own, base_kvp = ((read_json(baseline[k]).get("scan") or {}).get("kvp")
+                     for k in ("own_scan", "scan"))
+    if (own is None) != (base_kvp is None) or (own is not None and abs(own - base_kvp) > 0.5):
+        warnings.warn(f"{context}: tube voltage {own} kVp, the baseline's ({timepoint}) "
+                      f"{base_kvp} kVp: this scan's own effective energy is used, not the "
+                      "baseline's", stacklevel=2)
+        return None
+    same = f"{own:g} kVp" if own is not None else "kVp recorded in neither file"
+    return {"energy_kev": float(energy), "from": f"the baseline {timepoint} ({same})"}
+
+
 def _calibration(method: str, cfg: dict, ct: sitk.Image, hu: np.ndarray, labels_arr,
                  structures, masks: dict, context: str, where: str, label: int,
-                 convention: str):
+                 convention: str, energy: dict | None = None):
     """The scan's calibration line by ``method`` (the tissue voxels found go into
-    ``masks``)."""
+    ``masks``; ``energy``: the effective energy to use, :func:`baseline_energy`)."""
     from qctfea.imaging import calibration as cal_mod
     from qctfea.imaging import phantomless, phantomrods
     from qctfea.imaging.phantoms import PhantomSpec
@@ -186,8 +217,10 @@ def _calibration(method: str, cfg: dict, ct: sitk.Image, hu: np.ndarray, labels_
         tspec = _tissue_spec(cfg, convention, structures)
         log.info(f"[calibrate] {context}: phantomless ({tspec.model}), finding "
                  f"{', '.join(tspec.tissues)} in {' x '.join(map(str, ct.GetSize()))} voxels")
-        cal = phantomless.phantomless_calibration(hu, ct.GetSpacing(), labels_arr, tspec, where,
-                                                  label, masks, direction=ct.GetDirection())
+        cal = phantomless.phantomless_calibration(
+            hu, ct.GetSpacing(), labels_arr, tspec, where, label, masks,
+            direction=ct.GetDirection(),
+            energy=energy if tspec.energy_from == "baseline" else None)
     elif method == "fixed":
         if "slope" not in cfg or "intercept" not in cfg:
             raise QctfeaError(f"{context}: calibration method 'fixed' needs calibration.slope "
