@@ -175,3 +175,7 @@ def _check_follow_up(res, long: pd.DataFrame, truth) -> None:
     assert base_ee["energy_from"] == "this scan"
     assert fu_ee["energy_kev"] == base_ee["energy_kev"]
     assert fu_ee["energy_from"] == "the baseline M00 (kVp recorded in neither file)"
+    base_row = long.set_index("timepoint").loc["M00"]
+    assert base_row["calibration_energy_from"] == "this scan"
+    assert fu["calibration_energy_from"] == fu_ee["energy_from"]
+    assert fu["calibration_energy_kev"] == base_row["calibration_energy_kev"] == fu_ee["energy_kev"]

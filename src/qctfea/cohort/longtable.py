@@ -47,6 +47,8 @@ COLUMNS: list[str] = [
     "calibration_slope",
     "calibration_intercept",
     "calibration_r2",
+    "calibration_energy_kev",
+    "calibration_energy_from",
     "mesh_cells",
     "mesh_vertices",
     "n_dofs",
@@ -228,6 +230,7 @@ def scan_row(
     """
     ct_areal = _num(bmd, "areal_bmd_g_cm2", "bmd.json")
     dxa = opt_float(dxa_areal_bmd_g_cm2)
+    ee = (calibration.get("effective_energy") or {}) if isinstance(calibration, Mapping) else {}
     row = {
         "patient": str(patient),
         "timepoint": str(timepoint),
@@ -245,6 +248,9 @@ def scan_row(
         "calibration_slope": _num(calibration, "slope", "calibration.json"),
         "calibration_intercept": _num(calibration, "intercept", "calibration.json"),
         "calibration_r2": _num(calibration, "r2", "calibration.json"),
+        # the phantomless effective energy and whose it is (this scan's, or the baseline's)
+        "calibration_energy_kev": _num_opt(ee, "energy_kev", "calibration.json"),
+        "calibration_energy_from": ee.get("energy_from", ""),
         "mesh_cells": _num(mesh, "n_cells", "mesh.json"),
         "mesh_vertices": _num(mesh, "n_vertices", "mesh.json"),
         "n_dofs": _num_opt(compression, "n_dofs", "compression.json"),
