@@ -361,12 +361,44 @@ def test_a_fixed_effective_energy_gives_the_line_of_that_energy():
     assert own.effective_energy["energy_from"] == "this scan"
 
 
+def test_the_baseline_s_energy_is_taken_only_for_the_same_beam(tmp_path):
+    """steps.imaging.baseline_energy: the baseline's energy when both scans record the same
+    tube voltage and manufacturer, or neither records them; the scan's own (None, with a
+    warning naming both values) when one differs or only one file records it, and when the
+    baseline's calibration was refused."""
+    import json
+
+    from qctfea.steps.imaging import baseline_energy
+
+    (tmp_path / "M00").mkdir()
+    cal = tmp_path / "M00" / "calibration.json"
+
+    def energy(own: dict, base: dict, record=None):
+        cal.write_text(json.dumps(record or {"effective_energy": {"energy_kev": 66.5}}))
+        (tmp_path / "own.json").write_text(json.dumps({"scan": own}))
+        (tmp_path / "base.json").write_text(json.dumps({"scan": base}))
+        return baseline_energy({"calibration": cal, "scan": tmp_path / "base.json",
+                                "own_scan": tmp_path / "own.json"}, CTX)
+
+    siemens = {"kvp": 120.0, "manufacturer": "SIEMENS"}
+    assert energy(siemens, siemens) == {"energy_kev": 66.5,
+                                        "from": "the baseline M00 (120 kVp)"}
+    assert energy({}, {})["from"] == "the baseline M00 (kVp recorded in neither file)"
+    for own, needle in (({**siemens, "kvp": 100.0}, r"tube voltage \(kVp\) 100.0, the "
+                                                     r"baseline's \(M00\) 120.0"),
+                        ({**siemens, "manufacturer": "GE"}, "manufacturer GE, the baseline's"),
+                        ({"manufacturer": "SIEMENS"}, r"tube voltage \(kVp\) None")):
+        with pytest.warns(UserWarning, match=needle):
+            assert energy(own, siemens) is None
+    assert energy(siemens, siemens, {"refused": "no fat found", "effective_energy": None}) is None
+
+
 def test_a_follow_up_takes_its_baseline_s_effective_energy(real_l1_ingested, tmp_path):
     """The real L1 as baseline and, as its follow-up, the same CT through a soft kernel
     (Gaussian blur of 1.2 mm: the back muscles read 47 instead of 52 HU). On its own energy
-    the follow-up's slope moved by about 10 %; at the baseline's (energy_from: baseline, the
-    default) it is within 1 % of the baseline's. A follow-up taken at another tube voltage
-    keeps its own energy, with a warning."""
+    the follow-up's slope moved by about 10 %; at the baseline's (energy_from: baseline) it
+    is within 1 % of the baseline's. A follow-up taken at another tube voltage keeps its own
+    energy, with a warning."""
     import json
 
     real = _real(TOTALSEG)
@@ -375,7 +407,8 @@ def test_a_follow_up_takes_its_baseline_s_effective_energy(real_l1_ingested, tmp
     sitk.WriteImage(blurred, str(tmp_path / "soft.nii.gz"))
     for name, kvp in (("scan_b.json", 120.0), ("scan_f.json", 120.0), ("scan_100.json", 100.0)):
         (tmp_path / name).write_text(json.dumps({"scan": {"kvp": kvp}}))
-    cfg = {"method": "phantomless", "phantomless": {"tissues": ["air", "fat", "muscle"]}}
+    cfg = {"method": "phantomless", "phantomless": {"tissues": ["air", "fat", "muscle"],
+                                                    "energy_from": "baseline"}}
 
     def calibrate(ct_path, name, baseline=None, **extra):
         (tmp_path / name).mkdir()
@@ -392,7 +425,7 @@ def test_a_follow_up_takes_its_baseline_s_effective_energy(real_l1_ingested, tmp
             "scan": tmp_path / "scan_b.json", "own_scan": tmp_path / "scan_f.json"}
     follow = calibrate(tmp_path / "soft.nii.gz", "M12", link)
     # the same follow-up taken at another voltage: its own energy, as energy_from: scan
-    with pytest.warns(UserWarning, match="tube voltage 100.0 kVp, the baseline's"):
+    with pytest.warns(UserWarning, match=r"tube voltage \(kVp\) 100.0, the baseline's \(M00\) 120"):
         alone = calibrate(tmp_path / "soft.nii.gz", "M24",
                           {**link, "own_scan": tmp_path / "scan_100.json"})
     e0 = base["effective_energy"]["energy_kev"]

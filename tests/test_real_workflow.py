@@ -40,10 +40,11 @@ def test_real_scan_runs_through_the_workflow_to_the_cohort_tables(cohort, tmp_pa
         # DIVERGED_INDEFINITE_PC); the solve must find that level before solving and smooth
         # it with scalar Jacobi (elasticity.singular_block_levels)
         cfg["mesh"] = own["mesh"]
-        # the default phantomless model (the cohort's is the tissue regression), so that
-        # the moved follow-up below is calibrated at its baseline's effective energy
+        # the default phantomless model (the cohort's is the tissue regression), with the
+        # moved follow-up below calibrated at its baseline's effective energy
         cfg["calibration"] = {**own["calibration"], "phantomless": {
-            **own["calibration"]["phantomless"], "model": "effective_energy"}}
+            **own["calibration"]["phantomless"], "model": "effective_energy",
+            "energy_from": "baseline"}}
     d = tmp_path / "cohorts" / cohort
     d.mkdir(parents=True)
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))

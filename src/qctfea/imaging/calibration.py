@@ -254,16 +254,18 @@ class TissueSpec:
     energy_step_kev: float = option(0.5, exclusiveMinimum=0, row="energy_range_kev")
     #: effective_energy: whose effective energy a follow-up's line is drawn at
     energy_from: str = option(
-        "baseline", enum=list(ENERGY_FROM),
-        doc=("`effective_energy`, follow-ups: `baseline`, the energy found on the patient's "
-             "baseline scan when both were taken at the same tube voltage (kVp of the DICOM "
-             "headers; taken as the same when neither file records it), with `a` and `b` "
-             "fitted to the follow-up's own tissues (3 or more; with 2 the baseline's line); "
-             "`scan`, every scan its own energy. The energy is the beam's, not the kernel's or "
-             "the dose's, and found from soft-tissue contrasts it moves with them: on the real "
-             "L1 a soft kernel raised a scan's own slope by 10 %, the baseline's energy by "
-             "0.2 % ([docs/calibration.md](../docs/calibration.md#a-follow-ups-effective-"
-             "energy))"))
+        "scan", enum=list(ENERGY_FROM),
+        doc=("`effective_energy`, follow-ups: `scan`, every scan its own energy; `baseline`, "
+             "the energy found on the patient's baseline scan, with `a` and `b` fitted to the "
+             "follow-up's own tissues (3 or more; with 2 the baseline's line), when both "
+             "scans record the same tube voltage and manufacturer or neither records them "
+             "(NIfTI). The energy is the beam's, not the kernel's or the dose's, but found "
+             "from soft-tissue contrasts it moves with them: on the real L1 a soft kernel "
+             "raised a scan's own slope by 10 %, the baseline's energy by 0.2 %. Choose "
+             "`baseline` for a study on one scanner and protocol; keep `scan` when scanners "
+             "changed between visits, and for the demo generator, which draws a new energy "
+             "for every scan at 120 kVp ([docs/calibration.md](../docs/calibration.md#a-"
+             "follow-ups-effective-energy))"))
     #: effective_energy: water displaced per gram of K2HPO4 (g/g) in the K2HPO4-water model
     water_displacement: float = option(
         QCT_PRO_WATER_DISPLACEMENT, minimum=0, exclusiveMaximum=1,

@@ -165,8 +165,8 @@ def baseline_energy(baseline: dict, context: str) -> dict | None:
     """A follow-up's effective energy from its baseline's calibration (``calibrate``'s
     ``baseline`` paths): ``energy_kev`` and ``from`` for
     :func:`qctfea.imaging.phantomless.effective_energy_calibration`, or None (the scan's own
-    energy) when the baseline has none (refused, or another model) or the two scans' tube
-    voltages differ or only one file records it (logged)."""
+    energy) when the baseline has none (refused, or another model), or when the two scans'
+    tube voltages or manufacturers differ or only one file records them (a warning)."""
     base = read_json(baseline["calibration"])
     energy = (base.get("effective_energy") or {}).get("energy_kev")
     timepoint = Path(baseline["calibration"]).parent.name
@@ -174,14 +174,19 @@ def baseline_energy(baseline: dict, context: str) -> dict | None:
         log.info(f"[calibrate] {context}: the baseline ({timepoint}) has no effective energy "
                  "(refused, or another calibration): this scan's own energy is used")
         return None
-    own, base_kvp = ((read_json(baseline[k]).get("scan") or {}).get("kvp")
-                     for k in ("own_scan", "scan"))
-    if (own is None) != (base_kvp is None) or (own is not None and abs(own - base_kvp) > 0.5):
-        warnings.warn(f"{context}: tube voltage {own} kVp, the baseline's ({timepoint}) "
-                      f"{base_kvp} kVp: this scan's own effective energy is used, not the "
-                      "baseline's", stacklevel=2)
+    own, base_scan = ((read_json(baseline[k]).get("scan") or {}) for k in ("own_scan", "scan"))
+    differ = []
+    for key, what in (("kvp", "tube voltage (kVp)"), ("manufacturer", "manufacturer")):
+        a, b = own.get(key), base_scan.get(key)
+        if (a is None) != (b is None) or (a is not None and (
+                abs(a - b) > 0.5 if key == "kvp" else str(a).strip() != str(b).strip())):
+            differ.append(f"{what} {a}, the baseline's ({timepoint}) {b}")
+    if differ:
+        warnings.warn(f"{context}: {'; '.join(differ)}: this scan's own effective energy is "
+                      "used, not the baseline's", stacklevel=2)
         return None
-    same = f"{own:g} kVp" if own is not None else "kVp recorded in neither file"
+    same = (f"{own['kvp']:g} kVp" if own.get("kvp") is not None
+            else "kVp recorded in neither file")
     return {"energy_kev": float(energy), "from": f"the baseline {timepoint} ({same})"}
 
 
