@@ -300,8 +300,8 @@ def baseline_of(patient):
 
 def baseline_energy_inputs(w):
     """A follow-up's inputs for its baseline's effective energy (ENERGY_FROM_BASELINE): the
-    baseline's calibration.json and both scans' scan.json (their tube voltages); none for a
-    baseline or another calibration."""
+    baseline's calibration.json and both scans' scan.json (tube voltage, manufacturer); none
+    for a baseline or another calibration."""
     base = baseline_of(w.patient)
     if not ENERGY_FROM_BASELINE or str(w.timepoint) == base:
         return {}

@@ -106,7 +106,7 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
     ``baseline`` (a follow-up's, phantomless effective energy with ``energy_from:
     baseline``): paths ``calibration`` (the baseline's calibration.json), ``scan`` and
     ``own_scan`` (the two scans' scan.json): the line is drawn at the baseline's effective
-    energy when the tube voltages agree (:func:`baseline_energy`)."""
+    energy when tube voltage and manufacturer agree (:func:`baseline_energy`)."""
     from qctfea.imaging import calibration_plot
     from qctfea.imaging.masks import resample_labels_to
 
