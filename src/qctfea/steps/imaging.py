@@ -136,8 +136,7 @@ def calibrate(*, ct_path, labels_path, out_density, out_json, out_png, cfg: dict
                 "blood_label, or give the multilabel file (TotalSegmentator --ml)")
     try:
         cal = _calibration(method, cfg, ct, hu, labels_arr, structures, masks, context,
-                           where, label, convention,
-                           baseline_energy(baseline, context) if baseline else None)
+                           where, label, convention, baseline)
     except Exception as exc:  # noqa: BLE001  (any failure is the scan's refusal: refusal_text)
         if not record_refusal:
             raise
@@ -192,9 +191,9 @@ def baseline_energy(baseline: dict, context: str) -> dict | None:
 
 def _calibration(method: str, cfg: dict, ct: sitk.Image, hu: np.ndarray, labels_arr,
                  structures, masks: dict, context: str, where: str, label: int,
-                 convention: str, energy: dict | None = None):
+                 convention: str, baseline: dict | None = None):
     """The scan's calibration line by ``method`` (the tissue voxels found go into
-    ``masks``; ``energy``: the effective energy to use, :func:`baseline_energy`)."""
+    ``masks``; ``baseline``: a follow-up's baseline records, :func:`baseline_energy`)."""
     from qctfea.imaging import calibration as cal_mod
     from qctfea.imaging import phantomless, phantomrods
     from qctfea.imaging.phantoms import PhantomSpec
@@ -222,10 +221,12 @@ def _calibration(method: str, cfg: dict, ct: sitk.Image, hu: np.ndarray, labels_
         tspec = _tissue_spec(cfg, convention, structures)
         log.info(f"[calibrate] {context}: phantomless ({tspec.model}), finding "
                  f"{', '.join(tspec.tissues)} in {' x '.join(map(str, ct.GetSize()))} voxels")
+        energy = (baseline_energy(baseline, context)
+                  if baseline and tspec.model == "effective_energy"
+                  and tspec.energy_from == "baseline" else None)
         cal = phantomless.phantomless_calibration(
             hu, ct.GetSpacing(), labels_arr, tspec, where, label, masks,
-            direction=ct.GetDirection(),
-            energy=energy if tspec.energy_from == "baseline" else None)
+            direction=ct.GetDirection(), energy=energy)
     elif method == "fixed":
         if "slope" not in cfg or "intercept" not in cfg:
             raise QctfeaError(f"{context}: calibration method 'fixed' needs calibration.slope "
